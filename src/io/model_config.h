@@ -1,0 +1,74 @@
+// HF config.json -> ModelConfig for the dense families (llama, mistral, qwen2, qwen3) and, later, MoE.
+// Reads both the hub (transformers v4) layout (`rope_theta`, `rope_scaling`) and transformers v5's
+// (`rope_parameters`). The raw JSON is kept so the exported config.json is the source's, unchanged.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace am::io {
+
+struct RopeParams {
+  std::string rope_type = "default";  // default | linear | llama3 | yarn (dynamic: treated as default for training lengths)
+  double rope_theta = 10000.0;
+  double factor = 1.0;
+  // llama3
+  double low_freq_factor = 1.0, high_freq_factor = 4.0;
+  int64_t original_max_position_embeddings = 0;
+  // yarn
+  double beta_fast = 32.0, beta_slow = 1.0;
+  std::optional<double> attention_factor;
+  std::optional<double> mscale, mscale_all_dim;
+  bool truncate = true;
+  double partial_rotary_factor = 1.0;
+};
+
+struct ModelConfig {
+  std::string model_type;                 // llama | mistral | qwen2 | qwen3 | ...
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_hidden_layers = 0;
+  int64_t num_attention_heads = 0;
+  int64_t num_key_value_heads = 0;
+  int64_t head_dim = 0;                   // explicit `head_dim`, else hidden_size / num_attention_heads
+  int64_t max_position_embeddings = 0;
+  double rms_norm_eps = 1e-6;
+  RopeParams rope;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;            // qwen2: true (q/k/v only); llama: `attention_bias` (q/k/v/o)
+  bool o_proj_bias = false;               // llama attention_bias also puts a bias on o_proj
+  bool mlp_bias = false;
+  bool qk_norm = false;                   // qwen3
+  std::string hidden_act = "silu";
+  std::vector<int64_t> sliding_window;    // per layer: 0 = full attention, else the window
+  std::string torch_dtype;                // "bfloat16", "float32", ... ("" when absent)
+  std::optional<int64_t> bos_token_id, eos_token_id, pad_token_id;
+  nlohmann::json raw;                     // the file as read
+
+  int64_t n_rep() const { return num_attention_heads / num_key_value_heads; }
+};
+
+// Parses config.json; throws IoError / FormatError naming the file and the key.
+ModelConfig load_model_config(const std::string& path);
+ModelConfig parse_model_config(const nlohmann::json& j, const std::string& source_name);
+
+// inv_freq [head_dim/2] exactly as transformers' ROPE_INIT_FUNCTIONS compute it (float32 arithmetic),
+// plus the attention scaling applied to cos/sin (1.0 except yarn).
+struct RopeTables {
+  std::vector<float> inv_freq;
+  float attention_scaling = 1.0f;
+};
+RopeTables compute_rope(const ModelConfig& cfg);
+// cos/sin for given positions: out [N, D/2] each, as HF: (pos * inv_freq).cos() * attention_scaling
+void rope_cos_sin(const RopeTables& t, const int32_t* positions, int64_t n, float* cos_out, float* sin_out);
+
+// Resolves `pretrained_model_name_or_path`: a folder as is; else a hub id ("org/name") looked up in the
+// local HF cache ($HF_HOME/hub or ~/.cache/huggingface/hub; $HF_HUB_CACHE wins), snapshot named by
+// refs/main or the newest. Never downloads. Throws IoError naming what was tried.
+std::string resolve_model_path(const std::string& name_or_path);
+
+}  // namespace am::io

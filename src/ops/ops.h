@@ -1,0 +1,75 @@
+// Op front-ends: each op's contract (shapes, what forward saves for backward) lives here; the body
+// dispatches on the tensors' device to a backend (backend/cpu is the reference, backend/cuda the product).
+//
+// Conventions (DESIGN.md): row-major; Linear.weight is [out, in]; parameter gradients ACCUMULATE (+=),
+// activation gradients ASSIGN (=). All float tensors here are float32 on the host unless the CUDA
+// backend says otherwise; integer index tensors are int32.
+#pragma once
+#include "core/tensor.h"
+
+namespace am::ops {
+
+// ---------------- elementwise ----------------
+void add_(Tensor& a, const Tensor& b);               // a += b (same numel)
+void scale_(Tensor& a, float s);                     // a *= s
+void copy_(Tensor& dst, const Tensor& src);          // dst = src
+
+// ---------------- embedding ----------------
+// ids [N] int32 in [0, V), weight [V, H] -> out [N, H]. Throws DataError naming the id if out of range.
+void embedding_fwd(const Tensor& ids, const Tensor& weight, Tensor& out);
+// dweight[ids[i]] += dout[i]
+void embedding_bwd(const Tensor& ids, const Tensor& dout, Tensor& dweight);
+
+// ---------------- linear ----------------
+// x [N, K], w [M, K], bias [M] (nullptr: none) -> y [N, M] = x w^T + b
+void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
+// dx = dy w (assigned; skipped when dx is nullptr), dw += dy^T x, dbias += sum_rows(dy) (when non-null)
+void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias);
+
+// ---------------- RMSNorm (HF LlamaRMSNorm semantics) ----------------
+// x [N, H], w [H] -> y [N, H] = w * x * rstd, rstd [N] = 1/sqrt(mean(x^2) + eps) (saved)
+void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd);
+// dx assigned, dw accumulated
+void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw);
+
+// ---------------- RoPE (HF rotate_half convention) ----------------
+// x [N, heads, D] in place; cos, sin [N, D/2] per token (already include attention_scaling).
+// out[i] = x[i] c[i] - x[i+D/2] s[i];  out[i+D/2] = x[i+D/2] c[i] + x[i] s[i]
+void rope_fwd_(Tensor& x, const Tensor& cos, const Tensor& sin);
+// gradient of the above, in place on dx (the transpose rotation)
+void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin);
+
+// ---------------- SwiGLU ----------------
+// gate, up [N, I] -> h [N, I] = silu(gate) * up
+void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h);
+// dgate, dup assigned
+void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup);
+
+// ---------------- attention ----------------
+struct AttnParams {
+  int64_t batch = 0, seq = 0;            // B, T
+  int64_t n_heads = 0, n_kv_heads = 0;   // GQA: n_heads % n_kv_heads == 0
+  int64_t head_dim = 0;
+  float scale = 0.f;                     // usually 1/sqrt(head_dim)
+  int64_t sliding_window = 0;            // 0: none; else key j visible to query i iff i - j < window
+  const Tensor* segment_ids = nullptr;   // [B, T] int32 or nullptr. Query sees key only within the same
+                                         // segment (packing); segment < 0 marks padding (sees nothing)
+};
+// Causal attention. q [B, T, nh, D], k/v [B, T, nkv, D] -> out [B, T, nh, D], lse [B, nh, T] (saved,
+// natural-log logsumexp of the scaled scores; rows that see no key get lse = -inf and out = 0).
+void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
+                   Tensor& lse);
+// dq, dk, dv assigned
+void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                   const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv);
+
+// ---------------- cross-entropy ----------------
+// logits [N, V], targets [N] int32 (-100 = ignored). Returns the SUM of token losses over non-ignored
+// rows (in double). When dlogits is non-null it is assigned grad_scale * (softmax - onehot) for valid rows
+// and 0 for ignored rows. Throws DataError if a target is outside [0, V).
+double cross_entropy_fwd_bwd(const Tensor& logits, const Tensor& targets, float grad_scale, Tensor* dlogits);
+
+// ---------------- reductions used by the optimizer ----------------
+double sum_squares(const Tensor& a);  // sum of a^2 in double
+
+}  // namespace am::ops
