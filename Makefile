@@ -8,7 +8,7 @@ CMAKE_ARGS += -DCMAKE_CUDA_COMPILER=$(NVCC)
 endif
 SETUP_STAMP := .cache/setup.stamp
 APT_PACKAGES := build-essential cmake pkg-config libopenblas-dev nlohmann-json3-dev libyaml-cpp-dev \
-  libgtest-dev libbenchmark-dev libre2-dev libutf8proc-dev
+  libgtest-dev libbenchmark-dev libpcre2-dev libutf8proc-dev
 
 .PHONY: setup build test test-gpu demo bench clean
 
@@ -22,10 +22,10 @@ $(SETUP_STAMP): Makefile
 	fi
 	@mkdir -p .cache && touch $(SETUP_STAMP)
 
-$(BUILD)/CMakeCache.txt: $(SETUP_STAMP) CMakeLists.txt
+$(BUILD)/Makefile: $(SETUP_STAMP) CMakeLists.txt
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_ARGS)
 
-build: $(SETUP_STAMP) $(BUILD)/CMakeCache.txt
+build: $(SETUP_STAMP) $(BUILD)/Makefile
 	cmake --build $(BUILD) -j $(JOBS)
 
 test: build
