@@ -1,6 +1,102 @@
-// automodel CLI entry point: parses the subcommand and maps errors to exit codes (SPEC §1).
+// automodel CLI: dispatches subcommands and maps errors to exit codes (SPEC §1): 0 ok, 2 usage/recipe,
+// 1 anything else. Nothing escapes as a bare exception or abort.
 #include <cstdio>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <string>
+
+#include "backend/cuda/device_info.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "models/model.h"
+
+namespace am {
+
+static const char* kUsage =
+    "automodel " AM_VERSION " - fine-tune Hugging Face causal LMs (C++/CUDA)\n"
+    "\n"
+    "usage:\n"
+    "  automodel finetune RECIPE.yaml [--section.key=VALUE ...]   (also: automodel RECIPE.yaml, automodel finetune llm -c RECIPE.yaml)\n"
+    "  automodel bench RECIPE.yaml [...] [--out FILE.json]\n"
+    "  automodel eval RECIPE.yaml [...]\n"
+    "  automodel tokenize --tokenizer DIR [--add-special-tokens] [--decode] --jsonl FILE|-\n"
+    "  automodel chat-template --tokenizer DIR [--add-generation-prompt] --jsonl FILE|-\n"
+    "  automodel generate --model DIR (--prompt TEXT | --chat TEXT) [...]\n"
+    "  automodel merge-lora --base DIR --adapter DIR --out DIR\n"
+    "  automodel info\n";
+
+int cmd_info(int, char**) {
+  std::printf("automodel %s\n", AM_VERSION);
+  std::string why;
+  auto devs = cuda::list_devices(&why);
+  std::printf("features: cpu (OpenBLAS, OpenMP)%s\n", cuda::built_with_cuda() ? ", cuda (cuBLASLt)" : "");
+  if (cuda::built_with_cuda()) std::printf("cuda: %s\n", cuda::runtime_versions().c_str());
+  std::printf("cudnn: no   nccl: no   mpi: no\n");
+  std::printf("models: ");
+  bool first = true;
+  for (auto& t : supported_model_types()) {
+    std::printf("%s%s", first ? "" : ", ", t.c_str());
+    first = false;
+  }
+  std::printf("\ndevices:\n  cpu\n");
+  for (auto& d : devs)
+    std::printf("  cuda:%d %s (sm_%d%d, %d SMs) %.1f GiB total, %.1f GiB free\n", d.index, d.name.c_str(), d.cc_major,
+                d.cc_minor, d.sm_count, d.total_bytes / 1073741824.0, d.free_bytes / 1073741824.0);
+  if (devs.empty()) std::printf("  (no GPU: %s)\n", why.c_str());
+  return 0;
+}
+
+static int not_yet(const char* what) {
+  throw Error(std::string("automodel ") + what + " is not implemented yet in this version");
+}
+
+static int dispatch(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "help")) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  std::string cmd = argv[1];
+  if (cmd == "--version" || cmd == "version") {
+    std::printf("automodel %s\n", AM_VERSION);
+    return 0;
+  }
+  int sub_argc = argc - 1;
+  char** sub_argv = argv + 1;
+  if (cmd == "finetune" || cmd == "train") return cmd_finetune(sub_argc, sub_argv);
+  if (cmd == "bench") return cmd_bench(sub_argc, sub_argv);
+  if (cmd == "eval") return cmd_eval(sub_argc, sub_argv);
+  if (cmd == "info") return cmd_info(sub_argc, sub_argv);
+#ifdef AM_HAVE_TOKENIZE_CMD
+  if (cmd == "tokenize") return cmd_tokenize(sub_argc, sub_argv);
+#endif
+#ifdef AM_HAVE_CHAT_TEMPLATE_CMD
+  if (cmd == "chat-template") return cmd_chat_template(sub_argc, sub_argv);
+#endif
+  if (cmd == "generate") return not_yet("generate");
+  if (cmd == "merge-lora") return not_yet("merge-lora");
+  if (cmd == "tokenize" || cmd == "chat-template") return not_yet(cmd.c_str());
+  // Alias: `automodel RECIPE.yaml ...`
+  if (cmd.size() > 5 && (cmd.ends_with(".yaml") || cmd.ends_with(".yml"))) return cmd_finetune(argc, argv);
+  throw UsageError("unknown command '" + cmd + "' (run `automodel --help`)");
+}
+
+}  // namespace am
+
 int main(int argc, char** argv) {
-  std::fprintf(stderr, "automodel: not yet wired\n");
-  return 1;
+  try {
+    return am::dispatch(argc, argv);
+  } catch (const am::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return e.exit_code();
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (...) {
+    std::fprintf(stderr, "error: unknown failure\n");
+    return 1;
+  }
 }

@@ -1,0 +1,11 @@
+// Subcommand entry points; argv[0] is the subcommand name. Each throws am::Error subclasses on failure.
+#pragma once
+
+namespace am {
+int cmd_finetune(int argc, char** argv);
+int cmd_bench(int argc, char** argv);
+int cmd_eval(int argc, char** argv);
+int cmd_info(int argc, char** argv);
+int cmd_tokenize(int argc, char** argv);  // automodel tokenize (src/cli/cmd_tokenize.cpp)
+int cmd_chat_template(int argc, char** argv);  // automodel chat-template (src/cli/cmd_chat_template.cpp)
+}  // namespace am

@@ -1,0 +1,43 @@
+#include <algorithm>
+
+#include "core/error.h"
+#include "data/dataset.h"
+
+namespace am {
+
+int64_t count_label_tokens(const Sample& s) {
+  int64_t n = 0;
+  for (size_t t = 1; t < s.labels.size(); ++t) n += s.labels[t] != -100;
+  return n;
+}
+
+Batch collate(const std::vector<const Sample*>& samples) {
+  Batch b;
+  b.B = static_cast<int64_t>(samples.size());
+  for (auto* s : samples) b.T = std::max<int64_t>(b.T, static_cast<int64_t>(s->input_ids.size()));
+  if (b.B == 0 || b.T == 0) throw DataError("collate: empty micro-batch");
+  const int64_t N = b.B * b.T;
+  b.input_ids = Tensor::empty({N}, DType::I32);
+  b.positions = Tensor::empty({N}, DType::I32);
+  b.targets = Tensor::empty({N}, DType::I32);
+  b.segment_ids = Tensor::empty({b.B, b.T}, DType::I32);
+  int32_t *ids = b.input_ids.data<int32_t>(), *pos = b.positions.data<int32_t>(), *tg = b.targets.data<int32_t>(),
+          *seg = b.segment_ids.data<int32_t>();
+  for (int64_t r = 0; r < b.B; ++r) {
+    const Sample& s = *samples[r];
+    const int64_t L = static_cast<int64_t>(s.input_ids.size());
+    for (int64_t t = 0; t < b.T; ++t) {
+      const int64_t i = r * b.T + t;
+      const bool real = t < L;
+      ids[i] = real ? s.input_ids[t] : 0;
+      pos[i] = static_cast<int32_t>(t);
+      seg[i] = real ? 0 : -1;
+      tg[i] = (t + 1 < L) ? s.labels[t + 1] : -100;
+      b.num_label_tokens += tg[i] != -100;
+      b.num_real_tokens += real;
+    }
+  }
+  return b;
+}
+
+}  // namespace am

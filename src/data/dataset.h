@@ -1,0 +1,46 @@
+// Datasets yield tokenized samples; the collator turns a list of samples into a right-padded Batch.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "models/model.h"
+
+namespace am {
+
+class Recipe;
+
+// One training example: labels aligned with input_ids as in HF (the model shifts); -100 = no loss.
+struct Sample {
+  std::vector<int32_t> input_ids;
+  std::vector<int32_t> labels;
+};
+
+class Dataset {
+ public:
+  virtual ~Dataset() = default;
+  virtual size_t size() const = 0;
+  virtual const Sample& get(size_t i) const = 0;
+  virtual std::string name() const = 0;
+};
+
+struct DatasetContext {
+  int64_t vocab_size = 0;        // model vocab: every token id must be below it
+  uint64_t seed = 42;
+  std::string tokenizer_dir;     // for text datasets (tokenizer issue)
+  int64_t default_seq_len = 0;   // mock default: model's max_position_embeddings capped
+};
+
+// Builds the dataset described by recipe section `section` ("dataset" or "validation_dataset").
+// Unknown `_target_` -> RecipeError; missing file -> IoError; bad line -> DataError naming file:line.
+std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& section, const DatasetContext& ctx);
+
+// Right-pads `samples` into one micro-batch (pad id 0, targets -100, segment -1 on padding) and shifts
+// labels by one: targets[t] = labels[t+1].
+Batch collate(const std::vector<const Sample*>& samples);
+
+// Number of label tokens a sample contributes after the shift.
+int64_t count_label_tokens(const Sample& s);
+
+}  // namespace am

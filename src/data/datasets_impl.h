@@ -1,0 +1,8 @@
+// Constructors of the individual dataset kinds (make_dataset in registry.cpp picks one by `_target_`).
+#pragma once
+#include "data/dataset.h"
+
+namespace am {
+std::unique_ptr<Dataset> make_tokenized_jsonl(const std::string& path, const DatasetContext& ctx, int64_t limit);
+std::unique_ptr<Dataset> make_mock(int64_t seq_len, int64_t num_samples, int64_t vocab, uint64_t seed);
+}  // namespace am

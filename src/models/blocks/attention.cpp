@@ -1,0 +1,101 @@
+#include "models/blocks/attention.h"
+
+namespace am {
+
+AttentionWeights register_attention(ParamStore& ps, const std::string& pre, const io::ModelConfig& c) {
+  const int64_t H = c.hidden_size, D = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
+  AttentionWeights w;
+  w.q = &ps.add(pre + "q_proj.weight", {nh * D, H});
+  if (c.attention_bias) w.q_bias = &ps.add(pre + "q_proj.bias", {nh * D});
+  w.k = &ps.add(pre + "k_proj.weight", {nkv * D, H});
+  if (c.attention_bias) w.k_bias = &ps.add(pre + "k_proj.bias", {nkv * D});
+  w.v = &ps.add(pre + "v_proj.weight", {nkv * D, H});
+  if (c.attention_bias) w.v_bias = &ps.add(pre + "v_proj.bias", {nkv * D});
+  w.o = &ps.add(pre + "o_proj.weight", {H, nh * D});
+  if (c.o_proj_bias) w.o_bias = &ps.add(pre + "o_proj.bias", {H});
+  if (c.qk_norm) {
+    w.q_norm = &ps.add(pre + "q_norm.weight", {D});
+    w.k_norm = &ps.add(pre + "k_norm.weight", {D});
+  }
+  return w;
+}
+
+static const Tensor* bias_of(const Param* p) { return p ? &p->value : nullptr; }
+static Tensor* dbias_of(Param* p) { return p ? &p->grad : nullptr; }
+
+Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x, const Tensor& cos,
+                         const Tensor& sin, const ops::AttnParams& p, AttentionSaved* s) {
+  const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
+  Tensor q = Tensor::empty({N, nh * D}, DType::F32), k = Tensor::empty({N, nkv * D}, DType::F32),
+         v = Tensor::empty({N, nkv * D}, DType::F32);
+  ops::linear_fwd(x, w.q->value, bias_of(w.q_bias), q);
+  ops::linear_fwd(x, w.k->value, bias_of(w.k_bias), k);
+  ops::linear_fwd(x, w.v->value, bias_of(w.v_bias), v);
+  if (w.q_norm) {
+    // RMSNorm over head_dim, per head: view q as [N*nh, D].
+    Tensor qn = Tensor::empty({N * nh, D}, DType::F32), kn = Tensor::empty({N * nkv, D}, DType::F32);
+    Tensor qr = Tensor::empty({N * nh}, DType::F32), kr = Tensor::empty({N * nkv}, DType::F32);
+    ops::rmsnorm_fwd(q.view({N * nh, D}), w.q_norm->value, g.norm_eps, qn, qr);
+    ops::rmsnorm_fwd(k.view({N * nkv, D}), w.k_norm->value, g.norm_eps, kn, kr);
+    if (s) {
+      s->q_pre = q;
+      s->k_pre = k;
+      s->q_rstd = qr;
+      s->k_rstd = kr;
+    }
+    q = qn.view({N, nh * D});
+    k = kn.view({N, nkv * D});
+  }
+  Tensor q3 = q.view({N, nh, D}), k3 = k.view({N, nkv, D});
+  ops::rope_fwd_(q3, cos, sin);
+  ops::rope_fwd_(k3, cos, sin);
+  Tensor o = Tensor::empty({N, nh * D}, DType::F32);
+  Tensor o4 = o.view({p.batch, p.seq, nh, D});
+  Tensor lse = Tensor::empty({p.batch, nh, p.seq}, DType::F32);
+  ops::attention_fwd(q.view({p.batch, p.seq, nh, D}), k.view({p.batch, p.seq, nkv, D}),
+                     v.view({p.batch, p.seq, nkv, D}), p, o4, lse);
+  Tensor y = Tensor::empty({N, g.hidden}, DType::F32);
+  ops::linear_fwd(o, w.o->value, bias_of(w.o_bias), y);
+  if (s) {
+    s->x = x;
+    s->q = q;
+    s->k = k;
+    s->v = v;
+    s->o = o;
+    s->lse = lse;
+  }
+  return y;
+}
+
+Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g, const AttentionSaved& s,
+                          const Tensor& cos, const Tensor& sin, const ops::AttnParams& p, const Tensor& dy) {
+  const int64_t N = dy.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
+  Tensor d_o = Tensor::empty({N, nh * D}, DType::F32);
+  ops::linear_bwd(s.o, w.o->value, dy, &d_o, w.o->grad, dbias_of(w.o_bias));
+  Tensor dq = Tensor::empty({N, nh * D}, DType::F32), dk = Tensor::empty({N, nkv * D}, DType::F32),
+         dv = Tensor::empty({N, nkv * D}, DType::F32);
+  Tensor dq4 = dq.view({p.batch, p.seq, nh, D}), dk4 = dk.view({p.batch, p.seq, nkv, D}),
+         dv4 = dv.view({p.batch, p.seq, nkv, D});
+  ops::attention_bwd(s.q.view({p.batch, p.seq, nh, D}), s.k.view({p.batch, p.seq, nkv, D}),
+                     s.v.view({p.batch, p.seq, nkv, D}), s.o.view({p.batch, p.seq, nh, D}), s.lse,
+                     d_o.view({p.batch, p.seq, nh, D}), p, dq4, dk4, dv4);
+  Tensor dq3 = dq.view({N, nh, D}), dk3 = dk.view({N, nkv, D});
+  ops::rope_bwd_(dq3, cos, sin);
+  ops::rope_bwd_(dk3, cos, sin);
+  if (w.q_norm) {
+    Tensor dqp = Tensor::empty({N * nh, D}, DType::F32), dkp = Tensor::empty({N * nkv, D}, DType::F32);
+    ops::rmsnorm_bwd(s.q_pre.view({N * nh, D}), w.q_norm->value, s.q_rstd, dq.view({N * nh, D}), dqp, w.q_norm->grad);
+    ops::rmsnorm_bwd(s.k_pre.view({N * nkv, D}), w.k_norm->value, s.k_rstd, dk.view({N * nkv, D}), dkp, w.k_norm->grad);
+    dq = dqp.view({N, nh * D});
+    dk = dkp.view({N, nkv * D});
+  }
+  Tensor dx = Tensor::empty({N, g.hidden}, DType::F32), tmp = Tensor::empty({N, g.hidden}, DType::F32);
+  ops::linear_bwd(s.x, w.q->value, dq, &dx, w.q->grad, dbias_of(w.q_bias));
+  ops::linear_bwd(s.x, w.k->value, dk, &tmp, w.k->grad, dbias_of(w.k_bias));
+  ops::add_(dx, tmp);
+  ops::linear_bwd(s.x, w.v->value, dv, &tmp, w.v->grad, dbias_of(w.v_bias));
+  ops::add_(dx, tmp);
+  return dx;
+}
+
+}  // namespace am

@@ -1,0 +1,46 @@
+// Self-attention block shared by every dense and MoE family:
+//   q = x Wq^T (+bq), k = x Wk^T (+bk), v = x Wv^T (+bv)      q [N, nh, D], k/v [N, nkv, D]
+//   (qwen3) q = RMSNorm_D(q) * q_norm, k = RMSNorm_D(k) * k_norm
+//   q, k = RoPE(q, k; cos, sin)
+//   o = causal GQA attention (sliding window / segments)   o [N, nh*D]
+//   y = o Wo^T (+bo)                                        y [N, H]
+#pragma once
+#include <string>
+
+#include "io/model_config.h"
+#include "models/params.h"
+#include "ops/ops.h"
+
+namespace am {
+
+struct AttentionWeights {
+  Param *q, *k, *v, *o;                       // [nh*D, H], [nkv*D, H], [nkv*D, H], [H, nh*D]
+  Param *q_bias = nullptr, *k_bias = nullptr, *v_bias = nullptr, *o_bias = nullptr;
+  Param *q_norm = nullptr, *k_norm = nullptr;  // [D]
+};
+
+// What forward keeps for backward.
+struct AttentionSaved {
+  Tensor x;             // [N, H] block input (aliases the caller's tensor)
+  Tensor q_pre, k_pre;  // [N, nh, D], [N, nkv, D] before q/k norm (qk_norm only)
+  Tensor q_rstd, k_rstd;  // [N*nh], [N*nkv]
+  Tensor q, k, v;       // after norm + RoPE
+  Tensor o;             // [N, nh*D]
+  Tensor lse;           // [B, nh, T]
+};
+
+struct AttentionGeometry {
+  int64_t n_heads, n_kv_heads, head_dim, hidden;
+  float norm_eps;
+};
+
+AttentionWeights register_attention(ParamStore& ps, const std::string& prefix, const io::ModelConfig& cfg);
+
+// x [N, H]; cos/sin [N, D/2]; p carries B, T, window, segments. Returns y [N, H].
+Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x, const Tensor& cos,
+                         const Tensor& sin, const ops::AttnParams& p, AttentionSaved* saved);
+// dy [N, H] -> dx [N, H] (assigned); parameter grads accumulated.
+Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g, const AttentionSaved& s,
+                          const Tensor& cos, const Tensor& sin, const ops::AttnParams& p, const Tensor& dy);
+
+}  // namespace am

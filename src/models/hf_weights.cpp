@@ -1,0 +1,95 @@
+#include "models/hf_weights.h"
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <set>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "io/safetensors.h"
+
+namespace am {
+namespace fs = std::filesystem;
+
+void load_hf_weights(CausalLM& model, const std::string& dir) {
+  auto st = io::SafeTensors::open(dir);
+  std::set<std::string> used;
+  for (auto& p : model.params().all()) {
+    if (!st.has(p.name)) {
+      throw FormatError(dir + ": tensor '" + p.name + "' is missing from the checkpoint (model_type " +
+                        model.config().model_type + ")");
+    }
+    const auto& info = st.info(p.name);
+    if (info.shape != p.value.shape())
+      throw FormatError(info.file + ": tensor '" + p.name + "' has shape " + shape_str(info.shape) +
+                        " but config.json implies " + shape_str(p.value.shape()));
+    if (info.dtype != DType::F32 && info.dtype != DType::BF16 && info.dtype != DType::F16)
+      throw FormatError(info.file + ": tensor '" + p.name + "' has non-float dtype " + dtype_name(info.dtype));
+    p.value.copy_from(st.get(p.name));
+    p.source_dtype = info.dtype;
+    used.insert(p.name);
+  }
+  std::vector<std::string> unused;
+  for (auto& n : st.names())
+    if (!used.count(n)) unused.push_back(n);
+  if (!unused.empty()) {
+    // A tied lm_head stored anyway is expected; anything else is worth a warning.
+    bool only_tied_head = unused.size() == 1 && unused[0] == "lm_head.weight" && model.config().tie_word_embeddings;
+    if (!only_tied_head)
+      log::warn(dir + ": " + std::to_string(unused.size()) + " tensor(s) in the checkpoint are not used, e.g. '" +
+                unused[0] + "'");
+  }
+}
+
+void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
+  double std_dev = model.config().raw.value("initializer_range", 0.02);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, static_cast<float>(std_dev));
+  for (auto& p : model.params().all()) {
+    p.source_dtype = dtype;
+    float* v = p.value.f32();
+    const int64_t n = p.value.numel();
+    const std::string& nm = p.name;
+    bool is_norm = nm.find("norm.weight") != std::string::npos || nm.find("layernorm.weight") != std::string::npos;
+    bool is_bias = nm.size() > 5 && nm.compare(nm.size() - 5, 5, ".bias") == 0;
+    for (int64_t i = 0; i < n; ++i) v[i] = is_norm ? 1.f : is_bias ? 0.f : normal(rng);
+  }
+}
+
+static void copy_atomic(const fs::path& src, const fs::path& dst) {
+  fs::path tmp = dst;
+  tmp += ".tmp";
+  fs::copy_file(src, tmp, fs::copy_options::overwrite_existing);
+  fs::rename(tmp, dst);
+}
+
+void save_hf_model(const CausalLM& model, const std::string& out_dir, const std::string& source_dir,
+                   size_t max_shard_bytes) {
+  fs::create_directories(out_dir);
+  // config.json: the source's JSON as read (so every key the user had survives), written atomically.
+  {
+    fs::path tmp = fs::path(out_dir) / "config.json.tmp";
+    std::ofstream f(tmp);
+    f << model.config().raw.dump(2) << "\n";
+    f.close();
+    if (!f) throw IoError("cannot write " + tmp.string());
+    fs::rename(tmp, fs::path(out_dir) / "config.json");
+  }
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  auto& ps = const_cast<CausalLM&>(model).params();
+  for (auto& p : ps.all()) tensors.emplace_back(p.name, p.source_dtype == DType::F32 ? p.value : p.value.to(p.source_dtype));
+  io::SaveOptions opt;
+  opt.max_shard_bytes = max_shard_bytes;
+  io::save_safetensors_dir(out_dir, tensors, opt);
+  if (!source_dir.empty()) {
+    for (const char* name : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                             "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
+                             "chat_template.json", "added_tokens.json"}) {
+      fs::path src = fs::path(source_dir) / name;
+      if (fs::exists(src)) copy_atomic(src, fs::path(out_dir) / name);
+    }
+  }
+}
+
+}  // namespace am

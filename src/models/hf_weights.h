@@ -1,0 +1,24 @@
+// Moving parameters between an HF model folder and a CausalLM: load (any float dtype -> fp32 master),
+// random init from the config (HF's _init_weights: normal(0, initializer_range), norms 1, biases 0), and
+// export as an HF folder with the source's tensor names, order, shapes and dtype.
+#pragma once
+#include <string>
+
+#include "models/model.h"
+
+namespace am {
+
+// Loads every parameter from the safetensors in `model_dir`. Missing tensors and shape mismatches throw
+// FormatError naming the tensor and both shapes. Tensors in the file the model does not use are reported
+// by a warning (e.g. rotary buffers).
+void load_hf_weights(CausalLM& model, const std::string& model_dir);
+
+// Random init (seeded, deterministic); `dtype` is the dtype recorded for export.
+void init_random_weights(CausalLM& model, uint64_t seed, DType dtype);
+
+// Writes config.json, model.safetensors (sharded above max_shard_bytes) and copies tokenizer and
+// generation-config files from `source_dir` (if non-empty). Atomic per file.
+void save_hf_model(const CausalLM& model, const std::string& out_dir, const std::string& source_dir,
+                   size_t max_shard_bytes = size_t(5) << 30);
+
+}  // namespace am

@@ -1,0 +1,54 @@
+// The causal-LM interface the trainer drives, the micro-batch it consumes, and the registry that maps an
+// HF `model_type` to a builder (one file per architecture registers itself in registry.cpp).
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/model_config.h"
+#include "models/params.h"
+
+namespace am {
+
+// One right-padded micro-batch, flattened to N = B*T tokens.
+struct Batch {
+  int64_t B = 0, T = 0;
+  Tensor input_ids;    // [N] int32 (padding: any valid id, e.g. 0)
+  Tensor positions;    // [N] int32, restarting at 0 per sample (packing restarts per packed sample)
+  Tensor targets;      // [N] int32, already shifted: targets[t] = labels[t+1], -100 ignored
+  Tensor segment_ids;  // [B, T] int32: sample index within the row (>= 0), -1 for padding
+  int64_t num_label_tokens = 0;  // count of targets != -100
+  int64_t num_real_tokens = 0;   // count of non-padding tokens
+};
+
+struct ForwardOptions {
+  bool activation_checkpointing = false;  // recompute block activations in backward instead of storing
+  int64_t loss_chunk_rows = 1024;         // rows of the fused lm_head + CE per chunk (never full logits)
+};
+
+class CausalLM {
+ public:
+  virtual ~CausalLM() = default;
+  virtual const io::ModelConfig& config() const = 0;
+  virtual ParamStore& params() = 0;
+  // Forward and backward of one micro-batch. Returns the SUM of token cross-entropy over the micro-batch
+  // (double); accumulates into every parameter's grad the gradient of (sum CE) * grad_scale.
+  virtual double forward_backward(const Batch& b, float grad_scale, const ForwardOptions& opt = {}) = 0;
+  // Forward only: sum of token CE (validation).
+  virtual double forward_loss(const Batch& b, const ForwardOptions& opt = {}) = 0;
+  // Forward only: full logits [N, V] (tests and generation on small inputs).
+  virtual Tensor forward_logits(const Batch& b) = 0;
+  // Matmul parameters per token (for FLOPs/MFU: PaLM convention).
+  virtual int64_t matmul_params_per_token() const = 0;
+};
+
+using ModelBuilder = std::function<std::unique_ptr<CausalLM>(const io::ModelConfig&)>;
+void register_model(const std::string& model_type, ModelBuilder b);
+bool is_supported_model_type(const std::string& model_type);
+std::vector<std::string> supported_model_types();
+// Builds the model for cfg.model_type with zero-initialised parameters; throws FormatError for unknown types.
+std::unique_ptr<CausalLM> build_model(const io::ModelConfig& cfg);
+
+}  // namespace am

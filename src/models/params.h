@@ -1,0 +1,37 @@
+// Trainable parameters: fp32 master values and fp32 gradients on the host, keyed by their HF names.
+// The source dtype of each tensor is kept so the export writes back exactly what was read.
+#pragma once
+#include <deque>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace am {
+
+struct Param {
+  std::string name;      // HF name, e.g. "model.layers.0.self_attn.q_proj.weight"
+  Tensor value;          // fp32 master weights
+  Tensor grad;           // fp32, same shape; accumulated (+=) by backward
+  DType source_dtype = DType::F32;
+  bool trainable = true;
+};
+
+class ParamStore {
+ public:
+  Param& add(const std::string& name, const Shape& shape, DType source_dtype = DType::F32);
+  Param& get(const std::string& name);
+  const Param& get(const std::string& name) const;
+  bool has(const std::string& name) const { return index_.count(name) != 0; }
+  std::deque<Param>& all() { return params_; }
+  const std::deque<Param>& all() const { return params_; }
+  void zero_grad();
+  int64_t numel() const;
+
+ private:
+  std::deque<Param> params_;  // registration (= HF state_dict) order; deque: pointers stay valid
+  std::map<std::string, size_t> index_;
+};
+
+}  // namespace am

@@ -1,0 +1,56 @@
+// HF model_type -> builder. Each architecture file exposes a register_* function called here (explicit
+// calls rather than static initialisers, which a static library would drop at link time).
+#include <map>
+#include <mutex>
+
+#include "core/error.h"
+#include "models/model.h"
+
+namespace am {
+
+void register_llama();
+void register_mistral();
+void register_qwen2();
+void register_qwen3();
+
+static std::map<std::string, ModelBuilder>& table() {
+  static std::map<std::string, ModelBuilder> t;
+  return t;
+}
+
+static void ensure_registered() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    register_llama();
+    register_mistral();
+    register_qwen2();
+    register_qwen3();
+  });
+}
+
+void register_model(const std::string& model_type, ModelBuilder b) { table()[model_type] = std::move(b); }
+
+bool is_supported_model_type(const std::string& t) {
+  ensure_registered();
+  return table().count(t) != 0;
+}
+
+std::vector<std::string> supported_model_types() {
+  ensure_registered();
+  std::vector<std::string> out;
+  for (auto& [k, v] : table()) out.push_back(k);
+  return out;
+}
+
+std::unique_ptr<CausalLM> build_model(const io::ModelConfig& cfg) {
+  ensure_registered();
+  auto it = table().find(cfg.model_type);
+  if (it == table().end()) {
+    std::string list;
+    for (auto& [k, v] : table()) list += (list.empty() ? "" : ", ") + k;
+    throw FormatError("config.json: model_type '" + cfg.model_type + "' is not supported (supported: " + list + ")");
+  }
+  return it->second(cfg);
+}
+
+}  // namespace am

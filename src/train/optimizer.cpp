@@ -1,0 +1,124 @@
+#include "train/optimizer.h"
+
+#include <cmath>
+
+#include "core/error.h"
+#include "train/recipe.h"
+
+namespace am {
+
+OptimizerConfig OptimizerConfig::from_recipe(const Recipe& r) {
+  OptimizerConfig c;
+  std::string t = r.get_string("optimizer._target_", "torch.optim.AdamW");
+  std::string tail = t.substr(t.rfind('.') == std::string::npos ? 0 : t.rfind('.') + 1);
+  if (tail == "AdamW" || tail == "adamw") c.kind = "adamw";
+  else if (tail == "Adam" || tail == "adam") c.kind = "adam";
+  else if (tail == "SGD" || tail == "sgd") c.kind = "sgd";
+  else r.fail("optimizer._target_", "unsupported optimizer '" + t + "' (expected torch.optim.AdamW, Adam or SGD)");
+  c.lr = r.get_double("optimizer.lr", c.kind == "sgd" ? 1e-3 : 1e-3);
+  auto betas = r.get_double_list("optimizer.betas", {0.9, 0.999});
+  if (betas.size() != 2) r.fail("optimizer.betas", "expected a list of two numbers");
+  c.beta1 = betas[0];
+  c.beta2 = betas[1];
+  c.eps = r.get_double("optimizer.eps", 1e-8);
+  c.weight_decay = r.get_double("optimizer.weight_decay", c.kind == "adamw" ? 0.01 : 0.0);
+  c.momentum = r.get_double("optimizer.momentum", 0.0);
+  c.dampening = r.get_double("optimizer.dampening", 0.0);
+  c.nesterov = r.get_bool("optimizer.nesterov", false);
+  if (r.get_bool("optimizer.amsgrad", false)) r.fail("optimizer.amsgrad", "amsgrad is not supported");
+  if (c.lr < 0) r.fail("optimizer.lr", "must be >= 0");
+  if (c.beta1 < 0 || c.beta1 >= 1 || c.beta2 < 0 || c.beta2 >= 1) r.fail("optimizer.betas", "each beta must be in [0, 1)");
+  return c;
+}
+
+void Optimizer::step(ParamStore& ps, double lr, double wd) {
+  ++step_;
+  const float flr = static_cast<float>(lr), fwd = static_cast<float>(wd);
+  for (auto& p : ps.all()) {
+    if (!p.trainable) continue;
+    float* w = p.value.f32();
+    const float* g = p.grad.f32();
+    const int64_t n = p.value.numel();
+    if (cfg_.kind == "sgd") {
+      Tensor* buf = nullptr;
+      if (cfg_.momentum != 0.0) {
+        auto it = m_.find(p.name);
+        if (it == m_.end()) it = m_.emplace(p.name, Tensor()).first;
+        buf = &it->second;
+      }
+      const float mom = static_cast<float>(cfg_.momentum), damp = static_cast<float>(cfg_.dampening);
+      bool first = buf && !buf->defined();
+      if (first) *buf = Tensor::zeros(p.value.shape(), DType::F32);
+      float* b = buf ? buf->f32() : nullptr;
+      for (int64_t i = 0; i < n; ++i) {
+        float d = g[i];
+        if (wd != 0.0) d += fwd * w[i];
+        if (b) {
+          b[i] = first ? d : mom * b[i] + (1.f - damp) * d;
+          d = cfg_.nesterov ? d + mom * b[i] : b[i];
+        }
+        w[i] -= flr * d;
+      }
+      continue;
+    }
+    auto& m = m_[p.name];
+    auto& v = v_[p.name];
+    if (!m.defined()) {
+      m = Tensor::zeros(p.value.shape(), DType::F32);
+      v = Tensor::zeros(p.value.shape(), DType::F32);
+    }
+    float* mp = m.f32();
+    float* vp = v.f32();
+    // Scalars are rounded to float from their double values, as torch passes Python floats to its kernels.
+    const float b2 = static_cast<float>(cfg_.beta2);
+    const float omb1 = static_cast<float>(1.0 - cfg_.beta1), omb2 = static_cast<float>(1.0 - cfg_.beta2);
+    // torch computes the bias corrections in Python floats (double), then step_size and the sqrt.
+    const double bc1 = 1.0 - std::pow(cfg_.beta1, static_cast<double>(step_));
+    const double bc2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(step_));
+    const float step_size = static_cast<float>(lr / bc1);
+    const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+    const float eps = static_cast<float>(cfg_.eps);
+    const bool decoupled = cfg_.kind == "adamw";
+    const float decay = static_cast<float>(1.0 - lr * wd);
+#pragma omp parallel for if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) {
+      float gi = g[i];
+      if (wd != 0.0) {
+        if (decoupled) w[i] *= decay;
+        else gi += fwd * w[i];
+      }
+      mp[i] += omb1 * (gi - mp[i]);  // lerp(grad, 1 - beta1)
+      vp[i] = vp[i] * b2 + omb2 * gi * gi;
+      const float denom = std::sqrt(vp[i]) / bc2_sqrt + eps;
+      w[i] += -step_size * (mp[i] / denom);
+    }
+  }
+}
+
+std::vector<std::pair<std::string, Tensor>> Optimizer::state_tensors() const {
+  std::vector<std::pair<std::string, Tensor>> out;
+  const char* mname = cfg_.kind == "sgd" ? ".momentum_buffer" : ".exp_avg";
+  for (auto& [k, t] : m_)
+    if (t.defined()) out.emplace_back(k + mname, t);
+  for (auto& [k, t] : v_)
+    if (t.defined()) out.emplace_back(k + ".exp_avg_sq", t);
+  return out;
+}
+
+void Optimizer::load_state(const std::map<std::string, Tensor>& tensors, int64_t step) {
+  step_ = step;
+  m_.clear();
+  v_.clear();
+  auto ends = [](const std::string& s, const std::string& suf) {
+    return s.size() > suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+  };
+  for (auto& [k, t] : tensors) {
+    Tensor c = t.dtype() == DType::F32 ? t.clone() : t.to(DType::F32);
+    if (ends(k, ".exp_avg_sq")) v_[k.substr(0, k.size() - 11)] = c;
+    else if (ends(k, ".exp_avg")) m_[k.substr(0, k.size() - 8)] = c;
+    else if (ends(k, ".momentum_buffer")) m_[k.substr(0, k.size() - 16)] = c;
+    else throw FormatError("optimizer state: unexpected tensor '" + k + "'");
+  }
+}
+
+}  // namespace am

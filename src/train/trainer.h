@@ -1,0 +1,74 @@
+// The fine-tuning loop of SPEC §3: global batches cut into micro-batches, loss normalised by the label
+// tokens of the whole global batch, grad norm before clipping, optimizer + schedule, logs, checkpoints
+// (atomic, with LATEST) and exact resume.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "data/dataset.h"
+#include "models/model.h"
+#include "train/lr_scheduler.h"
+#include "train/optimizer.h"
+#include "train/recipe.h"
+
+namespace am {
+
+struct TrainerOptions {
+  bool quiet = false;  // no per-step console line (tests)
+};
+
+struct StepStats {
+  int64_t step = 0, epoch = 0;
+  double loss = 0, grad_norm = 0, lr = 0;
+  int64_t num_label_tokens = 0, num_tokens = 0;
+  double time_s = 0, fwd_bwd_s = 0, opt_s = 0;
+};
+
+class Trainer {
+ public:
+  explicit Trainer(const Recipe& recipe, TrainerOptions opt = {});
+  ~Trainer();
+  // Runs training to the end (max_steps or num_epochs). Returns the stats of every step run.
+  std::vector<StepStats> train();
+  // Validation loss over validation_dataset (sum CE / label tokens).
+  double validate(int64_t* num_label_tokens = nullptr);
+  // Runs `warmup` + `timed` steps without checkpoints or logs; fills per-phase timings.
+  std::vector<StepStats> run_steps(int64_t n);
+
+  CausalLM& model() { return *model_; }
+  int64_t total_steps() const { return total_steps_; }
+  int64_t steps_per_epoch() const { return steps_per_epoch_; }
+  int64_t global_batch_size() const { return gbs_; }
+  int64_t local_batch_size() const { return lbs_; }
+  const std::string& device_name() const { return device_name_; }
+  double flops_per_token(double seq_len) const;
+
+ private:
+  void setup();
+  StepStats train_step(int64_t step);
+  std::vector<size_t> epoch_order(int64_t epoch) const;
+  void save_checkpoint(int64_t step, bool final);
+  void restore(const std::string& from);
+  void log_step(const StepStats& s);
+  std::string model_source_dir() const;
+
+  const Recipe& r_;
+  TrainerOptions opt_;
+  std::unique_ptr<CausalLM> model_;
+  std::unique_ptr<Dataset> train_ds_, val_ds_;
+  std::unique_ptr<Optimizer> optim_;
+  LrScheduler sched_;
+  std::string source_dir_, tokenizer_dir_, device_name_ = "cpu";
+  uint64_t seed_ = 42;
+  int64_t gbs_ = 1, lbs_ = 1, epochs_ = 1, total_steps_ = 0, steps_per_epoch_ = 0;
+  int64_t ckpt_every_ = 0, val_every_ = 0;
+  int64_t start_step_ = 1;
+  bool shuffle_ = false, drop_last_ = false;
+  std::optional<double> max_norm_;
+  bool ckpt_enabled_ = true;
+  std::string ckpt_dir_, save_consolidated_ = "final";
+  ForwardOptions fwd_opt_;
+};
+
+}  // namespace am
