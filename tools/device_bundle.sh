@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Packs binaries built here for a run on the GPU machine (see ../shared/DEVICE.md):
+#   tools/device_bundle.sh BUILD_DIR [OUT_DIR=.devbuild]
+# copies (stripped) binaries to OUT/bin and the non-system, non-CUDA shared libraries they need to OUT/lib.
+# On the device: source tools/device_env.sh (sets LD_LIBRARY_PATH to OUT/lib + the pip nvidia libraries).
+# Name OUT_DIR in the run's `carry` (it is git-ignored); keep it under 64 MiB.
+set -euo pipefail
+B=${1:?usage: device_bundle.sh BUILD_DIR [OUT_DIR]}
+O=${2:-.devbuild}
+rm -rf "$O"
+mkdir -p "$O/bin" "$O/lib"
+for b in automodel am_gpu_tests am_microbench am_tests; do
+  if [ -f "$B/bin/$b" ]; then cp "$B/bin/$b" "$O/bin/"; strip "$O/bin/$b"; fi
+done
+for b in "$O"/bin/*; do ldd "$b" | awk '/=>/ {print $3}'; done | sort -u |
+  grep -vE '/(libc|libm|libstdc\+\+|libgcc_s|ld-linux[^/]*|libpthread|libdl|librt|libcuda|libcublas|libcublasLt|libcudnn[^/]*|libnccl|libcudart)\.so' |
+  while read -r lib; do [ -n "$lib" ] && cp -L "$lib" "$O/lib/"; done
+du -sh "$O"
