@@ -9,7 +9,7 @@ B=${1:?usage: device_bundle.sh BUILD_DIR [OUT_DIR]}
 O=${2:-.devbuild}
 rm -rf "$O"
 mkdir -p "$O/bin" "$O/lib"
-for b in automodel am_gpu_tests am_microbench am_tests; do
+for b in automodel am_gpu_tests am_gpu_microbench am_microbench am_tests; do
   if [ -f "$B/bin/$b" ]; then cp "$B/bin/$b" "$O/bin/"; strip "$O/bin/$b"; fi
 done
 for b in "$O"/bin/*; do ldd "$b" | awk '/=>/ {print $3}'; done | sort -u |
