@@ -1,0 +1,81 @@
+// CPU reference kernels. These are the oracle every other backend is tested against, so they favour
+// obviously-correct code: fp32 storage, fp32 math, reductions (dot products, row sums, softmax
+// denominators) accumulated in double. Parallel loops use OpenMP and are written so that no two threads
+// ever write the same output element (no atomics, results independent of the thread count).
+//
+// The kernels take raw host pointers and sizes: shape, dtype and device checks are the op front-ends'
+// job (src/ops/ops.cpp). Every tensor is dense, contiguous and row-major; shapes below use the names of
+// src/ops/ops.h. Sizes are int64_t; BLAS calls additionally need each dimension to fit in an int, which
+// the front-end checks.
+#pragma once
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace am::cpu {
+
+// ---------------- elementwise (any float dtype: F32 / BF16 / F16; math in fp32) ----------------
+void add(void* a, DType ta, const void* b, DType tb, int64_t n);  // a[i] += b[i]
+void scale(void* a, DType ta, float s, int64_t n);                // a[i] *= s
+// dst[i] = src[i]; float dtypes convert (round-to-nearest-even), equal dtypes are a byte copy.
+void copy(void* dst, DType td, const void* src, DType ts, int64_t n);
+double sum_squares(const void* a, DType ta, int64_t n);  // sum a[i]^2 in double
+
+// ---------------- embedding ----------------
+// Index of the first id outside [0, vocab), or -1 when all are valid.
+int64_t first_out_of_range(const int32_t* ids, int64_t n, int64_t vocab);
+// ids [N], w [V, H] -> out [N, H]. ids must be valid (checked by the caller).
+void embedding_fwd(const int32_t* ids, int64_t n, const float* w, int64_t hidden, float* out);
+// dw [V, H] += scatter of dout [N, H] by ids [N].
+void embedding_bwd(const int32_t* ids, int64_t n, const float* dout, int64_t hidden, float* dw);
+
+// ---------------- linear (cblas_sgemm) ----------------
+// x [N, K], w [M, K], bias [M] or nullptr -> y [N, M] = x w^T + bias
+void linear_fwd(const float* x, const float* w, const float* bias, float* y, int64_t n, int64_t k, int64_t m);
+// dx [N, K] = dy w (skipped when dx is null); dw [M, K] += dy^T x; dbias [M] += column sums of dy.
+void linear_bwd(const float* x, const float* w, const float* dy, float* dx, float* dw, float* dbias,
+                int64_t n, int64_t k, int64_t m);
+
+// ---------------- RMSNorm ----------------
+// x [N, H], w [H] -> y [N, H] = (x * rstd) * w, rstd [N] = 1 / sqrt(mean(x^2) + eps)
+void rmsnorm_fwd(const float* x, const float* w, float eps, float* y, float* rstd, int64_t n, int64_t h);
+// dx [N, H] assigned, dw [H] accumulated.
+void rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dy, float* dx, float* dw,
+                 int64_t n, int64_t h);
+
+// ---------------- RoPE (rotate_half convention) ----------------
+// x [N, heads, D] in place; cos/sin [N, R/2] with R <= D even: the first R features of each head are
+// rotated (pairs i and i + R/2), the rest pass through (partial rotary; R == D is the usual case).
+void rope_fwd(float* x, const float* cos, const float* sin, int64_t n, int64_t heads, int64_t d,
+              int64_t rot_half);
+// The transpose rotation (rotation by -theta), in place on dx [N, heads, D].
+void rope_bwd(float* dx, const float* cos, const float* sin, int64_t n, int64_t heads, int64_t d,
+              int64_t rot_half);
+
+// ---------------- SwiGLU ----------------
+// gate, up, h: n elements; h = silu(gate) * up
+void swiglu_fwd(const float* gate, const float* up, float* h, int64_t n);
+void swiglu_bwd(const float* gate, const float* up, const float* dh, float* dgate, float* dup, int64_t n);
+
+// ---------------- attention ----------------
+struct AttnDims {
+  int64_t batch = 0, seq = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 0.f;
+  int64_t sliding_window = 0;            // 0: none; else key j visible to query i iff i - j < window
+  const int32_t* segment_ids = nullptr;  // [B, T] or null; < 0 marks padding
+};
+// q [B, T, nh, D], k/v [B, T, nkv, D] -> out [B, T, nh, D], lse [B, nh, T]. Causal, GQA.
+void attention_fwd(const float* q, const float* k, const float* v, const AttnDims& p, float* out, float* lse);
+// dq, dk, dv assigned; probabilities are recomputed from lse.
+void attention_bwd(const float* q, const float* k, const float* v, const float* out, const float* lse,
+                   const float* dout, const AttnDims& p, float* dq, float* dk, float* dv);
+
+// ---------------- cross-entropy ----------------
+// Index of the first target that is neither -100 nor in [0, vocab), or -1.
+int64_t first_bad_target(const int32_t* targets, int64_t n, int64_t vocab);
+// logits [N, V], targets [N] (valid, checked by the caller) -> sum of token losses over targets != -100.
+// dlogits [N, V] (nullable; may alias logits) = grad_scale * (softmax - onehot), 0 on ignored rows.
+double cross_entropy(const float* logits, const int32_t* targets, int64_t n, int64_t vocab, float grad_scale,
+                     float* dlogits);
+
+}  // namespace am::cpu

@@ -1,0 +1,450 @@
+// Op front-ends (contracts in ops.h). Each op
+//   1. validates its arguments (defined, dtype, shapes, one device) and throws ShapeError /
+//      DataError / DeviceError naming the op and the offending shapes or values, before touching data;
+//   2. hands the raw pointers to the backend through dispatch() below, the single place where a device
+//      is mapped to a backend.
+//
+// Shapes: where ops.h writes [N, X], any tensor whose last dimension is X is accepted and its leading
+// dimensions are flattened into N (so [B, T, H] activations need no view); the element counts must then
+// agree. Attention checks the trailing [heads, D] of q/k/v and the exact lse shape.
+//
+// Extension beyond ops.h: rope accepts cos/sin [N, R/2] with R < D (partial rotary): only the first R
+// features of each head rotate.
+#include "ops/ops.h"
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <initializer_list>
+#include <string>
+
+#include "backend/cpu/cpu_ops.h"
+#include "core/error.h"
+
+namespace am::ops {
+namespace {
+
+// A named argument, for error messages.
+struct Arg {
+  const char* name;
+  const Tensor* t;  // null: an optional argument that was not given
+};
+
+std::string describe(const char* name, const Tensor& t) {
+  return std::string(name) + " " + shape_str(t.shape()) + " " + dtype_name(t.dtype());
+}
+
+[[noreturn]] void shape_error(const char* op, const std::string& msg) {
+  throw ShapeError(std::string("op ") + op + ": " + msg);
+}
+
+// Checks that every given tensor is defined and that all live on one device; returns that device.
+DeviceType device_of(const char* op, std::initializer_list<Arg> args) {
+  const Arg* first = nullptr;
+  for (const Arg& a : args) {
+    if (!a.t) continue;
+    if (!a.t->defined()) shape_error(op, std::string(a.name) + " is an undefined (empty) tensor");
+    if (!first) {
+      first = &a;
+    } else if (a.t->device() != first->t->device()) {
+      throw DeviceError(std::string("op ") + op + ": " + first->name + " is on " +
+                        (first->t->device() == DeviceType::CPU ? "cpu" : "cuda") + " but " + a.name +
+                        " is on " + (a.t->device() == DeviceType::CPU ? "cpu" : "cuda"));
+    }
+  }
+  return first ? first->t->device() : DeviceType::CPU;
+}
+
+// ---- the dispatch point ----
+// Every op ends here: CPU tensors run the reference kernels in src/backend/cpu. The CUDA backend plugs
+// in at this one place: each op will pass its am::cuda:: call as a second callable, run under
+// `#ifdef AM_WITH_CUDA` when dev == DeviceType::CUDA.
+// TODO(cuda): add the CUDA branch once src/backend/cuda provides the kernels.
+template <typename CpuFn>
+auto dispatch(const char* op, DeviceType dev, CpuFn&& cpu_fn) {
+  if (dev == DeviceType::CPU) return cpu_fn();
+  throw DeviceError(std::string("op ") + op + ": CUDA backend not built");
+}
+
+bool is_float(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
+
+void need_dtype(const char* op, const char* name, const Tensor& t, DType want) {
+  if (t.dtype() != want)
+    shape_error(op, describe(name, t) + ": expected " + dtype_name(want) +
+                        (want == DType::F32 ? " (the CPU reference computes in float32)" : ""));
+}
+void need_f32(const char* op, std::initializer_list<Arg> args) {
+  for (const Arg& a : args)
+    if (a.t) need_dtype(op, a.name, *a.t, DType::F32);
+}
+
+// Rows of `t` when read as [rows, last]: requires ndim >= 1 and last dimension == last (ndim >= 2
+// unless the tensor is meant as a vector).
+int64_t rows_of(const char* op, const char* name, const Tensor& t, int64_t last, const char* what) {
+  if (t.ndim() < 2 || t.dim(-1) != last)
+    shape_error(op, describe(name, t) + ": expected [N, " + what + " = " + std::to_string(last) + "]");
+  return t.numel() / std::max<int64_t>(last, 1);
+}
+
+void need_numel(const char* op, const char* name, const Tensor& t, int64_t n, const std::string& why) {
+  if (t.numel() != n)
+    shape_error(op, describe(name, t) + ": expected " + std::to_string(n) + " elements (" + why + ")");
+}
+
+void need_shape(const char* op, const char* name, const Tensor& t, const Shape& s) {
+  if (t.shape() != s) shape_error(op, describe(name, t) + ": expected shape " + shape_str(s));
+}
+
+void need_int_range(const char* op, std::initializer_list<std::pair<const char*, int64_t>> dims) {
+  for (auto& [name, v] : dims)
+    if (v > INT_MAX)
+      shape_error(op, std::string(name) + " = " + std::to_string(v) + " exceeds the BLAS int range");
+}
+
+}  // namespace
+
+// ---------------- elementwise ----------------
+
+void add_(Tensor& a, const Tensor& b) {
+  const char* op = "add_";
+  DeviceType dev = device_of(op, {{"a", &a}, {"b", &b}});
+  if (!is_float(a.dtype()) || !is_float(b.dtype()))
+    shape_error(op, describe("a", a) + ", " + describe("b", b) + ": expected float tensors");
+  if (a.numel() != b.numel())
+    shape_error(op, describe("a", a) + ", " + describe("b", b) + ": element counts differ");
+  dispatch(op, dev, [&] { cpu::add(a.raw(), a.dtype(), b.raw(), b.dtype(), a.numel()); });
+}
+
+void scale_(Tensor& a, float s) {
+  const char* op = "scale_";
+  DeviceType dev = device_of(op, {{"a", &a}});
+  if (!is_float(a.dtype())) shape_error(op, describe("a", a) + ": expected a float tensor");
+  dispatch(op, dev, [&] { cpu::scale(a.raw(), a.dtype(), s, a.numel()); });
+}
+
+void copy_(Tensor& dst, const Tensor& src) {
+  const char* op = "copy_";
+  DeviceType dev = device_of(op, {{"dst", &dst}, {"src", &src}});
+  if (dst.dtype() != src.dtype() && !(is_float(dst.dtype()) && is_float(src.dtype())))
+    shape_error(op, describe("dst", dst) + ", " + describe("src", src) +
+                        ": dtypes differ and are not both float (only float dtypes convert)");
+  if (dst.numel() != src.numel())
+    shape_error(op, describe("dst", dst) + ", " + describe("src", src) + ": element counts differ");
+  dispatch(op, dev, [&] { cpu::copy(dst.raw(), dst.dtype(), src.raw(), src.dtype(), dst.numel()); });
+}
+
+double sum_squares(const Tensor& a) {
+  const char* op = "sum_squares";
+  DeviceType dev = device_of(op, {{"a", &a}});
+  if (!is_float(a.dtype())) shape_error(op, describe("a", a) + ": expected a float tensor");
+  return dispatch(op, dev, [&] { return cpu::sum_squares(a.raw(), a.dtype(), a.numel()); });
+}
+
+// ---------------- embedding ----------------
+
+namespace {
+struct EmbDims {
+  int64_t n, vocab, hidden;
+};
+EmbDims check_embedding(const char* op, const Tensor& ids, const Tensor& weight, const char* out_name,
+                        const Tensor& out) {
+  need_dtype(op, "ids", ids, DType::I32);
+  need_f32(op, {{"weight", &weight}, {out_name, &out}});
+  if (weight.ndim() != 2) shape_error(op, describe("weight", weight) + ": expected [V, H]");
+  const int64_t n = ids.numel(), vocab = weight.dim(0), hidden = weight.dim(1);
+  // out is [N, H] or ids.shape + [H].
+  if (out.ndim() < 1 || out.dim(-1) != hidden || out.numel() != n * hidden)
+    shape_error(op, describe(out_name, out) + ": expected [N = " + std::to_string(n) +
+                        ", H = " + std::to_string(hidden) + "] for " + describe("ids", ids) + " and " +
+                        describe("weight", weight));
+  return {n, vocab, hidden};
+}
+
+void check_ids(const char* op, const Tensor& ids, int64_t vocab) {
+  const int32_t* p = ids.data<int32_t>();
+  const int64_t bad = cpu::first_out_of_range(p, ids.numel(), vocab);
+  if (bad >= 0)
+    throw DataError(std::string("op ") + op + ": token id " + std::to_string(p[bad]) + " at position " +
+                    std::to_string(bad) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+}
+}  // namespace
+
+void embedding_fwd(const Tensor& ids, const Tensor& weight, Tensor& out) {
+  const char* op = "embedding_fwd";
+  DeviceType dev = device_of(op, {{"ids", &ids}, {"weight", &weight}, {"out", &out}});
+  const EmbDims d = check_embedding(op, ids, weight, "out", out);
+  dispatch(op, dev, [&] {
+    check_ids(op, ids, d.vocab);
+    cpu::embedding_fwd(ids.data<int32_t>(), d.n, weight.f32(), d.hidden, out.f32());
+  });
+}
+
+void embedding_bwd(const Tensor& ids, const Tensor& dout, Tensor& dweight) {
+  const char* op = "embedding_bwd";
+  DeviceType dev = device_of(op, {{"ids", &ids}, {"dout", &dout}, {"dweight", &dweight}});
+  const EmbDims d = check_embedding(op, ids, dweight, "dout", dout);
+  dispatch(op, dev, [&] {
+    check_ids(op, ids, d.vocab);
+    cpu::embedding_bwd(ids.data<int32_t>(), d.n, dout.f32(), d.hidden, dweight.f32());
+  });
+}
+
+// ---------------- linear ----------------
+
+namespace {
+struct LinDims {
+  int64_t n, k, m;
+};
+// bias_name/y_name: "bias"/"y" in the forward, "dbias"/"dy" in the backward.
+LinDims check_linear(const char* op, const Tensor& x, const Tensor& w, const char* bias_name,
+                     const Tensor* bias, const char* y_name, const Tensor& y) {
+  need_f32(op, {{"x", &x}, {"w", &w}, {bias_name, bias}, {y_name, &y}});
+  if (w.ndim() != 2) shape_error(op, describe("w", w) + ": expected [M, K]");
+  const int64_t m = w.dim(0), k = w.dim(1);
+  const int64_t n = rows_of(op, "x", x, k, "K");
+  const int64_t ny = rows_of(op, y_name, y, m, "M");
+  if (ny != n)
+    shape_error(op, describe("x", x) + " and " + describe(y_name, y) + " have different row counts");
+  if (bias && !(bias->ndim() == 1 && bias->dim(0) == m))
+    shape_error(op, describe(bias_name, *bias) + ": expected [M = " + std::to_string(m) + "]");
+  need_int_range(op, {{"N", n}, {"K", k}, {"M", m}});
+  return {n, k, m};
+}
+}  // namespace
+
+void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y) {
+  const char* op = "linear_fwd";
+  DeviceType dev = device_of(op, {{"x", &x}, {"w", &w}, {"bias", bias}, {"y", &y}});
+  const LinDims d = check_linear(op, x, w, "bias", bias, "y", y);
+  dispatch(op, dev,
+           [&] { cpu::linear_fwd(x.f32(), w.f32(), bias ? bias->f32() : nullptr, y.f32(), d.n, d.k, d.m); });
+}
+
+void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias) {
+  const char* op = "linear_bwd";
+  DeviceType dev =
+      device_of(op, {{"x", &x}, {"w", &w}, {"dy", &dy}, {"dx", dx}, {"dw", &dw}, {"dbias", dbias}});
+  const LinDims d = check_linear(op, x, w, "dbias", dbias, "dy", dy);
+  need_f32(op, {{"dx", dx}, {"dw", &dw}});
+  if (dx && dx->shape() != x.shape())
+    shape_error(op, describe("dx", *dx) + ": expected the shape of " + describe("x", x));
+  if (dw.shape() != w.shape())
+    shape_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  dispatch(op, dev, [&] {
+    cpu::linear_bwd(x.f32(), w.f32(), dy.f32(), dx ? dx->f32() : nullptr, dw.f32(),
+                    dbias ? dbias->f32() : nullptr, d.n, d.k, d.m);
+  });
+}
+
+// ---------------- RMSNorm ----------------
+
+void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
+  const char* op = "rmsnorm_fwd";
+  DeviceType dev = device_of(op, {{"x", &x}, {"w", &w}, {"y", &y}, {"rstd", &rstd}});
+  need_f32(op, {{"x", &x}, {"w", &w}, {"y", &y}, {"rstd", &rstd}});
+  if (w.ndim() != 1) shape_error(op, describe("w", w) + ": expected [H]");
+  const int64_t h = w.dim(0);
+  const int64_t n = rows_of(op, "x", x, h, "H");
+  if (y.shape() != x.shape())
+    shape_error(op, describe("y", y) + ": expected the shape of " + describe("x", x));
+  need_numel(op, "rstd", rstd, n, "one per row of x");
+  if (!(eps >= 0.f) || !std::isfinite(eps))
+    shape_error(op, "eps = " + std::to_string(eps) + " must be finite and >= 0");
+  dispatch(op, dev, [&] { cpu::rmsnorm_fwd(x.f32(), w.f32(), eps, y.f32(), rstd.f32(), n, h); });
+}
+
+void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx,
+                 Tensor& dw) {
+  const char* op = "rmsnorm_bwd";
+  DeviceType dev =
+      device_of(op, {{"x", &x}, {"w", &w}, {"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}, {"dw", &dw}});
+  need_f32(op, {{"x", &x}, {"w", &w}, {"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}, {"dw", &dw}});
+  if (w.ndim() != 1) shape_error(op, describe("w", w) + ": expected [H]");
+  const int64_t h = w.dim(0);
+  const int64_t n = rows_of(op, "x", x, h, "H");
+  if (dy.shape() != x.shape())
+    shape_error(op, describe("dy", dy) + ": expected the shape of " + describe("x", x));
+  if (dx.shape() != x.shape())
+    shape_error(op, describe("dx", dx) + ": expected the shape of " + describe("x", x));
+  if (dw.shape() != w.shape())
+    shape_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  need_numel(op, "rstd", rstd, n, "one per row of x");
+  dispatch(op, dev,
+           [&] { cpu::rmsnorm_bwd(x.f32(), w.f32(), rstd.f32(), dy.f32(), dx.f32(), dw.f32(), n, h); });
+}
+
+// ---------------- RoPE ----------------
+
+namespace {
+struct RopeDims {
+  int64_t n, heads, d, half;
+};
+RopeDims check_rope(const char* op, const char* x_name, const Tensor& x, const Tensor& cos,
+                    const Tensor& sin) {
+  need_f32(op, {{x_name, &x}, {"cos", &cos}, {"sin", &sin}});
+  if (x.ndim() < 3) shape_error(op, describe(x_name, x) + ": expected [N, heads, D]");
+  const int64_t d = x.dim(-1), heads = x.dim(-2);
+  const int64_t n = heads * d > 0 ? x.numel() / (heads * d) : 0;
+  if (cos.ndim() < 1 || cos.shape() != sin.shape())
+    shape_error(op,
+                describe("cos", cos) + " and " + describe("sin", sin) + ": expected equal shapes [N, D/2]");
+  const int64_t half = cos.dim(-1);
+  if (2 * half > d || half == 0)
+    shape_error(op, describe("cos", cos) + ": last dimension must be D/2 = " + std::to_string(d / 2) +
+                        " (or less, for partial rotary) for " + describe(x_name, x));
+  if (cos.numel() != n * half)
+    shape_error(op, describe("cos", cos) + ": expected [N = " + std::to_string(n) + ", " +
+                        std::to_string(half) + "], one row per token of " + describe(x_name, x));
+  return {n, heads, d, half};
+}
+}  // namespace
+
+void rope_fwd_(Tensor& x, const Tensor& cos, const Tensor& sin) {
+  const char* op = "rope_fwd_";
+  DeviceType dev = device_of(op, {{"x", &x}, {"cos", &cos}, {"sin", &sin}});
+  const RopeDims d = check_rope(op, "x", x, cos, sin);
+  dispatch(op, dev, [&] { cpu::rope_fwd(x.f32(), cos.f32(), sin.f32(), d.n, d.heads, d.d, d.half); });
+}
+
+void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin) {
+  const char* op = "rope_bwd_";
+  DeviceType dev = device_of(op, {{"dx", &dx}, {"cos", &cos}, {"sin", &sin}});
+  const RopeDims d = check_rope(op, "dx", dx, cos, sin);
+  dispatch(op, dev, [&] { cpu::rope_bwd(dx.f32(), cos.f32(), sin.f32(), d.n, d.heads, d.d, d.half); });
+}
+
+// ---------------- SwiGLU ----------------
+
+void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) {
+  const char* op = "swiglu_fwd";
+  DeviceType dev = device_of(op, {{"gate", &gate}, {"up", &up}, {"h", &h}});
+  need_f32(op, {{"gate", &gate}, {"up", &up}, {"h", &h}});
+  if (up.shape() != gate.shape() || h.shape() != gate.shape())
+    shape_error(op, describe("gate", gate) + ", " + describe("up", up) + ", " + describe("h", h) +
+                        ": expected equal shapes");
+  dispatch(op, dev, [&] { cpu::swiglu_fwd(gate.f32(), up.f32(), h.f32(), gate.numel()); });
+}
+
+void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup) {
+  const char* op = "swiglu_bwd";
+  DeviceType dev =
+      device_of(op, {{"gate", &gate}, {"up", &up}, {"dh", &dh}, {"dgate", &dgate}, {"dup", &dup}});
+  need_f32(op, {{"gate", &gate}, {"up", &up}, {"dh", &dh}, {"dgate", &dgate}, {"dup", &dup}});
+  for (const Arg& a : {Arg{"up", &up}, Arg{"dh", &dh}, Arg{"dgate", &dgate}, Arg{"dup", &dup}})
+    if (a.t->shape() != gate.shape())
+      shape_error(op, describe(a.name, *a.t) + ": expected the shape of " + describe("gate", gate));
+  dispatch(op, dev,
+           [&] { cpu::swiglu_bwd(gate.f32(), up.f32(), dh.f32(), dgate.f32(), dup.f32(), gate.numel()); });
+}
+
+// ---------------- attention ----------------
+
+namespace {
+// Validates the parameters and a [B, T, heads, D] tensor (leading dims may be merged, e.g. [B*T, heads, D]).
+void check_attn_tensor(const char* op, const char* name, const Tensor& t, const AttnParams& p,
+                       int64_t heads) {
+  if (t.ndim() < 3 || t.dim(-1) != p.head_dim || t.dim(-2) != heads ||
+      t.numel() != p.batch * p.seq * heads * p.head_dim)
+    shape_error(op, describe(name, t) + ": expected [B = " + std::to_string(p.batch) +
+                        ", T = " + std::to_string(p.seq) + ", heads = " + std::to_string(heads) +
+                        ", D = " + std::to_string(p.head_dim) + "]");
+}
+
+cpu::AttnDims check_attention(const char* op, const AttnParams& p, const Tensor& q, const Tensor& k,
+                              const Tensor& v, const Tensor& lse, const Tensor& out) {
+  const std::string params = "B = " + std::to_string(p.batch) + ", T = " + std::to_string(p.seq) +
+                             ", n_heads = " + std::to_string(p.n_heads) +
+                             ", n_kv_heads = " + std::to_string(p.n_kv_heads) +
+                             ", head_dim = " + std::to_string(p.head_dim);
+  if (p.batch < 0 || p.seq < 0 || p.n_heads <= 0 || p.n_kv_heads <= 0 || p.head_dim <= 0)
+    shape_error(op, "bad attention parameters (" + params + ")");
+  if (p.n_heads % p.n_kv_heads != 0)
+    shape_error(op, "n_heads must be a multiple of n_kv_heads (" + params + ")");
+  if (p.sliding_window < 0)
+    shape_error(op, "sliding_window = " + std::to_string(p.sliding_window) + " must be >= 0");
+  if (!std::isfinite(p.scale)) shape_error(op, "scale must be finite");
+  need_f32(op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
+  check_attn_tensor(op, "q", q, p, p.n_heads);
+  check_attn_tensor(op, "k", k, p, p.n_kv_heads);
+  check_attn_tensor(op, "v", v, p, p.n_kv_heads);
+  check_attn_tensor(op, "out", out, p, p.n_heads);
+  need_shape(op, "lse", lse, {p.batch, p.n_heads, p.seq});
+  if (p.segment_ids) {
+    need_dtype(op, "segment_ids", *p.segment_ids, DType::I32);
+    need_shape(op, "segment_ids", *p.segment_ids, {p.batch, p.seq});
+  }
+  cpu::AttnDims d;
+  d.batch = p.batch;
+  d.seq = p.seq;
+  d.n_heads = p.n_heads;
+  d.n_kv_heads = p.n_kv_heads;
+  d.head_dim = p.head_dim;
+  d.scale = p.scale;
+  d.sliding_window = p.sliding_window;
+  return d;
+}
+}  // namespace
+
+void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
+                   Tensor& lse) {
+  const char* op = "attention_fwd";
+  DeviceType dev = device_of(
+      op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}, {"segment_ids", p.segment_ids}});
+  cpu::AttnDims d = check_attention(op, p, q, k, v, lse, out);
+  dispatch(op, dev, [&] {
+    d.segment_ids = p.segment_ids ? p.segment_ids->data<int32_t>() : nullptr;
+    cpu::attention_fwd(q.f32(), k.f32(), v.f32(), d, out.f32(), lse.f32());
+  });
+}
+
+void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                   const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv) {
+  const char* op = "attention_bwd";
+  DeviceType dev = device_of(op, {{"q", &q},
+                                  {"k", &k},
+                                  {"v", &v},
+                                  {"out", &out},
+                                  {"lse", &lse},
+                                  {"dout", &dout},
+                                  {"dq", &dq},
+                                  {"dk", &dk},
+                                  {"dv", &dv},
+                                  {"segment_ids", p.segment_ids}});
+  cpu::AttnDims d = check_attention(op, p, q, k, v, lse, out);
+  need_f32(op, {{"dout", &dout}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}});
+  check_attn_tensor(op, "dout", dout, p, p.n_heads);
+  check_attn_tensor(op, "dq", dq, p, p.n_heads);
+  check_attn_tensor(op, "dk", dk, p, p.n_kv_heads);
+  check_attn_tensor(op, "dv", dv, p, p.n_kv_heads);
+  dispatch(op, dev, [&] {
+    d.segment_ids = p.segment_ids ? p.segment_ids->data<int32_t>() : nullptr;
+    cpu::attention_bwd(q.f32(), k.f32(), v.f32(), out.f32(), lse.f32(), dout.f32(), d, dq.f32(), dk.f32(),
+                       dv.f32());
+  });
+}
+
+// ---------------- cross-entropy ----------------
+
+double cross_entropy_fwd_bwd(const Tensor& logits, const Tensor& targets, float grad_scale, Tensor* dlogits) {
+  const char* op = "cross_entropy";
+  DeviceType dev = device_of(op, {{"logits", &logits}, {"targets", &targets}, {"dlogits", dlogits}});
+  need_f32(op, {{"logits", &logits}, {"dlogits", dlogits}});
+  need_dtype(op, "targets", targets, DType::I32);
+  if (logits.ndim() < 2) shape_error(op, describe("logits", logits) + ": expected [N, V]");
+  const int64_t vocab = logits.dim(-1);
+  const int64_t n = rows_of(op, "logits", logits, vocab, "V");
+  need_numel(op, "targets", targets, n, "one per row of logits");
+  if (dlogits && dlogits->shape() != logits.shape())
+    shape_error(op, describe("dlogits", *dlogits) + ": expected the shape of " + describe("logits", logits));
+  return dispatch(op, dev, [&] {
+    const int32_t* t = targets.data<int32_t>();
+    const int64_t bad = cpu::first_bad_target(t, n, vocab);
+    if (bad >= 0)
+      throw DataError(std::string("op ") + op + ": target " + std::to_string(t[bad]) + " at position " +
+                      std::to_string(bad) + " is outside [0, " + std::to_string(vocab) +
+                      ") and is not the ignore index -100");
+    return cpu::cross_entropy(logits.f32(), t, n, vocab, grad_scale, dlogits ? dlogits->f32() : nullptr);
+  });
+}
+
+}  // namespace am::ops
