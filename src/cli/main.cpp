@@ -67,15 +67,10 @@ static int dispatch(int argc, char** argv) {
   if (cmd == "bench") return cmd_bench(sub_argc, sub_argv);
   if (cmd == "eval") return cmd_eval(sub_argc, sub_argv);
   if (cmd == "info") return cmd_info(sub_argc, sub_argv);
-#ifdef AM_HAVE_TOKENIZE_CMD
   if (cmd == "tokenize") return cmd_tokenize(sub_argc, sub_argv);
-#endif
-#ifdef AM_HAVE_CHAT_TEMPLATE_CMD
   if (cmd == "chat-template") return cmd_chat_template(sub_argc, sub_argv);
-#endif
   if (cmd == "generate") return not_yet("generate");
   if (cmd == "merge-lora") return not_yet("merge-lora");
-  if (cmd == "tokenize" || cmd == "chat-template") return not_yet(cmd.c_str());
   // Alias: `automodel RECIPE.yaml ...`
   if (cmd.size() > 5 && (cmd.ends_with(".yaml") || cmd.ends_with(".yml"))) return cmd_finetune(argc, argv);
   throw UsageError("unknown command '" + cmd + "' (run `automodel --help`)");

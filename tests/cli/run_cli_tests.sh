@@ -1,4 +1,77 @@
 #!/usr/bin/env bash
-# CLI-level tests (bad inputs, exit codes, end-to-end runs). Filled in as commands land.
-set -euo pipefail
-echo "cli tests: none yet"
+# CLI-level tests through the real binary: bad inputs give one clear message naming the key / file / line /
+# value, exit code 2 (usage, recipe) or 1 (anything else), and never a crash; plus an end-to-end run.
+#   tests/cli/run_cli_tests.sh build/bin/automodel
+set -uo pipefail
+BIN=$(realpath "${1:?usage: run_cli_tests.sh path/to/automodel}")
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+FIX="$ROOT/tests/fixtures/golden/llama"
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+pass=0 fail=0
+
+# expect NAME EXPECTED_CODE REGEX -- command...
+expect() {
+  local name=$1 code=$2 re=$3
+  shift 4
+  local out rc
+  out=$("$@" 2>&1)
+  rc=$?
+  if [ "$rc" -eq "$code" ] && grep -Eq -- "$re" <<<"$out" && ! grep -Eq 'terminate called|Segmentation|Aborted|core dumped' <<<"$out"; then
+    pass=$((pass + 1))
+    echo "ok   $name (exit $rc): $(grep -E -- "$re" <<<"$out" | head -1)"
+  else
+    fail=$((fail + 1))
+    echo "FAIL $name: exit $rc (want $code), output:"
+    sed 's/^/     /' <<<"$out" | tail -5
+  fi
+}
+
+cp -r "$FIX" "$T/case"
+R="$T/case/recipe.yaml"
+CK="--checkpoint.checkpoint_dir=$T/ck"
+
+expect "no arguments" 2 "usage" -- "$BIN"
+expect "unknown command" 2 "unknown command 'frobnicate'" -- "$BIN" frobnicate
+expect "recipe file missing" 2 "recipe file not found: $T/nope.yaml" -- "$BIN" finetune "$T/nope.yaml"
+
+# unknown recipe key: names the file, line and key
+sed 's/^  weight_decay: 0.1/  weight_decay: 0.1\n  wieght_decay: 0.2/' "$R" > "$T/unknown_key.yaml"
+cp "$T/unknown_key.yaml" "$T/case/unknown_key.yaml"
+expect "unknown recipe key" 2 "unknown_key.yaml:[0-9]+: key 'optimizer.wieght_decay': unknown recipe key" -- "$BIN" finetune "$T/case/unknown_key.yaml" $CK
+expect "unknown override key" 2 "override --optimizer.lrr: unknown recipe key" -- "$BIN" finetune "$R" $CK --optimizer.lrr=1
+# YAML syntax error: file:line:col
+printf 'seed: 1\nmodel:\n  pretrained_model_name_or_path: [model\n' > "$T/case/syntax.yaml"
+expect "yaml syntax error" 2 "syntax.yaml:[0-9]+:[0-9]+: YAML syntax error" -- "$BIN" finetune "$T/case/syntax.yaml"
+# value of the wrong type
+sed 's/^  lr: 1.0e-3/  lr: fast/' "$R" > "$T/case/badtype.yaml"
+expect "wrong value type" 2 "badtype.yaml:[0-9]+: key 'optimizer.lr': expected a number, got a string \"fast\"" -- "$BIN" finetune "$T/case/badtype.yaml" $CK
+expect "wrong override type" 2 "override --step_scheduler.global_batch_size: expected an integer" -- "$BIN" finetune "$R" $CK --step_scheduler.global_batch_size=four
+expect "bad batch sizes" 2 "global_batch_size'?: must be a multiple of local_batch_size" -- "$BIN" finetune "$R" $CK --step_scheduler.local_batch_size=3
+# missing model folder
+expect "missing model folder" 1 "pretrained_model_name_or_path.*$T/nowhere" -- "$BIN" finetune "$R" $CK --model.pretrained_model_name_or_path=$T/nowhere
+# truncated safetensors
+mkdir -p "$T/trunc" && cp "$T/case/model/config.json" "$T/trunc/" && head -c 5000 "$T/case/model/model.safetensors" > "$T/trunc/model.safetensors"
+expect "truncated safetensors" 1 "trunc/model.safetensors.*(truncated|shorter|beyond|out of range|exceeds)" -- "$BIN" finetune "$R" $CK --model.pretrained_model_name_or_path=$T/trunc
+# malformed JSONL line (line 3)
+awk 'NR==3{print "{\"input_ids\": [1, 2,"; next} {print}' "$T/case/data.jsonl" > "$T/case/bad.jsonl"
+expect "malformed jsonl line" 1 "bad.jsonl:3: malformed JSON line" -- "$BIN" finetune "$R" $CK --dataset.path_or_dataset=$T/case/bad.jsonl
+# token id out of range (vocab 300)
+awk 'NR==2{print "{\"input_ids\": [1, 5, 300000, 7]}"; next} {print}' "$T/case/data.jsonl" > "$T/case/oor.jsonl"
+expect "token id out of range" 1 "oor.jsonl:2: token id 300000 at input_ids\[2\] is out of range for vocab_size 300" -- "$BIN" finetune "$R" $CK --dataset.path_or_dataset=$T/case/oor.jsonl
+# unsupported model type
+sed 's/"model_type": "llama"/"model_type": "gpt_neox"/' "$T/case/model/config.json" > "$T/gptneox.json"
+mkdir -p "$T/neox" && cp "$T/gptneox.json" "$T/neox/config.json" && cp "$T/case/model/model.safetensors" "$T/neox/"
+expect "unsupported model_type" 1 "model_type 'gpt_neox' is not supported" -- "$BIN" finetune "$R" $CK --model.pretrained_model_name_or_path=$T/neox
+# restore from a checkpoint dir that does not exist
+expect "restore_from missing" 1 "restore_from: LATEST: no .*LATEST" -- "$BIN" finetune "$R" --checkpoint.checkpoint_dir=$T/empty_ck --checkpoint.restore_from=LATEST
+
+# end to end: the alias forms, training.jsonl and the consolidated export
+expect "finetune runs" 0 "step 4 \| epoch 0 \| loss" -- "$BIN" finetune "$R" $CK
+expect "alias RECIPE.yaml" 0 "step 4 \| epoch 0" -- "$BIN" "$R" --checkpoint.checkpoint_dir=$T/ck2
+expect "alias finetune llm -c" 0 "step 4 \| epoch 0" -- "$BIN" finetune llm -c "$R" --checkpoint.checkpoint_dir=$T/ck3
+expect "consolidated export" 0 "model.safetensors" -- ls "$T/ck/epoch_0_step_4/model/consolidated"
+expect "info" 0 "features: cpu" -- "$BIN" info
+
+echo "cli tests: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
