@@ -17,8 +17,9 @@ struct RopeParams {
   double factor = 1.0;
   // llama3
   double low_freq_factor = 1.0, high_freq_factor = 4.0;
+  // llama3, yarn; resolved at parse time: top-level key, else the rope dict's, else max_position_embeddings
   int64_t original_max_position_embeddings = 0;
-  // yarn
+  // yarn (`factor` is resolved too: absent -> max_position_embeddings / original_max_position_embeddings)
   double beta_fast = 32.0, beta_slow = 1.0;
   std::optional<double> attention_factor;
   std::optional<double> mscale, mscale_all_dim;
@@ -46,7 +47,8 @@ struct ModelConfig {
   std::string hidden_act = "silu";
   std::vector<int64_t> sliding_window;    // per layer: 0 = full attention, else the window
   std::string torch_dtype;                // "bfloat16", "float32", ... ("" when absent)
-  std::optional<int64_t> bos_token_id, eos_token_id, pad_token_id;
+  std::optional<int64_t> bos_token_id, eos_token_id, pad_token_id;  // eos: the first when a list is given
+  std::vector<int64_t> eos_token_ids;     // every end-of-sequence id (config.json may give a list)
   nlohmann::json raw;                     // the file as read
 
   int64_t n_rep() const { return num_attention_heads / num_key_value_heads; }

@@ -19,7 +19,9 @@ struct TensorInfo {
 };
 
 // A read-only view over one safetensors file or a sharded set. Tensors returned by get() alias the
-// mapping (zero-copy) and keep it alive.
+// mapping (zero-copy) and keep it alive; the mapping is read-only, so clone() a tensor before writing to it.
+// (A tensor that another writer stored at an address not aligned to its element size is returned as an
+// aligned copy instead.) The whole header is validated by open(), so get() never reads out of bounds.
 class SafeTensors {
  public:
   // `path` is a .safetensors file, a model.safetensors.index.json, or a folder holding either.
@@ -45,8 +47,10 @@ struct SaveOptions {
 };
 
 // Writes `tensors` (name -> tensor, any dtype, host) into `dir` as model.safetensors, or as
-// model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger than max_shard_bytes.
-// Each file is written to a temporary name and renamed when complete.
+// model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger than max_shard_bytes (split
+// as huggingface_hub splits, in the given order). Each file is written to a temporary name and renamed
+// when complete; shards and index of an earlier save with another split are then removed. The header
+// lists tensors in sorted key order; data is laid out widest dtype first so every tensor is aligned.
 void save_safetensors_dir(const std::string& dir, const std::vector<std::pair<std::string, Tensor>>& tensors,
                           const SaveOptions& opt = {}, const std::string& basename = "model");
 // Writes one file (atomic rename).

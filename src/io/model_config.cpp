@@ -1,0 +1,294 @@
+// config.json -> ModelConfig. Defaults are those of transformers' config classes (LlamaConfig, MistralConfig,
+// Qwen2Config, Qwen3Config) for a key that is absent, so a config that loads in transformers means the same
+// model here. Other model types get the llama rules (the model registry decides whether it can build them).
+#include "io/model_config.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "core/error.h"
+
+namespace am::io {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+enum class Family { Llama, Mistral, Qwen2, Qwen3 };
+
+Family family_of(const std::string& t) {
+  if (t == "mistral") return Family::Mistral;
+  if (t == "qwen2") return Family::Qwen2;
+  if (t == "qwen3") return Family::Qwen3;
+  return Family::Llama;
+}
+
+// Typed access to one JSON object with errors that name the file and the full key ("rope_scaling.factor").
+struct Keys {
+  const json& j;
+  std::string file;
+  std::string prefix;  // "" or "rope_scaling."
+
+  bool present(const char* k) const { return j.contains(k) && !j.at(k).is_null(); }
+  [[noreturn]] void bad(const char* k, const std::string& want) const {
+    std::string got = j.at(k).dump();
+    if (got.size() > 80) got = got.substr(0, 77) + "...";
+    throw FormatError(file + ": key '" + prefix + k + "' must be " + want + ", got " + got);
+  }
+  [[noreturn]] void missing(const char* k) const {
+    throw FormatError(file + ": missing required key '" + prefix + k + "'");
+  }
+  double num(const char* k) const {
+    if (!present(k)) missing(k);
+    if (!j.at(k).is_number()) bad(k, "a number");
+    return j.at(k).get<double>();
+  }
+  double num(const char* k, double def) const { return present(k) ? num(k) : def; }
+  std::optional<double> opt_num(const char* k) const {
+    return present(k) ? std::optional<double>(num(k)) : std::nullopt;
+  }
+  int64_t integer(const char* k) const {
+    if (!present(k)) missing(k);
+    const json& v = j.at(k);
+    // Some writers emit 4096.0; accept a float only when it is integral.
+    if (v.is_number_float()) {
+      double d = v.get<double>();
+      if (std::floor(d) != d || std::fabs(d) > 9.0e15) bad(k, "an integer");
+      return static_cast<int64_t>(d);
+    }
+    if (!v.is_number_integer()) bad(k, "an integer");
+    return v.get<int64_t>();
+  }
+  int64_t integer(const char* k, int64_t def) const { return present(k) ? integer(k) : def; }
+  int64_t positive(const char* k) const {
+    int64_t v = integer(k);
+    if (v <= 0) bad(k, "a positive integer");
+    return v;
+  }
+  int64_t positive(const char* k, int64_t def) const { return present(k) ? positive(k) : def; }
+  bool boolean(const char* k, bool def) const {
+    if (!present(k)) return def;
+    if (!j.at(k).is_boolean()) bad(k, "true or false");
+    return j.at(k).get<bool>();
+  }
+  std::string str(const char* k, const std::string& def) const {
+    if (!present(k)) return def;
+    if (!j.at(k).is_string()) bad(k, "a string");
+    return j.at(k).get<std::string>();
+  }
+};
+
+// The RoPE dict: transformers v5 `rope_parameters` (plain, or per layer type: we take full_attention) wins
+// over the v4 `rope_scaling`; rope_theta and partial_rotary_factor may sit inside it or at the top level.
+RopeParams parse_rope(const Keys& top, int64_t max_pos) {
+  const json& j = top.j;
+  const std::string& file = top.file;
+  static const json kEmpty = json::object();
+  const json* rp = &kEmpty;
+  std::string prefix = "rope_scaling.";
+  if (top.present("rope_parameters")) {
+    prefix = "rope_parameters.";
+    rp = &j.at("rope_parameters");
+    if (!rp->is_object()) top.bad("rope_parameters", "an object");
+    if (rp->contains("full_attention") || rp->contains("sliding_attention")) {
+      if (!rp->contains("full_attention") || !rp->at("full_attention").is_object())
+        throw FormatError(file + ": key 'rope_parameters' is per layer type but has no 'full_attention' object");
+      rp = &rp->at("full_attention");
+      prefix = "rope_parameters.full_attention.";
+    }
+  } else if (top.present("rope_scaling")) {
+    rp = &j.at("rope_scaling");
+    if (!rp->is_object()) top.bad("rope_scaling", "an object or null");
+  }
+  Keys r{*rp, file, prefix};
+
+  RopeParams p;
+  p.rope_theta = r.present("rope_theta") ? r.num("rope_theta") : top.num("rope_theta", 10000.0);
+  p.rope_type = r.present("rope_type") ? r.str("rope_type", "default") : r.str("type", "default");
+  p.partial_rotary_factor =
+      r.present("partial_rotary_factor") ? r.num("partial_rotary_factor") : top.num("partial_rotary_factor", 1.0);
+  if (!(p.rope_theta > 0)) r.bad("rope_theta", "a positive number");
+  if (!(p.partial_rotary_factor > 0 && p.partial_rotary_factor <= 1))
+    throw FormatError(file + ": partial_rotary_factor must be in (0, 1]");
+
+  const std::string& t = p.rope_type;
+  // v5 moves the pre-extension context length into the rope dict; a top-level key (Phi-3 style) wins.
+  auto original_max = [&] {
+    if (top.present("original_max_position_embeddings")) return top.positive("original_max_position_embeddings");
+    return r.positive("original_max_position_embeddings", max_pos);
+  };
+  if (t == "default" || t == "dynamic") {
+    // "dynamic" (NTK) only changes inv_freq past max_position_embeddings; at training lengths it is default.
+    p.factor = r.num("factor", 1.0);
+  } else if (t == "linear") {
+    p.factor = r.num("factor");
+  } else if (t == "llama3") {
+    p.factor = r.num("factor");
+    p.low_freq_factor = r.num("low_freq_factor");
+    p.high_freq_factor = r.num("high_freq_factor");
+    p.original_max_position_embeddings = original_max();
+    if (p.high_freq_factor == p.low_freq_factor)
+      throw FormatError(file + ": " + prefix + "high_freq_factor must differ from low_freq_factor");
+  } else if (t == "yarn") {
+    p.original_max_position_embeddings = original_max();
+    // No factor: the ratio of the extended to the original context (DeepSeek-V3 style).
+    p.factor = r.present("factor") ? r.num("factor")
+                                   : static_cast<double>(max_pos) / p.original_max_position_embeddings;
+    p.attention_factor = r.opt_num("attention_factor");
+    p.mscale = r.opt_num("mscale");
+    p.mscale_all_dim = r.opt_num("mscale_all_dim");
+    // transformers reads these with `or`: null and 0 both mean the default.
+    double bf = r.num("beta_fast", 0.0), bs = r.num("beta_slow", 0.0);
+    p.beta_fast = bf != 0 ? bf : 32.0;
+    p.beta_slow = bs != 0 ? bs : 1.0;
+    p.truncate = r.boolean("truncate", true);
+  } else {
+    throw FormatError(file + ": RoPE type '" + t + "' (key '" + prefix +
+                      "rope_type') is not supported; supported: default, linear, dynamic, llama3, yarn");
+  }
+  if (!(p.factor > 0)) throw FormatError(file + ": key '" + prefix + "factor' must be positive");
+  return p;
+}
+
+// Per-layer window: transformers decides it from layer_types when present, else per family.
+std::vector<int64_t> parse_sliding(const Keys& k, Family fam, int64_t n_layers) {
+  std::vector<int64_t> out(static_cast<size_t>(n_layers), 0);
+  if (fam == Family::Llama) return out;
+  auto window_key = [&]() -> int64_t {
+    // Absent -> the class default 4096; null -> no window.
+    if (!k.j.contains("sliding_window")) return 4096;
+    if (k.j.at("sliding_window").is_null()) return 0;
+    return k.positive("sliding_window");
+  };
+  int64_t window = 0;
+  if (fam == Family::Mistral) window = window_key();
+  else window = k.boolean("use_sliding_window", false) ? window_key() : 0;  // qwen2/qwen3
+  if (k.present("layer_types")) {
+    const json& lt = k.j.at("layer_types");
+    if (!lt.is_array() || static_cast<int64_t>(lt.size()) != n_layers)
+      k.bad("layer_types", "a list of " + std::to_string(n_layers) + " layer types (one per layer)");
+    for (int64_t i = 0; i < n_layers; ++i) {
+      const json& v = lt[static_cast<size_t>(i)];
+      if (v == "sliding_attention") out[static_cast<size_t>(i)] = window;
+      else if (v != "full_attention")
+        throw FormatError(k.file + ": layer_types[" + std::to_string(i) + "] = " + v.dump() +
+                          " is not supported (full_attention or sliding_attention)");
+    }
+    return out;
+  }
+  if (fam == Family::Mistral) {
+    std::fill(out.begin(), out.end(), window);
+  } else {
+    int64_t from = k.integer("max_window_layers", 28);
+    for (int64_t i = std::max<int64_t>(from, 0); i < n_layers; ++i) out[static_cast<size_t>(i)] = window;
+  }
+  return out;
+}
+
+std::optional<int64_t> token_id(const Keys& k, const char* key, std::optional<int64_t> def,
+                                std::vector<int64_t>* all = nullptr) {
+  if (!k.j.contains(key)) {
+    if (all && def) all->push_back(*def);
+    return def;
+  }
+  const json& v = k.j.at(key);
+  if (v.is_null()) return std::nullopt;
+  if (v.is_array()) {  // e.g. Llama 3.1 instruct lists several end-of-sequence ids
+    for (const json& e : v) {
+      if (!e.is_number_integer()) k.bad(key, "an integer or a list of integers");
+      if (all) all->push_back(e.get<int64_t>());
+    }
+    return v.empty() ? std::nullopt : std::optional<int64_t>(v[0].get<int64_t>());
+  }
+  int64_t id = k.integer(key);
+  if (all) all->push_back(id);
+  return id;
+}
+
+}  // namespace
+
+ModelConfig parse_model_config(const json& j, const std::string& source_name) {
+  if (!j.is_object()) throw FormatError(source_name + ": config must be a JSON object");
+  Keys k{j, source_name, ""};
+  ModelConfig c;
+  c.raw = j;
+  c.model_type = k.str("model_type", "");
+  if (c.model_type.empty()) k.missing("model_type");
+  const Family fam = family_of(c.model_type);
+
+  c.vocab_size = k.positive("vocab_size");
+  c.hidden_size = k.positive("hidden_size");
+  c.intermediate_size = k.positive("intermediate_size");
+  c.num_hidden_layers = k.positive("num_hidden_layers");
+  c.num_attention_heads = k.positive("num_attention_heads");
+  // Absent key -> the class default (mistral 8, qwen 32); null -> num_attention_heads, as transformers does.
+  int64_t kv_default = fam == Family::Mistral ? 8 : (fam == Family::Qwen2 || fam == Family::Qwen3) ? 32 : 0;
+  if (j.contains("num_key_value_heads") && !j.at("num_key_value_heads").is_null())
+    c.num_key_value_heads = k.positive("num_key_value_heads");
+  else
+    c.num_key_value_heads = (!j.contains("num_key_value_heads") && kv_default) ? kv_default : c.num_attention_heads;
+  if (c.num_attention_heads % c.num_key_value_heads != 0)
+    throw FormatError(source_name + ": num_attention_heads (" + std::to_string(c.num_attention_heads) +
+                      ") must be a multiple of num_key_value_heads (" + std::to_string(c.num_key_value_heads) +
+                      (j.contains("num_key_value_heads") ? ")" : ", the " + c.model_type + " default)"));
+  c.head_dim = k.positive("head_dim", fam == Family::Qwen3 ? 128 : c.hidden_size / c.num_attention_heads);
+  if (c.head_dim <= 0) throw FormatError(source_name + ": hidden_size is smaller than num_attention_heads");
+  const int64_t max_pos_default = fam == Family::Mistral ? 4096 * 32
+                                  : (fam == Family::Qwen2 || fam == Family::Qwen3) ? 32768
+                                                                                  : 2048;
+  c.max_position_embeddings = k.positive("max_position_embeddings", max_pos_default);
+  c.rms_norm_eps = k.num("rms_norm_eps", 1e-6);
+  c.hidden_act = k.str("hidden_act", "silu");
+  c.tie_word_embeddings = k.boolean("tie_word_embeddings", false);
+
+  switch (fam) {
+    case Family::Llama:  // attention_bias: q, k, v and o; mlp_bias: gate, up, down
+      c.attention_bias = c.o_proj_bias = k.boolean("attention_bias", false);
+      c.mlp_bias = k.boolean("mlp_bias", false);
+      break;
+    case Family::Mistral:  // no biases anywhere
+      break;
+    case Family::Qwen2:  // q, k, v always biased; o never
+      c.attention_bias = true;
+      c.o_proj_bias = false;
+      break;
+    case Family::Qwen3:  // attention_bias applies to q, k, v and o; per-head RMSNorm on q and k
+      c.attention_bias = c.o_proj_bias = k.boolean("attention_bias", false);
+      c.qk_norm = true;
+      break;
+  }
+
+  c.rope = parse_rope(k, c.max_position_embeddings);
+  c.sliding_window = parse_sliding(k, fam, c.num_hidden_layers);
+
+  std::string dt = k.present("dtype") ? k.str("dtype", "") : k.str("torch_dtype", "");
+  if (dt.rfind("torch.", 0) == 0) dt = dt.substr(6);
+  c.torch_dtype = dt;
+
+  const bool llama_ids = fam == Family::Llama || fam == Family::Mistral;  // class defaults bos 1, eos 2
+  c.bos_token_id = token_id(k, "bos_token_id", llama_ids ? std::optional<int64_t>(1) : std::nullopt);
+  c.eos_token_id = token_id(k, "eos_token_id", llama_ids ? std::optional<int64_t>(2) : std::nullopt, &c.eos_token_ids);
+  c.pad_token_id = token_id(k, "pad_token_id", std::nullopt);
+  return c;
+}
+
+ModelConfig load_model_config(const std::string& path) {
+  std::error_code ec;
+  std::string file = fs::is_directory(path, ec) ? (fs::path(path) / "config.json").string() : path;
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw IoError(file + ": cannot open: " + std::strerror(errno));
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    throw FormatError(file + ": not valid JSON: " + e.what());
+  }
+  return parse_model_config(j, file);
+}
+
+}  // namespace am::io
