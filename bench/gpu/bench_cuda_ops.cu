@@ -1,0 +1,361 @@
+// Micro-benchmark of the CUDA backend ops at the W1 shapes (BENCH.md: Llama-3.2-1B, 4 x 2048 tokens):
+// tokens 8192, hidden 2048, intermediate 8192, vocab 128256, 32 heads / 8 KV heads / head_dim 64.
+//
+// Method (METHOD.md): the two ceilings are measured first in the same run (a 8192^3 bf16 cuBLASLt GEMM,
+// and a 2 GiB device-to-device copy counting bytes read + written); every op is timed with CUDA events
+// after warm-up, median of several repetitions, on random (never zero) data. Each row prints the achieved
+// TFLOP/s or GB/s, the percentage of the measured ceiling, and the percentage predicted before the run.
+//
+//   am_gpu_microbench [--quick]     (--quick: fewer repetitions)
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/gemm.h"
+#include "core/tensor.h"
+
+using am::DType;
+using am::Tensor;
+namespace cu = am::cuda;
+
+namespace {
+
+// Deterministic pseudo-random fill on the device (no host transfer for multi-GB buffers).
+__device__ __forceinline__ uint32_t hash32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ull;
+  x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+template <typename T>
+__global__ void rand_fill_kernel(T* p, int64_t n, uint64_t seed, float lo, float hi) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float u = (hash32(seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i)) >> 8) * (1.0f / 16777216.0f);
+    const float v = lo + (hi - lo) * u;
+    if constexpr (sizeof(T) == 4) p[i] = v;
+    else p[i] = __float2bfloat16_rn(v);
+  }
+}
+void rand_fill(Tensor& t, uint64_t seed, float lo = -1.f, float hi = 1.f) {
+  auto& ctx = cu::default_context();
+  const unsigned grid = static_cast<unsigned>(ctx.sm_count()) * 8;
+  if (t.dtype() == DType::F32)
+    rand_fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<float>(), t.numel(), seed, lo, hi);
+  else
+    rand_fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<__nv_bfloat16>(), t.numel(), seed, lo, hi);
+  AM_CUDA_CHECK_LAUNCH();
+}
+__global__ void rand_ids_kernel(int32_t* p, int64_t n, uint64_t seed, int32_t vocab) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    p[i] = static_cast<int32_t>(hash32(seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i)) % vocab);
+}
+
+Tensor dev(const am::Shape& s, DType dt, uint64_t seed, float lo = -1.f, float hi = 1.f) {
+  Tensor t = cu::empty(s, dt);
+  rand_fill(t, seed, lo, hi);
+  return t;
+}
+
+int g_reps = 20;
+
+// Median time in ms of fn() over reps runs (after warm-up), each bracketed by events on the stream.
+double time_ms(const std::function<void()>& fn, int reps = -1, int warmup = 3) {
+  auto& ctx = cu::default_context();
+  if (reps < 0) reps = g_reps;
+  for (int i = 0; i < warmup; ++i) fn();
+  cudaEvent_t a, b;
+  AM_CUDA_CHECK(cudaEventCreate(&a));
+  AM_CUDA_CHECK(cudaEventCreate(&b));
+  std::vector<float> ts;
+  for (int i = 0; i < reps; ++i) {
+    AM_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
+    fn();
+    AM_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
+    AM_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    AM_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+double g_gemm_peak = 0, g_bw_peak = 0;  // TFLOP/s, GB/s
+
+struct Row {
+  std::string name, shape;
+  double ms, rate;  // TFLOP/s or GB/s
+  bool flops;
+  double pct, predicted;
+};
+std::vector<Row> g_rows;
+
+void report_flops(const std::string& name, const std::string& shape, double flops, double ms, double predicted) {
+  const double tf = flops / (ms * 1e-3) / 1e12;
+  g_rows.push_back({name, shape, ms, tf, true, 100.0 * tf / g_gemm_peak, predicted});
+  std::printf("  %-28s %-30s %9.3f ms %8.1f TFLOP/s %6.1f%% (pred %3.0f%%)\n", name.c_str(), shape.c_str(), ms, tf,
+              100.0 * tf / g_gemm_peak, predicted);
+  std::fflush(stdout);
+}
+void report_bytes(const std::string& name, const std::string& shape, double bytes, double ms, double predicted) {
+  const double gbs = bytes / (ms * 1e-3) / 1e9;
+  g_rows.push_back({name, shape, ms, gbs, false, 100.0 * gbs / g_bw_peak, predicted});
+  std::printf("  %-28s %-30s %9.3f ms %8.1f GB/s    %6.1f%% (pred %3.0f%%)\n", name.c_str(), shape.c_str(), ms, gbs,
+              100.0 * gbs / g_bw_peak, predicted);
+  std::fflush(stdout);
+}
+
+std::string dims(std::initializer_list<int64_t> d) {
+  std::string s = "[";
+  bool first = true;
+  for (int64_t v : d) {
+    s += (first ? "" : ", ") + std::to_string(v);
+    first = false;
+  }
+  return s + "]";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::strcmp(argv[i], "--quick") == 0) g_reps = 5;
+  try {
+    auto& ctx = cu::default_context();
+    const auto& pr = ctx.props();
+    std::printf("device: %s, %d SMs, %.1f GiB, cc %d.%d\n", pr.name, pr.multiProcessorCount,
+                pr.totalGlobalMem / double(1ull << 30), pr.major, pr.minor);
+
+    // ---------------- ceilings ----------------
+    {
+      const int64_t s = 8192;
+      Tensor a = dev({s, s}, DType::BF16, 1), b = dev({s, s}, DType::BF16, 2), c = dev({s, s}, DType::BF16, 3);
+      cu::GemmDesc g;
+      g.trans_a = true;
+      g.m = g.n = g.k = s;
+      g.a = a.raw();
+      g.lda = s;
+      g.b = b.raw();
+      g.ldb = s;
+      g.d = c.raw();
+      g.ldd = s;
+      const double ms = time_ms([&] { cu::gemm(ctx, g); });
+      g_gemm_peak = 2.0 * s * s * s / (ms * 1e-3) / 1e12;
+      std::printf("ceiling: bf16 GEMM 8192^3 (cuBLASLt, TN): %.3f ms = %.1f TFLOP/s\n", ms, g_gemm_peak);
+    }
+    {
+      const size_t bytes = size_t(2) << 30;
+      Tensor a = dev({int64_t(bytes / 4)}, DType::F32, 4), b = cu::empty({int64_t(bytes / 4)}, DType::F32);
+      const double ms = time_ms([&] {
+        AM_CUDA_CHECK(cudaMemcpyAsync(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice, ctx.stream()));
+      });
+      g_bw_peak = 2.0 * bytes / (ms * 1e-3) / 1e9;
+      std::printf("ceiling: device-to-device copy 2 GiB: %.3f ms = %.1f GB/s (read + write)\n", ms, g_bw_peak);
+    }
+
+    const int64_t N = 8192, H = 2048, I = 8192, V = 128256, NH = 32, NKV = 8, HD = 64;
+
+    // ---------------- linears: forward, dx, dw ----------------
+    std::printf("\nlinear layers (x [N, K] bf16, w [M, K] bf16; dw fp32 +=), N = %lld\n", (long long)N);
+    struct Lin {
+      const char* name;
+      int64_t k, m;
+      double pred_fwd, pred_dx, pred_dw;
+    };
+    const Lin lins[] = {
+        {"q_proj/o_proj", H, H, 85, 85, 80},     {"k_proj/v_proj", H, NKV * HD, 65, 65, 60},
+        {"qkv fused", H, H + 2 * NKV * HD, 85, 85, 80}, {"gate/up_proj", H, I, 90, 90, 85},
+        {"gate_up fused", H, 2 * I, 90, 90, 85}, {"down_proj", I, H, 90, 90, 85},
+    };
+    for (const Lin& l : lins) {
+      Tensor x = dev({N, l.k}, DType::BF16, 10), w = dev({l.m, l.k}, DType::BF16, 11, -0.05f, 0.05f);
+      Tensor y = cu::empty({N, l.m}, DType::BF16), dy = dev({N, l.m}, DType::BF16, 12);
+      Tensor dx = cu::empty({N, l.k}, DType::BF16), dw = dev({l.m, l.k}, DType::F32, 13, -1e-3f, 1e-3f);
+      const double fl = 2.0 * N * l.k * l.m;
+      const std::string sh = "K=" + std::to_string(l.k) + " M=" + std::to_string(l.m);
+      report_flops(std::string(l.name) + " fwd", sh, fl, time_ms([&] { cu::linear_fwd(x, w, nullptr, y); }), l.pred_fwd);
+      cu::GemmDesc g;  // dx = dy w, as linear_bwd issues it
+      g.m = l.k;
+      g.n = N;
+      g.k = l.m;
+      g.a = w.raw();
+      g.lda = l.k;
+      g.b = dy.raw();
+      g.ldb = l.m;
+      g.d = dx.raw();
+      g.ldd = l.k;
+      report_flops(std::string(l.name) + " bwd dx", sh, fl, time_ms([&] { cu::gemm(ctx, g); }), l.pred_dx);
+      report_flops(std::string(l.name) + " bwd dw", sh, fl,
+                   time_ms([&] { cu::linear_bwd(x, w, dy, nullptr, dw, nullptr); }), l.pred_dw);
+    }
+    {
+      Tensor x = dev({N, H}, DType::BF16, 14), w = dev({H, H}, DType::BF16, 15, -0.05f, 0.05f);
+      Tensor b = dev({H}, DType::BF16, 16), y = cu::empty({N, H}, DType::BF16);
+      report_flops("q_proj fwd + bias epilogue", "K=2048 M=2048", 2.0 * N * H * H,
+                   time_ms([&] { cu::linear_fwd(x, w, &b, y); }), 85);
+    }
+
+    // ---------------- memory-bound ops ----------------
+    std::printf("\nmemory-bound ops (bf16 activations)\n");
+    {
+      Tensor x = dev({N, H}, DType::BF16, 20, -2.f, 2.f), w = dev({H}, DType::BF16, 21, 0.5f, 1.5f);
+      Tensor y = cu::empty({N, H}, DType::BF16), r = cu::empty({N}, DType::F32);
+      Tensor dy = dev({N, H}, DType::BF16, 22), dx = cu::empty({N, H}, DType::BF16);
+      Tensor dw = dev({H}, DType::F32, 23);
+      cu::rmsnorm_fwd(x, w, 1e-5f, y, r);
+      const double e = double(N) * H * 2;
+      report_bytes("rmsnorm fwd", dims({N, H}), 2 * e + N * 4,
+                   time_ms([&] { cu::rmsnorm_fwd(x, w, 1e-5f, y, r); }), 80);
+      report_bytes("rmsnorm bwd", dims({N, H}), 3 * e + N * 4,
+                   time_ms([&] { cu::rmsnorm_bwd(x, w, r, dy, dx, dw); }), 70);
+    }
+    {
+      Tensor q = dev({N, NH, HD}, DType::BF16, 30), k = dev({N, NKV, HD}, DType::BF16, 31);
+      Tensor cs = dev({N, HD / 2}, DType::F32, 32), sn = dev({N, HD / 2}, DType::F32, 33);
+      const double bytes = 2.0 * (q.nbytes() + k.nbytes()) + 2.0 * cs.nbytes();
+      report_bytes("rope fwd (q and k)", dims({N, NH + NKV, HD}), bytes, time_ms([&] {
+                     cu::rope_fwd_(q, cs, sn);
+                     cu::rope_fwd_(k, cs, sn);
+                   }),
+                   70);
+      report_bytes("rope bwd (dq and dk)", dims({N, NH + NKV, HD}), bytes, time_ms([&] {
+                     cu::rope_bwd_(q, cs, sn);
+                     cu::rope_bwd_(k, cs, sn);
+                   }),
+                   70);
+    }
+    {
+      Tensor g = dev({N, I}, DType::BF16, 40, -4.f, 4.f), u = dev({N, I}, DType::BF16, 41);
+      Tensor h = cu::empty({N, I}, DType::BF16), dh = dev({N, I}, DType::BF16, 42);
+      Tensor dg = cu::empty({N, I}, DType::BF16), du = cu::empty({N, I}, DType::BF16);
+      const double e = double(N) * I * 2;
+      report_bytes("swiglu fwd", dims({N, I}), 3 * e, time_ms([&] { cu::swiglu_fwd(g, u, h); }), 85);
+      report_bytes("swiglu bwd", dims({N, I}), 5 * e, time_ms([&] { cu::swiglu_bwd(g, u, dh, dg, du); }), 85);
+    }
+    {
+      Tensor ids = cu::empty({N}, DType::I32);
+      rand_ids_kernel<<<64, 256, 0, ctx.stream()>>>(ids.data<int32_t>(), N, 50, static_cast<int32_t>(V));
+      AM_CUDA_CHECK_LAUNCH();
+      Tensor w = dev({V, H}, DType::BF16, 51), out = cu::empty({N, H}, DType::BF16);
+      Tensor dout = dev({N, H}, DType::BF16, 52), dw = dev({V, H}, DType::F32, 53, -1e-3f, 1e-3f);
+      report_bytes("embedding fwd", dims({N, H}), 2.0 * N * H * 2 + N * 4,
+                   time_ms([&] { cu::embedding_fwd(ids, w, out); }), 70);
+      // bytes: read dout (bf16) + read-modify-write of the touched fp32 rows
+      report_bytes("embedding bwd (fp32 atomics)", dims({N, H}), N * H * 2.0 + N * H * 8.0,
+                   time_ms([&] { cu::embedding_bwd(ids, dout, dw); }), 40);
+      ctx.check_device_errors();
+    }
+
+    // ---------------- cross-entropy and fused LM head ----------------
+    std::printf("\ncross-entropy / fused LM head (V = %lld)\n", (long long)V);
+    {
+      const int64_t rows = 2048;
+      Tensor logits = dev({rows, V}, DType::BF16, 60, -4.f, 4.f), tg = cu::empty({rows}, DType::I32);
+      rand_ids_kernel<<<16, 256, 0, ctx.stream()>>>(tg.data<int32_t>(), rows, 61, static_cast<int32_t>(V));
+      AM_CUDA_CHECK_LAUNCH();
+      Tensor g = cu::empty({rows, V}, DType::BF16);
+      double* acc = cu::alloc_device_scalar();
+      report_bytes("cross_entropy chunk (fwd+bwd)", dims({rows, V}), 3.0 * logits.nbytes(),
+                   time_ms([&] { cu::cross_entropy_fwd_bwd_async(logits, tg, 1.f / N, &g, acc); }), 60);
+      cu::free_device_scalar(acc);
+    }
+    {
+      Tensor x = dev({N, H}, DType::BF16, 70), w = dev({V, H}, DType::BF16, 71, -0.05f, 0.05f);
+      Tensor tg = cu::empty({N}, DType::I32);
+      rand_ids_kernel<<<64, 256, 0, ctx.stream()>>>(tg.data<int32_t>(), N, 72, static_cast<int32_t>(V));
+      AM_CUDA_CHECK_LAUNCH();
+      Tensor dx = cu::empty({N, H}, DType::BF16), dw = dev({V, H}, DType::F32, 73, -1e-3f, 1e-3f);
+      double* acc = cu::alloc_device_scalar();
+      const double fl = 3 * 2.0 * N * H * V;
+      report_flops("lm_head + CE fused (3 GEMMs)", dims({N, H}) + " V", fl,
+                   time_ms([&] { cu::lm_head_cross_entropy(x, w, tg, 1.f / N, &dx, &dw, acc); }, std::min(g_reps, 10)),
+                   80);
+      for (int64_t chunk : {int64_t(1024), int64_t(4096)}) {
+        cu::LmHeadCeOptions o;
+        o.chunk_rows = chunk;
+        report_flops("  same, chunk_rows " + std::to_string(chunk), dims({N, H}) + " V", fl,
+                     time_ms([&] { cu::lm_head_cross_entropy(x, w, tg, 1.f / N, &dx, &dw, acc, ctx, o); }, 5), 80);
+      }
+      const double loss = cu::read_device_scalar(acc);
+      std::printf("  (loss sum accumulated over all runs: %.3e, finite: %s)\n", loss, std::isfinite(loss) ? "yes" : "NO");
+      cu::free_device_scalar(acc);
+    }
+
+    // ---------------- optimizer: sum_squares + AdamW over 1.24B parameters ----------------
+    std::printf("\noptimizer (Llama-3.2-1B: 1,235,814,400 params in 18 flat buffers, fp32 master/grad/m/v + bf16 copy)\n");
+    {
+      std::vector<int64_t> sizes;
+      sizes.push_back(V * H);  // tied embedding
+      for (int l = 0; l < 16; ++l) sizes.push_back(60821504);
+      sizes.push_back(H);  // final norm
+      int64_t total = 0;
+      for (int64_t s : sizes) total += s;
+      struct P {
+        Tensor w, g, m, v, work;
+      };
+      std::vector<P> ps(sizes.size());
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        ps[i].w = dev({sizes[i]}, DType::F32, 100 + i);
+        ps[i].g = dev({sizes[i]}, DType::F32, 200 + i, -1e-3f, 1e-3f);
+        ps[i].m = dev({sizes[i]}, DType::F32, 300 + i, -1e-4f, 1e-4f);
+        ps[i].v = dev({sizes[i]}, DType::F32, 400 + i, 0.f, 1e-6f);
+        ps[i].work = cu::empty({sizes[i]}, DType::BF16);
+      }
+      std::vector<const Tensor*> grads;
+      for (auto& p : ps) grads.push_back(&p.g);
+      double* sq = cu::alloc_device_scalar();
+      report_bytes("sum_squares (all grads)", std::to_string(total) + " fp32", 4.0 * total,
+                   time_ms([&] { cu::sum_squares_multi_async(grads, sq); }), 85);
+      std::vector<cu::AdamWTensors> list;
+      for (auto& p : ps) list.push_back({&p.w, &p.g, &p.m, &p.v, &p.work});
+      cu::AdamWConfig c;
+      c.lr = 1e-5;
+      c.weight_decay = 0.01;
+      int64_t step = 0;
+      report_bytes("adamw (fused, + bf16 copy)", std::to_string(total) + " params", 30.0 * total, time_ms([&] {
+                     c.step = ++step;
+                     cu::adamw_step(list, c);
+                   }, std::min(g_reps, 10)),
+                   85);
+      float* coef = static_cast<float*>(ctx.allocator().allocate(4));
+      cu::clip_coef_async(sq, 1.0, coef);
+      c.d_grad_scale = coef;
+      report_bytes("adamw with device clip scale", std::to_string(total) + " params", 30.0 * total, time_ms([&] {
+                     c.step = ++step;
+                     cu::adamw_step(list, c);
+                   }, std::min(g_reps, 10)),
+                   85);
+      ctx.allocator().deallocate(coef, 4);
+      cu::free_device_scalar(sq);
+    }
+    ctx.synchronize();
+
+    // ---------------- table ----------------
+    std::printf("\n| op | shape | median ms | achieved | %% of measured limit | predicted %% |\n|---|---|---|---|---|---|\n");
+    std::printf("| bf16 GEMM 8192^3 (limit) | | | %.1f TFLOP/s | 100 | |\n", g_gemm_peak);
+    std::printf("| D2D copy 2 GiB (limit) | | | %.1f GB/s | 100 | |\n", g_bw_peak);
+    for (const Row& r : g_rows)
+      std::printf("| %s | %s | %.3f | %.1f %s | %.1f | %.0f |\n", r.name.c_str(), r.shape.c_str(), r.ms, r.rate,
+                  r.flops ? "TFLOP/s" : "GB/s", r.pct, r.predicted);
+    std::printf("\nallocator: peak %.2f GiB allocated, %.2f GiB reserved\n",
+                ctx.allocator().peak_bytes() / double(1ull << 30), ctx.allocator().peak_reserved_bytes() / double(1ull << 30));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "am_gpu_microbench: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

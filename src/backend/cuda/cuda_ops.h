@@ -1,0 +1,136 @@
+// The CUDA backend's ops: the same names and semantics as am::ops (src/ops/ops.h), on CUDA tensors, run
+// on the context's stream (asynchronous unless a function says it synchronises).
+//
+// Numerics (DESIGN.md, BENCH.md W1): activations and working weights are bf16, master weights, optimizer
+// state and parameter gradients fp32; all math is fp32 (reductions fp32 per thread/block, fp64 where a
+// sum over the whole tensor is returned). Conventions as in ops.h: row-major, Linear.weight [out, in],
+// parameter gradients ACCUMULATE (+=), activation gradients ASSIGN (=). Where ops.h writes [N, X], any
+// tensor whose last dimension is X is accepted and its leading dimensions are flattened into N.
+//
+// Accepted dtypes per op are listed with it ("T" = bf16 or fp32 unless noted). Shapes and dtypes are
+// checked on the host (ShapeError / DeviceError naming the op); data errors found by kernels (token ids,
+// targets out of range) go to the context's error slot and are raised by ctx.check_device_errors() (the
+// synchronous cross_entropy_fwd_bwd checks it itself).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "backend/cuda/context.h"
+#include "core/tensor.h"
+
+namespace am::cuda {
+
+// ---------------- tensors ----------------
+Tensor empty(const Shape& shape, DType dtype, CudaContext& ctx = default_context());
+// Host -> device copy into memory from `alloc` (a CachingAllocator; default: the context's). Synchronous.
+Tensor to_device(const Tensor& host, Allocator& alloc, CudaContext& ctx = default_context());
+Tensor to_device(const Tensor& host, CudaContext& ctx = default_context());
+// Device -> host copy (same dtype). Synchronous.
+Tensor to_host(const Tensor& dev, CudaContext& ctx = default_context());
+void zero_(Tensor& t, CudaContext& ctx = default_context());              // cudaMemsetAsync
+void fill_(Tensor& t, float value, CudaContext& ctx = default_context());  // float dtypes
+
+// ---------------- elementwise (any float dtypes, mixed allowed; math fp32) ----------------
+void add_(Tensor& a, const Tensor& b, CudaContext& ctx = default_context());     // a += b
+void scale_(Tensor& a, float s, CudaContext& ctx = default_context());           // a *= s
+void copy_(Tensor& dst, const Tensor& src, CudaContext& ctx = default_context());  // converts bf16<->fp32
+
+// ---------------- embedding ----------------
+// ids [N] int32, weight [V, H] T -> out [N, H] T' (any float). Out-of-range ids write zeros and are
+// reported through the error slot.
+void embedding_fwd(const Tensor& ids, const Tensor& weight, Tensor& out, CudaContext& ctx = default_context());
+// dweight [V, H] fp32 += scatter of dout [N, H] (bf16 or fp32). fp32 atomics (order-dependent rounding).
+void embedding_bwd(const Tensor& ids, const Tensor& dout, Tensor& dweight, CudaContext& ctx = default_context());
+
+// ---------------- linear (cuBLASLt, fp32 compute) ----------------
+// x [N, K] bf16, w [M, K] bf16, bias [M] bf16/fp32 or null -> y [N, M] bf16 (bias fused as epilogue).
+void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
+                CudaContext& ctx = default_context());
+// dx [N, K] bf16 = dy w (assigned; skipped when null); dw [M, K] fp32 += dy^T x (beta = 1 in the GEMM);
+// dbias [M] fp32 += column sums of dy (when non-null). x, w, dy bf16.
+void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias,
+                CudaContext& ctx = default_context());
+
+// ---------------- RMSNorm ----------------
+// x [N, H] T, w [H] T -> y [N, H] T (= w * (x * rstd)), rstd [N] fp32 (saved)
+void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
+                 CudaContext& ctx = default_context());
+// dx [N, H] T assigned; dw [H] fp32 += (per-block partials, then a fixed-order reduction: deterministic)
+void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw,
+                 CudaContext& ctx = default_context());
+
+// ---------------- RoPE (rotate_half) ----------------
+// x [N, heads, D] T in place; cos, sin [N, R/2] fp32 with R <= D (R < D: partial rotary).
+void rope_fwd_(Tensor& x, const Tensor& cos, const Tensor& sin, CudaContext& ctx = default_context());
+void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin, CudaContext& ctx = default_context());
+
+// ---------------- SwiGLU ----------------
+// gate, up [N, I] T -> h = silu(gate) * up;  backward assigns dgate, dup (may alias gate, up).
+void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h, CudaContext& ctx = default_context());
+void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
+                CudaContext& ctx = default_context());
+
+// ---------------- cross-entropy ----------------
+// logits [N, V] T, targets [N] int32 (-100 ignored). dlogits [N, V] T (nullable; may alias logits) =
+// grad_scale * (softmax - onehot), zero rows for ignored targets.
+// Synchronous form: returns the loss sum (double) and throws DataError on a bad target.
+double cross_entropy_fwd_bwd(const Tensor& logits, const Tensor& targets, float grad_scale, Tensor* dlogits,
+                             CudaContext& ctx = default_context());
+// Asynchronous form: *d_loss_sum (device fp64) += the loss sum; no host sync.
+void cross_entropy_fwd_bwd_async(const Tensor& logits, const Tensor& targets, float grad_scale, Tensor* dlogits,
+                                 double* d_loss_sum, CudaContext& ctx = default_context());
+
+// Fused LM head + cross-entropy (never materialises [N, V] logits): for row chunks of x,
+//   logits_c = x_c w^T (cuBLASLt, into a [chunk, V] buffer), CE in place -> dlogits_c,
+//   dx_c = dlogits_c w (assigned), dw += dlogits_c^T x_c (fp32, beta = 1).
+// x [N, H] bf16, w [V, H] bf16, targets [N] int32; dx [N, H] bf16 (nullable), dw [V, H] fp32 (nullable:
+// frozen head). *d_loss_sum (device fp64) += the loss sum.
+struct LmHeadCeOptions {
+  int64_t chunk_rows = 0;  // 0: automatic (logits chunk of about 512 MiB, at most N)
+};
+void lm_head_cross_entropy(const Tensor& x, const Tensor& w, const Tensor& targets, float grad_scale, Tensor* dx,
+                           Tensor* dw, double* d_loss_sum, CudaContext& ctx = default_context(),
+                           const LmHeadCeOptions& opt = {});
+
+// Device fp64 scalars for the accumulators above (from the context's allocator).
+double* alloc_device_scalar(CudaContext& ctx = default_context());  // zeroed
+void free_device_scalar(double* p, CudaContext& ctx = default_context());
+double read_device_scalar(const double* p, CudaContext& ctx = default_context());  // synchronises
+void zero_device_scalar(double* p, CudaContext& ctx = default_context());
+
+// ---------------- reductions used by the optimizer ----------------
+double sum_squares(const Tensor& a, CudaContext& ctx = default_context());  // synchronous
+// Sum of squares over many float tensors (any float dtypes) in one multi-tensor launch sequence:
+// fp32 per-block partials, fp64 final sum written to *d_out (device). No sync.
+void sum_squares_multi_async(const std::vector<const Tensor*>& tensors, double* d_out,
+                             CudaContext& ctx = default_context());
+double sum_squares_multi(const std::vector<const Tensor*>& tensors, CudaContext& ctx = default_context());
+// torch.nn.utils.clip_grad_norm_: *d_coef = min(1, max_norm / (sqrt(*d_sumsq) + 1e-6)) computed in double,
+// rounded to fp32 (feed it to adamw_step's d_grad_scale).
+void clip_coef_async(const double* d_sumsq, double max_norm, float* d_coef, CudaContext& ctx = default_context());
+
+// ---------------- fused multi-tensor AdamW ----------------
+// torch.optim.AdamW (decoupled weight decay; Adam when decoupled = false) with exactly the arithmetic of
+// am::Optimizer (src/train/optimizer.cpp): bias corrections in double on the host, fp32 element math in the
+// same order, no FMA contraction -> bit-identical to the CPU optimizer in fp32.
+struct AdamWTensors {
+  Tensor* master;      // fp32 [n], updated
+  const Tensor* grad;  // fp32 [n]
+  Tensor* exp_avg;     // fp32 [n]
+  Tensor* exp_avg_sq;  // fp32 [n]
+  Tensor* working;     // bf16 (or fp32/f16) [n] copy written after the update; nullable
+};
+struct AdamWConfig {
+  double lr = 1e-5, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  int64_t step = 1;        // the step being taken, counting from 1 (bias corrections)
+  bool decoupled = true;   // false: torch.optim.Adam (L2 added to the gradient)
+  // Every gradient is multiplied as it is loaded by scale = grad_scale * (*d_grad_scale if given), one fp32
+  // product per element (as a separate scale_ pass would do; skipped when scale == 1): clipping without a
+  // separate pass and without a host sync (d_grad_scale from clip_coef_async).
+  float grad_scale = 1.f;
+  const float* d_grad_scale = nullptr;
+};
+void adamw_step(const std::vector<AdamWTensors>& params, const AdamWConfig& cfg,
+                CudaContext& ctx = default_context());
+
+}  // namespace am::cuda

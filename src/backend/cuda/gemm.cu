@@ -1,0 +1,191 @@
+#include "backend/cuda/gemm.h"
+
+#include <cublasLt.h>
+
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "backend/cuda/cuda_check.h"
+#include "core/error.h"
+
+namespace am::cuda {
+namespace {
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::F32: return CUDA_R_32F;
+    case DType::BF16: return CUDA_R_16BF;
+    case DType::F16: return CUDA_R_16F;
+    default: throw ShapeError(std::string("cuda gemm: unsupported dtype ") + dtype_name(t));
+  }
+}
+
+// Largest power of two <= 16 dividing the address: cuBLASLt picks vectorised kernels by alignment, so a
+// plan chosen for aligned pointers must not be reused for a misaligned view.
+uint32_t align_of(const void* p) {
+  auto v = reinterpret_cast<uintptr_t>(p);
+  uint32_t a = 16;
+  while (a > 1 && (v % a) != 0) a >>= 1;
+  return a;
+}
+
+struct Key {
+  int64_t m, n, k, lda, ldb, ldd;
+  uint8_t ta, tb, at, bt, dt, biast, has_bias, beta_zero;
+  uint32_t align_a, align_b, align_d, align_bias;
+  bool operator==(const Key& o) const { return std::memcmp(this, &o, sizeof(Key)) == 0; }
+};
+struct KeyHash {
+  size_t operator()(const Key& k) const {
+    // FNV-1a over the bytes (the struct is zero-initialised before filling, so padding is stable).
+    const auto* p = reinterpret_cast<const unsigned char*>(&k);
+    size_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < sizeof(Key); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+  }
+};
+
+struct Plan {
+  bool ok = false;  // false: bias epilogue unsupported for this key (caller falls back)
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  void destroy() {
+    if (desc) cublasLtMatmulDescDestroy(desc);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (ld) cublasLtMatrixLayoutDestroy(ld);
+    desc = nullptr;
+    la = lb = ld = nullptr;
+  }
+};
+
+std::string gemm_str(const GemmDesc& g) {
+  return std::string("m=") + std::to_string(g.m) + " n=" + std::to_string(g.n) + " k=" + std::to_string(g.k) +
+         " ta=" + std::to_string(g.trans_a) + " tb=" + std::to_string(g.trans_b) + " A " + dtype_name(g.a_type) +
+         " B " + dtype_name(g.b_type) + " D " + dtype_name(g.d_type) + (g.bias ? " +bias" : "");
+}
+
+}  // namespace
+
+struct GemmPlanCache::Impl {
+  std::mutex mu;
+  std::unordered_map<Key, Plan, KeyHash> plans;
+  ~Impl() {
+    for (auto& [k, p] : plans) p.destroy();
+  }
+};
+
+GemmPlanCache::GemmPlanCache() : impl_(std::make_unique<Impl>()) {}
+GemmPlanCache::~GemmPlanCache() = default;
+
+bool gemm(CudaContext& ctx, const GemmDesc& g) {
+  if (g.m == 0 || g.n == 0) return true;
+  if (g.k == 0) {
+    // Empty reduction: D = beta * D. Only beta 0 (clear) and 1 (no-op) occur in this code base.
+    if (g.beta == 0.f)
+      AM_CUDA_CHECK(cudaMemset2DAsync(g.d, static_cast<size_t>(g.ldd) * dtype_size(g.d_type), 0,
+                                      static_cast<size_t>(g.m) * dtype_size(g.d_type), static_cast<size_t>(g.n),
+                                      ctx.stream()));
+    else if (g.beta != 1.f)
+      throw ShapeError("cuda gemm: k = 0 with beta other than 0 or 1 is not supported");
+    return g.bias == nullptr;
+  }
+  Key key;
+  std::memset(&key, 0, sizeof key);
+  key.m = g.m;
+  key.n = g.n;
+  key.k = g.k;
+  key.lda = g.lda;
+  key.ldb = g.ldb;
+  key.ldd = g.ldd;
+  key.ta = g.trans_a;
+  key.tb = g.trans_b;
+  key.at = static_cast<uint8_t>(g.a_type);
+  key.bt = static_cast<uint8_t>(g.b_type);
+  key.dt = static_cast<uint8_t>(g.d_type);
+  key.has_bias = g.bias != nullptr;
+  key.biast = g.bias ? static_cast<uint8_t>(g.bias_type) : 0;
+  key.beta_zero = g.beta == 0.f;
+  key.align_a = align_of(g.a);
+  key.align_b = align_of(g.b);
+  key.align_d = align_of(g.d);
+  key.align_bias = g.bias ? align_of(g.bias) : 0;
+
+  auto& impl = ctx.gemm_plans().impl();
+  Plan* plan = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(impl.mu);
+    auto it = impl.plans.find(key);
+    if (it != impl.plans.end()) plan = &it->second;
+  }
+  if (!plan) {
+    Plan p;
+    try {
+      AM_CUDA_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+      cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+      AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+      AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+      if (g.bias) {
+        cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+        AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+        int32_t bt = cuda_type(g.bias_type);
+        AM_CUDA_CHECK(
+            cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
+        // The pointer itself is set per call; heuristics only need its alignment.
+        AM_CUDA_CHECK(
+            cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof g.bias));
+      }
+      // Stored (pre-op) shapes: op(A) is m x k, so A is k x m when transposed.
+      const uint64_t ar = g.trans_a ? g.k : g.m, ac = g.trans_a ? g.m : g.k;
+      const uint64_t br = g.trans_b ? g.n : g.k, bc = g.trans_b ? g.k : g.n;
+      AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&p.la, cuda_type(g.a_type), ar, ac, g.lda));
+      AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&p.lb, cuda_type(g.b_type), br, bc, g.ldb));
+      AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&p.ld, cuda_type(g.d_type), g.m, g.n, g.ldd));
+
+      cublasLtMatmulPreference_t pref = nullptr;
+      AM_CUDA_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+      size_t ws = ctx.workspace_bytes();
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_a,
+                                           sizeof(uint32_t));
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_b,
+                                           sizeof(uint32_t));
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_d,
+                                           sizeof(uint32_t));
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_d,
+                                           sizeof(uint32_t));
+      cublasLtMatmulHeuristicResult_t res{};
+      int found = 0;
+      cublasStatus_t st =
+          cublasLtMatmulAlgoGetHeuristic(ctx.lt(), p.desc, p.la, p.lb, p.ld, p.ld, pref, 1, &res, &found);
+      cublasLtMatmulPreferenceDestroy(pref);
+      if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+        p.algo = res.algo;
+        p.ok = true;
+      } else if (!g.bias) {
+        throw DeviceError("cuBLASLt has no algorithm for GEMM " + gemm_str(g) + " (status " +
+                          cublasLtGetStatusName(st) + ")");
+      }
+    } catch (...) {
+      p.destroy();
+      throw;
+    }
+    std::lock_guard<std::mutex> lk(impl.mu);
+    auto [it, inserted] = impl.plans.emplace(key, p);
+    if (!inserted) p.destroy();  // another thread won the race
+    plan = &it->second;
+  }
+  if (!plan->ok) return false;
+  if (g.bias)
+    AM_CUDA_CHECK(
+        cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof g.bias));
+  AM_CUDA_CHECK(cublasLtMatmul(ctx.lt(), plan->desc, &g.alpha, g.a, plan->la, g.b, plan->lb, &g.beta, g.d,
+                               plan->ld, g.d, plan->ld, &plan->algo, ctx.workspace(), ctx.workspace_bytes(),
+                               ctx.stream()));
+  return true;
+}
+
+}  // namespace am::cuda

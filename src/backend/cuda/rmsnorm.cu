@@ -1,0 +1,251 @@
+// RMSNorm (HF LlamaRMSNorm): y = (x * rstd) * w, rstd = 1 / sqrt(mean(x^2) + eps), fp32 math.
+//
+// Layout: one block per row; thread t owns the CH column vectors (c * blockDim + t) * VEC .. + VEC, so a
+// row is read once into registers (VEC = 16 bytes of T), reduced across the block, and written once.
+// W1: H = 2048 bf16 -> 256 threads, VEC 8, CH 1.
+//
+// Backward with r = rstd, xh = x r:
+//   dx = r w dy - (r^3 / H) x sum_j(dy_j w_j x_j)       (assigned)
+//   dw += sum_rows dy xh                                 (accumulated)
+// dw without atomics: a persistent grid of G blocks walks the rows (row = b, b + G, ...); each thread keeps
+// the dw partial of its own columns in registers, writes it to partial [G, H] fp32 at the end, and a second
+// kernel sums the G partials in a fixed order into dw. Deterministic for a given grid size.
+#include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/kernel_utils.cuh"
+
+namespace am::cuda {
+namespace {
+
+template <typename T, typename TW, int VEC, int CH>
+__global__ void rmsnorm_fwd_kernel(const T* __restrict__ x, const TW* __restrict__ w, float eps,
+                                   T* __restrict__ y, float* __restrict__ rstd, int64_t h) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * h;
+  T* yr = y + row * h;
+  float xv[CH][VEC];
+  float ss = 0.f;
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int64_t col = (static_cast<int64_t>(c) * blockDim.x + threadIdx.x) * VEC;
+    if (col < h) {
+      const Vec<T, VEC> v = load_vec<T, VEC>(xr + col);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        xv[c][k] = to_f(v.v[k]);
+        ss += xv[c][k] * xv[c][k];
+      }
+    }
+  }
+  ss = block_sum(ss, scratch);
+  const float r = 1.0f / sqrtf(ss / static_cast<float>(h) + eps);
+  if (threadIdx.x == 0) rstd[row] = r;
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int64_t col = (static_cast<int64_t>(c) * blockDim.x + threadIdx.x) * VEC;
+    if (col < h) {
+      const Vec<TW, VEC> wv = load_vec<TW, VEC>(w + col);
+      Vec<T, VEC> o;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) o.v[k] = from_f<T>((xv[c][k] * r) * to_f(wv.v[k]));
+      store_vec<T, VEC>(yr + col, o);
+    }
+  }
+}
+
+template <typename T, typename TW, int VEC, int CH>
+__global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const TW* __restrict__ w, const float* __restrict__ rstd,
+                                   const T* __restrict__ dy, T* __restrict__ dx, float* __restrict__ partial,
+                                   int64_t n, int64_t h) {
+  __shared__ float scratch[32];
+  float wv[CH][VEC], dwacc[CH][VEC];
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int64_t col = (static_cast<int64_t>(c) * blockDim.x + threadIdx.x) * VEC;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      wv[c][k] = 0.f;
+      dwacc[c][k] = 0.f;
+    }
+    if (col < h) {
+      const Vec<TW, VEC> v = load_vec<TW, VEC>(w + col);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) wv[c][k] = to_f(v.v[k]);
+    }
+  }
+  const float inv_h = 1.0f / static_cast<float>(h);
+  for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+    const T* xr = x + row * h;
+    const T* gr = dy + row * h;
+    const float r = rstd[row];
+    float xv[CH][VEC], gv[CH][VEC];
+    float dot = 0.f;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int64_t col = (static_cast<int64_t>(c) * blockDim.x + threadIdx.x) * VEC;
+      if (col < h) {
+        const Vec<T, VEC> a = load_vec<T, VEC>(xr + col);
+        const Vec<T, VEC> b = load_vec<T, VEC>(gr + col);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          xv[c][k] = to_f(a.v[k]);
+          gv[c][k] = to_f(b.v[k]);
+          dot += gv[c][k] * wv[c][k] * xv[c][k];
+        }
+      }
+    }
+    dot = block_sum(dot, scratch);
+    const float coef = r * r * r * dot * inv_h;
+    T* dxr = dx + row * h;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int64_t col = (static_cast<int64_t>(c) * blockDim.x + threadIdx.x) * VEC;
+      if (col < h) {
+        Vec<T, VEC> o;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          o.v[k] = from_f<T>(r * wv[c][k] * gv[c][k] - coef * xv[c][k]);
+          dwacc[c][k] += gv[c][k] * xv[c][k] * r;
+        }
+        store_vec<T, VEC>(dxr + col, o);
+      }
+    }
+  }
+  float* pr = partial + static_cast<int64_t>(blockIdx.x) * h;
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int64_t col = (static_cast<int64_t>(c) * blockDim.x + threadIdx.x) * VEC;
+    if (col < h) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) pr[col + k] = dwacc[c][k];
+    }
+  }
+}
+
+// dw [H] += sum over g of partial [G, H]; block (32, 8): 32 columns, 8 row lanes, fixed-order tree.
+__global__ void column_sum_add_kernel(const float* __restrict__ partial, float* __restrict__ dw, int64_t g,
+                                      int64_t h) {
+  __shared__ float part[8][33];
+  const int64_t col = blockIdx.x * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (col < h)
+    for (int64_t r = threadIdx.y; r < g; r += 8) acc += partial[r * h + col];
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < h) {
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s += part[k][threadIdx.x];
+    dw[col] += s;
+  }
+}
+
+// Launch shape: VEC from the dtype (16 bytes) when H and every pointer allow it, else 1; the fewest
+// column chunks CH in {1, 2, 4, 8} that fit in 1024 threads.
+struct Shape2 {
+  int vec, ch, threads;
+};
+Shape2 pick(int64_t h, int natural_vec, bool vec_ok, const char* op) {
+  Shape2 s;
+  s.vec = vec_ok && h % natural_vec == 0 ? natural_vec : 1;
+  const int64_t vecs = (h + s.vec - 1) / s.vec;
+  for (s.ch = 1; s.ch <= 8; s.ch *= 2)
+    if ((vecs + s.ch - 1) / s.ch <= 1024) break;
+  if (s.ch > 8) op_error(op, "H = " + std::to_string(h) + " is too large (at most " + std::to_string(8192 * s.vec) + ")");
+  s.threads = static_cast<int>(((vecs + s.ch - 1) / s.ch + 31) / 32 * 32);
+  return s;
+}
+
+// Expands the runtime (VEC, CH) choice into template instances: VEC is NV (16 bytes of T) or 1.
+template <typename T, int NV, typename F>
+void with_shape(const Shape2& s, F&& f) {
+  auto by_ch = [&](auto vec_c) {
+    constexpr int V = decltype(vec_c)::value;
+    switch (s.ch) {
+      case 1: f(std::integral_constant<int, V>{}, std::integral_constant<int, 1>{}); break;
+      case 2: f(std::integral_constant<int, V>{}, std::integral_constant<int, 2>{}); break;
+      case 4: f(std::integral_constant<int, V>{}, std::integral_constant<int, 4>{}); break;
+      default: f(std::integral_constant<int, V>{}, std::integral_constant<int, 8>{}); break;
+    }
+  };
+  if (s.vec == NV) by_ch(std::integral_constant<int, NV>{});
+  else by_ch(std::integral_constant<int, 1>{});
+}
+
+int64_t check_common(const char* op, const Tensor& x, const Tensor& w) {
+  need_cuda(op, "x", x);
+  need_cuda(op, "w", w);
+  if (w.ndim() != 1) op_error(op, describe("w", w) + ": expected [H]");
+  const int64_t h = w.dim(0);
+  if (x.ndim() < 2 || x.dim(-1) != h) op_error(op, describe("x", x) + ": expected [N, H = " + std::to_string(h) + "]");
+  return h;
+}
+
+}  // namespace
+
+void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd, CudaContext& ctx) {
+  const char* op = "rmsnorm_fwd";
+  const int64_t h = check_common(op, x, w);
+  need_cuda(op, "y", y);
+  need_cuda(op, "rstd", rstd);
+  need_dtype(op, "rstd", rstd, DType::F32);
+  if (y.shape() != x.shape() || y.dtype() != x.dtype())
+    op_error(op, describe("y", y) + ": expected the shape and dtype of " + describe("x", x));
+  const int64_t n = h ? x.numel() / h : 0;
+  if (rstd.numel() != n) op_error(op, describe("rstd", rstd) + ": expected one element per row of x");
+  if (n == 0 || h == 0) return;
+  AM_DISPATCH_BF16_F32(x.dtype(), op, T, {
+    AM_DISPATCH_BF16_F32(w.dtype(), op, TW, {
+      constexpr int NV = 16 / sizeof(T);
+      const bool ok = aligned_to(x.raw(), 16) && aligned_to(y.raw(), 16) && aligned_to(w.raw(), sizeof(TW) * NV);
+      const Shape2 s = pick(h, NV, ok, op);
+      with_shape<T, NV>(s, [&](auto vc, auto cc) {
+        constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
+        rmsnorm_fwd_kernel<T, TW, V, C><<<static_cast<unsigned>(n), s.threads, 0, ctx.stream()>>>(
+            x.data<T>(), w.data<TW>(), eps, y.data<T>(), rstd.data<float>(), h);
+      });
+    });
+  });
+  AM_CUDA_CHECK_LAUNCH();
+}
+
+void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw,
+                 CudaContext& ctx) {
+  const char* op = "rmsnorm_bwd";
+  const int64_t h = check_common(op, x, w);
+  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}, {"dw", &dw}})
+    need_cuda(op, name, *t);
+  need_dtype(op, "rstd", rstd, DType::F32);
+  need_dtype(op, "dw", dw, DType::F32);
+  if (dy.shape() != x.shape() || dy.dtype() != x.dtype())
+    op_error(op, describe("dy", dy) + ": expected the shape and dtype of " + describe("x", x));
+  if (dx.shape() != x.shape() || dx.dtype() != x.dtype())
+    op_error(op, describe("dx", dx) + ": expected the shape and dtype of " + describe("x", x));
+  if (dw.shape() != w.shape()) op_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  const int64_t n = h ? x.numel() / h : 0;
+  if (rstd.numel() != n) op_error(op, describe("rstd", rstd) + ": expected one element per row of x");
+  if (n == 0 || h == 0) return;
+  // Enough blocks to fill the GPU a few times over; each handles about n / g rows.
+  const int64_t g = std::min<int64_t>(n, static_cast<int64_t>(ctx.sm_count()) * 4);
+  Tensor partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
+  AM_DISPATCH_BF16_F32(x.dtype(), op, T, {
+    AM_DISPATCH_BF16_F32(w.dtype(), op, TW, {
+      constexpr int NV = 16 / sizeof(T);
+      const bool ok = aligned_to(x.raw(), 16) && aligned_to(dy.raw(), 16) && aligned_to(dx.raw(), 16) &&
+                      aligned_to(w.raw(), sizeof(TW) * NV);
+      const Shape2 s = pick(h, NV, ok, op);
+      with_shape<T, NV>(s, [&](auto vc, auto cc) {
+        constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
+        rmsnorm_bwd_kernel<T, TW, V, C><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
+            x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial.data<float>(), n, h);
+      });
+    });
+  });
+  AM_CUDA_CHECK_LAUNCH();
+  column_sum_add_kernel<<<static_cast<unsigned>((h + 31) / 32), dim3(32, 8), 0, ctx.stream()>>>(
+      partial.data<float>(), dw.data<float>(), g, h);
+  AM_CUDA_CHECK_LAUNCH();
+  // `partial` returns to the cache here; stream order keeps the reduction ahead of any reuse.
+}
+
+}  // namespace am::cuda

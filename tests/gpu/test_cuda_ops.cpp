@@ -1,0 +1,658 @@
+// CUDA backend ops (am::cuda, src/backend/cuda/cuda_ops.h) against the CPU reference ops (am::ops on host
+// fp32 tensors holding the same, already bf16-rounded, inputs).
+//
+// Every op x {fp32, bf16} where it applies, random shapes including sizes that are not multiples of any
+// vector width or GEMM tile, misaligned views (scalar fallbacks), several seeds. Outputs are poisoned with
+// NaN before each call so unwritten elements fail; parameter gradients start from random values to check
+// the += contract. Comparison: the shared tolerance table (tests/common/tolerance.h) element by element,
+// with the absolute part scaled by the reference's RMS, plus ||got - ref|| / ||ref||. AdamW is compared
+// bit for bit with am::Optimizer. Runs only where a CUDA device is visible (GTEST_SKIP otherwise).
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../common/tolerance.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/cuda_ops.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#include "core/tensor.h"
+#include "models/params.h"
+#include "ops/ops.h"
+#include "train/optimizer.h"
+
+namespace {
+
+using am::DType;
+using am::Shape;
+using am::Tensor;
+namespace cu = am::cuda;
+
+bool have_device() {
+  int n = 0;
+  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  cudaGetLastError();
+  return ok;
+}
+
+#define REQUIRE_DEVICE() \
+  if (!have_device()) GTEST_SKIP() << "no CUDA device visible"
+
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Host fp32 tensor of uniform values in [lo, hi), rounded to `dt` (so the CPU reference sees exactly the
+// values the device sees).
+Tensor rand_host(const Shape& s, std::mt19937& rng, DType dt = DType::F32, float lo = -1.f, float hi = 1.f) {
+  Tensor t = Tensor::empty(s, DType::F32);
+  std::uniform_real_distribution<float> u(lo, hi);
+  float* p = t.f32();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = u(rng);
+  if (dt != DType::F32) t = t.to(dt).to(DType::F32);
+  return t;
+}
+
+// Device copy of a host fp32 tensor in dtype dt.
+Tensor up(const Tensor& host_f32, DType dt) {
+  return cu::to_device(dt == DType::F32 ? host_f32 : host_f32.to(dt));
+}
+// Host fp32 copy of a device tensor.
+Tensor down(const Tensor& dev) {
+  Tensor h = cu::to_host(dev);
+  return h.dtype() == DType::F32 ? h : h.to(DType::F32);
+}
+Tensor dev_poisoned(const Shape& s, DType dt) {
+  Tensor t = cu::empty(s, dt);
+  cu::fill_(t, kNaN);
+  return t;
+}
+
+struct Err {
+  double rel_l2 = 0, max_abs = 0;
+  int64_t bad = 0, nonfinite = 0, first_bad = -1;
+};
+
+// Element i passes when |got - want| <= atol * max(1, rms(want)) + rtol * |want|.
+Err compare(const Tensor& got, const Tensor& want, am::test::Tolerance tol) {
+  Err e;
+  const float* g = got.f32();
+  const float* w = want.f32();
+  const int64_t n = want.numel();
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; ++i) den += double(w[i]) * w[i];
+  const double rms = n ? std::sqrt(den / n) : 0.0;
+  const double atol = tol.atol * std::max(1.0, rms);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(g[i])) {
+      ++e.nonfinite;
+      if (e.first_bad < 0) e.first_bad = i;
+      continue;
+    }
+    const double d = std::abs(double(g[i]) - w[i]);
+    num += d * d;
+    e.max_abs = std::max(e.max_abs, d);
+    if (d > atol + tol.rtol * std::abs(double(w[i]))) {
+      ++e.bad;
+      if (e.first_bad < 0) e.first_bad = i;
+    }
+  }
+  e.rel_l2 = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  return e;
+}
+
+void expect_close(const Tensor& got_dev_or_host, const Tensor& want, DType dt, const std::string& what,
+                  double rel_l2_budget = -1) {
+  Tensor got = got_dev_or_host.device() == am::DeviceType::CUDA ? down(got_dev_or_host) : got_dev_or_host;
+  ASSERT_EQ(got.numel(), want.numel()) << what;
+  const auto tol = am::test::tolerance(dt);
+  const Err e = compare(got, want, tol);
+  if (rel_l2_budget < 0) rel_l2_budget = dt == DType::F32 ? 1e-5 : 1e-2;
+  EXPECT_EQ(e.nonfinite, 0) << what << ": non-finite (unwritten?) element at " << e.first_bad;
+  EXPECT_EQ(e.bad, 0) << what << ": " << e.bad << " of " << want.numel() << " outside tolerance, first at "
+                      << e.first_bad << " (got " << (e.first_bad >= 0 ? got.f32()[e.first_bad] : 0.f) << ", want "
+                      << (e.first_bad >= 0 ? want.f32()[e.first_bad] : 0.f) << "), max abs err " << e.max_abs;
+  EXPECT_LE(e.rel_l2, rel_l2_budget) << what << ": relative L2 error";
+}
+
+const DType kFloatTypes[] = {DType::F32, DType::BF16};
+const char* dname(DType d) { return am::dtype_name(d); }
+
+int64_t rint(std::mt19937& rng, int64_t lo, int64_t hi) {  // [lo, hi]
+  return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST(CudaAllocator, ReusesBlocksAndCounts) {
+  REQUIRE_DEVICE();
+  cu::CachingAllocator a(0);
+  EXPECT_EQ(cu::CachingAllocator::round_size(1), 512u);
+  EXPECT_EQ(cu::CachingAllocator::round_size(513), 1024u);
+  EXPECT_EQ(cu::CachingAllocator::round_size((1 << 20) + 1), size_t(2) << 20);
+  EXPECT_EQ(cu::CachingAllocator::round_size(size_t(5) << 20), size_t(6) << 20);
+  EXPECT_EQ(a.allocate(0), nullptr);
+  void* p = a.allocate(1000);
+  EXPECT_EQ(a.current_bytes(), 1024u);
+  a.deallocate(p, 1000);
+  EXPECT_EQ(a.current_bytes(), 0u);
+  EXPECT_EQ(a.cached_bytes(), 1024u);
+  void* q = a.allocate(700);  // same size class: served from the cache
+  EXPECT_EQ(q, p);
+  EXPECT_EQ(a.stats().cache_hits, 1u);
+  void* big = a.allocate(size_t(3) << 20);
+  EXPECT_EQ(a.current_bytes(), 1024u + (size_t(4) << 20));
+  EXPECT_EQ(a.peak_bytes(), 1024u + (size_t(4) << 20));
+  EXPECT_EQ(a.reserved_bytes(), 1024u + (size_t(4) << 20));
+  a.deallocate(big, size_t(3) << 20);
+  a.deallocate(q, 700);
+  EXPECT_EQ(a.current_bytes(), 0u);
+  EXPECT_EQ(a.reserved_bytes(), 1024u + (size_t(4) << 20));
+  a.empty_cache();
+  EXPECT_EQ(a.reserved_bytes(), 0u);
+  EXPECT_EQ(a.peak_reserved_bytes(), 1024u + (size_t(4) << 20));
+  // Out of memory: a readable DeviceError with the numbers.
+  try {
+    a.allocate(size_t(1) << 50);
+    FAIL() << "expected DeviceError";
+  } catch (const am::DeviceError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("out of memory"), std::string::npos) << m;
+    EXPECT_NE(m.find("requested"), std::string::npos) << m;
+    EXPECT_NE(m.find("reserved"), std::string::npos) << m;
+  }
+  // Tensors through the allocator.
+  Tensor t = Tensor::empty({1000, 3}, DType::F32, a);
+  EXPECT_EQ(t.device(), am::DeviceType::CUDA);
+  EXPECT_EQ(a.current_bytes(), 12288u);
+}
+
+TEST(CudaContext, ErrorsCarryCallSite) {
+  REQUIRE_DEVICE();
+  try {
+    AM_CUDA_CHECK(cudaMemcpy(nullptr, reinterpret_cast<void*>(16), 64, cudaMemcpyDeviceToDevice));
+    FAIL() << "expected DeviceError";
+  } catch (const am::DeviceError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("cudaMemcpy"), std::string::npos) << m;
+    EXPECT_NE(m.find("test_cuda_ops.cpp"), std::string::npos) << m;
+    EXPECT_NE(m.find("device"), std::string::npos) << m;
+  }
+}
+
+TEST(CudaTensor, RoundTripZeroFill) {
+  REQUIRE_DEVICE();
+  std::mt19937 rng(1);
+  for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::I32}) {
+    Tensor h = Tensor::empty({37, 5}, dt);
+    for (size_t i = 0; i < h.nbytes(); ++i) static_cast<uint8_t*>(h.raw())[i] = static_cast<uint8_t>(rng() & 0x3f);
+    Tensor d = cu::to_device(h);
+    Tensor back = cu::to_host(d);
+    EXPECT_EQ(std::memcmp(h.raw(), back.raw(), h.nbytes()), 0) << dname(dt);
+    cu::zero_(d);
+    back = cu::to_host(d);
+    for (size_t i = 0; i < h.nbytes(); ++i) ASSERT_EQ(static_cast<uint8_t*>(back.raw())[i], 0);
+  }
+  for (DType dt : kFloatTypes) {
+    for (int64_t n : {1, 7, 8, 1001, 70000}) {
+      Tensor d = cu::empty({n}, dt);
+      cu::fill_(d, 1.5f);
+      Tensor h = down(d);
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(h.f32()[i], 1.5f) << dname(dt) << " n=" << n << " i=" << i;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST(CudaOps, AddScaleCopy) {
+  REQUIRE_DEVICE();
+  for (int seed = 1; seed <= 3; ++seed) {
+    std::mt19937 rng(seed);
+    for (DType ta : kFloatTypes) {
+      for (DType tb : kFloatTypes) {
+        for (bool misalign : {false, true}) {
+          const int64_t n = rint(rng, 1, 50000);
+          // Misaligned: a view starting one element in (row slice of a [n + 1, 1] tensor).
+          Tensor ha = rand_host({n}, rng, ta), hb = rand_host({n}, rng, tb);
+          Tensor da_full = cu::empty({n + 1, 1}, ta), db_full = cu::empty({n + 1, 1}, tb);
+          Tensor da = da_full.slice_rows(misalign ? 1 : 0, misalign ? n + 1 : n).view({n});
+          Tensor db = db_full.slice_rows(misalign ? 1 : 0, misalign ? n + 1 : n).view({n});
+          cu::copy_(da, up(ha, ta));
+          cu::copy_(db, up(hb, tb));
+          const std::string what = std::string(dname(ta)) + " += " + dname(tb) + " n=" + std::to_string(n) +
+                                   (misalign ? " misaligned" : "");
+          // add_
+          Tensor want = ha.clone();
+          am::ops::add_(want, hb);
+          if (ta != DType::F32) want = want.to(ta).to(DType::F32);
+          cu::add_(da, db);
+          expect_close(da, want, ta, "add_ " + what);
+          // scale_
+          am::ops::scale_(want, -0.75f);
+          if (ta != DType::F32) want = want.to(ta).to(DType::F32);
+          cu::scale_(da, -0.75f);
+          expect_close(da, want, ta, "scale_ " + what);
+          // copy_ with conversion ta -> tb: bit-exact rounding (round to nearest even).
+          cu::copy_(db, da);
+          Tensor want_c = down(da);
+          if (tb != DType::F32) want_c = want_c.to(tb).to(DType::F32);
+          Tensor got_c = down(db);
+          EXPECT_EQ(std::memcmp(got_c.raw(), want_c.raw(), want_c.nbytes()), 0) << "copy_ " << what;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST(CudaOps, Embedding) {
+  REQUIRE_DEVICE();
+  for (int seed = 1; seed <= 3; ++seed) {
+    std::mt19937 rng(seed);
+    for (DType dt : kFloatTypes) {
+      const int64_t vocab = rint(rng, 5, 3000), hidden = seed == 2 ? rint(rng, 1, 70) : 8 * rint(rng, 1, 100);
+      const int64_t n = rint(rng, 1, 600);
+      Tensor ids = Tensor::empty({n}, DType::I32);
+      for (int64_t i = 0; i < n; ++i) ids.data<int32_t>()[i] = static_cast<int32_t>(rint(rng, 0, std::min<int64_t>(vocab - 1, 40)));  // repeats
+      Tensor w = rand_host({vocab, hidden}, rng, dt);
+      Tensor dids = cu::to_device(ids);
+      const std::string what = std::string(dname(dt)) + " V=" + std::to_string(vocab) + " H=" + std::to_string(hidden) +
+                               " N=" + std::to_string(n);
+      Tensor want = Tensor::empty({n, hidden}, DType::F32);
+      am::ops::embedding_fwd(ids, w, want);
+      Tensor out = dev_poisoned({n, hidden}, dt);
+      cu::embedding_fwd(dids, up(w, dt), out);
+      expect_close(out, want, dt, "embedding_fwd " + what);
+      // backward: fp32 dweight accumulates
+      Tensor dout = rand_host({n, hidden}, rng, dt);
+      Tensor dw0 = rand_host({vocab, hidden}, rng);
+      Tensor want_dw = dw0.clone();
+      am::ops::embedding_bwd(ids, dout, want_dw);
+      Tensor ddw = up(dw0, DType::F32);
+      cu::embedding_bwd(dids, up(dout, dt), ddw);
+      expect_close(ddw, want_dw, DType::F32, "embedding_bwd " + what);
+    }
+  }
+  // An id outside the vocabulary is reported at the next check.
+  Tensor ids = Tensor::empty({3}, DType::I32);
+  ids.data<int32_t>()[0] = 1;
+  ids.data<int32_t>()[1] = 99;
+  ids.data<int32_t>()[2] = 0;
+  Tensor w = cu::empty({10, 8}, DType::BF16);
+  cu::fill_(w, 1.f);
+  Tensor out = cu::empty({3, 8}, DType::BF16);
+  cu::embedding_fwd(cu::to_device(ids), w, out);
+  try {
+    cu::default_context().check_device_errors();
+    FAIL() << "expected DataError";
+  } catch (const am::DataError& e) {
+    EXPECT_NE(std::string(e.what()).find("99"), std::string::npos) << e.what();
+  }
+  cu::default_context().check_device_errors();  // cleared
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST(CudaOps, Linear) {
+  REQUIRE_DEVICE();
+  for (int seed = 1; seed <= 4; ++seed) {
+    std::mt19937 rng(seed);
+    for (DType dt : kFloatTypes) {
+      // Odd sizes on some seeds (cuBLASLt alignment fallbacks), tile-friendly on others.
+      const bool odd = seed % 2 == 1;
+      const int64_t n = odd ? rint(rng, 1, 300) : 64 * rint(rng, 1, 4);
+      const int64_t k = odd ? rint(rng, 1, 200) : 8 * rint(rng, 1, 40);
+      const int64_t m = odd ? rint(rng, 1, 200) : 8 * rint(rng, 1, 40);
+      const bool with_bias = seed >= 3;
+      const std::string what = std::string(dname(dt)) + " N=" + std::to_string(n) + " K=" + std::to_string(k) +
+                               " M=" + std::to_string(m) + (with_bias ? " bias" : "");
+      Tensor x = rand_host({n, k}, rng, dt), w = rand_host({m, k}, rng, dt), b = rand_host({m}, rng, dt);
+      Tensor want = Tensor::empty({n, m}, DType::F32);
+      am::ops::linear_fwd(x, w, with_bias ? &b : nullptr, want);
+      Tensor dx_ = up(x, dt), dw_ = up(w, dt), db_ = up(b, dt);
+      Tensor y = dev_poisoned({n, m}, dt);
+      cu::linear_fwd(dx_, dw_, with_bias ? &db_ : nullptr, y);
+      expect_close(y, want, dt, "linear_fwd " + what);
+      // fp32 bias with a bf16 output (master-precision bias)
+      if (with_bias && dt == DType::BF16) {
+        Tensor b32 = up(b, DType::F32);
+        Tensor y2 = dev_poisoned({n, m}, dt);
+        cu::linear_fwd(dx_, dw_, &b32, y2);
+        expect_close(y2, want, dt, "linear_fwd fp32 bias " + what);
+      }
+      // backward
+      Tensor dy = rand_host({n, m}, rng, dt);
+      Tensor gw0 = rand_host({m, k}, rng), gb0 = rand_host({m}, rng);
+      Tensor want_dx = Tensor::empty({n, k}, DType::F32), want_dw = gw0.clone(), want_db = gb0.clone();
+      am::ops::linear_bwd(x, w, dy, &want_dx, want_dw, with_bias ? &want_db : nullptr);
+      Tensor gx = dev_poisoned({n, k}, dt);
+      Tensor gw = up(gw0, DType::F32), gb = up(gb0, DType::F32);
+      cu::linear_bwd(dx_, dw_, up(dy, dt), &gx, gw, with_bias ? &gb : nullptr);
+      expect_close(gx, want_dx, dt, "linear_bwd dx " + what);
+      // dw is fp32 accumulated from bf16 products: fp32 accumulation error only, but the sum over N of
+      // O(1) terms is compared with the table for the input dtype.
+      expect_close(gw, want_dw, dt == DType::F32 ? DType::F32 : DType::BF16, "linear_bwd dw " + what,
+                   dt == DType::F32 ? 1e-5 : 1e-3);
+      if (with_bias) expect_close(gb, want_db, DType::F32, "linear_bwd dbias " + what);
+      // dx = nullptr: only dw accumulates (twice now)
+      cu::linear_bwd(dx_, dw_, up(dy, dt), nullptr, gw, nullptr);
+      Tensor want_dw2 = want_dw.clone();
+      am::ops::linear_bwd(x, w, dy, nullptr, want_dw2, nullptr);
+      expect_close(gw, want_dw2, dt == DType::F32 ? DType::F32 : DType::BF16, "linear_bwd dw twice " + what,
+                   dt == DType::F32 ? 1e-5 : 1e-3);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST(CudaOps, RmsNorm) {
+  REQUIRE_DEVICE();
+  const int64_t hs[] = {2048, 37, 64, 4104, 1, 8192 + 24};
+  for (int seed = 1; seed <= 3; ++seed) {
+    std::mt19937 rng(seed);
+    for (DType dt : kFloatTypes) {
+      for (int64_t h : hs) {
+        const int64_t n = rint(rng, 1, 700);
+        const std::string what = std::string(dname(dt)) + " N=" + std::to_string(n) + " H=" + std::to_string(h);
+        Tensor x = rand_host({n, h}, rng, dt, -2.f, 2.f), w = rand_host({h}, rng, dt, 0.5f, 1.5f);
+        Tensor want_y = Tensor::empty({n, h}, DType::F32), want_r = Tensor::empty({n}, DType::F32);
+        am::ops::rmsnorm_fwd(x, w, 1e-5f, want_y, want_r);
+        Tensor dx = up(x, dt), dw = up(w, dt);
+        Tensor y = dev_poisoned({n, h}, dt), r = dev_poisoned({n}, DType::F32);
+        cu::rmsnorm_fwd(dx, dw, 1e-5f, y, r);
+        expect_close(y, want_y, dt, "rmsnorm_fwd y " + what);
+        expect_close(r, want_r, DType::F32, "rmsnorm_fwd rstd " + what, 1e-5);
+        Tensor dy = rand_host({n, h}, rng, dt);
+        Tensor gw0 = rand_host({h}, rng);
+        Tensor want_dx = Tensor::empty({n, h}, DType::F32), want_dw = gw0.clone();
+        am::ops::rmsnorm_bwd(x, w, want_r, dy, want_dx, want_dw);
+        Tensor gx = dev_poisoned({n, h}, dt), gw = up(gw0, DType::F32);
+        cu::rmsnorm_bwd(dx, dw, r, up(dy, dt), gx, gw);
+        expect_close(gx, want_dx, dt, "rmsnorm_bwd dx " + what);
+        expect_close(gw, want_dw, DType::F32, "rmsnorm_bwd dw " + what, 1e-5);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST(CudaOps, Rope) {
+  REQUIRE_DEVICE();
+  struct Case {
+    int64_t heads, d, half;
+  };
+  const Case cases[] = {{32, 64, 32}, {8, 128, 64}, {3, 6, 3}, {4, 64, 16}, {5, 10, 4}};
+  for (int seed = 1; seed <= 3; ++seed) {
+    std::mt19937 rng(seed);
+    for (DType dt : kFloatTypes) {
+      for (const Case& c : cases) {
+        const int64_t n = rint(rng, 1, 300);
+        const std::string what = std::string(dname(dt)) + " N=" + std::to_string(n) + " heads=" +
+                                 std::to_string(c.heads) + " D=" + std::to_string(c.d) + " R/2=" + std::to_string(c.half);
+        Tensor x = rand_host({n, c.heads, c.d}, rng, dt, -2.f, 2.f);
+        Tensor cs = rand_host({n, c.half}, rng), sn = rand_host({n, c.half}, rng);
+        Tensor dcs = up(cs, DType::F32), dsn = up(sn, DType::F32);
+        Tensor want = x.clone();
+        am::ops::rope_fwd_(want, cs, sn);
+        Tensor dx = up(x, dt);
+        cu::rope_fwd_(dx, dcs, dsn);
+        expect_close(dx, want, dt, "rope_fwd_ " + what);
+        Tensor g = rand_host({n, c.heads, c.d}, rng, dt);
+        Tensor want_g = g.clone();
+        am::ops::rope_bwd_(want_g, cs, sn);
+        Tensor dg = up(g, dt);
+        cu::rope_bwd_(dg, dcs, dsn);
+        expect_close(dg, want_g, dt, "rope_bwd_ " + what);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST(CudaOps, SwiGlu) {
+  REQUIRE_DEVICE();
+  for (int seed = 1; seed <= 3; ++seed) {
+    std::mt19937 rng(seed);
+    for (DType dt : kFloatTypes) {
+      const int64_t n = rint(rng, 1, 64), i = seed == 2 ? rint(rng, 1, 999) : 8 * rint(rng, 1, 300);
+      const std::string what = std::string(dname(dt)) + " N=" + std::to_string(n) + " I=" + std::to_string(i);
+      Tensor g = rand_host({n, i}, rng, dt, -6.f, 6.f), u = rand_host({n, i}, rng, dt, -2.f, 2.f);
+      Tensor want = Tensor::empty({n, i}, DType::F32);
+      am::ops::swiglu_fwd(g, u, want);
+      Tensor dg = up(g, dt), du = up(u, dt);
+      Tensor h = dev_poisoned({n, i}, dt);
+      cu::swiglu_fwd(dg, du, h);
+      expect_close(h, want, dt, "swiglu_fwd " + what);
+      Tensor dh = rand_host({n, i}, rng, dt);
+      Tensor want_g = Tensor::empty({n, i}, DType::F32), want_u = Tensor::empty({n, i}, DType::F32);
+      am::ops::swiglu_bwd(g, u, dh, want_g, want_u);
+      Tensor gg = dev_poisoned({n, i}, dt), gu = dev_poisoned({n, i}, dt);
+      cu::swiglu_bwd(dg, du, up(dh, dt), gg, gu);
+      expect_close(gg, want_g, dt, "swiglu_bwd dgate " + what);
+      expect_close(gu, want_u, dt, "swiglu_bwd dup " + what);
+      // in place: dgate, dup alias gate, up
+      cu::swiglu_bwd(dg, du, up(dh, dt), dg, du);
+      expect_close(dg, want_g, dt, "swiglu_bwd in place dgate " + what);
+      expect_close(du, want_u, dt, "swiglu_bwd in place dup " + what);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST(CudaOps, CrossEntropy) {
+  REQUIRE_DEVICE();
+  for (int seed = 1; seed <= 3; ++seed) {
+    std::mt19937 rng(seed);
+    for (DType dt : kFloatTypes) {
+      for (int64_t vocab : {int64_t(8), int64_t(1001), int64_t(32000), rint(rng, 2, 5000)}) {
+        const int64_t n = rint(rng, 1, 40);
+        const std::string what = std::string(dname(dt)) + " N=" + std::to_string(n) + " V=" + std::to_string(vocab);
+        Tensor logits = rand_host({n, vocab}, rng, dt, -8.f, 8.f);
+        Tensor tg = Tensor::empty({n}, DType::I32);
+        for (int64_t r = 0; r < n; ++r) tg.data<int32_t>()[r] = rint(rng, 0, 5) == 0 ? -100 : static_cast<int32_t>(rint(rng, 0, vocab - 1));
+        const float scale = 1.f / static_cast<float>(n);
+        Tensor want_g = Tensor::empty({n, vocab}, DType::F32);
+        const double want = am::ops::cross_entropy_fwd_bwd(logits, tg, scale, &want_g);
+        Tensor dl = up(logits, dt), dt_ = cu::to_device(tg);
+        Tensor g = dev_poisoned({n, vocab}, dt);
+        const double got = cu::cross_entropy_fwd_bwd(dl, dt_, scale, &g);
+        EXPECT_NEAR(got, want, 1e-5 * std::max(1.0, std::abs(want))) << "cross_entropy loss " << what;
+        expect_close(g, want_g, dt, "cross_entropy dlogits " + what, dt == DType::F32 ? 1e-5 : 1e-2);
+        // loss only
+        const double got2 = cu::cross_entropy_fwd_bwd(dl, dt_, scale, nullptr);
+        EXPECT_NEAR(got2, want, 1e-5 * std::max(1.0, std::abs(want))) << "cross_entropy loss-only " << what;
+        // in place (dlogits aliases logits), async accumulation twice into one device scalar
+        double* acc = cu::alloc_device_scalar();
+        cu::cross_entropy_fwd_bwd_async(dl, dt_, scale, nullptr, acc);
+        cu::cross_entropy_fwd_bwd_async(dl, dt_, scale, &dl, acc);
+        const double got3 = cu::read_device_scalar(acc);
+        cu::free_device_scalar(acc);
+        EXPECT_NEAR(got3, 2 * want, 2e-5 * std::max(1.0, std::abs(want))) << "cross_entropy async " << what;
+        expect_close(dl, want_g, dt, "cross_entropy in place " + what, dt == DType::F32 ? 1e-5 : 1e-2);
+      }
+    }
+  }
+  // A bad target is a DataError from the synchronous form.
+  Tensor tg = Tensor::empty({2}, DType::I32);
+  tg.data<int32_t>()[0] = 3;
+  tg.data<int32_t>()[1] = 17;
+  Tensor l = cu::empty({2, 10}, DType::BF16);
+  cu::fill_(l, 0.f);
+  EXPECT_THROW(cu::cross_entropy_fwd_bwd(l, cu::to_device(tg), 1.f, nullptr), am::DataError);
+}
+
+TEST(CudaOps, LmHeadCrossEntropy) {
+  REQUIRE_DEVICE();
+  for (int seed = 1; seed <= 3; ++seed) {
+    std::mt19937 rng(seed);
+    const int64_t n = rint(rng, 1, 300), h = 8 * rint(rng, 1, 24), vocab = rint(rng, 100, 3000);
+    const int64_t chunk = seed == 1 ? 0 : rint(rng, 1, 128);
+    const std::string what = "N=" + std::to_string(n) + " H=" + std::to_string(h) + " V=" + std::to_string(vocab) +
+                             " chunk=" + std::to_string(chunk);
+    Tensor x = rand_host({n, h}, rng, DType::BF16), w = rand_host({vocab, h}, rng, DType::BF16, -0.5f, 0.5f);
+    Tensor tg = Tensor::empty({n}, DType::I32);
+    for (int64_t r = 0; r < n; ++r) tg.data<int32_t>()[r] = rint(rng, 0, 7) == 0 ? -100 : static_cast<int32_t>(rint(rng, 0, vocab - 1));
+    const float scale = 1.f / static_cast<float>(n);
+    // CPU: logits = x w^T, CE, then dx = dlogits w, dw += dlogits^T x.
+    Tensor logits = Tensor::empty({n, vocab}, DType::F32);
+    am::ops::linear_fwd(x, w, nullptr, logits);
+    Tensor dlog = Tensor::empty({n, vocab}, DType::F32);
+    const double want = am::ops::cross_entropy_fwd_bwd(logits, tg, scale, &dlog);
+    Tensor gw0 = rand_host({vocab, h}, rng, DType::F32, -0.01f, 0.01f);
+    Tensor want_dx = Tensor::empty({n, h}, DType::F32), want_dw = gw0.clone();
+    am::ops::linear_bwd(x, w, dlog, &want_dx, want_dw, nullptr);
+    Tensor gx = dev_poisoned({n, h}, DType::BF16), gw = up(gw0, DType::F32);
+    double* acc = cu::alloc_device_scalar();
+    cu::LmHeadCeOptions opt;
+    opt.chunk_rows = chunk;
+    cu::lm_head_cross_entropy(up(x, DType::BF16), up(w, DType::BF16), cu::to_device(tg), scale, &gx, &gw, acc,
+                              cu::default_context(), opt);
+    cu::default_context().check_device_errors();
+    const double got = cu::read_device_scalar(acc);
+    cu::free_device_scalar(acc);
+    // The device rounds logits and dlogits to bf16 (as HF does): relative budgets of bf16 size.
+    EXPECT_NEAR(got, want, 2e-3 * std::max(1.0, std::abs(want))) << "lm_head_ce loss " << what;
+    expect_close(gx, want_dx, DType::BF16, "lm_head_ce dx " + what, 2e-2);
+    Tensor got_dw = down(gw);
+    // compare the increment (dw - dw0), whose scale is much smaller than dw0
+    for (int64_t i = 0; i < got_dw.numel(); ++i) {
+      got_dw.f32()[i] -= gw0.f32()[i];
+      want_dw.f32()[i] -= gw0.f32()[i];
+    }
+    expect_close(got_dw, want_dw, DType::BF16, "lm_head_ce dw " + what, 2e-2);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST(CudaOps, SumSquares) {
+  REQUIRE_DEVICE();
+  for (int seed = 1; seed <= 3; ++seed) {
+    std::mt19937 rng(seed);
+    std::vector<Tensor> host, dev;
+    // 70 tensors (> 64 per launch), some over one 65536-element chunk, some misaligned views.
+    for (int i = 0; i < 70; ++i) {
+      const DType dt = (i % 3 == 0) ? DType::BF16 : DType::F32;
+      const int64_t n = i % 10 == 0 ? rint(rng, 65536, 300000) : rint(rng, 1, 3000);
+      Tensor h = rand_host({n}, rng, dt);
+      host.push_back(h);
+      if (i % 7 == 3) {
+        Tensor full = cu::empty({n + 1, 1}, dt);
+        Tensor v = full.slice_rows(1, n + 1).view({n});
+        cu::copy_(v, up(h, dt));
+        dev.push_back(v);
+      } else {
+        dev.push_back(up(h, dt));
+      }
+    }
+    double want = 0;
+    std::vector<const Tensor*> ptrs;
+    for (size_t i = 0; i < host.size(); ++i) {
+      want += am::ops::sum_squares(host[i]);
+      ptrs.push_back(&dev[i]);
+    }
+    const double got = cu::sum_squares_multi(ptrs);
+    EXPECT_NEAR(got, want, 1e-5 * want) << "seed " << seed;
+    EXPECT_NEAR(cu::sum_squares(dev[0]), am::ops::sum_squares(host[0]), 1e-5 * am::ops::sum_squares(host[0]));
+    // clip coefficient on the device
+    double* d = cu::alloc_device_scalar();
+    cu::sum_squares_multi_async(ptrs, d);
+    float* coef = static_cast<float*>(cu::default_context().allocator().allocate(4));
+    for (double max_norm : {0.5, 1e9}) {
+      cu::clip_coef_async(d, max_norm, coef);
+      float hc = 0;
+      ASSERT_EQ(cudaMemcpy(&hc, coef, 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      const double want_c = std::min(1.0, max_norm / (std::sqrt(want) + 1e-6));
+      EXPECT_NEAR(hc, want_c, 1e-5 * want_c);
+    }
+    cu::default_context().allocator().deallocate(coef, 4);
+    cu::free_device_scalar(d);
+  }
+  std::vector<const Tensor*> none;
+  EXPECT_EQ(cu::sum_squares_multi(none), 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// AdamW: three steps against am::Optimizer, compared bit for bit (master, exp_avg, exp_avg_sq), and the bf16
+// working copy against the host rounding of the master. 40 parameters (> 32 per launch), sizes over one
+// chunk and odd sizes; a gradient scale on load equals a scale_ pass before the CPU step.
+TEST(CudaOps, AdamWMatchesCpuOptimizerBitwise) {
+  REQUIRE_DEVICE();
+  for (int seed = 1; seed <= 2; ++seed) {
+    std::mt19937 rng(seed);
+    am::OptimizerConfig oc;
+    oc.kind = "adamw";
+    oc.beta1 = 0.9;
+    oc.beta2 = 0.999;
+    oc.eps = 1e-8;
+    am::Optimizer cpu_opt(oc);
+    am::ParamStore ps;
+    const int np = 40;
+    for (int i = 0; i < np; ++i) {
+      const int64_t n = i == 5 ? 200003 : (i == 6 ? 65536 * 2 : rint(rng, 1, 5000));
+      am::Param& p = ps.add("p" + std::to_string(i), {n});
+      Tensor v = rand_host({n}, rng);
+      std::memcpy(p.value.raw(), v.raw(), v.nbytes());
+    }
+    struct Dev {
+      Tensor w, g, m, v, work;
+    };
+    std::vector<Dev> dev(np);
+    for (int i = 0; i < np; ++i) {
+      auto& p = ps.all()[i];
+      dev[i].w = up(p.value, DType::F32);
+      dev[i].g = cu::empty(p.value.shape(), DType::F32);
+      dev[i].m = cu::empty(p.value.shape(), DType::F32);
+      dev[i].v = cu::empty(p.value.shape(), DType::F32);
+      cu::zero_(dev[i].m);
+      cu::zero_(dev[i].v);
+      dev[i].work = dev_poisoned(p.value.shape(), DType::BF16);
+    }
+    float* dscale = static_cast<float*>(cu::default_context().allocator().allocate(4));
+    for (int step = 1; step <= 3; ++step) {
+      const double lr = 1e-3 * step, wd = step == 2 ? 0.0 : 0.01;
+      const float gscale = step == 3 ? 0.37f : 1.f;
+      for (int i = 0; i < np; ++i) {
+        auto& p = ps.all()[i];
+        Tensor g = rand_host(p.value.shape(), rng, DType::F32, -1e-2f, 1e-2f);
+        std::memcpy(p.grad.raw(), g.raw(), g.nbytes());
+        cu::copy_(dev[i].g, up(g, DType::F32));
+        if (gscale != 1.f) am::ops::scale_(p.grad, gscale);
+      }
+      cpu_opt.step(ps, lr, wd);
+      ASSERT_EQ(cudaMemcpy(dscale, &gscale, 4, cudaMemcpyHostToDevice), cudaSuccess);
+      std::vector<cu::AdamWTensors> list;
+      for (auto& d : dev) list.push_back({&d.w, &d.g, &d.m, &d.v, &d.work});
+      cu::AdamWConfig c;
+      c.lr = lr;
+      c.beta1 = oc.beta1;
+      c.beta2 = oc.beta2;
+      c.eps = oc.eps;
+      c.weight_decay = wd;
+      c.step = step;
+      c.d_grad_scale = step == 3 ? dscale : nullptr;
+      cu::adamw_step(list, c);
+      auto state = cpu_opt.state_tensors();
+      std::map<std::string, Tensor> st(state.begin(), state.end());
+      for (int i = 0; i < np; ++i) {
+        auto& p = ps.all()[i];
+        const std::string what = "seed " + std::to_string(seed) + " step " + std::to_string(step) + " " + p.name;
+        Tensor w = cu::to_host(dev[i].w), m = cu::to_host(dev[i].m), v = cu::to_host(dev[i].v);
+        ASSERT_EQ(std::memcmp(w.raw(), p.value.raw(), w.nbytes()), 0) << "master differs: " << what;
+        ASSERT_EQ(std::memcmp(m.raw(), st.at(p.name + ".exp_avg").raw(), m.nbytes()), 0) << "exp_avg differs: " << what;
+        ASSERT_EQ(std::memcmp(v.raw(), st.at(p.name + ".exp_avg_sq").raw(), v.nbytes()), 0) << "exp_avg_sq: " << what;
+        Tensor work = cu::to_host(dev[i].work);
+        Tensor want_work = p.value.to(DType::BF16);
+        ASSERT_EQ(std::memcmp(work.raw(), want_work.raw(), work.nbytes()), 0) << "bf16 copy differs: " << what;
+      }
+    }
+    cu::default_context().allocator().deallocate(dscale, 4);
+  }
+}
+
+}  // namespace
