@@ -147,6 +147,20 @@ std::unique_ptr<BPE> BPE::from_json(const json& j) {
     m->mvals_[i] = val;
     ++rank;
   }
+  // Metaspace segmentation is exact when every token holding U+2581 has it only as a leading run.
+  if (!m->has_prefix_ && !m->has_suffix_) {
+    static const std::string kMeta = "\xE2\x96\x81";
+    bool any = false, ok = true;
+    for (size_t id = 0; id < m->vocab_r_.size() && ok; ++id) {
+      if (!m->has_id_[id]) continue;
+      const std::string& t = m->vocab_r_[id];
+      size_t k = 0;
+      while (t.compare(k, 3, kMeta) == 0) k += 3;
+      if (k) any = true;
+      if (t.find(kMeta, k) != std::string::npos) ok = false;
+    }
+    m->seg_metaspace_ = any && ok;
+  }
   m->cache_.reset(new Shard[kShards]);
   return m;
 }
@@ -264,17 +278,40 @@ void BPE::tokenize(std::string_view s, std::vector<int32_t>& out) const {
       return;
     }
   }
+  if (seg_metaspace_ && s.size() > 16) {
+    // split before every U+2581 run that follows another character
+    size_t start = 0, i = 0;
+    const size_t n = s.size();
+    while (i + 3 <= n) {
+      if (static_cast<unsigned char>(s[i]) == 0xE2 && static_cast<unsigned char>(s[i + 1]) == 0x96 &&
+          static_cast<unsigned char>(s[i + 2]) == 0x81) {
+        bool prev_meta = i >= 3 && static_cast<unsigned char>(s[i - 3]) == 0xE2 &&
+                         static_cast<unsigned char>(s[i - 2]) == 0x96 && static_cast<unsigned char>(s[i - 1]) == 0x81;
+        if (i > start && !prev_meta) {
+          merge_cached(s.substr(start, i - start), out);
+          start = i;
+        }
+        i += 3;
+      } else {
+        ++i;
+      }
+    }
+    merge_cached(s.substr(start), out);
+    return;
+  }
+  merge_cached(s, out);
+}
+
+void BPE::merge_cached(std::string_view s, std::vector<int32_t>& out) const {
   if (s.size() >= kMaxCachedLen) {
     merge_word(s, out);
     return;
   }
   uint64_t h = hash_bytes(s);
-  Shard& sh = cache_[h % kShards];
-  thread_local std::string key;
-  key.assign(s);
+  Shard& sh = cache_[(h >> 40) % kShards];
   {
     std::lock_guard<std::mutex> lk(sh.mu);
-    auto it = sh.map.find(key);
+    auto it = sh.map.find(s);
     if (it != sh.map.end()) {
       out.insert(out.end(), it->second.begin(), it->second.end());
       return;
@@ -285,7 +322,7 @@ void BPE::tokenize(std::string_view s, std::vector<int32_t>& out) const {
   std::vector<int32_t> ids(out.begin() + static_cast<std::ptrdiff_t>(before), out.end());
   std::lock_guard<std::mutex> lk(sh.mu);
   if (sh.map.size() >= kShardCapacity) sh.map.clear();
-  sh.map.emplace(key, std::move(ids));
+  sh.map.emplace(std::string(s), std::move(ids));
 }
 
 }  // namespace am::tok

@@ -170,11 +170,36 @@ SplitBehavior parse_behavior(const json& j) {
 // Applies fn(piece, out) to every piece.
 template <class F>
 void for_pieces(std::vector<Piece>& pieces, F&& fn) {
-  std::vector<Piece> out;
-  out.reserve(pieces.size() * 4);
+  thread_local std::vector<Piece> out;
+  out.clear();
   for (auto& p : pieces) fn(p, out);
   pieces.swap(out);
 }
+
+struct ByteTables {
+  std::array<std::string, 256> b2u;
+  char b2u_bytes[256][2];
+  uint8_t b2u_len[256];
+  std::array<int16_t, 324> u2b;
+  ByteTables() {
+    u2b.fill(-1);
+    int n = 0;
+    for (int b = 0; b < 256; ++b) {
+      bool visible = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+      char32_t c = visible ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + n++);
+      append_utf8(b2u[b], c);
+      b2u_len[b] = static_cast<uint8_t>(b2u[b].size());
+      b2u_bytes[b][0] = b2u[b][0];
+      b2u_bytes[b][1] = b2u[b].size() > 1 ? b2u[b][1] : 0;
+      u2b[c] = static_cast<int16_t>(b);
+    }
+  }
+};
+const ByteTables& byte_tables() {
+  static const ByteTables t;
+  return t;
+}
+
 
 // ======================= normalizers =======================
 class UnicodeNorm : public Normalizer {
@@ -341,12 +366,25 @@ class ByteLevelPre : public PreTokenizer {
         }
       });
     }
-    std::string buf;
+    const ByteTables& bt = byte_tables();
+    char buf[512];
+    std::string big;
     for (auto& p : pieces) {
-      buf.clear();
-      buf.reserve(p.text.size() * 2);
-      for (unsigned char c : p.text) buf += byte_to_unicode(c);
-      p.text.swap(buf);
+      size_t n = p.text.size();
+      if (n * 2 <= sizeof(buf)) {
+        size_t k = 0;
+        for (unsigned char c : p.text) {
+          buf[k] = bt.b2u_bytes[c][0];
+          buf[k + 1] = bt.b2u_bytes[c][1];
+          k += bt.b2u_len[c];
+        }
+        p.text.assign(buf, k);
+      } else {
+        big.clear();
+        big.reserve(n * 2);
+        for (unsigned char c : p.text) big.append(bt.b2u_bytes[c], bt.b2u_len[c]);
+        p.text.swap(big);
+      }
     }
   }
 
@@ -694,25 +732,6 @@ class SequenceDec : public Decoder {
     for (auto& d : items) d->decode_chain(toks);
   }
 };
-
-struct ByteTables {
-  std::array<std::string, 256> b2u;
-  std::array<int16_t, 324> u2b;
-  ByteTables() {
-    u2b.fill(-1);
-    int n = 0;
-    for (int b = 0; b < 256; ++b) {
-      bool visible = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
-      char32_t c = visible ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + n++);
-      append_utf8(b2u[b], c);
-      u2b[c] = static_cast<int16_t>(b);
-    }
-  }
-};
-const ByteTables& byte_tables() {
-  static const ByteTables t;
-  return t;
-}
 
 }  // namespace
 

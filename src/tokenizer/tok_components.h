@@ -64,6 +64,7 @@ class BPE {
 
  private:
   void merge_word(std::string_view w, std::vector<int32_t>& out) const;
+  void merge_cached(std::string_view w, std::vector<int32_t>& out) const;
   bool merge_lookup(int32_t a, int32_t b, uint32_t* rank, int32_t* new_id) const;
 
   StrMap vocab_;
@@ -76,12 +77,19 @@ class BPE {
   int32_t unk_id_ = -1;
   bool has_unk_ = false, fuse_unk_ = false, byte_fallback_ = false, ignore_merges_ = false;
   bool has_prefix_ = false, has_suffix_ = false;
+  // SentencePiece-style vocabularies where U+2581 only ever starts a token: no merge can cross the
+  // point where a non-U+2581 char is followed by U+2581, so long words are split there (and cached).
+  bool seg_metaspace_ = false;
   int32_t byte_ids_[256];
   bool all_bytes_ = false;
   // Word cache: sharded, each shard behind a mutex.
+  struct SvHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return static_cast<size_t>(hash_bytes(s)); }
+  };
   struct Shard {
     std::mutex mu;
-    std::unordered_map<std::string, std::vector<int32_t>> map;
+    std::unordered_map<std::string, std::vector<int32_t>, SvHash, std::equal_to<>> map;
   };
   static constexpr int kShards = 64;
   static constexpr size_t kShardCapacity = 4096;

@@ -58,6 +58,17 @@ static size_t seq_at(std::string_view s, size_t i, size_t* bad) {
 size_t valid_utf8_prefix(std::string_view s) {
   size_t i = 0, bad = 0;
   while (i < s.size()) {
+    while (i + 8 <= s.size()) {  // ASCII fast path
+      uint64_t w;
+      std::memcpy(&w, s.data() + i, 8);
+      if (w & 0x8080808080808080ull) break;
+      i += 8;
+    }
+    if (i >= s.size()) break;
+    if (static_cast<unsigned char>(s[i]) < 0x80) {
+      ++i;
+      continue;
+    }
     size_t l = seq_at(s, i, &bad);
     if (!l) return i;
     i += l;
@@ -246,9 +257,9 @@ void StrMap::reserve(size_t n) {
   slots_.assign(cap, Slot{});
   size_t mask = cap - 1;
   for (const Slot& sl : old) {
-    if (!sl.used) continue;
-    size_t i = sl.hash & mask;
-    while (slots_[i].used) i = (i + 1) & mask;
+    if (sl.len == kFree) continue;
+    size_t i = hash_bytes(std::string_view(key_of(sl), sl.len)) & mask;
+    while (slots_[i].len != kFree) i = (i + 1) & mask;
     slots_[i] = sl;
   }
 }
@@ -258,38 +269,46 @@ void StrMap::grow() { reserve(std::max<size_t>(16, slots_.size())); }
 void StrMap::set(std::string_view key, int32_t value) {
   if ((size_ + 1) * 2 > slots_.size()) reserve(std::max<size_t>(8, (size_ + 1) * 2));
   uint64_t h = hash_bytes(key);
+  uint32_t tag = static_cast<uint32_t>(h >> 32);
   size_t mask = slots_.size() - 1;
   size_t i = h & mask;
-  while (slots_[i].used) {
+  while (slots_[i].len != kFree) {
     const Slot& sl = slots_[i];
-    if (sl.hash == h && sl.len == key.size() && std::memcmp(arena_.data() + sl.off, key.data(), key.size()) == 0) {
+    if (sl.tag == tag && sl.len == key.size() && std::memcmp(key_of(sl), key.data(), key.size()) == 0) {
       slots_[i].value = value;
       return;
     }
     i = (i + 1) & mask;
   }
   Slot& sl = slots_[i];
-  sl.used = true;
-  sl.hash = h;
-  sl.off = static_cast<uint32_t>(arena_.size());
+  sl.tag = tag;
   sl.len = static_cast<uint32_t>(key.size());
   sl.value = value;
-  arena_.append(key);
+  if (key.size() <= kInline) {
+    std::memcpy(sl.inl, key.data(), key.size());
+  } else {
+    sl.off = static_cast<uint32_t>(arena_.size());
+    arena_.append(key);
+  }
   ++size_;
 }
 
 int32_t StrMap::get(std::string_view key) const {
   if (slots_.empty()) return -1;
   uint64_t h = hash_bytes(key);
+  uint32_t tag = static_cast<uint32_t>(h >> 32);
   size_t mask = slots_.size() - 1;
   size_t i = h & mask;
-  while (slots_[i].used) {
+  const char* arena = arena_.data();
+  const size_t n = key.size();
+  while (true) {
     const Slot& sl = slots_[i];
-    if (sl.hash == h && sl.len == key.size() && std::memcmp(arena_.data() + sl.off, key.data(), key.size()) == 0)
+    if (sl.len == kFree) return -1;
+    if (sl.tag == tag && sl.len == n &&
+        std::memcmp(n <= kInline ? sl.inl : arena + sl.off, key.data(), n) == 0)
       return sl.value;
     i = (i + 1) & mask;
   }
-  return -1;
 }
 
 }  // namespace am::tok

@@ -77,12 +77,16 @@ class StrMap {
   size_t size() const { return size_; }
 
  private:
-  struct Slot {
-    uint64_t hash = 0;
-    uint32_t off = 0, len = 0;
+  struct Slot {  // 32 bytes; len == kFree marks an empty slot. Keys up to 16 bytes live inline.
+    uint32_t tag = 0;  // high 32 bits of the hash
+    uint32_t len = kFree;
     int32_t value = -1;
-    bool used = false;
+    uint32_t off = 0;  // into arena_ (keys longer than kInline)
+    char inl[16] = {};
   };
+  static constexpr uint32_t kInline = 16;
+  const char* key_of(const Slot& s) const { return s.len <= kInline ? s.inl : arena_.data() + s.off; }
+  static constexpr uint32_t kFree = 0xFFFFFFFFu;
   void grow();
   std::vector<Slot> slots_;
   std::string arena_;
