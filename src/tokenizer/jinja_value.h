@@ -1,0 +1,148 @@
+// Values of the Jinja2 interpreter used for chat templates, with Python semantics: truthiness,
+// equality and ordering, str() / repr() printing (None, True, 1.0, ['a']), json.dumps for `tojson`.
+// Lists and dicts have reference semantics (like Python objects); dicts keep insertion order.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace am::jinja {
+
+class Value;
+struct ListData;
+struct DictData;
+struct FuncData;
+struct CallArgs;
+
+using Builtin = std::function<Value(CallArgs&)>;
+
+class Value {
+ public:
+  // Iterator: a single-pass generator (what Jinja's map/select/... filters return): always true,
+  // no len(), empty once iterated.
+  enum class Type { Undefined, None, Bool, Int, Float, String, List, Tuple, Dict, Namespace, Func, Iterator };
+
+  Value() = default;  // undefined
+  static Value undefined(std::string hint = {}, bool unsafe = false);
+  static Value none();
+  Value(bool b);
+  Value(int v) : Value(static_cast<int64_t>(v)) {}
+  Value(int64_t v);
+  Value(double v);
+  Value(std::string s);
+  Value(const char* s) : Value(std::string(s)) {}
+  static Value list(std::vector<Value> items = {});
+  static Value tuple(std::vector<Value> items);
+  static Value iterator(std::vector<Value> items, std::string kind = "generator");
+  static Value dict();
+  static Value ns();
+  static Value func(std::string name, Builtin fn);
+
+  Type type() const { return type_; }
+  bool is_undefined() const { return type_ == Type::Undefined; }
+  bool is_none() const { return type_ == Type::None; }
+  bool is_bool() const { return type_ == Type::Bool; }
+  bool is_int() const { return type_ == Type::Int; }      // not bool
+  bool is_float() const { return type_ == Type::Float; }
+  bool is_number() const { return type_ == Type::Int || type_ == Type::Float || type_ == Type::Bool; }
+  bool is_string() const { return type_ == Type::String; }
+  bool is_list() const { return type_ == Type::List; }
+  bool is_tuple() const { return type_ == Type::Tuple; }
+  bool is_sequence_like() const { return type_ == Type::List || type_ == Type::Tuple; }
+  bool is_dict() const { return type_ == Type::Dict; }
+  bool is_namespace() const { return type_ == Type::Namespace; }
+  bool is_func() const { return type_ == Type::Func; }
+  bool is_iterator() const { return type_ == Type::Iterator; }
+
+  bool as_bool() const { return b_; }
+  int64_t as_int() const { return type_ == Type::Bool ? (b_ ? 1 : 0) : i_; }  // Int or Bool
+  double as_double() const;                                                   // any number
+  const std::string& str() const { return s_; }  // String; Undefined: the hint
+  bool unsafe() const { return b_ && type_ == Type::Undefined; }
+  ListData& list_data() const { return *list_; }
+  DictData& dict_data() const { return *dict_; }
+  const FuncData& func_data() const { return *func_; }
+  const void* identity() const;
+
+  bool truthy() const;
+  // Python str(): Undefined -> "", None -> "None", True -> "True", 1.0 -> "1.0", lists/dicts as repr.
+  std::string to_str() const;
+  // Python repr().
+  std::string repr() const;
+  // Python type name, for error messages ("str", "int", "NoneType", "dict", ...).
+  const char* type_name() const;
+
+  static Value from_json(const nlohmann::ordered_json& j);
+  static Value from_json(const nlohmann::json& j);
+
+ private:
+  Type type_ = Type::Undefined;
+  bool b_ = false;
+  int64_t i_ = 0;
+  double f_ = 0;
+  std::string s_;
+  std::shared_ptr<ListData> list_;
+  std::shared_ptr<DictData> dict_;
+  std::shared_ptr<FuncData> func_;
+};
+
+struct ListData {
+  std::vector<Value> items;
+  bool consumed = false;  // Iterator only
+  std::string kind;       // Iterator only: "generator", "list_reverseiterator"
+};
+
+// Insertion-ordered mapping. String keys are indexed; other keys (rare) are found by a scan.
+struct DictData {
+  std::vector<std::pair<Value, Value>> items;
+  std::unordered_map<std::string, size_t> index;
+
+  const Value* find(const Value& key) const;
+  const Value* find(const std::string& key) const;
+  void set(const Value& key, Value v);
+  size_t size() const { return items.size(); }
+};
+
+struct CallArgs {
+  std::vector<Value> pos;
+  std::vector<std::pair<std::string, Value>> kw;
+  int line = 0;
+  // The argument at position i, or keyword `name`, or nullptr.
+  const Value* get(size_t i, const char* name) const;
+};
+
+struct FuncData {
+  std::string name;
+  Builtin fn;
+};
+
+// Python semantics.
+bool py_equal(const Value& a, const Value& b);
+// a < b; throws std::invalid_argument("'<' not supported between instances of 'x' and 'y'").
+bool py_less(const Value& a, const Value& b);
+std::string py_float_repr(double d);
+std::string py_str_repr(std::string_view s);
+
+// json.dumps(v, ensure_ascii=False, indent=indent, separators=..., sort_keys=sort_keys); indent < 0:
+// None. `indent_str` replaces the spaces when the caller passed a string indent.
+// Throws std::invalid_argument for values JSON cannot hold (undefined, functions, namespaces).
+std::string to_json(const Value& v, int indent = -1, bool sort_keys = false,
+                    const std::string* item_sep = nullptr, const std::string* key_sep = nullptr,
+                    const std::string* indent_str = nullptr);
+
+// ---- UTF-8 helpers (code point based, as Python str) ----
+std::u32string utf8_decode(std::string_view s);
+std::string utf8_encode(std::u32string_view s);
+void utf8_append(std::string& out, char32_t cp);
+size_t utf8_length(std::string_view s);
+bool py_isspace(char32_t c);
+std::string py_strip(std::string_view s, bool left, bool right, const std::string* chars = nullptr);
+
+}  // namespace am::jinja
