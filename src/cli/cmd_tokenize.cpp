@@ -2,6 +2,7 @@
 // Each input line is a JSON string -> output line is the JSON array of token ids. With --decode, each
 // input line is a JSON array of ids -> output line is the decoded text as a JSON string.
 // Lines are processed in blocks, encoded in parallel, and written in input order.
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -62,6 +63,7 @@ int cmd_tokenize(int argc, char** argv) {
   std::string line, out;
   size_t lineno = 0;
   bool eof = false;
+  std::string pending_error;  // a bad line: the lines before it are still written, then we fail
   while (!eof) {
     texts.clear();
     id_lists.clear();
@@ -72,27 +74,35 @@ int cmd_tokenize(int argc, char** argv) {
       }
       ++lineno;
       if (!line.empty() && line.back() == '\r') line.pop_back();
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(line);
-      } catch (const nlohmann::json::exception& e) {
-        throw DataError(name + ":" + std::to_string(lineno) + ": invalid JSON: " + e.what());
-      }
-      if (!decode) {
-        if (!j.is_string()) throw DataError(name + ":" + std::to_string(lineno) + ": expected a JSON string");
-        texts.push_back(j.get<std::string>());
+      std::string where = name + ":" + std::to_string(lineno) + ": ";
+      nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_discarded()) {
+        pending_error = where + "invalid JSON";
+      } else if (!decode) {
+        if (j.is_string()) texts.push_back(j.get<std::string>());
+        else pending_error = where + "expected a JSON string";
+      } else if (!j.is_array()) {
+        pending_error = where + "expected a JSON array of token ids";
       } else {
-        if (!j.is_array()) throw DataError(name + ":" + std::to_string(lineno) + ": expected a JSON array of ids");
         std::vector<int32_t> ids;
         ids.reserve(j.size());
         for (auto& x : j) {
-          if (!x.is_number_integer())
-            throw DataError(name + ":" + std::to_string(lineno) + ": expected a JSON array of integer ids");
+          if (!x.is_number_integer()) {
+            pending_error = where + "expected a JSON array of integer token ids";
+            break;
+          }
           int64_t v = x.get<int64_t>();
-          if (v < INT32_MIN || v > INT32_MAX) throw DataError(name + ":" + std::to_string(lineno) + ": id out of range");
+          if (v < INT32_MIN || v > INT32_MAX) {
+            pending_error = where + "token id " + std::to_string(v) + " out of range";
+            break;
+          }
           ids.push_back(static_cast<int32_t>(v));
         }
-        id_lists.push_back(std::move(ids));
+        if (pending_error.empty()) id_lists.push_back(std::move(ids));
+      }
+      if (!pending_error.empty()) {
+        eof = true;
+        break;
       }
     }
     out.clear();
@@ -115,6 +125,7 @@ int cmd_tokenize(int argc, char** argv) {
     std::fwrite(out.data(), 1, out.size(), stdout);
   }
   std::fflush(stdout);
+  if (!pending_error.empty()) throw DataError(pending_error);
   return 0;
 }
 

@@ -2,6 +2,8 @@
 // a linked list of symbols, as HF tokenizers does, plus ignore_merges, byte_fallback, unk/fuse_unk,
 // continuing_subword_prefix / end_of_word_suffix and a thread-safe word cache.
 #include <algorithm>
+#include <atomic>
+#include <unordered_map>
 #include <cstdio>
 #include <stdexcept>
 
@@ -161,7 +163,8 @@ std::unique_ptr<BPE> BPE::from_json(const json& j) {
     }
     m->seg_metaspace_ = any && ok;
   }
-  m->cache_.reset(new Shard[kShards]);
+  static std::atomic<uint64_t> next_instance{1};
+  m->instance_id_ = next_instance.fetch_add(1);
   return m;
 }
 
@@ -307,22 +310,38 @@ void BPE::merge_cached(std::string_view s, std::vector<int32_t>& out) const {
     merge_word(s, out);
     return;
   }
-  uint64_t h = hash_bytes(s);
-  Shard& sh = cache_[(h >> 40) % kShards];
-  {
-    std::lock_guard<std::mutex> lk(sh.mu);
-    auto it = sh.map.find(s);
-    if (it != sh.map.end()) {
-      out.insert(out.end(), it->second.begin(), it->second.end());
-      return;
+  struct SvHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view v) const { return static_cast<size_t>(hash_bytes(v)); }
+  };
+  using Map = std::unordered_map<std::string, std::vector<int32_t>, SvHash, std::equal_to<>>;
+  struct Entry {
+    uint64_t owner = 0;
+    Map map;
+  };
+  thread_local std::vector<Entry> caches;  // a few tokenizers per thread, most recent first
+  Map* map = nullptr;
+  for (size_t k = 0; k < caches.size(); ++k) {
+    if (caches[k].owner == instance_id_) {
+      if (k) std::swap(caches[k], caches[0]);
+      map = &caches[0].map;
+      break;
     }
+  }
+  if (!map) {
+    if (caches.size() >= 4) caches.pop_back();
+    caches.insert(caches.begin(), Entry{instance_id_, Map()});
+    map = &caches[0].map;
+  }
+  auto it = map->find(s);
+  if (it != map->end()) {
+    out.insert(out.end(), it->second.begin(), it->second.end());
+    return;
   }
   size_t before = out.size();
   merge_word(s, out);
-  std::vector<int32_t> ids(out.begin() + static_cast<std::ptrdiff_t>(before), out.end());
-  std::lock_guard<std::mutex> lk(sh.mu);
-  if (sh.map.size() >= kShardCapacity) sh.map.clear();
-  sh.map.emplace(std::string(s), std::move(ids));
+  if (map->size() >= kCacheCapacity) map->clear();
+  map->emplace(std::string(s), std::vector<int32_t>(out.begin() + static_cast<std::ptrdiff_t>(before), out.end()));
 }
 
 }  // namespace am::tok

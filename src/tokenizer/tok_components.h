@@ -82,19 +82,12 @@ class BPE {
   bool seg_metaspace_ = false;
   int32_t byte_ids_[256];
   bool all_bytes_ = false;
-  // Word cache: sharded, each shard behind a mutex.
-  struct SvHash {
-    using is_transparent = void;
-    size_t operator()(std::string_view s) const { return static_cast<size_t>(hash_bytes(s)); }
-  };
-  struct Shard {
-    std::mutex mu;
-    std::unordered_map<std::string, std::vector<int32_t>, SvHash, std::equal_to<>> map;
-  };
-  static constexpr int kShards = 64;
-  static constexpr size_t kShardCapacity = 4096;
+  // Word cache: one per thread and tokenizer (no locks, so batch encoding scales), keyed by a unique
+  // instance id so a cache can never outlive or be confused with its tokenizer.
+  static constexpr size_t kCacheCapacity = 1 << 16;
   static constexpr size_t kMaxCachedLen = 256;
-  mutable std::unique_ptr<Shard[]> cache_;
+  uint64_t instance_id_ = 0;
+
 };
 
 // ---------------- post-processors ----------------
