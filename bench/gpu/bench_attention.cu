@@ -1,0 +1,250 @@
+// Flash attention micro-benchmark: W1's attention (B 4, T 2048, nh 32, nkv 8, D 64, causal) and W2's
+// (B 1, T 4096, nh 32, nkv 4, D 128, causal), every kernel variant, forward and backward, timed with CUDA
+// events after warm-up (median of the repeats). TFLOP/s use the causal count: forward 4 * B * nh * T^2 * D / 2,
+// backward 2.5 x forward. The ceiling is a cuBLASLt bf16 8192^3 GEMM timed in the same run.
+// Also checks that the variants agree with variant 0 on these large shapes (catches index overflow / races
+// that the small-shape tests would miss).
+//
+//   am_gpu_microbench attention [reps=20]
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/attention.h"
+#include "bench_registry.h"
+#include "core/tensor.h"
+
+namespace {
+
+#define BCK(x)                                                                                       \
+  do {                                                                                               \
+    cudaError_t e_ = (x);                                                                            \
+    if (e_ != cudaSuccess) {                                                                         \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));        \
+      std::exit(1);                                                                                  \
+    }                                                                                                \
+  } while (0)
+
+__global__ void fill_random(__nv_bfloat16* p, int64_t n, uint32_t seed) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  const float u = (x >> 8) * (1.f / 16777216.f);  // [0, 1)
+  p[i] = __float2bfloat16((u - 0.5f) * 3.4641f);   // variance 1
+}
+
+am::Tensor dev(const am::Shape& s, am::DType dt) {
+  void* p = nullptr;
+  BCK(cudaMalloc(&p, std::max<size_t>(16, static_cast<size_t>(am::shape_numel(s)) * am::dtype_size(dt))));
+  std::shared_ptr<void> keep(p, [](void* q) { cudaFree(q); });
+  return am::Tensor::wrap(p, s, dt, keep, am::DeviceType::CUDA);
+}
+
+void randomize(am::Tensor& t, uint32_t seed) {
+  const int64_t n = t.numel();
+  fill_random<<<static_cast<unsigned>((n + 255) / 256), 256>>>(static_cast<__nv_bfloat16*>(t.raw()), n, seed);
+  BCK(cudaGetLastError());
+}
+
+template <typename F>
+double median_ms(F&& f, int warm, int reps) {
+  for (int i = 0; i < warm; ++i) f();
+  BCK(cudaDeviceSynchronize());
+  cudaEvent_t a, b;
+  BCK(cudaEventCreate(&a));
+  BCK(cudaEventCreate(&b));
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    BCK(cudaEventRecord(a));
+    f();
+    BCK(cudaEventRecord(b));
+    BCK(cudaEventSynchronize(b));
+    float t = 0;
+    BCK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+double gemm_tflops(int reps) {
+  const int64_t M = 8192, N = 8192, K = 8192;
+  am::Tensor A = dev({M, K}, am::DType::BF16), B = dev({N, K}, am::DType::BF16), C = dev({M, N}, am::DType::BF16);
+  randomize(A, 1);
+  randomize(B, 2);
+  cublasLtHandle_t lt;
+  if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) return 0;
+  cublasLtMatmulDesc_t op;
+  cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+  cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+  cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+  cublasLtMatrixLayout_t la, lb, lc;
+  cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, K, M, K);
+  cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, K, N, K);
+  cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, M, N, M);
+  size_t ws_bytes = size_t(32) << 20;
+  void* ws = nullptr;
+  BCK(cudaMalloc(&ws, ws_bytes));
+  cublasLtMatmulPreference_t pref;
+  cublasLtMatmulPreferenceCreate(&pref);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes);
+  cublasLtMatmulHeuristicResult_t res{};
+  int found = 0;
+  double tf = 0;
+  if (cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, 1, &res, &found) == CUBLAS_STATUS_SUCCESS &&
+      found > 0) {
+    const float alpha = 1.f, beta = 0.f;
+    bool ok = true;
+    const double ms = median_ms(
+        [&] {
+          ok &= cublasLtMatmul(lt, op, &alpha, A.raw(), la, B.raw(), lb, &beta, C.raw(), lc, C.raw(), lc, &res.algo,
+                               ws, ws_bytes, nullptr) == CUBLAS_STATUS_SUCCESS;
+        },
+        3, reps);
+    if (ok) tf = 2.0 * M * N * K / (ms * 1e-3) / 1e12;
+  }
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(la);
+  cublasLtMatrixLayoutDestroy(lb);
+  cublasLtMatrixLayoutDestroy(lc);
+  cublasLtMatmulDescDestroy(op);
+  cublasLtDestroy(lt);
+  cudaFree(ws);
+  return tf;
+}
+
+std::vector<float> to_host(const am::Tensor& t) {
+  std::vector<uint16_t> h(static_cast<size_t>(t.numel()));
+  BCK(cudaMemcpy(h.data(), t.raw(), h.size() * 2, cudaMemcpyDeviceToHost));
+  std::vector<float> f(h.size());
+  for (size_t i = 0; i < h.size(); ++i) f[i] = am::bf16_to_f32(h[i]);
+  return f;
+}
+double rel(const std::vector<float>& a, const std::vector<float>& r) {
+  double n = 0, d = 0;
+  for (size_t i = 0; i < r.size(); ++i) {
+    const double x = static_cast<double>(a[i]) - r[i];
+    if (!std::isfinite(a[i])) return INFINITY;
+    n += x * x;
+    d += static_cast<double>(r[i]) * r[i];
+  }
+  return d > 0 ? std::sqrt(n / d) : std::sqrt(n);
+}
+
+struct Shape {
+  const char* name;
+  int64_t B, T, nh, nkv, D;
+};
+
+}  // namespace
+
+int attention_bench_main(int argc, char** argv) {
+  const int reps = argc > 1 ? std::atoi(argv[1]) : 20;
+  int devc = 0;
+  if (cudaGetDeviceCount(&devc) != cudaSuccess || devc == 0) {
+    std::printf("attention bench: no CUDA device\n");
+    return 0;
+  }
+  cudaDeviceProp prop{};
+  BCK(cudaGetDeviceProperties(&prop, 0));
+  const double gemm = gemm_tflops(reps);
+  std::printf("device %s, %d SMs; cuBLASLt bf16 8192^3 GEMM: %.1f TFLOP/s\n", prop.name, prop.multiProcessorCount,
+              gemm);
+  const double ceiling = gemm > 0 ? gemm : 795.0;
+
+  const Shape shapes[] = {{"W1", 4, 2048, 32, 8, 64}, {"W2", 1, 4096, 32, 4, 128}};
+  auto& tune = am::cuda::attention_tuning();
+  const am::cuda::AttnTuning saved = tune;
+  std::printf("%-4s %-5s %-8s %10s %10s %8s %10s\n", "shape", "pass", "variant", "ms", "TFLOP/s", "%gemm",
+              "vs v0");
+  for (const auto& s : shapes) {
+    am::ops::AttnParams p;
+    p.batch = s.B;
+    p.seq = s.T;
+    p.n_heads = s.nh;
+    p.n_kv_heads = s.nkv;
+    p.head_dim = s.D;
+    p.scale = 1.f / std::sqrt(static_cast<float>(s.D));
+    const am::Shape qs{s.B, s.T, s.nh, s.D}, ks{s.B, s.T, s.nkv, s.D};
+    am::Tensor q = dev(qs, am::DType::BF16), k = dev(ks, am::DType::BF16), v = dev(ks, am::DType::BF16),
+               out = dev(qs, am::DType::BF16), dout = dev(qs, am::DType::BF16), dq = dev(qs, am::DType::BF16),
+               dk = dev(ks, am::DType::BF16), dv = dev(ks, am::DType::BF16),
+               lse = dev({s.B, s.nh, s.T}, am::DType::F32);
+    randomize(q, 11);
+    randomize(k, 12);
+    randomize(v, 13);
+    randomize(dout, 14);
+    const double fwd_flop = 4.0 * s.B * s.nh * static_cast<double>(s.T) * s.T * s.D / 2;
+    const double bwd_flop = 2.5 * fwd_flop;
+
+    std::vector<float> ref_out;
+    for (int fv = 0; fv < 3; ++fv) {
+      tune.fwd_variant = fv;
+      const double ms = median_ms([&] { am::cuda::attention_fwd(q, k, v, p, out, lse); }, 5, reps);
+      BCK(cudaDeviceSynchronize());
+      const auto o = to_host(out);
+      if (fv == 0) ref_out = o;
+      const double tf = fwd_flop / (ms * 1e-3) / 1e12;
+      std::printf("%-4s %-5s v%-7d %10.3f %10.1f %7.1f%% %10.2e\n", s.name, "fwd", fv, ms, tf, 100 * tf / ceiling,
+                  rel(o, ref_out));
+    }
+    tune.fwd_variant = 0;
+    am::cuda::attention_fwd(q, k, v, p, out, lse);
+    std::vector<float> r_dq, r_dk, r_dv;
+    for (int bv = 0; bv < 3; ++bv) {
+      for (int split : {0, 1}) {
+        tune.bwd_variant = bv;
+        tune.bwd_split = split;
+        if (split == 1 && bv != 0) continue;
+        const size_t wsb = am::cuda::attention_bwd_workspace_bytes(p);
+        void* ws = nullptr;
+        BCK(cudaMalloc(&ws, wsb));
+        const double ms = median_ms(
+            [&] { am::cuda::attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, nullptr, ws, wsb); }, 3, reps);
+        BCK(cudaDeviceSynchronize());
+        BCK(cudaFree(ws));
+        const auto a = to_host(dq), b = to_host(dk), c = to_host(dv);
+        if (r_dq.empty()) r_dq = a, r_dk = b, r_dv = c;
+        const double d = std::max({rel(a, r_dq), rel(b, r_dk), rel(c, r_dv)});
+        const double tf = bwd_flop / (ms * 1e-3) / 1e12;
+        char tag[32];
+        std::snprintf(tag, sizeof tag, "v%d/s%s", bv, split == 0 ? "auto" : "1");
+        std::printf("%-4s %-5s %-8s %10.3f %10.1f %7.1f%% %10.2e\n", s.name, "bwd", tag, ms, tf, 100 * tf / ceiling,
+                    d);
+      }
+    }
+  }
+  tune = saved;
+  return 0;
+}
+
+// Fallback entry point: weak, so a benchmark file that defines its own `main` takes precedence at link
+// time (that main should dispatch `am_gpu_microbench attention ...` through bench_registry.h). Without one,
+// this runs the registered benchmark named by argv[1], or all of them.
+__attribute__((weak)) int main(int argc, char** argv) {
+  if (argc >= 2)
+    for (const auto& b : kGpuBenches)
+      if (std::string(argv[1]) == b.name) return b.run(argc - 1, argv + 1);
+  int rc = 0;
+  for (const auto& b : kGpuBenches) {
+    char* args[] = {const_cast<char*>(b.name), nullptr};
+    rc |= b.run(1, args);
+  }
+  return rc;
+}

@@ -1,0 +1,72 @@
+// Flash attention (forward and backward) on CUDA, bf16 in/out, fp32 softmax statistics. Same contract as
+// am::ops::attention_fwd/bwd (src/ops/ops.h): causal, GQA, optional sliding window, optional segment ids
+// (packing / variable-length batches; segment < 0 = padding that sees nothing).
+//
+//   q [B, T, nh, D], k/v [B, T, nkv, D], out/dout/dq [B, T, nh, D], dk/dv [B, T, nkv, D]: bf16, CUDA
+//   lse [B, nh, T] fp32 (natural-log logsumexp of the scaled scores; -inf for rows that see no key)
+//   segment_ids [B, T] int32 on the device (or nullptr)
+//
+// Head dims 64 and 128 run the tensor-core kernels; other head dims throw DeviceError. Work is queued on
+// `stream` (nullptr: the legacy default stream); nothing synchronises. Scratch memory: the *_workspace_bytes
+// functions say how much the call needs; pass that much device memory (e.g. from the caching allocator),
+// or nullptr to let the call take it stream-ordered from cudaMallocAsync.
+//
+// Numerics: scores and softmax statistics fp32 (exp2 with the scale folded in), P and dS rounded to bf16
+// before the tensor-core products (as FlashAttention), dQ accumulated in fp32 with atomics (so dq's last
+// bits depend on the order of the atomics; out/lse/dk/dv are deterministic unless the backward splits a
+// GQA group across blocks, see AttnTuning::bwd_split).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "core/tensor.h"
+#include "ops/ops.h"
+
+struct CUstream_st;  // = cudaStream_t, without pulling cuda_runtime.h into host code
+
+namespace am::cuda {
+
+size_t attention_fwd_workspace_bytes(const ops::AttnParams& p);  // 0 without segment ids
+size_t attention_bwd_workspace_bytes(const ops::AttnParams& p);
+
+void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const ops::AttnParams& p, Tensor& out,
+                   Tensor& lse, CUstream_st* stream = nullptr, void* workspace = nullptr,
+                   size_t workspace_bytes = 0);
+
+// dq, dk, dv assigned.
+void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                   const Tensor& dout, const ops::AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
+                   CUstream_st* stream = nullptr, void* workspace = nullptr, size_t workspace_bytes = 0);
+
+// ---- raw-pointer entry points: strided rows, so q/k/v can live inside a fused QKV projection ----
+// Row t of batch b, head h of tensor X starts at X + (b * T + t) * X_rs + h * D (element strides, each a
+// multiple of 8). Shapes/dtypes are the caller's responsibility; head_dim, scale and pointer alignment are
+// still checked.
+struct AttnRawArgs {
+  const void* q = nullptr;  // bf16
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* out = nullptr;   // bf16; written by fwd, read by bwd
+  const void* dout = nullptr;  // bf16 (bwd)
+  void* dq = nullptr;          // bf16 (bwd)
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* lse = nullptr;            // [B, nh, T] fp32, contiguous
+  const int32_t* segment_ids = nullptr;  // [B, T] contiguous, or nullptr
+  int64_t q_rs = 0, k_rs = 0, v_rs = 0, o_rs = 0, do_rs = 0, dq_rs = 0, dk_rs = 0, dv_rs = 0;
+  int64_t batch = 0, seq = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, sliding_window = 0;
+  float scale = 0.f;
+};
+void attention_fwd_raw(const AttnRawArgs& a, CUstream_st* stream, void* workspace, size_t workspace_bytes);
+void attention_bwd_raw(const AttnRawArgs& a, CUstream_st* stream, void* workspace, size_t workspace_bytes);
+
+// Process-wide knobs for tests and benchmarks (not thread-safe to change while kernels are launched).
+struct AttnTuning {
+  int fwd_variant = 0;  // 0: default tile shape; 1, 2: alternatives (benchmarks)
+  int bwd_variant = 0;
+  int bwd_split = 0;    // blocks per GQA group in the backward: 0 = auto; 1 = one block does the whole
+                        // group (dk/dv written directly); n > 1 must divide the group (fp32 atomics)
+};
+AttnTuning& attention_tuning();
+
+}  // namespace am::cuda

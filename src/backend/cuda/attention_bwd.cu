@@ -1,0 +1,467 @@
+// Flash attention backward (FlashAttention-2 scheme on mma.sync tensor cores).
+//
+// Three launches:
+//  1. pre:  Dsum[b, h, i] = dout_i . out_i (fp32) and dq_acc = 0 (fp32 [B, T, nh, D]).
+//  2. main: one block = one (batch b, kv head, tile of BN = 16 * NW keys) and the query heads of its GQA
+//     group (or 1/split of them). K and V of the tile stay in shared memory; the block walks the
+//     (head, query tile of BM rows) pairs that can see the tile, double-buffering Q, dO, lse and Dsum
+//     with cp.async. Warp w owns keys [16w, 16w + 16) of the tile; per step it computes, transposed so
+//     that its keys are the rows:
+//        S^T  = K Q^T,   P^T = exp2(S^T * scale * log2 e - lse * log2 e)   (masked entries 0)
+//        dP^T = V dO^T,  dS^T = P^T * (dP^T - Dsum)
+//        dV  += P^T dO,  dK += dS^T Q      (fp32 accumulators in registers for the whole walk)
+//     dS^T goes to shared memory (bf16); after a barrier the warps split dQ_tile = dS K (BM x D) by
+//     16-row x (D / CG)-column pieces and add it to dq_acc with 8-byte fp32 atomics.
+//     At the end dK (times scale) and dV are written as bf16 (split == 1), or added to fp32 buffers
+//     with atomics when the group is split over `split` blocks (few kv heads: more blocks for the SMs).
+//  3. post: dq = bf16(scale * dq_acc) (and dk/dv from their fp32 buffers when split > 1).
+#include <cmath>
+
+#include "backend/cuda/attention_common.cuh"
+#include "backend/cuda/attention_internal.h"
+#include "core/error.h"
+
+namespace am::cuda::attn {
+namespace {
+
+struct BwdArgs {
+  const bf16* q;
+  const bf16* k;
+  const bf16* v;
+  const bf16* dout;
+  const float* lse;   // [B, nh, T]
+  const float* dsum;  // [B, nh, T]
+  float* dq_acc;      // [B, T, nh, D]
+  bf16* dk;
+  bf16* dv;
+  float* dk_acc;  // [B, T, nkv, D] when split > 1
+  float* dv_acc;
+  const int32_t* seg;
+  const int2* segtab;
+  int64_t q_rs, k_rs, v_rs, do_rs, dk_rs, dv_rs;
+  int T, nh, nkv, group, split, window, ne;
+  float sl2, scale;
+};
+
+template <int D, int NW, int BM>
+struct BwdCfg {
+  static constexpr int NT = NW * 32;
+  static constexpr int BN = 16 * NW;  // keys per block
+  static constexpr int LD = D + 8;
+  static constexpr int LDS = BM + 8;  // pitch of the dS^T tile
+  static constexpr size_t smem_bytes =
+      size_t(2 * BN * LD + 4 * BM * LD + BN * LDS) * sizeof(bf16) + size_t(4 * BM) * sizeof(float);
+};
+
+template <int D, int NW, int BM>
+__global__ void __launch_bounds__(NW * 32, 1) attn_bwd_kernel(const BwdArgs a) {
+  using C = BwdCfg<D, NW, BM>;
+  constexpr int NT = C::NT, BN = C::BN, LD = C::LD, LDS = C::LDS;
+  constexpr int KD = D / 16;   // k-steps over the head dim
+  constexpr int NQ = BM / 8;   // 8-wide query tiles of S^T
+  constexpr int ND = D / 8;    // 8-wide column tiles of dK / dV
+  constexpr int RT = BM / 16;  // dQ: 16-row pieces ...
+  constexpr int CG = NW / RT;  // ... times CG column groups = one piece per warp
+  constexpr int DC = D / CG;
+  static_assert(NW % RT == 0 && DC % 16 == 0, "dQ split over the warps");
+  const float kNegInf = -INFINITY, kInf = INFINITY;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [BN][LD]
+  bf16* sV = sK + BN * LD;                         // [BN][LD]
+  bf16* sQ = sV + BN * LD;                         // [2][BM][LD]
+  bf16* sdO = sQ + 2 * BM * LD;                    // [2][BM][LD]
+  bf16* sdS = sdO + 2 * BM * LD;                   // [BN][LDS]  (dS^T: keys x queries)
+  float* sL = reinterpret_cast<float*>(sdS + BN * LDS);  // [2][BM] lse
+  float* sDs = sL + 2 * BM;                              // [2][BM] Dsum
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int T = a.T;
+  const int kvh = blockIdx.x / a.split, sp = blockIdx.x % a.split;
+  const int hps = a.group / a.split;
+  const int h_first = kvh * a.group + sp * hps;
+  const int j0 = blockIdx.y * BN, b = blockIdx.z;
+  const int j_end = min(j0 + BN, T);
+  const int wj0 = j0 + warp * 16;
+
+  const int32_t* seg = a.seg ? a.seg + static_cast<int64_t>(b) * T : nullptr;
+  const int2* segtab = a.segtab ? a.segtab + static_cast<int64_t>(b) * a.ne : nullptr;
+
+  // Query tiles that can see a key of this tile: from the one holding j0 (causal) to the one holding the
+  // last query inside the window of the last key.
+  const int qt_lo = j0 / BM;
+  int qt_hi = (T - 1) / BM;
+  if (a.window > 0) qt_hi = min(qt_hi, (j_end - 1 + a.window - 1) / BM);
+  const int nq = qt_hi - qt_lo + 1;
+  const int total = hps * nq;  // steps: (head, query tile) pairs, heads outer
+  const int2 kspan = segtab ? seg_span(segtab, j0, j_end) : make_int2(0, 0);
+  auto next_live = [&](int s) {
+    if (segtab)
+      while (s < total) {
+        const int q0 = (qt_lo + s % nq) * BM;
+        if (spans_meet(kspan, seg_span(segtab, q0, min(q0 + BM, T)))) break;
+        ++s;
+      }
+    return s;
+  };
+  auto issue = [&](int s, int buf) {
+    const int h = h_first + s / nq, q0 = (qt_lo + s % nq) * BM;
+    const int64_t qoff = static_cast<int64_t>(b) * T;
+    load_tile_async<BM, D, LD, NT>(sQ + buf * BM * LD, a.q + qoff * a.q_rs + static_cast<int64_t>(h) * D, a.q_rs,
+                                   q0, T, tid);
+    load_tile_async<BM, D, LD, NT>(sdO + buf * BM * LD, a.dout + qoff * a.do_rs + static_cast<int64_t>(h) * D,
+                                   a.do_rs, q0, T, tid);
+    const int64_t roff = (static_cast<int64_t>(b) * a.nh + h) * T;
+    for (int r = tid; r < BM; r += NT) {
+      const bool valid = q0 + r < T;
+      cp_async4(smem_addr(sL + buf * BM + r), valid ? a.lse + roff + q0 + r : a.lse, valid);
+      cp_async4(smem_addr(sDs + buf * BM + r), valid ? a.dsum + roff + q0 + r : a.dsum, valid);
+    }
+  };
+
+  load_tile_async<BN, D, LD, NT>(sK, a.k + static_cast<int64_t>(b) * T * a.k_rs + static_cast<int64_t>(kvh) * D,
+                                 a.k_rs, j0, T, tid);
+  load_tile_async<BN, D, LD, NT>(sV, a.v + static_cast<int64_t>(b) * T * a.v_rs + static_cast<int64_t>(kvh) * D,
+                                 a.v_rs, j0, T, tid);
+  int s = next_live(0);
+  if (s < total) issue(s, 0);
+  cp_async_commit();
+
+  float dk[ND][4], dv[ND][4];
+#pragma unroll
+  for (int nd = 0; nd < ND; ++nd)
+#pragma unroll
+    for (int x = 0; x < 4; ++x) dk[nd][x] = dv[nd][x] = 0.f;
+  int kseg[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int j = wj0 + g + 8 * hh;
+    kseg[hh] = (seg && j < T) ? __ldg(seg + j) : -1;
+  }
+
+  int buf = 0;
+  while (s < total) {
+    const int sn = next_live(s + 1);
+    if (sn < total) issue(sn, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int h = h_first + s / nq, q0 = (qt_lo + s % nq) * BM;
+    const bf16* cQ = sQ + buf * BM * LD;
+    const bf16* cdO = sdO + buf * BM * LD;
+    const float* cL = sL + buf * BM;
+    const float* cDs = sDs + buf * BM;
+
+    // ---- S^T = K Q^T and dP^T = V dO^T (this warp's 16 keys x BM queries) ----
+    float st[NQ][4], dpt[NQ][4];
+#pragma unroll
+    for (int nb = 0; nb < NQ; ++nb)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) st[nb][x] = dpt[nb][x] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      uint32_t ka[4], va[4];
+      ldsm_x4(ka, lda_addr<LD>(sK, warp * 16, kk * 16, lane));
+      ldsm_x4(va, lda_addr<LD>(sV, warp * 16, kk * 16, lane));
+#pragma unroll
+      for (int nb2 = 0; nb2 < NQ / 2; ++nb2) {
+        uint32_t bq[4], bo[4];
+        ldsm_x4(bq, ldbT_addr<LD>(cQ, nb2 * 16, kk * 16, lane));
+        mma16816(st[2 * nb2], ka, bq[0], bq[1]);
+        mma16816(st[2 * nb2 + 1], ka, bq[2], bq[3]);
+        ldsm_x4(bo, ldbT_addr<LD>(cdO, nb2 * 16, kk * 16, lane));
+        mma16816(dpt[2 * nb2], va, bo[0], bo[1]);
+        mma16816(dpt[2 * nb2 + 1], va, bo[2], bo[3]);
+      }
+    }
+
+    // ---- P^T, dS^T (masks only where the tile pair needs them) ----
+    const bool need_mask = (wj0 + 15 > q0) || (q0 + BM > T) || (wj0 + 16 > T) || (seg != nullptr) ||
+                           (a.window > 0 && q0 + BM - 1 - wj0 >= a.window);
+#pragma unroll
+    for (int nb = 0; nb < NQ; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int qc = nb * 8 + 2 * t4 + e;
+        const float lraw = cL[qc];
+        const float l2 = lraw == kNegInf ? kInf : lraw * kLog2e;  // rows that saw nothing: P = 0
+        const float dsv = cDs[qc];
+        const int i = q0 + qc;
+        int qs = 0;
+        if (need_mask && seg) qs = i < T ? __ldg(seg + i) : -1;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          float p = fast_exp2(fmaf(st[nb][2 * hh + e], a.sl2, -l2));
+          if (need_mask) {
+            const int j = wj0 + g + 8 * hh;
+            bool vis = j <= i && i < T && j < T && (a.window <= 0 || i - j < a.window);
+            if (seg) vis = vis && qs >= 0 && qs == kseg[hh];
+            if (!vis) p = 0.f;
+          }
+          st[nb][2 * hh + e] = p;
+          dpt[nb][2 * hh + e] = p * (dpt[nb][2 * hh + e] - dsv);
+        }
+      }
+
+    // ---- dV += P^T dO, dK += dS^T Q (k = queries) ----
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      uint32_t pa[4], da[4];
+      pa[0] = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
+      pa[1] = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
+      pa[2] = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      pa[3] = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+      da[0] = pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]);
+      da[1] = pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]);
+      da[2] = pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+      da[3] = pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd2 = 0; nd2 < D / 16; ++nd2) {
+        uint32_t bo[4], bq[4];
+        ldsm_x4_t(bo, ldb_addr<LD>(cdO, kk * 16, nd2 * 16, lane));
+        mma16816(dv[2 * nd2], pa, bo[0], bo[1]);
+        mma16816(dv[2 * nd2 + 1], pa, bo[2], bo[3]);
+        ldsm_x4_t(bq, ldb_addr<LD>(cQ, kk * 16, nd2 * 16, lane));
+        mma16816(dk[2 * nd2], da, bq[0], bq[1]);
+        mma16816(dk[2 * nd2 + 1], da, bq[2], bq[3]);
+      }
+    }
+
+    // ---- dS^T to shared memory, then dQ_tile = dS K ----
+#pragma unroll
+    for (int nb = 0; nb < NQ; ++nb)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8 * hh) * LDS + nb * 8 + 2 * t4) =
+            pack_bf16(dpt[nb][2 * hh], dpt[nb][2 * hh + 1]);
+    __syncthreads();
+    {
+      const int rt = warp % RT, cg = warp / RT;
+      float dq[DC / 8][4];
+#pragma unroll
+      for (int nd = 0; nd < DC / 8; ++nd)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) dq[nd][x] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t af[4];
+        ldsm_x4_t(af, ldaT_addr<LDS>(sdS, kk * 16, rt * 16, lane));
+#pragma unroll
+        for (int nd2 = 0; nd2 < DC / 16; ++nd2) {
+          uint32_t bk[4];
+          ldsm_x4_t(bk, ldb_addr<LD>(sK, kk * 16, cg * DC + nd2 * 16, lane));
+          mma16816(dq[2 * nd2], af, bk[0], bk[1]);
+          mma16816(dq[2 * nd2 + 1], af, bk[2], bk[3]);
+        }
+      }
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int i = q0 + rt * 16 + g + 8 * hh;
+        if (i < T) {
+          float* dst = a.dq_acc + ((static_cast<int64_t>(b) * T + i) * a.nh + h) * D + cg * DC + 2 * t4;
+#pragma unroll
+          for (int nd = 0; nd < DC / 8; ++nd)
+            atomicAdd(reinterpret_cast<float2*>(dst + nd * 8), make_float2(dq[nd][2 * hh], dq[nd][2 * hh + 1]));
+        }
+      }
+    }
+    buf ^= 1;
+    s = sn;
+  }
+  cp_async_wait<0>();
+
+  // ---- dK, dV ----
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int j = wj0 + g + 8 * hh;
+    if (j >= T) continue;
+    if (a.split == 1) {
+      bf16* dkr = a.dk + (static_cast<int64_t>(b) * T + j) * a.dk_rs + static_cast<int64_t>(kvh) * D + 2 * t4;
+      bf16* dvr = a.dv + (static_cast<int64_t>(b) * T + j) * a.dv_rs + static_cast<int64_t>(kvh) * D + 2 * t4;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd) {
+        *reinterpret_cast<uint32_t*>(dkr + nd * 8) =
+            pack_bf16(dk[nd][2 * hh] * a.scale, dk[nd][2 * hh + 1] * a.scale);
+        *reinterpret_cast<uint32_t*>(dvr + nd * 8) = pack_bf16(dv[nd][2 * hh], dv[nd][2 * hh + 1]);
+      }
+    } else {
+      const int64_t off = ((static_cast<int64_t>(b) * T + j) * a.nkv + kvh) * D + 2 * t4;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd) {
+        atomicAdd(reinterpret_cast<float2*>(a.dk_acc + off + nd * 8),
+                  make_float2(dk[nd][2 * hh] * a.scale, dk[nd][2 * hh + 1] * a.scale));
+        atomicAdd(reinterpret_cast<float2*>(a.dv_acc + off + nd * 8), make_float2(dv[nd][2 * hh], dv[nd][2 * hh + 1]));
+      }
+    }
+  }
+}
+
+// Dsum[b, h, t] = sum_d dout * out, and zeroes the row of dq_acc. D / 8 threads per (b, t, h) row, 16 bytes
+// each; rows enumerated in [B, T, nh] order so that a warp reads contiguous memory.
+template <int D>
+__global__ void attn_bwd_pre_kernel(const bf16* __restrict__ out, int64_t o_rs, const bf16* __restrict__ dout,
+                                    int64_t do_rs, float* __restrict__ dsum, float* __restrict__ dq_acc, int T,
+                                    int nh, int64_t rows) {
+  constexpr int TPR = D / 8;
+  const int64_t gt = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t r = gt / TPR;
+  const int c = static_cast<int>(gt % TPR);
+  const bool valid = r < rows;
+  float acc = 0.f;
+  int64_t bt = 0;
+  int h = 0;
+  if (valid) {
+    h = static_cast<int>(r % nh);
+    bt = r / nh;
+    const uint4 ov = *reinterpret_cast<const uint4*>(out + bt * o_rs + static_cast<int64_t>(h) * D + c * 8);
+    const uint4 gv = *reinterpret_cast<const uint4*>(dout + bt * do_rs + static_cast<int64_t>(h) * D + c * 8);
+    const __nv_bfloat162* o2 = reinterpret_cast<const __nv_bfloat162*>(&ov);
+    const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&gv);
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const float2 of = __bfloat1622float2(o2[x]), gf = __bfloat1622float2(g2[x]);
+      acc = fmaf(of.x, gf.x, acc);
+      acc = fmaf(of.y, gf.y, acc);
+    }
+    float4* z = reinterpret_cast<float4*>(dq_acc + r * D + c * 8);
+    z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+    z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+#pragma unroll
+  for (int off = TPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (valid && c == 0) {
+    const int64_t bb = bt / T, t = bt % T;
+    dsum[(bb * nh + h) * T + t] = acc;
+  }
+}
+
+// dst (bf16, rows of `heads` x D at pitch rs) = mul * acc (fp32, contiguous [rows, heads, D]); 8 per thread.
+__global__ void attn_bwd_post_kernel(const float* __restrict__ acc, bf16* __restrict__ dst, int64_t rs, float mul,
+                                     int heads, int D, int64_t n8) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n8) return;
+  const int64_t e = i * 8;
+  const int64_t r = e / D;
+  const int d = static_cast<int>(e % D);
+  const int64_t bt = r / heads;
+  const int h = static_cast<int>(r % heads);
+  const float4 x0 = *reinterpret_cast<const float4*>(acc + e);
+  const float4 x1 = *reinterpret_cast<const float4*>(acc + e + 4);
+  uint4 o;
+  o.x = pack_bf16(x0.x * mul, x0.y * mul);
+  o.y = pack_bf16(x0.z * mul, x0.w * mul);
+  o.z = pack_bf16(x1.x * mul, x1.y * mul);
+  o.w = pack_bf16(x1.z * mul, x1.w * mul);
+  *reinterpret_cast<uint4*>(dst + bt * rs + static_cast<int64_t>(h) * D + d) = o;
+}
+
+template <int D, int NW, int BM>
+void run_bwd(const BwdArgs& ba, int B, cudaStream_t st) {
+  using C = BwdCfg<D, NW, BM>;
+  auto kern = attn_bwd_kernel<D, NW, BM>;
+  check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem_bytes)),
+             "backward: raising the shared-memory limit");
+  const dim3 grid(ba.nkv * ba.split, (ba.T + C::BN - 1) / C::BN, B);
+  kern<<<grid, C::NT, C::smem_bytes, st>>>(ba);
+  check_cuda(cudaGetLastError(), "backward kernel launch");
+}
+
+void launch_post(const float* acc, void* dst, int64_t rs, float mul, int64_t rows, int heads, int D,
+                 cudaStream_t st) {
+  const int64_t n8 = rows * heads * D / 8;
+  if (n8 == 0) return;
+  const int threads = 256;
+  attn_bwd_post_kernel<<<static_cast<unsigned>((n8 + threads - 1) / threads), threads, 0, st>>>(
+      acc, static_cast<bf16*>(dst), rs, mul, heads, D, n8);
+  check_cuda(cudaGetLastError(), "backward post-pass launch");
+}
+
+}  // namespace
+
+int bwd_block_kv_rows(int head_dim, int variant) {
+  if (head_dim == 64) return variant == 1 ? 128 : 64;
+  return variant == 1 ? 64 : 128;
+}
+
+void launch_bwd(const AttnRawArgs& a, const BwdWork& w, int variant, cudaStream_t st) {
+  const int D = static_cast<int>(a.head_dim);
+  if (D != 64 && D != 128)
+    throw DeviceError("attention_bwd: head_dim " + std::to_string(a.head_dim) +
+                      " is not supported by the CUDA kernels (64 and 128 are)");
+  const int B = static_cast<int>(a.batch), T = static_cast<int>(a.seq), nh = static_cast<int>(a.n_heads);
+  const int nkv = static_cast<int>(a.n_kv_heads);
+
+  // 1. Dsum and dq_acc = 0
+  {
+    const int64_t rows = static_cast<int64_t>(B) * T * nh;
+    const int64_t threads_total = rows * (D / 8);
+    const int threads = 256;
+    const unsigned blocks = static_cast<unsigned>((threads_total + threads - 1) / threads);
+    const bf16* out = static_cast<const bf16*>(a.out);
+    const bf16* dout = static_cast<const bf16*>(a.dout);
+    if (D == 64)
+      attn_bwd_pre_kernel<64><<<blocks, threads, 0, st>>>(out, a.o_rs, dout, a.do_rs, w.dsum, w.dq_acc, T, nh, rows);
+    else
+      attn_bwd_pre_kernel<128><<<blocks, threads, 0, st>>>(out, a.o_rs, dout, a.do_rs, w.dsum, w.dq_acc, T, nh, rows);
+    check_cuda(cudaGetLastError(), "backward pre-pass launch");
+  }
+  if (w.split > 1) {
+    const size_t bytes = static_cast<size_t>(B) * T * nkv * D * sizeof(float);
+    check_cuda(cudaMemsetAsync(w.dk_acc, 0, bytes, st), "backward: zeroing dk accumulator");
+    check_cuda(cudaMemsetAsync(w.dv_acc, 0, bytes, st), "backward: zeroing dv accumulator");
+  }
+
+  // 2. main
+  BwdArgs ba;
+  ba.q = static_cast<const bf16*>(a.q);
+  ba.k = static_cast<const bf16*>(a.k);
+  ba.v = static_cast<const bf16*>(a.v);
+  ba.dout = static_cast<const bf16*>(a.dout);
+  ba.lse = a.lse;
+  ba.dsum = w.dsum;
+  ba.dq_acc = w.dq_acc;
+  ba.dk = static_cast<bf16*>(a.dk);
+  ba.dv = static_cast<bf16*>(a.dv);
+  ba.dk_acc = w.dk_acc;
+  ba.dv_acc = w.dv_acc;
+  ba.seg = a.segment_ids;
+  ba.segtab = w.segtab;
+  ba.q_rs = a.q_rs;
+  ba.k_rs = a.k_rs;
+  ba.v_rs = a.v_rs;
+  ba.do_rs = a.do_rs;
+  ba.dk_rs = a.dk_rs;
+  ba.dv_rs = a.dv_rs;
+  ba.T = T;
+  ba.nh = nh;
+  ba.nkv = nkv;
+  ba.group = nh / nkv;
+  ba.split = w.split;
+  ba.window = static_cast<int>(a.sliding_window);
+  ba.ne = w.ne;
+  ba.sl2 = a.scale * kLog2e;
+  ba.scale = a.scale;
+  if (D == 64) {
+    switch (variant) {
+      case 1: run_bwd<64, 8, 64>(ba, B, st); break;
+      case 2: run_bwd<64, 4, 32>(ba, B, st); break;
+      default: run_bwd<64, 4, 64>(ba, B, st); break;
+    }
+  } else {
+    switch (variant) {
+      case 1: run_bwd<128, 4, 64>(ba, B, st); break;
+      case 2: run_bwd<128, 8, 32>(ba, B, st); break;
+      default: run_bwd<128, 8, 64>(ba, B, st); break;
+    }
+  }
+
+  // 3. bf16 outputs
+  const int64_t bt = static_cast<int64_t>(B) * T;
+  launch_post(w.dq_acc, a.dq, a.dq_rs, a.scale, bt, nh, D, st);
+  if (w.split > 1) {
+    launch_post(w.dk_acc, a.dk, a.dk_rs, 1.f, bt, nkv, D, st);
+    launch_post(w.dv_acc, a.dv, a.dv_rs, 1.f, bt, nkv, D, st);
+  }
+}
+
+}  // namespace am::cuda::attn

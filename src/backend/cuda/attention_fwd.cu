@@ -1,0 +1,313 @@
+// Flash attention forward (FlashAttention-2 scheme on mma.sync tensor cores).
+//
+// One block = one (batch b, query head h, tile of BM query rows). Warp w owns WM = 16 * MT consecutive
+// query rows; its Q fragments stay in registers for the whole loop. The block walks the key/value tiles
+// (BN rows) that the causal / sliding-window / segment structure lets it see, double-buffered with cp.async:
+// tile n+1 is copied while tile n is multiplied.
+//   S = Q K^T          (WM x BN per warp, fp32 in registers, never stored)
+//   mask (only on tiles that cross the diagonal, the window edge, the end of the sequence, or with segments)
+//   online softmax     m = running max (log2 units), l = running sum, O rescaled by 2^(m_old - m_new)
+//   O += P V           (P packed to bf16 straight from the S accumulators: C layout == A layout)
+// At the end out = O / l (bf16) and lse = ln 2 * (m + log2 l). Rows that saw nothing: out = 0, lse = -inf.
+//
+// Grid (nh, ceil(T / BM), B); blockIdx.y runs the query tiles from the last (the most keys) to the first,
+// so the long blocks start first and the short ones fill the tail.
+#include <cmath>
+
+#include "backend/cuda/attention_common.cuh"
+#include "backend/cuda/attention_internal.h"
+#include "core/error.h"
+
+namespace am::cuda::attn {
+namespace {
+
+struct FwdArgs {
+  const bf16* q;
+  const bf16* k;
+  const bf16* v;
+  bf16* out;
+  float* lse;
+  const int32_t* seg;    // [B, T] or null
+  const int2* segtab;    // [B, ne] or null (set iff seg is)
+  int64_t q_rs, k_rs, v_rs, o_rs;
+  int T, nh, group, window, ne;
+  float sl2;  // scale * log2(e)
+};
+
+template <int D, int NW, int MT, int BN>
+struct FwdCfg {
+  static constexpr int NT = NW * 32;
+  static constexpr int WM = 16 * MT;  // query rows per warp
+  static constexpr int BM = WM * NW;  // query rows per block
+  static constexpr int LD = D + 8;    // padded smem pitch (elements)
+  static constexpr size_t smem_bytes = size_t(BM + 4 * BN) * LD * sizeof(bf16);
+};
+
+template <int D, int NW, int MT, int BN>
+__global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
+  using C = FwdCfg<D, NW, MT, BN>;
+  constexpr int NT = C::NT, WM = C::WM, BM = C::BM, LD = C::LD;
+  constexpr int KD = D / 16;  // k-steps over the head dim
+  constexpr int NB = BN / 8;  // 8-wide key tiles of S
+  constexpr int ND = D / 8;   // 8-wide column tiles of O
+  static_assert(D % 16 == 0 && BN % 16 == 0, "tile shapes");
+  const float kNegInf = -INFINITY;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [BM][LD]
+  bf16* sK = sQ + BM * LD;                         // [2][BN][LD]
+  bf16* sV = sK + 2 * BN * LD;                     // [2][BN][LD]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int h = blockIdx.x, b = blockIdx.z;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * BM;
+  const int T = a.T;
+  const int wq0 = q0 + warp * WM;
+  const int kvh = h / a.group;
+  const bf16* qg = a.q + static_cast<int64_t>(b) * T * a.q_rs + static_cast<int64_t>(h) * D;
+  const bf16* kg = a.k + static_cast<int64_t>(b) * T * a.k_rs + static_cast<int64_t>(kvh) * D;
+  const bf16* vg = a.v + static_cast<int64_t>(b) * T * a.v_rs + static_cast<int64_t>(kvh) * D;
+  const int32_t* seg = a.seg ? a.seg + static_cast<int64_t>(b) * T : nullptr;
+  const int2* segtab = a.segtab ? a.segtab + static_cast<int64_t>(b) * a.ne : nullptr;
+
+  // Key tiles this query tile can see: causal bounds the top, the window the bottom, segments any tile.
+  const int q_end = min(q0 + BM, T);
+  const int kt_lo = a.window > 0 ? max(0, q0 - a.window + 1) / BN : 0;
+  const int kt_hi = (q_end - 1) / BN;
+  const int2 qspan = segtab ? seg_span(segtab, q0, q_end) : make_int2(0, 0);
+  auto next_live = [&](int kt) {
+    if (segtab)
+      while (kt <= kt_hi && !spans_meet(qspan, seg_span(segtab, kt * BN, min(kt * BN + BN, T)))) ++kt;
+    return kt;
+  };
+  auto load_kv = [&](int kt, int buf) {
+    load_tile_async<BN, D, LD, NT>(sK + buf * BN * LD, kg, a.k_rs, kt * BN, T, tid);
+    load_tile_async<BN, D, LD, NT>(sV + buf * BN * LD, vg, a.v_rs, kt * BN, T, tid);
+  };
+
+  int kt = next_live(kt_lo);
+  load_tile_async<BM, D, LD, NT>(sQ, qg, a.q_rs, q0, T, tid);
+  if (kt <= kt_hi) load_kv(kt, 0);
+  cp_async_commit();
+
+  float o[MT][ND][4];
+  float m[MT][2], l[MT][2];
+  int qseg[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) o[mt][nd][x] = 0.f;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      m[mt][hh] = kNegInf;
+      l[mt][hh] = 0.f;
+      const int i = wq0 + mt * 16 + g + 8 * hh;
+      qseg[mt][hh] = (seg && i < T) ? __ldg(seg + i) : -1;
+    }
+  }
+
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t qf[MT][KD][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) ldsm_x4(qf[mt][kk], lda_addr<LD>(sQ, warp * WM + mt * 16, kk * 16, lane));
+
+  int buf = 0;
+  while (kt <= kt_hi) {
+    const int nxt = next_live(kt + 1);
+    if (nxt <= kt_hi) load_kv(nxt, buf ^ 1);
+    cp_async_commit();  // possibly empty: keeps "all but the newest group" == the current tile
+    cp_async_wait<1>();
+    __syncthreads();
+    const bf16* cK = sK + buf * BN * LD;
+    const bf16* cV = sV + buf * BN * LD;
+
+    // ---- S = Q K^T ----
+    float s[MT][NB][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) s[mt][nb][x] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+      for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
+        uint32_t bk[4];
+        ldsm_x4(bk, ldbT_addr<LD>(cK, nb2 * 16, kk * 16, lane));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816(s[mt][2 * nb2], qf[mt][kk], bk[0], bk[1]);
+          mma16816(s[mt][2 * nb2 + 1], qf[mt][kk], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // ---- mask (warp-uniform test; most tiles skip it) ----
+    const int j0 = kt * BN;
+    const bool need_mask = (j0 + BN - 1 > wq0) || (j0 + BN > T) || (seg != nullptr) ||
+                           (a.window > 0 && wq0 + WM - 1 - j0 >= a.window);
+    if (need_mask) {
+      int kseg[NB][2];
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = j0 + nb * 8 + 2 * t4 + e;
+          kseg[nb][e] = (seg && j < T) ? __ldg(seg + j) : -1;
+        }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int i = wq0 + mt * 16 + g + 8 * hh;
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = j0 + nb * 8 + 2 * t4 + e;
+              bool vis = j <= i && j < T && (a.window <= 0 || i - j < a.window);
+              if (seg) vis = vis && qseg[mt][hh] >= 0 && kseg[nb][e] == qseg[mt][hh];
+              if (!vis) s[mt][nb][2 * hh + e] = kNegInf;
+            }
+        }
+    }
+
+    // ---- online softmax (the 4 lanes of a quad share a row: reduce the max over them) ----
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float mx = kNegInf;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * hh], s[mt][nb][2 * hh + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[mt][hh], mx * a.sl2);
+        const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing visible yet: keep 0s
+        const float alpha = fast_exp2(m[mt][hh] - m_use);
+        m[mt][hh] = m_new;
+        float rs = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pv = fast_exp2(fmaf(s[mt][nb][2 * hh + e], a.sl2, -m_use));
+            s[mt][nb][2 * hh + e] = pv;
+            rs += pv;
+          }
+        l[mt][hh] = l[mt][hh] * alpha + rs;
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd) {
+          o[mt][nd][2 * hh] *= alpha;
+          o[mt][nd][2 * hh + 1] *= alpha;
+        }
+      }
+
+    // ---- O += P V ----
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pa[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd2 = 0; nd2 < D / 16; ++nd2) {
+        uint32_t bv[4];
+        ldsm_x4_t(bv, ldb_addr<LD>(cV, kk * 16, nd2 * 16, lane));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816(o[mt][2 * nd2], pa[mt], bv[0], bv[1]);
+          mma16816(o[mt][2 * nd2 + 1], pa[mt], bv[2], bv[3]);
+        }
+      }
+    }
+    __syncthreads();  // everyone is done with this buffer before the next prefetch overwrites it
+    buf ^= 1;
+    kt = nxt;
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue: out = O / l, lse ----
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float lt = l[mt][hh];
+      lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+      lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+      const int i = wq0 + mt * 16 + g + 8 * hh;
+      if (i < T) {
+        const float inv = lt > 0.f ? 1.f / lt : 0.f;
+        bf16* orow = a.out + (static_cast<int64_t>(b) * T + i) * a.o_rs + static_cast<int64_t>(h) * D;
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd)
+          *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t4) =
+              pack_bf16(o[mt][nd][2 * hh] * inv, o[mt][nd][2 * hh + 1] * inv);
+        if (t4 == 0)
+          a.lse[(static_cast<int64_t>(b) * a.nh + h) * T + i] = lt > 0.f ? (m[mt][hh] + log2f(lt)) * kLn2 : kNegInf;
+      }
+    }
+}
+
+template <int D, int NW, int MT, int BN>
+void run_fwd(const FwdArgs& fa, int B, cudaStream_t st) {
+  using C = FwdCfg<D, NW, MT, BN>;
+  auto kern = attn_fwd_kernel<D, NW, MT, BN>;
+  check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem_bytes)),
+             "forward: raising the shared-memory limit");
+  const dim3 grid(fa.nh, (fa.T + C::BM - 1) / C::BM, B);
+  kern<<<grid, C::NT, C::smem_bytes, st>>>(fa);
+  check_cuda(cudaGetLastError(), "forward kernel launch");
+}
+
+}  // namespace
+
+void launch_fwd(const AttnRawArgs& a, const int2* segtab, int ne, int variant, cudaStream_t st) {
+  FwdArgs fa;
+  fa.q = static_cast<const bf16*>(a.q);
+  fa.k = static_cast<const bf16*>(a.k);
+  fa.v = static_cast<const bf16*>(a.v);
+  fa.out = static_cast<bf16*>(const_cast<void*>(a.out));
+  fa.lse = a.lse;
+  fa.seg = a.segment_ids;
+  fa.segtab = segtab;
+  fa.q_rs = a.q_rs;
+  fa.k_rs = a.k_rs;
+  fa.v_rs = a.v_rs;
+  fa.o_rs = a.o_rs;
+  fa.T = static_cast<int>(a.seq);
+  fa.nh = static_cast<int>(a.n_heads);
+  fa.group = static_cast<int>(a.n_heads / a.n_kv_heads);
+  fa.window = static_cast<int>(a.sliding_window);
+  fa.ne = ne;
+  fa.sl2 = a.scale * kLog2e;
+  const int B = static_cast<int>(a.batch);
+  if (a.head_dim == 64) {
+    switch (variant) {
+      case 1: run_fwd<64, 4, 1, 64>(fa, B, st); break;
+      case 2: run_fwd<64, 8, 1, 64>(fa, B, st); break;
+      default: run_fwd<64, 4, 2, 64>(fa, B, st); break;
+    }
+  } else if (a.head_dim == 128) {
+    switch (variant) {
+      case 1: run_fwd<128, 4, 1, 64>(fa, B, st); break;
+      case 2: run_fwd<128, 4, 1, 128>(fa, B, st); break;
+      default: run_fwd<128, 8, 1, 64>(fa, B, st); break;
+    }
+  } else {
+    throw DeviceError("attention_fwd: head_dim " + std::to_string(a.head_dim) +
+                      " is not supported by the CUDA kernels (64 and 128 are)");
+  }
+}
+
+}  // namespace am::cuda::attn
