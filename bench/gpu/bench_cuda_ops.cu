@@ -20,6 +20,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/gemm.h"
+#include "backend/cuda/tuning.h"
 #include "core/tensor.h"
 
 using am::DType;
@@ -222,6 +223,41 @@ int main(int argc, char** argv) {
                    time_ms([&] { cu::rmsnorm_fwd(x, w, 1e-5f, y, r); }), 80);
       report_bytes("rmsnorm bwd", dims({N, H}), 3 * e + N * 4,
                    time_ms([&] { cu::rmsnorm_bwd(x, w, r, dy, dx, dw); }), 70);
+      // Launch-shape sweep (numbered variants; the defaults in tuning.h come from here).
+      struct Res {
+        double ms;
+        std::string cfg;
+      };
+      std::vector<Res> fwd_res, bwd_res;
+      for (int th : {32, 64, 128, 256, 512}) {
+        cu::RmsNormTuning t = cu::default_rmsnorm_tuning();
+        t.fwd_threads = th;
+        fwd_res.push_back({time_ms([&] { cu::rmsnorm_fwd_tuned(x, w, 1e-5f, y, r, t, ctx); }),
+                           "fwd_threads=" + std::to_string(th)});
+      }
+      for (int th : {64, 128, 256})
+        for (int bps : {2, 4, 8})
+          for (int lanes : {8, 32})
+            for (bool pf : {false, true}) {
+              cu::RmsNormTuning t = cu::default_rmsnorm_tuning();
+              t.bwd_threads = th;
+              t.bwd_blocks_per_sm = bps;
+              t.reduce_lanes = lanes;
+              t.prefetch = pf;
+              bwd_res.push_back({time_ms([&] { cu::rmsnorm_bwd_tuned(x, w, r, dy, dx, dw, t, ctx); }),
+                                 "bwd_threads=" + std::to_string(th) + " blocks_per_sm=" + std::to_string(bps) +
+                                     " lanes=" + std::to_string(lanes) + " prefetch=" + std::to_string(pf)});
+            }
+      auto by_ms = [](const Res& a, const Res& b) { return a.ms < b.ms; };
+      std::sort(fwd_res.begin(), fwd_res.end(), by_ms);
+      std::sort(bwd_res.begin(), bwd_res.end(), by_ms);
+      std::printf("  rmsnorm sweep, forward (best first):");
+      for (auto& q : fwd_res) std::printf(" [%s %.1f us]", q.cfg.c_str(), q.ms * 1e3);
+      std::printf("\n  rmsnorm sweep, backward (best 8 of %zu, then worst):\n", bwd_res.size());
+      for (size_t i = 0; i < bwd_res.size(); ++i)
+        if (i < 8 || i + 1 == bwd_res.size())
+          std::printf("    %-60s %.1f us = %.1f%% of copy\n", bwd_res[i].cfg.c_str(), bwd_res[i].ms * 1e3,
+                      100.0 * (3 * e + N * 4) / (bwd_res[i].ms * 1e-3) / 1e9 / g_bw_peak);
     }
     {
       Tensor q = dev({N, NH, HD}, DType::BF16, 30), k = dev({N, NKV, HD}, DType::BF16, 31);
@@ -289,6 +325,51 @@ int main(int argc, char** argv) {
         o.chunk_rows = chunk;
         report_flops("  same, chunk_rows " + std::to_string(chunk), dims({N, H}) + " V", fl,
                      time_ms([&] { cu::lm_head_cross_entropy(x, w, tg, 1.f / N, &dx, &dw, acc, ctx, o); }, 5), 80);
+      }
+      {  // where the fused time goes: one 2048-row chunk's three GEMMs and its CE, timed separately
+        const int64_t c = 2048;
+        Tensor lg = cu::empty({c, V}, DType::BF16);
+        cu::GemmDesc g1;  // logits
+        g1.trans_a = true;
+        g1.m = V;
+        g1.n = c;
+        g1.k = H;
+        g1.a = w.raw();
+        g1.lda = H;
+        g1.b = x.raw();
+        g1.ldb = H;
+        g1.d = lg.raw();
+        g1.ldd = V;
+        cu::GemmDesc g2;  // dx
+        g2.m = H;
+        g2.n = c;
+        g2.k = V;
+        g2.a = w.raw();
+        g2.lda = H;
+        g2.b = lg.raw();
+        g2.ldb = V;
+        g2.d = dx.raw();
+        g2.ldd = H;
+        cu::GemmDesc g3;  // dw += (fp32, beta 1)
+        g3.trans_b = true;
+        g3.m = H;
+        g3.n = V;
+        g3.k = c;
+        g3.a = x.raw();
+        g3.lda = H;
+        g3.b = lg.raw();
+        g3.ldb = V;
+        g3.d = dw.raw();
+        g3.d_type = DType::F32;
+        g3.ldd = H;
+        g3.beta = 1.f;
+        const double fl = 2.0 * c * H * V;
+        report_flops("  chunk logits GEMM", "m=V n=2048 k=2048", fl, time_ms([&] { cu::gemm(ctx, g1); }), 90);
+        Tensor tgc = tg.slice_rows(0, c);
+        report_bytes("  chunk CE in place", dims({c, V}), 3.0 * lg.nbytes(),
+                     time_ms([&] { cu::cross_entropy_fwd_bwd_async(lg, tgc, 1.f / N, &lg, acc); }), 90);
+        report_flops("  chunk dx GEMM", "m=2048 n=2048 k=V", fl, time_ms([&] { cu::gemm(ctx, g2); }), 85);
+        report_flops("  chunk dw GEMM (fp32 +=)", "m=2048 n=V k=2048", fl, time_ms([&] { cu::gemm(ctx, g3); }), 80);
       }
       const double loss = cu::read_device_scalar(acc);
       std::printf("  (loss sum accumulated over all runs: %.3e, finite: %s)\n", loss, std::isfinite(loss) ? "yes" : "NO");

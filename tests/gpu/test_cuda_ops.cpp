@@ -24,6 +24,7 @@
 #include "../common/tolerance.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/tuning.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/tensor.h"
@@ -376,6 +377,51 @@ TEST(CudaOps, RmsNorm) {
         cu::rmsnorm_bwd(dx, dw, r, up(dy, dt), gx, gw);
         expect_close(gx, want_dx, dt, "rmsnorm_bwd dx " + what);
         expect_close(gw, want_dw, DType::F32, "rmsnorm_bwd dw " + what, 1e-5);
+      }
+    }
+  }
+}
+
+// Every launch shape the benchmark sweeps (tuning.h) must compute the same thing.
+TEST(CudaOps, RmsNormTunedShapes) {
+  REQUIRE_DEVICE();
+  std::mt19937 rng(7);
+  std::vector<cu::RmsNormTuning> cfgs;
+  for (int th : {32, 64, 128, 256, 512})
+    for (int bps : {2, 8})
+      for (int lanes : {8, 32})
+        for (bool pf : {false, true}) {
+          cu::RmsNormTuning t;
+          t.fwd_threads = th;
+          t.bwd_threads = th;
+          t.bwd_blocks_per_sm = bps;
+          t.reduce_lanes = lanes;
+          t.prefetch = pf;
+          cfgs.push_back(t);
+        }
+  for (DType dt : kFloatTypes) {
+    // n above SMs x blocks_per_sm for the first two, so blocks walk several rows (prefetch path).
+    for (int64_t h : {int64_t(2048), int64_t(37), int64_t(4104)}) {
+      const int64_t n = h == 4104 ? rint(rng, 1, 200) : rint(rng, 1100, 1500);
+      Tensor x = rand_host({n, h}, rng, dt, -2.f, 2.f), w = rand_host({h}, rng, dt, 0.5f, 1.5f);
+      Tensor dy = rand_host({n, h}, rng, dt), gw0 = rand_host({h}, rng);
+      Tensor want_y = Tensor::empty({n, h}, DType::F32), want_r = Tensor::empty({n}, DType::F32);
+      am::ops::rmsnorm_fwd(x, w, 1e-6f, want_y, want_r);
+      Tensor want_dx = Tensor::empty({n, h}, DType::F32), want_dw = gw0.clone();
+      am::ops::rmsnorm_bwd(x, w, want_r, dy, want_dx, want_dw);
+      Tensor dx_ = up(x, dt), dw_ = up(w, dt), ddy = up(dy, dt);
+      for (const auto& t : cfgs) {
+        const std::string what = std::string(dname(dt)) + " N=" + std::to_string(n) + " H=" + std::to_string(h) +
+                                 " threads=" + std::to_string(t.fwd_threads) + " bps=" + std::to_string(t.bwd_blocks_per_sm) +
+                                 " lanes=" + std::to_string(t.reduce_lanes) + " pf=" + std::to_string(t.prefetch);
+        Tensor y = dev_poisoned({n, h}, dt), r = dev_poisoned({n}, DType::F32);
+        cu::rmsnorm_fwd_tuned(dx_, dw_, 1e-6f, y, r, t, cu::default_context());
+        expect_close(y, want_y, dt, "rmsnorm_fwd_tuned " + what);
+        Tensor gx = dev_poisoned({n, h}, dt), gw = up(gw0, DType::F32);
+        cu::rmsnorm_bwd_tuned(dx_, dw_, r, ddy, gx, gw, t, cu::default_context());
+        expect_close(gx, want_dx, dt, "rmsnorm_bwd_tuned dx " + what);
+        expect_close(gw, want_dw, DType::F32, "rmsnorm_bwd_tuned dw " + what, 1e-5);
+        if (::testing::Test::HasFailure()) return;
       }
     }
   }

@@ -20,6 +20,7 @@ __global__ void embedding_fwd_kernel(const int32_t* __restrict__ ids, const TW* 
   const bool ok = id >= 0 && id < vocab;
   if (!ok && threadIdx.x == 0) report_device_error(err, kErrTokenId, row, id);
   const TW* src = w + static_cast<int64_t>(ok ? id : 0) * hidden;
+#pragma unroll 4
   for (int64_t j = threadIdx.x * static_cast<int64_t>(VEC); j < hidden; j += blockDim.x * VEC) {
     Vec<TO, VEC> v;
     if (ok) {
@@ -61,10 +62,12 @@ __global__ void embedding_bwd_kernel(const int32_t* __restrict__ ids, const TD* 
   }
 }
 
-int threads_for(int64_t hidden, int vec) {
+// Threads per row block: one per vector up to `cap`. The gather uses cap 64 so that each thread issues
+// several independent 16-byte loads (W1: 64 threads x 4 vectors); the scatter keeps 256.
+int threads_for(int64_t hidden, int vec, int64_t cap = 256) {
   int64_t t = (hidden / vec + 31) / 32 * 32;
   if (t < 32) t = 32;
-  if (t > 256) t = 256;
+  if (t > cap) t = cap;
   return static_cast<int>(t);
 }
 
@@ -99,7 +102,7 @@ void embedding_fwd(const Tensor& ids, const Tensor& weight, Tensor& out, CudaCon
       // 16 bytes of the narrower type per access, when rows stay aligned.
       constexpr int V = (sizeof(TW) == 2 && sizeof(TO) == 2) ? 8 : 4;
       if (d.hidden % V == 0 && aligned_to(pw, sizeof(TW) * V) && aligned_to(po, sizeof(TO) * V))
-        embedding_fwd_kernel<TW, TO, V><<<static_cast<unsigned>(d.n), threads_for(d.hidden, V), 0, ctx.stream()>>>(
+        embedding_fwd_kernel<TW, TO, V><<<static_cast<unsigned>(d.n), threads_for(d.hidden, V, 64), 0, ctx.stream()>>>(
             ids.data<int32_t>(), pw, po, d.vocab, d.hidden, ctx.error_slot());
       else
         embedding_fwd_kernel<TW, TO, 1><<<static_cast<unsigned>(d.n), threads_for(d.hidden, 1), 0, ctx.stream()>>>(

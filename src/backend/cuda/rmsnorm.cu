@@ -2,7 +2,8 @@
 //
 // Layout: one block per row; thread t owns the CH column vectors (c * blockDim + t) * VEC .. + VEC, so a
 // row is read once into registers (VEC = 16 bytes of T), reduced across the block, and written once.
-// W1: H = 2048 bf16 -> 256 threads, VEC 8, CH 1.
+// W1: H = 2048 bf16 -> 128 threads, VEC 8, CH 2 (two 16-byte loads in flight per thread; the first version
+// with 256 threads x 1 load reached 62% / 47% of the copy bandwidth forward / backward).
 //
 // Backward with r = rstd, xh = x r:
 //   dx = r w dy - (r^3 / H) x sum_j(dy_j w_j x_j)       (assigned)
@@ -10,8 +11,13 @@
 // dw without atomics: a persistent grid of G blocks walks the rows (row = b, b + G, ...); each thread keeps
 // the dw partial of its own columns in registers, writes it to partial [G, H] fp32 at the end, and a second
 // kernel sums the G partials in a fixed order into dw. Deterministic for a given grid size.
+#include <algorithm>
+#include <mutex>
+#include <unordered_map>
+
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/kernel_utils.cuh"
+#include "backend/cuda/tuning.h"
 
 namespace am::cuda {
 namespace {
@@ -53,7 +59,7 @@ __global__ void rmsnorm_fwd_kernel(const T* __restrict__ x, const TW* __restrict
   }
 }
 
-template <typename T, typename TW, int VEC, int CH>
+template <typename T, typename TW, int VEC, int CH, bool PF>
 __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const TW* __restrict__ w, const float* __restrict__ rstd,
                                    const T* __restrict__ dy, T* __restrict__ dx, float* __restrict__ partial,
                                    int64_t n, int64_t h) {
@@ -74,26 +80,37 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const TW* __restrict
     }
   }
   const float inv_h = 1.0f / static_cast<float>(h);
+  // Raw 16-byte vectors of the row being processed. With PF (prefetch) the next row's loads are issued
+  // right after the current row is converted, so they are in flight during the block reduction and the
+  // stores of the current row.
+  Vec<T, VEC> xa[CH], ga[CH];
+  auto load_row = [&](int64_t row) {
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int64_t col = (static_cast<int64_t>(c) * blockDim.x + threadIdx.x) * VEC;
+      if (col < h) {
+        xa[c] = load_vec<T, VEC>(x + row * h + col);
+        ga[c] = load_vec<T, VEC>(dy + row * h + col);
+      }
+    }
+  };
+  if (PF && static_cast<int64_t>(blockIdx.x) < n) load_row(blockIdx.x);
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
-    const T* xr = x + row * h;
-    const T* gr = dy + row * h;
+    if (!PF) load_row(row);
     const float r = rstd[row];
     float xv[CH][VEC], gv[CH][VEC];
     float dot = 0.f;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
       const int64_t col = (static_cast<int64_t>(c) * blockDim.x + threadIdx.x) * VEC;
-      if (col < h) {
-        const Vec<T, VEC> a = load_vec<T, VEC>(xr + col);
-        const Vec<T, VEC> b = load_vec<T, VEC>(gr + col);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          xv[c][k] = to_f(a.v[k]);
-          gv[c][k] = to_f(b.v[k]);
-          dot += gv[c][k] * wv[c][k] * xv[c][k];
-        }
+      for (int k = 0; k < VEC; ++k) {
+        xv[c][k] = col < h ? to_f(xa[c].v[k]) : 0.f;
+        gv[c][k] = col < h ? to_f(ga[c].v[k]) : 0.f;
+        dot += gv[c][k] * wv[c][k] * xv[c][k];
       }
     }
+    if (PF && row + gridDim.x < n) load_row(row + gridDim.x);
     dot = block_sum(dot, scratch);
     const float coef = r * r * r * dot * inv_h;
     T* dxr = dx + row * h;
@@ -122,38 +139,72 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const TW* __restrict
   }
 }
 
-// dw [H] += sum over g of partial [G, H]; block (32, 8): 32 columns, 8 row lanes, fixed-order tree.
+// dw [H] += sum over g of partial [G, H]; block (32, LANES): 32 columns, LANES row lanes each summing
+// every LANES-th partial row (4 loads in flight), then a fixed-order sum over the lanes: deterministic.
+template <int LANES>
 __global__ void column_sum_add_kernel(const float* __restrict__ partial, float* __restrict__ dw, int64_t g,
                                       int64_t h) {
-  __shared__ float part[8][33];
+  __shared__ float part[LANES][33];
   const int64_t col = blockIdx.x * 32 + threadIdx.x;
   float acc = 0.f;
-  if (col < h)
-    for (int64_t r = threadIdx.y; r < g; r += 8) acc += partial[r * h + col];
+  if (col < h) {
+    float a[4] = {0.f, 0.f, 0.f, 0.f};
+    int64_t r = threadIdx.y;
+    for (; r + 3 * LANES < g; r += 4 * LANES) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) a[u] += partial[(r + u * LANES) * h + col];
+    }
+    for (; r < g; r += LANES) a[0] += partial[r * h + col];
+    acc = (a[0] + a[1]) + (a[2] + a[3]);
+  }
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && col < h) {
     float s = 0.f;
 #pragma unroll
-    for (int k = 0; k < 8; ++k) s += part[k][threadIdx.x];
+    for (int k = 0; k < LANES; ++k) s += part[k][threadIdx.x];
     dw[col] += s;
   }
 }
 
-// Launch shape: VEC from the dtype (16 bytes) when H and every pointer allow it, else 1; the fewest
-// column chunks CH in {1, 2, 4, 8} that fit in 1024 threads.
+// Launch shape: VEC from the dtype (16 bytes) when H and every pointer allow it, else 1. CH (column
+// vectors per thread, in {1, 2, 4, 8}) is the fewest that keep the block at <= `target` threads, so each
+// thread has CH independent 16-byte loads in flight before the row reduction (memory-level parallelism;
+// W1 H = 2048 bf16: 128 threads x 2 vectors). max_ch caps CH while the block can still grow (the backward
+// keeps 6 row arrays per thread: CH 8 spills). `limit(vec, ch)` is the most threads the kernel instance
+// can launch with (its register count decides: e.g. the bf16 backward with CH 2 uses 122 registers, so at
+// most 512 threads).
 struct Shape2 {
   int vec, ch, threads;
 };
-Shape2 pick(int64_t h, int natural_vec, bool vec_ok, const char* op) {
+template <typename Limit>
+Shape2 pick(int64_t h, int natural_vec, bool vec_ok, const char* op, int64_t target, int max_ch, Limit&& limit) {
   Shape2 s;
   s.vec = vec_ok && h % natural_vec == 0 ? natural_vec : 1;
   const int64_t vecs = (h + s.vec - 1) / s.vec;
-  for (s.ch = 1; s.ch <= 8; s.ch *= 2)
-    if ((vecs + s.ch - 1) / s.ch <= 1024) break;
-  if (s.ch > 8) op_error(op, "H = " + std::to_string(h) + " is too large (at most " + std::to_string(8192 * s.vec) + ")");
-  s.threads = static_cast<int>(((vecs + s.ch - 1) / s.ch + 31) / 32 * 32);
-  return s;
+  for (s.ch = 1; s.ch <= 8; s.ch *= 2) {
+    const int64_t raw = (vecs + s.ch - 1) / s.ch;
+    const int64_t t = (raw + 31) / 32 * 32;
+    if (t > std::min(1024, limit(s.vec, s.ch))) continue;
+    if (raw <= target || s.ch >= max_ch || s.ch == 8) {
+      s.threads = static_cast<int>(t);
+      return s;
+    }
+  }
+  op_error(op, "H = " + std::to_string(h) + " is too large for one block per row");
+}
+
+// Most threads per block a kernel instance can launch with (registers and shared memory decide), cached.
+int kernel_max_threads(const void* fn) {
+  static std::mutex mu;
+  static std::unordered_map<const void*, int> cache;
+  std::lock_guard<std::mutex> lk(mu);
+  auto it = cache.find(fn);
+  if (it != cache.end()) return it->second;
+  cudaFuncAttributes a{};
+  AM_CUDA_CHECK(cudaFuncGetAttributes(&a, fn));
+  cache.emplace(fn, a.maxThreadsPerBlock);
+  return a.maxThreadsPerBlock;
 }
 
 // Expands the runtime (VEC, CH) choice into template instances: VEC is NV (16 bytes of T) or 1.
@@ -183,7 +234,19 @@ int64_t check_common(const char* op, const Tensor& x, const Tensor& w) {
 
 }  // namespace
 
+RmsNormTuning default_rmsnorm_tuning() { return RmsNormTuning{}; }
+
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd, CudaContext& ctx) {
+  rmsnorm_fwd_tuned(x, w, eps, y, rstd, default_rmsnorm_tuning(), ctx);
+}
+
+void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw,
+                 CudaContext& ctx) {
+  rmsnorm_bwd_tuned(x, w, rstd, dy, dx, dw, default_rmsnorm_tuning(), ctx);
+}
+
+void rmsnorm_fwd_tuned(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd, const RmsNormTuning& tu,
+                       CudaContext& ctx) {
   const char* op = "rmsnorm_fwd";
   const int64_t h = check_common(op, x, w);
   need_cuda(op, "y", y);
@@ -198,7 +261,14 @@ void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor&
     AM_DISPATCH_BF16_F32(w.dtype(), op, TW, {
       constexpr int NV = 16 / sizeof(T);
       const bool ok = aligned_to(x.raw(), 16) && aligned_to(y.raw(), 16) && aligned_to(w.raw(), sizeof(TW) * NV);
-      const Shape2 s = pick(h, NV, ok, op);
+      const Shape2 s = pick(h, NV, ok, op, tu.fwd_threads, 8, [&](int vec, int ch) {
+        int m = 1024;
+        with_shape<T, NV>(Shape2{vec, ch, 0}, [&](auto vc, auto cc) {
+          constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
+          m = kernel_max_threads(reinterpret_cast<const void*>(&rmsnorm_fwd_kernel<T, TW, V, C>));
+        });
+        return m;
+      });
       with_shape<T, NV>(s, [&](auto vc, auto cc) {
         constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
         rmsnorm_fwd_kernel<T, TW, V, C><<<static_cast<unsigned>(n), s.threads, 0, ctx.stream()>>>(
@@ -209,8 +279,8 @@ void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor&
   AM_CUDA_CHECK_LAUNCH();
 }
 
-void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw,
-                 CudaContext& ctx) {
+void rmsnorm_bwd_tuned(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx,
+                       Tensor& dw, const RmsNormTuning& tu, CudaContext& ctx) {
   const char* op = "rmsnorm_bwd";
   const int64_t h = check_common(op, x, w);
   for (auto [name, t] : {std::pair<const char*, const Tensor*>{"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}, {"dw", &dw}})
@@ -225,25 +295,46 @@ void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Ten
   const int64_t n = h ? x.numel() / h : 0;
   if (rstd.numel() != n) op_error(op, describe("rstd", rstd) + ": expected one element per row of x");
   if (n == 0 || h == 0) return;
-  // Enough blocks to fill the GPU a few times over; each handles about n / g rows.
-  const int64_t g = std::min<int64_t>(n, static_cast<int64_t>(ctx.sm_count()) * 4);
-  Tensor partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
+  // The launch shape depends on the dtype; the grid (and so the partial buffer) on the block size
+  // (W1 default: 128 threads, 4 blocks per SM -> 528 blocks of ~16 rows, 4.3 MB of partials).
+  Tensor partial;
+  int64_t g = 0;
   AM_DISPATCH_BF16_F32(x.dtype(), op, T, {
     AM_DISPATCH_BF16_F32(w.dtype(), op, TW, {
       constexpr int NV = 16 / sizeof(T);
       const bool ok = aligned_to(x.raw(), 16) && aligned_to(dy.raw(), 16) && aligned_to(dx.raw(), 16) &&
                       aligned_to(w.raw(), sizeof(TW) * NV);
-      const Shape2 s = pick(h, NV, ok, op);
+      const Shape2 s = pick(h, NV, ok, op, tu.bwd_threads, 2, [&](int vec, int ch) {
+        int m = 1024;
+        with_shape<T, NV>(Shape2{vec, ch, 0}, [&](auto vc, auto cc) {
+          constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
+          m = tu.prefetch ? kernel_max_threads(reinterpret_cast<const void*>(&rmsnorm_bwd_kernel<T, TW, V, C, true>))
+                          : kernel_max_threads(reinterpret_cast<const void*>(&rmsnorm_bwd_kernel<T, TW, V, C, false>));
+        });
+        return m;
+      });
+      const int per_sm = tu.bwd_blocks_per_sm > 0 ? tu.bwd_blocks_per_sm : std::max(1, 1024 / s.threads);
+      g = std::min<int64_t>(n, static_cast<int64_t>(ctx.sm_count()) * per_sm);
+      partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
       with_shape<T, NV>(s, [&](auto vc, auto cc) {
         constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
-        rmsnorm_bwd_kernel<T, TW, V, C><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
-            x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial.data<float>(), n, h);
+        if (tu.prefetch)
+          rmsnorm_bwd_kernel<T, TW, V, C, true><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
+              x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial.data<float>(), n, h);
+        else
+          rmsnorm_bwd_kernel<T, TW, V, C, false><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
+              x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial.data<float>(), n, h);
       });
     });
   });
   AM_CUDA_CHECK_LAUNCH();
-  column_sum_add_kernel<<<static_cast<unsigned>((h + 31) / 32), dim3(32, 8), 0, ctx.stream()>>>(
-      partial.data<float>(), dw.data<float>(), g, h);
+  const unsigned cols = static_cast<unsigned>((h + 31) / 32);
+  if (tu.reduce_lanes >= 32)
+    column_sum_add_kernel<32><<<cols, dim3(32, 32), 0, ctx.stream()>>>(partial.data<float>(), dw.data<float>(), g, h);
+  else if (tu.reduce_lanes >= 16)
+    column_sum_add_kernel<16><<<cols, dim3(32, 16), 0, ctx.stream()>>>(partial.data<float>(), dw.data<float>(), g, h);
+  else
+    column_sum_add_kernel<8><<<cols, dim3(32, 8), 0, ctx.stream()>>>(partial.data<float>(), dw.data<float>(), g, h);
   AM_CUDA_CHECK_LAUNCH();
   // `partial` returns to the cache here; stream order keeps the reduction ahead of any reuse.
 }
