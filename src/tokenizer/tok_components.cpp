@@ -429,7 +429,9 @@ class CharSplitPre : public PreTokenizer {
 
 class WhitespacePre : public PreTokenizer {
  public:
-  WhitespacePre() : re_(make_regex("\\w+|[^\\w\\s]+", false)) {}
+  // Rust regex's Unicode \w also holds the join controls U+200C/U+200D.
+  WhitespacePre()
+      : re_(make_regex("[\\w\\x{200C}\\x{200D}]+|[^\\w\\s\\x{200C}\\x{200D}]+", false)) {}
   void pre_tokenize(std::vector<Piece>& pieces) const override {
     thread_local std::vector<Span> spans;
     for_pieces(pieces, [&](Piece& p, std::vector<Piece>& out) {

@@ -152,9 +152,49 @@ void append_lowercase(std::string& out, char32_t c) {
 }
 
 // ---------------- Regex ----------------
-Regex::Regex(const std::string& pattern, bool literal) {
+// PCRE2's \w (even with UCP) is letters, numbers and '_'; Oniguruma's and Rust regex's Unicode \w is
+// Alphabetic, marks, decimal digits and connector punctuation. Rewrite \w (and \W outside classes).
+static std::string unicode_word_classes(const std::string& p) {
+  static const char* kWord = "\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}";
+  if (p.find("\\w") == std::string::npos && p.find("\\W") == std::string::npos) return p;
+  std::string out;
+  bool in_class = false;
+  for (size_t i = 0; i < p.size(); ++i) {
+    char c = p[i];
+    if (c == '\\' && i + 1 < p.size()) {
+      char n = p[i + 1];
+      if (n == 'w') out += in_class ? std::string(kWord) : "[" + std::string(kWord) + "]";
+      else if (n == 'W' && !in_class) out += "[^" + std::string(kWord) + "]";
+      else { out += c; out += n; }
+      ++i;
+      continue;
+    }
+    if (!in_class && c == '[') {
+      in_class = true;
+      out += c;
+      // a ']' right after '[' or '[^' is a literal
+      if (i + 1 < p.size() && p[i + 1] == '^') { out += '^'; ++i; }
+      if (i + 1 < p.size() && p[i + 1] == ']') { out += ']'; ++i; }
+      continue;
+    }
+    if (in_class && c == '[' && i + 1 < p.size() && p[i + 1] == ':') {  // POSIX [:name:]
+      size_t e = p.find(":]", i + 2);
+      if (e != std::string::npos) {
+        out.append(p, i, e + 2 - i);
+        i = e + 1;
+        continue;
+      }
+    }
+    if (in_class && c == ']') in_class = false;
+    out += c;
+  }
+  return out;
+}
+
+Regex::Regex(const std::string& pattern_in, bool literal) {
   int err = 0;
   PCRE2_SIZE off = 0;
+  const std::string pattern = literal ? pattern_in : unicode_word_classes(pattern_in);
   uint32_t opts = literal ? (PCRE2_UTF | PCRE2_LITERAL) : (PCRE2_UTF | PCRE2_UCP);
   pcre2_code* c = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), opts, &err, &off,
                                 nullptr);

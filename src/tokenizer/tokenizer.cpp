@@ -177,15 +177,15 @@ struct TokenizerImpl {
         ++pos;
         continue;
       }
-      int32_t idx = -1;
-      size_t len = trie.longest(s, pos, &idx);
+      int32_t tok_id = -1;
+      size_t len = trie.longest(s, pos, &tok_id);
       if (!len) {
         ++pos;
         continue;
       }
       size_t start = pos, stop = pos + len;
       pos = stop;
-      const AddedTok& t = added[idx];
+      const AddedTok& t = added[added_by_id.at(tok_id)];  // the latest flags for that id
       if (t.single_word) {
         bool start_space = start == 0 || !ends_with_word(std::string_view(s).substr(0, start));
         bool stop_space = stop == n || !starts_with_word(std::string_view(s).substr(stop));
@@ -335,6 +335,7 @@ Tokenizer Tokenizer::from_json(const std::string& tokenizer_json, const json& co
     impl->decoder = make_decoder(j.value("decoder", json()));
     stage = "added_tokens";
     if (j.contains("added_tokens") && j["added_tokens"].is_array()) {
+      int32_t next_id = static_cast<int32_t>(impl->model->size());
       for (const json& a : j["added_tokens"]) {
         AddedTok t;
         if (!a.is_object() || !a.contains("content") || !a["content"].is_string())
@@ -346,11 +347,14 @@ Tokenizer Tokenizer::from_json(const std::string& tokenizer_json, const json& co
         t.single_word = a.value("single_word", false);
         t.normalized = a.value("normalized", !t.special);
         if (t.content.empty()) continue;
-        if (a.contains("id") && a["id"].is_number_integer()) {
-          t.id = a["id"].get<int32_t>();
+        // Like HF, the ids in the file are not trusted: a token gets the id it already has (added
+        // earlier or in the model vocabulary), else the next free one from the model vocabulary size.
+        auto prev = impl->added_by_content.find(t.content);
+        if (prev != impl->added_by_content.end()) {
+          t.id = prev->second;
         } else {
           int32_t id = impl->model->token_to_id(t.content);
-          t.id = id >= 0 ? id : static_cast<int32_t>(impl->model->max_id() + 1 + impl->added.size());
+          t.id = id >= 0 ? id : next_id++;
         }
         int32_t idx = static_cast<int32_t>(impl->added.size());
         impl->added_by_content[t.content] = t.id;
@@ -366,16 +370,19 @@ Tokenizer Tokenizer::from_json(const std::string& tokenizer_json, const json& co
   }
   // Matching tries: specials first, then the others (HF order); normalized tokens are matched in
   // their normalized form against the normalized text.
+  std::unordered_set<std::string> seen_special;
   for (int pass = 0; pass < 2; ++pass) {
     for (size_t i = 0; i < impl->added.size(); ++i) {
       const AddedTok& t = impl->added[i];
       if (t.special != (pass == 0)) continue;
+      if (pass == 0 && !seen_special.insert(t.content).second) continue;  // first entry decides
+      if (pass == 1 && impl->special_set.count(t.content)) continue;
       if (!t.normalized) {
-        impl->trie_raw.add(t.content, static_cast<int32_t>(i));
+        impl->trie_raw.add(t.content, t.id);
       } else {
         std::string s = t.content;
         if (impl->normalizer) impl->normalizer->normalize(s);
-        impl->trie_norm.add(s, static_cast<int32_t>(i));
+        impl->trie_norm.add(s, t.id);
       }
     }
   }

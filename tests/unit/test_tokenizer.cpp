@@ -305,54 +305,55 @@ TEST(TokenizerPreTokenizer, DigitsMetaspaceWhitespace) {
 
 TEST(TokenizerAddedTokens, SpecialFirstLongestMatchAndStrip) {
   std::string added =
-      R"({"id":400,"content":"<|x|>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
-         {"id":401,"content":"<|x|>y","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
-         {"id":402,"content":"<L>","single_word":false,"lstrip":true,"rstrip":true,"normalized":false,"special":false},
-         {"id":403,"content":"word","single_word":true,"lstrip":false,"rstrip":false,"normalized":true,"special":false})";
+      R"({"id":268,"content":"<|x|>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+         {"id":269,"content":"<|x|>y","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+         {"id":270,"content":"<L>","single_word":false,"lstrip":true,"rstrip":true,"normalized":false,"special":false},
+         {"id":271,"content":"word","single_word":true,"lstrip":false,"rstrip":false,"normalized":true,"special":false})";
   std::string post =
       R"({"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"<|x|>","type_id":0}},{"Sequence":{"id":"A","type_id":0}},{"SpecialToken":{"id":"<|x|>y","type_id":0}}],
-          "pair":[],"special_tokens":{"<|x|>":{"id":"<|x|>","ids":[400],"tokens":["<|x|>"]},"<|x|>y":{"id":"<|x|>y","ids":[401],"tokens":["<|x|>y"]}}})";
+          "pair":[],"special_tokens":{"<|x|>":{"id":"<|x|>","ids":[268],"tokens":["<|x|>"]},"<|x|>y":{"id":"<|x|>y","ids":[269],"tokens":["<|x|>y"]}}})";
   Tokenizer tk = from_snippet(byte_level_json(kByteLevelPre, added, post));
   auto ids = tk.encode("a<|x|>y<|x|>b", false);
-  std::vector<int32_t> want = {'a', 401, 400, 'b'};
+  std::vector<int32_t> want = {'a', 269, 268, 'b'};
   EXPECT_EQ(ids, want);
+  // ids follow HF: the next free id after the model vocabulary (268 entries), whatever the file says
   // lstrip/rstrip swallow the surrounding whitespace
-  std::vector<int32_t> want2 = {'a', 402, 'b'};
+  std::vector<int32_t> want2 = {'a', 270, 'b'};
   EXPECT_EQ(tk.encode("a  <L>  b", false), want2);
   // single_word: only matched when not inside a word
-  EXPECT_EQ(tk.encode("word", false), std::vector<int32_t>{403});
+  EXPECT_EQ(tk.encode("word", false), std::vector<int32_t>{271});
   auto sw = tk.encode("swords", false);
-  EXPECT_EQ(std::count(sw.begin(), sw.end(), 403), 0);
+  EXPECT_EQ(std::count(sw.begin(), sw.end(), 271), 0);
   auto sw2 = tk.encode("a word.", false);
-  EXPECT_EQ(std::count(sw2.begin(), sw2.end(), 403), 1);
+  EXPECT_EQ(std::count(sw2.begin(), sw2.end(), 271), 1);
   // template adds both specials; skip_special_tokens drops them on decode
   auto sp = tk.encode("hello", true);
   ASSERT_EQ(sp.size(), 3u);
-  EXPECT_EQ(sp.front(), 400);
-  EXPECT_EQ(sp.back(), 401);
+  EXPECT_EQ(sp.front(), 268);
+  EXPECT_EQ(sp.back(), 269);
   EXPECT_EQ(tk.decode(sp), "<|x|>hello<|x|>y");
   EXPECT_EQ(tk.decode(sp, true), "hello");
-  EXPECT_TRUE(tk.is_special_id(400));
-  EXPECT_FALSE(tk.is_special_id(402));
-  EXPECT_EQ(tk.token_to_id("<L>").value(), 402);
-  EXPECT_EQ(tk.vocab_size(), 404);
+  EXPECT_TRUE(tk.is_special_id(268));
+  EXPECT_FALSE(tk.is_special_id(270));
+  EXPECT_EQ(tk.token_to_id("<L>").value(), 270);
+  EXPECT_EQ(tk.vocab_size(), 272);
 }
 
 TEST(TokenizerConfig, LlamaStyleBosEosAndCleanup) {
   std::string added =
-      R"({"id":500,"content":"<s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
-         {"id":501,"content":"</s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true})";
+      R"({"id":268,"content":"<s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+         {"id":269,"content":"</s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true})";
   json cfg = {{"tokenizer_class", "LlamaTokenizerFast"}, {"bos_token", "<s>"}, {"eos_token", {{"content", "</s>"}}},
               {"add_bos_token", true}, {"add_eos_token", true}, {"pad_token", nullptr},
               {"clean_up_tokenization_spaces", true}};
   Tokenizer tk = from_snippet(byte_level_json(kByteLevelPre, added), cfg);
-  EXPECT_EQ(tk.bos_id().value(), 500);
-  EXPECT_EQ(tk.eos_id().value(), 501);
+  EXPECT_EQ(tk.bos_id().value(), 268);
+  EXPECT_EQ(tk.eos_id().value(), 269);
   EXPECT_FALSE(tk.pad_id().has_value());
   auto ids = tk.encode("hello", true);
   ASSERT_EQ(ids.size(), 3u);
-  EXPECT_EQ(ids.front(), 500);
-  EXPECT_EQ(ids.back(), 501);
+  EXPECT_EQ(ids.front(), 268);
+  EXPECT_EQ(ids.back(), 269);
   EXPECT_EQ(tk.encode("hello", false).size(), 1u);
   // transformers' clean_up_tokenization_spaces
   EXPECT_EQ(tk.decode(tk.encode("a , b . c 's", false)), "a, b. c's");
