@@ -336,6 +336,21 @@ std::vector<size_t> slice_positions(int64_t len, const Value& start, const Value
   return out;
 }
 
+std::string html_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    switch (c) {
+      case '&': out += "&amp;"; break;
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '"': out += "&#34;"; break;
+      case '\'': out += "&#39;"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
 // ------------------------------------------------------------------ number formatting
 
 // Python format spec mini-language, the common subset: [[fill]align][sign][#][0][width][,][.prec][type]
@@ -771,7 +786,7 @@ Value dict_method(const Value& self, const std::string& m, CallArgs& a) {
       if (m == "items") out.push_back(Value::tuple({kv.first, kv.second}));
       else out.push_back(m == "keys" ? kv.first : kv.second);
     }
-    return Value::list(std::move(out));
+    return Value::view(std::move(out), "dict_" + m);
   }
   if (m == "get") {
     const Value* k = a.get(0, nullptr);
@@ -848,6 +863,7 @@ bool py_getattr(const Value& obj, const std::string& name, Value& out) {
       return false;
     }
     case Value::Type::List: case Value::Type::Tuple: {
+      if (obj.is_view()) return false;
       if (name == "index" || name == "count" || (name == "copy" && obj.is_list())) {
         out = make_method(obj, name);
         return true;
@@ -906,7 +922,7 @@ bool py_getitem(const Value& obj, const Value& key, Value& out) {
       return true;
     }
     case Value::Type::List: case Value::Type::Tuple: {
-      if (!(key.is_int() || key.is_bool())) return false;
+      if (!(key.is_int() || key.is_bool()) || obj.is_view()) return false;
       int64_t n = static_cast<int64_t>(obj.list_data().items.size());
       int64_t k = key.as_int();
       if (k < 0) k += n;
@@ -962,13 +978,14 @@ Value slice(const Value& obj, const Value& start, const Value& stop, const Value
     for (size_t k : slice_positions(static_cast<int64_t>(cs.size()), start, stop, step)) r += cs[k];
     return Value(utf8_encode(r));
   }
-  if (obj.is_sequence_like()) {
+  if (obj.is_sequence_like() && !obj.is_view()) {
     const auto& items = obj.list_data().items;
     std::vector<Value> r;
     for (size_t k : slice_positions(static_cast<int64_t>(items.size()), start, stop, step)) r.push_back(items[k]);
     return obj.is_tuple() ? Value::tuple(std::move(r)) : Value::list(std::move(r));
   }
-  return Value::undefined(obj_desc(obj) + " is not subscriptable");
+  if (obj.is_dict()) fail("unhashable type: 'slice'");
+  fail(std::string("'") + obj.type_name() + "' object is not subscriptable");
 }
 
 std::vector<Value> iterate(const Value& v) {
@@ -981,6 +998,7 @@ std::vector<Value> iterate(const Value& v) {
       ListData& d = v.list_data();
       if (d.consumed) return {};
       d.consumed = true;
+      if (!d.error.empty()) fail(d.error);
       return d.items;
     }
     case Value::Type::Dict: {
@@ -1016,7 +1034,10 @@ bool contains(const Value& c, const Value& item) {
     case Value::Type::String:
       if (!item.is_string()) fail(std::string("'in <string>' requires string as left operand, not ") + item.type_name());
       return c.str().find(item.str()) != std::string::npos;
-    case Value::Type::Dict: return c.dict_data().find(item) != nullptr;
+    case Value::Type::Dict:
+      if (item.is_list() || item.is_dict() || item.is_namespace() || item.is_iterator())
+        fail(std::string("unhashable type: '") + item.type_name() + "'");
+      return c.dict_data().find(item) != nullptr;
     case Value::Type::Undefined:
       if (c.unsafe()) fail_undefined(c);
       return false;
@@ -1047,7 +1068,7 @@ Value repeat(const Value& seq, int64_t n) {
     check_size(seq.str().size() * static_cast<size_t>(n));
     std::string out;
     for (int64_t k = 0; k < n; ++k) out += seq.str();
-    return Value(out);
+    return seq.is_markup() ? Value::markup(out) : Value(out);
   }
   const auto& items = seq.list_data().items;
   check_size(items.size() * static_cast<size_t>(n));
@@ -1061,9 +1082,24 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
   if (op == "~") {
     if (a.unsafe()) fail_undefined(a);
     if (b.unsafe()) fail_undefined(b);
+    // Jinja's markup_join: when an operand is Markup the others are escaped and the result is Markup.
+    if (a.is_markup() || b.is_markup()) {
+      std::string r = (a.is_markup() ? a.str() : html_escape(a.to_str())) + (b.is_markup() ? b.str() : html_escape(b.to_str()));
+      check_size(r.size());
+      return Value::markup(std::move(r));
+    }
     std::string r = a.to_str() + b.to_str();
     check_size(r.size());
     return Value(std::move(r));
+  }
+  if (op == "%" && a.is_string()) {
+    if (b.unsafe()) fail_undefined(b);
+    if (b.is_tuple()) return Value(percent_format(a.str(), b.list_data().items, nullptr));
+    // Python treats a non-tuple, non-str object with __getitem__ (dict, list, Undefined) as a possible
+    // mapping: no "not all arguments converted" error for those.
+    if (b.is_dict() || (b.is_list() && !b.is_view()) || b.is_undefined())
+      return Value(percent_format(a.str(), {b}, &b));
+    return Value(percent_format(a.str(), {b}, nullptr));
   }
   if (a.is_undefined()) fail_undefined(a);
   if (b.is_undefined()) fail_undefined(b);
@@ -1076,6 +1112,9 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
     }
     if (a.is_string() && b.is_string()) {
       check_size(a.str().size() + b.str().size());
+      if (a.is_markup()) return Value::markup(a.str() + (b.is_markup() ? b.str() : html_escape(b.str())));
+      // str + Markup: Python tries the subclass's reflected __radd__ first, which escapes the str
+      if (b.is_markup()) return Value::markup(html_escape(a.str()) + b.str());
       return Value(a.str() + b.str());
     }
     if ((a.is_list() && b.is_list()) || (a.is_tuple() && b.is_tuple())) {
@@ -1108,11 +1147,6 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
     return Value(a.as_double() / b.as_double());
   }
   if (op == "//" || op == "%") {
-    if (op == "%" && a.is_string()) {
-      if (b.is_tuple()) return Value(percent_format(a.str(), b.list_data().items, nullptr));
-      if (b.is_dict()) return Value(percent_format(a.str(), {}, &b));
-      return Value(percent_format(a.str(), {b}, nullptr));
-    }
     if (!nums) bad_operands(op, a, b);
     if (flt) {
       double x = a.as_double(), y = b.as_double();
@@ -1160,7 +1194,12 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
       return Value(checked(r));
     }
     if (a.as_double() == 0 && b.as_double() < 0) fail("0.0 cannot be raised to a negative power");
-    return Value(std::pow(a.as_double(), b.as_double()));
+    double r = std::pow(a.as_double(), b.as_double());
+    if (std::isinf(r) && std::isfinite(a.as_double()) && std::isfinite(b.as_double()))
+      fail("(34, 'Numerical result out of range')");
+    if (std::isnan(r) && !std::isnan(a.as_double()) && !std::isnan(b.as_double()))
+      fail_unsupported("complex results of **");
+    return Value(r);
   }
   fail_unsupported("operator '" + op + "'");
 }
@@ -1230,20 +1269,6 @@ void sort_values(std::vector<Value>& items, bool reverse, bool case_sensitive, c
   items = std::move(out);
 }
 
-std::string html_escape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&#34;"; break;
-      case '\'': out += "&#39;"; break;
-      default: out += c;
-    }
-  }
-  return out;
-}
 
 // Python int(str, base) for the int filter; false when Python would raise.
 bool parse_py_int(std::string s, int base, int64_t& out) {
@@ -1344,6 +1369,7 @@ Value round_value(const Value& v, int64_t precision, const std::string& method) 
 }
 
 std::vector<Value> select_impl(const Value& seq, CallArgs& a, bool by_attr, bool select) {
+  if (!seq.truthy()) return {};  // Jinja: `if value:` before iterating
   size_t off = 0;
   Value attribute;
   if (by_attr) {
@@ -1390,7 +1416,33 @@ Value min_max(const Value& seq, CallArgs& a, bool want_max) {
 
 }  // namespace
 
+namespace {
+Value apply_filter_impl(const std::string& f, const Value& v, CallArgs& a);
+}
+
+// Jinja's map/select/reject/selectattr/rejectattr/unique/batch/items are generators: an error
+// surfaces only when the result is iterated.
 Value apply_filter(const std::string& f, const Value& v, CallArgs& a) {
+  static const std::set<std::string> lazy = {"map", "select", "reject", "selectattr", "rejectattr",
+                                             "unique", "batch", "items"};
+  if (!lazy.count(f)) return apply_filter_impl(f, v, a);
+  try {
+    return apply_filter_impl(f, v, a);
+  } catch (const EvalError& e) {
+    if (e.kind != EvalError::Kind::Runtime) throw;
+    const char* gen = f == "map" ? "generator object sync_do_map"
+                      : f == "unique" ? "generator object sync_do_unique"
+                      : f == "batch" ? "generator object do_batch"
+                      : f == "items" ? "generator object do_items"
+                                     : "generator object select_or_reject";
+    Value it = Value::iterator({}, gen);
+    it.list_data().error = e.what();
+    return it;
+  }
+}
+
+namespace {
+Value apply_filter_impl(const std::string& f, const Value& v, CallArgs& a) {
   // Filters that accept undefined values quietly.
   if (f == "default" || f == "d") {
     const Value* def = a.get(0, "default_value");
@@ -1401,8 +1453,9 @@ Value apply_filter(const std::string& f, const Value& v, CallArgs& a) {
   if (v.unsafe()) fail_undefined(v);
   if (f == "length" || f == "count") return Value(py_len(v));
   if (f == "string") return Value(v.to_str());
-  if (f == "safe") return v;
-  if (f == "e" || f == "escape" || f == "forceescape") return Value(html_escape(v.to_str()));
+  if (f == "safe") return v.is_markup() ? v : Value::markup(v.to_str());
+  if ((f == "e" || f == "escape") && v.is_markup()) return v;
+  if (f == "e" || f == "escape" || f == "forceescape") return Value::markup(html_escape(v.to_str()));
   if (f == "upper") return Value(str_upper(v.to_str()));
   if (f == "lower") return Value(str_lower(v.to_str()));
   if (f == "title") return Value(jinja_title(v.to_str()));
@@ -1439,7 +1492,11 @@ Value apply_filter(const std::string& f, const Value& v, CallArgs& a) {
     std::string ind = (w && w->is_string()) ? w->str() : std::string(static_cast<size_t>(w ? std::max<int64_t>(0, need_int(*w, "width")) : 4), ' ');
     bool first = arg_bool(a, 1, "first", false);
     bool blank = arg_bool(a, 2, "blank", false);
-    std::string s = v.to_str() + "\n";
+    if (!v.is_string()) {
+      if (v.is_undefined()) fail_undefined(v);
+      fail(std::string("unsupported operand type(s) for +=: '") + v.type_name() + "' and 'str'");
+    }
+    std::string s = v.str() + "\n";
     std::vector<Value> lines = str_splitlines(s, false);
     std::string rv;
     if (blank) {
@@ -1501,6 +1558,7 @@ Value apply_filter(const std::string& f, const Value& v, CallArgs& a) {
       fail(e.what());
     }
   }
+  if ((f == "int" || f == "float") && v.is_undefined()) fail_undefined(v);
   if (f == "int") {
     const Value* def = a.get(0, "default");
     const Value* base = a.get(1, "base");
@@ -1544,6 +1602,10 @@ Value apply_filter(const std::string& f, const Value& v, CallArgs& a) {
     if (v.is_dict() || v.is_string() || v.is_sequence_like() || v.is_iterator() || v.is_undefined()) {
       if (v.is_iterator()) {
         ListData& d = v.list_data();
+        if (!d.consumed && !d.error.empty()) {
+          d.consumed = true;
+          fail(d.error);
+        }
         if (d.consumed || d.items.empty()) return Value::undefined("No first item, sequence was empty.");
         Value r = d.items[0];
         d.items.erase(d.items.begin());
@@ -1563,13 +1625,14 @@ Value apply_filter(const std::string& f, const Value& v, CallArgs& a) {
   }
   if (f == "list") return Value::list(iterate(v));
   if (f == "items") {
-    if (v.is_undefined()) return Value::iterator({});
+    if (v.is_undefined()) return Value::iterator({}, "generator object do_items");
     if (!v.is_dict()) fail("Can only get item pairs from a mapping.");
     std::vector<Value> out;
     for (const auto& kv : v.dict_data().items) out.push_back(Value::tuple({kv.first, kv.second}));
-    return Value::iterator(std::move(out));
+    return Value::iterator(std::move(out), "generator object do_items");
   }
   if (f == "reverse") {
+    if (v.is_undefined()) return Value::iterator({}, "reversed");
     if (v.is_string()) {
       std::u32string cs = utf8_decode(v.str());
       std::reverse(cs.begin(), cs.end());
@@ -1637,10 +1700,11 @@ Value apply_filter(const std::string& f, const Value& v, CallArgs& a) {
       seen.push_back(key);
       out.push_back(item);
     }
-    return Value::iterator(std::move(out));
+    return Value::iterator(std::move(out), "generator object sync_do_unique");
   }
   if (f == "map") {
     std::vector<Value> out;
+    if (!v.truthy()) return Value::iterator({}, "generator object sync_do_map");  // Jinja: `if value:` before iterating
     const Value* attribute = nullptr;
     for (const auto& kv : a.kw)
       if (kv.first == "attribute") attribute = &kv.second;
@@ -1649,9 +1713,9 @@ Value apply_filter(const std::string& f, const Value& v, CallArgs& a) {
       for (const auto& kv : a.kw)
         if (kv.first == "default") def = &kv.second;
       for (const auto& item : iterate(v)) out.push_back(attr_get(item, *attribute, def));
-      return Value::iterator(std::move(out));
+      return Value::iterator(std::move(out), "generator object sync_do_map");
     }
-    if (a.pos.empty()) return Value::iterator(iterate(v));
+    if (a.pos.empty()) return Value::iterator(iterate(v), "generator object sync_do_map");
     std::string fname = need_str(a.pos[0], "filter name");
     if (!known_filter(fname)) fail_unsupported("unsupported filter '" + fname + "'");
     CallArgs fa;
@@ -1661,12 +1725,12 @@ Value apply_filter(const std::string& f, const Value& v, CallArgs& a) {
       CallArgs c = fa;
       out.push_back(apply_filter(fname, item, c));
     }
-    return Value::iterator(std::move(out));
+    return Value::iterator(std::move(out), "generator object sync_do_map");
   }
-  if (f == "select") return Value::iterator(select_impl(v, a, false, true));
-  if (f == "reject") return Value::iterator(select_impl(v, a, false, false));
-  if (f == "selectattr") return Value::iterator(select_impl(v, a, true, true));
-  if (f == "rejectattr") return Value::iterator(select_impl(v, a, true, false));
+  if (f == "select") return Value::iterator(select_impl(v, a, false, true), "generator object select_or_reject");
+  if (f == "reject") return Value::iterator(select_impl(v, a, false, false), "generator object select_or_reject");
+  if (f == "selectattr") return Value::iterator(select_impl(v, a, true, true), "generator object select_or_reject");
+  if (f == "rejectattr") return Value::iterator(select_impl(v, a, true, false), "generator object select_or_reject");
   if (f == "batch") {
     const Value* lc = a.get(0, "linecount");
     if (!lc) fail("batch() missing required argument 'linecount'");
@@ -1686,7 +1750,7 @@ Value apply_filter(const std::string& f, const Value& v, CallArgs& a) {
         while (static_cast<int64_t>(tmp.size()) < n) tmp.push_back(*fill);
       out.push_back(Value::list(std::move(tmp)));
     }
-    return Value::iterator(std::move(out));
+    return Value::iterator(std::move(out), "generator object do_batch");
   }
   if (f == "sum") {
     const Value* attribute = a.get(0, "attribute");
@@ -1706,10 +1770,17 @@ Value apply_filter(const std::string& f, const Value& v, CallArgs& a) {
   }
   fail_unsupported("unsupported filter '" + f + "'");
 }
+}  // namespace
 
 // ------------------------------------------------------------------ tests
 
 bool apply_test(const std::string& t, const Value& v, CallArgs& a) {
+  static const std::set<std::string> no_args = {
+      "defined", "undefined", "none", "boolean", "true", "false", "integer", "float", "number", "string",
+      "mapping", "iterable", "sequence", "callable", "escaped", "lower", "upper", "odd", "even"};
+  if (no_args.count(t) && (!a.pos.empty() || !a.kw.empty()))
+    fail("test_" + t + "() takes 1 positional argument but " + std::to_string(1 + a.pos.size() + a.kw.size()) +
+         " were given");
   auto arg0 = [&]() -> const Value& {
     const Value* x = a.get(0, nullptr);
     if (!x) fail("test '" + t + "' needs an argument");
@@ -1728,11 +1799,11 @@ bool apply_test(const std::string& t, const Value& v, CallArgs& a) {
   if (t == "mapping") return v.is_dict();
   if (t == "iterable")
     return v.is_undefined() || v.is_string() || v.is_sequence_like() || v.is_dict() || v.is_iterator();
-  if (t == "sequence") return v.is_string() || v.is_sequence_like() || v.is_dict();
-  if (t == "callable") return v.is_func();
+  if (t == "sequence") return v.is_undefined() || v.is_string() || (v.is_sequence_like() && !v.is_view()) || v.is_dict();
+  if (t == "callable") return v.is_func() || v.is_undefined();  // Undefined defines __call__
   if (t == "escaped") return false;
-  if (t == "lower") return v.is_string() && str_islower(v.str(), true);
-  if (t == "upper") return v.is_string() && str_islower(v.str(), false);
+  if (t == "lower") return str_islower(v.to_str(), true);  // Jinja: str(value).islower()
+  if (t == "upper") return str_islower(v.to_str(), false);
   if (t == "odd" || t == "even") {
     if (v.is_undefined()) fail_undefined(v);
     if (!(v.is_int() || v.is_bool())) {

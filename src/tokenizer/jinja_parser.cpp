@@ -457,9 +457,34 @@ class Parser {
     ExprPtr l = parse_unary(true);
     while (is_op("**")) {
       int line = next().line;
-      l = binary("**", l, parse_unary(true), line);
+      ExprPtr r = parse_unary(true);
+      // Jinja2 folds `-<number>` into a constant and writes it into Python source unparenthesized,
+      // so `-2 ** 2` evaluates as -(2 ** 2). Mirror that.
+      if (l->kind == Expr::Kind::Neg && l->args[0]->kind == Expr::Kind::Const && l->args[0]->value.is_number() &&
+          !l->args[0]->value.is_bool() && !is_const(*r)) {
+        auto neg = mk(Expr::Kind::Neg, l->line);
+        neg->args = {binary("**", l->args[0], r, line)};
+        l = neg;
+      } else {
+        l = binary("**", l, r, line);
+      }
     }
     return l;
+  }
+
+  // Whether Jinja2's optimizer would fold `e` into a constant (then `-2 ** e` is computed properly).
+  static bool is_const(const Expr& e) {
+    using K = Expr::Kind;
+    switch (e.kind) {
+      case K::Const: return true;
+      case K::Name: case K::Call: return false;
+      default:
+        for (const auto& a : e.args)
+          if (a && !is_const(*a)) return false;
+        for (const auto& kv : e.kwargs)
+          if (!is_const(*kv.second)) return false;
+        return !e.dyn_args && !e.dyn_kwargs;
+    }
   }
 
   ExprPtr parse_unary(bool with_filter) {

@@ -29,6 +29,11 @@ Value::Value(bool b) : type_(Type::Bool), b_(b) {}
 Value::Value(int64_t v) : type_(Type::Int), i_(v) {}
 Value::Value(double v) : type_(Type::Float), f_(v) {}
 Value::Value(std::string s) : type_(Type::String), s_(std::move(s)) {}
+Value Value::markup(std::string s) {
+  Value v(std::move(s));
+  v.b_ = true;
+  return v;
+}
 
 Value Value::list(std::vector<Value> items) {
   Value v;
@@ -48,6 +53,12 @@ Value Value::iterator(std::vector<Value> items, std::string kind) {
   v.list_->kind = std::move(kind);
   return v;
 }
+Value Value::view(std::vector<Value> items, std::string kind) {
+  Value v = list(std::move(items));
+  v.list_->kind = std::move(kind);
+  return v;
+}
+bool Value::is_view() const { return type_ == Type::List && !list_->kind.empty(); }
 Value Value::dict() {
   Value v;
   v.type_ = Type::Dict;
@@ -348,12 +359,12 @@ const char* Value::type_name() const {
     case Type::Int: return "int";
     case Type::Float: return "float";
     case Type::String: return "str";
-    case Type::List: return "list";
+    case Type::List: return list_->kind.empty() ? "list" : list_->kind.c_str();
     case Type::Tuple: return "tuple";
     case Type::Dict: return "dict";
     case Type::Namespace: return "Namespace";
     case Type::Func: return "function";
-    case Type::Iterator: return list_->kind.c_str();
+    case Type::Iterator: return list_->kind.rfind("generator", 0) == 0 ? "generator" : list_->kind.c_str();
   }
   return "object";
 }
@@ -385,17 +396,18 @@ std::string Value::repr() const {
     case Type::Bool: return b_ ? "True" : "False";
     case Type::Int: return std::to_string(i_);
     case Type::Float: return py_float_repr(f_);
-    case Type::String: return py_str_repr(s_);
+    case Type::String: return b_ ? "Markup(" + py_str_repr(s_) + ")" : py_str_repr(s_);
     case Type::List: case Type::Tuple: {
       bool tup = type_ == Type::Tuple;
       std::string out = tup ? "(" : "[";
+      if (is_view()) out = list_->kind + "([";
       const auto& it = list_->items;
       for (size_t k = 0; k < it.size(); ++k) {
         if (k) out += ", ";
         out += it[k].repr();
       }
       if (tup && it.size() == 1) out += ",";
-      out += tup ? ")" : "]";
+      out += tup ? ")" : is_view() ? "])" : "]";
       return out;
     }
     case Type::Dict: case Type::Namespace: {
@@ -412,7 +424,12 @@ std::string Value::repr() const {
       return type_ == Type::Namespace ? "<Namespace " + out + ">" : out;
     }
     case Type::Func: return "<function " + func_->name + ">";
-    case Type::Iterator: return "<" + list_->kind + " object>";
+    case Type::Iterator:
+      // CPython prints an address here; a fixed one keeps the text's shape (word count, length class).
+      return list_->kind == "generator" || list_->kind.empty()
+                 ? "<generator object at 0x7f0000000000>"
+                 : list_->kind.find("generator ") == 0 ? "<" + list_->kind + " at 0x7f0000000000>"
+                                                      : "<" + list_->kind + " object at 0x7f0000000000>";
   }
   return "";
 }
@@ -542,6 +559,7 @@ struct JsonWriter {
       }
       case Value::Type::String: json_string(out, v.str()); break;
       case Value::Type::List: case Value::Type::Tuple: {
+        if (v.is_view()) throw std::invalid_argument(std::string("Object of type ") + v.type_name() + " is not JSON serializable");
         const auto& items = v.list_data().items;
         if (items.empty()) {
           out += "[]";

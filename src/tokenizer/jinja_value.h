@@ -38,9 +38,13 @@ class Value {
   Value(double v);
   Value(std::string s);
   Value(const char* s) : Value(std::string(s)) {}
+  // markupsafe.Markup: a str that `+` keeps safe by HTML-escaping plain str operands (what |safe and
+  // |escape return).
+  static Value markup(std::string s);
   static Value list(std::vector<Value> items = {});
   static Value tuple(std::vector<Value> items);
   static Value iterator(std::vector<Value> items, std::string kind = "generator");
+  static Value view(std::vector<Value> items, std::string kind);  // dict_items / dict_keys / dict_values
   static Value dict();
   static Value ns();
   static Value func(std::string name, Builtin fn);
@@ -60,12 +64,14 @@ class Value {
   bool is_namespace() const { return type_ == Type::Namespace; }
   bool is_func() const { return type_ == Type::Func; }
   bool is_iterator() const { return type_ == Type::Iterator; }
+  bool is_view() const;
 
   bool as_bool() const { return b_; }
   int64_t as_int() const { return type_ == Type::Bool ? (b_ ? 1 : 0) : i_; }  // Int or Bool
   double as_double() const;                                                   // any number
   const std::string& str() const { return s_; }  // String; Undefined: the hint
   bool unsafe() const { return b_ && type_ == Type::Undefined; }
+  bool is_markup() const { return b_ && type_ == Type::String; }
   ListData& list_data() const { return *list_; }
   DictData& dict_data() const { return *dict_; }
   const FuncData& func_data() const { return *func_; }
@@ -96,7 +102,10 @@ class Value {
 struct ListData {
   std::vector<Value> items;
   bool consumed = false;  // Iterator only
-  std::string kind;       // Iterator only: "generator", "list_reverseiterator"
+  // Iterator: its Python type ("generator", "list_reverseiterator"); List: "" or, for the views
+  // dict.items() / keys() / values() return, "dict_items" / "dict_keys" / "dict_values".
+  std::string kind;
+  std::string error;  // Iterator only: a lazily raised error (Python raises when it is iterated)
 };
 
 // Insertion-ordered mapping. String keys are indexed; other keys (rare) are found by a scan.
