@@ -9,6 +9,10 @@
 //   decoded / decoded_skip = decode(ids_special, skip_special_tokens=False/True), then transformers'
 //                 clean_up_tokenization when tokenizer_config.json sets clean_up_tokenization_spaces.
 //
+// Also writes tests/fixtures/tokenizer/variants.golden.jsonl: the synthetic tokenizers of
+// tests/fixtures/tokenizer/variants.json (a real tokenizer.json with components swapped, model options
+// changed, added tokens patched/appended) on variant_texts.jsonl: ids (no special tokens) + decode.
+//
 // Usage: (npm install @anush008/tokenizers in some scratch dir, e.g. /tmp/tokref)
 //   NODE_PATH=/tmp/tokref/node_modules node tools/make_tokenizer_goldens.js [name ...]
 // Tokenizers are read from .cache/tokenizers/<name>/ (tools/fetch_tokenizers.sh).
@@ -30,6 +34,15 @@ function cleanUp(s) {  // transformers PreTrainedTokenizerBase.clean_up_tokeniza
                 [" 'm", "'m"], [" 's", "'s"], [" 've", "'ve"], [" 're", "'re"]];
   for (const [a, b] of reps) s = s.split(a).join(b);
   return s;
+}
+// Same transformation as apply_variant() in tests/unit/test_tokenizer.cpp.
+function applyVariant(t, v) {
+  for (const [k, val] of Object.entries(v.set || {})) t[k] = val;
+  for (const [k, val] of Object.entries(v.model || {})) t.model[k] = val;
+  for (const p of v.added_tokens_patch || [])
+    for (const a of t.added_tokens) if (a.content === p.content) Object.assign(a, p);
+  for (const a of v.added_tokens_append || []) t.added_tokens.push(a);
+  return t;
 }
 function tokContent(v) { return v == null ? null : (typeof v === 'string' ? v : v.content); }
 
@@ -69,4 +82,22 @@ function tokContent(v) { return v == null ? null : (typeof v === 'string' ? v : 
     fs.writeFileSync(path.join(fixDir, `${name}.golden.jsonl`), out.join('\n') + '\n');
     console.log(`${name}: ${texts.length} texts`);
   }
+  if (process.argv.slice(2).length) return;
+  // ---- variants ----
+  const variants = JSON.parse(fs.readFileSync(path.join(fixDir, 'variants.json'), 'utf8'));
+  const vtexts = fs.readFileSync(path.join(fixDir, 'variant_texts.jsonl'), 'utf8').split('\n')
+                   .filter((l) => l.length).map((l) => JSON.parse(l));
+  const vout = [];
+  for (const v of variants) {
+    const basePath = path.join(cacheDir, v.base, 'tokenizer.json');
+    if (!fs.existsSync(basePath)) { console.error(`skipping variant ${v.name}: ${basePath} missing`); return; }
+    const t = applyVariant(JSON.parse(fs.readFileSync(basePath, 'utf8')), v);
+    const tk = Tokenizer.fromString(JSON.stringify(t));
+    for (let i = 0; i < vtexts.length; i++) {
+      const ids = (await tk.encode(vtexts[i], null, { addSpecialTokens: false })).getIds();
+      vout.push(JSON.stringify({ variant: v.name, i, ids, decoded: await tk.decode(ids, false) }));
+    }
+  }
+  fs.writeFileSync(path.join(fixDir, 'variants.golden.jsonl'), vout.join('\n') + '\n');
+  console.log(`variants: ${variants.length} x ${vtexts.length} texts`);
 })().catch((e) => { console.error(e); process.exit(1); });

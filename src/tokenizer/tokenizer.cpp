@@ -313,6 +313,10 @@ Tokenizer Tokenizer::from_json(const std::string& tokenizer_json, const json& co
   } catch (const json::exception& e) {
     throw am::FormatError(origin + ": invalid JSON: " + e.what());
   }
+  return from_json_value(j, config, origin);
+}
+
+Tokenizer Tokenizer::from_json_value(const json& j, const json& config, const std::string& origin) {
   if (!j.is_object()) throw am::FormatError(origin + ": expected a JSON object");
   auto impl = std::make_unique<TokenizerImpl>();
   impl->origin = origin;

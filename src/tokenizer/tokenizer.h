@@ -36,6 +36,9 @@ class Tokenizer {
   // tokenizer_json: the full tokenizer.json text; config may be null. `origin` names the source in errors.
   static Tokenizer from_json(const std::string& tokenizer_json, const nlohmann::json& config = nullptr,
                              const std::string& origin = "tokenizer.json");
+  // The same from an already parsed tokenizer.json.
+  static Tokenizer from_json_value(const nlohmann::json& tokenizer, const nlohmann::json& config = nullptr,
+                                   const std::string& origin = "tokenizer.json");
 
   // add_special_tokens as in transformers: the post-processor's template (or, for Llama-style
   // tokenizer classes, add_bos_token/add_eos_token from tokenizer_config.json).

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -141,6 +142,57 @@ TEST(TokenizerGolden, Qwen3) { run_golden("qwen3"); }
 TEST(TokenizerGolden, DeepseekV3) { run_golden("deepseek_v3"); }
 TEST(TokenizerGolden, GptOss) { run_golden("gptoss"); }
 TEST(TokenizerGolden, Llama2Mistral) { run_golden("llama2"); }
+
+// Synthetic tokenizers (tests/fixtures/tokenizer/variants.json): a real tokenizer.json with components
+// swapped, model options changed and added-token flags patched, checked against HF on variant_texts.jsonl.
+// Same transformation as applyVariant() in tools/make_tokenizer_goldens.js.
+static json apply_variant(json t, const json& v) {
+  if (v.contains("set"))
+    for (auto& [k, val] : v["set"].items()) t[k] = val;
+  if (v.contains("model"))
+    for (auto& [k, val] : v["model"].items()) t["model"][k] = val;
+  if (v.contains("added_tokens_patch"))
+    for (auto& p : v["added_tokens_patch"])
+      for (auto& a : t["added_tokens"])
+        if (a["content"] == p["content"])
+          for (auto& [k, val] : p.items()) a[k] = val;
+  if (v.contains("added_tokens_append"))
+    for (auto& a : v["added_tokens_append"]) t["added_tokens"].push_back(a);
+  return t;
+}
+
+TEST(TokenizerGolden, ComponentVariants) {
+  std::string fix = src_dir() + "/tests/fixtures/tokenizer/";
+  json variants = json::parse(std::ifstream(fix + "variants.json"));
+  auto texts = read_lines(fix + "variant_texts.jsonl");
+  auto gold = read_lines(fix + "variants.golden.jsonl");
+  ASSERT_EQ(gold.size(), variants.size() * texts.size()) << "run tools/make_tokenizer_goldens.js";
+  std::map<std::string, json> bases;
+  size_t g = 0, checked = 0, same = 0;
+  for (auto& v : variants) {
+    std::string base = v["base"].get<std::string>(), name = v["name"].get<std::string>();
+    std::string path = cache_dir(base) + "/tokenizer.json";
+    if (!std::filesystem::exists(path)) GTEST_SKIP() << path << " missing: run tools/fetch_tokenizers.sh";
+    if (!bases.count(base)) bases[base] = json::parse(std::ifstream(path));
+    Tokenizer tk = Tokenizer::from_json_value(apply_variant(bases[base], v), nullptr, name);
+    size_t ok = 0;
+    for (size_t i = 0; i < texts.size(); ++i, ++g) {
+      json want = json::parse(gold[g]);
+      ASSERT_EQ(want["variant"], name);
+      std::string text = json::parse(texts[i]).get<std::string>();
+      auto ids = tk.encode(text, false);
+      auto want_ids = want["ids"].get<std::vector<int32_t>>();
+      bool good = ids == want_ids && tk.decode_raw(want_ids) == want["decoded"].get<std::string>();
+      ok += good;
+      EXPECT_TRUE(good) << name << " text " << i << " " << texts[i] << "\n  ids  " << show_ids(ids) << "\n  want "
+                        << show_ids(want_ids) << "\n  decoded " << json(tk.decode_raw(want_ids)).dump()
+                        << "\n  want    " << want["decoded"].dump();
+    }
+    checked += texts.size();
+    same += ok;
+  }
+  std::printf("[ tokenizer variants ] %zu variants, %zu/%zu identical\n", variants.size(), same, checked);
+}
 
 // ---------------- components ----------------
 TEST(TokenizerBPE, ByteLevelMergesAndDecode) {
