@@ -22,10 +22,6 @@
 
 namespace {
 
-#ifndef AM_BENCH_SOURCE_DIR
-#define AM_BENCH_SOURCE_DIR "."
-#endif
-
 std::string source_dir() {
   // bench binaries do not get AM_SOURCE_DIR; find the repo from the working directory or the env.
   if (const char* e = std::getenv("AM_SOURCE_DIR")) return e;
