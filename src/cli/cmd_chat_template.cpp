@@ -1,10 +1,12 @@
-// automodel chat-template --tokenizer DIR [--add-generation-prompt] [--date YYYY-MM-DD] --jsonl FILE|-
+// automodel chat-template --tokenizer DIR [--add-generation-prompt] [--template FILE.jinja] [--date YYYY-MM-DD]
+//                         --jsonl FILE|-
 // Each input line is a JSON array of messages -> each output line is the rendered text as a JSON
 // string, exactly as transformers' apply_chat_template(tokenize=False) renders it. An input line may
 // also be an object {"messages": [...], "tools": [...], <other template variables>...}.
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -17,11 +19,12 @@ namespace am {
 
 namespace {
 const char* kChatTemplateUsage =
-    "usage: automodel chat-template --tokenizer DIR [--add-generation-prompt] [--date YYYY-MM-DD] --jsonl FILE|-";
+    "usage: automodel chat-template --tokenizer DIR [--add-generation-prompt] [--template FILE.jinja] "
+    "[--date YYYY-MM-DD] --jsonl FILE|-";
 }
 
 int cmd_chat_template(int argc, char** argv) {
-  std::string dir, input, date;
+  std::string dir, input, date, template_file;
   bool add_gen = false, have_input = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -36,6 +39,8 @@ int cmd_chat_template(int argc, char** argv) {
     } else if (a == "--jsonl" || a.rfind("--jsonl=", 0) == 0) {
       input = value("--jsonl");
       have_input = true;
+    } else if (a == "--template" || a.rfind("--template=", 0) == 0) {
+      template_file = value("--template");
     } else if (a == "--date" || a.rfind("--date=", 0) == 0) {
       date = value("--date");
     } else if (a == "--add-generation-prompt") {
@@ -51,7 +56,18 @@ int cmd_chat_template(int argc, char** argv) {
   if (!have_input || input.empty())
     throw UsageError(std::string("chat-template: --jsonl FILE|- is required\n") + kChatTemplateUsage);
 
-  tok::ChatTemplate tmpl = tok::load_chat_template(dir);
+  tok::ChatTemplate tmpl;
+  if (template_file.empty()) {
+    tmpl = tok::load_chat_template(dir);
+  } else {
+    // an explicit template (like apply_chat_template(chat_template=...)); special tokens still come
+    // from the tokenizer folder
+    std::ifstream tf(template_file, std::ios::binary);
+    if (!tf) throw IoError("chat-template: cannot open " + template_file);
+    std::string src((std::istreambuf_iterator<char>(tf)), std::istreambuf_iterator<char>());
+    tmpl = tok::ChatTemplate::from_string(src, tok::special_tokens_of(dir));
+    tmpl.origin = template_file;
+  }
   if (!date.empty()) tmpl.fixed_now = tok::parse_fixed_date(date);
 
   std::ifstream file;

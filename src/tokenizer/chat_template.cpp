@@ -185,6 +185,15 @@ std::optional<ChatTemplate> find_chat_template(const std::string& dir) {
   return t;
 }
 
+ojson special_tokens_of(const std::string& dir) {
+  fs::path d(dir);
+  if (!fs::is_directory(d)) throw IoError("tokenizer folder not found: " + dir);
+  ojson out = ojson::object();
+  if (fs::exists(d / "tokenizer_config.json")) collect_special_tokens(read_json(d / "tokenizer_config.json"), out);
+  if (fs::exists(d / "special_tokens_map.json")) collect_special_tokens(read_json(d / "special_tokens_map.json"), out);
+  return out;
+}
+
 ChatTemplate load_chat_template(const std::string& dir) {
   auto t = find_chat_template(dir);
   if (!t)

@@ -51,6 +51,9 @@ struct ChatTemplate {
 std::optional<ChatTemplate> find_chat_template(const std::string& dir);
 // Same, but a folder without a chat template is an am::FormatError.
 ChatTemplate load_chat_template(const std::string& dir);
+// The special-token variables of a tokenizer folder (tokenizer_config.json, then
+// special_tokens_map.json), as every render receives them.
+nlohmann::ordered_json special_tokens_of(const std::string& dir);
 
 // Renders `messages` (a JSON array of {"role", "content", ...}). `extra` holds further template
 // variables as in apply_chat_template(**kwargs): "tools", "documents", "enable_thinking",

