@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 
 #include "core/error.h"
@@ -121,6 +122,8 @@ std::string render_impl(const ChatTemplate& t, const J& messages, bool add_gener
 }  // namespace
 
 const jinja::Template& ChatTemplate::compiled(const std::string& name) const {
+  static std::mutex mu;  // renders may run on several threads; compiled templates are immutable
+  std::lock_guard<std::mutex> lock(mu);
   auto c = cache_.find(name);
   if (c != cache_.end()) return *c->second;
   auto s = sources.find(name);
