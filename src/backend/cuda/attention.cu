@@ -26,6 +26,17 @@ void check_cuda(cudaError_t e, const char* what) {
                     cudaGetErrorName(e) + ")");
 }
 
+bool is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+
 namespace {
 
 __global__ void seg_table_kernel(const int32_t* __restrict__ seg, int B, int T, int2* __restrict__ table, int ne) {

@@ -18,6 +18,7 @@
 #include <cmath>
 
 #include "backend/cuda/attention_common.cuh"
+#include "backend/cuda/attention_wgmma.cuh"
 #include "backend/cuda/attention_internal.h"
 #include "core/error.h"
 
@@ -355,6 +356,270 @@ __global__ void attn_bwd_post_kernel(const float* __restrict__ acc, bf16* __rest
   *reinterpret_cast<uint4*>(dst + bt * rs + static_cast<int64_t>(h) * D + d) = o;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Hopper variant (sm_90a): one warpgroup per block owns 64 keys (warp w: keys 16w..16w+15) and walks the
+// query tiles (64 rows) like the mma.sync kernel, with warpgroup MMAs on 128B-swizzled tiles:
+//   S^T  = K Q^T, dP^T = V dO^T         (A = K / V, B = Q / dO, all K-major)
+//   dV  += P^T dO, dK += dS^T Q         (A = P^T / dS^T from registers, B = dO / Q as MN-major operands)
+//   dQ   = dS K                         (A = dS^T tile in shared memory read transposed, B = K MN-major)
+// dQ goes to the fp32 accumulator with atomics as before.
+template <int D>
+struct BwdSm90Cfg {
+  static constexpr int NT = 128, BN = 64, BM = 64;
+  static constexpr uint32_t KB = BN * D * 2, QB = BM * D * 2, SB = BN * BM * 2;
+  static constexpr size_t smem_bytes = 2 * size_t(KB) + 4 * size_t(QB) + SB + 4 * BM * sizeof(float) + 1024;
+};
+
+template <int D>
+__global__ void __launch_bounds__(128, 1) attn_bwd_sm90_kernel(const BwdArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = BwdSm90Cfg<D>;
+  constexpr int NT = C::NT, BN = C::BN, BM = C::BM;
+  constexpr int KD = D / 16, NQ = BM / 8, ND = D / 8;
+  constexpr uint32_t KB = C::KB, QB = C::QB, SB = C::SB;
+  const float kNegInf = -INFINITY, kInf = INFINITY;
+
+  extern __shared__ __align__(16) unsigned char smem_sm90[];
+  const uint32_t raw = smem_addr(smem_sm90);
+  const uint32_t sK = (raw + 1023u) & ~1023u;  // swizzle atoms need 1024-byte alignment
+  const uint32_t sV = sK + KB;
+  const uint32_t sQ = sV + KB;        // [2] stages
+  const uint32_t sdO = sQ + 2 * QB;   // [2] stages
+  const uint32_t sdS = sdO + 2 * QB;  // dS^T [64 keys][64 queries]
+  float* sL = reinterpret_cast<float*>(smem_sm90 + (sdS + SB - raw));  // [2][BM]
+  float* sDs = sL + 2 * BM;                                           // [2][BM]
+  const uint32_t sLa = sdS + SB, sDsa = sLa + 2 * BM * 4;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int T = a.T;
+  const int kvh = blockIdx.x / a.split, sp = blockIdx.x % a.split;
+  const int hps = a.group / a.split;
+  const int h_first = kvh * a.group + sp * hps;
+  const int j0 = blockIdx.y * BN, b = blockIdx.z;
+  const int j_end = min(j0 + BN, T);
+  const int wj0 = j0 + warp * 16;
+
+  const int32_t* seg = a.seg ? a.seg + static_cast<int64_t>(b) * T : nullptr;
+  const int2* segtab = a.segtab ? a.segtab + static_cast<int64_t>(b) * a.ne : nullptr;
+
+  const int qt_lo = j0 / BM;
+  int qt_hi = (T - 1) / BM;
+  if (a.window > 0) qt_hi = min(qt_hi, (j_end - 1 + a.window - 1) / BM);
+  const int nq = qt_hi - qt_lo + 1;
+  const int total = hps * nq;
+  const int2 kspan = segtab ? seg_span(segtab, j0, j_end) : make_int2(0, 0);
+  auto next_live = [&](int s) {
+    if (segtab)
+      while (s < total) {
+        const int q0 = (qt_lo + s % nq) * BM;
+        if (spans_meet(kspan, seg_span(segtab, q0, min(q0 + BM, T)))) break;
+        ++s;
+      }
+    return s;
+  };
+  auto issue = [&](int s, int buf) {
+    const int h = h_first + s / nq, q0 = (qt_lo + s % nq) * BM;
+    const int64_t qoff = static_cast<int64_t>(b) * T;
+    load_tile_sw128<BM, D, NT>(sQ + buf * QB, a.q + qoff * a.q_rs + static_cast<int64_t>(h) * D, a.q_rs, q0, T, tid);
+    load_tile_sw128<BM, D, NT>(sdO + buf * QB, a.dout + qoff * a.do_rs + static_cast<int64_t>(h) * D, a.do_rs, q0,
+                               T, tid);
+    const int64_t roff = (static_cast<int64_t>(b) * a.nh + h) * T;
+    for (int r = tid; r < BM; r += NT) {
+      const bool valid = q0 + r < T;
+      cp_async4(sLa + (buf * BM + r) * 4, valid ? a.lse + roff + q0 + r : a.lse, valid);
+      cp_async4(sDsa + (buf * BM + r) * 4, valid ? a.dsum + roff + q0 + r : a.dsum, valid);
+    }
+  };
+
+  load_tile_sw128<BN, D, NT>(sK, a.k + static_cast<int64_t>(b) * T * a.k_rs + static_cast<int64_t>(kvh) * D, a.k_rs,
+                             j0, T, tid);
+  load_tile_sw128<BN, D, NT>(sV, a.v + static_cast<int64_t>(b) * T * a.v_rs + static_cast<int64_t>(kvh) * D, a.v_rs,
+                             j0, T, tid);
+  int s = next_live(0);
+  if (s < total) issue(s, 0);
+  cp_async_commit();
+
+  float dk[ND * 4], dv[ND * 4];
+#pragma unroll
+  for (int x = 0; x < ND * 4; ++x) dk[x] = dv[x] = 0.f;
+  int kseg[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int j = wj0 + g + 8 * hh;
+    kseg[hh] = (seg && j < T) ? __ldg(seg + j) : -1;
+  }
+
+  int buf = 0;
+  while (s < total) {
+    const int sn = next_live(s + 1);
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    if (sn < total) issue(sn, buf ^ 1);
+    cp_async_commit();
+    const int h = h_first + s / nq, q0 = (qt_lo + s % nq) * BM;
+    const uint32_t cQ = sQ + buf * QB, cdO = sdO + buf * QB;
+    const float* cL = sL + buf * BM;
+    const float* cDs = sDs + buf * BM;
+
+    // ---- S^T = K Q^T, dP^T = V dO^T (64 keys x 64 queries) ----
+    float st[NQ * 4], dpt[NQ * 4];
+#pragma unroll
+    for (int x = 0; x < NQ * 4; ++x) st[x] = dpt[x] = 0.f;
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      const uint32_t ko = (kk >> 2) * BN * 128 + (kk & 3) * 32, qo = (kk >> 2) * BM * 128 + (kk & 3) * 32;
+      wgmma_ss_n64<0, 0>(st, sw128_desc(sK + ko, 16, 1024), sw128_desc(cQ + qo, 16, 1024), kk > 0);
+      wgmma_ss_n64<0, 0>(dpt, sw128_desc(sV + ko, 16, 1024), sw128_desc(cdO + qo, 16, 1024), kk > 0);
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(st);
+    reg_fence(dpt);
+
+    // ---- P^T, dS^T ----
+    const bool need_mask = (wj0 + 15 > q0) || (q0 + BM > T) || (wj0 + 16 > T) || (seg != nullptr) ||
+                           (a.window > 0 && q0 + BM - 1 - wj0 >= a.window);
+#pragma unroll
+    for (int nb = 0; nb < NQ; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int qc = nb * 8 + 2 * t4 + e;
+        const float lraw = cL[qc];
+        const float l2 = lraw == kNegInf ? kInf : lraw * kLog2e;
+        const float dsv = cDs[qc];
+        const int i = q0 + qc;
+        int qs = 0;
+        if (need_mask && seg) qs = i < T ? __ldg(seg + i) : -1;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int x = nb * 4 + 2 * hh + e;
+          float p = fast_exp2(fmaf(st[x], a.sl2, -l2));
+          if (need_mask) {
+            const int j = wj0 + g + 8 * hh;
+            bool vis = j <= i && i < T && j < T && (a.window <= 0 || i - j < a.window);
+            if (seg) vis = vis && qs >= 0 && qs == kseg[hh];
+            if (!vis) p = 0.f;
+          }
+          st[x] = p;
+          dpt[x] = p * (dpt[x] - dsv);
+        }
+      }
+    uint32_t pa[BM / 16][4], da[BM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        // r: 0 = (tile 2kk, row g), 1 = (2kk, g+8), 2 = (2kk+1, g), 3 = (2kk+1, g+8)
+        const int x = (2 * kk + (r >> 1)) * 4 + (r & 1) * 2;
+        pa[kk][r] = pack_bf16(st[x], st[x + 1]);
+        da[kk][r] = pack_bf16(dpt[x], dpt[x + 1]);
+      }
+    }
+    // dS^T (bf16) to shared memory for dQ; the tensor cores read it: fence the generic-proxy stores.
+#pragma unroll
+    for (int nb = 0; nb < NQ; ++nb)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int r = warp * 16 + g + 8 * hh, c = nb * 8 + 2 * t4;
+        const uint32_t v = pack_bf16(dpt[nb * 4 + 2 * hh], dpt[nb * 4 + 2 * hh + 1]);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sdS + sw128_elem<BN>(r, c)), "r"(v) : "memory");
+      }
+    fence_proxy_async();
+
+    // ---- dV += P^T dO, dK += dS^T Q ----
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      const uint64_t bo = sw128_desc(cdO + kk * 2048, BM * 128, 1024);
+      const uint64_t bq = sw128_desc(cQ + kk * 2048, BM * 128, 1024);
+      if constexpr (D == 64) {
+        wgmma_rs_n64<1>(dv, pa[kk], bo, 1);
+        wgmma_rs_n64<1>(dk, da[kk], bq, 1);
+      } else {
+        wgmma_rs_n128<1>(dv, pa[kk], bo, 1);
+        wgmma_rs_n128<1>(dk, da[kk], bq, 1);
+      }
+    }
+    wg_commit();
+    if constexpr (D == 128) wg_wait<0>();  // frees the P / dS fragments before dQ's accumulators (registers)
+    __syncthreads();  // dS^T complete
+
+    // ---- dQ = dS K (64 queries x D; A = dS^T read transposed, B = K MN-major) ----
+    float dq[ND * 4];
+#pragma unroll
+    for (int x = 0; x < ND * 4; ++x) dq[x] = 0.f;
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint64_t ad = sw128_desc(sdS + kk * 2048, BM * 128, 1024);
+      const uint64_t bk = sw128_desc(sK + kk * 2048, BN * 128, 1024);
+      if constexpr (D == 64)
+        wgmma_ss_n64<1, 1>(dq, ad, bk, kk > 0);
+      else
+        wgmma_ss_n128<1, 1>(dq, ad, bk, kk > 0);
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(dq);
+    reg_fence(dk);
+    reg_fence(dv);
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int i = q0 + warp * 16 + g + 8 * hh;
+      if (i < T) {
+        float* dst = a.dq_acc + ((static_cast<int64_t>(b) * T + i) * a.nh + h) * D + 2 * t4;
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd)
+          atomicAdd(reinterpret_cast<float2*>(dst + nd * 8), make_float2(dq[nd * 4 + 2 * hh], dq[nd * 4 + 2 * hh + 1]));
+      }
+    }
+    buf ^= 1;
+    s = sn;
+  }
+  cp_async_wait<0>();
+
+  // ---- dK, dV ----
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int j = wj0 + g + 8 * hh;
+    if (j >= T) continue;
+    if (a.split == 1) {
+      bf16* dkr = a.dk + (static_cast<int64_t>(b) * T + j) * a.dk_rs + static_cast<int64_t>(kvh) * D + 2 * t4;
+      bf16* dvr = a.dv + (static_cast<int64_t>(b) * T + j) * a.dv_rs + static_cast<int64_t>(kvh) * D + 2 * t4;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd) {
+        *reinterpret_cast<uint32_t*>(dkr + nd * 8) =
+            pack_bf16(dk[nd * 4 + 2 * hh] * a.scale, dk[nd * 4 + 2 * hh + 1] * a.scale);
+        *reinterpret_cast<uint32_t*>(dvr + nd * 8) = pack_bf16(dv[nd * 4 + 2 * hh], dv[nd * 4 + 2 * hh + 1]);
+      }
+    } else {
+      const int64_t off = ((static_cast<int64_t>(b) * T + j) * a.nkv + kvh) * D + 2 * t4;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd) {
+        atomicAdd(reinterpret_cast<float2*>(a.dk_acc + off + nd * 8),
+                  make_float2(dk[nd * 4 + 2 * hh] * a.scale, dk[nd * 4 + 2 * hh + 1] * a.scale));
+        atomicAdd(reinterpret_cast<float2*>(a.dv_acc + off + nd * 8),
+                  make_float2(dv[nd * 4 + 2 * hh], dv[nd * 4 + 2 * hh + 1]));
+      }
+    }
+  }
+#endif
+}
+
+template <int D>
+void run_bwd_sm90(const BwdArgs& ba, int B, cudaStream_t st) {
+  using C = BwdSm90Cfg<D>;
+  auto kern = attn_bwd_sm90_kernel<D>;
+  check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem_bytes)),
+             "backward (sm90): raising the shared-memory limit");
+  const dim3 grid(ba.nkv * ba.split, (ba.T + C::BN - 1) / C::BN, B);
+  kern<<<grid, C::NT, C::smem_bytes, st>>>(ba);
+  check_cuda(cudaGetLastError(), "backward (sm90) kernel launch");
+}
+
 template <int D, int NW, int BM>
 void run_bwd(const BwdArgs& ba, int B, cudaStream_t st) {
   using C = BwdCfg<D, NW, BM>;
@@ -379,12 +644,14 @@ void launch_post(const float* acc, void* dst, int64_t rs, float mul, int64_t row
 }  // namespace
 
 int bwd_block_kv_rows(int head_dim, int variant) {
+  if (variant >= 3) return 64;
   if (head_dim == 64) return variant == 1 ? 128 : 64;
   return variant == 1 ? 64 : 128;
 }
 
 void launch_bwd(const AttnRawArgs& a, const BwdWork& w, int variant, cudaStream_t st) {
   const int D = static_cast<int>(a.head_dim);
+  if (variant >= 3 && !is_sm90()) variant = 0;  // wgmma kernels exist for sm_90a only
   if (D != 64 && D != 128)
     throw DeviceError("attention_bwd: head_dim " + std::to_string(a.head_dim) +
                       " is not supported by the CUDA kernels (64 and 128 are)");
@@ -443,12 +710,14 @@ void launch_bwd(const AttnRawArgs& a, const BwdWork& w, int variant, cudaStream_
   ba.scale = a.scale;
   if (D == 64) {
     switch (variant) {
+      case 3: run_bwd_sm90<64>(ba, B, st); break;
       case 1: run_bwd<64, 8, 64>(ba, B, st); break;
       case 2: run_bwd<64, 4, 32>(ba, B, st); break;
       default: run_bwd<64, 4, 64>(ba, B, st); break;
     }
   } else {
     switch (variant) {
+      case 3: run_bwd_sm90<128>(ba, B, st); break;
       case 1: run_bwd<128, 4, 64>(ba, B, st); break;
       case 2: run_bwd<128, 8, 32>(ba, B, st); break;
       default: run_bwd<128, 8, 64>(ba, B, st); break;

@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "backend/cuda/attention_common.cuh"
+#include "backend/cuda/attention_wgmma.cuh"
 #include "backend/cuda/attention_internal.h"
 #include "core/error.h"
 
@@ -259,6 +260,216 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Hopper variant (sm_90a): the same algorithm with warpgroup MMAs. A block = NWG warpgroups x 64 query
+// rows; Q, K and V tiles sit in 128B-swizzled shared memory (cp.async, K/V double-buffered) and feed wgmma
+// through descriptors: S = Q K^T (both K-major), O += P V (P from registers in the A-fragment layout, V as
+// the transposed, MN-major B operand). Softmax and masking are the mma.sync kernel's, per warp (16 rows).
+template <int D, int BN, int NWG>
+struct FwdSm90Cfg {
+  static constexpr int NT = NWG * 128;
+  static constexpr int BM = 64 * NWG;
+  static constexpr uint32_t QB = BM * D * 2, KB = BN * D * 2;  // tile bytes
+  static constexpr size_t smem_bytes = size_t(QB) + 4 * size_t(KB) + 1024;  // + alignment slack
+};
+
+template <int D, int BN, int NWG>
+__global__ void __launch_bounds__(NWG * 128, 1) attn_fwd_sm90_kernel(const FwdArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = FwdSm90Cfg<D, BN, NWG>;
+  constexpr int NT = C::NT, BM = C::BM;
+  constexpr int KD = D / 16, NB = BN / 8, ND = D / 8;
+  constexpr uint32_t QB = C::QB, KB = C::KB;
+  static_assert(BN == 64 || BN == 128, "wgmma N for S");
+  static_assert(D == 64 || D == 128, "wgmma N for O");
+  const float kNegInf = -INFINITY;
+
+  extern __shared__ __align__(16) unsigned char smem_sm90[];
+  const uint32_t sQ = (smem_addr(smem_sm90) + 1023u) & ~1023u;  // swizzle atoms need 1024-byte alignment
+  const uint32_t sK = sQ + QB;      // [2] stages
+  const uint32_t sV = sK + 2 * KB;  // [2] stages
+
+  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int wg = tid >> 7, wiw = (tid >> 5) & 3;
+  const int h = blockIdx.x, b = blockIdx.z;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * BM;
+  const int T = a.T;
+  const int wq0 = q0 + wg * 64 + wiw * 16;  // this warp's 16 rows
+  const int kvh = h / a.group;
+  const bf16* qg = a.q + static_cast<int64_t>(b) * T * a.q_rs + static_cast<int64_t>(h) * D;
+  const bf16* kg = a.k + static_cast<int64_t>(b) * T * a.k_rs + static_cast<int64_t>(kvh) * D;
+  const bf16* vg = a.v + static_cast<int64_t>(b) * T * a.v_rs + static_cast<int64_t>(kvh) * D;
+  const int32_t* seg = a.seg ? a.seg + static_cast<int64_t>(b) * T : nullptr;
+  const int2* segtab = a.segtab ? a.segtab + static_cast<int64_t>(b) * a.ne : nullptr;
+
+  const int q_end = min(q0 + BM, T);
+  const int kt_lo = a.window > 0 ? max(0, q0 - a.window + 1) / BN : 0;
+  const int kt_hi = (q_end - 1) / BN;
+  const int2 qspan = segtab ? seg_span(segtab, q0, q_end) : make_int2(0, 0);
+  auto next_live = [&](int kt) {
+    if (segtab)
+      while (kt <= kt_hi && !spans_meet(qspan, seg_span(segtab, kt * BN, min(kt * BN + BN, T)))) ++kt;
+    return kt;
+  };
+  auto load_kv = [&](int kt, int buf) {
+    load_tile_sw128<BN, D, NT>(sK + buf * KB, kg, a.k_rs, kt * BN, T, tid);
+    load_tile_sw128<BN, D, NT>(sV + buf * KB, vg, a.v_rs, kt * BN, T, tid);
+  };
+
+  int kt = next_live(kt_lo);
+  load_tile_sw128<BM, D, NT>(sQ, qg, a.q_rs, q0, T, tid);
+  if (kt <= kt_hi) load_kv(kt, 0);
+  cp_async_commit();
+
+  float o[ND * 4];
+  float m[2], l[2];
+  int qseg[2];
+#pragma unroll
+  for (int x = 0; x < ND * 4; ++x) o[x] = 0.f;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    m[hh] = kNegInf;
+    l[hh] = 0.f;
+    const int i = wq0 + g + 8 * hh;
+    qseg[hh] = (seg && i < T) ? __ldg(seg + i) : -1;
+  }
+
+  int buf = 0;
+  while (kt <= kt_hi) {
+    const int nxt = next_live(kt + 1);
+    cp_async_wait<0>();  // this tile (and Q on the first pass) landed
+    fence_proxy_async();
+    __syncthreads();     // ... for every thread; and every warpgroup is done with the other stage
+    if (nxt <= kt_hi) load_kv(nxt, buf ^ 1);
+    cp_async_commit();
+
+    // ---- S = Q K^T (64 x BN per warpgroup) ----
+    float s[NB * 4];
+#pragma unroll
+    for (int x = 0; x < NB * 4; ++x) s[x] = 0.f;
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      const uint64_t dq = sw128_desc(sQ + (kk >> 2) * BM * 128 + wg * 64 * 128 + (kk & 3) * 32, 16, 1024);
+      const uint64_t dk = sw128_desc(sK + buf * KB + (kk >> 2) * BN * 128 + (kk & 3) * 32, 16, 1024);
+      if constexpr (BN == 64)
+        wgmma_ss_n64<0, 0>(s, dq, dk, kk > 0);
+      else
+        wgmma_ss_n128<0, 0>(s, dq, dk, kk > 0);
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(s);
+
+    // ---- mask ----
+    const int j0 = kt * BN;
+    const bool need_mask = (j0 + BN - 1 > wq0) || (j0 + BN > T) || (seg != nullptr) ||
+                           (a.window > 0 && wq0 + 15 - j0 >= a.window);
+    if (need_mask) {
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = j0 + nb * 8 + 2 * t4 + e;
+          const int ks = (seg && j < T) ? __ldg(seg + j) : -1;
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int i = wq0 + g + 8 * hh;
+            bool vis = j <= i && j < T && (a.window <= 0 || i - j < a.window);
+            if (seg) vis = vis && qseg[hh] >= 0 && ks == qseg[hh];
+            if (!vis) s[nb * 4 + 2 * hh + e] = kNegInf;
+          }
+        }
+    }
+
+    // ---- online softmax ----
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float mx = kNegInf;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[nb * 4 + 2 * hh], s[nb * 4 + 2 * hh + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[hh], mx * a.sl2);
+      const float m_use = m_new == kNegInf ? 0.f : m_new;
+      const float alpha = fast_exp2(m[hh] - m_use);
+      m[hh] = m_new;
+      float rs = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pv = fast_exp2(fmaf(s[nb * 4 + 2 * hh + e], a.sl2, -m_use));
+          s[nb * 4 + 2 * hh + e] = pv;
+          rs += pv;
+        }
+      l[hh] = l[hh] * alpha + rs;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd) {
+        o[nd * 4 + 2 * hh] *= alpha;
+        o[nd * 4 + 2 * hh + 1] *= alpha;
+      }
+    }
+
+    // ---- O += P V (all of P packed first: register operands must be final before the fence) ----
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pa[kk][0] = pack_bf16(s[(2 * kk) * 4 + 0], s[(2 * kk) * 4 + 1]);
+      pa[kk][1] = pack_bf16(s[(2 * kk) * 4 + 2], s[(2 * kk) * 4 + 3]);
+      pa[kk][2] = pack_bf16(s[(2 * kk + 1) * 4 + 0], s[(2 * kk + 1) * 4 + 1]);
+      pa[kk][3] = pack_bf16(s[(2 * kk + 1) * 4 + 2], s[(2 * kk + 1) * 4 + 3]);
+    }
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint64_t dv = sw128_desc(sV + buf * KB + kk * 2048, BN * 128, 1024);
+      if constexpr (D == 64)
+        wgmma_rs_n64<1>(o, pa[kk], dv, 1);
+      else
+        wgmma_rs_n128<1>(o, pa[kk], dv, 1);
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(o);
+    buf ^= 1;
+    kt = nxt;
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue ----
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    float lt = l[hh];
+    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    const int i = wq0 + g + 8 * hh;
+    if (i < T) {
+      const float inv = lt > 0.f ? 1.f / lt : 0.f;
+      bf16* orow = a.out + (static_cast<int64_t>(b) * T + i) * a.o_rs + static_cast<int64_t>(h) * D;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd)
+        *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t4) =
+            pack_bf16(o[nd * 4 + 2 * hh] * inv, o[nd * 4 + 2 * hh + 1] * inv);
+      if (t4 == 0)
+        a.lse[(static_cast<int64_t>(b) * a.nh + h) * T + i] = lt > 0.f ? (m[hh] + log2f(lt)) * kLn2 : kNegInf;
+    }
+  }
+#endif
+}
+
+template <int D, int BN, int NWG>
+void run_fwd_sm90(const FwdArgs& fa, int B, cudaStream_t st) {
+  using C = FwdSm90Cfg<D, BN, NWG>;
+  auto kern = attn_fwd_sm90_kernel<D, BN, NWG>;
+  check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem_bytes)),
+             "forward (sm90): raising the shared-memory limit");
+  const dim3 grid(fa.nh, (fa.T + C::BM - 1) / C::BM, B);
+  kern<<<grid, C::NT, C::smem_bytes, st>>>(fa);
+  check_cuda(cudaGetLastError(), "forward (sm90) kernel launch");
+}
+
 template <int D, int NW, int MT, int BN>
 void run_fwd(const FwdArgs& fa, int B, cudaStream_t st) {
   using C = FwdCfg<D, NW, MT, BN>;
@@ -292,14 +503,19 @@ void launch_fwd(const AttnRawArgs& a, const int2* segtab, int ne, int variant, c
   fa.ne = ne;
   fa.sl2 = a.scale * kLog2e;
   const int B = static_cast<int>(a.batch);
+  if (variant >= 3 && !is_sm90()) variant = 0;  // wgmma kernels exist for sm_90a only
   if (a.head_dim == 64) {
     switch (variant) {
+      case 3: run_fwd_sm90<64, 128, 2>(fa, B, st); break;
+      case 4: run_fwd_sm90<64, 64, 2>(fa, B, st); break;
       case 1: run_fwd<64, 4, 1, 64>(fa, B, st); break;
       case 2: run_fwd<64, 8, 1, 64>(fa, B, st); break;
       default: run_fwd<64, 4, 2, 64>(fa, B, st); break;
     }
   } else if (a.head_dim == 128) {
     switch (variant) {
+      case 3: run_fwd_sm90<128, 128, 2>(fa, B, st); break;
+      case 4: run_fwd_sm90<128, 64, 2>(fa, B, st); break;
       case 1: run_fwd<128, 4, 1, 64>(fa, B, st); break;
       case 2: run_fwd<128, 4, 1, 128>(fa, B, st); break;
       default: run_fwd<128, 8, 1, 64>(fa, B, st); break;

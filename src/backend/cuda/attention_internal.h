@@ -12,6 +12,9 @@ namespace am::cuda::attn {
 // Throws am::DeviceError "attention <what>: CUDA error ..." when e is not cudaSuccess.
 void check_cuda(cudaError_t e, const char* what);
 
+// True when the current device is compute capability 9.0 (H100/H200): the sm_90a (wgmma) kernels run there.
+bool is_sm90();
+
 // Segment-range table: for each batch row and each kSegGran-row span, the (min, max) of the
 // non-negative segment ids ([B][ne], ne = ceil(T / kSegGran)). Lets kernels skip whole tiles whose
 // query and key spans share no segment (packed documents).
