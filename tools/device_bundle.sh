@@ -16,3 +16,8 @@ for b in "$O"/bin/*; do ldd "$b" | awk '/=>/ {print $3}'; done | sort -u |
   grep -vE '/(libc|libm|libstdc\+\+|libgcc_s|ld-linux[^/]*|libpthread|libdl|librt|libcuda|libcublas|libcublasLt|libcudnn[^/]*|libnccl|libcudart)\.so' |
   while read -r lib; do [ -n "$lib" ] && cp -L "$lib" "$O/lib/"; done
 du -sh "$O"
+# The working tree + carried paths must stay under 64 MiB: also pack a compressed copy to carry instead
+# (on the device: mkdir -p .devbuild && tar xJf .devpack/bundle.tar.xz -C .devbuild).
+mkdir -p .devpack
+tar cJf .devpack/bundle.tar.xz -C "$O" .
+du -sh .devpack/bundle.tar.xz

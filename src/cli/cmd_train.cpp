@@ -84,7 +84,7 @@ int cmd_bench(int argc, char** argv) {
   const int64_t warm = r.get_int("step_scheduler.warmup_steps", 3), timed = r.get_int("step_scheduler.timed_steps", 10);
   if (warm < 0 || timed < 1) r.fail("step_scheduler.timed_steps", "need warmup_steps >= 0 and timed_steps >= 1");
   t.run_steps(warm);
-  cpu_allocator().reset_peak();
+  t.reset_peak_mem();
   auto stats = t.run_steps(timed);
   double step_s = 0, fb = 0, opt = 0, tokens = 0, seq = 0;
   for (auto& s : stats) {
@@ -99,8 +99,8 @@ int cmd_bench(int argc, char** argv) {
   const auto& c = t.model().config();
   nlohmann::json j = {
       {"tokens_per_s", tps}, {"tokens_per_s_per_gpu", tps}, {"tflops_per_gpu", tflops},
-      {"mfu", nullptr},  // no meaningful peak for the CPU reference path
-      {"peak_mem_gib", static_cast<double>(cpu_allocator().peak_bytes()) / (1ull << 30)},
+      {"mfu", t.peak_flops() > 0 ? nlohmann::json(tflops * 1e12 / t.peak_flops()) : nlohmann::json(nullptr)},
+      {"peak_mem_gib", t.peak_mem_gib()}, {"gpu", t.gpu_name()},
       {"step_ms", 1e3 * step_s / timed}, {"fwd_ms", nullptr}, {"bwd_ms", nullptr},
       {"fwd_bwd_ms", 1e3 * fb / timed}, {"opt_ms", 1e3 * opt / timed}, {"world_size", 1},
       {"device", t.device_name()}, {"warmup_steps", warm}, {"timed_steps", timed},

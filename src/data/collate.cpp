@@ -11,6 +11,15 @@ int64_t count_label_tokens(const Sample& s) {
   return n;
 }
 
+Batch upload_batch(const Batch& b, const ExecContext& ex) {
+  if (!ex.on_cuda()) return b;
+  Batch d = b;
+  d.input_ids = ex.upload(b.input_ids);
+  d.targets = ex.upload(b.targets);
+  d.segment_ids = ex.upload(b.segment_ids);
+  return d;
+}
+
 Batch collate(const std::vector<const Sample*>& samples) {
   Batch b;
   b.B = static_cast<int64_t>(samples.size());

@@ -40,6 +40,10 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sectio
 // labels by one: targets[t] = labels[t+1].
 Batch collate(const std::vector<const Sample*>& samples);
 
+// Copies the device-side tensors of a host batch (ids, targets, segments) to ex's device; positions stay
+// on the host. CPU: returns the batch as is.
+Batch upload_batch(const Batch& b, const ExecContext& ex);
+
 // Number of label tokens a sample contributes after the shift.
 int64_t count_label_tokens(const Sample& s);
 

@@ -5,6 +5,9 @@
 
 #include "core/error.h"
 #include "ops/ops.h"
+#ifdef AM_WITH_CUDA
+#include "backend/cuda/cuda_ops.h"
+#endif
 
 namespace am {
 
@@ -33,6 +36,11 @@ DenseDecoder::DenseDecoder(const io::ModelConfig& cfg) : cfg_(cfg), rope_(io::co
 
 Param& DenseDecoder::lm_head() { return lm_head_ ? *lm_head_ : *embed_; }
 
+void DenseDecoder::to_device(const ExecContext& ex) {
+  ps_.to_device(ex);
+  ex_ = ex;
+}
+
 int64_t DenseDecoder::matmul_params_per_token() const {
   const int64_t H = cfg_.hidden_size, D = cfg_.head_dim, nh = cfg_.num_attention_heads,
                 nkv = cfg_.num_key_value_heads, I = cfg_.intermediate_size;
@@ -42,9 +50,10 @@ int64_t DenseDecoder::matmul_params_per_token() const {
 
 void DenseDecoder::rope_tables(const Batch& b, Tensor& cos, Tensor& sin) const {
   const int64_t N = b.B * b.T, half = cfg_.head_dim / 2;
-  cos = Tensor::empty({N, half}, DType::F32);
-  sin = Tensor::empty({N, half}, DType::F32);
-  io::rope_cos_sin(rope_, b.positions.data<int32_t>(), N, cos.f32(), sin.f32());
+  Tensor c = Tensor::empty({N, half}, DType::F32), s = Tensor::empty({N, half}, DType::F32);
+  io::rope_cos_sin(rope_, b.positions.data<int32_t>(), N, c.f32(), s.f32());
+  cos = ex_.upload(c);
+  sin = ex_.upload(s);
 }
 
 ops::AttnParams DenseDecoder::attn_params(const Batch& b, int64_t window) const {
@@ -64,16 +73,16 @@ Tensor DenseDecoder::layer_forward(const Layer& L, const Tensor& x, const Tensor
                                    const ops::AttnParams& p, LayerSaved* s) {
   const int64_t N = x.dim(0), H = cfg_.hidden_size;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, H, eps};
-  Tensor h1 = Tensor::empty({N, H}, DType::F32), r1 = Tensor::empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x, L.ln1->value, eps, h1, r1);
+  AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, H, eps, &ex_};
+  Tensor h1 = ex_.empty({N, H}), r1 = ex_.empty({N}, DType::F32);
+  ops::rmsnorm_fwd(x, L.ln1->work, eps, h1, r1);
   Tensor a = attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr);
-  Tensor x1 = x.clone();
+  Tensor x1 = ex_.clone(x);
   ops::add_(x1, a);
-  Tensor h2 = Tensor::empty({N, H}, DType::F32), r2 = Tensor::empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x1, L.ln2->value, eps, h2, r2);
-  Tensor m = mlp_forward(L.mlp, h2, s ? &s->mlp : nullptr);
-  Tensor out = x1.clone();
+  Tensor h2 = ex_.empty({N, H}), r2 = ex_.empty({N}, DType::F32);
+  ops::rmsnorm_fwd(x1, L.ln2->work, eps, h2, r2);
+  Tensor m = mlp_forward(ex_, L.mlp, h2, s ? &s->mlp : nullptr);
+  Tensor out = ex_.clone(x1);
   ops::add_(out, m);
   if (s) {
     s->x = x;
@@ -90,16 +99,16 @@ Tensor DenseDecoder::layer_backward(const Layer& L, const LayerSaved& s, const T
                                     const ops::AttnParams& p, const Tensor& dy) {
   const int64_t N = dy.dim(0), H = cfg_.hidden_size;
   AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, H,
-                      static_cast<float>(cfg_.rms_norm_eps)};
+                      static_cast<float>(cfg_.rms_norm_eps), &ex_};
   // out = x1 + mlp(norm2(x1))  ->  dx1 = dy + norm2_bwd(mlp_bwd(dy))
-  Tensor dh2 = mlp_backward(L.mlp, s.mlp, dy);
-  Tensor dx1 = Tensor::empty({N, H}, DType::F32);
-  ops::rmsnorm_bwd(s.x1, L.ln2->value, s.rstd2, dh2, dx1, L.ln2->grad);
+  Tensor dh2 = mlp_backward(ex_, L.mlp, s.mlp, dy);
+  Tensor dx1 = ex_.empty({N, H});
+  ops::rmsnorm_bwd(s.x1, L.ln2->work, s.rstd2, dh2, dx1, L.ln2->grad);
   ops::add_(dx1, dy);
   // x1 = x + attn(norm1(x))  ->  dx = dx1 + norm1_bwd(attn_bwd(dx1))
   Tensor dh1 = attention_backward(L.attn, g, s.attn, cos, sin, p, dx1);
-  Tensor dx = Tensor::empty({N, H}, DType::F32);
-  ops::rmsnorm_bwd(s.x, L.ln1->value, s.rstd1, dh1, dx, L.ln1->grad);
+  Tensor dx = ex_.empty({N, H});
+  ops::rmsnorm_bwd(s.x, L.ln1->work, s.rstd1, dh1, dx, L.ln1->grad);
   ops::add_(dx, dx1);
   return dx;
 }
@@ -108,13 +117,13 @@ Tensor DenseDecoder::trunk_forward(const Batch& b, std::vector<LayerSaved>* save
   const int64_t N = b.B * b.T, H = cfg_.hidden_size;
   Tensor cos, sin;
   rope_tables(b, cos, sin);
-  Tensor x = Tensor::empty({N, H}, DType::F32);
-  ops::embedding_fwd(b.input_ids, embed_->value, x);
+  Tensor x = ex_.empty({N, H});
+  ops::embedding_fwd(b.input_ids, embed_->work, x);
   if (saved) saved->resize(layers_.size());
   for (size_t i = 0; i < layers_.size(); ++i)
     x = layer_forward(layers_[i], x, cos, sin, attn_params(b, layers_[i].window), saved ? &(*saved)[i] : nullptr);
-  Tensor xf = Tensor::empty({N, H}, DType::F32), rf = Tensor::empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x, norm_->value, static_cast<float>(cfg_.rms_norm_eps), xf, rf);
+  Tensor xf = ex_.empty({N, H}), rf = ex_.empty({N}, DType::F32);
+  ops::rmsnorm_fwd(x, norm_->work, static_cast<float>(cfg_.rms_norm_eps), xf, rf);
   if (xf_pre) *xf_pre = x;
   if (rstd_f) *rstd_f = rf;
   return xf;
@@ -125,11 +134,11 @@ double DenseDecoder::forward_backward(const Batch& b, float grad_scale, const Fo
   std::vector<LayerSaved> saved;
   Tensor x_pre, rstd_f;
   Tensor xf = trunk_forward(b, &saved, &x_pre, &rstd_f);
-  Tensor dxf = Tensor::empty({N, H}, DType::F32);
+  Tensor dxf = ex_.empty({N, H});
   Param& head = lm_head();
-  double loss = lm_head_cross_entropy(xf, head.value, b.targets, grad_scale, &dxf, &head.grad, opt.loss_chunk_rows);
-  Tensor dx = Tensor::empty({N, H}, DType::F32);
-  ops::rmsnorm_bwd(x_pre, norm_->value, rstd_f, dxf, dx, norm_->grad);
+  double loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf, &head.grad, opt.loss_chunk_rows);
+  Tensor dx = ex_.empty({N, H});
+  ops::rmsnorm_bwd(x_pre, norm_->work, rstd_f, dxf, dx, norm_->grad);
   Tensor cos, sin;
   rope_tables(b, cos, sin);
   for (size_t i = layers_.size(); i-- > 0;) {
@@ -142,18 +151,28 @@ double DenseDecoder::forward_backward(const Batch& b, float grad_scale, const Fo
 
 double DenseDecoder::forward_loss(const Batch& b, const ForwardOptions& opt) {
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr);
-  return lm_head_cross_entropy(xf, lm_head().value, b.targets, 0.f, nullptr, nullptr, opt.loss_chunk_rows);
+  return lm_head_cross_entropy(ex_, xf, lm_head().work, b.targets, 0.f, nullptr, nullptr, opt.loss_chunk_rows);
 }
 
 Tensor DenseDecoder::forward_logits(const Batch& b) {
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr);
-  Tensor logits = Tensor::empty({xf.dim(0), cfg_.vocab_size}, DType::F32);
-  ops::linear_fwd(xf, lm_head().value, nullptr, logits);
+  Tensor logits = ex_.empty({xf.dim(0), cfg_.vocab_size});
+  ops::linear_fwd(xf, lm_head().work, nullptr, logits);
   return logits;
 }
 
-double lm_head_cross_entropy(const Tensor& x, const Tensor& W, const Tensor& targets, float grad_scale, Tensor* dx,
-                             Tensor* dW, int64_t chunk_rows) {
+double lm_head_cross_entropy(const ExecContext& ex, const Tensor& x, const Tensor& W, const Tensor& targets,
+                             float grad_scale, Tensor* dx, Tensor* dW, int64_t chunk_rows) {
+#ifdef AM_WITH_CUDA
+  if (ex.on_cuda()) {
+    // Fused chunked GEMM + CE on the device; one host sync per micro-batch to read the loss sum.
+    double* d_sum = cuda::alloc_device_scalar();
+    cuda::lm_head_cross_entropy(x, W, targets, grad_scale, dx, dW, d_sum);
+    double total = cuda::read_device_scalar(d_sum);
+    cuda::free_device_scalar(d_sum);
+    return total;
+  }
+#endif
   const int64_t N = x.dim(0), V = W.dim(0);
   const int32_t* t = targets.data<int32_t>();
   double total = 0.0;

@@ -18,6 +18,8 @@ class DenseDecoder : public CausalLM {
   explicit DenseDecoder(const io::ModelConfig& cfg);
   const io::ModelConfig& config() const override { return cfg_; }
   ParamStore& params() override { return ps_; }
+  void to_device(const ExecContext& ex) override;
+  const ExecContext& exec() const override { return ex_; }
   double forward_backward(const Batch& b, float grad_scale, const ForwardOptions& opt) override;
   double forward_loss(const Batch& b, const ForwardOptions& opt) override;
   Tensor forward_logits(const Batch& b) override;
@@ -51,6 +53,7 @@ class DenseDecoder : public CausalLM {
   Param& lm_head();
 
   io::ModelConfig cfg_;
+  ExecContext ex_;
   io::RopeTables rope_;
   ParamStore ps_;
   Param* embed_ = nullptr;  // [V, H]
@@ -61,7 +64,7 @@ class DenseDecoder : public CausalLM {
 
 // Fused lm_head + cross-entropy over row chunks: x [N, H], W [V, H]. Returns sum CE; when dx is non-null
 // also assigns dx [N, H] and accumulates dW for loss * grad_scale.
-double lm_head_cross_entropy(const Tensor& x, const Tensor& W, const Tensor& targets, float grad_scale, Tensor* dx,
-                             Tensor* dW, int64_t chunk_rows);
+double lm_head_cross_entropy(const ExecContext& ex, const Tensor& x, const Tensor& W, const Tensor& targets,
+                             float grad_scale, Tensor* dx, Tensor* dW, int64_t chunk_rows);
 
 }  // namespace am

@@ -78,7 +78,10 @@ void save_hf_model(const CausalLM& model, const std::string& out_dir, const std:
   }
   std::vector<std::pair<std::string, Tensor>> tensors;
   auto& ps = const_cast<CausalLM&>(model).params();
-  for (auto& p : ps.all()) tensors.emplace_back(p.name, p.source_dtype == DType::F32 ? p.value : p.value.to(p.source_dtype));
+  for (auto& p : ps.all()) {
+    Tensor host = ExecContext::download(p.value);
+    tensors.emplace_back(p.name, p.source_dtype == DType::F32 ? host : host.to(p.source_dtype));
+  }
   io::SaveOptions opt;
   opt.max_shard_bytes = max_shard_bytes;
   io::save_safetensors_dir(out_dir, tensors, opt);

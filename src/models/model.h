@@ -8,6 +8,7 @@
 
 #include "core/tensor.h"
 #include "io/model_config.h"
+#include "models/exec.h"
 #include "models/params.h"
 
 namespace am {
@@ -16,7 +17,7 @@ namespace am {
 struct Batch {
   int64_t B = 0, T = 0;
   Tensor input_ids;    // [N] int32 (padding: any valid id, e.g. 0)
-  Tensor positions;    // [N] int32, restarting at 0 per sample (packing restarts per packed sample)
+  Tensor positions;    // [N] int32 on the host (RoPE tables are built there), restarting at 0 per sample
   Tensor targets;      // [N] int32, already shifted: targets[t] = labels[t+1], -100 ignored
   Tensor segment_ids;  // [B, T] int32: sample index within the row (>= 0), -1 for padding
   int64_t num_label_tokens = 0;  // count of targets != -100
@@ -33,12 +34,15 @@ class CausalLM {
   virtual ~CausalLM() = default;
   virtual const io::ModelConfig& config() const = 0;
   virtual ParamStore& params() = 0;
+  // Moves the parameters to ex's device (after weights are loaded on the host) and computes there from now.
+  virtual void to_device(const ExecContext& ex) = 0;
+  virtual const ExecContext& exec() const = 0;
   // Forward and backward of one micro-batch. Returns the SUM of token cross-entropy over the micro-batch
   // (double); accumulates into every parameter's grad the gradient of (sum CE) * grad_scale.
   virtual double forward_backward(const Batch& b, float grad_scale, const ForwardOptions& opt = {}) = 0;
   // Forward only: sum of token CE (validation).
   virtual double forward_loss(const Batch& b, const ForwardOptions& opt = {}) = 0;
-  // Forward only: full logits [N, V] (tests and generation on small inputs).
+  // Forward only: full logits [N, V] on the model's device in its activation dtype (tests, generation).
   virtual Tensor forward_logits(const Batch& b) = 0;
   // Matmul parameters per token (for FLOPs/MFU: PaLM convention).
   virtual int64_t matmul_params_per_token() const = 0;

@@ -1,6 +1,10 @@
 #include "models/params.h"
 
 #include "core/error.h"
+#include "models/exec.h"
+#ifdef AM_WITH_CUDA
+#include "backend/cuda/cuda_ops.h"
+#endif
 
 namespace am {
 
@@ -11,6 +15,7 @@ Param& ParamStore::add(const std::string& name, const Shape& shape, DType source
   p.name = name;
   p.value = Tensor::zeros(shape, DType::F32);
   p.grad = Tensor::zeros(shape, DType::F32);
+  p.work = p.value;
   p.source_dtype = source_dtype;
   params_.push_back(std::move(p));
   return params_.back();
@@ -28,7 +33,25 @@ const Param& ParamStore::get(const std::string& name) const {
 }
 
 void ParamStore::zero_grad() {
-  for (auto& p : params_) p.grad.zero_();
+  for (auto& p : params_) {
+    if (p.grad.device() == DeviceType::CPU) {
+      p.grad.zero_();
+    } else {
+#ifdef AM_WITH_CUDA
+      cuda::zero_(p.grad);
+#endif
+    }
+  }
+}
+
+void ParamStore::to_device(const ExecContext& ex) {
+  if (!ex.on_cuda()) return;
+  for (auto& p : params_) {
+    Tensor host = ExecContext::download(p.value);
+    p.value = ex.upload(host);
+    p.grad = ex.zeros(host.shape(), DType::F32);
+    p.work = ex.upload_as(host, ex.act_dtype);
+  }
 }
 
 int64_t ParamStore::numel() const {

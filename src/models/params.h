@@ -12,8 +12,10 @@ namespace am {
 
 struct Param {
   std::string name;      // HF name, e.g. "model.layers.0.self_attn.q_proj.weight"
-  Tensor value;          // fp32 master weights
+  Tensor value;          // fp32 master weights (host on CPU, device on CUDA)
   Tensor grad;           // fp32, same shape; accumulated (+=) by backward
+  Tensor work;           // what forward/backward compute with: `value` itself on CPU, a bf16 device copy
+                         // on CUDA (refreshed by the optimizer step)
   DType source_dtype = DType::F32;
   bool trainable = true;
 };
@@ -27,6 +29,8 @@ class ParamStore {
   std::deque<Param>& all() { return params_; }
   const std::deque<Param>& all() const { return params_; }
   void zero_grad();
+  // Moves master weights and grads to the context's device and makes the working copies.
+  void to_device(const struct ExecContext& ex);
   int64_t numel() const;
 
  private:

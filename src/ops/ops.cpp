@@ -19,6 +19,15 @@
 #include <string>
 
 #include "backend/cpu/cpu_ops.h"
+#ifdef AM_WITH_CUDA
+#include "ops/ops_cuda.h"
+// CUDA tensors go to src/backend/cuda (which checks its own shapes and dtypes: bf16 activations, fp32
+// master weights and gradients); everything below the route is the CPU reference path.
+#define AM_ROUTE_CUDA(call) \
+  if (dev == DeviceType::CUDA) return call
+#else
+#define AM_ROUTE_CUDA(call) (void)0
+#endif
 #include "core/error.h"
 
 namespace am::ops {
@@ -59,7 +68,6 @@ DeviceType device_of(const char* op, std::initializer_list<Arg> args) {
 // Every op ends here: CPU tensors run the reference kernels in src/backend/cpu. The CUDA backend plugs
 // in at this one place: each op will pass its am::cuda:: call as a second callable, run under
 // `#ifdef AM_WITH_CUDA` when dev == DeviceType::CUDA.
-// TODO(cuda): add the CUDA branch once src/backend/cuda provides the kernels.
 template <typename CpuFn>
 auto dispatch(const char* op, DeviceType dev, CpuFn&& cpu_fn) {
   if (dev == DeviceType::CPU) return cpu_fn();
@@ -108,6 +116,7 @@ void need_int_range(const char* op, std::initializer_list<std::pair<const char*,
 void add_(Tensor& a, const Tensor& b) {
   const char* op = "add_";
   DeviceType dev = device_of(op, {{"a", &a}, {"b", &b}});
+  AM_ROUTE_CUDA(cuda::add_(a, b));
   if (!is_float(a.dtype()) || !is_float(b.dtype()))
     shape_error(op, describe("a", a) + ", " + describe("b", b) + ": expected float tensors");
   if (a.numel() != b.numel())
@@ -118,6 +127,7 @@ void add_(Tensor& a, const Tensor& b) {
 void scale_(Tensor& a, float s) {
   const char* op = "scale_";
   DeviceType dev = device_of(op, {{"a", &a}});
+  AM_ROUTE_CUDA(cuda::scale_(a, s));
   if (!is_float(a.dtype())) shape_error(op, describe("a", a) + ": expected a float tensor");
   dispatch(op, dev, [&] { cpu::scale(a.raw(), a.dtype(), s, a.numel()); });
 }
@@ -125,6 +135,7 @@ void scale_(Tensor& a, float s) {
 void copy_(Tensor& dst, const Tensor& src) {
   const char* op = "copy_";
   DeviceType dev = device_of(op, {{"dst", &dst}, {"src", &src}});
+  AM_ROUTE_CUDA(cuda::copy_(dst, src));
   if (dst.dtype() != src.dtype() && !(is_float(dst.dtype()) && is_float(src.dtype())))
     shape_error(op, describe("dst", dst) + ", " + describe("src", src) +
                         ": dtypes differ and are not both float (only float dtypes convert)");
@@ -136,6 +147,7 @@ void copy_(Tensor& dst, const Tensor& src) {
 double sum_squares(const Tensor& a) {
   const char* op = "sum_squares";
   DeviceType dev = device_of(op, {{"a", &a}});
+  AM_ROUTE_CUDA(cuda::sum_squares(a));
   if (!is_float(a.dtype())) shape_error(op, describe("a", a) + ": expected a float tensor");
   return dispatch(op, dev, [&] { return cpu::sum_squares(a.raw(), a.dtype(), a.numel()); });
 }
@@ -172,6 +184,7 @@ void check_ids(const char* op, const Tensor& ids, int64_t vocab) {
 void embedding_fwd(const Tensor& ids, const Tensor& weight, Tensor& out) {
   const char* op = "embedding_fwd";
   DeviceType dev = device_of(op, {{"ids", &ids}, {"weight", &weight}, {"out", &out}});
+  AM_ROUTE_CUDA(cuda::embedding_fwd(ids, weight, out));
   const EmbDims d = check_embedding(op, ids, weight, "out", out);
   dispatch(op, dev, [&] {
     check_ids(op, ids, d.vocab);
@@ -182,6 +195,7 @@ void embedding_fwd(const Tensor& ids, const Tensor& weight, Tensor& out) {
 void embedding_bwd(const Tensor& ids, const Tensor& dout, Tensor& dweight) {
   const char* op = "embedding_bwd";
   DeviceType dev = device_of(op, {{"ids", &ids}, {"dout", &dout}, {"dweight", &dweight}});
+  AM_ROUTE_CUDA(cuda::embedding_bwd(ids, dout, dweight));
   const EmbDims d = check_embedding(op, ids, dweight, "dout", dout);
   dispatch(op, dev, [&] {
     check_ids(op, ids, d.vocab);
@@ -215,6 +229,7 @@ LinDims check_linear(const char* op, const Tensor& x, const Tensor& w, const cha
 void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y) {
   const char* op = "linear_fwd";
   DeviceType dev = device_of(op, {{"x", &x}, {"w", &w}, {"bias", bias}, {"y", &y}});
+  AM_ROUTE_CUDA(cuda::linear_fwd(x, w, bias, y));
   const LinDims d = check_linear(op, x, w, "bias", bias, "y", y);
   dispatch(op, dev,
            [&] { cpu::linear_fwd(x.f32(), w.f32(), bias ? bias->f32() : nullptr, y.f32(), d.n, d.k, d.m); });
@@ -224,6 +239,7 @@ void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, 
   const char* op = "linear_bwd";
   DeviceType dev =
       device_of(op, {{"x", &x}, {"w", &w}, {"dy", &dy}, {"dx", dx}, {"dw", &dw}, {"dbias", dbias}});
+  AM_ROUTE_CUDA(cuda::linear_bwd(x, w, dy, dx, dw, dbias));
   const LinDims d = check_linear(op, x, w, "dbias", dbias, "dy", dy);
   need_f32(op, {{"dx", dx}, {"dw", &dw}});
   if (dx && dx->shape() != x.shape())
@@ -241,6 +257,7 @@ void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, 
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
   const char* op = "rmsnorm_fwd";
   DeviceType dev = device_of(op, {{"x", &x}, {"w", &w}, {"y", &y}, {"rstd", &rstd}});
+  AM_ROUTE_CUDA(cuda::rmsnorm_fwd(x, w, eps, y, rstd));
   need_f32(op, {{"x", &x}, {"w", &w}, {"y", &y}, {"rstd", &rstd}});
   if (w.ndim() != 1) shape_error(op, describe("w", w) + ": expected [H]");
   const int64_t h = w.dim(0);
@@ -258,6 +275,7 @@ void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Ten
   const char* op = "rmsnorm_bwd";
   DeviceType dev =
       device_of(op, {{"x", &x}, {"w", &w}, {"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}, {"dw", &dw}});
+  AM_ROUTE_CUDA(cuda::rmsnorm_bwd(x, w, rstd, dy, dx, dw));
   need_f32(op, {{"x", &x}, {"w", &w}, {"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}, {"dw", &dw}});
   if (w.ndim() != 1) shape_error(op, describe("w", w) + ": expected [H]");
   const int64_t h = w.dim(0);
@@ -302,6 +320,7 @@ RopeDims check_rope(const char* op, const char* x_name, const Tensor& x, const T
 void rope_fwd_(Tensor& x, const Tensor& cos, const Tensor& sin) {
   const char* op = "rope_fwd_";
   DeviceType dev = device_of(op, {{"x", &x}, {"cos", &cos}, {"sin", &sin}});
+  AM_ROUTE_CUDA(cuda::rope_fwd_(x, cos, sin));
   const RopeDims d = check_rope(op, "x", x, cos, sin);
   dispatch(op, dev, [&] { cpu::rope_fwd(x.f32(), cos.f32(), sin.f32(), d.n, d.heads, d.d, d.half); });
 }
@@ -309,6 +328,7 @@ void rope_fwd_(Tensor& x, const Tensor& cos, const Tensor& sin) {
 void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin) {
   const char* op = "rope_bwd_";
   DeviceType dev = device_of(op, {{"dx", &dx}, {"cos", &cos}, {"sin", &sin}});
+  AM_ROUTE_CUDA(cuda::rope_bwd_(dx, cos, sin));
   const RopeDims d = check_rope(op, "dx", dx, cos, sin);
   dispatch(op, dev, [&] { cpu::rope_bwd(dx.f32(), cos.f32(), sin.f32(), d.n, d.heads, d.d, d.half); });
 }
@@ -318,6 +338,7 @@ void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin) {
 void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) {
   const char* op = "swiglu_fwd";
   DeviceType dev = device_of(op, {{"gate", &gate}, {"up", &up}, {"h", &h}});
+  AM_ROUTE_CUDA(cuda::swiglu_fwd(gate, up, h));
   need_f32(op, {{"gate", &gate}, {"up", &up}, {"h", &h}});
   if (up.shape() != gate.shape() || h.shape() != gate.shape())
     shape_error(op, describe("gate", gate) + ", " + describe("up", up) + ", " + describe("h", h) +
@@ -329,6 +350,7 @@ void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& 
   const char* op = "swiglu_bwd";
   DeviceType dev =
       device_of(op, {{"gate", &gate}, {"up", &up}, {"dh", &dh}, {"dgate", &dgate}, {"dup", &dup}});
+  AM_ROUTE_CUDA(cuda::swiglu_bwd(gate, up, dh, dgate, dup));
   need_f32(op, {{"gate", &gate}, {"up", &up}, {"dh", &dh}, {"dgate", &dgate}, {"dup", &dup}});
   for (const Arg& a : {Arg{"up", &up}, Arg{"dh", &dh}, Arg{"dgate", &dgate}, Arg{"dup", &dup}})
     if (a.t->shape() != gate.shape())
@@ -390,6 +412,7 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Attn
   const char* op = "attention_fwd";
   DeviceType dev = device_of(
       op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}, {"segment_ids", p.segment_ids}});
+  AM_ROUTE_CUDA(cuda_attention_fwd(q, k, v, p, out, lse));
   cpu::AttnDims d = check_attention(op, p, q, k, v, lse, out);
   dispatch(op, dev, [&] {
     d.segment_ids = p.segment_ids ? p.segment_ids->data<int32_t>() : nullptr;
@@ -410,6 +433,7 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                                   {"dk", &dk},
                                   {"dv", &dv},
                                   {"segment_ids", p.segment_ids}});
+  AM_ROUTE_CUDA(cuda_attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv));
   cpu::AttnDims d = check_attention(op, p, q, k, v, lse, out);
   need_f32(op, {{"dout", &dout}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}});
   check_attn_tensor(op, "dout", dout, p, p.n_heads);
@@ -428,6 +452,7 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 double cross_entropy_fwd_bwd(const Tensor& logits, const Tensor& targets, float grad_scale, Tensor* dlogits) {
   const char* op = "cross_entropy";
   DeviceType dev = device_of(op, {{"logits", &logits}, {"targets", &targets}, {"dlogits", dlogits}});
+  AM_ROUTE_CUDA(cuda::cross_entropy_fwd_bwd(logits, targets, grad_scale, dlogits));
   need_f32(op, {{"logits", &logits}, {"dlogits", dlogits}});
   need_dtype(op, "targets", targets, DType::I32);
   if (logits.ndim() < 2) shape_error(op, describe("logits", logits) + ": expected [N, V]");

@@ -37,7 +37,7 @@ std::string write_checkpoint(const std::string& ckpt_dir, const CheckpointState&
   fs::create_directories(tmp_dir / "optim");
   auto& ps = const_cast<CausalLM&>(model).params();
   std::vector<std::pair<std::string, Tensor>> master;
-  for (auto& p : ps.all()) master.emplace_back(p.name, p.value);
+  for (auto& p : ps.all()) master.emplace_back(p.name, ExecContext::download(p.value));
   io::save_safetensors_file((tmp_dir / "model" / "master.safetensors").string(), master);
   io::save_safetensors_file((tmp_dir / "optim" / "optimizer.safetensors").string(), optim.state_tensors());
   if (consolidated) save_hf_model(model, (tmp_dir / "model" / "consolidated").string(), source_dir);
@@ -84,12 +84,18 @@ CheckpointState read_checkpoint(const std::string& ckpt_dir, const std::string& 
     if (t.shape() != p.value.shape())
       throw FormatError(dir.string() + ": tensor '" + p.name + "' has shape " + shape_str(t.shape()) + ", model expects " +
                         shape_str(p.value.shape()));
-    p.value.copy_from(t);
+    if (p.value.device() == DeviceType::CPU) {
+      p.value.copy_from(t);
+    } else {
+      Tensor host = t.clone();
+      p.value = model.exec().upload(host);
+      p.work = model.exec().upload_as(host, model.exec().act_dtype);
+    }
   }
   auto opt = io::SafeTensors::open((dir / "optim" / "optimizer.safetensors").string());
   std::map<std::string, Tensor> tensors;
   for (auto& n : opt.names()) tensors[n] = opt.get(n);
-  optim.load_state(tensors, st.optimizer_steps);
+  optim.load_state(tensors, st.optimizer_steps, model.exec());
   return st;
 }
 

@@ -3,6 +3,9 @@
 #include <cmath>
 
 #include "core/error.h"
+#ifdef AM_WITH_CUDA
+#include "backend/cuda/cuda_ops.h"
+#endif
 #include "train/recipe.h"
 
 namespace am {
@@ -31,8 +34,39 @@ OptimizerConfig OptimizerConfig::from_recipe(const Recipe& r) {
   return c;
 }
 
+void Optimizer::step_cuda(ParamStore& ps, double lr, double wd) {
+#ifdef AM_WITH_CUDA
+  if (cfg_.kind == "sgd") throw DeviceError("optimizer: torch.optim.SGD is not implemented on CUDA yet (use AdamW or Adam)");
+  ExecContext ex = ExecContext::cuda_bf16();
+  std::vector<cuda::AdamWTensors> list;
+  list.reserve(ps.all().size());
+  for (auto& p : ps.all()) {
+    if (!p.trainable) continue;
+    auto& m = m_[p.name];
+    auto& v = v_[p.name];
+    if (!m.defined()) {
+      m = ex.zeros(p.value.shape(), DType::F32);
+      v = ex.zeros(p.value.shape(), DType::F32);
+    }
+    list.push_back({&p.value, &p.grad, &m, &v, p.work.raw() == p.value.raw() ? nullptr : &p.work});
+  }
+  cuda::AdamWConfig c;
+  c.lr = lr;
+  c.beta1 = cfg_.beta1;
+  c.beta2 = cfg_.beta2;
+  c.eps = cfg_.eps;
+  c.weight_decay = wd;
+  c.step = step_;
+  c.decoupled = cfg_.kind == "adamw";
+  cuda::adamw_step(list, c);
+#else
+  throw DeviceError("optimizer: parameters are on CUDA but this build has no CUDA backend");
+#endif
+}
+
 void Optimizer::step(ParamStore& ps, double lr, double wd) {
   ++step_;
+  if (!ps.all().empty() && ps.all().front().value.device() == DeviceType::CUDA) return step_cuda(ps, lr, wd);
   const float flr = static_cast<float>(lr), fwd = static_cast<float>(wd);
   for (auto& p : ps.all()) {
     if (!p.trainable) continue;
@@ -99,13 +133,13 @@ std::vector<std::pair<std::string, Tensor>> Optimizer::state_tensors() const {
   std::vector<std::pair<std::string, Tensor>> out;
   const char* mname = cfg_.kind == "sgd" ? ".momentum_buffer" : ".exp_avg";
   for (auto& [k, t] : m_)
-    if (t.defined()) out.emplace_back(k + mname, t);
+    if (t.defined()) out.emplace_back(k + mname, ExecContext::download(t));
   for (auto& [k, t] : v_)
-    if (t.defined()) out.emplace_back(k + ".exp_avg_sq", t);
+    if (t.defined()) out.emplace_back(k + ".exp_avg_sq", ExecContext::download(t));
   return out;
 }
 
-void Optimizer::load_state(const std::map<std::string, Tensor>& tensors, int64_t step) {
+void Optimizer::load_state(const std::map<std::string, Tensor>& tensors, int64_t step, const ExecContext& ex) {
   step_ = step;
   m_.clear();
   v_.clear();
@@ -113,7 +147,7 @@ void Optimizer::load_state(const std::map<std::string, Tensor>& tensors, int64_t
     return s.size() > suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
   };
   for (auto& [k, t] : tensors) {
-    Tensor c = t.dtype() == DType::F32 ? t.clone() : t.to(DType::F32);
+    Tensor c = ex.upload(t.dtype() == DType::F32 ? t.clone() : t.to(DType::F32));
     if (ends(k, ".exp_avg_sq")) v_[k.substr(0, k.size() - 11)] = c;
     else if (ends(k, ".exp_avg")) m_[k.substr(0, k.size() - 8)] = c;
     else if (ends(k, ".momentum_buffer")) m_[k.substr(0, k.size() - 16)] = c;

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "models/exec.h"
 #include "models/params.h"
 
 namespace am {
@@ -30,8 +31,14 @@ class Optimizer {
   const OptimizerConfig& config() const { return cfg_; }
   int64_t step_count() const { return step_; }
   // State tensors by name ("<param>.exp_avg", "<param>.exp_avg_sq", "<param>.momentum_buffer").
-  std::vector<std::pair<std::string, Tensor>> state_tensors() const;
-  void load_state(const std::map<std::string, Tensor>& tensors, int64_t step);
+  std::vector<std::pair<std::string, Tensor>> state_tensors() const;  // host copies
+
+ private:
+  void step_cuda(ParamStore& ps, double lr, double wd);
+
+ public:
+  // Host tensors from a checkpoint; moved to ex's device.
+  void load_state(const std::map<std::string, Tensor>& tensors, int64_t step, const ExecContext& ex);
 
  private:
   OptimizerConfig cfg_;

@@ -11,7 +11,11 @@
 
 #include <nlohmann/json.hpp>
 
+#include "backend/cuda/device_info.h"
 #include "core/error.h"
+#ifdef AM_WITH_CUDA
+#include "backend/cuda/cuda_ops.h"
+#endif
 #include "core/log.h"
 #include "io/model_config.h"
 #include "io/safetensors.h"
@@ -39,8 +43,17 @@ void Trainer::setup() {
   std::string device = r_.get_string("device", "auto");
   if (device != "auto" && device != "cpu" && device != "cuda")
     r_.fail("device", "expected auto, cpu or cuda, got '" + device + "'");
-  if (device == "cuda") throw DeviceError("device: cuda was requested but this build has no usable CUDA training path yet");
   device_name_ = "cpu";
+  if (device != "cpu") {
+    std::string why;
+    auto devs = cuda::list_devices(&why);
+    if (!devs.empty()) {
+      device_name_ = "cuda";
+      gpu_name_ = devs[0].name;
+    } else if (device == "cuda") {
+      throw DeviceError(r_.where("device") + ": cuda requested but no GPU is usable (" + why + ")");
+    }
+  }
 
   // ---- model ----
   io::ModelConfig cfg;
@@ -75,6 +88,7 @@ void Trainer::setup() {
   model_ = build_model(cfg);
   if (!source_dir_.empty()) load_hf_weights(*model_, source_dir_);
   else init_random_weights(*model_, seed_, init_dtype);
+  if (device_name_ == "cuda") model_->to_device(ExecContext::cuda_bf16());
   if (dtype_s != "auto") {
     DType d;
     try {
@@ -152,6 +166,33 @@ void Trainer::setup() {
   if (!restore_from.empty()) restore(restore_from);
 }
 
+double Trainer::peak_mem_gib() const {
+#ifdef AM_WITH_CUDA
+  if (device_name_ == "cuda") return static_cast<double>(cuda::default_context().allocator().peak_bytes()) / (1ull << 30);
+#endif
+  return static_cast<double>(cpu_allocator().peak_bytes()) / (1ull << 30);
+}
+
+void Trainer::reset_peak_mem() {
+#ifdef AM_WITH_CUDA
+  if (device_name_ == "cuda") cuda::default_context().allocator().reset_peak();
+#endif
+  cpu_allocator().reset_peak();
+}
+
+double Trainer::peak_flops() const {
+  // Dense bf16 peak of the device (SPEC §5: H100/H200 SXM 989 TFLOP/s). 0 = unknown (CPU).
+  if (device_name_ != "cuda") return 0.0;
+  return 989e12;
+}
+
+double Trainer::mfu_of(double tps, const StepStats& s) const {
+  const double pf = peak_flops();
+  if (pf <= 0 || s.num_tokens == 0) return 0.0;
+  const double seq = static_cast<double>(s.padded_tokens) / static_cast<double>(gbs_);  // mean padded length
+  return tps * flops_per_token(seq) / pf;
+}
+
 double Trainer::flops_per_token(double seq_len) const {
   const auto& c = model_->config();
   return 6.0 * static_cast<double>(model_->matmul_params_per_token()) +
@@ -192,17 +233,29 @@ StepStats Trainer::train_step(int64_t step) {
   model_->params().zero_grad();
   for (size_t m = 0; m < global.size(); m += static_cast<size_t>(lbs_)) {
     std::vector<const Sample*> micro(global.begin() + m, global.begin() + std::min(global.size(), m + lbs_));
-    Batch b = collate(micro);
+    Batch b = upload_batch(collate(micro), model_->exec());
     st.num_tokens += b.num_real_tokens;
+    st.padded_tokens += b.B * b.T;
     loss_sum += model_->forward_backward(b, scale, fwd_opt_);
   }
+  model_->exec().synchronize();  // device work is asynchronous: time it, not its enqueueing
   st.fwd_bwd_s = seconds_since(t0);
   auto t1 = clock_t_::now();
   st.loss = st.num_label_tokens > 0 ? loss_sum / static_cast<double>(st.num_label_tokens) : 0.0;
   // Total L2 norm of all gradients (before clipping), as torch.nn.utils.clip_grad_norm_ returns it.
   double sq = 0.0;
-  for (auto& p : model_->params().all())
-    if (p.trainable) sq += ops::sum_squares(p.grad);
+#ifdef AM_WITH_CUDA
+  if (model_->exec().on_cuda()) {
+    std::vector<const Tensor*> grads;
+    for (auto& p : model_->params().all())
+      if (p.trainable) grads.push_back(&p.grad);
+    sq = cuda::sum_squares_multi(grads);
+  } else
+#endif
+  {
+    for (auto& p : model_->params().all())
+      if (p.trainable) sq += ops::sum_squares(p.grad);
+  }
   st.grad_norm = std::sqrt(sq);
   if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm))
     log::warn("step " + std::to_string(step) + ": non-finite loss or grad_norm");
@@ -214,6 +267,7 @@ StepStats Trainer::train_step(int64_t step) {
   }
   st.lr = sched_.lr_at(step);
   optim_->step(model_->params(), st.lr, sched_.wd_at(step));
+  model_->exec().synchronize();
   st.opt_s = seconds_since(t1);
   st.time_s = seconds_since(t0);
   return st;
@@ -221,10 +275,11 @@ StepStats Trainer::train_step(int64_t step) {
 
 void Trainer::log_step(const StepStats& s) {
   const double tps = s.time_s > 0 ? s.num_tokens / s.time_s : 0.0;
-  const double mem = static_cast<double>(cpu_allocator().peak_bytes()) / (1ull << 30);
+  const double mem = peak_mem_gib();
+  const double mfu = mfu_of(tps, s);
   json j = {{"step", s.step},       {"epoch", s.epoch}, {"loss", s.loss}, {"grad_norm", s.grad_norm}, {"lr", s.lr},
             {"num_label_tokens", s.num_label_tokens}, {"num_tokens", s.num_tokens}, {"tps", tps},
-            {"tps_per_gpu", tps},   {"mem_gib", mem},   {"mfu", 0.0},    {"time_s", s.time_s},
+            {"tps_per_gpu", tps},   {"mem_gib", mem},   {"mfu", mfu},    {"time_s", s.time_s},
             {"device", device_name_}};
   if (ckpt_enabled_ || !ckpt_dir_.empty()) {
     fs::create_directories(ckpt_dir_);
@@ -234,8 +289,9 @@ void Trainer::log_step(const StepStats& s) {
   if (!opt_.quiet) {
     char line[256];
     std::snprintf(line, sizeof line,
-                  "step %lld | epoch %lld | loss %.4f | grad_norm %.3f | lr %.2e | mem %.2f GiB | tps %.0f (%.0f/gpu) | mfu n/a (cpu)",
-                  static_cast<long long>(s.step), static_cast<long long>(s.epoch), s.loss, s.grad_norm, s.lr, mem, tps, tps);
+                  "step %lld | epoch %lld | loss %.4f | grad_norm %.3f | lr %.2e | mem %.2f GiB | tps %.0f (%.0f/gpu) | mfu %.1f%%",
+                  static_cast<long long>(s.step), static_cast<long long>(s.epoch), s.loss, s.grad_norm, s.lr, mem, tps, tps,
+                  100.0 * mfu);
     std::printf("%s\n", line);
     std::fflush(stdout);
   }
@@ -248,7 +304,7 @@ double Trainer::validate(int64_t* num_label_tokens) {
   std::vector<const Sample*> micro;
   auto flush = [&] {
     if (micro.empty()) return;
-    Batch b = collate(micro);
+    Batch b = upload_batch(collate(micro), model_->exec());
     count += b.num_label_tokens;
     total += model_->forward_loss(b, fwd_opt_);
     micro.clear();
@@ -271,6 +327,12 @@ std::vector<StepStats> Trainer::run_steps(int64_t n) {
 std::vector<StepStats> Trainer::train() {
   std::vector<StepStats> out;
   if (ckpt_enabled_) fs::create_directories(ckpt_dir_);
+  if (start_step_ == 1) {
+    // A fresh (not resumed) run starts its logs afresh.
+    std::error_code ec;
+    fs::remove(fs::path(ckpt_dir_) / "training.jsonl", ec);
+    fs::remove(fs::path(ckpt_dir_) / "validation.jsonl", ec);
+  }
   if (start_step_ > total_steps_) {
     log::info("nothing to do: the checkpoint is already at step " + std::to_string(start_step_ - 1) + " of " +
               std::to_string(total_steps_));

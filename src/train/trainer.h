@@ -21,7 +21,7 @@ struct TrainerOptions {
 struct StepStats {
   int64_t step = 0, epoch = 0;
   double loss = 0, grad_norm = 0, lr = 0;
-  int64_t num_label_tokens = 0, num_tokens = 0;
+  int64_t num_label_tokens = 0, num_tokens = 0, padded_tokens = 0;
   double time_s = 0, fwd_bwd_s = 0, opt_s = 0;
 };
 
@@ -43,6 +43,11 @@ class Trainer {
   int64_t local_batch_size() const { return lbs_; }
   const std::string& device_name() const { return device_name_; }
   double flops_per_token(double seq_len) const;
+  double peak_mem_gib() const;
+  void reset_peak_mem();
+  double peak_flops() const;
+  double mfu_of(double tps, const StepStats& s) const;
+  const std::string& gpu_name() const { return gpu_name_; }
 
  private:
   void setup();
@@ -59,7 +64,7 @@ class Trainer {
   std::unique_ptr<Dataset> train_ds_, val_ds_;
   std::unique_ptr<Optimizer> optim_;
   LrScheduler sched_;
-  std::string source_dir_, tokenizer_dir_, device_name_ = "cpu";
+  std::string source_dir_, tokenizer_dir_, device_name_ = "cpu", gpu_name_;
   uint64_t seed_ = 42;
   int64_t gbs_ = 1, lbs_ = 1, epochs_ = 1, total_steps_ = 0, steps_per_epoch_ = 0;
   int64_t ckpt_every_ = 0, val_every_ = 0;

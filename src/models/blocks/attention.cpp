@@ -20,23 +20,23 @@ AttentionWeights register_attention(ParamStore& ps, const std::string& pre, cons
   return w;
 }
 
-static const Tensor* bias_of(const Param* p) { return p ? &p->value : nullptr; }
+static const Tensor* bias_of(const Param* p) { return p ? &p->work : nullptr; }
 static Tensor* dbias_of(Param* p) { return p ? &p->grad : nullptr; }
 
 Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x, const Tensor& cos,
                          const Tensor& sin, const ops::AttnParams& p, AttentionSaved* s) {
   const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
-  Tensor q = Tensor::empty({N, nh * D}, DType::F32), k = Tensor::empty({N, nkv * D}, DType::F32),
-         v = Tensor::empty({N, nkv * D}, DType::F32);
-  ops::linear_fwd(x, w.q->value, bias_of(w.q_bias), q);
-  ops::linear_fwd(x, w.k->value, bias_of(w.k_bias), k);
-  ops::linear_fwd(x, w.v->value, bias_of(w.v_bias), v);
+  Tensor q = g.ex->empty({N, nh * D}), k = g.ex->empty({N, nkv * D}),
+         v = g.ex->empty({N, nkv * D});
+  ops::linear_fwd(x, w.q->work, bias_of(w.q_bias), q);
+  ops::linear_fwd(x, w.k->work, bias_of(w.k_bias), k);
+  ops::linear_fwd(x, w.v->work, bias_of(w.v_bias), v);
   if (w.q_norm) {
     // RMSNorm over head_dim, per head: view q as [N*nh, D].
-    Tensor qn = Tensor::empty({N * nh, D}, DType::F32), kn = Tensor::empty({N * nkv, D}, DType::F32);
-    Tensor qr = Tensor::empty({N * nh}, DType::F32), kr = Tensor::empty({N * nkv}, DType::F32);
-    ops::rmsnorm_fwd(q.view({N * nh, D}), w.q_norm->value, g.norm_eps, qn, qr);
-    ops::rmsnorm_fwd(k.view({N * nkv, D}), w.k_norm->value, g.norm_eps, kn, kr);
+    Tensor qn = g.ex->empty({N * nh, D}), kn = g.ex->empty({N * nkv, D});
+    Tensor qr = g.ex->empty({N * nh}, DType::F32), kr = g.ex->empty({N * nkv}, DType::F32);
+    ops::rmsnorm_fwd(q.view({N * nh, D}), w.q_norm->work, g.norm_eps, qn, qr);
+    ops::rmsnorm_fwd(k.view({N * nkv, D}), w.k_norm->work, g.norm_eps, kn, kr);
     if (s) {
       s->q_pre = q;
       s->k_pre = k;
@@ -49,13 +49,13 @@ Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, 
   Tensor q3 = q.view({N, nh, D}), k3 = k.view({N, nkv, D});
   ops::rope_fwd_(q3, cos, sin);
   ops::rope_fwd_(k3, cos, sin);
-  Tensor o = Tensor::empty({N, nh * D}, DType::F32);
+  Tensor o = g.ex->empty({N, nh * D});
   Tensor o4 = o.view({p.batch, p.seq, nh, D});
-  Tensor lse = Tensor::empty({p.batch, nh, p.seq}, DType::F32);
+  Tensor lse = g.ex->empty({p.batch, nh, p.seq}, DType::F32);
   ops::attention_fwd(q.view({p.batch, p.seq, nh, D}), k.view({p.batch, p.seq, nkv, D}),
                      v.view({p.batch, p.seq, nkv, D}), p, o4, lse);
-  Tensor y = Tensor::empty({N, g.hidden}, DType::F32);
-  ops::linear_fwd(o, w.o->value, bias_of(w.o_bias), y);
+  Tensor y = g.ex->empty({N, g.hidden});
+  ops::linear_fwd(o, w.o->work, bias_of(w.o_bias), y);
   if (s) {
     s->x = x;
     s->q = q;
@@ -70,10 +70,10 @@ Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, 
 Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g, const AttentionSaved& s,
                           const Tensor& cos, const Tensor& sin, const ops::AttnParams& p, const Tensor& dy) {
   const int64_t N = dy.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
-  Tensor d_o = Tensor::empty({N, nh * D}, DType::F32);
-  ops::linear_bwd(s.o, w.o->value, dy, &d_o, w.o->grad, dbias_of(w.o_bias));
-  Tensor dq = Tensor::empty({N, nh * D}, DType::F32), dk = Tensor::empty({N, nkv * D}, DType::F32),
-         dv = Tensor::empty({N, nkv * D}, DType::F32);
+  Tensor d_o = g.ex->empty({N, nh * D});
+  ops::linear_bwd(s.o, w.o->work, dy, &d_o, w.o->grad, dbias_of(w.o_bias));
+  Tensor dq = g.ex->empty({N, nh * D}), dk = g.ex->empty({N, nkv * D}),
+         dv = g.ex->empty({N, nkv * D});
   Tensor dq4 = dq.view({p.batch, p.seq, nh, D}), dk4 = dk.view({p.batch, p.seq, nkv, D}),
          dv4 = dv.view({p.batch, p.seq, nkv, D});
   ops::attention_bwd(s.q.view({p.batch, p.seq, nh, D}), s.k.view({p.batch, p.seq, nkv, D}),
@@ -83,17 +83,17 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
   ops::rope_bwd_(dq3, cos, sin);
   ops::rope_bwd_(dk3, cos, sin);
   if (w.q_norm) {
-    Tensor dqp = Tensor::empty({N * nh, D}, DType::F32), dkp = Tensor::empty({N * nkv, D}, DType::F32);
-    ops::rmsnorm_bwd(s.q_pre.view({N * nh, D}), w.q_norm->value, s.q_rstd, dq.view({N * nh, D}), dqp, w.q_norm->grad);
-    ops::rmsnorm_bwd(s.k_pre.view({N * nkv, D}), w.k_norm->value, s.k_rstd, dk.view({N * nkv, D}), dkp, w.k_norm->grad);
+    Tensor dqp = g.ex->empty({N * nh, D}), dkp = g.ex->empty({N * nkv, D});
+    ops::rmsnorm_bwd(s.q_pre.view({N * nh, D}), w.q_norm->work, s.q_rstd, dq.view({N * nh, D}), dqp, w.q_norm->grad);
+    ops::rmsnorm_bwd(s.k_pre.view({N * nkv, D}), w.k_norm->work, s.k_rstd, dk.view({N * nkv, D}), dkp, w.k_norm->grad);
     dq = dqp.view({N, nh * D});
     dk = dkp.view({N, nkv * D});
   }
-  Tensor dx = Tensor::empty({N, g.hidden}, DType::F32), tmp = Tensor::empty({N, g.hidden}, DType::F32);
-  ops::linear_bwd(s.x, w.q->value, dq, &dx, w.q->grad, dbias_of(w.q_bias));
-  ops::linear_bwd(s.x, w.k->value, dk, &tmp, w.k->grad, dbias_of(w.k_bias));
+  Tensor dx = g.ex->empty({N, g.hidden}), tmp = g.ex->empty({N, g.hidden});
+  ops::linear_bwd(s.x, w.q->work, dq, &dx, w.q->grad, dbias_of(w.q_bias));
+  ops::linear_bwd(s.x, w.k->work, dk, &tmp, w.k->grad, dbias_of(w.k_bias));
   ops::add_(dx, tmp);
-  ops::linear_bwd(s.x, w.v->value, dv, &tmp, w.v->grad, dbias_of(w.v_bias));
+  ops::linear_bwd(s.x, w.v->work, dv, &tmp, w.v->grad, dbias_of(w.v_bias));
   ops::add_(dx, tmp);
   return dx;
 }

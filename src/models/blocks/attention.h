@@ -8,6 +8,7 @@
 #include <string>
 
 #include "io/model_config.h"
+#include "models/exec.h"
 #include "models/params.h"
 #include "ops/ops.h"
 
@@ -32,6 +33,7 @@ struct AttentionSaved {
 struct AttentionGeometry {
   int64_t n_heads, n_kv_heads, head_dim, hidden;
   float norm_eps;
+  const ExecContext* ex;  // device + activation dtype for every buffer the block allocates
 };
 
 AttentionWeights register_attention(ParamStore& ps, const std::string& prefix, const io::ModelConfig& cfg);

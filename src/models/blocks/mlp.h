@@ -4,6 +4,7 @@
 #include <string>
 
 #include "io/model_config.h"
+#include "models/exec.h"
 #include "models/params.h"
 
 namespace am {
@@ -20,7 +21,7 @@ struct MlpSaved {
 };
 
 MlpWeights register_mlp(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter, bool bias);
-Tensor mlp_forward(const MlpWeights& w, const Tensor& x, MlpSaved* saved);
-Tensor mlp_backward(const MlpWeights& w, const MlpSaved& s, const Tensor& dy);
+Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* saved);
+Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy);
 
 }  // namespace am
