@@ -2,10 +2,10 @@
 // (B 1, T 4096, nh 32, nkv 4, D 128, causal), every kernel variant, forward and backward, timed with CUDA
 // events after warm-up (median of the repeats). TFLOP/s use the causal count: forward 4 * B * nh * T^2 * D / 2,
 // backward 2.5 x forward. The ceiling is a cuBLASLt bf16 8192^3 GEMM timed in the same run.
-// Also checks that the variants agree with variant 0 on these large shapes (catches index overflow / races
-// that the small-shape tests would miss).
+// Variants as in AttnTuning (0 = auto). Also checks that the variants agree with the first one listed on
+// these large shapes (catches index overflow / races that the small-shape tests would miss).
 //
-//   am_gpu_microbench attention [reps=20] [forward variants, e.g. 0,3] [backward variants]
+//   am_gpu_microbench attention [reps=20] [forward variants, e.g. 0,1,4,5] [backward variants, e.g. 0,1,4]
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -157,7 +157,7 @@ std::vector<int> parse_list(const char* s, int n) {
     p = *end ? end + 1 : end;
   }
   if (v.empty())
-    for (int i = 0; i < n; ++i) v.push_back(i);
+    for (int i = 0; i <= n; ++i) v.push_back(i);
   return v;
 }
 

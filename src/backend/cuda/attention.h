@@ -6,10 +6,11 @@
 //   lse [B, nh, T] fp32 (natural-log logsumexp of the scaled scores; -inf for rows that see no key)
 //   segment_ids [B, T] int32 on the device (or nullptr)
 //
-// Head dims 64 and 128 run the tensor-core kernels; other head dims throw DeviceError. Work is queued on
-// `stream` (nullptr: the legacy default stream); nothing synchronises. Scratch memory: the *_workspace_bytes
-// functions say how much the call needs; pass that much device memory (e.g. from the caching allocator),
-// or nullptr to let the call take it stream-ordered from cudaMallocAsync.
+// Head dims 64 and 128 run tensor-core kernels (wgmma on H100/H200 = sm_90a, mma.sync elsewhere); other
+// head dims throw DeviceError. Work is queued on `stream` (nullptr: the legacy default stream); nothing
+// synchronises. Scratch memory: the *_workspace_bytes functions say how much the call needs; pass that
+// much device memory (e.g. from the caching allocator), or nullptr to let the call take it stream-ordered
+// from cudaMallocAsync.
 //
 // Numerics: scores and softmax statistics fp32 (exp2 with the scale folded in), P and dS rounded to bf16
 // before the tensor-core products (as FlashAttention), dQ accumulated in fp32 with atomics (so dq's last
@@ -62,8 +63,9 @@ void attention_bwd_raw(const AttnRawArgs& a, CUstream_st* stream, void* workspac
 
 // Process-wide knobs for tests and benchmarks (not thread-safe to change while kernels are launched).
 struct AttnTuning {
-  int fwd_variant = 0;  // 0: default tile shape; 1, 2: alternatives (benchmarks)
-  int bwd_variant = 0;
+  int fwd_variant = 0;  // 0: the best for the device; 1-3: mma.sync tile shapes (any GPU); 4, 5: wgmma
+  int bwd_variant = 0;  // 0: the best for the device; 1-3: mma.sync tile shapes; 4: wgmma (sm_90a:
+                        // H100/H200; elsewhere wgmma variants fall back to 1). See attention_fwd/bwd.cu.
   int bwd_split = 0;    // blocks per GQA group in the backward: 0 = auto; 1 = one block does the whole
                         // group (dk/dv written directly); n > 1 must divide the group (fp32 atomics)
 };

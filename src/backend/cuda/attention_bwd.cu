@@ -643,15 +643,26 @@ void launch_post(const float* acc, void* dst, int64_t rs, float mul, int64_t row
 
 }  // namespace
 
+// Variants: 0 = the best for the device (sm_90a: 4, else 1); 1-3 mma.sync tile shapes; 4 wgmma (sm_90a).
+int resolve_bwd_variant(int head_dim, int variant) {
+  const bool sm90 = is_sm90();
+  if (variant <= 0 || variant > 4) return sm90 ? 4 : 1;
+  if (variant == 4 && !sm90) return 1;  // the wgmma kernel exists for sm_90a only
+  return variant;
+}
+
 int bwd_block_kv_rows(int head_dim, int variant) {
-  if (variant >= 3) return 64;
-  if (head_dim == 64) return variant == 1 ? 128 : 64;
-  return variant == 1 ? 64 : 128;
+  switch (resolve_bwd_variant(head_dim, variant)) {
+    case 2: return head_dim == 64 ? 128 : 64;
+    case 3: return head_dim == 64 ? 64 : 128;
+    case 4: return 64;
+    default: return head_dim == 64 ? 64 : 128;
+  }
 }
 
 void launch_bwd(const AttnRawArgs& a, const BwdWork& w, int variant, cudaStream_t st) {
   const int D = static_cast<int>(a.head_dim);
-  if (variant >= 3 && !is_sm90()) variant = 0;  // wgmma kernels exist for sm_90a only
+  variant = resolve_bwd_variant(D, variant);
   if (D != 64 && D != 128)
     throw DeviceError("attention_bwd: head_dim " + std::to_string(a.head_dim) +
                       " is not supported by the CUDA kernels (64 and 128 are)");
@@ -710,16 +721,16 @@ void launch_bwd(const AttnRawArgs& a, const BwdWork& w, int variant, cudaStream_
   ba.scale = a.scale;
   if (D == 64) {
     switch (variant) {
-      case 3: run_bwd_sm90<64>(ba, B, st); break;
-      case 1: run_bwd<64, 8, 64>(ba, B, st); break;
-      case 2: run_bwd<64, 4, 32>(ba, B, st); break;
+      case 4: run_bwd_sm90<64>(ba, B, st); break;
+      case 3: run_bwd<64, 4, 32>(ba, B, st); break;
+      case 2: run_bwd<64, 8, 64>(ba, B, st); break;
       default: run_bwd<64, 4, 64>(ba, B, st); break;
     }
   } else {
     switch (variant) {
-      case 3: run_bwd_sm90<128>(ba, B, st); break;
-      case 1: run_bwd<128, 4, 64>(ba, B, st); break;
-      case 2: run_bwd<128, 8, 32>(ba, B, st); break;
+      case 4: run_bwd_sm90<128>(ba, B, st); break;
+      case 3: run_bwd<128, 8, 32>(ba, B, st); break;
+      case 2: run_bwd<128, 4, 64>(ba, B, st); break;
       default: run_bwd<128, 8, 64>(ba, B, st); break;
     }
   }

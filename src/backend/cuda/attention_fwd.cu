@@ -503,21 +503,25 @@ void launch_fwd(const AttnRawArgs& a, const int2* segtab, int ne, int variant, c
   fa.ne = ne;
   fa.sl2 = a.scale * kLog2e;
   const int B = static_cast<int>(a.batch);
-  if (variant >= 3 && !is_sm90()) variant = 0;  // wgmma kernels exist for sm_90a only
+  // Variants: 0 = the best for the device (sm_90a: wgmma with BN 64 for D 64, BN 128 for D 128; else 1);
+  // 1-3 mma.sync tile shapes; 4, 5 wgmma (sm_90a only).
+  const bool sm90 = is_sm90();
+  if (variant <= 0 || variant > 5) variant = sm90 ? (a.head_dim == 64 ? 5 : 4) : 1;
+  if (variant >= 4 && !sm90) variant = 1;
   if (a.head_dim == 64) {
     switch (variant) {
-      case 3: run_fwd_sm90<64, 128, 2>(fa, B, st); break;
-      case 4: run_fwd_sm90<64, 64, 2>(fa, B, st); break;
-      case 1: run_fwd<64, 4, 1, 64>(fa, B, st); break;
-      case 2: run_fwd<64, 8, 1, 64>(fa, B, st); break;
+      case 4: run_fwd_sm90<64, 128, 2>(fa, B, st); break;
+      case 5: run_fwd_sm90<64, 64, 2>(fa, B, st); break;
+      case 2: run_fwd<64, 4, 1, 64>(fa, B, st); break;
+      case 3: run_fwd<64, 8, 1, 64>(fa, B, st); break;
       default: run_fwd<64, 4, 2, 64>(fa, B, st); break;
     }
   } else if (a.head_dim == 128) {
     switch (variant) {
-      case 3: run_fwd_sm90<128, 128, 2>(fa, B, st); break;
-      case 4: run_fwd_sm90<128, 64, 2>(fa, B, st); break;
-      case 1: run_fwd<128, 4, 1, 64>(fa, B, st); break;
-      case 2: run_fwd<128, 4, 1, 128>(fa, B, st); break;
+      case 4: run_fwd_sm90<128, 128, 2>(fa, B, st); break;
+      case 5: run_fwd_sm90<128, 64, 2>(fa, B, st); break;
+      case 2: run_fwd<128, 4, 1, 64>(fa, B, st); break;
+      case 3: run_fwd<128, 4, 1, 128>(fa, B, st); break;
       default: run_fwd<128, 8, 1, 64>(fa, B, st); break;
     }
   } else {

@@ -33,7 +33,8 @@ struct BwdWork {
 };
 void launch_bwd(const AttnRawArgs& a, const BwdWork& w, int variant, cudaStream_t st);
 
-// Kernel rows per kv block of the backward variant (for the split heuristic).
+// Kernel rows per kv block of the backward variant (for the split heuristic); variant 0 = auto.
+int resolve_bwd_variant(int head_dim, int variant);
 int bwd_block_kv_rows(int head_dim, int variant);
 
 }  // namespace am::cuda::attn
