@@ -113,15 +113,20 @@ Tensor DenseDecoder::layer_backward(const Layer& L, const LayerSaved& s, const T
   return dx;
 }
 
-Tensor DenseDecoder::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, Tensor* xf_pre, Tensor* rstd_f) {
+Tensor DenseDecoder::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, Tensor* xf_pre, Tensor* rstd_f,
+                                   bool recompute) {
   const int64_t N = b.B * b.T, H = cfg_.hidden_size;
   Tensor cos, sin;
   rope_tables(b, cos, sin);
   Tensor x = ex_.empty({N, H});
   ops::embedding_fwd(b.input_ids, embed_->work, x);
   if (saved) saved->resize(layers_.size());
-  for (size_t i = 0; i < layers_.size(); ++i)
-    x = layer_forward(layers_[i], x, cos, sin, attn_params(b, layers_[i].window), saved ? &(*saved)[i] : nullptr);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    // Activation checkpointing keeps only each layer's input [N, H]; backward recomputes the rest.
+    if (saved && recompute) (*saved)[i].x = x;
+    LayerSaved* s = saved && !recompute ? &(*saved)[i] : nullptr;
+    x = layer_forward(layers_[i], x, cos, sin, attn_params(b, layers_[i].window), s);
+  }
   Tensor xf = ex_.empty({N, H}), rf = ex_.empty({N}, DType::F32);
   ops::rmsnorm_fwd(x, norm_->work, static_cast<float>(cfg_.rms_norm_eps), xf, rf);
   if (xf_pre) *xf_pre = x;
@@ -133,7 +138,8 @@ double DenseDecoder::forward_backward(const Batch& b, float grad_scale, const Fo
   const int64_t N = b.B * b.T, H = cfg_.hidden_size;
   std::vector<LayerSaved> saved;
   Tensor x_pre, rstd_f;
-  Tensor xf = trunk_forward(b, &saved, &x_pre, &rstd_f);
+  const bool recompute = opt.activation_checkpointing;
+  Tensor xf = trunk_forward(b, &saved, &x_pre, &rstd_f, recompute);
   Tensor dxf = ex_.empty({N, H});
   Param& head = lm_head();
   double loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf, &head.grad, opt.loss_chunk_rows);
@@ -142,7 +148,12 @@ double DenseDecoder::forward_backward(const Batch& b, float grad_scale, const Fo
   Tensor cos, sin;
   rope_tables(b, cos, sin);
   for (size_t i = layers_.size(); i-- > 0;) {
-    dx = layer_backward(layers_[i], saved[i], cos, sin, attn_params(b, layers_[i].window), dx);
+    const ops::AttnParams p = attn_params(b, layers_[i].window);
+    if (recompute) {
+      Tensor x_in = saved[i].x;
+      layer_forward(layers_[i], x_in, cos, sin, p, &saved[i]);  // same inputs, same kernels: same activations
+    }
+    dx = layer_backward(layers_[i], saved[i], cos, sin, p, dx);
     saved[i] = LayerSaved{};  // free this layer's activations as soon as they are consumed
   }
   ops::embedding_bwd(b.input_ids, dx, embed_->grad);

@@ -43,7 +43,9 @@ class DenseDecoder : public CausalLM {
     MlpSaved mlp;
   };
   // Runs embedding + all layers + final norm. Fills saved (per layer) when non-null.
-  Tensor trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, Tensor* xf_pre, Tensor* rstd_f);
+  // recompute: keep only each layer's input in saved[i].x (activation checkpointing).
+  Tensor trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, Tensor* xf_pre, Tensor* rstd_f,
+                       bool recompute = false);
   Tensor layer_forward(const Layer& L, const Tensor& x, const Tensor& cos, const Tensor& sin,
                        const ops::AttnParams& p, LayerSaved* s);
   Tensor layer_backward(const Layer& L, const LayerSaved& s, const Tensor& cos, const Tensor& sin,

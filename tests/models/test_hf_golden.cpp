@@ -182,4 +182,24 @@ TEST(Resume, HalfPlusResumeEqualsStraight) {
   EXPECT_EQ(lines, 4);
 }
 
+// distributed.activation_checkpointing recomputes each layer in backward: the numbers must not change.
+TEST(ActivationCheckpointing, SameNumbersAsStoredActivations) {
+  const fs::path dir = golden_dir() / "qwen3";
+  std::vector<StepStats> a, b;
+  {
+    Recipe r = Recipe::load((dir / "recipe.yaml").string(), {"checkpoint.enabled=false"});
+    a = Trainer(r, {.quiet = true}).train();
+  }
+  {
+    Recipe r = Recipe::load((dir / "recipe.yaml").string(),
+                            {"checkpoint.enabled=false", "distributed.activation_checkpointing=true"});
+    b = Trainer(r, {.quiet = true}).train();
+  }
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].loss, b[i].loss) << "step " << i + 1;
+    EXPECT_EQ(a[i].grad_norm, b[i].grad_norm) << "step " << i + 1;
+  }
+}
+
 }  // namespace
