@@ -7,7 +7,15 @@ namespace am {
 
 int64_t count_label_tokens(const Sample& s) {
   int64_t n = 0;
-  for (size_t t = 1; t < s.labels.size(); ++t) n += s.labels[t] != -100;
+  if (s.seq_lens.empty()) {
+    for (size_t t = 1; t < s.labels.size(); ++t) n += s.labels[t] != -100;
+    return n;
+  }
+  size_t start = 0;
+  for (int32_t len : s.seq_lens) {
+    for (size_t t = start + 1; t < start + static_cast<size_t>(len) && t < s.labels.size(); ++t) n += s.labels[t] != -100;
+    start += static_cast<size_t>(len);
+  }
   return n;
 }
 
@@ -35,13 +43,21 @@ Batch collate(const std::vector<const Sample*>& samples) {
   for (int64_t r = 0; r < b.B; ++r) {
     const Sample& s = *samples[r];
     const int64_t L = static_cast<int64_t>(s.input_ids.size());
+    // Packed rows: segment k spans [start_k, start_k + seq_lens[k]); positions restart at each start.
+    int64_t seg_id = 0, seg_start = 0;
+    int64_t seg_end = s.seq_lens.empty() ? L : std::min<int64_t>(L, s.seq_lens[0]);
     for (int64_t t = 0; t < b.T; ++t) {
       const int64_t i = r * b.T + t;
       const bool real = t < L;
+      while (real && t >= seg_end && seg_id + 1 < static_cast<int64_t>(s.seq_lens.size())) {
+        ++seg_id;
+        seg_start = seg_end;
+        seg_end = std::min<int64_t>(L, seg_end + s.seq_lens[static_cast<size_t>(seg_id)]);
+      }
       ids[i] = real ? s.input_ids[t] : 0;
-      pos[i] = static_cast<int32_t>(t);
-      seg[i] = real ? 0 : -1;
-      tg[i] = (t + 1 < L) ? s.labels[t + 1] : -100;
+      pos[i] = static_cast<int32_t>(real ? t - seg_start : t);
+      seg[i] = real ? static_cast<int32_t>(seg_id) : -1;
+      tg[i] = (t + 1 < L && t + 1 < seg_end) ? s.labels[t + 1] : -100;
       b.num_label_tokens += tg[i] != -100;
       b.num_real_tokens += real;
     }

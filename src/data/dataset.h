@@ -15,6 +15,9 @@ class Recipe;
 struct Sample {
   std::vector<int32_t> input_ids;
   std::vector<int32_t> labels;
+  // Packed rows only: lengths of the samples packed into this row, in order (sum = input_ids.size()).
+  // Empty: one sample. Positions restart and targets never cross a boundary (see collate).
+  std::vector<int32_t> seq_lens;
 };
 
 class Dataset {
@@ -35,6 +38,12 @@ struct DatasetContext {
 // Builds the dataset described by recipe section `section` ("dataset" or "validation_dataset").
 // Unknown `_target_` -> RecipeError; missing file -> IoError; bad line -> DataError naming file:line.
 std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& section, const DatasetContext& ctx);
+
+// Greedily packs samples (in order) into rows of at most `row_size` tokens; a sample longer than the row
+// is truncated to it. Each row records its samples' lengths in Sample::seq_lens.
+std::vector<Sample> pack(const std::vector<const Sample*>& samples, int64_t row_size);
+// The packed form of a whole dataset (log::info reports rows and truncations).
+std::unique_ptr<Dataset> pack_dataset(const Dataset& ds, int64_t row_size);
 
 // Right-pads `samples` into one micro-batch (pad id 0, targets -100, segment -1 on padding) and shifts
 // labels by one: targets[t] = labels[t+1].

@@ -1,6 +1,7 @@
 // Maps a recipe's dataset `_target_` (short name or NeMo AutoModel's dotted name) to a dataset.
 #include "core/error.h"
 #include "data/datasets_impl.h"
+#include "data/text_common.h"
 #include "train/recipe.h"
 
 namespace am {
@@ -35,8 +36,36 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
     if (vocab > ctx.vocab_size) r.fail(sec + ".vocab_size", "larger than the model's vocab_size " + std::to_string(ctx.vocab_size));
     return make_mock(seq, n, vocab, ctx.seed + (sec == "dataset" ? 0 : 1));
   }
-  if (kind.empty()) r.fail(sec + "._target_", "unknown dataset '" + target + "' (supported: tokenized_jsonl, mock)");
-  r.fail(sec + "._target_", "dataset '" + kind + "' needs the tokenizer, which is not built yet (supported now: tokenized_jsonl, mock)");
+  if (kind.empty())
+    r.fail(sec + "._target_", "unknown dataset '" + target + "' (supported: tokenized_jsonl, mock, chat, squad, column_mapped)");
+  if (kind == "chat" || kind == "squad" || kind == "column_mapped") {
+    TextDatasetOptions o;
+    std::string path = r.get_string(sec + ".path_or_dataset", "");
+    if (path.empty()) r.fail(sec + ".path_or_dataset", kind + " needs a local JSON/JSONL file path");
+    o.path = r.resolve_path(path);
+    o.tokenizer_dir = r.has(sec + ".tokenizer") ? r.resolve_path(r.get_string(sec + ".tokenizer", "")) : ctx.tokenizer_dir;
+    if (o.tokenizer_dir.empty())
+      r.fail(sec + "._target_", "dataset '" + kind + "' needs a tokenizer (model.tokenizer or " + sec + ".tokenizer)");
+    o.limit = limit;
+    o.seq_length = r.get_int(sec + ".seq_length", r.get_int(sec + ".max_length", 0));
+    if (o.seq_length < 0) r.fail(sec + ".seq_length", "must be >= 0");
+    o.drop_long = r.get_bool(sec + ".drop_long_samples", false);
+    o.vocab_size = ctx.vocab_size;
+    if (kind == "chat") return make_chat(o);
+    if (kind == "squad") return make_squad(o);
+    std::map<std::string, std::string> mapping;
+    if (!r.has(sec + ".column_mapping") || !r.node(sec + ".column_mapping").is_object())
+      r.fail(sec + ".column_mapping", "column_mapped needs column_mapping: {context, question, answer}");
+    for (auto& [k, v] : r.node(sec + ".column_mapping").items()) {
+      if (k != "context" && k != "question" && k != "answer")
+        r.fail(sec + ".column_mapping." + k, "unknown column '" + k + "' (context, question, answer)");
+      if (!v.is_string()) r.fail(sec + ".column_mapping." + k, "expected a column name");
+      mapping[k] = v.get<std::string>();
+    }
+    if (!mapping.count("answer")) r.fail(sec + ".column_mapping", "column_mapping needs an 'answer' column");
+    return make_column_mapped(o, mapping, r.get_bool(sec + ".answer_only_loss_mask", true));
+  }
+  r.fail(sec + "._target_", "dataset '" + kind + "' is not implemented yet (supported: tokenized_jsonl, mock, chat, squad, column_mapped)");
 }
 
 }  // namespace am

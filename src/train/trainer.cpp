@@ -106,8 +106,6 @@ void Trainer::setup() {
   if (loss.find("cross_entropy") == std::string::npos && loss.find("CrossEntropy") == std::string::npos)
     r_.fail("loss_fn._target_", "unsupported loss '" + loss + "' (masked_cross_entropy, fused_linear_cross_entropy)");
   if (r_.has("peft")) r_.fail("peft", "LoRA fine-tuning is not implemented yet; remove the peft section for a full fine-tune");
-  if (r_.get_int("packed_sequence.packed_sequence_size", 0) > 0)
-    r_.fail("packed_sequence.packed_sequence_size", "sequence packing is not implemented yet (set 0)");
 
   // ---- data ----
   DatasetContext dctx;
@@ -118,6 +116,8 @@ void Trainer::setup() {
   if (!r_.has("dataset")) throw RecipeError(r_.path() + ": the recipe has no dataset section");
   train_ds_ = make_dataset(r_, "dataset", dctx);
   if (r_.has("validation_dataset")) val_ds_ = make_dataset(r_, "validation_dataset", dctx);
+  if (int64_t pack_size = r_.get_int("packed_sequence.packed_sequence_size", 0); pack_size > 0)
+    train_ds_ = pack_dataset(*train_ds_, pack_size);  // a packed row counts as one sample (as AutoModel)
 
   // ---- schedule ----
   gbs_ = r_.get_int("step_scheduler.global_batch_size", 32);
