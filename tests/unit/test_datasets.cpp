@@ -1,6 +1,8 @@
 // Text datasets (chat, squad, column_mapped), length limits and sequence packing.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -15,6 +17,7 @@
 #include "models/hf_weights.h"
 #include "tokenizer/tokenizer.h"
 #include "train/recipe.h"
+#include "train/trainer.h"
 
 using namespace am;
 namespace fs = std::filesystem;
@@ -278,4 +281,34 @@ TEST(Packing, PackedBatchMatchesSamplesOneByOne) {
   EXPECT_EQ(pb.num_label_tokens, ref_n);
   double got = model->forward_loss(pb);
   EXPECT_NEAR(got, ref, 1e-4 * std::max(1.0, std::abs(ref)));
+}
+
+// End to end: one training step over the same samples, packed into rows or one per row, has the same loss
+// and gradient norm (a packed row counts as one sample for the batch sizes).
+TEST(Packing, TrainerStepSameLossPackedOrNot) {
+  const fs::path g = fs::path(src_dir()) / "tests/fixtures/golden/llama";
+  auto run = [&](int64_t pack, int64_t gbs) {
+    Recipe r = Recipe::load((g / "recipe.yaml").string(),
+                            {"checkpoint.enabled=false", "step_scheduler.max_steps=1", "clip_grad_norm.max_norm=null",
+                             "step_scheduler.global_batch_size=" + std::to_string(gbs),
+                             "step_scheduler.local_batch_size=" + std::to_string(gbs),
+                             "packed_sequence.packed_sequence_size=" + std::to_string(pack)});
+    return Trainer(r, {.quiet = true}).train();
+  };
+  // Every sample of data.jsonl in one step, either way.
+  std::ifstream f(g / "data.jsonl");
+  int64_t n = 0, max_len = 0;
+  for (std::string l; std::getline(f, l);)
+    if (!l.empty()) {
+      ++n;
+      max_len = std::max<int64_t>(max_len, static_cast<int64_t>(nlohmann::json::parse(l)["input_ids"].size()));
+    }
+  auto plain = run(0, n);
+  auto packed = run(2 * max_len, n);
+  ASSERT_EQ(plain.size(), 1u);
+  ASSERT_EQ(packed.size(), 1u);
+  EXPECT_EQ(plain[0].num_label_tokens, packed[0].num_label_tokens);
+  EXPECT_NEAR(plain[0].loss, packed[0].loss, 1e-5);
+  EXPECT_NEAR(plain[0].grad_norm, packed[0].grad_norm, 1e-4 * std::max(1.0, plain[0].grad_norm));
+  EXPECT_LT(packed[0].padded_tokens, plain[0].padded_tokens + 1);
 }
