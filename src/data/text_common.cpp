@@ -68,8 +68,10 @@ Sample encode_chat(const TextTokenizer& tt, const nlohmann::ordered_json& messag
     } else {
       // The template renders a final assistant turn differently (e.g. Qwen3's empty think block): find the
       // content after the prompt and extend by the end-of-turn text that follows it in `cur`.
-      std::string content = messages[i].contains("content") && messages[i]["content"].is_string()
-                                ? messages[i]["content"].get<std::string>() : "";
+      if (!messages[i].contains("content") || !messages[i]["content"].is_string())
+        throw DataError(at + ": cannot locate assistant message " + std::to_string(i) +
+                        " in the rendered conversation (its content is not a string)");
+      std::string content = messages[i]["content"].get<std::string>();
       size_t pos = content.empty() ? pre.size() : full.find(content, pre.size());
       if (pos == std::string::npos) throw DataError(at + ": cannot locate assistant message " + std::to_string(i));
       end_char = pos + content.size();

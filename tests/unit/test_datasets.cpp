@@ -312,3 +312,19 @@ TEST(Packing, TrainerStepSameLossPackedOrNot) {
   EXPECT_NEAR(plain[0].grad_norm, packed[0].grad_norm, 1e-4 * std::max(1.0, plain[0].grad_norm));
   EXPECT_LT(packed[0].padded_tokens, plain[0].padded_tokens + 1);
 }
+
+TEST(Datasets, ChatToolsReachTheTemplate) {
+  REQUIRE_TOK("qwen3");
+  auto p = write_tmp("am_chat_tools.jsonl",
+                     "{\"messages\": [{\"role\": \"user\", \"content\": \"Weather in Oslo?\"}, {\"role\": \"assistant\", "
+                     "\"content\": \"Let me check.\"}], \"tools\": [{\"type\": \"function\", \"function\": {\"name\": "
+                     "\"get_weather\", \"description\": \"Current weather\", \"parameters\": {\"type\": \"object\", "
+                     "\"properties\": {\"city\": {\"type\": \"string\"}}}}}]}\n");
+  auto ds = load("dataset: {_target_: chat, path_or_dataset: " + p + "}", tok_dir("qwen3"));
+  auto t = tok::Tokenizer::from_dir(tok_dir("qwen3"));
+  std::string full = t.decode(ds->get(0).input_ids);
+  EXPECT_NE(full.find("get_weather"), std::string::npos) << full;
+  std::string lab = label_text(t, ds->get(0));
+  EXPECT_NE(lab.find("Let me check.<|im_end|>"), std::string::npos) << lab;
+  EXPECT_EQ(lab.find("get_weather"), std::string::npos) << lab;
+}
