@@ -8,7 +8,7 @@
 namespace am {
 
 std::unique_ptr<Dataset> make_chat(const TextDatasetOptions& o) {
-  TextTokenizer tt = TextTokenizer::load(o.tokenizer_dir);
+  TextTokenizer tt = TextTokenizer::load(o);
   if (!tt.tmpl) throw DataError("chat dataset: the tokenizer folder '" + o.tokenizer_dir + "' has no chat template");
   std::vector<Sample> samples;
   for (auto& [at, j] : read_json_rows(o.path, o.limit)) {

@@ -11,7 +11,7 @@ namespace am {
 
 std::unique_ptr<Dataset> make_column_mapped(const TextDatasetOptions& o, const std::map<std::string, std::string>& mapping,
                                             bool answer_only) {
-  TextTokenizer tt = TextTokenizer::load(o.tokenizer_dir);
+  TextTokenizer tt = TextTokenizer::load(o);
   auto col = [&](const nlohmann::ordered_json& row, const char* dest, const std::string& at) -> std::optional<std::string> {
     auto it = mapping.find(dest);
     if (it == mapping.end() || !row.contains(it->second) || row[it->second].is_null()) return std::nullopt;

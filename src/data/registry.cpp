@@ -51,6 +51,10 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
     if (o.seq_length < 0) r.fail(sec + ".seq_length", "must be >= 0");
     o.drop_long = r.get_bool(sec + ".drop_long_samples", false);
     o.vocab_size = ctx.vocab_size;
+    if (r.has(sec + ".chat_template")) {
+      std::string ct = r.get_string(sec + ".chat_template", "");
+      o.chat_template = (ct.find("{%") == std::string::npos && ct.find("{{") == std::string::npos) ? r.resolve_path(ct) : ct;
+    }
     if (kind == "chat") return make_chat(o);
     if (kind == "squad") return make_squad(o);
     std::map<std::string, std::string> mapping;

@@ -95,7 +95,7 @@ std::vector<QA> read_squad(const std::string& path, int64_t limit) {
 }  // namespace
 
 std::unique_ptr<Dataset> make_squad(const TextDatasetOptions& o) {
-  TextTokenizer tt = TextTokenizer::load(o.tokenizer_dir);
+  TextTokenizer tt = TextTokenizer::load(o);
   std::vector<Sample> samples;
   for (auto& qa : read_squad(o.path, o.limit)) {
     const std::string prompt = "Context: " + qa.context + " Question: " + qa.question + " Answer: ";

@@ -9,11 +9,25 @@
 
 namespace am {
 
-TextTokenizer TextTokenizer::load(const std::string& dir) {
+TextTokenizer TextTokenizer::load(const std::string& dir, const std::string& chat_template_override) {
   if (dir.empty()) throw IoError("text datasets need a tokenizer folder (model path, model.tokenizer or dataset.tokenizer)");
   TextTokenizer t;
   t.tok = tok::Tokenizer::from_dir(dir);
-  t.tmpl = tok::find_chat_template(dir);
+  if (chat_template_override.empty()) {
+    t.tmpl = tok::find_chat_template(dir);
+  } else {
+    std::string src = chat_template_override;
+    std::error_code ec;
+    if (src.find("{%") == std::string::npos && src.find("{{") == std::string::npos) {
+      std::ifstream f(src);
+      if (!f) throw IoError("chat_template file not found or unreadable: " + src);
+      std::stringstream ss;
+      ss << f.rdbuf();
+      src = ss.str();
+    }
+    t.tmpl = tok::ChatTemplate::from_string(src, tok::special_tokens_of(dir));
+    t.tmpl->origin = chat_template_override.size() < 200 ? chat_template_override : "dataset.chat_template";
+  }
   return t;
 }
 

@@ -21,12 +21,14 @@ struct TextDatasetOptions {
   int64_t seq_length = 0;      // 0 = no limit
   bool drop_long = false;      // drop (true) or truncate (false) samples longer than seq_length
   int64_t vocab_size = 0;
+  std::string chat_template;   // `chat_template` override: a .jinja file path or the template text ("" = the folder's)
 };
 
 struct TextTokenizer {
   tok::Tokenizer tok;
   std::optional<tok::ChatTemplate> tmpl;
-  static TextTokenizer load(const std::string& dir);
+  static TextTokenizer load(const std::string& dir, const std::string& chat_template_override = "");
+  static TextTokenizer load(const TextDatasetOptions& o) { return load(o.tokenizer_dir, o.chat_template); }
 };
 
 // A dataset holding its samples in memory.

@@ -328,3 +328,16 @@ TEST(Datasets, ChatToolsReachTheTemplate) {
   EXPECT_NE(lab.find("Let me check.<|im_end|>"), std::string::npos) << lab;
   EXPECT_EQ(lab.find("get_weather"), std::string::npos) << lab;
 }
+
+TEST(Datasets, ChatTemplateOverride) {
+  REQUIRE_TOK("llama3_1");
+  std::string dir = no_template_copy("llama3_1");
+  auto tmpl = write_tmp("am_simple.jinja",
+                        "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == "
+                        "'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}");
+  auto ds = load("dataset: {_target_: chat, path_or_dataset: " + fixture("chat_small.jsonl") + ", chat_template: " + tmpl + "}", dir);
+  auto t = tok::Tokenizer::from_dir(dir);
+  // transformers renders with trim_blocks: the newline after {% endif %} is dropped.
+  EXPECT_EQ(t.decode(ds->get(2).input_ids), "<|begin_of_text|><user>Say yes.<assistant>Yes.<|eot_id|>");
+  EXPECT_EQ(label_text(t, ds->get(2)), "Yes.<|eot_id|>");
+}
