@@ -39,6 +39,8 @@ Param& DenseDecoder::lm_head() { return lm_head_ ? *lm_head_ : *embed_; }
 void DenseDecoder::to_device(const ExecContext& ex) {
   ps_.to_device(ex);
   ex_ = ex;
+  rope_cos_ = rope_sin_ = Tensor();  // cached tables live on the old device
+  rope_pos_.clear();
 }
 
 int64_t DenseDecoder::matmul_params_per_token() const {
@@ -48,12 +50,23 @@ int64_t DenseDecoder::matmul_params_per_token() const {
   return per_layer * cfg_.num_hidden_layers + cfg_.vocab_size * H;  // + lm_head (embedding is a gather)
 }
 
-void DenseDecoder::rope_tables(const Batch& b, Tensor& cos, Tensor& sin) const {
+void DenseDecoder::rope_tables(const Batch& b, Tensor& cos, Tensor& sin) {
+  // The tables depend only on the positions, which repeat from micro-batch to micro-batch (0..T-1 per row
+  // unless packed): reuse the last ones instead of recomputing N x D/2 sin/cos on the host and uploading
+  // them synchronously, twice per micro-batch (that was several ms of every W1 step).
   const int64_t N = b.B * b.T, half = cfg_.head_dim / 2;
+  const int32_t* pos = b.positions.data<int32_t>();
+  if (rope_cos_.defined() && static_cast<int64_t>(rope_pos_.size()) == N &&
+      std::equal(rope_pos_.begin(), rope_pos_.end(), pos)) {
+    cos = rope_cos_;
+    sin = rope_sin_;
+    return;
+  }
   Tensor c = Tensor::empty({N, half}, DType::F32), s = Tensor::empty({N, half}, DType::F32);
-  io::rope_cos_sin(rope_, b.positions.data<int32_t>(), N, c.f32(), s.f32());
-  cos = ex_.upload(c);
-  sin = ex_.upload(s);
+  io::rope_cos_sin(rope_, pos, N, c.f32(), s.f32());
+  cos = rope_cos_ = ex_.upload(c);
+  sin = rope_sin_ = ex_.upload(s);
+  rope_pos_.assign(pos, pos + N);
 }
 
 ops::AttnParams DenseDecoder::attn_params(const Batch& b, int64_t window) const {

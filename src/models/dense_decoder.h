@@ -50,13 +50,15 @@ class DenseDecoder : public CausalLM {
                        const ops::AttnParams& p, LayerSaved* s);
   Tensor layer_backward(const Layer& L, const LayerSaved& s, const Tensor& cos, const Tensor& sin,
                         const ops::AttnParams& p, const Tensor& dy);
-  void rope_tables(const Batch& b, Tensor& cos, Tensor& sin) const;
+  void rope_tables(const Batch& b, Tensor& cos, Tensor& sin);
   ops::AttnParams attn_params(const Batch& b, int64_t window) const;
   Param& lm_head();
 
   io::ModelConfig cfg_;
   ExecContext ex_;
   io::RopeTables rope_;
+  std::vector<int32_t> rope_pos_;  // positions of the cached tables below
+  Tensor rope_cos_, rope_sin_;     // [N, D/2] fp32 on the model's device
   ParamStore ps_;
   Param* embed_ = nullptr;  // [V, H]
   Param* norm_ = nullptr;   // [H]
