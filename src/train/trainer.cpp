@@ -137,8 +137,8 @@ void Trainer::setup() {
   total_steps_ = steps_per_epoch_ * epochs_;
   if (auto ms = r_.get_opt_int("step_scheduler.max_steps")) {
     if (*ms < 1) r_.fail("step_scheduler.max_steps", "must be >= 1");
+    // Training stops at whichever comes first: max_steps or num_epochs (num_epochs <= 0: max_steps alone).
     total_steps_ = epochs_ > 0 ? std::min(total_steps_, *ms) : *ms;
-    if (*ms > total_steps_) total_steps_ = std::min(*ms, steps_per_epoch_ * epochs_);
   }
   ckpt_every_ = r_.get_int("step_scheduler.ckpt_every_steps", 0);
   val_every_ = r_.get_int("step_scheduler.val_every_steps", 0);
