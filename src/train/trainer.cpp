@@ -199,7 +199,8 @@ double Trainer::flops_per_token(double seq_len) const {
          12.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len;
 }
 
-std::vector<size_t> Trainer::epoch_order(int64_t epoch) const {
+const std::vector<size_t>& Trainer::epoch_order(int64_t epoch) {
+  if (epoch == order_epoch_) return order_;
   std::vector<size_t> order(train_ds_->size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   if (shuffle_) {
@@ -211,7 +212,9 @@ std::vector<size_t> Trainer::epoch_order(int64_t epoch) const {
       std::swap(order[i - 1], order[d(rng)]);
     }
   }
-  return order;
+  order_ = std::move(order);
+  order_epoch_ = epoch;
+  return order_;
 }
 
 StepStats Trainer::train_step(int64_t step) {
@@ -220,7 +223,7 @@ StepStats Trainer::train_step(int64_t step) {
   st.step = step;
   st.epoch = (step - 1) / steps_per_epoch_;
   const int64_t in_epoch = (step - 1) % steps_per_epoch_;
-  auto order = epoch_order(st.epoch);
+  const auto& order = epoch_order(st.epoch);
   const size_t begin = static_cast<size_t>(in_epoch * gbs_);
   const size_t end = std::min(order.size(), begin + static_cast<size_t>(gbs_));
   std::vector<const Sample*> global;
@@ -281,7 +284,7 @@ void Trainer::log_step(const StepStats& s) {
             {"num_label_tokens", s.num_label_tokens}, {"num_tokens", s.num_tokens}, {"tps", tps},
             {"tps_per_gpu", tps},   {"mem_gib", mem},   {"mfu", mfu},    {"time_s", s.time_s},
             {"device", device_name_}};
-  if (ckpt_enabled_ || !ckpt_dir_.empty()) {
+  {  // training.jsonl is written even with checkpoints disabled (SPEC §4)
     fs::create_directories(ckpt_dir_);
     std::ofstream f(fs::path(ckpt_dir_) / "training.jsonl", std::ios::app);
     f << j.dump() << "\n";
@@ -377,9 +380,8 @@ void Trainer::restore(const std::string& from) {
   if (st.seed != seed_) log::warn("resuming with seed " + std::to_string(seed_) + " but the checkpoint used " + std::to_string(st.seed));
   start_step_ = st.step + 1;
   // Keep training.jsonl consistent with the resumed position: drop entries after the checkpoint's step.
-  fs::path log_path = fs::path(ckpt_dir_) / "training.jsonl";
   for (const char* name : {"training.jsonl", "validation.jsonl"}) {
-    log_path = fs::path(ckpt_dir_) / name;
+    const fs::path log_path = fs::path(ckpt_dir_) / name;
     if (!fs::exists(log_path)) continue;
     std::ifstream in(log_path);
     std::string line, kept;

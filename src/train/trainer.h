@@ -52,7 +52,8 @@ class Trainer {
  private:
   void setup();
   StepStats train_step(int64_t step);
-  std::vector<size_t> epoch_order(int64_t epoch) const;
+  // Sample order of an epoch; cached, since every step of the epoch needs it.
+  const std::vector<size_t>& epoch_order(int64_t epoch);
   void save_checkpoint(int64_t step, bool final);
   void restore(const std::string& from);
   void log_step(const StepStats& s);
@@ -74,6 +75,8 @@ class Trainer {
   bool ckpt_enabled_ = true;
   std::string ckpt_dir_, save_consolidated_ = "final";
   ForwardOptions fwd_opt_;
+  int64_t order_epoch_ = -1;
+  std::vector<size_t> order_;
 };
 
 }  // namespace am
