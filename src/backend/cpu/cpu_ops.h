@@ -79,3 +79,40 @@ double cross_entropy(const float* logits, const int32_t* targets, int64_t n, int
                      float* dlogits);
 
 }  // namespace am::cpu
+
+// ---------------- Mixture-of-Experts (moe.cpp; contracts in src/ops/moe_ops.h) ----------------
+namespace am::cpu {
+// logits [N, E] -> probs [N, E] = softmax (double denominators), topk_idx/topk_w [N, k] (ties: lower index
+// first; weights renormalised to sum 1 when norm).
+void moe_router_fwd(const float* logits, int64_t n, int64_t e, int64_t k, bool norm, float* probs,
+                    int32_t* topk_idx, float* topk_w);
+// dlogits [N, E] assigned. dprobs_extra [N, E] or null.
+void moe_router_bwd(const float* probs, const int32_t* topk_idx, const float* topk_w, bool norm,
+                    const float* dtopk_w, const float* dprobs_extra, int64_t n, int64_t e, int64_t k,
+                    float* dlogits);
+// Index of the first topk_idx entry outside [0, e), or -1.
+int64_t moe_first_bad_expert(const int32_t* topk_idx, int64_t nk, int64_t e);
+// Stable counting sort of the nk = N*k pairs by expert: counts [E], offsets [E+1], perm [nk], inv_perm [nk].
+// Indices must be valid (checked by the caller).
+void moe_dispatch_plan(const int32_t* topk_idx, int64_t nk, int64_t e, int64_t* counts, int32_t* offsets,
+                       int32_t* perm, int32_t* inv_perm);
+// xg [N*k, H]: xg[j] = x[perm[j] / k]
+void moe_gather(const float* x, const int32_t* perm, int64_t n, int64_t k, int64_t h, float* xg);
+// dx [N, H] = sum_s dxg[inv_perm[t*k + s]]
+void moe_gather_bwd(const float* dxg, const int32_t* inv_perm, int64_t n, int64_t k, int64_t h, float* dx);
+// y [N, H] = sum_s w[t, s] * yg[inv_perm[t*k + s]]
+void moe_combine(const float* yg, const int32_t* inv_perm, const float* w, int64_t n, int64_t k, int64_t h,
+                 float* y);
+// dyg [N*k, H] assigned, dw [N, k] assigned.
+void moe_combine_bwd(const float* yg, const int32_t* inv_perm, const float* w, const float* dy, int64_t n,
+                     int64_t k, int64_t h, float* dyg, float* dw);
+// Per expert e: rows offsets[e]..offsets[e+1] of x [M, K] times w[e] [Nout, K]^T -> y [M, Nout].
+void grouped_linear_fwd(const float* x, const float* w, const int32_t* offsets, int64_t e, int64_t k,
+                        int64_t nout, float* y);
+// dx [M, K] assigned (skipped when null), dw [E, Nout, K] +=.
+void grouped_linear_bwd(const float* x, const float* w, const int32_t* offsets, const float* dy, int64_t e,
+                        int64_t k, int64_t nout, float* dx, float* dw);
+// gu [M, 2I] -> h [M, I] = silu(gate) * up; backward assigns dgu [M, 2I] (may alias gu).
+void swiglu_fused_fwd(const float* gu, int64_t m, int64_t i, float* h);
+void swiglu_fused_bwd(const float* gu, const float* dh, int64_t m, int64_t i, float* dgu);
+}  // namespace am::cpu

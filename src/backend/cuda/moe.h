@@ -1,0 +1,43 @@
+// Mixture-of-Experts ops on CUDA tensors (the same names and semantics as src/ops/moe_ops.h; run on the
+// context's stream; design and measurements in docs/moe_kernels.md).
+//
+// Dtypes: router logits bf16/fp32, probs / topk_w / dtopk_w / dprobs_extra fp32, dlogits bf16/fp32;
+// index tensors int32; activations (x, xg, yg, y, gu, h and their gradients) bf16 or fp32 (one dtype per
+// call); grouped-linear weights the dtype of x, dw fp32 (accumulated in the GEMM with beta = 1).
+// Host synchronisation: only moe_dispatch_plan with host_counts (copies the E counts) and grouped_linear_*
+// called without host_counts (reads the offsets back).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "backend/cuda/context.h"
+#include "core/tensor.h"
+
+namespace am::cuda {
+
+void moe_router_fwd(const Tensor& logits, int64_t k, bool norm_topk_prob, Tensor& probs, Tensor& topk_idx,
+                    Tensor& topk_w, CudaContext& ctx = default_context());
+void moe_router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& topk_w, bool norm_topk_prob,
+                    const Tensor& dtopk_w, const Tensor* dprobs_extra, Tensor& dlogits,
+                    CudaContext& ctx = default_context());
+// Out-of-range expert ids: with host_counts, DataError here; without, the context's error slot (code
+// kErrMoeExpert = 3, raised by ctx.check_device_errors()).
+void moe_dispatch_plan(const Tensor& topk_idx, int64_t num_experts, Tensor& offsets, Tensor& perm, Tensor& inv_perm,
+                       std::vector<int64_t>* host_counts, CudaContext& ctx = default_context());
+void moe_gather(const Tensor& x, const Tensor& perm, int64_t k, Tensor& xg, CudaContext& ctx = default_context());
+void moe_gather_bwd(const Tensor& dxg, const Tensor& inv_perm, int64_t k, Tensor& dx,
+                    CudaContext& ctx = default_context());
+void moe_combine(const Tensor& yg, const Tensor& inv_perm, const Tensor& topk_w, Tensor& y,
+                 CudaContext& ctx = default_context());
+void moe_combine_bwd(const Tensor& yg, const Tensor& inv_perm, const Tensor& topk_w, const Tensor& dy, Tensor& dyg,
+                     Tensor& dtopk_w, CudaContext& ctx = default_context());
+// One grouped GEMM launch per call (cublasGemmGroupedBatchedEx; experts with no rows are left out of the
+// group). Without host_counts the offsets are read back (a sync).
+void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, Tensor& y,
+                        const std::vector<int64_t>* host_counts, CudaContext& ctx = default_context());
+void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
+                        Tensor& dw, const std::vector<int64_t>* host_counts, CudaContext& ctx = default_context());
+void swiglu_fused_fwd(const Tensor& gu, Tensor& h, CudaContext& ctx = default_context());
+void swiglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu, CudaContext& ctx = default_context());
+
+}  // namespace am::cuda

@@ -1,0 +1,84 @@
+// Mixture-of-Experts op front-ends (the contract; bodies in moe_ops.cpp dispatch to backend/cpu/moe.cpp,
+// the reference, and backend/cuda/moe*.cu). Conventions as ops.h: row-major, weights [out, in],
+// parameter gradients ACCUMULATE (+=), activation gradients ASSIGN (=). Index tensors are int32 and live
+// on the same device as the data.
+//
+// One MoE layer, N tokens, E experts, top-k, hidden H, expert intermediate I (HF Qwen3MoeSparseMoeBlock,
+// MixtralSparseMoeBlock, OlmoeSparseMoeBlock, Qwen2MoeSparseMoeBlock semantics):
+//   logits = x Wr^T                              [N, E]   (a plain linear_fwd)
+//   probs  = softmax(logits) in fp32              [N, E]
+//   topk_idx, topk_w = topk(probs, k)             [N, k]   (descending; optionally w /= sum(w))
+//   plan: the N*k (token, slot) pairs sorted by expert, stable in t*k+s order -> offsets [E+1]
+//   xg = x[perm / k]                              [N*k, H] rows grouped by expert
+//   gu = grouped_linear(xg, W_gate_up[e])         [N*k, 2I]  (W_gate_up [E, 2I, H]: gate rows first)
+//   h  = silu(gu[:, :I]) * gu[:, I:]              [N*k, I]
+//   yg = grouped_linear(h, W_down[e])             [N*k, H]   (W_down [E, H, I])
+//   y[t] = sum_s topk_w[t, s] * yg[inv[t*k + s]]  [N, H]
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace am::ops {
+
+// ---------------- router ----------------
+// logits [N, E] (fp32 or bf16) -> probs [N, E] fp32 = softmax(logits) (computed in fp32),
+// topk_idx [N, k] int32 = indices of the k largest probs in descending order (ties: lower index first, as
+// torch.topk on CPU), topk_w [N, k] fp32 = probs at those indices, divided by their sum when
+// norm_topk_prob.
+void moe_router_fwd(const Tensor& logits, int64_t k, bool norm_topk_prob, Tensor& probs, Tensor& topk_idx,
+                    Tensor& topk_w);
+// Backward of the above w.r.t. logits (assigned; dtype of dlogits fp32 or bf16). dtopk_w [N, k] fp32 is the
+// gradient of the routing weights. dprobs_extra [N, E] fp32 (nullptr: none) is an extra gradient on probs
+// (the auxiliary load-balancing loss), added before the softmax backward:
+//   dprobs = scatter(topk_idx, d(topk_w before normalisation)) + dprobs_extra
+//   dlogits = probs * (dprobs - sum_e(probs * dprobs))
+void moe_router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& topk_w, bool norm_topk_prob,
+                    const Tensor& dtopk_w, const Tensor* dprobs_extra, Tensor& dlogits);
+
+// ---------------- dispatch plan ----------------
+// topk_idx [N, k] int32 (values in [0, E)) -> offsets [E+1] int32 (offsets[e]..offsets[e+1] are expert e's
+// rows in grouped order), perm [N*k] int32 (perm[j] = t*k + s of grouped row j; within an expert the pairs
+// keep increasing t*k+s order), inv_perm [N*k] int32 (inv_perm[t*k+s] = j). When host_counts is non-null it
+// receives the E per-expert row counts on the host (on CUDA this is the one device->host sync of a layer;
+// the grouped GEMM needs the sizes). Throws DataError if an index is outside [0, E).
+void moe_dispatch_plan(const Tensor& topk_idx, int64_t num_experts, Tensor& offsets, Tensor& perm,
+                       Tensor& inv_perm, std::vector<int64_t>* host_counts);
+
+// ---------------- permutation ----------------
+// x [N, H] -> xg [N*k, H]: xg[j] = x[perm[j] / k]
+void moe_gather(const Tensor& x, const Tensor& perm, int64_t k, Tensor& xg);
+// Backward of moe_gather: dx[t] = sum_s dxg[inv_perm[t*k + s]]  (dx [N, H] assigned)
+void moe_gather_bwd(const Tensor& dxg, const Tensor& inv_perm, int64_t k, Tensor& dx);
+// yg [N*k, H], topk_w [N, k] fp32 -> y [N, H] (assigned): y[t] = sum_s topk_w[t, s] * yg[inv_perm[t*k + s]]
+void moe_combine(const Tensor& yg, const Tensor& inv_perm, const Tensor& topk_w, Tensor& y);
+// Backward of moe_combine: dyg[inv_perm[t*k+s]] = topk_w[t, s] * dy[t]  (dyg [N*k, H] assigned),
+// dtopk_w[t, s] = <yg[inv_perm[t*k+s]], dy[t]>  (dtopk_w [N, k] fp32 assigned, fp32 accumulation).
+void moe_combine_bwd(const Tensor& yg, const Tensor& inv_perm, const Tensor& topk_w, const Tensor& dy,
+                     Tensor& dyg, Tensor& dtopk_w);
+
+// ---------------- grouped linear (all experts, one call) ----------------
+// x [M, K] with rows grouped by expert (offsets [E+1] int32, offsets[E] == M, on x's device), w [E, Nout, K]
+// -> y [M, Nout] (assigned): y[r] = x[r] w[e]^T for offsets[e] <= r < offsets[e+1]. host_counts: the
+// same per-expert row counts on the host (from moe_dispatch_plan), or nullptr to read them from offsets.
+void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, Tensor& y,
+                        const std::vector<int64_t>* host_counts = nullptr);
+// dx = dy w[e] (assigned; skipped when dx is nullptr), dw[e] += dy_e^T x_e (fp32 accumulation; experts with
+// no rows leave dw[e] unchanged).
+void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
+                        Tensor& dw, const std::vector<int64_t>* host_counts = nullptr);
+
+// ---------------- SwiGLU on a fused [gate | up] tensor ----------------
+// gu [M, 2I] (gate = columns [0, I), up = [I, 2I)) -> h [M, I] = silu(gate) * up
+void swiglu_fused_fwd(const Tensor& gu, Tensor& h);
+// dgu [M, 2I] assigned
+void swiglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu);
+
+// ---------------- qwen2_moe's sigmoid-gated shared expert (src/ops/moe_shared_gate.cpp) ----------------
+// sy [N, H] (shared expert output), g [N, 1] (x Wsg^T) -> y [N, H] += sigmoid(g) * sy
+void moe_shared_gate_fwd(const Tensor& sy, const Tensor& g, Tensor& y);
+// dsy [N, H] = sigmoid(g) * dy (assigned); dg [N, 1] = sigmoid(g) (1 - sigmoid(g)) <sy, dy> (assigned)
+void moe_shared_gate_bwd(const Tensor& sy, const Tensor& g, const Tensor& dy, Tensor& dsy, Tensor& dg);
+
+}  // namespace am::ops
