@@ -10,8 +10,11 @@ namespace am {
 std::unique_ptr<Dataset> make_chat(const TextDatasetOptions& o) {
   TextTokenizer tt = TextTokenizer::load(o);
   if (!tt.tmpl) throw DataError("chat dataset: the tokenizer folder '" + o.tokenizer_dir + "' has no chat template");
-  std::vector<Sample> samples;
-  for (auto& [at, j] : read_json_rows(o.path, o.limit)) {
+  // Rows are streamed; rendering + tokenizing run on every core (the compiled template and the tokenizer
+  // are read-only), in file order.
+  auto samples = map_json_rows(o.path, o.limit, o.num_threads, [&](const JsonRow& row) {
+    const std::string& at = row.at;
+    const auto& j = row.value;
     if (!j.is_object() || !j.contains("messages") || !j["messages"].is_array() || j["messages"].empty())
       throw DataError(at + ": expected an object with a non-empty \"messages\" list");
     for (size_t i = 0; i < j["messages"].size(); ++i) {
@@ -24,8 +27,8 @@ std::unique_ptr<Dataset> make_chat(const TextDatasetOptions& o) {
       if (!j["tools"].is_array()) throw DataError(at + ": \"tools\" must be a list");
       extra["tools"] = j["tools"];
     }
-    samples.push_back(encode_chat(tt, j["messages"], extra, at));
-  }
+    return encode_chat(tt, j["messages"], extra, at);
+  });
   return finish_text_dataset("chat(" + o.path + ")", std::move(samples), o);
 }
 

@@ -19,8 +19,9 @@ std::unique_ptr<Dataset> make_column_mapped(const TextDatasetOptions& o, const s
     if (!v.is_string()) throw DataError(at + ": column \"" + it->second + "\" must be a string");
     return v.get<std::string>();
   };
-  std::vector<Sample> samples;
-  for (auto& [at, row] : read_json_rows(o.path, o.limit)) {
+  auto samples = map_json_rows(o.path, o.limit, o.num_threads, [&](const JsonRow& r) -> Sample {
+    const std::string& at = r.at;
+    const auto& row = r.value;
     if (!row.is_object()) throw DataError(at + ": expected a JSON object");
     auto context = col(row, "context", at), question = col(row, "question", at), answer = col(row, "answer", at);
     if (!answer) throw DataError(at + ": missing answer column \"" + mapping.at("answer") + "\"");
@@ -31,7 +32,7 @@ std::unique_ptr<Dataset> make_column_mapped(const TextDatasetOptions& o, const s
       msgs.push_back({{"role", "assistant"}, {"content", *answer}});
       Sample s = encode_chat(tt, msgs, nlohmann::ordered_json::object(), at, !answer_only);
       append_eos_if_missing(tt, s);
-      samples.push_back(std::move(s));
+      return s;
     } else {
       std::string prompt;
       bool first = true;
@@ -40,9 +41,9 @@ std::unique_ptr<Dataset> make_column_mapped(const TextDatasetOptions& o, const s
         prompt += (first ? "" : " ") + *part;
         first = false;
       }
-      samples.push_back(encode_prompt_completion(tt, prompt, *answer, answer_only));
+      return encode_prompt_completion(tt, prompt, *answer, answer_only);
     }
-  }
+  });
   return finish_text_dataset("column_mapped(" + o.path + ")", std::move(samples), o);
 }
 

@@ -33,6 +33,7 @@ struct DatasetContext {
   uint64_t seed = 42;
   std::string tokenizer_dir;     // for text datasets (tokenizer issue)
   int64_t default_seq_len = 0;   // mock default: model's max_position_embeddings capped
+  int num_threads = 0;           // text datasets: formatting/tokenization threads (0 = every core)
 };
 
 // Builds the dataset described by recipe section `section` ("dataset" or "validation_dataset").

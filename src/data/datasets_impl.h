@@ -10,6 +10,7 @@ std::unique_ptr<Dataset> make_mock(int64_t seq_len, int64_t num_samples, int64_t
 struct TextDatasetOptions;
 std::unique_ptr<Dataset> make_chat(const TextDatasetOptions& o);
 std::unique_ptr<Dataset> make_squad(const TextDatasetOptions& o);
+std::unique_ptr<Dataset> make_hellaswag(const TextDatasetOptions& o);
 std::unique_ptr<Dataset> make_column_mapped(const TextDatasetOptions& o, const std::map<std::string, std::string>& mapping,
                                             bool answer_only);
 }  // namespace am

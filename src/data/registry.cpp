@@ -23,7 +23,8 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
   std::string target = r.get_string(sec + "._target_", "");
   if (target.empty()) r.fail(sec + "._target_", "missing dataset _target_ (e.g. tokenized_jsonl, mock, squad)");
   std::string kind = short_target(target);
-  int64_t limit = r.get_int(sec + ".limit_dataset_samples", 0);
+  // limit_dataset_samples (squad, column_mapped, chat) or num_samples_limit (AutoModel's HellaSwag).
+  int64_t limit = r.get_int(sec + ".limit_dataset_samples", r.get_int(sec + ".num_samples_limit", 0));
   if (kind == "tokenized_jsonl") {
     std::string path = r.get_string(sec + ".path_or_dataset", "");
     if (path.empty()) r.fail(sec + ".path_or_dataset", "tokenized_jsonl needs a file path");
@@ -37,11 +38,13 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
     return make_mock(seq, n, vocab, ctx.seed + (sec == "dataset" ? 0 : 1));
   }
   if (kind.empty())
-    r.fail(sec + "._target_", "unknown dataset '" + target + "' (supported: tokenized_jsonl, mock, chat, squad, column_mapped)");
-  if (kind == "chat" || kind == "squad" || kind == "column_mapped") {
+    r.fail(sec + "._target_", "unknown dataset '" + target + "' (supported: tokenized_jsonl, mock, chat, squad, column_mapped, hellaswag)");
+  if (kind == "chat" || kind == "squad" || kind == "column_mapped" || kind == "hellaswag") {
     TextDatasetOptions o;
     std::string path = r.get_string(sec + ".path_or_dataset", "");
-    if (path.empty()) r.fail(sec + ".path_or_dataset", kind + " needs a local JSON/JSONL file path");
+    if (path.empty())
+      r.fail(sec + ".path_or_dataset", kind + (kind == "hellaswag" ? " needs a local HellaSwag JSONL or text file path"
+                                                                   : " needs a local JSON/JSONL file path"));
     o.path = r.resolve_path(path);
     o.tokenizer_dir = r.has(sec + ".tokenizer") ? r.resolve_path(r.get_string(sec + ".tokenizer", "")) : ctx.tokenizer_dir;
     if (o.tokenizer_dir.empty())
@@ -51,12 +54,14 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
     if (o.seq_length < 0) r.fail(sec + ".seq_length", "must be >= 0");
     o.drop_long = r.get_bool(sec + ".drop_long_samples", false);
     o.vocab_size = ctx.vocab_size;
+    o.num_threads = ctx.num_threads;
     if (r.has(sec + ".chat_template")) {
       std::string ct = r.get_string(sec + ".chat_template", "");
       o.chat_template = (ct.find("{%") == std::string::npos && ct.find("{{") == std::string::npos) ? r.resolve_path(ct) : ct;
     }
     if (kind == "chat") return make_chat(o);
     if (kind == "squad") return make_squad(o);
+    if (kind == "hellaswag") return make_hellaswag(o);
     std::map<std::string, std::string> mapping;
     if (!r.has(sec + ".column_mapping") || !r.node(sec + ".column_mapping").is_object())
       r.fail(sec + ".column_mapping", "column_mapped needs column_mapping: {context, question, answer}");
@@ -69,7 +74,7 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
     if (!mapping.count("answer")) r.fail(sec + ".column_mapping", "column_mapping needs an 'answer' column");
     return make_column_mapped(o, mapping, r.get_bool(sec + ".answer_only_loss_mask", true));
   }
-  r.fail(sec + "._target_", "dataset '" + kind + "' is not implemented yet (supported: tokenized_jsonl, mock, chat, squad, column_mapped)");
+  r.fail(sec + "._target_", "dataset '" + kind + "' is not implemented");
 }
 
 }  // namespace am

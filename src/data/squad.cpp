@@ -2,8 +2,7 @@
 // as NeMo AutoModel's make_squad_dataset: prompt "Context: {c} Question: {q} Answer: " and the first answer
 // (stripped); with a chat template a user/assistant conversation (answer-only loss, eos appended when the
 // rendering does not end with it), otherwise prompt + answer + eos with loss on the answer tokens.
-#include <fstream>
-#include <sstream>
+#include <optional>
 
 #include "core/error.h"
 #include "data/datasets_impl.h"
@@ -50,65 +49,71 @@ std::string first_answer(const nlohmann::ordered_json& j, const std::string& at)
   throw DataError(at + ": \"answers\" must be {\"text\": [...]} or a list of {\"text\": ...}");
 }
 
-std::vector<QA> read_squad(const std::string& path, int64_t limit) {
-  std::ifstream f(path);
-  if (!f) throw IoError("dataset file not found or unreadable: " + path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  const std::string text = ss.str();
-  std::vector<QA> out;
-  // Whole-file SQuAD JSON ({"data": [...]}) or JSONL of flat rows.
-  nlohmann::ordered_json whole;
-  bool is_whole = false;
+// SQuAD JSON ({"data": [...]}, parsed from the stream) -> its questions in order; std::nullopt when the
+// file is JSONL (read row by row by the caller).
+std::optional<std::vector<QA>> read_squad_json(const std::string& path, int64_t limit) {
+  const std::string first = first_nonblank_line(path);
+  size_t k = first.find_first_not_of(" \t\r\f\v\xEF\xBB\xBF");
+  if (k == std::string::npos || first[k] != '{') return std::nullopt;
+  // A first line that is a whole object without "data" is a JSONL row; otherwise try the whole file.
   try {
-    whole = nlohmann::ordered_json::parse(text);
-    is_whole = whole.is_object() && whole.contains("data");
+    auto j = nlohmann::ordered_json::parse(first);
+    if (!j.is_object() || !j.contains("data")) return std::nullopt;
   } catch (const nlohmann::json::parse_error&) {
   }
-  if (is_whole) {
-    if (!whole["data"].is_array()) throw DataError(path + ": \"data\" must be a list");
-    for (size_t a = 0; a < whole["data"].size(); ++a) {
-      const auto& art = whole["data"][a];
-      if (!art.contains("paragraphs") || !art["paragraphs"].is_array())
-        throw DataError(path + ": data[" + std::to_string(a) + "] has no \"paragraphs\" list");
-      for (size_t p = 0; p < art["paragraphs"].size(); ++p) {
-        const auto& par = art["paragraphs"][p];
-        const std::string pat = path + ": data[" + std::to_string(a) + "].paragraphs[" + std::to_string(p) + "]";
-        std::string ctx = str_field(par, "context", pat, true);
-        if (!par.contains("qas") || !par["qas"].is_array()) throw DataError(pat + ": missing \"qas\" list");
-        for (size_t q = 0; q < par["qas"].size(); ++q) {
-          if (limit > 0 && static_cast<int64_t>(out.size()) >= limit) return out;
-          const std::string at = pat + ".qas[" + std::to_string(q) + "]";
-          const auto& qa = par["qas"][q];
-          out.push_back({at, ctx, str_field(qa, "question", at, true), first_answer(qa, at)});
-        }
+  auto whole = parse_json_file(path);
+  if (!whole || !whole->is_object() || !whole->contains("data")) return std::nullopt;  // JSONL reports its bad line
+  std::vector<QA> out;
+  const auto& data = (*whole)["data"];
+  if (!data.is_array()) throw DataError(path + ": \"data\" must be a list");
+  for (size_t a = 0; a < data.size(); ++a) {
+    const auto& art = data[a];
+    if (!art.is_object() || !art.contains("paragraphs") || !art["paragraphs"].is_array())
+      throw DataError(path + ": data[" + std::to_string(a) + "] has no \"paragraphs\" list");
+    for (size_t p = 0; p < art["paragraphs"].size(); ++p) {
+      const auto& par = art["paragraphs"][p];
+      const std::string pat = path + ": data[" + std::to_string(a) + "].paragraphs[" + std::to_string(p) + "]";
+      if (!par.is_object()) throw DataError(pat + ": expected an object");
+      std::string ctx = str_field(par, "context", pat, true);
+      if (!par.contains("qas") || !par["qas"].is_array()) throw DataError(pat + ": missing \"qas\" list");
+      for (size_t q = 0; q < par["qas"].size(); ++q) {
+        if (limit > 0 && static_cast<int64_t>(out.size()) >= limit) return out;
+        const std::string at = pat + ".qas[" + std::to_string(q) + "]";
+        const auto& qa = par["qas"][q];
+        if (!qa.is_object()) throw DataError(at + ": expected an object");
+        out.push_back({at, ctx, str_field(qa, "question", at, true), first_answer(qa, at)});
       }
     }
-    return out;
-  }
-  for (auto& [at, j] : read_json_rows(path, limit)) {
-    if (!j.is_object()) throw DataError(at + ": expected an object {context, question, answers}");
-    out.push_back({at, str_field(j, "context", at, false), str_field(j, "question", at, true), first_answer(j, at)});
   }
   return out;
+}
+
+Sample encode_qa(const TextTokenizer& tt, const QA& qa) {
+  const std::string prompt = "Context: " + qa.context + " Question: " + qa.question + " Answer: ";
+  if (tt.tmpl) {
+    nlohmann::ordered_json msgs = nlohmann::ordered_json::array();
+    msgs.push_back({{"role", "user"}, {"content", prompt}});
+    msgs.push_back({{"role", "assistant"}, {"content", qa.answer}});
+    Sample s = encode_chat(tt, msgs, nlohmann::ordered_json::object(), qa.at);
+    append_eos_if_missing(tt, s);
+    return s;
+  }
+  return encode_prompt_completion(tt, prompt, qa.answer, true);
 }
 }  // namespace
 
 std::unique_ptr<Dataset> make_squad(const TextDatasetOptions& o) {
   TextTokenizer tt = TextTokenizer::load(o);
   std::vector<Sample> samples;
-  for (auto& qa : read_squad(o.path, o.limit)) {
-    const std::string prompt = "Context: " + qa.context + " Question: " + qa.question + " Answer: ";
-    if (tt.tmpl) {
-      nlohmann::ordered_json msgs = nlohmann::ordered_json::array();
-      msgs.push_back({{"role", "user"}, {"content", prompt}});
-      msgs.push_back({{"role", "assistant"}, {"content", qa.answer}});
-      Sample s = encode_chat(tt, msgs, nlohmann::ordered_json::object(), qa.at);
-      append_eos_if_missing(tt, s);
-      samples.push_back(std::move(s));
-    } else {
-      samples.push_back(encode_prompt_completion(tt, prompt, qa.answer, true));
-    }
+  if (auto qas = read_squad_json(o.path, o.limit)) {
+    samples = parallel_samples(qas->size(), o.num_threads, [&](size_t i) { return encode_qa(tt, (*qas)[i]); });
+  } else {
+    samples = map_json_rows(o.path, o.limit, o.num_threads, [&](const JsonRow& r) {
+      const auto& j = r.value;
+      if (!j.is_object()) throw DataError(r.at + ": expected an object {context, question, answers}");
+      return encode_qa(tt, {r.at, str_field(j, "context", r.at, false), str_field(j, "question", r.at, true),
+                            first_answer(j, r.at)});
+    });
   }
   return finish_text_dataset("squad(" + o.path + ")", std::move(samples), o);
 }

@@ -1,8 +1,15 @@
 #include "data/text_common.h"
 
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <sstream>
+#include <thread>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -128,42 +135,206 @@ Sample encode_prompt_completion(const TextTokenizer& tt, const std::string& prom
   return s;
 }
 
-std::vector<std::pair<std::string, nlohmann::ordered_json>> read_json_rows(const std::string& path, int64_t limit) {
-  std::ifstream f(path);
-  if (!f) throw IoError("dataset file not found or unreadable: " + path);
-  std::vector<std::pair<std::string, nlohmann::ordered_json>> rows;
-  std::stringstream ss;
-  ss << f.rdbuf();
-  const std::string text = ss.str();
-  size_t first = text.find_first_not_of(" \t\r\n");
-  if (first != std::string::npos && text[first] == '[') {
-    nlohmann::ordered_json j;
+namespace {
+// A read-only streambuf over a FILE* (the decompressor's pipe).
+class FileStreamBuf : public std::streambuf {
+ public:
+  explicit FileStreamBuf(std::FILE* f) : f_(f) {}
+
+ protected:
+  int_type underflow() override {
+    if (gptr() < egptr()) return traits_type::to_int_type(*gptr());
+    size_t n = std::fread(buf_, 1, sizeof buf_, f_);
+    if (n == 0) return traits_type::eof();
+    setg(buf_, buf_, buf_ + n);
+    return traits_type::to_int_type(*gptr());
+  }
+
+ private:
+  std::FILE* f_;
+  char buf_[1 << 16];
+};
+
+std::string shell_quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+}  // namespace
+
+InputFile::InputFile(const std::string& path) : path_(path) {
+  auto f = std::make_unique<std::ifstream>(path, std::ios::binary);
+  if (!*f || std::filesystem::is_directory(path)) throw IoError("dataset file not found or unreadable: " + path);
+  char magic[3] = {0, 0, 0};
+  f->read(magic, 3);
+  const bool bz2 = (f->gcount() == 3 && magic[0] == 'B' && magic[1] == 'Z' && magic[2] == 'h') ||
+                   (path.size() > 4 && path.compare(path.size() - 4, 4, ".bz2") == 0);
+  if (!bz2) {
+    f->clear();
+    f->seekg(0);
+    in_ = std::move(f);
+    return;
+  }
+  f.reset();
+  std::fflush(nullptr);
+  pipe_ = ::popen(("bzip2 -dc < " + shell_quote(path) + " 2>/dev/null").c_str(), "r");
+  if (!pipe_) throw IoError(path + ": cannot start bzip2 to decompress it");
+  buf_ = std::make_unique<FileStreamBuf>(pipe_);
+  in_ = std::make_unique<std::istream>(buf_.get());
+}
+
+InputFile::~InputFile() { close_pipe(false); }
+
+void InputFile::close_pipe(bool check) {
+  if (!pipe_) return;
+  in_.reset();
+  buf_.reset();
+  int st = ::pclose(pipe_);
+  pipe_ = nullptr;
+  if (check && st != 0) {
+    const int code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    throw IoError(path_ + (code == 127 ? ": cannot decompress: the bzip2 program was not found (install bzip2 or decompress the file)"
+                                       : ": bzip2 decompression failed (corrupt or truncated .bz2 file?)"));
+  }
+}
+
+bool InputFile::getline(std::string& line) {
+  if (!in_) return false;
+  if (!std::getline(*in_, line)) {
+    close_pipe(true);
+    return false;
+  }
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  return true;
+}
+
+std::string first_nonblank_line(const std::string& path) {
+  InputFile f(path);
+  std::string line;
+  while (f.getline(line))
+    if (line.find_first_not_of(" \t\r\f\v") != std::string::npos) return line;
+  return "";
+}
+
+std::optional<nlohmann::ordered_json> parse_json_file(const std::string& path) {
+  InputFile f(path);
+  try {
+    return nlohmann::ordered_json::parse(f.stream());
+  } catch (const nlohmann::json::parse_error&) {
+    return std::nullopt;
+  }
+}
+
+static bool blank(const std::string& s) { return s.find_first_not_of(" \t\r\f\v") == std::string::npos; }
+
+JsonRowReader::JsonRowReader(const std::string& path, int64_t limit) : path_(path), limit_(limit) {
+  std::string first = first_nonblank_line(path);
+  size_t k = first.find_first_not_of(" \t\r\f\v\xEF\xBB\xBF");
+  if (k != std::string::npos && first[k] == '[') {
+    // One JSON list: parsed from the stream (the parsed rows are held, never the raw text).
+    InputFile f(path);
     try {
-      j = nlohmann::ordered_json::parse(text);
+      list_json_ = nlohmann::ordered_json::parse(f.stream());
     } catch (const nlohmann::json::parse_error& e) {
       throw DataError(path + ": malformed JSON (" + std::string(e.what()).substr(0, 160) + ")");
     }
-    for (size_t i = 0; i < j.size(); ++i) {
-      if (limit > 0 && static_cast<int64_t>(rows.size()) >= limit) break;
-      rows.emplace_back(path + "[" + std::to_string(i) + "]", j[i]);
-    }
-    return rows;
+    list_ = true;
+    return;
   }
-  std::istringstream in(text);
+  file_ = std::make_unique<InputFile>(path);
+}
+
+bool JsonRowReader::next(JsonRow& row) {
+  if (limit_ > 0 && count_ >= limit_) return false;
+  if (list_) {
+    if (list_i_ >= list_json_.size()) return false;
+    row.at = path_ + "[" + std::to_string(list_i_) + "]";
+    row.value = std::move(list_json_[list_i_]);
+    ++list_i_;
+    ++count_;
+    return true;
+  }
   std::string line;
-  int64_t lineno = 0;
-  while (std::getline(in, line)) {
-    ++lineno;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    if (limit > 0 && static_cast<int64_t>(rows.size()) >= limit) break;
-    const std::string at = path + ":" + std::to_string(lineno);
+  while (file_->getline(line)) {
+    ++lineno_;
+    if (blank(line)) continue;
+    row.at = path_ + ":" + std::to_string(lineno_);
     try {
-      rows.emplace_back(at, nlohmann::ordered_json::parse(line));
+      row.value = nlohmann::ordered_json::parse(line);
     } catch (const nlohmann::json::parse_error& e) {
-      throw DataError(at + ": malformed JSON line (" + std::string(e.what()).substr(0, 160) + ")");
+      throw DataError(row.at + ": malformed JSON line (" + std::string(e.what()).substr(0, 160) + ")");
     }
+    ++count_;
+    return true;
   }
-  return rows;
+  return false;
+}
+
+int resolve_threads(int requested) {
+  if (requested > 0) return requested;
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+std::vector<Sample> parallel_samples(size_t n, int threads, const std::function<Sample(size_t)>& fn) {
+  std::vector<Sample> out(n);
+  const size_t kBlock = 8;
+  size_t nt = std::min(static_cast<size_t>(resolve_threads(threads)), (n + kBlock - 1) / kBlock);
+  if (nt <= 1) {
+    for (size_t i = 0; i < n; ++i) out[i] = fn(i);
+    return out;
+  }
+  std::atomic<size_t> next{0}, first_err{n};
+  std::exception_ptr err;
+  std::mutex mu;
+  auto work = [&]() {
+    while (true) {
+      size_t begin = next.fetch_add(kBlock);
+      if (begin >= n || begin > first_err.load()) return;
+      for (size_t i = begin; i < std::min(n, begin + kBlock); ++i) {
+        if (i > first_err.load()) return;
+        try {
+          out[i] = fn(i);
+        } catch (...) {
+          std::lock_guard<std::mutex> lk(mu);
+          if (i < first_err.load()) {
+            first_err.store(i);
+            err = std::current_exception();
+          }
+          return;
+        }
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(nt);
+  for (size_t t = 0; t < nt; ++t) pool.emplace_back(work);
+  for (auto& t : pool) t.join();
+  if (err) std::rethrow_exception(err);
+  return out;
+}
+
+std::vector<Sample> map_json_rows(const std::string& path, int64_t limit, int threads,
+                                  const std::function<Sample(const JsonRow&)>& fn) {
+  const int nt = resolve_threads(threads);
+  const size_t chunk = std::max<size_t>(1024, 256 * static_cast<size_t>(nt));
+  JsonRowReader reader(path, limit);
+  std::vector<Sample> out;
+  std::vector<JsonRow> rows;
+  while (true) {
+    rows.clear();
+    std::exception_ptr read_err;  // a bad line after these rows: reported once the rows before it are done
+    try {
+      JsonRow r;
+      while (rows.size() < chunk && reader.next(r)) rows.push_back(std::move(r));
+    } catch (...) {
+      read_err = std::current_exception();
+    }
+    auto part = parallel_samples(rows.size(), nt, [&](size_t i) { return fn(rows[i]); });
+    if (read_err) std::rethrow_exception(read_err);
+    out.insert(out.end(), std::make_move_iterator(part.begin()), std::make_move_iterator(part.end()));
+    if (rows.size() < chunk) break;
+  }
+  return out;
 }
 
 std::unique_ptr<Dataset> finish_text_dataset(const std::string& name, std::vector<Sample> samples,

@@ -1,6 +1,11 @@
-// Shared pieces of the text datasets (chat, squad, column_mapped): tokenizer + chat template loading,
-// chat rendering with assistant-only labels, prompt/completion encoding, length limits, packing.
+// Shared pieces of the text datasets (chat, squad, column_mapped, hellaswag): tokenizer + chat template
+// loading, streaming line/row readers, the thread pool that formats and tokenizes samples, chat rendering
+// with assistant-only labels, prompt/completion encoding, length limits.
 #pragma once
+#include <cstdio>
+#include <functional>
+#include <istream>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -22,6 +27,7 @@ struct TextDatasetOptions {
   bool drop_long = false;      // drop (true) or truncate (false) samples longer than seq_length
   int64_t vocab_size = 0;
   std::string chat_template;   // `chat_template` override: a .jinja file path or the template text ("" = the folder's)
+  int num_threads = 0;         // formatting/tokenization threads (0 = every core)
 };
 
 struct TextTokenizer {
@@ -57,8 +63,66 @@ Sample encode_prompt_completion(const TextTokenizer& tt, const std::string& prom
 // Appends eos (as a label) when the sample does not end with it (AutoModel's format_chat_template).
 void append_eos_if_missing(const TextTokenizer& tt, Sample& s);
 
-// Reads a JSON list or JSONL file into (origin "file:line" or "file[i]", object) rows. Honors `limit`.
-std::vector<std::pair<std::string, nlohmann::ordered_json>> read_json_rows(const std::string& path, int64_t limit);
+// A text file read as a stream, never whole: plain, or bzip2-compressed (".bz2" name or "BZh" magic),
+// decompressed on the fly by the `bzip2` program. Missing or unreadable file -> IoError.
+class InputFile {
+ public:
+  explicit InputFile(const std::string& path);
+  ~InputFile();
+  InputFile(const InputFile&) = delete;
+  InputFile& operator=(const InputFile&) = delete;
+  std::istream& stream() { return *in_; }
+  // Next line without its '\n' (and a trailing '\r'); false at the end. At the end of a compressed file
+  // the decompressor's exit status is checked (IoError on a corrupt file).
+  bool getline(std::string& line);
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::FILE* pipe_ = nullptr;
+  std::unique_ptr<std::streambuf> buf_;
+  std::unique_ptr<std::istream> in_;
+  void close_pipe(bool check);
+};
+
+// The first line of `path` that is not blank ("" when none).
+std::string first_nonblank_line(const std::string& path);
+// Parses the whole file as one JSON document, read from the stream; std::nullopt when it is not valid JSON.
+std::optional<nlohmann::ordered_json> parse_json_file(const std::string& path);
+
+// One row of a JSON list or JSONL file: origin ("file:line" or "file[i]") and value.
+struct JsonRow {
+  std::string at;
+  nlohmann::ordered_json value;
+};
+
+// Streams the rows of a JSONL file line by line (blank lines skipped, a malformed line is a DataError
+// naming file:line), or of a file holding one JSON list (parsed from the stream). Honors `limit` (0 = all).
+class JsonRowReader {
+ public:
+  JsonRowReader(const std::string& path, int64_t limit);
+  bool next(JsonRow& row);
+
+ private:
+  std::string path_;
+  int64_t limit_ = 0, count_ = 0, lineno_ = 0;
+  std::unique_ptr<InputFile> file_;
+  bool list_ = false;
+  nlohmann::ordered_json list_json_;
+  size_t list_i_ = 0;
+};
+
+// Number of worker threads for `requested` (0 = std::thread::hardware_concurrency()).
+int resolve_threads(int requested);
+// fn(0) ... fn(n-1) on up to `threads` threads; results in index order, identical to the sequential loop.
+// When calls throw, the exception of the lowest index is rethrown (the one a sequential loop would meet).
+// fn must be safe to call concurrently (Tokenizer::encode and chat-template rendering are).
+std::vector<Sample> parallel_samples(size_t n, int threads, const std::function<Sample(size_t)>& fn);
+// Streams the rows of `path` (JsonRowReader) in bounded chunks and converts each with fn on `threads`
+// threads: only a chunk of raw rows is held at a time; output order and the error reported are those of a
+// sequential pass over the file.
+std::vector<Sample> map_json_rows(const std::string& path, int64_t limit, int threads,
+                                  const std::function<Sample(const JsonRow&)>& fn);
 
 // Applies seq_length (truncate or drop, reported with log::info) and validates token ids; returns the
 // dataset (DataError when empty).

@@ -1,11 +1,10 @@
 // `tokenized_jsonl`: one JSON object per line, {"input_ids": [...], "labels": [...]} (labels optional =
 // input_ids). Every line is validated up front so a bad line fails before training starts, as file:line.
-#include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "data/datasets_impl.h"
+#include "data/text_common.h"
 
 namespace am {
 
@@ -13,11 +12,10 @@ namespace {
 class TokenizedJsonl : public Dataset {
  public:
   TokenizedJsonl(const std::string& path, const DatasetContext& ctx, int64_t limit) : path_(path) {
-    std::ifstream f(path);
-    if (!f) throw IoError("dataset file not found or unreadable: " + path);
+    InputFile f(path);  // streamed line by line (plain or .bz2); only the token ids are kept
     std::string line;
     int64_t lineno = 0;
-    while (std::getline(f, line)) {
+    while (f.getline(line)) {
       ++lineno;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank lines are skipped
       if (limit > 0 && static_cast<int64_t>(samples_.size()) >= limit) break;

@@ -1,4 +1,5 @@
-// Text datasets (chat, squad, column_mapped), length limits and sequence packing.
+// Text datasets (chat, squad, column_mapped, hellaswag), streaming readers, parallel tokenization, length
+// limits and sequence packing.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 
 #include "core/error.h"
 #include "data/dataset.h"
+#include "data/text_common.h"
 #include "io/model_config.h"
 #include "models/hf_weights.h"
 #include "tokenizer/tokenizer.h"
@@ -33,12 +35,23 @@ bool have_tok(const std::string& name) { return fs::exists(tok_dir(name) + "/tok
 #define REQUIRE_TOK(name) \
   if (!have_tok(name)) GTEST_SKIP() << tok_dir(name) << " missing: run tools/fetch_tokenizers.sh"
 
-std::unique_ptr<Dataset> load(const std::string& yaml, const std::string& tokdir, int64_t vocab = 0) {
+std::unique_ptr<Dataset> load(const std::string& yaml, const std::string& tokdir, int64_t vocab = 0, int threads = 0) {
   Recipe r = Recipe::from_string(yaml, "test.yaml");
   DatasetContext ctx;
   ctx.vocab_size = vocab;
   ctx.tokenizer_dir = tokdir;
+  ctx.num_threads = threads;
   return make_dataset(r, "dataset", ctx);
+}
+
+// The DataError message of loading `yaml` ("" when it loads).
+std::string load_error(const std::string& yaml, const std::string& tokdir, int threads = 0) {
+  try {
+    load(yaml, tokdir, 0, threads);
+  } catch (const DataError& e) {
+    return e.what();
+  }
+  return "";
 }
 
 // The label tokens of a sample, decoded (labels equal the input ids where set).
@@ -340,4 +353,221 @@ TEST(Datasets, ChatTemplateOverride) {
   // transformers renders with trim_blocks: the newline after {% endif %} is dropped.
   EXPECT_EQ(t.decode(ds->get(2).input_ids), "<|begin_of_text|><user>Say yes.<assistant>Yes.<|eot_id|>");
   EXPECT_EQ(label_text(t, ds->get(2)), "Yes.<|eot_id|>");
+}
+
+// ---- hellaswag (AutoModel's HellaSwag: ctx, then endings[label]; loss on the ending) ----
+
+namespace {
+const char* kHellaJsonl =
+    "{\"ind\": 4, \"activity_label\": \"Removing ice from car\", \"ctx_a\": \"Then, the man writes over the snow "
+    "covering the window of a car, and a woman wearing winter clothes smiles.\", \"ctx_b\": \"then\", \"ctx\": \"Then, "
+    "the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles. then\", "
+    "\"endings\": [\", the man adds wax to the windshield and cuts it.\", \", a person board a ski lift, while two men "
+    "supporting the head of the person wearing winter clothes snow as the we girls sled.\", \", the man puts on a "
+    "christmas coat, knitted with netting.\", \", the man continues removing the snow on his car.\"], \"source_id\": "
+    "\"activitynet~v_-1IBHYS3L-Y\", \"split\": \"train\", \"split_type\": \"indomain\", \"label\": 3}\n"
+    "\n"
+    "{\"activity_label\": \"Roof shingle removal\", \"ctx_a\": \"A man is sitting on a roof.\", \"ctx_b\": \"he\", "
+    "\"endings\": [\"is using wrap to wrap a pair of skis.\", \"is ripping level tiles off.\", \"is holding a rubik's "
+    "cube.\", \"starts pulling up roofing on a roof.\"], \"label\": \"3\"}\n";
+
+// The same two tasks in the 6-lines-per-task text layout ("activity_label: ctx", label, 4 endings).
+const char* kHellaText =
+    "Removing ice from car: Then, the man writes over the snow covering the window of a car, and a woman wearing "
+    "winter clothes smiles. then\n3\n, the man adds wax to the windshield and cuts it.\n, a person board a ski lift, "
+    "while two men supporting the head of the person wearing winter clothes snow as the we girls sled.\n, the man puts "
+    "on a christmas coat, knitted with netting.\n, the man continues removing the snow on his car.\n"
+    "Roof shingle removal: A man is sitting on a roof. he\n3\nis using wrap to wrap a pair of skis.\nis ripping level "
+    "tiles off.\nis holding a rubik's cube.\nstarts pulling up roofing on a roof.\n";
+
+// AutoModel's SFTSingleTurnPreprocessor for one example: tokenizer(ctx) minus a trailing special token,
+// tokenizer(target) minus a leading one, concatenated; labels (aligned, -100 on the context) on the target.
+Sample automodel_hellaswag(const tok::Tokenizer& t, const std::string& ctx, const std::string& ending) {
+  auto special = [&](int32_t id) { return t.is_special_id(id) || id == t.bos_id() || id == t.eos_id(); };
+  auto c = t.encode(ctx, true), e = t.encode(ending, true);
+  if (!c.empty() && special(c.back())) c.pop_back();
+  if (!e.empty() && special(e.front())) e.erase(e.begin());
+  Sample s;
+  s.input_ids = c;
+  s.input_ids.insert(s.input_ids.end(), e.begin(), e.end());
+  s.labels.assign(c.size(), -100);
+  s.labels.insert(s.labels.end(), e.begin(), e.end());
+  return s;
+}
+}  // namespace
+
+TEST(Datasets, HellaSwagJsonlAsAutoModel) {
+  REQUIRE_TOK("llama3_1");
+  auto t = tok::Tokenizer::from_dir(tok_dir("llama3_1"));
+  auto p = write_tmp("am_hella.jsonl", kHellaJsonl);
+  auto ds = load("dataset: {_target_: nemo_automodel.components.datasets.llm.hellaswag.HellaSwag, path_or_dataset: " + p +
+                     ", split: validation}",
+                 tok_dir("llama3_1"));
+  ASSERT_EQ(ds->size(), 2u);
+  const std::string ctx0 = "Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles. then";
+  const Sample& s = ds->get(0);
+  Sample ref = automodel_hellaswag(t, ctx0, ", the man continues removing the snow on his car.");
+  EXPECT_EQ(s.input_ids, ref.input_ids);
+  EXPECT_EQ(s.labels, ref.labels);
+  // BOS once, at the start; the ending's own BOS is dropped; no eos (Llama 3 does not add one).
+  EXPECT_EQ(s.input_ids[0], *t.bos_id());
+  EXPECT_EQ(std::count(s.input_ids.begin(), s.input_ids.end(), *t.bos_id()), 1);
+  EXPECT_EQ(t.decode(s.input_ids), "<|begin_of_text|>" + ctx0 + ", the man continues removing the snow on his car.");
+  EXPECT_EQ(label_text(t, s), ", the man continues removing the snow on his car.");
+  // ctx built from ctx_a + " " + ctx_b when absent; a string label; the ending is tokenized on its own
+  // (byte-level BPE: no space is inserted between context and ending, exactly as AutoModel).
+  EXPECT_EQ(label_text(t, ds->get(1)), "starts pulling up roofing on a roof.");
+  EXPECT_EQ(t.decode(ds->get(1).input_ids), "<|begin_of_text|>A man is sitting on a roof. hestarts pulling up roofing on a roof.");
+  auto lim = load("dataset: {_target_: hellaswag, path_or_dataset: " + p + ", num_samples_limit: 1}", tok_dir("llama3_1"));
+  EXPECT_EQ(lim->size(), 1u);
+}
+
+TEST(Datasets, HellaSwagSentencePieceEndingKeepsItsSpace) {
+  REQUIRE_TOK("llama2");
+  auto t = tok::Tokenizer::from_dir(tok_dir("llama2"));
+  auto ds = load("dataset: {_target_: hellaswag, path_or_dataset: " + write_tmp("am_hella2.jsonl", kHellaJsonl) + "}", tok_dir("llama2"));
+  const Sample& s = ds->get(1);
+  Sample ref = automodel_hellaswag(t, "A man is sitting on a roof. he", "starts pulling up roofing on a roof.");
+  EXPECT_EQ(s.input_ids, ref.input_ids);
+  EXPECT_EQ(s.labels, ref.labels);
+  // SentencePiece prefixes the separately tokenized ending with "▁": the text reads "he starts".
+  EXPECT_EQ(t.decode(s.input_ids), "<s> A man is sitting on a roof. he starts pulling up roofing on a roof.");
+}
+
+TEST(Datasets, HellaSwagTextLayoutPlainAndBz2) {
+  REQUIRE_TOK("llama3_1");
+  auto json = load("dataset: {_target_: hellaswag, path_or_dataset: " + write_tmp("am_hella3.jsonl", kHellaJsonl) + "}",
+                   tok_dir("llama3_1"));
+  auto txt_path = write_tmp("am_hella_val.txt", kHellaText);
+  auto txt = load("dataset: {_target_: hellaswag, path_or_dataset: " + txt_path + "}", tok_dir("llama3_1"));
+  ASSERT_EQ(txt->size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {  // the activity label is dropped: the prompt is ctx, as from the JSONL
+    EXPECT_EQ(txt->get(i).input_ids, json->get(i).input_ids) << i;
+    EXPECT_EQ(txt->get(i).labels, json->get(i).labels) << i;
+  }
+  // The shipped copy is bzip2-compressed: read through `bzip2 -dc`, streamed.
+  fs::remove(txt_path + ".bz2");
+  if (std::system(("bzip2 -k " + txt_path + " 2>/dev/null").c_str()) != 0) GTEST_SKIP() << "no bzip2 program";
+  auto bz = load("dataset: {_target_: hellaswag, path_or_dataset: " + txt_path + ".bz2}", tok_dir("llama3_1"));
+  ASSERT_EQ(bz->size(), 2u);
+  EXPECT_EQ(bz->get(1).input_ids, json->get(1).input_ids);
+  // A corrupt .bz2 is an IoError, not a silently short dataset.
+  std::string corrupt = write_tmp("am_hella_bad.txt.bz2", "BZh91AY&SY garbage");
+  EXPECT_THROW(load("dataset: {_target_: hellaswag, path_or_dataset: " + corrupt + "}", tok_dir("llama3_1")), IoError);
+}
+
+TEST(Datasets, HellaSwagBadRowsNameFileAndLine) {
+  REQUIRE_TOK("llama3_1");
+  const std::string tk = tok_dir("llama3_1");
+  auto yaml = [](const std::string& p) { return "dataset: {_target_: hellaswag, path_or_dataset: " + p + "}"; };
+  std::string good = "{\"ctx\": \"a\", \"endings\": [\"b\", \"c\"], \"label\": 1}\n";
+  EXPECT_NE(load_error(yaml(write_tmp("am_hb1.jsonl", good + good + "{\"ctx\": \"a\", \"endings\": [\"b\"], \"label\": 1}\n")), tk)
+                .find("am_hb1.jsonl:3: \"label\" must be an index"),
+            std::string::npos);
+  EXPECT_NE(load_error(yaml(write_tmp("am_hb2.jsonl", good + "{\"ctx\": \"a\", \"endings\": [\"b\"], \"label\": \"\"}\n")), tk)
+                .find("am_hb2.jsonl:2: no \"label\""),
+            std::string::npos);
+  EXPECT_NE(load_error(yaml(write_tmp("am_hb3.jsonl", good + "\n{\"ctx\": \"a\", \"endings\"\n")), tk).find("am_hb3.jsonl:3: malformed"),
+            std::string::npos);
+  std::string task = "Label: ctx\n1\ne0\ne1\ne2\ne3\n";
+  EXPECT_NE(load_error(yaml(write_tmp("am_hb4.txt", task + "Label: ctx\nx\ne0\ne1\ne2\ne3\n")), tk).find("am_hb4.txt:8: expected the label"),
+            std::string::npos);
+  EXPECT_NE(load_error(yaml(write_tmp("am_hb5.txt", task + task + "Label: ctx\n2\ne0\n")), tk).find("am_hb5.txt:13: incomplete task"),
+            std::string::npos);
+}
+
+// ---- streaming and threads ----
+
+TEST(Datasets, ParallelSamplesKeepOrderAndFirstError) {
+  auto fn = [](size_t i) {
+    if (i == 613 || i == 1500 || i == 2900) throw DataError("row " + std::to_string(i));
+    return Sample{{static_cast<int32_t>(i)}, {static_cast<int32_t>(i)}, {}};
+  };
+  for (int th : {1, 2, 3, 8}) {
+    auto ok = parallel_samples(600, th, fn);
+    ASSERT_EQ(ok.size(), 600u);
+    for (size_t i = 0; i < ok.size(); ++i) ASSERT_EQ(ok[i].input_ids[0], static_cast<int32_t>(i));
+    try {
+      parallel_samples(3000, th, fn);
+      FAIL() << "expected DataError";
+    } catch (const DataError& e) {
+      EXPECT_STREQ(e.what(), "row 613") << th;  // the lowest failing index, as a sequential loop
+    }
+  }
+}
+
+// Every text dataset gives the same samples on 1 thread and on several.
+TEST(Datasets, OneThreadEqualsManyThreads) {
+  REQUIRE_TOK("llama3_1");
+  REQUIRE_TOK("qwen3");
+  std::string chat, sq, cm, hs;
+  for (int i = 0; i < 700; ++i) {
+    std::string n = std::to_string(i), m = std::to_string(i * 7 % 13);
+    chat += "{\"messages\": [{\"role\": \"user\", \"content\": \"What is " + n + " plus " + m + "?\"}, {\"role\": \"assistant\", "
+            "\"content\": \"" + n + " + " + m + " = " + std::to_string(i + i * 7 % 13) + ".\"}" +
+            (i % 3 ? ", {\"role\": \"user\", \"content\": \"Thanks " + n + "!\"}, {\"role\": \"assistant\", \"content\": \"You're welcome.\"}" : "") +
+            "]}\n";
+    sq += "{\"context\": \"Item " + n + " costs " + m + " euros.\", \"question\": \"How much is item " + n +
+          "?\", \"answers\": {\"text\": [\"" + m + " euros\"]}}\n";
+    cm += "{\"instruction\": \"Repeat " + n + "\", \"input\": \"" + (i % 2 ? m : "") + "\", \"output\": \"" + n + " " + n + "\"}\n";
+    hs += "{\"ctx\": \"Person " + n + " walks to the\", \"endings\": [\" door.\", \" car " + m + ".\", \" roof.\", \" park.\"], \"label\": " +
+          std::to_string(i % 4) + "}\n";
+  }
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"{_target_: chat, path_or_dataset: " + write_tmp("am_par_chat.jsonl", chat) + "}", "llama3_1"},
+      {"{_target_: chat, path_or_dataset: " + write_tmp("am_par_chat.jsonl", chat) + "}", "qwen3"},
+      {"{_target_: squad, path_or_dataset: " + write_tmp("am_par_squad.jsonl", sq) + "}", "qwen3"},
+      {"{_target_: squad, path_or_dataset: " + fixture("squad_dev_subset.json") + "}", "llama3_1"},
+      {"{_target_: column_mapped, path_or_dataset: " + write_tmp("am_par_cm.jsonl", cm) +
+           ", column_mapping: {context: input, question: instruction, answer: output}}", "llama3_1"},
+      {"{_target_: column_mapped, path_or_dataset: " + write_tmp("am_par_cm.jsonl", cm) +
+           ", column_mapping: {context: input, question: instruction, answer: output}}", "notmpl"},
+      {"{_target_: hellaswag, path_or_dataset: " + write_tmp("am_par_hs.jsonl", hs) + "}", "llama3_1"},
+  };
+  const std::string notmpl = no_template_copy("llama3_1");
+  for (const auto& [section, tk] : cases) {
+    const std::string dir = tk == "notmpl" ? notmpl : tok_dir(tk);
+    auto one = load("dataset: " + section, dir, 0, 1);
+    auto many = load("dataset: " + section, dir, 0, 5);
+    ASSERT_EQ(one->size(), many->size()) << section;
+    ASSERT_GT(one->size(), 20u) << section;
+    for (size_t i = 0; i < one->size(); ++i) {
+      ASSERT_EQ(one->get(i).input_ids, many->get(i).input_ids) << section << " sample " << i;
+      ASSERT_EQ(one->get(i).labels, many->get(i).labels) << section << " sample " << i;
+    }
+  }
+}
+
+// Rows are read line by line in chunks; a bad line far into the file (past the first chunk) is still
+// reported as file:line, and an earlier bad row wins over a later malformed line, on any thread count.
+TEST(Datasets, StreamedBadLineNamesFileAndLine) {
+  REQUIRE_TOK("llama3_1");
+  std::string body;
+  for (int i = 1; i <= 2999; ++i)
+    body += i % 500 == 0 ? "\n" : "{\"question\": \"q" + std::to_string(i) + "\", \"answer\": \"a\"}\n";
+  const std::string bad_json = body + "{\"question\": \"q\", \"answer\": \n" + "{\"question\": \"q\", \"answer\": \"a\"}\n";
+  const std::string cmap = ", column_mapping: {question: question, answer: answer}}";
+  for (int th : {1, 4}) {
+    auto p = write_tmp("am_stream_bad.jsonl", bad_json);
+    std::string err = load_error("dataset: {_target_: column_mapped, path_or_dataset: " + p + cmap, tok_dir("llama3_1"), th);
+    EXPECT_NE(err.find("am_stream_bad.jsonl:3000: malformed JSON line"), std::string::npos) << err;
+    // A row without the answer column on line 2100 comes before the malformed line 3000.
+    std::string two = body;
+    size_t pos = 0;
+    for (int l = 1; l < 2100; ++l) pos = two.find('\n', pos) + 1;
+    two.insert(pos, "{\"question\": \"no answer\"}\n");
+    p = write_tmp("am_stream_bad2.jsonl", two + "{oops\n");
+    err = load_error("dataset: {_target_: column_mapped, path_or_dataset: " + p + cmap, tok_dir("llama3_1"), th);
+    EXPECT_NE(err.find("am_stream_bad2.jsonl:2100: missing answer column"), std::string::npos) << err;
+    // limit_dataset_samples stops reading before the bad line.
+    EXPECT_EQ(load("dataset: {_target_: column_mapped, path_or_dataset: " + p + ", limit_dataset_samples: 50" + cmap,
+                   tok_dir("llama3_1"), 0, th)->size(), 50u);
+  }
+  // tokenized_jsonl reads line by line too.
+  std::string tj;
+  for (int i = 0; i < 40; ++i) tj += "{\"input_ids\": [1, 2, 3]}\n";
+  auto p = write_tmp("am_stream_tok.jsonl", tj + "{\"input_ids\": [1, \n");
+  EXPECT_NE(load_error("dataset: {_target_: tokenized_jsonl, path_or_dataset: " + p + "}", ""), "");
+  EXPECT_NE(load_error("dataset: {_target_: tokenized_jsonl, path_or_dataset: " + p + "}", "").find("am_stream_tok.jsonl:41:"),
+            std::string::npos);
 }
