@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the Hugging Face golden fixtures for the dense model families.
+"""Generate the Hugging Face golden fixtures for the dense and MoE model families.
 
 Runs where PyTorch and transformers are installed (the GPU machine: torch 2.11, transformers 5.17);
 everything is computed on the CPU in float32. For every case it builds a tiny random model, runs a
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -33,13 +34,17 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    OlmoeConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +136,102 @@ CASES = [
         max_norm=1.0,
         lr_scheduler=dict(lr_decay_style="cosine", lr_warmup_steps=1, min_lr=1.0e-4),
     ),
+    # ---- MoE (docs/goldens.md): routers get std 0.3 so top-k choices are not decided by rounding ----
+    dict(
+        name="qwen3_moe",
+        config_cls=Qwen3MoeConfig,
+        seed=2001,
+        kw=dict(
+            num_hidden_layers=3,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],  # layer 1 is a dense MLP (intermediate_size 128)
+            tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1.0e6),
+        ),
+        max_norm=1.0,
+        router_std=0.3,
+        write_alt_layout=True,
+    ),
+    dict(
+        name="qwen3_moe_aux",
+        config_cls=Qwen3MoeConfig,
+        seed=2002,
+        kw=dict(
+            num_hidden_layers=2,
+            head_dim=16,
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            norm_topk_prob=False,
+            output_router_logits=True,
+            router_aux_loss_coef=0.05,
+            tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1.0e6),
+        ),
+        max_norm=1.0,
+        router_std=0.3,
+    ),
+    dict(
+        name="mixtral",
+        config_cls=MixtralConfig,
+        seed=2003,
+        kw=dict(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=48,
+            sliding_window=None,
+            output_router_logits=True,
+            router_aux_loss_coef=0.02,
+            tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1.0e6),
+        ),
+        max_norm=1.0,
+        router_std=0.3,
+        write_alt_layout=True,
+    ),
+    dict(
+        name="qwen2_moe",
+        config_cls=Qwen2MoeConfig,
+        seed=2004,
+        kw=dict(
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1.0e6),
+        ),
+        bias_std=0.1,
+        max_norm=1.0,
+        router_std=0.3,
+    ),
+    dict(
+        name="olmoe",
+        config_cls=OlmoeConfig,
+        seed=2005,
+        kw=dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=32,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1.0e4),
+        ),
+        max_norm=1.0,
+        router_std=0.3,
+    ),
 ]
+
+
+def is_router(name):
+    """The router's Linear weight ([E, H]) in any layout: mlp.gate / block_sparse_moe.gate."""
+    return name.endswith(".gate.weight")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,13 +348,60 @@ def lr_at(n, sched, total_steps):
     return min_lr + coeff * (max_lr - min_lr)
 
 
-def train(model, rows, max_norm, sched, capture=False):
-    """SPEC section 3 training loop. Returns per-step records (+ step-1 grads when capture)."""
+def aux_from_logits(logits_list, num_experts, top_k, mask):
+    """HF's load_balancing_loss_func (Switch Transformer eq. 4-6) over all MoE layers, padding excluded."""
+    cat = torch.cat(logits_list, dim=0)  # [L*N, E]
+    probs = torch.softmax(cat, dim=-1)
+    _, sel = torch.topk(probs, top_k, dim=-1)
+    em = F.one_hot(sel, num_experts).float()  # [L*N, k, E]
+    L = len(logits_list)
+    m = mask.reshape(-1).float().repeat(L)  # [L*N]
+    tokens_per_expert = (em * m[:, None, None]).sum(0) / m.sum()
+    prob_per_expert = (probs * m[:, None]).sum(0) / m.sum()
+    return (tokens_per_expert * prob_per_expert[None]).sum() * num_experts
+
+
+class RouterRecorder:
+    """Forward hooks on every router (a Linear-like module with weight [E, H] named *.gate): records the
+    router logits x W^T of each MoE layer, to cross-check HF's aux loss against our formula."""
+
+    def __init__(self, model):
+        self.logits, self.hooks = [], []
+        for n, mod in model.named_modules():
+            if n.endswith(".gate") and hasattr(mod, "weight") and mod.weight.dim() == 2:
+                self.hooks.append(mod.register_forward_hook(self._hook))
+
+    def _hook(self, mod, inp, out):
+        x = inp[0]
+        self.logits.append(F.linear(x.reshape(-1, x.shape[-1]), mod.weight).detach())
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def moe_info(config):
+    """(num_experts, top_k, aux coefficient or None) for MoE configs; None for dense ones."""
+    E = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if not E:
+        return None
+    coef = config.router_aux_loss_coef if getattr(config, "output_router_logits", False) else None
+    return E, config.num_experts_per_tok, coef
+
+
+def train(model, rows, max_norm, sched, capture=False, aux_check=None):
+    """SPEC section 3 training loop. Returns per-step records (+ step-1 grads when capture).
+
+    MoE with output_router_logits: each micro-batch's loss also gets coef * aux / n_micro (HF adds
+    coef * aux to every forward's loss; averaging over micro-batches keeps the step's loss independent of
+    how the global batch is split, as the CE part is)."""
     params = list(model.parameters())  # deduplicated: a tied weight appears once
     opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
     named_all = dict(model.named_parameters(remove_duplicate=False))
     steps, step1_grads = [], None
     V = model.config.vocab_size
+    moe = moe_info(model.config)
+    rec = RouterRecorder(model) if moe else None
     for s in range(1, MAX_STEPS + 1):
         lr = lr_at(s - 1, sched, MAX_STEPS)
         for g in opt.param_groups:
@@ -263,14 +410,27 @@ def train(model, rows, max_norm, sched, capture=False):
         mbs = [collate(batch[i : i + LBS]) for i in range(0, GBS, LBS)]
         n_tok = int(sum(int((shift_labels(lab) != -100).sum()) for _, _, lab in mbs))
         loss_total = 0.0
-        mb_sums, mb_tokens = [], []
+        mb_sums, mb_tokens, mb_aux = [], [], []
         for ids, mask, lab in mbs:
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            if rec:
+                rec.logits = []
+            kw = dict(output_router_logits=True) if moe and moe[2] is not None else {}
+            out = model(input_ids=ids, attention_mask=mask, **kw)
+            logits = out.logits
             tgt = shift_labels(lab)
             ce_sum = F.cross_entropy(
                 logits.float().view(-1, V), tgt.view(-1), ignore_index=-100, reduction="sum"
             )
-            (ce_sum / n_tok).backward()
+            loss_mb = ce_sum / n_tok
+            if moe and moe[2] is not None:
+                aux = out.aux_loss
+                mine = aux_from_logits(rec.logits, moe[0], moe[1], mask)
+                if aux_check is not None:
+                    aux_check.append(abs(float(aux) - float(mine)))
+                loss_mb = loss_mb + moe[2] * aux / len(mbs)
+                mb_aux.append(float(aux))
+                loss_total += moe[2] * float(aux) / len(mbs)
+            loss_mb.backward()
             mb_sums.append(float(ce_sum.detach()))
             mb_tokens.append(int((tgt != -100).sum()))
             loss_total += float(ce_sum.detach()) / n_tok
@@ -282,18 +442,21 @@ def train(model, rows, max_norm, sched, capture=False):
         gn = float(gn)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        steps.append(
-            dict(
-                step=s,
-                loss=loss_total,
-                grad_norm=gn,
-                lr=lr,
-                num_label_tokens=n_tok,
-                clipped=bool(max_norm is not None and gn > max_norm),
-                micro_batch_ce_sums=mb_sums,
-                micro_batch_label_tokens=mb_tokens,
-            )
+        rec_step = dict(
+            step=s,
+            loss=loss_total,
+            grad_norm=gn,
+            lr=lr,
+            num_label_tokens=n_tok,
+            clipped=bool(max_norm is not None and gn > max_norm),
+            micro_batch_ce_sums=mb_sums,
+            micro_batch_label_tokens=mb_tokens,
         )
+        if mb_aux:
+            rec_step["micro_batch_aux_losses"] = mb_aux
+        steps.append(rec_step)
+    if rec:
+        rec.remove()
     return steps, step1_grads
 
 
@@ -403,6 +566,65 @@ def probe_sliding_window(model, rows):
     return res
 
 
+def expert_layout(keys):
+    """'per_expert' (hub / transformers-4 names), 'fused' (transformers-5 names) or None (dense)."""
+    if any(re.search(r"\.experts\.\d+\.", k) for k in keys):
+        return "per_expert"
+    if any(k.endswith(".experts.gate_up_proj") for k in keys):
+        return "fused"
+    return None
+
+
+def convert_layout(sd, model_type, num_experts):
+    """The same weights in the other expert layout (per-expert <-> fused), as plain tensors."""
+    mixtral = model_type == "mixtral"
+    g, u, d = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    out = {}
+    if expert_layout(sd.keys()) == "per_expert":
+        layers = {}
+        for k, v in sd.items():
+            m = re.match(r"(.*)\.experts\.(\d+)\.(\w+)\.weight$", k)
+            if not m:
+                out[k.replace(".block_sparse_moe.", ".mlp.")] = v
+                continue
+            layers.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = v
+        for pre, t in layers.items():
+            pre5 = pre.replace(".block_sparse_moe", ".mlp")
+            gate = torch.stack([t[(e, g)] for e in range(num_experts)])
+            up = torch.stack([t[(e, u)] for e in range(num_experts)])
+            out[pre5 + ".experts.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
+            out[pre5 + ".experts.down_proj"] = torch.stack([t[(e, d)] for e in range(num_experts)]).contiguous()
+    else:
+        for k, v in sd.items():
+            pre = k.rsplit(".experts.", 1)[0] if ".experts." in k else None
+            pre4 = pre.replace(".mlp", ".block_sparse_moe") if (pre and mixtral) else pre
+            if k.endswith(".experts.gate_up_proj"):
+                inter = v.shape[1] // 2
+                for e in range(num_experts):
+                    out[f"{pre4}.experts.{e}.{g}.weight"] = v[e, :inter].contiguous()
+                    out[f"{pre4}.experts.{e}.{u}.weight"] = v[e, inter:].contiguous()
+            elif k.endswith(".experts.down_proj"):
+                for e in range(num_experts):
+                    out[f"{pre4}.experts.{e}.{d}.weight"] = v[e].contiguous()
+            elif mixtral and ".mlp.gate." in k:
+                out[k.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = v
+            else:
+                out[k] = v
+    return out
+
+
+def dump_config_defaults(out_root):
+    """Each MoE config class's defaults, to check the engine's config.json defaults against."""
+    res = {}
+    for cls in (Qwen3MoeConfig, Qwen2MoeConfig, MixtralConfig, OlmoeConfig):
+        try:
+            res[cls.__name__] = json.loads(cls().to_json_string(use_diff=False))
+        except Exception as e:  # noqa: BLE001
+            res[cls.__name__] = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_root, "moe_config_defaults.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+
+
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
@@ -429,6 +651,8 @@ def run_case(case, out_root):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
             elif n.endswith(".bias") and case.get("bias_std"):
                 p.copy_(case["bias_std"] * torch.randn(p.shape, generator=g))
+            elif is_router(n) and case.get("router_std"):
+                p.copy_(case["router_std"] * torch.randn(p.shape, generator=g))
     save_pretrained(model, model_dir)
     del model
     src_keys = safetensors_keys(os.path.join(model_dir, "model.safetensors"))
@@ -468,7 +692,8 @@ def run_case(case, out_root):
     # 4. train (eager), capturing step-1 grads
     max_norm = case["max_norm"]
     sched = case.get("lr_scheduler")
-    steps, grads = train(model, rows, max_norm, sched, capture=True)
+    aux_check = []
+    steps, grads = train(model, rows, max_norm, sched, capture=True, aux_check=aux_check)
     if case.get("must_clip") and not any(st["clipped"] for st in steps):
         # The natural grad norm stayed under 1: lower max_norm so that this case exercises clipping.
         gn1 = steps[0]["grad_norm"]
@@ -483,13 +708,32 @@ def run_case(case, out_root):
     final_keys = safetensors_keys(os.path.join(cdir, "expected_final.safetensors"))
     if sorted(final_keys) != sorted(src_keys):
         log(f"  WARNING: final tensor names differ from the source file: {sorted(final_keys)} vs {sorted(src_keys)}")
-    missing = [k for k in src_keys if k not in grads]
-    if missing:
-        log(f"  WARNING: no gradient for {missing}")
-    save_file(
-        {k: grads[k].contiguous() for k in src_keys if k in grads},
-        os.path.join(cdir, "expected_step1_grads.safetensors"),
-    )
+    layout = expert_layout(src_keys)
+    if layout is None:
+        missing = [k for k in src_keys if k not in grads]
+        if missing:
+            log(f"  WARNING: no gradient for {missing}")
+        gsave = {k: grads[k].contiguous() for k in src_keys if k in grads}
+    else:
+        # MoE: gradients under transformers-5 parameter names (fused experts [E, 2I, H] / [E, H, I]).
+        gsave = {k: v.contiguous() for k, v in grads.items()}
+    save_file(gsave, os.path.join(cdir, "expected_step1_grads.safetensors"))
+    if layout and case.get("write_alt_layout"):
+        alt = convert_layout(load_file(os.path.join(model_dir, "model.safetensors")), cfg.model_type,
+                             moe_info(cfg)[0])
+        alt_dir = os.path.join(cdir, "model_alt")
+        os.makedirs(alt_dir)
+        shutil.copy(os.path.join(model_dir, "config.json"), alt_dir)
+        save_file(alt, os.path.join(alt_dir, "model.safetensors"), metadata={"format": "pt"})
+        # transformers must read the other layout to the same model: same logits.
+        m_alt = load_model(alt_dir, "eager")
+        with torch.no_grad():
+            lo_alt = m_alt(input_ids=ids, attention_mask=mask).logits.float()
+        alt_diff = float((lo_alt - logits).abs().max())
+        log(f"  alt layout ({expert_layout(alt.keys())}): max |logits diff| = {alt_diff:.3e}")
+        del m_alt
+    else:
+        alt_diff = None
 
     # 5. sdpa cross-check (same weights, same loop)
     try:
@@ -515,6 +759,9 @@ def run_case(case, out_root):
         sdpa_max_abs_grad_norm_diff=sdpa_gn,
         padding_max_abs_logit_diff=pad_diff,
         sliding_window_probe=({str(k): list(v) for k, v in probe.items()} if probe else None),
+        expert_layout=layout,
+        alt_layout_max_abs_logit_diff=alt_diff,
+        aux_formula_max_abs_diff=(max(aux_check) if aux_check else None),
         torch=torch.__version__,
         transformers=transformers.__version__,
     )
@@ -537,6 +784,7 @@ def main():
     want = [c for c in args.cases.split(",") if c]
     cases = [c for c in CASES if not want or c["name"] in want]
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+    dump_config_defaults(out_root)
 
     results, failed = [], []
     for case in cases:

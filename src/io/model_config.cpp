@@ -3,6 +3,7 @@
 // model here. Other model types get the llama rules (the model registry decides whether it can build them).
 #include "io/model_config.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -18,13 +19,21 @@ using nlohmann::json;
 
 namespace {
 
-enum class Family { Llama, Mistral, Qwen2, Qwen3 };
+enum class Family { Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2Moe, Qwen3Moe, Olmoe };
 
 Family family_of(const std::string& t) {
   if (t == "mistral") return Family::Mistral;
   if (t == "qwen2") return Family::Qwen2;
   if (t == "qwen3") return Family::Qwen3;
+  if (t == "mixtral") return Family::Mixtral;
+  if (t == "qwen2_moe") return Family::Qwen2Moe;
+  if (t == "qwen3_moe") return Family::Qwen3Moe;
+  if (t == "olmoe") return Family::Olmoe;
   return Family::Llama;
+}
+
+bool is_qwen(Family f) {
+  return f == Family::Qwen2 || f == Family::Qwen3 || f == Family::Qwen2Moe || f == Family::Qwen3Moe;
 }
 
 // Typed access to one JSON object with errors that name the file and the full key ("rope_scaling.factor").
@@ -84,7 +93,7 @@ struct Keys {
 
 // The RoPE dict: transformers v5 `rope_parameters` (plain, or per layer type: we take full_attention) wins
 // over the v4 `rope_scaling`; rope_theta and partial_rotary_factor may sit inside it or at the top level.
-RopeParams parse_rope(const Keys& top, int64_t max_pos) {
+RopeParams parse_rope(const Keys& top, int64_t max_pos, double theta_default) {
   const json& j = top.j;
   const std::string& file = top.file;
   static const json kEmpty = json::object();
@@ -107,7 +116,7 @@ RopeParams parse_rope(const Keys& top, int64_t max_pos) {
   Keys r{*rp, file, prefix};
 
   RopeParams p;
-  p.rope_theta = r.present("rope_theta") ? r.num("rope_theta") : top.num("rope_theta", 10000.0);
+  p.rope_theta = r.present("rope_theta") ? r.num("rope_theta") : top.num("rope_theta", theta_default);
   p.rope_type = r.present("rope_type") ? r.str("rope_type", "default") : r.str("type", "default");
   p.partial_rotary_factor =
       r.present("partial_rotary_factor") ? r.num("partial_rotary_factor") : top.num("partial_rotary_factor", 1.0);
@@ -157,16 +166,18 @@ RopeParams parse_rope(const Keys& top, int64_t max_pos) {
 // Per-layer window: transformers decides it from layer_types when present, else per family.
 std::vector<int64_t> parse_sliding(const Keys& k, Family fam, int64_t n_layers) {
   std::vector<int64_t> out(static_cast<size_t>(n_layers), 0);
-  if (fam == Family::Llama) return out;
+  if (fam == Family::Llama || fam == Family::Olmoe) return out;
   auto window_key = [&]() -> int64_t {
-    // Absent -> the class default 4096; null -> no window.
-    if (!k.j.contains("sliding_window")) return 4096;
+    // Absent -> the class default (4096; Mixtral and Qwen3-MoE: none); null or 0 -> no window.
+    if (!k.j.contains("sliding_window")) return (fam == Family::Mixtral || fam == Family::Qwen3Moe) ? 0 : 4096;
+    if (k.j.at("sliding_window").is_number_integer() && k.j.at("sliding_window").get<int64_t>() == 0) return 0;
     if (k.j.at("sliding_window").is_null()) return 0;
     return k.positive("sliding_window");
   };
   int64_t window = 0;
-  if (fam == Family::Mistral) window = window_key();
-  else window = k.boolean("use_sliding_window", false) ? window_key() : 0;  // qwen2/qwen3
+  const bool mistral_like = fam == Family::Mistral || fam == Family::Mixtral;
+  if (mistral_like) window = window_key();
+  else window = k.boolean("use_sliding_window", false) ? window_key() : 0;  // qwen2/qwen3 (+ MoE)
   if (k.present("layer_types")) {
     const json& lt = k.j.at("layer_types");
     if (!lt.is_array() || static_cast<int64_t>(lt.size()) != n_layers)
@@ -180,13 +191,56 @@ std::vector<int64_t> parse_sliding(const Keys& k, Family fam, int64_t n_layers) 
     }
     return out;
   }
-  if (fam == Family::Mistral) {
+  if (mistral_like) {
     std::fill(out.begin(), out.end(), window);
   } else {
     int64_t from = k.integer("max_window_layers", 28);
     for (int64_t i = std::max<int64_t>(from, 0); i < n_layers; ++i) out[static_cast<size_t>(i)] = window;
   }
   return out;
+}
+
+// MoE keys with the defaults of Qwen3MoeConfig / Qwen2MoeConfig / MixtralConfig / OlmoeConfig
+// (transformers 5.17; tests/fixtures/golden/moe_config_defaults.json). Which layers are sparse follows the
+// decoder layers' constructors: Qwen: not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0;
+// Mixtral and OLMoE: every layer.
+void parse_moe(const Keys& k, Family fam, ModelConfig& c) {
+  if (fam != Family::Mixtral && fam != Family::Qwen2Moe && fam != Family::Qwen3Moe && fam != Family::Olmoe) return;
+  const char* n_key = k.present("num_experts") ? "num_experts" : "num_local_experts";
+  int64_t n_def = fam == Family::Mixtral ? 8 : fam == Family::Qwen2Moe ? 60 : fam == Family::Olmoe ? 64 : 128;
+  c.num_experts = k.present(n_key) ? k.positive(n_key) : n_def;
+  c.num_experts_per_tok = k.positive("num_experts_per_tok",
+                                     fam == Family::Mixtral ? 2 : fam == Family::Qwen2Moe ? 4 : 8);
+  if (c.num_experts_per_tok > c.num_experts)
+    throw FormatError(k.file + ": num_experts_per_tok (" + std::to_string(c.num_experts_per_tok) +
+                      ") is larger than the number of experts (" + std::to_string(c.num_experts) + ")");
+  // Mixtral and OLMoE size their experts with intermediate_size.
+  if (fam == Family::Mixtral || fam == Family::Olmoe) c.moe_intermediate_size = c.intermediate_size;
+  else c.moe_intermediate_size = k.positive("moe_intermediate_size", fam == Family::Qwen2Moe ? 1408 : 768);
+  if (fam == Family::Qwen2Moe)
+    c.shared_expert_intermediate_size = k.positive("shared_expert_intermediate_size", 5632);
+  c.norm_topk_prob = fam == Family::Mixtral ? true : k.boolean("norm_topk_prob", false);
+  c.output_router_logits = k.boolean("output_router_logits", false);
+  c.router_aux_loss_coef = k.num("router_aux_loss_coef", fam == Family::Olmoe ? 0.01 : 0.001);
+  if (fam == Family::Mixtral && k.num("router_jitter_noise", 0.0) != 0.0)
+    throw FormatError(k.file + ": key 'router_jitter_noise' > 0 (random router noise in training) is not supported");
+  c.moe_layer.assign(static_cast<size_t>(c.num_hidden_layers), true);
+  if (fam == Family::Qwen2Moe || fam == Family::Qwen3Moe) {
+    int64_t step = k.positive("decoder_sparse_step", 1);
+    std::vector<int64_t> dense_only;
+    if (k.present("mlp_only_layers")) {
+      const json& v = k.j.at("mlp_only_layers");
+      if (!v.is_array()) k.bad("mlp_only_layers", "a list of layer indices");
+      for (const json& e : v) {
+        if (!e.is_number_integer()) k.bad("mlp_only_layers", "a list of layer indices");
+        dense_only.push_back(e.get<int64_t>());
+      }
+    }
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+      bool listed = std::find(dense_only.begin(), dense_only.end(), i) != dense_only.end();
+      c.moe_layer[static_cast<size_t>(i)] = !listed && (i + 1) % step == 0;
+    }
+  }
 }
 
 std::optional<int64_t> token_id(const Keys& k, const char* key, std::optional<int64_t> def,
@@ -226,7 +280,14 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
   c.num_hidden_layers = k.positive("num_hidden_layers");
   c.num_attention_heads = k.positive("num_attention_heads");
   // Absent key -> the class default (mistral 8, qwen 32); null -> num_attention_heads, as transformers does.
-  int64_t kv_default = fam == Family::Mistral ? 8 : (fam == Family::Qwen2 || fam == Family::Qwen3) ? 32 : 0;
+  int64_t kv_default = 0;
+  switch (fam) {
+    case Family::Mistral: case Family::Mixtral: kv_default = 8; break;
+    case Family::Qwen2: case Family::Qwen3: kv_default = 32; break;
+    case Family::Qwen3Moe: kv_default = 4; break;
+    case Family::Qwen2Moe: kv_default = 16; break;
+    default: break;
+  }
   if (j.contains("num_key_value_heads") && !j.at("num_key_value_heads").is_null())
     c.num_key_value_heads = k.positive("num_key_value_heads");
   else
@@ -236,12 +297,15 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
                       ") must be a multiple of num_key_value_heads (" + std::to_string(c.num_key_value_heads) +
                       (j.contains("num_key_value_heads") ? ")" : ", the " + c.model_type + " default)"));
   c.head_dim = k.positive("head_dim", fam == Family::Qwen3 ? 128 : c.hidden_size / c.num_attention_heads);
+  if (fam == Family::Olmoe && c.head_dim * c.num_attention_heads != c.hidden_size)
+    throw FormatError(source_name + ": olmoe needs head_dim * num_attention_heads == hidden_size (its q_norm spans hidden_size)");
   if (c.head_dim <= 0) throw FormatError(source_name + ": hidden_size is smaller than num_attention_heads");
-  const int64_t max_pos_default = fam == Family::Mistral ? 4096 * 32
-                                  : (fam == Family::Qwen2 || fam == Family::Qwen3) ? 32768
-                                                                                  : 2048;
+  const int64_t max_pos_default = (fam == Family::Mistral || fam == Family::Mixtral) ? 4096 * 32
+                                  : is_qwen(fam)            ? 32768
+                                  : fam == Family::Olmoe    ? 4096
+                                                            : 2048;
   c.max_position_embeddings = k.positive("max_position_embeddings", max_pos_default);
-  c.rms_norm_eps = k.num("rms_norm_eps", 1e-6);
+  c.rms_norm_eps = k.num("rms_norm_eps", (fam == Family::Mixtral || fam == Family::Olmoe) ? 1e-5 : 1e-6);
   c.hidden_act = k.str("hidden_act", "silu");
   c.tie_word_embeddings = k.boolean("tie_word_embeddings", false);
 
@@ -257,22 +321,38 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
       c.o_proj_bias = false;
       break;
     case Family::Qwen3:  // attention_bias applies to q, k, v and o; per-head RMSNorm on q and k
+    case Family::Qwen3Moe:
       c.attention_bias = c.o_proj_bias = k.boolean("attention_bias", false);
       c.qk_norm = true;
       break;
+    case Family::Mixtral:  // no biases anywhere
+      break;
+    case Family::Qwen2Moe:  // q, k, v biased unless qkv_bias: false; o never
+      c.attention_bias = k.boolean("qkv_bias", true);
+      c.o_proj_bias = false;
+      break;
+    case Family::Olmoe:  // attention_bias on q/k/v/o; RMSNorm over the whole q and k projections
+      c.attention_bias = c.o_proj_bias = k.boolean("attention_bias", false);
+      c.qk_norm = c.qk_norm_full = true;
+      if (k.present("clip_qkv"))
+        throw FormatError(source_name + ": key 'clip_qkv' (clamping q/k/v) is not supported; set it to null");
+      break;
   }
+  parse_moe(k, fam, c);
 
-  c.rope = parse_rope(k, c.max_position_embeddings);
+  c.rope = parse_rope(k, c.max_position_embeddings, fam == Family::Mixtral ? 1.0e6 : 10000.0);
   c.sliding_window = parse_sliding(k, fam, c.num_hidden_layers);
 
   std::string dt = k.present("dtype") ? k.str("dtype", "") : k.str("torch_dtype", "");
   if (dt.rfind("torch.", 0) == 0) dt = dt.substr(6);
   c.torch_dtype = dt;
 
-  const bool llama_ids = fam == Family::Llama || fam == Family::Mistral;  // class defaults bos 1, eos 2
+  const bool llama_ids = fam == Family::Llama || fam == Family::Mistral || fam == Family::Mixtral;  // bos 1, eos 2
   c.bos_token_id = token_id(k, "bos_token_id", llama_ids ? std::optional<int64_t>(1) : std::nullopt);
-  c.eos_token_id = token_id(k, "eos_token_id", llama_ids ? std::optional<int64_t>(2) : std::nullopt, &c.eos_token_ids);
-  c.pad_token_id = token_id(k, "pad_token_id", std::nullopt);
+  std::optional<int64_t> eos_def = llama_ids ? std::optional<int64_t>(2)
+                                   : fam == Family::Olmoe ? std::optional<int64_t>(50279) : std::nullopt;
+  c.eos_token_id = token_id(k, "eos_token_id", eos_def, &c.eos_token_ids);
+  c.pad_token_id = token_id(k, "pad_token_id", fam == Family::Olmoe ? std::optional<int64_t>(1) : std::nullopt);
   return c;
 }
 

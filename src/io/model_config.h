@@ -43,13 +43,26 @@ struct ModelConfig {
   bool attention_bias = false;            // qwen2: true (q/k/v only); llama: `attention_bias` (q/k/v/o)
   bool o_proj_bias = false;               // llama attention_bias also puts a bias on o_proj
   bool mlp_bias = false;
-  bool qk_norm = false;                   // qwen3
+  bool qk_norm = false;                   // qwen3 (per head, weight [head_dim]); olmoe (see qk_norm_full)
+  bool qk_norm_full = false;              // olmoe: RMSNorm over the whole q / k projection ([nh*D], [nkv*D])
   std::string hidden_act = "silu";
   std::vector<int64_t> sliding_window;    // per layer: 0 = full attention, else the window
   std::string torch_dtype;                // "bfloat16", "float32", ... ("" when absent)
   std::optional<int64_t> bos_token_id, eos_token_id, pad_token_id;  // eos: the first when a list is given
   std::vector<int64_t> eos_token_ids;     // every end-of-sequence id (config.json may give a list)
+  // Mixture of experts (num_experts == 0: dense). moe_layer[i]: layer i has a sparse MoE block (else the
+  // dense MLP with intermediate_size).
+  int64_t num_experts = 0, num_experts_per_tok = 0;
+  int64_t moe_intermediate_size = 0;            // each expert's intermediate size
+  int64_t shared_expert_intermediate_size = 0;  // qwen2_moe: the sigmoid-gated shared expert
+  bool norm_topk_prob = false;                  // renormalise the top-k routing weights to sum to 1
+  bool output_router_logits = false;            // add router_aux_loss_coef * load-balancing loss
+  double router_aux_loss_coef = 0.0;
+  std::vector<bool> moe_layer;
   nlohmann::json raw;                     // the file as read
+
+  bool is_moe() const { return num_experts > 0; }
+  bool layer_is_moe(int64_t i) const { return is_moe() && moe_layer[static_cast<size_t>(i)]; }
 
   int64_t n_rep() const { return num_attention_heads / num_key_value_heads; }
 };

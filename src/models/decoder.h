@@ -1,21 +1,24 @@
-// The dense decoder-only causal LM shared by llama, mistral, qwen2 and qwen3 (their differences are
-// config flags: q/k/v/o biases, q/k norm, sliding windows, tied embeddings, RoPE type):
+// The decoder-only causal LM shared by every family: llama, mistral, qwen2, qwen3 (dense) and qwen3_moe,
+// qwen2_moe, mixtral, olmoe (MoE). Their differences are config flags: q/k/v/o biases, q/k norm (per head
+// or over the whole projection), sliding windows, tied embeddings, RoPE type, and which layers are sparse:
 //   x0 = embed(ids)                                  [N, H]
-//   per layer: x = x + attn(RMSNorm(x)); x = x + mlp(RMSNorm(x))
+//   per layer: x = x + attn(RMSNorm(x)); x = x + ffn(RMSNorm(x))   ffn = SwiGLU MLP or MoE block
 //   loss = CE(RMSNorm(x) W_lm^T, targets)             fused + chunked, never the full [N, V] logits
+//        (+ router_aux_loss_coef * load-balancing loss when the config sets output_router_logits)
 #pragma once
 #include <memory>
 #include <vector>
 
 #include "models/blocks/attention.h"
 #include "models/blocks/mlp.h"
+#include "models/blocks/moe.h"
 #include "models/model.h"
 
 namespace am {
 
-class DenseDecoder : public CausalLM {
+class DecoderLM : public CausalLM {
  public:
-  explicit DenseDecoder(const io::ModelConfig& cfg);
+  explicit DecoderLM(const io::ModelConfig& cfg);
   const io::ModelConfig& config() const override { return cfg_; }
   ParamStore& params() override { return ps_; }
   void to_device(const ExecContext& ex) override;
@@ -24,13 +27,18 @@ class DenseDecoder : public CausalLM {
   double forward_loss(const Batch& b, const ForwardOptions& opt) override;
   Tensor forward_logits(const Batch& b) override;
   int64_t matmul_params_per_token() const override;
+  double take_aux_loss() override;
+  nlohmann::json take_step_metrics() override;
 
  protected:
   struct Layer {
     Param* ln1;
     Param* ln2;
     AttentionWeights attn;
-    MlpWeights mlp;
+    bool is_moe = false;
+    MlpWeights mlp;  // dense layers
+    MoeWeights moe;  // sparse layers
+    int moe_index = -1;  // among the sparse layers
     int64_t window;  // 0 = full attention
   };
   struct LayerSaved {
@@ -41,6 +49,7 @@ class DenseDecoder : public CausalLM {
     Tensor x1;     // [N, H] after the attention residual
     Tensor h2, rstd2;
     MlpSaved mlp;
+    MoeSaved moe;
   };
   // Runs embedding + all layers + final norm. Fills saved (per layer) when non-null.
   // recompute: keep only each layer's input in saved[i].x (activation checkpointing).
@@ -49,7 +58,19 @@ class DenseDecoder : public CausalLM {
   Tensor layer_forward(const Layer& L, const Tensor& x, const Tensor& cos, const Tensor& sin,
                        const ops::AttnParams& p, LayerSaved* s);
   Tensor layer_backward(const Layer& L, const LayerSaved& s, const Tensor& cos, const Tensor& sin,
-                        const ops::AttnParams& p, const Tensor& dy);
+                        const ops::AttnParams& p, const Tensor& dy, const Tensor* dprobs_extra);
+  // The routing of every sparse layer in the last forward (for the aux loss and the utilisation metrics).
+  struct Routing {
+    Tensor probs, topk_idx;       // [N, E] fp32, [N, k] int32
+    std::vector<int64_t> counts;  // [E]
+  };
+  void record_routing(const Layer& L, const MoeSaved& s);
+  // HF's load_balancing_loss_func over this micro-batch's sparse layers, padding excluded. Returns the aux
+  // loss; when dprobs is non-null it receives d(scale * aux)/d probs [N, E] fp32 on the model's device (the
+  // same for every layer).
+  double aux_loss(const Batch& b, float scale, Tensor* dprobs);
+  MoeOptions moe_options() const;
+  void embedding_backward(const Batch& b, const Tensor& dx);
   void rope_tables(const Batch& b, Tensor& cos, Tensor& sin);
   ops::AttnParams attn_params(const Batch& b, int64_t window) const;
   Param& lm_head();
@@ -64,6 +85,14 @@ class DenseDecoder : public CausalLM {
   Param* norm_ = nullptr;   // [H]
   Param* lm_head_ = nullptr;  // [V, H]; nullptr when tied to embed_
   std::vector<Layer> layers_;
+  int n_moe_layers_ = 0;
+  bool fake_balanced_gate_ = false;
+  bool count_experts_ = false;                       // true during forward_backward's forward
+  std::vector<Routing> routing_;                    // per sparse layer, this micro-batch
+  std::vector<std::vector<int64_t>> expert_counts_;  // per sparse layer, summed since take_step_metrics()
+  double aux_term_ = 0.0;                             // sum of coef * aux * scale since take_aux_loss()
+  double aux_raw_sum_ = 0.0;
+  int64_t aux_calls_ = 0;
 };
 
 // Fused lm_head + cross-entropy over row chunks: x [N, H], W [V, H]. Returns sum CE; when dx is non-null

@@ -1,5 +1,6 @@
 #include "models/hf_weights.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -12,23 +13,54 @@
 namespace am {
 namespace fs = std::filesystem;
 
+// The first of the parameter's candidate layouts whose tensors are all in the checkpoint, or -1.
+static int pick_layout(const Param& p, const io::SafeTensors& st) {
+  for (size_t i = 0; i < p.layouts.size(); ++i) {
+    bool all = true;
+    for (const SourceSlice& s : p.layouts[i]) all = all && st.has(s.name);
+    if (all) return static_cast<int>(i);
+  }
+  return -1;
+}
+
 void load_hf_weights(CausalLM& model, const std::string& dir) {
   auto st = io::SafeTensors::open(dir);
   std::set<std::string> used;
   for (auto& p : model.params().all()) {
-    if (!st.has(p.name)) {
-      throw FormatError(dir + ": tensor '" + p.name + "' is missing from the checkpoint (model_type " +
+    const int li = pick_layout(p, st);
+    if (li < 0) {
+      // Name the first missing tensor of the preferred layout (and of the alternative, if any).
+      std::string miss;
+      for (size_t i = 0; i < p.layouts.size() && i < 2; ++i)
+        for (const SourceSlice& s : p.layouts[i])
+          if (!st.has(s.name)) {
+            miss += (miss.empty() ? "'" : "' (or '") + s.name + (i ? "')" : "'");
+            break;
+          }
+      throw FormatError(dir + ": tensor " + miss + " is missing from the checkpoint (model_type " +
                         model.config().model_type + ")");
     }
-    const auto& info = st.info(p.name);
-    if (info.shape != p.value.shape())
-      throw FormatError(info.file + ": tensor '" + p.name + "' has shape " + shape_str(info.shape) +
-                        " but config.json implies " + shape_str(p.value.shape()));
-    if (info.dtype != DType::F32 && info.dtype != DType::BF16 && info.dtype != DType::F16)
-      throw FormatError(info.file + ": tensor '" + p.name + "' has non-float dtype " + dtype_name(info.dtype));
-    p.value.copy_from(st.get(p.name));
-    p.source_dtype = info.dtype;
-    used.insert(p.name);
+    p.layout = static_cast<size_t>(li);
+    // Copy slice by slice straight from the mmapped file into the (fused) parameter: no second full-size
+    // copy of a layer's experts ever exists.
+    bool first = true;
+    for (const SourceSlice& s : p.source()) {
+      const auto& info = st.info(s.name);
+      if (info.shape != s.shape)
+        throw FormatError(info.file + ": tensor '" + s.name + "' has shape " + shape_str(info.shape) +
+                          " but config.json implies " + shape_str(s.shape));
+      if (info.dtype != DType::F32 && info.dtype != DType::BF16 && info.dtype != DType::F16)
+        throw FormatError(info.file + ": tensor '" + s.name + "' has non-float dtype " + dtype_name(info.dtype));
+      if (!first && info.dtype != p.source_dtype)
+        throw FormatError(info.file + ": tensor '" + s.name + "' is " + dtype_name(info.dtype) + " but '" +
+                          p.source().front().name + "' is " + dtype_name(p.source_dtype) +
+                          " (the slices of one parameter must share a dtype)");
+      Tensor dst = Tensor::wrap(p.value.f32() + s.offset, s.shape, DType::F32, nullptr);
+      dst.copy_from(st.get(s.name));
+      p.source_dtype = info.dtype;
+      used.insert(s.name);
+      first = false;
+    }
   }
   std::vector<std::string> unused;
   for (auto& n : st.names())
@@ -55,6 +87,14 @@ void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
     bool is_bias = nm.size() > 5 && nm.compare(nm.size() - 5, 5, ".bias") == 0;
     for (int64_t i = 0; i < n; ++i) v[i] = is_norm ? 1.f : is_bias ? 0.f : normal(rng);
   }
+  // nn.Embedding(padding_idx=pad_token_id) starts with the pad row at zero (HF _init_weights).
+  const auto pad = model.config().pad_token_id;
+  auto& ps = model.params();
+  if (pad && *pad >= 0 && *pad < model.config().vocab_size && ps.has("model.embed_tokens.weight")) {
+    Param& e = ps.get("model.embed_tokens.weight");
+    const int64_t H = e.value.dim(1);
+    std::fill(e.value.f32() + *pad * H, e.value.f32() + (*pad + 1) * H, 0.f);
+  }
 }
 
 static void copy_atomic(const fs::path& src, const fs::path& dst) {
@@ -80,7 +120,12 @@ void save_hf_model(const CausalLM& model, const std::string& out_dir, const std:
   auto& ps = const_cast<CausalLM&>(model).params();
   for (auto& p : ps.all()) {
     Tensor host = ExecContext::download(p.value);
-    tensors.emplace_back(p.name, p.source_dtype == DType::F32 ? host : host.to(p.source_dtype));
+    // Back in the layout and dtype it was read from (per-expert stays per-expert): slice views of the
+    // fused parameter, converted per slice.
+    for (const SourceSlice& s : p.source()) {
+      Tensor part = Tensor::wrap(host.f32() + s.offset, s.shape, DType::F32, nullptr).clone();
+      tensors.emplace_back(s.name, p.source_dtype == DType::F32 ? part : part.to(p.source_dtype));
+    }
   }
   io::SaveOptions opt;
   opt.max_shard_bytes = max_shard_bytes;

@@ -1,9 +1,9 @@
 // Llama (LlamaForCausalLM): the reference dense decoder. RoPE default/linear/llama3/yarn, optional
 // `attention_bias` on q/k/v/o and `mlp_bias`, tied embeddings for the 1B/3B sizes.
-#include "models/dense_decoder.h"
+#include "models/decoder.h"
 
 namespace am {
 void register_llama() {
-  register_model("llama", [](const io::ModelConfig& c) { return std::make_unique<DenseDecoder>(c); });
+  register_model("llama", [](const io::ModelConfig& c) { return std::make_unique<DecoderLM>(c); });
 }
 }  // namespace am

@@ -1,9 +1,9 @@
 // Mistral (MistralForCausalLM): Llama's layout plus a sliding attention window (`sliding_window`, every
 // layer; null = full attention) and an explicit `head_dim`.
-#include "models/dense_decoder.h"
+#include "models/decoder.h"
 
 namespace am {
 void register_mistral() {
-  register_model("mistral", [](const io::ModelConfig& c) { return std::make_unique<DenseDecoder>(c); });
+  register_model("mistral", [](const io::ModelConfig& c) { return std::make_unique<DecoderLM>(c); });
 }
 }  // namespace am

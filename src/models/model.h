@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "core/tensor.h"
 #include "io/model_config.h"
 #include "models/exec.h"
@@ -27,6 +29,11 @@ struct Batch {
 struct ForwardOptions {
   bool activation_checkpointing = false;  // recompute block activations in backward instead of storing
   int64_t loss_chunk_rows = 1024;         // rows of the fused lm_head + CE per chunk (never full logits)
+  // MoE with output_router_logits: this micro-batch's router aux loss enters the step's loss (and its
+  // gradient) as router_aux_loss_coef * aux * aux_loss_scale. The trainer sets 1 / (micro-batches per step),
+  // so the step's aux term is the mean over micro-batches (= HF's value for a single forward).
+  float aux_loss_scale = 1.0f;
+  bool fake_balanced_gate = false;        // model.backend.fake_balanced_gate (benchmarks)
 };
 
 class CausalLM {
@@ -44,8 +51,13 @@ class CausalLM {
   virtual double forward_loss(const Batch& b, const ForwardOptions& opt = {}) = 0;
   // Forward only: full logits [N, V] on the model's device in its activation dtype (tests, generation).
   virtual Tensor forward_logits(const Batch& b) = 0;
-  // Matmul parameters per token (for FLOPs/MFU: PaLM convention).
+  // Matmul parameters per token (for FLOPs/MFU: PaLM convention; active parameters for MoE).
   virtual int64_t matmul_params_per_token() const = 0;
+  // What forward_backward added to the loss besides the summed CE since the last call, already scaled as
+  // ForwardOptions says (MoE router aux loss; 0 for dense models). Resets.
+  virtual double take_aux_loss() { return 0.0; }
+  // Extra per-step numbers for training.jsonl (MoE: expert utilisation, aux loss). Resets.
+  virtual nlohmann::json take_step_metrics() { return nlohmann::json::object(); }
 };
 
 using ModelBuilder = std::function<std::unique_ptr<CausalLM>(const io::ModelConfig&)>;

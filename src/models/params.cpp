@@ -17,6 +17,7 @@ Param& ParamStore::add(const std::string& name, const Shape& shape, DType source
   p.grad = Tensor::zeros(shape, DType::F32);
   p.work = p.value;
   p.source_dtype = source_dtype;
+  p.layouts = {SourceLayout{SourceSlice{name, 0, shape}}};
   params_.push_back(std::move(p));
   return params_.back();
 }

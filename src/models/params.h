@@ -10,6 +10,17 @@
 
 namespace am {
 
+// Where (part of) a parameter lives in an HF checkpoint: the tensor `name` holds the contiguous block of
+// `shape` starting `offset` elements into the parameter. A dense weight is one slice (itself); a fused MoE
+// weight [E, 2I, H] is 2E slices in the hub's per-expert layout (experts.{e}.gate_proj / up_proj) or one in
+// transformers 5's fused layout.
+struct SourceSlice {
+  std::string name;
+  int64_t offset = 0;
+  Shape shape;
+};
+using SourceLayout = std::vector<SourceSlice>;
+
 struct Param {
   std::string name;      // HF name, e.g. "model.layers.0.self_attn.q_proj.weight"
   Tensor value;          // fp32 master weights (host on CPU, device on CUDA)
@@ -18,6 +29,11 @@ struct Param {
                          // on CUDA (refreshed by the optimizer step)
   DType source_dtype = DType::F32;
   bool trainable = true;
+  // Candidate checkpoint layouts, in order of preference (the first one is written for a model initialised
+  // from a config); `layout` is the one the weights were loaded from, and the export writes it back.
+  std::vector<SourceLayout> layouts;
+  size_t layout = 0;
+  const SourceLayout& source() const { return layouts.at(layout); }
 };
 
 class ParamStore {

@@ -1,9 +1,9 @@
 // Qwen2 (Qwen2ForCausalLM): biases on q/k/v (not o), sliding window only when `use_sliding_window` for
 // layers >= `max_window_layers` (or as `layer_types` says).
-#include "models/dense_decoder.h"
+#include "models/decoder.h"
 
 namespace am {
 void register_qwen2() {
-  register_model("qwen2", [](const io::ModelConfig& c) { return std::make_unique<DenseDecoder>(c); });
+  register_model("qwen2", [](const io::ModelConfig& c) { return std::make_unique<DecoderLM>(c); });
 }
 }  // namespace am

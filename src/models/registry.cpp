@@ -12,6 +12,10 @@ void register_llama();
 void register_mistral();
 void register_qwen2();
 void register_qwen3();
+void register_qwen3_moe();
+void register_qwen2_moe();
+void register_mixtral();
+void register_olmoe();
 
 static std::map<std::string, ModelBuilder>& table() {
   static std::map<std::string, ModelBuilder> t;
@@ -25,6 +29,10 @@ static void ensure_registered() {
     register_mistral();
     register_qwen2();
     register_qwen3();
+    register_qwen3_moe();
+    register_qwen2_moe();
+    register_mixtral();
+    register_olmoe();
   });
 }
 

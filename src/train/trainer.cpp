@@ -102,6 +102,9 @@ void Trainer::setup() {
       for (auto& p : model_->params().all()) p.source_dtype = d;
   }
   fwd_opt_.activation_checkpointing = r_.get_bool("distributed.activation_checkpointing", false);
+  fwd_opt_.fake_balanced_gate = r_.get_bool("model.backend.fake_balanced_gate", false);
+  if (fwd_opt_.fake_balanced_gate && !cfg.is_moe())
+    log::warn(r_.path() + ": model.backend.fake_balanced_gate has no effect on a dense model");
   std::string loss = r_.get_string("loss_fn._target_", "masked_cross_entropy");
   if (loss.find("cross_entropy") == std::string::npos && loss.find("CrossEntropy") == std::string::npos)
     r_.fail("loss_fn._target_", "unsupported loss '" + loss + "' (masked_cross_entropy, fused_linear_cross_entropy)");
@@ -234,6 +237,8 @@ StepStats Trainer::train_step(int64_t step) {
   const float scale = st.num_label_tokens > 0 ? 1.0f / static_cast<float>(st.num_label_tokens) : 0.f;
   double loss_sum = 0.0;
   model_->params().zero_grad();
+  const size_t n_micro = (global.size() + static_cast<size_t>(lbs_) - 1) / static_cast<size_t>(lbs_);
+  fwd_opt_.aux_loss_scale = n_micro > 0 ? 1.0f / static_cast<float>(n_micro) : 1.0f;
   for (size_t m = 0; m < global.size(); m += static_cast<size_t>(lbs_)) {
     std::vector<const Sample*> micro(global.begin() + m, global.begin() + std::min(global.size(), m + lbs_));
     Batch b = upload_batch(collate(micro), model_->exec());
@@ -245,6 +250,8 @@ StepStats Trainer::train_step(int64_t step) {
   st.fwd_bwd_s = seconds_since(t0);
   auto t1 = clock_t_::now();
   st.loss = st.num_label_tokens > 0 ? loss_sum / static_cast<double>(st.num_label_tokens) : 0.0;
+  st.loss += model_->take_aux_loss();  // MoE router aux loss (mean over micro-batches), when configured
+  st.extra = model_->take_step_metrics();
   // Total L2 norm of all gradients (before clipping), as torch.nn.utils.clip_grad_norm_ returns it.
   double sq = 0.0;
 #ifdef AM_WITH_CUDA
@@ -284,6 +291,7 @@ void Trainer::log_step(const StepStats& s) {
             {"num_label_tokens", s.num_label_tokens}, {"num_tokens", s.num_tokens}, {"tps", tps},
             {"tps_per_gpu", tps},   {"mem_gib", mem},   {"mfu", mfu},    {"time_s", s.time_s},
             {"device", device_name_}};
+  for (auto& [k, v] : s.extra.items()) j[k] = v;
   {  // training.jsonl is written even with checkpoints disabled (SPEC §4)
     fs::create_directories(ckpt_dir_);
     std::ofstream f(fs::path(ckpt_dir_) / "training.jsonl", std::ios::app);

@@ -2,6 +2,7 @@
 // tokens of the whole global batch, grad norm before clipping, optimizer + schedule, logs, checkpoints
 // (atomic, with LATEST) and exact resume.
 #pragma once
+#include <nlohmann/json.hpp>
 #include <memory>
 #include <string>
 #include <vector>
@@ -23,6 +24,7 @@ struct StepStats {
   double loss = 0, grad_norm = 0, lr = 0;
   int64_t num_label_tokens = 0, num_tokens = 0, padded_tokens = 0;
   double time_s = 0, fwd_bwd_s = 0, opt_s = 0;
+  nlohmann::json extra = nlohmann::json::object();  // model metrics (MoE utilisation, router aux loss)
 };
 
 class Trainer {

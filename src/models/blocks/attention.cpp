@@ -13,9 +13,9 @@ AttentionWeights register_attention(ParamStore& ps, const std::string& pre, cons
   if (c.attention_bias) w.v_bias = &ps.add(pre + "v_proj.bias", {nkv * D});
   w.o = &ps.add(pre + "o_proj.weight", {H, nh * D});
   if (c.o_proj_bias) w.o_bias = &ps.add(pre + "o_proj.bias", {H});
-  if (c.qk_norm) {
-    w.q_norm = &ps.add(pre + "q_norm.weight", {D});
-    w.k_norm = &ps.add(pre + "k_norm.weight", {D});
+  if (c.qk_norm) {  // per head over D (qwen3), or over the whole projection (olmoe)
+    w.q_norm = &ps.add(pre + "q_norm.weight", {c.qk_norm_full ? nh * D : D});
+    w.k_norm = &ps.add(pre + "k_norm.weight", {c.qk_norm_full ? nkv * D : D});
   }
   return w;
 }
@@ -32,11 +32,13 @@ Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, 
   ops::linear_fwd(x, w.k->work, bias_of(w.k_bias), k);
   ops::linear_fwd(x, w.v->work, bias_of(w.v_bias), v);
   if (w.q_norm) {
-    // RMSNorm over head_dim, per head: view q as [N*nh, D].
-    Tensor qn = g.ex->empty({N * nh, D}), kn = g.ex->empty({N * nkv, D});
-    Tensor qr = g.ex->empty({N * nh}, DType::F32), kr = g.ex->empty({N * nkv}, DType::F32);
-    ops::rmsnorm_fwd(q.view({N * nh, D}), w.q_norm->work, g.norm_eps, qn, qr);
-    ops::rmsnorm_fwd(k.view({N * nkv, D}), w.k_norm->work, g.norm_eps, kn, kr);
+    // RMSNorm over rows of the norm's width: per head (q as [N*nh, D]) or the whole projection ([N, nh*D]).
+    const int64_t qw = w.q_norm->work.numel(), kw = w.k_norm->work.numel();
+    const int64_t qrows = N * nh * D / qw, krows = N * nkv * D / kw;
+    Tensor qn = g.ex->empty({qrows, qw}), kn = g.ex->empty({krows, kw});
+    Tensor qr = g.ex->empty({qrows}, DType::F32), kr = g.ex->empty({krows}, DType::F32);
+    ops::rmsnorm_fwd(q.view({qrows, qw}), w.q_norm->work, g.norm_eps, qn, qr);
+    ops::rmsnorm_fwd(k.view({krows, kw}), w.k_norm->work, g.norm_eps, kn, kr);
     if (s) {
       s->q_pre = q;
       s->k_pre = k;
@@ -83,9 +85,11 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
   ops::rope_bwd_(dq3, cos, sin);
   ops::rope_bwd_(dk3, cos, sin);
   if (w.q_norm) {
-    Tensor dqp = g.ex->empty({N * nh, D}), dkp = g.ex->empty({N * nkv, D});
-    ops::rmsnorm_bwd(s.q_pre.view({N * nh, D}), w.q_norm->work, s.q_rstd, dq.view({N * nh, D}), dqp, w.q_norm->grad);
-    ops::rmsnorm_bwd(s.k_pre.view({N * nkv, D}), w.k_norm->work, s.k_rstd, dk.view({N * nkv, D}), dkp, w.k_norm->grad);
+    const int64_t qw = w.q_norm->work.numel(), kw = w.k_norm->work.numel();
+    const int64_t qrows = N * nh * D / qw, krows = N * nkv * D / kw;
+    Tensor dqp = g.ex->empty({qrows, qw}), dkp = g.ex->empty({krows, kw});
+    ops::rmsnorm_bwd(s.q_pre.view({qrows, qw}), w.q_norm->work, s.q_rstd, dq.view({qrows, qw}), dqp, w.q_norm->grad);
+    ops::rmsnorm_bwd(s.k_pre.view({krows, kw}), w.k_norm->work, s.k_rstd, dk.view({krows, kw}), dkp, w.k_norm->grad);
     dq = dqp.view({N, nh * D});
     dk = dkp.view({N, nkv * D});
   }

@@ -1,6 +1,7 @@
 // Self-attention block shared by every dense and MoE family:
 //   q = x Wq^T (+bq), k = x Wk^T (+bk), v = x Wv^T (+bv)      q [N, nh, D], k/v [N, nkv, D]
-//   (qwen3) q = RMSNorm_D(q) * q_norm, k = RMSNorm_D(k) * k_norm
+//   (qwen3) q = RMSNorm_D(q) * q_norm, k = RMSNorm_D(k) * k_norm   per head
+//   (olmoe) q = RMSNorm(q) * q_norm over the whole [nh*D] projection, k likewise over [nkv*D]
 //   q, k = RoPE(q, k; cos, sin)
 //   o = causal GQA attention (sliding window / segments)   o [N, nh*D]
 //   y = o Wo^T (+bo)                                        y [N, H]
@@ -17,14 +18,14 @@ namespace am {
 struct AttentionWeights {
   Param *q, *k, *v, *o;                       // [nh*D, H], [nkv*D, H], [nkv*D, H], [H, nh*D]
   Param *q_bias = nullptr, *k_bias = nullptr, *v_bias = nullptr, *o_bias = nullptr;
-  Param *q_norm = nullptr, *k_norm = nullptr;  // [D]
+  Param *q_norm = nullptr, *k_norm = nullptr;  // [D] per head, or [nh*D] / [nkv*D] (olmoe)
 };
 
 // What forward keeps for backward.
 struct AttentionSaved {
   Tensor x;             // [N, H] block input (aliases the caller's tensor)
   Tensor q_pre, k_pre;  // [N, nh, D], [N, nkv, D] before q/k norm (qk_norm only)
-  Tensor q_rstd, k_rstd;  // [N*nh], [N*nkv]
+  Tensor q_rstd, k_rstd;  // one per normalised row: [N*nh], [N*nkv] per head; [N], [N] whole projection
   Tensor q, k, v;       // after norm + RoPE
   Tensor o;             // [N, nh*D]
   Tensor lse;           // [B, nh, T]

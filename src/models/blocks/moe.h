@@ -1,0 +1,60 @@
+// Sparse Mixture-of-Experts block shared by qwen3_moe, qwen2_moe, mixtral and olmoe (HF's *SparseMoeBlock):
+//   logits = x Wr^T                       [N, E]
+//   probs = softmax(logits) (fp32); top-k experts per token, weights w [N, k] (renormalised if
+//   norm_topk_prob; Mixtral always)
+//   y[t] = sum_s w[t, s] * down_e( silu(gate_e x[t]) * up_e x[t] ),  e = topk_idx[t, s]
+//   (qwen2_moe) y += sigmoid(x Wsg^T) * shared_mlp(x)
+// The experts of a layer live in two fused parameters, as transformers 5 holds them:
+//   mlp.experts.gate_up_proj [E, 2I, H] (gate rows first), mlp.experts.down_proj [E, H, I];
+// the hub's per-expert tensors are slices of them (Param::layouts), so checkpoints load and save either way.
+// Tokens are grouped by expert (dispatch plan) and each projection is one grouped GEMM over all experts.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "io/model_config.h"
+#include "models/blocks/mlp.h"
+#include "models/exec.h"
+#include "models/params.h"
+
+namespace am {
+
+struct MoeWeights {
+  Param* router = nullptr;   // [E, H]
+  Param* gate_up = nullptr;  // [E, 2I, H]
+  Param* down = nullptr;     // [E, H, I]
+  bool has_shared = false;   // qwen2_moe
+  MlpWeights shared{};       // [Is, H], [Is, H], [H, Is]
+  Param* shared_gate = nullptr;  // [1, H]
+};
+
+struct MoeSaved {
+  Tensor x;                    // [N, H] block input (aliases the caller's tensor)
+  Tensor probs;                // [N, E] fp32 softmax of the router logits
+  Tensor topk_idx, topk_w;     // [N, k] int32, fp32
+  Tensor offsets, perm, inv;   // dispatch plan: [E+1], [N*k], [N*k] int32
+  std::vector<int64_t> counts; // [E] rows per expert (host)
+  Tensor gu, h, yg;            // [N*k, 2I], [N*k, I], [N*k, H] (xg is recomputed by a gather in backward)
+  MlpSaved shared;             // qwen2_moe
+  Tensor shared_y, shared_logit;  // [N, H], [N, 1]
+};
+
+struct MoeOptions {
+  int64_t top_k = 0;
+  bool norm_topk_prob = false;
+  bool fake_balanced_gate = false;  // tokens -> experts round-robin, weights 1/k, no router gradient
+};
+
+// prefix: "model.layers.{i}." Registers the router, the fused experts (+ shared expert) with the hub's
+// per-expert layout first and transformers 5's fused layout as the alternative.
+MoeWeights register_moe(ParamStore& ps, const std::string& layer_prefix, const io::ModelConfig& cfg);
+
+// x [N, H] -> y [N, H]. `s` is always filled (the routing is needed for the aux loss and the metrics);
+// callers that do not need backward drop it.
+Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions& o, const Tensor& x, MoeSaved& s);
+// dy [N, H] -> dx [N, H] (assigned); parameter grads accumulated. dprobs_extra [N, E] fp32 (or nullptr): the
+// aux loss's gradient on the router probabilities.
+Tensor moe_backward(const ExecContext& ex, const MoeWeights& w, const MoeOptions& o, const MoeSaved& s,
+                    const Tensor& dy, const Tensor* dprobs_extra);
+
+}  // namespace am
