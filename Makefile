@@ -8,7 +8,7 @@ CMAKE_ARGS += -DCMAKE_CUDA_COMPILER=$(NVCC)
 endif
 SETUP_STAMP := .cache/setup.stamp
 APT_PACKAGES := build-essential cmake pkg-config libopenblas-dev nlohmann-json3-dev libyaml-cpp-dev \
-  libgtest-dev libbenchmark-dev libpcre2-dev libutf8proc-dev
+  libgtest-dev libbenchmark-dev libpcre2-dev libutf8proc-dev bzip2
 
 .PHONY: setup build test test-gpu demo bench clean
 
