@@ -20,4 +20,4 @@ print(c, " ".join(f"s{e['step']}: loss {g['loss']:.4f}/{e['loss']:.4f} ({100*abs
 PY
 done
 echo "== W1"
-bash bench/run_w1.sh .devbuild
+bash bench/run_bench.sh w1 .devbuild

@@ -1,32 +1,3 @@
 #!/usr/bin/env bash
-# BENCH.md W1 on the GPU machine, engine and HF in one call; prints the ratio table.
-#   bash bench/run_w1.sh [BUNDLE_DIR=.devbuild]     (BUNDLE_DIR from tools/device_bundle.sh)
-set -uo pipefail
-BUNDLE=${1:-.devbuild}
-OUTDIR=${OUT:-/tmp/w1}
-mkdir -p "$OUTDIR"
-source tools/device_env.sh
-export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:$LD_LIBRARY_PATH"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUTDIR/gpu.txt"
-"$BUNDLE/bin/automodel" bench bench/w1.yaml --out "$OUTDIR/engine.json" > "$OUTDIR/engine.log" 2>&1
-echo "engine exit $?"; tail -5 "$OUTDIR/engine.log"
-PYTHONUNBUFFERED=1 python3 bench/hf_w1.py bench/w1_config.json "${HF_CONFIGS:-fp32_autocast,bf16,bf16_compile}" 2>"$OUTDIR/hf.err" | tee "$OUTDIR/hf.jsonl"
-tail -3 "$OUTDIR/hf.err"
-python3 - "$OUTDIR" <<'PY'
-import json, sys, os
-d = sys.argv[1]
-e = json.load(open(os.path.join(d, "engine.json"))) if os.path.exists(os.path.join(d, "engine.json")) else None
-hf = [json.loads(l) for l in open(os.path.join(d, "hf.jsonl")) if l.strip()]
-print(f"\n{'W1':28s} {'tok/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} {'step ms':>8s}")
-if e:
-    print(f"{'automodel.cpp':28s} {e['tokens_per_s']:9.0f} {e['tflops_per_gpu']:8.1f} {100*(e['mfu'] or 0):5.1f}% {e['peak_mem_gib']:9.2f} {e['step_ms']:8.1f}"
-          f"   fwd+bwd {e.get('fwd_bwd_ms', 0):.1f} ms, opt {e.get('opt_ms', 0):.1f} ms")
-for h in hf:
-    if "error" in h:
-        print(f"{'HF ' + h['config']:28s} error {h['error']}"); continue
-    print(f"{'HF ' + h['config']:28s} {h['tokens_per_s']:9.0f} {h['tflops']:8.1f} {100*h['tflops']/989:5.1f}% {h['peak_mem_gib']:9.2f} {h['step_ms']:8.1f}")
-if e:
-    for h in hf:
-        if "error" in h: continue
-        print(f"ratio vs HF {h['config']:15s} speed {e['tokens_per_s']/h['tokens_per_s']:.2f}x   memory {e['peak_mem_gib']/h['peak_mem_gib']:.2f}x")
-PY
+# BENCH.md W1 (kept for the commands recorded in docs/performance.md): see bench/run_bench.sh.
+exec bash "$(dirname "$0")/run_bench.sh" w1 "$@"

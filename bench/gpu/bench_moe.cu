@@ -1,0 +1,323 @@
+// Micro-benchmark of the MoE ops (src/backend/cuda/moe*.cu) at the W2 shape (BENCH.md: Qwen3-30B-A3B-like
+// layer): N = 4096 tokens, E = 128 experts, top-k = 8, hidden H = 2048, expert intermediate I = 768.
+//
+// Method (as bench_cuda_ops.cu): the ceilings are measured first in the same run (a 8192^3 bf16 cuBLASLt GEMM;
+// a 2 GiB device-to-device copy counting bytes read + written); each op is timed with CUDA events after warm-up,
+// median of 20, on random data with random (uniform, distinct per token) routing. Grouped GEMMs report TFLOP/s
+// for both implementations (one cublasGemmGroupedBatchedEx launch; one cuBLASLt GEMM per expert) next to one dense
+// cuBLASLt GEMM of the same total size (what a perfectly balanced, launch-free grouping could reach); memory-bound
+// ops report GB/s of the bytes they must move. "pred" is the percentage predicted before the first run.
+//
+//   am_gpu_microbench moe [--tokens N] [--skew]   (--skew: Zipf-like expert popularity instead of uniform)
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/moe.h"
+#include "core/tensor.h"
+
+using am::DType;
+using am::Tensor;
+namespace cu = am::cuda;
+
+namespace {
+
+__device__ __forceinline__ uint32_t mix32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ull;
+  x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+template <typename T>
+__global__ void fill_kernel(T* p, int64_t n, uint64_t seed, float lo, float hi) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float u = (mix32(seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i)) >> 8) * (1.0f / 16777216.0f);
+    const float v = lo + (hi - lo) * u;
+    if constexpr (sizeof(T) == 4) p[i] = v;
+    else p[i] = __float2bfloat16_rn(v);
+  }
+}
+Tensor dev(const am::Shape& s, DType dt, uint64_t seed, float lo = -1.f, float hi = 1.f) {
+  auto& ctx = cu::default_context();
+  Tensor t = cu::empty(s, dt);
+  const unsigned grid = static_cast<unsigned>(ctx.sm_count()) * 8;
+  if (dt == DType::F32)
+    fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<float>(), t.numel(), seed, lo, hi);
+  else
+    fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<__nv_bfloat16>(), t.numel(), seed, lo, hi);
+  AM_CUDA_CHECK_LAUNCH();
+  return t;
+}
+
+double time_ms(const std::function<void()>& fn, int reps = 20, int warmup = 3) {
+  auto& ctx = cu::default_context();
+  for (int i = 0; i < warmup; ++i) fn();
+  cudaEvent_t a, b;
+  AM_CUDA_CHECK(cudaEventCreate(&a));
+  AM_CUDA_CHECK(cudaEventCreate(&b));
+  std::vector<float> ts;
+  for (int i = 0; i < reps; ++i) {
+    AM_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
+    fn();
+    AM_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
+    AM_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    AM_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+double g_gemm_peak = 0, g_bw_peak = 0;
+
+void report_flops(const char* name, const std::string& shape, double flops, double ms, double pred) {
+  const double tf = flops / (ms * 1e-3) / 1e12;
+  std::printf("  %-34s %-26s %9.3f ms %8.1f TFLOP/s %6.1f%% (pred %3.0f%%)\n", name, shape.c_str(), ms, tf,
+              100.0 * tf / g_gemm_peak, pred);
+  std::fflush(stdout);
+}
+void report_bytes(const char* name, const std::string& shape, double bytes, double ms, double pred) {
+  const double gbs = bytes / (ms * 1e-3) / 1e9;
+  std::printf("  %-34s %-26s %9.3f ms %8.1f GB/s    %6.1f%% (pred %3.0f%%)\n", name, shape.c_str(), ms, gbs,
+              100.0 * gbs / g_bw_peak, pred);
+  std::fflush(stdout);
+}
+void report_time(const char* name, const std::string& shape, double ms) {
+  std::printf("  %-34s %-26s %9.3f ms\n", name, shape.c_str(), ms);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int moe_bench_main(int argc, char** argv) {
+  int64_t n = 4096;
+  bool skew = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) n = std::atoll(argv[++i]);
+    if (std::strcmp(argv[i], "--skew") == 0) skew = true;
+  }
+  const int64_t e = 128, k = 8, h = 2048, inner = 768, rows = n * k;
+  try {
+    auto& ctx = cu::default_context();
+    const auto& pr = ctx.props();
+    std::printf("moe bench: device %s, %d SMs; N=%lld E=%lld k=%lld H=%lld I=%lld, %s routing\n", pr.name,
+                pr.multiProcessorCount, (long long)n, (long long)e, (long long)k, (long long)h, (long long)inner,
+                skew ? "skewed" : "uniform");
+    {
+      const int64_t s = 8192;
+      Tensor a = dev({s, s}, DType::BF16, 1), b = dev({s, s}, DType::BF16, 2), c = dev({s, s}, DType::BF16, 3);
+      cu::GemmDesc g;
+      g.trans_a = true;
+      g.m = g.n = g.k = s;
+      g.a = a.raw();
+      g.lda = s;
+      g.b = b.raw();
+      g.ldb = s;
+      g.d = c.raw();
+      g.ldd = s;
+      const double ms = time_ms([&] { cu::gemm(ctx, g); });
+      g_gemm_peak = 2.0 * s * s * s / (ms * 1e-3) / 1e12;
+      std::printf("ceiling: bf16 GEMM 8192^3 (cuBLASLt, TN): %.3f ms = %.1f TFLOP/s\n", ms, g_gemm_peak);
+    }
+    {
+      const size_t bytes = size_t(2) << 30;
+      Tensor a = dev({int64_t(bytes / 4)}, DType::F32, 4), b = cu::empty({int64_t(bytes / 4)}, DType::F32);
+      const double ms = time_ms([&] {
+        AM_CUDA_CHECK(cudaMemcpyAsync(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice, ctx.stream()));
+      });
+      g_bw_peak = 2.0 * bytes / (ms * 1e-3) / 1e9;
+      std::printf("ceiling: device-to-device copy 2 GiB: %.3f ms = %.1f GB/s (read + write)\n", ms, g_bw_peak);
+    }
+
+    // Routing: logits drawn on the host so that --skew can shape expert popularity.
+    std::mt19937 rng(1);
+    Tensor lh = Tensor::empty({n, e}, DType::F32);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < e; ++j) lh.f32()[t * e + j] = nd(rng) + (skew ? -0.05f * static_cast<float>(j) : 0.f);
+    Tensor logits = cu::to_device(lh.to(DType::BF16));
+    Tensor probs = cu::empty({n, e}, DType::F32), idx = cu::empty({n, k}, DType::I32), tw = cu::empty({n, k}, DType::F32);
+    Tensor off = cu::empty({e + 1}, DType::I32), perm = cu::empty({rows}, DType::I32), inv = cu::empty({rows}, DType::I32);
+    std::vector<int64_t> counts;
+    cu::moe_router_fwd(logits, k, true, probs, idx, tw);
+    cu::moe_dispatch_plan(idx, e, off, perm, inv, &counts);
+    const int64_t cmin = *std::min_element(counts.begin(), counts.end()),
+                  cmax = *std::max_element(counts.begin(), counts.end());
+    std::printf("expert rows: min %lld, mean %lld, max %lld\n", (long long)cmin, (long long)(rows / e), (long long)cmax);
+
+    const std::string nh = "[" + std::to_string(n) + ", " + std::to_string(h) + "]";
+    const std::string rh = "[" + std::to_string(rows) + ", " + std::to_string(h) + "]";
+    std::printf("\nrouter and dispatch\n");
+    {
+      const double ms = time_ms([&] { cu::moe_router_fwd(logits, k, true, probs, idx, tw); });
+      report_bytes("router fwd (softmax + top-k)", "[" + std::to_string(n) + ", 128]", n * e * (2.0 + 4.0) + n * k * 8.0,
+                   ms, 30);
+      Tensor dtw = dev({n, k}, DType::F32, 5), dpe = dev({n, e}, DType::F32, 6, -1e-3f, 1e-3f);
+      Tensor dl = cu::empty({n, e}, DType::BF16);
+      const double ms2 = time_ms([&] { cu::moe_router_bwd(probs, idx, tw, true, dtw, &dpe, dl); });
+      report_bytes("router bwd (+ aux dprobs)", "[" + std::to_string(n) + ", 128]", n * e * (4.0 + 4.0 + 2.0) + n * k * 12.0,
+                   ms2, 30);
+      const double ms3 = time_ms([&] { cu::moe_dispatch_plan(idx, e, off, perm, inv, nullptr); });
+      report_time("dispatch plan (device only)", "N*k = " + std::to_string(rows), ms3);
+      const double ms4 = time_ms([&] { cu::moe_dispatch_plan(idx, e, off, perm, inv, &counts); });
+      report_time("dispatch plan + host counts (sync)", "N*k = " + std::to_string(rows), ms4);
+    }
+
+    std::printf("\npermutation (bf16 rows; GB/s of rows read + written)\n");
+    Tensor x = dev({n, h}, DType::BF16, 7), xg = cu::empty({rows, h}, DType::BF16);
+    Tensor dxg = dev({rows, h}, DType::BF16, 8), dx = cu::empty({n, h}, DType::BF16);
+    const double row_bytes = 2.0 * h;
+    report_bytes("gather x -> xg", rh, 2.0 * rows * row_bytes, time_ms([&] { cu::moe_gather(x, perm, k, xg); }), 75);
+    report_bytes("gather bwd (sum of k rows)", nh, (rows + n) * row_bytes,
+                 time_ms([&] { cu::moe_gather_bwd(dxg, inv, k, dx); }), 70);
+    Tensor yg = dev({rows, h}, DType::BF16, 9), y = cu::empty({n, h}, DType::BF16);
+    report_bytes("combine (weighted sum of k rows)", nh, (rows + n) * row_bytes + n * k * 8.0,
+                 time_ms([&] { cu::moe_combine(yg, inv, tw, y); }), 70);
+    Tensor dy = dev({n, h}, DType::BF16, 10), dyg = cu::empty({rows, h}, DType::BF16), dtw = cu::empty({n, k}, DType::F32);
+    report_bytes("combine bwd (dyg + dtopk_w)", rh, (2.0 * rows + n) * row_bytes,
+                 time_ms([&] { cu::moe_combine_bwd(yg, inv, tw, dy, dyg, dtw); }), 65);
+
+    std::printf("\nSwiGLU on [gate | up]\n");
+    Tensor gu = dev({rows, 2 * inner}, DType::BF16, 11, -3.f, 3.f), hh = cu::empty({rows, inner}, DType::BF16);
+    Tensor dh = dev({rows, inner}, DType::BF16, 12), dgu = cu::empty({rows, 2 * inner}, DType::BF16);
+    const std::string gush = "[" + std::to_string(rows) + ", 2 x " + std::to_string(inner) + "]";
+    report_bytes("swiglu_fused fwd", gush, rows * inner * 2.0 * 3, time_ms([&] { cu::swiglu_fused_fwd(gu, hh); }), 85);
+    report_bytes("swiglu_fused bwd", gush, rows * inner * 2.0 * 5, time_ms([&] { cu::swiglu_fused_bwd(gu, dh, dgu); }),
+                 85);
+
+    std::printf("\ngrouped GEMMs (bf16 in, fp32 accumulate; dW fp32 +=), %lld rows over %lld experts\n",
+                (long long)rows, (long long)e);
+    struct Proj {
+      const char* name;
+      int64_t kd, nout;
+      double pred_grouped, pred_loop;
+    };
+    const Proj projs[] = {{"gate_up", h, 2 * inner, 65, 35}, {"down", inner, h, 60, 30}};
+    for (const Proj& p : projs) {
+      Tensor xin = dev({rows, p.kd}, DType::BF16, 20), w = dev({e, p.nout, p.kd}, DType::BF16, 21, -0.03f, 0.03f);
+      Tensor yout = cu::empty({rows, p.nout}, DType::BF16), dyo = dev({rows, p.nout}, DType::BF16, 22);
+      Tensor dxin = cu::empty({rows, p.kd}, DType::BF16), dw = dev({e, p.nout, p.kd}, DType::F32, 23, -1e-3f, 1e-3f);
+      const double fl = 2.0 * rows * p.kd * p.nout;
+      const std::string sh = "K=" + std::to_string(p.kd) + " Nout=" + std::to_string(p.nout);
+      for (cu::GroupedGemm impl : {cu::GroupedGemm::Grouped, cu::GroupedGemm::PerExpert}) {
+        const bool g = impl == cu::GroupedGemm::Grouped;
+        const cu::GroupedLinearOptions opt{impl};
+        const double pred = g ? p.pred_grouped : p.pred_loop;
+        const std::string tag = std::string(p.name) + (g ? " grouped" : " per-expert");
+        report_flops((tag + " fwd").c_str(), sh, fl,
+                     time_ms([&] { cu::grouped_linear_fwd(xin, w, off, yout, &counts, ctx, opt); }), pred);
+        report_flops((tag + " dx+dw").c_str(), sh, 2 * fl,
+                     time_ms([&] { cu::grouped_linear_bwd(xin, w, off, dyo, &dxin, dw, &counts, ctx, opt); }), pred);
+        report_flops((tag + " dw only").c_str(), sh, fl,
+                     time_ms([&] { cu::grouped_linear_bwd(xin, w, off, dyo, nullptr, dw, &counts, ctx, opt); }), pred);
+      }
+      // The same FLOPs as one dense GEMM (all rows against expert 0's weights): the no-grouping reference.
+      cu::GemmDesc g;
+      g.trans_a = true;
+      g.m = p.nout;
+      g.n = rows;
+      g.k = p.kd;
+      g.a = w.raw();
+      g.lda = p.kd;
+      g.b = xin.raw();
+      g.ldb = p.kd;
+      g.d = yout.raw();
+      g.ldd = p.nout;
+      report_flops((std::string(p.name) + " dense equivalent fwd").c_str(), sh, fl,
+                   time_ms([&] { cu::gemm(ctx, g); }), 85);
+      // Experiments for the next step (perfectly balanced routing, rows / E per expert): is the grouped API slow
+      // per se, or because every problem is its own group? And what would padding to a uniform batch give?
+      {
+        const int cap = static_cast<int>(rows / e), kd = static_cast<int>(p.kd), no = static_cast<int>(p.nout);
+        cublasHandle_t hb = nullptr;
+        AM_CUDA_CHECK(cublasCreate(&hb));
+        AM_CUDA_CHECK(cublasSetStream(hb, ctx.stream()));
+        const float one = 1.f, zero = 0.f;
+        report_flops((std::string(p.name) + " uniform strided-batched fwd").c_str(), sh, fl, time_ms([&] {
+                       AM_CUDA_CHECK(cublasGemmStridedBatchedEx(
+                           hb, CUBLAS_OP_T, CUBLAS_OP_N, no, cap, kd, &one, w.raw(), CUDA_R_16BF, kd,
+                           int64_t(no) * kd, xin.raw(), CUDA_R_16BF, kd, int64_t(cap) * kd, &zero, yout.raw(),
+                           CUDA_R_16BF, no, int64_t(cap) * no, static_cast<int>(e), CUBLAS_COMPUTE_32F,
+                           CUBLAS_GEMM_DEFAULT));
+                     }),
+                     p.pred_grouped);
+        report_flops((std::string(p.name) + " uniform strided-batched dw").c_str(), sh, fl, time_ms([&] {
+                       AM_CUDA_CHECK(cublasGemmStridedBatchedEx(
+                           hb, CUBLAS_OP_N, CUBLAS_OP_T, kd, no, cap, &one, xin.raw(), CUDA_R_16BF, kd,
+                           int64_t(cap) * kd, dyo.raw(), CUDA_R_16BF, no, int64_t(cap) * no, &one, dw.raw(),
+                           CUDA_R_32F, kd, int64_t(no) * kd, static_cast<int>(e), CUBLAS_COMPUTE_32F,
+                           CUBLAS_GEMM_DEFAULT));
+                     }),
+                     p.pred_grouped);
+        // The grouped API with one group of E identical problems.
+        std::vector<const void*> ha(e), hbp(e);
+        std::vector<void*> hc(e);
+        for (int64_t j = 0; j < e; ++j) {
+          ha[j] = static_cast<const char*>(w.raw()) + j * p.nout * p.kd * 2;
+          hbp[j] = static_cast<const char*>(xin.raw()) + j * cap * p.kd * 2;
+          hc[j] = static_cast<char*>(yout.raw()) + j * cap * p.nout * 2;
+        }
+        Tensor parr = cu::empty({3 * e}, DType::I64);
+        void** da = reinterpret_cast<void**>(parr.raw());
+        AM_CUDA_CHECK(cudaMemcpy(da, ha.data(), e * 8, cudaMemcpyHostToDevice));
+        AM_CUDA_CHECK(cudaMemcpy(da + e, hbp.data(), e * 8, cudaMemcpyHostToDevice));
+        AM_CUDA_CHECK(cudaMemcpy(da + 2 * e, hc.data(), e * 8, cudaMemcpyHostToDevice));
+        const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+        const int gsize = static_cast<int>(e);
+        report_flops((std::string(p.name) + " grouped API, 1 group of E").c_str(), sh, fl, time_ms([&] {
+                       AM_CUDA_CHECK(cublasGemmGroupedBatchedEx(
+                           hb, &ta, &tb, &no, &cap, &kd, &one, const_cast<const void* const*>(da),
+                           CUDA_R_16BF, &kd, const_cast<const void* const*>(da + e), CUDA_R_16BF, &kd,
+                           &zero, da + 2 * e, CUDA_R_16BF, &no, 1, &gsize,
+                           CUBLAS_COMPUTE_32F));
+                     }),
+                     p.pred_grouped);
+        cublasDestroy(hb);
+      }
+    }
+    std::printf("\nwhole MoE layer (no router GEMM): fwd = gather, gate_up, swiglu, down, combine\n");
+    {
+      Tensor wgu = dev({e, 2 * inner, h}, DType::BF16, 30, -0.03f, 0.03f), wd = dev({e, h, inner}, DType::BF16, 31, -0.03f, 0.03f);
+      Tensor dwgu = dev({e, 2 * inner, h}, DType::F32, 32, 0.f, 0.f), dwd = dev({e, h, inner}, DType::F32, 33, 0.f, 0.f);
+      auto fwd = [&] {
+        cu::moe_gather(x, perm, k, xg);
+        cu::grouped_linear_fwd(xg, wgu, off, gu, &counts);
+        cu::swiglu_fused_fwd(gu, hh);
+        cu::grouped_linear_fwd(hh, wd, off, yg, &counts);
+        cu::moe_combine(yg, inv, tw, y);
+      };
+      auto bwd = [&] {
+        cu::moe_combine_bwd(yg, inv, tw, dy, dyg, dtw);
+        cu::grouped_linear_bwd(hh, wd, off, dyg, &dh, dwd, &counts);
+        cu::swiglu_fused_bwd(gu, dh, dgu);
+        cu::grouped_linear_bwd(xg, wgu, off, dgu, &dxg, dwgu, &counts);
+        cu::moe_gather_bwd(dxg, inv, k, dx);
+      };
+      const double fl = 2.0 * rows * h * 3 * inner;
+      report_flops("layer fwd", "W2", fl, time_ms(fwd), 55);
+      report_flops("layer bwd", "W2", 2 * fl, time_ms(bwd), 55);
+    }
+  } catch (const std::exception& ex) {
+    std::fprintf(stderr, "moe bench failed: %s\n", ex.what());
+    return 1;
+  }
+  return 0;
+}
