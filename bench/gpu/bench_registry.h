@@ -4,6 +4,7 @@
 #pragma once
 
 int attention_bench_main(int argc, char** argv);
+int moe_bench_main(int argc, char** argv);  // bench_moe.cu: MoE ops at the W2 shape
 
 struct GpuBench {
   const char* name;
@@ -12,4 +13,5 @@ struct GpuBench {
 
 inline constexpr GpuBench kGpuBenches[] = {
     {"attention", attention_bench_main},
+    {"moe", moe_bench_main},
 };

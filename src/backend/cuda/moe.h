@@ -31,12 +31,22 @@ void moe_combine(const Tensor& yg, const Tensor& inv_perm, const Tensor& topk_w,
                  CudaContext& ctx = default_context());
 void moe_combine_bwd(const Tensor& yg, const Tensor& inv_perm, const Tensor& topk_w, const Tensor& dy, Tensor& dyg,
                      Tensor& dtopk_w, CudaContext& ctx = default_context());
-// One grouped GEMM launch per call (cublasGemmGroupedBatchedEx; experts with no rows are left out of the
-// group). Without host_counts the offsets are read back (a sync).
+// Grouped linear. Grouped: one cublasGemmGroupedBatchedEx launch per product (one problem per expert with rows,
+// empty experts left out, the device pointer arrays built on the device from the offsets by a one-warp kernel),
+// where cuBLAS offers the dtype combination: it does not for bf16 A/B with an fp32 C (cuBLAS 13.1), so the dW
+// product (fp32 +=) always runs per expert. PerExpert: one cuBLASLt GEMM per expert with rows (gemm.h). Auto:
+// per product the faster one at the W2 shape (docs/moe_kernels.md). Without host_counts the offsets are read
+// back (a sync).
+enum class GroupedGemm { Auto, Grouped, PerExpert };
+struct GroupedLinearOptions {
+  GroupedGemm impl = GroupedGemm::Auto;
+};
 void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, Tensor& y,
-                        const std::vector<int64_t>* host_counts, CudaContext& ctx = default_context());
+                        const std::vector<int64_t>* host_counts, CudaContext& ctx = default_context(),
+                        const GroupedLinearOptions& opt = {});
 void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
-                        Tensor& dw, const std::vector<int64_t>* host_counts, CudaContext& ctx = default_context());
+                        Tensor& dw, const std::vector<int64_t>* host_counts, CudaContext& ctx = default_context(),
+                        const GroupedLinearOptions& opt = {});
 void swiglu_fused_fwd(const Tensor& gu, Tensor& h, CudaContext& ctx = default_context());
 void swiglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu, CudaContext& ctx = default_context());
 

@@ -1,0 +1,318 @@
+// Grouped linear for MoE experts (contract in src/ops/moe_ops.h, entry points in moe.h).
+//
+// Row-major [R, C] is column-major [C, R] (leading dimension C), as in linear.cu. For expert e with rows
+// r0 = offsets[e] .. r0 + m_e of x [M, K], weights w[e] [Nout, K], y [M, Nout]:
+//   forward  y_e (Nout x m_e)  = op_T(w_e) (Nout x K) * x_e (K x m_e)       m=Nout n=m_e k=K     beta 0
+//   dx       dx_e (K x m_e)    = w_e (K x Nout) * dy_e (Nout x m_e)          m=K    n=m_e k=Nout  beta 0
+//   dw       dw_e (K x Nout)  += x_e (K x m_e) * op_T(dy_e) (m_e x Nout)    m=K    n=Nout k=m_e  beta 1 (fp32)
+// One cublasGemmGroupedBatchedEx call per product covers every expert with rows: one group (of one problem)
+// per expert, sizes from the host counts, the device arrays of A/B/C pointers built on the device from the
+// offsets by a one-warp kernel (no host-to-device copy). The per-expert fallback issues one cuBLASLt GEMM per
+// expert through gemm.h.
+#include <cublas_v2.h>
+
+#include <atomic>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/kernel_utils.cuh"
+#include "backend/cuda/moe.h"
+
+namespace am::cuda {
+namespace {
+
+// ptr = base + e * expert_stride + offsets[e] * row_stride (bytes)
+struct PtrRule {
+  const char* base;
+  int64_t expert_stride, row_stride;
+};
+
+// Writes the pointers of the experts with rows, in expert order, to a[g], b[g], c[g] (g = rank among them).
+__global__ void build_ptrs_kernel(const int32_t* __restrict__ offsets, int e, PtrRule ra, PtrRule rb, PtrRule rc,
+                                  const void** a, const void** b, void** c) {
+  const int lane = threadIdx.x;
+  int g0 = 0;
+  for (int base = 0; base < e; base += 32) {
+    const int ex = base + lane;
+    const int r0 = ex < e ? offsets[ex] : 0;
+    const bool nz = ex < e && offsets[ex + 1] > r0;
+    const unsigned mask = __ballot_sync(0xffffffffu, nz);
+    if (nz) {
+      const int g = g0 + __popc(mask & ((1u << lane) - 1u));
+      a[g] = ra.base + ex * ra.expert_stride + static_cast<int64_t>(r0) * ra.row_stride;
+      b[g] = rb.base + ex * rb.expert_stride + static_cast<int64_t>(r0) * rb.row_stride;
+      c[g] = const_cast<char*>(rc.base) + ex * rc.expert_stride + static_cast<int64_t>(r0) * rc.row_stride;
+    }
+    g0 += __popc(mask);
+  }
+}
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::F32: return CUDA_R_32F;
+    case DType::BF16: return CUDA_R_16BF;
+    case DType::F16: return CUDA_R_16F;
+    default: throw ShapeError(std::string("cuda grouped_linear: unsupported dtype ") + dtype_name(t));
+  }
+}
+
+const char* cublas_status_name(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    default: return "cuBLAS error";
+  }
+}
+
+// One cuBLAS handle per context (the context itself only holds a cuBLASLt handle), on the context's stream and
+// workspace (stream-ordered, so sharing the workspace with cuBLASLt is safe).
+cublasHandle_t cublas_handle(CudaContext& ctx) {
+  static std::mutex mu;
+  static std::unordered_map<const CudaContext*, cublasHandle_t> handles;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = handles.find(&ctx);
+  if (it == handles.end()) {
+    ctx.make_current();
+    cublasHandle_t h = nullptr;
+    AM_CUDA_CHECK(cublasCreate(&h));
+    AM_CUDA_CHECK(cublasSetStream(h, ctx.stream()));
+    AM_CUDA_CHECK(cublasSetWorkspace(h, ctx.workspace(), ctx.workspace_bytes()));
+    it = handles.emplace(&ctx, h).first;
+  }
+  return it->second;
+}
+
+// Set once the grouped call has reported a dtype combination unsupported: Auto then uses the per-expert loop.
+std::atomic<bool> g_grouped_unsupported_f32c{false}, g_grouped_unsupported_lowc{false};
+
+// One product over all experts with rows: m/n/k of -1 stand for the expert's row count; leading dimensions
+// are the same for every expert.
+struct GroupedGemm1 {
+  bool ta, tb;
+  int m, n, k;  // -1 where the value is the expert's row count
+  int lda, ldb, ldc;
+  PtrRule ra, rb, rc;
+  DType ab_type, c_type;
+  float beta;
+};
+
+std::vector<int64_t> counts_from(const Tensor& offsets, int64_t e, const std::vector<int64_t>* host_counts,
+                                 CudaContext& ctx) {
+  if (host_counts) return *host_counts;
+  std::vector<int32_t> off(static_cast<size_t>(e + 1));
+  AM_CUDA_CHECK(cudaMemcpyAsync(off.data(), offsets.raw(), off.size() * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                ctx.stream()));
+  AM_CUDA_CHECK(cudaStreamSynchronize(ctx.stream()));
+  std::vector<int64_t> c(static_cast<size_t>(e));
+  for (int64_t j = 0; j < e; ++j) c[static_cast<size_t>(j)] = off[j + 1] - off[j];
+  return c;
+}
+
+// Returns false when cuBLAS reports the combination unsupported (and allow_fallback), true when done.
+bool run_grouped(const char* op, const GroupedGemm1& p, const Tensor& offsets, const std::vector<int64_t>& counts,
+                 CudaContext& ctx, bool allow_fallback) {
+  const int64_t e = static_cast<int64_t>(counts.size());
+  std::vector<int> ms, ns, ks, ldas, ldbs, ldcs, sizes;
+  std::vector<cublasOperation_t> tas, tbs;
+  std::vector<float> alphas, betas;
+  for (int64_t j = 0; j < e; ++j) {
+    const int rows = static_cast<int>(counts[static_cast<size_t>(j)]);
+    if (rows == 0) continue;
+    ms.push_back(p.m < 0 ? rows : p.m);
+    ns.push_back(p.n < 0 ? rows : p.n);
+    ks.push_back(p.k < 0 ? rows : p.k);
+    ldas.push_back(p.lda);
+    ldbs.push_back(p.ldb);
+    ldcs.push_back(p.ldc);
+    sizes.push_back(1);
+    tas.push_back(p.ta ? CUBLAS_OP_T : CUBLAS_OP_N);
+    tbs.push_back(p.tb ? CUBLAS_OP_T : CUBLAS_OP_N);
+    alphas.push_back(1.f);
+    betas.push_back(p.beta);
+  }
+  const int groups = static_cast<int>(ms.size());
+  if (groups == 0) return true;
+  Tensor ptrs = empty({3 * std::max<int64_t>(e, 1)}, DType::I64, ctx);
+  auto** a = reinterpret_cast<const void**>(ptrs.raw());
+  auto** b = a + e;
+  auto** c = reinterpret_cast<void**>(const_cast<void**>(reinterpret_cast<const void**>(a + 2 * e)));
+  build_ptrs_kernel<<<1, 32, 0, ctx.stream()>>>(offsets.data<int32_t>(), static_cast<int>(e), p.ra, p.rb, p.rc, a, b,
+                                                c);
+  AM_CUDA_CHECK_LAUNCH();
+  cublasHandle_t h = cublas_handle(ctx);
+  AM_CUDA_CHECK(cublasSetStream(h, ctx.stream()));
+  const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+      h, tas.data(), tbs.data(), ms.data(), ns.data(), ks.data(), alphas.data(), reinterpret_cast<const void* const*>(a),
+      cuda_type(p.ab_type), ldas.data(), reinterpret_cast<const void* const*>(b), cuda_type(p.ab_type), ldbs.data(),
+      betas.data(), reinterpret_cast<void* const*>(c), cuda_type(p.c_type), ldcs.data(), groups, sizes.data(),
+      CUBLAS_COMPUTE_32F);
+  if (st == CUBLAS_STATUS_SUCCESS) return true;
+  if (allow_fallback && (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE)) return false;
+  throw DeviceError(std::string("cuda op ") + op + ": cublasGemmGroupedBatchedEx failed (" + cublas_status_name(st) +
+                    ", A/B " + dtype_name(p.ab_type) + ", C " + dtype_name(p.c_type) + ", " +
+                    std::to_string(groups) + " groups)");
+}
+
+// Which products Auto runs as one grouped call (the rest: per-expert cuBLASLt GEMMs); from the W2 measurements
+// in docs/moe_kernels.md.
+enum class Product { Fwd, Dx, Dw };
+bool auto_grouped(Product pr) { return pr != Product::Dw; }
+
+void run_product(const char* op, Product pr, const GroupedGemm1& p, const Tensor& offsets,
+                 const std::vector<int64_t>& counts, CudaContext& ctx, GroupedGemm impl) {
+  std::atomic<bool>& unsupported = p.c_type == DType::F32 && p.ab_type != DType::F32 ? g_grouped_unsupported_f32c
+                                                                                     : g_grouped_unsupported_lowc;
+  const bool want_grouped = impl == GroupedGemm::Grouped || (impl == GroupedGemm::Auto && auto_grouped(pr));
+  if (want_grouped && !unsupported.load()) {
+    if (run_grouped(op, p, offsets, counts, ctx, true)) return;
+    unsupported.store(true);  // e.g. bf16 A/B with fp32 C (the dW product): not offered by cuBLAS 13.1
+  }
+  // Per-expert cuBLASLt GEMMs.
+  int64_t r0 = 0;
+  for (size_t j = 0; j < counts.size(); ++j) {
+    const int64_t rows = counts[j];
+    if (rows > 0) {
+      GemmDesc g;
+      g.trans_a = p.ta;
+      g.trans_b = p.tb;
+      g.m = p.m < 0 ? rows : p.m;
+      g.n = p.n < 0 ? rows : p.n;
+      g.k = p.k < 0 ? rows : p.k;
+      const int64_t ej = static_cast<int64_t>(j);
+      g.a = p.ra.base + ej * p.ra.expert_stride + r0 * p.ra.row_stride;
+      g.a_type = p.ab_type;
+      g.lda = p.lda;
+      g.b = p.rb.base + ej * p.rb.expert_stride + r0 * p.rb.row_stride;
+      g.b_type = p.ab_type;
+      g.ldb = p.ldb;
+      g.d = const_cast<char*>(p.rc.base) + ej * p.rc.expert_stride + r0 * p.rc.row_stride;
+      g.d_type = p.c_type;
+      g.ldd = p.ldc;
+      g.beta = p.beta;
+      gemm(ctx, g);
+    }
+    r0 += rows;
+  }
+}
+
+struct GDims {
+  int64_t e, m, k, nout;
+};
+GDims check(const char* op, const Tensor& x, const Tensor& w, const Tensor& offsets, const char* y_name,
+            const Tensor& y, const std::vector<int64_t>* host_counts) {
+  need_cuda(op, "x", x);
+  need_cuda(op, "w", w);
+  need_cuda(op, "offsets", offsets);
+  need_cuda(op, y_name, y);
+  need_dtype(op, "offsets", offsets, DType::I32);
+  if (x.dtype() != DType::BF16 && x.dtype() != DType::F32 && x.dtype() != DType::F16)
+    op_error(op, describe("x", x) + ": expected bf16 (or fp32 / fp16)");
+  if (w.dtype() != x.dtype()) op_error(op, describe("w", w) + ": expected the dtype of " + describe("x", x));
+  if (y.dtype() != x.dtype()) op_error(op, describe(y_name, y) + ": expected the dtype of " + describe("x", x));
+  if (w.ndim() != 3) op_error(op, describe("w", w) + ": expected [E, Nout, K]");
+  const int64_t e = w.dim(0), nout = w.dim(1), k = w.dim(2);
+  if (x.ndim() < 2 || x.dim(-1) != k) op_error(op, describe("x", x) + ": expected [M, K = " + std::to_string(k) + "]");
+  const int64_t m = k ? x.numel() / k : 0;
+  if (y.ndim() < 2 || y.dim(-1) != nout || y.numel() != m * nout)
+    op_error(op, describe(y_name, y) + ": expected [M = " + std::to_string(m) + ", Nout = " + std::to_string(nout) + "]");
+  if (offsets.numel() != e + 1) op_error(op, describe("offsets", offsets) + ": expected E + 1 elements");
+  if (host_counts && static_cast<int64_t>(host_counts->size()) != e)
+    op_error(op, "host_counts must have E = " + std::to_string(e) + " entries");
+  return {e, m, k, nout};
+}
+
+}  // namespace
+
+void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, Tensor& y,
+                        const std::vector<int64_t>* host_counts, CudaContext& ctx, const GroupedLinearOptions& opt) {
+  const char* op = "grouped_linear_fwd";
+  const GDims d = check(op, x, w, offsets, "y", y, host_counts);
+  if (d.m == 0 || d.nout == 0) return;
+  if (d.k == 0) {
+    zero_(y, ctx);
+    return;
+  }
+  const std::vector<int64_t> counts = counts_from(offsets, d.e, host_counts, ctx);
+  const int64_t es = static_cast<int64_t>(dtype_size(x.dtype()));
+  GroupedGemm1 p;
+  p.ta = true;
+  p.tb = false;
+  p.m = static_cast<int>(d.nout);
+  p.n = -1;
+  p.k = static_cast<int>(d.k);
+  p.lda = static_cast<int>(d.k);
+  p.ldb = static_cast<int>(d.k);
+  p.ldc = static_cast<int>(d.nout);
+  p.ra = {static_cast<const char*>(w.raw()), d.nout * d.k * es, 0};
+  p.rb = {static_cast<const char*>(x.raw()), 0, d.k * es};
+  p.rc = {static_cast<const char*>(y.raw()), 0, d.nout * es};
+  p.ab_type = x.dtype();
+  p.c_type = y.dtype();
+  p.beta = 0.f;
+  run_product(op, Product::Fwd, p, offsets, counts, ctx, opt.impl);
+}
+
+void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
+                        Tensor& dw, const std::vector<int64_t>* host_counts, CudaContext& ctx,
+                        const GroupedLinearOptions& opt) {
+  const char* op = "grouped_linear_bwd";
+  const GDims d = check(op, x, w, offsets, "dy", dy, host_counts);
+  need_cuda(op, "dw", dw);
+  need_dtype(op, "dw", dw, DType::F32);
+  if (dw.shape() != w.shape()) op_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  if (dx) {
+    need_cuda(op, "dx", *dx);
+    if (dx->dtype() != x.dtype() || dx->numel() != x.numel())
+      op_error(op, describe("dx", *dx) + ": expected the shape and dtype of " + describe("x", x));
+  }
+  if (d.m == 0 || d.k == 0) return;
+  if (d.nout == 0) {
+    if (dx) zero_(*dx, ctx);
+    return;
+  }
+  const std::vector<int64_t> counts = counts_from(offsets, d.e, host_counts, ctx);
+  const int64_t es = static_cast<int64_t>(dtype_size(x.dtype()));
+  if (dx) {
+    GroupedGemm1 p;
+    p.ta = false;
+    p.tb = false;
+    p.m = static_cast<int>(d.k);
+    p.n = -1;
+    p.k = static_cast<int>(d.nout);
+    p.lda = static_cast<int>(d.k);
+    p.ldb = static_cast<int>(d.nout);
+    p.ldc = static_cast<int>(d.k);
+    p.ra = {static_cast<const char*>(w.raw()), d.nout * d.k * es, 0};
+    p.rb = {static_cast<const char*>(dy.raw()), 0, d.nout * es};
+    p.rc = {static_cast<const char*>(dx->raw()), 0, d.k * es};
+    p.ab_type = x.dtype();
+    p.c_type = dx->dtype();
+    p.beta = 0.f;
+    run_product(op, Product::Dx, p, offsets, counts, ctx, opt.impl);
+  }
+  GroupedGemm1 p;
+  p.ta = false;
+  p.tb = true;
+  p.m = static_cast<int>(d.k);
+  p.n = static_cast<int>(d.nout);
+  p.k = -1;
+  p.lda = static_cast<int>(d.k);
+  p.ldb = static_cast<int>(d.nout);
+  p.ldc = static_cast<int>(d.k);
+  p.ra = {static_cast<const char*>(x.raw()), 0, d.k * es};
+  p.rb = {static_cast<const char*>(dy.raw()), 0, d.nout * es};
+  p.rc = {static_cast<const char*>(dw.raw()), d.nout * d.k * static_cast<int64_t>(sizeof(float)), 0};
+  p.ab_type = x.dtype();
+  p.c_type = DType::F32;
+  p.beta = 1.f;
+  run_product(op, Product::Dw, p, offsets, counts, ctx, opt.impl);
+}
+
+}  // namespace am::cuda

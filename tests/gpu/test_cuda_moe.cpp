@@ -1,0 +1,471 @@
+// CUDA MoE ops (src/backend/cuda/moe*.cu, reached through the am::ops front-ends of src/ops/moe_ops.h)
+// against the CPU reference on host fp32 copies of the same (bf16-rounded where the device is bf16) inputs.
+// Random shapes including widths that are not multiples of the vector width (scalar fallbacks), experts with no
+// rows, both grouped-GEMM implementations, and the W2 shape (N = 4096 tokens, E = 128, k = 8, H = 2048, I = 768).
+// Outputs are poisoned with NaN before each call; parameter gradients start from random values (+= contract).
+// Runs only where a CUDA device is visible (GTEST_SKIP otherwise).
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../common/tolerance.h"
+#include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/moe.h"
+#include "core/error.h"
+#include "core/tensor.h"
+#include "ops/moe_ops.h"
+#include "ops/ops.h"
+
+namespace {
+
+using am::DType;
+using am::Shape;
+using am::Tensor;
+namespace cu = am::cuda;
+namespace ops = am::ops;
+
+bool have_device() {
+  int n = 0;
+  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  cudaGetLastError();
+  return ok;
+}
+#define REQUIRE_DEVICE() \
+  if (!have_device()) GTEST_SKIP() << "no CUDA device visible"
+
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Uniform in [lo, hi) from a splitmix64 stream seeded by rng (fast enough for the W2 expert weights, 4e8 values).
+Tensor rand_host(const Shape& s, std::mt19937& rng, DType dt = DType::F32, float lo = -1.f, float hi = 1.f) {
+  Tensor t = Tensor::empty(s, DType::F32);
+  uint64_t state = (static_cast<uint64_t>(rng()) << 32) ^ rng();
+  float* p = t.f32();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    p[i] = lo + (hi - lo) * static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
+  }
+  if (dt != DType::F32) t = t.to(dt).to(DType::F32);
+  return t;
+}
+Tensor up(const Tensor& host, DType dt) { return cu::to_device(dt == DType::F32 || host.dtype() == DType::I32 ? host : host.to(dt)); }
+Tensor down(const Tensor& dev) {
+  Tensor h = cu::to_host(dev);
+  return h.dtype() == DType::F32 || h.dtype() == DType::I32 ? h : h.to(DType::F32);
+}
+Tensor poisoned(const Shape& s, DType dt) {
+  Tensor t = cu::empty(s, dt);
+  if (dt == DType::I32)
+    cudaMemset(t.raw(), 0xff, t.nbytes());
+  else
+    cu::fill_(t, kNaN);
+  return t;
+}
+std::vector<int32_t> ivals(const Tensor& t) {
+  Tensor h = t.device() == am::DeviceType::CUDA ? cu::to_host(t) : t;
+  return std::vector<int32_t>(h.data<int32_t>(), h.data<int32_t>() + h.numel());
+}
+int64_t rint(std::mt19937& rng, int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
+const char* dname(DType d) { return am::dtype_name(d); }
+
+// Element i passes when |got - want| <= atol * max(1, rms(want)) + rtol * |want|; plus a relative L2 budget.
+void expect_close(const Tensor& got_any, const Tensor& want, am::test::Tolerance tol, double rel_l2_budget,
+                  const std::string& what) {
+  Tensor got = got_any.device() == am::DeviceType::CUDA ? down(got_any) : got_any;
+  ASSERT_EQ(got.numel(), want.numel()) << what;
+  const int64_t n = want.numel();
+  double den = 0, num = 0, max_abs = 0;
+  for (int64_t i = 0; i < n; ++i) den += double(want.f32()[i]) * want.f32()[i];
+  const double rms = n ? std::sqrt(den / n) : 0.0, atol = tol.atol * std::max(1.0, rms);
+  int64_t bad = 0, nonfinite = 0, first = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const double g = got.f32()[i], w = want.f32()[i];
+    if (!std::isfinite(g)) {
+      if (++nonfinite == 1 && first < 0) first = i;
+      continue;
+    }
+    const double d = std::abs(g - w);
+    num += d * d;
+    max_abs = std::max(max_abs, d);
+    if (d > atol + tol.rtol * std::abs(w) && ++bad == 1 && first < 0) first = i;
+  }
+  const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  EXPECT_EQ(nonfinite, 0) << what << ": non-finite element, first at " << first;
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << n << " outside tolerance, first at " << first << " (got "
+                    << (first >= 0 ? got.f32()[first] : 0.f) << ", want " << (first >= 0 ? want.f32()[first] : 0.f)
+                    << "), max abs err " << max_abs;
+  EXPECT_LE(rel, rel_l2_budget) << what << ": relative L2 error";
+}
+void expect_close_dt(const Tensor& got, const Tensor& want, DType dt, const std::string& what) {
+  expect_close(got, want, am::test::tolerance(dt), dt == DType::F32 ? 1e-5 : 1e-2, what);
+}
+
+// Router-like top-k ids: distinct per row, drawn with skewed expert popularity (some experts get no rows).
+Tensor skewed_topk(int64_t n, int64_t e, int64_t k, std::mt19937& rng) {
+  Tensor t = Tensor::empty({n, k}, DType::I32);
+  std::vector<double> weight(static_cast<size_t>(e));
+  for (int64_t j = 0; j < e; ++j) weight[j] = (j % 7 == 3) ? 0.0 : std::pow(1.0 + j % 5, 2.0);
+  int64_t positive = 0;
+  for (double w : weight) positive += w > 0;
+  if (positive < k) std::fill(weight.begin(), weight.end(), 1.0);
+  for (int64_t r = 0; r < n; ++r) {
+    std::vector<double> w = weight;
+    for (int64_t s = 0; s < k; ++s) {
+      std::discrete_distribution<int> d(w.begin(), w.end());
+      const int pick = d(rng);
+      t.data<int32_t>()[r * k + s] = pick;
+      w[pick] = 0.0;
+    }
+  }
+  return t;
+}
+
+struct HostPlan {
+  Tensor offsets, perm, inv;
+  std::vector<int64_t> counts;
+};
+HostPlan cpu_plan(const Tensor& idx, int64_t e) {
+  HostPlan p{Tensor::empty({e + 1}, DType::I32), Tensor::empty({idx.numel()}, DType::I32),
+             Tensor::empty({idx.numel()}, DType::I32), {}};
+  ops::moe_dispatch_plan(idx, e, p.offsets, p.perm, p.inv, &p.counts);
+  return p;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+TEST(CudaMoe, RouterForwardMatchesCpu) {
+  REQUIRE_DEVICE();
+  struct Case {
+    int64_t n, e, k;
+  };
+  const Case cases[] = {{1, 1, 1}, {37, 60, 4}, {300, 128, 8}, {64, 8, 2}, {33, 256, 16}, {5, 1000, 32}, {4096, 128, 8}};
+  std::mt19937 rng(1);
+  for (const Case& c : cases)
+    for (DType dt : {DType::F32, DType::BF16})
+      for (bool norm : {false, true}) {
+        const std::string tag = "n=" + std::to_string(c.n) + " e=" + std::to_string(c.e) + " k=" + std::to_string(c.k) +
+                                " " + dname(dt) + " norm=" + std::to_string(norm);
+        Tensor lh = rand_host({c.n, c.e}, rng, dt, -3.f, 3.f);
+        Tensor probs = poisoned({c.n, c.e}, DType::F32), idx = poisoned({c.n, c.k}, DType::I32),
+               w = poisoned({c.n, c.k}, DType::F32);
+        ops::moe_router_fwd(up(lh, dt), c.k, norm, probs, idx, w);
+        Tensor rp = Tensor::empty({c.n, c.e}, DType::F32), ri = Tensor::empty({c.n, c.k}, DType::I32),
+               rw = Tensor::empty({c.n, c.k}, DType::F32);
+        ops::moe_router_fwd(lh, c.k, norm, rp, ri, rw);
+        expect_close(probs, rp, am::test::tolerance(DType::F32), 1e-5, "probs " + tag);
+        // The device's top-k must be exactly the stable descending order of the device's probabilities.
+        Tensor hp = down(probs);
+        const std::vector<int32_t> gi = ivals(idx);
+        Tensor want_w = Tensor::empty({c.n, c.k}, DType::F32);
+        int wrong = 0;
+        for (int64_t t = 0; t < c.n; ++t) {
+          std::vector<int32_t> order(static_cast<size_t>(c.e));
+          std::iota(order.begin(), order.end(), 0);
+          const float* p = hp.f32() + t * c.e;
+          std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return p[a] > p[b]; });
+          double s = 0;
+          for (int64_t j = 0; j < c.k; ++j) s += p[order[j]];
+          for (int64_t j = 0; j < c.k; ++j) {
+            if (gi[t * c.k + j] != order[j] && ++wrong <= 3)
+              ADD_FAILURE() << tag << " row " << t << " slot " << j << ": " << gi[t * c.k + j] << " vs " << order[j];
+            want_w.f32()[t * c.k + j] = static_cast<float>(norm ? p[order[j]] / s : p[order[j]]);
+          }
+        }
+        EXPECT_EQ(wrong, 0) << tag;
+        expect_close(w, want_w, am::test::tolerance(DType::F32), 1e-5, "topk_w " + tag);
+      }
+}
+
+TEST(CudaMoe, RouterTiesPickLowerIndex) {
+  REQUIRE_DEVICE();
+  Tensor lh = Tensor::empty({2, 40}, DType::F32);
+  for (int i = 0; i < 80; ++i) lh.f32()[i] = (i % 40) % 3 == 1 ? 2.f : 0.f;  // experts 1, 4, 7, ... tie
+  Tensor probs = cu::empty({2, 40}, DType::F32), idx = cu::empty({2, 5}, DType::I32), w = cu::empty({2, 5}, DType::F32);
+  ops::moe_router_fwd(up(lh, DType::F32), 5, true, probs, idx, w);
+  EXPECT_EQ(ivals(idx), (std::vector<int32_t>{1, 4, 7, 10, 13, 1, 4, 7, 10, 13}));
+}
+
+TEST(CudaMoe, RouterBackwardMatchesCpu) {
+  REQUIRE_DEVICE();
+  std::mt19937 rng(2);
+  struct Case {
+    int64_t n, e, k;
+  };
+  for (const Case& c : {Case{19, 60, 4}, Case{256, 128, 8}, Case{7, 1000, 32}, Case{3, 2, 1}})
+    for (bool norm : {false, true})
+      for (bool extra : {false, true})
+        for (DType dt : {DType::F32, DType::BF16}) {
+          const std::string tag = "e=" + std::to_string(c.e) + " k=" + std::to_string(c.k) + " norm=" +
+                                  std::to_string(norm) + " extra=" + std::to_string(extra) + " " + dname(dt);
+          Tensor lh = rand_host({c.n, c.e}, rng, DType::F32, -2.f, 2.f);
+          Tensor rp = Tensor::empty({c.n, c.e}, DType::F32), ri = Tensor::empty({c.n, c.k}, DType::I32),
+                 rw = Tensor::empty({c.n, c.k}, DType::F32);
+          ops::moe_router_fwd(lh, c.k, norm, rp, ri, rw);
+          Tensor dw = rand_host({c.n, c.k}, rng), dpe = rand_host({c.n, c.e}, rng, DType::F32, -0.1f, 0.1f);
+          Tensor want = Tensor::empty({c.n, c.e}, DType::F32);
+          ops::moe_router_bwd(rp, ri, rw, norm, dw, extra ? &dpe : nullptr, want);
+          Tensor dl = poisoned({c.n, c.e}, dt);
+          Tensor dpe_d = up(dpe, DType::F32);
+          ops::moe_router_bwd(up(rp, DType::F32), up(ri, DType::I32), up(rw, DType::F32), norm, up(dw, DType::F32),
+                              extra ? &dpe_d : nullptr, dl);
+          // fp32 math on both sides; the bf16 output is compared at bf16 tolerance.
+          expect_close(dl, want, dt == DType::F32 ? am::test::Tolerance{1e-4, 1e-6} : am::test::tolerance(dt),
+                       dt == DType::F32 ? 1e-4 : 1e-2, "dlogits " + tag);
+        }
+}
+
+TEST(CudaMoe, DispatchPlanMatchesCpuExactly) {
+  REQUIRE_DEVICE();
+  std::mt19937 rng(3);
+  struct Case {
+    int64_t n, e, k;
+  };
+  for (const Case& c : {Case{1, 1, 1}, Case{5, 4, 2}, Case{300, 60, 4}, Case{4096, 128, 8}, Case{1000, 1024, 3},
+                        Case{0, 8, 2}, Case{777, 16, 16}}) {
+    const std::string tag = "n=" + std::to_string(c.n) + " e=" + std::to_string(c.e) + " k=" + std::to_string(c.k);
+    Tensor idx = skewed_topk(c.n, c.e, c.k, rng);
+    HostPlan want = cpu_plan(idx, c.e);
+    Tensor off = poisoned({c.e + 1}, DType::I32), perm = poisoned({c.n * c.k}, DType::I32),
+           inv = poisoned({c.n * c.k}, DType::I32);
+    Tensor idx_d = up(idx, DType::I32);
+    std::vector<int64_t> counts;
+    ops::moe_dispatch_plan(idx_d, c.e, off, perm, inv, &counts);
+    EXPECT_EQ(counts, want.counts) << tag;
+    EXPECT_EQ(ivals(off), ivals(want.offsets)) << tag;
+    EXPECT_EQ(ivals(perm), ivals(want.perm)) << tag;
+    EXPECT_EQ(ivals(inv), ivals(want.inv)) << tag;
+    // Without host counts: the same plan, no sync needed.
+    Tensor perm2 = poisoned({c.n * c.k}, DType::I32);
+    ops::moe_dispatch_plan(idx_d, c.e, off, perm2, inv, nullptr);
+    EXPECT_EQ(ivals(perm2), ivals(want.perm)) << tag;
+  }
+}
+
+TEST(CudaMoe, DispatchPlanOutOfRangeExpert) {
+  REQUIRE_DEVICE();
+  Tensor idx = Tensor::empty({3, 2}, DType::I32);
+  const int32_t v[] = {0, 1, 2, 9, 3, 1};
+  std::copy(v, v + 6, idx.data<int32_t>());
+  Tensor idx_d = up(idx, DType::I32), off = cu::empty({5}, DType::I32), perm = cu::empty({6}, DType::I32),
+         inv = cu::empty({6}, DType::I32);
+  std::vector<int64_t> counts;
+  try {
+    ops::moe_dispatch_plan(idx_d, 4, off, perm, inv, &counts);
+    ADD_FAILURE() << "expected DataError";
+  } catch (const am::DataError& e) {
+    EXPECT_NE(std::string(e.what()).find("9"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("position 3"), std::string::npos) << e.what();
+  }
+  ops::moe_dispatch_plan(idx_d, 4, off, perm, inv, nullptr);  // reported through the context's error slot
+  EXPECT_THROW(cu::default_context().check_device_errors(), am::DataError);
+  cu::default_context().check_device_errors();  // cleared
+}
+
+TEST(CudaMoe, GatherCombineAndBackwardMatchCpu) {
+  REQUIRE_DEVICE();
+  std::mt19937 rng(4);
+  struct Case {
+    int64_t n, e, k, h;
+  };
+  for (const Case& c : {Case{7, 4, 2, 5}, Case{100, 16, 4, 96}, Case{33, 8, 3, 2050}, Case{4096, 128, 8, 2048}})
+    for (DType dt : {DType::F32, DType::BF16}) {
+      const std::string tag = "n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) + " h=" + std::to_string(c.h) +
+                              " " + dname(dt);
+      HostPlan p = cpu_plan(skewed_topk(c.n, c.e, c.k, rng), c.e);
+      Tensor perm = up(p.perm, DType::I32), inv = up(p.inv, DType::I32);
+      const int64_t rows = c.n * c.k;
+      Tensor x = rand_host({c.n, c.h}, rng, dt);
+      Tensor xg = poisoned({rows, c.h}, dt), want_xg = Tensor::empty({rows, c.h}, DType::F32);
+      ops::moe_gather(up(x, dt), perm, c.k, xg);
+      ops::moe_gather(x, p.perm, c.k, want_xg);
+      expect_close(xg, want_xg, am::test::Tolerance{0, 0}, 0, "gather " + tag);  // a copy: exact
+
+      Tensor dxg = rand_host({rows, c.h}, rng, dt);
+      Tensor dx = poisoned({c.n, c.h}, dt), want_dx = Tensor::empty({c.n, c.h}, DType::F32);
+      ops::moe_gather_bwd(up(dxg, dt), inv, c.k, dx);
+      ops::moe_gather_bwd(dxg, p.inv, c.k, want_dx);
+      expect_close_dt(dx, want_dx, dt, "gather_bwd " + tag);
+
+      Tensor yg = rand_host({rows, c.h}, rng, dt), tw = rand_host({c.n, c.k}, rng, DType::F32, 0.f, 1.f);
+      Tensor y = poisoned({c.n, c.h}, dt), want_y = Tensor::empty({c.n, c.h}, DType::F32);
+      Tensor yg_d = up(yg, dt), tw_d = up(tw, DType::F32);
+      ops::moe_combine(yg_d, inv, tw_d, y);
+      ops::moe_combine(yg, p.inv, tw, want_y);
+      expect_close_dt(y, want_y, dt, "combine " + tag);
+
+      Tensor dy = rand_host({c.n, c.h}, rng, dt);
+      Tensor dyg = poisoned({rows, c.h}, dt), dtw = poisoned({c.n, c.k}, DType::F32);
+      Tensor want_dyg = Tensor::empty({rows, c.h}, DType::F32), want_dtw = Tensor::empty({c.n, c.k}, DType::F32);
+      ops::moe_combine_bwd(yg_d, inv, tw_d, up(dy, dt), dyg, dtw);
+      ops::moe_combine_bwd(yg, p.inv, tw, dy, want_dyg, want_dtw);
+      expect_close_dt(dyg, want_dyg, dt, "combine_bwd dyg " + tag);
+      // fp32 dot products of length H: relative error ~ sqrt(H) * 2^-24 (fp32 in and out even for bf16 data).
+      expect_close(dtw, want_dtw, am::test::Tolerance{1e-4, 1e-5}, 1e-5, "combine_bwd dtopk_w " + tag);
+    }
+}
+
+TEST(CudaMoe, SwigluFusedMatchesCpu) {
+  REQUIRE_DEVICE();
+  std::mt19937 rng(5);
+  for (auto [m, i] : {std::pair<int64_t, int64_t>{1, 1}, {17, 13}, {64, 768}, {5, 1000}})
+    for (DType dt : {DType::F32, DType::BF16}) {
+      const std::string tag = "m=" + std::to_string(m) + " i=" + std::to_string(i) + " " + dname(dt);
+      Tensor gu = rand_host({m, 2 * i}, rng, dt, -4.f, 4.f), dh = rand_host({m, i}, rng, dt);
+      Tensor h = poisoned({m, i}, dt), want_h = Tensor::empty({m, i}, DType::F32);
+      Tensor gu_d = up(gu, dt);
+      ops::swiglu_fused_fwd(gu_d, h);
+      ops::swiglu_fused_fwd(gu, want_h);
+      expect_close_dt(h, want_h, dt, "swiglu_fused_fwd " + tag);
+      Tensor dgu = poisoned({m, 2 * i}, dt), want = Tensor::empty({m, 2 * i}, DType::F32);
+      ops::swiglu_fused_bwd(gu_d, up(dh, dt), dgu);
+      ops::swiglu_fused_bwd(gu, dh, want);
+      expect_close_dt(dgu, want, dt, "swiglu_fused_bwd " + tag);
+      ops::swiglu_fused_bwd(gu_d, up(dh, dt), gu_d);  // in place (dgu aliasing gu)
+      expect_close_dt(gu_d, want, dt, "swiglu_fused_bwd in place " + tag);
+    }
+}
+
+namespace {
+// Grouped linear on the device (given implementation) against the CPU reference restricted to `check_experts`
+// (all when empty).
+void check_grouped(int64_t e, int64_t k_dim, int64_t nout, const std::vector<int64_t>& counts, DType dt,
+                   cu::GroupedGemm impl, std::mt19937& rng, const std::string& tag, bool pass_counts = true) {
+  const int64_t m = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+  Tensor off = Tensor::empty({e + 1}, DType::I32);
+  off.data<int32_t>()[0] = 0;
+  for (int64_t j = 0; j < e; ++j) off.data<int32_t>()[j + 1] = off.data<int32_t>()[j] + static_cast<int32_t>(counts[j]);
+  const float ws = 1.f / std::sqrt(static_cast<float>(k_dim));
+  Tensor x = rand_host({m, k_dim}, rng, dt), w = rand_host({e, nout, k_dim}, rng, dt, -ws, ws),
+         dy = rand_host({m, nout}, rng, dt), dw0 = rand_host({e, nout, k_dim}, rng, DType::F32, -0.01f, 0.01f);
+  Tensor xd = up(x, dt), wd = up(w, dt), dyd = up(dy, dt), offd = up(off, DType::I32);
+  Tensor y = poisoned({m, nout}, dt), dx = poisoned({m, k_dim}, dt), dw = up(dw0, DType::F32);
+  cu::GroupedLinearOptions opt{impl};
+  cu::grouped_linear_fwd(xd, wd, offd, y, pass_counts ? &counts : nullptr, cu::default_context(), opt);
+  cu::grouped_linear_bwd(xd, wd, offd, dyd, &dx, dw, pass_counts ? &counts : nullptr, cu::default_context(), opt);
+  Tensor want_y = Tensor::empty({m, nout}, DType::F32), want_dx = Tensor::empty({m, k_dim}, DType::F32),
+         want_dw = dw0.clone();
+  ops::grouped_linear_fwd(x, w, off, want_y, &counts);
+  ops::grouped_linear_bwd(x, w, off, dy, &want_dx, want_dw, &counts);
+  expect_close_dt(y, want_y, dt, "grouped fwd " + tag);
+  expect_close_dt(dx, want_dx, dt, "grouped dx " + tag);
+  // dw: fp32 accumulation of exact bf16 products on both sides (order differs).
+  expect_close(dw, want_dw, am::test::Tolerance{1e-3, 1e-4}, 1e-4, "grouped dw " + tag);
+  // Empty experts' gradients untouched, bit for bit.
+  Tensor got_dw = down(dw);
+  for (int64_t j = 0; j < e; ++j) {
+    if (counts[j] != 0) continue;
+    for (int64_t i = 0; i < nout * k_dim; ++i) {
+      ASSERT_EQ(got_dw.f32()[j * nout * k_dim + i], dw0.f32()[j * nout * k_dim + i]) << tag << " expert " << j;
+    }
+  }
+  // dx == nullptr: dw only, accumulated again.
+  cu::grouped_linear_bwd(xd, wd, offd, dyd, nullptr, dw, &counts, cu::default_context(), opt);
+  Tensor twice = want_dw.clone();
+  for (int64_t i = 0; i < twice.numel(); ++i) twice.f32()[i] = 2 * want_dw.f32()[i] - dw0.f32()[i];
+  expect_close(dw, twice, am::test::Tolerance{1e-3, 1e-4}, 1e-4, "grouped dw twice " + tag);
+}
+}  // namespace
+
+TEST(CudaMoe, GroupedLinearMatchesCpu) {
+  REQUIRE_DEVICE();
+  std::mt19937 rng(6);
+  for (cu::GroupedGemm impl : {cu::GroupedGemm::Grouped, cu::GroupedGemm::PerExpert})
+    for (DType dt : {DType::BF16, DType::F32})
+      for (int rep = 0; rep < 3; ++rep) {
+        const int64_t e = rint(rng, 2, 12), kd = 8 * rint(rng, 1, 40), nout = 8 * rint(rng, 1, 40);
+        std::vector<int64_t> counts(static_cast<size_t>(e));
+        for (auto& c : counts) c = rng() % 3 == 0 ? 0 : rint(rng, 1, 70);
+        counts[0] = 0;
+        const std::string tag = std::string(impl == cu::GroupedGemm::Grouped ? "grouped" : "per-expert") + " " +
+                                dname(dt) + " E=" + std::to_string(e) + " K=" + std::to_string(kd) +
+                                " Nout=" + std::to_string(nout);
+        check_grouped(e, kd, nout, counts, dt, impl, rng, tag, rep != 1);
+      }
+}
+
+TEST(CudaMoe, GroupedLinearW2ShapesMatchCpu) {
+  REQUIRE_DEVICE();
+  // W2: N = 4096 tokens, E = 128, k = 8 -> 32768 grouped rows; gate_up [128, 1536, 2048], down [128, 2048, 768].
+  std::mt19937 rng(7);
+  const int64_t n = 4096, e = 128, k = 8, h = 2048, i = 768;
+  HostPlan p = cpu_plan(skewed_topk(n, e, k, rng), e);
+  check_grouped(e, h, 2 * i, p.counts, DType::BF16, cu::GroupedGemm::Auto, rng, "W2 gate_up");
+  check_grouped(e, i, h, p.counts, DType::BF16, cu::GroupedGemm::Auto, rng, "W2 down");
+}
+
+TEST(CudaMoe, WholeBlockMatchesCpu) {
+  REQUIRE_DEVICE();
+  // The forward and backward chain the model composes, on ops:: front-ends, bf16 on the device vs fp32 on the host
+  // (same bf16-rounded inputs; routing taken from the device so both sides route identically).
+  std::mt19937 rng(8);
+  const int64_t n = 256, e = 16, k = 4, h = 128, inner = 64;
+  const DType dt = DType::BF16;
+  Tensor x = rand_host({n, h}, rng, dt), wr = rand_host({e, h}, rng, dt, -0.3f, 0.3f),
+         wgu = rand_host({e, 2 * inner, h}, rng, dt, -0.1f, 0.1f), wd = rand_host({e, h, inner}, rng, dt, -0.1f, 0.1f),
+         dy = rand_host({n, h}, rng, dt);
+  // Device.
+  Tensor xd = up(x, dt), wrd = up(wr, dt), wgud = up(wgu, dt), wdd = up(wd, dt), dyd = up(dy, dt);
+  Tensor logits = cu::empty({n, e}, dt), probs = cu::empty({n, e}, DType::F32), idx = cu::empty({n, k}, DType::I32),
+         tw = cu::empty({n, k}, DType::F32);
+  ops::linear_fwd(xd, wrd, nullptr, logits);
+  ops::moe_router_fwd(logits, k, true, probs, idx, tw);
+  Tensor off = cu::empty({e + 1}, DType::I32), perm = cu::empty({n * k}, DType::I32), inv = cu::empty({n * k}, DType::I32);
+  std::vector<int64_t> counts;
+  ops::moe_dispatch_plan(idx, e, off, perm, inv, &counts);
+  Tensor xg = cu::empty({n * k, h}, dt), gu = cu::empty({n * k, 2 * inner}, dt), hh = cu::empty({n * k, inner}, dt),
+         yg = cu::empty({n * k, h}, dt), y = cu::empty({n, h}, dt);
+  ops::moe_gather(xd, perm, k, xg);
+  ops::grouped_linear_fwd(xg, wgud, off, gu, &counts);
+  ops::swiglu_fused_fwd(gu, hh);
+  ops::grouped_linear_fwd(hh, wdd, off, yg, &counts);
+  ops::moe_combine(yg, inv, tw, y);
+  Tensor dyg = cu::empty({n * k, h}, dt), dtw = cu::empty({n, k}, DType::F32), dh = cu::empty({n * k, inner}, dt),
+         dgu = cu::empty({n * k, 2 * inner}, dt), dxg = cu::empty({n * k, h}, dt), dx = cu::empty({n, h}, dt);
+  Tensor dwgu = cu::empty({e, 2 * inner, h}, DType::F32), dwd = cu::empty({e, h, inner}, DType::F32);
+  cu::zero_(dwgu);
+  cu::zero_(dwd);
+  ops::moe_combine_bwd(yg, inv, tw, dyd, dyg, dtw);
+  ops::grouped_linear_bwd(hh, wdd, off, dyg, &dh, dwd, &counts);
+  ops::swiglu_fused_bwd(gu, dh, dgu);
+  ops::grouped_linear_bwd(xg, wgud, off, dgu, &dxg, dwgu, &counts);
+  ops::moe_gather_bwd(dxg, inv, k, dx);
+  Tensor dlogits = cu::empty({n, e}, DType::F32);
+  ops::moe_router_bwd(probs, idx, tw, true, dtw, nullptr, dlogits);
+  // Host, with the device's routing.
+  Tensor hidx = cu::to_host(idx), htw = down(tw);
+  HostPlan p = cpu_plan(hidx, e);
+  EXPECT_EQ(p.counts, counts);
+  Tensor rxg = Tensor::empty({n * k, h}, DType::F32), rgu = Tensor::empty({n * k, 2 * inner}, DType::F32),
+         rh = Tensor::empty({n * k, inner}, DType::F32), ryg = Tensor::empty({n * k, h}, DType::F32),
+         ry = Tensor::empty({n, h}, DType::F32);
+  ops::moe_gather(x, p.perm, k, rxg);
+  ops::grouped_linear_fwd(rxg, wgu, p.offsets, rgu, &p.counts);
+  ops::swiglu_fused_fwd(rgu, rh);
+  ops::grouped_linear_fwd(rh, wd, p.offsets, ryg, &p.counts);
+  ops::moe_combine(ryg, p.inv, htw, ry);
+  expect_close(y, ry, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block y");
+  Tensor rdyg = Tensor::empty({n * k, h}, DType::F32), rdtw = Tensor::empty({n, k}, DType::F32),
+         rdh = Tensor::empty({n * k, inner}, DType::F32), rdgu = Tensor::empty({n * k, 2 * inner}, DType::F32),
+         rdxg = Tensor::empty({n * k, h}, DType::F32), rdx = Tensor::empty({n, h}, DType::F32),
+         rdwgu = Tensor::zeros({e, 2 * inner, h}, DType::F32), rdwd = Tensor::zeros({e, h, inner}, DType::F32);
+  ops::moe_combine_bwd(ryg, p.inv, htw, dy, rdyg, rdtw);
+  ops::grouped_linear_bwd(rh, wd, p.offsets, rdyg, &rdh, rdwd, &p.counts);
+  ops::swiglu_fused_bwd(rgu, rdh, rdgu);
+  ops::grouped_linear_bwd(rxg, wgu, p.offsets, rdgu, &rdxg, rdwgu, &p.counts);
+  ops::moe_gather_bwd(rdxg, p.inv, k, rdx);
+  // bf16 intermediates on the device: a few bf16 roundings deep.
+  expect_close(dtw, rdtw, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dtopk_w");
+  expect_close(dwd, rdwd, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dW_down");
+  expect_close(dwgu, rdwgu, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dW_gate_up");
+  expect_close(dx, rdx, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dx (expert path)");
+}
