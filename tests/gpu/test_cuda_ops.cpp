@@ -354,12 +354,16 @@ TEST(CudaOps, Linear) {
 // ---------------------------------------------------------------------------------------------------------
 TEST(CudaOps, RmsNorm) {
   REQUIRE_DEVICE();
-  const int64_t hs[] = {2048, 37, 64, 4104, 1, 8192 + 24};
+  // 8216 and 16384: the fp32 backward takes the looped path (the bf16 one still fits a block, at 8 vectors
+  // per thread); 73536 (16-byte vectors) and 70001 (scalar) take the looped forward and backward in both
+  // dtypes. Rows past the looped backward's grid (SMs x resident blocks) make its blocks accumulate dw
+  // partials over several rows.
+  const int64_t hs[] = {2048, 37, 64, 4104, 1, 8192 + 24, 16384, 73536, 70001};
   for (int seed = 1; seed <= 3; ++seed) {
     std::mt19937 rng(seed);
     for (DType dt : kFloatTypes) {
       for (int64_t h : hs) {
-        const int64_t n = rint(rng, 1, 700);
+        const int64_t n = h > 20000 ? rint(rng, 1, 40) : h > 8192 ? rint(rng, 300, 1300) : rint(rng, 1, 700);
         const std::string what = std::string(dname(dt)) + " N=" + std::to_string(n) + " H=" + std::to_string(h);
         Tensor x = rand_host({n, h}, rng, dt, -2.f, 2.f), w = rand_host({h}, rng, dt, 0.5f, 1.5f);
         Tensor want_y = Tensor::empty({n, h}, DType::F32), want_r = Tensor::empty({n}, DType::F32);
@@ -400,9 +404,10 @@ TEST(CudaOps, RmsNormTunedShapes) {
           cfgs.push_back(t);
         }
   for (DType dt : kFloatTypes) {
-    // n above SMs x blocks_per_sm for the first two, so blocks walk several rows (prefetch path).
-    for (int64_t h : {int64_t(2048), int64_t(37), int64_t(4104)}) {
-      const int64_t n = h == 4104 ? rint(rng, 1, 200) : rint(rng, 1100, 1500);
+    // n above SMs x blocks_per_sm for the first two, so blocks walk several rows (prefetch path); 8216 takes
+    // the looped path (which ignores the launch knobs except reduce_lanes).
+    for (int64_t h : {int64_t(2048), int64_t(37), int64_t(4104), int64_t(8216)}) {
+      const int64_t n = h >= 4104 ? rint(rng, 1, 200) : rint(rng, 1100, 1500);
       Tensor x = rand_host({n, h}, rng, dt, -2.f, 2.f), w = rand_host({h}, rng, dt, 0.5f, 1.5f);
       Tensor dy = rand_host({n, h}, rng, dt), gw0 = rand_host({h}, rng);
       Tensor want_y = Tensor::empty({n, h}, DType::F32), want_r = Tensor::empty({n}, DType::F32);

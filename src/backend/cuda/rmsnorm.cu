@@ -11,6 +11,13 @@
 // dw without atomics: a persistent grid of G blocks walks the rows (row = b, b + G, ...); each thread keeps
 // the dw partial of its own columns in registers, writes it to partial [G, H] fp32 at the end, and a second
 // kernel sums the G partials in a fixed order into dw. Deterministic for a given grid size.
+//
+// Rows too long for registers (the shape search finds no block that holds the row: on sm_90 the fp32
+// backward above H = 8192, the bf16 backward above 16384, the forward above ~30K fp32 / ~40K bf16) take the
+// looped path: a block walks its row in chunks of kLoopThreads x VEC x unroll columns, twice (sum of squares
+// or dot, then the outputs; the second pass re-reads the row from L1/L2). The backward keeps the dw partial
+// of a thread's columns in the block's row of `partial` in global memory (read-modify-write per row; only
+// that thread touches those columns), then the same fixed-order column sum: deterministic, any H.
 #include <algorithm>
 #include <mutex>
 #include <unordered_map>
@@ -139,6 +146,132 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const TW* __restrict
   }
 }
 
+// ---- looped path (any H) ----
+constexpr int kLoopThreads = 512;  // threads per row block
+// Vectors per thread in flight per chunk, as many as fit without spilling: forward at <= 64 registers (2
+// blocks per SM), backward (4 arrays per vector: x, dy, w and the fp32 dw partial) at <= 128.
+template <int VEC>
+constexpr int loop_unroll_fwd() { return VEC >= 8 ? 2 : 4; }
+template <int VEC>
+constexpr int loop_unroll_bwd() { return VEC >= 8 ? 1 : 2; }
+
+template <typename T, typename TW, int VEC>
+__global__ void __launch_bounds__(kLoopThreads, 2) rmsnorm_fwd_looped_kernel(const T* __restrict__ x,
+                                                                          const TW* __restrict__ w, float eps,
+                                                                          T* __restrict__ y,
+                                                                          float* __restrict__ rstd, int64_t h) {
+  __shared__ float scratch[32];
+  constexpr int kLoopUnroll = loop_unroll_fwd<VEC>();
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * h;
+  T* yr = y + row * h;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
+  float ss = 0.f;
+  for (int64_t base = static_cast<int64_t>(threadIdx.x) * VEC; base < h; base += kLoopUnroll * stride) {
+    Vec<T, VEC> v[kLoopUnroll];
+#pragma unroll
+    for (int u = 0; u < kLoopUnroll; ++u)
+      if (base + u * stride < h) v[u] = load_vec<T, VEC>(xr + base + u * stride);
+#pragma unroll
+    for (int u = 0; u < kLoopUnroll; ++u)
+      if (base + u * stride < h) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float f = to_f(v[u].v[k]);
+          ss += f * f;
+        }
+      }
+  }
+  ss = block_sum(ss, scratch);
+  const float r = 1.0f / sqrtf(ss / static_cast<float>(h) + eps);
+  if (threadIdx.x == 0) rstd[row] = r;
+  for (int64_t base = static_cast<int64_t>(threadIdx.x) * VEC; base < h; base += kLoopUnroll * stride) {
+    Vec<T, VEC> v[kLoopUnroll];
+    Vec<TW, VEC> wv[kLoopUnroll];
+#pragma unroll
+    for (int u = 0; u < kLoopUnroll; ++u)
+      if (base + u * stride < h) {
+        v[u] = load_vec<T, VEC>(xr + base + u * stride);
+        wv[u] = load_vec<TW, VEC>(w + base + u * stride);
+      }
+#pragma unroll
+    for (int u = 0; u < kLoopUnroll; ++u)
+      if (base + u * stride < h) {
+        Vec<T, VEC> o;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) o.v[k] = from_f<T>((to_f(v[u].v[k]) * r) * to_f(wv[u].v[k]));
+        store_vec<T, VEC>(yr + base + u * stride, o);
+      }
+  }
+}
+
+// Persistent grid as in the fast backward; the dw partial of the block is its row of `partial` [G, H],
+// assigned by the block's first row and accumulated by the next ones (each column by one thread only).
+template <typename T, typename TW, int VEC>
+__global__ void __launch_bounds__(kLoopThreads) rmsnorm_bwd_looped_kernel(
+    const T* __restrict__ x, const TW* __restrict__ w, const float* __restrict__ rstd, const T* __restrict__ dy,
+    T* __restrict__ dx, float* __restrict__ partial, int64_t n, int64_t h) {
+  __shared__ float scratch[32];
+  constexpr int kLoopUnrollBwd = loop_unroll_bwd<VEC>();
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
+  const float inv_h = 1.0f / static_cast<float>(h);
+  float* pr = partial + static_cast<int64_t>(blockIdx.x) * h;
+  for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+    const bool first = row == static_cast<int64_t>(blockIdx.x);
+    const T* xr = x + row * h;
+    const T* gr = dy + row * h;
+    T* dxr = dx + row * h;
+    const float r = rstd[row];
+    float dot = 0.f;
+    for (int64_t base = static_cast<int64_t>(threadIdx.x) * VEC; base < h; base += kLoopUnrollBwd * stride) {
+      Vec<T, VEC> xv[kLoopUnrollBwd], gv[kLoopUnrollBwd];
+      Vec<TW, VEC> wv[kLoopUnrollBwd];
+#pragma unroll
+      for (int u = 0; u < kLoopUnrollBwd; ++u)
+        if (base + u * stride < h) {
+          xv[u] = load_vec<T, VEC>(xr + base + u * stride);
+          gv[u] = load_vec<T, VEC>(gr + base + u * stride);
+          wv[u] = load_vec<TW, VEC>(w + base + u * stride);
+        }
+#pragma unroll
+      for (int u = 0; u < kLoopUnrollBwd; ++u)
+        if (base + u * stride < h) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) dot += to_f(gv[u].v[k]) * to_f(wv[u].v[k]) * to_f(xv[u].v[k]);
+        }
+    }
+    dot = block_sum(dot, scratch);
+    const float coef = r * r * r * dot * inv_h;
+    for (int64_t base = static_cast<int64_t>(threadIdx.x) * VEC; base < h; base += kLoopUnrollBwd * stride) {
+      Vec<T, VEC> xv[kLoopUnrollBwd], gv[kLoopUnrollBwd];
+      Vec<TW, VEC> wv[kLoopUnrollBwd];
+      Vec<float, VEC> pv[kLoopUnrollBwd];
+#pragma unroll
+      for (int u = 0; u < kLoopUnrollBwd; ++u)
+        if (base + u * stride < h) {
+          xv[u] = load_vec<T, VEC>(xr + base + u * stride);
+          gv[u] = load_vec<T, VEC>(gr + base + u * stride);
+          wv[u] = load_vec<TW, VEC>(w + base + u * stride);
+          if (!first) pv[u] = load_vec<float, VEC>(pr + base + u * stride);
+        }
+#pragma unroll
+      for (int u = 0; u < kLoopUnrollBwd; ++u)
+        if (base + u * stride < h) {
+          Vec<T, VEC> o;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const float xf = to_f(xv[u].v[k]), gf = to_f(gv[u].v[k]);
+            o.v[k] = from_f<T>(r * to_f(wv[u].v[k]) * gf - coef * xf);
+            const float c = gf * xf * r;
+            pv[u].v[k] = first ? c : pv[u].v[k] + c;
+          }
+          store_vec<T, VEC>(dxr + base + u * stride, o);
+          store_vec<float, VEC>(pr + base + u * stride, pv[u]);
+        }
+    }
+  }
+}
+
 // dw [H] += sum over g of partial [G, H]; block (32, LANES): 32 columns, LANES row lanes each summing
 // every LANES-th partial row (4 loads in flight), then a fixed-order sum over the lanes: deterministic.
 template <int LANES>
@@ -177,9 +310,9 @@ __global__ void column_sum_add_kernel(const float* __restrict__ partial, float* 
 struct Shape2 {
   int vec, ch, threads;
 };
+// Returns false when no block holds the row (then the caller takes the looped path).
 template <typename Limit>
-Shape2 pick(int64_t h, int natural_vec, bool vec_ok, const char* op, int64_t target, int max_ch, Limit&& limit) {
-  Shape2 s;
+bool pick(Shape2& s, int64_t h, int natural_vec, bool vec_ok, int64_t target, int max_ch, Limit&& limit) {
   s.vec = vec_ok && h % natural_vec == 0 ? natural_vec : 1;
   const int64_t vecs = (h + s.vec - 1) / s.vec;
   for (s.ch = 1; s.ch <= 8; s.ch *= 2) {
@@ -188,10 +321,10 @@ Shape2 pick(int64_t h, int natural_vec, bool vec_ok, const char* op, int64_t tar
     if (t > std::min(1024, limit(s.vec, s.ch))) continue;
     if (raw <= target || s.ch >= max_ch || s.ch == 8) {
       s.threads = static_cast<int>(t);
-      return s;
+      return true;
     }
   }
-  op_error(op, "H = " + std::to_string(h) + " is too large for one block per row");
+  return false;
 }
 
 // Most threads per block a kernel instance can launch with (registers and shared memory decide), cached.
@@ -261,7 +394,8 @@ void rmsnorm_fwd_tuned(const Tensor& x, const Tensor& w, float eps, Tensor& y, T
     AM_DISPATCH_BF16_F32(w.dtype(), op, TW, {
       constexpr int NV = 16 / sizeof(T);
       const bool ok = aligned_to(x.raw(), 16) && aligned_to(y.raw(), 16) && aligned_to(w.raw(), sizeof(TW) * NV);
-      const Shape2 s = pick(h, NV, ok, op, tu.fwd_threads, 8, [&](int vec, int ch) {
+      Shape2 s;
+      const bool fits = pick(s, h, NV, ok, tu.fwd_threads, 8, [&](int vec, int ch) {
         int m = 1024;
         with_shape<T, NV>(Shape2{vec, ch, 0}, [&](auto vc, auto cc) {
           constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
@@ -269,11 +403,20 @@ void rmsnorm_fwd_tuned(const Tensor& x, const Tensor& w, float eps, Tensor& y, T
         });
         return m;
       });
-      with_shape<T, NV>(s, [&](auto vc, auto cc) {
-        constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
-        rmsnorm_fwd_kernel<T, TW, V, C><<<static_cast<unsigned>(n), s.threads, 0, ctx.stream()>>>(
-            x.data<T>(), w.data<TW>(), eps, y.data<T>(), rstd.data<float>(), h);
-      });
+      if (!fits) {  // looped path
+        if (s.vec == NV)
+          rmsnorm_fwd_looped_kernel<T, TW, NV><<<static_cast<unsigned>(n), kLoopThreads, 0, ctx.stream()>>>(
+              x.data<T>(), w.data<TW>(), eps, y.data<T>(), rstd.data<float>(), h);
+        else
+          rmsnorm_fwd_looped_kernel<T, TW, 1><<<static_cast<unsigned>(n), kLoopThreads, 0, ctx.stream()>>>(
+              x.data<T>(), w.data<TW>(), eps, y.data<T>(), rstd.data<float>(), h);
+      } else {
+        with_shape<T, NV>(s, [&](auto vc, auto cc) {
+          constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
+          rmsnorm_fwd_kernel<T, TW, V, C><<<static_cast<unsigned>(n), s.threads, 0, ctx.stream()>>>(
+              x.data<T>(), w.data<TW>(), eps, y.data<T>(), rstd.data<float>(), h);
+        });
+      }
     });
   });
   AM_CUDA_CHECK_LAUNCH();
@@ -304,7 +447,8 @@ void rmsnorm_bwd_tuned(const Tensor& x, const Tensor& w, const Tensor& rstd, con
       constexpr int NV = 16 / sizeof(T);
       const bool ok = aligned_to(x.raw(), 16) && aligned_to(dy.raw(), 16) && aligned_to(dx.raw(), 16) &&
                       aligned_to(w.raw(), sizeof(TW) * NV);
-      const Shape2 s = pick(h, NV, ok, op, tu.bwd_threads, 2, [&](int vec, int ch) {
+      Shape2 s;
+      const bool fits = pick(s, h, NV, ok, tu.bwd_threads, 2, [&](int vec, int ch) {
         int m = 1024;
         with_shape<T, NV>(Shape2{vec, ch, 0}, [&](auto vc, auto cc) {
           constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
@@ -313,18 +457,34 @@ void rmsnorm_bwd_tuned(const Tensor& x, const Tensor& w, const Tensor& rstd, con
         });
         return m;
       });
-      const int per_sm = tu.bwd_blocks_per_sm > 0 ? tu.bwd_blocks_per_sm : std::max(1, 1024 / s.threads);
-      g = std::min<int64_t>(n, static_cast<int64_t>(ctx.sm_count()) * per_sm);
-      partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
-      with_shape<T, NV>(s, [&](auto vc, auto cc) {
-        constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
-        if (tu.prefetch)
-          rmsnorm_bwd_kernel<T, TW, V, C, true><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
+      if (!fits) {
+        // Looped path: as many blocks as are resident at once (one wave), with the partial buffer kept under
+        // ~256 MiB for very long rows.
+        auto launch = [&](auto kernel) {
+          int per_sm = 0;
+          AM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kLoopThreads, 0));
+          const int64_t cap = std::max<int64_t>(1, (int64_t(64) << 20) / h);
+          g = std::min<int64_t>({n, static_cast<int64_t>(ctx.sm_count()) * std::max(1, per_sm), cap});
+          partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
+          kernel<<<static_cast<unsigned>(g), kLoopThreads, 0, ctx.stream()>>>(
               x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial.data<float>(), n, h);
-        else
-          rmsnorm_bwd_kernel<T, TW, V, C, false><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
-              x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial.data<float>(), n, h);
-      });
+        };
+        if (s.vec == NV) launch(rmsnorm_bwd_looped_kernel<T, TW, NV>);
+        else launch(rmsnorm_bwd_looped_kernel<T, TW, 1>);
+      } else {
+        const int per_sm = tu.bwd_blocks_per_sm > 0 ? tu.bwd_blocks_per_sm : std::max(1, 1024 / s.threads);
+        g = std::min<int64_t>(n, static_cast<int64_t>(ctx.sm_count()) * per_sm);
+        partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
+        with_shape<T, NV>(s, [&](auto vc, auto cc) {
+          constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
+          if (tu.prefetch)
+            rmsnorm_bwd_kernel<T, TW, V, C, true><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
+                x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial.data<float>(), n, h);
+          else
+            rmsnorm_bwd_kernel<T, TW, V, C, false><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
+                x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial.data<float>(), n, h);
+        });
+      }
     });
   });
   AM_CUDA_CHECK_LAUNCH();
