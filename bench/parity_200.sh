@@ -7,7 +7,7 @@ D=/tmp/p200
 rm -rf $D && mkdir -p $D
 source tools/device_env.sh
 export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:$LD_LIBRARY_PATH"
-PYTHONUNBUFFERED=1 python3 tools/hf_parity_200.py $D 200 8 3e-4 2>$D/hf.err || tail -5 $D/hf.err
+PYTHONUNBUFFERED=1 python3 tools/hf_parity_200.py $D 200 8 3e-4 ${PARITY_NOISE:+noise} 2>$D/hf.err || tail -5 $D/hf.err
 cat > $D/recipe.yaml <<YAML
 seed: 1
 device: cuda
@@ -33,5 +33,15 @@ for h, e in zip(hf, en):
     if h["step"] % 20 == 0 or h["step"] <= 3:
         print(f"{h['step']:5d} {h['loss']:9.4f} {e['loss']:9.4f} {100*r:8.3f}%")
 print(f"steps compared: {min(len(hf), len(en))}; worst relative loss difference {100*worst:.3f}% (target < 2%)")
+import os
+if os.path.exists(f"{d}/hf_eager_training.jsonl"):
+    he = [json.loads(l) for l in open(f"{d}/hf_eager_training.jsonl")]
+    rel = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(hf, he)]
+    wi = max(range(len(rel)), key=lambda i: rel[i])
+    print(f"noise floor: HF sdpa vs HF eager (same weights, data, optimizer): worst {100*rel[wi]:.3f}% at step {wi+1}; "
+          f"steps over 2%: {sum(r > 0.02 for r in rel)}")
+    re = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(hf, en)]
+    print(f"engine vs HF sdpa: steps over 2%: {sum(r > 0.02 for r in re)}; worst at step {max(range(len(re)), key=lambda i: re[i]) + 1}")
 PY
 cp $D/hf_training.jsonl $D/engine/training.jsonl ${OUT:-/tmp}/ 2>/dev/null
+cp $D/hf_eager_training.jsonl ${OUT:-/tmp}/ 2>/dev/null
