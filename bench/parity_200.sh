@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # 200-step loss-curve parity, engine vs HF, same initial weights and data, one device call.
-#   bash bench/parity_200.sh [BUNDLE_DIR=.devbuild]
+#   [PARITY_NOISE=1] [ENGINE_ALT="--key=value ..."] bash bench/parity_200.sh [BUNDLE_DIR=.devbuild]
 set -uo pipefail
 BUNDLE=${1:-.devbuild}
 D=/tmp/p200
@@ -20,6 +20,13 @@ clip_grad_norm: {max_norm: 1.0}
 checkpoint: {enabled: false, checkpoint_dir: $D/engine}
 YAML
 "$BUNDLE/bin/automodel" finetune $D/recipe.yaml > $D/engine.log 2>&1 || tail -5 $D/engine.log
+# ENGINE_ALT="--model.backend.residual_dtype=float32 ...": the engine a second time with these overrides
+# (into $D/engine_alt), compared against the same HF runs in a second block.
+if [ -n "${ENGINE_ALT:-}" ]; then
+  # shellcheck disable=SC2086
+  "$BUNDLE/bin/automodel" finetune $D/recipe.yaml --checkpoint.checkpoint_dir=$D/engine_alt $ENGINE_ALT \
+    > $D/engine_alt.log 2>&1 || tail -5 $D/engine_alt.log
+fi
 python3 - $D <<'PY'
 import json, sys
 d = sys.argv[1]
@@ -42,6 +49,34 @@ if os.path.exists(f"{d}/hf_eager_training.jsonl"):
           f"steps over 2%: {sum(r > 0.02 for r in rel)}")
     re = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(hf, en)]
     print(f"engine vs HF sdpa: steps over 2%: {sum(r > 0.02 for r in re)}; worst at step {max(range(len(re)), key=lambda i: re[i]) + 1}")
+
+
+def stats(name, a, b):
+    rel = sorted(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b))
+    if not rel:
+        print(f"{name}: no steps"); return
+    raw = [abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b)]
+    n = len(rel); wi = max(range(n), key=lambda i: raw[i])
+    over2 = [i + 1 for i in range(n) if raw[i] > 0.02]
+    print(f"{name:34s} mean {100*sum(rel)/n:.3f}%  median {100*rel[n//2]:.3f}%  p90 {100*rel[int(0.9*n)]:.3f}%  "
+          f"max {100*rel[-1]:.3f}% (step {wi+1})  >1%: {sum(r > 0.01 for r in rel)}  >2%: {len(over2)} {over2}  steps {n}")
+
+
+print("\n== 200-step summary (relative loss difference per step)")
+stats("engine vs HF sdpa", hf, en)
+alt = f"{d}/engine_alt/training.jsonl"
+ea = [json.loads(l) for l in open(alt)] if os.path.exists(alt) else []
+if ea:
+    print(f"engine_alt: {os.environ.get('ENGINE_ALT', '')}")
+    stats("engine_alt vs HF sdpa", hf, ea)
+    stats("engine_alt vs engine", en, ea)
+if os.path.exists(f"{d}/hf_eager_training.jsonl"):
+    stats("HF eager vs HF sdpa (noise floor)", hf, he)
+    stats("engine vs HF eager", he, en)
+    if ea:
+        stats("engine_alt vs HF eager", he, ea)
 PY
-cp $D/hf_training.jsonl $D/engine/training.jsonl ${OUT:-/tmp}/ 2>/dev/null
+cp $D/hf_training.jsonl ${OUT:-/tmp}/ 2>/dev/null
+cp $D/engine/training.jsonl ${OUT:-/tmp}/engine_training.jsonl 2>/dev/null
+cp $D/engine_alt/training.jsonl ${OUT:-/tmp}/engine_alt_training.jsonl 2>/dev/null
 cp $D/hf_eager_training.jsonl ${OUT:-/tmp}/ 2>/dev/null

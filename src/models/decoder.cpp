@@ -44,6 +44,9 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg) : cfg_(cfg), rope_(io::compute_
 Param& DecoderLM::lm_head() { return lm_head_ ? *lm_head_ : *embed_; }
 
 void DecoderLM::to_device(const ExecContext& ex) {
+  if (ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
+    throw DeviceError(std::string("residual dtype ") + dtype_name(ex.residual_dtype) +
+                      ": expected the activation dtype or float32");
   ps_.to_device(ex);
   ex_ = ex;
   rope_cos_ = rope_sin_ = Tensor();  // cached tables live on the old device
@@ -99,13 +102,14 @@ Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& c
   const int64_t N = x.dim(0), H = cfg_.hidden_size;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, H, eps, &ex_};
+  // x, x1, out: residual dtype; h1, h2 (RMSNorm outputs, matmul inputs), a, m: activation dtype.
   Tensor h1 = ex_.empty({N, H}), r1 = ex_.empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x, L.ln1->work, eps, h1, r1);
+  ops::rmsnorm_fwd(x, wide_weight(*L.ln1), eps, h1, r1);
   Tensor a = attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr);
   Tensor x1 = ex_.clone(x);
   ops::add_(x1, a);
   Tensor h2 = ex_.empty({N, H}), r2 = ex_.empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x1, L.ln2->work, eps, h2, r2);
+  ops::rmsnorm_fwd(x1, wide_weight(*L.ln2), eps, h2, r2);
   Tensor m;
   if (L.is_moe) {
     MoeSaved local;
@@ -133,16 +137,24 @@ Tensor DecoderLM::layer_backward(const Layer& L, const LayerSaved& s, const Tens
   const int64_t N = dy.dim(0), H = cfg_.hidden_size;
   AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, H,
                       static_cast<float>(cfg_.rms_norm_eps), &ex_};
+  // dy, dx1, dx: residual dtype. The blocks take their output gradient in the activation dtype (an fp32
+  // residual gradient is rounded to bf16 first, as autograd does for the bf16 block output under autocast)
+  // and return the RMSNorm output gradient dh in it.
   // out = x1 + ffn(norm2(x1))  ->  dx1 = dy + norm2_bwd(ffn_bwd(dy))
-  Tensor dh2 = L.is_moe ? moe_backward(ex_, L.moe, moe_options(), s.moe, dy, dprobs_extra)
-                        : mlp_backward(ex_, L.mlp, s.mlp, dy);
-  Tensor dx1 = ex_.empty({N, H});
-  ops::rmsnorm_bwd(s.x1, L.ln2->work, s.rstd2, dh2, dx1, L.ln2->grad);
+  Tensor dh2;
+  {
+    const Tensor dy_a = to_act(dy);
+    dh2 = L.is_moe ? moe_backward(ex_, L.moe, moe_options(), s.moe, dy_a, dprobs_extra)
+                   : mlp_backward(ex_, L.mlp, s.mlp, dy_a);
+  }
+  Tensor dx1 = ex_.empty({N, H}, ex_.residual_dtype);
+  ops::rmsnorm_bwd(s.x1, wide_weight(*L.ln2), s.rstd2, dh2, dx1, L.ln2->grad);
+  dh2 = Tensor();
   ops::add_(dx1, dy);
   // x1 = x + attn(norm1(x))  ->  dx = dx1 + norm1_bwd(attn_bwd(dx1))
-  Tensor dh1 = attention_backward(L.attn, g, s.attn, cos, sin, p, dx1);
-  Tensor dx = ex_.empty({N, H});
-  ops::rmsnorm_bwd(s.x, L.ln1->work, s.rstd1, dh1, dx, L.ln1->grad);
+  Tensor dh1 = attention_backward(L.attn, g, s.attn, cos, sin, p, to_act(dx1));
+  Tensor dx = ex_.empty({N, H}, ex_.residual_dtype);
+  ops::rmsnorm_bwd(s.x, wide_weight(*L.ln1), s.rstd1, dh1, dx, L.ln1->grad);
   ops::add_(dx, dx1);
   return dx;
 }
@@ -152,8 +164,8 @@ Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, 
   const int64_t N = b.B * b.T, H = cfg_.hidden_size;
   Tensor cos, sin;
   rope_tables(b, cos, sin);
-  Tensor x = ex_.empty({N, H});
-  ops::embedding_fwd(b.input_ids, embed_->work, x);
+  Tensor x = ex_.empty({N, H}, ex_.residual_dtype);
+  ops::embedding_fwd(b.input_ids, wide_weight(*embed_), x);
   if (saved) saved->resize(layers_.size());
   routing_.assign(static_cast<size_t>(n_moe_layers_), Routing{});
   for (size_t i = 0; i < layers_.size(); ++i) {
@@ -163,7 +175,7 @@ Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, 
     x = layer_forward(layers_[i], x, cos, sin, attn_params(b, layers_[i].window), s);
   }
   Tensor xf = ex_.empty({N, H}), rf = ex_.empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x, norm_->work, static_cast<float>(cfg_.rms_norm_eps), xf, rf);
+  ops::rmsnorm_fwd(x, wide_weight(*norm_), static_cast<float>(cfg_.rms_norm_eps), xf, rf);
   if (xf_pre) *xf_pre = x;
   if (rstd_f) *rstd_f = rf;
   return xf;
@@ -191,8 +203,9 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   Tensor dxf = ex_.empty({N, H});
   Param& head = lm_head();
   double loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf, &head.grad, opt.loss_chunk_rows);
-  Tensor dx = ex_.empty({N, H});
-  ops::rmsnorm_bwd(x_pre, norm_->work, rstd_f, dxf, dx, norm_->grad);
+  Tensor dx = ex_.empty({N, H}, ex_.residual_dtype);
+  ops::rmsnorm_bwd(x_pre, wide_weight(*norm_), rstd_f, dxf, dx, norm_->grad);
+  dxf = Tensor();
   Tensor cos, sin;
   rope_tables(b, cos, sin);
   for (size_t i = layers_.size(); i-- > 0;) {
@@ -221,6 +234,13 @@ Tensor DecoderLM::forward_logits(const Batch& b) {
   Tensor logits = ex_.empty({xf.dim(0), cfg_.vocab_size});
   ops::linear_fwd(xf, lm_head().work, nullptr, logits);
   return logits;
+}
+
+Tensor DecoderLM::to_act(const Tensor& t) const {
+  if (t.dtype() == ex_.act_dtype) return t;
+  Tensor c = ex_.empty(t.shape());
+  ops::copy_(c, t);
+  return c;
 }
 
 void DecoderLM::embedding_backward(const Batch& b, const Tensor& dx) {

@@ -4,6 +4,7 @@
 //   x0 = embed(ids)                                  [N, H]
 //   per layer: x = x + attn(RMSNorm(x)); x = x + ffn(RMSNorm(x))   ffn = SwiGLU MLP or MoE block
 //   loss = CE(RMSNorm(x) W_lm^T, targets)             fused + chunked, never the full [N, V] logits
+// x (the residual stream) is in ExecContext::residual_dtype; RMSNorm outputs and block outputs in act_dtype.
 //        (+ router_aux_loss_coef * load-balancing loss when the config sets output_router_logits)
 #pragma once
 #include <memory>
@@ -42,7 +43,7 @@ class DecoderLM : public CausalLM {
     int64_t window;  // 0 = full attention
   };
   struct LayerSaved {
-    Tensor x;      // [N, H] layer input
+    Tensor x;      // [N, H] layer input (residual dtype, as x1)
     Tensor h1;     // [N, H] RMSNorm(x)
     Tensor rstd1;  // [N]
     AttentionSaved attn;
@@ -71,6 +72,13 @@ class DecoderLM : public CausalLM {
   double aux_loss(const Batch& b, float scale, Tensor* dprobs);
   MoeOptions moe_options() const;
   void embedding_backward(const Batch& b, const Tensor& dx);
+  // fp32 residual stream under bf16 compute (ExecContext::residual_dtype != act_dtype): HF autocast numerics.
+  bool wide_residual() const { return ex_.residual_dtype != ex_.act_dtype; }
+  // RMSNorm and embedding weights: the fp32 master in that mode (as HF's fp32 params under autocast), else the
+  // working copy.
+  const Tensor& wide_weight(const Param& p) const { return wide_residual() ? p.value : p.work; }
+  // t in the activation dtype (the blocks' matmuls take bf16 gradients): t itself or a converted copy.
+  Tensor to_act(const Tensor& t) const;
   void rope_tables(const Batch& b, Tensor& cos, Tensor& sin);
   ops::AttnParams attn_params(const Batch& b, int64_t window) const;
   Param& lm_head();

@@ -10,9 +10,15 @@ namespace am {
 struct ExecContext {
   DeviceType device = DeviceType::CPU;
   DType act_dtype = DType::F32;  // activations and working weights
+  // The decoder's residual stream (embedding output, each layer's input / mid / output, the final norm's
+  // input and their gradients). act_dtype (the default) or F32: with F32 under bf16 compute the model
+  // follows HF's fp32-params + bf16-autocast numerics: the residual adds, RMSNorm's input and weight, and
+  // the embedding lookup stay fp32; only matmul inputs (RMSNorm's output) are bf16. The factories below set
+  // it to act_dtype unless asked (the recipe's model.backend.residual_dtype, src/train/trainer.cpp).
+  DType residual_dtype = DType::F32;
 
   static ExecContext cpu() { return {}; }
-  static ExecContext cuda_bf16() { return {DeviceType::CUDA, DType::BF16}; }
+  static ExecContext cuda_bf16(DType residual = DType::BF16) { return {DeviceType::CUDA, DType::BF16, residual}; }
   bool on_cuda() const { return device == DeviceType::CUDA; }
 
   Tensor empty(const Shape& s) const { return empty(s, act_dtype); }

@@ -88,7 +88,21 @@ void Trainer::setup() {
   model_ = build_model(cfg);
   if (!source_dir_.empty()) load_hf_weights(*model_, source_dir_);
   else init_random_weights(*model_, seed_, init_dtype);
-  if (device_name_ == "cuda") model_->to_device(ExecContext::cuda_bf16());
+  {
+    // Residual stream dtype under bf16 compute (docs/performance.md, "fp32 residual stream"): float32 keeps
+    // the residual adds, RMSNorm inputs/weights and the embedding lookup in fp32 as HF's autocast does.
+    // The CPU reference computes everything in fp32 whatever this says.
+    const std::string rs = r_.get_string("model.backend.residual_dtype", "float32");
+    DType rd = DType::F32;
+    try {
+      rd = dtype_from_name(rs);
+    } catch (const RecipeError& e) {
+      r_.fail("model.backend.residual_dtype", e.what());
+    }
+    if (rd != DType::BF16 && rd != DType::F32)
+      r_.fail("model.backend.residual_dtype", "expected bfloat16 or float32, got '" + rs + "'");
+    if (device_name_ == "cuda") model_->to_device(ExecContext::cuda_bf16(rd));
+  }
   if (dtype_s != "auto") {
     DType d;
     try {

@@ -386,6 +386,59 @@ TEST(CudaOps, RmsNorm) {
   }
 }
 
+// The fp32 residual stream (ExecContext::residual_dtype): x fp32 (not bf16-representable), w fp32 (the
+// master) or bf16, y bf16; backward dy bf16 (a matmul's input gradient) -> dx fp32. Reference: the CPU op
+// on the same values in fp32, y rounded once to bf16. Same H set as above (fast and looped paths, scalar
+// fallback), plus a misaligned view of x (scalar path).
+TEST(CudaOps, RmsNormMixedDtypes) {
+  REQUIRE_DEVICE();
+  const int64_t hs[] = {2048, 37, 64, 4104, 1, 8192 + 24, 16384, 73536, 70001};
+  for (int seed = 1; seed <= 2; ++seed) {
+    std::mt19937 rng(100 + seed);
+    for (DType wt : kFloatTypes) {
+      for (int64_t h : hs) {
+        for (bool misalign : {false, true}) {
+          if (misalign && h > 20000) continue;
+          const int64_t n = h > 20000 ? rint(rng, 1, 40) : h > 8192 ? rint(rng, 300, 1300) : rint(rng, 1, 700);
+          const std::string what = std::string("x float32 w ") + dname(wt) + " N=" + std::to_string(n) +
+                                   " H=" + std::to_string(h) + (misalign ? " misaligned" : "");
+          Tensor x = rand_host({n, h}, rng, DType::F32, -2.f, 2.f), w = rand_host({h}, rng, wt, 0.5f, 1.5f);
+          Tensor want_y = Tensor::empty({n, h}, DType::F32), want_r = Tensor::empty({n}, DType::F32);
+          am::ops::rmsnorm_fwd(x, w, 1e-5f, want_y, want_r);
+          // x on the device, optionally as a view one element in (misaligned rows).
+          Tensor xfull = cu::empty({n * h + 1, 1}, DType::F32);
+          Tensor dx = xfull.slice_rows(misalign ? 1 : 0, misalign ? n * h + 1 : n * h).view({n, h});
+          cu::copy_(dx, up(x, DType::F32).view({n, h}));
+          Tensor dw = up(w, wt);
+          Tensor y = dev_poisoned({n, h}, DType::BF16), r = dev_poisoned({n}, DType::F32);
+          cu::rmsnorm_fwd(dx, dw, 1e-5f, y, r);
+          expect_close(y, want_y, DType::BF16, "rmsnorm_fwd y bf16 " + what);
+          expect_close(r, want_r, DType::F32, "rmsnorm_fwd rstd " + what, 1e-5);
+          Tensor dy = rand_host({n, h}, rng, DType::BF16);
+          Tensor gw0 = rand_host({h}, rng);
+          Tensor want_dx = Tensor::empty({n, h}, DType::F32), want_dw = gw0.clone();
+          am::ops::rmsnorm_bwd(x, w, want_r, dy, want_dx, want_dw);
+          Tensor gx = dev_poisoned({n, h}, DType::F32), gw = up(gw0, DType::F32);
+          cu::rmsnorm_bwd(dx, dw, r, up(dy, DType::BF16), gx, gw);
+          // H = 1 is pure cancellation (dx = r w dy eps / (x^2 + eps)): fp32 on the device vs double on the
+          // host differ by ~1e-2 relative there, whatever the dtypes; dw still checks the row pass.
+          if (h > 1) expect_close(gx, want_dx, DType::F32, "rmsnorm_bwd dx float32 (dy bf16) " + what);
+          expect_close(gw, want_dw, DType::F32, "rmsnorm_bwd dw " + what, 1e-5);
+          if (::testing::Test::HasFailure()) return;
+        }
+      }
+    }
+  }
+  // Combinations other than these are refused.
+  std::mt19937 rng(9);
+  Tensor x16 = cu::empty({4, 64}, DType::BF16), w = up(rand_host({64}, rng), DType::F32);
+  Tensor y32 = cu::empty({4, 64}, DType::F32), r = cu::empty({4}, DType::F32);
+  EXPECT_THROW(cu::rmsnorm_fwd(x16, w, 1e-5f, y32, r), am::ShapeError);
+  Tensor x32 = cu::empty({4, 64}, DType::F32), dy16 = cu::empty({4, 64}, DType::BF16), dx16 = cu::empty({4, 64}, DType::BF16);
+  Tensor gw = cu::empty({64}, DType::F32);
+  EXPECT_THROW(cu::rmsnorm_bwd(x32, w, r, dy16, dx16, gw), am::ShapeError);
+}
+
 // Every launch shape the benchmark sweeps (tuning.h) must compute the same thing.
 TEST(CudaOps, RmsNormTunedShapes) {
   REQUIRE_DEVICE();

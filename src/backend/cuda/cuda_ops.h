@@ -52,10 +52,12 @@ void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, 
                 CudaContext& ctx = default_context());
 
 // ---------------- RMSNorm ----------------
-// x [N, H] T, w [H] T -> y [N, H] T (= w * (x * rstd)), rstd [N] fp32 (saved)
+// x [N, H] T, w [H] T' -> y [N, H] T (= w * (x * rstd)), rstd [N] fp32 (saved). Also x fp32 -> y bf16 (an
+// fp32 residual stream feeding a bf16 matmul; math fp32, one rounding at the store).
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
                  CudaContext& ctx = default_context());
-// dx [N, H] T assigned; dw [H] fp32 += (per-block partials, then a fixed-order reduction: deterministic)
+// dy [N, H] T, dx [N, H] T assigned (also x fp32, dy bf16 -> dx fp32); dw [H] fp32 += (per-block partials,
+// then a fixed-order reduction: deterministic)
 void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw,
                  CudaContext& ctx = default_context());
 

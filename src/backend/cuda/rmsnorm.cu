@@ -18,8 +18,13 @@
 // or dot, then the outputs; the second pass re-reads the row from L1/L2). The backward keeps the dw partial
 // of a thread's columns in the block's row of `partial` in global memory (read-modify-write per row; only
 // that thread touches those columns), then the same fixed-order column sum: deterministic, any H.
+//
+// Mixed dtypes (the fp32 residual stream of ExecContext::residual_dtype): forward x fp32 -> y bf16 (the next
+// matmul's input), backward x fp32, dy bf16 (that matmul's input gradient) -> dx fp32. The kernels take the
+// output / gradient types as template parameters; the same-dtype instances are the ones used before.
 #include <algorithm>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 
 #include "backend/cuda/cuda_ops.h"
@@ -29,13 +34,13 @@
 namespace am::cuda {
 namespace {
 
-template <typename T, typename TW, int VEC, int CH>
+template <typename T, typename TW, typename TY, int VEC, int CH>
 __global__ void rmsnorm_fwd_kernel(const T* __restrict__ x, const TW* __restrict__ w, float eps,
-                                   T* __restrict__ y, float* __restrict__ rstd, int64_t h) {
+                                   TY* __restrict__ y, float* __restrict__ rstd, int64_t h) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * h;
-  T* yr = y + row * h;
+  TY* yr = y + row * h;
   float xv[CH][VEC];
   float ss = 0.f;
 #pragma unroll
@@ -58,17 +63,17 @@ __global__ void rmsnorm_fwd_kernel(const T* __restrict__ x, const TW* __restrict
     const int64_t col = (static_cast<int64_t>(c) * blockDim.x + threadIdx.x) * VEC;
     if (col < h) {
       const Vec<TW, VEC> wv = load_vec<TW, VEC>(w + col);
-      Vec<T, VEC> o;
+      Vec<TY, VEC> o;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) o.v[k] = from_f<T>((xv[c][k] * r) * to_f(wv.v[k]));
-      store_vec<T, VEC>(yr + col, o);
+      for (int k = 0; k < VEC; ++k) o.v[k] = from_f<TY>((xv[c][k] * r) * to_f(wv.v[k]));
+      store_vec<TY, VEC>(yr + col, o);
     }
   }
 }
 
-template <typename T, typename TW, int VEC, int CH, bool PF>
+template <typename T, typename TW, typename TG, typename TD, int VEC, int CH, bool PF>
 __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const TW* __restrict__ w, const float* __restrict__ rstd,
-                                   const T* __restrict__ dy, T* __restrict__ dx, float* __restrict__ partial,
+                                   const TG* __restrict__ dy, TD* __restrict__ dx, float* __restrict__ partial,
                                    int64_t n, int64_t h) {
   __shared__ float scratch[32];
   float wv[CH][VEC], dwacc[CH][VEC];
@@ -90,14 +95,15 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const TW* __restrict
   // Raw 16-byte vectors of the row being processed. With PF (prefetch) the next row's loads are issued
   // right after the current row is converted, so they are in flight during the block reduction and the
   // stores of the current row.
-  Vec<T, VEC> xa[CH], ga[CH];
+  Vec<T, VEC> xa[CH];
+  Vec<TG, VEC> ga[CH];
   auto load_row = [&](int64_t row) {
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
       const int64_t col = (static_cast<int64_t>(c) * blockDim.x + threadIdx.x) * VEC;
       if (col < h) {
         xa[c] = load_vec<T, VEC>(x + row * h + col);
-        ga[c] = load_vec<T, VEC>(dy + row * h + col);
+        ga[c] = load_vec<TG, VEC>(dy + row * h + col);
       }
     }
   };
@@ -120,18 +126,18 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const TW* __restrict
     if (PF && row + gridDim.x < n) load_row(row + gridDim.x);
     dot = block_sum(dot, scratch);
     const float coef = r * r * r * dot * inv_h;
-    T* dxr = dx + row * h;
+    TD* dxr = dx + row * h;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
       const int64_t col = (static_cast<int64_t>(c) * blockDim.x + threadIdx.x) * VEC;
       if (col < h) {
-        Vec<T, VEC> o;
+        Vec<TD, VEC> o;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          o.v[k] = from_f<T>(r * wv[c][k] * gv[c][k] - coef * xv[c][k]);
+          o.v[k] = from_f<TD>(r * wv[c][k] * gv[c][k] - coef * xv[c][k]);
           dwacc[c][k] += gv[c][k] * xv[c][k] * r;
         }
-        store_vec<T, VEC>(dxr + col, o);
+        store_vec<TD, VEC>(dxr + col, o);
       }
     }
   }
@@ -155,16 +161,16 @@ constexpr int loop_unroll_fwd() { return VEC >= 8 ? 2 : 4; }
 template <int VEC>
 constexpr int loop_unroll_bwd() { return VEC >= 8 ? 1 : 2; }
 
-template <typename T, typename TW, int VEC>
+template <typename T, typename TW, typename TY, int VEC>
 __global__ void __launch_bounds__(kLoopThreads, 2) rmsnorm_fwd_looped_kernel(const T* __restrict__ x,
                                                                           const TW* __restrict__ w, float eps,
-                                                                          T* __restrict__ y,
+                                                                          TY* __restrict__ y,
                                                                           float* __restrict__ rstd, int64_t h) {
   __shared__ float scratch[32];
   constexpr int kLoopUnroll = loop_unroll_fwd<VEC>();
   const int64_t row = blockIdx.x;
   const T* xr = x + row * h;
-  T* yr = y + row * h;
+  TY* yr = y + row * h;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
   float ss = 0.f;
   for (int64_t base = static_cast<int64_t>(threadIdx.x) * VEC; base < h; base += kLoopUnroll * stride) {
@@ -197,20 +203,20 @@ __global__ void __launch_bounds__(kLoopThreads, 2) rmsnorm_fwd_looped_kernel(con
 #pragma unroll
     for (int u = 0; u < kLoopUnroll; ++u)
       if (base + u * stride < h) {
-        Vec<T, VEC> o;
+        Vec<TY, VEC> o;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) o.v[k] = from_f<T>((to_f(v[u].v[k]) * r) * to_f(wv[u].v[k]));
-        store_vec<T, VEC>(yr + base + u * stride, o);
+        for (int k = 0; k < VEC; ++k) o.v[k] = from_f<TY>((to_f(v[u].v[k]) * r) * to_f(wv[u].v[k]));
+        store_vec<TY, VEC>(yr + base + u * stride, o);
       }
   }
 }
 
 // Persistent grid as in the fast backward; the dw partial of the block is its row of `partial` [G, H],
 // assigned by the block's first row and accumulated by the next ones (each column by one thread only).
-template <typename T, typename TW, int VEC>
+template <typename T, typename TW, typename TG, typename TD, int VEC>
 __global__ void __launch_bounds__(kLoopThreads) rmsnorm_bwd_looped_kernel(
-    const T* __restrict__ x, const TW* __restrict__ w, const float* __restrict__ rstd, const T* __restrict__ dy,
-    T* __restrict__ dx, float* __restrict__ partial, int64_t n, int64_t h) {
+    const T* __restrict__ x, const TW* __restrict__ w, const float* __restrict__ rstd, const TG* __restrict__ dy,
+    TD* __restrict__ dx, float* __restrict__ partial, int64_t n, int64_t h) {
   __shared__ float scratch[32];
   constexpr int kLoopUnrollBwd = loop_unroll_bwd<VEC>();
   const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
@@ -219,18 +225,19 @@ __global__ void __launch_bounds__(kLoopThreads) rmsnorm_bwd_looped_kernel(
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
     const bool first = row == static_cast<int64_t>(blockIdx.x);
     const T* xr = x + row * h;
-    const T* gr = dy + row * h;
-    T* dxr = dx + row * h;
+    const TG* gr = dy + row * h;
+    TD* dxr = dx + row * h;
     const float r = rstd[row];
     float dot = 0.f;
     for (int64_t base = static_cast<int64_t>(threadIdx.x) * VEC; base < h; base += kLoopUnrollBwd * stride) {
-      Vec<T, VEC> xv[kLoopUnrollBwd], gv[kLoopUnrollBwd];
+      Vec<T, VEC> xv[kLoopUnrollBwd];
+      Vec<TG, VEC> gv[kLoopUnrollBwd];
       Vec<TW, VEC> wv[kLoopUnrollBwd];
 #pragma unroll
       for (int u = 0; u < kLoopUnrollBwd; ++u)
         if (base + u * stride < h) {
           xv[u] = load_vec<T, VEC>(xr + base + u * stride);
-          gv[u] = load_vec<T, VEC>(gr + base + u * stride);
+          gv[u] = load_vec<TG, VEC>(gr + base + u * stride);
           wv[u] = load_vec<TW, VEC>(w + base + u * stride);
         }
 #pragma unroll
@@ -243,29 +250,30 @@ __global__ void __launch_bounds__(kLoopThreads) rmsnorm_bwd_looped_kernel(
     dot = block_sum(dot, scratch);
     const float coef = r * r * r * dot * inv_h;
     for (int64_t base = static_cast<int64_t>(threadIdx.x) * VEC; base < h; base += kLoopUnrollBwd * stride) {
-      Vec<T, VEC> xv[kLoopUnrollBwd], gv[kLoopUnrollBwd];
+      Vec<T, VEC> xv[kLoopUnrollBwd];
+      Vec<TG, VEC> gv[kLoopUnrollBwd];
       Vec<TW, VEC> wv[kLoopUnrollBwd];
       Vec<float, VEC> pv[kLoopUnrollBwd];
 #pragma unroll
       for (int u = 0; u < kLoopUnrollBwd; ++u)
         if (base + u * stride < h) {
           xv[u] = load_vec<T, VEC>(xr + base + u * stride);
-          gv[u] = load_vec<T, VEC>(gr + base + u * stride);
+          gv[u] = load_vec<TG, VEC>(gr + base + u * stride);
           wv[u] = load_vec<TW, VEC>(w + base + u * stride);
           if (!first) pv[u] = load_vec<float, VEC>(pr + base + u * stride);
         }
 #pragma unroll
       for (int u = 0; u < kLoopUnrollBwd; ++u)
         if (base + u * stride < h) {
-          Vec<T, VEC> o;
+          Vec<TD, VEC> o;
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
             const float xf = to_f(xv[u].v[k]), gf = to_f(gv[u].v[k]);
-            o.v[k] = from_f<T>(r * to_f(wv[u].v[k]) * gf - coef * xf);
+            o.v[k] = from_f<TD>(r * to_f(wv[u].v[k]) * gf - coef * xf);
             const float c = gf * xf * r;
             pv[u].v[k] = first ? c : pv[u].v[k] + c;
           }
-          store_vec<T, VEC>(dxr + base + u * stride, o);
+          store_vec<TD, VEC>(dxr + base + u * stride, o);
           store_vec<float, VEC>(pr + base + u * stride, pv[u]);
         }
     }
@@ -365,6 +373,89 @@ int64_t check_common(const char* op, const Tensor& x, const Tensor& w) {
   return h;
 }
 
+// Forward launch for x T, w TW, y TY (TY = T, or bf16 for an fp32 x: the fp32 residual stream feeding a bf16
+// matmul). The vector width comes from x (16 bytes of T); y and w move VEC elements of their own size.
+template <typename T, typename TW, typename TY>
+void fwd_launch(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd, int64_t n, int64_t h,
+                const RmsNormTuning& tu, CudaContext& ctx) {
+  constexpr int NV = 16 / sizeof(T);
+  const bool ok = aligned_to(x.raw(), 16) && aligned_to(y.raw(), sizeof(TY) * NV) && aligned_to(w.raw(), sizeof(TW) * NV);
+  Shape2 s;
+  const bool fits = pick(s, h, NV, ok, tu.fwd_threads, 8, [&](int vec, int ch) {
+    int m = 1024;
+    with_shape<T, NV>(Shape2{vec, ch, 0}, [&](auto vc, auto cc) {
+      constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
+      m = kernel_max_threads(reinterpret_cast<const void*>(&rmsnorm_fwd_kernel<T, TW, TY, V, C>));
+    });
+    return m;
+  });
+  if (!fits) {  // looped path
+    if (s.vec == NV)
+      rmsnorm_fwd_looped_kernel<T, TW, TY, NV><<<static_cast<unsigned>(n), kLoopThreads, 0, ctx.stream()>>>(
+          x.data<T>(), w.data<TW>(), eps, y.data<TY>(), rstd.data<float>(), h);
+    else
+      rmsnorm_fwd_looped_kernel<T, TW, TY, 1><<<static_cast<unsigned>(n), kLoopThreads, 0, ctx.stream()>>>(
+          x.data<T>(), w.data<TW>(), eps, y.data<TY>(), rstd.data<float>(), h);
+  } else {
+    with_shape<T, NV>(s, [&](auto vc, auto cc) {
+      constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
+      rmsnorm_fwd_kernel<T, TW, TY, V, C><<<static_cast<unsigned>(n), s.threads, 0, ctx.stream()>>>(
+          x.data<T>(), w.data<TW>(), eps, y.data<TY>(), rstd.data<float>(), h);
+    });
+  }
+}
+
+// Backward launch for x T, w TW, dy TG, dx TD (TG = TD = T, or for an fp32 x: dy bf16 (a matmul's input
+// gradient), dx fp32 (the residual gradient)). Returns the dw partials [G, H] and sets g.
+template <typename T, typename TW, typename TG, typename TD>
+Tensor bwd_launch(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, int64_t n,
+                  int64_t h, const RmsNormTuning& tu, CudaContext& ctx, int64_t& g) {
+  constexpr int NV = 16 / sizeof(T);
+  const bool ok = aligned_to(x.raw(), 16) && aligned_to(dy.raw(), sizeof(TG) * NV) &&
+                  aligned_to(dx.raw(), sizeof(TD) * NV) && aligned_to(w.raw(), sizeof(TW) * NV);
+  Tensor partial;
+  Shape2 s;
+  const bool fits = pick(s, h, NV, ok, tu.bwd_threads, 2, [&](int vec, int ch) {
+    int m = 1024;
+    with_shape<T, NV>(Shape2{vec, ch, 0}, [&](auto vc, auto cc) {
+      constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
+      m = tu.prefetch
+              ? kernel_max_threads(reinterpret_cast<const void*>(&rmsnorm_bwd_kernel<T, TW, TG, TD, V, C, true>))
+              : kernel_max_threads(reinterpret_cast<const void*>(&rmsnorm_bwd_kernel<T, TW, TG, TD, V, C, false>));
+    });
+    return m;
+  });
+  if (!fits) {
+    // Looped path: as many blocks as are resident at once (one wave), with the partial buffer kept under
+    // ~256 MiB for very long rows.
+    auto launch = [&](auto kernel) {
+      int per_sm = 0;
+      AM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kLoopThreads, 0));
+      const int64_t cap = std::max<int64_t>(1, (int64_t(64) << 20) / h);
+      g = std::min<int64_t>({n, static_cast<int64_t>(ctx.sm_count()) * std::max(1, per_sm), cap});
+      partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
+      kernel<<<static_cast<unsigned>(g), kLoopThreads, 0, ctx.stream()>>>(
+          x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<TG>(), dx.data<TD>(), partial.data<float>(), n, h);
+    };
+    if (s.vec == NV) launch(rmsnorm_bwd_looped_kernel<T, TW, TG, TD, NV>);
+    else launch(rmsnorm_bwd_looped_kernel<T, TW, TG, TD, 1>);
+  } else {
+    const int per_sm = tu.bwd_blocks_per_sm > 0 ? tu.bwd_blocks_per_sm : std::max(1, 1024 / s.threads);
+    g = std::min<int64_t>(n, static_cast<int64_t>(ctx.sm_count()) * per_sm);
+    partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
+    with_shape<T, NV>(s, [&](auto vc, auto cc) {
+      constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
+      if (tu.prefetch)
+        rmsnorm_bwd_kernel<T, TW, TG, TD, V, C, true><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
+            x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<TG>(), dx.data<TD>(), partial.data<float>(), n, h);
+      else
+        rmsnorm_bwd_kernel<T, TW, TG, TD, V, C, false><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
+            x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<TG>(), dx.data<TD>(), partial.data<float>(), n, h);
+    });
+  }
+  return partial;
+}
+
 }  // namespace
 
 RmsNormTuning default_rmsnorm_tuning() { return RmsNormTuning{}; }
@@ -385,38 +476,19 @@ void rmsnorm_fwd_tuned(const Tensor& x, const Tensor& w, float eps, Tensor& y, T
   need_cuda(op, "y", y);
   need_cuda(op, "rstd", rstd);
   need_dtype(op, "rstd", rstd, DType::F32);
-  if (y.shape() != x.shape() || y.dtype() != x.dtype())
-    op_error(op, describe("y", y) + ": expected the shape and dtype of " + describe("x", x));
+  // y: the dtype of x, or bf16 for an fp32 x.
+  const bool same = y.dtype() == x.dtype();
+  const bool widen = x.dtype() == DType::F32 && y.dtype() == DType::BF16;
+  if (y.shape() != x.shape() || !(same || widen))
+    op_error(op, describe("y", y) + ": expected the shape of " + describe("x", x) +
+                     " and its dtype (or bfloat16 for a float32 x)");
   const int64_t n = h ? x.numel() / h : 0;
   if (rstd.numel() != n) op_error(op, describe("rstd", rstd) + ": expected one element per row of x");
   if (n == 0 || h == 0) return;
   AM_DISPATCH_BF16_F32(x.dtype(), op, T, {
     AM_DISPATCH_BF16_F32(w.dtype(), op, TW, {
-      constexpr int NV = 16 / sizeof(T);
-      const bool ok = aligned_to(x.raw(), 16) && aligned_to(y.raw(), 16) && aligned_to(w.raw(), sizeof(TW) * NV);
-      Shape2 s;
-      const bool fits = pick(s, h, NV, ok, tu.fwd_threads, 8, [&](int vec, int ch) {
-        int m = 1024;
-        with_shape<T, NV>(Shape2{vec, ch, 0}, [&](auto vc, auto cc) {
-          constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
-          m = kernel_max_threads(reinterpret_cast<const void*>(&rmsnorm_fwd_kernel<T, TW, V, C>));
-        });
-        return m;
-      });
-      if (!fits) {  // looped path
-        if (s.vec == NV)
-          rmsnorm_fwd_looped_kernel<T, TW, NV><<<static_cast<unsigned>(n), kLoopThreads, 0, ctx.stream()>>>(
-              x.data<T>(), w.data<TW>(), eps, y.data<T>(), rstd.data<float>(), h);
-        else
-          rmsnorm_fwd_looped_kernel<T, TW, 1><<<static_cast<unsigned>(n), kLoopThreads, 0, ctx.stream()>>>(
-              x.data<T>(), w.data<TW>(), eps, y.data<T>(), rstd.data<float>(), h);
-      } else {
-        with_shape<T, NV>(s, [&](auto vc, auto cc) {
-          constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
-          rmsnorm_fwd_kernel<T, TW, V, C><<<static_cast<unsigned>(n), s.threads, 0, ctx.stream()>>>(
-              x.data<T>(), w.data<TW>(), eps, y.data<T>(), rstd.data<float>(), h);
-        });
-      }
+      if (same) fwd_launch<T, TW, T>(x, w, eps, y, rstd, n, h, tu, ctx);
+      else if constexpr (std::is_same_v<T, float>) fwd_launch<float, TW, bf16>(x, w, eps, y, rstd, n, h, tu, ctx);
     });
   });
   AM_CUDA_CHECK_LAUNCH();
@@ -430,8 +502,11 @@ void rmsnorm_bwd_tuned(const Tensor& x, const Tensor& w, const Tensor& rstd, con
     need_cuda(op, name, *t);
   need_dtype(op, "rstd", rstd, DType::F32);
   need_dtype(op, "dw", dw, DType::F32);
-  if (dy.shape() != x.shape() || dy.dtype() != x.dtype())
-    op_error(op, describe("dy", dy) + ": expected the shape and dtype of " + describe("x", x));
+  // dy, dx: the dtype of x; or, for an fp32 x, dy bf16 and dx fp32.
+  const bool widen = x.dtype() == DType::F32 && dy.dtype() == DType::BF16;
+  if (dy.shape() != x.shape() || !(dy.dtype() == x.dtype() || widen))
+    op_error(op, describe("dy", dy) + ": expected the shape of " + describe("x", x) +
+                     " and its dtype (or bfloat16 for a float32 x)");
   if (dx.shape() != x.shape() || dx.dtype() != x.dtype())
     op_error(op, describe("dx", dx) + ": expected the shape and dtype of " + describe("x", x));
   if (dw.shape() != w.shape()) op_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
@@ -444,47 +519,9 @@ void rmsnorm_bwd_tuned(const Tensor& x, const Tensor& w, const Tensor& rstd, con
   int64_t g = 0;
   AM_DISPATCH_BF16_F32(x.dtype(), op, T, {
     AM_DISPATCH_BF16_F32(w.dtype(), op, TW, {
-      constexpr int NV = 16 / sizeof(T);
-      const bool ok = aligned_to(x.raw(), 16) && aligned_to(dy.raw(), 16) && aligned_to(dx.raw(), 16) &&
-                      aligned_to(w.raw(), sizeof(TW) * NV);
-      Shape2 s;
-      const bool fits = pick(s, h, NV, ok, tu.bwd_threads, 2, [&](int vec, int ch) {
-        int m = 1024;
-        with_shape<T, NV>(Shape2{vec, ch, 0}, [&](auto vc, auto cc) {
-          constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
-          m = tu.prefetch ? kernel_max_threads(reinterpret_cast<const void*>(&rmsnorm_bwd_kernel<T, TW, V, C, true>))
-                          : kernel_max_threads(reinterpret_cast<const void*>(&rmsnorm_bwd_kernel<T, TW, V, C, false>));
-        });
-        return m;
-      });
-      if (!fits) {
-        // Looped path: as many blocks as are resident at once (one wave), with the partial buffer kept under
-        // ~256 MiB for very long rows.
-        auto launch = [&](auto kernel) {
-          int per_sm = 0;
-          AM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kLoopThreads, 0));
-          const int64_t cap = std::max<int64_t>(1, (int64_t(64) << 20) / h);
-          g = std::min<int64_t>({n, static_cast<int64_t>(ctx.sm_count()) * std::max(1, per_sm), cap});
-          partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
-          kernel<<<static_cast<unsigned>(g), kLoopThreads, 0, ctx.stream()>>>(
-              x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial.data<float>(), n, h);
-        };
-        if (s.vec == NV) launch(rmsnorm_bwd_looped_kernel<T, TW, NV>);
-        else launch(rmsnorm_bwd_looped_kernel<T, TW, 1>);
-      } else {
-        const int per_sm = tu.bwd_blocks_per_sm > 0 ? tu.bwd_blocks_per_sm : std::max(1, 1024 / s.threads);
-        g = std::min<int64_t>(n, static_cast<int64_t>(ctx.sm_count()) * per_sm);
-        partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
-        with_shape<T, NV>(s, [&](auto vc, auto cc) {
-          constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
-          if (tu.prefetch)
-            rmsnorm_bwd_kernel<T, TW, V, C, true><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
-                x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial.data<float>(), n, h);
-          else
-            rmsnorm_bwd_kernel<T, TW, V, C, false><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
-                x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial.data<float>(), n, h);
-        });
-      }
+      if (!widen) partial = bwd_launch<T, TW, T, T>(x, w, rstd, dy, dx, n, h, tu, ctx, g);
+      else if constexpr (std::is_same_v<T, float>)
+        partial = bwd_launch<float, TW, bf16, float>(x, w, rstd, dy, dx, n, h, tu, ctx, g);
     });
   });
   AM_CUDA_CHECK_LAUNCH();
