@@ -26,14 +26,17 @@ Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, 
   ops::linear_fwd(x, w.up->work, b_of(w.up_bias), up);
   ops::swiglu_fwd(gate, up, h);
   ops::linear_fwd(h, w.down->work, b_of(w.down_bias), y);
-  if (s) *s = MlpSaved{x, gate, up, h};
+  if (s) *s = MlpSaved{x, gate, up};
   return y;
 }
 
 Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy) {
   const int64_t N = dy.dim(0), I = w.gate->work.dim(0), H = w.down->work.dim(0);
+  Tensor h = ex.empty({N, I});
+  ops::swiglu_fwd(s.gate, s.up, h);  // the same kernel on the same inputs: bit-identical to forward's h
   Tensor dh = ex.empty({N, I});
-  ops::linear_bwd(s.h, w.down->work, dy, &dh, w.down->grad, db_of(w.down_bias));
+  ops::linear_bwd(h, w.down->work, dy, &dh, w.down->grad, db_of(w.down_bias));
+  h = Tensor();
   Tensor dgate = ex.empty({N, I}), dup = ex.empty({N, I});
   ops::swiglu_bwd(s.gate, s.up, dh, dgate, dup);
   Tensor dx = ex.empty({N, H}), tmp = ex.empty({N, H});

@@ -82,10 +82,10 @@ Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions&
   s.gu = ex.empty({N * k, 2 * I});
   ops::grouped_linear_fwd(xg, w.gate_up->work, s.offsets, s.gu, &s.counts);
   xg = Tensor();  // recomputed in backward: [N*k, H] is the largest activation of the block
-  s.h = ex.empty({N * k, I});
-  ops::swiglu_fused_fwd(s.gu, s.h);
+  Tensor h = ex.empty({N * k, I});
+  ops::swiglu_fused_fwd(s.gu, h);
   s.yg = ex.empty({N * k, H});
-  ops::grouped_linear_fwd(s.h, w.down->work, s.offsets, s.yg, &s.counts);
+  ops::grouped_linear_fwd(h, w.down->work, s.offsets, s.yg, &s.counts);
   Tensor y = ex.empty({N, H});
   ops::moe_combine(s.yg, s.inv, s.topk_w, y);
   if (w.has_shared) {
@@ -104,10 +104,13 @@ Tensor moe_backward(const ExecContext& ex, const MoeWeights& w, const MoeOptions
   // y = combine(yg, w)
   Tensor dyg = ex.empty({N * k, H}), dtopk_w = ex.empty({N, k}, DType::F32);
   ops::moe_combine_bwd(s.yg, s.inv, s.topk_w, dy, dyg, dtopk_w);
-  // yg = grouped(h, down)
+  // yg = grouped(h, down), h = SwiGLU(gu) recomputed (same kernel, same inputs: bit-identical)
+  Tensor h = ex.empty({N * k, I});
+  ops::swiglu_fused_fwd(s.gu, h);
   Tensor dh = ex.empty({N * k, I});
-  ops::grouped_linear_bwd(s.h, w.down->work, s.offsets, dyg, &dh, w.down->grad, &s.counts);
+  ops::grouped_linear_bwd(h, w.down->work, s.offsets, dyg, &dh, w.down->grad, &s.counts);
   dyg = Tensor();
+  h = Tensor();
   Tensor dgu = ex.empty({N * k, 2 * I});
   ops::swiglu_fused_bwd(s.gu, dh, dgu);
   dh = Tensor();

@@ -34,7 +34,8 @@ struct MoeSaved {
   Tensor topk_idx, topk_w;     // [N, k] int32, fp32
   Tensor offsets, perm, inv;   // dispatch plan: [E+1], [N*k], [N*k] int32
   std::vector<int64_t> counts; // [E] rows per expert (host)
-  Tensor gu, h, yg;            // [N*k, 2I], [N*k, I], [N*k, H] (xg is recomputed by a gather in backward)
+  Tensor gu, yg;               // [N*k, 2I], [N*k, H] (xg = gather(x) and h = SwiGLU(gu) [N*k, I] are
+                               // recomputed in backward instead of kept)
   MlpSaved shared;             // qwen2_moe
   Tensor shared_y, shared_logit;  // [N, H], [N, 1]
 };
