@@ -7,6 +7,7 @@
 // TFLOP/s or GB/s, the percentage of the measured ceiling, and the percentage predicted before the run.
 //
 //   am_gpu_microbench [--quick]     (--quick: fewer repetitions)
+//   am_gpu_microbench NAME [args]   (a benchmark of bench_registry.h: attention, moe)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -21,6 +22,7 @@
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/tuning.h"
+#include "bench_registry.h"
 #include "core/tensor.h"
 
 using am::DType;
@@ -133,6 +135,10 @@ std::string dims(std::initializer_list<int64_t> d) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // `am_gpu_microbench NAME ...` runs the benchmark registered as NAME in bench_registry.h (argv[0] = NAME).
+  if (argc > 1)
+    for (const GpuBench& b : kGpuBenches)
+      if (std::strcmp(argv[1], b.name) == 0) return b.run(argc - 1, argv + 1);
   for (int i = 1; i < argc; ++i)
     if (std::strcmp(argv[i], "--quick") == 0) g_reps = 5;
   try {

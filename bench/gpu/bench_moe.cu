@@ -4,11 +4,13 @@
 // Method (as bench_cuda_ops.cu): the ceilings are measured first in the same run (a 8192^3 bf16 cuBLASLt GEMM;
 // a 2 GiB device-to-device copy counting bytes read + written); each op is timed with CUDA events after warm-up,
 // median of 20, on random data with random (uniform, distinct per token) routing. Grouped GEMMs report TFLOP/s
-// for both implementations (one cublasGemmGroupedBatchedEx launch; one cuBLASLt GEMM per expert) next to one dense
-// cuBLASLt GEMM of the same total size (what a perfectly balanced, launch-free grouping could reach); memory-bound
+// (useful FLOPs only) for every implementation (one cublasGemmGroupedBatchedEx launch; one cuBLASLt GEMM per
+// expert; padded strided-batched; Auto) next to one dense cuBLASLt GEMM of the same total size and the bare
+// strided-batched GEMMs at the padded shape and at perfect balance; memory-bound
 // ops report GB/s of the bytes they must move. "pred" is the percentage predicted before the first run.
 //
 //   am_gpu_microbench moe [--tokens N] [--skew]   (--skew: Zipf-like expert popularity instead of uniform)
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -103,6 +105,61 @@ void report_bytes(const char* name, const std::string& shape, double bytes, doub
 void report_time(const char* name, const std::string& shape, double ms) {
   std::printf("  %-34s %-26s %9.3f ms\n", name, shape.c_str(), ms);
   std::fflush(stdout);
+}
+
+// cuBLASLt strided-batched dW (bf16 A/B, fp32 C += , column-major: C (kd x no) += A (kd x cap) * B^T (cap x no)),
+// the heuristic's candidates timed one by one.
+void lt_dw_sweep(const std::string& name, const std::string& shape, double flops, int kd, int no, int cap, int batch,
+                 const void* a, const void* b, void* c) {
+  auto& ctx = cu::default_context();
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  AM_CUDA_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t tn = CUBLAS_OP_N, tt = CUBLAS_OP_T;
+  AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &tn, sizeof(tn)));
+  AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tt, sizeof(tt)));
+  AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, kd, cap, kd));
+  AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, no, cap, no));
+  AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, kd, no, kd));
+  const int64_t sa = int64_t(cap) * kd, sb = int64_t(cap) * no, sc = int64_t(no) * kd;
+  for (auto [l, st] : {std::pair{la, sa}, std::pair{lb, sb}, std::pair{lc, sc}}) {
+    AM_CUDA_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof(batch)));
+    AM_CUDA_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &st, sizeof(st)));
+  }
+  cublasLtMatmulPreference_t pref = nullptr;
+  AM_CUDA_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const size_t ws = ctx.workspace_bytes();
+  AM_CUDA_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  cublasLtMatmulHeuristicResult_t res[16];
+  int nres = 0;
+  const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(ctx.lt(), desc, la, lb, lc, lc, pref, 16, res, &nres);
+  const float one = 1.f;
+  double best = 1e30, first = 0;
+  int best_i = -1;
+  for (int i = 0; hs == CUBLAS_STATUS_SUCCESS && i < nres; ++i) {
+    bool ok = true;
+    const double ms = time_ms([&] {
+      if (!ok) return;
+      if (cublasLtMatmul(ctx.lt(), desc, &one, a, la, b, lb, &one, c, lc, c, lc, &res[i].algo, ctx.workspace(), ws,
+                         ctx.stream()) != CUBLAS_STATUS_SUCCESS)
+        ok = false;
+    }, 10, 2);
+    if (!ok) continue;
+    if (i == 0) first = ms;
+    if (ms < best) best = ms, best_i = i;
+  }
+  if (best_i >= 0) {
+    report_flops((name + " heuristic #0").c_str(), shape, flops, first, 30);
+    report_flops((name + " best of " + std::to_string(nres) + " (#" + std::to_string(best_i) + ")").c_str(), shape,
+                 flops, best, 30);
+  } else {
+    std::printf("  %s: no cuBLASLt algorithm (status %d, %d candidates)\n", name.c_str(), int(hs), nres);
+  }
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(la);
+  cublasLtMatrixLayoutDestroy(lb);
+  cublasLtMatrixLayoutDestroy(lc);
+  cublasLtMatmulDescDestroy(desc);
 }
 
 }  // namespace
@@ -211,23 +268,52 @@ int moe_bench_main(int argc, char** argv) {
       double pred_grouped, pred_loop;
     };
     const Proj projs[] = {{"gate_up", h, 2 * inner, 65, 35}, {"down", inner, h, 60, 30}};
+    const int64_t mpad = [&] {
+      const int64_t mx = *std::max_element(counts.begin(), counts.end());
+      const int64_t gr = mx >= 64 ? 64 : 8;
+      return (mx + gr - 1) / gr * gr;
+    }();
+    // A capped scratch (Padded with pad_rows; not used by Auto): the count that at most E/8 experts exceed, rounded
+    // up to 64; covered = rows under the cap, the rest runs as overflow on the grouped / per-expert path.
+    std::vector<int64_t> sorted = counts;
+    std::sort(sorted.begin(), sorted.end());
+    const int64_t q = sorted[static_cast<size_t>(e - 1 - e / 8)], cap = (q + 63) / 64 * 64;
+    int64_t covered = 0;
+    for (int64_t c : counts) covered += std::min(c, cap);
+    std::printf("padded path: Mpad = %lld (E * Mpad = %lld rows for %lld: %.2fx; Auto pads below 1.5x); cap %lld covers "
+                "%lld rows (E * cap %.2fx of them)\n",
+                (long long)mpad, (long long)(e * mpad), (long long)rows, double(e * mpad) / rows, (long long)cap,
+                (long long)covered, double(e * cap) / double(std::max<int64_t>(covered, 1)));
     for (const Proj& p : projs) {
       Tensor xin = dev({rows, p.kd}, DType::BF16, 20), w = dev({e, p.nout, p.kd}, DType::BF16, 21, -0.03f, 0.03f);
       Tensor yout = cu::empty({rows, p.nout}, DType::BF16), dyo = dev({rows, p.nout}, DType::BF16, 22);
       Tensor dxin = cu::empty({rows, p.kd}, DType::BF16), dw = dev({e, p.nout, p.kd}, DType::F32, 23, -1e-3f, 1e-3f);
       const double fl = 2.0 * rows * p.kd * p.nout;
       const std::string sh = "K=" + std::to_string(p.kd) + " Nout=" + std::to_string(p.nout);
-      for (cu::GroupedGemm impl : {cu::GroupedGemm::Grouped, cu::GroupedGemm::PerExpert}) {
-        const bool g = impl == cu::GroupedGemm::Grouped;
-        const cu::GroupedLinearOptions opt{impl};
-        const double pred = g ? p.pred_grouped : p.pred_loop;
-        const std::string tag = std::string(p.name) + (g ? " grouped" : " per-expert");
+      struct Impl {
+        cu::GroupedGemm impl;
+        std::string name;
+        double pred, pred_dw;
+        int64_t pad_rows = 0;
+      };
+      // Padded predicted (before its first run): the strided-batched GEMM at E x Mpad rows (~1.25x the FLOPs at
+      // ~80%) plus the padding copies (~0.1 ms at gate_up) -> ~55% for y and dx; dW ~ balanced strided-batched
+      // dW (20%) less the copies -> 17%.
+      const Impl impls[] = {{cu::GroupedGemm::Grouped, "grouped", p.pred_grouped, p.pred_loop},
+                            {cu::GroupedGemm::PerExpert, "per-expert", p.pred_loop, p.pred_loop},
+                            {cu::GroupedGemm::Padded, "padded", 55, 17},
+                            {cu::GroupedGemm::Padded, "padded cap " + std::to_string(cap), 45, 17, cap},
+                            {cu::GroupedGemm::Auto, "auto", 55, 17}};
+      for (const Impl& im : impls) {
+        const cu::GroupedLinearOptions opt{im.impl, im.pad_rows};
+        const std::string tag = std::string(p.name) + " " + im.name;
         report_flops((tag + " fwd").c_str(), sh, fl,
-                     time_ms([&] { cu::grouped_linear_fwd(xin, w, off, yout, &counts, ctx, opt); }), pred);
-        report_flops((tag + " dx+dw").c_str(), sh, 2 * fl,
-                     time_ms([&] { cu::grouped_linear_bwd(xin, w, off, dyo, &dxin, dw, &counts, ctx, opt); }), pred);
-        report_flops((tag + " dw only").c_str(), sh, fl,
-                     time_ms([&] { cu::grouped_linear_bwd(xin, w, off, dyo, nullptr, dw, &counts, ctx, opt); }), pred);
+                     time_ms([&] { cu::grouped_linear_fwd(xin, w, off, yout, &counts, ctx, opt); }), im.pred);
+        const double both = time_ms([&] { cu::grouped_linear_bwd(xin, w, off, dyo, &dxin, dw, &counts, ctx, opt); });
+        const double dwo = time_ms([&] { cu::grouped_linear_bwd(xin, w, off, dyo, nullptr, dw, &counts, ctx, opt); });
+        report_flops((tag + " dx+dw").c_str(), sh, 2 * fl, both, (im.pred + im.pred_dw) / 2);
+        report_flops((tag + " dw only").c_str(), sh, fl, dwo, im.pred_dw);
+        report_flops((tag + " dx (dx+dw - dw)").c_str(), sh, fl, std::max(both - dwo, 1e-6), im.pred);
       }
       // The same FLOPs as one dense GEMM (all rows against expert 0's weights): the no-grouping reference.
       cu::GemmDesc g;
@@ -243,53 +329,50 @@ int moe_bench_main(int argc, char** argv) {
       g.ldd = p.nout;
       report_flops((std::string(p.name) + " dense equivalent fwd").c_str(), sh, fl,
                    time_ms([&] { cu::gemm(ctx, g); }), 85);
-      // Experiments for the next step (perfectly balanced routing, rows / E per expert): is the grouped API slow
-      // per se, or because every problem is its own group? And what would padding to a uniform batch give?
+      // References: the strided-batched GEMMs alone, at the padded path's shape (E x Mpad rows; the difference to
+      // the padded rows above is the padding copies and the scratch) and perfectly balanced (E x rows / E).
       {
-        const int cap = static_cast<int>(rows / e), kd = static_cast<int>(p.kd), no = static_cast<int>(p.nout);
         cublasHandle_t hb = nullptr;
         AM_CUDA_CHECK(cublasCreate(&hb));
         AM_CUDA_CHECK(cublasSetStream(hb, ctx.stream()));
+        AM_CUDA_CHECK(cublasSetWorkspace(hb, ctx.workspace(), ctx.workspace_bytes()));
         const float one = 1.f, zero = 0.f;
-        report_flops((std::string(p.name) + " uniform strided-batched fwd").c_str(), sh, fl, time_ms([&] {
-                       AM_CUDA_CHECK(cublasGemmStridedBatchedEx(
-                           hb, CUBLAS_OP_T, CUBLAS_OP_N, no, cap, kd, &one, w.raw(), CUDA_R_16BF, kd,
-                           int64_t(no) * kd, xin.raw(), CUDA_R_16BF, kd, int64_t(cap) * kd, &zero, yout.raw(),
-                           CUDA_R_16BF, no, int64_t(cap) * no, static_cast<int>(e), CUBLAS_COMPUTE_32F,
-                           CUBLAS_GEMM_DEFAULT));
-                     }),
-                     p.pred_grouped);
-        report_flops((std::string(p.name) + " uniform strided-batched dw").c_str(), sh, fl, time_ms([&] {
-                       AM_CUDA_CHECK(cublasGemmStridedBatchedEx(
-                           hb, CUBLAS_OP_N, CUBLAS_OP_T, kd, no, cap, &one, xin.raw(), CUDA_R_16BF, kd,
-                           int64_t(cap) * kd, dyo.raw(), CUDA_R_16BF, no, int64_t(cap) * no, &one, dw.raw(),
-                           CUDA_R_32F, kd, int64_t(no) * kd, static_cast<int>(e), CUBLAS_COMPUTE_32F,
-                           CUBLAS_GEMM_DEFAULT));
-                     }),
-                     p.pred_grouped);
-        // The grouped API with one group of E identical problems.
-        std::vector<const void*> ha(e), hbp(e);
-        std::vector<void*> hc(e);
-        for (int64_t j = 0; j < e; ++j) {
-          ha[j] = static_cast<const char*>(w.raw()) + j * p.nout * p.kd * 2;
-          hbp[j] = static_cast<const char*>(xin.raw()) + j * cap * p.kd * 2;
-          hc[j] = static_cast<char*>(yout.raw()) + j * cap * p.nout * 2;
+        const int kd = static_cast<int>(p.kd), no = static_cast<int>(p.nout);
+        Tensor xs = dev({e, mpad, p.kd}, DType::BF16, 24), ys = cu::empty({e, mpad, p.nout}, DType::BF16);
+        Tensor dys = dev({e, mpad, p.nout}, DType::BF16, 25);
+        for (int cap : {static_cast<int>(mpad), static_cast<int>(rows / e)}) {
+          const std::string tag = std::string(p.name) + " strided-batched " + std::to_string(e) + "x" +
+                                  std::to_string(cap);
+          // FLOPs counted for the useful rows only (rows), so the percentage compares with the paths above.
+          report_flops((tag + " fwd").c_str(), sh, fl, time_ms([&] {
+                         AM_CUDA_CHECK(cublasGemmStridedBatchedEx(
+                             hb, CUBLAS_OP_T, CUBLAS_OP_N, no, cap, kd, &one, w.raw(), CUDA_R_16BF, kd,
+                             int64_t(no) * kd, xs.raw(), CUDA_R_16BF, kd, int64_t(cap) * kd, &zero, ys.raw(),
+                             CUDA_R_16BF, no, int64_t(cap) * no, static_cast<int>(e), CUBLAS_COMPUTE_32F,
+                             CUBLAS_GEMM_DEFAULT));
+                       }),
+                       p.pred_grouped);
+          report_flops((tag + " dx").c_str(), sh, fl, time_ms([&] {
+                         AM_CUDA_CHECK(cublasGemmStridedBatchedEx(
+                             hb, CUBLAS_OP_N, CUBLAS_OP_N, kd, cap, no, &one, w.raw(), CUDA_R_16BF, kd,
+                             int64_t(no) * kd, dys.raw(), CUDA_R_16BF, no, int64_t(cap) * no, &zero, xs.raw(),
+                             CUDA_R_16BF, kd, int64_t(cap) * kd, static_cast<int>(e), CUBLAS_COMPUTE_32F,
+                             CUBLAS_GEMM_DEFAULT));
+                       }),
+                       p.pred_grouped);
+          report_flops((tag + " dw").c_str(), sh, fl, time_ms([&] {
+                         AM_CUDA_CHECK(cublasGemmStridedBatchedEx(
+                             hb, CUBLAS_OP_N, CUBLAS_OP_T, kd, no, cap, &one, xs.raw(), CUDA_R_16BF, kd,
+                             int64_t(cap) * kd, dys.raw(), CUDA_R_16BF, no, int64_t(cap) * no, &one, dw.raw(),
+                             CUDA_R_32F, kd, int64_t(no) * kd, static_cast<int>(e), CUBLAS_COMPUTE_32F,
+                             CUBLAS_GEMM_DEFAULT));
+                       }),
+                       p.pred_grouped);
         }
-        Tensor parr = cu::empty({3 * e}, DType::I64);
-        void** da = reinterpret_cast<void**>(parr.raw());
-        AM_CUDA_CHECK(cudaMemcpy(da, ha.data(), e * 8, cudaMemcpyHostToDevice));
-        AM_CUDA_CHECK(cudaMemcpy(da + e, hbp.data(), e * 8, cudaMemcpyHostToDevice));
-        AM_CUDA_CHECK(cudaMemcpy(da + 2 * e, hc.data(), e * 8, cudaMemcpyHostToDevice));
-        const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-        const int gsize = static_cast<int>(e);
-        report_flops((std::string(p.name) + " grouped API, 1 group of E").c_str(), sh, fl, time_ms([&] {
-                       AM_CUDA_CHECK(cublasGemmGroupedBatchedEx(
-                           hb, &ta, &tb, &no, &cap, &kd, &one, const_cast<const void* const*>(da),
-                           CUDA_R_16BF, &kd, const_cast<const void* const*>(da + e), CUDA_R_16BF, &kd,
-                           &zero, da + 2 * e, CUDA_R_16BF, &no, 1, &gsize,
-                           CUBLAS_COMPUTE_32F));
-                     }),
-                     p.pred_grouped);
+        // cuBLASLt on the padded dW product (batched layouts): its heuristic's first choice and the best of its
+        // first 16 candidates, timed here (is cuBLAS's pick the limit of the fp32 += product?).
+        lt_dw_sweep(std::string(p.name) + " dw cuBLASLt", sh, fl, kd, no, static_cast<int>(mpad),
+                    static_cast<int>(e), xs.raw(), dys.raw(), dw.raw());
         cublasDestroy(hb);
       }
     }
@@ -297,23 +380,27 @@ int moe_bench_main(int argc, char** argv) {
     {
       Tensor wgu = dev({e, 2 * inner, h}, DType::BF16, 30, -0.03f, 0.03f), wd = dev({e, h, inner}, DType::BF16, 31, -0.03f, 0.03f);
       Tensor dwgu = dev({e, 2 * inner, h}, DType::F32, 32, 0.f, 0.f), dwd = dev({e, h, inner}, DType::F32, 33, 0.f, 0.f);
-      auto fwd = [&] {
-        cu::moe_gather(x, perm, k, xg);
-        cu::grouped_linear_fwd(xg, wgu, off, gu, &counts);
-        cu::swiglu_fused_fwd(gu, hh);
-        cu::grouped_linear_fwd(hh, wd, off, yg, &counts);
-        cu::moe_combine(yg, inv, tw, y);
-      };
-      auto bwd = [&] {
-        cu::moe_combine_bwd(yg, inv, tw, dy, dyg, dtw);
-        cu::grouped_linear_bwd(hh, wd, off, dyg, &dh, dwd, &counts);
-        cu::swiglu_fused_bwd(gu, dh, dgu);
-        cu::grouped_linear_bwd(xg, wgu, off, dgu, &dxg, dwgu, &counts);
-        cu::moe_gather_bwd(dxg, inv, k, dx);
-      };
-      const double fl = 2.0 * rows * h * 3 * inner;
-      report_flops("layer fwd", "W2", fl, time_ms(fwd), 55);
-      report_flops("layer bwd", "W2", 2 * fl, time_ms(bwd), 55);
+      for (cu::GroupedGemm impl : {cu::GroupedGemm::Grouped, cu::GroupedGemm::Auto}) {
+        const cu::GroupedLinearOptions opt{impl};
+        auto fwd = [&] {
+          cu::moe_gather(x, perm, k, xg);
+          cu::grouped_linear_fwd(xg, wgu, off, gu, &counts, ctx, opt);
+          cu::swiglu_fused_fwd(gu, hh);
+          cu::grouped_linear_fwd(hh, wd, off, yg, &counts, ctx, opt);
+          cu::moe_combine(yg, inv, tw, y);
+        };
+        auto bwd = [&] {
+          cu::moe_combine_bwd(yg, inv, tw, dy, dyg, dtw);
+          cu::grouped_linear_bwd(hh, wd, off, dyg, &dh, dwd, &counts, ctx, opt);
+          cu::swiglu_fused_bwd(gu, dh, dgu);
+          cu::grouped_linear_bwd(xg, wgu, off, dgu, &dxg, dwgu, &counts, ctx, opt);
+          cu::moe_gather_bwd(dxg, inv, k, dx);
+        };
+        const double fl = 2.0 * rows * h * 3 * inner;
+        const std::string nm = impl == cu::GroupedGemm::Auto ? "auto" : "grouped (old Auto: grouped y/dx, per-expert dW)";
+        report_flops(("layer fwd, " + nm).c_str(), "W2", fl, time_ms(fwd), 55);
+        report_flops(("layer bwd, " + nm).c_str(), "W2", 2 * fl, time_ms(bwd), 55);
+      }
     }
   } catch (const std::exception& ex) {
     std::fprintf(stderr, "moe bench failed: %s\n", ex.what());

@@ -1,7 +1,8 @@
 // CUDA MoE ops (src/backend/cuda/moe*.cu, reached through the am::ops front-ends of src/ops/moe_ops.h)
 // against the CPU reference on host fp32 copies of the same (bf16-rounded where the device is bf16) inputs.
 // Random shapes including widths that are not multiples of the vector width (scalar fallbacks), experts with no
-// rows, both grouped-GEMM implementations, and the W2 shape (N = 4096 tokens, E = 128, k = 8, H = 2048, I = 768).
+// rows, every grouped-GEMM implementation (grouped API, per-expert, padded strided-batched, Auto) including
+// skewed counts, and the W2 shape (N = 4096 tokens, E = 128, k = 8, H = 2048, I = 768).
 // Outputs are poisoned with NaN before each call; parameter gradients start from random values (+= contract).
 // Runs only where a CUDA device is visible (GTEST_SKIP otherwise).
 #include <cuda_runtime.h>
@@ -336,10 +337,24 @@ TEST(CudaMoe, SwigluFusedMatchesCpu) {
 }
 
 namespace {
-// Grouped linear on the device (given implementation) against the CPU reference restricted to `check_experts`
-// (all when empty).
+using Opt = cu::GroupedLinearOptions;
+std::string impl_name(const Opt& o) {
+  switch (o.impl) {
+    case cu::GroupedGemm::Auto: return "auto";
+    case cu::GroupedGemm::Grouped: return "grouped";
+    case cu::GroupedGemm::PerExpert: return "per-expert";
+    case cu::GroupedGemm::Padded: return o.pad_rows ? "padded cap " + std::to_string(o.pad_rows) : "padded";
+  }
+  return "?";
+}
+const Opt kAuto{cu::GroupedGemm::Auto}, kGrouped{cu::GroupedGemm::Grouped}, kPerExpert{cu::GroupedGemm::PerExpert},
+    kPadded{cu::GroupedGemm::Padded};
+Opt padded_cap(int64_t rows) { return Opt{cu::GroupedGemm::Padded, rows}; }
+
+// Grouped linear on the device, each given implementation in turn, against one CPU reference.
 void check_grouped(int64_t e, int64_t k_dim, int64_t nout, const std::vector<int64_t>& counts, DType dt,
-                   cu::GroupedGemm impl, std::mt19937& rng, const std::string& tag, bool pass_counts = true) {
+                   const std::vector<Opt>& impls, std::mt19937& rng, const std::string& tag0, bool pass_counts = true,
+                   bool twice_check = true) {
   const int64_t m = std::accumulate(counts.begin(), counts.end(), int64_t{0});
   Tensor off = Tensor::empty({e + 1}, DType::I32);
   off.data<int32_t>()[0] = 0;
@@ -348,59 +363,110 @@ void check_grouped(int64_t e, int64_t k_dim, int64_t nout, const std::vector<int
   Tensor x = rand_host({m, k_dim}, rng, dt), w = rand_host({e, nout, k_dim}, rng, dt, -ws, ws),
          dy = rand_host({m, nout}, rng, dt), dw0 = rand_host({e, nout, k_dim}, rng, DType::F32, -0.01f, 0.01f);
   Tensor xd = up(x, dt), wd = up(w, dt), dyd = up(dy, dt), offd = up(off, DType::I32);
-  Tensor y = poisoned({m, nout}, dt), dx = poisoned({m, k_dim}, dt), dw = up(dw0, DType::F32);
-  cu::GroupedLinearOptions opt{impl};
-  cu::grouped_linear_fwd(xd, wd, offd, y, pass_counts ? &counts : nullptr, cu::default_context(), opt);
-  cu::grouped_linear_bwd(xd, wd, offd, dyd, &dx, dw, pass_counts ? &counts : nullptr, cu::default_context(), opt);
   Tensor want_y = Tensor::empty({m, nout}, DType::F32), want_dx = Tensor::empty({m, k_dim}, DType::F32),
          want_dw = dw0.clone();
   ops::grouped_linear_fwd(x, w, off, want_y, &counts);
   ops::grouped_linear_bwd(x, w, off, dy, &want_dx, want_dw, &counts);
-  expect_close_dt(y, want_y, dt, "grouped fwd " + tag);
-  expect_close_dt(dx, want_dx, dt, "grouped dx " + tag);
-  // dw: fp32 accumulation of exact bf16 products on both sides (order differs).
-  expect_close(dw, want_dw, am::test::Tolerance{1e-3, 1e-4}, 1e-4, "grouped dw " + tag);
-  // Empty experts' gradients untouched, bit for bit.
-  Tensor got_dw = down(dw);
-  for (int64_t j = 0; j < e; ++j) {
-    if (counts[j] != 0) continue;
-    for (int64_t i = 0; i < nout * k_dim; ++i) {
-      ASSERT_EQ(got_dw.f32()[j * nout * k_dim + i], dw0.f32()[j * nout * k_dim + i]) << tag << " expert " << j;
-    }
-  }
-  // dx == nullptr: dw only, accumulated again.
-  cu::grouped_linear_bwd(xd, wd, offd, dyd, nullptr, dw, &counts, cu::default_context(), opt);
   Tensor twice = want_dw.clone();
   for (int64_t i = 0; i < twice.numel(); ++i) twice.f32()[i] = 2 * want_dw.f32()[i] - dw0.f32()[i];
-  expect_close(dw, twice, am::test::Tolerance{1e-3, 1e-4}, 1e-4, "grouped dw twice " + tag);
+  for (const Opt& opt : impls) {
+    const std::string tag = impl_name(opt) + " " + tag0;
+    Tensor y = poisoned({m, nout}, dt), dx = poisoned({m, k_dim}, dt), dw = up(dw0, DType::F32);
+    cu::grouped_linear_fwd(xd, wd, offd, y, pass_counts ? &counts : nullptr, cu::default_context(), opt);
+    cu::grouped_linear_bwd(xd, wd, offd, dyd, &dx, dw, pass_counts ? &counts : nullptr, cu::default_context(), opt);
+    expect_close_dt(y, want_y, dt, "grouped fwd " + tag);
+    expect_close_dt(dx, want_dx, dt, "grouped dx " + tag);
+    // dw: fp32 accumulation of exact bf16 products on both sides (order differs).
+    expect_close(dw, want_dw, am::test::Tolerance{1e-3, 1e-4}, 1e-4, "grouped dw " + tag);
+    // Empty experts' gradients untouched (the padded path adds exactly 0 to them).
+    Tensor got_dw = down(dw);
+    for (int64_t j = 0; j < e; ++j) {
+      if (counts[j] != 0) continue;
+      for (int64_t i = 0; i < nout * k_dim; ++i) {
+        ASSERT_EQ(got_dw.f32()[j * nout * k_dim + i], dw0.f32()[j * nout * k_dim + i]) << tag << " expert " << j;
+      }
+    }
+    // dx == nullptr: dw only, accumulated again.
+    if (!twice_check) continue;
+    cu::grouped_linear_bwd(xd, wd, offd, dyd, nullptr, dw, &counts, cu::default_context(), opt);
+    expect_close(dw, twice, am::test::Tolerance{1e-3, 1e-4}, 1e-4, "grouped dw twice " + tag);
+  }
+}
+std::vector<int64_t> counts_of(const Tensor& idx, int64_t e) {
+  std::vector<int64_t> c(static_cast<size_t>(e), 0);
+  for (int64_t i = 0; i < idx.numel(); ++i) ++c[static_cast<size_t>(idx.data<int32_t>()[i])];
+  return c;
+}
+// Uniform routing: k distinct experts per token, uniformly at random (the balanced case Auto pads).
+Tensor uniform_topk(int64_t n, int64_t e, int64_t k, std::mt19937& rng) {
+  Tensor t = Tensor::empty({n, k}, DType::I32);
+  std::vector<int32_t> ids(static_cast<size_t>(e));
+  std::iota(ids.begin(), ids.end(), 0);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t s = 0; s < k; ++s) std::swap(ids[s], ids[rint(rng, s, e - 1)]);
+    std::copy(ids.begin(), ids.begin() + k, t.data<int32_t>() + r * k);
+  }
+  return t;
 }
 }  // namespace
 
 TEST(CudaMoe, GroupedLinearMatchesCpu) {
   REQUIRE_DEVICE();
   std::mt19937 rng(6);
-  for (cu::GroupedGemm impl : {cu::GroupedGemm::Grouped, cu::GroupedGemm::PerExpert})
-    for (DType dt : {DType::BF16, DType::F32})
-      for (int rep = 0; rep < 3; ++rep) {
-        const int64_t e = rint(rng, 2, 12), kd = 8 * rint(rng, 1, 40), nout = 8 * rint(rng, 1, 40);
-        std::vector<int64_t> counts(static_cast<size_t>(e));
-        for (auto& c : counts) c = rng() % 3 == 0 ? 0 : rint(rng, 1, 70);
-        counts[0] = 0;
-        const std::string tag = std::string(impl == cu::GroupedGemm::Grouped ? "grouped" : "per-expert") + " " +
-                                dname(dt) + " E=" + std::to_string(e) + " K=" + std::to_string(kd) +
-                                " Nout=" + std::to_string(nout);
-        check_grouped(e, kd, nout, counts, dt, impl, rng, tag, rep != 1);
-      }
+  const std::vector<Opt> impls = {kAuto, kGrouped, kPerExpert, kPadded, padded_cap(8), padded_cap(24)};
+  for (DType dt : {DType::BF16, DType::F32})
+    for (int rep = 0; rep < 4; ++rep) {
+      // rep 3: row widths of 26 / 24 bytes (bf16) and 52 / 48 bytes (fp32): the padding copies' 2-, 4- and 8-byte
+      // paths; only on the padded path (the others take cuBLASLt / grouped-API alignment rules as they come).
+      const int64_t e = rint(rng, 2, 12), kd = rep == 3 ? 13 : 8 * rint(rng, 1, 40),
+                    nout = rep == 3 ? 12 : 8 * rint(rng, 1, 40);
+      std::vector<int64_t> counts(static_cast<size_t>(e));
+      for (auto& c : counts) c = rng() % 3 == 0 ? 0 : rint(rng, 1, 70);
+      counts[0] = 0;
+      const std::string tag = std::string(dname(dt)) + " E=" + std::to_string(e) + " K=" + std::to_string(kd) +
+                              " Nout=" + std::to_string(nout);
+      check_grouped(e, kd, nout, counts, dt, rep == 3 ? std::vector<Opt>{kPadded, padded_cap(8)} : impls, rng, tag,
+                    rep != 1);
+    }
+}
+
+TEST(CudaMoe, GroupedLinearSkewedCountsMatchCpu) {
+  REQUIRE_DEVICE();
+  // One expert with most of the rows, experts with none (Auto: not padded), one expert only, all balanced (Auto:
+  // padded), a few popular experts among balanced ones, and caps forced below the largest count (overflow rows on
+  // the grouped path for y / dx, per expert for dW).
+  std::mt19937 rng(9);
+  const std::vector<Opt> impls = {kAuto, kGrouped, kPerExpert, kPadded, padded_cap(64), padded_cap(200)};
+  std::vector<std::vector<int64_t>> cases = {
+      {0, 500, 3, 0, 1, 0, 0, 17}, {0, 0, 0, 77, 0, 0}, {200, 190, 211, 205, 199, 0, 208, 203}, {1}, {130, 0, 1, 64}};
+  std::vector<int64_t> popular(16, 100);
+  popular[3] = 700;
+  popular[11] = 420;
+  cases.push_back(popular);
+  for (DType dt : {DType::BF16, DType::F32})
+    for (size_t ci = 0; ci < cases.size(); ++ci) {
+      const std::vector<int64_t>& counts = cases[ci];
+      const int64_t e = static_cast<int64_t>(counts.size());
+      check_grouped(e, 136, 72, counts, dt, impls, rng, std::string(dname(dt)) + " case " + std::to_string(ci));
+    }
 }
 
 TEST(CudaMoe, GroupedLinearW2ShapesMatchCpu) {
   REQUIRE_DEVICE();
   // W2: N = 4096 tokens, E = 128, k = 8 -> 32768 grouped rows; gate_up [128, 1536, 2048], down [128, 2048, 768].
+  // Uniform routing (Auto pads) on the padded, grouped and per-expert paths; skewed routing (experts without rows)
+  // on Auto and padded with a cap (overflow rows on the grouped / per-expert path). The dw-only repeat is left to
+  // the small cases (host time).
   std::mt19937 rng(7);
   const int64_t n = 4096, e = 128, k = 8, h = 2048, i = 768;
+  const std::vector<int64_t> uni = counts_of(uniform_topk(n, e, k, rng), e);
+  const std::vector<Opt> three = {kPadded, kGrouped, kPerExpert};
+  check_grouped(e, h, 2 * i, uni, DType::BF16, three, rng, "W2 uniform gate_up", true, false);
+  check_grouped(e, i, h, uni, DType::BF16, three, rng, "W2 uniform down", true, false);
   HostPlan p = cpu_plan(skewed_topk(n, e, k, rng), e);
-  check_grouped(e, h, 2 * i, p.counts, DType::BF16, cu::GroupedGemm::Auto, rng, "W2 gate_up");
-  check_grouped(e, i, h, p.counts, DType::BF16, cu::GroupedGemm::Auto, rng, "W2 down");
+  const std::vector<Opt> two = {kAuto, padded_cap(256)};
+  check_grouped(e, h, 2 * i, p.counts, DType::BF16, two, rng, "W2 skewed gate_up", true, false);
+  check_grouped(e, i, h, p.counts, DType::BF16, two, rng, "W2 skewed down", true, false);
 }
 
 TEST(CudaMoe, WholeBlockMatchesCpu) {

@@ -34,12 +34,19 @@ void moe_combine_bwd(const Tensor& yg, const Tensor& inv_perm, const Tensor& top
 // Grouped linear. Grouped: one cublasGemmGroupedBatchedEx launch per product (one problem per expert with rows,
 // empty experts left out, the device pointer arrays built on the device from the offsets by a one-warp kernel),
 // where cuBLAS offers the dtype combination: it does not for bf16 A/B with an fp32 C (cuBLAS 13.1), so the dW
-// product (fp32 +=) always runs per expert. PerExpert: one cuBLASLt GEMM per expert with rows (gemm.h). Auto:
-// per product the faster one at the W2 shape (docs/moe_kernels.md). Without host_counts the offsets are read
-// back (a sync).
-enum class GroupedGemm { Auto, Grouped, PerExpert };
+// product (fp32 +=) always runs per expert. PerExpert: one cuBLASLt GEMM per expert with rows (gemm.h).
+// Padded: each expert's first Mpad rows copied into a zero-padded scratch [E, Mpad, *] from the caching allocator,
+// one cublasGemmStridedBatchedEx over all E experts per product (dW: bf16 A/B, fp32 C, beta = 1 into dw), y / dx
+// rows copied back; scratch freed at the end of the call. Mpad = pad_rows when set, else the largest count rounded
+// up to 64 (to 8 below 64); rows beyond Mpad (the overflow) run as Auto's grouped / per-expert products.
+// Auto: Padded (largest count) when E * Mpad <= 1.5 M (balanced routing: the padding wastes at most half the rows
+// again); otherwise grouped for y and dx and per-expert for dW (the faster ones at the W2 shape,
+// docs/moe_kernels.md). AM_MOE_GEMM_LOG=1 prints each call's routing statistics and choice (first 64 calls).
+// Without host_counts the offsets are read back (a sync).
+enum class GroupedGemm { Auto, Grouped, PerExpert, Padded };
 struct GroupedLinearOptions {
   GroupedGemm impl = GroupedGemm::Auto;
+  int64_t pad_rows = 0;  // Padded only: rows per expert in the scratch (0: the largest count, rounded up)
 };
 void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, Tensor& y,
                         const std::vector<int64_t>* host_counts, CudaContext& ctx = default_context(),

@@ -9,9 +9,18 @@
 // per expert, sizes from the host counts, the device arrays of A/B/C pointers built on the device from the
 // offsets by a one-warp kernel (no host-to-device copy). The per-expert fallback issues one cuBLASLt GEMM per
 // expert through gemm.h.
+// Padded: every expert's first Mpad rows are copied into a zero-padded scratch [E, Mpad, C] (one block per
+// padded row), one cublasGemmStridedBatchedEx covers all E experts, and the rows of y / dx are copied back to the
+// compact layout. dW: x and dy both padded with zero rows (which add exactly nothing), then one strided-batched
+// GEMM with bf16 A/B, fp32 C, beta = 1 straight into dw [E, Nout, K]. Mpad is the largest count rounded up, or a
+// cap given in the options: the rows of the experts beyond it (the overflow) then run through the grouped /
+// per-expert path with the row offset `shift` = Mpad (see choose_pad).
 #include <cublas_v2.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -31,14 +40,15 @@ struct PtrRule {
   int64_t expert_stride, row_stride;
 };
 
-// Writes the pointers of the experts with rows, in expert order, to a[g], b[g], c[g] (g = rank among them).
-__global__ void build_ptrs_kernel(const int32_t* __restrict__ offsets, int e, PtrRule ra, PtrRule rb, PtrRule rc,
-                                  const void** a, const void** b, void** c) {
+// Writes the pointers of the experts with rows (beyond shift), in expert order, to a[g], b[g], c[g] (g = rank among them).
+// shift: rows skipped at the start of every expert (the padded path's overflow rows start at row Mpad).
+__global__ void build_ptrs_kernel(const int32_t* __restrict__ offsets, int e, int shift, PtrRule ra, PtrRule rb,
+                                  PtrRule rc, const void** a, const void** b, void** c) {
   const int lane = threadIdx.x;
   int g0 = 0;
   for (int base = 0; base < e; base += 32) {
     const int ex = base + lane;
-    const int r0 = ex < e ? offsets[ex] : 0;
+    const int r0 = ex < e ? offsets[ex] + shift : 0;
     const bool nz = ex < e && offsets[ex + 1] > r0;
     const unsigned mask = __ballot_sync(0xffffffffu, nz);
     if (nz) {
@@ -116,8 +126,9 @@ std::vector<int64_t> counts_from(const Tensor& offsets, int64_t e, const std::ve
 }
 
 // Returns false when cuBLAS reports the combination unsupported (and allow_fallback), true when done.
+// counts: the rows of each expert from row `shift` on (0 for experts with no more rows).
 bool run_grouped(const char* op, const GroupedGemm1& p, const Tensor& offsets, const std::vector<int64_t>& counts,
-                 CudaContext& ctx, bool allow_fallback) {
+                 int shift, CudaContext& ctx, bool allow_fallback) {
   const int64_t e = static_cast<int64_t>(counts.size());
   std::vector<int> ms, ns, ks, ldas, ldbs, ldcs, sizes;
   std::vector<cublasOperation_t> tas, tbs;
@@ -143,8 +154,8 @@ bool run_grouped(const char* op, const GroupedGemm1& p, const Tensor& offsets, c
   auto** a = reinterpret_cast<const void**>(ptrs.raw());
   auto** b = a + e;
   auto** c = reinterpret_cast<void**>(const_cast<void**>(reinterpret_cast<const void**>(a + 2 * e)));
-  build_ptrs_kernel<<<1, 32, 0, ctx.stream()>>>(offsets.data<int32_t>(), static_cast<int>(e), p.ra, p.rb, p.rc, a, b,
-                                                c);
+  build_ptrs_kernel<<<1, 32, 0, ctx.stream()>>>(offsets.data<int32_t>(), static_cast<int>(e), shift, p.ra, p.rb, p.rc,
+                                                a, b, c);
   AM_CUDA_CHECK_LAUNCH();
   cublasHandle_t h = cublas_handle(ctx);
   AM_CUDA_CHECK(cublasSetStream(h, ctx.stream()));
@@ -160,24 +171,162 @@ bool run_grouped(const char* op, const GroupedGemm1& p, const Tensor& offsets, c
                     std::to_string(groups) + " groups)");
 }
 
+// ---------------- padded (strided-batched) path ----------------
+// Padded row p = e * mpad + r of the scratch [E, mpad, row]: expert e's row r (compact row offsets[e] + r) when
+// r < min(count_e, mpad), else zeros (an expert's rows from mpad on are the overflow, run apart). One block per
+// padded row; T is the widest unit that divides the row and both bases.
+template <typename T>
+__global__ void pad_rows_kernel(const T* __restrict__ src, const int32_t* __restrict__ offsets, int mpad,
+                                int64_t units, T* __restrict__ dst) {
+  const int64_t p = blockIdx.x;
+  const int e = static_cast<int>(p / mpad), r = static_cast<int>(p % mpad);
+  const int32_t r0 = offsets[e], cnt = min(offsets[e + 1] - r0, mpad);  // rows from mpad on: overflow
+  T* d = dst + p * units;
+  if (r < cnt) {
+    const T* s = src + (static_cast<int64_t>(r0) + r) * units;
+    for (int64_t i = threadIdx.x; i < units; i += blockDim.x) d[i] = s[i];
+  } else {
+    const T z{};
+    for (int64_t i = threadIdx.x; i < units; i += blockDim.x) d[i] = z;
+  }
+}
+// The inverse for the rows that exist: compact row offsets[e] + r = padded row e * mpad + r (r < min(count_e, mpad)).
+template <typename T>
+__global__ void unpad_rows_kernel(const T* __restrict__ src, const int32_t* __restrict__ offsets, int mpad,
+                                  int64_t units, T* __restrict__ dst) {
+  const int64_t p = blockIdx.x;
+  const int e = static_cast<int>(p / mpad), r = static_cast<int>(p % mpad);
+  const int32_t r0 = offsets[e], cnt = min(offsets[e + 1] - r0, mpad);  // rows from mpad on: overflow
+  if (r >= cnt) return;
+  const T* s = src + p * units;
+  T* d = dst + (static_cast<int64_t>(r0) + r) * units;
+  for (int64_t i = threadIdx.x; i < units; i += blockDim.x) d[i] = s[i];
+}
+
+template <typename T>
+void launch_rows(bool pad, const void* src, const int32_t* offsets, int64_t e, int mpad, int64_t row_bytes, void* dst,
+                 cudaStream_t st) {
+  const int64_t units = row_bytes / static_cast<int64_t>(sizeof(T));
+  const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (units + 31) / 32 * 32)));
+  const unsigned grid = static_cast<unsigned>(e * mpad);
+  if (pad)
+    pad_rows_kernel<T><<<grid, threads, 0, st>>>(static_cast<const T*>(src), offsets, mpad, units, static_cast<T*>(dst));
+  else
+    unpad_rows_kernel<T><<<grid, threads, 0, st>>>(static_cast<const T*>(src), offsets, mpad, units,
+                                                   static_cast<T*>(dst));
+  AM_CUDA_CHECK_LAUNCH();
+}
+
+// pad: compact src [M, row] -> dst [E, mpad, row]; !pad: padded src -> compact dst (rows that exist).
+void copy_rows(bool pad, const void* src, const Tensor& offsets, int64_t e, int mpad, int64_t row_bytes, void* dst,
+               CudaContext& ctx) {
+  if (e == 0 || mpad == 0 || row_bytes == 0) return;
+  const uint64_t a = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
+                     static_cast<uint64_t>(row_bytes);
+  const int32_t* off = offsets.data<int32_t>();
+  if (a % 16 == 0) launch_rows<uint4>(pad, src, off, e, mpad, row_bytes, dst, ctx.stream());
+  else if (a % 8 == 0) launch_rows<uint2>(pad, src, off, e, mpad, row_bytes, dst, ctx.stream());
+  else if (a % 4 == 0) launch_rows<uint32_t>(pad, src, off, e, mpad, row_bytes, dst, ctx.stream());
+  else launch_rows<uint16_t>(pad, src, off, e, mpad, row_bytes, dst, ctx.stream());
+}
+
+int64_t round_rows(int64_t r) {
+  const int64_t g = r >= 64 ? 64 : 8;
+  return (r + g - 1) / g * g;
+}
+// Rows per expert in the padded scratch, 0 for "not padded". Forced Padded: opt.pad_rows (a cap below the largest
+// count leaves overflow rows, run apart), else the largest count rounded up (to 64, to 8 below 64 rows). Auto: the
+// largest count rounded up when E * Mpad <= 1.5 M (balanced routing), else 0 (the grouped / per-expert path).
+// Auto does not cap: a capped scratch measured slower than the grouped path on the skewed W2 routing (cap 896,
+// docs/moe_kernels.md), and no moderately skewed case where it would pay has been measured yet.
+int64_t choose_pad(const std::vector<int64_t>& counts, int64_t m, const GroupedLinearOptions& opt) {
+  const int64_t e = static_cast<int64_t>(counts.size());
+  if (e == 0 || m == 0) return 0;
+  const int64_t full = round_rows(*std::max_element(counts.begin(), counts.end()));
+  if (opt.impl == GroupedGemm::Padded) return opt.pad_rows > 0 ? opt.pad_rows : full;
+  if (opt.impl != GroupedGemm::Auto) return 0;
+  return 2 * e * full <= 3 * m ? full : 0;
+}
+
+// AM_MOE_GEMM_LOG=1: one line per call (first 64 calls) on stderr with the routing statistics and the path taken.
+void log_call(const char* op, const std::vector<int64_t>& counts, int64_t m, int64_t mpad) {
+  static const bool on = [] {
+    const char* v = std::getenv("AM_MOE_GEMM_LOG");
+    return v && *v && *v != '0';
+  }();
+  static std::atomic<int> n{0};
+  if (!on || n.fetch_add(1) >= 64) return;
+  int64_t mx = 0, nz = 0, over = 0, over_e = 0;
+  for (int64_t c : counts) {
+    mx = std::max(mx, c);
+    nz += c > 0;
+    if (mpad > 0 && c > mpad) over += c - mpad, ++over_e;
+  }
+  const int64_t e = static_cast<int64_t>(counts.size());
+  std::fprintf(stderr,
+               "%s: E=%lld M=%lld max=%lld mean=%lld nonzero=%lld -> %s Mpad=%lld (%.2fx) overflow %lld rows in %lld "
+               "experts\n",
+               op, (long long)e, (long long)m, (long long)mx, (long long)(e ? m / e : 0), (long long)nz,
+               mpad ? "padded" : "grouped/per-expert", (long long)mpad, m ? double(mpad * e) / double(m) : 0.0,
+               (long long)over, (long long)over_e);
+}
+
+// One strided-batched GEMM over all E experts (column-major, cuBLAS convention; strides in elements).
+struct StridedGemm {
+  bool ta, tb;
+  int m, n, k;
+  const void* a;
+  int lda;
+  int64_t sa;
+  const void* b;
+  int ldb;
+  int64_t sb;
+  void* c;
+  int ldc;
+  int64_t sc;
+  DType ab_type, c_type;
+  float beta;
+  int batch;
+};
+void run_strided(const char* op, const StridedGemm& g, CudaContext& ctx) {
+  cublasHandle_t h = cublas_handle(ctx);
+  AM_CUDA_CHECK(cublasSetStream(h, ctx.stream()));
+  const float one = 1.f;
+  const cublasStatus_t st = cublasGemmStridedBatchedEx(
+      h, g.ta ? CUBLAS_OP_T : CUBLAS_OP_N, g.tb ? CUBLAS_OP_T : CUBLAS_OP_N, g.m, g.n, g.k, &one, g.a,
+      cuda_type(g.ab_type), g.lda, g.sa, g.b, cuda_type(g.ab_type), g.ldb, g.sb, &g.beta, g.c, cuda_type(g.c_type),
+      g.ldc, g.sc, g.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  if (st != CUBLAS_STATUS_SUCCESS)
+    throw DeviceError(std::string("cuda op ") + op + ": cublasGemmStridedBatchedEx failed (" + cublas_status_name(st) +
+                      ", A/B " + dtype_name(g.ab_type) + ", C " + dtype_name(g.c_type) + ", m " + std::to_string(g.m) +
+                      " n " + std::to_string(g.n) + " k " + std::to_string(g.k) + ", batch " +
+                      std::to_string(g.batch) + ")");
+}
+
 // Which products Auto runs as one grouped call (the rest: per-expert cuBLASLt GEMMs); from the W2 measurements
 // in docs/moe_kernels.md.
 enum class Product { Fwd, Dx, Dw };
 bool auto_grouped(Product pr) { return pr != Product::Dw; }
 
+// The experts' rows from row `shift` on (all rows: shift 0; the padded path's overflow: shift Mpad) with the
+// grouped API or per-expert GEMMs (impl Auto: per product, the faster at the W2 shape).
 void run_product(const char* op, Product pr, const GroupedGemm1& p, const Tensor& offsets,
-                 const std::vector<int64_t>& counts, CudaContext& ctx, GroupedGemm impl) {
+                 const std::vector<int64_t>& counts, CudaContext& ctx, GroupedGemm impl, int64_t shift = 0) {
+  std::vector<int64_t> rest(counts.size());
+  bool any = false;
+  for (size_t j = 0; j < counts.size(); ++j) any |= (rest[j] = std::max<int64_t>(0, counts[j] - shift)) > 0;
+  if (!any) return;
   std::atomic<bool>& unsupported = p.c_type == DType::F32 && p.ab_type != DType::F32 ? g_grouped_unsupported_f32c
                                                                                      : g_grouped_unsupported_lowc;
-  const bool want_grouped = impl == GroupedGemm::Grouped || (impl == GroupedGemm::Auto && auto_grouped(pr));
+  const bool want_grouped = impl == GroupedGemm::Grouped || (impl != GroupedGemm::PerExpert && auto_grouped(pr));
   if (want_grouped && !unsupported.load()) {
-    if (run_grouped(op, p, offsets, counts, ctx, true)) return;
+    if (run_grouped(op, p, offsets, rest, static_cast<int>(shift), ctx, true)) return;
     unsupported.store(true);  // e.g. bf16 A/B with fp32 C (the dW product): not offered by cuBLAS 13.1
   }
   // Per-expert cuBLASLt GEMMs.
   int64_t r0 = 0;
   for (size_t j = 0; j < counts.size(); ++j) {
-    const int64_t rows = counts[j];
+    const int64_t rows = rest[j];
     if (rows > 0) {
       GemmDesc g;
       g.trans_a = p.ta;
@@ -185,20 +334,20 @@ void run_product(const char* op, Product pr, const GroupedGemm1& p, const Tensor
       g.m = p.m < 0 ? rows : p.m;
       g.n = p.n < 0 ? rows : p.n;
       g.k = p.k < 0 ? rows : p.k;
-      const int64_t ej = static_cast<int64_t>(j);
-      g.a = p.ra.base + ej * p.ra.expert_stride + r0 * p.ra.row_stride;
+      const int64_t ej = static_cast<int64_t>(j), rs = r0 + shift;
+      g.a = p.ra.base + ej * p.ra.expert_stride + rs * p.ra.row_stride;
       g.a_type = p.ab_type;
       g.lda = p.lda;
-      g.b = p.rb.base + ej * p.rb.expert_stride + r0 * p.rb.row_stride;
+      g.b = p.rb.base + ej * p.rb.expert_stride + rs * p.rb.row_stride;
       g.b_type = p.ab_type;
       g.ldb = p.ldb;
-      g.d = const_cast<char*>(p.rc.base) + ej * p.rc.expert_stride + r0 * p.rc.row_stride;
+      g.d = const_cast<char*>(p.rc.base) + ej * p.rc.expert_stride + rs * p.rc.row_stride;
       g.d_type = p.c_type;
       g.ldd = p.ldc;
       g.beta = p.beta;
       gemm(ctx, g);
     }
-    r0 += rows;
+    r0 += counts[j];
   }
 }
 
@@ -256,7 +405,21 @@ void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
   p.ab_type = x.dtype();
   p.c_type = y.dtype();
   p.beta = 0.f;
-  run_product(op, Product::Fwd, p, offsets, counts, ctx, opt.impl);
+  const int64_t mpad = choose_pad(counts, d.m, opt);
+  log_call(op, counts, d.m, mpad);
+  if (mpad == 0) {
+    run_product(op, Product::Fwd, p, offsets, counts, ctx, opt.impl);
+    return;
+  }
+  const int mp = static_cast<int>(mpad), kk = static_cast<int>(d.k), no = static_cast<int>(d.nout);
+  Tensor xp = empty({d.e, mpad, d.k}, x.dtype(), ctx), yp = empty({d.e, mpad, d.nout}, y.dtype(), ctx);
+  copy_rows(true, x.raw(), offsets, d.e, mp, d.k * es, xp.raw(), ctx);
+  // yp_e (Nout x mpad) = op_T(w_e) (Nout x K) * xp_e (K x mpad)
+  run_strided(op, {true, false, no, mp, kk, w.raw(), kk, d.nout * d.k, xp.raw(), kk, mpad * d.k, yp.raw(), no,
+                   mpad * d.nout, x.dtype(), y.dtype(), 0.f, static_cast<int>(d.e)},
+              ctx);
+  copy_rows(false, yp.raw(), offsets, d.e, mp, d.nout * es, y.raw(), ctx);
+  run_product(op, Product::Fwd, p, offsets, counts, ctx, GroupedGemm::Auto, mpad);  // overflow rows, if any
 }
 
 void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
@@ -279,40 +442,63 @@ void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
   }
   const std::vector<int64_t> counts = counts_from(offsets, d.e, host_counts, ctx);
   const int64_t es = static_cast<int64_t>(dtype_size(x.dtype()));
-  if (dx) {
-    GroupedGemm1 p;
-    p.ta = false;
-    p.tb = false;
-    p.m = static_cast<int>(d.k);
-    p.n = -1;
-    p.k = static_cast<int>(d.nout);
-    p.lda = static_cast<int>(d.k);
-    p.ldb = static_cast<int>(d.nout);
-    p.ldc = static_cast<int>(d.k);
-    p.ra = {static_cast<const char*>(w.raw()), d.nout * d.k * es, 0};
-    p.rb = {static_cast<const char*>(dy.raw()), 0, d.nout * es};
-    p.rc = {static_cast<const char*>(dx->raw()), 0, d.k * es};
-    p.ab_type = x.dtype();
-    p.c_type = dx->dtype();
-    p.beta = 0.f;
-    run_product(op, Product::Dx, p, offsets, counts, ctx, opt.impl);
+  GroupedGemm1 px;  // dx
+  px.ta = false;
+  px.tb = false;
+  px.m = static_cast<int>(d.k);
+  px.n = -1;
+  px.k = static_cast<int>(d.nout);
+  px.lda = static_cast<int>(d.k);
+  px.ldb = static_cast<int>(d.nout);
+  px.ldc = static_cast<int>(d.k);
+  px.ra = {static_cast<const char*>(w.raw()), d.nout * d.k * es, 0};
+  px.rb = {static_cast<const char*>(dy.raw()), 0, d.nout * es};
+  px.rc = {static_cast<const char*>(dx ? dx->raw() : nullptr), 0, d.k * es};
+  px.ab_type = x.dtype();
+  px.c_type = x.dtype();
+  px.beta = 0.f;
+  GroupedGemm1 pw;  // dw
+  pw.ta = false;
+  pw.tb = true;
+  pw.m = static_cast<int>(d.k);
+  pw.n = static_cast<int>(d.nout);
+  pw.k = -1;
+  pw.lda = static_cast<int>(d.k);
+  pw.ldb = static_cast<int>(d.nout);
+  pw.ldc = static_cast<int>(d.k);
+  pw.ra = {static_cast<const char*>(x.raw()), 0, d.k * es};
+  pw.rb = {static_cast<const char*>(dy.raw()), 0, d.nout * es};
+  pw.rc = {static_cast<const char*>(dw.raw()), d.nout * d.k * static_cast<int64_t>(sizeof(float)), 0};
+  pw.ab_type = x.dtype();
+  pw.c_type = DType::F32;
+  pw.beta = 1.f;
+  const int64_t mpad = choose_pad(counts, d.m, opt);
+  log_call(op, counts, d.m, mpad);
+  if (mpad == 0) {
+    if (dx) run_product(op, Product::Dx, px, offsets, counts, ctx, opt.impl);
+    run_product(op, Product::Dw, pw, offsets, counts, ctx, opt.impl);
+    return;
   }
-  GroupedGemm1 p;
-  p.ta = false;
-  p.tb = true;
-  p.m = static_cast<int>(d.k);
-  p.n = static_cast<int>(d.nout);
-  p.k = -1;
-  p.lda = static_cast<int>(d.k);
-  p.ldb = static_cast<int>(d.nout);
-  p.ldc = static_cast<int>(d.k);
-  p.ra = {static_cast<const char*>(x.raw()), 0, d.k * es};
-  p.rb = {static_cast<const char*>(dy.raw()), 0, d.nout * es};
-  p.rc = {static_cast<const char*>(dw.raw()), d.nout * d.k * static_cast<int64_t>(sizeof(float)), 0};
-  p.ab_type = x.dtype();
-  p.c_type = DType::F32;
-  p.beta = 1.f;
-  run_product(op, Product::Dw, p, offsets, counts, ctx, opt.impl);
+  const int mp = static_cast<int>(mpad), kk = static_cast<int>(d.k), no = static_cast<int>(d.nout),
+            ne = static_cast<int>(d.e);
+  // Zero padding rows in both operands: they add exactly 0 to dw (an expert without rows: dw[e] += 0).
+  Tensor xp = empty({d.e, mpad, d.k}, x.dtype(), ctx), dyp = empty({d.e, mpad, d.nout}, dy.dtype(), ctx);
+  copy_rows(true, x.raw(), offsets, d.e, mp, d.k * es, xp.raw(), ctx);
+  copy_rows(true, dy.raw(), offsets, d.e, mp, d.nout * es, dyp.raw(), ctx);
+  // dw_e (K x Nout) += xp_e (K x mpad) * op_T(dyp_e) (mpad x Nout), fp32 C
+  run_strided(op, {false, true, kk, no, mp, xp.raw(), kk, mpad * d.k, dyp.raw(), no, mpad * d.nout, dw.raw(), kk,
+                   d.nout * d.k, x.dtype(), DType::F32, 1.f, ne},
+              ctx);
+  run_product(op, Product::Dw, pw, offsets, counts, ctx, GroupedGemm::Auto, mpad);  // overflow rows, if any
+  if (dx) {
+    // dxp_e (K x mpad) = w_e (K x Nout) * dyp_e (Nout x mpad), written over xp (read by the dw GEMM before, in
+    // stream order).
+    run_strided(op, {false, false, kk, mp, no, w.raw(), kk, d.nout * d.k, dyp.raw(), no, mpad * d.nout, xp.raw(), kk,
+                     mpad * d.k, x.dtype(), dx->dtype(), 0.f, ne},
+                ctx);
+    copy_rows(false, xp.raw(), offsets, d.e, mp, d.k * es, dx->raw(), ctx);
+    run_product(op, Product::Dx, px, offsets, counts, ctx, GroupedGemm::Auto, mpad);  // overflow rows, if any
+  }
 }
 
 }  // namespace am::cuda
