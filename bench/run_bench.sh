@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A BENCH.md workload on the GPU machine, engine and HF in one call; prints the ratio table.
 #   bash bench/run_bench.sh w1|w2 [BUNDLE_DIR=.devbuild]     (BUNDLE_DIR from tools/device_bundle.sh)
-# HF_CONFIGS overrides the HF configurations (see bench/hf_bench.py).
+# HF_CONFIGS_W1 / HF_CONFIGS_W2 (or HF_CONFIGS for any) override the HF configurations (bench/hf_bench.py).
 set -uo pipefail
 W=${1:?usage: run_bench.sh w1|w2 [BUNDLE_DIR]}
 BUNDLE=${2:-.devbuild}
@@ -17,7 +17,8 @@ export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 "$BUNDLE/bin/automodel" bench "bench/$W.yaml" --out "$OUTDIR/engine.json" > "$OUTDIR/engine.log" 2>&1
 echo "engine exit $?"; tail -5 "$OUTDIR/engine.log"
-PYTHONUNBUFFERED=1 python3 bench/hf_bench.py "bench/${W}_config.json" $B $T "${HF_CONFIGS:-$DEF}" 2>"$OUTDIR/hf.err" | tee "$OUTDIR/hf.jsonl"
+HFV=HF_CONFIGS_${W^^}
+PYTHONUNBUFFERED=1 python3 bench/hf_bench.py "bench/${W}_config.json" $B $T "${!HFV:-${HF_CONFIGS:-$DEF}}" 2>"$OUTDIR/hf.err" | tee "$OUTDIR/hf.jsonl"
 tail -3 "$OUTDIR/hf.err"
 python3 - "$OUTDIR" "$W" <<'PY'
 import json, sys, os
