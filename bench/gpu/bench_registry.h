@@ -1,6 +1,6 @@
 // The GPU micro-benchmarks linked into am_gpu_microbench. Each lives in its own bench/gpu/*.cu file as
 // `int NAME_bench_main(int argc, char** argv)` (argv[0] = its name, the rest its own arguments) and is
-// listed once here; bench/gpu/main.cu dispatches on argv[1] (no argument: run them all).
+// listed once here; the main in bench_cuda_ops.cu dispatches on argv[1] (no argument: the core-op benchmarks).
 #pragma once
 
 int attention_bench_main(int argc, char** argv);
