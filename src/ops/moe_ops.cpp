@@ -15,6 +15,7 @@
 
 #include "backend/cpu/cpu_ops.h"
 #include "core/error.h"
+#include "ops/op_checks.h"
 #ifdef AM_WITH_CUDA
 #include "backend/cuda/moe.h"
 #define AM_MOE_ROUTE_CUDA(call) \
@@ -28,36 +29,13 @@
 namespace am::ops {
 namespace {
 
-struct Arg {
-  const char* name;
-  const Tensor* t;  // null: an optional argument that was not given
-};
+using detail::Arg;
+using detail::describe;
+using detail::device_of;
+using detail::shape_error;
 
-std::string describe(const char* name, const Tensor& t) {
-  return std::string(name) + " " + shape_str(t.shape()) + " " + dtype_name(t.dtype());
-}
-
-[[noreturn]] void shape_error(const char* op, const std::string& msg) {
-  throw ShapeError(std::string("op ") + op + ": " + msg);
-}
 [[noreturn]] void data_error(const char* op, const std::string& msg) {
   throw DataError(std::string("op ") + op + ": " + msg);
-}
-
-DeviceType device_of(const char* op, std::initializer_list<Arg> args) {
-  const Arg* first = nullptr;
-  for (const Arg& a : args) {
-    if (!a.t) continue;
-    if (!a.t->defined()) shape_error(op, std::string(a.name) + " is an undefined (empty) tensor");
-    if (!first) {
-      first = &a;
-    } else if (a.t->device() != first->t->device()) {
-      throw DeviceError(std::string("op ") + op + ": " + first->name + " is on " +
-                        (first->t->device() == DeviceType::CPU ? "cpu" : "cuda") + " but " + a.name + " is on " +
-                        (a.t->device() == DeviceType::CPU ? "cpu" : "cuda"));
-    }
-  }
-  return first ? first->t->device() : DeviceType::CPU;
 }
 
 void need_dtype(const char* op, const char* name, const Tensor& t, DType want, const char* why = nullptr) {

@@ -29,40 +29,15 @@
 #define AM_ROUTE_CUDA(call) (void)0
 #endif
 #include "core/error.h"
+#include "ops/op_checks.h"
 
 namespace am::ops {
 namespace {
 
-// A named argument, for error messages.
-struct Arg {
-  const char* name;
-  const Tensor* t;  // null: an optional argument that was not given
-};
-
-std::string describe(const char* name, const Tensor& t) {
-  return std::string(name) + " " + shape_str(t.shape()) + " " + dtype_name(t.dtype());
-}
-
-[[noreturn]] void shape_error(const char* op, const std::string& msg) {
-  throw ShapeError(std::string("op ") + op + ": " + msg);
-}
-
-// Checks that every given tensor is defined and that all live on one device; returns that device.
-DeviceType device_of(const char* op, std::initializer_list<Arg> args) {
-  const Arg* first = nullptr;
-  for (const Arg& a : args) {
-    if (!a.t) continue;
-    if (!a.t->defined()) shape_error(op, std::string(a.name) + " is an undefined (empty) tensor");
-    if (!first) {
-      first = &a;
-    } else if (a.t->device() != first->t->device()) {
-      throw DeviceError(std::string("op ") + op + ": " + first->name + " is on " +
-                        (first->t->device() == DeviceType::CPU ? "cpu" : "cuda") + " but " + a.name +
-                        " is on " + (a.t->device() == DeviceType::CPU ? "cpu" : "cuda"));
-    }
-  }
-  return first ? first->t->device() : DeviceType::CPU;
-}
+using detail::Arg;
+using detail::describe;
+using detail::device_of;
+using detail::shape_error;
 
 // ---- the dispatch point ----
 // Every op ends here: CPU tensors run the reference kernels in src/backend/cpu. The CUDA backend plugs
