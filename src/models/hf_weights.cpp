@@ -34,7 +34,7 @@ void load_hf_weights(CausalLM& model, const std::string& dir) {
       for (size_t i = 0; i < p.layouts.size() && i < 2; ++i)
         for (const SourceSlice& s : p.layouts[i])
           if (!st.has(s.name)) {
-            miss += (miss.empty() ? "'" : "' (or '") + s.name + (i ? "')" : "'");
+            miss += (miss.empty() ? "'" : " (or '") + s.name + (i ? "')" : "'");
             break;
           }
       throw FormatError(dir + ": tensor " + miss + " is missing from the checkpoint (model_type " +

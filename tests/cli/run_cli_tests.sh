@@ -73,5 +73,30 @@ expect "alias finetune llm -c" 0 "step 4 \| epoch 0" -- "$BIN" finetune llm -c "
 expect "consolidated export" 0 "model.safetensors" -- ls "$T/ck/epoch_0_step_4/model/consolidated"
 expect "info" 0 "features: cpu" -- "$BIN" info
 
+# MoE through the CLI (mixtral golden: hub per-expert names block_sparse_moe.experts.{e}.w1/w2/w3, aux loss on)
+MX="$ROOT/tests/fixtures/golden/mixtral"
+cp -r "$MX" "$T/mx"
+expect "moe finetune" 0 "step 4 \| epoch 0 \| loss 5\.74" -- "$BIN" finetune "$T/mx/recipe.yaml" --checkpoint.checkpoint_dir=$T/mxck
+expect "moe metrics in training.jsonl" 0 "moe_expert_cv.*router_aux_loss" -- grep -m1 moe_expert_cv "$T/mxck/training.jsonl"
+expect "moe export keeps per-expert names" 0 "block_sparse_moe\.experts\.3\.w2\.weight" -- grep -ao "block_sparse_moe.experts.3.w2.weight" "$T/mxck/epoch_0_step_4/model/consolidated/model.safetensors"
+# a missing expert tensor is named
+python3 - "$T/mx/model/model.safetensors" "$T/mx_missing" <<'PY' 2>/dev/null || true
+import json, os, struct, sys
+src, out = sys.argv[1], sys.argv[2]
+b = open(src, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n]); data = b[8 + n:]
+drop = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+keep = {k: v for k, v in h.items() if k != drop and k != "__metadata__"}
+off, parts, hdr = 0, [], {}
+for k, v in keep.items():
+    s, e = v["data_offsets"]; parts.append(data[s:e]); hdr[k] = dict(v, data_offsets=[off, off + e - s]); off += e - s
+hb = json.dumps(hdr).encode(); hb += b" " * ((8 - len(hb) % 8) % 8)
+os.makedirs(out, exist_ok=True)
+open(os.path.join(out, "model.safetensors"), "wb").write(struct.pack("<Q", len(hb)) + hb + b"".join(parts))
+PY
+if [ -f "$T/mx_missing/model.safetensors" ]; then
+  cp "$T/mx/model/config.json" "$T/mx_missing/"
+  expect "moe missing expert tensor" 1 "model.layers.1.block_sparse_moe.experts.2.w3.weight.* missing" -- "$BIN" finetune "$T/mx/recipe.yaml" --checkpoint.checkpoint_dir=$T/mxck2 --model.pretrained_model_name_or_path=$T/mx_missing
+fi
+
 echo "cli tests: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
