@@ -188,6 +188,11 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   const bool recompute = opt.activation_checkpointing;
   fake_balanced_gate_ = opt.fake_balanced_gate;
   count_experts_ = true;
+  if (n_moe_layers_ > 0) {
+    Tensor seg = ExecContext::download(b.segment_ids);
+    real_token_.resize(static_cast<size_t>(seg.numel()));
+    for (int64_t t = 0; t < seg.numel(); ++t) real_token_[static_cast<size_t>(t)] = seg.data<int32_t>()[t] >= 0;
+  }
   Tensor xf = trunk_forward(b, &saved, &x_pre, &rstd_f, recompute);
   count_experts_ = false;
   // MoE aux loss: needs every sparse layer's routing, so it is computed between forward and backward.
@@ -269,10 +274,21 @@ void DecoderLM::record_routing(const Layer& L, const MoeSaved& s) {
   if (r.probs.defined()) return;
   r.probs = s.probs;
   r.topk_idx = s.topk_idx;
-  r.counts = s.counts;
   if (!count_experts_) return;
+  // Utilisation counts real tokens only (padding rows are routed too, as in HF, but are not tokens). The
+  // plan's per-expert counts include them, so count from the top-k indices: [N, k] int32, a small download
+  // next to the plan's own sync.
   auto& acc = expert_counts_[static_cast<size_t>(L.moe_index)];
-  for (size_t e = 0; e < acc.size() && e < s.counts.size(); ++e) acc[e] += s.counts[e];
+  Tensor idx = ExecContext::download(s.topk_idx);
+  const int64_t N = idx.dim(0), k = idx.dim(1);
+  const int32_t* p = idx.data<int32_t>();
+  for (int64_t t = 0; t < N; ++t) {
+    if (t < static_cast<int64_t>(real_token_.size()) && !real_token_[static_cast<size_t>(t)]) continue;
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t e = p[t * k + j];
+      if (e >= 0 && static_cast<size_t>(e) < acc.size()) ++acc[static_cast<size_t>(e)];
+    }
+  }
 }
 
 double DecoderLM::aux_loss(const Batch& b, float scale, Tensor* dprobs) {

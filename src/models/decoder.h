@@ -62,8 +62,7 @@ class DecoderLM : public CausalLM {
                         const ops::AttnParams& p, const Tensor& dy, const Tensor* dprobs_extra);
   // The routing of every sparse layer in the last forward (for the aux loss and the utilisation metrics).
   struct Routing {
-    Tensor probs, topk_idx;       // [N, E] fp32, [N, k] int32
-    std::vector<int64_t> counts;  // [E]
+    Tensor probs, topk_idx;  // [N, E] fp32, [N, k] int32
   };
   void record_routing(const Layer& L, const MoeSaved& s);
   // HF's load_balancing_loss_func over this micro-batch's sparse layers, padding excluded. Returns the aux
@@ -96,6 +95,7 @@ class DecoderLM : public CausalLM {
   int n_moe_layers_ = 0;
   bool fake_balanced_gate_ = false;
   bool count_experts_ = false;                       // true during forward_backward's forward
+  std::vector<char> real_token_;                     // this micro-batch: token t is not padding
   std::vector<Routing> routing_;                    // per sparse layer, this micro-batch
   std::vector<std::vector<int64_t>> expert_counts_;  // per sparse layer, summed since take_step_metrics()
   double aux_term_ = 0.0;                             // sum of coef * aux * scale since take_aux_loss()
