@@ -172,6 +172,34 @@ TEST(MoeTraining, UtilisationMetricsGoToTrainingJsonl) {
   EXPECT_EQ(n, 4u);
 }
 
+// SPEC §4 for MoE: 2 steps + resume + 2 steps = 4 steps straight (aux loss on, shuffled data), and the resumed
+// run's export is still in the source's per-expert layout.
+TEST(MoeTraining, ResumeContinuesExactly) {
+  const fs::path dir = golden("qwen3_moe_aux"), a = fresh_dir("moe_resume_a"), b = fresh_dir("moe_resume_b");
+  const std::string recipe = (dir / "recipe.yaml").string();
+  auto straight = Trainer(Recipe::load(recipe, {"checkpoint.checkpoint_dir=" + a.string(), "dataloader.shuffle=true"}),
+                          {.quiet = true})
+                      .train();
+  Trainer(Recipe::load(recipe, {"checkpoint.checkpoint_dir=" + b.string(), "dataloader.shuffle=true",
+                                "step_scheduler.ckpt_every_steps=2"}),
+          {.quiet = true})
+      .train();
+  std::ofstream(b / "LATEST") << "epoch_0_step_2\n";
+  auto second = Trainer(Recipe::load(recipe, {"checkpoint.checkpoint_dir=" + b.string(), "dataloader.shuffle=true",
+                                              "checkpoint.restore_from=LATEST"}),
+                        {.quiet = true})
+                    .train();
+  ASSERT_EQ(straight.size(), 4u);
+  ASSERT_EQ(second.size(), 2u);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(second[i].loss, straight[2 + i].loss) << "step " << 3 + i;
+    EXPECT_EQ(second[i].grad_norm, straight[2 + i].grad_norm) << "step " << 3 + i;
+  }
+  expect_identical_files(a / "epoch_0_step_4/model/consolidated", b / "epoch_0_step_4/model/consolidated");
+  auto st = io::SafeTensors::open((b / "epoch_0_step_4/model/consolidated").string());
+  EXPECT_TRUE(st.has("model.layers.0.mlp.experts.5.down_proj.weight"));
+}
+
 TEST(MoeTraining, FakeBalancedGateSpreadsTokensEvenlyAndFreezesTheRouter) {
   const fs::path dir = golden("qwen3_moe");
   Trainer t(Recipe::load((dir / "recipe.yaml").string(),
