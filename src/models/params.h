@@ -36,6 +36,11 @@ struct Param {
   const SourceLayout& source() const { return layouts.at(layout); }
 };
 
+// An optional parameter (a bias) as an op argument: its working copy for forward, its gradient for backward,
+// or nullptr when the model has none.
+inline const Tensor* work_or_null(const Param* p) { return p ? &p->work : nullptr; }
+inline Tensor* grad_or_null(Param* p) { return p ? &p->grad : nullptr; }
+
 class ParamStore {
  public:
   Param& add(const std::string& name, const Shape& shape, DType source_dtype = DType::F32);

@@ -20,17 +20,15 @@ AttentionWeights register_attention(ParamStore& ps, const std::string& pre, cons
   return w;
 }
 
-static const Tensor* bias_of(const Param* p) { return p ? &p->work : nullptr; }
-static Tensor* dbias_of(Param* p) { return p ? &p->grad : nullptr; }
 
 Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x, const Tensor& cos,
                          const Tensor& sin, const ops::AttnParams& p, AttentionSaved* s) {
   const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
   Tensor q = g.ex->empty({N, nh * D}), k = g.ex->empty({N, nkv * D}),
          v = g.ex->empty({N, nkv * D});
-  ops::linear_fwd(x, w.q->work, bias_of(w.q_bias), q);
-  ops::linear_fwd(x, w.k->work, bias_of(w.k_bias), k);
-  ops::linear_fwd(x, w.v->work, bias_of(w.v_bias), v);
+  ops::linear_fwd(x, w.q->work, work_or_null(w.q_bias), q);
+  ops::linear_fwd(x, w.k->work, work_or_null(w.k_bias), k);
+  ops::linear_fwd(x, w.v->work, work_or_null(w.v_bias), v);
   if (w.q_norm) {
     // RMSNorm over rows of the norm's width: per head (q as [N*nh, D]) or the whole projection ([N, nh*D]).
     const int64_t qw = w.q_norm->work.numel(), kw = w.k_norm->work.numel();
@@ -57,7 +55,7 @@ Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, 
   ops::attention_fwd(q.view({p.batch, p.seq, nh, D}), k.view({p.batch, p.seq, nkv, D}),
                      v.view({p.batch, p.seq, nkv, D}), p, o4, lse);
   Tensor y = g.ex->empty({N, g.hidden});
-  ops::linear_fwd(o, w.o->work, bias_of(w.o_bias), y);
+  ops::linear_fwd(o, w.o->work, work_or_null(w.o_bias), y);
   if (s) {
     s->x = x;
     s->q = q;
@@ -73,7 +71,7 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
                           const Tensor& cos, const Tensor& sin, const ops::AttnParams& p, const Tensor& dy) {
   const int64_t N = dy.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
   Tensor d_o = g.ex->empty({N, nh * D});
-  ops::linear_bwd(s.o, w.o->work, dy, &d_o, w.o->grad, dbias_of(w.o_bias));
+  ops::linear_bwd(s.o, w.o->work, dy, &d_o, w.o->grad, grad_or_null(w.o_bias));
   Tensor dq = g.ex->empty({N, nh * D}), dk = g.ex->empty({N, nkv * D}),
          dv = g.ex->empty({N, nkv * D});
   Tensor dq4 = dq.view({p.batch, p.seq, nh, D}), dk4 = dk.view({p.batch, p.seq, nkv, D}),
@@ -94,10 +92,10 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
     dk = dkp.view({N, nkv * D});
   }
   Tensor dx = g.ex->empty({N, g.hidden}), tmp = g.ex->empty({N, g.hidden});
-  ops::linear_bwd(s.x, w.q->work, dq, &dx, w.q->grad, dbias_of(w.q_bias));
-  ops::linear_bwd(s.x, w.k->work, dk, &tmp, w.k->grad, dbias_of(w.k_bias));
+  ops::linear_bwd(s.x, w.q->work, dq, &dx, w.q->grad, grad_or_null(w.q_bias));
+  ops::linear_bwd(s.x, w.k->work, dk, &tmp, w.k->grad, grad_or_null(w.k_bias));
   ops::add_(dx, tmp);
-  ops::linear_bwd(s.x, w.v->work, dv, &tmp, w.v->grad, dbias_of(w.v_bias));
+  ops::linear_bwd(s.x, w.v->work, dv, &tmp, w.v->grad, grad_or_null(w.v_bias));
   ops::add_(dx, tmp);
   return dx;
 }

@@ -15,17 +15,15 @@ MlpWeights register_mlp(ParamStore& ps, const std::string& pre, int64_t H, int64
   return w;
 }
 
-static const Tensor* b_of(const Param* p) { return p ? &p->work : nullptr; }
-static Tensor* db_of(Param* p) { return p ? &p->grad : nullptr; }
 
 Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s) {
   const int64_t N = x.dim(0), I = w.gate->work.dim(0), H = w.down->work.dim(0);
   Tensor gate = ex.empty({N, I}), up = ex.empty({N, I}),
          h = ex.empty({N, I}), y = ex.empty({N, H});
-  ops::linear_fwd(x, w.gate->work, b_of(w.gate_bias), gate);
-  ops::linear_fwd(x, w.up->work, b_of(w.up_bias), up);
+  ops::linear_fwd(x, w.gate->work, work_or_null(w.gate_bias), gate);
+  ops::linear_fwd(x, w.up->work, work_or_null(w.up_bias), up);
   ops::swiglu_fwd(gate, up, h);
-  ops::linear_fwd(h, w.down->work, b_of(w.down_bias), y);
+  ops::linear_fwd(h, w.down->work, work_or_null(w.down_bias), y);
   if (s) *s = MlpSaved{x, gate, up};
   return y;
 }
@@ -35,13 +33,13 @@ Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& 
   Tensor h = ex.empty({N, I});
   ops::swiglu_fwd(s.gate, s.up, h);  // the same kernel on the same inputs: bit-identical to forward's h
   Tensor dh = ex.empty({N, I});
-  ops::linear_bwd(h, w.down->work, dy, &dh, w.down->grad, db_of(w.down_bias));
+  ops::linear_bwd(h, w.down->work, dy, &dh, w.down->grad, grad_or_null(w.down_bias));
   h = Tensor();
   Tensor dgate = ex.empty({N, I}), dup = ex.empty({N, I});
   ops::swiglu_bwd(s.gate, s.up, dh, dgate, dup);
   Tensor dx = ex.empty({N, H}), tmp = ex.empty({N, H});
-  ops::linear_bwd(s.x, w.gate->work, dgate, &dx, w.gate->grad, db_of(w.gate_bias));
-  ops::linear_bwd(s.x, w.up->work, dup, &tmp, w.up->grad, db_of(w.up_bias));
+  ops::linear_bwd(s.x, w.gate->work, dgate, &dx, w.gate->grad, grad_or_null(w.gate_bias));
+  ops::linear_bwd(s.x, w.up->work, dup, &tmp, w.up->grad, grad_or_null(w.up_bias));
   ops::add_(dx, tmp);
   return dx;
 }
