@@ -272,14 +272,14 @@ void DecoderLM::record_routing(const Layer& L, const MoeSaved& s) {
   if (routing_.empty()) return;
   auto& r = routing_[static_cast<size_t>(L.moe_index)];
   if (r.probs.defined()) return;
-  r.probs = s.probs;
-  r.topk_idx = s.topk_idx;
   if (!count_experts_) return;
   // Utilisation counts real tokens only (padding rows are routed too, as in HF, but are not tokens). The
   // plan's per-expert counts include them, so count from the top-k indices: [N, k] int32, a small download
-  // next to the plan's own sync.
+  // next to the plan's own sync, kept for the aux loss.
+  r.probs = s.probs;
+  r.topk_idx = ExecContext::download(s.topk_idx);
   auto& acc = expert_counts_[static_cast<size_t>(L.moe_index)];
-  Tensor idx = ExecContext::download(s.topk_idx);
+  const Tensor& idx = r.topk_idx;
   const int64_t N = idx.dim(0), k = idx.dim(1);
   const int32_t* p = idx.data<int32_t>();
   for (int64_t t = 0; t < N; ++t) {
@@ -297,12 +297,12 @@ double DecoderLM::aux_loss(const Batch& b, float scale, Tensor* dprobs) {
   //   aux = E * sum_e F[e] P[e];   d aux / d probs[l, t, e] = E * F[e] * [t real] / (L * Nreal)
   // (F is piecewise constant: the top-k selection has no gradient.) Computed on the host: the routing of a
   // micro-batch is small ([N, E] fp32 per layer) and this only runs when the config asks for the aux loss.
+  // real_token_ (this micro-batch's padding mask) and each layer's host top-k indices were filled during
+  // forward_backward's forward.
   const int64_t E = cfg_.num_experts, k = cfg_.num_experts_per_tok, N = b.B * b.T;
   const double L = static_cast<double>(n_moe_layers_);
-  Tensor seg = ExecContext::download(b.segment_ids);
-  std::vector<char> real(static_cast<size_t>(N));
-  int64_t n_real = 0;
-  for (int64_t t = 0; t < N; ++t) n_real += (real[static_cast<size_t>(t)] = seg.data<int32_t>()[t] >= 0);
+  const std::vector<char>& real = real_token_;
+  const int64_t n_real = std::count(real.begin(), real.end(), char(1));
   if (n_real == 0) {
     if (dprobs) *dprobs = ex_.zeros({N, E}, DType::F32);
     return 0.0;
@@ -310,7 +310,8 @@ double DecoderLM::aux_loss(const Batch& b, float scale, Tensor* dprobs) {
   const double denom = L * static_cast<double>(n_real);
   std::vector<double> F(static_cast<size_t>(E), 0.0), P(static_cast<size_t>(E), 0.0);
   for (const Routing& r : routing_) {
-    Tensor probs = ExecContext::download(r.probs), idx = ExecContext::download(r.topk_idx);
+    Tensor probs = ExecContext::download(r.probs);
+    const Tensor& idx = r.topk_idx;
     for (int64_t t = 0; t < N; ++t) {
       if (!real[static_cast<size_t>(t)]) continue;
       for (int64_t s = 0; s < k; ++s) F[static_cast<size_t>(idx.data<int32_t>()[t * k + s])] += 1.0;
@@ -341,7 +342,7 @@ double DecoderLM::take_aux_loss() {
 nlohmann::json DecoderLM::take_step_metrics() {
   nlohmann::json j = nlohmann::json::object();
   if (n_moe_layers_ == 0) return j;
-  // Expert utilisation over the step (every micro-batch, padding rows included), averaged over the sparse
+  // Expert utilisation over the step (every micro-batch, real tokens only), averaged over the sparse
   // layers: coefficient of variation of the per-expert token counts, and the fraction of experts that got
   // no token at all.
   double cv_sum = 0.0, dead_sum = 0.0;

@@ -62,7 +62,8 @@ class DecoderLM : public CausalLM {
                         const ops::AttnParams& p, const Tensor& dy, const Tensor* dprobs_extra);
   // The routing of every sparse layer in the last forward (for the aux loss and the utilisation metrics).
   struct Routing {
-    Tensor probs, topk_idx;  // [N, E] fp32, [N, k] int32
+    Tensor probs;     // [N, E] fp32 on the model's device
+    Tensor topk_idx;  // [N, k] int32 on the host
   };
   void record_routing(const Layer& L, const MoeSaved& s);
   // HF's load_balancing_loss_func over this micro-batch's sparse layers, padding excluded. Returns the aux
