@@ -19,7 +19,7 @@ fi
 start=$(date +%s)
 "$BIN" finetune "$RECIPE" --checkpoint.checkpoint_dir="$OUT" "$@"
 end=$(date +%s)
-latest=$(cat "$OUT/LATEST")
+latest=$(basename "$(readlink "$OUT/LATEST" 2>/dev/null || cat "$OUT/LATEST")")
 echo
 echo "== done in $((end - start)) s: loss $(head -1 "$OUT/training.jsonl" | sed -E 's/.*"loss":([0-9.]+).*/\1/') -> $(tail -1 "$OUT/training.jsonl" | sed -E 's/.*"loss":([0-9.]+).*/\1/')"
 echo "== HF checkpoint: $OUT/$latest/model/consolidated"

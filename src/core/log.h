@@ -6,4 +6,6 @@ namespace am::log {
 void info(const std::string& msg);
 void warn(const std::string& msg);
 void set_quiet(bool q);
+// Ranks other than 0 of a distributed job print nothing through here (rank 0 speaks for the job).
+void set_rank(int rank);
 }  // namespace am::log

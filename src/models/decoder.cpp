@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "dist/communicator.h"
 #include "ops/ops.h"
 #ifdef AM_WITH_CUDA
 #include "backend/cuda/cuda_ops.h"
@@ -11,7 +12,8 @@
 
 namespace am {
 
-DecoderLM::DecoderLM(const io::ModelConfig& cfg) : cfg_(cfg), rope_(io::compute_rope(cfg)) {
+DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
+    : cfg_(cfg), mp_(mp), rope_(io::compute_rope(cfg)) {
   const int64_t H = cfg.hidden_size;
   if (cfg.hidden_act != "silu" && cfg.hidden_act != "swish")
     throw FormatError("config.json: hidden_act '" + cfg.hidden_act + "' is not supported (only silu)");
@@ -26,7 +28,7 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg) : cfg_(cfg), rope_(io::compute_
     L.attn = register_attention(ps_, pre + "self_attn.", cfg);
     if (cfg.layer_is_moe(i)) {
       L.is_moe = true;
-      L.moe = register_moe(ps_, pre, cfg);
+      L.moe = register_moe(ps_, pre, cfg, mp.ep_rank, mp.ep_size);
       L.moe_index = n_moe_layers_++;
     } else {
       L.mlp = register_mlp(ps_, pre + "mlp.", H, cfg.intermediate_size, cfg.mlp_bias);
@@ -42,6 +44,17 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg) : cfg_(cfg), rope_(io::compute_
 }
 
 Param& DecoderLM::lm_head() { return lm_head_ ? *lm_head_ : *embed_; }
+
+std::vector<std::vector<Param*>> DecoderLM::param_units() {
+  // Unit of each parameter by name: "model.layers.{i}." -> i + 1, everything else -> the root (0).
+  std::vector<std::vector<Param*>> units(layers_.size() + 1);
+  for (Param& p : ps_.all()) {
+    size_t u = 0;
+    if (p.name.rfind("model.layers.", 0) == 0) u = std::stoul(p.name.substr(13)) + 1;
+    units.at(u).push_back(&p);
+  }
+  return units;
+}
 
 void DecoderLM::to_device(const ExecContext& ex) {
   if (ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
@@ -164,6 +177,7 @@ Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, 
   const int64_t N = b.B * b.T, H = cfg_.hidden_size;
   Tensor cos, sin;
   rope_tables(b, cos, sin);
+  hook_use(0, false);
   Tensor x = ex_.empty({N, H}, ex_.residual_dtype);
   ops::embedding_fwd(b.input_ids, wide_weight(*embed_), x);
   if (saved) saved->resize(layers_.size());
@@ -172,7 +186,9 @@ Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, 
     // Activation checkpointing keeps only each layer's input [N, H]; backward recomputes the rest.
     if (saved && recompute) (*saved)[i].x = x;
     LayerSaved* s = saved && !recompute ? &(*saved)[i] : nullptr;
+    hook_use(static_cast<int>(i) + 1, false);
     x = layer_forward(layers_[i], x, cos, sin, attn_params(b, layers_[i].window), s);
+    hook_fwd_done(static_cast<int>(i) + 1);
   }
   Tensor xf = ex_.empty({N, H}), rf = ex_.empty({N}, DType::F32);
   ops::rmsnorm_fwd(x, wide_weight(*norm_), static_cast<float>(cfg_.rms_norm_eps), xf, rf);
@@ -187,7 +203,7 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   Tensor x_pre, rstd_f;
   const bool recompute = opt.activation_checkpointing;
   fake_balanced_gate_ = opt.fake_balanced_gate;
-  count_experts_ = true;
+  count_experts_ = opt.count_metrics;
   if (n_moe_layers_ > 0) {
     Tensor seg = ExecContext::download(b.segment_ids);
     real_token_.resize(static_cast<size_t>(seg.numel()));
@@ -197,7 +213,7 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   count_experts_ = false;
   // MoE aux loss: needs every sparse layer's routing, so it is computed between forward and backward.
   Tensor dprobs;
-  if (n_moe_layers_ > 0 && cfg_.output_router_logits && !fake_balanced_gate_) {
+  if (n_moe_layers_ > 0 && cfg_.output_router_logits && !fake_balanced_gate_ && opt.count_metrics) {
     const float scale = static_cast<float>(cfg_.router_aux_loss_coef) * opt.aux_loss_scale;
     const double aux = aux_loss(b, scale, &dprobs);
     aux_term_ += cfg_.router_aux_loss_coef * aux * opt.aux_loss_scale;
@@ -215,14 +231,17 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   rope_tables(b, cos, sin);
   for (size_t i = layers_.size(); i-- > 0;) {
     const ops::AttnParams p = attn_params(b, layers_[i].window);
+    hook_use(static_cast<int>(i) + 1, true);
     if (recompute) {
       Tensor x_in = saved[i].x;
       layer_forward(layers_[i], x_in, cos, sin, p, &saved[i]);  // same inputs, same kernels: same activations
     }
     dx = layer_backward(layers_[i], saved[i], cos, sin, p, dx, dprobs.defined() ? &dprobs : nullptr);
     saved[i] = LayerSaved{};  // free this layer's activations as soon as they are consumed
+    hook_bwd_done(static_cast<int>(i) + 1);
   }
   embedding_backward(b, dx);
+  hook_bwd_done(0);
   return loss;
 }
 
@@ -230,7 +249,9 @@ double DecoderLM::forward_loss(const Batch& b, const ForwardOptions& opt) {
   fake_balanced_gate_ = opt.fake_balanced_gate;
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr);
   routing_.clear();
-  return lm_head_cross_entropy(ex_, xf, lm_head().work, b.targets, 0.f, nullptr, nullptr, opt.loss_chunk_rows);
+  const double loss = lm_head_cross_entropy(ex_, xf, lm_head().work, b.targets, 0.f, nullptr, nullptr, opt.loss_chunk_rows);
+  hook_fwd_done(0);
+  return loss;
 }
 
 Tensor DecoderLM::forward_logits(const Batch& b) {
@@ -238,6 +259,7 @@ Tensor DecoderLM::forward_logits(const Batch& b) {
   routing_.clear();
   Tensor logits = ex_.empty({xf.dim(0), cfg_.vocab_size});
   ops::linear_fwd(xf, lm_head().work, nullptr, logits);
+  hook_fwd_done(0);
   return logits;
 }
 
@@ -263,7 +285,7 @@ void DecoderLM::embedding_backward(const Batch& b, const Tensor& dx) {
 }
 
 MoeOptions DecoderLM::moe_options() const {
-  return MoeOptions{cfg_.num_experts_per_tok, cfg_.norm_topk_prob, fake_balanced_gate_};
+  return MoeOptions{cfg_.num_experts_per_tok, cfg_.norm_topk_prob, fake_balanced_gate_, mp_.ep_size > 1 ? mp_.ep : nullptr};
 }
 
 void DecoderLM::record_routing(const Layer& L, const MoeSaved& s) {
@@ -345,6 +367,14 @@ nlohmann::json DecoderLM::take_step_metrics() {
   // Expert utilisation over the step (every micro-batch, real tokens only), averaged over the sparse
   // layers: coefficient of variation of the per-expert token counts, and the fraction of experts that got
   // no token at all.
+  if (mp_.world && mp_.world->size() > 1) {
+    // Every rank routed its own tokens: the step's utilisation is over all of them.
+    for (auto& c : expert_counts_) mp_.world->all_reduce_host(c.data(), c.size());
+    double a[2] = {aux_raw_sum_, static_cast<double>(aux_calls_)};
+    mp_.world->all_reduce_host(a, 2);
+    aux_raw_sum_ = a[0];
+    aux_calls_ = static_cast<int64_t>(a[1]);
+  }
   double cv_sum = 0.0, dead_sum = 0.0;
   for (auto& c : expert_counts_) {
     const double E = static_cast<double>(c.size());

@@ -19,9 +19,11 @@ namespace am {
 
 class DecoderLM : public CausalLM {
  public:
-  explicit DecoderLM(const io::ModelConfig& cfg);
+  explicit DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp = {});
   const io::ModelConfig& config() const override { return cfg_; }
   ParamStore& params() override { return ps_; }
+  std::vector<std::vector<Param*>> param_units() override;
+  void set_param_hooks(ParamHooks* hooks) override { hooks_ = hooks; }
   void to_device(const ExecContext& ex) override;
   const ExecContext& exec() const override { return ex_; }
   double forward_backward(const Batch& b, float grad_scale, const ForwardOptions& opt) override;
@@ -83,7 +85,14 @@ class DecoderLM : public CausalLM {
   ops::AttnParams attn_params(const Batch& b, int64_t window) const;
   Param& lm_head();
 
+  // ParamHooks calls (no-ops without data parallelism).
+  void hook_use(int unit, bool backward) { if (hooks_) hooks_->before_use(unit, backward); }
+  void hook_fwd_done(int unit) { if (hooks_) hooks_->after_forward(unit); }
+  void hook_bwd_done(int unit) { if (hooks_) hooks_->after_backward(unit); }
+
   io::ModelConfig cfg_;
+  ModelParallel mp_;
+  ParamHooks* hooks_ = nullptr;
   ExecContext ex_;
   io::RopeTables rope_;
   std::vector<int32_t> rope_pos_;  // positions of the cached tables below

@@ -62,9 +62,12 @@ void load_hf_weights(CausalLM& model, const std::string& dir) {
       first = false;
     }
   }
+  // Expert parallelism: the other ranks' experts are in the file but not this rank's to read.
+  bool ep = false;
+  for (auto& p : model.params().all()) ep = ep || (p.expert && p.global_numel != shape_numel(p.shape));
   std::vector<std::string> unused;
   for (auto& n : st.names())
-    if (!used.count(n)) unused.push_back(n);
+    if (!used.count(n) && !(ep && n.find(".experts.") != std::string::npos)) unused.push_back(n);
   if (!unused.empty()) {
     // A tied lm_head stored anyway is expected; anything else is worth a warning.
     bool only_tied_head = unused.size() == 1 && unused[0] == "lm_head.weight" && model.config().tie_word_embeddings;
@@ -104,8 +107,17 @@ static void copy_atomic(const fs::path& src, const fs::path& dst) {
   fs::rename(tmp, dst);
 }
 
-void save_hf_model(const CausalLM& model, const std::string& out_dir, const std::string& source_dir,
-                   size_t max_shard_bytes) {
+void append_hf_tensors(const Param& p, std::vector<std::pair<std::string, Tensor>>& out) {
+  Tensor host = ExecContext::download(p.value);
+  // Back in the layout and dtype it was read from (per-expert stays per-expert): slice views of the
+  // fused parameter, converted per slice.
+  for (const SourceSlice& s : p.source()) {
+    Tensor part = Tensor::wrap(host.f32() + s.offset, s.shape, DType::F32, nullptr).clone();
+    out.emplace_back(s.name, p.source_dtype == DType::F32 ? part : part.to(p.source_dtype));
+  }
+}
+
+void write_hf_side_files(const CausalLM& model, const std::string& out_dir, const std::string& source_dir) {
   fs::create_directories(out_dir);
   // config.json: the source's JSON as read (so every key the user had survives), written atomically.
   {
@@ -116,20 +128,6 @@ void save_hf_model(const CausalLM& model, const std::string& out_dir, const std:
     if (!f) throw IoError("cannot write " + tmp.string());
     fs::rename(tmp, fs::path(out_dir) / "config.json");
   }
-  std::vector<std::pair<std::string, Tensor>> tensors;
-  auto& ps = const_cast<CausalLM&>(model).params();
-  for (auto& p : ps.all()) {
-    Tensor host = ExecContext::download(p.value);
-    // Back in the layout and dtype it was read from (per-expert stays per-expert): slice views of the
-    // fused parameter, converted per slice.
-    for (const SourceSlice& s : p.source()) {
-      Tensor part = Tensor::wrap(host.f32() + s.offset, s.shape, DType::F32, nullptr).clone();
-      tensors.emplace_back(s.name, p.source_dtype == DType::F32 ? part : part.to(p.source_dtype));
-    }
-  }
-  io::SaveOptions opt;
-  opt.max_shard_bytes = max_shard_bytes;
-  io::save_safetensors_dir(out_dir, tensors, opt);
   if (!source_dir.empty()) {
     for (const char* name : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                              "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
@@ -138,6 +136,16 @@ void save_hf_model(const CausalLM& model, const std::string& out_dir, const std:
       if (fs::exists(src)) copy_atomic(src, fs::path(out_dir) / name);
     }
   }
+}
+
+void save_hf_model(const CausalLM& model, const std::string& out_dir, const std::string& source_dir,
+                   size_t max_shard_bytes) {
+  write_hf_side_files(model, out_dir, source_dir);
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (auto& p : const_cast<CausalLM&>(model).params().all()) append_hf_tensors(p, tensors);
+  io::SaveOptions opt;
+  opt.max_shard_bytes = max_shard_bytes;
+  io::save_safetensors_dir(out_dir, tensors, opt);
 }
 
 }  // namespace am

@@ -21,4 +21,10 @@ void init_random_weights(CausalLM& model, uint64_t seed, DType dtype);
 void save_hf_model(const CausalLM& model, const std::string& out_dir, const std::string& source_dir,
                    size_t max_shard_bytes = size_t(5) << 30);
 
+// The pieces of save_hf_model, for writers that hold only part of the model (dist/: each rank writes the
+// tensors it owns). hf_tensors: p's tensors in the source's names, layout and dtype (host; p.value must be
+// present). write_hf_side_files: config.json and the tokenizer / generation-config files.
+void append_hf_tensors(const Param& p, std::vector<std::pair<std::string, Tensor>>& out);
+void write_hf_side_files(const CausalLM& model, const std::string& out_dir, const std::string& source_dir);
+
 }  // namespace am

@@ -15,6 +15,33 @@
 
 namespace am {
 
+namespace dist {
+class Communicator;
+}
+
+// How the model is split across ranks (made by dist/, read by the blocks). Expert parallelism: this rank
+// holds experts [ep_rank * E/ep_size, (ep_rank + 1) * E/ep_size) of every sparse layer and exchanges tokens
+// with the other ranks of `ep` by all-to-all. `world` sums the per-step metrics over every rank.
+struct ModelParallel {
+  int ep_rank = 0, ep_size = 1;
+  dist::Communicator* ep = nullptr;
+  dist::Communicator* world = nullptr;
+};
+
+// Called by the model around each parameter unit's use, so that data parallelism can gather sharded
+// weights ahead of use and reduce gradients as soon as a unit's backward is done (dist/data_parallel.h).
+// Units: 0 = the root (embedding, final norm, lm_head: needed from the first forward op to the last
+// backward op), i + 1 = decoder layer i. Order per micro-batch: before_use(0), then per layer before_use(i),
+// after_forward(i); backward in reverse: before_use(i, true), after_backward(i); finally after_backward(0).
+// A forward-only pass ends with after_forward(0).
+class ParamHooks {
+ public:
+  virtual ~ParamHooks() = default;
+  virtual void before_use(int unit, bool backward) = 0;
+  virtual void after_forward(int unit) = 0;
+  virtual void after_backward(int unit) = 0;
+};
+
 // One right-padded micro-batch, flattened to N = B*T tokens.
 struct Batch {
   int64_t B = 0, T = 0;
@@ -34,6 +61,9 @@ struct ForwardOptions {
   // so the step's aux term is the mean over micro-batches (= HF's value for a single forward).
   float aux_loss_scale = 1.0f;
   bool fake_balanced_gate = false;        // model.backend.fake_balanced_gate (benchmarks)
+  // false for a padding-only micro-batch (a data-parallel rank short of samples): its routing is not
+  // counted in the utilisation metrics and it adds no aux loss.
+  bool count_metrics = true;
 };
 
 class CausalLM {
@@ -41,6 +71,9 @@ class CausalLM {
   virtual ~CausalLM() = default;
   virtual const io::ModelConfig& config() const = 0;
   virtual ParamStore& params() = 0;
+  // The parameter units of ParamHooks, each in registration order; every parameter is in exactly one.
+  virtual std::vector<std::vector<Param*>> param_units() = 0;
+  virtual void set_param_hooks(ParamHooks* hooks) = 0;
   // Moves the parameters to ex's device (after weights are loaded on the host) and computes there from now.
   virtual void to_device(const ExecContext& ex) = 0;
   virtual const ExecContext& exec() const = 0;
@@ -60,11 +93,13 @@ class CausalLM {
   virtual nlohmann::json take_step_metrics() { return nlohmann::json::object(); }
 };
 
-using ModelBuilder = std::function<std::unique_ptr<CausalLM>(const io::ModelConfig&)>;
+using ModelBuilder = std::function<std::unique_ptr<CausalLM>(const io::ModelConfig&, const ModelParallel&)>;
 void register_model(const std::string& model_type, ModelBuilder b);
 bool is_supported_model_type(const std::string& model_type);
 std::vector<std::string> supported_model_types();
 // Builds the model for cfg.model_type with zero-initialised parameters; throws FormatError for unknown types.
-std::unique_ptr<CausalLM> build_model(const io::ModelConfig& cfg);
+// With mp.ep_size > 1 only this rank's experts are allocated. Throws UsageError when ep_size does not divide
+// the expert count.
+std::unique_ptr<CausalLM> build_model(const io::ModelConfig& cfg, const ModelParallel& mp = {});
 
 }  // namespace am

@@ -13,6 +13,8 @@ Param& ParamStore::add(const std::string& name, const Shape& shape, DType source
   index_[name] = params_.size();
   Param p;
   p.name = name;
+  p.shape = shape;
+  p.global_numel = shape_numel(shape);
   p.value = Tensor::zeros(shape, DType::F32);
   p.grad = Tensor::zeros(shape, DType::F32);
   p.work = p.value;
@@ -20,6 +22,15 @@ Param& ParamStore::add(const std::string& name, const Shape& shape, DType source
   p.layouts = {SourceLayout{SourceSlice{name, 0, shape}}};
   params_.push_back(std::move(p));
   return params_.back();
+}
+
+Param& ParamStore::add_expert(const std::string& name, const Shape& shape, int64_t row_begin, int64_t global_rows) {
+  Param& p = add(name, shape);
+  const int64_t row = shape.empty() || shape[0] == 0 ? 0 : shape_numel(shape) / shape[0];
+  p.expert = true;
+  p.global_offset = row_begin * row;
+  p.global_numel = global_rows * row;
+  return p;
 }
 
 Param& ParamStore::get(const std::string& name) {
@@ -35,6 +46,7 @@ const Param& ParamStore::get(const std::string& name) const {
 
 void ParamStore::zero_grad() {
   for (auto& p : params_) {
+    if (!p.grad.defined()) continue;  // fsdp2: the gradient buffers belong to dist/data_parallel
     if (p.grad.device() == DeviceType::CPU) {
       p.grad.zero_();
     } else {
@@ -57,7 +69,13 @@ void ParamStore::to_device(const ExecContext& ex) {
 
 int64_t ParamStore::numel() const {
   int64_t n = 0;
-  for (auto& p : params_) n += p.value.numel();
+  for (auto& p : params_) n += shape_numel(p.shape);
+  return n;
+}
+
+int64_t ParamStore::global_numel() const {
+  int64_t n = 0;
+  for (auto& p : params_) n += p.global_numel;
   return n;
 }
 

@@ -23,10 +23,17 @@ using SourceLayout = std::vector<SourceSlice>;
 
 struct Param {
   std::string name;      // HF name, e.g. "model.layers.0.self_attn.q_proj.weight"
+  Shape shape;           // what this rank holds: the HF shape, or [E/ep, ...] for expert-parallel experts
+  // Expert parallelism (dist/): this rank's part of the whole parameter is the flat element range
+  // [global_offset, global_offset + numel) of the whole [E, ...] tensor of global_numel elements.
+  int64_t global_offset = 0, global_numel = 0;
+  bool expert = false;   // sharded over the expert-parallel group; its gradient reduces over expert replicas
   Tensor value;          // fp32 master weights (host on CPU, device on CUDA)
   Tensor grad;           // fp32, same shape; accumulated (+=) by backward
   Tensor work;           // what forward/backward compute with: `value` itself on CPU, a bf16 device copy
                          // on CUDA (refreshed by the optimizer step)
+  // Under data parallelism (dist/data_parallel.h) value / grad / work are views into per-layer flat
+  // buffers; under fsdp2 they exist only while the layer runs (gathered, then released).
   DType source_dtype = DType::F32;
   bool trainable = true;
   // Candidate checkpoint layouts, in order of preference (the first one is written for a model initialised
@@ -44,6 +51,9 @@ inline Tensor* grad_or_null(Param* p) { return p ? &p->grad : nullptr; }
 class ParamStore {
  public:
   Param& add(const std::string& name, const Shape& shape, DType source_dtype = DType::F32);
+  // An expert-parallel parameter: this rank holds rows [row_begin, row_begin + shape[0]) of a whole
+  // parameter with global_rows rows.
+  Param& add_expert(const std::string& name, const Shape& shape, int64_t row_begin, int64_t global_rows);
   Param& get(const std::string& name);
   const Param& get(const std::string& name) const;
   bool has(const std::string& name) const { return index_.count(name) != 0; }
@@ -52,7 +62,8 @@ class ParamStore {
   void zero_grad();
   // Moves master weights and grads to the context's device and makes the working copies.
   void to_device(const struct ExecContext& ex);
-  int64_t numel() const;
+  int64_t numel() const;         // elements held by this rank
+  int64_t global_numel() const;  // elements of the whole model
 
  private:
   std::deque<Param> params_;  // registration (= HF state_dict) order; deque: pointers stay valid

@@ -4,6 +4,6 @@
 
 namespace am {
 void register_qwen2_moe() {
-  register_model("qwen2_moe", [](const io::ModelConfig& c) { return std::make_unique<DecoderLM>(c); });
+  register_model("qwen2_moe", [](const io::ModelConfig& c, const ModelParallel& mp) { return std::make_unique<DecoderLM>(c, mp); });
 }
 }  // namespace am

@@ -50,7 +50,7 @@ std::vector<std::string> supported_model_types() {
   return out;
 }
 
-std::unique_ptr<CausalLM> build_model(const io::ModelConfig& cfg) {
+std::unique_ptr<CausalLM> build_model(const io::ModelConfig& cfg, const ModelParallel& mp) {
   ensure_registered();
   auto it = table().find(cfg.model_type);
   if (it == table().end()) {
@@ -58,7 +58,15 @@ std::unique_ptr<CausalLM> build_model(const io::ModelConfig& cfg) {
     for (auto& [k, v] : table()) list += (list.empty() ? "" : ", ") + k;
     throw FormatError("config.json: model_type '" + cfg.model_type + "' is not supported (supported: " + list + ")");
   }
-  return it->second(cfg);
+  if (mp.ep_size > 1) {
+    if (!cfg.is_moe())
+      throw UsageError("distributed.ep_size " + std::to_string(mp.ep_size) + ": model_type '" + cfg.model_type +
+                       "' has no experts (expert parallelism is for MoE models)");
+    if (cfg.num_experts % mp.ep_size != 0)
+      throw UsageError("distributed.ep_size " + std::to_string(mp.ep_size) + " does not divide the " +
+                       std::to_string(cfg.num_experts) + " experts of config.json");
+  }
+  return it->second(cfg, mp);
 }
 
 }  // namespace am

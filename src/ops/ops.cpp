@@ -119,6 +119,14 @@ void copy_(Tensor& dst, const Tensor& src) {
   dispatch(op, dev, [&] { cpu::copy(dst.raw(), dst.dtype(), src.raw(), src.dtype(), dst.numel()); });
 }
 
+void zero_(Tensor& a) {
+  if (!a.defined()) return;
+  const char* op = "zero_";
+  DeviceType dev = device_of(op, {{"a", &a}});
+  AM_ROUTE_CUDA(cuda::zero_(a));
+  dispatch(op, dev, [&] { a.zero_(); });
+}
+
 double sum_squares(const Tensor& a) {
   const char* op = "sum_squares";
   DeviceType dev = device_of(op, {{"a", &a}});

@@ -13,6 +13,7 @@ namespace am::ops {
 void add_(Tensor& a, const Tensor& b);               // a += b (same numel)
 void scale_(Tensor& a, float s);                     // a *= s
 void copy_(Tensor& dst, const Tensor& src);          // dst = src
+void zero_(Tensor& a);                               // a = 0 (any dtype)
 
 // ---------------- embedding ----------------
 // ids [N] int32 in [0, V), weight [V, H] -> out [N, H]. Throws DataError naming the id if out of range.

@@ -1,20 +1,26 @@
 #include "train/checkpoint.h"
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "dist/data_parallel.h"
 #include "io/safetensors.h"
 #include "models/hf_weights.h"
+#include "ops/ops.h"
 
 namespace am {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-static void write_text_atomic(const fs::path& p, const std::string& text) {
+namespace {
+
+void write_text_atomic(const fs::path& p, const std::string& text) {
   fs::path tmp = p;
   tmp += ".tmp";
   {
@@ -26,40 +32,234 @@ static void write_text_atomic(const fs::path& p, const std::string& text) {
   fs::rename(tmp, p);
 }
 
-std::string write_checkpoint(const std::string& ckpt_dir, const CheckpointState& st, const CausalLM& model,
-                             const Optimizer& optim, bool consolidated, const std::string& source_dir) {
+// LATEST -> name, as a symbolic link swapped in by rename (atomic: a reader sees the old or the new one).
+void point_latest(const fs::path& ckpt_dir, const std::string& name) {
+  const fs::path tmp = ckpt_dir / ".LATEST.tmp";
+  std::error_code ec;
+  fs::remove(tmp, ec);
+  fs::create_directory_symlink(name, tmp);
+  fs::rename(tmp, ckpt_dir / "LATEST");
+}
+
+// What this rank holds of the optimizer's state: the data-parallel slots, or (one rank) one slot per parameter.
+std::vector<dist::StateSlot> local_slots(CausalLM& model, dist::DataParallel* dp) {
+  if (dp) return dp->slots();
+  std::vector<dist::StateSlot> out;
+  for (const OptSlot& o : Optimizer::slots_of(model.params())) {
+    const Param& p = model.params().get(o.key);
+    out.push_back({o, {{p.name, p.global_offset, p.global_offset + shape_numel(p.shape), 0}}, true});
+  }
+  return out;
+}
+
+std::string state_kind(const Optimizer& optim, int which) {
+  if (which < 0) return "master";
+  if (which == 1) return "exp_avg_sq";
+  return optim.config().kind == "sgd" ? "momentum_buffer" : "exp_avg";
+}
+
+std::string rank_file(int rank, int world) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "rank_%05d-of-%05d.safetensors", rank, world);
+  return buf;
+}
+
+std::string model_shard_file(int i, int n) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "model-%05d-of-%05d.safetensors", i, n);
+  return buf;
+}
+
+// The consolidated export under data parallelism: every rank writes the whole parameters it is the writer
+// of (dense unit u: rank u % world; experts: the first rank of each expert replica group, i.e. every
+// expert once) into its own shard; rank 0 then writes the index over all shards, config and tokenizer.
+void write_consolidated_sharded(const fs::path& out, CausalLM& model, const std::string& source_dir,
+                                dist::DataParallel& dp, dist::Groups& g) {
+  const int rank = g.world->rank(), world = g.world->size();
+  fs::create_directories(out);
+  std::vector<std::pair<std::string, Tensor>> mine;
+  for (int u = 0; u < dp.num_units(); ++u) {
+    dp.gather_unit(u);  // collective under fsdp2
+    for (Param* p : dp.unit_params(u)) {
+      const bool writer = p->expert ? g.ep_replica->rank() == 0 : u % world == rank;
+      if (writer) append_hf_tensors(*p, mine);
+    }
+    dp.release_unit(u);
+  }
+  io::save_safetensors_file((out / model_shard_file(rank + 1, world)).string(), mine);
+  g.world->barrier();
+  if (rank != 0) return;
+  write_hf_side_files(model, out.string(), source_dir);
+  json weight_map = json::object();
+  int64_t total_size = 0, total_params = 0;
+  for (int r = 0; r < world; ++r) {
+    const std::string f = model_shard_file(r + 1, world);
+    auto st = io::SafeTensors::open((out / f).string());
+    for (auto& n : st.names()) {
+      const auto& info = st.info(n);
+      weight_map[n] = f;
+      total_params += shape_numel(info.shape);
+      total_size += shape_numel(info.shape) * static_cast<int64_t>(dtype_size(info.dtype));
+    }
+  }
+  json index = {{"metadata", {{"total_parameters", total_params}, {"total_size", total_size}}}, {"weight_map", weight_map}};
+  write_text_atomic(out / "model.safetensors.index.json", index.dump(2) + "\n");
+}
+
+// One piece of stored state: elements [begin, end) of a whole parameter, in `tensor` of `file`.
+struct StoredPiece {
+  int64_t begin = 0, end = 0;
+  std::shared_ptr<io::SafeTensors> file;
+  std::string tensor;
+};
+using StoredIndex = std::map<std::string, std::vector<StoredPiece>>;  // "<kind>/<param>" -> pieces
+
+StoredIndex index_state(const fs::path& dir) {
+  StoredIndex idx;
+  if (fs::is_directory(dir / "state")) {
+    std::vector<fs::path> files;
+    for (auto& e : fs::directory_iterator(dir / "state"))
+      if (e.path().extension() == ".safetensors") files.push_back(e.path());
+    for (auto& f : files) {
+      auto st = std::make_shared<io::SafeTensors>(io::SafeTensors::open(f.string()));
+      for (auto& n : st->names()) {
+        const size_t at = n.rfind('@');
+        if (at == std::string::npos) throw FormatError(f.string() + ": unexpected tensor '" + n + "'");
+        const int64_t begin = std::stoll(n.substr(at + 1));
+        idx[n.substr(0, at)].push_back({begin, begin + shape_numel(st->info(n).shape), st, n});
+      }
+    }
+    return idx;
+  }
+  // The single-rank layout of earlier versions: whole tensors by name.
+  const fs::path master = dir / "model" / "master.safetensors", optim = dir / "optim" / "optimizer.safetensors";
+  if (!fs::exists(master)) throw IoError("restore_from: " + dir.string() + " has no state/ (nor model/master.safetensors)");
+  auto ms = std::make_shared<io::SafeTensors>(io::SafeTensors::open(master.string()));
+  for (auto& n : ms->names()) idx["master/" + n].push_back({0, shape_numel(ms->info(n).shape), ms, n});
+  if (fs::exists(optim)) {
+    auto os = std::make_shared<io::SafeTensors>(io::SafeTensors::open(optim.string()));
+    for (auto& n : os->names()) {
+      const size_t dot = n.rfind('.');
+      idx[n.substr(dot + 1) + "/" + n.substr(0, dot)].push_back({0, shape_numel(os->info(n).shape), os, n});
+    }
+  }
+  return idx;
+}
+
+// Fills host [n] from the stored pieces of `kind` for each of the slot's pieces. Returns false when the
+// checkpoint has none of this kind for the slot; throws when it has some but not all.
+bool fill_slot(const StoredIndex& idx, const std::string& kind, const dist::StateSlot& slot, Tensor& host,
+               const fs::path& dir) {
+  int64_t covered = 0, wanted = 0;
+  bool any_name = false;
+  for (const dist::StatePiece& pc : slot.pieces) {
+    wanted += pc.end - pc.begin;
+    auto it = idx.find(kind + "/" + pc.param);
+    if (it == idx.end()) continue;
+    any_name = true;
+    for (const StoredPiece& sp : it->second) {
+      const int64_t a = std::max(pc.begin, sp.begin), b = std::min(pc.end, sp.end);
+      if (a >= b) continue;
+      Tensor src = sp.file->get(sp.tensor);
+      if (src.dtype() != DType::F32) src = src.to(DType::F32);
+      std::copy(src.f32() + (a - sp.begin), src.f32() + (b - sp.begin), host.f32() + pc.at + (a - pc.begin));
+      covered += b - a;
+    }
+  }
+  if (!any_name && kind != "master") return false;
+  if (covered != wanted) {
+    std::string which = slot.pieces.empty() ? slot.opt.key : slot.pieces.front().param;
+    throw FormatError(dir.string() + ": the checkpoint's " + kind + " state does not cover tensor '" + which + "' (" +
+                      std::to_string(covered) + " of " + std::to_string(wanted) + " elements found)");
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string resolve_latest(const std::string& ckpt_dir) {
+  const fs::path latest = fs::path(ckpt_dir) / "LATEST";
+  std::error_code ec;
+  if (fs::is_symlink(latest, ec)) {
+    fs::path target = fs::read_symlink(latest, ec);
+    return (target.is_absolute() ? target : fs::path(ckpt_dir) / target).string();
+  }
+  std::ifstream f(latest);
+  if (!f) return "";
+  std::string name;
+  std::getline(f, name);
+  return (fs::path(ckpt_dir) / name).string();
+}
+
+std::string write_checkpoint(const std::string& ckpt_dir, const CheckpointState& st, CausalLM& model,
+                             const Optimizer& optim, bool consolidated, const std::string& source_dir,
+                             dist::DataParallel* dp, dist::Groups* groups) {
+  const int rank = groups ? groups->world->rank() : 0, world = groups ? groups->world->size() : 1;
+  auto barrier = [&] {
+    if (groups) groups->world->barrier();
+  };
   const std::string name = "epoch_" + std::to_string(st.epoch) + "_step_" + std::to_string(st.step);
   const fs::path final_dir = fs::path(ckpt_dir) / name;
   const fs::path tmp_dir = fs::path(ckpt_dir) / (".tmp_" + name);
-  std::error_code ec;
-  fs::remove_all(tmp_dir, ec);
-  fs::create_directories(tmp_dir / "model");
-  fs::create_directories(tmp_dir / "optim");
-  auto& ps = const_cast<CausalLM&>(model).params();
-  std::vector<std::pair<std::string, Tensor>> master;
-  for (auto& p : ps.all()) master.emplace_back(p.name, ExecContext::download(p.value));
-  io::save_safetensors_file((tmp_dir / "model" / "master.safetensors").string(), master);
-  io::save_safetensors_file((tmp_dir / "optim" / "optimizer.safetensors").string(), optim.state_tensors());
-  if (consolidated) save_hf_model(model, (tmp_dir / "model" / "consolidated").string(), source_dir);
-  json j = {{"step", st.step}, {"epoch", st.epoch}, {"seed", st.seed}, {"optimizer_steps", st.optimizer_steps},
-            {"optimizer", optim.config().kind}, {"model_type", model.config().model_type}};
-  write_text_atomic(tmp_dir / "train_state.json", j.dump(2) + "\n");
-  // Replace an older checkpoint of the same name only once the new one is complete.
-  if (fs::exists(final_dir)) fs::remove_all(final_dir);
-  fs::rename(tmp_dir, final_dir);
-  write_text_atomic(fs::path(ckpt_dir) / "LATEST", name + "\n");
+  if (rank == 0) {
+    std::error_code ec;
+    fs::remove_all(tmp_dir, ec);
+    fs::create_directories(tmp_dir / "state");
+    fs::create_directories(tmp_dir / "model");
+  }
+  barrier();
+  // This rank's state, as pieces of whole parameters (replicated slots are written by one rank only).
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const dist::StateSlot& slot : local_slots(model, dp)) {
+    if (!slot.canonical) continue;
+    Tensor bufs[3];
+    bufs[0] = ExecContext::download(*slot.opt.value);
+    for (int w = 0; w < 2; ++w)
+      if (const Tensor* t = optim.state(slot.opt.key, w)) bufs[w + 1] = ExecContext::download(*t);
+    for (const dist::StatePiece& pc : slot.pieces)
+      for (int w = -1; w < 2; ++w) {
+        const Tensor& b = bufs[w + 1];
+        if (!b.defined()) continue;
+        Tensor flat = b.view({b.numel()}).slice_rows(pc.at, pc.at + (pc.end - pc.begin)).clone();
+        tensors.emplace_back(state_kind(optim, w) + "/" + pc.param + "@" + std::to_string(pc.begin), flat);
+      }
+  }
+  io::save_safetensors_file((tmp_dir / "state" / rank_file(rank, world)).string(), tensors);
+  if (consolidated) {
+    const fs::path cons = tmp_dir / "model" / "consolidated";
+    if (dp && groups) write_consolidated_sharded(cons, model, source_dir, *dp, *groups);
+    else save_hf_model(model, cons.string(), source_dir);
+  }
+  barrier();
+  if (rank == 0) {
+    json j = {{"step", st.step},
+              {"epoch", st.epoch},
+              {"seed", st.seed},
+              {"optimizer_steps", st.optimizer_steps},
+              {"optimizer", optim.config().kind},
+              {"model_type", model.config().model_type},
+              {"world_size", st.world_size},
+              {"ep_size", st.ep_size},
+              {"strategy", st.strategy}};
+    write_text_atomic(tmp_dir / "train_state.json", j.dump(2) + "\n");
+    // Replace an older checkpoint of the same name only once the new one is complete.
+    if (fs::exists(final_dir)) fs::remove_all(final_dir);
+    fs::rename(tmp_dir, final_dir);
+    point_latest(ckpt_dir, name);
+  }
+  barrier();
   return final_dir.string();
 }
 
-CheckpointState read_checkpoint(const std::string& ckpt_dir, const std::string& from, CausalLM& model, Optimizer& optim) {
+CheckpointState read_checkpoint(const std::string& ckpt_dir, const std::string& from, CausalLM& model, Optimizer& optim,
+                                dist::DataParallel* dp) {
   fs::path dir;
   if (from == "LATEST" || from == "latest") {
-    fs::path latest = fs::path(ckpt_dir) / "LATEST";
-    std::ifstream f(latest);
-    if (!f) throw IoError("restore_from: LATEST: no " + latest.string() + " (no checkpoint has been written there)");
-    std::string name;
-    std::getline(f, name);
-    dir = fs::path(ckpt_dir) / name;
+    const std::string d = resolve_latest(ckpt_dir);
+    if (d.empty())
+      throw IoError("restore_from: LATEST: no " + (fs::path(ckpt_dir) / "LATEST").string() +
+                    " (no checkpoint has been written there)");
+    dir = d;
   } else {
     dir = from;
   }
@@ -77,25 +277,30 @@ CheckpointState read_checkpoint(const std::string& ckpt_dir, const std::string& 
   st.epoch = j.at("epoch").get<int64_t>();
   st.seed = j.value("seed", uint64_t(0));
   st.optimizer_steps = j.value("optimizer_steps", st.step);
-  auto master = io::SafeTensors::open((dir / "model" / "master.safetensors").string());
-  for (auto& p : model.params().all()) {
-    if (!master.has(p.name)) throw FormatError(dir.string() + ": checkpoint has no tensor '" + p.name + "'");
-    auto t = master.get(p.name);
-    if (t.shape() != p.value.shape())
-      throw FormatError(dir.string() + ": tensor '" + p.name + "' has shape " + shape_str(t.shape()) + ", model expects " +
-                        shape_str(p.value.shape()));
-    if (p.value.device() == DeviceType::CPU) {
-      p.value.copy_from(t);
-    } else {
-      Tensor host = t.clone();
-      p.value = model.exec().upload(host);
-      p.work = model.exec().upload_as(host, model.exec().act_dtype);
+  st.world_size = j.value("world_size", 1);
+  st.ep_size = j.value("ep_size", 1);
+  st.strategy = j.value("strategy", std::string("none"));
+  const StoredIndex idx = index_state(dir);
+  const ExecContext& ex = model.exec();
+  for (const dist::StateSlot& slot : local_slots(model, dp)) {
+    const int64_t n = slot.opt.value->numel();
+    for (int w = -1; w < 2; ++w) {
+      Tensor host = Tensor::zeros({n}, DType::F32);
+      if (!fill_slot(idx, state_kind(optim, w), slot, host, dir)) continue;
+      Tensor dev = ex.upload(host);
+      if (w < 0) {
+        Tensor dst = slot.opt.value->view({n});
+        ops::copy_(dst, dev);
+        if (slot.opt.work) {
+          Tensor wk = slot.opt.work->view({n});
+          ops::copy_(wk, dst);
+        }
+      } else {
+        optim.set_state(slot.opt.key, w, dev.view(slot.opt.value->shape()));
+      }
     }
   }
-  auto opt = io::SafeTensors::open((dir / "optim" / "optimizer.safetensors").string());
-  std::map<std::string, Tensor> tensors;
-  for (auto& n : opt.names()) tensors[n] = opt.get(n);
-  optim.load_state(tensors, st.optimizer_steps, model.exec());
+  optim.set_step_count(st.optimizer_steps);
   return st;
 }
 

@@ -34,21 +34,37 @@ OptimizerConfig OptimizerConfig::from_recipe(const Recipe& r) {
   return c;
 }
 
-void Optimizer::step_cuda(ParamStore& ps, double lr, double wd) {
+std::vector<OptSlot> Optimizer::slots_of(ParamStore& ps) {
+  std::vector<OptSlot> out;
+  for (auto& p : ps.all())
+    if (p.trainable) out.push_back({p.name, &p.value, &p.grad, p.work.defined() && p.work.raw() != p.value.raw() ? &p.work : nullptr});
+  return out;
+}
+
+const Tensor* Optimizer::state(const std::string& key, int which) const {
+  const auto& m = which == 0 ? m_ : v_;
+  auto it = m.find(key);
+  return it == m.end() || !it->second.defined() ? nullptr : &it->second;
+}
+
+void Optimizer::set_state(const std::string& key, int which, Tensor t) { (which == 0 ? m_ : v_)[key] = std::move(t); }
+
+void Optimizer::step(ParamStore& ps, double lr, double wd) { step(slots_of(ps), lr, wd); }
+
+void Optimizer::step_cuda(const std::vector<OptSlot>& slots, double lr, double wd) {
 #ifdef AM_WITH_CUDA
   if (cfg_.kind == "sgd") throw DeviceError("optimizer: torch.optim.SGD is not implemented on CUDA yet (use AdamW or Adam)");
   ExecContext ex = ExecContext::cuda_bf16();
   std::vector<cuda::AdamWTensors> list;
-  list.reserve(ps.all().size());
-  for (auto& p : ps.all()) {
-    if (!p.trainable) continue;
-    auto& m = m_[p.name];
-    auto& v = v_[p.name];
+  list.reserve(slots.size());
+  for (const OptSlot& sl : slots) {
+    auto& m = m_[sl.key];
+    auto& v = v_[sl.key];
     if (!m.defined()) {
-      m = ex.zeros(p.value.shape(), DType::F32);
-      v = ex.zeros(p.value.shape(), DType::F32);
+      m = ex.zeros(sl.value->shape(), DType::F32);
+      v = ex.zeros(sl.value->shape(), DType::F32);
     }
-    list.push_back({&p.value, &p.grad, &m, &v, p.work.raw() == p.value.raw() ? nullptr : &p.work});
+    list.push_back({sl.value, sl.grad, &m, &v, sl.work});
   }
   cuda::AdamWConfig c;
   c.lr = lr;
@@ -64,25 +80,25 @@ void Optimizer::step_cuda(ParamStore& ps, double lr, double wd) {
 #endif
 }
 
-void Optimizer::step(ParamStore& ps, double lr, double wd) {
+void Optimizer::step(const std::vector<OptSlot>& slots, double lr, double wd) {
   ++step_;
-  if (!ps.all().empty() && ps.all().front().value.device() == DeviceType::CUDA) return step_cuda(ps, lr, wd);
+  if (!slots.empty() && slots.front().value->device() == DeviceType::CUDA) return step_cuda(slots, lr, wd);
   const float flr = static_cast<float>(lr), fwd = static_cast<float>(wd);
-  for (auto& p : ps.all()) {
-    if (!p.trainable) continue;
-    float* w = p.value.f32();
-    const float* g = p.grad.f32();
-    const int64_t n = p.value.numel();
+  for (const OptSlot& sl : slots) {
+    Tensor& value = *sl.value;
+    float* w = value.f32();
+    const float* g = sl.grad->f32();
+    const int64_t n = value.numel();
     if (cfg_.kind == "sgd") {
       Tensor* buf = nullptr;
       if (cfg_.momentum != 0.0) {
-        auto it = m_.find(p.name);
-        if (it == m_.end()) it = m_.emplace(p.name, Tensor()).first;
+        auto it = m_.find(sl.key);
+        if (it == m_.end()) it = m_.emplace(sl.key, Tensor()).first;
         buf = &it->second;
       }
       const float mom = static_cast<float>(cfg_.momentum), damp = static_cast<float>(cfg_.dampening);
       bool first = buf && !buf->defined();
-      if (first) *buf = Tensor::zeros(p.value.shape(), DType::F32);
+      if (first) *buf = Tensor::zeros(value.shape(), DType::F32);
       float* b = buf ? buf->f32() : nullptr;
       for (int64_t i = 0; i < n; ++i) {
         float d = g[i];
@@ -95,11 +111,11 @@ void Optimizer::step(ParamStore& ps, double lr, double wd) {
       }
       continue;
     }
-    auto& m = m_[p.name];
-    auto& v = v_[p.name];
+    auto& m = m_[sl.key];
+    auto& v = v_[sl.key];
     if (!m.defined()) {
-      m = Tensor::zeros(p.value.shape(), DType::F32);
-      v = Tensor::zeros(p.value.shape(), DType::F32);
+      m = Tensor::zeros(value.shape(), DType::F32);
+      v = Tensor::zeros(value.shape(), DType::F32);
     }
     float* mp = m.f32();
     float* vp = v.f32();

@@ -1,5 +1,7 @@
 // torch.optim.AdamW / Adam / SGD with torch's exact update rules (single-tensor, non-foreach path), over
-// the fp32 master weights of a ParamStore. State is per parameter, saved/restored with checkpoints.
+// fp32 master buffers ("slots"). The update is elementwise, so a slot may be one parameter (one rank) or a
+// data-parallel rank's slice of a layer's flat buffer (dist/data_parallel.h): the numbers are the same.
+// State is per slot, saved/restored with checkpoints (train/checkpoint.cpp maps it back to parameters).
 #pragma once
 #include <map>
 #include <memory>
@@ -23,18 +25,35 @@ struct OptimizerConfig {
   static OptimizerConfig from_recipe(const Recipe& r);
 };
 
+// One buffer the optimizer updates: fp32 master values and their fp32 gradient (same numel), and the bf16
+// working copy to refresh after the update (nullptr: none, or the master itself is the working copy).
+struct OptSlot {
+  std::string key;  // names the state: a parameter name, or a bucket's "<unit>/<dense|experts>"
+  Tensor* value = nullptr;
+  Tensor* grad = nullptr;
+  Tensor* work = nullptr;
+};
+
 class Optimizer {
  public:
   explicit Optimizer(OptimizerConfig cfg) : cfg_(std::move(cfg)) {}
   // One update of every trainable parameter with learning rate lr and weight decay wd.
   void step(ParamStore& ps, double lr, double wd);
+  void step(const std::vector<OptSlot>& slots, double lr, double wd);
+  // One slot per trainable parameter (one rank, no sharding).
+  static std::vector<OptSlot> slots_of(ParamStore& ps);
+  // The state buffers of a slot (which: 0 = exp_avg / momentum_buffer, 1 = exp_avg_sq); nullptr before
+  // the first step made them. set_state installs one (resume).
+  const Tensor* state(const std::string& key, int which) const;
+  void set_state(const std::string& key, int which, Tensor t);
+  void set_step_count(int64_t n) { step_ = n; }
   const OptimizerConfig& config() const { return cfg_; }
   int64_t step_count() const { return step_; }
   // State tensors by name ("<param>.exp_avg", "<param>.exp_avg_sq", "<param>.momentum_buffer").
   std::vector<std::pair<std::string, Tensor>> state_tensors() const;  // host copies
 
  private:
-  void step_cuda(ParamStore& ps, double lr, double wd);
+  void step_cuda(const std::vector<OptSlot>& slots, double lr, double wd);
 
  public:
   // Host tensors from a checkpoint; moved to ex's device.

@@ -1,7 +1,9 @@
 #include "train/trainer.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -14,9 +16,11 @@
 #include "backend/cuda/device_info.h"
 #include "core/error.h"
 #ifdef AM_WITH_CUDA
+#include "backend/cuda/context.h"
 #include "backend/cuda/cuda_ops.h"
 #endif
 #include "core/log.h"
+#include "dist/communicator.h"
 #include "io/model_config.h"
 #include "io/safetensors.h"
 #include "models/hf_weights.h"
@@ -32,12 +36,30 @@ static double seconds_since(clock_t_::time_point t0) {
   return std::chrono::duration<double>(clock_t_::now() - t0).count();
 }
 
+// SIGTERM / SIGINT / SIGUSR1 (Slurm's warning before preemption): finish the step, save, exit 0 (SPEC §4).
+// A second SIGINT exits at once.
+static std::atomic<int> g_stop_signal{0};
+static void on_stop_signal(int sig) {
+  if (sig == SIGINT && g_stop_signal.load() == SIGINT) std::_Exit(130);
+  g_stop_signal.store(sig);
+}
+
+// The sample a rank without a share of a (last, short) global batch feeds through forward/backward so that
+// its collectives still match the other ranks': one token, no label, so no loss and no gradient.
+static const Sample& padding_sample() {
+  static const Sample s{{0}, {-100}, {}};
+  return s;
+}
+
 Trainer::Trainer(const Recipe& recipe, TrainerOptions opt) : r_(recipe), opt_(opt) { setup(); }
 Trainer::~Trainer() = default;
 
 std::string Trainer::model_source_dir() const { return source_dir_; }
 
 void Trainer::setup() {
+  rank_ = opt_.launch.rank;
+  world_ = opt_.launch.world_size;
+  log::set_rank(rank_);
   for (auto& w : r_.warnings()) log::warn(w);
   seed_ = static_cast<uint64_t>(r_.get_int("seed", 42));
   std::string device = r_.get_string("device", "auto");
@@ -49,7 +71,15 @@ void Trainer::setup() {
     auto devs = cuda::list_devices(&why);
     if (!devs.empty()) {
       device_name_ = "cuda";
-      gpu_name_ = devs[0].name;
+      // Rank i of a node uses GPU local_rank (SPEC §1), chosen before anything touches the device.
+      const int dev = opt_.launch.local_rank;
+      if (dev >= static_cast<int>(devs.size()))
+        throw UsageError("local rank " + std::to_string(dev) + " needs GPU " + std::to_string(dev) + " but only " +
+                         std::to_string(devs.size()) + " GPU(s) are visible");
+#ifdef AM_WITH_CUDA
+      cuda::set_default_device(dev);
+#endif
+      gpu_name_ = devs[static_cast<size_t>(dev)].name;
     } else if (device == "cuda") {
       throw DeviceError(r_.where("device") + ": cuda requested but no GPU is usable (" + why + ")");
     }
@@ -85,7 +115,11 @@ void Trainer::setup() {
     for (auto& t : supported_model_types()) list += (list.empty() ? "" : ", ") + t;
     throw FormatError("config.json: model_type '" + cfg.model_type + "' is not supported (supported: " + list + ")");
   }
-  model_ = build_model(cfg);
+  setup_distributed(cfg);
+  ModelParallel mp;
+  if (groups_) mp = ModelParallel{groups_->ep->rank(), ep_size_, groups_->ep.get(), groups_->world.get()};
+  model_ = build_model(cfg, mp);
+  // Each rank reads only the tensors (and, expert-parallel, only the experts) it holds.
   if (!source_dir_.empty()) load_hf_weights(*model_, source_dir_);
   else init_random_weights(*model_, seed_, init_dtype);
   {
@@ -115,6 +149,7 @@ void Trainer::setup() {
     if (source_dir_.empty())
       for (auto& p : model_->params().all()) p.source_dtype = d;
   }
+  if (groups_) dp_ = std::make_unique<dist::DataParallel>(*model_, *groups_, dist::parse_strategy(strategy_name_), model_->exec());
   fwd_opt_.activation_checkpointing = r_.get_bool("distributed.activation_checkpointing", false);
   fwd_opt_.fake_balanced_gate = r_.get_bool("model.backend.fake_balanced_gate", false);
   if (fwd_opt_.fake_balanced_gate && !cfg.is_moe())
@@ -143,6 +178,9 @@ void Trainer::setup() {
   if (lbs_ < 1) r_.fail("step_scheduler.local_batch_size", "must be >= 1");
   if (gbs_ % lbs_ != 0)
     r_.fail("step_scheduler.global_batch_size", "must be a multiple of local_batch_size (" + std::to_string(lbs_) + ")");
+  if (gbs_ % (lbs_ * world_) != 0)
+    r_.fail("step_scheduler.global_batch_size", "must be a multiple of local_batch_size x data-parallel ranks (" +
+                                                   std::to_string(lbs_) + " x " + std::to_string(world_) + ")");
   epochs_ = r_.get_int("step_scheduler.num_epochs", 1);
   shuffle_ = r_.get_bool("dataloader.shuffle", false);
   drop_last_ = r_.get_bool("dataloader.drop_last", false);
@@ -234,6 +272,63 @@ const std::vector<size_t>& Trainer::epoch_order(int64_t epoch) {
   return order_;
 }
 
+void Trainer::setup_distributed(const io::ModelConfig& cfg) {
+  // distributed: (SPEC §2). Checked at any world size, so a recipe fails the same way on 1 rank as on N.
+  ep_size_ = static_cast<int>(r_.get_int("distributed.ep_size", 1));
+  if (ep_size_ < 1) r_.fail("distributed.ep_size", "must be >= 1");
+  if (world_ % ep_size_ != 0)
+    r_.fail("distributed.ep_size", std::to_string(ep_size_) + " does not divide the world size " + std::to_string(world_));
+  if (ep_size_ > 1 && !cfg.is_moe())
+    r_.fail("distributed.ep_size", std::to_string(ep_size_) + ": model_type '" + cfg.model_type + "' has no experts");
+  if (ep_size_ > 1 && cfg.num_experts % ep_size_ != 0)
+    r_.fail("distributed.ep_size", std::to_string(ep_size_) + " does not divide the " + std::to_string(cfg.num_experts) +
+                                       " experts of config.json");
+  if (auto dp = r_.get_opt_int("distributed.dp_size"); dp && *dp > 0 && *dp != world_)
+    r_.fail("distributed.dp_size", std::to_string(*dp) + " but the world has " + std::to_string(world_) +
+                                       " ranks (every rank is data-parallel here: set null)");
+  for (const char* k : {"distributed.tp_size", "distributed.cp_size", "distributed.pp_size", "distributed.dp_replicate_size"})
+    if (auto v = r_.get_opt_int(k); v && *v > 1)
+      r_.fail(k, std::to_string(*v) + ": tensor, context and pipeline parallelism and HSDP replication are not "
+                                      "implemented (data parallelism with fsdp2 / ddp and expert parallelism are)");
+  strategy_name_ = r_.get_string("distributed.strategy", "fsdp2");
+  try {
+    dist::parse_strategy(strategy_name_);
+  } catch (const UsageError& e) {
+    r_.fail("distributed.strategy", std::string("expected fsdp2 or ddp, got '") + strategy_name_ + "'");
+  }
+  if (world_ == 1 && !opt_.force_distributed) {
+    strategy_name_ = "none";
+    return;
+  }
+  std::unique_ptr<dist::Communicator> world;
+  const auto& L = opt_.launch;
+  if (device_name_ == "cuda") {
+    world = dist::make_nccl_world(rank_, world_, L.local_rank, L.mpi, L.master_addr, L.master_port, 600.0);
+  } else if (world_ == 1) {
+    world = dist::make_self_communicator();
+  } else {
+    if (!L.mpi)
+      throw UsageError("device cpu with " + std::to_string(world_) + " ranks (" + L.launcher +
+                       "): CPU ranks talk through MPI; start them with `automodel finetune R.yaml --nproc-per-node " +
+                       std::to_string(world_) + "` (which runs mpirun) or under mpirun");
+    world = dist::make_mpi_world();
+  }
+  if (world->size() != world_ || world->rank() != rank_)
+    throw DeviceError("communicator: rank " + std::to_string(world->rank()) + " of " + std::to_string(world->size()) +
+                      " but the launcher said rank " + std::to_string(rank_) + " of " + std::to_string(world_));
+  groups_ = std::make_unique<dist::Groups>(dist::Groups::make(std::move(world), ep_size_));
+}
+
+std::vector<std::vector<const Sample*>> Trainer::my_micro_batches(const std::vector<const Sample*>& samples) const {
+  const size_t n = samples.size(), W = static_cast<size_t>(world_), lbs = static_cast<size_t>(lbs_);
+  const size_t per = (n + W - 1) / W, n_micro = (per + lbs - 1) / lbs;
+  const size_t b = std::min(n, static_cast<size_t>(rank_) * per), e = std::min(n, b + per);
+  std::vector<std::vector<const Sample*>> out(n_micro);
+  for (size_t m = 0; m < n_micro; ++m)
+    for (size_t i = b + m * lbs; i < std::min(e, b + (m + 1) * lbs); ++i) out[m].push_back(samples[i]);
+  return out;
+}
+
 StepStats Trainer::train_step(int64_t step) {
   auto t0 = clock_t_::now();
   StepStats st;
@@ -245,40 +340,70 @@ StepStats Trainer::train_step(int64_t step) {
   const size_t end = std::min(order.size(), begin + static_cast<size_t>(gbs_));
   std::vector<const Sample*> global;
   for (size_t i = begin; i < end; ++i) global.push_back(&train_ds_->get(order[i]));
+  // Every rank sees the whole global batch's sample list (cheap), so the label count that normalises the
+  // loss is global without a collective.
   for (auto* s : global) st.num_label_tokens += count_label_tokens(*s);
   if (st.num_label_tokens == 0)
     log::warn("step " + std::to_string(step) + ": the global batch has no label tokens; the update is a no-op for the loss");
   const float scale = st.num_label_tokens > 0 ? 1.0f / static_cast<float>(st.num_label_tokens) : 0.f;
   double loss_sum = 0.0;
-  model_->params().zero_grad();
-  const size_t n_micro = (global.size() + static_cast<size_t>(lbs_) - 1) / static_cast<size_t>(lbs_);
-  fwd_opt_.aux_loss_scale = n_micro > 0 ? 1.0f / static_cast<float>(n_micro) : 1.0f;
-  for (size_t m = 0; m < global.size(); m += static_cast<size_t>(lbs_)) {
-    std::vector<const Sample*> micro(global.begin() + m, global.begin() + std::min(global.size(), m + lbs_));
-    Batch b = upload_batch(collate(micro), model_->exec());
-    st.num_tokens += b.num_real_tokens;
-    st.padded_tokens += b.B * b.T;
-    loss_sum += model_->forward_backward(b, scale, fwd_opt_);
+  if (dp_) dp_->begin_step();
+  else model_->params().zero_grad();
+  const auto micro = my_micro_batches(global);
+  // The router aux loss of a step is the mean over the global batch's real micro-batches (every rank's).
+  const size_t per = (global.size() + world_ - 1) / world_;
+  size_t n_real = 0;
+  for (int r = 0; r < world_; ++r) {
+    const size_t b = std::min(global.size(), r * per), e = std::min(global.size(), b + per);
+    n_real += (e - b + lbs_ - 1) / lbs_;
   }
+  for (size_t m = 0; m < micro.size(); ++m) {
+    const bool pad_only = micro[m].empty();
+    const std::vector<const Sample*> mb = pad_only ? std::vector<const Sample*>{&padding_sample()} : micro[m];
+    Batch b = upload_batch(collate(mb), model_->exec());
+    if (!pad_only) {
+      st.num_tokens += b.num_real_tokens;
+      st.padded_tokens += b.B * b.T;
+    }
+    ForwardOptions o = fwd_opt_;
+    o.aux_loss_scale = pad_only || n_real == 0 ? 0.0f : 1.0f / static_cast<float>(n_real);
+    o.count_metrics = !pad_only;
+    if (dp_) dp_->set_sync(m + 1 == micro.size());  // gradients reduce once per step, in the last backward
+    loss_sum += model_->forward_backward(b, scale, o);
+  }
+  if (dp_) dp_->finish_grads();
   model_->exec().synchronize();  // device work is asynchronous: time it, not its enqueueing
   st.fwd_bwd_s = seconds_since(t0);
   auto t1 = clock_t_::now();
+  double aux = model_->take_aux_loss();  // MoE router aux loss (mean over micro-batches), when configured
+  if (groups_) {
+    double v[4] = {loss_sum, aux, static_cast<double>(st.num_tokens), static_cast<double>(st.padded_tokens)};
+    groups_->world->all_reduce_host(v, 4);
+    loss_sum = v[0];
+    aux = v[1];
+    st.num_tokens = static_cast<int64_t>(v[2]);
+    st.padded_tokens = static_cast<int64_t>(v[3]);
+  }
   st.loss = st.num_label_tokens > 0 ? loss_sum / static_cast<double>(st.num_label_tokens) : 0.0;
-  st.loss += model_->take_aux_loss();  // MoE router aux loss (mean over micro-batches), when configured
+  st.loss += aux;
   st.extra = model_->take_step_metrics();
   // Total L2 norm of all gradients (before clipping), as torch.nn.utils.clip_grad_norm_ returns it.
   double sq = 0.0;
+  if (dp_) {
+    sq = dp_->grad_sq_norm();
+  } else {
 #ifdef AM_WITH_CUDA
-  if (model_->exec().on_cuda()) {
-    std::vector<const Tensor*> grads;
-    for (auto& p : model_->params().all())
-      if (p.trainable) grads.push_back(&p.grad);
-    sq = cuda::sum_squares_multi(grads);
-  } else
+    if (model_->exec().on_cuda()) {
+      std::vector<const Tensor*> grads;
+      for (auto& p : model_->params().all())
+        if (p.trainable) grads.push_back(&p.grad);
+      sq = cuda::sum_squares_multi(grads);
+    } else
 #endif
-  {
-    for (auto& p : model_->params().all())
-      if (p.trainable) sq += ops::sum_squares(p.grad);
+    {
+      for (auto& p : model_->params().all())
+        if (p.trainable) sq += ops::sum_squares(p.grad);
+    }
   }
   st.grad_norm = std::sqrt(sq);
   if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm))
@@ -286,25 +411,38 @@ StepStats Trainer::train_step(int64_t step) {
   if (max_norm_) {
     // torch: coef = max_norm / (total_norm + 1e-6), clamped to 1, applied to every gradient.
     const double coef = std::min(1.0, *max_norm_ / (st.grad_norm + 1e-6));
-    if (coef < 1.0)
-      for (auto& p : model_->params().all()) ops::scale_(p.grad, static_cast<float>(coef));
+    if (coef < 1.0) {
+      if (dp_) dp_->scale_grads(static_cast<float>(coef));
+      else
+        for (auto& p : model_->params().all()) ops::scale_(p.grad, static_cast<float>(coef));
+    }
   }
   st.lr = sched_.lr_at(step);
-  optim_->step(model_->params(), st.lr, sched_.wd_at(step));
+  if (dp_) optim_->step(dp_->opt_slots(), st.lr, sched_.wd_at(step));
+  else optim_->step(model_->params(), st.lr, sched_.wd_at(step));
   model_->exec().synchronize();
   st.opt_s = seconds_since(t1);
   st.time_s = seconds_since(t0);
+  st.mem_gib = peak_mem_gib();
+  if (groups_) {
+    double v[2] = {st.mem_gib, st.time_s};
+    groups_->world->all_reduce_host(v, 2, dist::ReduceOp::Max);
+    st.mem_gib = v[0];
+    st.time_s = v[1];
+  }
   return st;
 }
 
 void Trainer::log_step(const StepStats& s) {
+  if (rank_ != 0) return;  // rank 0 speaks for the job; the numbers are already global
   const double tps = s.time_s > 0 ? s.num_tokens / s.time_s : 0.0;
-  const double mem = peak_mem_gib();
-  const double mfu = mfu_of(tps, s);
+  const double tps_gpu = tps / world_;
+  const double mem = s.mem_gib;
+  const double mfu = mfu_of(tps_gpu, s);
   json j = {{"step", s.step},       {"epoch", s.epoch}, {"loss", s.loss}, {"grad_norm", s.grad_norm}, {"lr", s.lr},
             {"num_label_tokens", s.num_label_tokens}, {"num_tokens", s.num_tokens}, {"tps", tps},
-            {"tps_per_gpu", tps},   {"mem_gib", mem},   {"mfu", mfu},    {"time_s", s.time_s},
-            {"device", device_name_}};
+            {"tps_per_gpu", tps_gpu}, {"mem_gib", mem}, {"mfu", mfu},    {"time_s", s.time_s},
+            {"device", device_name_}, {"world_size", world_}};
   for (auto& [k, v] : s.extra.items()) j[k] = v;
   {  // training.jsonl is written even with checkpoints disabled (SPEC §4)
     fs::create_directories(ckpt_dir_);
@@ -315,7 +453,7 @@ void Trainer::log_step(const StepStats& s) {
     char line[256];
     std::snprintf(line, sizeof line,
                   "step %lld | epoch %lld | loss %.4f | grad_norm %.3f | lr %.2e | mem %.2f GiB | tps %.0f (%.0f/gpu) | mfu %.1f%%",
-                  static_cast<long long>(s.step), static_cast<long long>(s.epoch), s.loss, s.grad_norm, s.lr, mem, tps, tps,
+                  static_cast<long long>(s.step), static_cast<long long>(s.epoch), s.loss, s.grad_norm, s.lr, mem, tps, tps_gpu,
                   100.0 * mfu);
     std::printf("%s\n", line);
     std::fflush(stdout);
@@ -324,21 +462,23 @@ void Trainer::log_step(const StepStats& s) {
 
 double Trainer::validate(int64_t* num_label_tokens) {
   if (!val_ds_) throw RecipeError(r_.path() + ": no validation_dataset section");
+  std::vector<const Sample*> all;
+  for (size_t i = 0; i < val_ds_->size(); ++i) all.push_back(&val_ds_->get(i));
   double total = 0.0;
   int64_t count = 0;
-  std::vector<const Sample*> micro;
-  auto flush = [&] {
-    if (micro.empty()) return;
-    Batch b = upload_batch(collate(micro), model_->exec());
+  // This rank's share; every rank runs as many micro-batches as any other (padding-only ones if short).
+  for (const auto& micro : my_micro_batches(all)) {
+    const bool pad_only = micro.empty();
+    Batch b = upload_batch(collate(pad_only ? std::vector<const Sample*>{&padding_sample()} : micro), model_->exec());
     count += b.num_label_tokens;
     total += model_->forward_loss(b, fwd_opt_);
-    micro.clear();
-  };
-  for (size_t i = 0; i < val_ds_->size(); ++i) {
-    micro.push_back(&val_ds_->get(i));
-    if (static_cast<int64_t>(micro.size()) == lbs_) flush();
   }
-  flush();
+  if (groups_) {
+    double v[2] = {total, static_cast<double>(count)};
+    groups_->world->all_reduce_host(v, 2);
+    total = v[0];
+    count = static_cast<int64_t>(v[1]);
+  }
   if (num_label_tokens) *num_label_tokens = count;
   return count > 0 ? total / static_cast<double>(count) : 0.0;
 }
@@ -352,7 +492,7 @@ std::vector<StepStats> Trainer::run_steps(int64_t n) {
 std::vector<StepStats> Trainer::train() {
   std::vector<StepStats> out;
   if (ckpt_enabled_) fs::create_directories(ckpt_dir_);
-  if (start_step_ == 1) {
+  if (start_step_ == 1 && rank_ == 0) {
     // A fresh (not resumed) run starts its logs afresh.
     std::error_code ec;
     fs::remove(fs::path(ckpt_dir_) / "training.jsonl", ec);
@@ -364,9 +504,27 @@ std::vector<StepStats> Trainer::train() {
     return out;
   }
   if (!opt_.quiet)
-    log::info("training " + model_->config().model_type + " (" + std::to_string(model_->params().numel()) +
-              " parameters) on " + device_name_ + " for " + std::to_string(total_steps_) + " steps, " +
-              std::to_string(gbs_ / lbs_) + " micro-batch(es) of " + std::to_string(lbs_) + " per step");
+    log::info("training " + model_->config().model_type + " (" + std::to_string(model_->params().global_numel()) +
+              " parameters) on " + device_name_ + (world_ > 1 ? " x " + std::to_string(world_) + " ranks (" + strategy_name_ +
+              (ep_size_ > 1 ? ", ep_size " + std::to_string(ep_size_) : "") + ")" : "") + " for " +
+              std::to_string(total_steps_) + " steps, " + std::to_string(gbs_ / (lbs_ * world_)) +
+              " micro-batch(es) of " + std::to_string(lbs_) + " per rank per step");
+  // Preemption: finish the step, save, exit 0. Installed for the training loop only.
+  struct sigaction sa {}, old_term {}, old_int {}, old_usr1 {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, &old_term);
+  sigaction(SIGINT, &sa, &old_int);
+  sigaction(SIGUSR1, &sa, &old_usr1);
+  g_stop_signal.store(0);
+  struct Restore {
+    struct sigaction t, i, u;
+    ~Restore() {
+      sigaction(SIGTERM, &t, nullptr);
+      sigaction(SIGINT, &i, nullptr);
+      sigaction(SIGUSR1, &u, nullptr);
+    }
+  } restore_handlers{old_term, old_int, old_usr1};
   for (int64_t step = start_step_; step <= total_steps_; ++step) {
     StepStats s = train_step(step);
     log_step(s);
@@ -374,14 +532,25 @@ std::vector<StepStats> Trainer::train() {
     if (val_ds_ && val_every_ > 0 && step % val_every_ == 0) {
       int64_t nt = 0;
       double vl = validate(&nt);
-      json j = {{"step", step}, {"val_loss", vl}, {"num_label_tokens", nt}};
-      fs::create_directories(ckpt_dir_);
-      std::ofstream f(fs::path(ckpt_dir_) / "validation.jsonl", std::ios::app);
-      f << j.dump() << "\n";
-      if (!opt_.quiet) std::printf("validation step %lld | val_loss %.4f\n", static_cast<long long>(step), vl);
+      if (rank_ == 0) {
+        json j = {{"step", step}, {"val_loss", vl}, {"num_label_tokens", nt}};
+        fs::create_directories(ckpt_dir_);
+        std::ofstream f(fs::path(ckpt_dir_) / "validation.jsonl", std::ios::app);
+        f << j.dump() << "\n";
+        if (!opt_.quiet) std::printf("validation step %lld | val_loss %.4f\n", static_cast<long long>(step), vl);
+      }
     }
     const bool last = step == total_steps_;
-    if (ckpt_enabled_ && (last || (ckpt_every_ > 0 && step % ckpt_every_ == 0))) save_checkpoint(step, last);
+    // A stop signal on any rank stops every rank at this same step boundary.
+    double stop = static_cast<double>(g_stop_signal.load());
+    if (groups_) groups_->world->all_reduce_host(&stop, 1, dist::ReduceOp::Max);
+    const bool periodic = ckpt_every_ > 0 && step % ckpt_every_ == 0;
+    if (ckpt_enabled_ && (last || periodic || stop > 0)) save_checkpoint(step, last);
+    if (stop > 0 && !last) {
+      log::info("received signal " + std::to_string(static_cast<int>(stop)) + ": stopped after step " + std::to_string(step) +
+                (ckpt_enabled_ ? " with a checkpoint; resume with checkpoint.restore_from=LATEST" : " (checkpoints are disabled)"));
+      break;
+    }
   }
   return out;
 }
@@ -392,15 +561,23 @@ void Trainer::save_checkpoint(int64_t step, bool final) {
   st.epoch = (step - 1) / steps_per_epoch_;
   st.seed = seed_;
   st.optimizer_steps = optim_->step_count();
+  st.world_size = world_;
+  st.ep_size = ep_size_;
+  st.strategy = strategy_name_;
   bool consolidated = save_consolidated_ == "always" || (save_consolidated_ == "final" && final);
-  std::string dir = write_checkpoint(ckpt_dir_, st, *model_, *optim_, consolidated, source_dir_.empty() ? tokenizer_dir_ : source_dir_);
+  std::string dir = write_checkpoint(ckpt_dir_, st, *model_, *optim_, consolidated,
+                                     source_dir_.empty() ? tokenizer_dir_ : source_dir_, dp_.get(), groups_.get());
   if (!opt_.quiet) log::info("saved checkpoint " + dir);
 }
 
 void Trainer::restore(const std::string& from) {
-  CheckpointState st = read_checkpoint(ckpt_dir_, from, *model_, *optim_);
+  CheckpointState st = read_checkpoint(ckpt_dir_, from, *model_, *optim_, dp_.get());
   if (st.seed != seed_) log::warn("resuming with seed " + std::to_string(seed_) + " but the checkpoint used " + std::to_string(st.seed));
+  if (st.world_size != world_ || st.ep_size != ep_size_)
+    log::info("resharding a checkpoint of world size " + std::to_string(st.world_size) + " (ep_size " +
+              std::to_string(st.ep_size) + ") onto " + std::to_string(world_) + " (ep_size " + std::to_string(ep_size_) + ")");
   start_step_ = st.step + 1;
+  if (rank_ != 0) return;
   // Keep training.jsonl consistent with the resumed position: drop entries after the checkpoint's step.
   for (const char* name : {"training.jsonl", "validation.jsonl"}) {
     const fs::path log_path = fs::path(ckpt_dir_) / name;

@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "data/dataset.h"
+#include "dist/data_parallel.h"
+#include "dist/launch.h"
 #include "models/model.h"
 #include "train/lr_scheduler.h"
 #include "train/optimizer.h"
@@ -17,6 +19,12 @@ namespace am {
 
 struct TrainerOptions {
   bool quiet = false;  // no per-step console line (tests)
+  // Where this process stands in the job (dist/launch.h); world 1 by default. With world > 1 the trainer
+  // makes the communicators (MPI for device cpu, NCCL for cuda), shards the model (distributed:) and takes
+  // its share of every global batch; every rank must construct and drive its Trainer in the same way.
+  dist::LaunchInfo launch;
+  // Run the data-parallel code paths even at world 1 (tests, the one-GPU check of the NCCL path).
+  bool force_distributed = false;
 };
 
 struct StepStats {
@@ -24,6 +32,7 @@ struct StepStats {
   double loss = 0, grad_norm = 0, lr = 0;
   int64_t num_label_tokens = 0, num_tokens = 0, padded_tokens = 0;
   double time_s = 0, fwd_bwd_s = 0, opt_s = 0;
+  double mem_gib = 0;  // peak allocator bytes, the largest of any rank
   nlohmann::json extra = nlohmann::json::object();  // model metrics (MoE utilisation, router aux loss)
 };
 
@@ -50,12 +59,20 @@ class Trainer {
   double peak_flops() const;
   double mfu_of(double tps, const StepStats& s) const;
   const std::string& gpu_name() const { return gpu_name_; }
+  int rank() const { return rank_; }
+  int world_size() const { return world_; }
+  dist::DataParallel* data_parallel() { return dp_.get(); }
 
  private:
   void setup();
   StepStats train_step(int64_t step);
   // Sample order of an epoch; cached, since every step of the epoch needs it.
   const std::vector<size_t>& epoch_order(int64_t epoch);
+  void setup_distributed(const io::ModelConfig& cfg);
+  // This rank's micro-batches of `samples` (a global batch): a contiguous 1/world share cut into
+  // local_batch_size pieces. Every rank gets the same number of micro-batches (the collectives inside
+  // forward/backward must match); a rank short of samples gets padding-only ones (nullptr entries).
+  std::vector<std::vector<const Sample*>> my_micro_batches(const std::vector<const Sample*>& samples) const;
   void save_checkpoint(int64_t step, bool final);
   void restore(const std::string& from);
   void log_step(const StepStats& s);
@@ -63,7 +80,11 @@ class Trainer {
 
   const Recipe& r_;
   TrainerOptions opt_;
+  std::unique_ptr<dist::Groups> groups_;      // world > 1 (or forced): the communicators
   std::unique_ptr<CausalLM> model_;
+  std::unique_ptr<dist::DataParallel> dp_;    // declared after model_: destroyed first
+  int rank_ = 0, world_ = 1, ep_size_ = 1;
+  std::string strategy_name_ = "none";
   std::unique_ptr<Dataset> train_ds_, val_ds_;
   std::unique_ptr<Optimizer> optim_;
   LrScheduler sched_;

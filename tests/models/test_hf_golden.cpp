@@ -75,11 +75,11 @@ TEST_P(HfGolden, FourStepsMatchTransformers) {
     EXPECT_EQ(j["step"].get<int>(), ++n);
   }
   EXPECT_EQ(n, 4);
-  // LATEST names the final checkpoint; its consolidated export matches HF's final weights.
-  std::ifstream lf(out / "LATEST");
-  std::string latest;
-  std::getline(lf, latest);
+  // LATEST is a symbolic link to the final checkpoint; its consolidated export matches HF's final weights.
+  ASSERT_TRUE(fs::is_symlink(out / "LATEST"));
+  const std::string latest = fs::read_symlink(out / "LATEST").string();
   EXPECT_EQ(latest, "epoch_0_step_4");
+  EXPECT_TRUE(fs::exists(out / "LATEST" / "model" / "consolidated" / "config.json"));
   const fs::path cons = out / latest / "model" / "consolidated";
   ASSERT_TRUE(fs::exists(cons / "config.json"));
   auto got = io::SafeTensors::open(cons.string());
@@ -181,6 +181,7 @@ TEST(Resume, HalfPlusResumeEqualsStraight) {
     first = Trainer(r, {.quiet = true}).train();
   }
   {
+    fs::remove(b / "LATEST");  // a symbolic link (SPEC §4); the plain-file form is still read
     std::ofstream(b / "LATEST") << "epoch_0_step_2\n";
     Recipe r = Recipe::load((dir / "recipe.yaml").string(),
                             {"checkpoint.checkpoint_dir=" + b.string(), "dataloader.shuffle=true", "checkpoint.restore_from=LATEST"});

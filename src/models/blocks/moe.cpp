@@ -1,6 +1,7 @@
 #include "models/blocks/moe.h"
 
 #include "core/error.h"
+#include "dist/communicator.h"
 #include "ops/moe_ops.h"
 #include "ops/ops.h"
 
@@ -21,8 +22,9 @@ ExpertNames hub_names(const io::ModelConfig& c) {
 
 }  // namespace
 
-MoeWeights register_moe(ParamStore& ps, const std::string& pre, const io::ModelConfig& c) {
+MoeWeights register_moe(ParamStore& ps, const std::string& pre, const io::ModelConfig& c, int ep_rank, int ep_size) {
   const int64_t E = c.num_experts, H = c.hidden_size, I = c.moe_intermediate_size;
+  const int64_t El = E / ep_size, e0 = El * ep_rank;  // this rank's experts [e0, e0 + El)
   const ExpertNames hub = hub_names(c);
   MoeWeights w;
   // Internal names are transformers 5's (mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj);
@@ -30,15 +32,22 @@ MoeWeights register_moe(ParamStore& ps, const std::string& pre, const io::ModelC
   w.router = &ps.add(pre + "mlp.gate.weight", {E, H});
   w.router->layouts.insert(w.router->layouts.begin(), SourceLayout{{pre + hub.block + "gate.weight", 0, {E, H}}});
   if (hub.block == "mlp.") w.router->layouts.pop_back();  // the same name twice
-  w.gate_up = &ps.add(pre + "mlp.experts.gate_up_proj", {E, 2 * I, H});
-  w.down = &ps.add(pre + "mlp.experts.down_proj", {E, H, I});
+  w.gate_up = &ps.add_expert(pre + "mlp.experts.gate_up_proj", {El, 2 * I, H}, e0, E);
+  w.down = &ps.add_expert(pre + "mlp.experts.down_proj", {El, H, I}, e0, E);
   SourceLayout gu, dn;
   const std::string ex = pre + hub.block + "experts.";
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t e = e0; e < e0 + El; ++e) {
     const std::string pe = ex + std::to_string(e) + ".";
-    gu.push_back({pe + hub.gate + ".weight", e * 2 * I * H, {I, H}});
-    gu.push_back({pe + hub.up + ".weight", e * 2 * I * H + I * H, {I, H}});
-    dn.push_back({pe + hub.down + ".weight", e * H * I, {H, I}});
+    const int64_t l = e - e0;  // offsets are into this rank's part
+    gu.push_back({pe + hub.gate + ".weight", l * 2 * I * H, {I, H}});
+    gu.push_back({pe + hub.up + ".weight", l * 2 * I * H + I * H, {I, H}});
+    dn.push_back({pe + hub.down + ".weight", l * H * I, {H, I}});
+  }
+  if (ep_size > 1) {
+    // transformers 5's fused tensors hold every expert: not a slice this rank can own alone (and the
+    // loader reads slices only). Expert parallelism reads and writes the per-expert layout.
+    w.gate_up->layouts.clear();
+    w.down->layouts.clear();
   }
   w.gate_up->layouts.insert(w.gate_up->layouts.begin(), gu);
   w.down->layouts.insert(w.down->layouts.begin(), dn);
@@ -62,6 +71,78 @@ static void fake_balanced_routing(const ExecContext& ex, int64_t N, int64_t k, i
   w = ex.upload(hw);
 }
 
+namespace {
+
+// Expert parallelism, token side -> expert side. The grouped rows xg [N*k, H] are ordered by global expert,
+// so rank j's experts [j*El, (j+1)*El) own one contiguous block; that block goes to rank j. Each rank then
+// receives, from every rank s in turn, rows ordered by its local experts: (s, e) order. The grouped GEMMs
+// want (e, s) order, so the plan also builds the two row permutations between the orders.
+void plan_exchange(const ExecContext& ex, dist::Communicator& ep, const std::vector<int64_t>& counts, MoeSaved& s) {
+  const int P = ep.size();
+  const int64_t E = static_cast<int64_t>(counts.size()), El = E / P;
+  s.send_rows.assign(P, 0);
+  for (int j = 0; j < P; ++j)
+    for (int64_t e = 0; e < El; ++e) s.send_rows[j] += counts[j * El + e];
+  // recv_counts[src * El + e]: rows rank src sends for local expert e
+  std::vector<int64_t> recv_counts(static_cast<size_t>(E));
+  ep.all_to_all_host(counts.data(), recv_counts.data(), static_cast<size_t>(El));
+  s.recv_rows.assign(P, 0);
+  s.local_counts.assign(static_cast<size_t>(El), 0);
+  for (int src = 0; src < P; ++src)
+    for (int64_t e = 0; e < El; ++e) {
+      s.recv_rows[src] += recv_counts[src * El + e];
+      s.local_counts[e] += recv_counts[src * El + e];
+    }
+  int64_t R = 0;
+  for (int64_t c : s.local_counts) R += c;
+  // start of block (src, e) in received order
+  std::vector<int64_t> start(static_cast<size_t>(E));
+  int64_t at = 0;
+  for (int src = 0; src < P; ++src)
+    for (int64_t e = 0; e < El; ++e) {
+      start[src * El + e] = at;
+      at += recv_counts[src * El + e];
+    }
+  Tensor to_e = Tensor::empty({R}, DType::I32), from_e = Tensor::empty({R}, DType::I32);
+  Tensor offs = Tensor::empty({El + 1}, DType::I32);
+  int64_t j = 0;
+  for (int64_t e = 0; e < El; ++e) {
+    offs.data<int32_t>()[e] = static_cast<int32_t>(j);
+    for (int src = 0; src < P; ++src)
+      for (int64_t r = 0; r < recv_counts[src * El + e]; ++r, ++j) {
+        const int64_t i = start[src * El + e] + r;  // received row i is expert-ordered row j
+        to_e.data<int32_t>()[j] = static_cast<int32_t>(i);
+        from_e.data<int32_t>()[i] = static_cast<int32_t>(j);
+      }
+  }
+  offs.data<int32_t>()[El] = static_cast<int32_t>(R);
+  s.to_expert = ex.upload(to_e);
+  s.from_expert = ex.upload(from_e);
+  s.local_offsets = ex.upload(offs);
+}
+
+// rows[idx[j]] for every j (a row gather: moe_gather with k = 1); empty-safe.
+Tensor gather_rows(const ExecContext& ex, const Tensor& rows, const Tensor& idx, DType dt) {
+  Tensor out = ex.empty({idx.dim(0), rows.dim(1)}, dt);
+  if (idx.dim(0) > 0) ops::moe_gather(rows, idx, 1, out);
+  return out;
+}
+
+// The all-to-all of rows between the token side and the expert side (forward dispatch = backward of
+// combine; forward combine = backward of dispatch).
+Tensor exchange(const ExecContext& ex, dist::Communicator& ep, const Tensor& rows, const std::vector<int64_t>& send,
+                const std::vector<int64_t>& recv) {
+  int64_t n = 0;
+  for (int64_t r : recv) n += r;
+  Tensor out = ex.empty({n, rows.dim(1)}, rows.dtype());
+  ep.all_to_all_v(rows, send, out, recv);
+  return out;
+}
+
+bool expert_parallel(const MoeOptions& o) { return o.ep && o.ep->size() > 1; }
+
+}  // namespace
+
 Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions& o, const Tensor& x, MoeSaved& s) {
   const int64_t N = x.dim(0), H = x.dim(1), E = w.router->work.dim(0), k = o.top_k;
   const int64_t I = w.down->work.dim(2);
@@ -79,13 +160,31 @@ Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions&
   ops::moe_dispatch_plan(s.topk_idx, E, s.offsets, s.perm, s.inv, &s.counts);
   Tensor xg = ex.empty({N * k, H});
   ops::moe_gather(x, s.perm, k, xg);
-  s.gu = ex.empty({N * k, 2 * I});
-  ops::grouped_linear_fwd(xg, w.gate_up->work, s.offsets, s.gu, &s.counts);
-  xg = Tensor();  // recomputed in backward: [N*k, H] is the largest activation of the block
-  Tensor h = ex.empty({N * k, I});
-  ops::swiglu_fused_fwd(s.gu, h);
-  s.yg = ex.empty({N * k, H});
-  ops::grouped_linear_fwd(h, w.down->work, s.offsets, s.yg, &s.counts);
+  // The experts' rows: xg itself, or (expert parallel) what the other ranks sent for this rank's experts.
+  const bool ep = expert_parallel(o);
+  Tensor xe = xg;
+  const Tensor* offs = &s.offsets;
+  const std::vector<int64_t>* counts = &s.counts;
+  if (ep) {
+    plan_exchange(ex, *o.ep, s.counts, s);
+    xe = gather_rows(ex, exchange(ex, *o.ep, xg, s.send_rows, s.recv_rows), s.to_expert, xg.dtype());
+    s.xe = xe;
+    offs = &s.local_offsets;
+    counts = &s.local_counts;
+  }
+  xg = Tensor();  // no-EP: recomputed in backward ([N*k, H] is the largest activation of the block)
+  const int64_t R = xe.dim(0);
+  s.gu = ex.empty({R, 2 * I});
+  Tensor ye = ex.empty({R, H});
+  if (R > 0) {
+    ops::grouped_linear_fwd(xe, w.gate_up->work, *offs, s.gu, counts);
+    xe = Tensor();
+    Tensor h = ex.empty({R, I});
+    ops::swiglu_fused_fwd(s.gu, h);
+    ops::grouped_linear_fwd(h, w.down->work, *offs, ye, counts);
+  }
+  // Back to the token side in grouped order.
+  s.yg = ep ? exchange(ex, *o.ep, gather_rows(ex, ye, s.from_expert, ye.dtype()), s.recv_rows, s.send_rows) : ye;
   Tensor y = ex.empty({N, H});
   ops::moe_combine(s.yg, s.inv, s.topk_w, y);
   if (w.has_shared) {
@@ -101,26 +200,42 @@ Tensor moe_backward(const ExecContext& ex, const MoeWeights& w, const MoeOptions
                     const Tensor& dy, const Tensor* dprobs_extra) {
   const int64_t N = dy.dim(0), H = dy.dim(1), E = w.router->work.dim(0), k = o.top_k;
   const int64_t I = w.down->work.dim(2);
+  const bool ep = expert_parallel(o);
   // y = combine(yg, w)
   Tensor dyg = ex.empty({N * k, H}), dtopk_w = ex.empty({N, k}, DType::F32);
   ops::moe_combine_bwd(s.yg, s.inv, s.topk_w, dy, dyg, dtopk_w);
-  // yg = grouped(h, down), h = SwiGLU(gu) recomputed (same kernel, same inputs: bit-identical)
-  Tensor h = ex.empty({N * k, I});
-  ops::swiglu_fused_fwd(s.gu, h);
-  Tensor dh = ex.empty({N * k, I});
-  ops::grouped_linear_bwd(h, w.down->work, s.offsets, dyg, &dh, w.down->grad, &s.counts);
+  // Expert side: the output gradients of the rows this rank's experts computed (the combine's backward is
+  // a dispatch).
+  Tensor dye = ep ? gather_rows(ex, exchange(ex, *o.ep, dyg, s.send_rows, s.recv_rows), s.to_expert, dyg.dtype()) : dyg;
   dyg = Tensor();
-  h = Tensor();
-  Tensor dgu = ex.empty({N * k, 2 * I});
-  ops::swiglu_fused_bwd(s.gu, dh, dgu);
-  dh = Tensor();
-  // gu = grouped(xg, gate_up), xg = gather(x)
-  Tensor xg = ex.empty({N * k, H});
-  ops::moe_gather(s.x, s.perm, k, xg);
-  Tensor dxg = ex.empty({N * k, H});
-  ops::grouped_linear_bwd(xg, w.gate_up->work, s.offsets, dgu, &dxg, w.gate_up->grad, &s.counts);
-  xg = Tensor();
-  dgu = Tensor();
+  const Tensor& offs = ep ? s.local_offsets : s.offsets;
+  const std::vector<int64_t>* counts = ep ? &s.local_counts : &s.counts;
+  const int64_t R = dye.dim(0);
+  Tensor dxe = ex.empty({R, H});
+  if (R > 0) {
+    // ye = grouped(h, down), h = SwiGLU(gu) recomputed (same kernel, same inputs: bit-identical)
+    Tensor h = ex.empty({R, I});
+    ops::swiglu_fused_fwd(s.gu, h);
+    Tensor dh = ex.empty({R, I});
+    ops::grouped_linear_bwd(h, w.down->work, offs, dye, &dh, w.down->grad, counts);
+    dye = Tensor();
+    h = Tensor();
+    Tensor dgu = ex.empty({R, 2 * I});
+    ops::swiglu_fused_bwd(s.gu, dh, dgu);
+    dh = Tensor();
+    // gu = grouped(xe, gate_up); xe = gather(x) recomputed, or (EP) the rows received in forward
+    Tensor xe;
+    if (ep) {
+      xe = s.xe;
+    } else {
+      xe = ex.empty({N * k, H});
+      ops::moe_gather(s.x, s.perm, k, xe);
+    }
+    ops::grouped_linear_bwd(xe, w.gate_up->work, offs, dgu, &dxe, w.gate_up->grad, counts);
+  }
+  // Back to the token side (the dispatch's backward is a combine), then to the tokens.
+  Tensor dxg = ep ? exchange(ex, *o.ep, gather_rows(ex, dxe, s.from_expert, dxe.dtype()), s.recv_rows, s.send_rows) : dxe;
+  dxe = Tensor();
   Tensor dx = ex.empty({N, H});
   ops::moe_gather_bwd(dxg, s.inv, k, dx);
   dxg = Tensor();

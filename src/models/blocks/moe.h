@@ -8,6 +8,9 @@
 //   mlp.experts.gate_up_proj [E, 2I, H] (gate rows first), mlp.experts.down_proj [E, H, I];
 // the hub's per-expert tensors are slices of them (Param::layouts), so checkpoints load and save either way.
 // Tokens are grouped by expert (dispatch plan) and each projection is one grouped GEMM over all experts.
+// Expert parallelism (MoeOptions::ep, P ranks): each rank holds E/P experts ([E/P, 2I, H], [E/P, H, I]);
+// the grouped rows for rank j's experts go to rank j by all-to-all (dispatch), come back the same way after
+// the expert MLPs (combine), and in backward the two exchanges swap roles.
 #pragma once
 #include <string>
 #include <vector>
@@ -18,6 +21,10 @@
 #include "models/params.h"
 
 namespace am {
+
+namespace dist {
+class Communicator;
+}
 
 struct MoeWeights {
   Param* router = nullptr;   // [E, H]
@@ -36,6 +43,12 @@ struct MoeSaved {
   std::vector<int64_t> counts; // [E] rows per expert (host)
   Tensor gu, yg;               // [N*k, 2I], [N*k, H] (xg = gather(x) and h = SwiGLU(gu) [N*k, I] are
                                // recomputed in backward instead of kept)
+  // Expert parallelism: what this rank's experts computed on the rows it received.
+  std::vector<int64_t> send_rows, recv_rows;  // [P] rows sent to / received from each rank
+  std::vector<int64_t> local_counts;          // [E/P] received rows per local expert (host)
+  Tensor local_offsets;        // [E/P + 1] int32
+  Tensor to_expert, from_expert;  // [R] int32: received (rank, expert) order <-> grouped (expert, rank) order
+  Tensor xe;                   // [R, H] received rows in expert order (the experts' input)
   MlpSaved shared;             // qwen2_moe
   Tensor shared_y, shared_logit;  // [N, H], [N, 1]
 };
@@ -44,11 +57,14 @@ struct MoeOptions {
   int64_t top_k = 0;
   bool norm_topk_prob = false;
   bool fake_balanced_gate = false;  // tokens -> experts round-robin, weights 1/k, no router gradient
+  dist::Communicator* ep = nullptr;  // expert-parallel group (nullptr: every expert is local)
 };
 
 // prefix: "model.layers.{i}." Registers the router, the fused experts (+ shared expert) with the hub's
-// per-expert layout first and transformers 5's fused layout as the alternative.
-MoeWeights register_moe(ParamStore& ps, const std::string& layer_prefix, const io::ModelConfig& cfg);
+// per-expert layout first and transformers 5's fused layout as the alternative. With ep_size > 1 only
+// experts [ep_rank * E/ep_size, (ep_rank + 1) * E/ep_size) are registered (and so loaded and saved).
+MoeWeights register_moe(ParamStore& ps, const std::string& layer_prefix, const io::ModelConfig& cfg,
+                        int ep_rank = 0, int ep_size = 1);
 
 // x [N, H] -> y [N, H]. `s` is always filled (the routing is needed for the aux loss and the metrics);
 // callers that do not need backward drop it.

@@ -1,0 +1,246 @@
+#include "dist/data_parallel.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "ops/ops.h"
+
+namespace am::dist {
+
+Strategy parse_strategy(const std::string& s) {
+  if (s == "fsdp2" || s == "fsdp") return Strategy::Fsdp2;
+  if (s == "ddp") return Strategy::Ddp;
+  throw UsageError("distributed.strategy: expected fsdp2 or ddp, got '" + s + "'");
+}
+
+Groups Groups::make(std::unique_ptr<Communicator> world, int ep_size) {
+  Groups g;
+  const int r = world->rank();
+  // Both splits are collectives over the world: every rank makes them, in this order.
+  g.ep = world->split(r / ep_size, r);
+  g.ep_replica = world->split(r % ep_size, r);
+  g.world = std::move(world);
+  g.ep_size = ep_size;
+  return g;
+}
+
+struct DataParallel::Bucket {
+  std::string key;             // "<unit>/dense" | "<unit>/experts"
+  Communicator* group = nullptr;
+  bool sharded = false;        // fsdp2 over a group of more than one rank
+  std::vector<Param*> params;
+  std::vector<int64_t> off;    // flat offset of each parameter
+  int64_t numel = 0, padded = 0, shard = 0;
+  Tensor master;               // fp32 [shard] (sharded) or [numel] (replicated: the params' values are views)
+  Tensor grad;                 // fp32, same size: the reduced gradient the optimizer reads
+  Tensor work;                 // CUDA, replicated: bf16 [numel] working copy (the params' work are views)
+  Tensor full, full_work;      // sharded, while gathered: fp32 [padded] values, bf16 [padded] (CUDA)
+  Tensor full_grad;            // sharded: fp32 [padded] unsharded gradient, accumulated by backward
+  WorkPtr gathering, reducing;
+  bool gathered = false;
+};
+
+DataParallel::DataParallel(CausalLM& model, Groups& groups, Strategy strategy, const ExecContext& ex)
+    : model_(model), groups_(groups), strategy_(strategy), ex_(ex) {
+  unit_params_ = model.param_units();
+  units_.resize(unit_params_.size());
+  for (size_t u = 0; u < unit_params_.size(); ++u) {
+    for (int expert = 0; expert < 2; ++expert) {
+      auto b = std::make_unique<Bucket>();
+      for (Param* p : unit_params_[u])
+        if (p->trainable && p->expert == (expert == 1)) b->params.push_back(p);
+      if (b->params.empty()) continue;
+      b->key = std::to_string(u) + (expert ? "/experts" : "/dense");
+      b->group = expert ? groups.ep_replica.get() : groups.world.get();
+      const int g = b->group->size();
+      b->sharded = strategy == Strategy::Fsdp2 && g > 1;
+      for (Param* p : b->params) {
+        b->off.push_back(b->numel);
+        b->numel += shape_numel(p->shape);
+      }
+      b->padded = b->sharded ? (b->numel + g - 1) / g * g : b->numel;
+      b->shard = b->sharded ? b->padded / g : b->numel;
+      // Pack the initial values into one flat buffer, then keep this rank's part.
+      Tensor flat = ex.zeros({b->padded}, DType::F32);
+      for (size_t i = 0; i < b->params.size(); ++i) {
+        Tensor dst = flat.slice_rows(b->off[i], b->off[i] + shape_numel(b->params[i]->shape));
+        ops::copy_(dst, b->params[i]->value);
+      }
+      const int64_t lo = b->sharded ? b->group->rank() * b->shard : 0, hi = lo + b->shard;
+      if (b->sharded) {
+        b->master = ex.zeros({b->shard}, DType::F32);
+        Tensor mine = flat.slice_rows(lo, hi);
+        ops::copy_(b->master, mine);
+        for (Param* p : b->params) p->value = p->grad = p->work = Tensor();  // until gathered
+      } else {
+        b->master = flat;
+        b->grad = ex.zeros({b->numel}, DType::F32);
+        if (ex.on_cuda()) {
+          b->work = ex.empty({b->numel}, ex.act_dtype);
+          ops::copy_(b->work, b->master);
+        }
+        for (size_t i = 0; i < b->params.size(); ++i) {
+          Param* p = b->params[i];
+          const int64_t a = b->off[i], e = a + shape_numel(p->shape);
+          p->value = b->master.slice_rows(a, e).view(p->shape);
+          p->grad = b->grad.slice_rows(a, e).view(p->shape);
+          p->work = ex.on_cuda() ? b->work.slice_rows(a, e).view(p->shape) : p->value;
+        }
+      }
+      if (b->sharded) b->grad = ex.zeros({b->shard}, DType::F32);
+      StateSlot slot;
+      slot.opt = OptSlot{b->key, &b->master, &b->grad, b->work.defined() ? &b->work : nullptr};
+      slot.canonical = b->sharded || b->group->rank() == 0;
+      for (size_t i = 0; i < b->params.size(); ++i) {
+        const Param* p = b->params[i];
+        const int64_t a = std::max(lo, b->off[i]), e = std::min(hi, b->off[i] + shape_numel(p->shape));
+        if (a >= e) continue;
+        slot.pieces.push_back({p->name, p->global_offset + (a - b->off[i]), p->global_offset + (e - b->off[i]), a - lo});
+      }
+      slots_.push_back(std::move(slot));
+      units_[u].push_back(std::move(b));
+    }
+  }
+  model.set_param_hooks(this);
+}
+
+DataParallel::~DataParallel() {
+  model_.set_param_hooks(nullptr);
+  for (auto& u : units_)
+    for (auto& b : u) {
+      if (b->gathering) b->gathering->wait();
+      if (b->reducing) b->reducing->wait();
+    }
+}
+
+std::vector<OptSlot> DataParallel::opt_slots() const {
+  std::vector<OptSlot> out;
+  for (auto& s : slots_) out.push_back(s.opt);
+  return out;
+}
+
+// ---- working weights ----
+
+void DataParallel::gather(Bucket& b, bool async) {
+  if (!b.sharded || b.gathered || b.gathering) return;
+  b.full = ex_.empty({b.padded}, DType::F32);
+  b.gathering = b.group->all_gather(b.master, b.full, async);
+}
+
+void DataParallel::finish_gather(Bucket& b) {
+  if (!b.sharded || b.gathered) return;
+  if (!b.gathering) gather(b, false);
+  b.gathering->wait();
+  b.gathering.reset();
+  if (ex_.on_cuda()) {
+    // The matmuls read bf16 working weights; the fp32 values stay for RMSNorm / embedding weights that the
+    // fp32 residual stream reads (DecoderLM::wide_weight).
+    b.full_work = ex_.empty({b.padded}, ex_.act_dtype);
+    ops::copy_(b.full_work, b.full);
+  }
+  for (size_t i = 0; i < b.params.size(); ++i) {
+    Param* p = b.params[i];
+    const int64_t a = b.off[i], e = a + shape_numel(p->shape);
+    p->value = b.full.slice_rows(a, e).view(p->shape);
+    p->work = ex_.on_cuda() ? b.full_work.slice_rows(a, e).view(p->shape) : p->value;
+  }
+  b.gathered = true;
+}
+
+void DataParallel::release(Bucket& b) {
+  if (!b.sharded || !b.gathered) return;
+  for (Param* p : b.params) p->value = p->work = Tensor();
+  b.full = b.full_work = Tensor();
+  b.gathered = false;
+}
+
+void DataParallel::gather_unit(int u) {
+  for (auto& b : units_.at(static_cast<size_t>(u))) finish_gather(*b);
+}
+
+void DataParallel::release_unit(int u) {
+  for (auto& b : units_.at(static_cast<size_t>(u))) release(*b);
+}
+
+void DataParallel::before_use(int unit, bool backward) {
+  gather_unit(unit);
+  // Prefetch the unit that runs next (forward: the next layer; backward: the previous one; the root is
+  // used from the first op to the last, so it is never the one prefetched).
+  const int next = backward ? unit - 1 : unit + 1;
+  if (unit > 0 && next > 0 && next < num_units())
+    for (auto& b : units_[static_cast<size_t>(next)]) gather(*b, true);
+}
+
+void DataParallel::after_forward(int unit) {
+  // fsdp2 reshards after forward (ZeRO-3): backward gathers the layer again. The root stays gathered
+  // through the whole micro-batch in training; a forward-only pass releases it at its end.
+  release_unit(unit);
+}
+
+// ---- gradients ----
+
+void DataParallel::begin_step() {
+  finish_grads();
+  for (auto& u : units_)
+    for (auto& b : u) {
+      ops::zero_(b->grad);
+      if (!b->sharded) continue;
+      b->full_grad = ex_.zeros({b->padded}, DType::F32);
+      for (size_t i = 0; i < b->params.size(); ++i) {
+        Param* p = b->params[i];
+        p->grad = b->full_grad.slice_rows(b->off[i], b->off[i] + shape_numel(p->shape)).view(p->shape);
+      }
+    }
+}
+
+void DataParallel::reduce(Bucket& b) {
+  if (b.group->size() == 1) return;
+  if (!b.sharded) {
+    b.group->all_reduce(b.grad, ReduceOp::Sum);
+    return;
+  }
+  // Keep at most one reduce-scatter in flight besides this one: the previous bucket's unsharded gradient is
+  // freed once its reduction is done, so only about two layers' full gradients exist at a time.
+  if (reducing_ && reducing_ != &b) wait_reduce(*reducing_);
+  b.reducing = b.group->reduce_scatter(b.full_grad, b.grad, /*async=*/true);
+  reducing_ = &b;
+}
+
+void DataParallel::wait_reduce(Bucket& b) {
+  if (b.reducing) {
+    b.reducing->wait();
+    b.reducing.reset();
+  }
+  if (b.sharded) {
+    b.full_grad = Tensor();
+    for (Param* p : b.params) p->grad = Tensor();
+  }
+  if (reducing_ == &b) reducing_ = nullptr;
+}
+
+void DataParallel::after_backward(int unit) {
+  for (auto& b : units_.at(static_cast<size_t>(unit))) {
+    if (sync_) reduce(*b);
+    release(*b);
+  }
+}
+
+void DataParallel::finish_grads() {
+  for (auto& u : units_)
+    for (auto& b : u)
+      if (b->reducing || (b->sharded && b->full_grad.defined())) wait_reduce(*b);
+}
+
+double DataParallel::grad_sq_norm() const {
+  double sq = 0.0;
+  for (const StateSlot& s : slots_)
+    if (s.canonical) sq += ops::sum_squares(*s.opt.grad);
+  groups_.world->all_reduce_host(&sq, 1);
+  return sq;
+}
+
+void DataParallel::scale_grads(float c) {
+  for (const StateSlot& s : slots_) ops::scale_(*s.opt.grad, c);
+}
+
+}  // namespace am::dist

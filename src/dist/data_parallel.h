@@ -1,0 +1,104 @@
+// Data parallelism over flat per-layer buffers (DESIGN.md principle 5, "Distributed"), with two strategies:
+//   fsdp2 (default): a rank owns a contiguous 1/g slice of each bucket's fp32 master weights, gradient and
+//          optimizer state (g = the bucket's group size); the working weights of a layer are all-gathered
+//          ahead of its use (the next layer is prefetched while this one computes) and released after it;
+//          each layer's gradient is reduce-scattered as soon as the layer's backward is done, while backward
+//          goes on with the layers still to run.
+//   ddp:   every rank keeps everything; gradients are all-reduced per layer.
+// Either way gradients are reduced in fp32, once per optimizer step (in the last micro-batch's backward),
+// and summed, not averaged: each rank's backward already carries 1 / (label tokens of the global batch).
+//
+// A unit (models/model.h ParamHooks: the root, then one per decoder layer) has up to two buckets:
+//   dense   the unit's ordinary parameters, over the data-parallel group (every rank);
+//   experts the unit's expert-parallel parameters ([E/ep, ...] per rank), over the ranks that hold the same
+//           experts (rank % ep), whose gradients they sum (AutoModel's ep_shard dimension).
+// Bucket layout: the parameters' elements back to back in registration order, padded to a multiple of the
+// group size: [numel | pad], shard = padded / g, rank r owns [r * shard, (r + 1) * shard).
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dist/communicator.h"
+#include "models/model.h"
+#include "train/optimizer.h"
+
+namespace am::dist {
+
+enum class Strategy { Fsdp2, Ddp };
+
+// The communicators of a run, made once at start. With world W and ep_size E:
+//   world      every rank (= the data-parallel group);
+//   ep         ranks [b * E, (b + 1) * E) (contiguous: one node for E <= GPUs per node): tokens travel here;
+//   ep_replica ranks with the same rank % E, which hold the same experts (W / E of them).
+struct Groups {
+  std::unique_ptr<Communicator> world, ep, ep_replica;
+  int ep_size = 1;
+  static Groups make(std::unique_ptr<Communicator> world, int ep_size);
+};
+
+// Part of one parameter's fp32 state that a slot holds: elements [begin, end) of the whole parameter
+// (flattened, all experts), starting at element `at` of the slot. Checkpoints are written and read in
+// these terms, so a checkpoint made with any world size / ep_size / strategy loads into any other.
+struct StatePiece {
+  std::string param;
+  int64_t begin = 0, end = 0;
+  int64_t at = 0;
+};
+
+struct StateSlot {
+  OptSlot opt;                      // master values, gradient, working copy: what the optimizer updates
+  std::vector<StatePiece> pieces;
+  // This rank counts the slot in the global grad norm and writes it in checkpoints (replicated slots have
+  // one canonical holder: the group's rank 0).
+  bool canonical = true;
+};
+
+class DataParallel : public ParamHooks {
+ public:
+  // The model's parameters must already be on ex's device with their initial values; they become views
+  // of the buckets (ddp) or are released until gathered (fsdp2).
+  DataParallel(CausalLM& model, Groups& groups, Strategy strategy, const ExecContext& ex);
+  ~DataParallel() override;
+
+  Strategy strategy() const { return strategy_; }
+  void begin_step();                       // zero the gradients (fsdp2: allocate the unsharded buffers)
+  void set_sync(bool last_micro) { sync_ = last_micro; }  // reduce gradients during this backward
+  void finish_grads();                     // wait for every gradient reduction of the step
+  double grad_sq_norm() const;             // sum of squares of the whole model's gradient (every rank)
+  void scale_grads(float c);
+  std::vector<OptSlot> opt_slots() const;
+  const std::vector<StateSlot>& slots() const { return slots_; }
+  // Makes the full values of unit u's parameters present (p.value / p.work) outside forward/backward
+  // (checkpoint export), and releases them again.
+  void gather_unit(int u);
+  void release_unit(int u);
+  int num_units() const { return static_cast<int>(units_.size()); }
+  const std::vector<Param*>& unit_params(int u) const { return unit_params_.at(static_cast<size_t>(u)); }
+
+  void before_use(int unit, bool backward) override;
+  void after_forward(int unit) override;
+  void after_backward(int unit) override;
+
+ private:
+  struct Bucket;
+  void gather(Bucket& b, bool async);
+  void finish_gather(Bucket& b);
+  void release(Bucket& b);
+  void reduce(Bucket& b);
+  void wait_reduce(Bucket& b);
+
+  CausalLM& model_;
+  Groups& groups_;
+  Strategy strategy_;
+  ExecContext ex_;
+  std::vector<std::vector<std::unique_ptr<Bucket>>> units_;  // per unit: dense, experts (either may be absent)
+  std::vector<std::vector<Param*>> unit_params_;
+  std::vector<StateSlot> slots_;
+  bool sync_ = true;
+  Bucket* reducing_ = nullptr;  // the last bucket whose reduce-scatter is in flight (fsdp2)
+};
+
+Strategy parse_strategy(const std::string& s);  // "fsdp2" | "ddp"; UsageError otherwise
+
+}  // namespace am::dist
