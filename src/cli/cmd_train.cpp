@@ -1,15 +1,26 @@
-// `automodel finetune | bench | eval` — recipe-driven commands.
+// `automodel finetune | bench | eval` — recipe-driven commands. Each runs either in this process (one
+// process, or a worker some launcher placed: dist::detect_launch) or as the supervisor of the N workers of
+// `--nproc-per-node N` (dist::run_workers), which re-run this same command line.
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
+#include <new>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "backend/cuda/device_info.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "dist/launch.h"
+#include "dist/supervisor.h"
 #include "train/recipe.h"
 #include "train/trainer.h"
 
@@ -21,12 +32,29 @@ struct RecipeArgs {
   std::vector<std::string> overrides;
   std::string out;            // bench --out
   int64_t nproc = 1;
+  bool nproc_given = false;
+  std::vector<std::string> argv;  // the whole command line, for the workers to re-run
 };
 
+int64_t parse_nproc(const std::string& flag, const std::string& v) {
+  size_t pos = 0;
+  int64_t n = 0;
+  try {
+    n = std::stoll(v, &pos);
+  } catch (const std::exception&) {
+    pos = 0;
+  }
+  if (pos == 0 || pos != v.size()) throw UsageError(flag + " '" + v + "': expected an integer");
+  if (n < 1) throw UsageError(flag + " " + v + ": must be >= 1");
+  return n;
+}
+
 // Parses `RECIPE.yaml [--a.b.c=VALUE | --a.b.c VALUE ...] [--nproc-per-node N] [--out F]`, and the older
-// `llm -c RECIPE.yaml` form.
+// `llm -c RECIPE.yaml` form. argv[0] is the command name (or the program, for `automodel RECIPE.yaml`).
 RecipeArgs parse_recipe_args(int argc, char** argv, const char* cmd) {
   RecipeArgs a;
+  a.argv = {"automodel", cmd};
+  for (int i = 1; i < argc; ++i) a.argv.emplace_back(argv[i]);
   for (int i = 1; i < argc; ++i) {
     std::string s = argv[i];
     auto value = [&](const std::string& flag) -> std::string {
@@ -36,10 +64,15 @@ RecipeArgs parse_recipe_args(int argc, char** argv, const char* cmd) {
     if (s == "llm" && a.recipe.empty()) continue;  // `finetune llm -c RECIPE`
     if (s == "-c" || s == "--config") { a.recipe = value(s); continue; }
     if (s == "--nproc-per-node" || s == "--nproc_per_node") {
-      try { a.nproc = std::stoll(value(s)); } catch (const std::invalid_argument&) { throw UsageError(s + ": expected an integer"); }
+      a.nproc = parse_nproc(s, value(s));
+      a.nproc_given = true;
       continue;
     }
-    if (s.rfind("--nproc-per-node=", 0) == 0) { a.nproc = std::stoll(s.substr(17)); continue; }
+    if (s.rfind("--nproc-per-node=", 0) == 0 || s.rfind("--nproc_per_node=", 0) == 0) {
+      a.nproc = parse_nproc(s.substr(0, 16), s.substr(17));
+      a.nproc_given = true;
+      continue;
+    }
     if (s == "--out") { a.out = value(s); continue; }
     if (s.rfind("--out=", 0) == 0) { a.out = s.substr(6); continue; }
     if (s.rfind("--", 0) == 0 && s.size() > 2) {
@@ -52,35 +85,91 @@ RecipeArgs parse_recipe_args(int argc, char** argv, const char* cmd) {
     throw UsageError(std::string(cmd) + ": unexpected argument '" + s + "'");
   }
   if (a.recipe.empty()) throw UsageError(std::string("usage: automodel ") + cmd + " RECIPE.yaml [--section.key=VALUE ...]");
-  if (a.nproc != 1) throw UsageError("--nproc-per-node " + std::to_string(a.nproc) + ": multi-GPU training is not implemented yet (use 1)");
   return a;
+}
+
+bool supervised() {
+  const char* s = std::getenv("AUTOMODEL_SUPERVISED");
+  return s && *s && std::strcmp(s, "0") != 0;
+}
+
+// How many workers this command starts on this machine, and on which device. As AutoModel: without
+// --nproc-per-node, cuda (or auto with GPUs) takes every visible GPU; cpu runs one process.
+int workers_to_start(const RecipeArgs& a, const Recipe& r, std::string* device_out) {
+  const std::string device = r.get_string("device", "auto");
+  if (device != "auto" && device != "cpu" && device != "cuda")
+    r.fail("device", "expected auto, cpu or cuda, got '" + device + "'");
+  std::string why;
+  const int gpus = device == "cpu" ? 0 : static_cast<int>(cuda::list_devices(&why).size());
+  const bool on_gpu = device != "cpu" && gpus > 0;
+  *device_out = on_gpu ? "cuda" : "cpu";
+  if (!a.nproc_given) return on_gpu && gpus >= 2 ? gpus : 1;
+  const std::string flag = "--nproc-per-node " + std::to_string(a.nproc);
+  if (device == "cuda" && gpus == 0)
+    throw UsageError(flag + ": device cuda, but no GPU is visible (" + why + ")");
+  if (on_gpu && a.nproc > gpus)
+    throw UsageError(flag + ": only " + std::to_string(gpus) + (gpus == 1 ? " GPU" : " GPUs") + " visible");
+  return static_cast<int>(a.nproc);
+}
+
+// Runs `body(recipe, launch)` in this process, or starts and supervises the workers that will. A worker
+// registers with the supervisor (pid file) first and reports its exit code last; exceptions still reach
+// main(), which prints the one-line error and picks the exit code.
+template <class Body>
+int run_recipe(const RecipeArgs& a, Body&& body) {
+  const dist::LaunchInfo li = dist::detect_launch();
+  if (li.world_size == 1 && !supervised()) {
+    Recipe r = Recipe::load(a.recipe, a.overrides);
+    std::string device;
+    const int n = workers_to_start(a, r, &device);
+    if (n > 1) {
+      check_distributed_recipe(r, n);  // bad distributed: settings stop here, before any worker starts
+      return dist::run_workers({.nproc = n, .device = device, .argv = a.argv});
+    }
+    return body(r, li);
+  }
+  dist::worker_register(li.rank);
+  int code = 0;
+  try {
+    Recipe r = Recipe::load(a.recipe, a.overrides);
+    code = body(r, li);
+  } catch (const Error& e) {
+    dist::worker_report_exit(e.exit_code());
+    throw;
+  } catch (...) {
+    dist::worker_report_exit(1);
+    throw;
+  }
+  dist::worker_report_exit(code);
+  return code;
 }
 }  // namespace
 
 int cmd_finetune(int argc, char** argv) {
   auto a = parse_recipe_args(argc, argv, "finetune");
-  Recipe r = Recipe::load(a.recipe, a.overrides);
-  Trainer t(r);
-  t.train();
-  return 0;
+  return run_recipe(a, [](const Recipe& r, const dist::LaunchInfo& li) {
+    Trainer t(r, TrainerOptions{.quiet = li.rank != 0, .launch = li});  // rank 0 speaks for the job
+    t.train();
+    return 0;
+  });
 }
 
 int cmd_eval(int argc, char** argv) {
   auto a = parse_recipe_args(argc, argv, "eval");
-  Recipe r = Recipe::load(a.recipe, a.overrides);
-  if (!r.has("validation_dataset")) throw RecipeError(a.recipe + ": eval needs a validation_dataset section");
-  Trainer t(r, TrainerOptions{.quiet = true});
-  int64_t n = 0;
-  double loss = t.validate(&n);
-  nlohmann::json j = {{"val_loss", loss}, {"num_label_tokens", n}};
-  std::printf("%s\n", j.dump().c_str());
-  return 0;
+  return run_recipe(a, [&](const Recipe& r, const dist::LaunchInfo& li) {
+    if (!r.has("validation_dataset")) throw RecipeError(a.recipe + ": eval needs a validation_dataset section");
+    Trainer t(r, TrainerOptions{.quiet = true, .launch = li});
+    int64_t n = 0;
+    double loss = t.validate(&n);
+    nlohmann::json j = {{"val_loss", loss}, {"num_label_tokens", n}};
+    if (li.rank == 0) std::printf("%s\n", j.dump().c_str());
+    return 0;
+  });
 }
 
-int cmd_bench(int argc, char** argv) {
-  auto a = parse_recipe_args(argc, argv, "bench");
-  Recipe r = Recipe::load(a.recipe, a.overrides);
-  Trainer t(r, TrainerOptions{.quiet = true});
+namespace {
+int bench_body(const RecipeArgs& a, Recipe& r, const dist::LaunchInfo& li) {
+  Trainer t(r, TrainerOptions{.quiet = true, .launch = li});
   const int64_t warm = r.get_int("step_scheduler.warmup_steps", 3), timed = r.get_int("step_scheduler.timed_steps", 10);
   if (warm < 0 || timed < 1) r.fail("step_scheduler.timed_steps", "need warmup_steps >= 0 and timed_steps >= 1");
   t.run_steps(warm);
@@ -94,19 +183,23 @@ int cmd_bench(int argc, char** argv) {
     tokens += s.num_tokens;
   }
   seq = tokens / (static_cast<double>(timed) * t.global_batch_size());
-  const double tps = tokens / step_s;
-  const double tflops = tps * t.flops_per_token(seq) / 1e12;
+  const double tps = tokens / step_s;  // the whole job's tokens (StepStats are global)
+  const double tps_gpu = tps / li.world_size;
+  const double tflops = tps_gpu * t.flops_per_token(seq) / 1e12;
+  double peak_mem = 0;  // the largest rank's
+  for (auto& s : stats) peak_mem = std::max(peak_mem, s.mem_gib);
   const auto& c = t.model().config();
   nlohmann::json j = {
-      {"tokens_per_s", tps}, {"tokens_per_s_per_gpu", tps}, {"tflops_per_gpu", tflops},
+      {"tokens_per_s", tps}, {"tokens_per_s_per_gpu", tps_gpu}, {"tflops_per_gpu", tflops},
       {"mfu", t.peak_flops() > 0 ? nlohmann::json(tflops * 1e12 / t.peak_flops()) : nlohmann::json(nullptr)},
-      {"peak_mem_gib", t.peak_mem_gib()}, {"gpu", t.gpu_name()},
+      {"peak_mem_gib", peak_mem}, {"gpu", t.gpu_name()},
       {"step_ms", 1e3 * step_s / timed}, {"fwd_ms", nullptr}, {"bwd_ms", nullptr},
-      {"fwd_bwd_ms", 1e3 * fb / timed}, {"opt_ms", 1e3 * opt / timed}, {"world_size", 1},
+      {"fwd_bwd_ms", 1e3 * fb / timed}, {"opt_ms", 1e3 * opt / timed}, {"world_size", li.world_size},
       {"device", t.device_name()}, {"warmup_steps", warm}, {"timed_steps", timed},
       {"model", {{"model_type", c.model_type}, {"hidden_size", c.hidden_size}, {"num_hidden_layers", c.num_hidden_layers},
-                 {"vocab_size", c.vocab_size}, {"num_parameters", t.model().params().numel()}}},
+                 {"vocab_size", c.vocab_size}, {"num_parameters", t.model().params().global_numel()}}},
       {"batch", {{"global_batch_size", t.global_batch_size()}, {"local_batch_size", t.local_batch_size()}, {"seq_len", seq}}}};
+  if (li.rank != 0) return 0;  // one report for the job
   std::printf("%s\n", j.dump(2).c_str());
   if (!a.out.empty()) {
     std::ofstream f(a.out);
@@ -114,6 +207,12 @@ int cmd_bench(int argc, char** argv) {
     if (!f) throw IoError("cannot write " + a.out);
   }
   return 0;
+}
+}  // namespace
+
+int cmd_bench(int argc, char** argv) {
+  auto a = parse_recipe_args(argc, argv, "bench");
+  return run_recipe(a, [&](Recipe& r, const dist::LaunchInfo& li) { return bench_body(a, r, li); });
 }
 
 }  // namespace am

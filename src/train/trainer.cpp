@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <chrono>
 #include <csignal>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -71,8 +73,9 @@ void Trainer::setup() {
     auto devs = cuda::list_devices(&why);
     if (!devs.empty()) {
       device_name_ = "cuda";
-      // Rank i of a node uses GPU local_rank (SPEC §1), chosen before anything touches the device.
-      const int dev = opt_.launch.local_rank;
+      // Rank i of a node uses GPU local_rank (SPEC §1), chosen before anything touches the device; a launcher
+      // that binds one GPU per task (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank) leaves one: use it.
+      const int dev = devs.size() == 1 ? 0 : opt_.launch.local_rank;
       if (dev >= static_cast<int>(devs.size()))
         throw UsageError("local rank " + std::to_string(dev) + " needs GPU " + std::to_string(dev) + " but only " +
                          std::to_string(devs.size()) + " GPU(s) are visible");
@@ -272,31 +275,59 @@ const std::vector<size_t>& Trainer::epoch_order(int64_t epoch) {
   return order_;
 }
 
-void Trainer::setup_distributed(const io::ModelConfig& cfg) {
-  // distributed: (SPEC §2). Checked at any world size, so a recipe fails the same way on 1 rank as on N.
-  ep_size_ = static_cast<int>(r_.get_int("distributed.ep_size", 1));
-  if (ep_size_ < 1) r_.fail("distributed.ep_size", "must be >= 1");
-  if (world_ % ep_size_ != 0)
-    r_.fail("distributed.ep_size", std::to_string(ep_size_) + " does not divide the world size " + std::to_string(world_));
-  if (ep_size_ > 1 && !cfg.is_moe())
-    r_.fail("distributed.ep_size", std::to_string(ep_size_) + ": model_type '" + cfg.model_type + "' has no experts");
-  if (ep_size_ > 1 && cfg.num_experts % ep_size_ != 0)
-    r_.fail("distributed.ep_size", std::to_string(ep_size_) + " does not divide the " + std::to_string(cfg.num_experts) +
-                                       " experts of config.json");
-  if (auto dp = r_.get_opt_int("distributed.dp_size"); dp && *dp > 0 && *dp != world_)
-    r_.fail("distributed.dp_size", std::to_string(*dp) + " but the world has " + std::to_string(world_) +
-                                       " ranks (every rank is data-parallel here: set null)");
+void check_distributed_recipe(const Recipe& r, int world, const io::ModelConfig* cfg) {
+  // distributed: (SPEC §2). Checked at any world size, so a recipe fails the same way on 1 rank as on N, and
+  // by the supervisor before it starts any worker.
+  const int64_t ep = r.get_int("distributed.ep_size", 1);
+  if (ep < 1) r.fail("distributed.ep_size", "must be >= 1");
+  if (world % ep != 0) r.fail("distributed.ep_size", std::to_string(ep) + " does not divide the world size " + std::to_string(world));
+  if (cfg && ep > 1 && !cfg->is_moe())
+    r.fail("distributed.ep_size", std::to_string(ep) + ": model_type '" + cfg->model_type + "' has no experts");
+  if (cfg && ep > 1 && cfg->num_experts % ep != 0)
+    r.fail("distributed.ep_size", std::to_string(ep) + " does not divide the " + std::to_string(cfg->num_experts) +
+                                      " experts of config.json");
+  if (auto dp = r.get_opt_int("distributed.dp_size"); dp && *dp > 0 && *dp != world)
+    r.fail("distributed.dp_size", std::to_string(*dp) + " but the world has " + std::to_string(world) +
+                                      " ranks (every rank is data-parallel here: set null)");
   for (const char* k : {"distributed.tp_size", "distributed.cp_size", "distributed.pp_size", "distributed.dp_replicate_size"})
-    if (auto v = r_.get_opt_int(k); v && *v > 1)
-      r_.fail(k, std::to_string(*v) + ": tensor, context and pipeline parallelism and HSDP replication are not "
-                                      "implemented (data parallelism with fsdp2 / ddp and expert parallelism are)");
-  strategy_name_ = r_.get_string("distributed.strategy", "fsdp2");
+    if (auto v = r.get_opt_int(k); v && *v > 1)
+      r.fail(k, std::to_string(*v) + ": tensor, context and pipeline parallelism and HSDP replication are not "
+                                     "implemented (data parallelism with fsdp2 / ddp and expert parallelism are)");
+  const std::string strategy = r.get_string("distributed.strategy", "fsdp2");
+  if (strategy != "fsdp2" && strategy != "fsdp" && strategy != "ddp")
+    r.fail("distributed.strategy", "expected fsdp2 or ddp, got '" + strategy + "'");
+  const int64_t gbs = r.get_int("step_scheduler.global_batch_size", 32);
+  const int64_t lbs = r.get_int("step_scheduler.local_batch_size", std::min<int64_t>(gbs, 8));
+  if (world > 1 && lbs >= 1 && gbs % (lbs * world) != 0)
+    r.fail("step_scheduler.global_batch_size", "must be a multiple of local_batch_size x data-parallel ranks (" +
+                                                   std::to_string(lbs) + " x " + std::to_string(world) + ")");
+}
+
+void check_distributed_recipe(const Recipe& r, int world) {
+  // The model's config, when it can be found cheaply; anything wrong with it is left to the workers to report.
+  std::optional<io::ModelConfig> cfg;
   try {
-    dist::parse_strategy(strategy_name_);
-  } catch (const UsageError& e) {
-    r_.fail("distributed.strategy", std::string("expected fsdp2 or ddp, got '") + strategy_name_ + "'");
+    std::string p;
+    if (r.has("model.pretrained_model_name_or_path"))
+      p = (fs::path(io::resolve_model_path(r.resolve_path(r.get_string("model.pretrained_model_name_or_path", "")))) /
+           "config.json").string();
+    else if (r.has("model.config"))
+      p = r.resolve_path(r.get_string("model.config", ""));
+    if (!p.empty() && fs::is_directory(p)) p = (fs::path(p) / "config.json").string();
+    if (!p.empty() && fs::exists(p)) cfg = io::load_model_config(p);
+  } catch (const Error&) {
   }
-  if (world_ == 1 && !opt_.force_distributed) {
+  check_distributed_recipe(r, world, cfg ? &*cfg : nullptr);
+}
+
+void Trainer::setup_distributed(const io::ModelConfig& cfg) {
+  check_distributed_recipe(r_, world_, &cfg);
+  ep_size_ = static_cast<int>(r_.get_int("distributed.ep_size", 1));
+  strategy_name_ = r_.get_string("distributed.strategy", "fsdp2");
+  // AUTOMODEL_FORCE_DIST=1: the data-parallel path (and on CUDA the NCCL communicator) at world 1, to check
+  // it on one GPU against the plain path (bench/dist_device_check.sh).
+  const char* force = std::getenv("AUTOMODEL_FORCE_DIST");
+  if (world_ == 1 && !opt_.force_distributed && !(force && std::string(force) == "1")) {
     strategy_name_ = "none";
     return;
   }

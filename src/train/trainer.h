@@ -36,6 +36,12 @@ struct StepStats {
   nlohmann::json extra = nlohmann::json::object();  // model metrics (MoE utilisation, router aux loss)
 };
 
+// The distributed: section against a world size (and the model's config when given): UsageError (exit 2)
+// naming the key for ep_size not dividing the world or the experts, tp/pp/cp sizes, a bad strategy, a global
+// batch that does not split over the ranks. The supervisor calls the second form before starting workers.
+void check_distributed_recipe(const Recipe& r, int world, const io::ModelConfig* cfg);
+void check_distributed_recipe(const Recipe& r, int world);
+
 class Trainer {
  public:
   explicit Trainer(const Recipe& recipe, TrainerOptions opt = {});
