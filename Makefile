@@ -8,7 +8,7 @@ CMAKE_ARGS += -DCMAKE_CUDA_COMPILER=$(NVCC)
 endif
 SETUP_STAMP := .cache/setup.stamp
 APT_PACKAGES := build-essential cmake pkg-config libopenblas-dev nlohmann-json3-dev libyaml-cpp-dev \
-  libgtest-dev libbenchmark-dev libpcre2-dev libutf8proc-dev bzip2
+  libgtest-dev libbenchmark-dev libpcre2-dev libutf8proc-dev bzip2 openmpi-bin libopenmpi-dev
 
 .PHONY: setup build test test-gpu demo bench clean
 
@@ -32,12 +32,15 @@ test: build
 	bash tools/fetch_tokenizers.sh || echo "make test: tokenizer fetch failed; tokenizer parity tests will skip"
 	cd $(BUILD) && ctest --output-on-failure
 	bash tests/cli/run_cli_tests.sh $(BUILD)/bin/automodel
+	bash tests/cli/run_dist_cli_tests.sh $(BUILD)/bin/automodel
 
 # Run on the GPU machine only.
 test-gpu: build
 	$(BUILD)/bin/am_gpu_tests
 
-demo: build
+# The demo needs the binary only, not the tests and benchmarks.
+demo: $(SETUP_STAMP) $(BUILD)/Makefile
+	cmake --build $(BUILD) -j $(JOBS) --target automodel
 	bash examples/demo/run_demo.sh $(BUILD)/bin/automodel
 
 clean:

@@ -13,6 +13,7 @@
 #include "backend/cuda/device_info.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "dist/communicator.h"
 #include "models/model.h"
 
 namespace am {
@@ -36,7 +37,8 @@ int cmd_info(int, char**) {
   auto devs = cuda::list_devices(&why);
   std::printf("features: cpu (OpenBLAS, OpenMP)%s\n", cuda::built_with_cuda() ? ", cuda (cuBLASLt)" : "");
   if (cuda::built_with_cuda()) std::printf("cuda: %s\n", cuda::runtime_versions().c_str());
-  std::printf("cudnn: no   nccl: no   mpi: no\n");
+  std::printf("cudnn: no   nccl: %s   mpi: %s\n", dist::built_with_nccl() ? "yes" : "no",
+              dist::built_with_mpi() ? "yes" : "no");
   std::printf("models: ");
   bool first = true;
   for (auto& t : supported_model_types()) {

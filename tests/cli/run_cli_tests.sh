@@ -98,5 +98,26 @@ if [ -f "$T/mx_missing/model.safetensors" ]; then
   expect "moe missing expert tensor" 1 "model.layers.1.block_sparse_moe.experts.2.w3.weight.* missing" -- "$BIN" finetune "$T/mx/recipe.yaml" --checkpoint.checkpoint_dir=$T/mxck2 --model.pretrained_model_name_or_path=$T/mx_missing
 fi
 
+# preemption (SPEC §4): SIGUSR1 (Slurm's warning) makes the run finish its step, checkpoint and exit 0; a later
+# run with restore_from: LATEST continues at the next step
+PK="$T/preempt"
+"$BIN" finetune "$R" --checkpoint.checkpoint_dir="$PK" --step_scheduler.num_epochs=100000 --step_scheduler.max_steps=400000 \
+  --checkpoint.save_consolidated=false > "$T/preempt.log" 2>&1 &
+PID=$!
+for _ in $(seq 1 100); do [ -s "$PK/training.jsonl" ] && break; sleep 0.1; done
+sleep 0.5
+kill -USR1 "$PID"
+rc=0
+for _ in $(seq 1 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$PID" 2>/dev/null; then kill -9 "$PID"; rc=99; else wait "$PID" || rc=$?; fi
+last=$(tail -1 "$PK/training.jsonl" | sed -E 's/.*"step":([0-9]+).*/\1/')
+if [ "$rc" -eq 0 ] && [ -L "$PK/LATEST" ] && [ "$(basename "$(readlink "$PK/LATEST")")" = "epoch_$(( (last - 1) / 4 ))_step_$last" ]; then
+  pass=$((pass + 1)); echo "ok   SIGUSR1 saves and exits 0 (step $last, LATEST -> $(readlink "$PK/LATEST"))"
+else
+  fail=$((fail + 1)); echo "FAIL SIGUSR1: exit $rc, last step $last, LATEST -> $(readlink "$PK/LATEST" 2>/dev/null)"; tail -3 "$T/preempt.log"
+fi
+expect "resume after preemption" 0 "step $((last + 1)) \| epoch" -- "$BIN" finetune "$R" --checkpoint.checkpoint_dir="$PK" \
+  --step_scheduler.num_epochs=100000 --step_scheduler.max_steps=$((last + 1)) --checkpoint.restore_from=LATEST
+
 echo "cli tests: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -246,4 +246,39 @@ TEST(DistMemory, Fsdp2KeepsHalfOfDdp) {
   EXPECT_LE(fsdp.peak, ddp.peak);
 }
 
+// MoE memory at scale: with ep_size 2 a rank registers and reads only its half of every sparse layer's
+// experts, so the bytes it allocates while loading the model fall accordingly.
+TEST(DistExperts, EachRankLoadsOnlyItsExperts) {
+  const std::string c = "qwen3_moe";
+  const fs::path ck = shared_dir("ep_load");
+  auto load = [&](const std::vector<std::string>& extra, TrainerOptions opt, int64_t* expert_elems) {
+    std::vector<std::string> ov = extra;
+    ov.push_back("checkpoint.checkpoint_dir=" + ck.string());
+    Recipe r = Recipe::load((golden_dir() / c / "recipe.yaml").string(), ov);
+    const size_t base = cpu_allocator().current_bytes();
+    cpu_allocator().reset_peak();
+    Trainer t(r, opt);
+    *expert_elems = 0;
+    for (auto& p : t.model().params().all())
+      if (p.expert) *expert_elems += shape_numel(p.shape);
+    return static_cast<double>(cpu_allocator().peak_bytes() - base);
+  };
+  int64_t e1 = 0, e2 = 0;
+  double peak1 = 0;
+  if (world().rank() == 0) {
+    TrainerOptions o;
+    o.quiet = true;
+    peak1 = load({}, o, &e1);
+  }
+  world().barrier();
+  const double peak2 = load({"distributed.ep_size=2", "distributed.strategy=ddp"}, at_world(), &e2);
+  if (world().rank() == 0) {
+    EXPECT_EQ(2 * e2, e1) << "expert elements per rank at ep_size 2 vs 1";
+    EXPECT_LT(peak2, peak1) << "allocator peak while loading, ep_size 2 vs 1";
+    std::printf("[dist] %s: expert elements per rank %lld (ep 1) / %lld (ep 2); load peak %.3f / %.3f MiB\n", c.c_str(),
+                static_cast<long long>(e1), static_cast<long long>(e2), peak1 / 1048576.0, peak2 / 1048576.0);
+  }
+  world().barrier();
+}
+
 }  // namespace

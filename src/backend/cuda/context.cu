@@ -73,11 +73,28 @@ void CudaContext::check_device_errors() {
   throw DataError("cuda: a kernel reported error code " + std::to_string(h.code));
 }
 
+namespace {
+std::mutex g_default_mu;                 // guards the two below
+int g_default_device = 0;
+CudaContext* g_default_ctx = nullptr;    // set once, never freed
+}  // namespace
+
 CudaContext& default_context() {
-  static CudaContext* ctx = nullptr;
   static std::once_flag once;
-  std::call_once(once, [] { ctx = new CudaContext(0); });
-  return *ctx;
+  std::call_once(once, [] {
+    std::lock_guard<std::mutex> lk(g_default_mu);
+    g_default_ctx = new CudaContext(g_default_device);
+  });
+  return *g_default_ctx;
+}
+
+void set_default_device(int device) {
+  std::lock_guard<std::mutex> lk(g_default_mu);
+  if (g_default_ctx && g_default_ctx->device() != device)
+    throw DeviceError("cuda::set_default_device(" + std::to_string(device) +
+                      "): the default CUDA context already exists on device " +
+                      std::to_string(g_default_ctx->device()) + " (call it before any CUDA work)");
+  g_default_device = device;
 }
 
 }  // namespace am::cuda

@@ -58,8 +58,14 @@ class CudaContext {
   std::unique_ptr<GemmPlanCache> plans_;
 };
 
-// Context for device 0, created on first call and never destroyed (it must outlive static tensors, and
-// tearing CUDA down during exit is unsafe).
+// Context for the default device (0 unless set_default_device() chose another), created on first call
+// and never destroyed (it must outlive static tensors, and tearing CUDA down during exit is unsafe).
 CudaContext& default_context();
+
+// Picks the device default_context() will be created on: a distributed worker calls it with its local
+// rank's device before anything touches CUDA (the NCCL engine then uses that context's device and
+// stream). Must run before the first default_context(); afterwards it is a no-op for the same device and
+// throws DeviceError for another one (the context cannot move).
+void set_default_device(int device);
 
 }  // namespace am::cuda
