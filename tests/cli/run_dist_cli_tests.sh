@@ -80,6 +80,44 @@ expect "batch not split over ranks" 2 "local_batch_size x data-parallel ranks" -
 # expert parallelism through the launcher, MoE golden numbers at world 2 (ep_size 2)
 expect "moe ep_size 2 through --nproc-per-node" 0 "step 4 \| epoch 0 \| loss 5\.71" -- "$BIN" finetune "$MOE" \
   --nproc-per-node 2 --device=cpu --distributed.ep_size=2 --checkpoint.checkpoint_dir="$T/ck_ep2"
+# every HF golden family through the real launcher path at world 2 (fsdp2; ddp for the dense ones; ep_size 2
+# for the MoE ones): per-step loss within 1e-4 and grad norm within 1e-3 of transformers (expected.json)
+golden_check() {  # NAME CKPT_DIR CASE_DIR
+  python3 - "$2/training.jsonl" "$3/expected.json" <<'PY'
+import json, sys
+got = [json.loads(l) for l in open(sys.argv[1])]
+exp = json.load(open(sys.argv[2]))["steps"]
+assert len(got) == len(exp), f"{len(got)} steps logged, expected {len(exp)}"
+worst_l = max(abs(g["loss"] - e["loss"]) / e["loss"] for g, e in zip(got, exp))
+worst_g = max(abs(g["grad_norm"] - e["grad_norm"]) / e["grad_norm"] for g, e in zip(got, exp))
+assert all(g["num_label_tokens"] == e["num_label_tokens"] for g, e in zip(got, exp)), "label counts differ"
+assert all(g["world_size"] == 2 for g in got), "not a world-2 run"
+print(f"loss rel {worst_l:.2e}, grad_norm rel {worst_g:.2e}")
+sys.exit(0 if worst_l < 1e-4 and worst_g < 1e-3 else 1)
+PY
+}
+if command -v python3 >/dev/null; then
+  for case_dir in "$ROOT"/tests/fixtures/golden/*/; do
+    c=$(basename "$case_dir")
+    [ -f "$case_dir/expected.json" ] || continue
+    modes="fsdp2 ddp"
+    grep -q experts "$case_dir/model/config.json" && modes="fsdp2 ep2"
+    for m in $modes; do
+      args=(--distributed.strategy=fsdp2)
+      [ "$m" = ddp ] && args=(--distributed.strategy=ddp)
+      [ "$m" = ep2 ] && args=(--distributed.ep_size=2)
+      ck="$T/golden_${c}_$m"
+      "$BIN" finetune "$case_dir/recipe.yaml" --nproc-per-node 2 --device=cpu "${args[@]}" \
+        --checkpoint.checkpoint_dir="$ck" > "$ck.log" 2>&1
+      if out=$(golden_check "$c" "$ck" "$case_dir" 2>&1); then ok "golden $c $m at world 2: $out"
+      else bad "golden $c $m at world 2" "$out
+$(tail -3 "$ck.log")"; fi
+    done
+  done
+else
+  echo "skip golden families at world 2 through the launcher: no python3 to read expected.json"
+fi
+
 expect "mpirun -np 2 directly" 0 "step 4 \| epoch 0" -- "${MPIRUN[@]}" "$BIN" finetune "$R" \
   --checkpoint.checkpoint_dir="$T/ck_mpi"
 
