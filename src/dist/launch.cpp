@@ -74,22 +74,19 @@ LaunchInfo from_torch_vars() {
 
 // Open MPI or MPICH/Hydra rank variables; nullopt when neither launched us.
 std::optional<LaunchInfo> from_mpi_vars() {
-  LaunchInfo li;
-  li.mpi = true;
-  if (env("OMPI_COMM_WORLD_RANK") && env("OMPI_COMM_WORLD_SIZE")) {
-    li.rank = *env_int("OMPI_COMM_WORLD_RANK");
-    li.world_size = *env_int("OMPI_COMM_WORLD_SIZE");
-    li.local_world_size = env_int_or("OMPI_COMM_WORLD_LOCAL_SIZE", li.world_size);
-    li.local_rank = env_int_or("OMPI_COMM_WORLD_LOCAL_RANK", li.rank % std::max(1, li.local_world_size));
-    validate(li, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE");
-    return li;
-  }
-  if (env("PMI_RANK") && env("PMI_SIZE")) {
-    li.rank = *env_int("PMI_RANK");
-    li.world_size = *env_int("PMI_SIZE");
-    li.local_world_size = env_int_or("MPI_LOCALNRANKS", li.world_size);
-    li.local_rank = env_int_or("MPI_LOCALRANKID", li.rank % std::max(1, li.local_world_size));
-    validate(li, "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS");
+  struct Vars {
+    const char *rank, *size, *local_rank, *local_size;
+  };
+  for (const Vars& v : {Vars{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"},
+                        Vars{"PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"}}) {
+    if (!env(v.rank) || !env(v.size)) continue;
+    LaunchInfo li;
+    li.mpi = true;
+    li.rank = *env_int(v.rank);
+    li.world_size = *env_int(v.size);
+    li.local_world_size = env_int_or(v.local_size, li.world_size);
+    li.local_rank = env_int_or(v.local_rank, li.rank % std::max(1, li.local_world_size));
+    validate(li, v.rank, v.size, v.local_rank, v.local_size);
     return li;
   }
   return std::nullopt;
