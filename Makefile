@@ -10,7 +10,7 @@ SETUP_STAMP := .cache/setup.stamp
 APT_PACKAGES := build-essential cmake pkg-config libopenblas-dev nlohmann-json3-dev libyaml-cpp-dev \
   libgtest-dev libbenchmark-dev libpcre2-dev libutf8proc-dev bzip2 openmpi-bin libopenmpi-dev
 
-.PHONY: setup build test test-gpu demo bench clean
+.PHONY: setup build test test-asan test-gpu demo bench clean
 
 setup: $(SETUP_STAMP)
 $(SETUP_STAMP): Makefile
@@ -33,6 +33,17 @@ test: build
 	cd $(BUILD) && ctest --output-on-failure
 	bash tests/cli/run_cli_tests.sh $(BUILD)/bin/automodel
 	bash tests/cli/run_dist_cli_tests.sh $(BUILD)/bin/automodel
+
+# The CPU path under AddressSanitizer + UndefinedBehaviorSanitizer: unit, parser and CLI tests (issue 13). Its own
+# build folder, no CUDA. Leak checking is off: Open MPI and OpenBLAS keep process-lifetime allocations.
+ASAN_BUILD ?= build-asan
+SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -O1 -g
+test-asan: $(SETUP_STAMP)
+	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DAM_WITH_CUDA=OFF \
+	  -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" -DCMAKE_C_FLAGS="$(SAN_FLAGS)" -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined"
+	cmake --build $(ASAN_BUILD) -j $(JOBS) --target am_tests automodel
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 $(ASAN_BUILD)/bin/am_tests
+	ASAN_OPTIONS=detect_leaks=0 bash tests/cli/run_cli_tests.sh $(ASAN_BUILD)/bin/automodel
 
 # Run on the GPU machine only.
 test-gpu: build

@@ -66,7 +66,7 @@ volatile sig_atomic_t g_sigint = 0, g_sigterm = 0, g_sigusr1 = 0;
 
 void on_signal(int sig) {
   if (sig == SIGINT) g_sigint = g_sigint + 1;
-  if (sig == SIGTERM) g_sigterm = g_sigterm + 1;
+  if (sig == SIGTERM || sig == SIGHUP) g_sigterm = g_sigterm + 1;  // a closed terminal stops the job as SIGTERM does
   if (sig == SIGUSR1) g_sigusr1 = g_sigusr1 + 1;
 }
 void on_sigchld(int) {}  // only interrupts poll(); SIG_IGN would make the kernel reap our children
@@ -78,8 +78,8 @@ class SignalScope {
     g_sigint = 0;
     g_sigterm = 0;
     g_sigusr1 = 0;
-    const int sigs[] = {SIGINT, SIGTERM, SIGUSR1, SIGCHLD};
-    for (int i = 0; i < 4; ++i) {
+    const int sigs[] = {SIGINT, SIGTERM, SIGUSR1, SIGCHLD, SIGHUP};
+    for (int i = 0; i < 5; ++i) {
       struct sigaction sa {};
       sa.sa_handler = sigs[i] == SIGCHLD ? on_sigchld : on_signal;
       sigemptyset(&sa.sa_mask);
@@ -87,12 +87,12 @@ class SignalScope {
     }
   }
   ~SignalScope() {
-    const int sigs[] = {SIGINT, SIGTERM, SIGUSR1, SIGCHLD};
-    for (int i = 0; i < 4; ++i) sigaction(sigs[i], &old_[i], nullptr);
+    const int sigs[] = {SIGINT, SIGTERM, SIGUSR1, SIGCHLD, SIGHUP};
+    for (int i = 0; i < 5; ++i) sigaction(sigs[i], &old_[i], nullptr);
   }
 
  private:
-  struct sigaction old_[4];
+  struct sigaction old_[5];
 };
 
 std::string signal_text(int sig) {
@@ -189,7 +189,7 @@ pid_t spawn(const std::string& exe, const std::vector<std::string>& args, const 
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, nullptr);
-    for (int s : {SIGINT, SIGTERM, SIGUSR1, SIGCHLD, SIGPIPE}) signal(s, SIG_DFL);
+    for (int s : {SIGINT, SIGTERM, SIGUSR1, SIGCHLD, SIGPIPE, SIGHUP}) signal(s, SIG_DFL);
     execve(exe.c_str(), av.data(), ev.data());
     const char msg[] = "error: cannot execute the worker binary\n";
     [[maybe_unused]] auto n = write(2, msg, sizeof(msg) - 1);
