@@ -33,6 +33,7 @@ test: build
 	cd $(BUILD) && ctest --output-on-failure
 	bash tests/cli/run_cli_tests.sh $(BUILD)/bin/automodel
 	bash tests/cli/run_dist_cli_tests.sh $(BUILD)/bin/automodel
+	bash tests/cli/run_robustness_tests.sh $(BUILD)/bin/automodel
 
 # The CPU path under AddressSanitizer + UndefinedBehaviorSanitizer: unit, parser and CLI tests (issue 13). Its own
 # build folder, no CUDA. Leak checking is off: Open MPI and OpenBLAS keep process-lifetime allocations.

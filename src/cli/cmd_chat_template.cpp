@@ -13,6 +13,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "io/json_bounded.h"
 #include "tokenizer/chat_template.h"
 
 namespace am {
@@ -89,9 +90,9 @@ int cmd_chat_template(int argc, char** argv) {
     std::string where = name + ":" + std::to_string(lineno);
     nlohmann::ordered_json j;
     try {
-      j = nlohmann::ordered_json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      throw DataError(where + ": invalid JSON: " + e.what());
+      j = io::parse_json_bounded<nlohmann::ordered_json>(line, where);
+    } catch (const FormatError& e) {
+      throw DataError(where + ": invalid JSON: " + std::string(e.what()).substr(where.size() + 2));
     }
     nlohmann::ordered_json messages, extra = nlohmann::ordered_json::object();
     if (j.is_array()) {

@@ -13,6 +13,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "io/json_bounded.h"
 #include "tokenizer/tokenizer.h"
 
 namespace am {
@@ -75,9 +76,14 @@ int cmd_tokenize(int argc, char** argv) {
       ++lineno;
       if (!line.empty() && line.back() == '\r') line.pop_back();
       std::string where = name + ":" + std::to_string(lineno) + ": ";
-      nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-      if (j.is_discarded()) {
-        pending_error = where + "invalid JSON";
+      nlohmann::json j;
+      try {
+        j = io::parse_json_bounded(line, where + "invalid JSON");  // nesting bounded: a deep line is an error
+      } catch (const FormatError& e) {
+        pending_error = e.what();
+      }
+      if (!pending_error.empty()) {
+        // reported after the lines before it are written
       } else if (!decode) {
         if (j.is_string()) texts.push_back(j.get<std::string>());
         else pending_error = where + "expected a JSON string";

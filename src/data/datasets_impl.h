@@ -5,8 +5,13 @@
 #include "data/dataset.h"
 
 namespace am {
-std::unique_ptr<Dataset> make_tokenized_jsonl(const std::string& path, const DatasetContext& ctx, int64_t limit);
-std::unique_ptr<Dataset> make_mock(int64_t seq_len, int64_t num_samples, int64_t vocab, uint64_t seed);
+struct LengthLimit;
+// limit: rows read (0 = all); rows longer than `length` are truncated or dropped as they are read.
+std::unique_ptr<Dataset> make_tokenized_jsonl(const std::string& path, const DatasetContext& ctx, int64_t limit,
+                                              const LengthLimit& length);
+// seq_len tokens per sample, then the length limit (a shorter seq_length/max_length truncates or drops).
+std::unique_ptr<Dataset> make_mock(int64_t seq_len, int64_t num_samples, int64_t vocab, uint64_t seed,
+                                   const LengthLimit& length);
 struct TextDatasetOptions;
 std::unique_ptr<Dataset> make_chat(const TextDatasetOptions& o);
 std::unique_ptr<Dataset> make_squad(const TextDatasetOptions& o);

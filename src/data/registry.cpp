@@ -1,6 +1,7 @@
 // Maps a recipe's dataset `_target_` (short name or NeMo AutoModel's dotted name) to a dataset.
 #include "core/error.h"
 #include "data/datasets_impl.h"
+#include "data/length_limit.h"
 #include "data/text_common.h"
 #include "train/recipe.h"
 
@@ -23,22 +24,34 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
   std::string target = r.get_string(sec + "._target_", "");
   if (target.empty()) r.fail(sec + "._target_", "missing dataset _target_ (e.g. tokenized_jsonl, mock, squad)");
   std::string kind = short_target(target);
-  // limit_dataset_samples (squad, column_mapped, chat) or num_samples_limit (AutoModel's HellaSwag).
-  int64_t limit = r.get_int(sec + ".limit_dataset_samples", r.get_int(sec + ".num_samples_limit", 0));
+  if (kind.empty())
+    r.fail(sec + "._target_", "unknown dataset '" + target + "' (supported: tokenized_jsonl, mock, chat, squad, column_mapped, hellaswag)");
+  // limit_dataset_samples (squad, column_mapped, chat) or num_samples_limit (AutoModel's HellaSwag); 0 = all.
+  const auto lim_a = read_sample_count(r, sec + ".limit_dataset_samples", true);
+  const auto lim_b = read_sample_count(r, sec + ".num_samples_limit", true);
+  const int64_t limit = lim_a ? *lim_a : lim_b ? *lim_b : 0;
+  // seq_length / max_length, drop_long_samples, truncation: the same for every kind (data/length_limit.h).
+  const LengthLimit length = read_length_limit(r, sec);
   if (kind == "tokenized_jsonl") {
     std::string path = r.get_string(sec + ".path_or_dataset", "");
     if (path.empty()) r.fail(sec + ".path_or_dataset", "tokenized_jsonl needs a file path");
-    return make_tokenized_jsonl(r.resolve_path(path), ctx, limit);
+    return make_tokenized_jsonl(r.resolve_path(path), ctx, limit, length);
   }
   if (kind == "mock") {
-    int64_t seq = r.get_int(sec + ".seq_len", r.get_int(sec + ".seq_length", ctx.default_seq_len));
-    int64_t n = r.get_int(sec + ".num_samples", limit > 0 ? limit : 1024);
+    // seq_len (else seq_length) is the length generated; a seq_length / max_length below it is a limit.
+    const std::string seq_key = r.has(sec + ".seq_len") ? sec + ".seq_len" : sec + ".seq_length";
+    const int64_t seq = r.get_int(seq_key, ctx.default_seq_len);
+    if (r.has(seq_key) && seq < 2) r.fail(seq_key, "must be >= 2 tokens, got " + std::to_string(seq));
+    const auto n_opt = read_sample_count(r, sec + ".num_samples", false);
+    const int64_t n = n_opt ? *n_opt : limit > 0 ? limit : 1024;
     int64_t vocab = r.get_int(sec + ".vocab_size", ctx.vocab_size);
     if (vocab > ctx.vocab_size) r.fail(sec + ".vocab_size", "larger than the model's vocab_size " + std::to_string(ctx.vocab_size));
-    return make_mock(seq, n, vocab, ctx.seed + (sec == "dataset" ? 0 : 1));
+    if (vocab < 1) r.fail(sec + ".vocab_size", "must be >= 1, got " + std::to_string(vocab));
+    if (length.drop_long && length.max_len > 0 && seq > length.max_len)
+      r.fail(length.key, "every mock sample (" + std::to_string(seq) + " tokens) is longer than " +
+                             std::to_string(length.max_len) + " and drop_long_samples is true: nothing would be left");
+    return make_mock(seq, n, vocab, ctx.seed + (sec == "dataset" ? 0 : 1), length);
   }
-  if (kind.empty())
-    r.fail(sec + "._target_", "unknown dataset '" + target + "' (supported: tokenized_jsonl, mock, chat, squad, column_mapped, hellaswag)");
   if (kind == "chat" || kind == "squad" || kind == "column_mapped" || kind == "hellaswag") {
     TextDatasetOptions o;
     std::string path = r.get_string(sec + ".path_or_dataset", "");
@@ -50,9 +63,7 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
     if (o.tokenizer_dir.empty())
       r.fail(sec + "._target_", "dataset '" + kind + "' needs a tokenizer (model.tokenizer or " + sec + ".tokenizer)");
     o.limit = limit;
-    o.seq_length = r.get_int(sec + ".seq_length", r.get_int(sec + ".max_length", 0));
-    if (o.seq_length < 0) r.fail(sec + ".seq_length", "must be >= 0");
-    o.drop_long = r.get_bool(sec + ".drop_long_samples", false);
+    o.length = length;
     o.vocab_size = ctx.vocab_size;
     o.num_threads = ctx.num_threads;
     if (r.has(sec + ".chat_template")) {

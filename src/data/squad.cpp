@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "data/datasets_impl.h"
 #include "data/text_common.h"
+#include "io/json_bounded.h"
 
 namespace am {
 
@@ -57,9 +58,9 @@ std::optional<std::vector<QA>> read_squad_json(const std::string& path, int64_t 
   if (k == std::string::npos || first[k] != '{') return std::nullopt;
   // A first line that is a whole object without "data" is a JSONL row; otherwise try the whole file.
   try {
-    auto j = nlohmann::ordered_json::parse(first);
+    auto j = io::parse_json_bounded<nlohmann::ordered_json>(first, path);
     if (!j.is_object() || !j.contains("data")) return std::nullopt;
-  } catch (const nlohmann::json::parse_error&) {
+  } catch (const FormatError&) {
   }
   auto whole = parse_json_file(path);
   if (!whole || !whole->is_object() || !whole->contains("data")) return std::nullopt;  // JSONL reports its bad line

@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "io/json_bounded.h"
 
 namespace am {
 
@@ -219,7 +220,7 @@ std::string first_nonblank_line(const std::string& path) {
 std::optional<nlohmann::ordered_json> parse_json_file(const std::string& path) {
   InputFile f(path);
   try {
-    return nlohmann::ordered_json::parse(f.stream());
+    return nlohmann::ordered_json::parse(f.stream(), [&](int depth, auto, auto&) { if (depth > io::kMaxJsonDepth) throw DataError(path + ": malformed JSON (nested deeper than " + std::to_string(io::kMaxJsonDepth) + " levels)"); return true; });
   } catch (const nlohmann::json::parse_error&) {
     return std::nullopt;
   }
@@ -234,7 +235,7 @@ JsonRowReader::JsonRowReader(const std::string& path, int64_t limit) : path_(pat
     // One JSON list: parsed from the stream (the parsed rows are held, never the raw text).
     InputFile f(path);
     try {
-      list_json_ = nlohmann::ordered_json::parse(f.stream());
+      list_json_ = nlohmann::ordered_json::parse(f.stream(), [&](int depth, auto, auto&) { if (depth > io::kMaxJsonDepth) throw DataError(path + ": malformed JSON (nested deeper than " + std::to_string(io::kMaxJsonDepth) + " levels)"); return true; });
     } catch (const nlohmann::json::parse_error& e) {
       throw DataError(path + ": malformed JSON (" + std::string(e.what()).substr(0, 160) + ")");
     }
@@ -260,7 +261,7 @@ bool JsonRowReader::next(JsonRow& row) {
     if (blank(line)) continue;
     row.at = path_ + ":" + std::to_string(lineno_);
     try {
-      row.value = nlohmann::ordered_json::parse(line);
+      row.value = io::parse_json_bounded<nlohmann::ordered_json>(line, row.at + ": malformed JSON line");
     } catch (const nlohmann::json::parse_error& e) {
       throw DataError(row.at + ": malformed JSON line (" + std::string(e.what()).substr(0, 160) + ")");
     }
@@ -339,31 +340,14 @@ std::vector<Sample> map_json_rows(const std::string& path, int64_t limit, int th
 
 std::unique_ptr<Dataset> finish_text_dataset(const std::string& name, std::vector<Sample> samples,
                                              const TextDatasetOptions& o) {
-  std::vector<Sample> out;
-  out.reserve(samples.size());
-  int64_t truncated = 0, dropped = 0;
-  for (auto& s : samples) {
-    if (o.seq_length > 0 && static_cast<int64_t>(s.input_ids.size()) > o.seq_length) {
-      if (o.drop_long) {
-        ++dropped;
-        continue;
-      }
-      s.input_ids.resize(static_cast<size_t>(o.seq_length));
-      s.labels.resize(static_cast<size_t>(o.seq_length));
-      ++truncated;
-    }
+  apply_length_limit(samples, o.length, name);
+  for (const auto& s : samples)
     for (int32_t id : s.input_ids)
       if (id < 0 || (o.vocab_size > 0 && id >= o.vocab_size))
         throw DataError(name + ": token id " + std::to_string(id) + " is out of range for vocab_size " +
                         std::to_string(o.vocab_size) + " (tokenizer does not match the model?)");
-    out.push_back(std::move(s));
-  }
-  if (truncated > 0)
-    log::info(name + ": truncated " + std::to_string(truncated) + " samples to seq_length " + std::to_string(o.seq_length));
-  if (dropped > 0)
-    log::info(name + ": dropped " + std::to_string(dropped) + " samples longer than seq_length " + std::to_string(o.seq_length));
-  if (out.empty()) throw DataError(name + ": the dataset has no samples");
-  return std::make_unique<VectorDataset>(name, std::move(out));
+  if (samples.empty()) throw DataError(name + ": the dataset has no samples");
+  return std::make_unique<VectorDataset>(name, std::move(samples));
 }
 
 }  // namespace am

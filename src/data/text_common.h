@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/dataset.h"
+#include "data/length_limit.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
@@ -23,8 +24,7 @@ struct TextDatasetOptions {
   std::string path;            // resolved data file
   std::string tokenizer_dir;   // ctx.tokenizer_dir or the section's `tokenizer`
   int64_t limit = 0;           // limit_dataset_samples (0 = all)
-  int64_t seq_length = 0;      // 0 = no limit
-  bool drop_long = false;      // drop (true) or truncate (false) samples longer than seq_length
+  LengthLimit length;          // seq_length / max_length, drop_long_samples, truncation (data/length_limit.h)
   int64_t vocab_size = 0;
   std::string chat_template;   // `chat_template` override: a .jinja file path or the template text ("" = the folder's)
   int num_threads = 0;         // formatting/tokenization threads (0 = every core)
@@ -124,8 +124,8 @@ std::vector<Sample> parallel_samples(size_t n, int threads, const std::function<
 std::vector<Sample> map_json_rows(const std::string& path, int64_t limit, int threads,
                                   const std::function<Sample(const JsonRow&)>& fn);
 
-// Applies seq_length (truncate or drop, reported with log::info) and validates token ids; returns the
-// dataset (DataError when empty).
+// Applies the length limit (apply_length_limit: truncate or drop, reported) and validates token ids;
+// returns the dataset (DataError when empty).
 std::unique_ptr<Dataset> finish_text_dataset(const std::string& name, std::vector<Sample> samples,
                                              const TextDatasetOptions& o);
 

@@ -1,28 +1,35 @@
 // `tokenized_jsonl`: one JSON object per line, {"input_ids": [...], "labels": [...]} (labels optional =
 // input_ids). Every line is validated up front so a bad line fails before training starts, as file:line.
+// seq_length / max_length (data/length_limit.h) truncate or drop each row as it is read.
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "data/datasets_impl.h"
+#include "data/length_limit.h"
 #include "data/text_common.h"
+#include "io/json_bounded.h"
 
 namespace am {
 
 namespace {
 class TokenizedJsonl : public Dataset {
  public:
-  TokenizedJsonl(const std::string& path, const DatasetContext& ctx, int64_t limit) : path_(path) {
+  TokenizedJsonl(const std::string& path, const DatasetContext& ctx, int64_t limit, const LengthLimit& length)
+      : path_(path) {
+    LengthLimitStats st;
+    int64_t rows = 0;
     InputFile f(path);  // streamed line by line (plain or .bz2); only the token ids are kept
     std::string line;
     int64_t lineno = 0;
     while (f.getline(line)) {
       ++lineno;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank lines are skipped
-      if (limit > 0 && static_cast<int64_t>(samples_.size()) >= limit) break;
+      if (limit > 0 && rows >= limit) break;
+      ++rows;
       const std::string at = path + ":" + std::to_string(lineno);
       nlohmann::json j;
       try {
-        j = nlohmann::json::parse(line);
+        j = io::parse_json_bounded(line, at + ": malformed JSON line");
       } catch (const nlohmann::json::parse_error& e) {
         throw DataError(at + ": malformed JSON line (" + std::string(e.what()).substr(0, 160) + ")");
       }
@@ -39,8 +46,9 @@ class TokenizedJsonl : public Dataset {
       } else {
         s.labels = s.input_ids;
       }
-      samples_.push_back(std::move(s));
+      if (limit_sample(s, length, st)) samples_.push_back(std::move(s));
     }
+    report_length_limit(st, length, name(), samples_.size());
     if (samples_.empty()) throw DataError(path + ": the dataset has no samples");
   }
   size_t size() const override { return samples_.size(); }
@@ -74,8 +82,9 @@ class TokenizedJsonl : public Dataset {
 };
 }  // namespace
 
-std::unique_ptr<Dataset> make_tokenized_jsonl(const std::string& path, const DatasetContext& ctx, int64_t limit) {
-  return std::make_unique<TokenizedJsonl>(path, ctx, limit);
+std::unique_ptr<Dataset> make_tokenized_jsonl(const std::string& path, const DatasetContext& ctx, int64_t limit,
+                                              const LengthLimit& length) {
+  return std::make_unique<TokenizedJsonl>(path, ctx, limit, length);
 }
 
 }  // namespace am

@@ -6,11 +6,13 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 
 #include "core/error.h"
+#include "io/json_bounded.h"
 
 namespace am::io {
 
@@ -20,6 +22,16 @@ using nlohmann::json;
 namespace {
 
 enum class Family { Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2Moe, Qwen3Moe, Olmoe };
+
+// Sanity caps on config.json sizes (the largest public models are far below each).
+constexpr int64_t kMaxVocab = int64_t(1) << 24;         // 16.7M tokens
+constexpr int64_t kMaxHidden = int64_t(1) << 17;        // 131072
+constexpr int64_t kMaxIntermediate = int64_t(1) << 20;  // 1048576
+constexpr int64_t kMaxLayers = int64_t(1) << 14;        // 16384
+constexpr int64_t kMaxHeads = int64_t(1) << 14;
+constexpr int64_t kMaxHeadDim = int64_t(1) << 14;
+constexpr int64_t kMaxExperts = int64_t(1) << 16;
+constexpr double kMaxParams = 1e12;
 
 Family family_of(const std::string& t) {
   if (t == "mistral") return Family::Mistral;
@@ -79,6 +91,14 @@ struct Keys {
     return v;
   }
   int64_t positive(const char* k, int64_t def) const { return present(k) ? positive(k) : def; }
+  // A size: positive and at most `cap` (caps far above any real model, so that a typo such as head_dim 1e6
+  // fails here, at once, instead of after allocating the model).
+  int64_t size(const char* k, int64_t cap) const {
+    int64_t v = integer(k);
+    if (v <= 0 || v > cap) bad(k, "a positive integer at most " + std::to_string(cap));
+    return v;
+  }
+  int64_t size(const char* k, int64_t def, int64_t cap) const { return present(k) ? size(k, cap) : def; }
   bool boolean(const char* k, bool def) const {
     if (!present(k)) return def;
     if (!j.at(k).is_boolean()) bad(k, "true or false");
@@ -208,17 +228,17 @@ void parse_moe(const Keys& k, Family fam, ModelConfig& c) {
   if (fam != Family::Mixtral && fam != Family::Qwen2Moe && fam != Family::Qwen3Moe && fam != Family::Olmoe) return;
   const char* n_key = k.present("num_experts") ? "num_experts" : "num_local_experts";
   int64_t n_def = fam == Family::Mixtral ? 8 : fam == Family::Qwen2Moe ? 60 : fam == Family::Olmoe ? 64 : 128;
-  c.num_experts = k.present(n_key) ? k.positive(n_key) : n_def;
-  c.num_experts_per_tok = k.positive("num_experts_per_tok",
-                                     fam == Family::Mixtral ? 2 : fam == Family::Qwen2Moe ? 4 : 8);
+  c.num_experts = k.present(n_key) ? k.size(n_key, kMaxExperts) : n_def;
+  c.num_experts_per_tok = k.size("num_experts_per_tok", fam == Family::Mixtral ? 2 : fam == Family::Qwen2Moe ? 4 : 8,
+                                 kMaxExperts);
   if (c.num_experts_per_tok > c.num_experts)
     throw FormatError(k.file + ": num_experts_per_tok (" + std::to_string(c.num_experts_per_tok) +
                       ") is larger than the number of experts (" + std::to_string(c.num_experts) + ")");
   // Mixtral and OLMoE size their experts with intermediate_size.
   if (fam == Family::Mixtral || fam == Family::Olmoe) c.moe_intermediate_size = c.intermediate_size;
-  else c.moe_intermediate_size = k.positive("moe_intermediate_size", fam == Family::Qwen2Moe ? 1408 : 768);
+  else c.moe_intermediate_size = k.size("moe_intermediate_size", fam == Family::Qwen2Moe ? 1408 : 768, kMaxIntermediate);
   if (fam == Family::Qwen2Moe)
-    c.shared_expert_intermediate_size = k.positive("shared_expert_intermediate_size", 5632);
+    c.shared_expert_intermediate_size = k.size("shared_expert_intermediate_size", 5632, kMaxIntermediate);
   c.norm_topk_prob = fam == Family::Mixtral ? true : k.boolean("norm_topk_prob", false);
   c.output_router_logits = k.boolean("output_router_logits", false);
   c.router_aux_loss_coef = k.num("router_aux_loss_coef", fam == Family::Olmoe ? 0.01 : 0.001);
@@ -240,6 +260,34 @@ void parse_moe(const Keys& k, Family fam, ModelConfig& c) {
       bool listed = std::find(dense_only.begin(), dense_only.end(), i) != dense_only.end();
       c.moe_layer[static_cast<size_t>(i)] = !listed && (i + 1) % step == 0;
     }
+  }
+}
+
+// The parameter count the sizes imply (in double: no overflow) must be plausible, so that a config whose
+// every key is within its cap but whose product is absurd fails before the model is allocated.
+void check_param_count(const ModelConfig& c, const std::string& file) {
+  const double V = double(c.vocab_size), H = double(c.hidden_size), D = double(c.head_dim);
+  const double nh = double(c.num_attention_heads), nkv = double(c.num_key_value_heads);
+  double n = V * H * (c.tie_word_embeddings ? 1 : 2) + H;
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    n += 2 * H * nh * D + 2 * H * nkv * D + 2 * H;
+    if (c.layer_is_moe(i))
+      n += double(c.num_experts) * (H + 3 * H * double(c.moe_intermediate_size)) +
+           3 * H * double(c.shared_expert_intermediate_size) + H;
+    else
+      n += 3 * H * double(c.intermediate_size);
+  }
+  if (n > kMaxParams) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.3g", n);
+    throw FormatError(file + ": these sizes imply " + buf + " parameters (vocab_size " +
+                      std::to_string(c.vocab_size) + ", hidden_size " + std::to_string(c.hidden_size) +
+                      ", num_hidden_layers " + std::to_string(c.num_hidden_layers) + ", head_dim " +
+                      std::to_string(c.head_dim) + ", intermediate_size " + std::to_string(c.intermediate_size) +
+                      (c.is_moe() ? ", num_experts " + std::to_string(c.num_experts) + ", moe_intermediate_size " +
+                                        std::to_string(c.moe_intermediate_size)
+                                  : std::string()) +
+                      "), more than the 1e12 this engine accepts");
   }
 }
 
@@ -274,11 +322,11 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
   if (c.model_type.empty()) k.missing("model_type");
   const Family fam = family_of(c.model_type);
 
-  c.vocab_size = k.positive("vocab_size");
-  c.hidden_size = k.positive("hidden_size");
-  c.intermediate_size = k.positive("intermediate_size");
-  c.num_hidden_layers = k.positive("num_hidden_layers");
-  c.num_attention_heads = k.positive("num_attention_heads");
+  c.vocab_size = k.size("vocab_size", kMaxVocab);
+  c.hidden_size = k.size("hidden_size", kMaxHidden);
+  c.intermediate_size = k.size("intermediate_size", kMaxIntermediate);
+  c.num_hidden_layers = k.size("num_hidden_layers", kMaxLayers);
+  c.num_attention_heads = k.size("num_attention_heads", kMaxHeads);
   // Absent key -> the class default (mistral 8, qwen 32); null -> num_attention_heads, as transformers does.
   int64_t kv_default = 0;
   switch (fam) {
@@ -289,14 +337,14 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
     default: break;
   }
   if (j.contains("num_key_value_heads") && !j.at("num_key_value_heads").is_null())
-    c.num_key_value_heads = k.positive("num_key_value_heads");
+    c.num_key_value_heads = k.size("num_key_value_heads", kMaxHeads);
   else
     c.num_key_value_heads = (!j.contains("num_key_value_heads") && kv_default) ? kv_default : c.num_attention_heads;
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     throw FormatError(source_name + ": num_attention_heads (" + std::to_string(c.num_attention_heads) +
                       ") must be a multiple of num_key_value_heads (" + std::to_string(c.num_key_value_heads) +
                       (j.contains("num_key_value_heads") ? ")" : ", the " + c.model_type + " default)"));
-  c.head_dim = k.positive("head_dim", fam == Family::Qwen3 ? 128 : c.hidden_size / c.num_attention_heads);
+  c.head_dim = k.size("head_dim", fam == Family::Qwen3 ? 128 : c.hidden_size / c.num_attention_heads, kMaxHeadDim);
   if (fam == Family::Olmoe && c.head_dim * c.num_attention_heads != c.hidden_size)
     throw FormatError(source_name + ": olmoe needs head_dim * num_attention_heads == hidden_size (its q_norm spans hidden_size)");
   if (c.head_dim <= 0) throw FormatError(source_name + ": hidden_size is smaller than num_attention_heads");
@@ -339,6 +387,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
       break;
   }
   parse_moe(k, fam, c);
+  check_param_count(c, source_name);
 
   c.rope = parse_rope(k, c.max_position_embeddings, fam == Family::Mixtral ? 1.0e6 : 10000.0);
   c.sliding_window = parse_sliding(k, fam, c.num_hidden_layers);
@@ -362,12 +411,7 @@ ModelConfig load_model_config(const std::string& path) {
   std::ifstream in(file, std::ios::binary);
   if (!in) throw IoError(file + ": cannot open: " + std::strerror(errno));
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw FormatError(file + ": not valid JSON: " + e.what());
-  }
+  const json j = parse_json_bounded(text, file + ": not valid JSON");
   return parse_model_config(j, file);
 }
 

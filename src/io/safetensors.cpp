@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/json_bounded.h"
 
 namespace am::io {
 
@@ -77,7 +78,7 @@ void parse_header(MappedFile& f) {
   const char* hs = reinterpret_cast<const char*>(b + 8);
   json h;
   try {
-    h = json::parse(hs, hs + n);
+    h = parse_json_bounded(std::string_view(hs, n), p + ": header is not valid JSON");
   } catch (const json::exception& e) {
     throw FormatError(p + ": header is not valid JSON: " + e.what());
   }
@@ -234,7 +235,7 @@ SafeTensors SafeTensors::open(const std::string& path) {
   if (!index_path.empty()) {
     json j;
     try {
-      j = json::parse(read_text(index_path));
+      j = parse_json_bounded(read_text(index_path), index_path + ": not valid JSON");
     } catch (const json::exception& e) {
       throw FormatError(index_path + ": not valid JSON: " + e.what());
     }

@@ -15,6 +15,7 @@ namespace am {
 DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
     : cfg_(cfg), mp_(mp), rope_(io::compute_rope(cfg)) {
   const int64_t H = cfg.hidden_size;
+  ps_.set_shapes_only(mp.shapes_only);
   if (cfg.hidden_act != "silu" && cfg.hidden_act != "swish")
     throw FormatError("config.json: hidden_act '" + cfg.hidden_act + "' is not supported (only silu)");
   if (cfg.num_attention_heads % cfg.num_key_value_heads != 0)

@@ -23,10 +23,12 @@ static int pick_layout(const Param& p, const io::SafeTensors& st) {
   return -1;
 }
 
-void load_hf_weights(CausalLM& model, const std::string& dir) {
-  auto st = io::SafeTensors::open(dir);
-  std::set<std::string> used;
-  for (auto& p : model.params().all()) {
+// Every parameter's layout against the checkpoint's headers: the first layout whose tensors are all there,
+// each slice with the shape the config implies and a float dtype shared by the parameter's slices. Throws
+// FormatError naming the tensor (and both shapes); returns the chosen layout per parameter.
+static std::vector<size_t> check_layouts(const CausalLM& model, const io::SafeTensors& st, const std::string& dir) {
+  std::vector<size_t> chosen;
+  for (const auto& p : const_cast<CausalLM&>(model).params().all()) {
     const int li = pick_layout(p, st);
     if (li < 0) {
       // Name the first missing tensor of the preferred layout (and of the alternative, if any).
@@ -40,26 +42,48 @@ void load_hf_weights(CausalLM& model, const std::string& dir) {
       throw FormatError(dir + ": tensor " + miss + " is missing from the checkpoint (model_type " +
                         model.config().model_type + ")");
     }
-    p.layout = static_cast<size_t>(li);
-    // Copy slice by slice straight from the mmapped file into the (fused) parameter: no second full-size
-    // copy of a layer's experts ever exists.
-    bool first = true;
-    for (const SourceSlice& s : p.source()) {
+    const SourceLayout& layout = p.layouts[static_cast<size_t>(li)];
+    for (const SourceSlice& s : layout) {
       const auto& info = st.info(s.name);
       if (info.shape != s.shape)
         throw FormatError(info.file + ": tensor '" + s.name + "' has shape " + shape_str(info.shape) +
                           " but config.json implies " + shape_str(s.shape));
       if (info.dtype != DType::F32 && info.dtype != DType::BF16 && info.dtype != DType::F16)
         throw FormatError(info.file + ": tensor '" + s.name + "' has non-float dtype " + dtype_name(info.dtype));
-      if (!first && info.dtype != p.source_dtype)
+      const auto& first = st.info(layout.front().name);
+      if (info.dtype != first.dtype)
         throw FormatError(info.file + ": tensor '" + s.name + "' is " + dtype_name(info.dtype) + " but '" +
-                          p.source().front().name + "' is " + dtype_name(p.source_dtype) +
+                          layout.front().name + "' is " + dtype_name(first.dtype) +
                           " (the slices of one parameter must share a dtype)");
+    }
+    chosen.push_back(static_cast<size_t>(li));
+  }
+  return chosen;
+}
+
+void check_hf_weights_against_config(const std::string& dir, const io::ModelConfig& cfg) {
+  // The model's own registration (names, shapes, candidate layouts) without allocating a parameter: the
+  // same description the loader uses, so the pre-check cannot disagree with it.
+  ModelParallel shapes;
+  shapes.shapes_only = true;
+  auto model = build_model(cfg, shapes);
+  check_layouts(*model, io::SafeTensors::open(dir), dir);  // headers only
+}
+
+void load_hf_weights(CausalLM& model, const std::string& dir) {
+  auto st = io::SafeTensors::open(dir);
+  const std::vector<size_t> chosen = check_layouts(model, st, dir);  // everything checked before any copy
+  std::set<std::string> used;
+  size_t i = 0;
+  for (auto& p : model.params().all()) {
+    p.layout = chosen[i++];
+    // Copy slice by slice straight from the mmapped file into the (fused) parameter: no second full-size
+    // copy of a layer's experts ever exists.
+    for (const SourceSlice& s : p.source()) {
       Tensor dst = Tensor::wrap(p.value.f32() + s.offset, s.shape, DType::F32, nullptr);
       dst.copy_from(st.get(s.name));
-      p.source_dtype = info.dtype;
+      p.source_dtype = st.info(s.name).dtype;
       used.insert(s.name);
-      first = false;
     }
   }
   // Expert parallelism: the other ranks' experts are in the file but not this rank's to read.
@@ -76,6 +100,7 @@ void load_hf_weights(CausalLM& model, const std::string& dir) {
                 unused[0] + "'");
   }
 }
+
 
 void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
   double std_dev = model.config().raw.value("initializer_range", 0.02);

@@ -13,6 +13,14 @@ namespace am {
 // by a warning (e.g. rotary buffers).
 void load_hf_weights(CausalLM& model, const std::string& model_dir);
 
+// Fail-fast pre-check, before the model is built (nothing is allocated: io::SafeTensors::open reads only
+// the headers): every tensor the config implies for the embedding, lm_head, final norm and each decoder layer
+// (attention, norms, MLP or MoE experts, as DecoderLM registers them) must be in the checkpoint with the
+// shape config.json implies and a float dtype. Throws FormatError naming the tensor and both shapes (and the
+// config keys behind the expected one), or the first missing tensor, exactly as load_hf_weights would
+// after allocating the whole model.
+void check_hf_weights_against_config(const std::string& model_dir, const io::ModelConfig& cfg);
+
 // Random init (seeded, deterministic); `dtype` is the dtype recorded for export.
 void init_random_weights(CausalLM& model, uint64_t seed, DType dtype);
 

@@ -26,6 +26,9 @@ struct ModelParallel {
   int ep_rank = 0, ep_size = 1;
   dist::Communicator* ep = nullptr;
   dist::Communicator* world = nullptr;
+  // Register parameters (names, shapes, checkpoint layouts) without allocating them: for checking a
+  // checkpoint's headers against the config before anything large exists (hf_weights.h).
+  bool shapes_only = false;
 };
 
 // Called by the model around each parameter unit's use, so that data parallelism can gather sharded

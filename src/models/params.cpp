@@ -15,9 +15,11 @@ Param& ParamStore::add(const std::string& name, const Shape& shape, DType source
   p.name = name;
   p.shape = shape;
   p.global_numel = shape_numel(shape);
-  p.value = Tensor::zeros(shape, DType::F32);
-  p.grad = Tensor::zeros(shape, DType::F32);
-  p.work = p.value;
+  if (!shapes_only_) {
+    p.value = Tensor::zeros(shape, DType::F32);
+    p.grad = Tensor::zeros(shape, DType::F32);
+    p.work = p.value;
+  }
   p.source_dtype = source_dtype;
   p.layouts = {SourceLayout{SourceSlice{name, 0, shape}}};
   params_.push_back(std::move(p));

@@ -51,6 +51,8 @@ inline Tensor* grad_or_null(Param* p) { return p ? &p->grad : nullptr; }
 class ParamStore {
  public:
   Param& add(const std::string& name, const Shape& shape, DType source_dtype = DType::F32);
+  // Shapes only: add() records names, shapes and layouts but allocates no value / grad (pre-checks).
+  void set_shapes_only(bool on) { shapes_only_ = on; }
   // An expert-parallel parameter: this rank holds rows [row_begin, row_begin + shape[0]) of a whole
   // parameter with global_rows rows.
   Param& add_expert(const std::string& name, const Shape& shape, int64_t row_begin, int64_t global_rows);
@@ -68,6 +70,7 @@ class ParamStore {
  private:
   std::deque<Param> params_;  // registration (= HF state_dict) order; deque: pointers stay valid
   std::map<std::string, size_t> index_;
+  bool shapes_only_ = false;
 };
 
 }  // namespace am

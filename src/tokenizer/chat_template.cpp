@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "io/json_bounded.h"
 #include "tokenizer/jinja_interp.h"
 
 namespace am::tok {
@@ -29,7 +30,7 @@ std::string read_file(const fs::path& p) {
 ojson read_json(const fs::path& p) {
   std::string text = read_file(p);
   try {
-    return ojson::parse(text);
+    return io::parse_json_bounded<ojson>(text, p.string() + ": invalid JSON");
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(p.string() + ": invalid JSON: " + e.what());
   }

@@ -12,6 +12,7 @@
 #include <unordered_set>
 
 #include "core/error.h"
+#include "io/json_bounded.h"
 #include "tokenizer/tok_components.h"
 
 namespace am::tok {
@@ -296,7 +297,7 @@ Tokenizer Tokenizer::from_dir(const std::string& dir) {
       std::ostringstream ss;
       ss << f.rdbuf();
       try {
-        cfg = json::parse(ss.str());
+        cfg = am::io::parse_json_bounded(ss.str(), tc + ": invalid JSON");
       } catch (const json::exception& e) {
         throw am::FormatError(tc + ": invalid JSON: " + e.what());
       }
@@ -309,7 +310,7 @@ Tokenizer Tokenizer::from_dir(const std::string& dir) {
 Tokenizer Tokenizer::from_json(const std::string& tokenizer_json, const json& config, const std::string& origin) {
   json j;
   try {
-    j = json::parse(tokenizer_json);
+    j = am::io::parse_json_bounded(tokenizer_json, origin + ": invalid JSON");
   } catch (const json::exception& e) {
     throw am::FormatError(origin + ": invalid JSON: " + e.what());
   }

@@ -1,15 +1,18 @@
 #include "train/checkpoint.h"
 
+#include <charconv>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "dist/data_parallel.h"
+#include "io/json_bounded.h"
 #include "io/safetensors.h"
 #include "models/hf_weights.h"
 #include "ops/ops.h"
@@ -124,8 +127,13 @@ StoredIndex index_state(const fs::path& dir) {
       auto st = std::make_shared<io::SafeTensors>(io::SafeTensors::open(f.string()));
       for (auto& n : st->names()) {
         const size_t at = n.rfind('@');
-        if (at == std::string::npos) throw FormatError(f.string() + ": unexpected tensor '" + n + "'");
-        const int64_t begin = std::stoll(n.substr(at + 1));
+        int64_t begin = -1;
+        if (at != std::string::npos) {
+          const char* b = n.data() + at + 1;
+          auto [end, ec] = std::from_chars(b, n.data() + n.size(), begin);
+          if (ec != std::errc() || end != n.data() + n.size()) begin = -1;
+        }
+        if (begin < 0) throw FormatError(f.string() + ": unexpected tensor '" + n + "' (expected <kind>/<parameter>@<first element>)");
         idx[n.substr(0, at)].push_back({begin, begin + shape_numel(st->info(n).shape), st, n});
       }
     }
@@ -265,20 +273,46 @@ CheckpointState read_checkpoint(const std::string& ckpt_dir, const std::string& 
   }
   fs::path state = dir / "train_state.json";
   if (!fs::exists(state)) throw IoError("restore_from: " + dir.string() + " is not a complete checkpoint (no train_state.json)");
-  json j;
-  try {
-    std::ifstream f(state);
-    j = json::parse(f);
-  } catch (const std::exception& e) {
-    throw FormatError(state.string() + ": " + e.what());
+  // train_state.json names itself in every error: empty (a crash while writing), truncated, not an object,
+  // a field missing or of the wrong type.
+  const std::string sp = state.string();
+  std::string text;
+  {
+    std::ifstream f(state, std::ios::binary);
+    if (!f) throw IoError(sp + ": cannot read");
+    text.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
   }
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos)
+    throw FormatError(sp + ": empty file (the checkpoint was not completely written)");
+  const json j = io::parse_json_bounded(text, sp + ": not valid JSON (truncated?)");
+  if (!j.is_object()) throw FormatError(sp + ": expected a JSON object with 'step' and 'epoch'");
+  auto int_field = [&](const char* k, std::optional<int64_t> def) -> int64_t {
+    if (!j.contains(k)) {
+      if (def) return *def;
+      throw FormatError(sp + ": missing '" + k + "'");
+    }
+    const json& v = j[k];
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX)))
+      throw FormatError(sp + ": '" + k + "' must be an integer, got " + v.dump());
+    return v.get<int64_t>();
+  };
   CheckpointState st;
-  st.step = j.at("step").get<int64_t>();
-  st.epoch = j.at("epoch").get<int64_t>();
-  st.seed = j.value("seed", uint64_t(0));
-  st.optimizer_steps = j.value("optimizer_steps", st.step);
-  st.world_size = j.value("world_size", 1);
-  st.ep_size = j.value("ep_size", 1);
+  st.step = int_field("step", std::nullopt);
+  st.epoch = int_field("epoch", std::nullopt);
+  if (st.step < 0 || st.epoch < 0) throw FormatError(sp + ": 'step' and 'epoch' must be >= 0");
+  if (j.contains("seed")) {
+    const json& v = j["seed"];
+    if (!v.is_number_integer()) throw FormatError(sp + ": 'seed' must be an integer, got " + v.dump());
+    st.seed = v.get<uint64_t>();  // written as uint64; a negative seed read back wraps as the trainer's cast does
+  }
+  st.optimizer_steps = int_field("optimizer_steps", st.step);
+  const int64_t world = int_field("world_size", 1), ep = int_field("ep_size", 1);
+  if (world < 1 || ep < 1 || world > (1 << 24) || ep > world)
+    throw FormatError(sp + ": implausible world_size " + std::to_string(world) + " / ep_size " + std::to_string(ep));
+  st.world_size = static_cast<int>(world);
+  st.ep_size = static_cast<int>(ep);
+  if (j.contains("strategy") && !j["strategy"].is_string())
+    throw FormatError(sp + ": 'strategy' must be a string, got " + j["strategy"].dump());
   st.strategy = j.value("strategy", std::string("none"));
   const StoredIndex idx = index_state(dir);
   const ExecContext& ex = model.exec();

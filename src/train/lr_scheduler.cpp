@@ -26,7 +26,13 @@ LrScheduler LrScheduler::from_recipe(const Recipe& r, double base_lr, double bas
   s.end_wd = r.get_double("lr_scheduler.end_wd", base_wd);
   s.wd_incr_steps = r.get_int("lr_scheduler.wd_incr_steps", total_steps);
   s.wd_style = r.get_string("lr_scheduler.wd_incr_style", "constant");
+  if (s.wd_style != "constant" && s.wd_style != "linear" && s.wd_style != "cosine")
+    r.fail("lr_scheduler.wd_incr_style", "unsupported style '" + s.wd_style + "' (constant, linear, cosine)");
   if (s.decay_steps <= 0) r.fail("lr_scheduler.lr_decay_steps", "must be > 0");
+  if (s.warmup_steps < 0) r.fail("lr_scheduler.lr_warmup_steps", "must be >= 0");
+  if (s.wd_style != "constant" && s.wd_incr_steps <= 0) r.fail("lr_scheduler.wd_incr_steps", "must be > 0 with wd_incr_style " + s.wd_style);
+  for (double v : {s.init_lr, s.max_lr, s.min_lr, s.start_wd, s.end_wd})
+    if (!std::isfinite(v)) r.fail("lr_scheduler", "learning rates and weight decays must be finite numbers");
   if (s.warmup_steps >= s.decay_steps && s.style != "constant")
     r.fail("lr_scheduler.lr_warmup_steps", "must be smaller than lr_decay_steps (" + std::to_string(s.decay_steps) + ")");
   if (s.min_lr < 0 || s.max_lr < s.min_lr || s.init_lr > s.max_lr)

@@ -29,8 +29,12 @@ OptimizerConfig OptimizerConfig::from_recipe(const Recipe& r) {
   c.dampening = r.get_double("optimizer.dampening", 0.0);
   c.nesterov = r.get_bool("optimizer.nesterov", false);
   if (r.get_bool("optimizer.amsgrad", false)) r.fail("optimizer.amsgrad", "amsgrad is not supported");
-  if (c.lr < 0) r.fail("optimizer.lr", "must be >= 0");
-  if (c.beta1 < 0 || c.beta1 >= 1 || c.beta2 < 0 || c.beta2 >= 1) r.fail("optimizer.betas", "each beta must be in [0, 1)");
+  // Recipe::check_values already refused nan/inf/negative lr, eps <= 0 and negative weight_decay; these
+  // comparisons are written so that a NaN fails them too.
+  if (!(c.lr >= 0) || !std::isfinite(c.lr)) r.fail("optimizer.lr", "must be a finite number >= 0");
+  if (!(c.eps > 0) || !std::isfinite(c.eps)) r.fail("optimizer.eps", "must be a finite number > 0");
+  if (!(c.weight_decay >= 0) || !std::isfinite(c.weight_decay)) r.fail("optimizer.weight_decay", "must be a finite number >= 0");
+  if (!(c.beta1 >= 0 && c.beta1 < 1) || !(c.beta2 >= 0 && c.beta2 < 1)) r.fail("optimizer.betas", "each beta must be in [0, 1)");
   return c;
 }
 

@@ -13,7 +13,9 @@ namespace am {
 class Recipe {
  public:
   // Parses `path` (YAML) and applies overrides of the form "a.b.c=VALUE" (VALUE parsed as YAML).
-  // Throws RecipeError (exit 2) for YAML syntax errors, unknown keys and bad override syntax.
+  // Throws RecipeError (exit 2) for YAML syntax errors, unknown keys, bad override syntax, values that make no
+  // sense (negative counts, nan/inf rates), a path that is not a regular file or is over 4 MiB, cyclic
+  // aliases, alias bombs and numbers out of range (each naming the file and key).
   static Recipe load(const std::string& path, const std::vector<std::string>& overrides = {});
   static Recipe from_string(const std::string& yaml, const std::string& name = "<recipe>",
                             const std::vector<std::string>& overrides = {});
@@ -46,6 +48,7 @@ class Recipe {
 
  private:
   void validate();
+  void check_values() const;  // numeric keys whose value cannot make sense (negative counts, nan/inf rates)
   std::string path_;
   nlohmann::json root_;
   std::map<std::string, int> lines_;  // dotted key -> 1-based line in the file (0: from an override)

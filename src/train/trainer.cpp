@@ -24,6 +24,7 @@
 #include "core/log.h"
 #include "dist/communicator.h"
 #include "io/model_config.h"
+#include "io/json_bounded.h"
 #include "io/safetensors.h"
 #include "models/hf_weights.h"
 #include "ops/ops.h"
@@ -38,12 +39,23 @@ static double seconds_since(clock_t_::time_point t0) {
   return std::chrono::duration<double>(clock_t_::now() - t0).count();
 }
 
-// SIGTERM / SIGINT / SIGUSR1 (Slurm's warning before preemption): finish the step, save, exit 0 (SPEC §4).
-// A second SIGINT exits at once.
+// SIGTERM / SIGINT / SIGUSR1 (Slurm's warning before preemption) / SIGHUP (as SIGTERM): finish the step,
+// save, exit 0 (SPEC §4). A second SIGINT exits at once.
 static std::atomic<int> g_stop_signal{0};
 static void on_stop_signal(int sig) {
   if (sig == SIGINT && g_stop_signal.load() == SIGINT) std::_Exit(130);
   g_stop_signal.store(sig);
+}
+
+// One metrics line, flushed and closed at once (a killed run keeps every finished step); a line that
+// cannot be written (full disk, read-only folder) stops the run naming the file instead of losing metrics.
+static void append_jsonl(const fs::path& path, const json& j) {
+  std::error_code ec;
+  fs::create_directories(path.parent_path(), ec);
+  std::ofstream f(path, std::ios::app);
+  f << j.dump() << "\n";
+  f.close();
+  if (f.fail()) throw IoError(path.string() + ": cannot append the step's metrics (disk full or not writable?)");
 }
 
 // The sample a rank without a share of a (last, short) global batch feeds through forward/backward so that
@@ -118,6 +130,7 @@ void Trainer::setup() {
     for (auto& t : supported_model_types()) list += (list.empty() ? "" : ", ") + t;
     throw FormatError("config.json: model_type '" + cfg.model_type + "' is not supported (supported: " + list + ")");
   }
+  if (!source_dir_.empty()) check_hf_weights_against_config(source_dir_, cfg);  // headers only: fails before allocating
   setup_distributed(cfg);
   ModelParallel mp;
   if (groups_) mp = ModelParallel{groups_->ep->rank(), ep_size_, groups_->ep.get(), groups_->world.get()};
@@ -475,11 +488,7 @@ void Trainer::log_step(const StepStats& s) {
             {"tps_per_gpu", tps_gpu}, {"mem_gib", mem}, {"mfu", mfu},    {"time_s", s.time_s},
             {"device", device_name_}, {"world_size", world_}};
   for (auto& [k, v] : s.extra.items()) j[k] = v;
-  {  // training.jsonl is written even with checkpoints disabled (SPEC §4)
-    fs::create_directories(ckpt_dir_);
-    std::ofstream f(fs::path(ckpt_dir_) / "training.jsonl", std::ios::app);
-    f << j.dump() << "\n";
-  }
+  append_jsonl(fs::path(ckpt_dir_) / "training.jsonl", j);  // written even with checkpoints disabled (SPEC §4)
   if (!opt_.quiet) {
     char line[256];
     std::snprintf(line, sizeof line,
@@ -541,21 +550,23 @@ std::vector<StepStats> Trainer::train() {
               std::to_string(total_steps_) + " steps, " + std::to_string(gbs_ / (lbs_ * world_)) +
               " micro-batch(es) of " + std::to_string(lbs_) + " per rank per step");
   // Preemption: finish the step, save, exit 0. Installed for the training loop only.
-  struct sigaction sa {}, old_term {}, old_int {}, old_usr1 {};
+  struct sigaction sa {}, old_term {}, old_int {}, old_usr1 {}, old_hup {};
   sa.sa_handler = on_stop_signal;
   sigemptyset(&sa.sa_mask);
   sigaction(SIGTERM, &sa, &old_term);
   sigaction(SIGINT, &sa, &old_int);
   sigaction(SIGUSR1, &sa, &old_usr1);
+  sigaction(SIGHUP, &sa, &old_hup);
   g_stop_signal.store(0);
   struct Restore {
-    struct sigaction t, i, u;
+    struct sigaction t, i, u, h;
     ~Restore() {
       sigaction(SIGTERM, &t, nullptr);
       sigaction(SIGINT, &i, nullptr);
       sigaction(SIGUSR1, &u, nullptr);
+      sigaction(SIGHUP, &h, nullptr);
     }
-  } restore_handlers{old_term, old_int, old_usr1};
+  } restore_handlers{old_term, old_int, old_usr1, old_hup};
   for (int64_t step = start_step_; step <= total_steps_; ++step) {
     StepStats s = train_step(step);
     log_step(s);
@@ -565,9 +576,7 @@ std::vector<StepStats> Trainer::train() {
       double vl = validate(&nt);
       if (rank_ == 0) {
         json j = {{"step", step}, {"val_loss", vl}, {"num_label_tokens", nt}};
-        fs::create_directories(ckpt_dir_);
-        std::ofstream f(fs::path(ckpt_dir_) / "validation.jsonl", std::ios::app);
-        f << j.dump() << "\n";
+        append_jsonl(fs::path(ckpt_dir_) / "validation.jsonl", j);
         if (!opt_.quiet) std::printf("validation step %lld | val_loss %.4f\n", static_cast<long long>(step), vl);
       }
     }
@@ -617,7 +626,7 @@ void Trainer::restore(const std::string& from) {
     std::string line, kept;
     while (std::getline(in, line)) {
       try {
-        if (json::parse(line).value("step", int64_t(0)) <= st.step) kept += line + "\n";
+        if (io::parse_json_bounded(line, log_path.string()).value("step", int64_t(0)) <= st.step) kept += line + "\n";
       } catch (...) {
       }
     }
