@@ -262,8 +262,8 @@ bool JsonRowReader::next(JsonRow& row) {
     row.at = path_ + ":" + std::to_string(lineno_);
     try {
       row.value = io::parse_json_bounded<nlohmann::ordered_json>(line, row.at + ": malformed JSON line");
-    } catch (const nlohmann::json::parse_error& e) {
-      throw DataError(row.at + ": malformed JSON line (" + std::string(e.what()).substr(0, 160) + ")");
+    } catch (const FormatError& e) {  // bad syntax or too deep: a data error naming file:line
+      throw DataError(std::string(e.what()).substr(0, 240));  // "<file>:<line>: malformed JSON line: ..."
     }
     ++count_;
     return true;

@@ -30,8 +30,8 @@ class TokenizedJsonl : public Dataset {
       nlohmann::json j;
       try {
         j = io::parse_json_bounded(line, at + ": malformed JSON line");
-      } catch (const nlohmann::json::parse_error& e) {
-        throw DataError(at + ": malformed JSON line (" + std::string(e.what()).substr(0, 160) + ")");
+      } catch (const FormatError& e) {  // bad syntax or too deep: a data error naming file:line
+        throw DataError(std::string(e.what()).substr(0, 240));  // "<file>:<line>: malformed JSON line: ..."
       }
       if (!j.is_object() || !j.contains("input_ids"))
         throw DataError(at + ": expected an object with \"input_ids\" (and optionally \"labels\")");

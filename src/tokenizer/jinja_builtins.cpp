@@ -5,6 +5,7 @@
 #include "tokenizer/jinja_parser.h"
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -29,9 +30,9 @@ namespace {
 
 std::string obj_desc(const Value& v) { return std::string("'") + v.type_name() + " object'"; }
 
-void check_size(size_t n) {
-  if (n > kMaxSize) fail("result too large");
-}
+// One value of n bytes (see jinja_limits.h); lists: pass the bytes of their slots.
+void check_size(size_t n, const char* what = "string") { limits::check_value_size(n, what); }
+size_t list_bytes(size_t items) { return limits::mul_size(items, sizeof(Value)); }
 
 char32_t cp_upper(char32_t c) { return static_cast<char32_t>(utf8proc_toupper(static_cast<utf8proc_int32_t>(c))); }
 char32_t cp_lower(char32_t c) { return static_cast<char32_t>(utf8proc_tolower(static_cast<utf8proc_int32_t>(c))); }
@@ -171,6 +172,7 @@ bool arg_bool(const CallArgs& a, size_t i, const char* name, bool def) {
 
 
 std::string replace_all(const std::string& s, const std::string& old, const std::string& nw, int64_t count) {
+  limits::tick_copy(s.size());
   if (count == 0) return s;
   std::string out;
   if (old.empty()) {
@@ -181,6 +183,7 @@ std::string replace_all(const std::string& s, const std::string& old, const std:
       if (count < 0 || done < count) {
         out += nw;
         ++done;
+        check_size(out.size());
       }
       utf8_append(out, c);
     }
@@ -221,6 +224,7 @@ std::vector<Value> str_split(const std::string& s, const Value* sep, int64_t max
         size_t b = i;
         while (i < n && !py_isspace(cs[i])) ++i;
         words.emplace_back(b, i);
+        check_size(list_bytes(words.size()), "list");
       }
     } else {
       size_t n = cs.size();
@@ -235,6 +239,7 @@ std::vector<Value> str_split(const std::string& s, const Value* sep, int64_t max
         size_t e = i;
         while (i > 0 && !py_isspace(cs[i - 1])) --i;
         words.emplace_back(i, e);
+        check_size(list_bytes(words.size()), "list");
       }
       std::reverse(words.begin(), words.end());
     }
@@ -242,6 +247,7 @@ std::vector<Value> str_split(const std::string& s, const Value* sep, int64_t max
   } else {
     const std::string& sp = need_str(*sep, "separator");
     if (sp.empty()) fail("empty separator");
+    limits::tick_copy(s.size());
     if (!from_right) {
       size_t pos = 0;
       int64_t n = 0;
@@ -249,6 +255,7 @@ std::vector<Value> str_split(const std::string& s, const Value* sep, int64_t max
         size_t k = s.find(sp, pos);
         if (k == std::string::npos || (maxsplit >= 0 && n >= maxsplit)) break;
         parts.push_back(s.substr(pos, k - pos));
+        check_size(list_bytes(parts.size()), "list");
         pos = k + sp.size();
         ++n;
       }
@@ -263,6 +270,7 @@ std::vector<Value> str_split(const std::string& s, const Value* sep, int64_t max
         size_t k = s.rfind(sp, end - sp.size());
         if (k == std::string::npos) break;
         rev.push_back(s.substr(k + sp.size(), end - k - sp.size()));
+        check_size(list_bytes(rev.size()), "list");
         end = k;
         ++n;
       }
@@ -292,6 +300,7 @@ std::vector<Value> str_splitlines(const std::string& s, bool keepends) {
     ++i;
     if (c == '\r' && i < n && cs[i] == '\n') ++i;
     out.emplace_back(utf8_encode(std::u32string_view(cs).substr(b, (keepends ? i : e) - b)));
+    check_size(list_bytes(out.size()), "list");
     b = i;
   }
   if (b < n) out.emplace_back(utf8_encode(std::u32string_view(cs).substr(b)));
@@ -328,15 +337,21 @@ void slice_indices(int64_t len, const Value& start, const Value& stop, const Val
 std::vector<size_t> slice_positions(int64_t len, const Value& start, const Value& stop, const Value& step) {
   int64_t b, e, st;
   slice_indices(len, start, stop, step, b, e, st);
+  // Count first: `k += st` could overflow for a huge step.
+  uint64_t ust = st > 0 ? static_cast<uint64_t>(st) : uint64_t(0) - static_cast<uint64_t>(st);
+  uint64_t n = 0;
+  if (st > 0 && b < e) n = static_cast<uint64_t>(e - b - 1) / ust + 1;
+  if (st < 0 && b > e) n = static_cast<uint64_t>(b - e - 1) / ust + 1;
   std::vector<size_t> out;
-  if (st > 0)
-    for (int64_t k = b; k < e; k += st) out.push_back(static_cast<size_t>(k));
-  else
-    for (int64_t k = b; k > e; k += st) out.push_back(static_cast<size_t>(k));
+  out.reserve(n);
+  limits::tick(n);
+  for (uint64_t i = 0; i < n; ++i)
+    out.push_back(static_cast<size_t>(st > 0 ? b + static_cast<int64_t>(i * ust) : b - static_cast<int64_t>(i * ust)));
   return out;
 }
 
 std::string html_escape(const std::string& s) {
+  limits::tick_bytes(s.size());
   std::string out;
   for (char c : s) {
     switch (c) {
@@ -352,6 +367,20 @@ std::string html_escape(const std::string& s) {
 }
 
 // ------------------------------------------------------------------ number formatting
+
+constexpr int kMaxPrecision = 4096;  // digits after the point in a format spec
+
+// snprintf into a string of the right size (a fixed buffer would silently truncate wide fields).
+template <class... A>
+std::string c_format(const char* fmt, A... args) {
+  int n = std::snprintf(nullptr, 0, fmt, args...);
+  if (n < 0) fail("invalid format");
+  check_size(static_cast<size_t>(n));
+  std::string out(static_cast<size_t>(n) + 1, '\0');
+  std::snprintf(out.data(), out.size(), fmt, args...);
+  out.resize(static_cast<size_t>(n));
+  return out;
+}
 
 // Python format spec mini-language, the common subset: [[fill]align][sign][#][0][width][,][.prec][type]
 std::string apply_format_spec(const Value& v, const std::string& spec) {
@@ -385,13 +414,19 @@ std::string apply_format_spec(const Value& v, const std::string& spec) {
     ++i;
   }
   int64_t width = 0;
-  while (i < spec.size() && std::isdigit(static_cast<unsigned char>(spec[i]))) width = width * 10 + (spec[i++] - '0');
+  while (i < spec.size() && std::isdigit(static_cast<unsigned char>(spec[i]))) {
+    width = width * 10 + (spec[i++] - '0');
+    if (width > static_cast<int64_t>(kMaxSize)) fail_limit("format width too large (more than " + std::to_string(kMaxSize) + ")");
+  }
   if (i < spec.size() && (spec[i] == ',' || spec[i] == '_')) fail_unsupported("format spec grouping");
   int prec = -1;
   if (i < spec.size() && spec[i] == '.') {
     ++i;
     prec = 0;
-    while (i < spec.size() && std::isdigit(static_cast<unsigned char>(spec[i]))) prec = prec * 10 + (spec[i++] - '0');
+    while (i < spec.size() && std::isdigit(static_cast<unsigned char>(spec[i]))) {
+      prec = prec * 10 + (spec[i++] - '0');
+      if (prec > kMaxPrecision) fail_limit("format precision too large (more than " + std::to_string(kMaxPrecision) + ")");
+    }
   }
   char type = 0;
   if (i < spec.size()) type = spec[i++];
@@ -410,12 +445,11 @@ std::string apply_format_spec(const Value& v, const std::string& spec) {
     double d = v.as_double();
     if (!type && v.is_float()) type = 'r';
     if (!type) type = 'd';
-    char buf[512];
     switch (type) {
       case 'd':
         if (v.is_float()) fail("Unknown format code 'd' for object of type 'float'");
         neg = v.as_int() < 0;
-        body = std::to_string(neg ? -v.as_int() : v.as_int());
+        body = std::to_string(neg ? uint64_t(0) - static_cast<uint64_t>(v.as_int()) : static_cast<uint64_t>(v.as_int()));
         break;
       case 'f': case 'F': case 'e': case 'E': case 'g': case 'G': case '%': {
         neg = std::signbit(d);
@@ -423,8 +457,7 @@ std::string apply_format_spec(const Value& v, const std::string& spec) {
         if (type == '%') a *= 100;
         char t = type == '%' ? 'f' : type;
         if (t == 'g' || t == 'G') fail_unsupported("format spec type 'g'");
-        std::snprintf(buf, sizeof buf, (std::string("%.*") + t).c_str(), prec < 0 ? 6 : prec, a);
-        body = buf;
+        body = c_format((std::string("%.*") + t).c_str(), prec < 0 ? 6 : prec, a);
         if (type == '%') body += '%';
         break;
       }
@@ -446,6 +479,7 @@ std::string apply_format_spec(const Value& v, const std::string& spec) {
   }
   size_t len = utf8_length(sign_str) + utf8_length(body);
   size_t pad = static_cast<int64_t>(len) < width ? static_cast<size_t>(width) - len : 0;
+  check_size(body.size() + limits::mul_size(pad, fill.size()));
   auto fills = [&](size_t n) {
     std::string r;
     for (size_t k = 0; k < n; ++k) r += fill;
@@ -461,6 +495,7 @@ std::string apply_format_spec(const Value& v, const std::string& spec) {
 
 // Python str.format(*args, **kwargs)
 std::string str_format(const std::string& f, const CallArgs& a) {
+  limits::tick_bytes(f.size());
   std::string out;
   size_t i = 0, n = f.size();
   int auto_idx = 0;
@@ -502,10 +537,12 @@ std::string str_format(const std::string& f, const CallArgs& a) {
         if (!v) fail("KeyError: '" + field + "'");
       }
       Value x = *v;
+      if (x.is_string() && spec.empty() && conv.empty()) check_size(out.size() + x.str().size());
       if (conv == "r") x = Value(x.repr());
       else if (conv == "s") x = Value(x.to_str());
       else if (!conv.empty()) fail("Unknown conversion specifier " + conv);
       out += apply_format_spec(x, spec);
+      check_size(out.size());
     } else if (c == '}') {
       if (i + 1 < n && f[i + 1] == '}') {
         out += '}';
@@ -523,6 +560,7 @@ std::string str_format(const std::string& f, const CallArgs& a) {
 
 // printf-style formatting: "%s %d" % args (and the `format` filter)
 std::string percent_format(const std::string& f, const std::vector<Value>& args, const Value* mapping) {
+  limits::tick_bytes(f.size());
   std::string out;
   size_t ai = 0, i = 0, n = f.size();
   while (i < n) {
@@ -561,15 +599,27 @@ std::string percent_format(const std::string& f, const std::vector<Value>& args,
       if (ai >= args.size()) fail("not enough arguments for format string");
       v = &args[ai++];
     }
+    // Width and precision: bounded before anything is padded to them.
+    auto number = [](const std::string& digits, size_t cap, const char* what) -> size_t {
+      size_t x = 0;
+      for (char c : digits) {
+        x = x * 10 + static_cast<size_t>(c - '0');
+        if (x > cap) fail_limit(std::string("format ") + what + " too large (more than " + std::to_string(cap) + ")");
+      }
+      return x;
+    };
+    size_t w = number(width, kMaxSize, "width");
+    bool is_text = t == 's' || t == 'r';
+    size_t pr = number(prec, is_text ? kMaxSize : static_cast<size_t>(kMaxPrecision), "precision");
     std::string spec = "%" + flags + width + (prec.empty() ? "" : "." + prec);
-    char buf[512];
     switch (t) {
       case 's': case 'r': {
+        if (t == 's' && v->is_string() && prec.empty()) check_size(out.size() + v->str().size());
         std::string s = t == 's' ? v->to_str() : v->repr();
-        if (!prec.empty()) s = utf8_encode(utf8_decode(s).substr(0, std::strtoul(prec.c_str(), nullptr, 10)));
-        size_t w = width.empty() ? 0 : std::strtoul(width.c_str(), nullptr, 10);
+        if (!prec.empty()) s = utf8_encode(utf8_decode(s).substr(0, pr));
         size_t len = utf8_length(s);
         if (len < w) {
+          check_size(s.size() + (w - len));
           if (flags.find('-') != std::string::npos) s += std::string(w - len, ' ');
           else s = std::string(w - len, ' ') + s;
         }
@@ -578,16 +628,23 @@ std::string percent_format(const std::string& f, const std::vector<Value>& args,
       }
       case 'd': case 'i': case 'x': case 'X': case 'o': {
         if (!v->is_number()) fail(std::string("%") + t + " format: a real number is required, not " + v->type_name());
-        long long x = v->is_float() ? static_cast<long long>(std::trunc(v->as_double())) : v->as_int();
+        long long x;
+        if (v->is_float()) {
+          double d = std::trunc(v->as_double());
+          if (!std::isfinite(d)) fail("cannot convert float " + py_float_repr(d) + " to integer");
+          if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0))
+            fail_unsupported(std::string("integer overflow in '%") + t + "' (the result needs more than 64 bits)");
+          x = static_cast<long long>(d);
+        } else {
+          x = v->as_int();
+        }
         std::string sp = spec + "ll" + (t == 'i' ? 'd' : t);
-        std::snprintf(buf, sizeof buf, sp.c_str(), x);
-        out += buf;
+        out += c_format(sp.c_str(), x);
         break;
       }
       case 'f': case 'F': case 'e': case 'E': case 'g': case 'G': {
         if (!v->is_number()) fail(std::string("must be real number, not ") + v->type_name());
-        std::snprintf(buf, sizeof buf, (spec + t).c_str(), v->as_double());
-        out += buf;
+        out += c_format((spec + t).c_str(), v->as_double());
         break;
       }
       default: fail_unsupported(std::string("printf-style format character '") + t + "'");
@@ -617,6 +674,7 @@ const std::set<std::string>& py_str_other_methods() {
 Value make_method(const Value& self, const std::string& name);
 
 int64_t str_find(const std::string& s, const std::string& sub, bool right) {
+  limits::tick_copy(s.size());
   size_t k = right ? s.rfind(sub) : s.find(sub);
   if (k == std::string::npos) return -1;
   return static_cast<int64_t>(utf8_length(std::string_view(s).substr(0, k)));
@@ -625,6 +683,7 @@ int64_t str_find(const std::string& s, const std::string& sub, bool right) {
 bool affix_match(const std::string& s, const Value& affix, bool start) {
   auto one = [&](const Value& v) {
     const std::string& a = need_str(v, start ? "startswith first arg" : "endswith first arg");
+    limits::tick_copy(std::min(a.size(), s.size()));
     if (a.size() > s.size()) return false;
     return start ? s.compare(0, a.size(), a) == 0 : s.compare(s.size() - a.size(), a.size(), a) == 0;
   };
@@ -640,6 +699,7 @@ std::string pad_str(const std::string& s, int64_t width, const std::string& fill
   int64_t len = static_cast<int64_t>(utf8_length(s));
   if (width <= len) return s;
   int64_t pad = width - len;
+  check_size(s.size() + limits::mul_size(static_cast<size_t>(pad), fill.size()));
   auto fills = [&](int64_t k) {
     std::string r;
     for (int64_t q = 0; q < k; ++q) r += fill;
@@ -703,6 +763,7 @@ Value str_method(const std::string& s, const std::string& m, CallArgs& a) {
     if (!sub) fail("count() takes at least 1 argument (0 given)");
     const std::string& t = need_str(*sub, "count() argument");
     if (t.empty()) return Value(static_cast<int64_t>(utf8_length(s) + 1));
+    limits::tick_copy(s.size());
     int64_t n = 0;
     for (size_t k = s.find(t); k != std::string::npos; k = s.find(t, k + t.size())) ++n;
     return Value(n);
@@ -740,6 +801,7 @@ Value str_method(const std::string& s, const std::string& m, CallArgs& a) {
     const Value* p = sarg(0, nullptr);
     if (!p) fail(m + "() takes exactly one argument (0 given)");
     const std::string& x = need_str(*p, m.c_str());
+    limits::tick_copy(std::min(x.size(), s.size()));
     if (m == "removeprefix") return Value(s.compare(0, x.size(), x) == 0 ? s.substr(x.size()) : s);
     if (x.size() <= s.size() && s.compare(s.size() - x.size(), x.size(), x) == 0 && !x.empty())
       return Value(s.substr(0, s.size() - x.size()));
@@ -768,6 +830,7 @@ Value str_method(const std::string& s, const std::string& m, CallArgs& a) {
     if (!p) fail(m + "() takes exactly one argument (0 given)");
     const std::string& sep = need_str(*p, m.c_str());
     if (sep.empty()) fail("empty separator");
+    limits::tick_copy(s.size());
     size_t k = m == "partition" ? s.find(sep) : s.rfind(sep);
     if (k == std::string::npos)
       return m == "partition" ? Value::tuple({Value(s), Value(""), Value("")})
@@ -932,13 +995,24 @@ bool py_getitem(const Value& obj, const Value& key, Value& out) {
     }
     case Value::Type::String: {
       if (!(key.is_int() || key.is_bool())) return false;
-      std::u32string cs = utf8_decode(obj.str());
-      int64_t n = static_cast<int64_t>(cs.size());
+      // Walk to the k-th code point (no decoding of the whole string: s[0] on a long string is cheap).
+      const std::string& s = obj.str();
       int64_t k = key.as_int();
-      if (k < 0) k += n;
-      if (k < 0 || k >= n) return false;
+      char32_t cp = 0;
+      if (k < 0) {
+        int64_t n = 0;
+        limits::tick_bytes(s.size());
+        for (size_t i = 0; i < s.size(); ++n) i = utf8_next(s, i, cp);
+        k += n;
+        if (k < 0) return false;
+      }
+      limits::tick(1 + std::min<uint64_t>(static_cast<uint64_t>(k), s.size()) / 16);
+      size_t i = 0;
+      for (int64_t c = 0; c < k && i < s.size(); ++c) i = utf8_next(s, i, cp);
+      if (i >= s.size()) return false;
+      utf8_next(s, i, cp);
       std::string r;
-      utf8_append(r, cs[static_cast<size_t>(k)]);
+      utf8_append(r, cp);
       out = Value(r);
       return true;
     }
@@ -993,22 +1067,31 @@ std::vector<Value> iterate(const Value& v) {
     case Value::Type::Undefined:
       if (v.unsafe()) fail_undefined(v);
       return {};
-    case Value::Type::List: case Value::Type::Tuple: return v.list_data().items;
+    case Value::Type::List: case Value::Type::Tuple:
+      limits::tick(1 + v.list_data().items.size());
+      return v.list_data().items;
     case Value::Type::Iterator: {
       ListData& d = v.list_data();
       if (d.consumed) return {};
       d.consumed = true;
       if (!d.error.empty()) fail(d.error);
+      limits::tick(1 + d.items.size());
       return d.items;
     }
     case Value::Type::Dict: {
       std::vector<Value> out;
+      limits::tick(1 + v.dict_data().size());
+      out.reserve(v.dict_data().size());
       for (const auto& kv : v.dict_data().items) out.push_back(kv.first);
       return out;
     }
     case Value::Type::String: {
       std::vector<Value> out;
-      for (char32_t c : utf8_decode(v.str())) {
+      std::u32string cs = utf8_decode(v.str());
+      check_size(list_bytes(cs.size()), "list of the characters of a string");
+      limits::tick(cs.size());
+      out.reserve(cs.size());
+      for (char32_t c : cs) {
         std::string s;
         utf8_append(s, c);
         out.emplace_back(std::move(s));
@@ -1033,6 +1116,7 @@ bool contains(const Value& c, const Value& item) {
   switch (c.type()) {
     case Value::Type::String:
       if (!item.is_string()) fail(std::string("'in <string>' requires string as left operand, not ") + item.type_name());
+      limits::tick_copy(c.str().size());
       return c.str().find(item.str()) != std::string::npos;
     case Value::Type::Dict:
       if (item.is_list() || item.is_dict() || item.is_namespace() || item.is_iterator())
@@ -1056,23 +1140,45 @@ namespace {
   fail("unsupported operand type(s) for " + op + ": '" + a.type_name() + "' and '" + b.type_name() + "'");
 }
 
-int64_t checked(long double r) {
-  if (r > static_cast<long double>(INT64_MAX) || r < static_cast<long double>(INT64_MIN))
-    fail_unsupported("integer overflow (values beyond 64 bits)");
+// Python ints are unbounded; ours are 64-bit, so a result beyond int64 is an error naming the
+// operation (never undefined behaviour: INT64_MIN // -1 used to kill the process with SIGFPE).
+[[noreturn]] void overflow(const char* op) {
+  fail_unsupported(std::string("integer overflow in '") + op + "' (the result needs more than 64 bits)");
+}
+
+// A float with an integral value -> int64 (int(), abs() of floats, printf %d).
+int64_t checked(long double r, const char* op = "int()") {
+  if (!(r >= -9223372036854775808.0L && r < 9223372036854775808.0L)) overflow(op);
   return static_cast<int64_t>(r);
 }
 
+int64_t int_pow(int64_t base, int64_t exp) {  // exp >= 0
+  int64_t result = 1;
+  while (exp > 0) {
+    if ((exp & 1) && __builtin_mul_overflow(result, base, &result)) overflow("**");
+    exp >>= 1;
+    if (exp && __builtin_mul_overflow(base, base, &base)) overflow("**");
+  }
+  return result;
+}
+
 Value repeat(const Value& seq, int64_t n) {
-  if (n < 0) n = 0;
   if (seq.is_string()) {
-    check_size(seq.str().size() * static_cast<size_t>(n));
+    if (n <= 0 || seq.str().empty()) return seq.is_markup() ? Value::markup("") : Value("");
+    size_t total = limits::mul_size(seq.str().size(), static_cast<size_t>(n));
+    check_size(total);
     std::string out;
-    for (int64_t k = 0; k < n; ++k) out += seq.str();
-    return seq.is_markup() ? Value::markup(out) : Value(out);
+    out.reserve(total);
+    out.append(seq.str());
+    while (out.size() * 2 <= total) out.append(out);  // doubling: memcpy speed
+    out.append(out, 0, total - out.size());
+    return seq.is_markup() ? Value::markup(std::move(out)) : Value(std::move(out));
   }
   const auto& items = seq.list_data().items;
-  check_size(items.size() * static_cast<size_t>(n));
+  if (n <= 0 || items.empty()) return seq.is_tuple() ? Value::tuple({}) : Value::list({});
+  check_size(list_bytes(limits::mul_size(items.size(), static_cast<size_t>(n))), seq.is_tuple() ? "tuple" : "list");
   std::vector<Value> out;
+  out.reserve(items.size() * static_cast<size_t>(n));
   for (int64_t k = 0; k < n; ++k) out.insert(out.end(), items.begin(), items.end());
   return seq.is_tuple() ? Value::tuple(std::move(out)) : Value::list(std::move(out));
 }
@@ -1084,13 +1190,17 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
     if (b.unsafe()) fail_undefined(b);
     // Jinja's markup_join: when an operand is Markup the others are escaped and the result is Markup.
     if (a.is_markup() || b.is_markup()) {
-      std::string r = (a.is_markup() ? a.str() : html_escape(a.to_str())) + (b.is_markup() ? b.str() : html_escape(b.to_str()));
-      check_size(r.size());
-      return Value::markup(std::move(r));
+      std::string x = a.is_markup() ? a.str() : html_escape(a.to_str());
+      std::string y = b.is_markup() ? b.str() : html_escape(b.to_str());
+      check_size(x.size() + y.size());
+      return Value::markup(x + y);
     }
-    std::string r = a.to_str() + b.to_str();
-    check_size(r.size());
-    return Value(std::move(r));
+    std::string x = a.to_str();
+    const std::string y_copy = b.is_string() ? std::string() : b.to_str();
+    const std::string& y = b.is_string() ? b.str() : y_copy;
+    check_size(x.size() + y.size());
+    x += y;
+    return Value(std::move(x));
   }
   if (op == "%" && a.is_string()) {
     if (b.unsafe()) fail_undefined(b);
@@ -1105,10 +1215,12 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
   if (b.is_undefined()) fail_undefined(b);
   bool nums = a.is_number() && b.is_number();
   bool flt = nums && (a.is_float() || b.is_float());
+  int64_t r;
   if (op == "+") {
     if (nums) {
       if (flt) return Value(a.as_double() + b.as_double());
-      return Value(checked(static_cast<long double>(a.as_int()) + b.as_int()));
+      if (__builtin_add_overflow(a.as_int(), b.as_int(), &r)) overflow("+");
+      return Value(r);
     }
     if (a.is_string() && b.is_string()) {
       check_size(a.str().size() + b.str().size());
@@ -1118,10 +1230,14 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
       return Value(a.str() + b.str());
     }
     if ((a.is_list() && b.is_list()) || (a.is_tuple() && b.is_tuple())) {
-      std::vector<Value> r = a.list_data().items;
-      r.insert(r.end(), b.list_data().items.begin(), b.list_data().items.end());
-      check_size(r.size());
-      return a.is_tuple() ? Value::tuple(std::move(r)) : Value::list(std::move(r));
+      const auto& x = a.list_data().items;
+      const auto& y = b.list_data().items;
+      check_size(list_bytes(x.size() + y.size()), a.is_tuple() ? "tuple" : "list");
+      std::vector<Value> out;
+      out.reserve(x.size() + y.size());
+      out.insert(out.end(), x.begin(), x.end());
+      out.insert(out.end(), y.begin(), y.end());
+      return a.is_tuple() ? Value::tuple(std::move(out)) : Value::list(std::move(out));
     }
     if (a.is_string()) fail(std::string("can only concatenate str (not \"") + b.type_name() + "\") to str");
     if (a.is_list()) fail(std::string("can only concatenate list (not \"") + b.type_name() + "\") to list");
@@ -1130,12 +1246,14 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
   if (op == "-") {
     if (!nums) bad_operands("-", a, b);
     if (flt) return Value(a.as_double() - b.as_double());
-    return Value(checked(static_cast<long double>(a.as_int()) - b.as_int()));
+    if (__builtin_sub_overflow(a.as_int(), b.as_int(), &r)) overflow("-");
+    return Value(r);
   }
   if (op == "*") {
     if (nums) {
       if (flt) return Value(a.as_double() * b.as_double());
-      return Value(checked(static_cast<long double>(a.as_int()) * b.as_int()));
+      if (__builtin_mul_overflow(a.as_int(), b.as_int(), &r)) overflow("*");
+      return Value(r);
     }
     if ((a.is_string() || a.is_sequence_like()) && (b.is_int() || b.is_bool())) return repeat(a, b.as_int());
     if ((b.is_string() || b.is_sequence_like()) && (a.is_int() || a.is_bool())) return repeat(b, a.as_int());
@@ -1173,33 +1291,28 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
     }
     int64_t x = a.as_int(), y = b.as_int();
     if (y == 0) fail(op == "%" ? "integer modulo by zero" : "integer division or modulo by zero");
-    int64_t q = x / y, r = x % y;
-    if (r != 0 && ((r < 0) != (y < 0))) {
-      --q;
-      r += y;
+    if (y == -1) {  // x / -1 traps (SIGFPE) for INT64_MIN
+      if (op == "%") return Value(static_cast<int64_t>(0));
+      if (x == INT64_MIN) overflow("//");
+      return Value(-x);
     }
-    return op == "%" ? Value(r) : Value(q);
+    int64_t q = x / y, m = x % y;
+    if (m != 0 && ((m < 0) != (y < 0))) {
+      --q;
+      m += y;
+    }
+    return op == "%" ? Value(m) : Value(q);
   }
   if (op == "**") {
     if (!nums) bad_operands("** or pow()", a, b);
-    if (!flt && b.as_int() >= 0) {
-      long double r = 1;
-      int64_t base = a.as_int();
-      for (int64_t k = 0; k < b.as_int(); ++k) {
-        r *= base;
-        if (std::fabs(static_cast<double>(r)) > 9.3e18) fail_unsupported("integer overflow (values beyond 64 bits)");
-        if (r == 0 || r == 1) break;
-      }
-      if (r == 1 && base == -1) r = (b.as_int() % 2) ? -1 : 1;
-      return Value(checked(r));
-    }
+    if (!flt && b.as_int() >= 0) return Value(int_pow(a.as_int(), b.as_int()));
     if (a.as_double() == 0 && b.as_double() < 0) fail("0.0 cannot be raised to a negative power");
-    double r = std::pow(a.as_double(), b.as_double());
-    if (std::isinf(r) && std::isfinite(a.as_double()) && std::isfinite(b.as_double()))
+    double p = std::pow(a.as_double(), b.as_double());
+    if (std::isinf(p) && std::isfinite(a.as_double()) && std::isfinite(b.as_double()))
       fail("(34, 'Numerical result out of range')");
-    if (std::isnan(r) && !std::isnan(a.as_double()) && !std::isnan(b.as_double()))
+    if (std::isnan(p) && !std::isnan(a.as_double()) && !std::isnan(b.as_double()))
       fail_unsupported("complex results of **");
-    return Value(r);
+    return Value(p);
   }
   fail_unsupported("operator '" + op + "'");
 }
@@ -1207,7 +1320,10 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
 Value negate(const Value& v) {
   if (v.is_undefined()) fail_undefined(v);
   if (v.is_float()) return Value(-v.as_double());
-  if (v.is_int() || v.is_bool()) return Value(checked(-static_cast<long double>(v.as_int())));
+  if (v.is_int() || v.is_bool()) {
+    if (v.as_int() == INT64_MIN) overflow("unary -");
+    return Value(-v.as_int());
+  }
   fail(std::string("bad operand type for unary -: '") + v.type_name() + "'");
 }
 
@@ -1232,6 +1348,8 @@ Value attr_get(const Value& item, const Value& attribute, const Value* def = nul
       std::string p = s.substr(b, e == std::string::npos ? std::string::npos : e - b);
       bool digits = !p.empty() && std::all_of(p.begin(), p.end(), [](char c) { return c >= '0' && c <= '9'; });
       parts.push_back(digits ? Value(static_cast<int64_t>(std::strtoll(p.c_str(), nullptr, 10))) : Value(p));
+      limits::tick(1);
+      check_size(list_bytes(parts.size()), "attribute path");
       if (e == std::string::npos) break;
       b = e + 1;
     }
@@ -1252,6 +1370,7 @@ Value case_key(const Value& v, bool case_sensitive) {
 }
 
 void sort_values(std::vector<Value>& items, bool reverse, bool case_sensitive, const Value* attribute) {
+  limits::tick(items.size() * static_cast<uint64_t>(1 + std::bit_width(items.size())));  // n log n comparisons
   std::vector<std::pair<Value, size_t>> keyed;
   keyed.reserve(items.size());
   for (size_t k = 0; k < items.size(); ++k)
@@ -1489,7 +1608,8 @@ Value apply_filter_impl(const std::string& f, const Value& v, CallArgs& a) {
   }
   if (f == "indent") {
     const Value* w = a.get(0, "width");
-    std::string ind = (w && w->is_string()) ? w->str() : std::string(static_cast<size_t>(w ? std::max<int64_t>(0, need_int(*w, "width")) : 4), ' ');
+    size_t width = 4;  // or the string `w`
+    if (w && !w->is_string()) width = static_cast<size_t>(std::max<int64_t>(0, need_int(*w, "width")));
     bool first = arg_bool(a, 1, "first", false);
     bool blank = arg_bool(a, 2, "blank", false);
     if (!v.is_string()) {
@@ -1498,6 +1618,12 @@ Value apply_filter_impl(const std::string& f, const Value& v, CallArgs& a) {
     }
     std::string s = v.str() + "\n";
     std::vector<Value> lines = str_splitlines(s, false);
+    // The exact size of the result, before building it (and the indent string).
+    size_t indents = first ? 1 : 0;
+    for (size_t k = 1; k < lines.size(); ++k) indents += blank || !lines[k].str().empty();
+    size_t ind_size = w && w->is_string() ? w->str().size() : width;
+    check_size(s.size() + limits::mul_size(indents, ind_size));
+    std::string ind = w && w->is_string() ? w->str() : std::string(indents ? width : 0, ' ');
     std::string rv;
     if (blank) {
       for (size_t k = 0; k < lines.size(); ++k) {
@@ -1513,9 +1639,9 @@ Value apply_filter_impl(const std::string& f, const Value& v, CallArgs& a) {
       }
     }
     if (first) rv = ind + rv;
-    check_size(rv.size());
-    return Value(rv);
+    return Value(std::move(rv));
   }
+
   if (f == "format") {
     if (!a.kw.empty() && !a.pos.empty()) fail("can't handle positional and keyword arguments at the same time");
     if (!a.kw.empty()) {
@@ -1590,7 +1716,7 @@ Value apply_filter_impl(const std::string& f, const Value& v, CallArgs& a) {
   }
   if (f == "abs") {
     if (v.is_float()) return Value(std::fabs(v.as_double()));
-    if (v.is_int() || v.is_bool()) return Value(checked(std::fabs(static_cast<long double>(v.as_int()))));
+    if (v.is_int() || v.is_bool()) return Value(checked(std::fabs(static_cast<long double>(v.as_int())), "abs"));
     fail(std::string("bad operand type for abs(): '") + v.type_name() + "'");
   }
   if (f == "round") {
@@ -1651,13 +1777,15 @@ Value apply_filter_impl(const std::string& f, const Value& v, CallArgs& a) {
     std::string out;
     size_t k = 0;
     for (const auto& item : iterate(v)) {
-      if (k++) out += sep;
       Value x = attribute ? attr_get(item, *attribute) : item;
       if (x.unsafe()) fail_undefined(x);
-      out += x.to_str();
-      check_size(out.size());
+      const std::string text = x.is_string() ? std::string() : x.to_str();
+      const std::string& t = x.is_string() ? x.str() : text;
+      check_size(out.size() + (k ? sep.size() : 0) + t.size());
+      if (k++) out += sep;
+      out += t;
     }
-    return Value(out);
+    return Value(std::move(out));
   }
   if (f == "sort") {
     bool reverse = arg_bool(a, 0, "reverse", false);
@@ -1691,6 +1819,7 @@ Value apply_filter_impl(const std::string& f, const Value& v, CallArgs& a) {
     for (const auto& item : iterate(v)) {
       Value key = case_key(attribute ? attr_get(item, *attribute) : item, cs);
       bool dup = false;
+      limits::tick(1 + seen.size());
       for (const auto& s : seen)
         if (py_equal(s, key)) {
           dup = true;
@@ -1721,7 +1850,9 @@ Value apply_filter_impl(const std::string& f, const Value& v, CallArgs& a) {
     CallArgs fa;
     fa.pos.assign(a.pos.begin() + 1, a.pos.end());
     fa.kw = a.kw;
+    limits::ValueDepthGuard g("map");  // map('map', 'map', ...) nests filters
     for (const auto& item : iterate(v)) {
+      limits::tick(fa.pos.size() + fa.kw.size());
       CallArgs c = fa;
       out.push_back(apply_filter(fname, item, c));
     }
@@ -1746,6 +1877,7 @@ Value apply_filter_impl(const std::string& f, const Value& v, CallArgs& a) {
       tmp.push_back(item);
     }
     if (!tmp.empty()) {
+      if (fill && !fill->is_none()) check_size(list_bytes(static_cast<uint64_t>(n)), "list");
       if (fill && !fill->is_none())
         while (static_cast<int64_t>(tmp.size()) < n) tmp.push_back(*fill);
       out.push_back(Value::list(std::move(tmp)));

@@ -6,24 +6,19 @@
 #include <string>
 #include <vector>
 
+#include "tokenizer/jinja_limits.h"
 #include "tokenizer/jinja_value.h"
 
 namespace am::jinja::detail {
 
-// Errors raised while evaluating; the interpreter adds the template name and line and turns them
-// into am::DataError (Runtime, Raise) or am::FormatError (Unsupported).
-struct EvalError : std::runtime_error {
-  enum class Kind { Runtime, Unsupported, Raise };
-  Kind kind;
-  EvalError(Kind k, const std::string& m) : std::runtime_error(m), kind(k) {}
-};
+// EvalError (jinja_limits.h): errors raised while evaluating.
 [[noreturn]] void fail(const std::string& msg);              // Runtime
 [[noreturn]] void fail_unsupported(const std::string& msg);  // Unsupported
 
 // Undefined errors: using an undefined value where Python would raise.
 [[noreturn]] void fail_undefined(const Value& u);
 
-constexpr size_t kMaxSize = size_t(1) << 28;  // bytes of a string / items of a list built by a template
+constexpr size_t kMaxSize = kMaxValueBytes;  // bytes of one string / list / dict built by a template
 
 Value get_attr(const Value& obj, const std::string& name);  // obj.name
 Value get_item(const Value& obj, const Value& key);         // obj[key]

@@ -34,7 +34,14 @@ enum class Flow { Normal, Break, Continue };
 
 class Interp {
  public:
-  Interp(const std::string& name, const RenderOptions& opts) : name_(name), opts_(opts) {}
+  Interp(const std::string& name, const RenderOptions& opts)
+      : budget_(make_budget(opts)), budget_scope_(budget_), name_(name), opts_(opts) {}
+  ~Interp() {
+    if (opts_.stats) {
+      opts_.stats->steps = budget_.steps;
+      opts_.stats->peak_memory = budget_.peak_memory;
+    }
+  }
 
   std::string run(const Body& body, const Value& context) {
     auto globals = std::make_shared<Scope>(nullptr);
@@ -51,12 +58,24 @@ class Interp {
   }
 
  private:
+  // First members: installed before and removed after every value of the render exists.
+  RenderBudget budget_;
+  BudgetScope budget_scope_;
   const std::string& name_;
   const RenderOptions& opts_;
   ScopePtr root_;
   std::string* out_ = nullptr;
   size_t total_out_ = 0;
-  int depth_ = 0;
+  int depth_ = 0;  // macro calls
+  int nest_ = 0;   // evaluation recursion: expressions + statements (+ the macro calls among them)
+
+  static RenderBudget make_budget(const RenderOptions& o) {
+    RenderBudget b;
+    b.max_steps = o.max_steps;
+    b.max_memory = o.max_memory;
+    b.max_value_bytes = o.max_value_bytes;
+    return b;
+  }
 
   [[noreturn]] void rethrow(const EvalError& e, int line) const {
     if (e.kind == EvalError::Kind::Unsupported) throw FormatError(where(name_, line) + e.what());
@@ -92,10 +111,25 @@ class Interp {
     DepthGuard(Interp& i, int line) : in(i) {
       if (++in.depth_ > in.opts_.max_call_depth) {
         --in.depth_;
-        in.data_error(line, "maximum recursion depth exceeded");
+        in.data_error(line, "maximum recursion depth exceeded (more than " + std::to_string(in.opts_.max_call_depth) +
+                                " nested macro calls)");
       }
     }
     ~DepthGuard() { --in.depth_; }
+  };
+
+  // Bounds the interpreter's own recursion (the stack), whatever mix of tall expressions, nested
+  // statements and macro calls causes it.
+  struct NestGuard {
+    Interp& in;
+    NestGuard(Interp& i, int line) : in(i) {
+      if (++in.nest_ > kMaxNesting) {
+        --in.nest_;
+        in.data_error(line, "template nested too deeply at run time (more than " + std::to_string(kMaxNesting) +
+                                " levels of expressions, statements and macro calls)");
+      }
+    }
+    ~NestGuard() { --in.nest_; }
   };
 
   // ------------------------------------------------------------ globals
@@ -117,6 +151,7 @@ class Interp {
         localtime_r(&t, &tmv);
       }
       if (f->str().empty()) return Value("");
+      if (f->str().size() > 4096) detail::fail_limit("strftime_now() format too long (more than 4096 bytes)");
       std::string buf(256 + f->str().size() * 8, '\0');
       size_t n = std::strftime(buf.data(), buf.size(), f->str().c_str(), &tmv);
       buf.resize(n);
@@ -162,11 +197,14 @@ class Interp {
         if (a.pos.size() == 3) step = num(a.pos[2]);
       }
       if (step == 0) detail::fail("range() arg 3 must not be zero");
-      long double count = step > 0 ? (static_cast<long double>(stop) - start) / step
-                                   : (static_cast<long double>(start) - stop) / -static_cast<long double>(step);
-      if (count > 1'000'000) detail::fail("range() too large (more than 1000000 items)");
+      // Exact item count (128-bit: stop - start may not fit 64 bits); `k += step` could overflow.
+      __int128 span = step > 0 ? static_cast<__int128>(stop) - start : static_cast<__int128>(start) - stop;
+      __int128 astep = step > 0 ? static_cast<__int128>(step) : -static_cast<__int128>(step);
+      __int128 count = span > 0 ? (span - 1) / astep + 1 : 0;
+      if (count > 1'000'000) detail::fail_limit("range() too large (more than 1000000 items)");
       std::vector<Value> out;
-      for (int64_t k = start; step > 0 ? k < stop : k > stop; k += step) out.emplace_back(k);
+      out.reserve(static_cast<size_t>(count));
+      for (__int128 i = 0; i < count; ++i) out.emplace_back(static_cast<int64_t>(start + i * step));
       return Value::list(std::move(out));
     });
     g.vars["joiner"] = Value::func("joiner", [](CallArgs& a) -> Value {
@@ -194,7 +232,9 @@ class Interp {
   }
 
   Flow exec_node(const Node& n, const ScopePtr& scope) {
+    NestGuard g(*this, n.line);
     try {
+      limits::tick();
       return exec_node_inner(n, scope);
     } catch (const EvalError& e) {
       rethrow(e, n.line);
@@ -310,13 +350,19 @@ class Interp {
       return Flow::Normal;
     }
     const size_t len = items.size();
+    // loop.changed's state lives as long as the loop; the function only refers to it (a strong
+    // reference would make `loop.changed(loop)` a reference cycle).
     auto last_changed = std::make_shared<std::vector<Value>>();
     auto have_changed = std::make_shared<bool>(false);
+    std::weak_ptr<std::vector<Value>> last_w = last_changed;
+    std::weak_ptr<bool> have_w = have_changed;
     for (size_t i = 0; i < len; ++i) {
+      limits::tick(16);  // an iteration (its scope and loop object) costs about as much as 30 expression nodes
       auto s = std::make_shared<Scope>(scope);
       bind_targets(n, s, items[i]);
       Value loop = Value::ns();
       DictData& d = loop.dict_data();
+      d.items.reserve(13);
       auto I = [](size_t v) { return Value(static_cast<int64_t>(v)); };
       d.set(Value("index"), I(i + 1));
       d.set(Value("index0"), I(i));
@@ -333,7 +379,10 @@ class Interp {
               if (a.pos.empty()) detail::fail("no items for cycling given");
               return a.pos[i % a.pos.size()];
             }));
-      d.set(Value("changed"), Value::func("loop.changed", [last_changed, have_changed](CallArgs& a) -> Value {
+      d.set(Value("changed"), Value::func("loop.changed", [last_w, have_w](CallArgs& a) -> Value {
+              auto last_changed = last_w.lock();
+              auto have_changed = have_w.lock();
+              if (!last_changed || !have_changed) return Value(true);  // called after its loop ended
               bool same = *have_changed && last_changed->size() == a.pos.size();
               if (same)
                 for (size_t k = 0; k < a.pos.size(); ++k)
@@ -412,6 +461,7 @@ class Interp {
     if (e.dyn_kwargs) {
       Value v = eval(*e.dyn_kwargs, scope);
       if (!v.is_dict()) detail::fail(std::string("argument after ** must be a mapping, not ") + v.type_name());
+      limits::tick(v.dict_data().size());
       for (const auto& kv : v.dict_data().items) {
         if (!kv.first.is_string()) detail::fail("keywords must be strings");
         a.kw.emplace_back(kv.first.str(), kv.second);
@@ -422,6 +472,7 @@ class Interp {
 
   // Applies a filter chain whose innermost subject is null (filter / set blocks) to `v`.
   Value eval_chain(const Expr& e, const Value& v, const ScopePtr& scope) {
+    NestGuard g(*this, e.line);
     Value subject = e.args[0] ? eval_chain(*e.args[0], v, scope) : v;
     CallArgs a = eval_args(e, scope);
     try {
@@ -432,7 +483,9 @@ class Interp {
   }
 
   Value eval(const Expr& e, const ScopePtr& scope) {
+    NestGuard g(*this, e.line);
     try {
+      limits::tick();
       return eval_inner(e, scope);
     } catch (const EvalError& err) {
       rethrow(err, e.line);
@@ -559,13 +612,30 @@ class Interp {
 
 }  // namespace
 
+// Every failure is an am::Error: the typed errors thrown by the lexer, parser and interpreter, and as
+// a safety net anything else (std::bad_alloc, ...) turned into one naming the template.
 Template::Template(std::string_view source, std::string name) : name_(std::move(name)) {
-  body_ = parse(lex(source, name_), name_);
+  try {
+    body_ = parse(lex(source, name_), name_);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw FormatError(name_ + ": cannot parse the template: " + e.what());
+  }
 }
 
 std::string Template::render(const Value& context, const RenderOptions& opts) const {
-  Interp in(name_, opts);
-  return in.run(body_, context);
+  try {
+    Interp in(name_, opts);
+    return in.run(body_, context);
+  } catch (const Error&) {
+    throw;
+  } catch (const EvalError& e) {
+    if (e.kind == EvalError::Kind::Unsupported) throw FormatError(name_ + ": " + e.what());
+    throw DataError(name_ + ": " + e.what());
+  } catch (const std::exception& e) {
+    throw DataError(name_ + ": cannot render the template: " + e.what());
+  }
 }
 
 }  // namespace am::jinja

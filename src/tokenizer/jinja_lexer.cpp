@@ -340,7 +340,10 @@ class Lexer {
         Token t;
         t.type = TokType::Int;
         t.text = std::string(src_.substr(i, e - i));
-        t.ival = static_cast<int64_t>(std::strtoull(d.c_str(), nullptr, base));
+        errno = 0;
+        unsigned long long v = std::strtoull(d.c_str(), nullptr, base);
+        if (errno || v > static_cast<unsigned long long>(INT64_MAX)) fail(line_, "integer literal too large: " + t.text);
+        t.ival = static_cast<int64_t>(v);
         t.line = line_;
         out_.push_back(std::move(t));
         return e;

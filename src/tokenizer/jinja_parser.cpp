@@ -1,6 +1,7 @@
 // Jinja2 parser (see jinja_parser.h).
 #include "tokenizer/jinja_parser.h"
 
+#include <algorithm>
 #include <cstring>
 #include <set>
 
@@ -10,7 +11,7 @@ namespace am::jinja {
 
 namespace {
 
-constexpr int kMaxDepth = 200;  // nesting of expressions and blocks
+constexpr int kMaxDepth = 200;  // recursion of the parser: nested blocks, brackets, unary operators
 
 class Parser {
  public:
@@ -31,7 +32,10 @@ class Parser {
   struct DepthGuard {
     Parser& p;
     explicit DepthGuard(Parser& pp, int line) : p(pp) {
-      if (++p.depth_ > kMaxDepth) p.fail(line, "template nested too deeply");
+      if (++p.depth_ > kMaxDepth) {
+        --p.depth_;
+        p.fail(line, "template nested too deeply (more than " + std::to_string(kMaxDepth) + " levels of blocks and brackets)");
+      }
     }
     ~DepthGuard() { --p.depth_; }
   };
@@ -307,6 +311,23 @@ class Parser {
     return e;
   }
 
+  // Called on every node with children once they are attached: records the subtree's height and
+  // rejects trees taller than kMaxExprHeight. Chains (`a|f|f|...`, `x.y.y...`, `a ~ b ~ ...`) are
+  // parsed by loops, not recursion, so only this bounds the recursion of evaluating them.
+  ExprPtr seal(ExprPtr e) {
+    int h = 0;
+    for (const auto& a : e->args)
+      if (a) h = std::max(h, a->height);
+    for (const auto& kv : e->kwargs) h = std::max(h, kv.second->height);
+    if (e->dyn_args) h = std::max(h, e->dyn_args->height);
+    if (e->dyn_kwargs) h = std::max(h, e->dyn_kwargs->height);
+    e->height = h + 1;
+    if (e->height > kMaxExprHeight)
+      fail(e->line, "expression nested too deeply (more than " + std::to_string(kMaxExprHeight) +
+                        " levels of operators, filters, attributes, calls or brackets)");
+    return e;
+  }
+
   // expression [, expression ...] -> Tuple when there is a comma
   ExprPtr parse_tuple(bool explicit_parens, bool with_condexpr) {
     int line = cur().line;
@@ -326,7 +347,7 @@ class Parser {
     }
     auto e = mk(Expr::Kind::Tuple, line);
     e->args = std::move(items);
-    return e;
+    return seal(e);
   }
 
   bool is_tuple_end(bool explicit_parens) const {
@@ -345,12 +366,13 @@ class Parser {
     ExprPtr e1 = parse_or();
     while (is_name("if")) {
       int line = next().line;
+      DepthGuard g(*this, line);  // `a if b else c if d else ...` recurses
       ExprPtr c = parse_or();
       ExprPtr e3;
       if (skip_name("else")) e3 = parse_condexpr();
       auto e = mk(Expr::Kind::Cond, line);
       e->args = {c, e1, e3};
-      e1 = e;
+      e1 = seal(e);
     }
     return e1;
   }
@@ -361,7 +383,7 @@ class Parser {
       int line = next().line;
       auto e = mk(Expr::Kind::Or, line);
       e->args = {l, parse_and()};
-      l = e;
+      l = seal(e);
     }
     return l;
   }
@@ -372,7 +394,7 @@ class Parser {
       int line = next().line;
       auto e = mk(Expr::Kind::And, line);
       e->args = {l, parse_not()};
-      l = e;
+      l = seal(e);
     }
     return l;
   }
@@ -383,7 +405,7 @@ class Parser {
       DepthGuard g(*this, line);
       auto e = mk(Expr::Kind::Not, line);
       e->args = {parse_not()};
-      return e;
+      return seal(e);
     }
     return parse_compare();
   }
@@ -416,14 +438,14 @@ class Parser {
       cmp->ops.push_back(op);
       cmp->args.push_back(parse_math1());
     }
-    return cmp ? cmp : first;
+    return cmp ? seal(cmp) : first;
   }
 
   ExprPtr binary(const std::string& op, ExprPtr l, ExprPtr r, int line) {
     auto e = mk(Expr::Kind::Binary, line);
     e->name = op;
     e->args = {std::move(l), std::move(r)};
-    return e;
+    return seal(e);
   }
 
   ExprPtr parse_math1() {
@@ -464,7 +486,7 @@ class Parser {
           !l->args[0]->value.is_bool() && !is_const(*r)) {
         auto neg = mk(Expr::Kind::Neg, l->line);
         neg->args = {binary("**", l->args[0], r, line)};
-        l = neg;
+        l = seal(neg);
       } else {
         l = binary("**", l, r, line);
       }
@@ -494,6 +516,7 @@ class Parser {
       const Token& t = next();
       node = mk(t.text == "-" ? Expr::Kind::Neg : Expr::Kind::Pos, t.line);
       node->args = {parse_unary(false)};
+      node = seal(node);
     } else {
       node = parse_primary();
     }
@@ -539,7 +562,7 @@ class Parser {
             e->args.push_back(parse_expression(true));
           }
           expect_op("]");
-          return e;
+          return seal(e);
         }
         if (t.text == "{") {
           next();
@@ -552,7 +575,7 @@ class Parser {
             e->args.push_back(parse_expression(true));
           }
           expect_op("}");
-          return e;
+          return seal(e);
         }
         break;
       }
@@ -575,11 +598,11 @@ class Parser {
           auto e = mk(Expr::Kind::GetAttr, line);
           e->name = next().text;
           e->args = {node};
-          node = e;
+          node = seal(e);
         } else if (cur().type == TokType::Int) {
           auto e = mk(Expr::Kind::GetItem, line);
           e->args = {node, constant(Value(next().ival), line)};
-          node = e;
+          node = seal(e);
         } else {
           fail(line, "expected a name after '.', got " + describe(cur()));
         }
@@ -630,19 +653,19 @@ class Parser {
     if (slice) {
       auto e = mk(Expr::Kind::Slice, line);
       e->args = {node, parts[0], parts[1], parts[2]};
-      return e;
+      return seal(e);
     }
     if (items.empty()) fail(line, "expected an expression in subscript");
     auto e = mk(Expr::Kind::GetItem, line);
     if (tuple) {
       auto t = mk(Expr::Kind::Tuple, line);
       t->args = items;
-      e->args = {node, t};
+      e->args = {node, seal(t)};
     } else {
       e->args = {node, items[0]};
     }
     (void)single;
-    return e;
+    return seal(e);
   }
 
   void parse_call_args(Expr* e) {
@@ -681,7 +704,7 @@ class Parser {
     auto e = mk(Expr::Kind::Call, cur().line);
     e->args.push_back(node);
     parse_call_args(e.get());
-    return e;
+    return seal(e);
   }
 
   ExprPtr parse_filter_expr(ExprPtr node) {
@@ -717,7 +740,7 @@ class Parser {
       e->name = fname;
       e->args.push_back(node);
       if (is_op("(")) parse_call_args(e.get());
-      node = e;
+      node = seal(e);
       if (single) break;
     }
     return node;
@@ -746,7 +769,7 @@ class Parser {
       ExprPtr arg = parse_postfix(parse_primary());
       e->args.push_back(arg);
     }
-    return e;
+    return seal(e);
   }
 };
 

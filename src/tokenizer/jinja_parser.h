@@ -45,6 +45,7 @@ struct Expr {
   ExprPtr dyn_args, dyn_kwargs;  // Call / Filter / Test: f(*dyn_args, **dyn_kwargs)
   std::vector<std::string> ops;
   bool negated = false;  // `is not`
+  int height = 1;        // of this subtree (<= kMaxExprHeight, checked while parsing)
 };
 
 struct Node;
@@ -83,8 +84,9 @@ struct Node {
   std::vector<ExprPtr> values;    // With
 };
 
-// Parses a whole template. Throws am::FormatError("<name> line N: ...") on syntax errors and on
-// constructs outside the supported subset (unknown filters/tests, {% include %}, ...).
+// Parses a whole template. Throws am::FormatError("<name> line N: ...") on syntax errors, on
+// constructs outside the supported subset (unknown filters/tests, {% include %}, ...) and on nesting
+// beyond the limits of jinja_limits.h.
 Body parse(const std::vector<Token>& tokens, const std::string& name);
 
 // The filter / test names the interpreter implements.

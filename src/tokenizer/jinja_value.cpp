@@ -10,13 +10,174 @@
 
 #include <utf8proc.h>
 
+#include "core/error.h"
+
 namespace am::jinja {
+
+// ---------------------------------------------------------------- limits (see jinja_limits.h)
+
+namespace detail {
+void fail_limit(const std::string& msg) { throw EvalError(EvalError::Kind::Limit, msg); }
+}  // namespace detail
+
+namespace limits {
+
+thread_local constinit RenderBudget* tl_budget = nullptr;
+thread_local constinit int tl_value_depth = 0;
+
+namespace {
+std::string mib(size_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
+}  // namespace
+
+void steps_exceeded() {
+  detail::fail_limit("template step limit exceeded (more than " + std::to_string(tl_budget->max_steps) +
+                     " steps): an endless or far too long loop or recursion");
+}
+
+size_t charge(size_t bytes) {
+  RenderBudget* b = tl_budget;
+  if (!b) return 0;
+  if (bytes > b->max_memory || b->memory > b->max_memory - bytes)
+    detail::fail_limit("template memory limit exceeded: the values alive during the render would take more than " +
+                       mib(b->max_memory));
+  b->memory += bytes;
+  if (b->memory > b->peak_memory) b->peak_memory = b->memory;
+  return bytes;
+}
+
+void credit(size_t bytes) noexcept {
+  RenderBudget* b = tl_budget;
+  if (!b || !bytes) return;
+  b->memory = b->memory > bytes ? b->memory - bytes : 0;
+}
+
+void check_value_size(size_t bytes, const char* what) {
+  size_t limit = tl_budget ? tl_budget->max_value_bytes : kMaxValueBytes;
+  if (bytes > limit) {
+    std::string lim = limit >= (size_t(1) << 20) ? mib(limit) : std::to_string(limit) + " bytes";
+    detail::fail_limit(std::string(what) + " too large (the limit of one value is " + lim + ")");
+  }
+}
+
+void ValueDepthGuard::overflow(const char* op) {
+  --tl_value_depth;
+  detail::fail_limit(std::string("value nested too deeply for ") + op + " (more than " +
+                     std::to_string(kMaxValueDepth) + " levels)");
+}
+
+}  // namespace limits
+
+namespace {
+
+// Values whose destruction was deferred by a ListData / DictData destructor. The outermost such
+// destructor owns the graveyard and destroys them one at a time: a destructor that runs while a
+// graveyard exists moves its nested lists / dicts / functions there instead of destroying them, so
+// nesting depth never turns into stack depth.
+thread_local std::vector<Value>* tl_graveyard = nullptr;
+
+class Graveyard {  // installs a graveyard unless one exists; drains it when destroyed
+ public:
+  Graveyard() : owner_(tl_graveyard == nullptr) {
+    if (owner_) tl_graveyard = &own_;
+  }
+  ~Graveyard() {
+    if (!owner_) return;
+    while (!own_.empty()) {
+      Value v = std::move(own_.back());
+      own_.pop_back();
+    }  // v's destructor may add more
+    tl_graveyard = nullptr;
+  }
+  Graveyard(const Graveyard&) = delete;
+  Graveyard& operator=(const Graveyard&) = delete;
+
+ private:
+  bool owner_;
+  std::vector<Value> own_;
+};
+
+void defer(Value& v) {
+  if (v.holds_objects()) tl_graveyard->push_back(std::move(v));
+}
+
+// The body of ~ListData / ~DictData: `values` calls its argument on every value held.
+template <class Values, class Clear>
+void release(Values values, Clear clear) {
+  if (tl_graveyard) {
+    values(defer);
+    return;
+  }
+  bool nested = false;
+  values([&](Value& v) { nested = nested || v.holds_objects(); });
+  if (!nested) return;  // the common case: nothing but strings and numbers
+  Graveyard g;  // the children die here, their own children in the graveyard
+  clear();
+}
+
+}  // namespace
+
+BudgetScope::BudgetScope(RenderBudget& b) : b_(b), prev_(limits::tl_budget) { limits::tl_budget = &b; }
+
+BudgetScope::~BudgetScope() {
+  // Break reference cycles through namespaces (`{% set ns.me = ns %}`): the render is over.
+  {
+    Graveyard g;
+    for (auto& w : b_.namespaces) {
+      std::shared_ptr<DictData> d = w.lock();
+      if (!d) continue;
+      for (auto& kv : d->items) {
+        defer(kv.first);
+        defer(kv.second);
+      }
+      d->items.clear();
+      d->index.clear();
+    }
+    b_.namespaces.clear();
+  }
+  limits::tl_budget = prev_;
+}
+
+StrData::StrData(std::string text) : s(std::move(text)) {
+  if (limits::tl_budget) {
+    limits::check_value_size(s.size(), "string");
+    limits::tick_copy(s.size());
+    charged = limits::charge(s.capacity() + sizeof(StrData) + 16);
+  }
+}
+StrData::~StrData() { limits::credit(charged); }
+
+ListData::~ListData() {
+  limits::credit(charged);
+  release([&](auto&& f) {
+    for (auto& v : items) f(v);
+  }, [&] { items.clear(); });
+}
+
+DictData::~DictData() {
+  limits::credit(charged);
+  release([&](auto&& f) {
+    for (auto& kv : items) {
+      f(kv.first);
+      f(kv.second);
+    }
+  }, [&] { items.clear(); });
+}
 
 // ---------------------------------------------------------------- construction
 
+void Value::set_text(std::string s) {
+  if (s.size() <= kInlineText) {
+    s_ = std::move(s);
+    obj_.reset();
+  } else {
+    s_.clear();
+    obj_ = std::make_shared<StrData>(std::move(s));
+  }
+}
+
 Value Value::undefined(std::string hint, bool unsafe) {
   Value v;
-  v.s_ = std::move(hint);
+  v.set_text(std::move(hint));
   v.b_ = unsafe;
   return v;
 }
@@ -28,7 +189,7 @@ Value Value::none() {
 Value::Value(bool b) : type_(Type::Bool), b_(b) {}
 Value::Value(int64_t v) : type_(Type::Int), i_(v) {}
 Value::Value(double v) : type_(Type::Float), f_(v) {}
-Value::Value(std::string s) : type_(Type::String), s_(std::move(s)) {}
+Value::Value(std::string s) : type_(Type::String) { set_text(std::move(s)); }
 Value Value::markup(std::string s) {
   Value v(std::move(s));
   v.b_ = true;
@@ -38,8 +199,14 @@ Value Value::markup(std::string s) {
 Value Value::list(std::vector<Value> items) {
   Value v;
   v.type_ = Type::List;
-  v.list_ = std::make_shared<ListData>();
-  v.list_->items = std::move(items);
+  auto data = std::make_shared<ListData>();
+  if (limits::tl_budget) {
+    limits::check_value_size(limits::mul_size(items.size(), sizeof(Value)), "list");
+    limits::tick(1 + 2 * items.size());  // copying the items in, destroying them later
+    data->charged = limits::charge(items.capacity() * sizeof(Value) + sizeof(ListData) + 16);
+  }
+  data->items = std::move(items);
+  v.obj_ = std::move(data);
   return v;
 }
 Value Value::tuple(std::vector<Value> items) {
@@ -50,30 +217,38 @@ Value Value::tuple(std::vector<Value> items) {
 Value Value::iterator(std::vector<Value> items, std::string kind) {
   Value v = list(std::move(items));
   v.type_ = Type::Iterator;
-  v.list_->kind = std::move(kind);
+  v.list_().kind = std::move(kind);
   return v;
 }
 Value Value::view(std::vector<Value> items, std::string kind) {
   Value v = list(std::move(items));
-  v.list_->kind = std::move(kind);
+  v.list_().kind = std::move(kind);
   return v;
 }
-bool Value::is_view() const { return type_ == Type::List && !list_->kind.empty(); }
+bool Value::is_view() const { return type_ == Type::List && !list_().kind.empty(); }
 Value Value::dict() {
   Value v;
   v.type_ = Type::Dict;
-  v.dict_ = std::make_shared<DictData>();
+  v.obj_ = std::make_shared<DictData>();
   return v;
 }
 Value Value::ns() {
   Value v = dict();
   v.type_ = Type::Namespace;
+  if (RenderBudget* b = limits::tl_budget) {
+    auto& reg = b->namespaces;
+    if (reg.size() >= b->namespaces_compact_at) {
+      reg.erase(std::remove_if(reg.begin(), reg.end(), [](const auto& w) { return w.expired(); }), reg.end());
+      b->namespaces_compact_at = std::max<size_t>(1024, 2 * reg.size());
+    }
+    reg.push_back(std::static_pointer_cast<DictData>(v.obj_));
+  }
   return v;
 }
 Value Value::func(std::string name, Builtin fn) {
   Value v;
   v.type_ = Type::Func;
-  v.func_ = std::make_shared<FuncData>(FuncData{std::move(name), std::move(fn)});
+  v.obj_ = std::make_shared<FuncData>(FuncData{std::move(name), std::move(fn)});
   return v;
 }
 
@@ -87,15 +262,15 @@ double Value::as_double() const {
 }
 
 const void* Value::identity() const {
-  if (list_) return list_.get();
-  if (dict_) return dict_.get();
-  if (func_) return func_.get();
+  if (holds_objects()) return obj_.get();
   return nullptr;
 }
 
 namespace {
 template <class J>
-Value from_json_impl(const J& j) {
+Value from_json_impl(const J& j, int depth) {
+  if (depth > kMaxValueDepth)
+    throw DataError("template variable nested too deeply (more than " + std::to_string(kMaxValueDepth) + " levels)");
   switch (j.type()) {
     case nlohmann::json::value_t::null: return Value::none();
     case nlohmann::json::value_t::boolean: return Value(j.template get<bool>());
@@ -110,12 +285,12 @@ Value from_json_impl(const J& j) {
     case nlohmann::json::value_t::array: {
       std::vector<Value> items;
       items.reserve(j.size());
-      for (const auto& e : j) items.push_back(from_json_impl(e));
+      for (const auto& e : j) items.push_back(from_json_impl(e, depth + 1));
       return Value::list(std::move(items));
     }
     case nlohmann::json::value_t::object: {
       Value d = Value::dict();
-      for (auto it = j.begin(); it != j.end(); ++it) d.dict_data().set(Value(it.key()), from_json_impl(it.value()));
+      for (auto it = j.begin(); it != j.end(); ++it) d.dict_data().set(Value(it.key()), from_json_impl(it.value(), depth + 1));
       return d;
     }
     default: return Value::none();  // binary / discarded: not produced by the parser
@@ -123,8 +298,8 @@ Value from_json_impl(const J& j) {
 }
 }  // namespace
 
-Value Value::from_json(const nlohmann::ordered_json& j) { return from_json_impl(j); }
-Value Value::from_json(const nlohmann::json& j) { return from_json_impl(j); }
+Value Value::from_json(const nlohmann::ordered_json& j) { return from_json_impl(j, 1); }
+Value Value::from_json(const nlohmann::json& j) { return from_json_impl(j, 1); }
 
 // ---------------------------------------------------------------- dict
 
@@ -135,10 +310,22 @@ const Value* DictData::find(const std::string& key) const {
 
 const Value* DictData::find(const Value& key) const {
   if (key.is_string()) return find(key.str());
+  limits::tick(1 + items.size());  // a scan: keys other than strings are rare
   for (const auto& kv : items)
     if (!kv.first.is_string() && py_equal(kv.first, key)) return &kv.second;
   return nullptr;
 }
+
+namespace {
+// A new entry of a dict built during a render: per-dict size limit, render memory, work.
+void charge_entry(DictData& d, size_t key_bytes) {
+  if (!limits::tl_budget) return;
+  constexpr size_t kEntry = sizeof(std::pair<Value, Value>) + 64;  // + hash index node
+  limits::check_value_size(limits::mul_size(d.items.size() + 1, kEntry), "dict");
+  limits::tick(1);
+  d.charged += limits::charge(kEntry + key_bytes);
+}
+}  // namespace
 
 void DictData::set(const Value& key, Value v) {
   if (key.is_string()) {
@@ -147,15 +334,18 @@ void DictData::set(const Value& key, Value v) {
       items[it->second].second = std::move(v);
       return;
     }
+    charge_entry(*this, key.str().size());
     index.emplace(key.str(), items.size());
     items.emplace_back(key, std::move(v));
     return;
   }
+  limits::tick(1 + items.size());
   for (auto& kv : items)
     if (!kv.first.is_string() && py_equal(kv.first, key)) {
       kv.second = std::move(v);
       return;
     }
+  charge_entry(*this, 0);
   items.emplace_back(key, std::move(v));
 }
 
@@ -190,40 +380,41 @@ void utf8_append(std::string& out, char32_t cp) {
 // Lenient decoder: a byte that does not start a valid sequence becomes U+FFFD-free raw code point
 // (its byte value), so that encode(decode(s)) == s for Latin-1-ish junk is not guaranteed but nothing
 // crashes.
+size_t utf8_next(std::string_view s, size_t i, char32_t& cp) {
+  size_t n = s.size();
+  unsigned char c = static_cast<unsigned char>(s[i]);
+  size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+  if (len == 0 || i + len > n) {
+    cp = c;
+    return i + 1;
+  }
+  char32_t v = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
+  for (size_t k = 1; k < len; ++k) {
+    unsigned char cc = static_cast<unsigned char>(s[i + k]);
+    if ((cc & 0xC0) != 0x80) {
+      cp = c;
+      return i + 1;
+    }
+    v = (v << 6) | (cc & 0x3F);
+  }
+  cp = v;
+  return i + len;
+}
+
 std::u32string utf8_decode(std::string_view s) {
+  limits::tick_bytes(s.size());
   std::u32string out;
   out.reserve(s.size());
-  size_t i = 0, n = s.size();
-  while (i < n) {
-    unsigned char c = static_cast<unsigned char>(s[i]);
-    size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-    if (len == 0 || i + len > n) {
-      out += static_cast<char32_t>(c);
-      ++i;
-      continue;
-    }
-    char32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
-    bool ok = true;
-    for (size_t k = 1; k < len; ++k) {
-      unsigned char cc = static_cast<unsigned char>(s[i + k]);
-      if ((cc & 0xC0) != 0x80) {
-        ok = false;
-        break;
-      }
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    if (!ok) {
-      out += static_cast<char32_t>(c);
-      ++i;
-      continue;
-    }
+  char32_t cp;
+  for (size_t i = 0; i < s.size();) {
+    i = utf8_next(s, i, cp);
     out += cp;
-    i += len;
   }
   return out;
 }
 
 std::string utf8_encode(std::u32string_view s) {
+  limits::tick_bytes(s.size() * 4);
   std::string out;
   out.reserve(s.size());
   for (char32_t c : s) utf8_append(out, c);
@@ -231,6 +422,7 @@ std::string utf8_encode(std::u32string_view s) {
 }
 
 size_t utf8_length(std::string_view s) {
+  limits::tick_bytes(s.size());
   size_t n = 0;
   for (unsigned char c : s)
     if ((c & 0xC0) != 0x80) ++n;
@@ -326,8 +518,24 @@ bool py_isprintable(char32_t c) {
 std::string py_str_repr(std::string_view s) {
   char quote = '\'';
   if (s.find('\'') != std::string_view::npos && s.find('"') == std::string_view::npos) quote = '"';
-  std::string out(1, quote);
-  for (char32_t c : utf8_decode(s)) {
+  limits::tick_copy(s.size());
+  std::string out;
+  out.reserve(s.size() + 2);
+  out += quote;
+  auto plain = [quote](unsigned char c) { return c >= 0x20 && c < 0x7F && c != static_cast<unsigned char>(quote) && c != '\\'; };
+  size_t slow = 0;  // bytes decoded one character at a time
+  for (size_t i = 0; i < s.size();) {
+    if (plain(static_cast<unsigned char>(s[i]))) {  // a run of printable ASCII: copied as it is
+      size_t j = i + 1;
+      while (j < s.size() && plain(static_cast<unsigned char>(s[j]))) ++j;
+      out.append(s, i, j - i);
+      i = j;
+      continue;
+    }
+    char32_t c;
+    size_t next = utf8_next(s, i, c);
+    slow += next - i;
+    i = next;
     if (c == static_cast<char32_t>(quote) || c == '\\') {
       out += '\\';
       out += static_cast<char>(c);
@@ -347,6 +555,7 @@ std::string py_str_repr(std::string_view s) {
       utf8_append(out, c);
     }
   }
+  limits::tick_bytes(slow);
   out += quote;
   return out;
 }
@@ -359,12 +568,12 @@ const char* Value::type_name() const {
     case Type::Int: return "int";
     case Type::Float: return "float";
     case Type::String: return "str";
-    case Type::List: return list_->kind.empty() ? "list" : list_->kind.c_str();
+    case Type::List: return list_().kind.empty() ? "list" : list_().kind.c_str();
     case Type::Tuple: return "tuple";
     case Type::Dict: return "dict";
     case Type::Namespace: return "Namespace";
     case Type::Func: return "function";
-    case Type::Iterator: return list_->kind.rfind("generator", 0) == 0 ? "generator" : list_->kind.c_str();
+    case Type::Iterator: return list_().kind.rfind("generator", 0) == 0 ? "generator" : list_().kind.c_str();
   }
   return "object";
 }
@@ -375,19 +584,71 @@ bool Value::truthy() const {
     case Type::Bool: return b_;
     case Type::Int: return i_ != 0;
     case Type::Float: return f_ != 0.0;
-    case Type::String: return !s_.empty();
-    case Type::List: case Type::Tuple: return !list_->items.empty();
-    case Type::Dict: return !dict_->items.empty();
+    case Type::String: return !str().empty();
+    case Type::List: case Type::Tuple: return !list_().items.empty();
+    case Type::Dict: return !dict_().items.empty();
     case Type::Namespace: case Type::Func: case Type::Iterator: return true;
   }
   return false;
 }
 
 std::string Value::to_str() const {
-  if (type_ == Type::String) return s_;
+  if (type_ == Type::String) return str();
   if (type_ == Type::Undefined) return "";
   return repr();
 }
+
+namespace {
+void check_text_size(size_t bytes) { limits::check_value_size(bytes, "string"); }
+void check_text_size(const std::string& out) { check_text_size(out.size()); }
+
+void repr_into(const Value& v, std::string& out) {
+  using T = Value::Type;
+  switch (v.type()) {
+    case T::String:
+      check_text_size(out.size() + v.str().size() + 2);  // its repr is at least that long
+      if (v.is_markup()) out += "Markup(";
+      out += py_str_repr(v.str());
+      if (v.is_markup()) out += ")";
+      break;
+    case T::List: case T::Tuple: {
+      limits::ValueDepthGuard g("str()");
+      bool tup = v.is_tuple();
+      const auto& it = v.list_data().items;
+      limits::tick(1 + it.size());
+      out += tup ? "(" : v.is_view() ? v.list_data().kind + "([" : "[";
+      for (size_t k = 0; k < it.size(); ++k) {
+        if (k) out += ", ";
+        repr_into(it[k], out);
+        check_text_size(out);
+      }
+      if (tup && it.size() == 1) out += ",";
+      out += tup ? ")" : v.is_view() ? "])" : "]";
+      break;
+    }
+    case T::Dict: case T::Namespace: {
+      limits::ValueDepthGuard g("str()");
+      const auto& d = v.dict_data();
+      limits::tick(1 + d.size());
+      if (v.is_namespace()) out += "<Namespace ";
+      out += "{";
+      bool first = true;
+      for (const auto& kv : d.items) {
+        if (!first) out += ", ";
+        first = false;
+        repr_into(kv.first, out);
+        out += ": ";
+        repr_into(kv.second, out);
+        check_text_size(out);
+      }
+      out += "}";
+      if (v.is_namespace()) out += ">";
+      break;
+    }
+    default: out += v.repr(); break;
+  }
+}
+}  // namespace
 
 std::string Value::repr() const {
   switch (type_) {
@@ -396,40 +657,19 @@ std::string Value::repr() const {
     case Type::Bool: return b_ ? "True" : "False";
     case Type::Int: return std::to_string(i_);
     case Type::Float: return py_float_repr(f_);
-    case Type::String: return b_ ? "Markup(" + py_str_repr(s_) + ")" : py_str_repr(s_);
-    case Type::List: case Type::Tuple: {
-      bool tup = type_ == Type::Tuple;
-      std::string out = tup ? "(" : "[";
-      if (is_view()) out = list_->kind + "([";
-      const auto& it = list_->items;
-      for (size_t k = 0; k < it.size(); ++k) {
-        if (k) out += ", ";
-        out += it[k].repr();
-      }
-      if (tup && it.size() == 1) out += ",";
-      out += tup ? ")" : is_view() ? "])" : "]";
+    case Type::String: case Type::List: case Type::Tuple: case Type::Dict: case Type::Namespace: {
+      std::string out;
+      repr_into(*this, out);
+      check_text_size(out);
       return out;
     }
-    case Type::Dict: case Type::Namespace: {
-      std::string out = "{";
-      bool first = true;
-      for (const auto& kv : dict_->items) {
-        if (!first) out += ", ";
-        first = false;
-        out += kv.first.repr();
-        out += ": ";
-        out += kv.second.repr();
-      }
-      out += "}";
-      return type_ == Type::Namespace ? "<Namespace " + out + ">" : out;
-    }
-    case Type::Func: return "<function " + func_->name + ">";
+    case Type::Func: return "<function " + func_data().name + ">";
     case Type::Iterator:
       // CPython prints an address here; a fixed one keeps the text's shape (word count, length class).
-      return list_->kind == "generator" || list_->kind.empty()
+      return list_().kind == "generator" || list_().kind.empty()
                  ? "<generator object at 0x7f0000000000>"
-                 : list_->kind.find("generator ") == 0 ? "<" + list_->kind + " at 0x7f0000000000>"
-                                                      : "<" + list_->kind + " object at 0x7f0000000000>";
+                 : list_().kind.find("generator ") == 0 ? "<" + list_().kind + " at 0x7f0000000000>"
+                                                       : "<" + list_().kind + " object at 0x7f0000000000>";
   }
   return "";
 }
@@ -446,11 +686,17 @@ bool py_equal(const Value& a, const Value& b) {
   if (a.type() != b.type()) return false;
   switch (a.type()) {
     case T::None: return true;
-    case T::String: return a.str() == b.str();
+    case T::String:
+      if (a.str().size() != b.str().size()) return false;
+      limits::tick_copy(a.str().size());
+      return a.str() == b.str();
     case T::List: case T::Tuple: {
       const auto& x = a.list_data().items;
       const auto& y = b.list_data().items;
       if (x.size() != y.size()) return false;
+      if (a.identity() == b.identity()) return true;  // Python: `x == x` for the same list object
+      limits::ValueDepthGuard g("==");
+      limits::tick(1 + x.size());
       for (size_t k = 0; k < x.size(); ++k)
         if (!py_equal(x[k], y[k])) return false;
       return true;
@@ -459,6 +705,9 @@ bool py_equal(const Value& a, const Value& b) {
       const auto& x = a.dict_data();
       const auto& y = b.dict_data();
       if (x.size() != y.size()) return false;
+      if (a.identity() == b.identity()) return true;
+      limits::ValueDepthGuard g("==");
+      limits::tick(1 + x.size());
       for (const auto& kv : x.items) {
         const Value* o = y.find(kv.first);
         if (!o || !py_equal(kv.second, *o)) return false;
@@ -474,10 +723,15 @@ bool py_less(const Value& a, const Value& b) {
     if (a.is_float() || b.is_float()) return a.as_double() < b.as_double();
     return a.as_int() < b.as_int();
   }
-  if (a.is_string() && b.is_string()) return a.str() < b.str();  // UTF-8 order == code point order
+  if (a.is_string() && b.is_string()) {
+    limits::tick_copy(std::min(a.str().size(), b.str().size()));
+    return a.str() < b.str();  // UTF-8 order == code point order
+  }
   if ((a.is_list() && b.is_list()) || (a.is_tuple() && b.is_tuple())) {
     const auto& x = a.list_data().items;
     const auto& y = b.list_data().items;
+    limits::ValueDepthGuard g("<");
+    limits::tick(1 + std::min(x.size(), y.size()));
     for (size_t k = 0; k < x.size() && k < y.size(); ++k) {
       if (py_equal(x[k], y[k])) continue;
       return py_less(x[k], y[k]);
@@ -492,8 +746,19 @@ bool py_less(const Value& a, const Value& b) {
 
 namespace {
 void json_string(std::string& out, std::string_view s) {
+  limits::tick_copy(s.size());
+  limits::check_value_size(out.size() + s.size() + 2, "tojson result");  // at least that long
   out += '"';
-  for (unsigned char c : s) {
+  for (size_t i = 0; i < s.size();) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c != '"' && c != '\\') {  // a run copied as it is (ensure_ascii=False)
+      size_t j = i + 1;
+      while (j < s.size() && static_cast<unsigned char>(s[j]) >= 0x20 && s[j] != '"' && s[j] != '\\') ++j;
+      out.append(s, i, j - i);
+      i = j;
+      continue;
+    }
+    ++i;
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
@@ -502,14 +767,11 @@ void json_string(std::string& out, std::string_view s) {
       case '\t': out += "\\t"; break;
       case '\b': out += "\\b"; break;
       case '\f': out += "\\f"; break;
-      default:
-        if (c < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof buf, "\\u%04x", c);
-          out += buf;
-        } else {
-          out += static_cast<char>(c);
-        }
+      default: {
+        char buf[8];
+        std::snprintf(buf, sizeof buf, "\\u%04x", c);
+        out += buf;
+      }
     }
   }
   out += '"';
@@ -533,10 +795,11 @@ struct JsonWriter {
   bool sort_keys;
   std::string item_sep, key_sep;
   std::string out;
-  int depth_guard = 0;
 
   void newline(int level) {
     out += '\n';
+    size_t unit = indent_str ? indent_str->size() : static_cast<size_t>(indent);
+    limits::check_value_size(out.size() + limits::mul_size(unit, static_cast<size_t>(level)), "tojson result");
     for (int k = 0; k < level; ++k) {
       if (indent_str) out += *indent_str;
       else out.append(static_cast<size_t>(indent), ' ');
@@ -545,7 +808,8 @@ struct JsonWriter {
   bool pretty() const { return indent >= 0 || indent_str; }
 
   void write(const Value& v, int level) {
-    if (++depth_guard > 512) throw std::invalid_argument("value nested too deeply for tojson");
+    limits::check_value_size(out.size(), "tojson result");
+    limits::tick(1);
     switch (v.type()) {
       case Value::Type::None: out += "null"; break;
       case Value::Type::Bool: out += v.as_bool() ? "true" : "false"; break;
@@ -560,6 +824,7 @@ struct JsonWriter {
       case Value::Type::String: json_string(out, v.str()); break;
       case Value::Type::List: case Value::Type::Tuple: {
         if (v.is_view()) throw std::invalid_argument(std::string("Object of type ") + v.type_name() + " is not JSON serializable");
+        limits::ValueDepthGuard g("tojson");
         const auto& items = v.list_data().items;
         if (items.empty()) {
           out += "[]";
@@ -576,6 +841,7 @@ struct JsonWriter {
         break;
       }
       case Value::Type::Dict: {
+        limits::ValueDepthGuard g("tojson");
         const auto& d = v.dict_data();
         if (d.items.empty()) {
           out += "{}";
@@ -604,7 +870,6 @@ struct JsonWriter {
       default:
         throw std::invalid_argument(std::string("Object of type ") + v.type_name() + " is not JSON serializable");
     }
-    --depth_guard;
   }
 };
 }  // namespace
@@ -619,6 +884,7 @@ std::string to_json(const Value& v, int indent, bool sort_keys, const std::strin
   w.item_sep = item_sep ? *item_sep : (pretty ? "," : ", ");
   w.key_sep = key_sep ? *key_sep : ": ";
   w.write(v, 0);
+  limits::check_value_size(w.out.size(), "tojson result");
   return std::move(w.out);
 }
 

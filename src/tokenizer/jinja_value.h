@@ -1,6 +1,8 @@
 // Values of the Jinja2 interpreter used for chat templates, with Python semantics: truthiness,
 // equality and ordering, str() / repr() printing (None, True, 1.0, ['a']), json.dumps for `tojson`.
-// Lists and dicts have reference semantics (like Python objects); dicts keep insertion order.
+// Lists and dicts have reference semantics (like Python objects); dicts keep insertion order. Strings
+// are immutable and long ones are shared between copies. The memory of what a render creates is
+// accounted against its budget (jinja_limits.h).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -13,6 +15,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tokenizer/jinja_limits.h"
+
 namespace am::jinja {
 
 class Value;
@@ -20,6 +24,17 @@ struct ListData;
 struct DictData;
 struct FuncData;
 struct CallArgs;
+
+// The bytes of a long string, shared by the copies of a Value (copying a Value never copies a long
+// string: a template cannot multiply memory by copying). Charged to the render that created it.
+struct StrData {
+  explicit StrData(std::string text);
+  ~StrData();
+  StrData(const StrData&) = delete;
+  StrData& operator=(const StrData&) = delete;
+  std::string s;
+  size_t charged = 0;
+};
 
 using Builtin = std::function<Value(CallArgs&)>;
 
@@ -69,12 +84,13 @@ class Value {
   bool as_bool() const { return b_; }
   int64_t as_int() const { return type_ == Type::Bool ? (b_ ? 1 : 0) : i_; }  // Int or Bool
   double as_double() const;                                                   // any number
-  const std::string& str() const { return s_; }  // String; Undefined: the hint
+  // String; Undefined: the hint.
+  const std::string& str() const { return has_text_object() ? static_cast<const StrData*>(obj_.get())->s : s_; }
   bool unsafe() const { return b_ && type_ == Type::Undefined; }
   bool is_markup() const { return b_ && type_ == Type::String; }
-  ListData& list_data() const { return *list_; }
-  DictData& dict_data() const { return *dict_; }
-  const FuncData& func_data() const { return *func_; }
+  ListData& list_data() const { return *static_cast<ListData*>(obj_.get()); }  // List, Tuple, Iterator
+  DictData& dict_data() const { return *static_cast<DictData*>(obj_.get()); }  // Dict, Namespace
+  const FuncData& func_data() const { return *static_cast<const FuncData*>(obj_.get()); }
   const void* identity() const;
 
   bool truthy() const;
@@ -85,22 +101,41 @@ class Value {
   // Python type name, for error messages ("str", "int", "NoneType", "dict", ...).
   const char* type_name() const;
 
+  // Throws am::DataError for a document nested deeper than kMaxValueDepth.
   static Value from_json(const nlohmann::ordered_json& j);
   static Value from_json(const nlohmann::json& j);
+
+  // Whether destroying this value may release a list / dict / function (see ListData::~ListData).
+  bool holds_objects() const { return obj_ && !has_text_object(); }
 
  private:
   Type type_ = Type::Undefined;
   bool b_ = false;
-  int64_t i_ = 0;
-  double f_ = 0;
-  std::string s_;
-  std::shared_ptr<ListData> list_;
-  std::shared_ptr<DictData> dict_;
-  std::shared_ptr<FuncData> func_;
+  union {
+    int64_t i_ = 0;  // Int
+    double f_;       // Float
+  };
+  std::string s_;  // String / Undefined hint up to kInlineText bytes
+  // The shared object: a longer string's StrData (String, Undefined), ListData (List, Tuple,
+  // Iterator), DictData (Dict, Namespace) or FuncData (Func).
+  std::shared_ptr<void> obj_;
+  static constexpr size_t kInlineText = 15;  // what std::string keeps without allocating
+  void set_text(std::string s);
+  bool has_text_object() const { return obj_ && (type_ == Type::String || type_ == Type::Undefined); }
+  ListData& list_() const { return list_data(); }
+  DictData& dict_() const { return dict_data(); }
 };
 
+// Lists, tuples, iterators: their slots are charged to the render that created them (see jinja_limits.h).
+// The destructors of ListData / DictData release nested containers iteratively, so that destroying a
+// value nested a million levels deep does not overflow the stack.
 struct ListData {
+  ListData() = default;
+  ~ListData();
+  ListData(const ListData&) = delete;
+  ListData& operator=(const ListData&) = delete;
   std::vector<Value> items;
+  size_t charged = 0;
   bool consumed = false;  // Iterator only
   // Iterator: its Python type ("generator", "list_reverseiterator"); List: "" or, for the views
   // dict.items() / keys() / values() return, "dict_items" / "dict_keys" / "dict_values".
@@ -110,8 +145,13 @@ struct ListData {
 
 // Insertion-ordered mapping. String keys are indexed; other keys (rare) are found by a scan.
 struct DictData {
+  DictData() = default;
+  ~DictData();
+  DictData(const DictData&) = delete;
+  DictData& operator=(const DictData&) = delete;
   std::vector<std::pair<Value, Value>> items;
   std::unordered_map<std::string, size_t> index;
+  size_t charged = 0;
 
   const Value* find(const Value& key) const;
   const Value* find(const std::string& key) const;
@@ -148,6 +188,9 @@ std::string to_json(const Value& v, int indent = -1, bool sort_keys = false,
 
 // ---- UTF-8 helpers (code point based, as Python str) ----
 std::u32string utf8_decode(std::string_view s);
+// Decodes the code point at s[i] (as utf8_decode does: an invalid byte is a code point of its own);
+// returns where the next one starts.
+size_t utf8_next(std::string_view s, size_t i, char32_t& cp);
 std::string utf8_encode(std::u32string_view s);
 void utf8_append(std::string& out, char32_t cp);
 size_t utf8_length(std::string_view s);
