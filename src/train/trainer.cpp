@@ -194,9 +194,6 @@ void Trainer::setup() {
   if (lbs_ < 1) r_.fail("step_scheduler.local_batch_size", "must be >= 1");
   if (gbs_ % lbs_ != 0)
     r_.fail("step_scheduler.global_batch_size", "must be a multiple of local_batch_size (" + std::to_string(lbs_) + ")");
-  if (gbs_ % (lbs_ * world_) != 0)
-    r_.fail("step_scheduler.global_batch_size", "must be a multiple of local_batch_size x data-parallel ranks (" +
-                                                   std::to_string(lbs_) + " x " + std::to_string(world_) + ")");
   epochs_ = r_.get_int("step_scheduler.num_epochs", 1);
   shuffle_ = r_.get_bool("dataloader.shuffle", false);
   drop_last_ = r_.get_bool("dataloader.drop_last", false);
@@ -363,10 +360,10 @@ void Trainer::setup_distributed(const io::ModelConfig& cfg) {
   groups_ = std::make_unique<dist::Groups>(dist::Groups::make(std::move(world), ep_size_));
 }
 
-std::vector<std::vector<const Sample*>> Trainer::my_micro_batches(const std::vector<const Sample*>& samples) const {
+std::vector<std::vector<const Sample*>> Trainer::my_micro_batches(const std::vector<const Sample*>& samples, int rank) const {
   const size_t n = samples.size(), W = static_cast<size_t>(world_), lbs = static_cast<size_t>(lbs_);
   const size_t per = (n + W - 1) / W, n_micro = (per + lbs - 1) / lbs;
-  const size_t b = std::min(n, static_cast<size_t>(rank_) * per), e = std::min(n, b + per);
+  const size_t b = std::min(n, static_cast<size_t>(rank) * per), e = std::min(n, b + per);
   std::vector<std::vector<const Sample*>> out(n_micro);
   for (size_t m = 0; m < n_micro; ++m)
     for (size_t i = b + m * lbs; i < std::min(e, b + (m + 1) * lbs); ++i) out[m].push_back(samples[i]);
@@ -393,14 +390,11 @@ StepStats Trainer::train_step(int64_t step) {
   double loss_sum = 0.0;
   if (dp_) dp_->begin_step();
   else model_->params().zero_grad();
-  const auto micro = my_micro_batches(global);
+  const auto micro = my_micro_batches(global, rank_);
   // The router aux loss of a step is the mean over the global batch's real micro-batches (every rank's).
-  const size_t per = (global.size() + world_ - 1) / world_;
   size_t n_real = 0;
-  for (int r = 0; r < world_; ++r) {
-    const size_t b = std::min(global.size(), r * per), e = std::min(global.size(), b + per);
-    n_real += (e - b + lbs_ - 1) / lbs_;
-  }
+  for (int r = 0; r < world_; ++r)
+    for (const auto& mb : my_micro_batches(global, r)) n_real += !mb.empty();
   for (size_t m = 0; m < micro.size(); ++m) {
     const bool pad_only = micro[m].empty();
     const std::vector<const Sample*> mb = pad_only ? std::vector<const Sample*>{&padding_sample()} : micro[m];
@@ -507,7 +501,7 @@ double Trainer::validate(int64_t* num_label_tokens) {
   double total = 0.0;
   int64_t count = 0;
   // This rank's share; every rank runs as many micro-batches as any other (padding-only ones if short).
-  for (const auto& micro : my_micro_batches(all)) {
+  for (const auto& micro : my_micro_batches(all, rank_)) {
     const bool pad_only = micro.empty();
     Batch b = upload_batch(collate(pad_only ? std::vector<const Sample*>{&padding_sample()} : micro), model_->exec());
     count += b.num_label_tokens;

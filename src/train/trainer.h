@@ -75,10 +75,10 @@ class Trainer {
   // Sample order of an epoch; cached, since every step of the epoch needs it.
   const std::vector<size_t>& epoch_order(int64_t epoch);
   void setup_distributed(const io::ModelConfig& cfg);
-  // This rank's micro-batches of `samples` (a global batch): a contiguous 1/world share cut into
+  // Rank `rank`'s micro-batches of `samples` (a global batch): a contiguous 1/world share cut into
   // local_batch_size pieces. Every rank gets the same number of micro-batches (the collectives inside
   // forward/backward must match); a rank short of samples gets padding-only ones (nullptr entries).
-  std::vector<std::vector<const Sample*>> my_micro_batches(const std::vector<const Sample*>& samples) const;
+  std::vector<std::vector<const Sample*>> my_micro_batches(const std::vector<const Sample*>& samples, int rank) const;
   void save_checkpoint(int64_t step, bool final);
   void restore(const std::string& from);
   void log_step(const StepStats& s);
