@@ -21,7 +21,7 @@
 #include "core/log.h"
 #include "dist/launch.h"
 #include "dist/supervisor.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 #include "train/trainer.h"
 
 namespace am {

@@ -2,7 +2,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 namespace am {
 

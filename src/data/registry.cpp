@@ -3,7 +3,7 @@
 #include "data/datasets_impl.h"
 #include "data/length_limit.h"
 #include "data/text_common.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 namespace am {
 

@@ -4,7 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 namespace am {
 

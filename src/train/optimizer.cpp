@@ -6,7 +6,7 @@
 #ifdef AM_WITH_CUDA
 #include "backend/cuda/cuda_ops.h"
 #endif
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 namespace am {
 

@@ -13,7 +13,7 @@
 #include "models/model.h"
 #include "train/lr_scheduler.h"
 #include "train/optimizer.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 namespace am {
 

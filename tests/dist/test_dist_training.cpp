@@ -17,7 +17,7 @@
 #include "dist_test_env.h"
 #include "io/safetensors.h"
 #include "train/checkpoint.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;

@@ -34,7 +34,7 @@
 #include "models/exec.h"
 #include "models/hf_weights.h"
 #include "models/model.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;

@@ -15,7 +15,7 @@
 #include "io/model_config.h"
 #include "io/safetensors.h"
 #include "models/hf_weights.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;

@@ -15,7 +15,7 @@
 #include "core/error.h"
 #include "io/model_config.h"
 #include "models/hf_weights.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 #include "train/trainer.h"
 
 using namespace am;

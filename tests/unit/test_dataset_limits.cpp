@@ -15,7 +15,7 @@
 #include "core/error.h"
 #include "data/dataset.h"
 #include "data/length_limit.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 using namespace am;
 namespace fs = std::filesystem;

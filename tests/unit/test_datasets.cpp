@@ -18,7 +18,7 @@
 #include "io/model_config.h"
 #include "models/hf_weights.h"
 #include "tokenizer/tokenizer.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 #include "train/trainer.h"
 
 using namespace am;

@@ -12,7 +12,7 @@
 #include <fstream>
 #include <thread>
 
-#include "train/recipe.h"
+#include "config/recipe.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;

@@ -27,7 +27,7 @@
 #include "tokenizer/tokenizer.h"
 #include "train/lr_scheduler.h"
 #include "train/optimizer.h"
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 using namespace am;
 namespace fs = std::filesystem;

@@ -1,4 +1,4 @@
-#include "train/recipe.h"
+#include "config/recipe.h"
 
 #include <yaml-cpp/depthguard.h>
 #include <yaml-cpp/yaml.h>
