@@ -28,6 +28,7 @@ namespace am {
 
 namespace {
 struct RecipeArgs {
+  bool help = false;
   std::string recipe;
   std::vector<std::string> overrides;
   std::string out;            // bench --out
@@ -61,6 +62,7 @@ RecipeArgs parse_recipe_args(int argc, char** argv, const char* cmd) {
       if (i + 1 >= argc) throw UsageError(std::string(cmd) + ": " + flag + " needs a value");
       return argv[++i];
     };
+    if (s == "-h" || s == "--help") { a.help = true; return a; }
     if (s == "llm" && a.recipe.empty()) continue;  // `finetune llm -c RECIPE`
     if (s == "-c" || s == "--config") { a.recipe = value(s); continue; }
     if (s == "--nproc-per-node" || s == "--nproc_per_node") {
@@ -76,16 +78,44 @@ RecipeArgs parse_recipe_args(int argc, char** argv, const char* cmd) {
     if (s == "--out") { a.out = value(s); continue; }
     if (s.rfind("--out=", 0) == 0) { a.out = s.substr(6); continue; }
     if (s.rfind("--", 0) == 0 && s.size() > 2) {
+      // AutoModel's forms: --a.b=VALUE, --a.b VALUE, and a bare --a.b (followed by another flag or nothing)
+      // meaning true.
       std::string kv = s.substr(2);
-      if (kv.find('=') == std::string::npos) kv += "=" + value(s);
+      if (kv.find('=') == std::string::npos) {
+        const bool bare = i + 1 >= argc || std::string(argv[i + 1]).rfind("--", 0) == 0;
+        kv += "=" + (bare ? std::string("true") : value(s));
+      }
       a.overrides.push_back(kv);
       continue;
     }
     if (a.recipe.empty()) { a.recipe = s; continue; }
     throw UsageError(std::string(cmd) + ": unexpected argument '" + s + "'");
   }
-  if (a.recipe.empty()) throw UsageError(std::string("usage: automodel ") + cmd + " RECIPE.yaml [--section.key=VALUE ...]");
+  if (a.recipe.empty()) throw UsageError(std::string("usage: automodel ") + cmd + " RECIPE.yaml [--section.key=VALUE ...] (--help for more)");
   return a;
+}
+
+int print_recipe_usage(const char* cmd) {
+  const std::string c = cmd;
+  std::printf("usage: automodel %s RECIPE.yaml [--section.key=VALUE | --section.key VALUE | --section.flag ...]%s%s\n\n", cmd,
+              c == "eval" ? "" : " [--nproc-per-node N]", c == "bench" ? " [--out FILE.json]" : "");
+  if (c == "finetune")
+    std::printf("Fine-tunes the model of a NeMo-AutoModel-style recipe. Also: automodel RECIPE.yaml (runs the recipe's\n"
+                "class: TrainFinetuneRecipeForNextTokenPrediction trains, BenchmarkingRecipeForNextTokenPrediction is\n"
+                "timed as by `automodel bench`) and automodel finetune llm -c RECIPE.yaml.\n");
+  else if (c == "bench")
+    std::printf("Times training steps: benchmark.warmup_steps (or step_scheduler.warmup_steps, default 3) untimed,\n"
+                "then step_scheduler.timed_steps (default 10; with a benchmark section: max_steps - warmup_steps).\n"
+                "Prints the bench JSON (tokens/s, TFLOP/s, MFU, peak memory) and writes it to --out or\n"
+                "benchmark.json_output_path.\n");
+  else
+    std::printf("Prints the validation loss of the recipe's validation_dataset as JSON.\n");
+  std::printf("\n"
+              "Overrides set any recipe key; VALUE is parsed as YAML (e.g. --step_scheduler.max_steps=100,\n"
+              "--optimizer.betas=[0.9,0.95], --model.tokenizer=DIR). Every key and what it does here:\n"
+              "docs/recipes.md. Launching on several GPUs or nodes (torchrun, srun, mpirun): docs/distributed.md.\n"
+              "Exit status: 0 ok, 2 usage or recipe error, 1 any other failure.\n");
+  return 0;
 }
 
 bool supervised() {
@@ -147,7 +177,14 @@ int run_recipe(const RecipeArgs& a, Body&& body) {
 
 int cmd_finetune(int argc, char** argv) {
   auto a = parse_recipe_args(argc, argv, "finetune");
-  return run_recipe(a, [](const Recipe& r, const dist::LaunchInfo& li) {
+  if (a.help) return print_recipe_usage("finetune");
+  // `automodel RECIPE.yaml` runs the recipe's own class, as AutoModel's CLI does: a benchmarking recipe is timed.
+  const bool alias = std::strcmp(argv[0], "finetune") != 0 && std::strcmp(argv[0], "train") != 0;
+  if (alias && Recipe::load(a.recipe, a.overrides).recipe_class() == "benchmark") return cmd_bench(argc, argv);
+  return run_recipe(a, [alias](const Recipe& r, const dist::LaunchInfo& li) {
+    if (!alias && r.recipe_class() == "benchmark" && li.rank == 0)
+      log::info(r.where("recipe") + " is a BenchmarkingRecipeForNextTokenPrediction: `automodel finetune` trains it; "
+                "`automodel bench` (or `automodel RECIPE.yaml`) times it");
     Trainer t(r, TrainerOptions{.quiet = li.rank != 0, .launch = li});  // rank 0 speaks for the job
     t.train();
     return 0;
@@ -156,6 +193,7 @@ int cmd_finetune(int argc, char** argv) {
 
 int cmd_eval(int argc, char** argv) {
   auto a = parse_recipe_args(argc, argv, "eval");
+  if (a.help) return print_recipe_usage("eval");
   return run_recipe(a, [&](const Recipe& r, const dist::LaunchInfo& li) {
     if (!r.has("validation_dataset")) throw RecipeError(a.recipe + ": eval needs a validation_dataset section");
     Trainer t(r, TrainerOptions{.quiet = true, .launch = li});
@@ -170,8 +208,16 @@ int cmd_eval(int argc, char** argv) {
 namespace {
 int bench_body(const RecipeArgs& a, Recipe& r, const dist::LaunchInfo& li) {
   Trainer t(r, TrainerOptions{.quiet = true, .launch = li});
-  const int64_t warm = r.get_int("step_scheduler.warmup_steps", 3), timed = r.get_int("step_scheduler.timed_steps", 10);
-  if (warm < 0 || timed < 1) r.fail("step_scheduler.timed_steps", "need warmup_steps >= 0 and timed_steps >= 1");
+  // AutoModel's benchmark section: warmup_steps untimed, the rest of max_steps timed.
+  const std::string warm_key = r.has("benchmark.warmup_steps") ? "benchmark.warmup_steps" : "step_scheduler.warmup_steps";
+  const int64_t warm = r.get_int(warm_key, 3);
+  int64_t timed = r.get_int("step_scheduler.timed_steps", 10);
+  if (!r.has("step_scheduler.timed_steps") && r.has("benchmark") && r.has("step_scheduler.max_steps"))
+    timed = r.get_int("step_scheduler.max_steps", 0) - warm;
+  if (warm < 0) r.fail(warm_key, "must be >= 0");
+  if (timed < 1)
+    r.fail(r.has("step_scheduler.timed_steps") ? "step_scheduler.timed_steps" : "step_scheduler.max_steps",
+           "leaves " + std::to_string(timed) + " timed steps after " + std::to_string(warm) + " warm-up steps (need >= 1)");
   t.run_steps(warm);
   t.reset_peak_mem();
   auto stats = t.run_steps(timed);
@@ -189,9 +235,11 @@ int bench_body(const RecipeArgs& a, Recipe& r, const dist::LaunchInfo& li) {
   double peak_mem = 0;  // the largest rank's
   for (auto& s : stats) peak_mem = std::max(peak_mem, s.mem_gib);
   const auto& c = t.model().config();
+  // benchmark.peak_tflops (AutoModel) replaces the device's dense bf16 peak as the MFU denominator.
+  const double peak = r.has("benchmark.peak_tflops") ? r.get_double("benchmark.peak_tflops", 0) * 1e12 : t.peak_flops();
   nlohmann::json j = {
       {"tokens_per_s", tps}, {"tokens_per_s_per_gpu", tps_gpu}, {"tflops_per_gpu", tflops},
-      {"mfu", t.peak_flops() > 0 ? nlohmann::json(tflops * 1e12 / t.peak_flops()) : nlohmann::json(nullptr)},
+      {"mfu", peak > 0 ? nlohmann::json(tflops * 1e12 / peak) : nlohmann::json(nullptr)},
       {"peak_mem_gib", peak_mem}, {"gpu", t.gpu_name()},
       {"step_ms", 1e3 * step_s / timed}, {"fwd_ms", nullptr}, {"bwd_ms", nullptr},
       {"fwd_bwd_ms", 1e3 * fb / timed}, {"opt_ms", 1e3 * opt / timed}, {"world_size", li.world_size},
@@ -201,10 +249,11 @@ int bench_body(const RecipeArgs& a, Recipe& r, const dist::LaunchInfo& li) {
       {"batch", {{"global_batch_size", t.global_batch_size()}, {"local_batch_size", t.local_batch_size()}, {"seq_len", seq}}}};
   if (li.rank != 0) return 0;  // one report for the job
   std::printf("%s\n", j.dump(2).c_str());
-  if (!a.out.empty()) {
-    std::ofstream f(a.out);
+  const std::string out = !a.out.empty() ? a.out : r.get_string("benchmark.json_output_path", "");
+  if (!out.empty()) {
+    std::ofstream f(out);
     f << j.dump(2) << "\n";
-    if (!f) throw IoError("cannot write " + a.out);
+    if (!f) throw IoError("cannot write " + out);
   }
   return 0;
 }
@@ -212,6 +261,7 @@ int bench_body(const RecipeArgs& a, Recipe& r, const dist::LaunchInfo& li) {
 
 int cmd_bench(int argc, char** argv) {
   auto a = parse_recipe_args(argc, argv, "bench");
+  if (a.help) return print_recipe_usage("bench");
   return run_recipe(a, [&](Recipe& r, const dist::LaunchInfo& li) { return bench_body(a, r, li); });
 }
 

@@ -3,6 +3,7 @@
 #include <yaml-cpp/depthguard.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
@@ -17,6 +18,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "config/schema.h"
 #include "core/log.h"
 
 namespace am {
@@ -24,96 +26,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
-
-// Keys this engine understands. '*' matches one path segment, a trailing '**' any subtree.
-const char* kKnownKeys[] = {
-    "seed", "device",
-    "model._target_", "model.pretrained_model_name_or_path", "model.config", "model.tokenizer",
-    "model.dtype", "model.torch_dtype", "model.backend.attn", "model.backend.experts",
-    "model.backend.fake_balanced_gate", "model.backend.residual_dtype", "model.backend._target_",
-    "model.backend.**",
-    "step_scheduler.global_batch_size", "step_scheduler.local_batch_size", "step_scheduler.num_epochs",
-    "step_scheduler.max_steps", "step_scheduler.ckpt_every_steps", "step_scheduler.val_every_steps",
-    "step_scheduler.warmup_steps", "step_scheduler.timed_steps",
-    "dataset._target_", "dataset.path_or_dataset", "dataset.split", "dataset.limit_dataset_samples",
-    "dataset.column_mapping.**", "dataset.answer_only_loss_mask", "dataset.seq_len", "dataset.seq_length",
-    "dataset.num_samples", "dataset.vocab_size", "dataset.max_length", "dataset.truncation",
-    "dataset.drop_long_samples", "dataset.start_of_turn_token", "dataset.chat_template", "dataset.tokenizer",
-    "dataset.num_samples_limit",
-    "validation_dataset._target_", "validation_dataset.path_or_dataset", "validation_dataset.split",
-    "validation_dataset.limit_dataset_samples", "validation_dataset.column_mapping.**",
-    "validation_dataset.answer_only_loss_mask", "validation_dataset.seq_len", "validation_dataset.seq_length",
-    "validation_dataset.num_samples", "validation_dataset.vocab_size", "validation_dataset.max_length",
-    "validation_dataset.truncation", "validation_dataset.drop_long_samples", "validation_dataset.tokenizer",
-    "validation_dataset.chat_template", "validation_dataset.start_of_turn_token", "validation_dataset.num_samples_limit",
-    "dataloader.shuffle", "dataloader.drop_last", "dataloader._target_",
-    "validation_dataloader.shuffle", "validation_dataloader.drop_last", "validation_dataloader._target_",
-    "packed_sequence.packed_sequence_size", "packed_sequence.split_across_pack",
-    "optimizer._target_", "optimizer.lr", "optimizer.betas", "optimizer.eps", "optimizer.weight_decay",
-    "optimizer.momentum", "optimizer.dampening", "optimizer.nesterov", "optimizer.amsgrad",
-    "optimizer.foreach", "optimizer.fused", "optimizer.maximize",
-    "lr_scheduler.lr_decay_style", "lr_scheduler.lr_warmup_steps", "lr_scheduler.min_lr",
-    "lr_scheduler.init_lr", "lr_scheduler.max_lr", "lr_scheduler.lr_decay_steps", "lr_scheduler.start_wd",
-    "lr_scheduler.end_wd", "lr_scheduler.wd_incr_steps", "lr_scheduler.wd_incr_style",
-    "clip_grad_norm.max_norm", "clip_grad_norm.norm_type",
-    "loss_fn._target_", "loss_fn.ignore_index", "loss_fn.reduction",
-    "peft._target_", "peft.target_modules", "peft.exclude_modules", "peft.match_all_linear", "peft.dim",
-    "peft.alpha", "peft.dropout", "peft.dropout_position", "peft.lora_A_init", "peft.use_triton",
-    "checkpoint.enabled", "checkpoint.checkpoint_dir", "checkpoint.save_consolidated",
-    "checkpoint.restore_from", "checkpoint.model_save_format", "checkpoint.max_shard_size",
-    "checkpoint.keep_last_n",
-    "distributed._target_", "distributed.strategy", "distributed.dp_size", "distributed.tp_size",
-    "distributed.cp_size", "distributed.pp_size", "distributed.ep_size", "distributed.dp_replicate_size",
-    "distributed.activation_checkpointing", "distributed.sequence_parallel",
-};
-
-// NeMo AutoModel keys that have no meaning here: accepted with a one-line warning.
-const char* kIgnoredKeys[] = {
-    "wandb.**", "mlflow.**", "dist_env.**", "rng.**", "benchmark.**", "compile.**", "tensorboard.**",
-    "model.trust_remote_code", "model.attn_implementation", "model.use_liger_kernel", "model.use_cache",
-    "model.is_meta_device", "model.load_in_4bit", "model.load_in_8bit", "model.sdpa_method",
-    "dataloader.num_workers", "dataloader.collate_fn", "dataloader.collate_fn.**", "dataloader.pin_memory",
-    "dataloader.persistent_workers", "validation_dataloader.num_workers", "validation_dataloader.collate_fn",
-    "validation_dataloader.collate_fn.**", "step_scheduler.log_every_steps",
-    "dataset.pad_to_max_length", "validation_dataset.pad_to_max_length",
-    "checkpoint.is_peft", "checkpoint.model_repo_id", "checkpoint.model_cache_dir", "checkpoint.save_async",
-    "distributed.pin_memory", "distributed.defer_fsdp_grad_sync", "distributed.mp_policy.**",
-    "distributed.offload_policy.**", "distributed.backend",
-};
-
-bool match_pattern(const std::string& pattern, const std::string& key) {
-  // Split both on '.'.
-  auto split = [](const std::string& s) {
-    std::vector<std::string> out;
-    std::stringstream ss(s);
-    std::string part;
-    while (std::getline(ss, part, '.')) out.push_back(part);
-    return out;
-  };
-  auto p = split(pattern), k = split(key);
-  for (size_t i = 0; i < p.size(); ++i) {
-    if (p[i] == "**") return k.size() >= i;  // any subtree below (or the node itself)
-    if (i >= k.size()) return false;
-    if (p[i] != "*" && p[i] != k[i]) return false;
-  }
-  return p.size() == k.size();
-}
-
-template <size_t N>
-bool matches_any(const char* const (&pats)[N], const std::string& key) {
-  for (auto* p : pats)
-    if (match_pattern(p, key)) return true;
-  return false;
-}
-
-// True when `key` is the prefix of some known key (i.e. a section like "optimizer").
-template <size_t N>
-bool is_section(const char* const (&pats)[N], const std::string& key) {
-  std::string pre = key + ".";
-  for (auto* p : pats)
-    if (std::string(p).rfind(pre, 0) == 0) return true;
-  return false;
-}
 
 // ---- YAML -> JSON -------------------------------------------------------------------------------------
 // Recipes come from users and command lines: the conversion is bounded. A self-referencing alias
@@ -186,7 +98,9 @@ struct YamlConverter {
     const std::string& tag = n.Tag();
     // Quoted ("!") or explicitly tagged !!str: always a string.
     if (tag == "!" || tag == "tag:yaml.org,2002:str") return s;
-    if (s.empty() || s == "~" || s == "null" || s == "Null" || s == "NULL") return nullptr;
+    // `none` / `None` too: AutoModel's config loader turns those plain words into Python's None (its recipes
+    // write `validation_dataset: none`).
+    if (s.empty() || s == "~" || s == "null" || s == "Null" || s == "NULL" || s == "none" || s == "None") return nullptr;
     if (s == "true" || s == "True" || s == "TRUE") return true;
     if (s == "false" || s == "False" || s == "FALSE") return false;
     if (s == ".nan" || s == ".NaN" || s == ".NAN") return std::numeric_limits<double>::quiet_NaN();
@@ -261,6 +175,8 @@ struct YamlConverter {
         std::string full = key.empty() ? k : key + "." + k;
         if (out.contains(k)) fail("", it->first.Mark(), "duplicate key '" + full + "'");
         out[k] = convert(it->second, full);
+        // A key's line is where the key is written (a section's value starts on a later line).
+        if (lines) (*lines)[full] = it->first.Mark().line + 1;
       }
     }
     path.pop_back();
@@ -383,31 +299,33 @@ Recipe Recipe::from_string(const std::string& yaml, const std::string& name, con
 }
 
 void Recipe::validate() {
-  // Walk every leaf (and every mapping that is not a known section) and check it against the schema.
-  std::function<void(const json&, const std::string&)> walk = [&](const json& v, const std::string& key) {
-    if (!key.empty()) {
-      if (matches_any(kIgnoredKeys, key)) {
-        // Warn once at the top of an ignored subtree.
-        bool parent_ignored = false;
-        auto dot = key.rfind('.');
-        if (dot != std::string::npos && matches_any(kIgnoredKeys, key.substr(0, dot))) parent_ignored = true;
-        if (!parent_ignored) warnings_.push_back(where(key) + " is a NeMo AutoModel key with no effect here; ignored");
-        return;
-      }
-      bool known = matches_any(kKnownKeys, key);
-      bool section = is_section(kKnownKeys, key) || is_section(kIgnoredKeys, key);
-      if (known && !(v.is_object() && section)) return;  // a known leaf (its value may be anything)
-      if (!section) {
-        throw RecipeError(where(key) + ": unknown recipe key" +
-                          (v.is_object() ? " (section)" : "") + "; see SPEC §2 for the schema");
-      }
-      if (!v.is_object() && !v.is_null())
-        throw RecipeError(where(key) + ": expected a mapping (section), got " + type_name(v));
-    }
-    if (v.is_object())
-      for (auto it = v.begin(); it != v.end(); ++it) walk(it.value(), key.empty() ? it.key() : key + "." + it.key());
+  // Every key against the key table (config/schema_table.cpp). All unknown keys are reported at once, each on
+  // its own line with the nearest known key, so a recipe is fixed in one pass.
+  const config::SchemaCheck c = config::check_keys(root_);
+  std::vector<std::pair<int, std::string>> by_line;  // in file order
+  auto line_of = [&](const std::string& k) {
+    auto it = lines_.find(k);
+    return it == lines_.end() ? 0 : it->second;
   };
-  walk(root_, "");
+  for (const auto& u : c.unknown)
+    by_line.emplace_back(line_of(u.key), where(u.key) + ": unknown recipe key" +
+                                             (u.suggestion.empty() ? "" : "; did you mean '" + u.suggestion + "'?"));
+  for (const auto& [key, type] : c.not_a_section)
+    by_line.emplace_back(line_of(key), where(key) + ": expected a mapping (section), got " + type);
+  std::stable_sort(by_line.begin(), by_line.end(), [](auto& a, auto& b) { return a.first < b.first; });
+  std::vector<std::string> errors;
+  for (auto& [line, e] : by_line) errors.push_back(e);
+  if (errors.size() == 1) throw RecipeError(errors[0] + " (the keys: docs/recipes.md)");
+  if (!errors.empty()) {
+    std::string msg = std::to_string(errors.size()) + " problems with the recipe's keys (the keys: docs/recipes.md):";
+    for (auto& e : errors) msg += "\n  " + e;
+    throw RecipeError(msg);
+  }
+  std::vector<std::pair<int, std::string>> warns;
+  for (const auto& [key, what] : c.warnings) warns.emplace_back(line_of(key), where(key) + what);
+  std::stable_sort(warns.begin(), warns.end(), [](auto& a, auto& b) { return a.first < b.first; });
+  for (auto& [line, w] : warns) warnings_.push_back(w);
+  normalize_automodel_forms();
   check_values();
 }
 
@@ -503,6 +421,9 @@ std::string Recipe::where(const std::string& key) const {
       auto u = lines_.find(up);
       if (u != lines_.end() && u->second == 0) return "command-line override --" + up + " (key '" + key + "')";
     }
+    // A section made by an override (--optimzer.lr=1 makes 'optimzer'): name the override.
+    for (auto d = lines_.lower_bound(key + "."); d != lines_.end() && d->first.rfind(key + ".", 0) == 0; ++d)
+      if (d->second == 0) return "command-line override --" + d->first + " (key '" + key + "')";
     return path_ + ": key '" + key + "'";
   }
   if (it->second == 0) return "command-line override --" + key;

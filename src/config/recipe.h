@@ -46,13 +46,24 @@ class Recipe {
   const nlohmann::json& root() const { return root_; }
   const std::vector<std::string>& warnings() const { return warnings_; }
 
+  // The recipe class (`recipe:` as a bare name, a dotted path or {_target_: ...}), reduced to what runs here:
+  // "finetune" (TrainFinetuneRecipeForNextTokenPrediction, or no `recipe:`) or "benchmark"
+  // (BenchmarkingRecipeForNextTokenPrediction). Other classes are refused when the recipe is read.
+  const std::string& recipe_class() const { return recipe_class_; }
+
  private:
   void validate();
+  // AutoModel's spellings of things we read under one name (config/automodel_forms.cpp): tokenizer mappings -> folder strings, recipe mapping -> class, and the other aliases listed there.
+  void normalize_automodel_forms();
+  // Copies the value at `from` to `to` when `to` is absent (with its line); both given and different: RecipeError.
+  void alias_key(const std::string& from, const std::string& to);
+  void set_node(const std::string& key, nlohmann::json v);
   void check_values() const;  // numeric keys whose value cannot make sense (negative counts, nan/inf rates)
   std::string path_;
   nlohmann::json root_;
   std::map<std::string, int> lines_;  // dotted key -> 1-based line in the file (0: from an override)
   std::vector<std::string> warnings_;
+  std::string recipe_class_ = "finetune";
 };
 
 }  // namespace am

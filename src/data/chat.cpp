@@ -12,7 +12,7 @@ std::unique_ptr<Dataset> make_chat(const TextDatasetOptions& o) {
   if (!tt.tmpl) throw DataError("chat dataset: the tokenizer folder '" + o.tokenizer_dir + "' has no chat template");
   // Rows are streamed; rendering + tokenizing run on every core (the compiled template and the tokenizer
   // are read-only), in file order.
-  auto samples = map_json_rows(o.path, o.limit, o.num_threads, [&](const JsonRow& row) {
+  auto samples = map_json_rows(o, [&](const JsonRow& row) {
     const std::string& at = row.at;
     const auto& j = row.value;
     if (!j.is_object() || !j.contains("messages") || !j["messages"].is_array() || j["messages"].empty())

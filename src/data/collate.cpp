@@ -28,11 +28,15 @@ Batch upload_batch(const Batch& b, const ExecContext& ex) {
   return d;
 }
 
-Batch collate(const std::vector<const Sample*>& samples) {
+Batch collate(const std::vector<const Sample*>& samples, const CollateOptions& opt) {
   Batch b;
   b.B = static_cast<int64_t>(samples.size());
   for (auto* s : samples) b.T = std::max<int64_t>(b.T, static_cast<int64_t>(s->input_ids.size()));
   if (b.B == 0 || b.T == 0) throw DataError("collate: empty micro-batch");
+  // Extra right padding changes only the shapes: padded positions are masked out of attention (segment -1)
+  // and carry no targets, so every real token's result is the same (SPEC §3).
+  b.T = std::max(b.T, opt.pad_to);
+  if (opt.multiple_of > 1) b.T = (b.T + opt.multiple_of - 1) / opt.multiple_of * opt.multiple_of;
   const int64_t N = b.B * b.T;
   b.input_ids = Tensor::empty({N}, DType::I32);
   b.positions = Tensor::empty({N}, DType::I32);

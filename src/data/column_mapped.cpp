@@ -19,7 +19,7 @@ std::unique_ptr<Dataset> make_column_mapped(const TextDatasetOptions& o, const s
     if (!v.is_string()) throw DataError(at + ": column \"" + it->second + "\" must be a string");
     return v.get<std::string>();
   };
-  auto samples = map_json_rows(o.path, o.limit, o.num_threads, [&](const JsonRow& r) -> Sample {
+  auto samples = map_json_rows(o, [&](const JsonRow& r) -> Sample {
     const std::string& at = r.at;
     const auto& row = r.value;
     if (!row.is_object()) throw DataError(at + ": expected a JSON object");

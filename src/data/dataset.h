@@ -24,7 +24,10 @@ class Dataset {
  public:
   virtual ~Dataset() = default;
   virtual size_t size() const = 0;
-  virtual const Sample& get(size_t i) const = 0;
+  // Sample i, by value: a dataset may make it on demand rather than hold it (`mock` generates sample i from
+  // the seed and i, so a million samples cost no memory). Callers that need stable pointers (collate, pack)
+  // keep the returned samples alive while they use them.
+  virtual Sample get(size_t i) const = 0;
   virtual std::string name() const = 0;
 };
 
@@ -46,9 +49,17 @@ std::vector<Sample> pack(const std::vector<const Sample*>& samples, int64_t row_
 // The packed form of a whole dataset (log::info reports rows and truncations).
 std::unique_ptr<Dataset> pack_dataset(const Dataset& ds, int64_t row_size);
 
+// How far rows are padded: to the longest row of the micro-batch, at least `pad_to` (a dataset's
+// `padding: max_length` / `pad_to_max_length`), rounded up to a multiple of `multiple_of` (the collater's
+// `pad_seq_len_divisible`).
+struct CollateOptions {
+  int64_t pad_to = 0;
+  int64_t multiple_of = 1;
+};
+
 // Right-pads `samples` into one micro-batch (pad id 0, targets -100, segment -1 on padding) and shifts
 // labels by one: targets[t] = labels[t+1].
-Batch collate(const std::vector<const Sample*>& samples);
+Batch collate(const std::vector<const Sample*>& samples, const CollateOptions& opt = {});
 
 // Copies the device-side tensors of a host batch (ids, targets, segments) to ex's device; positions stay
 // on the host. CPU: returns the batch as is.

@@ -5,10 +5,13 @@
 // sample is context ids + target ids, and the loss is on the target ids only (no chat template, no eos
 // beyond what the tokenizer itself adds at the end of the target).
 //
-// Input: the official HellaSwag JSONL ({ctx | ctx_a + ctx_b, endings, label, ...}, also a JSON list, label
-// an int or a digit string), or the 6-lines-per-task text layout ("activity_label: ctx", label, 4 endings)
-// of /work/shared/datasets/hellaswag; either may be bzip2-compressed. Both are streamed.
+// Input: rows of the official HellaSwag JSONL ({ctx | ctx_a + ctx_b, endings, label, ...}, also a JSON list,
+// label an int or a digit string) or of the hub's parquet / Arrow (rowan/hellaswag: the same columns, label a
+// string, endings a list), from any source data/source.h resolves; or a local 6-lines-per-task text file
+// ("activity_label: ctx", label, 4 endings) as in /work/shared/datasets/hellaswag. Text files may be
+// bzip2-compressed. All are streamed.
 #include "core/error.h"
+#include "data/source.h"
 #include "data/datasets_impl.h"
 #include "data/text_common.h"
 
@@ -80,13 +83,14 @@ Task task_of_row(const JsonRow& r) {
   return t;
 }
 
-// The text layout, 6 lines per task: "activity_label: ctx", the label, the 4 endings. The activity label
-// is dropped (AutoModel's prompt is `ctx` alone). next() is false at the end of the file or the limit.
+// The text layout, 6 lines per task: "activity_label: ctx", the label, the 4 endings. Each task becomes the
+// row the JSON layouts have, {"ctx", "endings", "label"}, at "file:line". The activity label is dropped
+// (AutoModel's prompt is `ctx` alone).
 class TextTaskReader {
  public:
-  TextTaskReader(const std::string& path, int64_t limit) : f_(path), limit_(limit) {}
-  bool next(Task& t) {
-    if (limit_ > 0 && count_ >= limit_) return false;
+  explicit TextTaskReader(const std::string& path) : f_(path) {}
+  // false at the end of the file
+  bool next(JsonRow& row) {
     std::string lines[6];
     int64_t first = 0;
     for (int k = 0; k < 6; ++k) {
@@ -102,56 +106,65 @@ class TextTaskReader {
       }
       if (k == 0) first = lineno_;
     }
-    t.at = f_.path() + ":" + std::to_string(first);
+    row.at = f_.path() + ":" + std::to_string(first);
     const std::string& head = lines[0];
     if (!head.empty() && head[0] == '{')
-      throw DataError(t.at + ": a JSON line inside a 6-lines-per-task HellaSwag text file");
+      throw DataError(row.at + ": a JSON line inside a 6-lines-per-task HellaSwag text file");
     size_t colon = head.find(": ");
-    t.ctx = colon == std::string::npos ? head : head.substr(colon + 2);
     int64_t label = parse_label(lines[1]);
     if (label < 0 || label > 3)
       throw DataError(f_.path() + ":" + std::to_string(first + 1) + ": expected the label (0-3), got \"" +
                       lines[1].substr(0, 80) + "\" (6 lines per task: \"activity_label: ctx\", label, 4 endings)");
-    t.ending = lines[2 + label];
-    ++count_;
+    row.value = nlohmann::ordered_json::object();
+    row.value["ctx"] = colon == std::string::npos ? head : head.substr(colon + 2);
+    row.value["endings"] = nlohmann::ordered_json::array({lines[2], lines[3], lines[4], lines[5]});
+    row.value["label"] = label;
     return true;
   }
 
  private:
   InputFile f_;
-  int64_t limit_, count_ = 0, lineno_ = 0;
+  int64_t lineno_ = 0;
 };
+
+class TextTaskFile : public RowFile {
+ public:
+  explicit TextTaskFile(std::string path) : path_(std::move(path)) {}
+  int64_t num_rows() override {
+    if (count_ < 0) count_ = read(0, -1, [](JsonRow&&) { return true; });
+    return count_;
+  }
+  int64_t read(int64_t begin, int64_t end, const std::function<bool(JsonRow&&)>& fn) override {
+    TextTaskReader r(path_);
+    JsonRow row;
+    for (int64_t i = 0;; ++i) {
+      if (end >= 0 && i >= end) return -1;
+      if (!r.next(row)) return count_ = i;
+      if (i >= begin && !fn(std::move(row))) return -1;
+    }
+  }
+
+ private:
+  std::string path_;
+  int64_t count_ = -1;
+};
+
+// A local text file that is not JSON is the text layout; everything else is read as rows.
+std::unique_ptr<RowFile> open_hellaswag_file(const DataFile& f) {
+  if (f.format != DataFormat::Json && f.format != DataFormat::Text) return nullptr;
+  const std::string first = first_nonblank_line(f.path);
+  const size_t k = first.find_first_not_of(" \t\r\f\v\xEF\xBB\xBF");
+  if (k == std::string::npos || first[k] == '{' || first[k] == '[') return nullptr;
+  return std::make_unique<TextTaskFile>(f.path);
+}
 }  // namespace
 
 std::unique_ptr<Dataset> make_hellaswag(const TextDatasetOptions& o) {
   if (o.tokenizer_dir.empty()) throw IoError("hellaswag needs a tokenizer folder (model path, model.tokenizer or dataset.tokenizer)");
   const tok::Tokenizer t = tok::Tokenizer::from_dir(o.tokenizer_dir);  // no chat template: plain text, as AutoModel
-  std::vector<Sample> samples;
-  const std::string first = first_nonblank_line(o.path);
-  size_t k = first.find_first_not_of(" \t\r\f\v\xEF\xBB\xBF");
-  if (k != std::string::npos && (first[k] == '{' || first[k] == '[')) {
-    samples = map_json_rows(o.path, o.limit, o.num_threads,
-                            [&](const JsonRow& r) { return encode_task(t, task_of_row(r)); });
-  } else {
-    // Text layout: streamed in chunks of tasks, each chunk tokenized on every core.
-    TextTaskReader reader(o.path, o.limit);
-    const size_t chunk = std::max<size_t>(1024, 256 * static_cast<size_t>(resolve_threads(o.num_threads)));
-    std::vector<Task> tasks;
-    while (true) {
-      tasks.clear();
-      std::exception_ptr read_err;
-      try {
-        Task task;
-        while (tasks.size() < chunk && reader.next(task)) tasks.push_back(std::move(task));
-      } catch (...) {
-        read_err = std::current_exception();
-      }
-      auto part = parallel_samples(tasks.size(), o.num_threads, [&](size_t i) { return encode_task(t, tasks[i]); });
-      if (read_err) std::rethrow_exception(read_err);
-      samples.insert(samples.end(), std::make_move_iterator(part.begin()), std::make_move_iterator(part.end()));
-      if (tasks.size() < chunk) break;
-    }
-  }
+  // Rows (JSON lines, parquet, Arrow, or tasks of the text layout) are streamed in chunks, each chunk
+  // tokenized on every core.
+  auto samples = map_json_rows(o, [&](const JsonRow& r) { return encode_task(t, task_of_row(r)); }, open_hellaswag_file);
   return finish_text_dataset("hellaswag(" + o.path + ")", std::move(samples), o);
 }
 

@@ -1,9 +1,15 @@
-// Maps a recipe's dataset `_target_` (short name or NeMo AutoModel's dotted name) to a dataset.
+// Maps a recipe's dataset `_target_` (short name or NeMo AutoModel's dotted name) to a dataset, and reads
+// where its data is as AutoModel's factories name it (data/source.h resolves the name).
+#include <filesystem>
+
+#include "config/recipe.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "data/datasets_impl.h"
 #include "data/length_limit.h"
+#include "data/source.h"
 #include "data/text_common.h"
-#include "config/recipe.h"
+#include "io/model_config.h"
 
 namespace am {
 
@@ -18,6 +24,101 @@ static std::string short_target(const std::string& t) {
   if (t.find("MockIterableDataset") != std::string::npos || t.find("mock") != std::string::npos) return "mock";
   if (t.find("tokenized_jsonl") != std::string::npos) return "tokenized_jsonl";
   return "";
+}
+
+namespace {
+
+// The data of a text dataset. AutoModel's factories name it with different keys: make_squad_dataset
+// `dataset_name` (default "squad", which the hub serves as rajpurkar/squad), HellaSwag `path_or_dataset`,
+// ColumnMappedTextInstructionDataset and ChatDataset `path_or_dataset_id` (a string, or a list of local
+// JSON/JSONL files). Any of the three is accepted for any kind; two that disagree are a recipe error.
+struct DataName {
+  std::string key, value;
+  std::vector<std::string> files;  // a list of local files (path_or_dataset_id: [a.jsonl, b.jsonl])
+};
+
+DataName read_data_name(const Recipe& r, const std::string& sec, const std::string& kind) {
+  std::optional<DataName> got;
+  for (const char* k : {"dataset_name", "path_or_dataset", "path_or_dataset_id"}) {
+    const std::string key = sec + "." + k;
+    if (!r.has(key)) continue;
+    DataName d;
+    d.key = key;
+    const auto& n = r.node(key);
+    if (n.is_array()) {
+      if (n.empty()) r.fail(key, "an empty list of data files");
+      for (const auto& f : n) {
+        if (!f.is_string() || f.get<std::string>().empty()) r.fail(key, "expected a list of data file paths");
+        d.files.push_back(f.get<std::string>());
+        d.value += (d.value.empty() ? "" : ", ") + f.get<std::string>();
+      }
+    } else {
+      d.value = r.get_string(key, "");
+      if (d.value.empty()) r.fail(key, "empty dataset name or path");
+    }
+    if (got && got->value != d.value)
+      r.fail(key, "names the data '" + d.value + "' but " + got->key + " names it '" + got->value +
+                      "': give only one of dataset_name / path_or_dataset / path_or_dataset_id");
+    if (!got) got = std::move(d);
+  }
+  if (got) return *got;
+  if (kind == "squad") return DataName{sec + ".dataset_name", "rajpurkar/squad", {}};  // AutoModel's default
+  r.fail(sec + "." + (kind == "hellaswag" ? "path_or_dataset" : "path_or_dataset_id"),
+         kind + " needs its data: " + sec + ".dataset_name, .path_or_dataset or .path_or_dataset_id (a local " +
+             "JSON/JSONL/parquet file or folder, or a Hugging Face dataset id in the local cache)");
+}
+
+DataSource resolve_text_source(const Recipe& r, const std::string& sec, const DataName& d) {
+  DataSourceOptions so;
+  so.key = d.key;
+  // `name` (AutoModel's ColumnMapped / Chat datasets) or `subset`: the config; `revision`: the snapshot.
+  so.config_key = sec + ".name";
+  so.config = r.get_string(sec + ".name", "");
+  if (r.has(sec + ".subset")) {
+    const std::string sub = r.get_string(sec + ".subset", "");
+    if (!so.config.empty() && sub != so.config)
+      r.fail(sec + ".subset", "'" + sub + "' disagrees with " + sec + ".name '" + so.config + "': give one of them");
+    if (so.config.empty()) so.config_key = sec + ".subset";
+    so.config = sub;
+  }
+  so.revision = r.get_string(sec + ".revision", "");
+  so.revision_key = sec + ".revision";
+  if (d.files.empty()) return resolve_data_source(d.value, r.resolve_path(d.value), so);
+  // A list of local files is one split (AutoModel loads them with the json builder as "train").
+  DataSource src;
+  src.name = d.value;
+  src.key = d.key;
+  src.kind = "local files";
+  src.single_file = true;
+  std::vector<DataFile> files;
+  for (const auto& f : d.files) {
+    const std::string p = r.resolve_path(f);
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(p, ec)) throw DataError(d.key + ": no such file: " + p);
+    files.push_back(single_file_source(p).splits.front().second.front());
+  }
+  src.splits.push_back({"train", std::move(files)});
+  return src;
+}
+
+}  // namespace
+
+// A section's own tokenizer: a folder, or a hub id in the local HF cache. AutoModel recipes often name the
+// model's hub id here (dataset.tokenizer: Qwen/Qwen3-30B-A3B); when that is not on this machine but the model
+// has a tokenizer of its own (e.g. the recipe was pointed at a local copy of the model), that one is used,
+// with a warning, rather than stopping a recipe that would otherwise run as written.
+static std::string section_tokenizer(const Recipe& r, const std::string& key, const std::string& model_tokenizer) {
+  const std::string v = r.get_string(key, "");
+  const std::string p = r.resolve_path(v);
+  if (std::filesystem::is_directory(p)) return p;
+  try {
+    return io::resolve_model_path(p);
+  } catch (const IoError& e) {
+    if (model_tokenizer.empty() || !std::filesystem::exists(std::filesystem::path(model_tokenizer) / "tokenizer.json"))
+      throw IoError(r.where(key) + ": " + e.what());
+    log::warn(r.where(key) + " (" + v + ") is not on this machine; the model's tokenizer (" + model_tokenizer + ") is used");
+    return model_tokenizer;
+  }
 }
 
 std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, const DatasetContext& ctx) {
@@ -50,16 +151,20 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
     if (length.drop_long && length.max_len > 0 && seq > length.max_len)
       r.fail(length.key, "every mock sample (" + std::to_string(seq) + " tokens) is longer than " +
                              std::to_string(length.max_len) + " and drop_long_samples is true: nothing would be left");
-    return make_mock(seq, n, vocab, ctx.seed + (sec == "dataset" ? 0 : 1), length);
+    // The section's own `seed` (AutoModel's mock builders take one), else the run's seed (+1 for validation).
+    const auto own_seed = r.get_opt_int(sec + ".seed");
+    if (own_seed && *own_seed < 0) r.fail(sec + ".seed", "must be >= 0, got " + std::to_string(*own_seed));
+    const uint64_t seed = own_seed ? static_cast<uint64_t>(*own_seed) : ctx.seed + (sec == "dataset" ? 0 : 1);
+    return make_mock(seq, n, vocab, seed, length);
   }
   if (kind == "chat" || kind == "squad" || kind == "column_mapped" || kind == "hellaswag") {
     TextDatasetOptions o;
-    std::string path = r.get_string(sec + ".path_or_dataset", "");
-    if (path.empty())
-      r.fail(sec + ".path_or_dataset", kind + (kind == "hellaswag" ? " needs a local HellaSwag JSONL or text file path"
-                                                                   : " needs a local JSON/JSONL file path"));
-    o.path = r.resolve_path(path);
-    o.tokenizer_dir = r.has(sec + ".tokenizer") ? r.resolve_path(r.get_string(sec + ".tokenizer", "")) : ctx.tokenizer_dir;
+    const DataName name = read_data_name(r, sec, kind);
+    // Every factory's default split is "train" (ChatDataset's None loads every split; one is what trains).
+    o.split = r.get_string(sec + ".split", "train");
+    o.split_key = sec + ".split";
+    parse_split(o.split, o.split_key);  // a malformed split is a recipe error before anything is read
+    o.tokenizer_dir = r.has(sec + ".tokenizer") ? section_tokenizer(r, sec + ".tokenizer", ctx.tokenizer_dir) : ctx.tokenizer_dir;
     if (o.tokenizer_dir.empty())
       r.fail(sec + "._target_", "dataset '" + kind + "' needs a tokenizer (model.tokenizer or " + sec + ".tokenizer)");
     o.limit = limit;
@@ -70,6 +175,10 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
       std::string ct = r.get_string(sec + ".chat_template", "");
       o.chat_template = (ct.find("{%") == std::string::npos && ct.find("{{") == std::string::npos) ? r.resolve_path(ct) : ct;
     }
+    o.source = resolve_text_source(r, sec, name);
+    o.path = o.source.kind == "local file" ? o.source.root : o.source.name + ":" + o.split;
+    if (o.source.kind != "local file" && o.source.kind != "local files")
+      log::info(sec + ": " + o.source.describe() + ", split " + o.split);
     if (kind == "chat") return make_chat(o);
     if (kind == "squad") return make_squad(o);
     if (kind == "hellaswag") return make_hellaswag(o);

@@ -4,6 +4,8 @@
 // rendering does not end with it), otherwise prompt + answer + eos with loss on the answer tokens.
 #include <optional>
 
+#include "data/source.h"
+
 #include "core/error.h"
 #include "data/datasets_impl.h"
 #include "data/text_common.h"
@@ -50,43 +52,75 @@ std::string first_answer(const nlohmann::ordered_json& j, const std::string& at)
   throw DataError(at + ": \"answers\" must be {\"text\": [...]} or a list of {\"text\": ...}");
 }
 
-// SQuAD JSON ({"data": [...]}, parsed from the stream) -> its questions in order; std::nullopt when the
-// file is JSONL (read row by row by the caller).
-std::optional<std::vector<QA>> read_squad_json(const std::string& path, int64_t limit) {
-  const std::string first = first_nonblank_line(path);
-  size_t k = first.find_first_not_of(" \t\r\f\v\xEF\xBB\xBF");
-  if (k == std::string::npos || first[k] != '{') return std::nullopt;
-  // A first line that is a whole object without "data" is a JSONL row; otherwise try the whole file.
-  try {
-    auto j = io::parse_json_bounded<nlohmann::ordered_json>(first, path);
-    if (!j.is_object() || !j.contains("data")) return std::nullopt;
-  } catch (const FormatError&) {
+// A SQuAD JSON file ({"data": [{"paragraphs": [{"context", "qas": [...]}]}]}, parsed from the stream) read
+// as one row per question: {"context", "question", "answers"} at "file: data[a].paragraphs[p].qas[q]".
+class SquadJsonFile : public RowFile {
+ public:
+  SquadJsonFile(std::string path, nlohmann::ordered_json doc) : path_(std::move(path)), doc_(std::move(doc)) {}
+  int64_t num_rows() override {
+    int64_t n = 0;
+    walk(0, -1, [&](JsonRow&&) { ++n; return true; }, false);
+    return n;
   }
-  auto whole = parse_json_file(path);
-  if (!whole || !whole->is_object() || !whole->contains("data")) return std::nullopt;  // JSONL reports its bad line
-  std::vector<QA> out;
-  const auto& data = (*whole)["data"];
-  if (!data.is_array()) throw DataError(path + ": \"data\" must be a list");
-  for (size_t a = 0; a < data.size(); ++a) {
-    const auto& art = data[a];
-    if (!art.is_object() || !art.contains("paragraphs") || !art["paragraphs"].is_array())
-      throw DataError(path + ": data[" + std::to_string(a) + "] has no \"paragraphs\" list");
-    for (size_t p = 0; p < art["paragraphs"].size(); ++p) {
-      const auto& par = art["paragraphs"][p];
-      const std::string pat = path + ": data[" + std::to_string(a) + "].paragraphs[" + std::to_string(p) + "]";
-      if (!par.is_object()) throw DataError(pat + ": expected an object");
-      std::string ctx = str_field(par, "context", pat, true);
-      if (!par.contains("qas") || !par["qas"].is_array()) throw DataError(pat + ": missing \"qas\" list");
-      for (size_t q = 0; q < par["qas"].size(); ++q) {
-        if (limit > 0 && static_cast<int64_t>(out.size()) >= limit) return out;
-        const std::string at = pat + ".qas[" + std::to_string(q) + "]";
-        const auto& qa = par["qas"][q];
-        if (!qa.is_object()) throw DataError(at + ": expected an object");
-        out.push_back({at, ctx, str_field(qa, "question", at, true), first_answer(qa, at)});
+  int64_t read(int64_t begin, int64_t end, const std::function<bool(JsonRow&&)>& fn) override {
+    return walk(begin, end, fn, true);
+  }
+
+ private:
+  // Rows [begin, end) to fn (built only when `build`); the row count when the walk reached the end, else -1.
+  int64_t walk(int64_t begin, int64_t end, const std::function<bool(JsonRow&&)>& fn, bool build) {
+    const auto& data = doc_["data"];
+    if (!data.is_array()) throw DataError(path_ + ": \"data\" must be a list");
+    int64_t i = 0;
+    for (size_t a = 0; a < data.size(); ++a) {
+      const auto& art = data[a];
+      if (!art.is_object() || !art.contains("paragraphs") || !art["paragraphs"].is_array())
+        throw DataError(path_ + ": data[" + std::to_string(a) + "] has no \"paragraphs\" list");
+      for (size_t p = 0; p < art["paragraphs"].size(); ++p) {
+        const auto& par = art["paragraphs"][p];
+        const std::string pat = path_ + ": data[" + std::to_string(a) + "].paragraphs[" + std::to_string(p) + "]";
+        if (!par.is_object()) throw DataError(pat + ": expected an object");
+        const std::string ctx = str_field(par, "context", pat, true);
+        if (!par.contains("qas") || !par["qas"].is_array()) throw DataError(pat + ": missing \"qas\" list");
+        for (size_t q = 0; q < par["qas"].size(); ++q, ++i) {
+          if (end >= 0 && i >= end) return -1;
+          if (i < begin) continue;
+          JsonRow row;
+          row.at = pat + ".qas[" + std::to_string(q) + "]";
+          const auto& qa = par["qas"][q];
+          if (!qa.is_object()) throw DataError(row.at + ": expected an object");
+          if (build) {
+            row.value = nlohmann::ordered_json::object();
+            row.value["context"] = ctx;
+            if (qa.contains("question")) row.value["question"] = qa["question"];
+            if (qa.contains("answers")) row.value["answers"] = qa["answers"];
+          }
+          if (!fn(std::move(row))) return -1;
+        }
       }
     }
+    return i;
   }
-  return out;
+  std::string path_;
+  nlohmann::ordered_json doc_;
+};
+
+// The SQuAD JSON reader for a file that holds one {"data": [...]} document; nullptr for JSON lines (and
+// anything else, which the JSON lines reader reports line by line).
+std::unique_ptr<RowFile> open_squad_json(const DataFile& f) {
+  if (f.format != DataFormat::Json && f.format != DataFormat::Text) return nullptr;
+  const std::string first = first_nonblank_line(f.path);
+  size_t k = first.find_first_not_of(" \t\r\f\v\xEF\xBB\xBF");
+  if (k == std::string::npos || first[k] != '{') return nullptr;
+  // A first line that is a whole object without "data" is a JSONL row; otherwise try the whole file.
+  try {
+    auto j = io::parse_json_bounded<nlohmann::ordered_json>(first, f.path);
+    if (!j.is_object() || !j.contains("data")) return nullptr;
+  } catch (const FormatError&) {
+  }
+  auto whole = parse_json_file(f.path);
+  if (!whole || !whole->is_object() || !whole->contains("data")) return nullptr;  // JSONL reports its bad line
+  return std::make_unique<SquadJsonFile>(f.path, std::move(*whole));
 }
 
 Sample encode_qa(const TextTokenizer& tt, const QA& qa) {
@@ -105,17 +139,12 @@ Sample encode_qa(const TextTokenizer& tt, const QA& qa) {
 
 std::unique_ptr<Dataset> make_squad(const TextDatasetOptions& o) {
   TextTokenizer tt = TextTokenizer::load(o);
-  std::vector<Sample> samples;
-  if (auto qas = read_squad_json(o.path, o.limit)) {
-    samples = parallel_samples(qas->size(), o.num_threads, [&](size_t i) { return encode_qa(tt, (*qas)[i]); });
-  } else {
-    samples = map_json_rows(o.path, o.limit, o.num_threads, [&](const JsonRow& r) {
-      const auto& j = r.value;
-      if (!j.is_object()) throw DataError(r.at + ": expected an object {context, question, answers}");
-      return encode_qa(tt, {r.at, str_field(j, "context", r.at, false), str_field(j, "question", r.at, true),
-                            first_answer(j, r.at)});
-    });
-  }
+  auto samples = map_json_rows(o, [&](const JsonRow& r) {
+    const auto& j = r.value;
+    if (!j.is_object()) throw DataError(r.at + ": expected an object {context, question, answers}");
+    return encode_qa(tt, {r.at, str_field(j, "context", r.at, false), str_field(j, "question", r.at, true),
+                          first_answer(j, r.at)});
+  }, open_squad_json);
   return finish_text_dataset("squad(" + o.path + ")", std::move(samples), o);
 }
 

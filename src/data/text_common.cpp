@@ -245,6 +245,25 @@ JsonRowReader::JsonRowReader(const std::string& path, int64_t limit) : path_(pat
   file_ = std::make_unique<InputFile>(path);
 }
 
+bool JsonRowReader::skip() {
+  if (limit_ > 0 && count_ >= limit_) return false;
+  if (list_) {
+    if (list_i_ >= list_json_.size()) return false;
+    list_json_[list_i_] = nullptr;  // the skipped row's memory goes now
+    ++list_i_;
+    ++count_;
+    return true;
+  }
+  std::string line;
+  while (file_->getline(line)) {
+    ++lineno_;
+    if (blank(line)) continue;
+    ++count_;
+    return true;
+  }
+  return false;
+}
+
 bool JsonRowReader::next(JsonRow& row) {
   if (limit_ > 0 && count_ >= limit_) return false;
   if (list_) {
@@ -314,28 +333,52 @@ std::vector<Sample> parallel_samples(size_t n, int threads, const std::function<
   return out;
 }
 
-std::vector<Sample> map_json_rows(const std::string& path, int64_t limit, int threads,
-                                  const std::function<Sample(const JsonRow&)>& fn) {
+namespace {
+// Rows are gathered in chunks and each chunk is converted on `threads` threads, so only a chunk of raw rows
+// is held at a time. A read error (a bad line) is reported after the rows before it are converted, so the
+// error a caller sees is the first in file order, as a sequential pass would meet it.
+std::vector<Sample> map_rows_chunked(const DataSource& src, const RowQuery& q, int threads,
+                                     const std::function<Sample(const JsonRow&)>& fn, const RowFileOpener& opener) {
   const int nt = resolve_threads(threads);
   const size_t chunk = std::max<size_t>(1024, 256 * static_cast<size_t>(nt));
-  JsonRowReader reader(path, limit);
   std::vector<Sample> out;
   std::vector<JsonRow> rows;
-  while (true) {
+  auto flush = [&] {
+    std::vector<JsonRow> batch = std::move(rows);  // taken first: a conversion error leaves nothing behind
     rows.clear();
-    std::exception_ptr read_err;  // a bad line after these rows: reported once the rows before it are done
-    try {
-      JsonRow r;
-      while (rows.size() < chunk && reader.next(r)) rows.push_back(std::move(r));
-    } catch (...) {
-      read_err = std::current_exception();
-    }
-    auto part = parallel_samples(rows.size(), nt, [&](size_t i) { return fn(rows[i]); });
-    if (read_err) std::rethrow_exception(read_err);
+    auto part = parallel_samples(batch.size(), nt, [&](size_t i) { return fn(batch[i]); });
     out.insert(out.end(), std::make_move_iterator(part.begin()), std::make_move_iterator(part.end()));
-    if (rows.size() < chunk) break;
+  };
+  std::exception_ptr err;
+  try {
+    for_each_row(src, q, [&](JsonRow&& r) {
+      rows.push_back(std::move(r));
+      if (rows.size() >= chunk) flush();
+      return true;
+    }, opener);
+  } catch (...) {
+    err = std::current_exception();
   }
+  flush();  // the rows read before a read error
+  if (err) std::rethrow_exception(err);
   return out;
+}
+}  // namespace
+
+std::vector<Sample> map_json_rows(const std::string& path, int64_t limit, int threads,
+                                  const std::function<Sample(const JsonRow&)>& fn) {
+  RowQuery q;
+  q.limit = limit;
+  return map_rows_chunked(single_file_source(path), q, threads, fn, {});
+}
+
+std::vector<Sample> map_json_rows(const TextDatasetOptions& o, const std::function<Sample(const JsonRow&)>& fn,
+                                  const RowFileOpener& opener) {
+  RowQuery q;
+  q.split = o.split.empty() ? "train" : o.split;
+  q.split_key = o.split_key;
+  q.limit = o.limit;
+  return map_rows_chunked(o.source.splits.empty() ? single_file_source(o.path) : o.source, q, o.num_threads, fn, opener);
 }
 
 std::unique_ptr<Dataset> finish_text_dataset(const std::string& name, std::vector<Sample> samples,

@@ -14,6 +14,7 @@
 
 #include "data/dataset.h"
 #include "data/length_limit.h"
+#include "data/source.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
@@ -21,7 +22,10 @@ namespace am {
 
 // Options every text dataset reads from its recipe section.
 struct TextDatasetOptions {
-  std::string path;            // resolved data file
+  std::string path;            // the data as named in messages and dataset names (a file path, or an id)
+  DataSource source;           // where the rows are (data/source.h); none resolved: `path` as one local file
+  std::string split = "train";            // split expression (data/source.h: parse_split)
+  std::string split_key = "dataset.split";  // the recipe key it came from, for messages
   std::string tokenizer_dir;   // ctx.tokenizer_dir or the section's `tokenizer`
   int64_t limit = 0;           // limit_dataset_samples (0 = all)
   LengthLimit length;          // seq_length / max_length, drop_long_samples, truncation (data/length_limit.h)
@@ -42,7 +46,7 @@ class VectorDataset : public Dataset {
  public:
   VectorDataset(std::string name, std::vector<Sample> s) : name_(std::move(name)), samples_(std::move(s)) {}
   size_t size() const override { return samples_.size(); }
-  const Sample& get(size_t i) const override { return samples_.at(i); }
+  Sample get(size_t i) const override { return samples_.at(i); }
   std::string name() const override { return name_; }
 
  private:
@@ -90,18 +94,14 @@ std::string first_nonblank_line(const std::string& path);
 // Parses the whole file as one JSON document, read from the stream; std::nullopt when it is not valid JSON.
 std::optional<nlohmann::ordered_json> parse_json_file(const std::string& path);
 
-// One row of a JSON list or JSONL file: origin ("file:line" or "file[i]") and value.
-struct JsonRow {
-  std::string at;
-  nlohmann::ordered_json value;
-};
-
 // Streams the rows of a JSONL file line by line (blank lines skipped, a malformed line is a DataError
 // naming file:line), or of a file holding one JSON list (parsed from the stream). Honors `limit` (0 = all).
 class JsonRowReader {
  public:
   JsonRowReader(const std::string& path, int64_t limit);
   bool next(JsonRow& row);
+  // Steps over the next row without parsing it (a JSON line is not checked); false at the end or the limit.
+  bool skip();
 
  private:
   std::string path_;
@@ -123,6 +123,10 @@ std::vector<Sample> parallel_samples(size_t n, int threads, const std::function<
 // sequential pass over the file.
 std::vector<Sample> map_json_rows(const std::string& path, int64_t limit, int threads,
                                   const std::function<Sample(const JsonRow&)>& fn);
+// The same over the rows of o.source (or the local file o.path when none is resolved) for o.split and
+// o.limit (data/source.h: for_each_row), read with `opener` where it handles a file.
+std::vector<Sample> map_json_rows(const TextDatasetOptions& o, const std::function<Sample(const JsonRow&)>& fn,
+                                  const RowFileOpener& opener = {});
 
 // Applies the length limit (apply_length_limit: truncate or drop, reported) and validates token ids;
 // returns the dataset (DataError when empty).

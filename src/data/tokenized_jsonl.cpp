@@ -52,7 +52,7 @@ class TokenizedJsonl : public Dataset {
     if (samples_.empty()) throw DataError(path + ": the dataset has no samples");
   }
   size_t size() const override { return samples_.size(); }
-  const Sample& get(size_t i) const override { return samples_.at(i); }
+  Sample get(size_t i) const override { return samples_.at(i); }
   std::string name() const override { return "tokenized_jsonl(" + path_ + ")"; }
 
  private:

@@ -8,7 +8,7 @@
 namespace am::dist {
 
 Strategy parse_strategy(const std::string& s) {
-  if (s == "fsdp2" || s == "fsdp") return Strategy::Fsdp2;
+  if (s == "fsdp2" || s == "fsdp" || s == "megatron_fsdp") return Strategy::Fsdp2;  // megatron_fsdp: warned at read
   if (s == "ddp") return Strategy::Ddp;
   throw UsageError("distributed.strategy: expected fsdp2 or ddp, got '" + s + "'");
 }

@@ -415,4 +415,17 @@ ModelConfig load_model_config(const std::string& path) {
   return parse_model_config(j, file);
 }
 
+ModelConfig load_model_config(const std::string& path, const json& overrides, const std::string& overrides_from) {
+  if (overrides.empty()) return load_model_config(path);
+  std::error_code ec;
+  std::string file = fs::is_directory(path, ec) ? (fs::path(path) / "config.json").string() : path;
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw IoError(file + ": cannot open: " + std::strerror(errno));
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  json j = parse_json_bounded(text, file + ": not valid JSON");
+  if (!j.is_object()) throw FormatError(file + ": expected a JSON object");
+  for (auto it = overrides.begin(); it != overrides.end(); ++it) j[it.key()] = it.value();
+  return parse_model_config(j, file + " with the overrides of " + overrides_from);
+}
+
 }  // namespace am::io

@@ -69,6 +69,10 @@ struct ModelConfig {
 
 // Parses config.json; throws IoError / FormatError naming the file and the key.
 ModelConfig load_model_config(const std::string& path);
+// The same with field overrides set on the file's top level first (HF's AutoConfig.from_pretrained(path,
+// **overrides): a given value replaces the field, dicts included). `raw` holds the result, so an exported
+// config.json carries the overrides. `overrides_from` names them in errors ("recipe.yaml: model.config").
+ModelConfig load_model_config(const std::string& path, const nlohmann::json& overrides, const std::string& overrides_from);
 ModelConfig parse_model_config(const nlohmann::json& j, const std::string& source_name);
 
 // inv_freq [head_dim/2] exactly as transformers' ROPE_INIT_FUNCTIONS compute it (float32 arithmetic),

@@ -1,5 +1,6 @@
 #include "train/checkpoint.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
 #include <filesystem>
@@ -197,6 +198,28 @@ std::string resolve_latest(const std::string& ckpt_dir) {
   std::string name;
   std::getline(f, name);
   return (fs::path(ckpt_dir) / name).string();
+}
+
+std::vector<std::string> prune_checkpoints(const std::string& ckpt_dir, int64_t keep) {
+  std::vector<std::string> removed;
+  if (keep <= 0 || !fs::is_directory(ckpt_dir)) return removed;
+  std::vector<std::pair<int64_t, fs::path>> found;  // (step, folder)
+  for (auto& e : fs::directory_iterator(ckpt_dir)) {
+    const std::string n = e.path().filename().string();
+    long long ep = 0, step = 0;
+    char tail = 0;
+    if (e.is_directory() && !e.is_symlink() && std::sscanf(n.c_str(), "epoch_%lld_step_%lld%c", &ep, &step, &tail) == 2)
+      found.emplace_back(step, e.path());
+  }
+  std::sort(found.begin(), found.end());
+  std::error_code ec;
+  const fs::path latest = fs::weakly_canonical(fs::path(ckpt_dir) / "LATEST", ec);
+  for (size_t i = 0; i + static_cast<size_t>(keep) < found.size(); ++i) {
+    if (!ec && fs::weakly_canonical(found[i].second, ec) == latest) continue;
+    fs::remove_all(found[i].second, ec);
+    if (!ec) removed.push_back(found[i].second.string());
+  }
+  return removed;
 }
 
 std::string write_checkpoint(const std::string& ckpt_dir, const CheckpointState& st, CausalLM& model,

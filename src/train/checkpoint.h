@@ -14,6 +14,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "models/model.h"
 #include "train/optimizer.h"
@@ -34,6 +35,10 @@ struct CheckpointState {
 };
 
 // Collective when dp is non-null (every rank calls it). Returns the final checkpoint directory.
+// Deletes the oldest complete checkpoints (epoch_E_step_S folders, by step) so that `keep` remain; the one
+// LATEST points to is never deleted. keep <= 0: nothing is deleted. Returns the folders removed.
+std::vector<std::string> prune_checkpoints(const std::string& ckpt_dir, int64_t keep);
+
 std::string write_checkpoint(const std::string& ckpt_dir, const CheckpointState& st, CausalLM& model,
                              const Optimizer& optim, bool consolidated, const std::string& source_dir,
                              dist::DataParallel* dp = nullptr, dist::Groups* groups = nullptr);

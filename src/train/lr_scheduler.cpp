@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "config/recipe.h"
 
 namespace am {
@@ -33,8 +34,14 @@ LrScheduler LrScheduler::from_recipe(const Recipe& r, double base_lr, double bas
   if (s.wd_style != "constant" && s.wd_incr_steps <= 0) r.fail("lr_scheduler.wd_incr_steps", "must be > 0 with wd_incr_style " + s.wd_style);
   for (double v : {s.init_lr, s.max_lr, s.min_lr, s.start_wd, s.end_wd})
     if (!std::isfinite(v)) r.fail("lr_scheduler", "learning rates and weight decays must be finite numbers");
-  if (s.warmup_steps >= s.decay_steps && s.style != "constant")
-    r.fail("lr_scheduler.lr_warmup_steps", "must be smaller than lr_decay_steps (" + std::to_string(s.decay_steps) + ")");
+  if (s.warmup_steps >= s.decay_steps && s.style != "constant") {
+    if (r.has("lr_scheduler.lr_decay_steps"))
+      r.fail("lr_scheduler.lr_warmup_steps", "must be smaller than lr_decay_steps (" + std::to_string(s.decay_steps) + ")");
+    // lr_decay_steps defaults to the run's length: a short run (a recipe tried with a small max_steps) is all
+    // warm-up, which lr_at computes as it would have (AutoModel's scheduler asserts here instead).
+    log::warn(r.where("lr_scheduler.lr_warmup_steps") + " (" + std::to_string(s.warmup_steps) + ") is not shorter than the run (" +
+              std::to_string(s.decay_steps) + " steps): the whole run is warm-up and the learning rate never decays");
+  }
   if (s.min_lr < 0 || s.max_lr < s.min_lr || s.init_lr > s.max_lr)
     r.fail("lr_scheduler", "need 0 <= min_lr <= max_lr and init_lr <= max_lr");
   return s;

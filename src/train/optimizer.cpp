@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/log.h"
 #ifdef AM_WITH_CUDA
 #include "backend/cuda/cuda_ops.h"
 #endif
@@ -17,7 +18,15 @@ OptimizerConfig OptimizerConfig::from_recipe(const Recipe& r) {
   if (tail == "AdamW" || tail == "adamw") c.kind = "adamw";
   else if (tail == "Adam" || tail == "adam") c.kind = "adam";
   else if (tail == "SGD" || tail == "sgd") c.kind = "sgd";
-  else r.fail("optimizer._target_", "unsupported optimizer '" + t + "' (expected torch.optim.AdamW, Adam or SGD)");
+  else if (tail == "FusedAdam")  // Transformer Engine's: AdamW unless adam_w_mode is false (its default is true)
+    c.kind = r.get_bool("optimizer.adam_w_mode", true) ? "adamw" : "adam";
+  else if (tail == "FlashAdamW") {
+    c.kind = "adamw";
+    log::warn(r.where("optimizer._target_") + " (" + t + "): runs as torch.optim.AdamW with fp32 state "
+              "(FlashAdamW's compressed state is not implemented; the update is AdamW's)");
+  } else
+    r.fail("optimizer._target_", "unsupported optimizer '" + t + "' (expected torch.optim.AdamW, Adam, SGD, or "
+                                 "Transformer Engine's FusedAdam)");
   c.lr = r.get_double("optimizer.lr", c.kind == "sgd" ? 1e-3 : 1e-3);
   auto betas = r.get_double_list("optimizer.betas", {0.9, 0.999});
   if (betas.size() != 2) r.fail("optimizer.betas", "expected a list of two numbers");

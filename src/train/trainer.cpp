@@ -24,6 +24,7 @@
 #include "core/log.h"
 #include "dist/communicator.h"
 #include "io/model_config.h"
+#include "train/model_source.h"
 #include "io/json_bounded.h"
 #include "io/safetensors.h"
 #include "models/hf_weights.h"
@@ -65,6 +66,40 @@ static const Sample& padding_sample() {
   return s;
 }
 
+// A dataset section's padding (`padding: max_length` or `pad_to_max_length: true` pad every row to its
+// seq_length / max_length) and the loader's collate_fn.pad_seq_len_divisible, as collate options.
+static CollateOptions collate_options(const Recipe& r, const std::string& ds, const std::string& dl) {
+  CollateOptions o;
+  bool to_max = r.get_bool(ds + ".pad_to_max_length", false);
+  if (r.has(ds + ".padding")) {
+    const json& p = r.node(ds + ".padding");
+    if (p.is_boolean()) {
+      // true = "longest" (HF): what collation does anyway.
+    } else if (p.is_string()) {
+      const std::string v = p.get<std::string>();
+      if (v == "max_length") to_max = true;
+      else if (v != "do_not_pad" && v != "longest")
+        r.fail(ds + ".padding", "expected max_length, longest, do_not_pad, true or false, got '" + v + "'");
+    } else {
+      r.fail(ds + ".padding", "expected max_length, longest, do_not_pad, true or false");
+    }
+  }
+  if (to_max) {
+    std::string key;
+    for (const char* k : {".seq_length", ".max_length", ".seq_len"})
+      if (r.has(ds + k)) { key = ds + k; break; }
+    if (key.empty()) log::warn(r.where(r.has(ds + ".padding") ? ds + ".padding" : ds + ".pad_to_max_length") +
+                               ": padding to max_length needs " + ds + ".seq_length; rows are padded to the longest of each micro-batch");
+    else o.pad_to = std::max<int64_t>(0, r.get_int(key, 0));
+  }
+  const std::string div = dl + ".collate_fn.pad_seq_len_divisible";
+  if (r.has(div)) {
+    o.multiple_of = r.get_int(div, 1);
+    if (o.multiple_of < 1) r.fail(div, "must be >= 1, got " + std::to_string(o.multiple_of));
+  }
+  return o;
+}
+
 Trainer::Trainer(const Recipe& recipe, TrainerOptions opt) : r_(recipe), opt_(opt) { setup(); }
 Trainer::~Trainer() = default;
 
@@ -75,7 +110,12 @@ void Trainer::setup() {
   world_ = opt_.launch.world_size;
   log::set_rank(rank_);
   for (auto& w : r_.warnings()) log::warn(w);
-  seed_ = static_cast<uint64_t>(r_.get_int("seed", 42));
+  // AutoModel seeds its StatefulRNG (model init) from rng.seed and its data loaders from the top-level seed;
+  // each falls back to the other, then 42. Random init and mock data use seed_; shuffling uses data_seed_.
+  for (const char* k : {"seed", "rng.seed"})
+    if (auto v = r_.get_opt_int(k); v && *v < 0) r_.fail(k, "must be >= 0, got " + std::to_string(*v));
+  seed_ = static_cast<uint64_t>(r_.get_int("rng.seed", r_.get_int("seed", 42)));
+  data_seed_ = static_cast<uint64_t>(r_.get_int("seed", r_.get_int("rng.seed", 42)));
   std::string device = r_.get_string("device", "auto");
   if (device != "auto" && device != "cpu" && device != "cuda")
     r_.fail("device", "expected auto, cpu or cuda, got '" + device + "'");
@@ -104,26 +144,13 @@ void Trainer::setup() {
   io::ModelConfig cfg;
   DType init_dtype = DType::F32;
   std::string dtype_s = r_.get_string("model.dtype", r_.get_string("model.torch_dtype", "auto"));
-  if (r_.has("model.pretrained_model_name_or_path")) {
-    std::string name = r_.get_string("model.pretrained_model_name_or_path", "");
-    try {
-      source_dir_ = io::resolve_model_path(r_.resolve_path(name));
-    } catch (const IoError& e) {
-      throw IoError(r_.where("model.pretrained_model_name_or_path") + ": " + e.what());
-    }
-    if (!fs::exists(fs::path(source_dir_) / "config.json"))
-      throw IoError(r_.where("model.pretrained_model_name_or_path") + ": no config.json in model folder '" + source_dir_ + "'");
-    cfg = io::load_model_config((fs::path(source_dir_) / "config.json").string());
-    tokenizer_dir_ = source_dir_;
-  } else if (r_.has("model.config")) {
-    std::string p = r_.resolve_path(r_.get_string("model.config", ""));
-    if (fs::is_directory(p)) p = (fs::path(p) / "config.json").string();
-    if (!fs::exists(p)) throw IoError(r_.where("model.config") + ": config file not found: " + p);
-    cfg = io::load_model_config(p);
-    if (r_.has("model.tokenizer")) tokenizer_dir_ = r_.resolve_path(r_.get_string("model.tokenizer", ""));
-    if (!cfg.torch_dtype.empty()) init_dtype = dtype_from_name(cfg.torch_dtype);
-  } else {
-    throw RecipeError(r_.path() + ": the recipe needs model.pretrained_model_name_or_path or model.config");
+  {
+    ModelSource src = resolve_model_source(r_);
+    cfg = std::move(src.cfg);
+    source_dir_ = src.weights_dir;
+    tokenizer_dir_ = src.tokenizer_dir;
+    // Random init saves in the config's dtype unless model.dtype says otherwise (below).
+    if (source_dir_.empty() && !cfg.torch_dtype.empty()) init_dtype = dtype_from_name(cfg.torch_dtype);
   }
   if (!is_supported_model_type(cfg.model_type)) {
     std::string list;
@@ -164,6 +191,9 @@ void Trainer::setup() {
     // for a random init (a pretrained checkpoint keeps its own dtype, as HF does).
     if (source_dir_.empty())
       for (auto& p : model_->params().all()) p.source_dtype = d;
+    if (device_name_ == "cpu" && d != DType::F32 && !opt_.quiet)
+      log::warn(r_.where(r_.has("model.dtype") ? "model.dtype" : "model.torch_dtype") + " (" + dtype_s +
+                "): the CPU computes in fp32 (bfloat16 training applies on GPUs); checkpoints keep the model's dtype");
   }
   if (groups_) dp_ = std::make_unique<dist::DataParallel>(*model_, *groups_, dist::parse_strategy(strategy_name_), model_->exec());
   fwd_opt_.activation_checkpointing = r_.get_bool("distributed.activation_checkpointing", false);
@@ -174,6 +204,10 @@ void Trainer::setup() {
   if (loss.find("cross_entropy") == std::string::npos && loss.find("CrossEntropy") == std::string::npos)
     r_.fail("loss_fn._target_", "unsupported loss '" + loss + "' (masked_cross_entropy, fused_linear_cross_entropy)");
   if (r_.has("peft")) r_.fail("peft", "LoRA fine-tuning is not implemented yet; remove the peft section for a full fine-tune");
+  if (r_.get_bool("quantization.load_in_4bit", false))
+    r_.fail("quantization.load_in_4bit", "QLoRA (a 4-bit base) is not implemented yet; remove it to train in the model's dtype");
+  if (r_.get_bool("quantization.load_in_8bit", false))
+    r_.fail("quantization.load_in_8bit", "8-bit loading is not supported; remove it to train in the model's dtype");
 
   // ---- data ----
   DatasetContext dctx;
@@ -184,16 +218,21 @@ void Trainer::setup() {
   if (!r_.has("dataset")) throw RecipeError(r_.path() + ": the recipe has no dataset section");
   train_ds_ = make_dataset(r_, "dataset", dctx);
   if (r_.has("validation_dataset")) val_ds_ = make_dataset(r_, "validation_dataset", dctx);
-  if (int64_t pack_size = r_.get_int("packed_sequence.packed_sequence_size", 0); pack_size > 0)
+  collate_ = collate_options(r_, "dataset", "dataloader");
+  val_collate_ = collate_options(r_, "validation_dataset", "validation_dataloader");
+  if (int64_t pack_size = r_.get_int("packed_sequence.packed_sequence_size", 0); pack_size > 0) {
     train_ds_ = pack_dataset(*train_ds_, pack_size);  // a packed row counts as one sample (as AutoModel)
+    collate_.pad_to = 0;  // packed rows fill the pack already
+  }
 
   // ---- schedule ----
-  gbs_ = r_.get_int("step_scheduler.global_batch_size", 32);
-  lbs_ = r_.get_int("step_scheduler.local_batch_size", std::min<int64_t>(gbs_, 8));
-  if (gbs_ < 1) r_.fail("step_scheduler.global_batch_size", "must be >= 1");
-  if (lbs_ < 1) r_.fail("step_scheduler.local_batch_size", "must be >= 1");
-  if (gbs_ % lbs_ != 0)
-    r_.fail("step_scheduler.global_batch_size", "must be a multiple of local_batch_size (" + std::to_string(lbs_) + ")");
+  {
+    const BatchShape bs = batch_shape(r_);
+    gbs_ = bs.gbs;
+    lbs_ = bs.lbs;
+    val_lbs_ = bs.val_lbs;
+    if (!bs.note.empty() && !opt_.quiet) log::warn(bs.note);
+  }
   epochs_ = r_.get_int("step_scheduler.num_epochs", 1);
   shuffle_ = r_.get_bool("dataloader.shuffle", false);
   drop_last_ = r_.get_bool("dataloader.drop_last", false);
@@ -225,6 +264,8 @@ void Trainer::setup() {
   // ---- checkpoints ----
   ckpt_enabled_ = r_.get_bool("checkpoint.enabled", true);
   ckpt_dir_ = r_.get_string("checkpoint.checkpoint_dir", "checkpoints/");
+  keep_last_n_ = r_.get_int("checkpoint.keep_last_n", 0);
+  ckpt_every_epoch_ = r_.get_bool("step_scheduler.save_checkpoint_every_epoch", true);  // AutoModel's default
   const auto& sc = r_.present("checkpoint.save_consolidated") ? r_.node("checkpoint.save_consolidated") : json("final");
   if (sc.is_boolean()) save_consolidated_ = sc.get<bool>() ? "always" : "never";
   else if (sc.is_string()) save_consolidated_ = sc.get<std::string>();
@@ -274,7 +315,7 @@ const std::vector<size_t>& Trainer::epoch_order(int64_t epoch) {
   if (shuffle_) {
     // Fisher-Yates with a per-epoch seeded generator: the order depends only on (seed, epoch), so a
     // resumed run sees exactly the samples it would have seen.
-    std::mt19937_64 rng(seed_ * 1000003ULL + static_cast<uint64_t>(epoch));
+    std::mt19937_64 rng(data_seed_ * 1000003ULL + static_cast<uint64_t>(epoch));
     for (size_t i = order.size(); i > 1; --i) {
       std::uniform_int_distribution<size_t> d(0, i - 1);
       std::swap(order[i - 1], order[d(rng)]);
@@ -283,6 +324,45 @@ const std::vector<size_t>& Trainer::epoch_order(int64_t epoch) {
   order_ = std::move(order);
   order_epoch_ = epoch;
   return order_;
+}
+
+BatchShape batch_shape(const Recipe& r) {
+  BatchShape b;
+  b.gbs = r.get_int("step_scheduler.global_batch_size", 32);
+  const auto lbs = r.get_opt_int("step_scheduler.local_batch_size");
+  b.lbs = lbs ? *lbs : std::min<int64_t>(b.gbs, 8);
+  if (b.gbs < 1) r.fail("step_scheduler.global_batch_size", "must be >= 1");
+  if (b.lbs < 1) r.fail("step_scheduler.local_batch_size", "must be >= 1");
+  auto check_multiple = [&] {
+    if (b.gbs % b.lbs != 0)
+      r.fail("step_scheduler.global_batch_size", "must be a multiple of local_batch_size (" + std::to_string(b.lbs) + ")");
+  };
+  // AutoModel's loader yields batches of dataloader.batch_size (default: local_batch_size; null with a mock
+  // dataset that batches itself: the dataset's batch_size) and a step takes gbs / (lbs x dp) of them.
+  std::string key = "dataloader.batch_size";
+  std::optional<int64_t> bs = r.get_opt_int(key);
+  if (!bs && r.present("dataloader.batch_size") && r.has("dataset.batch_size")) key = "dataset.batch_size", bs = r.get_opt_int(key);
+  if (bs) {
+    if (*bs < 1) r.fail(key, "must be >= 1, got " + std::to_string(*bs));
+    if (!lbs) {
+      b.lbs = *bs;
+      if (b.gbs % b.lbs != 0) r.fail(key, "global_batch_size " + std::to_string(b.gbs) + " is not a multiple of it");
+    } else if (*bs != b.lbs) {
+      check_multiple();
+      b.note = r.where(key) + " (" + std::to_string(*bs) + ") differs from step_scheduler.local_batch_size (" +
+               std::to_string(b.lbs) + "): as AutoModel, micro-batches have " + std::to_string(*bs) + " samples and a step takes " +
+               std::to_string(b.gbs / b.lbs) + " of them (" + std::to_string(b.gbs / b.lbs * *bs) + " samples)";
+      b.gbs = b.gbs / b.lbs * *bs;
+      b.lbs = *bs;
+    }
+  }
+  check_multiple();
+  b.val_lbs = b.lbs;
+  if (auto v = r.get_opt_int("validation_dataloader.batch_size")) {
+    if (*v < 1) r.fail("validation_dataloader.batch_size", "must be >= 1, got " + std::to_string(*v));
+    b.val_lbs = *v;
+  }
+  return b;
 }
 
 void check_distributed_recipe(const Recipe& r, int world, const io::ModelConfig* cfg) {
@@ -296,35 +376,38 @@ void check_distributed_recipe(const Recipe& r, int world, const io::ModelConfig*
   if (cfg && ep > 1 && cfg->num_experts % ep != 0)
     r.fail("distributed.ep_size", std::to_string(ep) + " does not divide the " + std::to_string(cfg->num_experts) +
                                       " experts of config.json");
-  if (auto dp = r.get_opt_int("distributed.dp_size"); dp && *dp > 0 && *dp != world)
-    r.fail("distributed.dp_size", std::to_string(*dp) + " but the world has " + std::to_string(world) +
-                                      " ranks (every rank is data-parallel here: set null)");
-  for (const char* k : {"distributed.tp_size", "distributed.cp_size", "distributed.pp_size", "distributed.dp_replicate_size"})
-    if (auto v = r.get_opt_int(k); v && *v > 1)
-      r.fail(k, std::to_string(*v) + ": tensor, context and pipeline parallelism and HSDP replication are not "
-                                     "implemented (data parallelism with fsdp2 / ddp and expert parallelism are)");
+  // tp / cp / pp sizes above 1 are accepted with a warning (config/schema_table.cpp) and every rank runs data
+  // parallel instead; a dp_size that is what AutoModel would derive from them (world / (tp x cp x pp)) is
+  // accepted too. Any other dp_size contradicts the world size.
+  int64_t model_parallel = 1;
+  for (const char* k : {"distributed.tp_size", "distributed.cp_size", "distributed.pp_size"})
+    if (auto v = r.get_opt_int(k); v && *v > 1) model_parallel *= *v;
+  // A recipe written for more (or fewer) GPUs than this run has keeps working: one line says what runs.
+  if (auto dp = r.get_opt_int("distributed.dp_size"); dp && *dp > 0 && *dp != world &&
+                                                      !(model_parallel > 1 && *dp * model_parallel == world))
+    log::warn(r.where("distributed.dp_size") + " (" + std::to_string(*dp) + "): the world has " + std::to_string(world) +
+              (world == 1 ? " rank" : " ranks") + "; every rank runs data parallel (dp_size " + std::to_string(world) + ")");
   const std::string strategy = r.get_string("distributed.strategy", "fsdp2");
-  if (strategy != "fsdp2" && strategy != "fsdp" && strategy != "ddp")
+  if (strategy == "megatron_fsdp")
+    log::warn(r.where("distributed.strategy") + " (megatron_fsdp): runs as fsdp2 (sharded weights, gradients and "
+                                                 "optimizer state; same results)");
+  else if (strategy != "fsdp2" && strategy != "fsdp" && strategy != "ddp" && strategy != "megatron_fsdp")
     r.fail("distributed.strategy", "expected fsdp2 or ddp, got '" + strategy + "'");
-  const int64_t gbs = r.get_int("step_scheduler.global_batch_size", 32);
-  const int64_t lbs = r.get_int("step_scheduler.local_batch_size", std::min<int64_t>(gbs, 8));
-  if (world > 1 && lbs >= 1 && gbs % (lbs * world) != 0)
-    r.fail("step_scheduler.global_batch_size", "must be a multiple of local_batch_size x data-parallel ranks (" +
-                                                   std::to_string(lbs) + " x " + std::to_string(world) + ")");
+  const BatchShape bs = batch_shape(r);
+  const int64_t gbs = bs.gbs, lbs = bs.lbs;
+  if (world > 1 && gbs % (lbs * world) != 0)
+    r.fail("step_scheduler.global_batch_size",
+           "must be a multiple of local_batch_size x data-parallel ranks (" + std::to_string(lbs) + " x " +
+               std::to_string(world) + ")" +
+               (model_parallel > 1 ? "; tensor/context/pipeline parallelism is not supported, so all " +
+                                         std::to_string(world) + " ranks are data parallel" : ""));
 }
 
 void check_distributed_recipe(const Recipe& r, int world) {
-  // The model's config, when it can be found cheaply; anything wrong with it is left to the workers to report.
+  // The model's config, when it can be found; anything wrong with it is left to the workers to report.
   std::optional<io::ModelConfig> cfg;
   try {
-    std::string p;
-    if (r.has("model.pretrained_model_name_or_path"))
-      p = (fs::path(io::resolve_model_path(r.resolve_path(r.get_string("model.pretrained_model_name_or_path", "")))) /
-           "config.json").string();
-    else if (r.has("model.config"))
-      p = r.resolve_path(r.get_string("model.config", ""));
-    if (!p.empty() && fs::is_directory(p)) p = (fs::path(p) / "config.json").string();
-    if (!p.empty() && fs::exists(p)) cfg = io::load_model_config(p);
+    cfg = resolve_model_source(r).cfg;
   } catch (const Error&) {
   }
   check_distributed_recipe(r, world, cfg ? &*cfg : nullptr);
@@ -360,8 +443,9 @@ void Trainer::setup_distributed(const io::ModelConfig& cfg) {
   groups_ = std::make_unique<dist::Groups>(dist::Groups::make(std::move(world), ep_size_));
 }
 
-std::vector<std::vector<const Sample*>> Trainer::my_micro_batches(const std::vector<const Sample*>& samples, int rank) const {
-  const size_t n = samples.size(), W = static_cast<size_t>(world_), lbs = static_cast<size_t>(lbs_);
+std::vector<std::vector<const Sample*>> Trainer::my_micro_batches(const std::vector<const Sample*>& samples, int rank,
+                                                                  int64_t micro) const {
+  const size_t n = samples.size(), W = static_cast<size_t>(world_), lbs = static_cast<size_t>(micro > 0 ? micro : lbs_);
   const size_t per = (n + W - 1) / W, n_micro = (per + lbs - 1) / lbs;
   const size_t b = std::min(n, static_cast<size_t>(rank) * per), e = std::min(n, b + per);
   std::vector<std::vector<const Sample*>> out(n_micro);
@@ -379,8 +463,12 @@ StepStats Trainer::train_step(int64_t step) {
   const auto& order = epoch_order(st.epoch);
   const size_t begin = static_cast<size_t>(in_epoch * gbs_);
   const size_t end = std::min(order.size(), begin + static_cast<size_t>(gbs_));
+  // Datasets hand out samples by value (a lazy one makes them on demand): they live here for the step.
+  std::vector<Sample> held;
+  held.reserve(end > begin ? end - begin : 0);
+  for (size_t i = begin; i < end; ++i) held.push_back(train_ds_->get(order[i]));
   std::vector<const Sample*> global;
-  for (size_t i = begin; i < end; ++i) global.push_back(&train_ds_->get(order[i]));
+  for (const auto& s : held) global.push_back(&s);
   // Every rank sees the whole global batch's sample list (cheap), so the label count that normalises the
   // loss is global without a collective.
   for (auto* s : global) st.num_label_tokens += count_label_tokens(*s);
@@ -398,7 +486,7 @@ StepStats Trainer::train_step(int64_t step) {
   for (size_t m = 0; m < micro.size(); ++m) {
     const bool pad_only = micro[m].empty();
     const std::vector<const Sample*> mb = pad_only ? std::vector<const Sample*>{&padding_sample()} : micro[m];
-    Batch b = upload_batch(collate(mb), model_->exec());
+    Batch b = upload_batch(collate(mb, pad_only ? CollateOptions{} : collate_), model_->exec());
     if (!pad_only) {
       st.num_tokens += b.num_real_tokens;
       st.padded_tokens += b.B * b.T;
@@ -496,14 +584,18 @@ void Trainer::log_step(const StepStats& s) {
 
 double Trainer::validate(int64_t* num_label_tokens) {
   if (!val_ds_) throw RecipeError(r_.path() + ": no validation_dataset section");
+  std::vector<Sample> held;  // samples come by value (data/dataset.h); they live for this validation
+  held.reserve(val_ds_->size());
+  for (size_t i = 0; i < val_ds_->size(); ++i) held.push_back(val_ds_->get(i));
   std::vector<const Sample*> all;
-  for (size_t i = 0; i < val_ds_->size(); ++i) all.push_back(&val_ds_->get(i));
+  for (const auto& s : held) all.push_back(&s);
   double total = 0.0;
   int64_t count = 0;
   // This rank's share; every rank runs as many micro-batches as any other (padding-only ones if short).
-  for (const auto& micro : my_micro_batches(all, rank_)) {
+  for (const auto& micro : my_micro_batches(all, rank_, val_lbs_)) {
     const bool pad_only = micro.empty();
-    Batch b = upload_batch(collate(pad_only ? std::vector<const Sample*>{&padding_sample()} : micro), model_->exec());
+    Batch b = upload_batch((pad_only ? collate({&padding_sample()}) : collate(micro, val_collate_)),
+                           model_->exec());
     count += b.num_label_tokens;
     total += model_->forward_loss(b, fwd_opt_);
   }
@@ -578,7 +670,7 @@ std::vector<StepStats> Trainer::train() {
     // A stop signal on any rank stops every rank at this same step boundary.
     double stop = static_cast<double>(g_stop_signal.load());
     if (groups_) groups_->world->all_reduce_host(&stop, 1, dist::ReduceOp::Max);
-    const bool periodic = ckpt_every_ > 0 && step % ckpt_every_ == 0;
+    const bool periodic = (ckpt_every_ > 0 && step % ckpt_every_ == 0) || (ckpt_every_epoch_ && step % steps_per_epoch_ == 0);
     if (ckpt_enabled_ && (last || periodic || stop > 0)) save_checkpoint(step, last);
     if (stop > 0 && !last) {
       log::info("received signal " + std::to_string(static_cast<int>(stop)) + ": stopped after step " + std::to_string(step) +
@@ -602,6 +694,9 @@ void Trainer::save_checkpoint(int64_t step, bool final) {
   std::string dir = write_checkpoint(ckpt_dir_, st, *model_, *optim_, consolidated,
                                      source_dir_.empty() ? tokenizer_dir_ : source_dir_, dp_.get(), groups_.get());
   if (!opt_.quiet) log::info("saved checkpoint " + dir);
+  if (rank_ == 0 && keep_last_n_ > 0)  // every rank has finished writing (write_checkpoint ends with a barrier)
+    for (const auto& gone : prune_checkpoints(ckpt_dir_, keep_last_n_))
+      if (!opt_.quiet) log::info("removed old checkpoint " + gone + " (checkpoint.keep_last_n " + std::to_string(keep_last_n_) + ")");
 }
 
 void Trainer::restore(const std::string& from) {

@@ -36,9 +36,20 @@ struct StepStats {
   nlohmann::json extra = nlohmann::json::object();  // model metrics (MoE utilisation, router aux loss)
 };
 
+// The batch of a step as AutoModel reads it: global_batch_size, local_batch_size, and dataloader.batch_size
+// (the loader's micro-batch; when it differs from local_batch_size a step takes gbs / lbs of them) or, with
+// `batch_size: null` and a mock dataset that batches itself, the dataset's batch_size.
+// validation_dataloader.batch_size is the validation micro-batch (default: the training one).
+struct BatchShape {
+  int64_t gbs = 32, lbs = 8, val_lbs = 8;
+  std::string note;  // a line to print when dataloader.batch_size changed the step's sample count
+};
+BatchShape batch_shape(const Recipe& r);
+
 // The distributed: section against a world size (and the model's config when given): UsageError (exit 2)
-// naming the key for ep_size not dividing the world or the experts, tp/pp/cp sizes, a bad strategy, a global
-// batch that does not split over the ranks. The supervisor calls the second form before starting workers.
+// naming the key for ep_size not dividing the world or the experts, a dp_size that contradicts the world, a
+// bad strategy, a global batch that does not split over the ranks. tp/cp/pp sizes > 1 only warn (the recipe
+// reader does): every rank runs data parallel. The supervisor calls the second form before starting workers.
 void check_distributed_recipe(const Recipe& r, int world, const io::ModelConfig* cfg);
 void check_distributed_recipe(const Recipe& r, int world);
 
@@ -78,7 +89,8 @@ class Trainer {
   // Rank `rank`'s micro-batches of `samples` (a global batch): a contiguous 1/world share cut into
   // local_batch_size pieces. Every rank gets the same number of micro-batches (the collectives inside
   // forward/backward must match); a rank short of samples gets padding-only ones (nullptr entries).
-  std::vector<std::vector<const Sample*>> my_micro_batches(const std::vector<const Sample*>& samples, int rank) const;
+  std::vector<std::vector<const Sample*>> my_micro_batches(const std::vector<const Sample*>& samples, int rank,
+                                                          int64_t micro = 0) const;  // 0: lbs_
   void save_checkpoint(int64_t step, bool final);
   void restore(const std::string& from);
   void log_step(const StepStats& s);
@@ -95,8 +107,12 @@ class Trainer {
   std::unique_ptr<Optimizer> optim_;
   LrScheduler sched_;
   std::string source_dir_, tokenizer_dir_, device_name_ = "cpu", gpu_name_;
-  uint64_t seed_ = 42;
-  int64_t gbs_ = 1, lbs_ = 1, epochs_ = 1, total_steps_ = 0, steps_per_epoch_ = 0;
+  CollateOptions collate_, val_collate_;  // padding of training / validation micro-batches
+  int64_t keep_last_n_ = 0;        // checkpoint.keep_last_n (0: keep all)
+  bool ckpt_every_epoch_ = true;    // step_scheduler.save_checkpoint_every_epoch
+  uint64_t seed_ = 42;       // model init, mock data (rng.seed, else seed)
+  uint64_t data_seed_ = 42;  // shuffling (seed, else rng.seed)
+  int64_t gbs_ = 1, lbs_ = 1, val_lbs_ = 1, epochs_ = 1, total_steps_ = 0, steps_per_epoch_ = 0;
   int64_t ckpt_every_ = 0, val_every_ = 0;
   int64_t start_step_ = 1;
   bool shuffle_ = false, drop_last_ = false;

@@ -73,8 +73,9 @@ expect "ep_size on a dense model" 2 "distributed.ep_size.*has no experts" -- "$B
   --nproc-per-node 2 --device=cpu --distributed.ep_size=2 --checkpoint.checkpoint_dir="$T/ck_epd"
 expect "unknown strategy" 2 "distributed.strategy.*expected fsdp2 or ddp" -- "$BIN" finetune "$R" \
   --nproc-per-node 2 --device=cpu --distributed.strategy=zero3 --checkpoint.checkpoint_dir="$T/ck_z3"
-expect "tensor parallelism asked" 2 "distributed.tp_size.*not implemented" -- "$BIN" finetune "$R" \
-  --nproc-per-node 2 --device=cpu --distributed.tp_size=2 --checkpoint.checkpoint_dir="$T/ck_tp"
+# tensor parallelism asked (an AutoModel recipe for more GPUs): one warning line, then data parallel over both ranks
+expect "tensor parallelism asked: warned, runs data parallel" 0 "distributed.tp_size' \(2\): tensor parallelism is not supported; the GPUs run data parallel" -- \
+  "$BIN" finetune "$R" --nproc-per-node 2 --device=cpu --distributed.tp_size=2 --distributed.dp_size=1 --checkpoint.checkpoint_dir="$T/ck_tp"
 expect "batch not split over ranks" 2 "local_batch_size x data-parallel ranks" -- "$BIN" finetune "$R" \
   --nproc-per-node 2 --device=cpu --step_scheduler.global_batch_size=6 --checkpoint.checkpoint_dir="$T/ck_gbs"
 # expert parallelism through the launcher, MoE golden numbers at world 2 (ep_size 2)

@@ -226,7 +226,8 @@ TEST(DatasetLimits, MockHonoursTheLimit) {
     EXPECT_EQ(a->get(i).labels, a->get(i).input_ids);
   }
   auto full = load("dataset: {_target_: mock, seq_len: 40, num_samples: 3}");
-  EXPECT_EQ(std::vector<int32_t>(full->get(2).input_ids.begin(), full->get(2).input_ids.begin() + 24), a->get(2).input_ids);
+  const Sample full2 = full->get(2);  // get() returns a sample by value: one copy, both iterators into it
+  EXPECT_EQ(std::vector<int32_t>(full2.input_ids.begin(), full2.input_ids.begin() + 24), a->get(2).input_ids);
   // seq_length alone is the generated length (as before): no truncation.
   auto b = load("dataset: {_target_: mock, seq_length: 12, num_samples: 2}");
   EXPECT_EQ(lengths(*b), (std::vector<size_t>{12, 12}));

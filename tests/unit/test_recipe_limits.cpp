@@ -88,9 +88,9 @@ TEST(RecipeLimits, SelfReferencingAliasIsARecipeErrorNamingTheKey) {
   EXPECT_HAS(e, "r.yaml:1: key 'a.0'");
   EXPECT_HAS(e, "cyclic YAML alias");
   // A cycle through a mapping, deeper in the file.
-  e = recipe_error("seed: 1\nmodel:\n  backend: &b\n    x: [1, {y: *b}]\n");
+  e = recipe_error("seed: 1\nci:\n  cfg: &b\n    x: [1, {y: *b}]\n");
   EXPECT_HAS(e, "r.yaml:");
-  EXPECT_HAS(e, "key 'model.backend.x.1.y'");
+  EXPECT_HAS(e, "key 'ci.cfg.x.1.y'");
   EXPECT_HAS(e, "cyclic");
   // The whole document refers to itself.
   e = recipe_error("&r {seed: 1, model: *r}\n");
@@ -101,17 +101,17 @@ TEST(RecipeLimits, SelfReferencingAliasInAnOverride) {
   std::string e = recipe_error("seed: 1\n", {"a.b=&x [*x]"});
   EXPECT_HAS(e, "command-line override --a.b");
   EXPECT_HAS(e, "cyclic");
-  e = recipe_error("seed: 1\n", {"model.backend=&m {k: *m}"});
-  EXPECT_HAS(e, "command-line override --model.backend");
-  EXPECT_HAS(e, "model.backend.k");
+  e = recipe_error("seed: 1\n", {"ci.cfg=&m {k: *m}"});
+  EXPECT_HAS(e, "command-line override --ci.cfg");
+  EXPECT_HAS(e, "ci.cfg.k");
 }
 
 TEST(RecipeLimits, SharedAliasesThatAreNotCyclesStillWork) {
   Recipe r = Recipe::from_string(
       "peft:\n  target_modules: &t [q_proj, v_proj]\n  exclude_modules: *t\n"
-      "model:\n  backend: {a: &n {x: 1, y: [2, 3]}, b: *n, c: *n}\n");
+      "ci:\n  cfg: {a: &n {x: 1, y: [2, 3]}, b: *n, c: *n}\n");
   EXPECT_EQ(r.node("peft.exclude_modules"), r.node("peft.target_modules"));
-  EXPECT_EQ(r.node("model.backend.c.y").size(), 2u);
+  EXPECT_EQ(r.node("ci.cfg.c.y").size(), 2u);
 }
 
 TEST(RecipeLimits, AliasBombsAreCappedQuickly) {
@@ -140,8 +140,8 @@ TEST(RecipeLimits, AliasBombsAreCappedQuickly) {
     flow += "]";
   }
   flow += "}";
-  std::string e = recipe_error("seed: 1\n", {"model.backend=" + flow});
-  EXPECT_HAS(e, "command-line override --model.backend");
+  std::string e = recipe_error("seed: 1\n", {"ci.cfg=" + flow});
+  EXPECT_HAS(e, "command-line override --ci.cfg");
   EXPECT_HAS(e, "alias bomb");
 }
 
@@ -200,8 +200,8 @@ TEST(RecipeLimits, RandomNumericLookingScalarsNeverCrash) {
     for (size_t i = 0; i < len; ++i) s += alphabet[rng() % alphabet.size()];
     if (s[0] == '-' && s.size() > 1 && s[1] == ' ') continue;
     try {
-      Recipe r = Recipe::from_string("model: {backend: {v: " + s + "}}\n");
-      (void)r.get_string("model.backend.v", "");
+      Recipe r = Recipe::from_string("ci: {cfg: {v: " + s + "}}\n");
+      (void)r.get_string("ci.cfg.v", "");
       ++loaded;
     } catch (const RecipeError& e) {
       ++refused;
@@ -215,22 +215,22 @@ TEST(RecipeLimits, RandomNumericLookingScalarsNeverCrash) {
 
 TEST(RecipeLimits, NanAndInfAreFloats) {
   Recipe r = Recipe::from_string(
-      "model:\n  backend: {a: .nan, b: .NaN, c: .NAN, d: .inf, e: .Inf, f: +.INF, g: -.inf, h: -.Inf, i: '.nan', "
+      "ci:\n  cfg: {a: .nan, b: .NaN, c: .NAN, d: .inf, e: .Inf, f: +.INF, g: -.inf, h: -.Inf, i: '.nan', "
       "j: 1e3, k: .5, l: 1., m: 1.2.3, n: 0x, o: ~}\n");
   for (const char* k : {"a", "b", "c"}) {
-    const auto& v = r.node(std::string("model.backend.") + k);
+    const auto& v = r.node(std::string("ci.cfg.") + k);
     EXPECT_TRUE(v.is_number_float() && std::isnan(v.get<double>())) << k;
   }
-  for (const char* k : {"d", "e", "f"}) EXPECT_EQ(r.get_double(std::string("model.backend.") + k, 0), INFINITY) << k;
-  for (const char* k : {"g", "h"}) EXPECT_EQ(r.get_double(std::string("model.backend.") + k, 0), -INFINITY) << k;
-  EXPECT_TRUE(r.node("model.backend.i").is_string());  // quoted: a string
-  EXPECT_EQ(r.get_double("model.backend.j", 0), 1000.0);
-  EXPECT_EQ(r.get_double("model.backend.k", 0), 0.5);
-  EXPECT_EQ(r.get_double("model.backend.l", 0), 1.0);
-  EXPECT_TRUE(r.node("model.backend.m").is_string());
-  EXPECT_TRUE(r.node("model.backend.n").is_string());
-  EXPECT_TRUE(r.node("model.backend.o").is_null());
-  EXPECT_EQ(r.get_string("model.backend.a", ""), ".nan");
+  for (const char* k : {"d", "e", "f"}) EXPECT_EQ(r.get_double(std::string("ci.cfg.") + k, 0), INFINITY) << k;
+  for (const char* k : {"g", "h"}) EXPECT_EQ(r.get_double(std::string("ci.cfg.") + k, 0), -INFINITY) << k;
+  EXPECT_TRUE(r.node("ci.cfg.i").is_string());  // quoted: a string
+  EXPECT_EQ(r.get_double("ci.cfg.j", 0), 1000.0);
+  EXPECT_EQ(r.get_double("ci.cfg.k", 0), 0.5);
+  EXPECT_EQ(r.get_double("ci.cfg.l", 0), 1.0);
+  EXPECT_TRUE(r.node("ci.cfg.m").is_string());
+  EXPECT_TRUE(r.node("ci.cfg.n").is_string());
+  EXPECT_TRUE(r.node("ci.cfg.o").is_null());
+  EXPECT_EQ(r.get_string("ci.cfg.a", ""), ".nan");
   // clip_grad_norm.max_norm: .inf means "never clip" and is accepted; .nan is not.
   EXPECT_EQ(Recipe::from_string("clip_grad_norm: {max_norm: .inf}\n").get_double("clip_grad_norm.max_norm", 0), INFINITY);
   EXPECT_HAS(recipe_error("clip_grad_norm: {max_norm: .nan}\n"), "key 'clip_grad_norm.max_norm'");
@@ -321,8 +321,8 @@ TEST(RecipeLimits, DeeplyNestedYaml) {
     EXPECT_HAS(e, "r.yaml:1");
     EXPECT_TRUE(e.find("nested") != std::string::npos) << e;
   }
-  std::string e = recipe_error("seed: 1\n", {"model.backend.x=" + deep_json(100000)});
-  EXPECT_HAS(e, "override --model.backend.x");
+  std::string e = recipe_error("seed: 1\n", {"ci.cfg.x=" + deep_json(100000)});
+  EXPECT_HAS(e, "override --ci.cfg.x");
 }
 
 // ---- deep JSON in every file the engine parses -----------------------------------------------------------
