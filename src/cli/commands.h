@@ -8,4 +8,6 @@ int cmd_eval(int argc, char** argv);
 int cmd_info(int argc, char** argv);
 int cmd_tokenize(int argc, char** argv);  // automodel tokenize (src/cli/cmd_tokenize.cpp)
 int cmd_chat_template(int argc, char** argv);  // automodel chat-template (src/cli/cmd_chat_template.cpp)
+int cmd_merge_lora(int argc, char** argv);  // automodel merge-lora (src/cli/cmd_merge_lora.cpp)
+int cmd_generate(int argc, char** argv);  // automodel generate (src/cli/cmd_generate.cpp)
 }  // namespace am

@@ -53,10 +53,6 @@ int cmd_info(int, char**) {
   return 0;
 }
 
-static int not_yet(const char* what) {
-  throw Error(std::string("automodel ") + what + " is not implemented yet in this version");
-}
-
 static int dispatch(int argc, char** argv) {
   if (argc < 2 || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "help")) {
     std::fputs(kUsage, argc < 2 ? stderr : stdout);
@@ -75,8 +71,8 @@ static int dispatch(int argc, char** argv) {
   if (cmd == "info") return cmd_info(sub_argc, sub_argv);
   if (cmd == "tokenize") return cmd_tokenize(sub_argc, sub_argv);
   if (cmd == "chat-template") return cmd_chat_template(sub_argc, sub_argv);
-  if (cmd == "generate") return not_yet("generate");
-  if (cmd == "merge-lora") return not_yet("merge-lora");
+  if (cmd == "generate") return cmd_generate(sub_argc, sub_argv);
+  if (cmd == "merge-lora") return cmd_merge_lora(sub_argc, sub_argv);
   // Alias: `automodel RECIPE.yaml ...`
   if (cmd.size() > 5 && (cmd.ends_with(".yaml") || cmd.ends_with(".yml"))) return cmd_finetune(argc, argv);
   throw UsageError("unknown command '" + cmd + "' (run `automodel --help`)");

@@ -173,7 +173,11 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
     o.num_threads = ctx.num_threads;
     if (r.has(sec + ".chat_template")) {
       std::string ct = r.get_string(sec + ".chat_template", "");
-      o.chat_template = (ct.find("{%") == std::string::npos && ct.find("{{") == std::string::npos) ? r.resolve_path(ct) : ct;
+      const bool is_text = ct.find("{%") != std::string::npos || ct.find("{{") != std::string::npos;
+      o.chat_template = is_text ? ct : r.resolve_path(ct);
+      if (!is_text && !std::filesystem::is_regular_file(o.chat_template))
+        throw IoError(r.where(sec + ".chat_template") + ": chat template file not found: " + ct +
+                      " (a relative path is tried from the current folder, then from the recipe's folder)");
     }
     o.source = resolve_text_source(r, sec, name);
     o.path = o.source.kind == "local file" ? o.source.root : o.source.name + ":" + o.split;

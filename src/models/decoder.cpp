@@ -112,14 +112,15 @@ ops::AttnParams DecoderLM::attn_params(const Batch& b, int64_t window) const {
 }
 
 Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& cos, const Tensor& sin,
-                                   const ops::AttnParams& p, LayerSaved* s) {
+                                   const ops::AttnParams& p, LayerSaved* s, KvCache* kv, int64_t layer) {
   const int64_t N = x.dim(0), H = cfg_.hidden_size;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, H, eps, &ex_};
   // x, x1, out: residual dtype; h1, h2 (RMSNorm outputs, matmul inputs), a, m: activation dtype.
   Tensor h1 = ex_.empty({N, H}), r1 = ex_.empty({N}, DType::F32);
   ops::rmsnorm_fwd(x, wide_weight(*L.ln1), eps, h1, r1);
-  Tensor a = attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr);
+  Tensor a = kv ? attention_forward_cached(L.attn, g, h1, cos, sin, p, *kv, layer)
+                : attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr);
   Tensor x1 = ex_.clone(x);
   ops::add_(x1, a);
   Tensor h2 = ex_.empty({N, H}), r2 = ex_.empty({N}, DType::F32);
@@ -174,7 +175,7 @@ Tensor DecoderLM::layer_backward(const Layer& L, const LayerSaved& s, const Tens
 }
 
 Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, Tensor* xf_pre, Tensor* rstd_f,
-                                   bool recompute) {
+                                   bool recompute, KvCache* kv) {
   const int64_t N = b.B * b.T, H = cfg_.hidden_size;
   Tensor cos, sin;
   rope_tables(b, cos, sin);
@@ -188,9 +189,10 @@ Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, 
     if (saved && recompute) (*saved)[i].x = x;
     LayerSaved* s = saved && !recompute ? &(*saved)[i] : nullptr;
     hook_use(static_cast<int>(i) + 1, false);
-    x = layer_forward(layers_[i], x, cos, sin, attn_params(b, layers_[i].window), s);
+    x = layer_forward(layers_[i], x, cos, sin, attn_params(b, layers_[i].window), s, kv, static_cast<int64_t>(i));
     hook_fwd_done(static_cast<int>(i) + 1);
   }
+  if (kv) kv->advance(N);
   Tensor xf = ex_.empty({N, H}), rf = ex_.empty({N}, DType::F32);
   ops::rmsnorm_fwd(x, wide_weight(*norm_), static_cast<float>(cfg_.rms_norm_eps), xf, rf);
   if (xf_pre) *xf_pre = x;
@@ -262,6 +264,58 @@ Tensor DecoderLM::forward_logits(const Batch& b) {
   ops::linear_fwd(xf, lm_head().work, nullptr, logits);
   hook_fwd_done(0);
   return logits;
+}
+
+Tensor DecoderLM::forward_incremental(const std::vector<int32_t>& ids, KvCache& cache, bool all_logits) {
+  const int64_t n = static_cast<int64_t>(ids.size()), past = cache.length();
+  if (n == 0) throw DataError("forward_incremental: no tokens given");
+  if (cache.num_layers() != static_cast<int64_t>(layers_.size()))
+    throw ShapeError("forward_incremental: the KV cache has " + std::to_string(cache.num_layers()) +
+                     " layers, the model " + std::to_string(layers_.size()));
+  // One sequence of n tokens at positions past .. past + n - 1: a [1, n] batch without padding or segments.
+  Batch b;
+  b.B = 1;
+  b.T = n;
+  Tensor host_ids = Tensor::empty({n}, DType::I32), pos = Tensor::empty({n}, DType::I32);
+  for (int64_t t = 0; t < n; ++t) {
+    host_ids.data<int32_t>()[t] = ids[static_cast<size_t>(t)];
+    pos.data<int32_t>()[t] = static_cast<int32_t>(past + t);
+  }
+  b.input_ids = ex_.upload(host_ids);
+  b.positions = pos;  // host: the RoPE tables are built there
+  b.num_real_tokens = n;
+  fake_balanced_gate_ = false;  // inference routes with the real router
+  Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr, false, &cache);
+  routing_.clear();
+  Tensor rows = all_logits ? xf : xf.slice_rows(n - 1, n);  // [n or 1, H]
+  Tensor logits = ex_.empty({rows.dim(0), cfg_.vocab_size});
+  ops::linear_fwd(rows, lm_head().work, nullptr, logits);
+  hook_fwd_done(0);
+  return logits;
+}
+
+void DecoderLM::to_device_inference(const ExecContext& ex) {
+  if (ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
+    throw DeviceError(std::string("residual dtype ") + dtype_name(ex.residual_dtype) +
+                      ": expected the activation dtype or float32");
+  // wide_weight() reads `value` (fp32) for the RMSNorm and embedding weights under an fp32 residual stream.
+  std::vector<const Param*> wide{embed_, norm_};
+  for (const Layer& L : layers_) {
+    wide.push_back(L.ln1);
+    wide.push_back(L.ln2);
+  }
+  const bool wide_res = ex.residual_dtype != ex.act_dtype;
+  for (Param& p : ps_.all()) {
+    p.grad = Tensor();
+    if (!ex.on_cuda()) continue;  // CPU: value is the working copy
+    Tensor host = ExecContext::download(p.value);
+    p.work = ex.upload_as(host, ex.act_dtype);
+    const bool keep = wide_res && std::find(wide.begin(), wide.end(), &p) != wide.end();
+    p.value = keep ? ex.upload(host) : Tensor();  // the host fp32 copy is released here
+  }
+  ex_ = ex;
+  rope_cos_ = rope_sin_ = Tensor();
+  rope_pos_.clear();
 }
 
 Tensor DecoderLM::to_act(const Tensor& t) const {

@@ -13,6 +13,7 @@
 #include "models/blocks/attention.h"
 #include "models/blocks/mlp.h"
 #include "models/blocks/moe.h"
+#include "models/kv_cache.h"
 #include "models/model.h"
 
 namespace am {
@@ -32,6 +33,18 @@ class DecoderLM : public CausalLM {
   int64_t matmul_params_per_token() const override;
   double take_aux_loss() override;
   nlohmann::json take_step_metrics() override;
+
+  // ---- inference with a KV cache (automodel generate: models/generate.h) ----
+  // Runs `ids`, the next n >= 1 tokens of the sequence held by `cache` (positions cache.length() .. + n - 1),
+  // through the same layers as training (layer_forward / trunk_forward with the cache), appends their keys
+  // and values to the cache and advances it by n. Returns logits [1, V] of the last token, or [n, V] of every
+  // new token with all_logits, in the activation dtype on the model's device. The cache must have been made
+  // for this model's config and exec().
+  Tensor forward_incremental(const std::vector<int32_t>& ids, KvCache& cache, bool all_logits = false);
+  // to_device for inference only: frees the gradients and, on CUDA, keeps only the working copies (plus the
+  // fp32 norm / embedding weights an fp32 residual stream reads), not the fp32 master weights. Training
+  // is not possible afterwards.
+  void to_device_inference(const ExecContext& ex);
 
  protected:
   struct Layer {
@@ -56,10 +69,12 @@ class DecoderLM : public CausalLM {
   };
   // Runs embedding + all layers + final norm. Fills saved (per layer) when non-null.
   // recompute: keep only each layer's input in saved[i].x (activation checkpointing).
+  // kv (inference, one sequence: b.B == 1): attention reads and extends the cache (layer i uses its layer
+  // i), which is advanced by b.T at the end.
   Tensor trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, Tensor* xf_pre, Tensor* rstd_f,
-                       bool recompute = false);
+                       bool recompute = false, KvCache* kv = nullptr);
   Tensor layer_forward(const Layer& L, const Tensor& x, const Tensor& cos, const Tensor& sin,
-                       const ops::AttnParams& p, LayerSaved* s);
+                       const ops::AttnParams& p, LayerSaved* s, KvCache* kv = nullptr, int64_t layer = -1);
   Tensor layer_backward(const Layer& L, const LayerSaved& s, const Tensor& cos, const Tensor& sin,
                         const ops::AttnParams& p, const Tensor& dy, const Tensor* dprobs_extra);
   // The routing of every sparse layer in the last forward (for the aux loss and the utilisation metrics).

@@ -17,12 +17,13 @@ expect() {
   local out rc
   out=$("$@" 2>&1)
   rc=$?
-  if [ "$rc" -eq "$code" ] && grep -Eq -- "$re" <<<"$out" && ! grep -Eq 'terminate called|Segmentation|Aborted|core dumped' <<<"$out"; then
+  if [ "$rc" -eq "$code" ] && grep -Eq -- "$re" <<<"$out" && ! grep -Eq 'terminate called|Segmentation|Aborted|core dumped|Sanitizer|: runtime error: ' <<<"$out"; then
     pass=$((pass + 1))
     echo "ok   $name (exit $rc): $(grep -E -- "$re" <<<"$out" | head -1)"
   else
     fail=$((fail + 1))
     echo "FAIL $name: exit $rc (want $code), output:"
+    grep -E -m1 -A20 'ERROR: [A-Za-z]+Sanitizer|: runtime error: ' <<<"$out" | sed 's/^/     /'  # a sanitizer report
     sed 's/^/     /' <<<"$out" | tail -5
   fi
 }
@@ -65,6 +66,11 @@ mkdir -p "$T/neox" && cp "$T/gptneox.json" "$T/neox/config.json" && cp "$T/case/
 expect "unsupported model_type" 1 "model_type 'gpt_neox' is not supported" -- "$BIN" finetune "$R" $CK --model.pretrained_model_name_or_path=$T/neox
 # restore from a checkpoint dir that does not exist
 expect "restore_from missing" 1 "restore_from: LATEST: no .*LATEST" -- "$BIN" finetune "$R" --checkpoint.checkpoint_dir=$T/empty_ck --checkpoint.restore_from=LATEST
+# a hub dataset id that is not in the local HF caches: exit 1, naming the id, where it looked and how to get it
+expect "dataset not cached" 1 "dataset 'nobody/nothing' is not a local file.*$T/nohub/datasets--nobody--nothing.*hf download --repo-type dataset nobody/nothing" -- \
+  env HF_HUB_CACHE=$T/nohub HF_DATASETS_CACHE=$T/nods "$BIN" finetune "$R" $CK --dataset._target_=squad --dataset.path_or_dataset=nobody/nothing --dataset.tokenizer=$ROOT/tests/fixtures/generate/tokenizer
+expect "bad dataset split" 2 "dataset.split.*unrecognized split 'train\[5\]'" -- \
+  "$BIN" finetune "$R" $CK --dataset._target_=squad --dataset.path_or_dataset=nobody/nothing --dataset.split='train[5]' --dataset.tokenizer=$ROOT/tests/fixtures/generate/tokenizer
 
 # end to end: the alias forms, training.jsonl and the consolidated export
 expect "finetune runs" 0 "step 4 \| epoch 0 \| loss" -- "$BIN" finetune "$R" $CK
@@ -118,6 +124,90 @@ else
 fi
 expect "resume after preemption" 0 "step $((last + 1)) \| epoch" -- "$BIN" finetune "$R" --checkpoint.checkpoint_dir="$PK" \
   --step_scheduler.num_epochs=100000 --step_scheduler.max_steps=$((last + 1)) --checkpoint.restore_from=LATEST
+
+# ---- automodel generate (docs/generate.md): the llama golden model + the tiny tokenizer of tests/fixtures/generate ----
+GM="$T/genmodel"
+mkdir -p "$GM" && cp "$FIX"/model/{config.json,generation_config.json,model.safetensors} "$ROOT"/tests/fixtures/generate/tokenizer/* "$GM/"
+G=("$BIN" generate --model "$GM" --device cpu)
+expect "generate --help" 0 "usage: automodel generate" -- "$BIN" generate --help
+expect "generate unknown flag" 2 "unknown argument '--frobnicate'" -- "${G[@]}" --prompt "the cat" --frobnicate
+expect "generate prompt and chat" 2 "--prompt or --chat, not both" -- "${G[@]}" --prompt a --chat b
+expect "generate no prompt" 2 "--prompt TEXT or --chat TEXT is required" -- "${G[@]}"
+expect "generate bad number" 2 "--max-new-tokens: expected an integer >= 1, got 'many'" -- "${G[@]}" --prompt a --max-new-tokens many
+expect "generate missing model" 1 "$T/no_model" -- "$BIN" generate --model "$T/no_model" --prompt a --device cpu
+expect "generate missing adapter" 1 "$T/no_adapter" -- "${G[@]}" --prompt a --adapter "$T/no_adapter"
+expect "generate greedy" 0 "prefill [0-9]+ tokens in .*tokens/s\); decode 7 tokens in .*tokens/s" -- "${G[@]}" --prompt "the cat" --max-new-tokens 8
+expect "generate chat" 0 "generate: prompt [0-9]+ tokens" -- "${G[@]}" --chat "hello there" --max-new-tokens 4
+expect "generate sampling" 0 "temperature 0.8, top_p 0.9, seed 3" -- "${G[@]}" --prompt the --temperature 0.8 --top-p 0.9 --seed 3 --max-new-tokens 6
+# stdout is the text alone (logs on stderr), the same on every run; a seed fixes the sampled text
+a=$("${G[@]}" --prompt "the cat" --max-new-tokens 12 2>/dev/null); b=$("${G[@]}" --prompt "the cat" --max-new-tokens 12 2>/dev/null)
+s1=$("${G[@]}" --prompt "the cat" --max-new-tokens 12 --temperature 1 --seed 5 2>/dev/null)
+s2=$("${G[@]}" --prompt "the cat" --max-new-tokens 12 --temperature 1 --seed 5 2>/dev/null)
+if [ -n "$a" ] && [ "$a" = "$b" ] && [ -n "$s1" ] && [ "$s1" = "$s2" ] && ! grep -q "generate:" <<<"$a$s1"; then
+  pass=$((pass + 1)); echo "ok   generate stdout: the text only, deterministic ($(printf %q "$a" | head -c 60))"
+else
+  fail=$((fail + 1)); echo "FAIL generate stdout: greedy '$a' / '$b', sampled '$s1' / '$s2'"
+fi
+
+# merge-lora (docs/lora.md): a PEFT adapter on q_proj/down_proj of the llama fixture, built and checked with
+# Python's stdlib only: merged == fp32(W + fp32(fp32(B@A) * scale)), B@A summed in double (k ascending)
+ML="$T/mergelora"
+mkdir -p "$ML/adapter"
+expect "merge-lora --help" 0 "usage: automodel merge-lora" -- "$BIN" merge-lora --help
+expect "merge-lora unknown flag" 2 "unknown argument '--frob'" -- "$BIN" merge-lora --base "$FIX/model" --frob
+expect "merge-lora missing adapter config" 1 "adapter_config.json: not found" -- "$BIN" merge-lora --base "$FIX/model" --adapter "$ML/adapter" --out "$ML/o0"
+if python3 - "$FIX/model/model.safetensors" "$ML/adapter" <<'PY'
+import json, struct, sys
+src, out = sys.argv[1], sys.argv[2]
+b = open(src, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+mods = {"model.layers.0.self_attn.q_proj": h["model.layers.0.self_attn.q_proj.weight"]["shape"],
+        "model.layers.1.mlp.down_proj": h["model.layers.1.mlp.down_proj.weight"]["shape"]}
+r, tensors = 4, {}
+for j, (m, (o, i)) in enumerate(sorted(mods.items())):
+    tensors["base_model.model.%s.lora_A.weight" % m] = ([r, i], [((x * 37 + j * 11) % 17 - 8) / 64.0 for x in range(r * i)])
+    tensors["base_model.model.%s.lora_B.weight" % m] = ([o, r], [((x * 53 + j * 5) % 19 - 9) / 32.0 for x in range(o * r)])
+hdr, data, off = {"__metadata__": {"format": "pt"}}, b"", 0
+for k, (shape, vals) in sorted(tensors.items()):
+    raw = struct.pack("<%df" % len(vals), *vals)
+    hdr[k] = {"dtype": "F32", "shape": shape, "data_offsets": [off, off + len(raw)]}; data += raw; off += len(raw)
+hb = json.dumps(hdr).encode(); hb += b" " * ((8 - len(hb) % 8) % 8)
+open(out + "/adapter_model.safetensors", "wb").write(struct.pack("<Q", len(hb)) + hb + data)
+json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 12, "use_rslora": True,
+           "target_modules": ["q_proj", "down_proj"], "base_model_name_or_path": "llama"}, open(out + "/adapter_config.json", "w"))
+PY
+then
+  expect "merge-lora runs" 0 "merge-lora: wrote .*20 tensors \(2 merged" -- "$BIN" merge-lora --base "$FIX/model" --adapter "$ML/adapter" --out "$ML/out"
+  expect "merge-lora copies side files" 0 "generation_config.json" -- ls "$ML/out"
+  expect "merge-lora result exact" 0 "^merged ok 2$" -- python3 - "$FIX/model/model.safetensors" "$ML/out/model.safetensors" "$ML/adapter/adapter_model.safetensors" <<'PY'
+import json, math, struct, sys
+def load(p):
+    b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+    return {k: (v["shape"], struct.unpack("<%df" % (math.prod(v["shape"])), b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]))
+            for k, v in h.items() if k != "__metadata__"}
+f32 = lambda x: struct.unpack("<f", struct.pack("<f", x))[0]
+base, out, ad = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
+scale = f32(12 / math.sqrt(4)); ok = 0
+for k in base:
+    m = k[:-len(".weight")]
+    if "base_model.model.%s.lora_A.weight" % m not in ad:
+        assert out[k] == base[k], k; continue
+    (r, i), A = ad["base_model.model.%s.lora_A.weight" % m]; (o, _), B = ad["base_model.model.%s.lora_B.weight" % m]
+    W = base[k][1]
+    for y in range(o):
+        for x in range(i):
+            acc = 0.0
+            for t in range(r): acc += B[y * r + t] * A[t * i + x]
+            want = f32(W[y * i + x] + f32(f32(acc) * scale))
+            assert out[k][1][y * i + x] == want, (k, y, x, out[k][1][y * i + x], want)
+    ok += 1
+print("merged ok", ok)
+PY
+  expect "merge-lora refuses a non-empty --out" 2 "exists and is not empty" -- "$BIN" merge-lora --base "$FIX/model" --adapter "$ML/adapter" --out "$ML/out"
+  mkdir -p "$ML/binonly" && cp "$ML/adapter/adapter_config.json" "$ML/binonly/" && echo pickle > "$ML/binonly/adapter_model.bin"
+  expect "merge-lora refuses adapter_model.bin" 1 "adapter_model.bin: adapters saved as PyTorch pickle" -- "$BIN" merge-lora --base "$FIX/model" --adapter "$ML/binonly" --out "$ML/o2"
+else
+  echo "skip merge-lora end-to-end (python3 unavailable)"
+fi
 
 echo "cli tests: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

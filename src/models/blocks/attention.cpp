@@ -1,5 +1,10 @@
 #include "models/blocks/attention.h"
 
+#include <string>
+
+#include "core/error.h"
+#include "ops/kv_attention.h"
+
 namespace am {
 
 AttentionWeights register_attention(ParamStore& ps, const std::string& pre, const io::ModelConfig& c) {
@@ -21,8 +26,15 @@ AttentionWeights register_attention(ParamStore& ps, const std::string& pre, cons
 }
 
 
-Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x, const Tensor& cos,
-                         const Tensor& sin, const ops::AttnParams& p, AttentionSaved* s) {
+namespace {
+
+// q, k, v of x [N, H] as attention reads them: projections (+ biases), q/k RMSNorm, RoPE.
+// q [N, nh*D], k/v [N, nkv*D]. Fills the norm's saved tensors of s when non-null.
+struct Qkv {
+  Tensor q, k, v;
+};
+Qkv project_qkv(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x, const Tensor& cos,
+                const Tensor& sin, AttentionSaved* s) {
   const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
   Tensor q = g.ex->empty({N, nh * D}), k = g.ex->empty({N, nkv * D}),
          v = g.ex->empty({N, nkv * D});
@@ -49,6 +61,15 @@ Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, 
   Tensor q3 = q.view({N, nh, D}), k3 = k.view({N, nkv, D});
   ops::rope_fwd_(q3, cos, sin);
   ops::rope_fwd_(k3, cos, sin);
+  return {q, k, v};
+}
+
+}  // namespace
+
+Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x, const Tensor& cos,
+                         const Tensor& sin, const ops::AttnParams& p, AttentionSaved* s) {
+  const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
+  auto [q, k, v] = project_qkv(w, g, x, cos, sin, s);
   Tensor o = g.ex->empty({N, nh * D});
   Tensor o4 = o.view({p.batch, p.seq, nh, D});
   Tensor lse = g.ex->empty({p.batch, nh, p.seq}, DType::F32);
@@ -64,6 +85,30 @@ Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, 
     s->o = o;
     s->lse = lse;
   }
+  return y;
+}
+
+Tensor attention_forward_cached(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x,
+                                const Tensor& cos, const Tensor& sin, const ops::AttnParams& p, KvCache& cache,
+                                int64_t layer) {
+  const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim, past = cache.length();
+  if (p.batch != 1 || p.seq != N)
+    throw ShapeError("attention_forward_cached: expected one sequence of " + std::to_string(N) + " tokens, got B = " +
+                     std::to_string(p.batch) + ", T = " + std::to_string(p.seq));
+  auto [q, k, v] = project_qkv(w, g, x, cos, sin, nullptr);
+  cache.write(layer, k, v);
+  Tensor o = g.ex->empty({N, nh * D});
+  Tensor o4 = o.view({1, N, nh, D});
+  if (past == 0) {
+    // Prefill: the prompt sees only itself, which is the training attention (flash kernels on CUDA).
+    Tensor lse = g.ex->empty({1, nh, N}, DType::F32);
+    ops::attention_fwd(q.view({1, N, nh, D}), k.view({1, N, nkv, D}), v.view({1, N, nkv, D}), p, o4, lse);
+  } else {
+    // Decode: the new queries at positions past .. past + N - 1 over the cache's past + N rows.
+    ops::attention_kv_fwd(q.view({1, N, nh, D}), cache.keys(layer, past + N), cache.values(layer, past + N), p, o4);
+  }
+  Tensor y = g.ex->empty({N, g.hidden});
+  ops::linear_fwd(o, w.o->work, work_or_null(w.o_bias), y);
   return y;
 }
 

@@ -10,6 +10,7 @@
 
 #include "io/model_config.h"
 #include "models/exec.h"
+#include "models/kv_cache.h"
 #include "models/params.h"
 #include "ops/ops.h"
 
@@ -42,6 +43,15 @@ AttentionWeights register_attention(ParamStore& ps, const std::string& prefix, c
 // x [N, H]; cos/sin [N, D/2]; p carries B, T, window, segments. Returns y [N, H].
 Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x, const Tensor& cos,
                          const Tensor& sin, const ops::AttnParams& p, AttentionSaved* saved);
+// Inference with a KV cache: x [N, H] holds the next N tokens of one sequence (cos/sin [N, D/2] at their
+// positions cache.length() ...; p: batch 1, seq N, the layer's window). Their k/v go into layer `layer` of
+// the cache (rows cache.length() .. + N; the caller advances it once every layer is done) and q attends
+// over every cached row before them plus themselves. The projections, q/k norm and RoPE are
+// attention_forward's (one shared code path); with an empty cache (prefill) the attention itself is also
+// the training kernel. Returns y [N, H].
+Tensor attention_forward_cached(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x,
+                                const Tensor& cos, const Tensor& sin, const ops::AttnParams& p, KvCache& cache,
+                                int64_t layer);
 // dy [N, H] -> dx [N, H] (assigned); parameter grads accumulated.
 Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g, const AttentionSaved& s,
                           const Tensor& cos, const Tensor& sin, const ops::AttnParams& p, const Tensor& dy);

@@ -1,0 +1,17 @@
+// CPU reference of ops::attention_kv_fwd (contract in src/ops/kv_attention.h): raw fp32 host pointers,
+// shapes already checked by the front-end.
+#pragma once
+#include <cstdint>
+
+namespace am::cpu {
+
+struct KvAttnDims {
+  int64_t batch = 0, q_len = 0, kv_len = 0;  // B, Tq, Tk (Tk >= Tq)
+  int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 0.f;
+  int64_t sliding_window = 0;  // 0: none
+};
+// q [B, Tq, nh, D], k/v [B, Tk, nkv, D] -> out [B, Tq, nh, D].
+void attention_kv_fwd(const float* q, const float* k, const float* v, const KvAttnDims& p, float* out);
+
+}  // namespace am::cpu

@@ -1,0 +1,13 @@
+// CUDA attention over a KV cache (contract: src/ops/kv_attention.h). q/k/v/out bf16, fp16 or fp32 (one
+// dtype), CUDA, contiguous; head_dim <= 256. Queued on the context's stream; nothing synchronises.
+#pragma once
+#include "backend/cuda/context.h"
+#include "core/tensor.h"
+#include "ops/ops.h"
+
+namespace am::cuda {
+
+void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const ops::AttnParams& p, Tensor& out,
+                      CudaContext& ctx = default_context());
+
+}  // namespace am::cuda
