@@ -21,12 +21,13 @@ expect() {
   out=$(timeout -k 5 "$LIMIT" "$@" 2>&1)
   rc=$?
   if [ "$rc" -eq "$code" ] && grep -Eq -- "$re" <<<"$out" &&
-     ! grep -Eq 'terminate called|Segmentation|Aborted|core dumped|^error: (sto[a-z]+|[a-z_:]+)$' <<<"$out"; then
+     ! grep -Eq 'terminate called|Segmentation|Aborted|core dumped|Sanitizer|: runtime error: |^error: (sto[a-z]+|[a-z_:]+)$' <<<"$out"; then
     pass=$((pass + 1))
     echo "ok   $name (exit $rc): $(grep -E -- "$re" <<<"$out" | head -1 | cut -c1-220)"
   else
     fail=$((fail + 1))
     [ "$rc" -eq 124 ] && echo "FAIL $name: timed out after ${LIMIT}s (a hang)" || echo "FAIL $name: exit $rc (want $code), output:"
+    grep -E -m1 -A20 'ERROR: [A-Za-z]+Sanitizer|: runtime error: ' <<<"$out" | sed 's/^/     /'  # a sanitizer report
     sed 's/^/     /' <<<"$out" | tail -5 | cut -c1-300
   fi
 }
