@@ -25,6 +25,7 @@ ok() { pass=$((pass + 1)); echo "ok   $1"; }
 bad() {
   fail=$((fail + 1))
   echo "FAIL $1"
+  [ -n "${2:-}" ] && grep -E -m1 -A20 'ERROR: [A-Za-z]+Sanitizer|: runtime error: ' "$2" | sed 's/^/     /'  # a sanitizer report
   [ -n "${2:-}" ] && sed 's/^/     /' "$2" | tail -8
 }
 
@@ -74,7 +75,7 @@ run() {
   "$BIN" finetune "$recipe" --checkpoint.checkpoint_dir="$T/ck_$name" --step_scheduler.max_steps=2 \
     --step_scheduler.global_batch_size=4 --step_scheduler.local_batch_size=2 "$@" > "$log" 2>&1
   local rc=$?
-  if [ "$rc" -ne "$code" ] || ! grep -Eq -- "$re" "$log" || grep -Eq 'terminate called|Segmentation|Aborted|core dumped' "$log"; then
+  if [ "$rc" -ne "$code" ] || ! grep -Eq -- "$re" "$log" || grep -Eq 'terminate called|Segmentation|Aborted|core dumped|Sanitizer|: runtime error: ' "$log"; then
     bad "$name (exit $rc, want $code; /$re/)" "$log"
     return
   fi

@@ -18,12 +18,13 @@ expect() {
   local out rc
   out=$("$@" 2>&1)
   rc=$?
-  if [ "$rc" -eq "$code" ] && grep -Eq -- "$re" <<<"$out" && ! grep -Eq 'terminate called|Segmentation|Aborted|core dumped' <<<"$out"; then
+  if [ "$rc" -eq "$code" ] && grep -Eq -- "$re" <<<"$out" && ! grep -Eq 'terminate called|Segmentation|Aborted|core dumped|Sanitizer|: runtime error: ' <<<"$out"; then
     pass=$((pass + 1))
     echo "ok   $name (exit $rc): $(grep -E -- "$re" <<<"$out" | head -1)"
   else
     fail=$((fail + 1))
     echo "FAIL $name: exit $rc (want $code, /$re/), output:"
+    grep -E -m1 -A20 'ERROR: [A-Za-z]+Sanitizer|: runtime error: ' <<<"$out" | sed 's/^/     /'  # a sanitizer report
     sed 's/^/     /' <<<"$out" | tail -8
   fi
 }
