@@ -6,6 +6,8 @@ CONFIGS (comma-separated; BENCH.md anchors):
   bf16           bf16 params (bf16 optimizer state)
   bf16_compile   bf16 params + torch.compile
   *_grouped_mm / *_eager_experts  (MoE) experts implementation: transformers 5's grouped_mm or the per-expert loop
+  peft_bf16      (W5) bf16 frozen base + HF PEFT LoRA r 8, alpha 32 on q/k/v/o/gate/up/down_proj, fp32 adapters
+                 (PEFT's default autocast_adapter_dtype), AdamW over the adapters only
 Random init from the config, synthetic token ids, fused AdamW lr 1e-5, sdpa attention, >= 3 warm-up steps,
 10 timed steps, synchronised; peak = torch.cuda.max_memory_allocated. One JSON line per configuration.
 FLOPs (PaLM): 6 x matmul params per token (active ones for MoE: router + top-k experts) + 12 L H D T.
@@ -42,6 +44,9 @@ def run(name):
     torch.manual_seed(0)
     cfg = AutoConfig.from_pretrained(cfg_path)
     base = name.replace("_grouped_mm", "").replace("_eager_experts", "")
+    peft = base.startswith("peft_")
+    if peft:
+        base = base[len("peft_"):]
     kw = dict(attn_implementation="sdpa")
     if "_grouped_mm" in name:
         kw["experts_implementation"] = "grouped_mm"
@@ -54,8 +59,15 @@ def run(name):
         kw.pop("experts_implementation", None)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **kw)
     model = model.to("cuda")
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        lc = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = get_peft_model(model, lc)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
     ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
     fwd = torch.compile(model) if base.endswith("compile") else model
 

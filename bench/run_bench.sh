@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # A BENCH.md workload on the GPU machine, engine and HF in one call; prints the ratio table.
-#   bash bench/run_bench.sh w1|w2 [BUNDLE_DIR=.devbuild]     (BUNDLE_DIR from tools/device_bundle.sh)
+#   bash bench/run_bench.sh w1|w2|w5 [BUNDLE_DIR=.devbuild]     (BUNDLE_DIR from tools/device_bundle.sh)
 # HF_CONFIGS_W1 / HF_CONFIGS_W2 (or HF_CONFIGS for any) override the HF configurations (bench/hf_bench.py).
 set -uo pipefail
-W=${1:?usage: run_bench.sh w1|w2 [BUNDLE_DIR]}
+W=${1:?usage: run_bench.sh w1|w2|w5 [BUNDLE_DIR]}
 BUNDLE=${2:-.devbuild}
 case "$W" in
   w1) B=4; T=2048; DEF="fp32_autocast,bf16,bf16_compile" ;;
   w2) B=1; T=4096; DEF="bf16_grouped_mm,fp32_autocast_grouped_mm" ;;
+  w5) B=4; T=2048; DEF="peft_bf16" ;;
   *) echo "unknown workload $W" >&2; exit 2 ;;
 esac
 OUTDIR=${OUT:-/tmp/bench}/$W

@@ -229,6 +229,9 @@ int main(int argc, char** argv) {
                    time_ms([&] { cu::rmsnorm_fwd(x, w, 1e-5f, y, r); }), 80);
       report_bytes("rmsnorm bwd", dims({N, H}), 3 * e + N * 4,
                    time_ms([&] { cu::rmsnorm_bwd(x, w, r, dy, dx, dw); }), 70);
+      Tensor frozen;  // LoRA base weight: no dw (no partials, no column reduction)
+      report_bytes("rmsnorm bwd (frozen w, dx only)", dims({N, H}), 3 * e + N * 4,
+                   time_ms([&] { cu::rmsnorm_bwd(x, w, r, dy, dx, frozen); }), 75);
       // Launch-shape sweep (numbered variants; the defaults in tuning.h come from here).
       struct Res {
         double ms;
@@ -287,6 +290,8 @@ int main(int argc, char** argv) {
       const double e = double(N) * I * 2;
       report_bytes("swiglu fwd", dims({N, I}), 3 * e, time_ms([&] { cu::swiglu_fwd(g, u, h); }), 85);
       report_bytes("swiglu bwd", dims({N, I}), 5 * e, time_ms([&] { cu::swiglu_bwd(g, u, dh, dg, du); }), 85);
+      report_bytes("dropout_ p=0.1 (in place)", dims({N, I}), 2 * e, time_ms([&] { cu::dropout_(dg, 0.1f, 1234); }),
+                   85);
     }
     {
       Tensor ids = cu::empty({N}, DType::I32);

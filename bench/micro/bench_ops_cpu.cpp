@@ -130,6 +130,16 @@ BENCHMARK(BM_CpuRmsNormBwd)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
+// ---- dropout_ in place (LoRA dropout): reads and writes x; a fixed seed, so every iteration drops the same
+// elements (rescaling the survivors again: the values grow, the work does not change) ----
+void BM_CpuDropout(benchmark::State& st) {
+  const int64_t N = st.range(0);
+  Tensor x = randn({N}, 1);
+  for (auto _ : st) ops::dropout_(x, 0.1f, 1234);
+  set_rate(st, "bytes/s", 2.0 * N * sizeof(float));
+}
+BENCHMARK(BM_CpuDropout)->Arg(1 << 16)->Arg(1 << 22)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
 // ---- cross-entropy with gradient: reads logits, writes dlogits ----
 void BM_CpuCrossEntropy(benchmark::State& st) {
   const int64_t N = st.range(0), V = st.range(1);

@@ -19,6 +19,7 @@
 #include <pcre2.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -336,6 +337,154 @@ Tensor merge_lora_bias(const Tensor& base_bias, const LoraWeights& w, DType out_
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Expert parameters (PEFT's ParamWrapper): delta[e][o][i] = fp32(fp32(sum_k B[o, k·E + e] A[e·r + k, i]) * scale)
+
+namespace {
+
+std::string expert_name(const LoraExpertParam& p) { return p.target.empty() ? p.module + "." + p.param : p.target; }
+
+struct ExpertPrepared {
+  int64_t r = 0, E = 0, out = 0, in = 0;
+  std::vector<float> A;  // [r·E, in] as given: expert e's A_e is rows [e·r, e·r + r)
+  std::vector<float> B;  // regrouped per expert: Bt[(e·out + o)·r + k] = B[o, k·E + e]
+  float scale = 1.f;
+};
+
+ExpertPrepared prepare_expert(const LoraExpertParam& p) {
+  ExpertPrepared x;
+  x.r = p.r;
+  x.E = p.num_experts;
+  x.out = p.B.dim(0);
+  x.in = p.A.dim(1);
+  x.A = to_f32(p.A);
+  const std::vector<float> b = to_f32(p.B);
+  x.B.resize(b.size());
+  const int64_t rE = x.r * x.E;
+  for (int64_t e = 0; e < x.E; ++e)
+    for (int64_t o = 0; o < x.out; ++o)
+      for (int64_t k = 0; k < x.r; ++k) x.B[static_cast<size_t>((e * x.out + o) * x.r + k)] = b[static_cast<size_t>(o * rE + k * x.E + e)];
+  x.scale = static_cast<float>(p.scale);
+  return x;
+}
+
+// Row o of delta[e] into d (in floats); acc has `in` doubles. k ascending, in double, as delta_row.
+void expert_delta_row(const ExpertPrepared& x, int64_t e, int64_t o, double* acc, float* d) {
+  const int64_t in = x.in, r = x.r;
+  for (int64_t i = 0; i < in; ++i) acc[i] = 0.0;
+  const float* bt = x.B.data() + (e * x.out + o) * r;
+  for (int64_t k = 0; k < r; ++k) {
+    const double b = bt[k];
+    const float* a = x.A.data() + (e * r + k) * in;
+    for (int64_t i = 0; i < in; ++i) acc[i] += b * static_cast<double>(a[i]);
+  }
+  for (int64_t i = 0; i < in; ++i) {
+    const float ba = static_cast<float>(acc[i]);  // fp32(B_e @ A_e)
+    d[i] = ba * x.scale;                          // fp32(... * scale)
+  }
+}
+
+// src holds n_exp experts (from e_first) of `rows` rows (from row0) of `in` columns each, in sdt; the merged
+// rows go to dst in ddt (dst may alias src when sdt == ddt: each row is read before it is written).
+void merge_expert_rows(const void* src, DType sdt, void* dst, DType ddt, const LoraExpertParam& p, int64_t e_first,
+                       int64_t n_exp, int64_t row0, int64_t rows) {
+  const ExpertPrepared x = prepare_expert(p);
+  const size_t ss = dtype_size(sdt), ds = dtype_size(ddt);
+  const bool narrow = sdt != ddt;
+  const int64_t in = x.in, total = n_exp * rows;
+  std::vector<double> acc(static_cast<size_t>(in));
+  std::vector<float> w(static_cast<size_t>(in)), d(static_cast<size_t>(in));
+#pragma omp parallel for schedule(static) firstprivate(acc, w, d)
+  for (int64_t j = 0; j < total; ++j) {
+    const int64_t e = e_first + j / rows, o = row0 + j % rows;
+    convert_floats(static_cast<const char*>(src) + static_cast<size_t>(j * in) * ss, sdt, w.data(), DType::F32,
+                   static_cast<size_t>(in));
+    if (narrow)
+      for (int64_t i = 0; i < in; ++i) w[i] = round_to(w[i], ddt);  // the base as loaded in ddt
+    expert_delta_row(x, e, o, acc.data(), d.data());
+    for (int64_t i = 0; i < in; ++i) {
+      const float dd = round_to(d[i], ddt);  // delta_weight.to(param.dtype)
+      w[i] = w[i] + dd;                      // param.data += delta_weight: fp32 sum, rounded on store
+    }
+    convert_floats(w.data(), DType::F32, static_cast<char*>(dst) + static_cast<size_t>(j * in) * ds, ddt,
+                   static_cast<size_t>(in));
+  }
+}
+
+// The experts and rows of parameter p that a base tensor of `shape` holds (expert -1: all of them); throws
+// ShapeError naming `what` when the shape does not fit.
+void expert_block(const LoraExpertParam& p, const Shape& shape, int64_t expert, int64_t row0, const std::string& what,
+                  int64_t* e_first, int64_t* n_exp, int64_t* rows) {
+  const int64_t E = p.num_experts, out = p.B.dim(0), in = p.A.dim(1);
+  if (expert < 0) {
+    const bool ok = row0 == 0 && (shape == Shape{E, out, in} || (E == 1 && shape == Shape{out, in}));
+    if (!ok)
+      throw ShapeError(what + ": base " + shape_str(shape) + " does not match the expert LoRA pair of " + expert_name(p) +
+                       " (A " + shape_str(p.A.shape()) + ", B " + shape_str(p.B.shape()) + ", r " + std::to_string(p.r) +
+                       ": want the fused " + shape_str({E, out, in}) + ")");
+    *e_first = 0;
+    *n_exp = E;
+    *rows = out;
+    return;
+  }
+  if (expert >= E)
+    throw ShapeError(what + ": expert " + std::to_string(expert) + " of " + expert_name(p) + ", which has " +
+                     std::to_string(E) + " experts (lora_A " + shape_str(p.A.shape()) + " at rank " + std::to_string(p.r) + ")");
+  if (shape.size() != 2 || shape[1] != in || row0 < 0 || shape[0] <= 0 || row0 + shape[0] > out)
+    throw ShapeError(what + ": base " + shape_str(shape) + " does not match rows [" + std::to_string(row0) + ", ...) of expert " +
+                     std::to_string(expert) + " of " + expert_name(p) + " (delta [" + std::to_string(out) + ", " +
+                     std::to_string(in) + "] per expert)");
+  *e_first = expert;
+  *n_exp = 1;
+  *rows = shape[0];
+}
+
+}  // namespace
+
+Shape lora_expert_base_shape(const LoraExpertParam& p) { return {p.num_experts, p.B.dim(0), p.A.dim(1)}; }
+
+void check_lora_expert_param(const LoraExpertParam& p, const std::string& where) {
+  check_float(p.A, where + " lora_A");
+  check_float(p.B, where + " lora_B");
+  if (p.A.ndim() != 2 || p.B.ndim() != 2 || p.r <= 0 || p.num_experts <= 0 || p.A.dim(0) != p.r * p.num_experts ||
+      p.B.dim(1) != p.A.dim(0))
+    throw ShapeError(where + ": lora_A " + shape_str(p.A.shape()) + " and lora_B " + shape_str(p.B.shape()) +
+                     " do not form an expert LoRA pair of rank " + std::to_string(p.r) + " over " +
+                     std::to_string(p.num_experts) + " experts (A [r·E, in], B [out, r·E])");
+}
+
+Tensor expert_delta(const LoraExpertParam& p, int64_t e) {
+  check_lora_expert_param(p, "expert_delta " + expert_name(p));
+  if (e < 0 || e >= p.num_experts)
+    throw ShapeError("expert_delta " + expert_name(p) + ": expert " + std::to_string(e) + " out of [0, " +
+                     std::to_string(p.num_experts) + ")");
+  const ExpertPrepared x = prepare_expert(p);
+  Tensor out = Tensor::empty({x.out, x.in}, DType::F32);
+  std::vector<double> acc(static_cast<size_t>(x.in));
+  for (int64_t o = 0; o < x.out; ++o) expert_delta_row(x, e, o, acc.data(), out.f32() + o * x.in);
+  return out;
+}
+
+Tensor merge_lora_expert(const Tensor& base, const LoraExpertParam& p, int64_t expert, int64_t row0, DType out_dtype) {
+  check_lora_expert_param(p, "merge_lora_expert " + expert_name(p));
+  check_float(base, "merge_lora_expert base");
+  if (!is_float(out_dtype))
+    throw ShapeError(std::string("merge_lora_expert: output dtype ") + dtype_name(out_dtype) + " is not a float dtype");
+  int64_t e0 = 0, n = 0, rows = 0;
+  expert_block(p, base.shape(), expert, row0, "merge_lora_expert", &e0, &n, &rows);
+  Tensor out = Tensor::empty(base.shape(), out_dtype);
+  merge_expert_rows(base.raw(), base.dtype(), out.raw(), out_dtype, p, e0, n, expert < 0 ? 0 : row0, rows);
+  return out;
+}
+
+void merge_lora_expert_inplace(Tensor& base, const LoraExpertParam& p, int64_t expert, int64_t row0) {
+  check_lora_expert_param(p, "merge_lora_expert " + expert_name(p));
+  check_float(base, "merge_lora_expert base");
+  int64_t e0 = 0, n = 0, rows = 0;
+  expert_block(p, base.shape(), expert, row0, "merge_lora_expert", &e0, &n, &rows);
+  merge_expert_rows(base.raw(), base.dtype(), base.raw(), base.dtype(), p, e0, n, expert < 0 ? 0 : row0, rows);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Adapter folder
 
 LoraAdapter LoraAdapter::load(const std::string& dir_in) {
@@ -411,9 +560,23 @@ LoraAdapter LoraAdapter::load(const std::string& dir_in) {
     unsupported("use_alora", "aLoRA adapters only act after their invocation tokens, so they cannot be merged into "
                 "the weights");
   if (get_bool("use_qalora", false)) unsupported("use_qalora", "QALoRA adapters are not supported by the merge");
-  if (const ojson* v = get("target_parameters"); v && !(v->is_array() && v->empty()))
-    unsupported("target_parameters", "LoRA on raw parameters (fused MoE experts) is not supported by the merge; "
-                "per-expert Linear modules (target_modules) are");
+  // target_parameters: LoRA on raw (fused MoE expert) parameters, PEFT's ParamWrapper. PEFT refuses to build
+  // one with dropout, fan_in_fan_out, lora_bias or DoRA (ParamWrapper.__init__), so no such adapter exists.
+  std::vector<std::string> target_parameters;
+  if (const ojson* v = get("target_parameters")) {
+    if (!v->is_array()) throw FormatError(cp + ": key 'target_parameters': expected a list of parameter names, got " + v->dump());
+    for (const auto& t : *v) {
+      if (!t.is_string() || t.get<std::string>().empty() || t.get<std::string>().back() == '.')
+        throw FormatError(cp + ": key 'target_parameters': expected parameter names, got " + t.dump());
+      target_parameters.push_back(t.get<std::string>());
+    }
+  }
+  if (!target_parameters.empty()) {
+    for (const char* k : {"use_dora", "lora_bias", "fan_in_fan_out"})
+      if (get_bool(k, false))
+        unsupported(k, std::string("PEFT's ParamWrapper (target_parameters) does not work with ") + k +
+                    ", so PEFT cannot have made this adapter");
+  }
   if (get("trainable_token_indices"))
     unsupported("trainable_token_indices", "trainable-token adapters are not supported by the merge");
   if (const ojson* v = get("layer_replication"); v && !(v->is_array() && v->empty()))
@@ -496,6 +659,135 @@ LoraAdapter LoraAdapter::load(const std::string& dir_in) {
     }
   }
 
+  // ---- LoRA on expert parameters (target_parameters): PEFT's ParamWrapper pairs come out of `mods`
+  if (!target_parameters.empty()) {
+    // The parameters target_parameters selects on module M (tuners_utils._inject_parameters: the key
+    // "M.<param>" equals an entry or ends with "." + entry), in the order PEFT wraps them: the module's
+    // parameter registration order, gate_up_proj before down_proj in every transformers experts class.
+    auto registration = [](const std::string& p) { return p == "gate_up_proj" ? 0 : p == "down_proj" ? 1 : 2; };
+    auto candidates = [&](const std::string& M) {
+      std::vector<std::string> c;
+      for (const std::string& t : target_parameters) {
+        const std::string p = t.substr(t.rfind('.') == std::string::npos ? 0 : t.rfind('.') + 1);
+        const std::string key = M + "." + p;
+        if ((key == t || key.ends_with("." + t)) && std::find(c.begin(), c.end(), p) == c.end()) c.push_back(p);
+      }
+      std::stable_sort(c.begin(), c.end(), [&](const std::string& a, const std::string& b) { return registration(a) < registration(b); });
+      return c;
+    };
+    std::map<std::string, std::map<int, std::string>> roots;  // M -> nesting depth -> key in mods
+    for (const auto& [m, parts] : mods) {
+      std::string root = m;
+      int depth = 0;
+      while (ends_with_strip(root, ".base_layer")) ++depth;
+      roots[root][depth] = m;
+    }
+    for (const auto& [M, by_depth] : roots) {
+      const std::vector<std::string> cand = candidates(M);
+      const bool nested = by_depth.rbegin()->first > 0;
+      bool is_param = nested;
+      if (!is_param && !cand.empty()) {
+        // A module target_modules selects is a Linear (PEFT refuses to wrap its parameters as well); otherwise a
+        // pair target_parameters can explain is a ParamWrapper's: always with target_modules null, else when
+        // target_modules does not select the module or its lora_A is not [r, in] at the module's rank (E > 1).
+        const std::optional<bool> sel = selects(target_modules, M, cp + ": target_modules");
+        if (target_modules.is_null()) is_param = true;
+        else if (sel && !*sel) is_param = true;
+        else if (!sel) {
+          const Parts& p0 = mods.at(by_depth.at(0));
+          const ojson* rp = pattern_value(*rank_pattern, M, cp + ": rank_pattern");
+          const int64_t r_lin = rp ? rank_of(*rp, "rank_pattern entry for " + q(M)) : r_default;
+          is_param = !p0.a.empty() && ad.tensors.info(p0.a).shape.size() == 2 && ad.tensors.info(p0.a).shape[0] != r_lin;
+        }
+      }
+      if (!is_param) continue;
+      const std::string where = wp + ": module " + q(M);
+      const std::string first_key = mods.at(by_depth.begin()->second).a.empty() ? mods.at(by_depth.begin()->second).b
+                                                                                 : mods.at(by_depth.begin()->second).a;
+      if (cand.empty())
+        throw FormatError(where + ": has nested LoRA tensors (" + q(first_key) + "), PEFT's layout for several "
+                          "target_parameters on one module, but target_parameters in " + cp + " names none of its parameters");
+      const int n = static_cast<int>(by_depth.size());
+      if (by_depth.rbegin()->first != n - 1)
+        throw FormatError(where + ": LoRA tensors at nesting depths that skip one (" + q(first_key) +
+                          "): PEFT's nested ParamWrappers save <module>.lora_A, <module>.base_layer.lora_A, ... without gaps");
+      if (static_cast<int>(cand.size()) != n) {
+        std::string names;
+        for (const auto& c : cand) names += (names.empty() ? "" : ", ") + c;
+        throw FormatError(where + ": has " + std::to_string(n) + " nested LoRA pair(s) but target_parameters in " + cp +
+                          " selects " + std::to_string(cand.size()) + " of its parameters (" + names +
+                          "): cannot tell which pair adapts which parameter");
+      }
+      if (n > 1)
+        for (const auto& c : cand)
+          if (registration(c) == 2)
+            throw UsageError(where + ": " + std::to_string(n) + " nested LoRA pairs on parameters including " + q(c) +
+                             ": the nesting order (the module's parameter order) is only known for gate_up_proj / down_proj");
+      std::map<std::string, LoraExpertParam*> made;
+      for (const auto& [depth, mkey] : by_depth) {
+        const Parts& parts = mods.at(mkey);
+        const std::string pname = cand[static_cast<size_t>(n - 1 - depth)];  // the first wrapped is the innermost
+        const std::string here = wp + ": " + q(M + "." + pname) + " (expert LoRA pair " + q(mkey) + ")";
+        if (parts.a.empty() || parts.b.empty())
+          throw FormatError(here + ": has " + q(parts.a.empty() ? (parts.b.empty() ? (parts.mag.empty() ? parts.bias : parts.mag) : parts.b) : parts.a) +
+                            " but no " + (parts.a.empty() ? "lora_A" : "lora_B") + " tensor");
+        if (parts.embedding_a || parts.embedding_b || !parts.mag.empty() || !parts.bias.empty())
+          throw FormatError(here + ": PEFT's ParamWrapper has only lora_A.weight / lora_B.weight, not " +
+                            q(!parts.mag.empty() ? parts.mag : !parts.bias.empty() ? parts.bias : parts.a));
+        LoraExpertParam ep;
+        ep.module = M;
+        ep.param = pname;
+        ep.target = M + "." + pname;
+        ep.depth = depth;
+        ep.key_a = parts.a;
+        ep.key_b = parts.b;
+        ep.A = ad.tensors.get(parts.a);
+        ep.B = ad.tensors.get(parts.b);
+        for (const auto& [name, t] : {std::pair<std::string, Tensor>{parts.a, ep.A}, {parts.b, ep.B}})
+          if (t.ndim() != 2)
+            throw FormatError(wp + ": tensor " + q(name) + " has shape " + shape_str(t.shape()) +
+                              ": a ParamWrapper's lora_A / lora_B are 2-D ([r·E, in], [out, r·E])");
+        const ojson* rp = pattern_value(*rank_pattern, ep.target, cp + ": rank_pattern");
+        const ojson* ap = pattern_value(*alpha_pattern, ep.target, cp + ": alpha_pattern");
+        ep.r = rp ? rank_of(*rp, "rank_pattern entry for " + q(ep.target)) : r_default;
+        ep.alpha = ap ? num(*ap, "alpha_pattern entry for " + q(ep.target)) : alpha_default;
+        const int64_t rows = ep.A.dim(0);
+        if (rows % ep.r != 0 || rows == 0)
+          throw FormatError(here + ": adapter_config.json gives rank " + std::to_string(ep.r) + (rp ? " (rank_pattern)" : " (r)") +
+                            " but " + q(parts.a) + " has shape " + shape_str(ep.A.shape()) + ": want [r·E, in], r·E a multiple of " +
+                            std::to_string(ep.r));
+        ep.num_experts = rows / ep.r;
+        if (ep.B.dim(1) != rows)
+          throw FormatError(here + ": " + q(parts.a) + " " + shape_str(ep.A.shape()) + " and " + q(parts.b) + " " +
+                            shape_str(ep.B.shape()) + " do not form a pair (A [r·E, in], B [out, r·E])");
+        if (pname == "gate_up_proj" && ep.B.dim(0) % 2 != 0)
+          throw FormatError(here + ": " + q(parts.b) + " " + shape_str(ep.B.shape()) + ": gate_up_proj's out (2·I: gate "
+                            "rows, then up rows) must be even");
+        check_lora_expert_param(ep, here);
+        ep.scale = ad.use_rslora ? ep.alpha / std::sqrt(static_cast<double>(ep.r)) : ep.alpha / static_cast<double>(ep.r);
+        const std::string target = ep.target;
+        made[pname] = &ad.expert_params.emplace(target, std::move(ep)).first->second;
+      }
+      // gate_up_proj [E, 2I, H] and down_proj [E, H, I] of one experts module: check the nesting against the shapes.
+      if (made.count("gate_up_proj") && made.count("down_proj")) {
+        const LoraExpertParam& gu = *made["gate_up_proj"];
+        const LoraExpertParam& dn = *made["down_proj"];
+        auto fits = [](const LoraExpertParam& g, const LoraExpertParam& d) {
+          return g.A.dim(1) == d.B.dim(0) && g.B.dim(0) == 2 * d.A.dim(1);
+        };
+        if (!fits(gu, dn) || gu.num_experts != dn.num_experts)
+          throw FormatError(where + ": by PEFT's nesting, gate_up_proj (wrapped first: the inner " + q(gu.key_a) + " " +
+                            shape_str(gu.A.shape()) + ", " + q(gu.key_b) + " " + shape_str(gu.B.shape()) + ", " +
+                            std::to_string(gu.num_experts) + " experts) and down_proj (the outer " + q(dn.key_a) + " " +
+                            shape_str(dn.A.shape()) + ", " + q(dn.key_b) + " " + shape_str(dn.B.shape()) + ", " +
+                            std::to_string(dn.num_experts) + " experts) do not fit: want gate_up_proj's in = down_proj's "
+                            "out (H), gate_up_proj's out = 2 x down_proj's in (2I) and the same number of experts" +
+                            (fits(dn, gu) ? " (they fit the other way round: the nesting is swapped)" : ""));
+      }
+      for (const auto& [depth, mkey] : by_depth) mods.erase(mkey);
+    }
+  }
+
   // ---- one LoraModule per adapted module
   for (auto& [m, parts] : mods) {
     const std::string where = wp + ": module " + q(m);
@@ -559,28 +851,127 @@ LoraAdapter LoraAdapter::load(const std::string& dir_in) {
     if (!mod.bias_target.empty()) ad.bias_owner[mod.bias_target] = mod.target;
     ad.modules.emplace(mod.target, std::move(mod));
   }
-  if (ad.modules.empty() && ad.replaced.empty())
+  if (ad.modules.empty() && ad.replaced.empty() && ad.expert_params.empty())
     throw FormatError(wp + ": no LoRA tensors (keys like base_model.model.<module>.lora_A.weight)");
+  // A base tensor changed both through an expert parameter and otherwise (a per-expert Linear pair or a saved
+  // tensor of the same expert weight): PEFT would not have built such an adapter.
+  for (const auto& [t, m] : ad.modules)
+    if (auto sl = ad.expert_slice(t))
+      throw FormatError(wp + ": " + q(m.key_a) + " and " + q(sl->param->key_a) + " both adapt base tensor " + q(t) +
+                        " (a per-expert Linear pair and a pair on the fused " + sl->param->target + ")");
+  for (const auto& [t, k] : ad.replaced)
+    if (auto sl = ad.expert_slice(t))
+      throw FormatError(wp + ": " + q(k) + " replaces base tensor " + q(t) + ", which " + q(sl->param->key_a) + " adapts");
   return ad;
 }
 
 bool LoraAdapter::touches(const std::string& name) const {
-  return modules.count(name) || bias_owner.count(name) || replaced.count(name);
+  return modules.count(name) || bias_owner.count(name) || replaced.count(name) || expert_slice(name).has_value();
 }
 
 std::map<std::string, std::string> LoraAdapter::touched() const {
+  return touched([](const std::string&) { return true; });
+}
+
+namespace {
+
+// The per-expert hub names of expert parameter p (gate_up_proj: gate and up of every expert; down_proj: down) in
+// the first naming the base has for expert 0; empty when it has none (or p is another parameter).
+std::vector<std::string> per_expert_names(const LoraExpertParam& p, const std::function<bool(const std::string&)>& has) {
+  const bool gu = p.param == "gate_up_proj";
+  if (!gu && p.param != "down_proj") return {};
+  std::string P = p.module;
+  if (!ends_with_strip(P, ".experts")) return {};
+  struct Naming {
+    std::string block;
+    const char *gate, *up, *down;
+  };
+  std::vector<Naming> namings = {{P, "gate_proj", "up_proj", "down_proj"}, {P, "w1", "w3", "w2"}};
+  if (std::string Q = P; ends_with_strip(Q, ".mlp")) {  // Mixtral's hub names: block_sparse_moe
+    namings.push_back({Q + ".block_sparse_moe", "w1", "w3", "w2"});
+    namings.push_back({Q + ".block_sparse_moe", "gate_proj", "up_proj", "down_proj"});
+  }
+  for (const Naming& nm : namings) {
+    const std::string pre = nm.block + ".experts.";
+    if (!has(pre + "0." + (gu ? nm.gate : nm.down) + ".weight")) continue;
+    std::vector<std::string> out;
+    for (int64_t e = 0; e < p.num_experts; ++e) {
+      const std::string pe = pre + std::to_string(e) + ".";
+      if (gu) {
+        out.push_back(pe + nm.gate + ".weight");
+        out.push_back(pe + nm.up + ".weight");
+      } else {
+        out.push_back(pe + nm.down + ".weight");
+      }
+    }
+    return out;
+  }
+  return {};
+}
+
+}  // namespace
+
+std::map<std::string, std::string> LoraAdapter::touched(const std::function<bool(const std::string&)>& base_has) const {
   std::map<std::string, std::string> t;
   for (const auto& [n, k] : replaced) t[n] = k;
   for (const auto& [n, m] : modules) t[n] = m.key_a;
   for (const auto& [n, owner] : bias_owner) t[n] = modules.at(owner).key_bias;
+  for (const auto& [n, p] : expert_params) {
+    std::vector<std::string> names;
+    if (!base_has(n)) names = per_expert_names(p, base_has);
+    if (names.empty()) names.push_back(n);
+    for (const auto& name : names) t[name] = p.key_a;
+  }
   return t;
+}
+
+std::optional<LoraExpertSlice> LoraAdapter::expert_slice(const std::string& name) const {
+  if (expert_params.empty()) return std::nullopt;
+  auto whole = [](const LoraExpertParam& p) { return LoraExpertSlice{&p, -1, 0, p.B.dim(0)}; };
+  if (auto it = expert_params.find(name); it != expert_params.end()) return whole(it->second);
+  // "<prefix>.experts.<e>.<proj>.weight"
+  std::string s = name;
+  if (!ends_with_strip(s, ".weight")) return std::nullopt;
+  size_t d = s.rfind('.');
+  if (d == std::string::npos) return std::nullopt;
+  const std::string proj = s.substr(d + 1);
+  s.resize(d);
+  d = s.rfind('.');
+  if (d == std::string::npos) return std::nullopt;
+  const std::string idx = s.substr(d + 1);
+  s.resize(d);
+  if (idx.empty() || idx.size() > 9 || idx.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+  if (!s.ends_with(".experts")) return std::nullopt;
+  static const struct {
+    const char *proj, *param;
+    int half;  // gate_up_proj: 0 = gate rows [0, I), 1 = up rows [I, 2I); -1: the whole delta
+  } projs[] = {{"gate_proj", "gate_up_proj", 0}, {"w1", "gate_up_proj", 0}, {"up_proj", "gate_up_proj", 1},
+               {"w3", "gate_up_proj", 1},        {"down_proj", "down_proj", -1}, {"w2", "down_proj", -1}};
+  for (const auto& pr : projs) {
+    if (proj != pr.proj) continue;
+    std::vector<std::string> mods = {s};
+    if (std::string t = s; ends_with_strip(t, ".block_sparse_moe.experts")) mods.push_back(t + ".mlp.experts");
+    for (const auto& m : mods) {
+      auto it = expert_params.find(m + "." + pr.param);
+      if (it == expert_params.end()) continue;
+      LoraExpertSlice sl = whole(it->second);
+      sl.expert = std::stoll(idx);
+      if (pr.half >= 0) {
+        sl.rows = it->second.B.dim(0) / 2;
+        sl.row0 = pr.half * sl.rows;
+      }
+      return sl;
+    }
+  }
+  return std::nullopt;
 }
 
 void LoraAdapter::check_base_tensor(const std::string& name, const std::string& dtype, const Shape& shape,
                                     const std::string& base_file) const {
   const bool float_dtype = dtype == "F32" || dtype == "BF16" || dtype == "F16";
   auto where_base = [&] { return "base tensor " + q(name) + " " + shape_str(shape) + " " + dtype + " (" + base_file + ")"; };
-  if (!modules.count(name)) try {  // (an adapted weight gets the more specific message below)
+  const std::optional<LoraExpertSlice> expert = expert_slice(name);
+  if (!modules.count(name) && !expert) try {  // (an adapted weight gets the more specific message below)
     (void)dtype_from_safetensors(dtype);
   } catch (const Error&) {
     const auto t = touched();
@@ -611,6 +1002,28 @@ void LoraAdapter::check_base_tensor(const std::string& name, const std::string& 
                        (m.w.kind == LoraKind::Embedding ? "an embedding " : m.w.fan_in_fan_out ? "a fan_in_fan_out [in, out] " : "a [out, in] ") +
                        "weight " + shape_str(want) + ", but " + where_base() + " does not match");
   }
+  if (expert) {
+    const LoraExpertParam& p = *expert->param;
+    const std::string pair = "adapter tensors " + q(p.key_a) + " " + shape_str(p.A.shape()) + " and " + q(p.key_b) + " " +
+                             shape_str(p.B.shape()) + " (" + weights_path + ", LoRA on " + p.target + ": " +
+                             std::to_string(p.num_experts) + " experts at rank " + std::to_string(p.r) + ")";
+    if (!float_dtype)
+      throw FormatError(where_base() + " is adapted by " + pair + " but is not stored as F32/BF16/F16 (a quantized "
+                        "checkpoint?): merge into the original float checkpoint");
+    const int64_t E = p.num_experts, out = p.B.dim(0), in = p.A.dim(1);
+    if (expert->expert < 0) {
+      if (!(shape == Shape{E, out, in} || (E == 1 && shape == Shape{out, in})))
+        throw ShapeError(pair + " need the fused parameter " + shape_str({E, out, in}) + " ([experts, out, in], "
+                         "transformers 5's layout), but " + where_base() + " does not match");
+    } else if (expert->expert >= E) {
+      throw ShapeError(where_base() + " is expert " + std::to_string(expert->expert) + ", but " + pair + " have " +
+                       std::to_string(E) + " experts");
+    } else if (shape != Shape{expert->rows, in}) {
+      throw ShapeError(pair + " need " + shape_str({expert->rows, in}) + " for " +
+                       (p.param == "gate_up_proj" ? (expert->row0 == 0 ? "the gate rows" : "the up rows") : std::string("the delta")) +
+                       " of expert " + std::to_string(expert->expert) + ", but " + where_base() + " does not match");
+    }
+  }
   if (auto it = bias_owner.find(name); it != bias_owner.end()) {
     const LoraModule& m = modules.at(it->second);
     if (!float_dtype) throw FormatError(where_base() + " is changed by lora_B.bias but is not a float tensor");
@@ -633,6 +1046,7 @@ Tensor LoraAdapter::merged(const std::string& name, const Tensor& base, std::opt
     }
   }
   if (auto it = modules.find(name); it != modules.end()) return merge_lora_weight(cur, it->second.w, od);
+  if (auto sl = expert_slice(name)) return merge_lora_expert(cur, *sl->param, sl->expert, sl->row0, od);
   if (auto it = bias_owner.find(name); it != bias_owner.end()) return merge_lora_bias(cur, modules.at(it->second).w, od);
   return cur.dtype() != od ? cur.to(od) : cur.clone();  // never hand out a view of the base or of the adapter's mapping
 }
@@ -642,6 +1056,11 @@ void LoraAdapter::merge_inplace(const std::string& name, Tensor& base) const {
     merge_lora_weight_inplace(base, modules.at(name).w);
     return;
   }
+  if (!replaced.count(name))
+    if (auto sl = expert_slice(name)) {
+      merge_lora_expert_inplace(base, *sl->param, sl->expert, sl->row0);
+      return;
+    }
   Tensor m = merged(name, base, base.dtype());
   std::memcpy(base.raw(), m.raw(), base.nbytes());
 }

@@ -351,13 +351,41 @@ LoraMergeResult merge_lora(const std::string& base_dir, const LoraAdapter& adapt
   for (size_t i = 0; i < files.size() && i < 3; ++i) base_files_str += (i ? ", " : "") + files[i];
   if (files.size() > 3) base_files_str += ", ... (" + std::to_string(files.size()) + " files)";
 
-  const std::map<std::string, std::string> touched = adapter.touched();
+  if (!adapter.expert_params.empty()) {
+    // LoRA on fused experts assumes transformers 5's [E, out, in] experts (PEFT's ParamWrapper swaps in/out for
+    // them). Models whose experts are stored [E, in, out] (`is_transposed`, delta "e i o") would need the other
+    // orientation, which the shapes alone cannot tell when in == out.
+    std::string model_type;
+    try {
+      std::ifstream f(bdir / "config.json", std::ios::binary);
+      std::stringstream ss;
+      ss << f.rdbuf();
+      const json c = parse_json_bounded(ss.str(), (bdir / "config.json").string());
+      if (c.is_object() && c.contains("model_type") && c["model_type"].is_string()) model_type = c["model_type"].get<std::string>();
+    } catch (const Error&) {
+    }
+    static const std::set<std::string> transposed = {"gpt_oss", "llama4", "llama4_text"};
+    if (transposed.count(model_type))
+      throw UsageError("merge-lora: " + adapter.config_path + ": LoRA on the fused expert parameters (target_parameters, e.g. " +
+                       adapter.expert_params.begin()->first + ") of a " + model_type + " base is not supported: its experts "
+                       "are stored [experts, in, out]; only [experts, out, in] (qwen2_moe, qwen3_moe, olmoe, mixtral, ...) merges");
+  }
+  // Expert parameters are looked up in the base's layout: the fused tensor, or the hub's per-expert tensors.
+  const std::map<std::string, std::string> touched =
+      adapter.touched([&](const std::string& n) { return where.count(n) > 0; });
   for (const auto& [name, key] : touched) {
     auto it = where.find(name);
     if (it == where.end()) {
       std::string hint;
       if (name == "lm_head.weight")
         hint = " (a model with tied embeddings stores no lm_head.weight; LoRA on a tied lm_head is not supported)";
+      else if (auto ep = adapter.expert_params.find(name); ep != adapter.expert_params.end())
+        hint = " (LoRA on the fused expert parameter; the base has neither it nor per-expert tensors like " +
+               ep->second.module + ".0." + (ep->second.param == "down_proj" ? "down_proj" : "gate_proj") +
+               ".weight or Mixtral's block_sparse_moe.experts.0." + (ep->second.param == "down_proj" ? "w2" : "w1") + ".weight)";
+      else if (auto sl = adapter.expert_slice(name); sl && sl->expert >= 0)
+        hint = " (" + sl->param->target + " has " + std::to_string(sl->param->num_experts) +
+               " experts in the adapter: does the base have fewer?)";
       else if (name.find(".experts.") != std::string::npos)
         hint = " (a base that stores its experts fused, as transformers 5 saves them, has no per-expert tensors)";
       throw FormatError("adapter tensor " + q(key) + " (" + adapter.weights_path + ") targets base tensor " + q(name) +
@@ -366,6 +394,13 @@ LoraMergeResult merge_lora(const std::string& base_dir, const LoraAdapter& adapt
     const StTensor& t = shards[it->second.first].tensors[it->second.second];
     adapter.check_base_tensor(name, t.dtype, t.shape, shards[it->second.first].path);
   }
+  // Every base tensor the merge will change, also those touched() does not list (an expert index beyond the
+  // adapter's experts): checked now, before anything is written.
+  for (const auto& [name, loc] : where)
+    if (!touched.count(name) && adapter.touches(name)) {
+      const StTensor& t = shards[loc.first].tensors[loc.second];
+      adapter.check_base_tensor(name, t.dtype, t.shape, shards[loc.first].path);
+    }
   for (const auto& w : adapter.warnings) {
     res.warnings.push_back(w);
     say("warning: " + w);

@@ -47,11 +47,14 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
 Param& DecoderLM::lm_head() { return lm_head_ ? *lm_head_ : *embed_; }
 
 std::vector<std::vector<Param*>> DecoderLM::param_units() {
-  // Unit of each parameter by name: "model.layers.{i}." -> i + 1, everything else -> the root (0).
+  // Unit of each parameter by name: "model.layers.{i}." -> i + 1, everything else -> the root (0). LoRA
+  // pairs ("base_model.model.model.layers.{i}....lora_A.weight") belong to their layer's unit.
   std::vector<std::vector<Param*>> units(layers_.size() + 1);
+  const std::string peft = "base_model.model.";
   for (Param& p : ps_.all()) {
     size_t u = 0;
-    if (p.name.rfind("model.layers.", 0) == 0) u = std::stoul(p.name.substr(13)) + 1;
+    const std::string n = p.name.rfind(peft, 0) == 0 ? p.name.substr(peft.size()) : p.name;
+    if (n.rfind("model.layers.", 0) == 0) u = std::stoul(n.substr(13)) + 1;
     units.at(u).push_back(&p);
   }
   return units;
@@ -207,6 +210,7 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   const bool recompute = opt.activation_checkpointing;
   fake_balanced_gate_ = opt.fake_balanced_gate;
   count_experts_ = opt.count_metrics;
+  lora_pass_ = LoraPass{true, opt.dropout_seed};  // LoRA dropout on, for this pass and its recomputations
   if (n_moe_layers_ > 0) {
     Tensor seg = ExecContext::download(b.segment_ids);
     real_token_.resize(static_cast<size_t>(seg.numel()));
@@ -226,7 +230,8 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   routing_.clear();
   Tensor dxf = ex_.empty({N, H});
   Param& head = lm_head();
-  double loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf, &head.grad, opt.loss_chunk_rows);
+  double loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf,
+                                      head.grad.defined() ? &head.grad : nullptr, opt.loss_chunk_rows);
   Tensor dx = ex_.empty({N, H}, ex_.residual_dtype);
   ops::rmsnorm_bwd(x_pre, wide_weight(*norm_), rstd_f, dxf, dx, norm_->grad);
   dxf = Tensor();
@@ -243,13 +248,15 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
     saved[i] = LayerSaved{};  // free this layer's activations as soon as they are consumed
     hook_bwd_done(static_cast<int>(i) + 1);
   }
-  embedding_backward(b, dx);
+  if (embed_->grad.defined()) embedding_backward(b, dx);  // a frozen embedding (LoRA) takes no gradient
   hook_bwd_done(0);
+  lora_pass_.training = false;
   return loss;
 }
 
 double DecoderLM::forward_loss(const Batch& b, const ForwardOptions& opt) {
   fake_balanced_gate_ = opt.fake_balanced_gate;
+  lora_pass_.training = false;
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr);
   routing_.clear();
   const double loss = lm_head_cross_entropy(ex_, xf, lm_head().work, b.targets, 0.f, nullptr, nullptr, opt.loss_chunk_rows);
@@ -258,6 +265,7 @@ double DecoderLM::forward_loss(const Batch& b, const ForwardOptions& opt) {
 }
 
 Tensor DecoderLM::forward_logits(const Batch& b) {
+  lora_pass_.training = false;
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr);
   routing_.clear();
   Tensor logits = ex_.empty({xf.dim(0), cfg_.vocab_size});
@@ -285,6 +293,7 @@ Tensor DecoderLM::forward_incremental(const std::vector<int32_t>& ids, KvCache& 
   b.positions = pos;  // host: the RoPE tables are built there
   b.num_real_tokens = n;
   fake_balanced_gate_ = false;  // inference routes with the real router
+  lora_pass_.training = false;
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr, false, &cache);
   routing_.clear();
   Tensor rows = all_logits ? xf : xf.slice_rows(n - 1, n);  // [n or 1, H]
@@ -482,7 +491,8 @@ double lm_head_cross_entropy(const ExecContext& ex, const Tensor& x, const Tenso
     Tensor dlogits = Tensor::empty({r1 - r0, V}, DType::F32);
     total += ops::cross_entropy_fwd_bwd(logits, tc, grad_scale, &dlogits);
     Tensor dxc = dx->slice_rows(r0, r1);
-    ops::linear_bwd(xc, W, dlogits, &dxc, *dW, nullptr);
+    Tensor none;  // a frozen head (LoRA): dx only
+    ops::linear_bwd(xc, W, dlogits, &dxc, dW ? *dW : none, nullptr);
   }
   return total;
 }

@@ -10,7 +10,10 @@
 #include <memory>
 #include <vector>
 
+#include <deque>
+
 #include "models/blocks/attention.h"
+#include "models/blocks/lora.h"
 #include "models/blocks/mlp.h"
 #include "models/blocks/moe.h"
 #include "models/kv_cache.h"
@@ -33,6 +36,8 @@ class DecoderLM : public CausalLM {
   int64_t matmul_params_per_token() const override;
   double take_aux_loss() override;
   nlohmann::json take_step_metrics() override;
+  std::vector<const LoraAdapter*> enable_lora(const LoraSpec& spec, uint64_t seed, std::vector<std::string>* warnings) override;
+  std::vector<const LoraAdapter*> lora_adapters() const override;
 
   // ---- inference with a KV cache (automodel generate: models/generate.h) ----
   // Runs `ids`, the next n >= 1 tokens of the sequence held by `cache` (positions cache.length() .. + n - 1),
@@ -93,7 +98,8 @@ class DecoderLM : public CausalLM {
   bool wide_residual() const { return ex_.residual_dtype != ex_.act_dtype; }
   // RMSNorm and embedding weights: the fp32 master in that mode (as HF's fp32 params under autocast), else the
   // working copy.
-  const Tensor& wide_weight(const Param& p) const { return wide_residual() ? p.value : p.work; }
+  // (A frozen embedding under LoRA has no fp32 value on CUDA: its bf16 working copy is read instead.)
+  const Tensor& wide_weight(const Param& p) const { return wide_residual() && p.value.defined() ? p.value : p.work; }
   // t in the activation dtype (the blocks' matmuls take bf16 gradients): t itself or a converted copy.
   Tensor to_act(const Tensor& t) const;
   void rope_tables(const Batch& b, Tensor& cos, Tensor& sin);
@@ -123,6 +129,8 @@ class DecoderLM : public CausalLM {
   std::vector<char> real_token_;                     // this micro-batch: token t is not padding
   std::vector<Routing> routing_;                    // per sparse layer, this micro-batch
   std::vector<std::vector<int64_t>> expert_counts_;  // per sparse layer, summed since take_step_metrics()
+  std::deque<LoraAdapter> lora_;  // deque: Param::lora pointers stay valid
+  LoraPass lora_pass_;             // what the current forward is (training dropout or not)
   double aux_term_ = 0.0;                             // sum of coef * aux * scale since take_aux_loss()
   double aux_raw_sum_ = 0.0;
   int64_t aux_calls_ = 0;

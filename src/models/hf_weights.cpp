@@ -133,7 +133,10 @@ static void copy_atomic(const fs::path& src, const fs::path& dst) {
 }
 
 void append_hf_tensors(const Param& p, std::vector<std::pair<std::string, Tensor>>& out) {
-  Tensor host = ExecContext::download(p.value);
+  if (is_adapter_param(p)) return;  // LoRA pairs go to the adapter folder (train/peft.h)
+  // A frozen weight on the GPU (LoRA base) keeps only its working copy.
+  Tensor host = ExecContext::download(p.value.defined() ? p.value : p.work);
+  if (host.dtype() != DType::F32) host = host.to(DType::F32);
   // Back in the layout and dtype it was read from (per-expert stays per-expert): slice views of the
   // fused parameter, converted per slice.
   for (const SourceSlice& s : p.source()) {

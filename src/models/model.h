@@ -67,7 +67,13 @@ struct ForwardOptions {
   // false for a padding-only micro-batch (a data-parallel rank short of samples): its routing is not
   // counted in the utilisation metrics and it adds no aux loss.
   bool count_metrics = true;
+  // LoRA dropout (forward_backward only): the masks are a pure function of this seed, which the trainer
+  // derives from (seed, step, micro-batch, rank), so a resumed run drops exactly what the straight run did.
+  uint64_t dropout_seed = 0;
 };
+
+struct LoraSpec;     // models/lora.h
+struct LoraAdapter;  // models/blocks/lora.h
 
 class CausalLM {
  public:
@@ -94,6 +100,13 @@ class CausalLM {
   virtual double take_aux_loss() { return 0.0; }
   // Extra per-step numbers for training.jsonl (MoE: expert utilisation, aux loss). Resets.
   virtual nlohmann::json take_step_metrics() { return nlohmann::json::object(); }
+  // LoRA (models/lora.h): freezes every base parameter and adds a trainable A/B pair (host, fp32; A
+  // initialised per spec.lora_A_init from `seed`, B zero) to each module the spec selects. Call after the
+  // weights are loaded and before to_device. Throws UsageError for a selection it cannot honour; `warnings`
+  // gets one line per module a broad rule leaves out.
+  virtual std::vector<const LoraAdapter*> enable_lora(const LoraSpec& spec, uint64_t seed, std::vector<std::string>* warnings);
+  // The adapters enable_lora made, in registration order (empty: full fine-tuning).
+  virtual std::vector<const LoraAdapter*> lora_adapters() const { return {}; }
 };
 
 using ModelBuilder = std::function<std::unique_ptr<CausalLM>(const io::ModelConfig&, const ModelParallel&)>;

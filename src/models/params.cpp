@@ -59,10 +59,23 @@ void ParamStore::zero_grad() {
   }
 }
 
+void ParamStore::freeze(Param& p) {
+  p.trainable = false;
+  p.grad = Tensor();
+}
+
 void ParamStore::to_device(const ExecContext& ex) {
   if (!ex.on_cuda()) return;
   for (auto& p : params_) {
     Tensor host = ExecContext::download(p.value);
+    if (!p.trainable) {
+      // Frozen (LoRA base): the matmuls read the bf16 working copy; no fp32 master and no gradient. 1-D
+      // weights (RMSNorm, biases: tiny) keep their fp32 value for the fp32 residual stream's norms.
+      p.work = ex.upload_as(host, ex.act_dtype);
+      p.value = p.shape.size() == 1 ? ex.upload(host) : Tensor();
+      p.grad = Tensor();
+      continue;
+    }
     p.value = ex.upload(host);
     p.grad = ex.zeros(host.shape(), DType::F32);
     p.work = ex.upload_as(host, ex.act_dtype);

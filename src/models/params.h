@@ -10,6 +10,8 @@
 
 namespace am {
 
+struct LoraAdapter;  // models/blocks/lora.h
+
 // Where (part of) a parameter lives in an HF checkpoint: the tensor `name` holds the contiguous block of
 // `shape` starting `offset` elements into the parameter. A dense weight is one slice (itself); a fused MoE
 // weight [E, 2I, H] is 2E slices in the hub's per-expert layout (experts.{e}.gate_proj / up_proj) or one in
@@ -35,7 +37,11 @@ struct Param {
   // Under data parallelism (dist/data_parallel.h) value / grad / work are views into per-layer flat
   // buffers; under fsdp2 they exist only while the layer runs (gathered, then released).
   DType source_dtype = DType::F32;
+  // false: a frozen weight (the base under LoRA): no gradient (grad undefined), no optimizer state, and on
+  // CUDA only the working copy in the compute dtype (plus the fp32 value for 1-D weights: norms, biases).
   bool trainable = true;
+  // The LoRA pair adapting this (frozen) Linear weight, when peft targets its module; owned by the model.
+  const LoraAdapter* lora = nullptr;
   // Candidate checkpoint layouts, in order of preference (the first one is written for a model initialised
   // from a config); `layout` is the one the weights were loaded from, and the export writes it back.
   std::vector<SourceLayout> layouts;
@@ -46,7 +52,9 @@ struct Param {
 // An optional parameter (a bias) as an op argument: its working copy for forward, its gradient for backward,
 // or nullptr when the model has none.
 inline const Tensor* work_or_null(const Param* p) { return p ? &p->work : nullptr; }
-inline Tensor* grad_or_null(Param* p) { return p ? &p->grad : nullptr; }
+// A LoRA pair's weight (PEFT's "base_model.model.<module>.lora_A.weight"): not an HF checkpoint tensor.
+inline bool is_adapter_param(const Param& p) { return p.name.rfind("base_model.model.", 0) == 0; }
+inline Tensor* grad_or_null(Param* p) { return p && p->grad.defined() ? &p->grad : nullptr; }
 
 class ParamStore {
  public:
@@ -62,6 +70,8 @@ class ParamStore {
   std::deque<Param>& all() { return params_; }
   const std::deque<Param>& all() const { return params_; }
   void zero_grad();
+  // Freezes p: trainable = false and its gradient released (the ops skip a weight gradient passed undefined).
+  static void freeze(Param& p);
   // Moves master weights and grads to the context's device and makes the working copies.
   void to_device(const struct ExecContext& ex);
   int64_t numel() const;         // elements held by this rank

@@ -70,3 +70,11 @@ std::unique_ptr<CausalLM> build_model(const io::ModelConfig& cfg, const ModelPar
 }
 
 }  // namespace am
+
+namespace am {
+
+std::vector<const LoraAdapter*> CausalLM::enable_lora(const LoraSpec&, uint64_t, std::vector<std::string>*) {
+  throw UsageError("peft: LoRA is not supported for model_type '" + config().model_type + "'");
+}
+
+}  // namespace am

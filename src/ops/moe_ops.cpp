@@ -340,20 +340,24 @@ void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
 void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
                         Tensor& dw, const std::vector<int64_t>* host_counts) {
   const char* op = "grouped_linear_bwd";
+  const Tensor* dwp = dw.defined() ? &dw : nullptr;  // undefined: frozen experts, no dW GEMMs
   DeviceType dev = device_of(
-      op, {{"x", &x}, {"w", &w}, {"offsets", &offsets}, {"dy", &dy}, {"dx", dx}, {"dw", &dw}});
+      op, {{"x", &x}, {"w", &w}, {"offsets", &offsets}, {"dy", &dy}, {"dx", dx}, {"dw", dwp}});
   const GroupDims d = check_grouped(op, x, w, offsets, "dy", dy, host_counts);
   if (dx) {
     need_float(op, "dx", *dx);
     if (dx->shape() != x.shape()) shape_error(op, describe("dx", *dx) + ": expected the shape of " + describe("x", x));
   }
-  need_dtype(op, "dw", dw, DType::F32, " (parameter gradients are float32)");
-  if (dw.shape() != w.shape()) shape_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  if (dwp) {
+    need_dtype(op, "dw", dw, DType::F32, " (parameter gradients are float32)");
+    if (dw.shape() != w.shape())
+      shape_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  }
   AM_MOE_ROUTE_CUDA(cuda::grouped_linear_bwd(x, w, offsets, dy, dx, dw, host_counts));
   need_f32_cpu(op, {{"x", &x}, {"w", &w}, {"dy", &dy}, {"dx", dx}});
   check_offsets(op, offsets, d.e, d.m, host_counts);
   cpu::grouped_linear_bwd(x.f32(), w.f32(), offsets.data<int32_t>(), dy.f32(), d.e, d.k, d.nout,
-                          dx ? dx->f32() : nullptr, dw.f32());
+                          dx ? dx->f32() : nullptr, dwp ? dw.f32() : nullptr);
 }
 
 // ---------------- SwiGLU on [gate | up] ----------------

@@ -65,7 +65,7 @@ void moe_combine_bwd(const Tensor& yg, const Tensor& inv_perm, const Tensor& top
 void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, Tensor& y,
                         const std::vector<int64_t>* host_counts = nullptr);
 // dx = dy w[e] (assigned; skipped when dx is nullptr), dw[e] += dy_e^T x_e (fp32 accumulation; experts with
-// no rows leave dw[e] unchanged).
+// no rows leave dw[e] unchanged; dw undefined: frozen experts, no dW GEMM runs, as in ops.h).
 void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
                         Tensor& dw, const std::vector<int64_t>* host_counts = nullptr);
 
@@ -78,7 +78,9 @@ void swiglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu);
 // ---------------- qwen2_moe's sigmoid-gated shared expert (src/ops/moe_shared_gate.cpp) ----------------
 // sy [N, H] (shared expert output), g [N, 1] (x Wsg^T) -> y [N, H] += sigmoid(g) * sy
 void moe_shared_gate_fwd(const Tensor& sy, const Tensor& g, Tensor& y);
-// dsy [N, H] = sigmoid(g) * dy (assigned); dg [N, 1] = sigmoid(g) (1 - sigmoid(g)) <sy, dy> (assigned)
+// dsy [N, H] = sigmoid(g) * dy (assigned); dg [N, 1] = sigmoid(g) (1 - sigmoid(g)) <sy, dy> (assigned).
+// dg is an activation gradient (of the gate logit), not a weight gradient: the gate weight Wsg's gradient
+// comes from the linear_bwd that follows (an undefined dw there when Wsg is frozen).
 void moe_shared_gate_bwd(const Tensor& sy, const Tensor& g, const Tensor& dy, Tensor& dsy, Tensor& dg);
 
 }  // namespace am::ops

@@ -127,6 +127,19 @@ void zero_(Tensor& a) {
   dispatch(op, dev, [&] { a.zero_(); });
 }
 
+void dropout_(Tensor& x, float p, uint64_t seed) {
+  const char* op = "dropout_";
+  DeviceType dev = device_of(op, {{"x", &x}});
+  if (!(p >= 0.f && p < 1.f))
+    throw UsageError(std::string("op ") + op + ": dropout probability p = " + std::to_string(p) +
+                     " must be in [0, 1)");
+  if (!is_float(x.dtype())) shape_error(op, describe("x", x) + ": expected a float tensor");
+  if (p == 0.f || x.numel() == 0) return;
+  AM_ROUTE_CUDA(cuda::dropout_(x, p, seed));
+  const float scale = 1.0f / (1.0f - p);  // fp32, as the CUDA backend computes it
+  dispatch(op, dev, [&] { cpu::dropout(x.raw(), x.dtype(), p, scale, seed, x.numel()); });
+}
+
 double sum_squares(const Tensor& a) {
   const char* op = "sum_squares";
   DeviceType dev = device_of(op, {{"a", &a}});
@@ -177,6 +190,10 @@ void embedding_fwd(const Tensor& ids, const Tensor& weight, Tensor& out) {
 
 void embedding_bwd(const Tensor& ids, const Tensor& dout, Tensor& dweight) {
   const char* op = "embedding_bwd";
+  if (!dweight.defined()) {  // frozen embedding: nothing to compute; still check what was given
+    device_of(op, {{"ids", &ids}, {"dout", &dout}});
+    return;
+  }
   DeviceType dev = device_of(op, {{"ids", &ids}, {"dout", &dout}, {"dweight", &dweight}});
   AM_ROUTE_CUDA(cuda::embedding_bwd(ids, dout, dweight));
   const EmbDims d = check_embedding(op, ids, dweight, "dout", dout);
@@ -220,17 +237,18 @@ void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y)
 
 void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias) {
   const char* op = "linear_bwd";
+  Tensor* dwp = dw.defined() ? &dw : nullptr;  // undefined: frozen weight, no dW GEMM
   DeviceType dev =
-      device_of(op, {{"x", &x}, {"w", &w}, {"dy", &dy}, {"dx", dx}, {"dw", &dw}, {"dbias", dbias}});
+      device_of(op, {{"x", &x}, {"w", &w}, {"dy", &dy}, {"dx", dx}, {"dw", dwp}, {"dbias", dbias}});
   AM_ROUTE_CUDA(cuda::linear_bwd(x, w, dy, dx, dw, dbias));
   const LinDims d = check_linear(op, x, w, "dbias", dbias, "dy", dy);
-  need_f32(op, {{"dx", dx}, {"dw", &dw}});
+  need_f32(op, {{"dx", dx}, {"dw", dwp}});
   if (dx && dx->shape() != x.shape())
     shape_error(op, describe("dx", *dx) + ": expected the shape of " + describe("x", x));
-  if (dw.shape() != w.shape())
+  if (dwp && dw.shape() != w.shape())
     shape_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
   dispatch(op, dev, [&] {
-    cpu::linear_bwd(x.f32(), w.f32(), dy.f32(), dx ? dx->f32() : nullptr, dw.f32(),
+    cpu::linear_bwd(x.f32(), w.f32(), dy.f32(), dx ? dx->f32() : nullptr, dwp ? dw.f32() : nullptr,
                     dbias ? dbias->f32() : nullptr, d.n, d.k, d.m);
   });
 }
@@ -256,10 +274,11 @@ void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor&
 void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx,
                  Tensor& dw) {
   const char* op = "rmsnorm_bwd";
+  const Tensor* dwp = dw.defined() ? &dw : nullptr;  // undefined: frozen weight, no dw reduction
   DeviceType dev =
-      device_of(op, {{"x", &x}, {"w", &w}, {"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}, {"dw", &dw}});
+      device_of(op, {{"x", &x}, {"w", &w}, {"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}, {"dw", dwp}});
   AM_ROUTE_CUDA(cuda::rmsnorm_bwd(x, w, rstd, dy, dx, dw));
-  need_f32(op, {{"x", &x}, {"w", &w}, {"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}, {"dw", &dw}});
+  need_f32(op, {{"x", &x}, {"w", &w}, {"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}, {"dw", dwp}});
   if (w.ndim() != 1) shape_error(op, describe("w", w) + ": expected [H]");
   const int64_t h = w.dim(0);
   const int64_t n = rows_of(op, "x", x, h, "H");
@@ -267,11 +286,12 @@ void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Ten
     shape_error(op, describe("dy", dy) + ": expected the shape of " + describe("x", x));
   if (dx.shape() != x.shape())
     shape_error(op, describe("dx", dx) + ": expected the shape of " + describe("x", x));
-  if (dw.shape() != w.shape())
+  if (dwp && dw.shape() != w.shape())
     shape_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
   need_numel(op, "rstd", rstd, n, "one per row of x");
-  dispatch(op, dev,
-           [&] { cpu::rmsnorm_bwd(x.f32(), w.f32(), rstd.f32(), dy.f32(), dx.f32(), dw.f32(), n, h); });
+  dispatch(op, dev, [&] {
+    cpu::rmsnorm_bwd(x.f32(), w.f32(), rstd.f32(), dy.f32(), dx.f32(), dwp ? dw.f32() : nullptr, n, h);
+  });
 }
 
 // ---------------- RoPE ----------------

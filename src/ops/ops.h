@@ -4,7 +4,16 @@
 // Conventions (DESIGN.md): row-major; Linear.weight is [out, in]; parameter gradients ACCUMULATE (+=),
 // activation gradients ASSIGN (=). All float tensors here are float32 on the host unless the CUDA
 // backend says otherwise; integer index tensors are int32.
+//
+// A weight gradient passed undefined is not computed: frozen weights (LoRA base weights, whose
+// Param::grad is an undefined Tensor) skip their weight-gradient GEMM / reduction entirely (no work, no
+// accumulation), while the activation gradients are still computed. This holds for every backward op
+// here taking a weight gradient (embedding_bwd, linear_bwd, rmsnorm_bwd) and for grouped_linear_bwd in
+// moe_ops.h, on every backend (am::cuda::linear_bwd, rmsnorm_bwd[_tuned] and grouped_linear_bwd accept an
+// undefined dw too).
 #pragma once
+#include <cstdint>
+
 #include "core/tensor.h"
 
 namespace am::ops {
@@ -15,22 +24,36 @@ void scale_(Tensor& a, float s);                     // a *= s
 void copy_(Tensor& dst, const Tensor& src);          // dst = src
 void zero_(Tensor& a);                               // a = 0 (any dtype)
 
+// Dropout in place (LoRA dropout), any float dtype (F32 / BF16 / F16 on both backends), math in fp32 and
+// one rounding at the store:  x[i] = keep(seed, i) ? x[i] * (1 / (1 - p)) : 0,  where i is the flat
+// element index within x (a view counts from its own first element), 1 / (1 - p) is computed once in
+// fp32, and
+//   keep(seed, i) = (splitmix64(seed, i) >> 40) * 2^-24 >= p        (24-bit uniform in [0, 1), in fp32)
+//   splitmix64(seed, i) = mix(seed + (i + 1) * 0x9E3779B97F4A7C15)  (the i-th output of a splitmix64
+//   stream seeded with `seed`; mix: z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
+//   z *= 0x94D049BB133111EB; z ^= z >> 31; all mod 2^64).
+// The mask is a pure function of (seed, i): the same bits on CPU and CUDA, for any launch shape, and
+// recomputable in the backward, which is dropout_ of the gradient with the same seed and p.
+// p == 0: no-op. p outside [0, 1) (or NaN): UsageError naming the op.
+void dropout_(Tensor& x, float p, uint64_t seed);
+
 // ---------------- embedding ----------------
 // ids [N] int32 in [0, V), weight [V, H] -> out [N, H]. Throws DataError naming the id if out of range.
 void embedding_fwd(const Tensor& ids, const Tensor& weight, Tensor& out);
-// dweight[ids[i]] += dout[i]
+// dweight[ids[i]] += dout[i]; dweight undefined (frozen embedding): nothing to do
 void embedding_bwd(const Tensor& ids, const Tensor& dout, Tensor& dweight);
 
 // ---------------- linear ----------------
 // x [N, K], w [M, K], bias [M] (nullptr: none) -> y [N, M] = x w^T + b
 void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
-// dx = dy w (assigned; skipped when dx is nullptr), dw += dy^T x, dbias += sum_rows(dy) (when non-null)
+// dx = dy w (assigned; skipped when dx is nullptr), dw += dy^T x (skipped when dw is undefined: frozen
+// weight), dbias += sum_rows(dy) (when non-null)
 void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias);
 
 // ---------------- RMSNorm (HF LlamaRMSNorm semantics) ----------------
 // x [N, H], w [H] -> y [N, H] = w * x * rstd, rstd [N] = 1/sqrt(mean(x^2) + eps) (saved)
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd);
-// dx assigned, dw accumulated
+// dx assigned, dw accumulated (dw undefined: frozen weight, the dw reduction is skipped)
 void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw);
 
 // ---------------- RoPE (HF rotate_half convention) ----------------

@@ -14,6 +14,10 @@
 #include "core/error.h"
 #include "dist/data_parallel.h"
 #include "io/json_bounded.h"
+#include "io/lora_adapter.h"
+#include "io/lora_merge.h"
+#include "models/blocks/lora.h"
+#include "train/peft.h"
 #include "io/safetensors.h"
 #include "models/hf_weights.h"
 #include "ops/ops.h"
@@ -222,9 +226,55 @@ std::vector<std::string> prune_checkpoints(const std::string& ckpt_dir, int64_t 
   return removed;
 }
 
+namespace {
+
+// The LoRA run's model/ folder: the adapter (whole, from every rank's share: gathered unit by unit under
+// data parallelism, a collective) written by rank 0, and with `consolidated` the merged model.
+void write_peft_model(const fs::path& model_dir, CausalLM& model, const PeftCheckpoint& peft, bool consolidated,
+                      const std::string& source_dir, dist::DataParallel* dp, int rank) {
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  if (dp) {
+    std::map<std::string, Tensor> host;  // internal layout, by parameter name
+    for (int u = 0; u < dp->num_units(); ++u) {
+      dp->gather_unit(u);
+      if (rank == 0)
+        for (Param* p : dp->unit_params(u))
+          if (is_adapter_param(*p)) host[p->name] = ExecContext::download(p->value);
+      dp->release_unit(u);
+    }
+    if (rank == 0)
+      for (const LoraAdapter* a : model.lora_adapters()) {
+        auto [A, B] = lora_file_tensors(*a, host.at(a->A->name), host.at(a->B->name));
+        tensors.emplace_back(a->A->name, A);
+        tensors.emplace_back(a->B->name, B);
+      }
+  } else {
+    tensors = lora_tensors(model);
+  }
+  if (rank != 0) return;
+  write_lora_adapter(model_dir.string(), *peft.spec, model.lora_adapters(), tensors, peft.base_weights_dir);
+  if (!consolidated) return;
+  const fs::path cons = model_dir / "consolidated";
+  const io::LoraAdapter adapter = io::LoraAdapter::load(model_dir.string());
+  if (!peft.base_weights_dir.empty()) {
+    // Streamed from the base folder, one tensor at a time, exactly as `automodel merge-lora` (PEFT's
+    // merge_and_unload rule, in the base's dtype and layout).
+    io::merge_lora(peft.base_weights_dir, adapter, cons.string());
+  } else {
+    // A random init has no base folder: write the in-memory base first, then merge from it.
+    const fs::path base = model_dir / ".base";
+    save_hf_model(model, base.string(), source_dir);
+    io::merge_lora(base.string(), adapter, cons.string());
+    fs::remove_all(base);
+  }
+  write_hf_side_files(model, cons.string(), source_dir);  // config.json as trained (model.config overrides)
+}
+
+}  // namespace
+
 std::string write_checkpoint(const std::string& ckpt_dir, const CheckpointState& st, CausalLM& model,
                              const Optimizer& optim, bool consolidated, const std::string& source_dir,
-                             dist::DataParallel* dp, dist::Groups* groups) {
+                             dist::DataParallel* dp, dist::Groups* groups, const PeftCheckpoint& peft) {
   const int rank = groups ? groups->world->rank() : 0, world = groups ? groups->world->size() : 1;
   auto barrier = [&] {
     if (groups) groups->world->barrier();
@@ -256,7 +306,9 @@ std::string write_checkpoint(const std::string& ckpt_dir, const CheckpointState&
       }
   }
   io::save_safetensors_file((tmp_dir / "state" / rank_file(rank, world)).string(), tensors);
-  if (consolidated) {
+  if (peft.spec) {
+    write_peft_model(tmp_dir / "model", model, peft, consolidated, source_dir, dp, rank);
+  } else if (consolidated) {
     const fs::path cons = tmp_dir / "model" / "consolidated";
     if (dp && groups) write_consolidated_sharded(cons, model, source_dir, *dp, *groups);
     else save_hf_model(model, cons.string(), source_dir);

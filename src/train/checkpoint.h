@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "models/lora.h"
 #include "models/model.h"
 #include "train/optimizer.h"
 
@@ -39,9 +40,16 @@ struct CheckpointState {
 // LATEST points to is never deleted. keep <= 0: nothing is deleted. Returns the folders removed.
 std::vector<std::string> prune_checkpoints(const std::string& ckpt_dir, int64_t keep);
 
+// LoRA runs (train/peft.h): model/ holds the PEFT adapter (adapter_config.json + adapter_model.safetensors)
+// and model/consolidated/ the merged model, streamed from the base folder by merge-lora's rule.
+struct PeftCheckpoint {
+  const LoraSpec* spec = nullptr;  // nullptr: full fine-tuning
+  std::string base_weights_dir;    // the base model folder ("" for a random init: merged from memory)
+};
 std::string write_checkpoint(const std::string& ckpt_dir, const CheckpointState& st, CausalLM& model,
                              const Optimizer& optim, bool consolidated, const std::string& source_dir,
-                             dist::DataParallel* dp = nullptr, dist::Groups* groups = nullptr);
+                             dist::DataParallel* dp = nullptr, dist::Groups* groups = nullptr,
+                             const PeftCheckpoint& peft = {});
 // `from` is "LATEST" (resolved through ckpt_dir/LATEST) or a checkpoint path. Throws IoError naming it.
 // Fills this rank's master weights (and working copies) and optimizer state, whatever world size wrote it.
 CheckpointState read_checkpoint(const std::string& ckpt_dir, const std::string& from, CausalLM& model, Optimizer& optim,

@@ -30,6 +30,7 @@
 #include "models/hf_weights.h"
 #include "ops/ops.h"
 #include "train/checkpoint.h"
+#include "train/peft.h"
 
 namespace am {
 namespace fs = std::filesystem;
@@ -101,6 +102,34 @@ static CollateOptions collate_options(const Recipe& r, const std::string& ds, co
 }
 
 Trainer::Trainer(const Recipe& recipe, TrainerOptions opt) : r_(recipe), opt_(opt) { setup(); }
+
+void Trainer::setup_lora() {
+  std::vector<std::string> warnings;
+  lora_spec_ = lora_spec_from_recipe(r_, &warnings);
+  try {
+    model_->enable_lora(*lora_spec_, seed_, &warnings);
+  } catch (const UsageError& e) {
+    throw UsageError(r_.path() + ": " + e.what());
+  }
+  if (!opt_.quiet)
+    for (const auto& w : warnings) log::warn(w);
+  if (r_.has("peft.adapter_path"))
+    load_lora_adapter(*model_, *lora_spec_, r_.resolve_path(r_.get_string("peft.adapter_path", "")),
+                      r_.where("peft.adapter_path"));
+  int64_t trainable = 0;
+  for (const Param& p : model_->params().all())
+    if (p.trainable) trainable += p.global_numel;
+  const int64_t total = model_->params().global_numel();
+  if (!opt_.quiet) {
+    char pct[32], alpha[32];
+    std::snprintf(pct, sizeof pct, "%.3f%%", 100.0 * static_cast<double>(trainable) / static_cast<double>(total - trainable));
+    std::snprintf(alpha, sizeof alpha, "%g", lora_spec_->alpha);
+    log::info("LoRA r=" + std::to_string(lora_spec_->dim) + " alpha=" + alpha + " on " +
+              std::to_string(model_->lora_adapters().size()) + " modules: " + std::to_string(trainable) +
+              " trainable parameters (" + pct + " of the base)" +
+              (r_.has("peft.adapter_path") ? ", starting from " + r_.get_string("peft.adapter_path", "") : ""));
+  }
+}
 Trainer::~Trainer() = default;
 
 std::string Trainer::model_source_dir() const { return source_dir_; }
@@ -165,6 +194,7 @@ void Trainer::setup() {
   // Each rank reads only the tensors (and, expert-parallel, only the experts) it holds.
   if (!source_dir_.empty()) load_hf_weights(*model_, source_dir_);
   else init_random_weights(*model_, seed_, init_dtype);
+  if (r_.has("peft")) setup_lora();  // freezes the base: before to_device, so it never gets an fp32 master there
   {
     // Residual stream dtype under bf16 compute (docs/performance.md, "fp32 residual stream"): float32 keeps
     // the residual adds, RMSNorm inputs/weights and the embedding lookup in fp32 as HF's autocast does.
@@ -203,7 +233,6 @@ void Trainer::setup() {
   std::string loss = r_.get_string("loss_fn._target_", "masked_cross_entropy");
   if (loss.find("cross_entropy") == std::string::npos && loss.find("CrossEntropy") == std::string::npos)
     r_.fail("loss_fn._target_", "unsupported loss '" + loss + "' (masked_cross_entropy, fused_linear_cross_entropy)");
-  if (r_.has("peft")) r_.fail("peft", "LoRA fine-tuning is not implemented yet; remove the peft section for a full fine-tune");
   if (r_.get_bool("quantization.load_in_4bit", false))
     r_.fail("quantization.load_in_4bit", "QLoRA (a 4-bit base) is not implemented yet; remove it to train in the model's dtype");
   if (r_.get_bool("quantization.load_in_8bit", false))
@@ -494,6 +523,9 @@ StepStats Trainer::train_step(int64_t step) {
     ForwardOptions o = fwd_opt_;
     o.aux_loss_scale = pad_only || n_real == 0 ? 0.0f : 1.0f / static_cast<float>(n_real);
     o.count_metrics = !pad_only;
+    // LoRA dropout masks: a pure function of (seed, step, micro-batch, rank), so resuming repeats them.
+    o.dropout_seed = seed_ * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(step) * 0x100000001b3ULL +
+                     static_cast<uint64_t>(m) * 0x1000193ULL + static_cast<uint64_t>(rank_);
     if (dp_) dp_->set_sync(m + 1 == micro.size());  // gradients reduce once per step, in the last backward
     loss_sum += model_->forward_backward(b, scale, o);
   }
@@ -540,7 +572,8 @@ StepStats Trainer::train_step(int64_t step) {
     if (coef < 1.0) {
       if (dp_) dp_->scale_grads(static_cast<float>(coef));
       else
-        for (auto& p : model_->params().all()) ops::scale_(p.grad, static_cast<float>(coef));
+        for (auto& p : model_->params().all())
+          if (p.trainable) ops::scale_(p.grad, static_cast<float>(coef));
     }
   }
   st.lr = sched_.lr_at(step);
@@ -692,7 +725,8 @@ void Trainer::save_checkpoint(int64_t step, bool final) {
   st.strategy = strategy_name_;
   bool consolidated = save_consolidated_ == "always" || (save_consolidated_ == "final" && final);
   std::string dir = write_checkpoint(ckpt_dir_, st, *model_, *optim_, consolidated,
-                                     source_dir_.empty() ? tokenizer_dir_ : source_dir_, dp_.get(), groups_.get());
+                                     source_dir_.empty() ? tokenizer_dir_ : source_dir_, dp_.get(), groups_.get(),
+                                     PeftCheckpoint{lora_spec_ ? &*lora_spec_ : nullptr, source_dir_});
   if (!opt_.quiet) log::info("saved checkpoint " + dir);
   if (rank_ == 0 && keep_last_n_ > 0)  // every rank has finished writing (write_checkpoint ends with a barrier)
     for (const auto& gone : prune_checkpoints(ckpt_dir_, keep_last_n_))

@@ -10,6 +10,7 @@
 #include "data/dataset.h"
 #include "dist/data_parallel.h"
 #include "dist/launch.h"
+#include "models/lora.h"
 #include "models/model.h"
 #include "train/lr_scheduler.h"
 #include "train/optimizer.h"
@@ -93,6 +94,7 @@ class Trainer {
                                                           int64_t micro = 0) const;  // 0: lbs_
   void save_checkpoint(int64_t step, bool final);
   void restore(const std::string& from);
+  void setup_lora();  // the peft section: LoRA on the loaded base (train/peft.h)
   void log_step(const StepStats& s);
   std::string model_source_dir() const;
 
@@ -117,6 +119,7 @@ class Trainer {
   int64_t start_step_ = 1;
   bool shuffle_ = false, drop_last_ = false;
   std::optional<double> max_norm_;
+  std::optional<LoraSpec> lora_spec_;  // the peft section (LoRA); empty: full fine-tuning
   bool ckpt_enabled_ = true;
   std::string ckpt_dir_, save_consolidated_ = "final";
   ForwardOptions fwd_opt_;

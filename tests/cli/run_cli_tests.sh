@@ -209,5 +209,40 @@ else
   echo "skip merge-lora end-to-end (python3 unavailable)"
 fi
 
+# LoRA training through the CLI (docs/lora.md): the HF PEFT goldens (tests/fixtures/lora_golden) per-step loss and
+# grad norm as training.jsonl writes them, the PEFT adapter folder, and recipe errors with exit 2.
+LG="$ROOT/tests/fixtures/lora_golden"
+if command -v python3 >/dev/null; then
+  for c in qwen3_moe llama; do
+    expect "lora golden $c runs" 0 "^step 4 " -- "$BIN" finetune "$LG/$c/recipe.yaml" --checkpoint.checkpoint_dir="$T/lg_$c"
+    expect "lora golden $c matches PEFT" 0 "^peft golden ok" -- python3 - "$LG/$c/expected.json" "$T/lg_$c" <<'PY'
+import json, os, sys
+exp = json.load(open(sys.argv[1]))["steps"]
+got = [json.loads(l) for l in open(os.path.join(sys.argv[2], "training.jsonl"))]
+assert len(got) == len(exp), (len(got), len(exp))
+for e, g in zip(exp, got):
+    assert abs(g["loss"] - e["loss"]) <= 1e-4 * abs(e["loss"]), (g["loss"], e["loss"])
+    assert abs(g["grad_norm"] - e["grad_norm"]) <= 1e-3 * abs(e["grad_norm"]), (g["grad_norm"], e["grad_norm"])
+cfg = json.load(open(os.path.join(sys.argv[2], "LATEST/model/adapter_config.json")))
+assert cfg["peft_type"] == "LORA" and cfg["r"] == 4, cfg
+assert os.path.exists(os.path.join(sys.argv[2], "LATEST/model/adapter_model.safetensors"))
+assert os.path.exists(os.path.join(sys.argv[2], "LATEST/model/consolidated/model.safetensors"))
+print("peft golden ok")
+PY
+  done
+fi
+expect "peft rank disagrees with adapter" 2 "has rank 4 but peft.dim is 8" -- \
+  "$BIN" finetune "$LG/llama/recipe.yaml" --checkpoint.checkpoint_dir="$T/lgx" --peft.dim=8
+expect "peft targets disagree with adapter" 2 "adapts model.layers.0.self_attn.k_proj, which peft.target_modules does not select" -- \
+  "$BIN" finetune "$LG/llama/recipe.yaml" --checkpoint.checkpoint_dir="$T/lgx" '--peft.target_modules=[q_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]'
+expect "peft selects nothing" 2 "peft.target_modules selects no module of this model" -- \
+  "$BIN" finetune "$R" $CK '--peft.target_modules=[nothing_here]'
+expect "peft lm_head refused" 2 "LoRA on lm_head" -- "$BIN" finetune "$R" $CK '--peft.target_modules=[lm_head]'
+expect "peft dora refused" 2 "DoRA training is not implemented" -- "$BIN" finetune "$R" $CK --peft.use_dora=true
+expect "peft bad dropout_position" 2 "expected pre or post" -- "$BIN" finetune "$R" $CK --peft.dropout_position=middle
+expect "peft adapter_path missing" 1 "key 'peft.adapter_path'.*no_adapter: adapter folder not found" -- "$BIN" finetune "$R" $CK --peft.adapter_path="$T/no_adapter"
+expect "peft gate without up on MoE" 2 "names gate_proj without up_proj" -- \
+  "$BIN" finetune "$ROOT/tests/fixtures/golden/qwen3_moe/recipe.yaml" --checkpoint.checkpoint_dir="$T/lgm" '--peft.target_modules=[gate_proj]'
+
 echo "cli tests: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

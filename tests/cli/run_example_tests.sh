@@ -103,8 +103,12 @@ if [ -e "$T/tiny_llama" ]; then
   fi
   run llama_chat "$EX/llama3_2/llama3_2_1b_chat.yaml" 0 "^step 2 " -- \
     --model.pretrained_model_name_or_path="$T/tiny_llama" --dataset.path_or_dataset_id="$DATA/chat_small.jsonl"
-  run llama_squad_peft "$EX/llama3_2/llama3_2_1b_squad_peft.yaml" 2 "key 'peft'.*LoRA fine-tuning is not implemented yet" -- \
+  run llama_squad_peft "$EX/llama3_2/llama3_2_1b_squad_peft.yaml" 0 "^step 2 " -- \
     --model.pretrained_model_name_or_path="$T/tiny_llama" --dataset.dataset_name="$SQ" --validation_dataset.dataset_name="$SQ"
+  [ -f "$T/ck_llama_squad_peft/LATEST/model/adapter_config.json" ] && [ -f "$T/ck_llama_squad_peft/LATEST/model/adapter_model.safetensors" ] &&
+    ok "llama_squad_peft: PEFT adapter folder" || bad "llama_squad_peft: no adapter in model/" "$T/llama_squad_peft.log"
+  grep -q "lm_head is not adapted" "$T/llama_squad_peft.log" && ok "llama_squad_peft: match_all_linear leaves lm_head out, said once" ||
+    bad "llama_squad_peft: no lm_head warning" "$T/llama_squad_peft.log"
 fi
 if [ -e "$T/tiny_qwen3_moe" ]; then
   run qwen3_moe_squad "$EX/qwen3/qwen3_moe_30b_squad.yaml" 0 "^step 2 " -- \

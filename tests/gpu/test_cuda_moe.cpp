@@ -386,6 +386,16 @@ void check_grouped(int64_t e, int64_t k_dim, int64_t nout, const std::vector<int
         ASSERT_EQ(got_dw.f32()[j * nout * k_dim + i], dw0.f32()[j * nout * k_dim + i]) << tag << " expert " << j;
       }
     }
+    // Frozen experts (dw undefined): dx only, the same as with dw; with neither dx nor dw, nothing to do.
+    {
+      Tensor dx2 = poisoned({m, k_dim}, dt), frozen;
+      cu::grouped_linear_bwd(xd, wd, offd, dyd, &dx2, frozen, pass_counts ? &counts : nullptr, cu::default_context(),
+                             opt);
+      EXPECT_FALSE(frozen.defined());
+      expect_close_dt(dx2, want_dx, dt, "grouped dx, frozen dw " + tag);
+      cu::grouped_linear_bwd(xd, wd, offd, dyd, nullptr, frozen, pass_counts ? &counts : nullptr,
+                             cu::default_context(), opt);
+    }
     // dx == nullptr: dw only, accumulated again.
     if (!twice_check) continue;
     cu::grouped_linear_bwd(xd, wd, offd, dyd, nullptr, dw, &counts, cu::default_context(), opt);
@@ -428,6 +438,32 @@ TEST(CudaMoe, GroupedLinearMatchesCpu) {
       check_grouped(e, kd, nout, counts, dt, rep == 3 ? std::vector<Opt>{kPadded, padded_cap(8)} : impls, rng, tag,
                     rep != 1);
     }
+}
+
+// Frozen experts through the am::ops front-end (LoRA: the expert weights have no gradient tensor): dx matches the
+// CPU reference computed with an undefined dw as well.
+TEST(CudaMoe, GroupedLinearFrozenExpertsThroughOps) {
+  REQUIRE_DEVICE();
+  std::mt19937 rng(12);
+  for (DType dt : {DType::BF16, DType::F32}) {
+    const int64_t e = 6, kd = 72, nout = 40;
+    const std::vector<int64_t> counts = {5, 0, 33, 1, 0, 19};
+    const int64_t m = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+    Tensor off = Tensor::empty({e + 1}, DType::I32);
+    off.data<int32_t>()[0] = 0;
+    for (int64_t j = 0; j < e; ++j) off.data<int32_t>()[j + 1] = off.data<int32_t>()[j] + static_cast<int32_t>(counts[j]);
+    Tensor x = rand_host({m, kd}, rng, dt), w = rand_host({e, nout, kd}, rng, dt, -0.1f, 0.1f),
+           dy = rand_host({m, nout}, rng, dt);
+    Tensor want_dx = Tensor::empty({m, kd}, DType::F32), host_frozen;
+    ops::grouped_linear_bwd(x, w, off, dy, &want_dx, host_frozen, &counts);
+    Tensor xd = up(x, dt), wd = up(w, dt), dyd = up(dy, dt), offd = up(off, DType::I32);
+    for (bool with_counts : {true, false}) {
+      Tensor dx = poisoned({m, kd}, dt), frozen;
+      ops::grouped_linear_bwd(xd, wd, offd, dyd, &dx, frozen, with_counts ? &counts : nullptr);
+      expect_close_dt(dx, want_dx, dt, std::string("ops::grouped_linear_bwd frozen dx ") + dname(dt) +
+                                           (with_counts ? "" : " (offsets read back)"));
+    }
+  }
 }
 
 TEST(CudaMoe, GroupedLinearSkewedCountsMatchCpu) {

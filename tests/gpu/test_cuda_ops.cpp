@@ -486,6 +486,166 @@ TEST(CudaOps, RmsNormTunedShapes) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Frozen weights (LoRA base weights): a weight gradient passed undefined is not computed (ops.h). dx must be
+// what the CPU computes (and what the same call with a defined dw computes), dbias still accumulates, and
+// both the am::cuda entry points and the am::ops front-ends accept the undefined tensor.
+TEST(CudaOps, FrozenWeightsLinearAndRmsNorm) {
+  REQUIRE_DEVICE();
+  for (int seed = 1; seed <= 3; ++seed) {
+    std::mt19937 rng(500 + seed);
+    for (DType dt : kFloatTypes) {
+      const bool odd = seed % 2 == 1;
+      const int64_t n = odd ? rint(rng, 1, 300) : 64 * rint(rng, 1, 4);
+      const int64_t k = odd ? rint(rng, 1, 200) : 8 * rint(rng, 1, 40);
+      const int64_t m = odd ? rint(rng, 1, 200) : 8 * rint(rng, 1, 40);
+      const std::string what = std::string(dname(dt)) + " N=" + std::to_string(n) + " K=" + std::to_string(k) +
+                               " M=" + std::to_string(m);
+      Tensor x = rand_host({n, k}, rng, dt), w = rand_host({m, k}, rng, dt), dy = rand_host({n, m}, rng, dt);
+      Tensor gb0 = rand_host({m}, rng);
+      Tensor want_dx = Tensor::empty({n, k}, DType::F32), want_db = gb0.clone(), host_frozen;
+      am::ops::linear_bwd(x, w, dy, &want_dx, host_frozen, &want_db);
+      Tensor xd = up(x, dt), wd = up(w, dt), dyd = up(dy, dt);
+      {
+        Tensor gx = dev_poisoned({n, k}, dt), gb = up(gb0, DType::F32), frozen;
+        cu::linear_bwd(xd, wd, dyd, &gx, frozen, &gb);
+        EXPECT_FALSE(frozen.defined());
+        expect_close(gx, want_dx, dt, "frozen linear_bwd dx " + what);
+        expect_close(gb, want_db, DType::F32, "frozen linear_bwd dbias " + what);
+      }
+      {
+        Tensor gx = dev_poisoned({n, k}, dt), frozen;
+        am::ops::linear_bwd(xd, wd, dyd, &gx, frozen, nullptr);  // through the front-end
+        expect_close(gx, want_dx, dt, "frozen ops::linear_bwd dx " + what);
+        am::ops::linear_bwd(xd, wd, dyd, nullptr, frozen, nullptr);  // nothing to compute
+      }
+    }
+  }
+  // RMSNorm: fast path (37, 2048, 4104) and looped path (8216 fp32 / 16384+24 bf16 widths, 73536), plus the fp32
+  // residual stream (x fp32, dy bf16 -> dx fp32) and every tuned launch shape at two widths.
+  for (DType dt : kFloatTypes) {
+    std::mt19937 rng(dt == DType::F32 ? 61 : 62);
+    for (int64_t h : {int64_t(37), int64_t(2048), int64_t(4104), int64_t(8216), int64_t(16408), int64_t(73536)}) {
+      const int64_t n = h > 20000 ? rint(rng, 1, 40) : rint(rng, 300, 1300);
+      const std::string what = std::string(dname(dt)) + " N=" + std::to_string(n) + " H=" + std::to_string(h);
+      Tensor x = rand_host({n, h}, rng, dt, -2.f, 2.f), w = rand_host({h}, rng, dt, 0.5f, 1.5f);
+      Tensor dy = rand_host({n, h}, rng, dt);
+      Tensor want_y = Tensor::empty({n, h}, DType::F32), want_r = Tensor::empty({n}, DType::F32);
+      am::ops::rmsnorm_fwd(x, w, 1e-5f, want_y, want_r);
+      Tensor want_dx = Tensor::empty({n, h}, DType::F32), host_frozen;
+      am::ops::rmsnorm_bwd(x, w, want_r, dy, want_dx, host_frozen);
+      Tensor xd = up(x, dt), wd = up(w, dt), dyd = up(dy, dt), r = up(want_r, DType::F32);
+      Tensor gx = dev_poisoned({n, h}, dt), frozen;
+      cu::rmsnorm_bwd(xd, wd, r, dyd, gx, frozen);
+      expect_close(gx, want_dx, dt, "frozen rmsnorm_bwd dx " + what);
+      Tensor gx2 = dev_poisoned({n, h}, dt);
+      am::ops::rmsnorm_bwd(xd, wd, r, dyd, gx2, frozen);
+      expect_close(gx2, want_dx, dt, "frozen ops::rmsnorm_bwd dx " + what);
+      // Same dx as with dw defined (the row kernels are the same code; the dw partials are only skipped).
+      Tensor gx3 = dev_poisoned({n, h}, dt), gw = up(rand_host({h}, rng), DType::F32);
+      cu::rmsnorm_bwd(xd, wd, r, dyd, gx3, gw);
+      Tensor a = down(gx), b = down(gx3);
+      EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << "dx with / without dw differ: " << what;
+      if (h == 2048 || h == 8216) {
+        for (int th : {32, 128, 512})
+          for (bool pf : {false, true}) {
+            cu::RmsNormTuning t;
+            t.bwd_threads = th;
+            t.bwd_blocks_per_sm = 2;
+            t.prefetch = pf;
+            Tensor gt = dev_poisoned({n, h}, dt);
+            cu::rmsnorm_bwd_tuned(xd, wd, r, dyd, gt, frozen, t, cu::default_context());
+            expect_close(gt, want_dx, dt,
+                         "frozen rmsnorm_bwd_tuned threads=" + std::to_string(th) + " pf=" + std::to_string(pf) + " " +
+                             what);
+          }
+      }
+      if (::testing::Test::HasFailure()) return;
+    }
+  }
+  {
+    std::mt19937 rng(63);
+    const int64_t n = 333, h = 2048;
+    Tensor x = rand_host({n, h}, rng, DType::F32, -2.f, 2.f), w = rand_host({h}, rng, DType::F32, 0.5f, 1.5f);
+    Tensor dy = rand_host({n, h}, rng, DType::BF16);
+    Tensor want_y = Tensor::empty({n, h}, DType::F32), want_r = Tensor::empty({n}, DType::F32);
+    am::ops::rmsnorm_fwd(x, w, 1e-5f, want_y, want_r);
+    Tensor want_dx = Tensor::empty({n, h}, DType::F32), host_frozen;
+    am::ops::rmsnorm_bwd(x, w, want_r, dy, want_dx, host_frozen);
+    Tensor gx = dev_poisoned({n, h}, DType::F32), frozen;
+    cu::rmsnorm_bwd(up(x, DType::F32), up(w, DType::F32), up(want_r, DType::F32), up(dy, DType::BF16), gx, frozen);
+    expect_close(gx, want_dx, DType::F32, "frozen rmsnorm_bwd x fp32, dy bf16");
+  }
+}
+
+// dropout_: the device mask is bit-identical to the CPU reference (a hash of (seed, element index)), for fp32
+// and bf16, vectorised and scalar (misaligned view, odd sizes) paths; p == 0 is a no-op; bad p is a UsageError.
+TEST(CudaOps, DropoutMatchesCpuBitwise) {
+  REQUIRE_DEVICE();
+  std::mt19937 rng(71);
+  for (DType dt : kFloatTypes) {
+    for (int64_t n : {int64_t(1), int64_t(7), int64_t(4096), int64_t(100003), int64_t(1) << 22}) {
+      for (bool misalign : {false, true}) {
+        for (float p : {0.1f, 0.5f, 0.9f}) {
+          const uint64_t seed = (static_cast<uint64_t>(rng()) << 32) | rng();
+          const std::string what = std::string(dname(dt)) + " n=" + std::to_string(n) + " p=" + std::to_string(p) +
+                                   (misalign ? " misaligned" : "") + " seed=" + std::to_string(seed);
+          Tensor xh = rand_host({n}, rng, dt);  // dt-representable fp32 values
+          Tensor host = dt == DType::F32 ? xh.clone() : xh.to(dt);
+          am::ops::dropout_(host, p, seed);
+          // Device copy, optionally a view one element in (the scalar path); the mask index is the view's.
+          Tensor full = cu::empty({n + 1}, dt);
+          Tensor xd = full.slice_rows(misalign ? 1 : 0, misalign ? n + 1 : n);
+          cu::copy_(xd, up(xh, dt));
+          am::ops::dropout_(xd, p, seed);
+          Tensor got = cu::to_host(xd);
+          ASSERT_EQ(got.nbytes(), host.nbytes()) << what;
+          if (std::memcmp(got.raw(), host.raw(), host.nbytes()) != 0) {
+            Tensor g32 = got.dtype() == DType::F32 ? got : got.to(DType::F32);
+            Tensor h32 = host.dtype() == DType::F32 ? host : host.to(DType::F32);
+            int64_t first = -1;
+            for (int64_t i = 0; i < n && first < 0; ++i)
+              if (std::memcmp(&g32.f32()[i], &h32.f32()[i], 4) != 0) first = i;
+            ADD_FAILURE() << "dropout_ " << what << ": device differs from the CPU at " << first << " (got "
+                          << g32.f32()[first] << ", want " << h32.f32()[first] << ")";
+          }
+          if (::testing::Test::HasFailure()) return;
+        }
+      }
+    }
+  }
+  // Backward reuses the mask: an all-ones gradient comes back as exactly 0 or fp32(1 / (1 - p)) where the
+  // forward dropped / kept.
+  {
+    const int64_t n = 65537;
+    Tensor xh = rand_host({n}, rng, DType::F32, 0.5f, 1.5f);  // no zeros
+    Tensor y = up(xh, DType::F32), g = up(Tensor::zeros({n}, DType::F32), DType::F32);
+    cu::fill_(g, 1.f);
+    cu::dropout_(y, 0.25f, 5);
+    cu::dropout_(g, 0.25f, 5);
+    Tensor yh = cu::to_host(y), gh = cu::to_host(g);
+    const float scale = 1.0f / (1.0f - 0.25f);
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(gh.f32()[i], yh.f32()[i] != 0.f ? scale : 0.f) << i;
+  }
+  // p == 0: untouched; bad p: UsageError naming the op, x untouched.
+  Tensor xh = rand_host({1000}, rng);
+  Tensor xd = up(xh, DType::F32);
+  am::ops::dropout_(xd, 0.f, 3);
+  Tensor back = cu::to_host(xd);
+  EXPECT_EQ(std::memcmp(back.raw(), xh.raw(), xh.nbytes()), 0);
+  for (float p : {-0.5f, 1.f, kNaN}) {
+    try {
+      am::ops::dropout_(xd, p, 3);
+      ADD_FAILURE() << "no error for p = " << p;
+    } catch (const am::UsageError& e) {
+      EXPECT_NE(std::string(e.what()).find("dropout_"), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(cu::dropout_(xd, p, 3), am::UsageError);
+  }
+  back = cu::to_host(xd);
+  EXPECT_EQ(std::memcmp(back.raw(), xh.raw(), xh.nbytes()), 0);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 TEST(CudaOps, Rope) {
   REQUIRE_DEVICE();
   struct Case {

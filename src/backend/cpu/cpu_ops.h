@@ -20,6 +20,9 @@ void scale(void* a, DType ta, float s, int64_t n);                // a[i] *= s
 // dst[i] = src[i]; float dtypes convert (round-to-nearest-even), equal dtypes are a byte copy.
 void copy(void* dst, DType td, const void* src, DType ts, int64_t n);
 double sum_squares(const void* a, DType ta, int64_t n);  // sum a[i]^2 in double
+// a[i] = keep(seed, i) ? a[i] * scale : 0, keep from dropout_mask.h with drop probability p (scale =
+// 1 / (1 - p) computed by the caller in fp32).
+void dropout(void* a, DType ta, float p, float scale, uint64_t seed, int64_t n);
 
 // ---------------- embedding ----------------
 // Index of the first id outside [0, vocab), or -1 when all are valid.
@@ -32,14 +35,15 @@ void embedding_bwd(const int32_t* ids, int64_t n, const float* dout, int64_t hid
 // ---------------- linear (cblas_sgemm) ----------------
 // x [N, K], w [M, K], bias [M] or nullptr -> y [N, M] = x w^T + bias
 void linear_fwd(const float* x, const float* w, const float* bias, float* y, int64_t n, int64_t k, int64_t m);
-// dx [N, K] = dy w (skipped when dx is null); dw [M, K] += dy^T x; dbias [M] += column sums of dy.
+// dx [N, K] = dy w (skipped when dx is null); dw [M, K] += dy^T x (skipped when dw is null: frozen
+// weight); dbias [M] += column sums of dy (when non-null).
 void linear_bwd(const float* x, const float* w, const float* dy, float* dx, float* dw, float* dbias,
                 int64_t n, int64_t k, int64_t m);
 
 // ---------------- RMSNorm ----------------
 // x [N, H], w [H] -> y [N, H] = (x * rstd) * w, rstd [N] = 1 / sqrt(mean(x^2) + eps)
 void rmsnorm_fwd(const float* x, const float* w, float eps, float* y, float* rstd, int64_t n, int64_t h);
-// dx [N, H] assigned, dw [H] accumulated.
+// dx [N, H] assigned, dw [H] accumulated (skipped when dw is null: frozen weight).
 void rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dy, float* dx, float* dw,
                  int64_t n, int64_t h);
 
@@ -109,7 +113,7 @@ void moe_combine_bwd(const float* yg, const int32_t* inv_perm, const float* w, c
 // Per expert e: rows offsets[e]..offsets[e+1] of x [M, K] times w[e] [Nout, K]^T -> y [M, Nout].
 void grouped_linear_fwd(const float* x, const float* w, const int32_t* offsets, int64_t e, int64_t k,
                         int64_t nout, float* y);
-// dx [M, K] assigned (skipped when null), dw [E, Nout, K] +=.
+// dx [M, K] assigned (skipped when null), dw [E, Nout, K] += (skipped when null: frozen experts).
 void grouped_linear_bwd(const float* x, const float* w, const int32_t* offsets, const float* dy, int64_t e,
                         int64_t k, int64_t nout, float* dx, float* dw);
 // gu [M, 2I] -> h [M, I] = silu(gate) * up; backward assigns dgu [M, 2I] (may alias gu).

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_ops.h"
+#include "backend/cpu/dropout_mask.h"
 
 namespace am::cpu {
 namespace {
@@ -70,6 +71,19 @@ void copy(void* dst, DType td, const void* src, DType ts, int64_t n) {
     return;
   }
   convert_floats(src, ts, dst, td, static_cast<size_t>(n));
+}
+
+void dropout(void* a, DType ta, float p, float scale, uint64_t seed, int64_t n) {
+  if (ta == DType::F32) {
+    float* x = static_cast<float*>(a);
+#pragma omp parallel for if (n >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i)
+      x[i] = dropout_mask::keep(seed, static_cast<uint64_t>(i), p) ? x[i] * scale : 0.0f;
+    return;
+  }
+#pragma omp parallel for if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i)
+    store(a, ta, i, dropout_mask::keep(seed, static_cast<uint64_t>(i), p) ? load(a, ta, i) * scale : 0.0f);
 }
 
 double sum_squares(const void* a, DType ta, int64_t n) {

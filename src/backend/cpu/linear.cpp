@@ -48,8 +48,8 @@ void linear_bwd(const float* x, const float* w, const float* dy, float* dx, floa
                   static_cast<int>(m), 1.0f, dy, ld(m), w, ld(k), 0.0f, dx, ld(k));
     }
   }
-  if (n > 0 && m > 0 && k > 0) {
-    // dw[M, K] += dy^T[M, N] * x[N, K]   (beta = 1: accumulate)
+  if (dw && n > 0 && m > 0 && k > 0) {
+    // dw[M, K] += dy^T[M, N] * x[N, K]   (beta = 1: accumulate; null dw: frozen weight, skipped)
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(m), static_cast<int>(k),
                 static_cast<int>(n), 1.0f, dy, ld(m), x, ld(k), 1.0f, dw, ld(k));
   }

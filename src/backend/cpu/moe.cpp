@@ -156,11 +156,12 @@ void grouped_linear_fwd(const float* x, const float* w, const int32_t* offsets, 
 
 void grouped_linear_bwd(const float* x, const float* w, const int32_t* offsets, const float* dy, int64_t e,
                         int64_t k, int64_t nout, float* dx, float* dw) {
+  if (!dx && !dw) return;
   for (int64_t j = 0; j < e; ++j) {
     const int64_t r0 = offsets[j], r1 = offsets[j + 1];
     if (r1 > r0)
-      linear_bwd(x + r0 * k, w + j * nout * k, dy + r0 * nout, dx ? dx + r0 * k : nullptr, dw + j * nout * k,
-                 nullptr, r1 - r0, k, nout);
+      linear_bwd(x + r0 * k, w + j * nout * k, dy + r0 * nout, dx ? dx + r0 * k : nullptr,
+                 dw ? dw + j * nout * k : nullptr, nullptr, r1 - r0, k, nout);
   }
 }
 

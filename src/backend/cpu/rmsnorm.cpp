@@ -25,7 +25,7 @@ void rmsnorm_fwd(const float* x, const float* w, float eps, float* y, float* rst
 
 // With r = rstd, y_j = w_j x_j r and dr/dx_i = -r^3 x_i / H:
 //   dx_i = r w_i dy_i - (r^3 / H) x_i sum_j(dy_j w_j x_j)
-//   dw_j += sum_rows dy_j x_j r
+//   dw_j += sum_rows dy_j x_j r   (skipped when dw is null)
 void rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dy, float* dx, float* dw,
                  int64_t n, int64_t h) {
 #pragma omp parallel for if (n * h >= (1 << 15))
@@ -39,6 +39,7 @@ void rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float*
     const double c = h > 0 ? r * r * r * dot / static_cast<double>(h) : 0.0;
     for (int64_t j = 0; j < h; ++j) dxi[j] = static_cast<float>(r * w[j] * gi[j] - c * xi[j]);
   }
+  if (!dw) return;  // frozen weight
   // dw: threads own column slices of dw and walk every row (no races, deterministic order).
   constexpr int64_t kCols = 256;
   const int64_t nblocks = (h + kCols - 1) / kCols;

@@ -34,6 +34,9 @@ void fill_(Tensor& t, float value, CudaContext& ctx = default_context());  // fl
 void add_(Tensor& a, const Tensor& b, CudaContext& ctx = default_context());     // a += b
 void scale_(Tensor& a, float s, CudaContext& ctx = default_context());           // a *= s
 void copy_(Tensor& dst, const Tensor& src, CudaContext& ctx = default_context());  // converts bf16<->fp32
+// In place: x[i] = keep(seed, i) ? x[i] * (1 / (1 - p)) : 0 (contract and mask in ops.h / backend/cpu/
+// dropout_mask.h: the same bits as the CPU reference). p == 0: no-op; p outside [0, 1): UsageError.
+void dropout_(Tensor& x, float p, uint64_t seed, CudaContext& ctx = default_context());
 
 // ---------------- embedding ----------------
 // ids [N] int32, weight [V, H] T -> out [N, H] T' (any float). Out-of-range ids write zeros and are
@@ -46,8 +49,8 @@ void embedding_bwd(const Tensor& ids, const Tensor& dout, Tensor& dweight, CudaC
 // x [N, K] bf16, w [M, K] bf16, bias [M] bf16/fp32 or null -> y [N, M] bf16 (bias fused as epilogue).
 void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
                 CudaContext& ctx = default_context());
-// dx [N, K] bf16 = dy w (assigned; skipped when null); dw [M, K] fp32 += dy^T x (beta = 1 in the GEMM);
-// dbias [M] fp32 += column sums of dy (when non-null). x, w, dy bf16.
+// dx [N, K] bf16 = dy w (assigned; skipped when null); dw [M, K] fp32 += dy^T x (beta = 1 in the GEMM;
+// dw undefined: frozen weight, no dW GEMM); dbias [M] fp32 += column sums of dy (when non-null). x, w, dy bf16.
 void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias,
                 CudaContext& ctx = default_context());
 
@@ -57,7 +60,7 @@ void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, 
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
                  CudaContext& ctx = default_context());
 // dy [N, H] T, dx [N, H] T assigned (also x fp32, dy bf16 -> dx fp32); dw [H] fp32 += (per-block partials,
-// then a fixed-order reduction: deterministic)
+// then a fixed-order reduction: deterministic). dw undefined: frozen weight, no partials, no reduction.
 void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw,
                  CudaContext& ctx = default_context());
 

@@ -1,8 +1,9 @@
-// Tensor helpers (to_device / to_host / zero_ / fill_) and the elementwise ops add_, scale_, copy_.
+// Tensor helpers (to_device / to_host / zero_ / fill_) and the elementwise ops add_, scale_, copy_, dropout_.
 // Memory-bound: each thread moves one 16-byte vector per tensor where every pointer is aligned
 // (VEC = 8 for 2-byte dtypes, 4 otherwise), with a grid-stride loop and a scalar tail.
 #include <cstring>
 
+#include "backend/cpu/dropout_mask.h"
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/kernel_utils.cuh"
 
@@ -43,6 +44,27 @@ __global__ void scale_kernel(T* __restrict__ a, float s, int64_t n) {
   }
   for (int64_t i = nvec * VEC + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
     a[i] = from_f<T>(to_f(a[i]) * s);
+}
+
+// a[i] = keep(seed, i) ? a[i] * scale : 0 with the host's mask (backend/cpu/dropout_mask.h): the hash of the
+// flat element index, so the mask does not depend on the launch shape or the vector width.
+template <typename T, int VEC>
+__global__ void dropout_kernel(T* __restrict__ a, float p, float scale, uint64_t seed, int64_t n) {
+  const int64_t nvec = n / VEC;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < nvec; i += stride) {
+    Vec<T, VEC> va = load_vec<T, VEC>(a + i * VEC);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const bool k = dropout_mask::keep(seed, static_cast<uint64_t>(i * VEC + j), p);
+      va.v[j] = from_f<T>(k ? __fmul_rn(to_f(va.v[j]), scale) : 0.f);
+    }
+    store_vec<T, VEC>(a + i * VEC, va);
+  }
+  for (int64_t i = nvec * VEC + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    const bool k = dropout_mask::keep(seed, static_cast<uint64_t>(i), p);
+    a[i] = from_f<T>(k ? __fmul_rn(to_f(a[i]), scale) : 0.f);
+  }
 }
 
 template <typename TD, typename TS, int VEC>
@@ -199,6 +221,27 @@ void copy_(Tensor& dst, const Tensor& src, CudaContext& ctx) {
       else
         convert_kernel<TD, TS, 1><<<stride_grid(ctx, n), kThreads, 0, ctx.stream()>>>(pd, ps, n);
     });
+  });
+  AM_CUDA_CHECK_LAUNCH();
+}
+
+void dropout_(Tensor& x, float p, uint64_t seed, CudaContext& ctx) {
+  const char* op = "dropout_";
+  need_cuda(op, "x", x);
+  if (!(p >= 0.f && p < 1.f))
+    throw UsageError(std::string("cuda op ") + op + ": dropout probability p = " + std::to_string(p) +
+                     " must be in [0, 1)");
+  need_float(op, "x", x);
+  const int64_t n = x.numel();
+  if (p == 0.f || n == 0) return;
+  const float scale = 1.0f / (1.0f - p);  // fp32, as the CPU reference computes it (src/ops/ops.cpp)
+  AM_DISPATCH_FLOAT(x.dtype(), op, T, {
+    T* px = x.data<T>();
+    constexpr int V = vec_width<T, T>();
+    if (aligned_to(px, sizeof(T) * V))
+      dropout_kernel<T, V><<<stride_grid(ctx, n / V + 1), kThreads, 0, ctx.stream()>>>(px, p, scale, seed, n);
+    else
+      dropout_kernel<T, 1><<<stride_grid(ctx, n), kThreads, 0, ctx.stream()>>>(px, p, scale, seed, n);
   });
   AM_CUDA_CHECK_LAUNCH();
 }

@@ -6,7 +6,8 @@
 //   dx        dx(K x N)   = w(K x M) * dy(M x N)                            m=K n=N k=M  (bf16, beta 0)
 //   dw        dw(K x M)  += x(K x N) * op_T(dy)(N x M)                     m=K n=M k=N  (fp32, beta 1)
 // (each left-hand side is the column-major view of the row-major result). The dw GEMM reads and writes
-// the fp32 gradient directly with beta = 1: no temporary, no separate accumulate pass.
+// the fp32 gradient directly with beta = 1: no temporary, no separate accumulate pass; an undefined dw (frozen
+// weight) skips it.
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/kernel_utils.cuh"
@@ -113,9 +114,12 @@ void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, 
                 CudaContext& ctx) {
   const char* op = "linear_bwd";
   const LinDims d = check(op, x, w, "dy", dy);
-  need_cuda(op, "dw", dw);
-  need_dtype(op, "dw", dw, DType::F32);
-  if (dw.shape() != w.shape()) op_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  const bool want_dw = dw.defined();  // undefined: frozen weight, no dW GEMM
+  if (want_dw) {
+    need_cuda(op, "dw", dw);
+    need_dtype(op, "dw", dw, DType::F32);
+    if (dw.shape() != w.shape()) op_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  }
   if (dy.dtype() != x.dtype()) op_error(op, describe("dy", dy) + ": expected the dtype of " + describe("x", x));
   if (dx) {
     need_cuda(op, "dx", *dx);
@@ -145,7 +149,7 @@ void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, 
     g.beta = 0.f;
     gemm(ctx, g);
   }
-  {
+  if (want_dw) {
     GemmDesc g;
     g.trans_b = true;
     g.m = d.k;

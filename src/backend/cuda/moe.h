@@ -42,7 +42,8 @@ void moe_combine_bwd(const Tensor& yg, const Tensor& inv_perm, const Tensor& top
 // Auto: Padded (largest count) when E * Mpad <= 1.5 M (balanced routing: the padding wastes at most half the rows
 // again); otherwise grouped for y and dx and per-expert for dW (the faster ones at the W2 shape,
 // docs/moe_kernels.md). AM_MOE_GEMM_LOG=1 prints each call's routing statistics and choice (first 64 calls).
-// Without host_counts the offsets are read back (a sync).
+// Without host_counts the offsets are read back (a sync). grouped_linear_bwd with dw undefined (frozen experts)
+// runs no dW product (and pads no x); with neither dx nor dw it returns at once.
 enum class GroupedGemm { Auto, Grouped, PerExpert, Padded };
 struct GroupedLinearOptions {
   GroupedGemm impl = GroupedGemm::Auto;

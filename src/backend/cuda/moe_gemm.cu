@@ -427,15 +427,18 @@ void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
                         const GroupedLinearOptions& opt) {
   const char* op = "grouped_linear_bwd";
   const GDims d = check(op, x, w, offsets, "dy", dy, host_counts);
-  need_cuda(op, "dw", dw);
-  need_dtype(op, "dw", dw, DType::F32);
-  if (dw.shape() != w.shape()) op_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  const bool want_dw = dw.defined();  // undefined: frozen experts, no dW GEMMs
+  if (want_dw) {
+    need_cuda(op, "dw", dw);
+    need_dtype(op, "dw", dw, DType::F32);
+    if (dw.shape() != w.shape()) op_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  }
   if (dx) {
     need_cuda(op, "dx", *dx);
     if (dx->dtype() != x.dtype() || dx->numel() != x.numel())
       op_error(op, describe("dx", *dx) + ": expected the shape and dtype of " + describe("x", x));
   }
-  if (d.m == 0 || d.k == 0) return;
+  if (d.m == 0 || d.k == 0 || (!dx && !want_dw)) return;
   if (d.nout == 0) {
     if (dx) zero_(*dx, ctx);
     return;
@@ -468,7 +471,8 @@ void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
   pw.ldc = static_cast<int>(d.k);
   pw.ra = {static_cast<const char*>(x.raw()), 0, d.k * es};
   pw.rb = {static_cast<const char*>(dy.raw()), 0, d.nout * es};
-  pw.rc = {static_cast<const char*>(dw.raw()), d.nout * d.k * static_cast<int64_t>(sizeof(float)), 0};
+  pw.rc = {static_cast<const char*>(want_dw ? dw.raw() : nullptr), d.nout * d.k * static_cast<int64_t>(sizeof(float)),
+           0};
   pw.ab_type = x.dtype();
   pw.c_type = DType::F32;
   pw.beta = 1.f;
@@ -476,20 +480,23 @@ void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
   log_call(op, counts, d.m, mpad);
   if (mpad == 0) {
     if (dx) run_product(op, Product::Dx, px, offsets, counts, ctx, opt.impl);
-    run_product(op, Product::Dw, pw, offsets, counts, ctx, opt.impl);
+    if (want_dw) run_product(op, Product::Dw, pw, offsets, counts, ctx, opt.impl);
     return;
   }
   const int mp = static_cast<int>(mpad), kk = static_cast<int>(d.k), no = static_cast<int>(d.nout),
             ne = static_cast<int>(d.e);
   // Zero padding rows in both operands: they add exactly 0 to dw (an expert without rows: dw[e] += 0).
+  // Frozen experts: x is not padded (xp is only dx's scratch then).
   Tensor xp = empty({d.e, mpad, d.k}, x.dtype(), ctx), dyp = empty({d.e, mpad, d.nout}, dy.dtype(), ctx);
-  copy_rows(true, x.raw(), offsets, d.e, mp, d.k * es, xp.raw(), ctx);
   copy_rows(true, dy.raw(), offsets, d.e, mp, d.nout * es, dyp.raw(), ctx);
-  // dw_e (K x Nout) += xp_e (K x mpad) * op_T(dyp_e) (mpad x Nout), fp32 C
-  run_strided(op, {false, true, kk, no, mp, xp.raw(), kk, mpad * d.k, dyp.raw(), no, mpad * d.nout, dw.raw(), kk,
-                   d.nout * d.k, x.dtype(), DType::F32, 1.f, ne},
-              ctx);
-  run_product(op, Product::Dw, pw, offsets, counts, ctx, GroupedGemm::Auto, mpad);  // overflow rows, if any
+  if (want_dw) {
+    copy_rows(true, x.raw(), offsets, d.e, mp, d.k * es, xp.raw(), ctx);
+    // dw_e (K x Nout) += xp_e (K x mpad) * op_T(dyp_e) (mpad x Nout), fp32 C
+    run_strided(op, {false, true, kk, no, mp, xp.raw(), kk, mpad * d.k, dyp.raw(), no, mpad * d.nout, dw.raw(), kk,
+                     d.nout * d.k, x.dtype(), DType::F32, 1.f, ne},
+                ctx);
+    run_product(op, Product::Dw, pw, offsets, counts, ctx, GroupedGemm::Auto, mpad);  // overflow rows, if any
+  }
   if (dx) {
     // dxp_e (K x mpad) = w_e (K x Nout) * dyp_e (Nout x mpad), written over xp (read by the dw GEMM before, in
     // stream order).

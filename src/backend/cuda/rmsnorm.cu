@@ -11,6 +11,8 @@
 // dw without atomics: a persistent grid of G blocks walks the rows (row = b, b + G, ...); each thread keeps
 // the dw partial of its own columns in registers, writes it to partial [G, H] fp32 at the end, and a second
 // kernel sums the G partials in a fixed order into dw. Deterministic for a given grid size.
+// A frozen weight (dw undefined) launches the same row kernels with partial = nullptr: no partials are
+// accumulated or written and the column-sum kernel does not run (dx only).
 //
 // Rows too long for registers (the shape search finds no block that holds the row: on sm_90 the fp32
 // backward above H = 8192, the bf16 backward above 16384, the forward above ~30K fp32 / ~40K bf16) take the
@@ -76,6 +78,7 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const TW* __restrict
                                    const TG* __restrict__ dy, TD* __restrict__ dx, float* __restrict__ partial,
                                    int64_t n, int64_t h) {
   __shared__ float scratch[32];
+  const bool want_dw = partial != nullptr;  // null: frozen weight (dx only)
   float wv[CH][VEC], dwacc[CH][VEC];
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
@@ -135,12 +138,13 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const TW* __restrict
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           o.v[k] = from_f<TD>(r * wv[c][k] * gv[c][k] - coef * xv[c][k]);
-          dwacc[c][k] += gv[c][k] * xv[c][k] * r;
+          if (want_dw) dwacc[c][k] += gv[c][k] * xv[c][k] * r;
         }
         store_vec<TD, VEC>(dxr + col, o);
       }
     }
   }
+  if (!want_dw) return;
   float* pr = partial + static_cast<int64_t>(blockIdx.x) * h;
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
@@ -212,7 +216,8 @@ __global__ void __launch_bounds__(kLoopThreads, 2) rmsnorm_fwd_looped_kernel(con
 }
 
 // Persistent grid as in the fast backward; the dw partial of the block is its row of `partial` [G, H],
-// assigned by the block's first row and accumulated by the next ones (each column by one thread only).
+// assigned by the block's first row and accumulated by the next ones (each column by one thread only);
+// partial = nullptr (frozen weight): dx only.
 template <typename T, typename TW, typename TG, typename TD, int VEC>
 __global__ void __launch_bounds__(kLoopThreads) rmsnorm_bwd_looped_kernel(
     const T* __restrict__ x, const TW* __restrict__ w, const float* __restrict__ rstd, const TG* __restrict__ dy,
@@ -221,7 +226,8 @@ __global__ void __launch_bounds__(kLoopThreads) rmsnorm_bwd_looped_kernel(
   constexpr int kLoopUnrollBwd = loop_unroll_bwd<VEC>();
   const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
   const float inv_h = 1.0f / static_cast<float>(h);
-  float* pr = partial + static_cast<int64_t>(blockIdx.x) * h;
+  const bool want_dw = partial != nullptr;
+  float* pr = want_dw ? partial + static_cast<int64_t>(blockIdx.x) * h : nullptr;
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
     const bool first = row == static_cast<int64_t>(blockIdx.x);
     const T* xr = x + row * h;
@@ -260,7 +266,7 @@ __global__ void __launch_bounds__(kLoopThreads) rmsnorm_bwd_looped_kernel(
           xv[u] = load_vec<T, VEC>(xr + base + u * stride);
           gv[u] = load_vec<TG, VEC>(gr + base + u * stride);
           wv[u] = load_vec<TW, VEC>(w + base + u * stride);
-          if (!first) pv[u] = load_vec<float, VEC>(pr + base + u * stride);
+          if (want_dw && !first) pv[u] = load_vec<float, VEC>(pr + base + u * stride);
         }
 #pragma unroll
       for (int u = 0; u < kLoopUnrollBwd; ++u)
@@ -271,10 +277,10 @@ __global__ void __launch_bounds__(kLoopThreads) rmsnorm_bwd_looped_kernel(
             const float xf = to_f(xv[u].v[k]), gf = to_f(gv[u].v[k]);
             o.v[k] = from_f<TD>(r * to_f(wv[u].v[k]) * gf - coef * xf);
             const float c = gf * xf * r;
-            pv[u].v[k] = first ? c : pv[u].v[k] + c;
+            if (want_dw) pv[u].v[k] = first ? c : pv[u].v[k] + c;
           }
           store_vec<TD, VEC>(dxr + base + u * stride, o);
-          store_vec<float, VEC>(pr + base + u * stride, pv[u]);
+          if (want_dw) store_vec<float, VEC>(pr + base + u * stride, pv[u]);
         }
     }
   }
@@ -406,14 +412,16 @@ void fwd_launch(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& 
 }
 
 // Backward launch for x T, w TW, dy TG, dx TD (TG = TD = T, or for an fp32 x: dy bf16 (a matmul's input
-// gradient), dx fp32 (the residual gradient)). Returns the dw partials [G, H] and sets g.
+// gradient), dx fp32 (the residual gradient)). Returns the dw partials [G, H] and sets g; with want_dw false
+// (frozen weight) no partials are allocated or written and the returned tensor is undefined.
 template <typename T, typename TW, typename TG, typename TD>
 Tensor bwd_launch(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, int64_t n,
-                  int64_t h, const RmsNormTuning& tu, CudaContext& ctx, int64_t& g) {
+                  int64_t h, const RmsNormTuning& tu, CudaContext& ctx, int64_t& g, bool want_dw) {
   constexpr int NV = 16 / sizeof(T);
   const bool ok = aligned_to(x.raw(), 16) && aligned_to(dy.raw(), sizeof(TG) * NV) &&
                   aligned_to(dx.raw(), sizeof(TD) * NV) && aligned_to(w.raw(), sizeof(TW) * NV);
   Tensor partial;
+  auto pp = [&]() -> float* { return want_dw ? partial.data<float>() : nullptr; };
   Shape2 s;
   const bool fits = pick(s, h, NV, ok, tu.bwd_threads, 2, [&](int vec, int ch) {
     int m = 1024;
@@ -433,24 +441,24 @@ Tensor bwd_launch(const Tensor& x, const Tensor& w, const Tensor& rstd, const Te
       AM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kLoopThreads, 0));
       const int64_t cap = std::max<int64_t>(1, (int64_t(64) << 20) / h);
       g = std::min<int64_t>({n, static_cast<int64_t>(ctx.sm_count()) * std::max(1, per_sm), cap});
-      partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
+      if (want_dw) partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
       kernel<<<static_cast<unsigned>(g), kLoopThreads, 0, ctx.stream()>>>(
-          x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<TG>(), dx.data<TD>(), partial.data<float>(), n, h);
+          x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<TG>(), dx.data<TD>(), pp(), n, h);
     };
     if (s.vec == NV) launch(rmsnorm_bwd_looped_kernel<T, TW, TG, TD, NV>);
     else launch(rmsnorm_bwd_looped_kernel<T, TW, TG, TD, 1>);
   } else {
     const int per_sm = tu.bwd_blocks_per_sm > 0 ? tu.bwd_blocks_per_sm : std::max(1, 1024 / s.threads);
     g = std::min<int64_t>(n, static_cast<int64_t>(ctx.sm_count()) * per_sm);
-    partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
+    if (want_dw) partial = Tensor::empty({g, h}, DType::F32, ctx.allocator());
     with_shape<T, NV>(s, [&](auto vc, auto cc) {
       constexpr int V = decltype(vc)::value, C = decltype(cc)::value;
       if (tu.prefetch)
         rmsnorm_bwd_kernel<T, TW, TG, TD, V, C, true><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
-            x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<TG>(), dx.data<TD>(), partial.data<float>(), n, h);
+            x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<TG>(), dx.data<TD>(), pp(), n, h);
       else
         rmsnorm_bwd_kernel<T, TW, TG, TD, V, C, false><<<static_cast<unsigned>(g), s.threads, 0, ctx.stream()>>>(
-            x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<TG>(), dx.data<TD>(), partial.data<float>(), n, h);
+            x.data<T>(), w.data<TW>(), rstd.data<float>(), dy.data<TG>(), dx.data<TD>(), pp(), n, h);
     });
   }
   return partial;
@@ -498,10 +506,15 @@ void rmsnorm_bwd_tuned(const Tensor& x, const Tensor& w, const Tensor& rstd, con
                        Tensor& dw, const RmsNormTuning& tu, CudaContext& ctx) {
   const char* op = "rmsnorm_bwd";
   const int64_t h = check_common(op, x, w);
-  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}, {"dw", &dw}})
+  const bool want_dw = dw.defined();  // undefined: frozen weight, no dw reduction
+  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"rstd", &rstd}, {"dy", &dy}, {"dx", &dx}})
     need_cuda(op, name, *t);
   need_dtype(op, "rstd", rstd, DType::F32);
-  need_dtype(op, "dw", dw, DType::F32);
+  if (want_dw) {
+    need_cuda(op, "dw", dw);
+    need_dtype(op, "dw", dw, DType::F32);
+    if (dw.shape() != w.shape()) op_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  }
   // dy, dx: the dtype of x; or, for an fp32 x, dy bf16 and dx fp32.
   const bool widen = x.dtype() == DType::F32 && dy.dtype() == DType::BF16;
   if (dy.shape() != x.shape() || !(dy.dtype() == x.dtype() || widen))
@@ -509,7 +522,6 @@ void rmsnorm_bwd_tuned(const Tensor& x, const Tensor& w, const Tensor& rstd, con
                      " and its dtype (or bfloat16 for a float32 x)");
   if (dx.shape() != x.shape() || dx.dtype() != x.dtype())
     op_error(op, describe("dx", dx) + ": expected the shape and dtype of " + describe("x", x));
-  if (dw.shape() != w.shape()) op_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
   const int64_t n = h ? x.numel() / h : 0;
   if (rstd.numel() != n) op_error(op, describe("rstd", rstd) + ": expected one element per row of x");
   if (n == 0 || h == 0) return;
@@ -519,12 +531,13 @@ void rmsnorm_bwd_tuned(const Tensor& x, const Tensor& w, const Tensor& rstd, con
   int64_t g = 0;
   AM_DISPATCH_BF16_F32(x.dtype(), op, T, {
     AM_DISPATCH_BF16_F32(w.dtype(), op, TW, {
-      if (!widen) partial = bwd_launch<T, TW, T, T>(x, w, rstd, dy, dx, n, h, tu, ctx, g);
+      if (!widen) partial = bwd_launch<T, TW, T, T>(x, w, rstd, dy, dx, n, h, tu, ctx, g, want_dw);
       else if constexpr (std::is_same_v<T, float>)
-        partial = bwd_launch<float, TW, bf16, float>(x, w, rstd, dy, dx, n, h, tu, ctx, g);
+        partial = bwd_launch<float, TW, bf16, float>(x, w, rstd, dy, dx, n, h, tu, ctx, g, want_dw);
     });
   });
   AM_CUDA_CHECK_LAUNCH();
+  if (!want_dw) return;
   const unsigned cols = static_cast<unsigned>((h + 31) / 32);
   if (tu.reduce_lanes >= 32)
     column_sum_add_kernel<32><<<cols, dim3(32, 32), 0, ctx.stream()>>>(partial.data<float>(), dw.data<float>(), g, h);

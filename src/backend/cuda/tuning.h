@@ -20,6 +20,7 @@ RmsNormTuning default_rmsnorm_tuning();
 
 void rmsnorm_fwd_tuned(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
                        const RmsNormTuning& t, CudaContext& ctx);
+// As rmsnorm_bwd: dw undefined (frozen weight) computes dx only (no partials, no reduction).
 void rmsnorm_bwd_tuned(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx,
                        Tensor& dw, const RmsNormTuning& t, CudaContext& ctx);
 

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "models/blocks/lora.h"
 #include "ops/kv_attention.h"
 
 namespace am {
@@ -38,9 +39,9 @@ Qkv project_qkv(const AttentionWeights& w, const AttentionGeometry& g, const Ten
   const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
   Tensor q = g.ex->empty({N, nh * D}), k = g.ex->empty({N, nkv * D}),
          v = g.ex->empty({N, nkv * D});
-  ops::linear_fwd(x, w.q->work, work_or_null(w.q_bias), q);
-  ops::linear_fwd(x, w.k->work, work_or_null(w.k_bias), k);
-  ops::linear_fwd(x, w.v->work, work_or_null(w.v_bias), v);
+  proj_fwd(*g.ex, *w.q, w.q_bias, x, q);
+  proj_fwd(*g.ex, *w.k, w.k_bias, x, k);
+  proj_fwd(*g.ex, *w.v, w.v_bias, x, v);
   if (w.q_norm) {
     // RMSNorm over rows of the norm's width: per head (q as [N*nh, D]) or the whole projection ([N, nh*D]).
     const int64_t qw = w.q_norm->work.numel(), kw = w.k_norm->work.numel();
@@ -76,7 +77,7 @@ Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, 
   ops::attention_fwd(q.view({p.batch, p.seq, nh, D}), k.view({p.batch, p.seq, nkv, D}),
                      v.view({p.batch, p.seq, nkv, D}), p, o4, lse);
   Tensor y = g.ex->empty({N, g.hidden});
-  ops::linear_fwd(o, w.o->work, work_or_null(w.o_bias), y);
+  proj_fwd(*g.ex, *w.o, w.o_bias, o, y);
   if (s) {
     s->x = x;
     s->q = q;
@@ -108,7 +109,7 @@ Tensor attention_forward_cached(const AttentionWeights& w, const AttentionGeomet
     ops::attention_kv_fwd(q.view({1, N, nh, D}), cache.keys(layer, past + N), cache.values(layer, past + N), p, o4);
   }
   Tensor y = g.ex->empty({N, g.hidden});
-  ops::linear_fwd(o, w.o->work, work_or_null(w.o_bias), y);
+  proj_fwd(*g.ex, *w.o, w.o_bias, o, y);
   return y;
 }
 
@@ -116,7 +117,7 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
                           const Tensor& cos, const Tensor& sin, const ops::AttnParams& p, const Tensor& dy) {
   const int64_t N = dy.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
   Tensor d_o = g.ex->empty({N, nh * D});
-  ops::linear_bwd(s.o, w.o->work, dy, &d_o, w.o->grad, grad_or_null(w.o_bias));
+  proj_bwd(*g.ex, *w.o, w.o_bias, s.o, dy, &d_o);
   Tensor dq = g.ex->empty({N, nh * D}), dk = g.ex->empty({N, nkv * D}),
          dv = g.ex->empty({N, nkv * D});
   Tensor dq4 = dq.view({p.batch, p.seq, nh, D}), dk4 = dk.view({p.batch, p.seq, nkv, D}),
@@ -137,10 +138,10 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
     dk = dkp.view({N, nkv * D});
   }
   Tensor dx = g.ex->empty({N, g.hidden}), tmp = g.ex->empty({N, g.hidden});
-  ops::linear_bwd(s.x, w.q->work, dq, &dx, w.q->grad, grad_or_null(w.q_bias));
-  ops::linear_bwd(s.x, w.k->work, dk, &tmp, w.k->grad, grad_or_null(w.k_bias));
+  proj_bwd(*g.ex, *w.q, w.q_bias, s.x, dq, &dx);
+  proj_bwd(*g.ex, *w.k, w.k_bias, s.x, dk, &tmp);
   ops::add_(dx, tmp);
-  ops::linear_bwd(s.x, w.v->work, dv, &tmp, w.v->grad, grad_or_null(w.v_bias));
+  proj_bwd(*g.ex, *w.v, w.v_bias, s.x, dv, &tmp);
   ops::add_(dx, tmp);
   return dx;
 }

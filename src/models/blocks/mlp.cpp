@@ -1,5 +1,6 @@
 #include "models/blocks/mlp.h"
 
+#include "models/blocks/lora.h"
 #include "ops/ops.h"
 
 namespace am {
@@ -20,10 +21,10 @@ Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, 
   const int64_t N = x.dim(0), I = w.gate->work.dim(0), H = w.down->work.dim(0);
   Tensor gate = ex.empty({N, I}), up = ex.empty({N, I}),
          h = ex.empty({N, I}), y = ex.empty({N, H});
-  ops::linear_fwd(x, w.gate->work, work_or_null(w.gate_bias), gate);
-  ops::linear_fwd(x, w.up->work, work_or_null(w.up_bias), up);
+  proj_fwd(ex, *w.gate, w.gate_bias, x, gate);
+  proj_fwd(ex, *w.up, w.up_bias, x, up);
   ops::swiglu_fwd(gate, up, h);
-  ops::linear_fwd(h, w.down->work, work_or_null(w.down_bias), y);
+  proj_fwd(ex, *w.down, w.down_bias, h, y);
   if (s) *s = MlpSaved{x, gate, up};
   return y;
 }
@@ -33,13 +34,13 @@ Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& 
   Tensor h = ex.empty({N, I});
   ops::swiglu_fwd(s.gate, s.up, h);  // the same kernel on the same inputs: bit-identical to forward's h
   Tensor dh = ex.empty({N, I});
-  ops::linear_bwd(h, w.down->work, dy, &dh, w.down->grad, grad_or_null(w.down_bias));
+  proj_bwd(ex, *w.down, w.down_bias, h, dy, &dh);
   h = Tensor();
   Tensor dgate = ex.empty({N, I}), dup = ex.empty({N, I});
   ops::swiglu_bwd(s.gate, s.up, dh, dgate, dup);
   Tensor dx = ex.empty({N, H}), tmp = ex.empty({N, H});
-  ops::linear_bwd(s.x, w.gate->work, dgate, &dx, w.gate->grad, grad_or_null(w.gate_bias));
-  ops::linear_bwd(s.x, w.up->work, dup, &tmp, w.up->grad, grad_or_null(w.up_bias));
+  proj_bwd(ex, *w.gate, w.gate_bias, s.x, dgate, &dx);
+  proj_bwd(ex, *w.up, w.up_bias, s.x, dup, &tmp);
   ops::add_(dx, tmp);
   return dx;
 }

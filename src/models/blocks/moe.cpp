@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "dist/communicator.h"
+#include "models/blocks/lora.h"
 #include "ops/moe_ops.h"
 #include "ops/ops.h"
 
@@ -178,10 +179,12 @@ Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions&
   Tensor ye = ex.empty({R, H});
   if (R > 0) {
     ops::grouped_linear_fwd(xe, w.gate_up->work, *offs, s.gu, counts);
+    if (w.gate_up->lora) grouped_lora_fwd_add(ex, *w.gate_up->lora, xe, *offs, counts, s.gu);
     xe = Tensor();
     Tensor h = ex.empty({R, I});
     ops::swiglu_fused_fwd(s.gu, h);
     ops::grouped_linear_fwd(h, w.down->work, *offs, ye, counts);
+    if (w.down->lora) grouped_lora_fwd_add(ex, *w.down->lora, h, *offs, counts, ye);
   }
   // Back to the token side in grouped order.
   s.yg = ep ? exchange(ex, *o.ep, gather_rows(ex, ye, s.from_expert, ye.dtype()), s.recv_rows, s.send_rows) : ye;
@@ -218,6 +221,7 @@ Tensor moe_backward(const ExecContext& ex, const MoeWeights& w, const MoeOptions
     ops::swiglu_fused_fwd(s.gu, h);
     Tensor dh = ex.empty({R, I});
     ops::grouped_linear_bwd(h, w.down->work, offs, dye, &dh, w.down->grad, counts);
+    if (w.down->lora) grouped_lora_bwd_add(ex, *w.down->lora, h, offs, counts, dye, &dh);
     dye = Tensor();
     h = Tensor();
     Tensor dgu = ex.empty({R, 2 * I});
@@ -232,6 +236,7 @@ Tensor moe_backward(const ExecContext& ex, const MoeWeights& w, const MoeOptions
       ops::moe_gather(s.x, s.perm, k, xe);
     }
     ops::grouped_linear_bwd(xe, w.gate_up->work, offs, dgu, &dxe, w.gate_up->grad, counts);
+    if (w.gate_up->lora) grouped_lora_bwd_add(ex, *w.gate_up->lora, xe, offs, counts, dgu, &dxe);
   }
   // Back to the token side (the dispatch's backward is a combine), then to the tokens.
   Tensor dxg = ep ? exchange(ex, *o.ep, gather_rows(ex, dxe, s.from_expert, dxe.dtype()), s.recv_rows, s.send_rows) : dxe;

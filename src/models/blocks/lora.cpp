@@ -1,0 +1,105 @@
+#include "models/blocks/lora.h"
+
+#include "ops/moe_ops.h"
+#include "ops/ops.h"
+
+namespace am {
+
+namespace {
+
+// The dropout seed of one adapter in the current pass (splitmix64 finaliser of the pass seed and the key).
+uint64_t dropout_seed(const LoraAdapter& l) {
+  uint64_t z = l.pass->seed ^ (l.key + 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+bool dropping(const LoraAdapter& l) { return l.pass && l.pass->training && l.dropout > 0.f; }
+
+// The LoRA branch's input: x itself, or (dropout "pre" while training) a dropped copy.
+Tensor branch_input(const ExecContext& ex, const LoraAdapter& l, const Tensor& x) {
+  if (!dropping(l) || l.dropout_post) return x;
+  Tensor xd = ex.clone(x);
+  ops::dropout_(xd, l.dropout, dropout_seed(l));
+  return xd;
+}
+
+// s * (xin A^T): [N, r]. The scale is applied to the rank-r intermediate (cheap) instead of the [N, out]
+// output; for the power-of-two scales of the usual alpha / r the two are bit-identical.
+Tensor scaled_down(const ExecContext& ex, const LoraAdapter& l, const Tensor& xin) {
+  Tensor u = ex.empty({xin.dim(0), l.A->shape[0]});
+  ops::linear_fwd(xin, l.A->work, nullptr, u);
+  ops::scale_(u, l.scale);
+  return u;
+}
+
+}  // namespace
+
+void lora_fwd_add(const ExecContext& ex, const LoraAdapter& l, const Tensor& x, Tensor& y) {
+  const Tensor xin = branch_input(ex, l, x);
+  const Tensor u = scaled_down(ex, l, xin);
+  Tensor z = ex.empty({x.dim(0), l.B->shape[0]});
+  ops::linear_fwd(u, l.B->work, nullptr, z);
+  if (dropping(l) && l.dropout_post) ops::dropout_(z, l.dropout, dropout_seed(l));
+  ops::add_(y, z);
+}
+
+void lora_bwd_add(const ExecContext& ex, const LoraAdapter& l, const Tensor& x, const Tensor& dy, Tensor* dx) {
+  // Recompute the branch's input and s * u (same kernels, same mask: identical to forward's).
+  const Tensor xin = branch_input(ex, l, x);
+  const Tensor u = scaled_down(ex, l, xin);
+  Tensor g = dy;  // gradient at B's output
+  if (dropping(l) && l.dropout_post) {
+    g = ex.clone(dy);
+    ops::dropout_(g, l.dropout, dropout_seed(l));
+  }
+  // z = (s u) B^T:  dB += g^T (s u),  d(s u) = g B,  du = s g B
+  Tensor du = ex.empty({x.dim(0), l.A->shape[0]});
+  ops::linear_bwd(u, l.B->work, g, &du, l.B->grad, nullptr);
+  ops::scale_(du, l.scale);
+  // u = xin A^T:  dA += du^T xin,  dxin = du A
+  Tensor dxin = dx ? ex.empty(x.shape()) : Tensor();
+  ops::linear_bwd(xin, l.A->work, du, dx ? &dxin : nullptr, l.A->grad, nullptr);
+  if (!dx) return;
+  if (dropping(l) && !l.dropout_post) ops::dropout_(dxin, l.dropout, dropout_seed(l));  // same mask and 1/(1-p)
+  ops::add_(*dx, dxin);
+}
+
+void proj_fwd(const ExecContext& ex, const Param& w, const Param* b, const Tensor& x, Tensor& y) {
+  ops::linear_fwd(x, w.work, work_or_null(b), y);
+  if (w.lora) lora_fwd_add(ex, *w.lora, x, y);
+}
+
+void proj_bwd(const ExecContext& ex, const Param& w, Param* b, const Tensor& x, const Tensor& dy, Tensor* dx) {
+  // A frozen W has no gradient tensor: linear_bwd then computes dx only.
+  ops::linear_bwd(x, w.work, dy, dx, const_cast<Tensor&>(w.grad), grad_or_null(b));
+  if (w.lora) lora_bwd_add(ex, *w.lora, x, dy, dx);
+}
+
+void grouped_lora_fwd_add(const ExecContext& ex, const LoraAdapter& l, const Tensor& x, const Tensor& offsets,
+                          const std::vector<int64_t>* counts, Tensor& y) {
+  const int64_t R = x.dim(0), r = l.A->shape[1], out = l.B->shape[1];
+  Tensor u = ex.empty({R, r});
+  ops::grouped_linear_fwd(x, l.A->work, offsets, u, counts);
+  ops::scale_(u, l.scale);
+  Tensor z = ex.empty({R, out});
+  ops::grouped_linear_fwd(u, l.B->work, offsets, z, counts);
+  ops::add_(y, z);
+}
+
+void grouped_lora_bwd_add(const ExecContext& ex, const LoraAdapter& l, const Tensor& x, const Tensor& offsets,
+                          const std::vector<int64_t>* counts, const Tensor& dy, Tensor* dx) {
+  const int64_t R = x.dim(0), r = l.A->shape[1];
+  Tensor u = ex.empty({R, r});
+  ops::grouped_linear_fwd(x, l.A->work, offsets, u, counts);
+  ops::scale_(u, l.scale);
+  Tensor du = ex.empty({R, r});
+  ops::grouped_linear_bwd(u, l.B->work, offsets, dy, &du, l.B->grad, counts);
+  ops::scale_(du, l.scale);
+  Tensor dxl = dx ? ex.empty(x.shape()) : Tensor();
+  ops::grouped_linear_bwd(x, l.A->work, offsets, du, dx ? &dxl : nullptr, l.A->grad, counts);
+  if (dx) ops::add_(*dx, dxl);
+}
+
+}  // namespace am
