@@ -345,24 +345,34 @@ std::string expert_name(const LoraExpertParam& p) { return p.target.empty() ? p.
 
 struct ExpertPrepared {
   int64_t r = 0, E = 0, out = 0, in = 0;
-  std::vector<float> A;  // [r·E, in] as given: expert e's A_e is rows [e·r, e·r + r)
-  std::vector<float> B;  // regrouped per expert: Bt[(e·out + o)·r + k] = B[o, k·E + e]
+  int64_t e0 = 0, n = 0;  // the experts prepared: [e0, e0 + n)
+  std::vector<float> A;   // A_e of those experts: rows [e·r, e·r + r) of A, expert e at (e - e0)·r·in
+  std::vector<float> B;   // B_e of those experts, regrouped: B[((e - e0)·out + o)·r + k] = B[o, k·E + e]
   float scale = 1.f;
 };
 
-ExpertPrepared prepare_expert(const LoraExpertParam& p) {
+// Only the experts [e0, e0 + n) (a per-expert base tensor needs one: not the whole pair converted each time).
+ExpertPrepared prepare_expert(const LoraExpertParam& p, int64_t e0, int64_t n) {
   ExpertPrepared x;
   x.r = p.r;
   x.E = p.num_experts;
   x.out = p.B.dim(0);
   x.in = p.A.dim(1);
-  x.A = to_f32(p.A);
-  const std::vector<float> b = to_f32(p.B);
-  x.B.resize(b.size());
+  x.e0 = e0;
+  x.n = n;
+  x.A.resize(static_cast<size_t>(n * x.r * x.in));
+  if (!x.A.empty())
+    convert_floats(static_cast<const char*>(p.A.raw()) + static_cast<size_t>(e0 * x.r * x.in) * dtype_size(p.A.dtype()),
+                   p.A.dtype(), x.A.data(), DType::F32, x.A.size());
   const int64_t rE = x.r * x.E;
-  for (int64_t e = 0; e < x.E; ++e)
+  const size_t bs = dtype_size(p.B.dtype());
+  const char* b = static_cast<const char*>(p.B.raw());
+  x.B.resize(static_cast<size_t>(n * x.out * x.r));
+  for (int64_t j = 0; j < n; ++j)
     for (int64_t o = 0; o < x.out; ++o)
-      for (int64_t k = 0; k < x.r; ++k) x.B[static_cast<size_t>((e * x.out + o) * x.r + k)] = b[static_cast<size_t>(o * rE + k * x.E + e)];
+      for (int64_t k = 0; k < x.r; ++k)
+        convert_floats(b + static_cast<size_t>(o * rE + k * x.E + e0 + j) * bs, p.B.dtype(),
+                       &x.B[static_cast<size_t>((j * x.out + o) * x.r + k)], DType::F32, 1);
   x.scale = static_cast<float>(p.scale);
   return x;
 }
@@ -371,10 +381,10 @@ ExpertPrepared prepare_expert(const LoraExpertParam& p) {
 void expert_delta_row(const ExpertPrepared& x, int64_t e, int64_t o, double* acc, float* d) {
   const int64_t in = x.in, r = x.r;
   for (int64_t i = 0; i < in; ++i) acc[i] = 0.0;
-  const float* bt = x.B.data() + (e * x.out + o) * r;
+  const float* bt = x.B.data() + ((e - x.e0) * x.out + o) * r;
   for (int64_t k = 0; k < r; ++k) {
     const double b = bt[k];
-    const float* a = x.A.data() + (e * r + k) * in;
+    const float* a = x.A.data() + ((e - x.e0) * r + k) * in;
     for (int64_t i = 0; i < in; ++i) acc[i] += b * static_cast<double>(a[i]);
   }
   for (int64_t i = 0; i < in; ++i) {
@@ -387,7 +397,7 @@ void expert_delta_row(const ExpertPrepared& x, int64_t e, int64_t o, double* acc
 // rows go to dst in ddt (dst may alias src when sdt == ddt: each row is read before it is written).
 void merge_expert_rows(const void* src, DType sdt, void* dst, DType ddt, const LoraExpertParam& p, int64_t e_first,
                        int64_t n_exp, int64_t row0, int64_t rows) {
-  const ExpertPrepared x = prepare_expert(p);
+  const ExpertPrepared x = prepare_expert(p, e_first, n_exp);
   const size_t ss = dtype_size(sdt), ds = dtype_size(ddt);
   const bool narrow = sdt != ddt;
   const int64_t in = x.in, total = n_exp * rows;
@@ -457,7 +467,7 @@ Tensor expert_delta(const LoraExpertParam& p, int64_t e) {
   if (e < 0 || e >= p.num_experts)
     throw ShapeError("expert_delta " + expert_name(p) + ": expert " + std::to_string(e) + " out of [0, " +
                      std::to_string(p.num_experts) + ")");
-  const ExpertPrepared x = prepare_expert(p);
+  const ExpertPrepared x = prepare_expert(p, e, 1);
   Tensor out = Tensor::empty({x.out, x.in}, DType::F32);
   std::vector<double> acc(static_cast<size_t>(x.in));
   for (int64_t o = 0; o < x.out; ++o) expert_delta_row(x, e, o, acc.data(), out.f32() + o * x.in);

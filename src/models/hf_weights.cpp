@@ -8,7 +8,9 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "io/nf4.h"
 #include "io/safetensors.h"
+#include "ops/nf4_ops.h"
 
 namespace am {
 namespace fs = std::filesystem;
@@ -134,8 +136,9 @@ static void copy_atomic(const fs::path& src, const fs::path& dst) {
 
 void append_hf_tensors(const Param& p, std::vector<std::pair<std::string, Tensor>>& out) {
   if (is_adapter_param(p)) return;  // LoRA pairs go to the adapter folder (train/peft.h)
-  // A frozen weight on the GPU (LoRA base) keeps only its working copy.
-  Tensor host = ExecContext::download(p.value.defined() ? p.value : p.work);
+  // A frozen weight on the GPU (LoRA base) keeps only its working copy; a QLoRA one only its 4-bit form.
+  Tensor host = p.nf4 ? ops::nf4_dequantize(ops::nf4_to_device(*p.nf4, DeviceType::CPU), DType::F32)
+                      : ExecContext::download(p.value.defined() ? p.value : p.work);
   if (host.dtype() != DType::F32) host = host.to(DType::F32);
   // Back in the layout and dtype it was read from (per-expert stays per-expert): slice views of the
   // fused parameter, converted per slice.

@@ -68,7 +68,7 @@ void merge_adapter(CausalLM& model, const std::string& model_dir, const std::str
       dst.copy_from(merged);
       done.insert(s.name);
     }
-  for (const auto& [name, by] : ad.touched())
+  for (const auto& [name, by] : ad.touched([&](const std::string& n) { return st.has(n); }))  // experts: the base's layout
     if (!done.count(name))
       throw FormatError("--adapter " + adapter_dir + ": adapter tensor '" + by + "' changes '" + name +
                         "', which the model in " + model_dir + " does not read (model_type " + model.config().model_type + ")");

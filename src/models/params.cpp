@@ -1,7 +1,9 @@
 #include "models/params.h"
 
 #include "core/error.h"
+#include "io/nf4.h"
 #include "models/exec.h"
+#include "ops/nf4_ops.h"
 #ifdef AM_WITH_CUDA
 #include "backend/cuda/cuda_ops.h"
 #endif
@@ -64,10 +66,43 @@ void ParamStore::freeze(Param& p) {
   p.grad = Tensor();
 }
 
+namespace {
+
+ops::Nf4QuantizeOptions quant_opts(const ParamStore::Quant4Options& q) {
+  ops::Nf4QuantizeOptions o;
+  o.blocksize = q.blocksize;
+  o.double_quant = q.double_quant;
+  o.type = q.fp4 ? Quant4Type::FP4 : Quant4Type::NF4;
+  return o;
+}
+
+}  // namespace
+
+void ParamStore::quantize_marked() {
+  for (auto& p : params_) {
+    if (!p.quantize_4bit || p.nf4) continue;
+    // bitsandbytes quantises the checkpoint-dtype weight (bf16 for a bf16 model): round first.
+    Tensor src = p.value.dtype() == p.source_dtype ? p.value : p.value.to(p.source_dtype);
+    p.nf4 = std::make_shared<const Nf4Weight>(ops::nf4_quantize(src, quant_opts(quant4)));
+    p.value = p.work = p.grad = Tensor();
+  }
+}
+
 void ParamStore::to_device(const ExecContext& ex) {
   if (!ex.on_cuda()) return;
   for (auto& p : params_) {
+    if (p.nf4) {  // already 4-bit (read as bitsandbytes saved it)
+      p.nf4 = std::make_shared<const Nf4Weight>(ops::nf4_to_device(*p.nf4, ex.device));
+      continue;
+    }
     Tensor host = ExecContext::download(p.value);
+    if (p.quantize_4bit) {
+      // QLoRA: quantised on the device one weight at a time, so only one bf16 weight is ever there at once.
+      Tensor dev = ex.upload_as(host, p.source_dtype == DType::F32 ? DType::F32 : p.source_dtype);
+      p.nf4 = std::make_shared<const Nf4Weight>(ops::nf4_quantize(dev, quant_opts(quant4)));
+      p.value = p.work = p.grad = Tensor();
+      continue;
+    }
     if (!p.trainable) {
       // Frozen (LoRA base): the matmuls read the bf16 working copy; no fp32 master and no gradient. 1-D
       // weights (RMSNorm, biases: tiny) keep their fp32 value for the fp32 residual stream's norms.
@@ -82,7 +117,7 @@ void ParamStore::to_device(const ExecContext& ex) {
   }
 }
 
-int64_t ParamStore::numel() const {
+int64_t ParamStore::numel() const {  // (4-bit weights count their elements, not their bytes)
   int64_t n = 0;
   for (auto& p : params_) n += shape_numel(p.shape);
   return n;

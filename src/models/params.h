@@ -3,6 +3,7 @@
 #pragma once
 #include <deque>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,7 @@
 namespace am {
 
 struct LoraAdapter;  // models/blocks/lora.h
+struct Nf4Weight;    // io/nf4.h
 
 // Where (part of) a parameter lives in an HF checkpoint: the tensor `name` holds the contiguous block of
 // `shape` starting `offset` elements into the parameter. A dense weight is one slice (itself); a fused MoE
@@ -42,6 +44,11 @@ struct Param {
   bool trainable = true;
   // The LoRA pair adapting this (frozen) Linear weight, when peft targets its module; owned by the model.
   const LoraAdapter* lora = nullptr;
+  // QLoRA: a frozen Linear weight held in bitsandbytes' 4-bit form (io/nf4.h) instead of `work` / `value`;
+  // the blocks dequantise it into a scratch buffer around each use (models/blocks/lora.h proj_fwd/proj_bwd).
+  // quantize_4bit marks a weight to be quantised when it reaches its device (ParamStore::to_device).
+  std::shared_ptr<const Nf4Weight> nf4;
+  bool quantize_4bit = false;
   // Candidate checkpoint layouts, in order of preference (the first one is written for a model initialised
   // from a config); `layout` is the one the weights were loaded from, and the export writes it back.
   std::vector<SourceLayout> layouts;
@@ -74,6 +81,14 @@ class ParamStore {
   static void freeze(Param& p);
   // Moves master weights and grads to the context's device and makes the working copies.
   void to_device(const struct ExecContext& ex);
+  // QLoRA (bnb_4bit_*): how weights marked quantize_4bit are quantised.
+  struct Quant4Options {
+    int64_t blocksize = 64;
+    bool double_quant = true;
+    bool fp4 = false;
+  } quant4;
+  // Quantises the marked weights where they are now (the CPU path, which never calls to_device).
+  void quantize_marked();
   int64_t numel() const;         // elements held by this rank
   int64_t global_numel() const;  // elements of the whole model
 

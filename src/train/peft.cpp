@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <regex>
 #include <set>
 #include <sstream>
 
@@ -231,6 +232,32 @@ void write_lora_adapter(const std::string& dir, const LoraSpec& spec, const std:
     fs::rename(tmp, cfg_path);
   }
   io::save_safetensors_file((fs::path(dir) / "adapter_model.safetensors").string(), tensors);
+}
+
+int64_t setup_4bit(const Recipe& r, CausalLM& model, std::vector<std::string>* warnings) {
+  if (model.lora_adapters().empty())
+    r.fail("quantization.load_in_4bit", "a 4-bit base can only be trained through LoRA adapters: add a peft section");
+  auto& q = model.params().quant4;
+  const std::string type = r.get_string("quantization.bnb_4bit_quant_type", "nf4");
+  if (type != "nf4" && type != "fp4") r.fail("quantization.bnb_4bit_quant_type", "expected nf4 or fp4, got '" + type + "'");
+  q.fp4 = type == "fp4";
+  q.double_quant = r.get_bool("quantization.bnb_4bit_use_double_quant", true);
+  const std::string cd = r.get_string("quantization.bnb_4bit_compute_dtype", "bfloat16");
+  if (cd != "bfloat16" && cd != "bf16" && cd != "torch.bfloat16" && warnings)
+    warnings->push_back(r.where("quantization.bnb_4bit_compute_dtype") + " (" + cd +
+                        "): the 4-bit weights are dequantised to bf16 on GPUs (fp32 on the CPU)");
+  const std::string st = r.get_string("quantization.bnb_4bit_quant_storage", "uint8");
+  if (st != "uint8" && st != "torch.uint8" && warnings)
+    warnings->push_back(r.where("quantization.bnb_4bit_quant_storage") + " (" + st +
+                        "): 4-bit codes are held as bytes; the storage dtype only matters to FSDP in PyTorch");
+  static const std::regex linear(R"(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(shared_expert\.)?(gate|up|down)_proj)\.weight)");
+  int64_t n = 0;
+  for (Param& p : model.params().all())
+    if (!p.trainable && p.shape.size() == 2 && std::regex_match(p.name, linear)) {
+      p.quantize_4bit = true;
+      ++n;
+    }
+  return n;
 }
 
 }  // namespace am

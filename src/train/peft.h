@@ -39,4 +39,11 @@ void write_lora_adapter(const std::string& dir, const LoraSpec& spec, const std:
                         const std::vector<std::pair<std::string, Tensor>>& tensors,
                         const std::string& base_model_name_or_path);
 
+// QLoRA (`quantization.load_in_4bit`): marks the frozen Linear weights bitsandbytes would quantise (every
+// attention and MLP projection, shared experts included; not embeddings, lm_head, norms, routers or the fused
+// MoE experts, which transformers 5 does not hold as nn.Linear) and sets the 4-bit options from the
+// section's bnb_4bit_* keys. They are quantised when they reach their device (ParamStore::to_device; the
+// CPU: ParamStore::quantize_marked). Returns how many weights were marked. Exit 2 without a peft section.
+int64_t setup_4bit(const Recipe& r, CausalLM& model, std::vector<std::string>* warnings);
+
 }  // namespace am

@@ -195,6 +195,17 @@ void Trainer::setup() {
   if (!source_dir_.empty()) load_hf_weights(*model_, source_dir_);
   else init_random_weights(*model_, seed_, init_dtype);
   if (r_.has("peft")) setup_lora();  // freezes the base: before to_device, so it never gets an fp32 master there
+  if (r_.get_bool("quantization.load_in_4bit", false)) {
+    std::vector<std::string> warnings;
+    const int64_t n = setup_4bit(r_, *model_, &warnings);
+    for (const auto& w : warnings)
+      if (!opt_.quiet) log::warn(w);
+    if (device_name_ == "cpu") model_->params().quantize_marked();  // CUDA: in to_device, weight by weight
+    if (!opt_.quiet)
+      log::info("QLoRA: " + std::to_string(n) + " frozen Linear weights held in " +
+                (model_->params().quant4.fp4 ? "FP4" : "NF4") + " (blocksize " + std::to_string(model_->params().quant4.blocksize) +
+                (model_->params().quant4.double_quant ? ", double-quantised absmax)" : ")"));
+  }
   {
     // Residual stream dtype under bf16 compute (docs/performance.md, "fp32 residual stream"): float32 keeps
     // the residual adds, RMSNorm inputs/weights and the embedding lookup in fp32 as HF's autocast does.
@@ -233,8 +244,6 @@ void Trainer::setup() {
   std::string loss = r_.get_string("loss_fn._target_", "masked_cross_entropy");
   if (loss.find("cross_entropy") == std::string::npos && loss.find("CrossEntropy") == std::string::npos)
     r_.fail("loss_fn._target_", "unsupported loss '" + loss + "' (masked_cross_entropy, fused_linear_cross_entropy)");
-  if (r_.get_bool("quantization.load_in_4bit", false))
-    r_.fail("quantization.load_in_4bit", "QLoRA (a 4-bit base) is not implemented yet; remove it to train in the model's dtype");
   if (r_.get_bool("quantization.load_in_8bit", false))
     r_.fail("quantization.load_in_8bit", "8-bit loading is not supported; remove it to train in the model's dtype");
 

@@ -231,6 +231,9 @@ print("peft golden ok")
 PY
   done
 fi
+expect "qlora runs (NF4 base, CPU)" 0 "QLoRA: 14 frozen Linear weights held in NF4" -- \
+  "$BIN" finetune "$LG/llama/recipe.yaml" --checkpoint.checkpoint_dir="$T/lgq" --quantization.load_in_4bit=true
+expect "qlora needs peft" 2 "add a peft section" -- "$BIN" finetune "$R" $CK --quantization.load_in_4bit=true
 expect "peft rank disagrees with adapter" 2 "has rank 4 but peft.dim is 8" -- \
   "$BIN" finetune "$LG/llama/recipe.yaml" --checkpoint.checkpoint_dir="$T/lgx" --peft.dim=8
 expect "peft targets disagree with adapter" 2 "adapts model.layers.0.self_attn.k_proj, which peft.target_modules does not select" -- \
@@ -240,7 +243,7 @@ expect "peft selects nothing" 2 "peft.target_modules selects no module of this m
 expect "peft lm_head refused" 2 "LoRA on lm_head" -- "$BIN" finetune "$R" $CK '--peft.target_modules=[lm_head]'
 expect "peft dora refused" 2 "DoRA training is not implemented" -- "$BIN" finetune "$R" $CK --peft.use_dora=true
 expect "peft bad dropout_position" 2 "expected pre or post" -- "$BIN" finetune "$R" $CK --peft.dropout_position=middle
-expect "peft adapter_path missing" 1 "key 'peft.adapter_path'.*no_adapter: adapter folder not found" -- "$BIN" finetune "$R" $CK --peft.adapter_path="$T/no_adapter"
+expect "peft adapter_path missing" 1 "peft.adapter_path.*no_adapter: adapter folder not found" -- "$BIN" finetune "$R" $CK --peft.adapter_path="$T/no_adapter"
 expect "peft gate without up on MoE" 2 "names gate_proj without up_proj" -- \
   "$BIN" finetune "$ROOT/tests/fixtures/golden/qwen3_moe/recipe.yaml" --checkpoint.checkpoint_dir="$T/lgm" '--peft.target_modules=[gate_proj]'
 

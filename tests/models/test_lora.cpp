@@ -21,6 +21,8 @@
 #include "models/blocks/lora.h"
 #include "models/hf_weights.h"
 #include "models/lora.h"
+#include "ops/nf4_ops.h"
+#include "io/nf4.h"
 #include "train/peft.h"
 #include "train/trainer.h"
 
@@ -363,5 +365,49 @@ TEST(LoraTrainer, BaseFrozenAdapterWrittenAndResumeExactWithDropout) {
   for (const auto& n : fa.names()) {
     Tensor x = fa.get(n), y = fb.get(n);
     ASSERT_EQ(std::memcmp(x.raw(), y.raw(), x.nbytes()), 0) << n;
+  }
+}
+
+TEST(Qlora, EqualsLoraOnTheDequantisedBase) {
+  // QLoRA's model is LoRA over the base as the 4-bit codes represent it: quantise the projections (NF4,
+  // double quant), and separately replace the same weights by their dequantised values: same logits and
+  // the same LoRA gradients, bit for bit (the CPU dequantises to fp32 and runs the same GEMMs).
+  auto q = load("qwen3"), ref = load("qwen3");
+  q->enable_lora(spec_all(), 5, nullptr);
+  ref->enable_lora(spec_all(), 5, nullptr);
+  randomize_b(*q, 3);
+  randomize_b(*ref, 3);
+  int marked = 0;
+  for (Param& p : q->params().all())
+    if (p.lora && !p.lora->grouped) {
+      p.quantize_4bit = true;
+      ++marked;
+    }
+  ASSERT_GT(marked, 0);
+  q->params().quantize_marked();
+  for (Param& p : q->params().all()) {
+    if (!p.quantize_4bit) continue;
+    ASSERT_TRUE(p.nf4) << p.name;
+    EXPECT_FALSE(p.value.defined()) << p.name << ": the fp32 copy must be gone";
+    Param& r = ref->params().get(p.name);
+    Tensor deq = ops::nf4_dequantize(*p.nf4, DType::F32);
+    // NF4 is lossy but close: every element within half a code step of its block's absmax.
+    double worst = 0, amax = 0;
+    for (int64_t i = 0; i < deq.numel(); ++i) {
+      worst = std::max(worst, double(std::abs(deq.f32()[i] - r.value.f32()[i])));
+      amax = std::max(amax, double(std::abs(r.value.f32()[i])));
+    }
+    EXPECT_LT(worst, 0.15 * amax) << p.name;
+    r.value.copy_from(deq);
+  }
+  const Batch b = batch_of(q->config().vocab_size);
+  const Tensor lq = q->forward_logits(b), lr = ref->forward_logits(b);
+  for (int64_t i = 0; i < lq.numel(); ++i) ASSERT_EQ(lq.f32()[i], lr.f32()[i]) << i;
+  q->params().zero_grad();
+  ref->params().zero_grad();
+  EXPECT_EQ(q->forward_backward(b, 1.f), ref->forward_backward(b, 1.f));
+  for (const LoraAdapter* a : q->lora_adapters()) {
+    const Param& ra = ref->params().get(a->A->name);
+    for (int64_t i = 0; i < a->A->grad.numel(); ++i) ASSERT_EQ(a->A->grad.f32()[i], ra.grad.f32()[i]) << a->A->name;
   }
 }

@@ -12,6 +12,8 @@
 #include <nlohmann/json.hpp>
 
 #include "config/recipe.h"
+#include "models/generate.h"
+#include "models/inference.h"
 #include "io/safetensors.h"
 #include "train/trainer.h"
 
@@ -78,6 +80,37 @@ TEST_P(LoraGolden, FourStepsMatchPeft) {
   ::testing::Test::RecordProperty("final_adapter_max_abs_diff", std::to_string(worst));
   // The merged model PEFT would make from the trained adapter is written too.
   EXPECT_TRUE(fs::exists(out / "LATEST/model/consolidated/config.json"));
+}
+
+// Greedy generation equal to HF generate(do_sample=False) for the base and for base + the trained adapter
+// (merged in memory as `generate --adapter` does; PEFT's merged and unmerged generations agree in every case).
+TEST_P(LoraGolden, GreedyGenerateMatchesPeft) {
+  const std::string c = GetParam();
+  const fs::path dir = golden_dir() / c;
+  std::ifstream ef(dir / "expected.json");
+  const json exp = json::parse(ef);
+  if (!exp.contains("generate_base")) GTEST_SKIP() << "no generate goldens in " << dir;
+  const std::string base = (fs::path(AM_SOURCE_DIR) / exp["base_model"].get<std::string>()).string();  // repo-relative
+  auto run = [&](const std::string& adapter, const json& prompt, const json& want, const char* what) {
+    InferenceLoadOptions o;
+    o.model = base;
+    o.adapter = adapter;
+    o.device = "cpu";
+    InferenceModel m = load_for_inference(o);
+    GenerateOptions g;
+    g.max_new_tokens = exp["generate_max_new_tokens"].get<int64_t>();
+    g.eos_token_ids = exp["generate_eos_token_ids"].get<std::vector<int64_t>>();
+    const auto got = generate(*m.lm, prompt.get<std::vector<int32_t>>(), g).tokens;
+    EXPECT_EQ(got, want.get<std::vector<int32_t>>()) << c << ": " << what;
+  };
+  const std::string adapter = (dir / "expected_adapter").string();
+  run("", exp["generate_prompt"], exp["generate_base"], "base");
+  run(adapter, exp["generate_prompt"], exp["generate_merged"], "base + trained adapter");
+  if (exp.contains("generate_extra") && exp["generate_extra"].is_object()) {
+    const json& x = exp["generate_extra"];
+    run("", x["prompt"], x["base"], "base, second prompt");
+    run(adapter, x["prompt"], x["merged"], "base + trained adapter, second prompt");
+  }
 }
 
 }  // namespace

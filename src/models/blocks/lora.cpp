@@ -1,6 +1,8 @@
 #include "models/blocks/lora.h"
 
+#include "io/nf4.h"
 #include "ops/moe_ops.h"
+#include "ops/nf4_ops.h"
 #include "ops/ops.h"
 
 namespace am {
@@ -66,14 +68,29 @@ void lora_bwd_add(const ExecContext& ex, const LoraAdapter& l, const Tensor& x, 
   ops::add_(*dx, dxin);
 }
 
+namespace {
+
+// The weight the GEMM reads: the working copy, or (QLoRA) the 4-bit weight dequantised into a scratch
+// buffer in the compute dtype, [out, in], freed when the caller drops it (one layer weight at a time).
+Tensor compute_weight(const ExecContext& ex, const Param& w) {
+  if (!w.nf4) return w.work;
+  Tensor W = ex.empty(w.shape);
+  ops::nf4_dequantize(*w.nf4, W);
+  return W;
+}
+
+}  // namespace
+
 void proj_fwd(const ExecContext& ex, const Param& w, const Param* b, const Tensor& x, Tensor& y) {
-  ops::linear_fwd(x, w.work, work_or_null(b), y);
+  ops::linear_fwd(x, compute_weight(ex, w), work_or_null(b), y);
   if (w.lora) lora_fwd_add(ex, *w.lora, x, y);
 }
 
 void proj_bwd(const ExecContext& ex, const Param& w, Param* b, const Tensor& x, const Tensor& dy, Tensor* dx) {
-  // A frozen W has no gradient tensor: linear_bwd then computes dx only.
-  ops::linear_bwd(x, w.work, dy, dx, const_cast<Tensor&>(w.grad), grad_or_null(b));
+  // A frozen W has no gradient tensor: linear_bwd then computes dx only. QLoRA dequantises W again (as
+  // bitsandbytes' backward does) instead of keeping the bf16 copy from forward.
+  Tensor none;
+  ops::linear_bwd(x, compute_weight(ex, w), dy, dx, w.nf4 ? none : const_cast<Tensor&>(w.grad), grad_or_null(b));
   if (w.lora) lora_bwd_add(ex, *w.lora, x, dy, dx);
 }
 

@@ -18,7 +18,7 @@ MlpWeights register_mlp(ParamStore& ps, const std::string& pre, int64_t H, int64
 
 
 Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s) {
-  const int64_t N = x.dim(0), I = w.gate->work.dim(0), H = w.down->work.dim(0);
+  const int64_t N = x.dim(0), I = w.gate->shape[0], H = w.down->shape[0];
   Tensor gate = ex.empty({N, I}), up = ex.empty({N, I}),
          h = ex.empty({N, I}), y = ex.empty({N, H});
   proj_fwd(ex, *w.gate, w.gate_bias, x, gate);
@@ -30,7 +30,7 @@ Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, 
 }
 
 Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy) {
-  const int64_t N = dy.dim(0), I = w.gate->work.dim(0), H = w.down->work.dim(0);
+  const int64_t N = dy.dim(0), I = w.gate->shape[0], H = w.down->shape[0];
   Tensor h = ex.empty({N, I});
   ops::swiglu_fwd(s.gate, s.up, h);  // the same kernel on the same inputs: bit-identical to forward's h
   Tensor dh = ex.empty({N, I});
