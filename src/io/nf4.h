@@ -109,7 +109,8 @@ class RawTensorSource {
 
 // A read-only safetensors file (or a sharded set through model.safetensors.index.json) with tensors of any
 // dtype (BOOL, U8, I8, F8_*, I16, U16, F16, BF16, I32, U32, F32, I64, U64, F64), mmapped. The header is
-// validated as io::SafeTensors does (offsets inside the data, byte size = numel * dtype size).
+// validated before any tensor is handed out: offsets inside the data region, no overlaps, byte size =
+// numel * dtype size (FormatError naming the file and tensor).
 class RawSafetensors : public RawTensorSource {
  public:
   // `path`: a .safetensors file, a model.safetensors.index.json, or a folder holding either.

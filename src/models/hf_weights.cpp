@@ -1,6 +1,8 @@
 #include "models/hf_weights.h"
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -105,18 +107,50 @@ void load_hf_weights(CausalLM& model, const std::string& dir) {
 
 
 void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
-  double std_dev = model.config().raw.value("initializer_range", 0.02);
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.f, static_cast<float>(std_dev));
+  // normal(0, initializer_range) for matrices, 1 for norms, 0 for biases. The values are a function of
+  // (seed, parameter name, element index in the whole parameter) only: each parameter is cut into chunks of
+  // 2^20 elements with their own generator, filled in parallel (an 8B model in seconds, not minutes), and an
+  // expert-parallel rank's slice gets exactly the elements one rank would have.
+  const float std_dev = static_cast<float>(model.config().raw.value("initializer_range", 0.02));
+  constexpr int64_t kChunk = int64_t(1) << 20;
+  struct Task {
+    Param* p;
+    int64_t chunk;
+  };
+  std::vector<Task> tasks;
   for (auto& p : model.params().all()) {
     p.source_dtype = dtype;
-    float* v = p.value.f32();
     const int64_t n = p.value.numel();
-    const std::string& nm = p.name;
-    bool is_norm = nm.find("norm.weight") != std::string::npos || nm.find("layernorm.weight") != std::string::npos;
-    bool is_bias = nm.size() > 5 && nm.compare(nm.size() - 5, 5, ".bias") == 0;
-    for (int64_t i = 0; i < n; ++i) v[i] = is_norm ? 1.f : is_bias ? 0.f : normal(rng);
+    if (n == 0) continue;
+    for (int64_t c = p.global_offset / kChunk; c * kChunk < p.global_offset + n; ++c) tasks.push_back({&p, c});
   }
+  auto fill = [&](const Task& t) {
+    Param& p = *t.p;
+    const std::string& nm = p.name;
+    const bool is_norm = nm.find("norm.weight") != std::string::npos || nm.find("layernorm.weight") != std::string::npos;
+    const bool is_bias = nm.size() > 5 && nm.compare(nm.size() - 5, 5, ".bias") == 0;
+    float* v = p.value.f32();
+    const int64_t g0 = t.chunk * kChunk, g1 = g0 + kChunk;                      // global element range of the chunk
+    const int64_t lo = std::max(g0, p.global_offset), hi = std::min(g1, p.global_offset + p.value.numel());
+    if (is_norm || is_bias) {
+      std::fill(v + (lo - p.global_offset), v + (hi - p.global_offset), is_norm ? 1.f : 0.f);
+      return;
+    }
+    uint64_t h = 1469598103934665603ULL;
+    for (unsigned char ch : nm) h = (h ^ ch) * 1099511628211ULL;
+    std::mt19937_64 rng(seed ^ h ^ (static_cast<uint64_t>(t.chunk) * 0x9e3779b97f4a7c15ULL));
+    std::normal_distribution<float> normal(0.f, std_dev);
+    for (int64_t g = g0; g < lo; ++g) (void)normal(rng);  // a slice that starts inside the chunk
+    for (int64_t g = lo; g < hi; ++g) v[g - p.global_offset] = normal(rng);
+  };
+  const size_t nt = std::max<size_t>(1, std::min<size_t>(std::thread::hardware_concurrency(), tasks.size()));
+  std::atomic<size_t> next{0};
+  std::vector<std::thread> pool;
+  for (size_t w = 0; w < nt; ++w)
+    pool.emplace_back([&] {
+      for (size_t i; (i = next.fetch_add(1)) < tasks.size();) fill(tasks[i]);
+    });
+  for (auto& th : pool) th.join();
   // nn.Embedding(padding_idx=pad_token_id) starts with the pad row at zero (HF _init_weights).
   const auto pad = model.config().pad_token_id;
   auto& ps = model.params();
