@@ -53,6 +53,24 @@ expect "--nproc-per-node=2 form" 0 "step 4 \| epoch 0" -- "$BIN" "$R" --nproc-pe
 expect "--nproc_per_node form (eval)" 0 "val_loss" -- "$BIN" eval "$R" --nproc_per_node 2 --device=cpu \
   --validation_dataset._target_=tokenized_jsonl --validation_dataset.path_or_dataset=data.jsonl
 
+# ---- LoRA: 2 ranks (fsdp2 shards the LoRA pairs, the frozen base is replicated) = 1 rank = HF PEFT ----
+LG="$ROOT/tests/fixtures/lora_golden"
+for c in llama qwen3_moe; do
+  expect "lora $c on 2 cpu ranks" 0 "step 4 \| epoch 0" -- "$BIN" finetune "$LG/$c/recipe.yaml" --nproc-per-node 2 --device=cpu \
+    --checkpoint.checkpoint_dir="$T/lora2_$c"
+  expect "lora $c 2 ranks = PEFT golden" 0 "^same ok" -- python3 - "$LG/$c/expected.json" "$T/lora2_$c" <<'PY'
+import json, os, sys, struct
+exp = json.load(open(sys.argv[1]))["steps"]
+got = [json.loads(l) for l in open(os.path.join(sys.argv[2], "training.jsonl"))]
+assert len(got) == len(exp)
+for e, g in zip(exp, got):
+    assert abs(g["loss"] - e["loss"]) <= 1e-4 * abs(e["loss"]), (g["loss"], e["loss"])
+    assert abs(g["grad_norm"] - e["grad_norm"]) <= 1e-3 * abs(e["grad_norm"]), (g["grad_norm"], e["grad_norm"])
+assert os.path.exists(os.path.join(sys.argv[2], "LATEST/model/adapter_model.safetensors"))
+print("same ok")
+PY
+done
+
 # ---- usage errors: exit 2, the message names the cause ----
 expect "nproc-per-node 0" 2 "nproc-per-node 0: must be >= 1" -- "$BIN" finetune "$R" --nproc-per-node 0
 expect "nproc-per-node not a number" 2 "nproc-per-node 'two': expected an integer" -- "$BIN" finetune "$R" --nproc-per-node two
