@@ -106,6 +106,45 @@ void load_hf_weights(CausalLM& model, const std::string& dir) {
 }
 
 
+bool is_bnb_4bit_checkpoint(const io::ModelConfig& cfg) {
+  const auto& q = cfg.raw.contains("quantization_config") ? cfg.raw["quantization_config"] : nlohmann::json();
+  return q.is_object() && q.value("quant_method", std::string()) == "bitsandbytes" && q.value("load_in_4bit", false);
+}
+
+void load_bnb_4bit_weights(CausalLM& model, const std::string& dir) {
+  auto src = io::RawSafetensors::open(dir);
+  for (auto& p : model.params().all()) {
+    if (p.source().size() == 1 && io::is_bnb_4bit(*src, p.source().front().name)) {
+      const std::string& name = p.source().front().name;
+      auto w = std::make_shared<Nf4Weight>(io::read_bnb_4bit(*src, name));
+      if (w->shape != p.shape)
+        throw FormatError(src->where() + ": 4-bit tensor '" + name + "' has shape " + shape_str(w->shape) +
+                          " (quant_state) but config.json implies " + shape_str(p.shape));
+      p.source_dtype = w->dtype;
+      p.nf4 = std::move(w);
+      ParamStore::freeze(p);
+      p.value = p.work = Tensor();
+      continue;
+    }
+    for (const SourceSlice& sl : p.source()) {
+      if (!src->has(sl.name))
+        throw FormatError(dir + ": tensor '" + sl.name + "' is missing from the checkpoint (model_type " +
+                          model.config().model_type + ")");
+      const io::RawTensor t = src->get(sl.name);
+      const DType dt = dtype_from_safetensors(t.dtype);
+      if (dt != DType::F32 && dt != DType::BF16 && dt != DType::F16)
+        throw FormatError(src->where() + ": tensor '" + sl.name + "' has dtype " + t.dtype + " (expected a float, or "
+                          "bitsandbytes' 4-bit entries with a quant_state)");
+      if (t.shape != sl.shape)
+        throw FormatError(src->where() + ": tensor '" + sl.name + "' has shape " + shape_str(t.shape) +
+                          " but config.json implies " + shape_str(sl.shape));
+      Tensor dst = Tensor::wrap(p.value.f32() + sl.offset, sl.shape, DType::F32, nullptr);
+      dst.copy_from(Tensor::wrap(const_cast<uint8_t*>(t.data), t.shape, dt, nullptr));
+      p.source_dtype = dt;
+    }
+  }
+}
+
 void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
   // normal(0, initializer_range) for matrices, 1 for norms, 0 for biases. The values are a function of
   // (seed, parameter name, element index in the whole parameter) only: each parameter is cut into chunks of
@@ -184,11 +223,18 @@ void append_hf_tensors(const Param& p, std::vector<std::pair<std::string, Tensor
 
 void write_hf_side_files(const CausalLM& model, const std::string& out_dir, const std::string& source_dir) {
   fs::create_directories(out_dir);
-  // config.json: the source's JSON as read (so every key the user had survives), written atomically.
+  // config.json: the source's JSON as read (so every key the user had survives), written atomically. A model
+  // held 4-bit is written dequantised: its quantization_config no longer describes the files.
+  nlohmann::json cfg_json = model.config().raw;
+  for (const auto& p : const_cast<CausalLM&>(model).params().all())
+    if (p.nf4) {
+      cfg_json.erase("quantization_config");
+      break;
+    }
   {
     fs::path tmp = fs::path(out_dir) / "config.json.tmp";
     std::ofstream f(tmp);
-    f << model.config().raw.dump(2) << "\n";
+    f << cfg_json.dump(2) << "\n";
     f.close();
     if (!f) throw IoError("cannot write " + tmp.string());
     fs::rename(tmp, fs::path(out_dir) / "config.json");

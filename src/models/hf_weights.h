@@ -21,6 +21,15 @@ void load_hf_weights(CausalLM& model, const std::string& model_dir);
 // after allocating the whole model.
 void check_hf_weights_against_config(const std::string& model_dir, const io::ModelConfig& cfg);
 
+// A checkpoint saved already 4-bit by bitsandbytes (transformers' BitsAndBytesConfig(load_in_4bit=True) then
+// save_pretrained): config.json's quantization_config has quant_method "bitsandbytes" and load_in_4bit.
+bool is_bnb_4bit_checkpoint(const io::ModelConfig& cfg);
+// Loads such a checkpoint: each weight stored as bitsandbytes' 4-bit entries (W, W.absmax, W.quant_map, ...,
+// W.quant_state.bitsandbytes__nf4; io/nf4.h) into Param::nf4, frozen (QLoRA: only LoRA adapters can train
+// over it); every other tensor into fp32 values as load_hf_weights does. FormatError names the tensor on any
+// mismatch (missing parts, shapes against config.json).
+void load_bnb_4bit_weights(CausalLM& model, const std::string& model_dir);
+
 // Random init (seeded, deterministic); `dtype` is the dtype recorded for export.
 void init_random_weights(CausalLM& model, uint64_t seed, DType dtype);
 

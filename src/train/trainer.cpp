@@ -186,13 +186,20 @@ void Trainer::setup() {
     for (auto& t : supported_model_types()) list += (list.empty() ? "" : ", ") + t;
     throw FormatError("config.json: model_type '" + cfg.model_type + "' is not supported (supported: " + list + ")");
   }
-  if (!source_dir_.empty()) check_hf_weights_against_config(source_dir_, cfg);  // headers only: fails before allocating
+  // A checkpoint bitsandbytes saved 4-bit (QLoRA base): its own loader; only LoRA can train over it.
+  const bool bnb4 = !source_dir_.empty() && is_bnb_4bit_checkpoint(cfg);
+  if (bnb4 && !r_.has("peft"))
+    throw UsageError(source_dir_ + ": a 4-bit bitsandbytes checkpoint (config.json quantization_config) can only be "
+                     "trained through LoRA adapters: add a peft section");
+  if (!source_dir_.empty() && !bnb4) check_hf_weights_against_config(source_dir_, cfg);  // headers only: fails before allocating
   setup_distributed(cfg);
   ModelParallel mp;
   if (groups_) mp = ModelParallel{groups_->ep->rank(), ep_size_, groups_->ep.get(), groups_->world.get()};
   model_ = build_model(cfg, mp);
   // Each rank reads only the tensors (and, expert-parallel, only the experts) it holds.
-  if (!source_dir_.empty()) load_hf_weights(*model_, source_dir_);
+  bnb4_base_ = bnb4;
+  if (bnb4) load_bnb_4bit_weights(*model_, source_dir_);
+  else if (!source_dir_.empty()) load_hf_weights(*model_, source_dir_);
   else init_random_weights(*model_, seed_, init_dtype);
   if (r_.has("peft")) setup_lora();  // freezes the base: before to_device, so it never gets an fp32 master there
   if (r_.get_bool("quantization.load_in_4bit", false)) {
@@ -735,7 +742,9 @@ void Trainer::save_checkpoint(int64_t step, bool final) {
   bool consolidated = save_consolidated_ == "always" || (save_consolidated_ == "final" && final);
   std::string dir = write_checkpoint(ckpt_dir_, st, *model_, *optim_, consolidated,
                                      source_dir_.empty() ? tokenizer_dir_ : source_dir_, dp_.get(), groups_.get(),
-                                     PeftCheckpoint{lora_spec_ ? &*lora_spec_ : nullptr, source_dir_});
+                                     // a 4-bit base folder cannot be merged into: the merge goes into the
+                                     // dequantised weights in memory instead (AutoModel's merge_lora --qlora)
+                                     PeftCheckpoint{lora_spec_ ? &*lora_spec_ : nullptr, bnb4_base_ ? std::string() : source_dir_});
   if (!opt_.quiet) log::info("saved checkpoint " + dir);
   if (rank_ == 0 && keep_last_n_ > 0)  // every rank has finished writing (write_checkpoint ends with a barrier)
     for (const auto& gone : prune_checkpoints(ckpt_dir_, keep_last_n_))

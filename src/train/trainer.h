@@ -119,7 +119,8 @@ class Trainer {
   int64_t start_step_ = 1;
   bool shuffle_ = false, drop_last_ = false;
   std::optional<double> max_norm_;
-  std::optional<LoraSpec> lora_spec_;  // the peft section (LoRA); empty: full fine-tuning
+  std::optional<LoraSpec> lora_spec_;
+  bool bnb4_base_ = false;  // the source folder holds bitsandbytes 4-bit weights  // the peft section (LoRA); empty: full fine-tuning
   bool ckpt_enabled_ = true;
   std::string ckpt_dir_, save_consolidated_ = "final";
   ForwardOptions fwd_opt_;

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <regex>
 
 #include <nlohmann/json.hpp>
 
@@ -410,4 +411,59 @@ TEST(Qlora, EqualsLoraOnTheDequantisedBase) {
     const Param& ra = ref->params().get(a->A->name);
     for (int64_t i = 0; i < a->A->grad.numel(); ++i) ASSERT_EQ(a->A->grad.f32()[i], ra.grad.f32()[i]) << a->A->name;
   }
+}
+
+TEST(Qlora, ReadsABitsandbytesCheckpointLikeQuantisingAtLoad) {
+  // A base saved 4-bit in bitsandbytes' layout (W, W.absmax, W.quant_map, W.nested_*, W.quant_state.*) trains
+  // exactly as the same base quantised at load time (same codes, same dequantisation).
+  const fs::path g = golden("qwen3"), out = fresh_dir("qlora_bnb_ckpt");
+  const fs::path base = out / "bnb_base";
+  fs::create_directories(base);
+  {
+    auto m = load("qwen3");
+    std::vector<io::OwnedRawTensor> all;
+    const std::regex lin(R"(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight)");
+    for (const Param& p : m->params().all()) {
+      if (std::regex_match(p.name, lin)) {
+        ops::Nf4QuantizeOptions o;
+        o.double_quant = true;
+        for (auto& t : io::bnb_4bit_state_dict(ops::nf4_quantize(p.value, o), p.name)) all.push_back(std::move(t));
+        continue;
+      }
+      io::OwnedRawTensor t{p.name, "F32", p.shape, {}};
+      t.bytes.assign(reinterpret_cast<const uint8_t*>(p.value.f32()),
+                     reinterpret_cast<const uint8_t*>(p.value.f32() + p.value.numel()));
+      all.push_back(std::move(t));
+    }
+    io::save_raw_safetensors((base / "model.safetensors").string(), all);
+    std::ifstream cf(g / "model/config.json");
+    json cfg = json::parse(cf);
+    cfg["quantization_config"] = {{"quant_method", "bitsandbytes"}, {"load_in_4bit", true},
+                                  {"bnb_4bit_quant_type", "nf4"}, {"bnb_4bit_use_double_quant", true}};
+    std::ofstream(base / "config.json") << cfg.dump(2);
+  }
+  const fs::path lg = fs::path(AM_SOURCE_DIR) / "tests/fixtures/lora_golden/qwen3/recipe.yaml";
+  auto run = [&](const std::vector<std::string>& extra, const std::string& ck) {
+    std::vector<std::string> o = extra;
+    o.push_back("checkpoint.checkpoint_dir=" + (out / ck).string());
+    Trainer t(Recipe::load(lg.string(), o), TrainerOptions{.quiet = true});
+    return t.train();
+  };
+  const auto a = run({"quantization.load_in_4bit=true"}, "a");
+  const auto b = run({"model.pretrained_model_name_or_path=" + base.string()}, "b");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].loss, b[i].loss) << "step " << i + 1;
+    EXPECT_EQ(a[i].grad_norm, b[i].grad_norm) << "step " << i + 1;
+  }
+  // The merged model of a 4-bit base goes into the dequantised weights, without the quantization_config.
+  std::ifstream cc(out / "b/LATEST/model/consolidated/config.json");
+  EXPECT_FALSE(json::parse(cc).contains("quantization_config"));
+  auto cons = io::SafeTensors::open((out / "b/LATEST/model/consolidated").string());
+  EXPECT_TRUE(cons.has("model.layers.0.self_attn.q_proj.weight"));
+  // Without a peft section such a checkpoint is refused (exit 2).
+  EXPECT_THROW(Trainer(Recipe::from_string("device: cpu\nmodel: {pretrained_model_name_or_path: " + base.string() +
+                                           "}\ndataset: {_target_: mock, seq_len: 8, num_samples: 4}\n", "x.yaml"),
+                       TrainerOptions{.quiet = true}),
+               UsageError);
 }
