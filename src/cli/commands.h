@@ -10,4 +10,5 @@ int cmd_tokenize(int argc, char** argv);  // automodel tokenize (src/cli/cmd_tok
 int cmd_chat_template(int argc, char** argv);  // automodel chat-template (src/cli/cmd_chat_template.cpp)
 int cmd_merge_lora(int argc, char** argv);  // automodel merge-lora (src/cli/cmd_merge_lora.cpp)
 int cmd_generate(int argc, char** argv);  // automodel generate (src/cli/cmd_generate.cpp)
+int cmd_plot(int argc, char** argv);  // automodel plot (src/cli/cmd_plot.cpp)
 }  // namespace am

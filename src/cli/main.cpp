@@ -29,6 +29,7 @@ static const char* kUsage =
     "  automodel chat-template --tokenizer DIR [--add-generation-prompt] --jsonl FILE|-\n"
     "  automodel generate --model DIR (--prompt TEXT | --chat TEXT) [...]\n"
     "  automodel merge-lora --base DIR --adapter DIR --out DIR\n"
+    "  automodel plot RUN_DIR [RUN_DIR ...] [--out FILE.svg]\n"
     "  automodel info\n";
 
 int cmd_info(int, char**) {
@@ -73,6 +74,7 @@ static int dispatch(int argc, char** argv) {
   if (cmd == "chat-template") return cmd_chat_template(sub_argc, sub_argv);
   if (cmd == "generate") return cmd_generate(sub_argc, sub_argv);
   if (cmd == "merge-lora") return cmd_merge_lora(sub_argc, sub_argv);
+  if (cmd == "plot") return cmd_plot(sub_argc, sub_argv);
   // Alias: `automodel RECIPE.yaml ...`
   if (cmd.size() > 5 && (cmd.ends_with(".yaml") || cmd.ends_with(".yml"))) return cmd_finetune(argc, argv);
   throw UsageError("unknown command '" + cmd + "' (run `automodel --help`)");

@@ -115,6 +115,7 @@ const std::vector<KeyRule>& key_table() {
       {"step_scheduler.num_epochs", H, A, "", "epochs (stops at max_steps when that comes first)"},
       {"step_scheduler.max_steps", H, A, "", "optimizer steps"},
       {"step_scheduler.ckpt_every_steps", H, A, "", "checkpoint interval"},
+      {"step_scheduler.log_every_steps", H, A, "", "console step line interval (ours; training.jsonl has every step, the terminal progress bar updates every step)"},
       {"step_scheduler.val_every_steps", H, A, "", "validation interval"},
       {"step_scheduler.warmup_steps", H, A, "", "ours (bench): untimed steps"},
       {"step_scheduler.timed_steps", H, A, "", "ours (bench): timed steps"},

@@ -31,6 +31,8 @@
 #include "ops/ops.h"
 #include "train/checkpoint.h"
 #include "train/peft.h"
+#include "train/progress.h"
+#include "io/svg_plot.h"
 
 namespace am {
 namespace fs = std::filesystem;
@@ -293,6 +295,8 @@ void Trainer::setup() {
     total_steps_ = epochs_ > 0 ? std::min(total_steps_, *ms) : *ms;
   }
   ckpt_every_ = r_.get_int("step_scheduler.ckpt_every_steps", 0);
+  log_every_ = r_.get_int("step_scheduler.log_every_steps", 1);
+  if (log_every_ < 1) r_.fail("step_scheduler.log_every_steps", "must be >= 1, got " + std::to_string(log_every_));
   val_every_ = r_.get_int("step_scheduler.val_every_steps", 0);
 
   // ---- optimizer ----
@@ -620,7 +624,13 @@ void Trainer::log_step(const StepStats& s) {
             {"device", device_name_}, {"world_size", world_}};
   for (auto& [k, v] : s.extra.items()) j[k] = v;
   append_jsonl(fs::path(ckpt_dir_) / "training.jsonl", j);  // written even with checkpoints disabled (SPEC §4)
-  if (!opt_.quiet) {
+  run_tokens_ += s.num_tokens;
+  run_time_s_ += s.time_s;
+  run_mfu_time_ += mfu * s.time_s;
+  last_loss_ = s.loss;
+  peak_mem_ = std::max(peak_mem_, mem);
+  if (!opt_.quiet && (s.step % log_every_ == 0 || s.step == total_steps_ || s.step == start_step_)) {
+    if (bar_) bar_->clear();
     char line[256];
     std::snprintf(line, sizeof line,
                   "step %lld | epoch %lld | loss %.4f | grad_norm %.3f | lr %.2e | mem %.2f GiB | tps %.0f (%.0f/gpu) | mfu %.1f%%",
@@ -629,6 +639,7 @@ void Trainer::log_step(const StepStats& s) {
     std::printf("%s\n", line);
     std::fflush(stdout);
   }
+  if (bar_) bar_->update(s, tps, mem);
 }
 
 double Trainer::validate(int64_t* num_label_tokens) {
@@ -702,13 +713,26 @@ std::vector<StepStats> Trainer::train() {
       sigaction(SIGHUP, &h, nullptr);
     }
   } restore_handlers{old_term, old_int, old_usr1, old_hup};
+  ProgressBar bar(start_step_, total_steps_, rank_ == 0 && !opt_.quiet);
+  bar_ = bar.active() ? &bar : nullptr;
+  struct Unset {
+    ProgressBar*& b;
+    ~Unset() { b = nullptr; }
+  } unset_bar{bar_};
+  run_tokens_ = 0;
+  run_time_s_ = run_mfu_time_ = 0;
+  peak_mem_ = 0;
+  const auto run_t0 = clock_t_::now();
   for (int64_t step = start_step_; step <= total_steps_; ++step) {
     StepStats s = train_step(step);
     log_step(s);
     out.push_back(s);
     if (val_ds_ && val_every_ > 0 && step % val_every_ == 0) {
       int64_t nt = 0;
+      if (bar_) bar_->status("validating...");
       double vl = validate(&nt);
+      last_val_loss_ = vl;
+      if (bar_) bar_->clear();
       if (rank_ == 0) {
         json j = {{"step", step}, {"val_loss", vl}, {"num_label_tokens", nt}};
         append_jsonl(fs::path(ckpt_dir_) / "validation.jsonl", j);
@@ -720,14 +744,74 @@ std::vector<StepStats> Trainer::train() {
     double stop = static_cast<double>(g_stop_signal.load());
     if (groups_) groups_->world->all_reduce_host(&stop, 1, dist::ReduceOp::Max);
     const bool periodic = (ckpt_every_ > 0 && step % ckpt_every_ == 0) || (ckpt_every_epoch_ && step % steps_per_epoch_ == 0);
-    if (ckpt_enabled_ && (last || periodic || stop > 0)) save_checkpoint(step, last);
+    if (ckpt_enabled_ && (last || periodic || stop > 0)) {
+      if (bar_) bar_->status("saving checkpoint...");
+      save_checkpoint(step, last);
+    }
     if (stop > 0 && !last) {
       log::info("received signal " + std::to_string(static_cast<int>(stop)) + ": stopped after step " + std::to_string(step) +
                 (ckpt_enabled_ ? " with a checkpoint; resume with checkpoint.restore_from=LATEST" : " (checkpoints are disabled)"));
       break;
     }
   }
+  bar.clear();
+  if (!out.empty()) write_plot();
+  if (rank_ == 0 && !opt_.quiet && !out.empty()) print_summary(seconds_since(run_t0), out.back().step);
   return out;
+}
+
+void Trainer::write_plot() const {
+  // checkpoint_dir/training.svg: loss / val loss, lr, tokens/s and grad norm against step (io/svg_plot.h).
+  // A plot that cannot be written costs a warning, never the run.
+  if (rank_ != 0) return;
+  try {
+    io::plot_run_dir(ckpt_dir_);
+  } catch (const Error& e) {
+    log::warn(std::string("training.svg not written: ") + e.what());
+  }
+}
+
+void Trainer::print_summary(double wall_s, int64_t last_step) const {
+  // What happened, and the one command to try the result (issue 18).
+  const double tps = run_time_s_ > 0 ? static_cast<double>(run_tokens_) / run_time_s_ : 0.0;
+  const double mfu = run_time_s_ > 0 ? run_mfu_time_ / run_time_s_ : 0.0;  // time-weighted mean of the steps' MFU
+  char line[512];
+  char toks[32];
+  if (run_tokens_ >= 1000000) std::snprintf(toks, sizeof toks, "%.2fM", static_cast<double>(run_tokens_) / 1e6);
+  else std::snprintf(toks, sizeof toks, "%lld", static_cast<long long>(run_tokens_));
+  std::snprintf(line, sizeof line, "done: step %lld of %lld in %s | %s tokens | %.0f tok/s%s | peak %.2f GiB | loss %.4f",
+                static_cast<long long>(last_step), static_cast<long long>(total_steps_), format_duration(wall_s).c_str(),
+                toks, tps,
+                mfu > 0 ? (" (mfu " + std::to_string(static_cast<int>(std::lround(100 * mfu))) + "%)").c_str() : "",
+                peak_mem_, last_loss_);
+  std::string out = line;
+  if (last_val_loss_) {
+    char v[64];
+    std::snprintf(v, sizeof v, " | val_loss %.4f", *last_val_loss_);
+    out += v;
+  }
+  std::printf("%s\n", out.c_str());
+  if (!ckpt_enabled_) {
+    std::printf("checkpoints are disabled: nothing was saved (metrics: %s)\n", (fs::path(ckpt_dir_) / "training.jsonl").c_str());
+    std::fflush(stdout);
+    return;
+  }
+  const std::string latest = (fs::path(ckpt_dir_) / "LATEST").string();
+  std::printf("curves: %s\n", (fs::path(ckpt_dir_) / "training.svg").c_str());
+  if (lora_spec_) {
+    const std::string base = source_dir_.empty() ? latest + "/model/consolidated" : source_dir_;
+    std::printf("adapter (HF PEFT): %s/model\n", latest.c_str());
+    std::printf("try it:  automodel generate --model %s --adapter %s/model --chat \"Hello\"\n", base.c_str(), latest.c_str());
+    if (!source_dir_.empty() && !bnb4_base_)
+      std::printf("merge:   automodel merge-lora --base %s --adapter %s/model --out merged/\n", source_dir_.c_str(), latest.c_str());
+  } else if (fs::exists(fs::path(latest) / "model" / "consolidated")) {
+    std::printf("model (HF folder): %s/model/consolidated\n", latest.c_str());
+    std::printf("try it:  automodel generate --model %s/model/consolidated --chat \"Hello\"\n", latest.c_str());
+  } else {
+    std::printf("checkpoint: %s (no consolidated HF folder: checkpoint.save_consolidated is %s)\n", latest.c_str(),
+                save_consolidated_.c_str());
+  }
+  std::fflush(stdout);
 }
 
 void Trainer::save_checkpoint(int64_t step, bool final) {
@@ -746,6 +830,7 @@ void Trainer::save_checkpoint(int64_t step, bool final) {
                                      // dequantised weights in memory instead (AutoModel's merge_lora --qlora)
                                      PeftCheckpoint{lora_spec_ ? &*lora_spec_ : nullptr, bnb4_base_ ? std::string() : source_dir_});
   if (!opt_.quiet) log::info("saved checkpoint " + dir);
+  write_plot();
   if (rank_ == 0 && keep_last_n_ > 0)  // every rank has finished writing (write_checkpoint ends with a barrier)
     for (const auto& gone : prune_checkpoints(ckpt_dir_, keep_last_n_))
       if (!opt_.quiet) log::info("removed old checkpoint " + gone + " (checkpoint.keep_last_n " + std::to_string(keep_last_n_) + ")");

@@ -18,6 +18,8 @@
 
 namespace am {
 
+class ProgressBar;  // train/progress.h
+
 struct TrainerOptions {
   bool quiet = false;  // no per-step console line (tests)
   // Where this process stands in the job (dist/launch.h); world 1 by default. With world > 1 the trainer
@@ -94,7 +96,9 @@ class Trainer {
                                                           int64_t micro = 0) const;  // 0: lbs_
   void save_checkpoint(int64_t step, bool final);
   void restore(const std::string& from);
-  void setup_lora();  // the peft section: LoRA on the loaded base (train/peft.h)
+  void setup_lora();
+  void print_summary(double wall_s, int64_t last_step) const;  // end of train(), rank 0
+  void write_plot() const;  // checkpoint_dir/training.svg (rank 0), at checkpoints and the end  // the peft section: LoRA on the loaded base (train/peft.h)
   void log_step(const StepStats& s);
   std::string model_source_dir() const;
 
@@ -120,7 +124,13 @@ class Trainer {
   bool shuffle_ = false, drop_last_ = false;
   std::optional<double> max_norm_;
   std::optional<LoraSpec> lora_spec_;
-  bool bnb4_base_ = false;  // the source folder holds bitsandbytes 4-bit weights  // the peft section (LoRA); empty: full fine-tuning
+  bool bnb4_base_ = false;
+  // Console: step lines every log_every_ steps, the terminal's progress bar (train() only), the summary's sums.
+  int64_t log_every_ = 1;
+  ProgressBar* bar_ = nullptr;
+  int64_t run_tokens_ = 0;
+  double run_time_s_ = 0, run_mfu_time_ = 0, peak_mem_ = 0, last_loss_ = 0;
+  std::optional<double> last_val_loss_;  // the source folder holds bitsandbytes 4-bit weights  // the peft section (LoRA); empty: full fine-tuning
   bool ckpt_enabled_ = true;
   std::string ckpt_dir_, save_consolidated_ = "final";
   ForwardOptions fwd_opt_;
