@@ -247,5 +247,17 @@ expect "peft adapter_path missing" 1 "peft.adapter_path.*no_adapter: adapter fol
 expect "peft gate without up on MoE" 2 "names gate_proj without up_proj" -- \
   "$BIN" finetune "$ROOT/tests/fixtures/golden/qwen3_moe/recipe.yaml" --checkpoint.checkpoint_dir="$T/lgm" '--peft.target_modules=[gate_proj]'
 
+# Watching a run (issue 18): redirected output has plain step lines and the summary, no bar; on a terminal
+# (script(1) gives a pty) the bar draws and clears itself; training.svg is written; plot compares runs.
+expect "summary at the end" 0 "^done: step 4 of 4 in" -- "$BIN" finetune "$R" --checkpoint.checkpoint_dir="$T/watch"
+expect "no bar when redirected" 0 "^step 4 \| epoch 0" -- bash -c "'$BIN' finetune '$R' --checkpoint.checkpoint_dir='$T/watch2' | grep -c '\[=' | grep -qx 0 && echo 'step 4 | epoch 0'"
+expect "training.svg written" 0 "training.svg" -- ls "$T/watch"
+expect "log_every_steps 2 prints steps 1, 2, 4" 0 "^1 2 4$" -- bash -c "'$BIN' finetune '$R' --checkpoint.checkpoint_dir='$T/watch3' --step_scheduler.log_every_steps=2 | sed -n 's/^step \([0-9]*\) .*/\1/p' | paste -sd' '"
+if command -v script >/dev/null; then
+  expect "bar on a terminal" 0 "\] +100% step 4/4" -- env TERM=xterm script -qec "'$BIN' finetune '$R' --checkpoint.checkpoint_dir='$T/watch4'" /dev/null
+fi
+expect "plot two runs" 0 "cmp.svg" -- "$BIN" plot "$T/watch" "$T/watch2" --out "$T/cmp.svg"
+expect "plot missing run" 1 "training.jsonl" -- "$BIN" plot "$T/no_run"
+
 echo "cli tests: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
