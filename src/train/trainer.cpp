@@ -33,6 +33,7 @@
 #include "train/peft.h"
 #include "train/progress.h"
 #include "io/svg_plot.h"
+#include "io/tensorboard.h"
 
 namespace am {
 namespace fs = std::filesystem;
@@ -296,6 +297,9 @@ void Trainer::setup() {
   }
   ckpt_every_ = r_.get_int("step_scheduler.ckpt_every_steps", 0);
   log_every_ = r_.get_int("step_scheduler.log_every_steps", 1);
+  if (r_.present("tensorboard") && !(r_.node("tensorboard").is_boolean() && !r_.get_bool("tensorboard", false)))
+    tb_dir_ = r_.has("tensorboard.log_dir") ? r_.resolve_path(r_.get_string("tensorboard.log_dir", ""))
+                                            : (fs::path(r_.get_string("checkpoint.checkpoint_dir", "checkpoints/")) / "tensorboard").string();
   if (log_every_ < 1) r_.fail("step_scheduler.log_every_steps", "must be >= 1, got " + std::to_string(log_every_));
   val_every_ = r_.get_int("step_scheduler.val_every_steps", 0);
 
@@ -640,6 +644,15 @@ void Trainer::log_step(const StepStats& s) {
     std::fflush(stdout);
   }
   if (bar_) bar_->update(s, tps, mem);
+  if (tb_) {
+    std::vector<std::pair<std::string, double>> v = {{"train/loss", s.loss},         {"train/grad_norm", s.grad_norm},
+                                                     {"train/lr", s.lr},             {"train/tokens_per_s", tps},
+                                                     {"train/tokens_per_s_per_gpu", tps_gpu}, {"train/mem_gib", mem},
+                                                     {"train/mfu", mfu},             {"train/num_label_tokens", static_cast<double>(s.num_label_tokens)}};
+    for (auto& [k, val] : s.extra.items())
+      if (val.is_number()) v.emplace_back("train/" + k, val.get<double>());
+    tb_->add_scalars(v, s.step);
+  }
 }
 
 double Trainer::validate(int64_t* num_label_tokens) {
@@ -713,6 +726,10 @@ std::vector<StepStats> Trainer::train() {
       sigaction(SIGHUP, &h, nullptr);
     }
   } restore_handlers{old_term, old_int, old_usr1, old_hup};
+  if (rank_ == 0 && !tb_dir_.empty()) {
+    tb_ = std::make_unique<io::TensorBoardWriter>(tb_dir_);
+    if (!opt_.quiet) log::info("TensorBoard events: " + tb_->path() + " (tensorboard --logdir " + tb_dir_ + ")");
+  }
   ProgressBar bar(start_step_, total_steps_, rank_ == 0 && !opt_.quiet);
   bar_ = bar.active() ? &bar : nullptr;
   struct Unset {
@@ -732,6 +749,7 @@ std::vector<StepStats> Trainer::train() {
       if (bar_) bar_->status("validating...");
       double vl = validate(&nt);
       last_val_loss_ = vl;
+      if (tb_) tb_->add_scalar("val/loss", vl, step);
       if (bar_) bar_->clear();
       if (rank_ == 0) {
         json j = {{"step", step}, {"val_loss", vl}, {"num_label_tokens", nt}};

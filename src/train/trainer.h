@@ -19,6 +19,9 @@
 namespace am {
 
 class ProgressBar;  // train/progress.h
+namespace io {
+class TensorBoardWriter;  // io/tensorboard.h
+}
 
 struct TrainerOptions {
   bool quiet = false;  // no per-step console line (tests)
@@ -130,7 +133,9 @@ class Trainer {
   ProgressBar* bar_ = nullptr;
   int64_t run_tokens_ = 0;
   double run_time_s_ = 0, run_mfu_time_ = 0, peak_mem_ = 0, last_loss_ = 0;
-  std::optional<double> last_val_loss_;  // the source folder holds bitsandbytes 4-bit weights  // the peft section (LoRA); empty: full fine-tuning
+  std::optional<double> last_val_loss_;
+  std::string tb_dir_;                          // tensorboard: event files go here ("" = off)
+  std::unique_ptr<io::TensorBoardWriter> tb_;   // rank 0, during train()  // the source folder holds bitsandbytes 4-bit weights  // the peft section (LoRA); empty: full fine-tuning
   bool ckpt_enabled_ = true;
   std::string ckpt_dir_, save_consolidated_ = "final";
   ForwardOptions fwd_opt_;

@@ -256,6 +256,17 @@ expect "log_every_steps 2 prints steps 1, 2, 4" 0 "^1 2 4$" -- bash -c "'$BIN' f
 if command -v script >/dev/null; then
   expect "bar on a terminal" 0 "\] +100% step 4/4" -- env TERM=xterm script -qec "'$BIN' finetune '$R' --checkpoint.checkpoint_dir='$T/watch4'" /dev/null
 fi
+expect "tensorboard events = training.jsonl" 0 "^tb ok 4" -- bash -c "'$BIN' finetune '$R' --checkpoint.checkpoint_dir='$T/tbrun' --tensorboard.log_dir='$T/tb' >/dev/null 2>&1 && python3 '$ROOT/tools/read_tb_events.py' '$T'/tb/events.out.tfevents.* | python3 -c '
+import json, struct, sys
+ev = [json.loads(l) for l in sys.stdin]
+tr = [json.loads(l) for l in open(\"$T/tbrun/training.jsonl\")]
+f32 = lambda x: struct.unpack(\"f\", struct.pack(\"f\", x))[0]
+n = 0
+for t in tr:
+    for tag, key in ((\"train/loss\", \"loss\"), (\"train/grad_norm\", \"grad_norm\"), (\"train/lr\", \"lr\")):
+        assert any(e[\"tag\"] == tag and e[\"step\"] == t[\"step\"] and e[\"value\"] == f32(t[key]) for e in ev), (tag, t[\"step\"])
+    n += 1
+print(\"tb ok\", n)'"
 expect "plot two runs" 0 "cmp.svg" -- "$BIN" plot "$T/watch" "$T/watch2" --out "$T/cmp.svg"
 expect "plot missing run" 1 "training.jsonl" -- "$BIN" plot "$T/no_run"
 
