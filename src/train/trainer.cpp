@@ -730,7 +730,11 @@ std::vector<StepStats> Trainer::train() {
     tb_ = std::make_unique<io::TensorBoardWriter>(tb_dir_);
     if (!opt_.quiet) log::info("TensorBoard events: " + tb_->path() + " (tensorboard --logdir " + tb_dir_ + ")");
   }
-  ProgressBar bar(start_step_, total_steps_, rank_ == 0 && !opt_.quiet);
+  // The bar is for a person at this process's terminal: not under mpirun / srun, which give their
+  // workers a pty of their own whatever the user's stdout is (and whose output they relay or interleave).
+  const bool launched = opt_.launch.mpi || std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") ||
+                        std::getenv("PMIX_RANK") || std::getenv("SLURM_PROCID");
+  ProgressBar bar(start_step_, total_steps_, rank_ == 0 && !opt_.quiet && !launched);
   bar_ = bar.active() ? &bar : nullptr;
   struct Unset {
     ProgressBar*& b;
