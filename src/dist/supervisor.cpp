@@ -409,7 +409,12 @@ void Job::stop() {
     }
     return gone();
   };
-  if (wait_until(3.0, true)) return;
+  if (wait_until(3.0, true)) {
+    // Every worker is dead, but a worker mpirun left unreaped is our child now (we are its subreaper): a
+    // zombie we do not reap outlives the job wherever PID 1 does not reap (containers, CI).
+    reap_all(3.0);
+    return;
+  }
   for (auto& w : w_)
     if (w.pid > 0 && !w.exited) {
       kill(w.pid, SIGKILL);
@@ -479,7 +484,10 @@ int Job::run() {
     if (mpi_) check_registered();
     if (failure_) break;
     if (done) {
-      if (!mpi_ || (WIFEXITED(mpirun_status_) && WEXITSTATUS(mpirun_status_) == 0)) return 0;
+      if (!mpi_ || (WIFEXITED(mpirun_status_) && WEXITSTATUS(mpirun_status_) == 0)) {
+        reap_all(3.0);  // anything mpirun left to us (see stop())
+        return 0;
+      }
       check_registered();  // mpirun failed: did a worker say why?
       if (!failure_) note_failure({});
       break;
