@@ -50,7 +50,7 @@ except ImportError:  # transformers depends on PyYAML; keep a readable error any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "fixtures", "golden")
-DEFAULT_CASES = ["llama", "qwen2", "qwen3", "mistral"]
+DEFAULT_CASES = ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"]  # gemma3_text once its fp32 golden exists
 NUM_STEPS = 4  # every row of data.jsonl once; the losses of steps 2-4 follow 1-3 optimizer updates
 
 

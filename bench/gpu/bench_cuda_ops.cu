@@ -290,6 +290,8 @@ int main(int argc, char** argv) {
       const double e = double(N) * I * 2;
       report_bytes("swiglu fwd", dims({N, I}), 3 * e, time_ms([&] { cu::swiglu_fwd(g, u, h); }), 85);
       report_bytes("swiglu bwd", dims({N, I}), 5 * e, time_ms([&] { cu::swiglu_bwd(g, u, dh, dg, du); }), 85);
+      report_bytes("geglu fwd (gemma)", dims({N, I}), 3 * e, time_ms([&] { cu::geglu_fwd(g, u, h); }), 85);
+      report_bytes("geglu bwd (gemma)", dims({N, I}), 5 * e, time_ms([&] { cu::geglu_bwd(g, u, dh, dg, du); }), 85);
       report_bytes("dropout_ p=0.1 (in place)", dims({N, I}), 2 * e, time_ms([&] { cu::dropout_(dg, 0.1f, 1234); }),
                    85);
     }

@@ -130,6 +130,22 @@ BENCHMARK(BM_CpuRmsNormBwd)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
+// ---- gated activations (MLP): reads gate, up, writes h (fwd); reads gate, up, dh, writes dgate, dup (bwd) ----
+template <bool Gelu>
+void BM_CpuGated(benchmark::State& st) {
+  const int64_t N = st.range(0);
+  Tensor g = randn({N}, 1), u = randn({N}, 2), h = Tensor::empty({N}, DType::F32);
+  Tensor dg = Tensor::empty({N}, DType::F32), du = Tensor::empty({N}, DType::F32);
+  const bool bwd = st.range(1) != 0;
+  for (auto _ : st) {
+    if (bwd) Gelu ? ops::geglu_bwd(g, u, h, dg, du) : ops::swiglu_bwd(g, u, h, dg, du);
+    else Gelu ? ops::geglu_fwd(g, u, h) : ops::swiglu_fwd(g, u, h);
+  }
+  set_rate(st, "bytes/s", (bwd ? 5.0 : 3.0) * N * sizeof(float));
+}
+BENCHMARK(BM_CpuGated<false>)->Name("BM_CpuSwiGLU")->Args({1 << 22, 0})->Args({1 << 22, 1})->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_CpuGated<true>)->Name("BM_CpuGeGLU")->Args({1 << 22, 0})->Args({1 << 22, 1})->Unit(benchmark::kMicrosecond)->UseRealTime();
+
 // ---- dropout_ in place (LoRA dropout): reads and writes x; a fixed seed, so every iteration drops the same
 // elements (rescaling the survivors again: the values grow, the work does not change) ----
 void BM_CpuDropout(benchmark::State& st) {

@@ -21,7 +21,7 @@ using nlohmann::json;
 
 namespace {
 
-enum class Family { Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2Moe, Qwen3Moe, Olmoe };
+enum class Family { Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, Gemma3 };
 
 // Sanity caps on config.json sizes (the largest public models are far below each).
 constexpr int64_t kMaxVocab = int64_t(1) << 24;         // 16.7M tokens
@@ -41,6 +41,7 @@ Family family_of(const std::string& t) {
   if (t == "qwen2_moe") return Family::Qwen2Moe;
   if (t == "qwen3_moe") return Family::Qwen3Moe;
   if (t == "olmoe") return Family::Olmoe;
+  if (t == "gemma3_text") return Family::Gemma3;
   return Family::Llama;
 }
 
@@ -111,6 +112,9 @@ struct Keys {
   }
 };
 
+RopeParams parse_rope_object(const Keys& top, const json& dict, const std::string& prefix, int64_t max_pos,
+                             double theta_fallback);
+
 // The RoPE dict: transformers v5 `rope_parameters` (plain, or per layer type: we take full_attention) wins
 // over the v4 `rope_scaling`; rope_theta and partial_rotary_factor may sit inside it or at the top level.
 RopeParams parse_rope(const Keys& top, int64_t max_pos, double theta_default) {
@@ -133,10 +137,17 @@ RopeParams parse_rope(const Keys& top, int64_t max_pos, double theta_default) {
     rp = &j.at("rope_scaling");
     if (!rp->is_object()) top.bad("rope_scaling", "an object or null");
   }
-  Keys r{*rp, file, prefix};
+  return parse_rope_object(top, *rp, prefix, max_pos, top.num("rope_theta", theta_default));
+}
 
+// One RoPE dict (v5 rope_parameters[...] or v4 rope_scaling; may be empty). rope_theta: the dict's, else
+// theta_fallback.
+RopeParams parse_rope_object(const Keys& top, const json& dict, const std::string& prefix, int64_t max_pos,
+                             double theta_fallback) {
+  const std::string& file = top.file;
+  Keys r{dict, file, prefix};
   RopeParams p;
-  p.rope_theta = r.present("rope_theta") ? r.num("rope_theta") : top.num("rope_theta", theta_default);
+  p.rope_theta = r.present("rope_theta") ? r.num("rope_theta") : theta_fallback;
   p.rope_type = r.present("rope_type") ? r.str("rope_type", "default") : r.str("type", "default");
   p.partial_rotary_factor =
       r.present("partial_rotary_factor") ? r.num("partial_rotary_factor") : top.num("partial_rotary_factor", 1.0);
@@ -183,6 +194,20 @@ RopeParams parse_rope(const Keys& top, int64_t max_pos, double theta_default) {
   return p;
 }
 
+// Gemma 3's local RoPE: v5 rope_parameters.sliding_attention, else (v4) the default RoPE at
+// rope_local_base_freq (the v4 rope_scaling applies to the global layers only).
+RopeParams parse_rope_sliding(const Keys& top, int64_t max_pos) {
+  static const json kEmpty = json::object();
+  const double local_theta = top.num("rope_local_base_freq", 10000.0);
+  if (top.present("rope_parameters")) {
+    const json& rp = top.j.at("rope_parameters");
+    if (rp.is_object() && rp.contains("sliding_attention") && rp.at("sliding_attention").is_object())
+      return parse_rope_object(top, rp.at("sliding_attention"), "rope_parameters.sliding_attention.", max_pos,
+                               local_theta);
+  }
+  return parse_rope_object(top, kEmpty, "", max_pos, local_theta);
+}
+
 // Per-layer window: transformers decides it from layer_types when present, else per family.
 std::vector<int64_t> parse_sliding(const Keys& k, Family fam, int64_t n_layers) {
   std::vector<int64_t> out(static_cast<size_t>(n_layers), 0);
@@ -196,7 +221,16 @@ std::vector<int64_t> parse_sliding(const Keys& k, Family fam, int64_t n_layers) 
   };
   int64_t window = 0;
   const bool mistral_like = fam == Family::Mistral || fam == Family::Mixtral;
-  if (mistral_like) window = window_key();
+  if (fam == Family::Gemma3) {
+    // Gemma3TextConfig: sliding_window 4096 by default; without layer_types every
+    // sliding_window_pattern-th layer (1-based; 6) is global, the others slide.
+    window = k.j.contains("sliding_window") ? (k.j.at("sliding_window").is_null() ? 0 : k.positive("sliding_window")) : 4096;
+    if (!k.present("layer_types")) {
+      const int64_t pattern = k.positive("sliding_window_pattern", 6);
+      for (int64_t i = 0; i < n_layers; ++i) out[static_cast<size_t>(i)] = (i + 1) % pattern ? window : 0;
+      return out;
+    }
+  } else if (mistral_like) window = window_key();
   else window = k.boolean("use_sliding_window", false) ? window_key() : 0;  // qwen2/qwen3 (+ MoE)
   if (k.present("layer_types")) {
     const json& lt = k.j.at("layer_types");
@@ -334,6 +368,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
     case Family::Qwen2: case Family::Qwen3: kv_default = 32; break;
     case Family::Qwen3Moe: kv_default = 4; break;
     case Family::Qwen2Moe: kv_default = 16; break;
+    case Family::Gemma3: kv_default = 4; break;
     default: break;
   }
   if (j.contains("num_key_value_heads") && !j.at("num_key_value_heads").is_null())
@@ -344,18 +379,21 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
     throw FormatError(source_name + ": num_attention_heads (" + std::to_string(c.num_attention_heads) +
                       ") must be a multiple of num_key_value_heads (" + std::to_string(c.num_key_value_heads) +
                       (j.contains("num_key_value_heads") ? ")" : ", the " + c.model_type + " default)"));
-  c.head_dim = k.size("head_dim", fam == Family::Qwen3 ? 128 : c.hidden_size / c.num_attention_heads, kMaxHeadDim);
+  c.head_dim = k.size("head_dim", fam == Family::Qwen3 ? 128 : fam == Family::Gemma3 ? 256 : c.hidden_size / c.num_attention_heads,
+                      kMaxHeadDim);
   if (fam == Family::Olmoe && c.head_dim * c.num_attention_heads != c.hidden_size)
     throw FormatError(source_name + ": olmoe needs head_dim * num_attention_heads == hidden_size (its q_norm spans hidden_size)");
   if (c.head_dim <= 0) throw FormatError(source_name + ": hidden_size is smaller than num_attention_heads");
   const int64_t max_pos_default = (fam == Family::Mistral || fam == Family::Mixtral) ? 4096 * 32
                                   : is_qwen(fam)            ? 32768
                                   : fam == Family::Olmoe    ? 4096
+                                  : fam == Family::Gemma3   ? 131072
                                                             : 2048;
   c.max_position_embeddings = k.positive("max_position_embeddings", max_pos_default);
   c.rms_norm_eps = k.num("rms_norm_eps", (fam == Family::Mixtral || fam == Family::Olmoe) ? 1e-5 : 1e-6);
-  c.hidden_act = k.str("hidden_act", "silu");
-  c.tie_word_embeddings = k.boolean("tie_word_embeddings", false);
+  // Gemma's config classes name the MLP activation `hidden_activation` (and ignore `hidden_act`).
+  c.hidden_act = fam == Family::Gemma3 ? k.str("hidden_activation", "gelu_pytorch_tanh") : k.str("hidden_act", "silu");
+  c.tie_word_embeddings = k.boolean("tie_word_embeddings", fam == Family::Gemma3);
 
   switch (fam) {
     case Family::Llama:  // attention_bias: q, k, v and o; mlp_bias: gate, up, down
@@ -385,11 +423,26 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
       if (k.present("clip_qkv"))
         throw FormatError(source_name + ": key 'clip_qkv' (clamping q/k/v) is not supported; set it to null");
       break;
+    case Family::Gemma3:  // Gemma3TextConfig (transformers 5.17)
+      c.attention_bias = c.o_proj_bias = k.boolean("attention_bias", false);
+      c.qk_norm = true;  // per head, zero-centred like every Gemma norm
+      c.norm_plus_one = c.sandwich_norm = c.scale_embeddings = true;
+      c.query_pre_attn_scalar = k.num("query_pre_attn_scalar", 256.0);
+      if (!(*c.query_pre_attn_scalar > 0)) k.bad("query_pre_attn_scalar", "a positive number");
+      if (k.boolean("use_bidirectional_attention", false))
+        throw FormatError(source_name + ": key 'use_bidirectional_attention' true (an encoder, e.g. EmbeddingGemma) "
+                          "is not supported: this engine trains causal LMs");
+      for (const char* cap : {"attn_logit_softcapping", "final_logit_softcapping"})
+        if (k.present(cap))
+          throw FormatError(source_name + ": key '" + cap + "' (logit soft-capping) is not supported for " +
+                            c.model_type + " yet; set it to null");
+      break;
   }
   parse_moe(k, fam, c);
   check_param_count(c, source_name);
 
-  c.rope = parse_rope(k, c.max_position_embeddings, fam == Family::Mixtral ? 1.0e6 : 10000.0);
+  c.rope = parse_rope(k, c.max_position_embeddings, (fam == Family::Mixtral || fam == Family::Gemma3) ? 1.0e6 : 10000.0);
+  if (fam == Family::Gemma3) c.rope_sliding = parse_rope_sliding(k, c.max_position_embeddings);
   c.sliding_window = parse_sliding(k, fam, c.num_hidden_layers);
 
   std::string dt = k.present("dtype") ? k.str("dtype", "") : k.str("torch_dtype", "");
@@ -397,11 +450,13 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
   c.torch_dtype = dt;
 
   const bool llama_ids = fam == Family::Llama || fam == Family::Mistral || fam == Family::Mixtral;  // bos 1, eos 2
-  c.bos_token_id = token_id(k, "bos_token_id", llama_ids ? std::optional<int64_t>(1) : std::nullopt);
+  const bool gemma = fam == Family::Gemma3;  // bos 2, eos 1, pad 0
+  c.bos_token_id = token_id(k, "bos_token_id", llama_ids ? std::optional<int64_t>(1) : gemma ? std::optional<int64_t>(2) : std::nullopt);
   std::optional<int64_t> eos_def = llama_ids ? std::optional<int64_t>(2)
+                                   : gemma ? std::optional<int64_t>(1)
                                    : fam == Family::Olmoe ? std::optional<int64_t>(50279) : std::nullopt;
   c.eos_token_id = token_id(k, "eos_token_id", eos_def, &c.eos_token_ids);
-  c.pad_token_id = token_id(k, "pad_token_id", fam == Family::Olmoe ? std::optional<int64_t>(1) : std::nullopt);
+  c.pad_token_id = token_id(k, "pad_token_id", fam == Family::Olmoe ? std::optional<int64_t>(1) : gemma ? std::optional<int64_t>(0) : std::nullopt);
   return c;
 }
 

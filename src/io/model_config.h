@@ -59,6 +59,13 @@ struct ModelConfig {
   bool output_router_logits = false;            // add router_aux_loss_coef * load-balancing loss
   double router_aux_loss_coef = 0.0;
   std::vector<bool> moe_layer;
+  // Gemma 3 (gemma3_text):
+  bool norm_plus_one = false;     // zero-centred RMSNorm weights: y = x_hat * (1 + w), every norm incl. q/k norms
+  bool sandwich_norm = false;     // + post_attention_layernorm on the attention output and pre_/post_feedforward_
+                                  //   layernorm around the MLP (post norms before each residual add)
+  bool scale_embeddings = false;  // x0 = embed(ids) * sqrt(hidden_size), the factor rounded to the embedding dtype
+  std::optional<double> query_pre_attn_scalar;  // attention scale query_pre_attn_scalar^-0.5 (else head_dim^-0.5)
+  std::optional<RopeParams> rope_sliding;       // RoPE of the sliding-window layers, when it is not `rope`
   nlohmann::json raw;                     // the file as read
 
   bool is_moe() const { return num_experts > 0; }

@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "dist/communicator.h"
+#include "models/blocks/norm.h"
 #include "ops/ops.h"
 #ifdef AM_WITH_CUDA
 #include "backend/cuda/cuda_ops.h"
@@ -16,8 +17,14 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
     : cfg_(cfg), mp_(mp), rope_(io::compute_rope(cfg)) {
   const int64_t H = cfg.hidden_size;
   ps_.set_shapes_only(mp.shapes_only);
-  if (cfg.hidden_act != "silu" && cfg.hidden_act != "swish")
-    throw FormatError("config.json: hidden_act '" + cfg.hidden_act + "' is not supported (only silu)");
+  const MlpAct act = mlp_act_from_config(cfg.hidden_act, cfg.norm_plus_one ? "hidden_activation" : "hidden_act");
+  if (cfg.is_moe() && act != MlpAct::Silu)
+    throw FormatError("config.json: hidden_act '" + cfg.hidden_act + "' is not supported for MoE experts (only silu)");
+  if (cfg.rope_sliding) {
+    io::ModelConfig local = cfg;
+    local.rope = *cfg.rope_sliding;
+    rope_sliding_ = io::compute_rope(local);
+  }
   if (cfg.num_attention_heads % cfg.num_key_value_heads != 0)
     throw FormatError("config.json: num_attention_heads must be a multiple of num_key_value_heads");
   if (cfg.head_dim % 2 != 0) throw FormatError("config.json: head_dim must be even for RoPE");
@@ -32,11 +39,18 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
       L.moe = register_moe(ps_, pre, cfg, mp.ep_rank, mp.ep_size);
       L.moe_index = n_moe_layers_++;
     } else {
-      L.mlp = register_mlp(ps_, pre + "mlp.", H, cfg.intermediate_size, cfg.mlp_bias);
+      L.mlp = register_mlp(ps_, pre + "mlp.", H, cfg.intermediate_size, cfg.mlp_bias, act);
     }
     L.ln1 = &ps_.add(pre + "input_layernorm.weight", {H});
-    L.ln2 = &ps_.add(pre + "post_attention_layernorm.weight", {H});
+    if (cfg.sandwich_norm) {  // Gemma3DecoderLayer's four norms, in its registration order
+      L.post_attn_norm = &ps_.add(pre + "post_attention_layernorm.weight", {H});
+      L.ln2 = &ps_.add(pre + "pre_feedforward_layernorm.weight", {H});
+      L.post_ffn_norm = &ps_.add(pre + "post_feedforward_layernorm.weight", {H});
+    } else {
+      L.ln2 = &ps_.add(pre + "post_attention_layernorm.weight", {H});
+    }
     L.window = i < static_cast<int64_t>(cfg.sliding_window.size()) ? cfg.sliding_window[i] : 0;
+    L.sliding_rope = cfg.rope_sliding.has_value() && L.window > 0;
     layers_.push_back(L);
   }
   norm_ = &ps_.add("model.norm.weight", {H});
@@ -66,8 +80,7 @@ void DecoderLM::to_device(const ExecContext& ex) {
                       ": expected the activation dtype or float32");
   ps_.to_device(ex);
   ex_ = ex;
-  rope_cos_ = rope_sin_ = Tensor();  // cached tables live on the old device
-  rope_pos_.clear();
+  for (RopeCache& c : rope_cache_) c = RopeCache{};  // cached tables live on the old device
 }
 
 int64_t DecoderLM::matmul_params_per_token() const {
@@ -82,23 +95,38 @@ int64_t DecoderLM::matmul_params_per_token() const {
   return total + cfg_.vocab_size * H;  // + lm_head (embedding is a gather)
 }
 
-void DecoderLM::rope_tables(const Batch& b, Tensor& cos, Tensor& sin) {
+void DecoderLM::rope_tables(const Batch& b, Tensor& cos, Tensor& sin, bool sliding) {
   // The tables depend only on the positions, which repeat from micro-batch to micro-batch (0..T-1 per row
   // unless packed): reuse the last ones instead of recomputing N x D/2 sin/cos on the host and uploading
   // them synchronously, twice per micro-batch (that was several ms of every W1 step).
   const int64_t N = b.B * b.T, half = cfg_.head_dim / 2;
   const int32_t* pos = b.positions.data<int32_t>();
-  if (rope_cos_.defined() && static_cast<int64_t>(rope_pos_.size()) == N &&
-      std::equal(rope_pos_.begin(), rope_pos_.end(), pos)) {
-    cos = rope_cos_;
-    sin = rope_sin_;
+  RopeCache& rc = rope_cache_[sliding ? 1 : 0];
+  if (rc.cos.defined() && static_cast<int64_t>(rc.pos.size()) == N && std::equal(rc.pos.begin(), rc.pos.end(), pos)) {
+    cos = rc.cos;
+    sin = rc.sin;
     return;
   }
   Tensor c = Tensor::empty({N, half}, DType::F32), s = Tensor::empty({N, half}, DType::F32);
-  io::rope_cos_sin(rope_, pos, N, c.f32(), s.f32());
-  cos = rope_cos_ = ex_.upload(c);
-  sin = rope_sin_ = ex_.upload(s);
-  rope_pos_.assign(pos, pos + N);
+  io::rope_cos_sin(sliding ? rope_sliding_ : rope_, pos, N, c.f32(), s.f32());
+  cos = rc.cos = ex_.upload(c);
+  sin = rc.sin = ex_.upload(s);
+  rc.pos.assign(pos, pos + N);
+}
+
+Tensor DecoderLM::norm_w(const Param& p) const { return norm_weight(ex_, wide_weight(p), cfg_.norm_plus_one); }
+
+float DecoderLM::embed_scale() const {
+  if (!cfg_.scale_embeddings) return 1.0f;
+  // HF: torch.tensor(hidden_size ** 0.5) (float32) .to(embedding weight dtype).
+  const float s = static_cast<float>(std::sqrt(static_cast<double>(cfg_.hidden_size)));
+  const DType dt = wide_weight(*embed_).dtype();
+  if (dt == DType::F32) return s;
+  Tensor t = Tensor::empty({1}, DType::F32), r = Tensor::empty({1}, dt);
+  t.f32()[0] = s;
+  ops::copy_(r, t);  // round to the weights' dtype (host tensors)
+  ops::copy_(t, r);
+  return t.f32()[0];
 }
 
 ops::AttnParams DecoderLM::attn_params(const Batch& b, int64_t window) const {
@@ -108,7 +136,9 @@ ops::AttnParams DecoderLM::attn_params(const Batch& b, int64_t window) const {
   p.n_heads = cfg_.num_attention_heads;
   p.n_kv_heads = cfg_.num_key_value_heads;
   p.head_dim = cfg_.head_dim;
-  p.scale = 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
+  // gemma: query_pre_attn_scalar ** -0.5, a Python float rounded to float32 when it scales the scores
+  p.scale = cfg_.query_pre_attn_scalar ? static_cast<float>(std::pow(*cfg_.query_pre_attn_scalar, -0.5))
+                                       : 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
   p.sliding_window = window;
   p.segment_ids = b.segment_ids.defined() ? &b.segment_ids : nullptr;
   return p;
@@ -118,16 +148,26 @@ Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& c
                                    const ops::AttnParams& p, LayerSaved* s, KvCache* kv, int64_t layer) {
   const int64_t N = x.dim(0), H = cfg_.hidden_size;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, H, eps, &ex_};
+  AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, H, eps, &ex_,
+                      cfg_.norm_plus_one};
   // x, x1, out: residual dtype; h1, h2 (RMSNorm outputs, matmul inputs), a, m: activation dtype.
   Tensor h1 = ex_.empty({N, H}), r1 = ex_.empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x, wide_weight(*L.ln1), eps, h1, r1);
+  ops::rmsnorm_fwd(x, norm_w(*L.ln1), eps, h1, r1);
   Tensor a = kv ? attention_forward_cached(L.attn, g, h1, cos, sin, p, *kv, layer)
                 : attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr);
+  // Sandwich norms (gemma): RMSNorm of a block's output before its residual add. y: activation dtype.
+  auto post_norm = [&](const Param* w, Tensor& y, Tensor* saved_in, Tensor* saved_rstd) {
+    if (!w) return;
+    Tensor yn = ex_.empty({N, H}), r = ex_.empty({N}, DType::F32);
+    ops::rmsnorm_fwd(y, norm_w(*w), eps, yn, r);
+    if (saved_in) *saved_in = y, *saved_rstd = r;
+    y = yn;
+  };
+  post_norm(L.post_attn_norm, a, s ? &s->a : nullptr, s ? &s->ra : nullptr);
   Tensor x1 = ex_.clone(x);
   ops::add_(x1, a);
   Tensor h2 = ex_.empty({N, H}), r2 = ex_.empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x1, wide_weight(*L.ln2), eps, h2, r2);
+  ops::rmsnorm_fwd(x1, norm_w(*L.ln2), eps, h2, r2);
   Tensor m;
   if (L.is_moe) {
     MoeSaved local;
@@ -137,6 +177,7 @@ Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& c
   } else {
     m = mlp_forward(ex_, L.mlp, h2, s ? &s->mlp : nullptr);
   }
+  post_norm(L.post_ffn_norm, m, s ? &s->m : nullptr, s ? &s->rm : nullptr);
   Tensor out = ex_.clone(x1);
   ops::add_(out, m);
   if (s) {
@@ -154,25 +195,33 @@ Tensor DecoderLM::layer_backward(const Layer& L, const LayerSaved& s, const Tens
                                     const ops::AttnParams& p, const Tensor& dy, const Tensor* dprobs_extra) {
   const int64_t N = dy.dim(0), H = cfg_.hidden_size;
   AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, H,
-                      static_cast<float>(cfg_.rms_norm_eps), &ex_};
+                      static_cast<float>(cfg_.rms_norm_eps), &ex_, cfg_.norm_plus_one};
+  // Through a sandwich post-norm (gemma): d(block output) from d(normalised output), activation dtype.
+  auto post_norm_bwd = [&](Param* w, const Tensor& y, const Tensor& rstd, Tensor dyn) {
+    if (!w) return dyn;
+    Tensor dy_in = ex_.empty({N, H});
+    ops::rmsnorm_bwd(y, norm_w(*w), rstd, dyn, dy_in, w->grad);
+    return dy_in;
+  };
   // dy, dx1, dx: residual dtype. The blocks take their output gradient in the activation dtype (an fp32
   // residual gradient is rounded to bf16 first, as autograd does for the bf16 block output under autocast)
   // and return the RMSNorm output gradient dh in it.
   // out = x1 + ffn(norm2(x1))  ->  dx1 = dy + norm2_bwd(ffn_bwd(dy))
   Tensor dh2;
   {
-    const Tensor dy_a = to_act(dy);
+    const Tensor dy_a = post_norm_bwd(L.post_ffn_norm, s.m, s.rm, to_act(dy));
     dh2 = L.is_moe ? moe_backward(ex_, L.moe, moe_options(), s.moe, dy_a, dprobs_extra)
                    : mlp_backward(ex_, L.mlp, s.mlp, dy_a);
   }
   Tensor dx1 = ex_.empty({N, H}, ex_.residual_dtype);
-  ops::rmsnorm_bwd(s.x1, wide_weight(*L.ln2), s.rstd2, dh2, dx1, L.ln2->grad);
+  ops::rmsnorm_bwd(s.x1, norm_w(*L.ln2), s.rstd2, dh2, dx1, L.ln2->grad);
   dh2 = Tensor();
   ops::add_(dx1, dy);
   // x1 = x + attn(norm1(x))  ->  dx = dx1 + norm1_bwd(attn_bwd(dx1))
-  Tensor dh1 = attention_backward(L.attn, g, s.attn, cos, sin, p, to_act(dx1));
+  Tensor dh1 = attention_backward(L.attn, g, s.attn, cos, sin, p,
+                                  post_norm_bwd(L.post_attn_norm, s.a, s.ra, to_act(dx1)));
   Tensor dx = ex_.empty({N, H}, ex_.residual_dtype);
-  ops::rmsnorm_bwd(s.x, wide_weight(*L.ln1), s.rstd1, dh1, dx, L.ln1->grad);
+  ops::rmsnorm_bwd(s.x, norm_w(*L.ln1), s.rstd1, dh1, dx, L.ln1->grad);
   ops::add_(dx, dx1);
   return dx;
 }
@@ -180,11 +229,13 @@ Tensor DecoderLM::layer_backward(const Layer& L, const LayerSaved& s, const Tens
 Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, Tensor* xf_pre, Tensor* rstd_f,
                                    bool recompute, KvCache* kv) {
   const int64_t N = b.B * b.T, H = cfg_.hidden_size;
-  Tensor cos, sin;
+  Tensor cos, sin, cos_l, sin_l;
   rope_tables(b, cos, sin);
+  if (cfg_.rope_sliding) rope_tables(b, cos_l, sin_l, true);
   hook_use(0, false);
   Tensor x = ex_.empty({N, H}, ex_.residual_dtype);
   ops::embedding_fwd(b.input_ids, wide_weight(*embed_), x);
+  if (cfg_.scale_embeddings) ops::scale_(x, embed_scale());
   if (saved) saved->resize(layers_.size());
   routing_.assign(static_cast<size_t>(n_moe_layers_), Routing{});
   for (size_t i = 0; i < layers_.size(); ++i) {
@@ -192,12 +243,14 @@ Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, 
     if (saved && recompute) (*saved)[i].x = x;
     LayerSaved* s = saved && !recompute ? &(*saved)[i] : nullptr;
     hook_use(static_cast<int>(i) + 1, false);
-    x = layer_forward(layers_[i], x, cos, sin, attn_params(b, layers_[i].window), s, kv, static_cast<int64_t>(i));
+    const bool l = layers_[i].sliding_rope;
+    x = layer_forward(layers_[i], x, l ? cos_l : cos, l ? sin_l : sin, attn_params(b, layers_[i].window), s, kv,
+                      static_cast<int64_t>(i));
     hook_fwd_done(static_cast<int>(i) + 1);
   }
   if (kv) kv->advance(N);
   Tensor xf = ex_.empty({N, H}), rf = ex_.empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x, wide_weight(*norm_), static_cast<float>(cfg_.rms_norm_eps), xf, rf);
+  ops::rmsnorm_fwd(x, norm_w(*norm_), static_cast<float>(cfg_.rms_norm_eps), xf, rf);
   if (xf_pre) *xf_pre = x;
   if (rstd_f) *rstd_f = rf;
   return xf;
@@ -233,12 +286,15 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   double loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf,
                                       head.grad.defined() ? &head.grad : nullptr, opt.loss_chunk_rows);
   Tensor dx = ex_.empty({N, H}, ex_.residual_dtype);
-  ops::rmsnorm_bwd(x_pre, wide_weight(*norm_), rstd_f, dxf, dx, norm_->grad);
+  ops::rmsnorm_bwd(x_pre, norm_w(*norm_), rstd_f, dxf, dx, norm_->grad);
   dxf = Tensor();
-  Tensor cos, sin;
-  rope_tables(b, cos, sin);
+  Tensor cos_g, sin_g, cos_l, sin_l;
+  rope_tables(b, cos_g, sin_g);
+  if (cfg_.rope_sliding) rope_tables(b, cos_l, sin_l, true);
   for (size_t i = layers_.size(); i-- > 0;) {
     const ops::AttnParams p = attn_params(b, layers_[i].window);
+    const Tensor& cos = layers_[i].sliding_rope ? cos_l : cos_g;
+    const Tensor& sin = layers_[i].sliding_rope ? sin_l : sin_g;
     hook_use(static_cast<int>(i) + 1, true);
     if (recompute) {
       Tensor x_in = saved[i].x;
@@ -248,7 +304,10 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
     saved[i] = LayerSaved{};  // free this layer's activations as soon as they are consumed
     hook_bwd_done(static_cast<int>(i) + 1);
   }
-  if (embed_->grad.defined()) embedding_backward(b, dx);  // a frozen embedding (LoRA) takes no gradient
+  if (embed_->grad.defined()) {  // a frozen embedding (LoRA) takes no gradient
+    if (cfg_.scale_embeddings) ops::scale_(dx, embed_scale());
+    embedding_backward(b, dx);
+  }
   hook_bwd_done(0);
   lora_pass_.training = false;
   return loss;
@@ -309,10 +368,9 @@ void DecoderLM::to_device_inference(const ExecContext& ex) {
                       ": expected the activation dtype or float32");
   // wide_weight() reads `value` (fp32) for the RMSNorm and embedding weights under an fp32 residual stream.
   std::vector<const Param*> wide{embed_, norm_};
-  for (const Layer& L : layers_) {
-    wide.push_back(L.ln1);
-    wide.push_back(L.ln2);
-  }
+  for (const Layer& L : layers_)
+    for (const Param* n : {L.ln1, L.ln2, L.post_attn_norm, L.post_ffn_norm})
+      if (n) wide.push_back(n);
   const bool wide_res = ex.residual_dtype != ex.act_dtype;
   for (Param& p : ps_.all()) {
     p.grad = Tensor();
@@ -323,8 +381,7 @@ void DecoderLM::to_device_inference(const ExecContext& ex) {
     p.value = keep ? ex.upload(host) : Tensor();  // the host fp32 copy is released here
   }
   ex_ = ex;
-  rope_cos_ = rope_sin_ = Tensor();
-  rope_pos_.clear();
+  for (RopeCache& c : rope_cache_) c = RopeCache{};
 }
 
 Tensor DecoderLM::to_act(const Tensor& t) const {

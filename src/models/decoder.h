@@ -1,8 +1,11 @@
-// The decoder-only causal LM shared by every family: llama, mistral, qwen2, qwen3 (dense) and qwen3_moe,
-// qwen2_moe, mixtral, olmoe (MoE). Their differences are config flags: q/k/v/o biases, q/k norm (per head
-// or over the whole projection), sliding windows, tied embeddings, RoPE type, and which layers are sparse:
-//   x0 = embed(ids)                                  [N, H]
-//   per layer: x = x + attn(RMSNorm(x)); x = x + ffn(RMSNorm(x))   ffn = SwiGLU MLP or MoE block
+// The decoder-only causal LM shared by every family: llama, mistral, qwen2, qwen3, gemma3_text (dense) and
+// qwen3_moe, qwen2_moe, mixtral, olmoe (MoE). Their differences are config flags: q/k/v/o biases, q/k norm
+// (per head or over the whole projection), sliding windows, tied embeddings, RoPE type (and a second RoPE
+// for the sliding layers), the MLP activation, Gemma's norms, and which layers are sparse:
+//   x0 = embed(ids)                                  [N, H]   (gemma: * sqrt(H))
+//   per layer: x = x + attn(RMSNorm(x)); x = x + ffn(RMSNorm(x))   ffn = gated MLP or MoE block
+//   (gemma, sandwich_norm: x = x + RMSNorm(attn(RMSNorm(x))); x = x + RMSNorm(ffn(RMSNorm(x))), every norm
+//    y = x_hat * (1 + w))
 //   loss = CE(RMSNorm(x) W_lm^T, targets)             fused + chunked, never the full [N, V] logits
 // x (the residual stream) is in ExecContext::residual_dtype; RMSNorm outputs and block outputs in act_dtype.
 //        (+ router_aux_loss_coef * load-balancing loss when the config sets output_router_logits)
@@ -53,14 +56,17 @@ class DecoderLM : public CausalLM {
 
  protected:
   struct Layer {
-    Param* ln1;
-    Param* ln2;
+    Param* ln1;  // input_layernorm
+    Param* ln2;  // the norm before the MLP: post_attention_layernorm (pre_feedforward_layernorm in gemma)
+    Param* post_attn_norm = nullptr;  // gemma: post_attention_layernorm, on the attention output
+    Param* post_ffn_norm = nullptr;   // gemma: post_feedforward_layernorm, on the MLP output
     AttentionWeights attn;
     bool is_moe = false;
     MlpWeights mlp;  // dense layers
     MoeWeights moe;  // sparse layers
     int moe_index = -1;  // among the sparse layers
     int64_t window;  // 0 = full attention
+    bool sliding_rope = false;  // uses rope_sliding_ (gemma3: the local base on sliding layers)
   };
   struct LayerSaved {
     Tensor x;      // [N, H] layer input (residual dtype, as x1)
@@ -71,6 +77,8 @@ class DecoderLM : public CausalLM {
     Tensor h2, rstd2;
     MlpSaved mlp;
     MoeSaved moe;
+    Tensor a, ra;  // sandwich norms: attention output before post_attention_layernorm [N, H], its rstd [N]
+    Tensor m, rm;  // MLP output before post_feedforward_layernorm, its rstd
   };
   // Runs embedding + all layers + final norm. Fills saved (per layer) when non-null.
   // recompute: keep only each layer's input in saved[i].x (activation checkpointing).
@@ -102,7 +110,12 @@ class DecoderLM : public CausalLM {
   const Tensor& wide_weight(const Param& p) const { return wide_residual() && p.value.defined() ? p.value : p.work; }
   // t in the activation dtype (the blocks' matmuls take bf16 gradients): t itself or a converted copy.
   Tensor to_act(const Tensor& t) const;
-  void rope_tables(const Batch& b, Tensor& cos, Tensor& sin);
+  // cos/sin [N, D/2] of the batch's positions, for the global RoPE or (sliding) the sliding layers' one.
+  void rope_tables(const Batch& b, Tensor& cos, Tensor& sin, bool sliding = false);
+  // The weight an RMSNorm of this model multiplies by (wide_weight, plus one when zero-centred).
+  Tensor norm_w(const Param& p) const;
+  // Embedding scale (gemma: sqrt(H) rounded to the embedding weight's dtype), 1 otherwise.
+  float embed_scale() const;
   ops::AttnParams attn_params(const Batch& b, int64_t window) const;
   Param& lm_head();
 
@@ -115,9 +128,12 @@ class DecoderLM : public CausalLM {
   ModelParallel mp_;
   ParamHooks* hooks_ = nullptr;
   ExecContext ex_;
-  io::RopeTables rope_;
-  std::vector<int32_t> rope_pos_;  // positions of the cached tables below
-  Tensor rope_cos_, rope_sin_;     // [N, D/2] fp32 on the model's device
+  io::RopeTables rope_, rope_sliding_;
+  struct RopeCache {
+    std::vector<int32_t> pos;  // positions of the cached tables
+    Tensor cos, sin;           // [N, D/2] fp32 on the model's device
+  };
+  RopeCache rope_cache_[2];  // global, sliding
   ParamStore ps_;
   Param* embed_ = nullptr;  // [V, H]
   Param* norm_ = nullptr;   // [H]

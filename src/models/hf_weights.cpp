@@ -146,7 +146,7 @@ void load_bnb_4bit_weights(CausalLM& model, const std::string& dir) {
 }
 
 void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
-  // normal(0, initializer_range) for matrices, 1 for norms, 0 for biases. The values are a function of
+  // normal(0, initializer_range) for matrices, 1 for norms (0 when zero-centred), 0 for biases. The values are a function of
   // (seed, parameter name, element index in the whole parameter) only: each parameter is cut into chunks of
   // 2^20 elements with their own generator, filled in parallel (an 8B model in seconds, not minutes), and an
   // expert-parallel rank's slice gets exactly the elements one rank would have.
@@ -172,7 +172,9 @@ void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
     const int64_t g0 = t.chunk * kChunk, g1 = g0 + kChunk;                      // global element range of the chunk
     const int64_t lo = std::max(g0, p.global_offset), hi = std::min(g1, p.global_offset + p.value.numel());
     if (is_norm || is_bias) {
-      std::fill(v + (lo - p.global_offset), v + (hi - p.global_offset), is_norm ? 1.f : 0.f);
+      // Zero-centred norms (Gemma: y = x_hat * (1 + w)) start at 0, as HF's _init_weights does.
+      const float one = model.config().norm_plus_one ? 0.f : 1.f;
+      std::fill(v + (lo - p.global_offset), v + (hi - p.global_offset), is_norm ? one : 0.f);
       return;
     }
     uint64_t h = 1469598103934665603ULL;

@@ -107,6 +107,14 @@ void scale_(Tensor& a, float s) {
   dispatch(op, dev, [&] { cpu::scale(a.raw(), a.dtype(), s, a.numel()); });
 }
 
+void add_scalar_(Tensor& a, float s) {
+  const char* op = "add_scalar_";
+  DeviceType dev = device_of(op, {{"a", &a}});
+  AM_ROUTE_CUDA(cuda::add_scalar_(a, s));
+  if (!is_float(a.dtype())) shape_error(op, describe("a", a) + ": expected a float tensor");
+  dispatch(op, dev, [&] { cpu::add_scalar(a.raw(), a.dtype(), s, a.numel()); });
+}
+
 void copy_(Tensor& dst, const Tensor& src) {
   const char* op = "copy_";
   DeviceType dev = device_of(op, {{"dst", &dst}, {"src", &src}});
@@ -336,16 +344,29 @@ void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin) {
   dispatch(op, dev, [&] { cpu::rope_bwd(dx.f32(), cos.f32(), sin.f32(), d.n, d.heads, d.d, d.half); });
 }
 
-// ---------------- SwiGLU ----------------
+// ---------------- gated activations: SwiGLU, GeGLU ----------------
+
+namespace {
+void check_gated_fwd(const char* op, const Tensor& gate, const Tensor& up, const Tensor& h) {
+  need_f32(op, {{"gate", &gate}, {"up", &up}, {"h", &h}});
+  if (up.shape() != gate.shape() || h.shape() != gate.shape())
+    shape_error(op, describe("gate", gate) + ", " + describe("up", up) + ", " + describe("h", h) +
+                        ": expected equal shapes");
+}
+void check_gated_bwd(const char* op, const Tensor& gate, const Tensor& up, const Tensor& dh, const Tensor& dgate,
+                     const Tensor& dup) {
+  need_f32(op, {{"gate", &gate}, {"up", &up}, {"dh", &dh}, {"dgate", &dgate}, {"dup", &dup}});
+  for (const Arg& a : {Arg{"up", &up}, Arg{"dh", &dh}, Arg{"dgate", &dgate}, Arg{"dup", &dup}})
+    if (a.t->shape() != gate.shape())
+      shape_error(op, describe(a.name, *a.t) + ": expected the shape of " + describe("gate", gate));
+}
+}  // namespace
 
 void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) {
   const char* op = "swiglu_fwd";
   DeviceType dev = device_of(op, {{"gate", &gate}, {"up", &up}, {"h", &h}});
   AM_ROUTE_CUDA(cuda::swiglu_fwd(gate, up, h));
-  need_f32(op, {{"gate", &gate}, {"up", &up}, {"h", &h}});
-  if (up.shape() != gate.shape() || h.shape() != gate.shape())
-    shape_error(op, describe("gate", gate) + ", " + describe("up", up) + ", " + describe("h", h) +
-                        ": expected equal shapes");
+  check_gated_fwd(op, gate, up, h);
   dispatch(op, dev, [&] { cpu::swiglu_fwd(gate.f32(), up.f32(), h.f32(), gate.numel()); });
 }
 
@@ -354,12 +375,27 @@ void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& 
   DeviceType dev =
       device_of(op, {{"gate", &gate}, {"up", &up}, {"dh", &dh}, {"dgate", &dgate}, {"dup", &dup}});
   AM_ROUTE_CUDA(cuda::swiglu_bwd(gate, up, dh, dgate, dup));
-  need_f32(op, {{"gate", &gate}, {"up", &up}, {"dh", &dh}, {"dgate", &dgate}, {"dup", &dup}});
-  for (const Arg& a : {Arg{"up", &up}, Arg{"dh", &dh}, Arg{"dgate", &dgate}, Arg{"dup", &dup}})
-    if (a.t->shape() != gate.shape())
-      shape_error(op, describe(a.name, *a.t) + ": expected the shape of " + describe("gate", gate));
+  check_gated_bwd(op, gate, up, dh, dgate, dup);
   dispatch(op, dev,
            [&] { cpu::swiglu_bwd(gate.f32(), up.f32(), dh.f32(), dgate.f32(), dup.f32(), gate.numel()); });
+}
+
+void geglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) {
+  const char* op = "geglu_fwd";
+  DeviceType dev = device_of(op, {{"gate", &gate}, {"up", &up}, {"h", &h}});
+  AM_ROUTE_CUDA(cuda::geglu_fwd(gate, up, h));
+  check_gated_fwd(op, gate, up, h);
+  dispatch(op, dev, [&] { cpu::geglu_fwd(gate.f32(), up.f32(), h.f32(), gate.numel()); });
+}
+
+void geglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup) {
+  const char* op = "geglu_bwd";
+  DeviceType dev =
+      device_of(op, {{"gate", &gate}, {"up", &up}, {"dh", &dh}, {"dgate", &dgate}, {"dup", &dup}});
+  AM_ROUTE_CUDA(cuda::geglu_bwd(gate, up, dh, dgate, dup));
+  check_gated_bwd(op, gate, up, dh, dgate, dup);
+  dispatch(op, dev,
+           [&] { cpu::geglu_bwd(gate.f32(), up.f32(), dh.f32(), dgate.f32(), dup.f32(), gate.numel()); });
 }
 
 // ---------------- attention ----------------

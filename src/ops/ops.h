@@ -21,6 +21,7 @@ namespace am::ops {
 // ---------------- elementwise ----------------
 void add_(Tensor& a, const Tensor& b);               // a += b (same numel)
 void scale_(Tensor& a, float s);                     // a *= s
+void add_scalar_(Tensor& a, float s);                // a += s (Gemma's (1 + w) norm weights)
 void copy_(Tensor& dst, const Tensor& src);          // dst = src
 void zero_(Tensor& a);                               // a = 0 (any dtype)
 
@@ -68,6 +69,13 @@ void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin);
 void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h);
 // dgate, dup assigned
 void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup);
+
+// ---------------- GeGLU (Gemma's MLP: hidden_activation gelu_pytorch_tanh) ----------------
+// gate, up [N, I] -> h [N, I] = gelu_tanh(gate) * up, with PyTorch's tanh approximation
+//   gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
+void geglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h);
+// dgate, dup assigned (may alias gate, up)
+void geglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup);
 
 // ---------------- attention ----------------
 struct AttnParams {

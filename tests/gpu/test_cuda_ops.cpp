@@ -679,8 +679,9 @@ TEST(CudaOps, Rope) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-TEST(CudaOps, SwiGlu) {
-  REQUIRE_DEVICE();
+// SwiGLU and GeGLU (Gemma) share the gated kernels: both against the CPU reference, out of place and in place.
+template <typename CpuF, typename CpuB, typename CuF, typename CuB>
+void check_gated(const char* name, CpuF cpu_fwd, CpuB cpu_bwd, CuF cu_fwd, CuB cu_bwd) {
   for (int seed = 1; seed <= 3; ++seed) {
     std::mt19937 rng(seed);
     for (DType dt : kFloatTypes) {
@@ -688,24 +689,38 @@ TEST(CudaOps, SwiGlu) {
       const std::string what = std::string(dname(dt)) + " N=" + std::to_string(n) + " I=" + std::to_string(i);
       Tensor g = rand_host({n, i}, rng, dt, -6.f, 6.f), u = rand_host({n, i}, rng, dt, -2.f, 2.f);
       Tensor want = Tensor::empty({n, i}, DType::F32);
-      am::ops::swiglu_fwd(g, u, want);
+      cpu_fwd(g, u, want);
       Tensor dg = up(g, dt), du = up(u, dt);
       Tensor h = dev_poisoned({n, i}, dt);
-      cu::swiglu_fwd(dg, du, h);
-      expect_close(h, want, dt, "swiglu_fwd " + what);
+      cu_fwd(dg, du, h);
+      expect_close(h, want, dt, std::string(name) + "_fwd " + what);
       Tensor dh = rand_host({n, i}, rng, dt);
       Tensor want_g = Tensor::empty({n, i}, DType::F32), want_u = Tensor::empty({n, i}, DType::F32);
-      am::ops::swiglu_bwd(g, u, dh, want_g, want_u);
+      cpu_bwd(g, u, dh, want_g, want_u);
       Tensor gg = dev_poisoned({n, i}, dt), gu = dev_poisoned({n, i}, dt);
-      cu::swiglu_bwd(dg, du, up(dh, dt), gg, gu);
-      expect_close(gg, want_g, dt, "swiglu_bwd dgate " + what);
-      expect_close(gu, want_u, dt, "swiglu_bwd dup " + what);
+      cu_bwd(dg, du, up(dh, dt), gg, gu);
+      expect_close(gg, want_g, dt, std::string(name) + "_bwd dgate " + what);
+      expect_close(gu, want_u, dt, std::string(name) + "_bwd dup " + what);
       // in place: dgate, dup alias gate, up
-      cu::swiglu_bwd(dg, du, up(dh, dt), dg, du);
-      expect_close(dg, want_g, dt, "swiglu_bwd in place dgate " + what);
-      expect_close(du, want_u, dt, "swiglu_bwd in place dup " + what);
+      cu_bwd(dg, du, up(dh, dt), dg, du);
+      expect_close(dg, want_g, dt, std::string(name) + "_bwd in place dgate " + what);
+      expect_close(du, want_u, dt, std::string(name) + "_bwd in place dup " + what);
     }
   }
+}
+
+TEST(CudaOps, SwiGlu) {
+  REQUIRE_DEVICE();
+  check_gated(
+      "swiglu", [](auto&&... a) { am::ops::swiglu_fwd(a...); }, [](auto&&... a) { am::ops::swiglu_bwd(a...); },
+      [](auto&&... a) { cu::swiglu_fwd(a...); }, [](auto&&... a) { cu::swiglu_bwd(a...); });
+}
+
+TEST(CudaOps, GeGlu) {
+  REQUIRE_DEVICE();
+  check_gated(
+      "geglu", [](auto&&... a) { am::ops::geglu_fwd(a...); }, [](auto&&... a) { am::ops::geglu_bwd(a...); },
+      [](auto&&... a) { cu::geglu_fwd(a...); }, [](auto&&... a) { cu::geglu_bwd(a...); });
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -652,6 +652,63 @@ TEST(OpsCpuSwiGLU, ShapeErrors) {
   EXPECT_THROW(ops::swiglu_bwd(g, g, d, bad, d), ShapeError);
 }
 
+// ============================== GeGLU (Gemma) ==============================
+
+TEST(OpsCpuGeGLU, ForwardMatchesNaive) {
+  for (uint32_t seed : {11u, 12u}) {
+    std::mt19937 rng(seed);
+    const int64_t N = rand_in(rng, 1, 10), I = rand_in(rng, 1, 50);
+    Tensor g = randn({N, I}, rng, 4.f), u = randn({N, I}, rng), h = filled({N, I}, kNaN);
+    ops::geglu_fwd(g, u, h);
+    std::vector<double> want;
+    const double k = std::sqrt(2.0 / M_PI);
+    for (int64_t i = 0; i < N * I; ++i) {
+      const double gv = g.f32()[i];
+      want.push_back(0.5 * gv * (1.0 + std::tanh(k * (gv + 0.044715 * gv * gv * gv))) * u.f32()[i]);
+    }
+    expect_close(h, want, kF32, "geglu");
+  }
+  // gelu_tanh(-20) underflows to (-)0, gelu_tanh(20) = 20; gradients stay finite.
+  Tensor g = Tensor::empty({2}, DType::F32), u = filled({2}, 1.f), h = Tensor::empty({2}, DType::F32);
+  g.f32()[0] = -20.f;
+  g.f32()[1] = 20.f;
+  ops::geglu_fwd(g, u, h);
+  EXPECT_EQ(std::abs(h.f32()[0]), 0.f);
+  EXPECT_EQ(h.f32()[1], 20.f);
+  Tensor dg = Tensor::empty({2}, DType::F32), du = Tensor::empty({2}, DType::F32);
+  ops::geglu_bwd(g, u, u, dg, du);
+  EXPECT_TRUE(std::isfinite(dg.f32()[0]) && std::isfinite(dg.f32()[1]));
+  EXPECT_NEAR(dg.f32()[1], 1.f, 1e-6);
+}
+
+TEST(OpsCpuGeGLU, GradientsFiniteDifference) {
+  for (uint32_t seed : {13u, 14u, 15u}) {
+    std::mt19937 rng(seed);
+    Tensor g = randn({3, 7}, rng, 2.f), u = randn({3, 7}, rng), r = randn({3, 7}, rng);
+    Tensor h = Tensor::empty({3, 7}, DType::F32);
+    auto f = [&] {
+      ops::geglu_fwd(g, u, h);
+      return objective(h, r);
+    };
+    Tensor dg = filled({3, 7}, kNaN), du = filled({3, 7}, kNaN);
+    ops::geglu_bwd(g, u, r, dg, du);
+    expect_close(dg, numeric_grad(g, f), kFd, "geglu dgate");
+    expect_close(du, numeric_grad(u, f), kFd, "geglu dup");
+  }
+  Tensor g = Tensor::zeros({3, 4}, DType::F32), u = Tensor::zeros({4, 3}, DType::F32), h = Tensor::empty({3, 4}, DType::F32);
+  EXPECT_THROW(ops::geglu_fwd(g, u, h), ShapeError);
+}
+
+TEST(OpsCpuElementwise, AddScalar) {
+  Tensor a = Tensor::empty({3}, DType::F32);
+  for (int i = 0; i < 3; ++i) a.f32()[i] = static_cast<float>(i) - 1.f;
+  ops::add_scalar_(a, 1.f);
+  EXPECT_EQ(a.f32()[0], 0.f);
+  EXPECT_EQ(a.f32()[2], 2.f);
+  Tensor i32 = Tensor::zeros({2}, DType::I32);
+  EXPECT_THROW(ops::add_scalar_(i32, 1.f), ShapeError);
+}
+
 // ============================== attention ==============================
 
 namespace {

@@ -40,9 +40,16 @@ namespace {
 
 fs::path golden_dir() { return fs::path(AM_SOURCE_DIR) / "tests/fixtures/golden"; }
 
+// Every family fixture: "golden/<case>" (HF goldens) and "ref_torch/<case>" (families checked against the
+// independent PyTorch reference until their HF goldens exist; see test_hf_golden.cpp).
 std::vector<std::string> golden_cases() {
-  std::ifstream f(golden_dir() / "index.json");
-  return json::parse(f)["cases"].get<std::vector<std::string>>();
+  std::vector<std::string> out;
+  for (const char* root : {"golden", "ref_torch"}) {
+    std::ifstream f(golden_dir().parent_path() / root / "index.json");
+    if (!f) continue;
+    for (const auto& c : json::parse(f)["cases"].get<std::vector<std::string>>()) out.push_back(std::string(root) + "/" + c);
+  }
+  return out;
 }
 
 InferenceLoadOptions load_opts(const std::string& model, const std::string& device = "cpu",
@@ -60,7 +67,7 @@ struct Loaded {
 };
 
 Loaded load_case(const std::string& c) {
-  const fs::path dir = golden_dir() / c / "model";
+  const fs::path dir = golden_dir().parent_path() / c / "model";
   auto cfg = io::load_model_config((dir / "config.json").string());
   Loaded l;
   l.owner = build_model(cfg);
@@ -170,12 +177,15 @@ TEST_P(GenerateFamilies, GreedyEqualsFullForwardArgmax) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, GenerateFamilies, ::testing::ValuesIn(golden_cases()),
-                         [](const auto& info) { return info.param; });
+INSTANTIATE_TEST_SUITE_P(Families, GenerateFamilies, ::testing::ValuesIn(golden_cases()), [](const auto& info) {
+  std::string n = info.param;
+  std::replace(n.begin(), n.end(), '/', '_');
+  return n;
+});
 
 // (c) a seed fixes the sampled tokens; another seed changes them.
 TEST(Generate, SamplingIsDeterministicPerSeed) {
-  Loaded m = load_case("llama");
+  Loaded m = load_case("golden/llama");
   const std::vector<int32_t> prompt = random_ids(4, m.lm->config().vocab_size, 3);
   GenerateOptions o;
   o.max_new_tokens = 16;
@@ -223,7 +233,7 @@ TEST(Generate, SamplerFollowsTemperatureAndTopP) {
 
 // (d) generation stops right after an EOS id and returns it.
 TEST(Generate, StopsAtEos) {
-  Loaded m = load_case("qwen3_moe");
+  Loaded m = load_case("golden/qwen3_moe");
   const std::vector<int32_t> prompt = random_ids(5, m.lm->config().vocab_size, 5);
   GenerateOptions o;
   o.max_new_tokens = 10;
@@ -244,7 +254,7 @@ TEST(Generate, StopsAtEos) {
 }
 
 TEST(Generate, RejectsBadPrompts) {
-  Loaded m = load_case("llama");
+  Loaded m = load_case("golden/llama");
   GenerateOptions o;
   EXPECT_THROW(generate(*m.lm, {}, o), DataError);
   EXPECT_THROW(generate(*m.lm, {1, 300}, o), DataError);  // vocab 300
@@ -488,7 +498,7 @@ TEST(AttentionKvCuda, MatchesTheCpuReference) {
 
 TEST(GenerateCuda, CachedDecodeMatchesFullForward) {
   if (!have_gpu()) GTEST_SKIP() << "no GPU visible (or a build without CUDA)";
-  for (const char* c : {"llama", "mistral", "qwen3_moe"}) {
+  for (const char* c : {"golden/llama", "golden/mistral", "golden/qwen3_moe", "ref_torch/gemma3_text"}) {
     Loaded m = load_case(c);
     m.lm->to_device_inference(ExecContext::cuda_bf16());
     const int64_t V = m.lm->config().vocab_size, total = 16;

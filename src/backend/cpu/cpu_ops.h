@@ -17,6 +17,7 @@ namespace am::cpu {
 // ---------------- elementwise (any float dtype: F32 / BF16 / F16; math in fp32) ----------------
 void add(void* a, DType ta, const void* b, DType tb, int64_t n);  // a[i] += b[i]
 void scale(void* a, DType ta, float s, int64_t n);                // a[i] *= s
+void add_scalar(void* a, DType ta, float s, int64_t n);           // a[i] += s
 // dst[i] = src[i]; float dtypes convert (round-to-nearest-even), equal dtypes are a byte copy.
 void copy(void* dst, DType td, const void* src, DType ts, int64_t n);
 double sum_squares(const void* a, DType ta, int64_t n);  // sum a[i]^2 in double
@@ -60,6 +61,9 @@ void rope_bwd(float* dx, const float* cos, const float* sin, int64_t n, int64_t 
 // gate, up, h: n elements; h = silu(gate) * up
 void swiglu_fwd(const float* gate, const float* up, float* h, int64_t n);
 void swiglu_bwd(const float* gate, const float* up, const float* dh, float* dgate, float* dup, int64_t n);
+// h = gelu_tanh(gate) * up (ops.h: GeGLU)
+void geglu_fwd(const float* gate, const float* up, float* h, int64_t n);
+void geglu_bwd(const float* gate, const float* up, const float* dh, float* dgate, float* dup, int64_t n);
 
 // ---------------- attention ----------------
 struct AttnDims {

@@ -64,6 +64,11 @@ void scale(void* a, DType ta, float s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) store(a, ta, i, load(a, ta, i) * s);
 }
 
+void add_scalar(void* a, DType ta, float s, int64_t n) {
+#pragma omp parallel for if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) store(a, ta, i, load(a, ta, i) + s);
+}
+
 void copy(void* dst, DType td, const void* src, DType ts, int64_t n) {
   if (n <= 0 || dst == src) return;
   if (td == ts) {

@@ -33,6 +33,7 @@ void fill_(Tensor& t, float value, CudaContext& ctx = default_context());  // fl
 // ---------------- elementwise (any float dtypes, mixed allowed; math fp32) ----------------
 void add_(Tensor& a, const Tensor& b, CudaContext& ctx = default_context());     // a += b
 void scale_(Tensor& a, float s, CudaContext& ctx = default_context());           // a *= s
+void add_scalar_(Tensor& a, float s, CudaContext& ctx = default_context());      // a += s
 void copy_(Tensor& dst, const Tensor& src, CudaContext& ctx = default_context());  // converts bf16<->fp32
 // In place: x[i] = keep(seed, i) ? x[i] * (1 / (1 - p)) : 0 (contract and mask in ops.h / backend/cpu/
 // dropout_mask.h: the same bits as the CPU reference). p == 0: no-op; p outside [0, 1): UsageError.
@@ -74,6 +75,10 @@ void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin, CudaContext& ct
 void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h, CudaContext& ctx = default_context());
 void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
                 CudaContext& ctx = default_context());
+// GeGLU (Gemma): h = gelu_tanh(gate) * up, same contract as SwiGLU.
+void geglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h, CudaContext& ctx = default_context());
+void geglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
+               CudaContext& ctx = default_context());
 
 // ---------------- cross-entropy ----------------
 // logits [N, V] T, targets [N] int32 (-100 ignored). dlogits [N, V] T (nullable; may alias logits) =

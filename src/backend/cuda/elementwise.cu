@@ -46,6 +46,13 @@ __global__ void scale_kernel(T* __restrict__ a, float s, int64_t n) {
     a[i] = from_f<T>(to_f(a[i]) * s);
 }
 
+template <typename T>
+__global__ void add_scalar_kernel(T* __restrict__ a, float s, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
+    a[i] = from_f<T>(to_f(a[i]) + s);
+}
+
 // a[i] = keep(seed, i) ? a[i] * scale : 0 with the host's mask (backend/cpu/dropout_mask.h): the hash of the
 // flat element index, so the mask does not depend on the launch shape or the vector width.
 template <typename T, int VEC>
@@ -193,6 +200,19 @@ void scale_(Tensor& a, float s, CudaContext& ctx) {
       scale_kernel<T, V><<<stride_grid(ctx, n / V + 1), kThreads, 0, ctx.stream()>>>(p, s, n);
     else
       scale_kernel<T, 1><<<stride_grid(ctx, n), kThreads, 0, ctx.stream()>>>(p, s, n);
+  });
+  AM_CUDA_CHECK_LAUNCH();
+}
+
+// Tiny tensors only (norm weights): one element per thread, no vectors.
+void add_scalar_(Tensor& a, float s, CudaContext& ctx) {
+  const char* op = "add_scalar_";
+  need_cuda(op, "a", a);
+  need_float(op, "a", a);
+  const int64_t n = a.numel();
+  if (n == 0) return;
+  AM_DISPATCH_FLOAT(a.dtype(), op, T, {
+    add_scalar_kernel<T><<<stride_grid(ctx, n), kThreads, 0, ctx.stream()>>>(a.data<T>(), s, n);
   });
   AM_CUDA_CHECK_LAUNCH();
 }

@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "models/blocks/lora.h"
+#include "models/blocks/norm.h"
 #include "ops/kv_attention.h"
 
 namespace am {
@@ -48,8 +49,8 @@ Qkv project_qkv(const AttentionWeights& w, const AttentionGeometry& g, const Ten
     const int64_t qrows = N * nh * D / qw, krows = N * nkv * D / kw;
     Tensor qn = g.ex->empty({qrows, qw}), kn = g.ex->empty({krows, kw});
     Tensor qr = g.ex->empty({qrows}, DType::F32), kr = g.ex->empty({krows}, DType::F32);
-    ops::rmsnorm_fwd(q.view({qrows, qw}), w.q_norm->work, g.norm_eps, qn, qr);
-    ops::rmsnorm_fwd(k.view({krows, kw}), w.k_norm->work, g.norm_eps, kn, kr);
+    ops::rmsnorm_fwd(q.view({qrows, qw}), norm_weight(*g.ex, w.q_norm->work, g.norm_plus_one), g.norm_eps, qn, qr);
+    ops::rmsnorm_fwd(k.view({krows, kw}), norm_weight(*g.ex, w.k_norm->work, g.norm_plus_one), g.norm_eps, kn, kr);
     if (s) {
       s->q_pre = q;
       s->k_pre = k;
@@ -132,8 +133,10 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
     const int64_t qw = w.q_norm->work.numel(), kw = w.k_norm->work.numel();
     const int64_t qrows = N * nh * D / qw, krows = N * nkv * D / kw;
     Tensor dqp = g.ex->empty({qrows, qw}), dkp = g.ex->empty({krows, kw});
-    ops::rmsnorm_bwd(s.q_pre.view({qrows, qw}), w.q_norm->work, s.q_rstd, dq.view({qrows, qw}), dqp, w.q_norm->grad);
-    ops::rmsnorm_bwd(s.k_pre.view({krows, kw}), w.k_norm->work, s.k_rstd, dk.view({krows, kw}), dkp, w.k_norm->grad);
+    ops::rmsnorm_bwd(s.q_pre.view({qrows, qw}), norm_weight(*g.ex, w.q_norm->work, g.norm_plus_one), s.q_rstd,
+                     dq.view({qrows, qw}), dqp, w.q_norm->grad);
+    ops::rmsnorm_bwd(s.k_pre.view({krows, kw}), norm_weight(*g.ex, w.k_norm->work, g.norm_plus_one), s.k_rstd,
+                     dk.view({krows, kw}), dkp, w.k_norm->grad);
     dq = dqp.view({N, nh * D});
     dk = dkp.view({N, nkv * D});
   }

@@ -1,6 +1,6 @@
 // Self-attention block shared by every dense and MoE family:
 //   q = x Wq^T (+bq), k = x Wk^T (+bk), v = x Wv^T (+bv)      q [N, nh, D], k/v [N, nkv, D]
-//   (qwen3) q = RMSNorm_D(q) * q_norm, k = RMSNorm_D(k) * k_norm   per head
+//   (qwen3) q = RMSNorm_D(q) * q_norm, k = RMSNorm_D(k) * k_norm   per head  (gemma3: * (1 + q_norm))
 //   (olmoe) q = RMSNorm(q) * q_norm over the whole [nh*D] projection, k likewise over [nkv*D]
 //   q, k = RoPE(q, k; cos, sin)
 //   o = causal GQA attention (sliding window / segments)   o [N, nh*D]
@@ -36,6 +36,7 @@ struct AttentionGeometry {
   int64_t n_heads, n_kv_heads, head_dim, hidden;
   float norm_eps;
   const ExecContext* ex;  // device + activation dtype for every buffer the block allocates
+  bool norm_plus_one = false;  // Gemma: q/k norms are zero-centred, y = x_hat * (1 + w) (blocks/norm.h)
 };
 
 AttentionWeights register_attention(ParamStore& ps, const std::string& prefix, const io::ModelConfig& cfg);

@@ -1,12 +1,32 @@
 #include "models/blocks/mlp.h"
 
+#include "core/error.h"
 #include "models/blocks/lora.h"
 #include "ops/ops.h"
 
 namespace am {
 
-MlpWeights register_mlp(ParamStore& ps, const std::string& pre, int64_t H, int64_t I, bool bias) {
+MlpAct mlp_act_from_config(const std::string& name, const std::string& key) {
+  if (name == "silu" || name == "swish") return MlpAct::Silu;
+  // transformers' ACT2FN: "gelu_pytorch_tanh" and "gelu_new" are the same tanh approximation.
+  if (name == "gelu_pytorch_tanh" || name == "gelu_new") return MlpAct::GeluTanh;
+  throw FormatError("config.json: " + key + " '" + name + "' is not supported (silu, gelu_pytorch_tanh)");
+}
+
+namespace {
+void act_fwd(MlpAct a, const Tensor& gate, const Tensor& up, Tensor& h) {
+  if (a == MlpAct::GeluTanh) ops::geglu_fwd(gate, up, h);
+  else ops::swiglu_fwd(gate, up, h);
+}
+void act_bwd(MlpAct a, const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup) {
+  if (a == MlpAct::GeluTanh) ops::geglu_bwd(gate, up, dh, dgate, dup);
+  else ops::swiglu_bwd(gate, up, dh, dgate, dup);
+}
+}  // namespace
+
+MlpWeights register_mlp(ParamStore& ps, const std::string& pre, int64_t H, int64_t I, bool bias, MlpAct act) {
   MlpWeights w;
+  w.act = act;
   w.gate = &ps.add(pre + "gate_proj.weight", {I, H});
   if (bias) w.gate_bias = &ps.add(pre + "gate_proj.bias", {I});
   w.up = &ps.add(pre + "up_proj.weight", {I, H});
@@ -23,7 +43,7 @@ Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, 
          h = ex.empty({N, I}), y = ex.empty({N, H});
   proj_fwd(ex, *w.gate, w.gate_bias, x, gate);
   proj_fwd(ex, *w.up, w.up_bias, x, up);
-  ops::swiglu_fwd(gate, up, h);
+  act_fwd(w.act, gate, up, h);
   proj_fwd(ex, *w.down, w.down_bias, h, y);
   if (s) *s = MlpSaved{x, gate, up};
   return y;
@@ -32,12 +52,12 @@ Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, 
 Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy) {
   const int64_t N = dy.dim(0), I = w.gate->shape[0], H = w.down->shape[0];
   Tensor h = ex.empty({N, I});
-  ops::swiglu_fwd(s.gate, s.up, h);  // the same kernel on the same inputs: bit-identical to forward's h
+  act_fwd(w.act, s.gate, s.up, h);  // the same kernel on the same inputs: bit-identical to forward's h
   Tensor dh = ex.empty({N, I});
   proj_bwd(ex, *w.down, w.down_bias, h, dy, &dh);
   h = Tensor();
   Tensor dgate = ex.empty({N, I}), dup = ex.empty({N, I});
-  ops::swiglu_bwd(s.gate, s.up, dh, dgate, dup);
+  act_bwd(w.act, s.gate, s.up, dh, dgate, dup);
   Tensor dx = ex.empty({N, H}), tmp = ex.empty({N, H});
   proj_bwd(ex, *w.gate, w.gate_bias, s.x, dgate, &dx);
   proj_bwd(ex, *w.up, w.up_bias, s.x, dup, &tmp);

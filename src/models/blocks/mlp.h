@@ -1,5 +1,6 @@
-// SwiGLU MLP shared by the dense families (and each MoE expert):
-//   y = down( silu(x Wg^T) * (x Wu^T) )     x [N, H], gate/up [N, I], y [N, H]
+// Gated MLP shared by the dense families (and each MoE expert):
+//   y = down( act(x Wg^T) * (x Wu^T) )      x [N, H], gate/up [N, I], y [N, H]
+//   act = silu (SwiGLU; every family but Gemma) or gelu_pytorch_tanh (GeGLU; Gemma)
 #pragma once
 #include <string>
 
@@ -9,19 +10,26 @@
 
 namespace am {
 
+enum class MlpAct { Silu, GeluTanh };
+
 struct MlpWeights {
   Param *gate, *up, *down;  // [I, H], [I, H], [H, I]
   Param *gate_bias = nullptr, *up_bias = nullptr, *down_bias = nullptr;
+  MlpAct act = MlpAct::Silu;
 };
+
+// config.json's activation name -> MlpAct; FormatError naming `key` for anything else.
+MlpAct mlp_act_from_config(const std::string& name, const std::string& key);
 
 struct MlpSaved {
   Tensor x;         // [N, H]
   Tensor gate, up;  // [N, I] pre-activation
-  // h = silu(gate) * up [N, I] is NOT kept: backward recomputes it from gate and up (one elementwise pass,
+  // h = act(gate) * up [N, I] is NOT kept: backward recomputes it from gate and up (one elementwise pass,
   // ~0.1 ms per W1 layer) instead of holding N x I per layer (2 GiB over W1's 16 layers).
 };
 
-MlpWeights register_mlp(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter, bool bias);
+MlpWeights register_mlp(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter, bool bias,
+                        MlpAct act = MlpAct::Silu);
 Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* saved);
 Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy);
 

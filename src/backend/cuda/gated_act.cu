@@ -1,0 +1,147 @@
+// Gated activations of the MLP, h = act(g) * u (the CPU reference: backend/cpu/gated_act.cpp):
+//   SwiGLU: act = silu(g) = g * sigmoid(g);  dgate = dh * u * sig(g) * (1 + g * (1 - sig(g))), dup = dh * silu(g)
+//   GeGLU (Gemma): act = gelu_tanh(g) = 0.5 g (1 + tanh(k (g + c g^3))), k = sqrt(2/pi), c = 0.044715
+// Elementwise and memory-bound (W1: [8192, 8192] bf16: 402 MB forward, 671 MB backward); 16-byte vectors,
+// grid-stride. The backward computes both outputs before storing, so dgate/dup may alias gate/up.
+#include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/kernel_utils.cuh"
+
+namespace am::cuda {
+namespace {
+
+// 1 / (1 + e^-g): e^-g = inf for very negative g gives exactly 0, as on the CPU.
+__device__ __forceinline__ float sigmoidf_(float g) { return 1.0f / (1.0f + expf(-g)); }
+
+// fwd(g); dgate(g, a) = a * act'(g) with a = dh * u; dup(g, d) = d * act(g) (the CPU's rounding order).
+struct SiluAct {
+  __device__ static float fwd(float g) { return g * sigmoidf_(g); }
+  __device__ static float dgate(float g, float a) {
+    const float sg = sigmoidf_(g);
+    return a * sg * (1.0f + g * (1.0f - sg));
+  }
+  __device__ static float dup(float g, float d) { return d * g * sigmoidf_(g); }
+};
+struct GeluTanhAct {
+  __device__ static float fwd(float g) { return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))); }
+  __device__ static float dgate(float g, float a) {
+    const float g2 = g * g;
+    const float t = tanhf(0.7978845608028654f * (g + 0.044715f * g2 * g));
+    return a * (0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * g2));
+  }
+  __device__ static float dup(float g, float d) { return d * fwd(g); }
+};
+
+template <typename Act, typename T, int VEC>
+__global__ void gated_fwd_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ h,
+                                  int64_t n) {
+  const int64_t nvec = n / VEC;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < nvec; i += stride) {
+    const Vec<T, VEC> g = load_vec<T, VEC>(gate + i * VEC);
+    const Vec<T, VEC> u = load_vec<T, VEC>(up + i * VEC);
+    Vec<T, VEC> o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      o.v[k] = from_f<T>(Act::fwd(to_f(g.v[k])) * to_f(u.v[k]));
+    }
+    store_vec<T, VEC>(h + i * VEC, o);
+  }
+  for (int64_t i = nvec * VEC + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    h[i] = from_f<T>(Act::fwd(to_f(gate[i])) * to_f(up[i]));
+  }
+}
+
+template <typename Act, typename T, int VEC>
+__global__ void gated_bwd_kernel(const T* gate, const T* up, const T* __restrict__ dh, T* dgate, T* dup, int64_t n) {
+  const int64_t nvec = n / VEC;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < nvec; i += stride) {
+    const Vec<T, VEC> g = load_vec<T, VEC>(gate + i * VEC);
+    const Vec<T, VEC> u = load_vec<T, VEC>(up + i * VEC);
+    const Vec<T, VEC> d = load_vec<T, VEC>(dh + i * VEC);
+    Vec<T, VEC> og, ou;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float gv = to_f(g.v[k]), uv = to_f(u.v[k]), dv = to_f(d.v[k]);
+      og.v[k] = from_f<T>(Act::dgate(gv, dv * uv));
+      ou.v[k] = from_f<T>(Act::dup(gv, dv));
+    }
+    store_vec<T, VEC>(dgate + i * VEC, og);
+    store_vec<T, VEC>(dup + i * VEC, ou);
+  }
+  for (int64_t i = nvec * VEC + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    const float gv = to_f(gate[i]), uv = to_f(up[i]), dv = to_f(dh[i]);
+    const float a = Act::dgate(gv, dv * uv), b = Act::dup(gv, dv);
+    dgate[i] = from_f<T>(a);
+    dup[i] = from_f<T>(b);
+  }
+}
+
+void check_same(const char* op, const Tensor& ref, std::initializer_list<std::pair<const char*, const Tensor*>> ts) {
+  need_cuda(op, "gate", ref);
+  for (auto& [name, t] : ts) {
+    need_cuda(op, name, *t);
+    if (t->shape() != ref.shape() || t->dtype() != ref.dtype())
+      op_error(op, describe(name, *t) + ": expected the shape and dtype of " + describe("gate", ref));
+  }
+}
+
+unsigned grid_of(const CudaContext& ctx, int64_t items) {
+  return grid_for(items, 256, static_cast<int64_t>(ctx.sm_count()) * 16);
+}
+
+template <typename Act>
+void gated_fwd(const char* op, const Tensor& gate, const Tensor& up, Tensor& h, CudaContext& ctx) {
+  check_same(op, gate, {{"up", &up}, {"h", &h}});
+  const int64_t n = gate.numel();
+  if (n == 0) return;
+  AM_DISPATCH_BF16_F32(gate.dtype(), op, T, {
+    constexpr int NV = 16 / sizeof(T);
+    if (aligned_to(gate.raw(), 16) && aligned_to(up.raw(), 16) && aligned_to(h.raw(), 16))
+      gated_fwd_kernel<Act, T, NV><<<grid_of(ctx, n / NV + 1), 256, 0, ctx.stream()>>>(gate.data<T>(), up.data<T>(),
+                                                                                        h.data<T>(), n);
+    else
+      gated_fwd_kernel<Act, T, 1><<<grid_of(ctx, n), 256, 0, ctx.stream()>>>(gate.data<T>(), up.data<T>(),
+                                                                              h.data<T>(), n);
+  });
+  AM_CUDA_CHECK_LAUNCH();
+}
+
+template <typename Act>
+void gated_bwd(const char* op, const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
+               CudaContext& ctx) {
+  check_same(op, gate, {{"up", &up}, {"dh", &dh}, {"dgate", &dgate}, {"dup", &dup}});
+  const int64_t n = gate.numel();
+  if (n == 0) return;
+  AM_DISPATCH_BF16_F32(gate.dtype(), op, T, {
+    constexpr int NV = 16 / sizeof(T);
+    const bool ok = aligned_to(gate.raw(), 16) && aligned_to(up.raw(), 16) && aligned_to(dh.raw(), 16) &&
+                    aligned_to(dgate.raw(), 16) && aligned_to(dup.raw(), 16);
+    if (ok)
+      gated_bwd_kernel<Act, T, NV><<<grid_of(ctx, n / NV + 1), 256, 0, ctx.stream()>>>(
+          gate.data<T>(), up.data<T>(), dh.data<T>(), dgate.data<T>(), dup.data<T>(), n);
+    else
+      gated_bwd_kernel<Act, T, 1><<<grid_of(ctx, n), 256, 0, ctx.stream()>>>(
+          gate.data<T>(), up.data<T>(), dh.data<T>(), dgate.data<T>(), dup.data<T>(), n);
+  });
+  AM_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h, CudaContext& ctx) {
+  gated_fwd<SiluAct>("swiglu_fwd", gate, up, h, ctx);
+}
+void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
+                CudaContext& ctx) {
+  gated_bwd<SiluAct>("swiglu_bwd", gate, up, dh, dgate, dup, ctx);
+}
+void geglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h, CudaContext& ctx) {
+  gated_fwd<GeluTanhAct>("geglu_fwd", gate, up, h, ctx);
+}
+void geglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
+               CudaContext& ctx) {
+  gated_bwd<GeluTanhAct>("geglu_bwd", gate, up, dh, dgate, dup, ctx);
+}
+
+}  // namespace am::cuda

@@ -1,0 +1,96 @@
+// Gemma 3 (gemma3_text) config.json: the hub's transformers-4 layout (rope_theta + rope_scaling for the global
+// layers, rope_local_base_freq for the sliding ones, sliding_window_pattern) and transformers 5's (rope_parameters
+// per layer type, layer_types) describe the same model; Gemma3TextConfig's defaults; what is refused.
+#include <gtest/gtest.h>
+
+#include "core/error.h"
+#include "io/model_config.h"
+
+using namespace am;
+using nlohmann::json;
+
+namespace {
+
+io::ModelConfig parse(const json& j) { return io::parse_model_config(j, "test/config.json"); }
+
+json base() {
+  return json{{"model_type", "gemma3_text"}, {"vocab_size", 300}, {"hidden_size", 64}, {"intermediate_size", 128},
+              {"num_hidden_layers", 7}, {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"head_dim", 16}};
+}
+
+}  // namespace
+
+TEST(ModelConfigGemma3, DefaultsAreGemma3TextConfigs) {
+  auto c = parse(base());
+  EXPECT_TRUE(c.norm_plus_one);
+  EXPECT_TRUE(c.sandwich_norm);
+  EXPECT_TRUE(c.scale_embeddings);
+  EXPECT_TRUE(c.qk_norm);
+  EXPECT_FALSE(c.qk_norm_full);
+  EXPECT_TRUE(c.tie_word_embeddings);
+  EXPECT_EQ(c.hidden_act, "gelu_pytorch_tanh");
+  EXPECT_EQ(*c.query_pre_attn_scalar, 256.0);
+  EXPECT_EQ(c.max_position_embeddings, 131072);
+  EXPECT_EQ(*c.bos_token_id, 2);
+  EXPECT_EQ(*c.eos_token_id, 1);
+  EXPECT_EQ(*c.pad_token_id, 0);
+  EXPECT_EQ(c.rope.rope_theta, 1.0e6);
+  ASSERT_TRUE(c.rope_sliding.has_value());
+  EXPECT_EQ(c.rope_sliding->rope_theta, 1.0e4);
+  // sliding_window_pattern 6: layers 6, 12, ... (1-based) are global; window 4096 elsewhere.
+  const std::vector<int64_t> want{4096, 4096, 4096, 4096, 4096, 0, 4096};
+  EXPECT_EQ(c.sliding_window, want);
+  auto d = base();
+  d.erase("head_dim");
+  EXPECT_EQ(parse(d).head_dim, 256);  // Gemma3TextConfig's head_dim default, not hidden / heads
+}
+
+TEST(ModelConfigGemma3, V4AndV5LayoutsAgree) {
+  json v4 = base();
+  v4["rope_theta"] = 1.0e6;
+  v4["rope_local_base_freq"] = 10000.0;
+  v4["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 8.0}};
+  v4["sliding_window"] = 512;
+  v4["sliding_window_pattern"] = 3;
+  json v5 = base();
+  v5["rope_parameters"] = {{"full_attention", {{"rope_type", "linear"}, {"factor", 8.0}, {"rope_theta", 1.0e6}}},
+                           {"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 10000.0}}}};
+  v5["sliding_window"] = 512;
+  v5["layer_types"] = {"sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                       "sliding_attention", "full_attention", "sliding_attention"};
+  auto a = parse(v4), b = parse(v5);
+  EXPECT_EQ(a.sliding_window, b.sliding_window);
+  EXPECT_EQ(a.sliding_window, (std::vector<int64_t>{512, 512, 0, 512, 512, 0, 512}));
+  EXPECT_EQ(a.rope.rope_type, "linear");
+  EXPECT_EQ(b.rope.rope_type, "linear");
+  EXPECT_EQ(a.rope.factor, b.rope.factor);
+  EXPECT_EQ(a.rope.rope_theta, b.rope.rope_theta);
+  ASSERT_TRUE(a.rope_sliding && b.rope_sliding);
+  EXPECT_EQ(a.rope_sliding->rope_type, "default");  // the v4 rope_scaling is the global layers' only
+  EXPECT_EQ(b.rope_sliding->rope_type, "default");
+  EXPECT_EQ(a.rope_sliding->rope_theta, b.rope_sliding->rope_theta);
+  auto ta = io::compute_rope(a), tb = io::compute_rope(b);
+  EXPECT_EQ(ta.inv_freq, tb.inv_freq);
+}
+
+TEST(ModelConfigGemma3, RefusesWhatIsNotImplemented) {
+  for (const char* key : {"attn_logit_softcapping", "final_logit_softcapping"}) {
+    json j = base();
+    j[key] = 30.0;
+    try {
+      parse(j);
+      ADD_FAILURE() << key;
+    } catch (const FormatError& e) {
+      EXPECT_NE(std::string(e.what()).find(key), std::string::npos) << e.what();
+    }
+  }
+  json j = base();
+  j["attn_logit_softcapping"] = nullptr;  // null is HF's "off"
+  EXPECT_NO_THROW(parse(j));
+  j["use_bidirectional_attention"] = true;
+  EXPECT_THROW(parse(j), FormatError);
+  json bad = base();
+  bad["layer_types"] = {"sliding_attention", "chunked_attention", "full_attention", "full_attention",
+                        "full_attention", "full_attention", "full_attention"};
+  EXPECT_THROW(parse(bad), FormatError);
+}
