@@ -187,7 +187,128 @@ def gemma3_config():
     return cfg
 
 
-CASES = {"gemma3_text": dict(name="gemma3_text", seed=1006, make_cfg=gemma3_config, model_cls=RefGemma3, max_norm=1.0)}
+# ------------------------------------------------------------------------------------------------
+# Phi-3 (Phi3ForCausalLM semantics, eager attention, float32): fused qkv_proj / gate_up_proj, one sliding
+# window on every layer, partial rotary, LongRoPE (short factors up to original_max_position_embeddings, long
+# ones when the forward's length exceeds it, cos/sin times sqrt(1 + ln(factor) / ln(original)))
+# ------------------------------------------------------------------------------------------------
+class LlamaNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class Phi3Layer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        H, D, nh, nkv, I = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
+        self.c = c
+        attn = nn.Module()
+        attn.o_proj = nn.Linear(nh * D, H, bias=False)
+        attn.qkv_proj = nn.Linear(H, (nh + 2 * nkv) * D, bias=False)
+        self.self_attn = attn
+        mlp = nn.Module()
+        mlp.gate_up_proj = nn.Linear(H, 2 * I, bias=False)
+        mlp.down_proj = nn.Linear(I, H, bias=False)
+        self.mlp = mlp
+        self.input_layernorm = LlamaNorm(H, c.rms_norm_eps)
+        self.post_attention_layernorm = LlamaNorm(H, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, key_ok):
+        c, a = self.c, self.self_attn
+        B, T, _ = x.shape
+        D, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        h = self.input_layernorm(x)
+        qkv = a.qkv_proj(h)
+        q = qkv[..., : nh * D].reshape(B, T, nh, D).transpose(1, 2)
+        k = qkv[..., nh * D : (nh + nkv) * D].reshape(B, T, nkv, D).transpose(1, 2)
+        v = qkv[..., (nh + nkv) * D :].reshape(B, T, nkv, D).transpose(1, 2)
+        R = cos.shape[-1]
+
+        def rot(t):
+            return torch.cat([t[..., :R] * cos + rotate_half(t[..., :R]) * sin, t[..., R:]], dim=-1)
+
+        q, k = rot(q), rot(k)
+        rep = nh // nkv
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        s = torch.matmul(q, k.transpose(2, 3)) * (D ** -0.5)
+        i = torch.arange(T)[:, None]
+        j = torch.arange(T)[None, :]
+        allowed = j <= i
+        if c.sliding_window:
+            allowed = allowed & (i - j < c.sliding_window)
+        allowed = allowed[None, None] & key_ok[:, None, None, :]
+        s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
+        p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+        o = torch.matmul(p, v).transpose(1, 2).reshape(B, T, nh * D)
+        x = x + a.o_proj(o)
+        gu = self.mlp.gate_up_proj(self.post_attention_layernorm(x))
+        gate, up = gu.chunk(2, dim=-1)
+        return x + self.mlp.down_proj(up * nn.functional.silu(gate))
+
+
+class RefPhi3(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        inner = nn.Module()
+        inner.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        inner.layers = nn.ModuleList([Phi3Layer(c) for _ in range(c.num_hidden_layers)])
+        inner.norm = LlamaNorm(c.hidden_size, c.rms_norm_eps)
+        self.model = inner
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        rp = c.rope_scaling
+        dim = int(c.head_dim * c.partial_rotary_factor)
+        shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        base = c.rope_theta ** shape
+        self.inv_short = 1.0 / (torch.tensor(rp["short_factor"], dtype=torch.float32) * base)
+        self.inv_long = 1.0 / (torch.tensor(rp["long_factor"], dtype=torch.float32) * base)
+        orig = c.original_max_position_embeddings
+        factor = c.max_position_embeddings / orig
+        self.attn_factor = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0
+        self.orig = orig
+
+    def forward(self, input_ids, attention_mask):
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        inv = self.inv_long if T > self.orig else self.inv_short  # HF: seq_len = max(position_ids) + 1
+        f = torch.arange(T).float()[:, None] * inv[None, :]
+        emb = torch.cat((f, f), dim=-1)
+        cos, sin = emb.cos() * self.attn_factor, emb.sin() * self.attn_factor
+        cos, sin = cos[None, None], sin[None, None]
+        key_ok = attention_mask.bool()
+        for L in self.model.layers:
+            x = L(x, cos, sin, key_ok)
+        return SimpleNamespace(logits=self.lm_head(self.model.norm(x)))
+
+    def state_for_file(self):
+        return {n: p for n, p in self.named_parameters()}
+
+
+def phi3_config():
+    half = 6  # head_dim 16 x partial_rotary_factor 0.75 = 12 rotary dims
+    return dict(
+        architectures=["Phi3ForCausalLM"], model_type="phi3", vocab_size=300, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attention_dropout=0.0, hidden_act="silu", max_position_embeddings=256, original_max_position_embeddings=32,
+        initializer_range=0.02, rms_norm_eps=1e-5, use_cache=True, tie_word_embeddings=False, rope_theta=10000.0,
+        rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.1 * i for i in range(half)],
+                          long_factor=[1.5 + 0.7 * i for i in range(half)]),
+        partial_rotary_factor=0.75, bos_token_id=1, eos_token_id=2, pad_token_id=0, sliding_window=24,
+        head_dim=16, dtype="float32",
+    )
+
+
+CASES = {
+    "gemma3_text": dict(name="gemma3_text", seed=1006, make_cfg=gemma3_config, model_cls=RefGemma3, max_norm=1.0),
+    "phi3": dict(name="phi3", seed=1007, make_cfg=phi3_config, model_cls=RefPhi3, max_norm=1.0),
+}
 
 
 def run_case(case, out_root):
@@ -202,8 +323,9 @@ def run_case(case, out_root):
     g = torch.Generator().manual_seed(case["seed"] + 7)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))  # zero-centred norms: w near 0 means scale 1
+            if n.endswith("norm.weight"):  # zero-centred (gemma): w near 0 means scale 1
+                zc = case["model_cls"] is RefGemma3
+                p.copy_((0.0 if zc else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
             else:
                 p.normal_(0.0, 0.02, generator=g)
     with open(os.path.join(cdir, "model", "config.json"), "w") as f:

@@ -21,7 +21,7 @@ using nlohmann::json;
 
 namespace {
 
-enum class Family { Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, Gemma3 };
+enum class Family { Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, Gemma3, Phi3 };
 
 // Sanity caps on config.json sizes (the largest public models are far below each).
 constexpr int64_t kMaxVocab = int64_t(1) << 24;         // 16.7M tokens
@@ -42,6 +42,7 @@ Family family_of(const std::string& t) {
   if (t == "qwen3_moe") return Family::Qwen3Moe;
   if (t == "olmoe") return Family::Olmoe;
   if (t == "gemma3_text") return Family::Gemma3;
+  if (t == "phi3") return Family::Phi3;
   return Family::Llama;
 }
 
@@ -63,6 +64,10 @@ struct Keys {
   }
   [[noreturn]] void missing(const char* k) const {
     throw FormatError(file + ": missing required key '" + prefix + k + "'");
+  }
+  [[noreturn]] void bad_or_missing(const char* k, const std::string& want) const {
+    if (!present(k)) missing(k);
+    bad(k, want);
   }
   double num(const char* k) const {
     if (!present(k)) missing(k);
@@ -186,9 +191,22 @@ RopeParams parse_rope_object(const Keys& top, const json& dict, const std::strin
     p.beta_fast = bf != 0 ? bf : 32.0;
     p.beta_slow = bs != 0 ? bs : 1.0;
     p.truncate = r.boolean("truncate", true);
+  } else if (t == "longrope" || t == "su") {  // "su": the name of Phi-3's first hub configs
+    p.rope_type = "longrope";
+    p.original_max_position_embeddings = original_max();
+    p.factor = r.present("factor") ? r.num("factor")
+                                   : static_cast<double>(max_pos) / p.original_max_position_embeddings;
+    p.attention_factor = r.opt_num("attention_factor");
+    for (auto [key, out] : {std::pair{"short_factor", &p.short_factor}, std::pair{"long_factor", &p.long_factor}}) {
+      if (!r.present(key) || !r.j.at(key).is_array()) r.bad_or_missing(key, "a list of numbers");
+      for (const json& v : r.j.at(key)) {
+        if (!v.is_number()) r.bad(key, "a list of numbers");
+        out->push_back(v.get<double>());
+      }
+    }
   } else {
     throw FormatError(file + ": RoPE type '" + t + "' (key '" + prefix +
-                      "rope_type') is not supported; supported: default, linear, dynamic, llama3, yarn");
+                      "rope_type') is not supported; supported: default, linear, dynamic, llama3, yarn, longrope");
   }
   if (!(p.factor > 0)) throw FormatError(file + ": key '" + prefix + "factor' must be positive");
   return p;
@@ -221,6 +239,11 @@ std::vector<int64_t> parse_sliding(const Keys& k, Family fam, int64_t n_layers) 
   };
   int64_t window = 0;
   const bool mistral_like = fam == Family::Mistral || fam == Family::Mixtral;
+  if (fam == Family::Phi3) {  // Phi3Model: one window (sliding_window; null: none) on every layer
+    window = k.j.contains("sliding_window") && !k.j.at("sliding_window").is_null() ? k.positive("sliding_window") : 0;
+    std::fill(out.begin(), out.end(), window);
+    return out;
+  }
   if (fam == Family::Gemma3) {
     // Gemma3TextConfig: sliding_window 4096 by default; without layer_types every
     // sliding_window_pattern-th layer (1-based; 6) is global, the others slide.
@@ -388,9 +411,10 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
                                   : is_qwen(fam)            ? 32768
                                   : fam == Family::Olmoe    ? 4096
                                   : fam == Family::Gemma3   ? 131072
+                                  : fam == Family::Phi3     ? 4096
                                                             : 2048;
   c.max_position_embeddings = k.positive("max_position_embeddings", max_pos_default);
-  c.rms_norm_eps = k.num("rms_norm_eps", (fam == Family::Mixtral || fam == Family::Olmoe) ? 1e-5 : 1e-6);
+  c.rms_norm_eps = k.num("rms_norm_eps", (fam == Family::Mixtral || fam == Family::Olmoe || fam == Family::Phi3) ? 1e-5 : 1e-6);
   // Gemma's config classes name the MLP activation `hidden_activation` (and ignore `hidden_act`).
   c.hidden_act = fam == Family::Gemma3 ? k.str("hidden_activation", "gelu_pytorch_tanh") : k.str("hidden_act", "silu");
   c.tie_word_embeddings = k.boolean("tie_word_embeddings", fam == Family::Gemma3);
@@ -423,6 +447,11 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
       if (k.present("clip_qkv"))
         throw FormatError(source_name + ": key 'clip_qkv' (clamping q/k/v) is not supported; set it to null");
       break;
+    case Family::Phi3:  // Phi3Config: fused qkv_proj and gate_up_proj, no biases
+      c.fused_qkv = c.fused_gate_up = true;
+      for (const char* d : {"resid_pdrop", "embd_pdrop", "attention_dropout"})
+        if (k.num(d, 0.0) != 0.0) c.unapplied_dropout.push_back(std::string(d) + "=" + j.at(d).dump());
+      break;
     case Family::Gemma3:  // Gemma3TextConfig (transformers 5.17)
       c.attention_bias = c.o_proj_bias = k.boolean("attention_bias", false);
       c.qk_norm = true;  // per head, zero-centred like every Gemma norm
@@ -451,12 +480,15 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
 
   const bool llama_ids = fam == Family::Llama || fam == Family::Mistral || fam == Family::Mixtral;  // bos 1, eos 2
   const bool gemma = fam == Family::Gemma3;  // bos 2, eos 1, pad 0
-  c.bos_token_id = token_id(k, "bos_token_id", llama_ids ? std::optional<int64_t>(1) : gemma ? std::optional<int64_t>(2) : std::nullopt);
+  const bool phi3 = fam == Family::Phi3;     // bos 1, eos 32000, pad 32000
+  c.bos_token_id = token_id(k, "bos_token_id", (llama_ids || phi3) ? std::optional<int64_t>(1) : gemma ? std::optional<int64_t>(2) : std::nullopt);
   std::optional<int64_t> eos_def = llama_ids ? std::optional<int64_t>(2)
                                    : gemma ? std::optional<int64_t>(1)
+                                   : phi3 ? std::optional<int64_t>(32000)
                                    : fam == Family::Olmoe ? std::optional<int64_t>(50279) : std::nullopt;
   c.eos_token_id = token_id(k, "eos_token_id", eos_def, &c.eos_token_ids);
-  c.pad_token_id = token_id(k, "pad_token_id", fam == Family::Olmoe ? std::optional<int64_t>(1) : gemma ? std::optional<int64_t>(0) : std::nullopt);
+  c.pad_token_id = token_id(k, "pad_token_id", fam == Family::Olmoe ? std::optional<int64_t>(1) : gemma ? std::optional<int64_t>(0)
+                                                : phi3 ? std::optional<int64_t>(32000) : std::nullopt);
   return c;
 }
 

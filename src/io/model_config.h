@@ -12,7 +12,8 @@
 namespace am::io {
 
 struct RopeParams {
-  std::string rope_type = "default";  // default | linear | llama3 | yarn (dynamic: treated as default for training lengths)
+  std::string rope_type = "default";  // default | linear | llama3 | yarn | longrope (Phi-3; v4 "su")
+                                      // (dynamic: treated as default for training lengths)
   double rope_theta = 10000.0;
   double factor = 1.0;
   // llama3
@@ -25,6 +26,9 @@ struct RopeParams {
   std::optional<double> mscale, mscale_all_dim;
   bool truncate = true;
   double partial_rotary_factor = 1.0;
+  // longrope: per-frequency divisors for sequences up to original_max_position_embeddings (short) and beyond
+  // (long); `factor` resolved (absent: max_position_embeddings / original), attention_factor as for yarn.
+  std::vector<double> short_factor, long_factor;
 };
 
 struct ModelConfig {
@@ -66,6 +70,12 @@ struct ModelConfig {
   bool scale_embeddings = false;  // x0 = embed(ids) * sqrt(hidden_size), the factor rounded to the embedding dtype
   std::optional<double> query_pre_attn_scalar;  // attention scale query_pre_attn_scalar^-0.5 (else head_dim^-0.5)
   std::optional<RopeParams> rope_sliding;       // RoPE of the sliding-window layers, when it is not `rope`
+  // Phi-3: fused projections in the checkpoint, kept fused (one GEMM each; LoRA targets them as PEFT does)
+  bool fused_qkv = false;      // self_attn.qkv_proj [(nh + 2 nkv) D, H], rows q | k | v
+  bool fused_gate_up = false;  // mlp.gate_up_proj [2 I, H], rows gate | up
+  // Training-time dropout the config asks for and the engine does not apply (e.g. Phi-3's resid_pdrop > 0):
+  // "key=value" each; the model warns once.
+  std::vector<std::string> unapplied_dropout;
   nlohmann::json raw;                     // the file as read
 
   bool is_moe() const { return num_experts > 0; }
@@ -87,9 +97,14 @@ ModelConfig parse_model_config(const nlohmann::json& j, const std::string& sourc
 struct RopeTables {
   std::vector<float> inv_freq;
   float attention_scaling = 1.0f;
+  // longrope: inv_freq holds the short factors' frequencies, these the long ones, used (as HF's
+  // dynamic_rope_update does) for a call whose largest position + 1 exceeds long_after.
+  std::vector<float> inv_freq_long;
+  int64_t long_after = 0;
 };
 RopeTables compute_rope(const ModelConfig& cfg);
 // cos/sin for given positions: out [N, D/2] each, as HF: (pos * inv_freq).cos() * attention_scaling
+// (longrope: the long frequencies when max(positions) + 1 > long_after)
 void rope_cos_sin(const RopeTables& t, const int32_t* positions, int64_t n, float* cos_out, float* sin_out);
 
 // Resolves `pretrained_model_name_or_path`: a folder as is; else a hub id ("org/name") looked up in the

@@ -11,6 +11,7 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 
@@ -93,6 +94,27 @@ float yarn(const RopeParams& r, int64_t dim, std::vector<float>& inv) {
   return static_cast<float>(attention);
 }
 
+// LongRoPE (Phi-3): inv_freq = 1 / (ext * base ** (arange(0, dim, 2) / dim)), ext = short_factor, or
+// long_factor past original_max_position_embeddings; the product is a float32 tensor op, then its reciprocal.
+float longrope(const RopeParams& r, int64_t dim, RopeTables& t) {
+  const size_t half = static_cast<size_t>(dim / 2);
+  for (const auto* f : {&r.short_factor, &r.long_factor})
+    if (f->size() != half)
+      throw FormatError("rope_scaling: longrope short_factor / long_factor must have rotary_dim / 2 = " +
+                        std::to_string(half) + " entries, got " + std::to_string(f->size()));
+  const std::vector<float> pf = pos_freqs(r.rope_theta, dim);
+  t.inv_freq.assign(half, 0.f);
+  t.inv_freq_long.assign(half, 0.f);
+  for (size_t i = 0; i < half; ++i) {
+    t.inv_freq[i] = 1.0f / (static_cast<float>(r.short_factor[i]) * pf[i]);
+    t.inv_freq_long[i] = 1.0f / (static_cast<float>(r.long_factor[i]) * pf[i]);
+  }
+  t.long_after = r.original_max_position_embeddings;
+  if (r.attention_factor) return static_cast<float>(*r.attention_factor);
+  if (r.factor <= 1.0) return 1.0f;
+  return static_cast<float>(std::sqrt(1.0 + std::log(r.factor) / std::log(static_cast<double>(r.original_max_position_embeddings))));
+}
+
 }  // namespace
 
 RopeTables compute_rope(const ModelConfig& cfg) {
@@ -116,8 +138,10 @@ RopeTables compute_rope(const ModelConfig& cfg) {
     llama3(r, t.inv_freq);
   } else if (type == "yarn") {
     t.attention_scaling = yarn(r, dim, t.inv_freq);
+  } else if (type == "longrope") {
+    t.attention_scaling = longrope(r, dim, t);
   } else {
-    throw FormatError("RoPE type '" + type + "' is not supported (default, linear, dynamic, llama3, yarn)");
+    throw FormatError("RoPE type '" + type + "' is not supported (default, linear, dynamic, llama3, yarn, longrope)");
   }
   return t;
 }
@@ -125,13 +149,16 @@ RopeTables compute_rope(const ModelConfig& cfg) {
 void rope_cos_sin(const RopeTables& t, const int32_t* positions, int64_t n, float* cos_out, float* sin_out) {
   const size_t half = t.inv_freq.size();
   const float scale = t.attention_scaling;
+  int64_t max_pos = -1;
+  for (int64_t p = 0; p < n; ++p) max_pos = std::max<int64_t>(max_pos, positions[p]);
+  const std::vector<float>& inv = !t.inv_freq_long.empty() && max_pos + 1 > t.long_after ? t.inv_freq_long : t.inv_freq;
   for (int64_t p = 0; p < n; ++p) {
     const float pos = static_cast<float>(positions[p]);
     float* c = cos_out + p * static_cast<int64_t>(half);
     float* s = sin_out + p * static_cast<int64_t>(half);
     for (size_t i = 0; i < half; ++i) {
       // HF: freqs = inv_freq @ position (a float32 product), cos()/sin() in float32, then * attention_scaling.
-      const double angle = static_cast<double>(t.inv_freq[i] * pos);
+      const double angle = static_cast<double>(inv[i] * pos);
       c[i] = static_cast<float>(std::cos(angle)) * scale;
       s[i] = static_cast<float>(std::sin(angle)) * scale;
     }

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "dist/communicator.h"
 #include "models/blocks/norm.h"
 #include "ops/ops.h"
@@ -20,6 +21,13 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
   const MlpAct act = mlp_act_from_config(cfg.hidden_act, cfg.norm_plus_one ? "hidden_activation" : "hidden_act");
   if (cfg.is_moe() && act != MlpAct::Silu)
     throw FormatError("config.json: hidden_act '" + cfg.hidden_act + "' is not supported for MoE experts (only silu)");
+  if (cfg.fused_gate_up && act != MlpAct::Silu)
+    throw FormatError("config.json: hidden_act '" + cfg.hidden_act + "' with a fused gate_up_proj is not supported (only silu)");
+  if (!cfg.unapplied_dropout.empty() && !mp.shapes_only) {
+    std::string keys;
+    for (const auto& d : cfg.unapplied_dropout) keys += (keys.empty() ? "" : ", ") + d;
+    log::warn("config.json: " + keys + ": training dropout of the base model is not applied (only LoRA dropout is)");
+  }
   if (cfg.rope_sliding) {
     io::ModelConfig local = cfg;
     local.rope = *cfg.rope_sliding;
@@ -39,7 +47,8 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
       L.moe = register_moe(ps_, pre, cfg, mp.ep_rank, mp.ep_size);
       L.moe_index = n_moe_layers_++;
     } else {
-      L.mlp = register_mlp(ps_, pre + "mlp.", H, cfg.intermediate_size, cfg.mlp_bias, act);
+      L.mlp = cfg.fused_gate_up ? register_mlp_fused(ps_, pre + "mlp.", H, cfg.intermediate_size)
+                                : register_mlp(ps_, pre + "mlp.", H, cfg.intermediate_size, cfg.mlp_bias, act);
     }
     L.ln1 = &ps_.add(pre + "input_layernorm.weight", {H});
     if (cfg.sandwich_norm) {  // Gemma3DecoderLayer's four norms, in its registration order
@@ -99,7 +108,10 @@ void DecoderLM::rope_tables(const Batch& b, Tensor& cos, Tensor& sin, bool slidi
   // The tables depend only on the positions, which repeat from micro-batch to micro-batch (0..T-1 per row
   // unless packed): reuse the last ones instead of recomputing N x D/2 sin/cos on the host and uploading
   // them synchronously, twice per micro-batch (that was several ms of every W1 step).
-  const int64_t N = b.B * b.T, half = cfg_.head_dim / 2;
+  // half = rotary dims / 2: head_dim / 2, or less with a partial_rotary_factor (phi3, Phi-4-mini), where only
+  // the first dims of each head rotate (the RoPE op reads R from the tables' width).
+  const io::RopeTables& rt = sliding ? rope_sliding_ : rope_;
+  const int64_t N = b.B * b.T, half = static_cast<int64_t>(rt.inv_freq.size());
   const int32_t* pos = b.positions.data<int32_t>();
   RopeCache& rc = rope_cache_[sliding ? 1 : 0];
   if (rc.cos.defined() && static_cast<int64_t>(rc.pos.size()) == N && std::equal(rc.pos.begin(), rc.pos.end(), pos)) {
@@ -108,7 +120,7 @@ void DecoderLM::rope_tables(const Batch& b, Tensor& cos, Tensor& sin, bool slidi
     return;
   }
   Tensor c = Tensor::empty({N, half}, DType::F32), s = Tensor::empty({N, half}, DType::F32);
-  io::rope_cos_sin(sliding ? rope_sliding_ : rope_, pos, N, c.f32(), s.f32());
+  io::rope_cos_sin(rt, pos, N, c.f32(), s.f32());
   cos = rc.cos = ex_.upload(c);
   sin = rc.sin = ex_.upload(s);
   rc.pos.assign(pos, pos + N);

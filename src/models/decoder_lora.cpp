@@ -29,10 +29,15 @@ std::vector<const LoraAdapter*> DecoderLM::enable_lora(const LoraSpec& spec, uin
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& L = layers_[i];
     const std::string pre = "model.layers." + std::to_string(i) + ".";
-    lin(pre + "self_attn.q_proj", L.attn.q);
-    lin(pre + "self_attn.k_proj", L.attn.k);
-    lin(pre + "self_attn.v_proj", L.attn.v);
-    lin(pre + "self_attn.o_proj", L.attn.o);
+    if (L.attn.qkv) {  // phi3: PEFT adapts the fused module as one Linear
+      lin(pre + "self_attn.o_proj", L.attn.o);
+      lin(pre + "self_attn.qkv_proj", L.attn.qkv);
+    } else {
+      lin(pre + "self_attn.q_proj", L.attn.q);
+      lin(pre + "self_attn.k_proj", L.attn.k);
+      lin(pre + "self_attn.v_proj", L.attn.v);
+      lin(pre + "self_attn.o_proj", L.attn.o);
+    }
     const MlpWeights* mlp = nullptr;
     std::string mpre = pre + "mlp.";
     if (L.is_moe) {
@@ -51,7 +56,10 @@ std::vector<const LoraAdapter*> DecoderLM::enable_lora(const LoraSpec& spec, uin
     } else {
       mlp = &L.mlp;
     }
-    if (mlp) {
+    if (mlp && mlp->gate_up) {
+      lin(mpre + "gate_up_proj", mlp->gate_up);
+      lin(mpre + "down_proj", mlp->down);
+    } else if (mlp) {
       lin(mpre + "gate_proj", mlp->gate);
       lin(mpre + "up_proj", mlp->up);
       lin(mpre + "down_proj", mlp->down);

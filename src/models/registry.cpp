@@ -17,6 +17,7 @@ void register_qwen2_moe();
 void register_mixtral();
 void register_olmoe();
 void register_gemma3();
+void register_phi3();
 
 static std::map<std::string, ModelBuilder>& table() {
   static std::map<std::string, ModelBuilder> t;
@@ -35,6 +36,7 @@ static void ensure_registered() {
     register_mixtral();
     register_olmoe();
     register_gemma3();
+    register_phi3();
   });
 }
 

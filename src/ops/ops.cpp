@@ -115,6 +115,22 @@ void add_scalar_(Tensor& a, float s) {
   dispatch(op, dev, [&] { cpu::add_scalar(a.raw(), a.dtype(), s, a.numel()); });
 }
 
+void copy_cols_(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t n) {
+  const char* op = "copy_cols_";
+  DeviceType dev = device_of(op, {{"dst", &dst}, {"src", &src}});
+  if (dst.ndim() != 2 || src.ndim() != 2 || dst.dim(0) != src.dim(0) || dst.dtype() != src.dtype())
+    shape_error(op, describe("dst", dst) + ", " + describe("src", src) + ": expected 2-D tensors with the same rows and dtype");
+  if (n < 0 || dst_col < 0 || src_col < 0 || dst_col + n > dst.dim(1) || src_col + n > src.dim(1))
+    shape_error(op, "columns [" + std::to_string(src_col) + ", +" + std::to_string(n) + ") of " + describe("src", src) +
+                        " to [" + std::to_string(dst_col) + ", +" + std::to_string(n) + ") of " + describe("dst", dst) +
+                        ": out of range");
+  const int64_t es = static_cast<int64_t>(dtype_size(dst.dtype()));
+  char* d = static_cast<char*>(dst.raw()) + dst_col * es;
+  const char* s = static_cast<const char*>(src.raw()) + src_col * es;
+  AM_ROUTE_CUDA(cuda::copy_2d(d, dst.dim(1) * es, s, src.dim(1) * es, n * es, dst.dim(0)));
+  dispatch(op, dev, [&] { cpu::copy_2d(d, dst.dim(1) * es, s, src.dim(1) * es, n * es, dst.dim(0)); });
+}
+
 void copy_(Tensor& dst, const Tensor& src) {
   const char* op = "copy_";
   DeviceType dev = device_of(op, {{"dst", &dst}, {"src", &src}});

@@ -24,6 +24,9 @@ void scale_(Tensor& a, float s);                     // a *= s
 void add_scalar_(Tensor& a, float s);                // a += s (Gemma's (1 + w) norm weights)
 void copy_(Tensor& dst, const Tensor& src);          // dst = src
 void zero_(Tensor& a);                               // a = 0 (any dtype)
+// A block of columns between 2-D row-major tensors of one dtype (the parts of a fused projection, e.g. Phi-3's
+// qkv_proj output [N, q | k | v]): dst[:, dst_col + j] = src[:, src_col + j] for j < n. dst [R, Cd], src [R, Cs].
+void copy_cols_(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t n);
 
 // Dropout in place (LoRA dropout), any float dtype (F32 / BF16 / F16 on both backends), math in fp32 and
 // one rounding at the store:  x[i] = keep(seed, i) ? x[i] * (1 / (1 - p)) : 0,  where i is the flat

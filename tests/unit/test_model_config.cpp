@@ -340,8 +340,10 @@ TEST(ModelConfig, ErrorsNameFileAndKey) {
   j = minimal("llama");
   j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}};
   EXPECT_NE(error_of([&] { parse(j); }).find("rope_scaling.low_freq_factor"), std::string::npos);
-  j["rope_scaling"] = {{"rope_type", "longrope"}};
-  EXPECT_NE(error_of([&] { parse(j); }).find("longrope"), std::string::npos);
+  j["rope_scaling"] = {{"rope_type", "longrope"}};  // supported (phi3), but its factor lists are required
+  EXPECT_NE(error_of([&] { parse(j); }).find("rope_scaling.short_factor"), std::string::npos);
+  j["rope_scaling"] = {{"rope_type", "proportional"}};
+  EXPECT_NE(error_of([&] { parse(j); }).find("proportional"), std::string::npos);
   j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", "2"}};
   EXPECT_NE(error_of([&] { parse(j); }).find("rope_scaling.factor"), std::string::npos);
 

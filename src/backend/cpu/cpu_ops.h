@@ -20,6 +20,8 @@ void scale(void* a, DType ta, float s, int64_t n);                // a[i] *= s
 void add_scalar(void* a, DType ta, float s, int64_t n);           // a[i] += s
 // dst[i] = src[i]; float dtypes convert (round-to-nearest-even), equal dtypes are a byte copy.
 void copy(void* dst, DType td, const void* src, DType ts, int64_t n);
+// rows x bytes_per_row: dst + r * dst_pitch <- src + r * src_pitch (byte strides)
+void copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch, int64_t bytes_per_row, int64_t rows);
 double sum_squares(const void* a, DType ta, int64_t n);  // sum a[i]^2 in double
 // a[i] = keep(seed, i) ? a[i] * scale : 0, keep from dropout_mask.h with drop probability p (scale =
 // 1 / (1 - p) computed by the caller in fp32).

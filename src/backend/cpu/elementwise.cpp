@@ -69,6 +69,12 @@ void add_scalar(void* a, DType ta, float s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) store(a, ta, i, load(a, ta, i) + s);
 }
 
+void copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch, int64_t bytes_per_row, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(static_cast<char*>(dst) + r * dst_pitch, static_cast<const char*>(src) + r * src_pitch,
+                static_cast<size_t>(bytes_per_row));
+}
+
 void copy(void* dst, DType td, const void* src, DType ts, int64_t n) {
   if (n <= 0 || dst == src) return;
   if (td == ts) {

@@ -34,6 +34,9 @@ void fill_(Tensor& t, float value, CudaContext& ctx = default_context());  // fl
 void add_(Tensor& a, const Tensor& b, CudaContext& ctx = default_context());     // a += b
 void scale_(Tensor& a, float s, CudaContext& ctx = default_context());           // a *= s
 void add_scalar_(Tensor& a, float s, CudaContext& ctx = default_context());      // a += s
+// rows x bytes_per_row between device buffers with byte pitches (ops::copy_cols_)
+void copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch, int64_t bytes_per_row, int64_t rows,
+             CudaContext& ctx = default_context());
 void copy_(Tensor& dst, const Tensor& src, CudaContext& ctx = default_context());  // converts bf16<->fp32
 // In place: x[i] = keep(seed, i) ? x[i] * (1 / (1 - p)) : 0 (contract and mask in ops.h / backend/cpu/
 // dropout_mask.h: the same bits as the CPU reference). p == 0: no-op; p outside [0, 1): UsageError.

@@ -217,6 +217,14 @@ void add_scalar_(Tensor& a, float s, CudaContext& ctx) {
   AM_CUDA_CHECK_LAUNCH();
 }
 
+void copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch, int64_t bytes_per_row, int64_t rows,
+             CudaContext& ctx) {
+  if (rows == 0 || bytes_per_row == 0) return;
+  AM_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<size_t>(dst_pitch), src, static_cast<size_t>(src_pitch),
+                                  static_cast<size_t>(bytes_per_row), static_cast<size_t>(rows),
+                                  cudaMemcpyDeviceToDevice, ctx.stream()));
+}
+
 void copy_(Tensor& dst, const Tensor& src, CudaContext& ctx) {
   const char* op = "copy_";
   need_cuda(op, "dst", dst);

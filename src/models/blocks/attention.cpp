@@ -12,6 +12,11 @@ namespace am {
 AttentionWeights register_attention(ParamStore& ps, const std::string& pre, const io::ModelConfig& c) {
   const int64_t H = c.hidden_size, D = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
   AttentionWeights w;
+  if (c.fused_qkv) {  // Phi3Attention registers o_proj, then qkv_proj; neither has a bias
+    w.o = &ps.add(pre + "o_proj.weight", {H, nh * D});
+    w.qkv = &ps.add(pre + "qkv_proj.weight", {(nh + 2 * nkv) * D, H});
+    return w;
+  }
   w.q = &ps.add(pre + "q_proj.weight", {nh * D, H});
   if (c.attention_bias) w.q_bias = &ps.add(pre + "q_proj.bias", {nh * D});
   w.k = &ps.add(pre + "k_proj.weight", {nkv * D, H});
@@ -40,9 +45,17 @@ Qkv project_qkv(const AttentionWeights& w, const AttentionGeometry& g, const Ten
   const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
   Tensor q = g.ex->empty({N, nh * D}), k = g.ex->empty({N, nkv * D}),
          v = g.ex->empty({N, nkv * D});
-  proj_fwd(*g.ex, *w.q, w.q_bias, x, q);
-  proj_fwd(*g.ex, *w.k, w.k_bias, x, k);
-  proj_fwd(*g.ex, *w.v, w.v_bias, x, v);
+  if (w.qkv) {
+    Tensor qkv = g.ex->empty({N, (nh + 2 * nkv) * D});
+    proj_fwd(*g.ex, *w.qkv, nullptr, x, qkv);
+    ops::copy_cols_(q, 0, qkv, 0, nh * D);
+    ops::copy_cols_(k, 0, qkv, nh * D, nkv * D);
+    ops::copy_cols_(v, 0, qkv, (nh + nkv) * D, nkv * D);
+  } else {
+    proj_fwd(*g.ex, *w.q, w.q_bias, x, q);
+    proj_fwd(*g.ex, *w.k, w.k_bias, x, k);
+    proj_fwd(*g.ex, *w.v, w.v_bias, x, v);
+  }
   if (w.q_norm) {
     // RMSNorm over rows of the norm's width: per head (q as [N*nh, D]) or the whole projection ([N, nh*D]).
     const int64_t qw = w.q_norm->work.numel(), kw = w.k_norm->work.numel();
@@ -140,7 +153,16 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
     dq = dqp.view({N, nh * D});
     dk = dkp.view({N, nkv * D});
   }
-  Tensor dx = g.ex->empty({N, g.hidden}), tmp = g.ex->empty({N, g.hidden});
+  Tensor dx = g.ex->empty({N, g.hidden});
+  if (w.qkv) {  // the fused GEMM's output gradient [N, dq | dk | dv]
+    Tensor dqkv = g.ex->empty({N, (nh + 2 * nkv) * D});
+    ops::copy_cols_(dqkv, 0, dq, 0, nh * D);
+    ops::copy_cols_(dqkv, nh * D, dk, 0, nkv * D);
+    ops::copy_cols_(dqkv, (nh + nkv) * D, dv, 0, nkv * D);
+    proj_bwd(*g.ex, *w.qkv, nullptr, s.x, dqkv, &dx);
+    return dx;
+  }
+  Tensor tmp = g.ex->empty({N, g.hidden});
   proj_bwd(*g.ex, *w.q, w.q_bias, s.x, dq, &dx);
   proj_bwd(*g.ex, *w.k, w.k_bias, s.x, dk, &tmp);
   ops::add_(dx, tmp);

@@ -1,5 +1,6 @@
 // Self-attention block shared by every dense and MoE family:
 //   q = x Wq^T (+bq), k = x Wk^T (+bk), v = x Wv^T (+bv)      q [N, nh, D], k/v [N, nkv, D]
+//   (phi3) [q | k | v] = x Wqkv^T: one fused GEMM, its columns copied out     [N, (nh + 2 nkv) D]
 //   (qwen3) q = RMSNorm_D(q) * q_norm, k = RMSNorm_D(k) * k_norm   per head  (gemma3: * (1 + q_norm))
 //   (olmoe) q = RMSNorm(q) * q_norm over the whole [nh*D] projection, k likewise over [nkv*D]
 //   q, k = RoPE(q, k; cos, sin)
@@ -17,7 +18,8 @@
 namespace am {
 
 struct AttentionWeights {
-  Param *q, *k, *v, *o;                       // [nh*D, H], [nkv*D, H], [nkv*D, H], [H, nh*D]
+  Param *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;  // [nh*D, H], [nkv*D, H], [nkv*D, H], [H, nh*D]
+  Param* qkv = nullptr;  // fused (phi3) [(nh + 2 nkv) D, H], rows q | k | v; q, k, v are then null
   Param *q_bias = nullptr, *k_bias = nullptr, *v_bias = nullptr, *o_bias = nullptr;
   Param *q_norm = nullptr, *k_norm = nullptr;  // [D] per head, or [nh*D] / [nkv*D] (olmoe)
 };

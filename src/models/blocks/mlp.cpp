@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "models/blocks/lora.h"
+#include "ops/moe_ops.h"
 #include "ops/ops.h"
 
 namespace am {
@@ -37,7 +38,44 @@ MlpWeights register_mlp(ParamStore& ps, const std::string& pre, int64_t H, int64
 }
 
 
+MlpWeights register_mlp_fused(ParamStore& ps, const std::string& pre, int64_t H, int64_t I) {
+  MlpWeights w;
+  w.gate_up = &ps.add(pre + "gate_up_proj.weight", {2 * I, H});
+  w.down = &ps.add(pre + "down_proj.weight", {H, I});
+  return w;
+}
+
+namespace {
+// The fused path: gu = x Wgu^T [N, 2I] -> h = silu(gu[:, :I]) * gu[:, I:] (the MoE experts' fused kernels).
+Tensor fused_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s) {
+  const int64_t N = x.dim(0), I = w.down->shape[1], H = w.down->shape[0];
+  Tensor gu = ex.empty({N, 2 * I}), h = ex.empty({N, I}), y = ex.empty({N, H});
+  proj_fwd(ex, *w.gate_up, nullptr, x, gu);
+  ops::swiglu_fused_fwd(gu, h);
+  proj_fwd(ex, *w.down, nullptr, h, y);
+  if (s) {
+    *s = MlpSaved{};
+    s->x = x;
+    s->gate_up = gu;
+  }
+  return y;
+}
+Tensor fused_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy) {
+  const int64_t N = dy.dim(0), I = w.down->shape[1], H = w.down->shape[0];
+  Tensor h = ex.empty({N, I});
+  ops::swiglu_fused_fwd(s.gate_up, h);  // recomputed, as in the unfused path
+  Tensor dh = ex.empty({N, I});
+  proj_bwd(ex, *w.down, nullptr, h, dy, &dh);
+  h = Tensor();
+  Tensor dgu = ex.empty({N, 2 * I}), dx = ex.empty({N, H});
+  ops::swiglu_fused_bwd(s.gate_up, dh, dgu);
+  proj_bwd(ex, *w.gate_up, nullptr, s.x, dgu, &dx);
+  return dx;
+}
+}  // namespace
+
 Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s) {
+  if (w.gate_up) return fused_forward(ex, w, x, s);
   const int64_t N = x.dim(0), I = w.gate->shape[0], H = w.down->shape[0];
   Tensor gate = ex.empty({N, I}), up = ex.empty({N, I}),
          h = ex.empty({N, I}), y = ex.empty({N, H});
@@ -50,6 +88,7 @@ Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, 
 }
 
 Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy) {
+  if (w.gate_up) return fused_backward(ex, w, s, dy);
   const int64_t N = dy.dim(0), I = w.gate->shape[0], H = w.down->shape[0];
   Tensor h = ex.empty({N, I});
   act_fwd(w.act, s.gate, s.up, h);  // the same kernel on the same inputs: bit-identical to forward's h

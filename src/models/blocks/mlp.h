@@ -1,6 +1,7 @@
 // Gated MLP shared by the dense families (and each MoE expert):
 //   y = down( act(x Wg^T) * (x Wu^T) )      x [N, H], gate/up [N, I], y [N, H]
 //   act = silu (SwiGLU; every family but Gemma) or gelu_pytorch_tanh (GeGLU; Gemma)
+//   (phi3) [gate | up] = x Wgu^T: one fused GEMM [N, 2I], gate the first half
 #pragma once
 #include <string>
 
@@ -13,7 +14,8 @@ namespace am {
 enum class MlpAct { Silu, GeluTanh };
 
 struct MlpWeights {
-  Param *gate, *up, *down;  // [I, H], [I, H], [H, I]
+  Param *gate = nullptr, *up = nullptr, *down = nullptr;  // [I, H], [I, H], [H, I]
+  Param* gate_up = nullptr;  // fused (phi3) [2I, H], rows gate | up; gate and up are then null
   Param *gate_bias = nullptr, *up_bias = nullptr, *down_bias = nullptr;
   MlpAct act = MlpAct::Silu;
 };
@@ -24,12 +26,15 @@ MlpAct mlp_act_from_config(const std::string& name, const std::string& key);
 struct MlpSaved {
   Tensor x;         // [N, H]
   Tensor gate, up;  // [N, I] pre-activation
+  Tensor gate_up;   // fused: [N, 2I] instead
   // h = act(gate) * up [N, I] is NOT kept: backward recomputes it from gate and up (one elementwise pass,
   // ~0.1 ms per W1 layer) instead of holding N x I per layer (2 GiB over W1's 16 layers).
 };
 
 MlpWeights register_mlp(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter, bool bias,
                         MlpAct act = MlpAct::Silu);
+// Phi3MLP: gate_up_proj [2I, H] then down_proj [H, I], no biases, SwiGLU.
+MlpWeights register_mlp_fused(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter);
 Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* saved);
 Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy);
 

@@ -1,7 +1,10 @@
+// Phi-3 config.json: Phi3Config's defaults, LongRoPE (v4 "su" and "longrope"), partial rotary, the window.
 // Gemma 3 (gemma3_text) config.json: the hub's transformers-4 layout (rope_theta + rope_scaling for the global
 // layers, rope_local_base_freq for the sliding ones, sliding_window_pattern) and transformers 5's (rope_parameters
 // per layer type, layer_types) describe the same model; Gemma3TextConfig's defaults; what is refused.
 #include <gtest/gtest.h>
+
+#include <cmath>
 
 #include "core/error.h"
 #include "io/model_config.h"
@@ -93,4 +96,59 @@ TEST(ModelConfigGemma3, RefusesWhatIsNotImplemented) {
   bad["layer_types"] = {"sliding_attention", "chunked_attention", "full_attention", "full_attention",
                         "full_attention", "full_attention", "full_attention"};
   EXPECT_THROW(parse(bad), FormatError);
+}
+
+namespace {
+json phi3_base() {
+  return json{{"model_type", "phi3"}, {"vocab_size", 300}, {"hidden_size", 64}, {"intermediate_size", 96},
+              {"num_hidden_layers", 2}, {"num_attention_heads", 4}};
+}
+}  // namespace
+
+TEST(ModelConfigPhi3, DefaultsAndLongRope) {
+  auto c = parse(phi3_base());
+  EXPECT_TRUE(c.fused_qkv);
+  EXPECT_TRUE(c.fused_gate_up);
+  EXPECT_EQ(c.num_key_value_heads, 4);  // None -> num_attention_heads
+  EXPECT_EQ(c.rms_norm_eps, 1e-5);
+  EXPECT_EQ(c.max_position_embeddings, 4096);
+  EXPECT_EQ(*c.eos_token_id, 32000);
+  EXPECT_EQ(*c.pad_token_id, 32000);
+  EXPECT_EQ(c.sliding_window, (std::vector<int64_t>{0, 0}));
+  EXPECT_TRUE(c.unapplied_dropout.empty());
+
+  json j = phi3_base();
+  j["max_position_embeddings"] = 131072;
+  j["original_max_position_embeddings"] = 4096;  // top level, as the hub's Phi-3 configs have it
+  j["partial_rotary_factor"] = 0.75;
+  j["sliding_window"] = 2047;
+  j["resid_pdrop"] = 0.1;
+  std::vector<double> sf(6), lf(6);
+  for (int i = 0; i < 6; ++i) sf[static_cast<size_t>(i)] = 1.0 + i, lf[static_cast<size_t>(i)] = 2.0 + i;
+  j["rope_scaling"] = {{"type", "su"}, {"short_factor", sf}, {"long_factor", lf}};
+  auto p = parse(j);
+  EXPECT_EQ(p.rope.rope_type, "longrope");
+  EXPECT_EQ(p.rope.original_max_position_embeddings, 4096);
+  EXPECT_EQ(p.rope.factor, 32.0);
+  EXPECT_EQ(p.sliding_window, (std::vector<int64_t>{2047, 2047}));
+  EXPECT_EQ(p.unapplied_dropout, (std::vector<std::string>{"resid_pdrop=0.1"}));
+  const auto t = io::compute_rope(p);
+  ASSERT_EQ(t.inv_freq.size(), 6u);  // 16 x 0.75 = 12 rotary dims
+  ASSERT_EQ(t.inv_freq_long.size(), 6u);
+  EXPECT_FLOAT_EQ(t.inv_freq[0], 1.0f);
+  EXPECT_FLOAT_EQ(t.inv_freq_long[0], 0.5f);
+  EXPECT_NEAR(t.attention_scaling, std::sqrt(1.0 + std::log(32.0) / std::log(4096.0)), 1e-6);
+  // short frequencies up to position 4095, long ones once a position reaches 4096
+  int32_t pos[2] = {0, 4095};
+  float c1[12], s1[12];
+  io::rope_cos_sin(t, pos, 2, c1, s1);
+  EXPECT_NEAR(c1[6], std::cos(4095.0 * t.inv_freq[0]) * t.attention_scaling, 1e-4);
+  pos[1] = 4096;
+  io::rope_cos_sin(t, pos, 2, c1, s1);
+  EXPECT_NEAR(c1[6], std::cos(4096.0 * t.inv_freq_long[0]) * t.attention_scaling, 1e-4);
+
+  j["rope_scaling"]["long_factor"] = std::vector<double>{1.0};
+  EXPECT_THROW(io::compute_rope(parse(j)), FormatError);  // wrong length, named
+  j["rope_scaling"].erase("long_factor");
+  EXPECT_THROW(parse(j), FormatError);
 }
