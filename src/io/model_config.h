@@ -59,6 +59,14 @@ struct ModelConfig {
   bool output_router_logits = false;            // add router_aux_loss_coef * load-balancing loss
   double router_aux_loss_coef = 0.0;
   std::vector<bool> moe_layer;
+  // gpt_oss (GptOssConfig): a learned per-head attention sink logit (self_attn.sinks [nh]), a bias on the
+  // router and on every expert projection, and the clamped SwiGLU on interleaved gate/up columns:
+  //   gate = min(g, limit), up = clamp(u, -limit, limit), h = (up + 1) * gate * sigmoid(alpha * gate)
+  bool attn_sinks = false;
+  bool router_bias = false;
+  bool expert_bias = false;
+  bool gpt_oss_glu = false;
+  double swiglu_alpha = 1.702, swiglu_limit = 7.0;
   nlohmann::json raw;                     // the file as read
 
   bool is_moe() const { return num_experts > 0; }

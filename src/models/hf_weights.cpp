@@ -12,6 +12,7 @@
 #include "core/log.h"
 #include "io/nf4.h"
 #include "io/safetensors.h"
+#include "models/mxfp4.h"
 #include "ops/nf4_ops.h"
 
 namespace am {
@@ -71,10 +72,12 @@ void check_hf_weights_against_config(const std::string& dir, const io::ModelConf
   ModelParallel shapes;
   shapes.shapes_only = true;
   auto model = build_model(cfg, shapes);
+  if (is_mxfp4_checkpoint(cfg)) return load_mxfp4_weights(*model, dir, /*check_only=*/true);  // uint8 blocks
   check_layouts(*model, io::SafeTensors::open(dir), dir);  // headers only
 }
 
 void load_hf_weights(CausalLM& model, const std::string& dir) {
+  if (is_mxfp4_checkpoint(model.config())) return load_mxfp4_weights(model, dir);  // dequantised at load
   auto st = io::SafeTensors::open(dir);
   const std::vector<size_t> chosen = check_layouts(model, st, dir);  // everything checked before any copy
   std::set<std::string> used;
@@ -84,8 +87,7 @@ void load_hf_weights(CausalLM& model, const std::string& dir) {
     // Copy slice by slice straight from the mmapped file into the (fused) parameter: no second full-size
     // copy of a layer's experts ever exists.
     for (const SourceSlice& s : p.source()) {
-      Tensor dst = Tensor::wrap(p.value.f32() + s.offset, s.shape, DType::F32, nullptr);
-      dst.copy_from(st.get(s.name));
+      copy_slice_in(s, st.get(s.name), p.value.f32());
       p.source_dtype = st.info(s.name).dtype;
       used.insert(s.name);
     }
@@ -138,8 +140,7 @@ void load_bnb_4bit_weights(CausalLM& model, const std::string& dir) {
       if (t.shape != sl.shape)
         throw FormatError(src->where() + ": tensor '" + sl.name + "' has shape " + shape_str(t.shape) +
                           " but config.json implies " + shape_str(sl.shape));
-      Tensor dst = Tensor::wrap(p.value.f32() + sl.offset, sl.shape, DType::F32, nullptr);
-      dst.copy_from(Tensor::wrap(const_cast<uint8_t*>(t.data), t.shape, dt, nullptr));
+      copy_slice_in(sl, Tensor::wrap(const_cast<uint8_t*>(t.data), t.shape, dt, nullptr), p.value.f32());
       p.source_dtype = dt;
     }
   }
@@ -216,7 +217,7 @@ void append_hf_tensors(const Param& p, std::vector<std::pair<std::string, Tensor
   // Back in the layout and dtype it was read from (per-expert stays per-expert): slice views of the
   // fused parameter, converted per slice.
   for (const SourceSlice& s : p.source()) {
-    Tensor part = Tensor::wrap(host.f32() + s.offset, s.shape, DType::F32, nullptr).clone();
+    Tensor part = copy_slice_out(s, host.f32());
     out.emplace_back(s.name, p.source_dtype == DType::F32 ? part : part.to(p.source_dtype));
   }
 }
@@ -226,6 +227,7 @@ void write_hf_side_files(const CausalLM& model, const std::string& out_dir, cons
   // config.json: the source's JSON as read (so every key the user had survives), written atomically. A model
   // held 4-bit is written dequantised: its quantization_config no longer describes the files.
   nlohmann::json cfg_json = model.config().raw;
+  if (is_mxfp4_checkpoint(model.config())) cfg_json.erase("quantization_config");  // loaded dequantised (mxfp4.h)
   for (const auto& p : const_cast<CausalLM&>(model).params().all())
     if (p.nf4) {
       cfg_json.erase("quantization_config");

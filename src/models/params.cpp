@@ -28,6 +28,38 @@ Param& ParamStore::add(const std::string& name, const Shape& shape, DType source
   return params_.back();
 }
 
+namespace {
+// [outer, A, B] <-> [outer, B, A] in fp32: dst[o, b, a] = src[o, a, b].
+void transpose_last2(const float* src, float* dst, const Shape& shape) {
+  const int64_t A = shape.at(shape.size() - 2), B = shape.back();
+  const int64_t outer = A * B ? shape_numel(shape) / (A * B) : 0;
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t a = 0; a < A; ++a)
+      for (int64_t b = 0; b < B; ++b) dst[(o * B + b) * A + a] = src[(o * A + a) * B + b];
+}
+}  // namespace
+
+void copy_slice_in(const SourceSlice& s, const Tensor& src, float* dst) {
+  if (!s.transposed) {
+    Tensor d = Tensor::wrap(dst + s.offset, s.shape, DType::F32, nullptr);
+    d.copy_from(src);
+    return;
+  }
+  if (s.shape.size() < 2) throw ShapeError("transposed slice '" + s.name + "' needs at least 2 dims");
+  Tensor tmp = Tensor::empty(s.shape, DType::F32);
+  tmp.copy_from(src);
+  transpose_last2(tmp.f32(), dst + s.offset, s.shape);
+}
+
+Tensor copy_slice_out(const SourceSlice& s, const float* src) {
+  if (!s.transposed) return Tensor::wrap(const_cast<float*>(src) + s.offset, s.shape, DType::F32, nullptr).clone();
+  Shape t = s.shape;  // the parameter block's shape: the checkpoint's with the last two dims swapped
+  std::swap(t[t.size() - 1], t[t.size() - 2]);
+  Tensor out = Tensor::empty(s.shape, DType::F32);
+  transpose_last2(src + s.offset, out.f32(), t);
+  return out;
+}
+
 Param& ParamStore::add_expert(const std::string& name, const Shape& shape, int64_t row_begin, int64_t global_rows) {
   Param& p = add(name, shape);
   const int64_t row = shape.empty() || shape[0] == 0 ? 0 : shape_numel(shape) / shape[0];
