@@ -766,7 +766,8 @@ def run_case(case, out_root):
             log(f"  WARNING: no gradient for {missing}")
         gsave = {k: grads[k].contiguous() for k in src_keys if k in grads}
     else:
-        # MoE: gradients under transformers-5 parameter names (fused experts [E, 2I, H] / [E, H, I]).
+        # MoE: gradients under transformers-5 parameter names (fused experts [E, 2I, H] / [E, H, I]; gpt_oss: its
+        # own [E, H, 2I] / [E, I, H], which test_hf_golden compares in that layout).
         gsave = {k: v.contiguous() for k, v in grads.items()}
     save_file(gsave, os.path.join(cdir, "expected_step1_grads.safetensors"))
     if layout and case.get("write_alt_layout"):
