@@ -8,7 +8,10 @@ It needs only torch (tested with Debian's torch 1.13 at /usr/bin/python3) and wr
 <out>/model/{config.json, model.safetensors}: a tiny random gpt_oss in the hub layout (float32), and
 <out>/reference.safetensors: input ids / labels of two rows (40 and 23 tokens), the logits of each row, the
 summed shifted cross-entropy + router_aux_loss_coef * load-balancing loss, and the gradient of that loss for
-every parameter (hub names and shapes). tests/models/test_gpt_oss.cpp (MatchesIndependentTorchReference)
+every parameter (hub names and shapes); and a 4-step fine-tune (data.jsonl, recipe.yaml: global batch 4,
+micro-batches of 2, AdamW with weight decay, clipping at 1.0, aux loss coef / n_micro per micro-batch, as
+tools/make_hf_goldens.py does) with its per-step loss / grad norm (expected_train.json) and final weights
+(expected_final.safetensors). tests/models/test_gpt_oss.cpp (MatchesIndependentTorchReference)
 compares the engine against the committed output, regenerated with
   /usr/bin/python3 tools/gpt_oss_torch_reference.py --out tests/fixtures/gpt_oss_torch_ref
 
@@ -215,6 +218,85 @@ def write_safetensors(path, tensors):
             f.write(b)
 
 
+# ---- 4 AdamW steps (SPEC section 3, as tools/make_hf_goldens.py's train()) ----
+GBS, LBS, STEPS = 4, 2, 4
+LR, BETAS, EPS, WD, MAX_NORM = 1.0e-3, (0.9, 0.999), 1.0e-8, 0.1, 1.0
+
+RECIPE = """# INDEPENDENT torch reference (tools/gpt_oss_torch_reference.py), NOT an HF golden.
+seed: 42
+device: cpu
+model:
+  pretrained_model_name_or_path: model
+  dtype: float32
+step_scheduler:
+  global_batch_size: 4
+  local_batch_size: 2
+  max_steps: 4
+  num_epochs: 1
+dataset:
+  _target_: tokenized_jsonl
+  path_or_dataset: data.jsonl
+dataloader:
+  shuffle: false
+optimizer:
+  _target_: torch.optim.AdamW
+  lr: 1.0e-3
+  betas: [0.9, 0.999]
+  eps: 1.0e-8
+  weight_decay: 0.1
+clip_grad_norm:
+  max_norm: 1.0
+loss_fn:
+  _target_: masked_cross_entropy
+checkpoint:
+  enabled: false
+"""
+
+
+def make_rows(seed, vocab, n):
+    """Rows of 5..40 tokens (row 1: 40, so the window of 8 cuts in), some with an ignored prompt prefix."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 40 if i == 1 else int(torch.randint(5, 41, (1,), generator=g))
+        ids = [1] + torch.randint(3, vocab, (length - 1,), generator=g).tolist()
+        labels = list(ids)
+        if i % 3 == 1:
+            cut = int(torch.randint(1, length - 1, (1,), generator=g))
+            labels[:cut] = [-100] * cut
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def train(p, cfg, rows):
+    params = list(p.values())
+    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
+    coef, E, k = cfg["router_aux_loss_coef"], cfg["num_local_experts"], cfg["num_experts_per_tok"]
+    steps = []
+    for s in range(STEPS):
+        batch = rows[s * GBS:(s + 1) * GBS]
+        mbs = [batch[i:i + LBS] for i in range(0, GBS, LBS)]
+        n_tok = sum(sum(1 for t in r["labels"][1:] if t != -100) for r in batch)
+        total = 0.0
+        for mb in mbs:
+            ce, rls = 0.0, []
+            for r in mb:
+                ids, lab = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
+                lg, rl = forward_row(p, cfg, ids)
+                rls.append(rl)
+                ce = ce + F.cross_entropy(lg[:-1], lab[1:], ignore_index=-100, reduction="sum")
+            aux = aux_loss(rls, E, k)
+            loss = ce / n_tok + coef * aux / len(mbs)
+            loss.backward()
+            total += float(loss)
+        gn = float(torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps.append({"step": s + 1, "loss": total, "grad_norm": gn, "num_label_tokens": n_tok})
+        print(f"step {s + 1} loss {total:.8f} grad_norm {gn:.8f}")
+    return steps
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -253,6 +335,21 @@ def main():
         out["grad." + n] = t.grad
     write_safetensors(os.path.join(args.out, "reference.safetensors"), out)
     print(f"ce_sum {float(ce):.8f} aux {float(aux):.8f} -> {args.out}")
+
+    # 4 training steps from the same initial weights.
+    p = make_params(cfg, args.seed)
+    for t in p.values():
+        t.requires_grad_(True)
+    rows = make_rows(args.seed + 2, V, GBS * STEPS)
+    with open(os.path.join(args.out, "data.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    with open(os.path.join(args.out, "recipe.yaml"), "w") as f:
+        f.write(RECIPE)
+    steps = train(p, cfg, rows)
+    with open(os.path.join(args.out, "expected_train.json"), "w") as f:
+        json.dump({"note": "independent torch reference, NOT HF", "steps": steps}, f, indent=2)
+    write_safetensors(os.path.join(args.out, "expected_final.safetensors"), {n: t.detach() for n, t in p.items()})
 
 
 if __name__ == "__main__":
