@@ -147,7 +147,7 @@ void load_bnb_4bit_weights(CausalLM& model, const std::string& dir) {
 }
 
 void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
-  // normal(0, initializer_range) for matrices, 1 for norms, 0 for biases. The values are a function of
+  // normal(0, initializer_range) for matrices (and gpt_oss's sinks and router bias), 1 for norms, 0 for biases. The values are a function of
   // (seed, parameter name, element index in the whole parameter) only: each parameter is cut into chunks of
   // 2^20 elements with their own generator, filled in parallel (an 8B model in seconds, not minutes), and an
   // expert-parallel rank's slice gets exactly the elements one rank would have.
@@ -168,7 +168,9 @@ void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
     Param& p = *t.p;
     const std::string& nm = p.name;
     const bool is_norm = nm.find("norm.weight") != std::string::npos || nm.find("layernorm.weight") != std::string::npos;
-    const bool is_bias = nm.size() > 5 && nm.compare(nm.size() - 5, 5, ".bias") == 0;
+    // (gpt_oss's router bias is drawn like a weight, as HF's _init_weights does; its other biases start at 0.)
+    const bool is_bias = nm.size() > 5 && nm.compare(nm.size() - 5, 5, ".bias") == 0 &&
+                         nm.find(".mlp.router.bias") == std::string::npos;
     float* v = p.value.f32();
     const int64_t g0 = t.chunk * kChunk, g1 = g0 + kChunk;                      // global element range of the chunk
     const int64_t lo = std::max(g0, p.global_offset), hi = std::min(g1, p.global_offset + p.value.numel());

@@ -1,5 +1,9 @@
 #include "models/params.h"
 
+#include <cstdint>
+#include <utility>
+#include <vector>
+
 #include "core/error.h"
 #include "io/nf4.h"
 #include "models/exec.h"
@@ -46,9 +50,21 @@ void copy_slice_in(const SourceSlice& s, const Tensor& src, float* dst) {
     return;
   }
   if (s.shape.size() < 2) throw ShapeError("transposed slice '" + s.name + "' needs at least 2 dims");
-  Tensor tmp = Tensor::empty(s.shape, DType::F32);
-  tmp.copy_from(src);
-  transpose_last2(tmp.f32(), dst + s.offset, s.shape);
+  if (src.shape() != s.shape)
+    throw ShapeError("transposed slice '" + s.name + "': source " + shape_str(src.shape()) + ", expected " + shape_str(s.shape));
+  // Row by row (one [B] row converted to fp32 at a time, then scattered as a column): no full-size temporary,
+  // which for a 120B layer's experts would be gigabytes.
+  const int64_t A = s.shape.at(s.shape.size() - 2), B = s.shape.back();
+  const int64_t rows = B ? shape_numel(s.shape) / B : 0;
+  const size_t esz = dtype_size(src.dtype());
+  std::vector<float> row(static_cast<size_t>(B));
+  const auto* in = static_cast<const uint8_t*>(src.raw());
+  float* out = dst + s.offset;
+  for (int64_t r = 0; r < rows; ++r) {
+    convert_floats(in + static_cast<size_t>(r * B) * esz, src.dtype(), row.data(), DType::F32, static_cast<size_t>(B));
+    const int64_t o = r / A, a = r % A;
+    for (int64_t b = 0; b < B; ++b) out[(o * B + b) * A + a] = row[static_cast<size_t>(b)];
+  }
 }
 
 Tensor copy_slice_out(const SourceSlice& s, const float* src) {
