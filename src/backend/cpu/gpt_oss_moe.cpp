@@ -14,6 +14,7 @@ inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 }  // namespace
 
 void gpt_oss_glu_fwd(const float* gu, int64_t m, int64_t i, float alpha, float limit, float* h) {
+#pragma omp parallel for if (m * i >= (int64_t{1} << 16))
   for (int64_t r = 0; r < m; ++r)
     for (int64_t c = 0; c < i; ++c) {
       const float gate = gu[r * 2 * i + 2 * c], up = gu[r * 2 * i + 2 * c + 1];
@@ -25,6 +26,7 @@ void gpt_oss_glu_fwd(const float* gu, int64_t m, int64_t i, float alpha, float l
 }
 
 void gpt_oss_glu_bwd(const float* gu, const float* dh, int64_t m, int64_t i, float alpha, float limit, float* dgu) {
+#pragma omp parallel for if (m * i >= (int64_t{1} << 16))
   for (int64_t r = 0; r < m; ++r)
     for (int64_t c = 0; c < i; ++c) {
       const float gate = gu[r * 2 * i + 2 * c], up = gu[r * 2 * i + 2 * c + 1];
@@ -48,6 +50,8 @@ void grouped_bias_add(float* y, const float* bias, const int32_t* offsets, int64
 void grouped_bias_bwd(const float* dy, const int32_t* offsets, int64_t n_experts, int64_t c, float* dbias) {
   for (int64_t e = 0; e < n_experts; ++e) {
     if (offsets[e + 1] == offsets[e]) continue;
+    // Columns in parallel: each thread owns its dbias entries and sums its rows in order (deterministic).
+#pragma omp parallel for if ((offsets[e + 1] - offsets[e]) * c >= (int64_t{1} << 16))
     for (int64_t x = 0; x < c; ++x) {
       double acc = 0.0;
       for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) acc += dy[r * c + x];
