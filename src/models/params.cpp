@@ -36,7 +36,7 @@ namespace {
 // [outer, A, B] <-> [outer, B, A] in fp32: dst[o, b, a] = src[o, a, b].
 void transpose_last2(const float* src, float* dst, const Shape& shape) {
   const int64_t A = shape.at(shape.size() - 2), B = shape.back();
-  const int64_t outer = A * B ? shape_numel(shape) / (A * B) : 0;
+  const int64_t outer = A * B != 0 ? shape_numel(shape) / (A * B) : 0;
   for (int64_t o = 0; o < outer; ++o)
     for (int64_t a = 0; a < A; ++a)
       for (int64_t b = 0; b < B; ++b) dst[(o * B + b) * A + a] = src[(o * A + a) * B + b];
