@@ -56,6 +56,11 @@ else:
         Qwen3MoeConfig,
     )
 
+try:  # transformers >= 4.55
+    from transformers import GptOssConfig  # noqa: E402
+except ImportError:  # pragma: no cover
+    GptOssConfig = None
+
 # ----------------------------------------------------------------------------------------------
 # Cases
 # ----------------------------------------------------------------------------------------------
@@ -258,12 +263,51 @@ CASES = [
         max_norm=1.0,
         router_std=0.3,
     ),
+    # ---- gpt_oss: sinks, biased router and experts, interleaved clamped SwiGLU, alternating sliding window ----
+    # sliding_window 8 with rows up to 40 tokens: layer 0 (sliding) cuts, layer 1 (full) does not. The sinks
+    # (std 0.5), every bias (std 0.1, expert biases included) and the router (std 0.3) are perturbed so each
+    # matters; gate_up_proj gets std 0.6 (expert_std: gate/up pre-activations of std ~5 at hidden 64) so some
+    # cross the clamp at 7. swiglu_alpha / swiglu_limit keep their defaults (1.702, 7.0): some transformers
+    # versions hard-code them in GptOssExperts instead of reading the config.
+    dict(
+        name="gpt_oss",
+        config_cls=GptOssConfig,
+        seed=2006,
+        kw=dict(
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=32,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            attention_bias=True,
+            output_router_logits=True,
+            router_aux_loss_coef=0.02,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=150000.0,
+                factor=4.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=64,
+            ),
+        ),
+        bias_std=0.1,
+        sink_std=0.5,
+        expert_std=0.6,
+        max_norm=1.0,
+        router_std=0.3,
+        probe_window=True,
+    ),
 ]
+CASES = [c for c in CASES if c["config_cls"] is not None]
 
 
 def is_router(name):
-    """The router's Linear weight ([E, H]) in any layout: mlp.gate / block_sparse_moe.gate."""
-    return name.endswith(".gate.weight")
+    """The router's Linear weight ([E, H]) in any layout: mlp.gate / block_sparse_moe.gate / (gpt_oss) mlp.router."""
+    return name.endswith(".gate.weight") or name.endswith(".router.weight")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,12 +444,13 @@ class RouterRecorder:
     def __init__(self, model):
         self.logits, self.hooks = [], []
         for n, mod in model.named_modules():
-            if n.endswith(".gate") and hasattr(mod, "weight") and mod.weight.dim() == 2:
+            if (n.endswith(".gate") or n.endswith(".router")) and hasattr(mod, "weight") and mod.weight.dim() == 2:
                 self.hooks.append(mod.register_forward_hook(self._hook))
 
     def _hook(self, mod, inp, out):
         x = inp[0]
-        self.logits.append(F.linear(x.reshape(-1, x.shape[-1]), mod.weight).detach())
+        b = getattr(mod, "bias", None)  # gpt_oss's router has a bias
+        self.logits.append(F.linear(x.reshape(-1, x.shape[-1]), mod.weight, b).detach())
 
     def remove(self):
         for h in self.hooks:
@@ -653,7 +698,9 @@ def convert_layout(sd, model_type, num_experts):
 def dump_config_defaults(out_root):
     """Each MoE config class's defaults, to check the engine's config.json defaults against."""
     res = {}
-    for cls in (Qwen3MoeConfig, Qwen2MoeConfig, MixtralConfig, OlmoeConfig):
+    for cls in (Qwen3MoeConfig, Qwen2MoeConfig, MixtralConfig, OlmoeConfig, GptOssConfig):
+        if cls is None:
+            continue
         try:
             res[cls.__name__] = json.loads(cls().to_json_string(use_diff=False))
         except Exception as e:  # noqa: BLE001
@@ -686,8 +733,12 @@ def run_case(case, out_root):
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif n.endswith(".bias") and case.get("bias_std"):
+            elif (n.endswith(".bias") or n.endswith("_bias")) and case.get("bias_std"):
                 p.copy_(case["bias_std"] * torch.randn(p.shape, generator=g))
+            elif n.endswith(".sinks") and case.get("sink_std"):
+                p.copy_(case["sink_std"] * torch.randn(p.shape, generator=g))
+            elif n.endswith(".experts.gate_up_proj") and case.get("expert_std"):  # down_proj keeps its init
+                p.copy_(case["expert_std"] * torch.randn(p.shape, generator=g))
             elif is_router(n) and case.get("router_std"):
                 p.copy_(case["router_std"] * torch.randn(p.shape, generator=g))
     save_pretrained(model, model_dir)
@@ -752,7 +803,8 @@ def run_case(case, out_root):
             log(f"  WARNING: no gradient for {missing}")
         gsave = {k: grads[k].contiguous() for k in src_keys if k in grads}
     else:
-        # MoE: gradients under transformers-5 parameter names (fused experts [E, 2I, H] / [E, H, I]).
+        # MoE: gradients under transformers-5 parameter names (fused experts [E, 2I, H] / [E, H, I]; gpt_oss: its
+        # own [E, H, 2I] / [E, I, H], which test_hf_golden compares in that layout).
         gsave = {k: v.contiguous() for k, v in grads.items()}
     save_file(gsave, os.path.join(cdir, "expected_step1_grads.safetensors"))
     if layout and case.get("write_alt_layout"):

@@ -21,7 +21,7 @@ using nlohmann::json;
 
 namespace {
 
-enum class Family { Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, Gemma3, Phi3 };
+enum class Family { Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, Gemma3, Phi3, GptOss };
 
 // Sanity caps on config.json sizes (the largest public models are far below each).
 constexpr int64_t kMaxVocab = int64_t(1) << 24;         // 16.7M tokens
@@ -43,6 +43,7 @@ Family family_of(const std::string& t) {
   if (t == "olmoe") return Family::Olmoe;
   if (t == "gemma3_text") return Family::Gemma3;
   if (t == "phi3") return Family::Phi3;
+  if (t == "gpt_oss") return Family::GptOss;
   return Family::Llama;
 }
 
@@ -232,7 +233,8 @@ std::vector<int64_t> parse_sliding(const Keys& k, Family fam, int64_t n_layers) 
   if (fam == Family::Llama || fam == Family::Olmoe) return out;
   auto window_key = [&]() -> int64_t {
     // Absent -> the class default (4096; Mixtral and Qwen3-MoE: none); null or 0 -> no window.
-    if (!k.j.contains("sliding_window")) return (fam == Family::Mixtral || fam == Family::Qwen3Moe) ? 0 : 4096;
+    if (!k.j.contains("sliding_window"))
+      return (fam == Family::Mixtral || fam == Family::Qwen3Moe) ? 0 : fam == Family::GptOss ? 128 : 4096;
     if (k.j.at("sliding_window").is_number_integer() && k.j.at("sliding_window").get<int64_t>() == 0) return 0;
     if (k.j.at("sliding_window").is_null()) return 0;
     return k.positive("sliding_window");
@@ -253,7 +255,7 @@ std::vector<int64_t> parse_sliding(const Keys& k, Family fam, int64_t n_layers) 
       for (int64_t i = 0; i < n_layers; ++i) out[static_cast<size_t>(i)] = (i + 1) % pattern ? window : 0;
       return out;
     }
-  } else if (mistral_like) window = window_key();
+  } else if (mistral_like || fam == Family::GptOss) window = window_key();
   else window = k.boolean("use_sliding_window", false) ? window_key() : 0;  // qwen2/qwen3 (+ MoE)
   if (k.present("layer_types")) {
     const json& lt = k.j.at("layer_types");
@@ -268,7 +270,10 @@ std::vector<int64_t> parse_sliding(const Keys& k, Family fam, int64_t n_layers) 
     }
     return out;
   }
-  if (mistral_like) {
+  if (fam == Family::GptOss) {
+    // GptOssConfig's default layer_types: sliding_attention on even layers, full_attention on odd ones.
+    for (int64_t i = 0; i < n_layers; i += 2) out[static_cast<size_t>(i)] = window;
+  } else if (mistral_like) {
     std::fill(out.begin(), out.end(), window);
   } else {
     int64_t from = k.integer("max_window_layers", 28);
@@ -282,21 +287,25 @@ std::vector<int64_t> parse_sliding(const Keys& k, Family fam, int64_t n_layers) 
 // decoder layers' constructors: Qwen: not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0;
 // Mixtral and OLMoE: every layer.
 void parse_moe(const Keys& k, Family fam, ModelConfig& c) {
-  if (fam != Family::Mixtral && fam != Family::Qwen2Moe && fam != Family::Qwen3Moe && fam != Family::Olmoe) return;
+  if (fam != Family::Mixtral && fam != Family::Qwen2Moe && fam != Family::Qwen3Moe && fam != Family::Olmoe &&
+      fam != Family::GptOss)
+    return;
   const char* n_key = k.present("num_experts") ? "num_experts" : "num_local_experts";
   int64_t n_def = fam == Family::Mixtral ? 8 : fam == Family::Qwen2Moe ? 60 : fam == Family::Olmoe ? 64 : 128;
   c.num_experts = k.present(n_key) ? k.size(n_key, kMaxExperts) : n_def;
-  c.num_experts_per_tok = k.size("num_experts_per_tok", fam == Family::Mixtral ? 2 : fam == Family::Qwen2Moe ? 4 : 8,
+  c.num_experts_per_tok = k.size("num_experts_per_tok",
+                                 fam == Family::Mixtral ? 2 : (fam == Family::Qwen2Moe || fam == Family::GptOss) ? 4 : 8,
                                  kMaxExperts);
   if (c.num_experts_per_tok > c.num_experts)
     throw FormatError(k.file + ": num_experts_per_tok (" + std::to_string(c.num_experts_per_tok) +
                       ") is larger than the number of experts (" + std::to_string(c.num_experts) + ")");
-  // Mixtral and OLMoE size their experts with intermediate_size.
-  if (fam == Family::Mixtral || fam == Family::Olmoe) c.moe_intermediate_size = c.intermediate_size;
+  // Mixtral, OLMoE and GPT-OSS size their experts with intermediate_size.
+  if (fam == Family::Mixtral || fam == Family::Olmoe || fam == Family::GptOss) c.moe_intermediate_size = c.intermediate_size;
   else c.moe_intermediate_size = k.size("moe_intermediate_size", fam == Family::Qwen2Moe ? 1408 : 768, kMaxIntermediate);
   if (fam == Family::Qwen2Moe)
     c.shared_expert_intermediate_size = k.size("shared_expert_intermediate_size", 5632, kMaxIntermediate);
-  c.norm_topk_prob = fam == Family::Mixtral ? true : k.boolean("norm_topk_prob", false);
+  // GPT-OSS: softmax over the k selected router logits = the full softmax's top-k renormalised.
+  c.norm_topk_prob = (fam == Family::Mixtral || fam == Family::GptOss) ? true : k.boolean("norm_topk_prob", false);
   c.output_router_logits = k.boolean("output_router_logits", false);
   c.router_aux_loss_coef = k.num("router_aux_loss_coef", fam == Family::Olmoe ? 0.01 : 0.001);
   if (fam == Family::Mixtral && k.num("router_jitter_noise", 0.0) != 0.0)
@@ -392,6 +401,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
     case Family::Qwen3Moe: kv_default = 4; break;
     case Family::Qwen2Moe: kv_default = 16; break;
     case Family::Gemma3: kv_default = 4; break;
+    case Family::GptOss: kv_default = 8; break;
     default: break;
   }
   if (j.contains("num_key_value_heads") && !j.at("num_key_value_heads").is_null())
@@ -402,7 +412,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
     throw FormatError(source_name + ": num_attention_heads (" + std::to_string(c.num_attention_heads) +
                       ") must be a multiple of num_key_value_heads (" + std::to_string(c.num_key_value_heads) +
                       (j.contains("num_key_value_heads") ? ")" : ", the " + c.model_type + " default)"));
-  c.head_dim = k.size("head_dim", fam == Family::Qwen3 ? 128 : fam == Family::Gemma3 ? 256 : c.hidden_size / c.num_attention_heads,
+  c.head_dim = k.size("head_dim", fam == Family::Qwen3 ? 128 : fam == Family::Gemma3 ? 256 : fam == Family::GptOss ? 64 : c.hidden_size / c.num_attention_heads,
                       kMaxHeadDim);
   if (fam == Family::Olmoe && c.head_dim * c.num_attention_heads != c.hidden_size)
     throw FormatError(source_name + ": olmoe needs head_dim * num_attention_heads == hidden_size (its q_norm spans hidden_size)");
@@ -412,9 +422,10 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
                                   : fam == Family::Olmoe    ? 4096
                                   : fam == Family::Gemma3   ? 131072
                                   : fam == Family::Phi3     ? 4096
+                                  : fam == Family::GptOss   ? 131072
                                                             : 2048;
   c.max_position_embeddings = k.positive("max_position_embeddings", max_pos_default);
-  c.rms_norm_eps = k.num("rms_norm_eps", (fam == Family::Mixtral || fam == Family::Olmoe || fam == Family::Phi3) ? 1e-5 : 1e-6);
+  c.rms_norm_eps = k.num("rms_norm_eps", (fam == Family::Mixtral || fam == Family::Olmoe || fam == Family::Phi3 || fam == Family::GptOss) ? 1e-5 : 1e-6);
   // Gemma's config classes name the MLP activation `hidden_activation` (and ignore `hidden_act`).
   c.hidden_act = fam == Family::Gemma3 ? k.str("hidden_activation", "gelu_pytorch_tanh") : k.str("hidden_act", "silu");
   c.tie_word_embeddings = k.boolean("tie_word_embeddings", fam == Family::Gemma3);
@@ -466,11 +477,30 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
           throw FormatError(source_name + ": key '" + cap + "' (logit soft-capping) is not supported for " +
                             c.model_type + " yet; set it to null");
       break;
+    case Family::GptOss:  // attention_bias (default true) on q/k/v/o; sinks; biased router and experts
+      c.attention_bias = c.o_proj_bias = k.boolean("attention_bias", true);
+      c.attn_sinks = c.router_bias = c.expert_bias = c.gpt_oss_glu = true;
+      c.swiglu_alpha = k.num("swiglu_alpha", 1.702);
+      c.swiglu_limit = k.num("swiglu_limit", 7.0);
+      if (!(c.swiglu_limit > 0)) k.bad("swiglu_limit", "a positive number");
+      if (!std::isfinite(c.swiglu_alpha)) k.bad("swiglu_alpha", "a finite number");
+      if (k.num("attention_dropout", 0.0) != 0.0)
+        throw FormatError(source_name + ": key 'attention_dropout' > 0 (dropout on the attention probabilities) is not supported");
+      break;
   }
   parse_moe(k, fam, c);
   check_param_count(c, source_name);
 
-  c.rope = parse_rope(k, c.max_position_embeddings, (fam == Family::Mixtral || fam == Family::Gemma3) ? 1.0e6 : 10000.0);
+  if (fam == Family::GptOss && !k.present("rope_parameters") && !k.present("rope_scaling")) {
+    // GptOssConfig.__post_init__: no RoPE dict means its yarn default (theta: default_theta 150000).
+    json with = j;
+    with["rope_parameters"] = {{"rope_type", "yarn"}, {"factor", 32.0}, {"beta_fast", 32.0}, {"beta_slow", 1.0},
+                               {"truncate", false}, {"original_max_position_embeddings", 4096}};
+    c.rope = parse_rope(Keys{with, source_name, ""}, c.max_position_embeddings, 150000.0);
+  } else {
+    c.rope = parse_rope(k, c.max_position_embeddings,
+                        (fam == Family::Mixtral || fam == Family::Gemma3) ? 1.0e6 : fam == Family::GptOss ? 150000.0 : 10000.0);
+  }
   if (fam == Family::Gemma3) c.rope_sliding = parse_rope_sliding(k, c.max_position_embeddings);
   c.sliding_window = parse_sliding(k, fam, c.num_hidden_layers);
 

@@ -76,6 +76,14 @@ struct ModelConfig {
   // Training-time dropout the config asks for and the engine does not apply (e.g. Phi-3's resid_pdrop > 0):
   // "key=value" each; the model warns once.
   std::vector<std::string> unapplied_dropout;
+  // gpt_oss (GptOssConfig): a learned per-head attention sink logit (self_attn.sinks [nh]), a bias on the
+  // router and on every expert projection, and the clamped SwiGLU on interleaved gate/up columns:
+  //   gate = min(g, limit), up = clamp(u, -limit, limit), h = (up + 1) * gate * sigmoid(alpha * gate)
+  bool attn_sinks = false;
+  bool router_bias = false;
+  bool expert_bias = false;
+  bool gpt_oss_glu = false;
+  double swiglu_alpha = 1.702, swiglu_limit = 7.0;
   nlohmann::json raw;                     // the file as read
 
   bool is_moe() const { return num_experts > 0; }

@@ -83,7 +83,19 @@ std::vector<std::vector<Param*>> DecoderLM::param_units() {
   return units;
 }
 
+// gpt_oss's attention sinks, biased experts and clamped SwiGLU have CPU kernels only.
+static void check_device_support(const io::ModelConfig& cfg, const ExecContext& ex) {
+  if (!ex.on_cuda()) return;
+  if (cfg.attn_sinks)
+    throw DeviceError("model_type '" + cfg.model_type + "': gpt_oss attention sinks are not implemented on CUDA yet "
+                      "(run on the CPU: --device cpu)");
+  if (cfg.gpt_oss_glu || cfg.expert_bias || cfg.router_bias)
+    throw DeviceError("model_type '" + cfg.model_type + "': gpt_oss experts (biases, clamped SwiGLU) are not "
+                      "implemented on CUDA yet (run on the CPU: --device cpu)");
+}
+
 void DecoderLM::to_device(const ExecContext& ex) {
+  check_device_support(cfg_, ex);
   if (ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
     throw DeviceError(std::string("residual dtype ") + dtype_name(ex.residual_dtype) +
                       ": expected the activation dtype or float32");
@@ -97,6 +109,7 @@ int64_t DecoderLM::matmul_params_per_token() const {
                 nkv = cfg_.num_key_value_heads, I = cfg_.intermediate_size;
   const int64_t attn = H * nh * D * 2 + H * nkv * D * 2;
   // A sparse layer's active parameters: the router, k experts, and the shared expert with its gate.
+  // (gpt_oss: gate_up [2I, H] + down [H, I] per expert = 3HI too; its biases are not matmul parameters.)
   const int64_t moe = cfg_.num_experts * H + cfg_.num_experts_per_tok * 3 * H * cfg_.moe_intermediate_size +
                       (cfg_.shared_expert_intermediate_size > 0 ? 3 * H * cfg_.shared_expert_intermediate_size + H : 0);
   int64_t total = 0;
@@ -375,6 +388,7 @@ Tensor DecoderLM::forward_incremental(const std::vector<int32_t>& ids, KvCache& 
 }
 
 void DecoderLM::to_device_inference(const ExecContext& ex) {
+  check_device_support(cfg_, ex);
   if (ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
     throw DeviceError(std::string("residual dtype ") + dtype_name(ex.residual_dtype) +
                       ": expected the activation dtype or float32");

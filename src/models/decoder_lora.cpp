@@ -41,12 +41,15 @@ std::vector<const LoraAdapter*> DecoderLM::enable_lora(const LoraSpec& spec, uin
     const MlpWeights* mlp = nullptr;
     std::string mpre = pre + "mlp.";
     if (L.is_moe) {
-      cands.push_back({pre + "mlp.gate", K::Router, L.moe.router});
+      cands.push_back({pre + (L.moe.gpt_oss_glu ? "mlp.router" : "mlp.gate"), K::Router, L.moe.router});
       LoraCandidate ex{pre + "mlp.experts", K::Experts, L.moe.gate_up, L.moe.down, {}};
       const bool mixtral = cfg_.model_type == "mixtral";
       ex.v4_names[0] = mixtral ? "w1" : "gate_proj";
       ex.v4_names[1] = mixtral ? "w3" : "up_proj";
       ex.v4_names[2] = mixtral ? "w2" : "down_proj";
+      // gpt_oss never had per-expert Linear modules: only a pattern naming the experts module selects them
+      // (and is refused below), so the default "*_proj" adapts the attention projections alone.
+      if (L.moe.gpt_oss_glu) ex.v4_names[0] = ex.v4_names[1] = ex.v4_names[2] = "";
       cands.push_back(ex);
       if (L.moe.has_shared) {
         mlp = &L.moe.shared;
@@ -67,6 +70,15 @@ std::vector<const LoraAdapter*> DecoderLM::enable_lora(const LoraSpec& spec, uin
   }
   cands.push_back({"lm_head", K::LmHead, &lm_head()});
   const std::vector<LoraChoice> chosen = select_lora_modules(spec, cands, warnings);
+  if (cfg_.gpt_oss_glu)
+    for (const LoraChoice& ch : chosen)
+      if (ch.cand->kind == K::Experts || ch.cand->kind == K::Router)
+        throw UsageError("peft: LoRA on gpt_oss's " + std::string(ch.cand->kind == K::Experts ? "experts" : "router") + " (" +
+                         ch.cand->module + ") is not supported yet (biased router; interleaved, transposed expert "
+                         "tensors); target the attention projections (q_proj, k_proj, v_proj, o_proj) instead");
+  if (cfg_.gpt_oss_glu && warnings)
+    warnings->push_back("peft: gpt_oss's experts and routers are not adapted (LoRA on them is not supported yet); "
+                        "only the selected attention projections are");
 
   for (Param& p : ps_.all()) ParamStore::freeze(p);
   // One pair: A [r, in] / B [out, r], or (grouped, experts) A [E, r, in] / B [E, out, r]. `nest` is PEFT's

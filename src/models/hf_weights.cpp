@@ -12,6 +12,7 @@
 #include "core/log.h"
 #include "io/nf4.h"
 #include "io/safetensors.h"
+#include "models/mxfp4.h"
 #include "ops/nf4_ops.h"
 
 namespace am {
@@ -71,10 +72,12 @@ void check_hf_weights_against_config(const std::string& dir, const io::ModelConf
   ModelParallel shapes;
   shapes.shapes_only = true;
   auto model = build_model(cfg, shapes);
+  if (is_mxfp4_checkpoint(cfg)) return load_mxfp4_weights(*model, dir, /*check_only=*/true);  // uint8 blocks
   check_layouts(*model, io::SafeTensors::open(dir), dir);  // headers only
 }
 
 void load_hf_weights(CausalLM& model, const std::string& dir) {
+  if (is_mxfp4_checkpoint(model.config())) return load_mxfp4_weights(model, dir);  // dequantised at load
   auto st = io::SafeTensors::open(dir);
   const std::vector<size_t> chosen = check_layouts(model, st, dir);  // everything checked before any copy
   std::set<std::string> used;
@@ -84,8 +87,7 @@ void load_hf_weights(CausalLM& model, const std::string& dir) {
     // Copy slice by slice straight from the mmapped file into the (fused) parameter: no second full-size
     // copy of a layer's experts ever exists.
     for (const SourceSlice& s : p.source()) {
-      Tensor dst = Tensor::wrap(p.value.f32() + s.offset, s.shape, DType::F32, nullptr);
-      dst.copy_from(st.get(s.name));
+      copy_slice_in(s, st.get(s.name), p.value.f32());
       p.source_dtype = st.info(s.name).dtype;
       used.insert(s.name);
     }
@@ -138,15 +140,14 @@ void load_bnb_4bit_weights(CausalLM& model, const std::string& dir) {
       if (t.shape != sl.shape)
         throw FormatError(src->where() + ": tensor '" + sl.name + "' has shape " + shape_str(t.shape) +
                           " but config.json implies " + shape_str(sl.shape));
-      Tensor dst = Tensor::wrap(p.value.f32() + sl.offset, sl.shape, DType::F32, nullptr);
-      dst.copy_from(Tensor::wrap(const_cast<uint8_t*>(t.data), t.shape, dt, nullptr));
+      copy_slice_in(sl, Tensor::wrap(const_cast<uint8_t*>(t.data), t.shape, dt, nullptr), p.value.f32());
       p.source_dtype = dt;
     }
   }
 }
 
 void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
-  // normal(0, initializer_range) for matrices, 1 for norms (0 when zero-centred), 0 for biases. The values are a function of
+  // normal(0, initializer_range) for matrices (and gpt_oss's sinks and router bias), 1 for norms (0 when zero-centred), 0 for biases. The values are a function of
   // (seed, parameter name, element index in the whole parameter) only: each parameter is cut into chunks of
   // 2^20 elements with their own generator, filled in parallel (an 8B model in seconds, not minutes), and an
   // expert-parallel rank's slice gets exactly the elements one rank would have.
@@ -167,7 +168,9 @@ void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
     Param& p = *t.p;
     const std::string& nm = p.name;
     const bool is_norm = nm.find("norm.weight") != std::string::npos || nm.find("layernorm.weight") != std::string::npos;
-    const bool is_bias = nm.size() > 5 && nm.compare(nm.size() - 5, 5, ".bias") == 0;
+    // (gpt_oss's router bias is drawn like a weight, as HF's _init_weights does; its other biases start at 0.)
+    const bool is_bias = nm.size() > 5 && nm.compare(nm.size() - 5, 5, ".bias") == 0 &&
+                         nm.find(".mlp.router.bias") == std::string::npos;
     float* v = p.value.f32();
     const int64_t g0 = t.chunk * kChunk, g1 = g0 + kChunk;                      // global element range of the chunk
     const int64_t lo = std::max(g0, p.global_offset), hi = std::min(g1, p.global_offset + p.value.numel());
@@ -218,7 +221,7 @@ void append_hf_tensors(const Param& p, std::vector<std::pair<std::string, Tensor
   // Back in the layout and dtype it was read from (per-expert stays per-expert): slice views of the
   // fused parameter, converted per slice.
   for (const SourceSlice& s : p.source()) {
-    Tensor part = Tensor::wrap(host.f32() + s.offset, s.shape, DType::F32, nullptr).clone();
+    Tensor part = copy_slice_out(s, host.f32());
     out.emplace_back(s.name, p.source_dtype == DType::F32 ? part : part.to(p.source_dtype));
   }
 }
@@ -228,6 +231,7 @@ void write_hf_side_files(const CausalLM& model, const std::string& out_dir, cons
   // config.json: the source's JSON as read (so every key the user had survives), written atomically. A model
   // held 4-bit is written dequantised: its quantization_config no longer describes the files.
   nlohmann::json cfg_json = model.config().raw;
+  if (is_mxfp4_checkpoint(model.config())) cfg_json.erase("quantization_config");  // loaded dequantised (mxfp4.h)
   for (const auto& p : const_cast<CausalLM&>(model).params().all())
     if (p.nf4) {
       cfg_json.erase("quantization_config");

@@ -64,8 +64,7 @@ void merge_adapter(CausalLM& model, const std::string& model_dir, const std::str
       const io::TensorInfo& info = st.info(s.name);
       ad.check_base_tensor(s.name, dtype_safetensors_name(info.dtype), info.shape, info.file);
       const Tensor merged = ad.merged(s.name, st.get(s.name));  // [s.shape] in the checkpoint's dtype
-      Tensor dst = Tensor::wrap(p.value.f32() + s.offset, s.shape, DType::F32, nullptr);
-      dst.copy_from(merged);
+      copy_slice_in(s, merged, p.value.f32());
       done.insert(s.name);
     }
   for (const auto& [name, by] : ad.touched([&](const std::string& n) { return st.has(n); }))  // experts: the base's layout

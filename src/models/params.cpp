@@ -1,5 +1,9 @@
 #include "models/params.h"
 
+#include <cstdint>
+#include <utility>
+#include <vector>
+
 #include "core/error.h"
 #include "io/nf4.h"
 #include "models/exec.h"
@@ -26,6 +30,50 @@ Param& ParamStore::add(const std::string& name, const Shape& shape, DType source
   p.layouts = {SourceLayout{SourceSlice{name, 0, shape}}};
   params_.push_back(std::move(p));
   return params_.back();
+}
+
+namespace {
+// [outer, A, B] <-> [outer, B, A] in fp32: dst[o, b, a] = src[o, a, b].
+void transpose_last2(const float* src, float* dst, const Shape& shape) {
+  const int64_t A = shape.at(shape.size() - 2), B = shape.back();
+  const int64_t outer = A * B != 0 ? shape_numel(shape) / (A * B) : 0;
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t a = 0; a < A; ++a)
+      for (int64_t b = 0; b < B; ++b) dst[(o * B + b) * A + a] = src[(o * A + a) * B + b];
+}
+}  // namespace
+
+void copy_slice_in(const SourceSlice& s, const Tensor& src, float* dst) {
+  if (!s.transposed) {
+    Tensor d = Tensor::wrap(dst + s.offset, s.shape, DType::F32, nullptr);
+    d.copy_from(src);
+    return;
+  }
+  if (s.shape.size() < 2) throw ShapeError("transposed slice '" + s.name + "' needs at least 2 dims");
+  if (src.shape() != s.shape)
+    throw ShapeError("transposed slice '" + s.name + "': source " + shape_str(src.shape()) + ", expected " + shape_str(s.shape));
+  // Row by row (one [B] row converted to fp32 at a time, then scattered as a column): no full-size temporary,
+  // which for a 120B layer's experts would be gigabytes.
+  const int64_t A = s.shape.at(s.shape.size() - 2), B = s.shape.back();
+  const int64_t rows = B ? shape_numel(s.shape) / B : 0;
+  const size_t esz = dtype_size(src.dtype());
+  std::vector<float> row(static_cast<size_t>(B));
+  const auto* in = static_cast<const uint8_t*>(src.raw());
+  float* out = dst + s.offset;
+  for (int64_t r = 0; r < rows; ++r) {
+    convert_floats(in + static_cast<size_t>(r * B) * esz, src.dtype(), row.data(), DType::F32, static_cast<size_t>(B));
+    const int64_t o = r / A, a = r % A;
+    for (int64_t b = 0; b < B; ++b) out[(o * B + b) * A + a] = row[static_cast<size_t>(b)];
+  }
+}
+
+Tensor copy_slice_out(const SourceSlice& s, const float* src) {
+  if (!s.transposed) return Tensor::wrap(const_cast<float*>(src) + s.offset, s.shape, DType::F32, nullptr).clone();
+  Shape t = s.shape;  // the parameter block's shape: the checkpoint's with the last two dims swapped
+  std::swap(t[t.size() - 1], t[t.size() - 2]);
+  Tensor out = Tensor::empty(s.shape, DType::F32);
+  transpose_last2(src + s.offset, out.f32(), t);
+  return out;
 }
 
 Param& ParamStore::add_expert(const std::string& name, const Shape& shape, int64_t row_begin, int64_t global_rows) {

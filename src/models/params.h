@@ -18,11 +18,21 @@ struct Nf4Weight;    // io/nf4.h
 // `shape` starting `offset` elements into the parameter. A dense weight is one slice (itself); a fused MoE
 // weight [E, 2I, H] is 2E slices in the hub's per-expert layout (experts.{e}.gate_proj / up_proj) or one in
 // transformers 5's fused layout.
+// transposed: the checkpoint tensor `shape` [..., A, B] is stored in the parameter as its transpose over the
+// last two dims ([..., B, A], same numel, starting at `offset`). gpt_oss keeps its experts as [E, H, 2I] /
+// [E, I, H] (x @ W) on the hub while the engine's grouped GEMMs take [E, out, in]; a pure permutation, so
+// load + save round-trips bit for bit. (A contiguous slice cannot express it, hence the flag.)
 struct SourceSlice {
   std::string name;
   int64_t offset = 0;
   Shape shape;
+  bool transposed = false;
 };
+// Copies checkpoint tensor `src` (shape s.shape, any float dtype) into the parameter's fp32 storage `dst`
+// (the whole parameter), honouring s.offset and s.transposed.
+void copy_slice_in(const SourceSlice& s, const Tensor& src, float* dst);
+// The inverse: the slice of fp32 parameter storage `src` as a new fp32 host tensor of shape s.shape.
+Tensor copy_slice_out(const SourceSlice& s, const float* src);
 using SourceLayout = std::vector<SourceSlice>;
 
 struct Param {

@@ -18,6 +18,7 @@ void register_mixtral();
 void register_olmoe();
 void register_gemma3();
 void register_phi3();
+void register_gpt_oss();
 
 static std::map<std::string, ModelBuilder>& table() {
   static std::map<std::string, ModelBuilder> t;
@@ -37,6 +38,7 @@ static void ensure_registered() {
     register_olmoe();
     register_gemma3();
     register_phi3();
+    register_gpt_oss();
   });
 }
 

@@ -49,6 +49,10 @@ void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const A
     if (t->dtype() != q.dtype())
       shape_error(op, describe("q", q) + ", " + describe("k", k) + ", " + describe("v", v) + ", " +
                           describe("out", out) + ": expected one dtype");
+  if (p.sinks && dev == DeviceType::CUDA)
+    throw DeviceError(std::string(op) + ": gpt_oss attention sinks are not implemented on CUDA yet");
+  if (p.sinks && (!p.sinks->defined() || p.sinks->dtype() != DType::F32 || p.sinks->numel() != p.n_heads))
+    shape_error(op, "sinks: expected [n_heads = " + std::to_string(p.n_heads) + "] float32");
   if (dev == DeviceType::CUDA) {
 #ifdef AM_WITH_CUDA
     cuda::attention_kv_fwd(q, k, v, p, out);
@@ -68,6 +72,7 @@ void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const A
   d.head_dim = p.head_dim;
   d.scale = p.scale;
   d.sliding_window = p.sliding_window;
+  d.sinks = p.sinks ? p.sinks->f32() : nullptr;
   cpu::attention_kv_fwd(q.f32(), k.f32(), v.f32(), d, out.f32());
 }
 

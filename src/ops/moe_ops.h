@@ -14,6 +14,7 @@
 //   h  = silu(gu[:, :I]) * gu[:, I:]              [N*k, I]
 //   yg = grouped_linear(h, W_down[e])             [N*k, H]   (W_down [E, H, I])
 //   y[t] = sum_s topk_w[t, s] * yg[inv[t*k + s]]  [N, H]
+// (gpt_oss differs in the activation, gate/up rows interleaved, and per-expert biases: ops/gpt_oss_ops.h.)
 #pragma once
 #include <cstdint>
 #include <vector>

@@ -460,6 +460,15 @@ cpu::AttnDims check_attention(const char* op, const AttnParams& p, const Tensor&
   d.sliding_window = p.sliding_window;
   return d;
 }
+// Sinks [nh] fp32 (and their gradient [nh] fp32, which needs the sinks) on the host.
+void check_sinks(const char* op, const AttnParams& p, const Tensor* dsinks) {
+  if (dsinks && dsinks->defined() && !p.sinks) shape_error(op, "dsinks given without p.sinks");
+  for (const Tensor* t : {p.sinks, dsinks && dsinks->defined() ? dsinks : nullptr}) {
+    if (!t) continue;
+    need_f32(op, {{t == p.sinks ? "sinks" : "dsinks", t}});
+    need_shape(op, t == p.sinks ? "sinks" : "dsinks", *t, {p.n_heads});
+  }
+}
 }  // namespace
 
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
@@ -467,16 +476,20 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Attn
   const char* op = "attention_fwd";
   DeviceType dev = device_of(
       op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}, {"segment_ids", p.segment_ids}});
+  if (p.sinks && dev == DeviceType::CUDA)
+    throw DeviceError(std::string(op) + ": gpt_oss attention sinks are not implemented on CUDA yet");
   AM_ROUTE_CUDA(cuda_attention_fwd(q, k, v, p, out, lse));
   cpu::AttnDims d = check_attention(op, p, q, k, v, lse, out);
+  check_sinks(op, p, nullptr);
   dispatch(op, dev, [&] {
     d.segment_ids = p.segment_ids ? p.segment_ids->data<int32_t>() : nullptr;
+    d.sinks = p.sinks ? p.sinks->f32() : nullptr;
     cpu::attention_fwd(q.f32(), k.f32(), v.f32(), d, out.f32(), lse.f32());
   });
 }
 
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                   const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv) {
+                   const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv, Tensor* dsinks) {
   const char* op = "attention_bwd";
   DeviceType dev = device_of(op, {{"q", &q},
                                   {"k", &k},
@@ -488,8 +501,11 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                                   {"dk", &dk},
                                   {"dv", &dv},
                                   {"segment_ids", p.segment_ids}});
+  if ((p.sinks || dsinks) && dev == DeviceType::CUDA)
+    throw DeviceError(std::string(op) + ": gpt_oss attention sinks are not implemented on CUDA yet");
   AM_ROUTE_CUDA(cuda_attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv));
   cpu::AttnDims d = check_attention(op, p, q, k, v, lse, out);
+  check_sinks(op, p, dsinks);
   need_f32(op, {{"dout", &dout}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}});
   check_attn_tensor(op, "dout", dout, p, p.n_heads);
   check_attn_tensor(op, "dq", dq, p, p.n_heads);
@@ -497,8 +513,9 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   check_attn_tensor(op, "dv", dv, p, p.n_kv_heads);
   dispatch(op, dev, [&] {
     d.segment_ids = p.segment_ids ? p.segment_ids->data<int32_t>() : nullptr;
+    d.sinks = p.sinks ? p.sinks->f32() : nullptr;
     cpu::attention_bwd(q.f32(), k.f32(), v.f32(), out.f32(), lse.f32(), dout.f32(), d, dq.f32(), dk.f32(),
-                       dv.f32());
+                       dv.f32(), dsinks && dsinks->defined() ? dsinks->f32() : nullptr);
   });
 }
 

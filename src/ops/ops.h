@@ -89,14 +89,22 @@ struct AttnParams {
   int64_t sliding_window = 0;            // 0: none; else key j visible to query i iff i - j < window
   const Tensor* segment_ids = nullptr;   // [B, T] int32 or nullptr. Query sees key only within the same
                                          // segment (packing); segment < 0 marks padding (sees nothing)
+  // gpt_oss attention sinks: [nh] fp32 or nullptr. Head h's learned logit s_h joins every softmax row's
+  // denominator as one more (value-less) column, dropped after the softmax (HF GptOss eager_attention_forward):
+  //   P_ij = exp(score_ij - lse_i), lse_i = log(sum_j exp(score_ij) + exp(s_h)), out_i = sum_j P_ij v_j
+  // so a row's probabilities sum to 1 - exp(s_h - lse_i). CPU only (CUDA: DeviceError).
+  const Tensor* sinks = nullptr;
 };
 // Causal attention. q [B, T, nh, D], k/v [B, T, nkv, D] -> out [B, T, nh, D], lse [B, nh, T] (saved,
-// natural-log logsumexp of the scaled scores; rows that see no key get lse = -inf and out = 0).
+// natural-log logsumexp of the scaled scores, and of the sink when p.sinks; rows that see no key get
+// lse = -inf and out = 0).
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                    Tensor& lse);
-// dq, dk, dv assigned
+// dq, dk, dv assigned. dsinks [nh] fp32 (only with p.sinks; nullptr: not wanted) is a parameter gradient:
+// ACCUMULATED, dsinks[h] += -sum_{b,i} exp(s_h - lse_i) * (dout_i . out_i) over rows that see a key.
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                   const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv);
+                   const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
+                   Tensor* dsinks = nullptr);
 
 // ---------------- cross-entropy ----------------
 // logits [N, V], targets [N] int32 (-100 = ignored). Returns the SUM of token losses over non-ignored

@@ -18,6 +18,11 @@
 //                                         (a second pass over key rows)
 // Splitting into a query-row pass and a key-row pass recomputes the scores twice but means every thread
 // owns the rows it writes: no atomics, no per-thread gradient copies, deterministic results.
+//
+// Sinks (gpt_oss): head h's logit s_h is one more softmax column without a value: it enters m and l in the
+// forward (so lse includes it), and nothing else changes: P_ij = exp(s_ij - lse_i) are already the sinked
+// probabilities, and the sink column's own gradient is dS_sink = P_sink (0 - D_i) since it has no value, so
+// d s_h = -sum_i exp(s_h - lse_i) D_i. Without sinks every path is unchanged.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -101,10 +106,12 @@ void attention_fwd(const float* q, const float* k, const float* v, const AttnDim
             lse[ix.row(b, h, i)] = kNegInf;
             continue;
           }
+          if (p.sinks) m = std::max(m, p.sinks[h]);
           // Pass 2: normaliser, then the probability-weighted sum of values.
           double l = 0.0;
           for (int64_t j = j0; j <= i; ++j)
             if (s[j] != kNegInf) l += std::exp(static_cast<double>(s[j]) - m);
+          if (p.sinks) l += std::exp(static_cast<double>(p.sinks[h]) - m);
           const double L = m + std::log(l);
           std::fill(acc.begin(), acc.end(), 0.0);
           for (int64_t j = j0; j <= i; ++j) {
@@ -120,7 +127,7 @@ void attention_fwd(const float* q, const float* k, const float* v, const AttnDim
 }
 
 void attention_bwd(const float* q, const float* k, const float* v, const float* out, const float* lse,
-                   const float* dout, const AttnDims& p, float* dq, float* dk, float* dv) {
+                   const float* dout, const AttnDims& p, float* dq, float* dk, float* dv, float* dsinks) {
   const Idx ix{p};
   const int64_t B = p.batch, T = p.seq, NH = p.n_heads, NKV = p.n_kv_heads, D = p.head_dim;
   const int64_t group = NH / NKV;
@@ -133,6 +140,19 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
     for (int64_t h = 0; h < NH; ++h)
       for (int64_t i = 0; i < T; ++i)
         Drow[ix.row(b, h, i)] = dot(dout + ix.q(b, i, h), out + ix.q(b, i, h), D);
+
+  // Sink gradients: serial over the [B, nh, T] rows (cheap next to the passes below), deterministic.
+  if (p.sinks && dsinks)
+    for (int64_t h = 0; h < NH; ++h) {
+      double g = 0.0;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < T; ++i) {
+          const float L = lse[ix.row(b, h, i)];
+          if (L == kNegInf) continue;  // padding: no key seen, no sink either
+          g -= std::exp(static_cast<double>(p.sinks[h]) - L) * Drow[ix.row(b, h, i)];
+        }
+      dsinks[h] += static_cast<float>(g);
+    }
 
         // Pass A: dq, one query row per iteration.
 #pragma omp parallel if (par)

@@ -73,12 +73,13 @@ struct AttnDims {
   float scale = 0.f;
   int64_t sliding_window = 0;            // 0: none; else key j visible to query i iff i - j < window
   const int32_t* segment_ids = nullptr;  // [B, T] or null; < 0 marks padding
+  const float* sinks = nullptr;          // [nh] or null: gpt_oss attention sink logits (ops.h AttnParams)
 };
 // q [B, T, nh, D], k/v [B, T, nkv, D] -> out [B, T, nh, D], lse [B, nh, T]. Causal, GQA.
 void attention_fwd(const float* q, const float* k, const float* v, const AttnDims& p, float* out, float* lse);
-// dq, dk, dv assigned; probabilities are recomputed from lse.
+// dq, dk, dv assigned; probabilities are recomputed from lse. dsinks [nh] (null: none) accumulated.
 void attention_bwd(const float* q, const float* k, const float* v, const float* out, const float* lse,
-                   const float* dout, const AttnDims& p, float* dq, float* dk, float* dv);
+                   const float* dout, const AttnDims& p, float* dq, float* dk, float* dv, float* dsinks = nullptr);
 
 // ---------------- cross-entropy ----------------
 // Index of the first target that is neither -100 nor in [0, vocab), or -1.

@@ -39,8 +39,10 @@ void attention_kv_fwd(const float* q, const float* k, const float* v, const KvAt
             s[static_cast<size_t>(j)] = static_cast<float>(p.scale * d);
             m = std::max(m, s[static_cast<size_t>(j)]);
           }
+          if (p.sinks) m = std::max(m, p.sinks[h]);  // as attention.cpp: the sink joins max and normaliser
           double l = 0.0;
           for (int64_t j = j0; j <= pos; ++j) l += std::exp(static_cast<double>(s[static_cast<size_t>(j)]) - m);
+          if (p.sinks) l += std::exp(static_cast<double>(p.sinks[h]) - m);
           const double L = m + std::log(l);
           std::fill(acc.begin(), acc.end(), 0.0);
           for (int64_t j = j0; j <= pos; ++j) {

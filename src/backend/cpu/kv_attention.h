@@ -10,6 +10,7 @@ struct KvAttnDims {
   int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
   float scale = 0.f;
   int64_t sliding_window = 0;  // 0: none
+  const float* sinks = nullptr;  // [nh] or null: gpt_oss sink logits (one value-less softmax column per head)
 };
 // q [B, Tq, nh, D], k/v [B, Tk, nkv, D] -> out [B, Tq, nh, D].
 void attention_kv_fwd(const float* q, const float* k, const float* v, const KvAttnDims& p, float* out);

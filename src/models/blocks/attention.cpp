@@ -12,6 +12,8 @@ namespace am {
 AttentionWeights register_attention(ParamStore& ps, const std::string& pre, const io::ModelConfig& c) {
   const int64_t H = c.hidden_size, D = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
   AttentionWeights w;
+  // GptOssAttention's own parameter comes before its submodules' in its state_dict.
+  if (c.attn_sinks) w.sinks = &ps.add(pre + "sinks", {nh});
   if (c.fused_qkv) {  // Phi3Attention registers o_proj, then qkv_proj; neither has a bias
     w.o = &ps.add(pre + "o_proj.weight", {H, nh * D});
     w.qkv = &ps.add(pre + "qkv_proj.weight", {(nh + 2 * nkv) * D, H});
@@ -79,11 +81,19 @@ Qkv project_qkv(const AttentionWeights& w, const AttentionGeometry& g, const Ten
   return {q, k, v};
 }
 
+// p with the layer's sinks (gpt_oss), if any.
+ops::AttnParams with_sinks(const AttentionWeights& w, const ops::AttnParams& p) {
+  ops::AttnParams out = p;
+  if (w.sinks) out.sinks = &w.sinks->work;
+  return out;
+}
+
 }  // namespace
 
 Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x, const Tensor& cos,
-                         const Tensor& sin, const ops::AttnParams& p, AttentionSaved* s) {
+                         const Tensor& sin, const ops::AttnParams& p0, AttentionSaved* s) {
   const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
+  const ops::AttnParams p = with_sinks(w, p0);
   auto [q, k, v] = project_qkv(w, g, x, cos, sin, s);
   Tensor o = g.ex->empty({N, nh * D});
   Tensor o4 = o.view({p.batch, p.seq, nh, D});
@@ -104,8 +114,9 @@ Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, 
 }
 
 Tensor attention_forward_cached(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x,
-                                const Tensor& cos, const Tensor& sin, const ops::AttnParams& p, KvCache& cache,
+                                const Tensor& cos, const Tensor& sin, const ops::AttnParams& p0, KvCache& cache,
                                 int64_t layer) {
+  const ops::AttnParams p = with_sinks(w, p0);
   const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim, past = cache.length();
   if (p.batch != 1 || p.seq != N)
     throw ShapeError("attention_forward_cached: expected one sequence of " + std::to_string(N) + " tokens, got B = " +
@@ -128,8 +139,9 @@ Tensor attention_forward_cached(const AttentionWeights& w, const AttentionGeomet
 }
 
 Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g, const AttentionSaved& s,
-                          const Tensor& cos, const Tensor& sin, const ops::AttnParams& p, const Tensor& dy) {
+                          const Tensor& cos, const Tensor& sin, const ops::AttnParams& p0, const Tensor& dy) {
   const int64_t N = dy.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
+  const ops::AttnParams p = with_sinks(w, p0);
   Tensor d_o = g.ex->empty({N, nh * D});
   proj_bwd(*g.ex, *w.o, w.o_bias, s.o, dy, &d_o);
   Tensor dq = g.ex->empty({N, nh * D}), dk = g.ex->empty({N, nkv * D}),
@@ -138,7 +150,7 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
          dv4 = dv.view({p.batch, p.seq, nkv, D});
   ops::attention_bwd(s.q.view({p.batch, p.seq, nh, D}), s.k.view({p.batch, p.seq, nkv, D}),
                      s.v.view({p.batch, p.seq, nkv, D}), s.o.view({p.batch, p.seq, nh, D}), s.lse,
-                     d_o.view({p.batch, p.seq, nh, D}), p, dq4, dk4, dv4);
+                     d_o.view({p.batch, p.seq, nh, D}), p, dq4, dk4, dv4, w.sinks ? grad_or_null(w.sinks) : nullptr);
   Tensor dq3 = dq.view({N, nh, D}), dk3 = dk.view({N, nkv, D});
   ops::rope_bwd_(dq3, cos, sin);
   ops::rope_bwd_(dk3, cos, sin);

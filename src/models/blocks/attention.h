@@ -5,6 +5,7 @@
 //   (olmoe) q = RMSNorm(q) * q_norm over the whole [nh*D] projection, k likewise over [nkv*D]
 //   q, k = RoPE(q, k; cos, sin)
 //   o = causal GQA attention (sliding window / segments)   o [N, nh*D]
+//   (gpt_oss) + a learned sink logit per head in every softmax row (self_attn.sinks [nh])
 //   y = o Wo^T (+bo)                                        y [N, H]
 #pragma once
 #include <string>
@@ -22,6 +23,7 @@ struct AttentionWeights {
   Param* qkv = nullptr;  // fused (phi3) [(nh + 2 nkv) D, H], rows q | k | v; q, k, v are then null
   Param *q_bias = nullptr, *k_bias = nullptr, *v_bias = nullptr, *o_bias = nullptr;
   Param *q_norm = nullptr, *k_norm = nullptr;  // [D] per head, or [nh*D] / [nkv*D] (olmoe)
+  Param* sinks = nullptr;                      // [nh] gpt_oss attention sink logits
 };
 
 // What forward keeps for backward.

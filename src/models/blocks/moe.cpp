@@ -3,6 +3,7 @@
 #include "core/error.h"
 #include "dist/communicator.h"
 #include "models/blocks/lora.h"
+#include "ops/gpt_oss_ops.h"
 #include "ops/moe_ops.h"
 #include "ops/ops.h"
 
@@ -23,7 +24,30 @@ ExpertNames hub_names(const io::ModelConfig& c) {
 
 }  // namespace
 
+// GPT-OSS (GptOssMLP): router (weight + bias) and the experts' four fused tensors, in HF's state_dict order.
+// One layout per tensor, the hub's: the experts' weights transposed into the engine's [E, out, in].
+static MoeWeights register_gpt_oss_moe(ParamStore& ps, const std::string& pre, const io::ModelConfig& c, int ep_size) {
+  const int64_t E = c.num_experts, H = c.hidden_size, I = c.moe_intermediate_size;
+  if (ep_size > 1)
+    throw UsageError("distributed.ep_size " + std::to_string(ep_size) +
+                     ": expert parallelism is not implemented for gpt_oss yet (its fused expert tensors are not split)");
+  MoeWeights w;
+  w.router = &ps.add(pre + "mlp.router.weight", {E, H});
+  w.router_bias = &ps.add(pre + "mlp.router.bias", {E});
+  w.gate_up = &ps.add_expert(pre + "mlp.experts.gate_up_proj", {E, 2 * I, H}, 0, E);
+  w.gate_up->layouts = {SourceLayout{SourceSlice{pre + "mlp.experts.gate_up_proj", 0, {E, H, 2 * I}, true}}};
+  w.gate_up_bias = &ps.add(pre + "mlp.experts.gate_up_proj_bias", {E, 2 * I});
+  w.down = &ps.add_expert(pre + "mlp.experts.down_proj", {E, H, I}, 0, E);
+  w.down->layouts = {SourceLayout{SourceSlice{pre + "mlp.experts.down_proj", 0, {E, I, H}, true}}};
+  w.down_bias = &ps.add(pre + "mlp.experts.down_proj_bias", {E, H});
+  w.gpt_oss_glu = true;
+  w.glu_alpha = static_cast<float>(c.swiglu_alpha);
+  w.glu_limit = static_cast<float>(c.swiglu_limit);
+  return w;
+}
+
 MoeWeights register_moe(ParamStore& ps, const std::string& pre, const io::ModelConfig& c, int ep_rank, int ep_size) {
+  if (c.gpt_oss_glu) return register_gpt_oss_moe(ps, pre, c, ep_size);
   const int64_t E = c.num_experts, H = c.hidden_size, I = c.moe_intermediate_size;
   const int64_t El = E / ep_size, e0 = El * ep_rank;  // this rank's experts [e0, e0 + El)
   const ExpertNames hub = hub_names(c);
@@ -142,6 +166,16 @@ Tensor exchange(const ExecContext& ex, dist::Communicator& ep, const Tensor& row
 
 bool expert_parallel(const MoeOptions& o) { return o.ep && o.ep->size() > 1; }
 
+// The experts' activation on gu [R, 2I] -> h [R, I], and its backward.
+void expert_act_fwd(const MoeWeights& w, const Tensor& gu, Tensor& h) {
+  if (w.gpt_oss_glu) ops::gpt_oss_glu_fwd(gu, w.glu_alpha, w.glu_limit, h);
+  else ops::swiglu_fused_fwd(gu, h);
+}
+void expert_act_bwd(const MoeWeights& w, const Tensor& gu, const Tensor& dh, Tensor& dgu) {
+  if (w.gpt_oss_glu) ops::gpt_oss_glu_bwd(gu, dh, w.glu_alpha, w.glu_limit, dgu);
+  else ops::swiglu_fused_bwd(gu, dh, dgu);
+}
+
 }  // namespace
 
 Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions& o, const Tensor& x, MoeSaved& s) {
@@ -149,7 +183,7 @@ Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions&
   const int64_t I = w.down->work.dim(2);
   s.x = x;
   Tensor logits = ex.empty({N, E});
-  ops::linear_fwd(x, w.router->work, nullptr, logits);
+  ops::linear_fwd(x, w.router->work, work_or_null(w.router_bias), logits);
   s.probs = ex.empty({N, E}, DType::F32);
   s.topk_idx = ex.empty({N, k}, DType::I32);
   s.topk_w = ex.empty({N, k}, DType::F32);
@@ -180,11 +214,13 @@ Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions&
   if (R > 0) {
     ops::grouped_linear_fwd(xe, w.gate_up->work, *offs, s.gu, counts);
     if (w.gate_up->lora) grouped_lora_fwd_add(ex, *w.gate_up->lora, xe, *offs, counts, s.gu);
+    if (w.gate_up_bias) ops::grouped_bias_add(s.gu, w.gate_up_bias->work, *offs);
     xe = Tensor();
     Tensor h = ex.empty({R, I});
-    ops::swiglu_fused_fwd(s.gu, h);
+    expert_act_fwd(w, s.gu, h);
     ops::grouped_linear_fwd(h, w.down->work, *offs, ye, counts);
     if (w.down->lora) grouped_lora_fwd_add(ex, *w.down->lora, h, *offs, counts, ye);
+    if (w.down_bias) ops::grouped_bias_add(ye, w.down_bias->work, *offs);  // before the routing weight, as HF
   }
   // Back to the token side in grouped order.
   s.yg = ep ? exchange(ex, *o.ep, gather_rows(ex, ye, s.from_expert, ye.dtype()), s.recv_rows, s.send_rows) : ye;
@@ -218,15 +254,17 @@ Tensor moe_backward(const ExecContext& ex, const MoeWeights& w, const MoeOptions
   if (R > 0) {
     // ye = grouped(h, down), h = SwiGLU(gu) recomputed (same kernel, same inputs: bit-identical)
     Tensor h = ex.empty({R, I});
-    ops::swiglu_fused_fwd(s.gu, h);
+    expert_act_fwd(w, s.gu, h);
     Tensor dh = ex.empty({R, I});
     ops::grouped_linear_bwd(h, w.down->work, offs, dye, &dh, w.down->grad, counts);
     if (w.down->lora) grouped_lora_bwd_add(ex, *w.down->lora, h, offs, counts, dye, &dh);
+    if (Tensor* db = grad_or_null(w.down_bias)) ops::grouped_bias_bwd(dye, offs, *db);
     dye = Tensor();
     h = Tensor();
     Tensor dgu = ex.empty({R, 2 * I});
-    ops::swiglu_fused_bwd(s.gu, dh, dgu);
+    expert_act_bwd(w, s.gu, dh, dgu);
     dh = Tensor();
+    if (Tensor* db = grad_or_null(w.gate_up_bias)) ops::grouped_bias_bwd(dgu, offs, *db);
     // gu = grouped(xe, gate_up); xe = gather(x) recomputed, or (EP) the rows received in forward
     Tensor xe;
     if (ep) {
@@ -249,7 +287,7 @@ Tensor moe_backward(const ExecContext& ex, const MoeWeights& w, const MoeOptions
     Tensor dlogits = ex.empty({N, E});
     ops::moe_router_bwd(s.probs, s.topk_idx, s.topk_w, o.norm_topk_prob, dtopk_w, dprobs_extra, dlogits);
     Tensor tmp = ex.empty({N, H});
-    ops::linear_bwd(s.x, w.router->work, dlogits, &tmp, w.router->grad, nullptr);
+    ops::linear_bwd(s.x, w.router->work, dlogits, &tmp, w.router->grad, grad_or_null(w.router_bias));
     ops::add_(dx, tmp);
   }
   if (w.has_shared) {

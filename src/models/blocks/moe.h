@@ -4,6 +4,10 @@
 //   norm_topk_prob; Mixtral always)
 //   y[t] = sum_s w[t, s] * down_e( silu(gate_e x[t]) * up_e x[t] ),  e = topk_idx[t, s]
 //   (qwen2_moe) y += sigmoid(x Wsg^T) * shared_mlp(x)
+//   (gpt_oss) logits = x Wr^T + br; top-k of the logits, softmax over those k (= norm_topk_prob); each expert
+//   y_e = gpt_oss_glu(x W_gu[e]^T + b_gu[e]) W_down[e]^T + b_down[e] (ops/gpt_oss_ops.h), gate/up columns
+//   interleaved as on the hub. Hub tensors mlp.experts.gate_up_proj [E, H, 2I] / down_proj [E, I, H] are the
+//   transposes of the internal [E, 2I, H] / [E, H, I] (SourceSlice::transposed).
 // The experts of a layer live in two fused parameters, as transformers 5 holds them:
 //   mlp.experts.gate_up_proj [E, 2I, H] (gate rows first), mlp.experts.down_proj [E, H, I];
 // the hub's per-expert tensors are slices of them (Param::layouts), so checkpoints load and save either way.
@@ -33,6 +37,12 @@ struct MoeWeights {
   bool has_shared = false;   // qwen2_moe
   MlpWeights shared{};       // [Is, H], [Is, H], [H, Is]
   Param* shared_gate = nullptr;  // [1, H]
+  // gpt_oss
+  Param* router_bias = nullptr;   // [E]
+  Param* gate_up_bias = nullptr;  // [E, 2I] interleaved (gate = even, up = odd)
+  Param* down_bias = nullptr;     // [E, H]
+  bool gpt_oss_glu = false;       // clamped SwiGLU on interleaved columns (else silu(gate) * up, gate first)
+  float glu_alpha = 1.702f, glu_limit = 7.f;
 };
 
 struct MoeSaved {
