@@ -348,9 +348,11 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
   if (fam == Family::Olmoe && c.head_dim * c.num_attention_heads != c.hidden_size)
     throw FormatError(source_name + ": olmoe needs head_dim * num_attention_heads == hidden_size (its q_norm spans hidden_size)");
   if (c.head_dim <= 0) throw FormatError(source_name + ": hidden_size is smaller than num_attention_heads");
+  const bool deepseek = c.model_type == "deepseek_v3" || c.model_type == "deepseek_v2";  // model_config_deepseek.cpp
   const int64_t max_pos_default = (fam == Family::Mistral || fam == Family::Mixtral) ? 4096 * 32
                                   : is_qwen(fam)            ? 32768
                                   : fam == Family::Olmoe    ? 4096
+                                  : c.model_type == "deepseek_v3" ? 4096
                                                             : 2048;
   c.max_position_embeddings = k.positive("max_position_embeddings", max_pos_default);
   c.rms_norm_eps = k.num("rms_norm_eps", (fam == Family::Mixtral || fam == Family::Olmoe) ? 1e-5 : 1e-6);
@@ -402,6 +404,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
                                    : fam == Family::Olmoe ? std::optional<int64_t>(50279) : std::nullopt;
   c.eos_token_id = token_id(k, "eos_token_id", eos_def, &c.eos_token_ids);
   c.pad_token_id = token_id(k, "pad_token_id", fam == Family::Olmoe ? std::optional<int64_t>(1) : std::nullopt);
+  if (deepseek) parse_deepseek_config(j, source_name, c);
   return c;
 }
 

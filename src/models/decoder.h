@@ -14,6 +14,7 @@
 
 #include "models/blocks/attention.h"
 #include "models/blocks/lora.h"
+#include "models/blocks/mla.h"
 #include "models/blocks/mlp.h"
 #include "models/blocks/moe.h"
 #include "models/kv_cache.h"
@@ -56,6 +57,8 @@ class DecoderLM : public CausalLM {
     Param* ln1;
     Param* ln2;
     AttentionWeights attn;
+    bool is_mla = false;  // deepseek: multi-head latent attention instead of attn
+    MlaWeights mla;
     bool is_moe = false;
     MlpWeights mlp;  // dense layers
     MoeWeights moe;  // sparse layers
@@ -67,6 +70,7 @@ class DecoderLM : public CausalLM {
     Tensor h1;     // [N, H] RMSNorm(x)
     Tensor rstd1;  // [N]
     AttentionSaved attn;
+    MlaSaved mla;
     Tensor x1;     // [N, H] after the attention residual
     Tensor h2, rstd2;
     MlpSaved mlp;
@@ -125,6 +129,7 @@ class DecoderLM : public CausalLM {
   std::vector<Layer> layers_;
   int n_moe_layers_ = 0;
   bool fake_balanced_gate_ = false;
+  ops::GroupedRouterOptions ds_router_;  // deepseek's router (cfg_.deepseek)
   bool count_experts_ = false;                       // true during forward_backward's forward
   std::vector<char> real_token_;                     // this micro-batch: token t is not padding
   std::vector<Routing> routing_;                    // per sparse layer, this micro-batch

@@ -16,6 +16,7 @@ void register_qwen3_moe();
 void register_qwen2_moe();
 void register_mixtral();
 void register_olmoe();
+void register_deepseek();
 
 static std::map<std::string, ModelBuilder>& table() {
   static std::map<std::string, ModelBuilder> t;
@@ -33,6 +34,7 @@ static void ensure_registered() {
     register_qwen2_moe();
     register_mixtral();
     register_olmoe();
+    register_deepseek();
   });
 }
 

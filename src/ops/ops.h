@@ -78,12 +78,16 @@ struct AttnParams {
   int64_t sliding_window = 0;            // 0: none; else key j visible to query i iff i - j < window
   const Tensor* segment_ids = nullptr;   // [B, T] int32 or nullptr. Query sees key only within the same
                                          // segment (packing); segment < 0 marks padding (sees nothing)
+  int64_t v_head_dim = 0;                // Dv of v / out when it differs from the q/k head_dim (DeepSeek MLA:
+                                         // 192 vs 128); 0 = head_dim. CPU only for now (CUDA: host fallback).
+  int64_t dv() const { return v_head_dim > 0 ? v_head_dim : head_dim; }
 };
-// Causal attention. q [B, T, nh, D], k/v [B, T, nkv, D] -> out [B, T, nh, D], lse [B, nh, T] (saved,
-// natural-log logsumexp of the scaled scores; rows that see no key get lse = -inf and out = 0).
+// Causal attention. q [B, T, nh, D], k [B, T, nkv, D], v [B, T, nkv, Dv] -> out [B, T, nh, Dv], lse
+// [B, nh, T] (saved, natural-log logsumexp of the scaled scores; rows that see no key get lse = -inf and
+// out = 0). Dv = p.dv().
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                    Tensor& lse);
-// dq, dk, dv assigned
+// dq [B, T, nh, D], dk [B, T, nkv, D], dv [B, T, nkv, Dv] assigned
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                    const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv);
 

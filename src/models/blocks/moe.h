@@ -4,6 +4,8 @@
 //   norm_topk_prob; Mixtral always)
 //   y[t] = sum_s w[t, s] * down_e( silu(gate_e x[t]) * up_e x[t] ),  e = topk_idx[t, s]
 //   (qwen2_moe) y += sigmoid(x Wsg^T) * shared_mlp(x)
+//   (deepseek) the router is ops::moe_router_grouped_fwd (sigmoid / softmax scores, e_score_correction_bias,
+//   group-limited top-k, routed_scaling_factor) and y += shared_experts(x), ungated
 // The experts of a layer live in two fused parameters, as transformers 5 holds them:
 //   mlp.experts.gate_up_proj [E, 2I, H] (gate rows first), mlp.experts.down_proj [E, H, I];
 // the hub's per-expert tensors are slices of them (Param::layouts), so checkpoints load and save either way.
@@ -19,6 +21,7 @@
 #include "models/blocks/mlp.h"
 #include "models/exec.h"
 #include "models/params.h"
+#include "ops/moe_ops.h"
 
 namespace am {
 
@@ -30,9 +33,11 @@ struct MoeWeights {
   Param* router = nullptr;   // [E, H]
   Param* gate_up = nullptr;  // [E, 2I, H]
   Param* down = nullptr;     // [E, H, I]
-  bool has_shared = false;   // qwen2_moe
+  bool has_shared = false;   // qwen2_moe, deepseek
   MlpWeights shared{};       // [Is, H], [Is, H], [H, Is]
-  Param* shared_gate = nullptr;  // [1, H]
+  Param* shared_gate = nullptr;  // [1, H] (qwen2_moe; deepseek's shared experts are ungated)
+  Param* score_bias = nullptr;   // [E] deepseek_v3 mlp.gate.e_score_correction_bias: a frozen fp32 buffer
+                                 // (selection only; loaded and saved, never trained)
 };
 
 struct MoeSaved {
@@ -58,6 +63,7 @@ struct MoeOptions {
   bool norm_topk_prob = false;
   bool fake_balanced_gate = false;  // tokens -> experts round-robin, weights 1/k, no router gradient
   dist::Communicator* ep = nullptr;  // expert-parallel group (nullptr: every expert is local)
+  const ops::GroupedRouterOptions* grouped = nullptr;  // deepseek's router (nullptr: softmax top-k)
 };
 
 // prefix: "model.layers.{i}." Registers the router, the fused experts (+ shared expert) with the hub's
