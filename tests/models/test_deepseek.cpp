@@ -125,6 +125,23 @@ TEST(DeepseekConfig, V3KeysAndDefaults) {
   EXPECT_EQ(io::parse_model_config(j, "config.json").ds.q_lora_rank, 0);  // null: a plain q_proj
 }
 
+TEST(DeepseekConfig, V2KeysAndDefaults) {
+  json j = tiny_v3();
+  j["model_type"] = "deepseek_v2";
+  for (const char* k : {"n_group", "topk_group", "routed_scaling_factor", "first_k_dense_replace", "rope_parameters"})
+    j.erase(k);
+  auto c = io::parse_model_config(j, "config.json");
+  EXPECT_FALSE(c.ds.sigmoid_scores);
+  EXPECT_EQ(c.ds.topk_method, "greedy");
+  EXPECT_FALSE(c.norm_topk_prob);  // DeepseekV2Moe never renormalises
+  EXPECT_DOUBLE_EQ(c.ds.routed_scaling_factor, 1.0);
+  EXPECT_EQ(std::vector<bool>(c.moe_layer), (std::vector<bool>{true, true, true}));  // first_k_dense_replace 0
+  EXPECT_EQ(c.bos_token_id.value(), 1);
+  EXPECT_NEAR(c.ds.softmax_scale, 1.0 / std::sqrt(24.0), 1e-12);
+  j.erase("num_experts_per_tok");  // DeepseekV2Config's default is None
+  EXPECT_THROW(io::parse_model_config(j, "config.json"), FormatError);
+}
+
 TEST(DeepseekConfig, UnsupportedValuesNameTheKey) {
   auto expect_key = [](json j, const std::string& key) {
     try {
@@ -159,9 +176,16 @@ TEST(DeepseekConfig, UnsupportedValuesNameTheKey) {
 // d(sum CE)/d(theta) from forward_backward against central differences of forward_loss, on a sample of
 // elements of every kind of parameter (MLA projections and norms, router, experts, shared expert, dense MLP).
 TEST(DeepseekModel, GradientsMatchFiniteDifferences) {
-  for (bool q_lora : {true, false}) {
+  for (int variant = 0; variant < 3; ++variant) {
+    const bool q_lora = variant == 0;
     json j = tiny_v3();
     if (!q_lora) j["q_lora_rank"] = nullptr;
+    if (variant == 2) {  // deepseek_v2: softmax scores, group-limited greedy (group max), biased MLPs
+      j["model_type"] = "deepseek_v2";
+      j["topk_method"] = "group_limited_greedy";
+      j["routed_scaling_factor"] = 3.0;
+      j["mlp_bias"] = true;
+    }
     j["vocab_size"] = 64;
     auto m = random_model(j, 5);
     Batch b = batch_of({{1, 5, 9, 17, 33, 2, 40, 11, 7}, {1, 60, 3, 8, 21}});
@@ -185,7 +209,7 @@ TEST(DeepseekModel, GradientsMatchFiniteDifferences) {
         const double lm = loss();
         *v = x;
         const double fd = (lp - lm) / (2 * eps), g = p.grad.f32()[i];
-        EXPECT_NEAR(g, fd, 2e-3 + 2e-2 * std::abs(fd)) << (q_lora ? "q_lora " : "q_proj ") << p.name << "[" << i << "]";
+        EXPECT_NEAR(g, fd, 2e-3 + 2e-2 * std::abs(fd)) << "variant " << variant << " " << p.name << "[" << i << "]";
         ++checked;
       }
     }
