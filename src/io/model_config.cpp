@@ -313,11 +313,14 @@ std::optional<int64_t> token_id(const Keys& k, const char* key, std::optional<in
 
 }  // namespace
 
-ModelConfig parse_model_config(const json& j, const std::string& source_name) {
-  if (!j.is_object()) throw FormatError(source_name + ": config must be a JSON object");
+ModelConfig parse_model_config(const json& j_file, const std::string& source_name) {
+  if (!j_file.is_object()) throw FormatError(source_name + ": config must be a JSON object");
+  // deepseek: DeepseekV3Config / DeepseekV2Config defaults for absent size keys (model_config_deepseek.cpp);
+  // raw stays the file as read.
+  const json j = with_deepseek_defaults(j_file);
   Keys k{j, source_name, ""};
   ModelConfig c;
-  c.raw = j;
+  c.raw = j_file;
   c.model_type = k.str("model_type", "");
   if (c.model_type.empty()) k.missing("model_type");
   const Family fam = family_of(c.model_type);

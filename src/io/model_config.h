@@ -95,6 +95,9 @@ ModelConfig parse_model_config(const nlohmann::json& j, const std::string& sourc
 // deepseek_v2 / deepseek_v3 (model_config_deepseek.cpp): parses DeepseekV2Config / DeepseekV3Config keys
 // over a config the generic parser filled (sizes, rope, token ids), with those classes' defaults.
 void parse_deepseek_config(const nlohmann::json& j, const std::string& source_name, ModelConfig& c);
+// j itself, or (deepseek_v2 / deepseek_v3) a copy with those classes' defaults for the absent keys the
+// generic parser requires (vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads).
+nlohmann::json with_deepseek_defaults(const nlohmann::json& j);
 
 // inv_freq [head_dim/2] exactly as transformers' ROPE_INIT_FUNCTIONS compute it (float32 arithmetic),
 // plus the attention scaling applied to cos/sin (1.0 except yarn).

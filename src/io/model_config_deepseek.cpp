@@ -61,6 +61,23 @@ double yarn_get_mscale(double scale, double mscale) { return scale <= 1.0 ? 1.0 
 
 }  // namespace
 
+json with_deepseek_defaults(const json& j) {
+  if (!j.is_object() || !j.contains("model_type") || !j["model_type"].is_string()) return j;
+  const std::string t = j["model_type"].get<std::string>();
+  if (t != "deepseek_v3" && t != "deepseek_v2") return j;
+  const bool v3 = t == "deepseek_v3";
+  json out = j;
+  auto def = [&](const char* k, int64_t v) {
+    if (!out.contains(k)) out[k] = v;
+  };
+  def("vocab_size", v3 ? 129280 : 32000);
+  def("hidden_size", v3 ? 7168 : 4096);
+  def("intermediate_size", v3 ? 18432 : 11008);
+  def("num_hidden_layers", v3 ? 61 : 32);
+  def("num_attention_heads", v3 ? 128 : 32);
+  return out;
+}
+
 void parse_deepseek_config(const json& j, const std::string& file, ModelConfig& c) {
   const bool v3 = c.model_type == "deepseek_v3";
   DsKeys k{j, file};

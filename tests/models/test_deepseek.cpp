@@ -6,6 +6,7 @@
 // NOT HF), logits and step-1 gradients against it.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -123,6 +124,19 @@ TEST(DeepseekConfig, V3KeysAndDefaults) {
   EXPECT_EQ(d.ds.q_lora_rank, 1536);
   j["q_lora_rank"] = nullptr;
   EXPECT_EQ(io::parse_model_config(j, "config.json").ds.q_lora_rank, 0);  // null: a plain q_proj
+  // DeepseekV3Config() itself: every size from the class (DeepSeek-V3 671B), raw kept as given
+  const json bare = {{"model_type", "deepseek_v3"}};
+  auto v = io::parse_model_config(bare, "config.json");
+  EXPECT_EQ(v.vocab_size, 129280);
+  EXPECT_EQ(v.hidden_size, 7168);
+  EXPECT_EQ(v.num_hidden_layers, 61);
+  EXPECT_EQ(v.num_attention_heads, 128);
+  EXPECT_EQ(v.num_key_value_heads, 128);
+  EXPECT_EQ(v.num_experts, 256);
+  EXPECT_EQ(v.ds.kv_lora_rank, 512);
+  EXPECT_EQ(v.max_position_embeddings, 4096);
+  EXPECT_EQ(std::count(v.moe_layer.begin(), v.moe_layer.end(), true), 58);
+  EXPECT_EQ(v.raw, bare);
 }
 
 TEST(DeepseekConfig, V2KeysAndDefaults) {
@@ -215,6 +229,40 @@ TEST(DeepseekModel, GradientsMatchFiniteDifferences) {
     }
     EXPECT_GT(checked, 60);
   }
+}
+
+// rope_interleave: HF permutes the rope dims [x0, x1, ..] to [x0, x2, .., x1, x3, ..] (view(d/2, 2).transpose)
+// before rotate_half, in q and k alike. So a model with rope_interleave true equals one with false whose
+// q_b_proj rows and kv_a_proj_with_mqa rows of the rope dims are permuted that way: same logits, bit for bit
+// (and different ones when they are not permuted: the flag is live).
+TEST(DeepseekModel, InterleavedRopeIsAPermutationOfTheRopeRows) {
+  json ji = tiny_v3();
+  ji["vocab_size"] = 64;
+  json jn = ji;
+  jn["rope_interleave"] = false;
+  auto a = random_model(ji, 8);
+  auto b = build_model(io::parse_model_config(jn, "config.json"));
+  auto c = build_model(io::parse_model_config(jn, "config.json"));
+  const int64_t nh = 4, dn = 16, dr = 8, dq = 24, rkv = 16;
+  auto src = [&](int64_t j) { return j < dr / 2 ? 2 * j : 2 * (j - dr / 2) + 1; };
+  for (auto& p : a->params().all()) {
+    Param& q = b->params().get(p.name);
+    std::memcpy(q.value.raw(), p.value.raw(), p.value.nbytes());
+    std::memcpy(c->params().get(p.name).value.raw(), p.value.raw(), p.value.nbytes());
+    const int64_t cols = p.shape.size() == 2 ? p.shape[1] : 1;
+    auto permute_rows = [&](int64_t row0) {  // rows [row0, row0 + dr) of a [rows, cols] weight
+      for (int64_t j = 0; j < dr; ++j)
+        std::memcpy(q.value.f32() + (row0 + j) * cols, p.value.f32() + (row0 + src(j)) * cols,
+                    static_cast<size_t>(cols) * sizeof(float));
+    };
+    if (p.name.find("q_b_proj.weight") != std::string::npos)
+      for (int64_t h = 0; h < nh; ++h) permute_rows(h * dq + dn);
+    if (p.name.find("kv_a_proj_with_mqa.weight") != std::string::npos) permute_rows(rkv);
+  }
+  Batch bt = batch_of({{1, 5, 9, 17, 33, 2, 40, 11, 7, 3, 8, 50}, {1, 60, 3, 8, 21}});
+  Tensor la = a->forward_logits(bt), lb = b->forward_logits(bt), lc = c->forward_logits(bt);
+  EXPECT_EQ(std::memcmp(la.raw(), lb.raw(), la.nbytes()), 0);
+  EXPECT_NE(std::memcmp(la.raw(), lc.raw(), la.nbytes()), 0);
 }
 
 // A hub-layout file with hand-written HF names (per-expert experts, shared_experts, the correction bias,
