@@ -16,11 +16,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include "config/recipe.h"
 #include "core/error.h"
 #include "data/dataset.h"
 #include "io/model_config.h"
 #include "io/safetensors.h"
 #include "models/hf_weights.h"
+#include "train/trainer.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -481,4 +483,40 @@ TEST(DeepseekReference, LogitsAndGradientsMatchTorchReference) {
     EXPECT_LT(d, 1e-6 + 1e-4 * scale) << p.name << " (max |grad| " << scale << ")";
   }
   std::printf("[deepseek ref] step-1 grads: max abs diff / max |grad| per tensor, worst %.3e\n", gworst);
+}
+
+// The 4-step golden loop (AdamW with weight decay, 2 micro-batches, clipping) through the Trainer against
+// the reference's own loop (tools/deepseek_v3_reference.py --train; not HF), at the golden tolerances.
+TEST(DeepseekReference, FourStepsMatchTorchReference) {
+  const char* env = std::getenv("AM_DSV3_REF");
+  if (!env || !fs::exists(fs::path(env) / "ref_train.json"))
+    GTEST_SKIP() << "AM_DSV3_REF not set or made without --train";
+  const fs::path dir(env), out = fresh_dir("dsv3_ref_train");
+  Recipe r = Recipe::load((dir / "recipe.yaml").string(), {"checkpoint.checkpoint_dir=" + out.string()});
+  Trainer t(r, TrainerOptions{.quiet = true});
+  auto steps = t.train();
+  std::ifstream ef(dir / "ref_train.json");
+  json exp = json::parse(ef)["steps"];
+  ASSERT_EQ(steps.size(), exp.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const double el = exp[i]["loss"], eg = exp[i]["grad_norm"];
+    std::printf("[deepseek ref] step %zu: loss %.7f vs %.7f, grad_norm %.6f vs %.6f\n", i + 1, steps[i].loss, el,
+                steps[i].grad_norm, eg);
+    EXPECT_EQ(steps[i].num_label_tokens, exp[i]["num_label_tokens"].get<int64_t>());
+    EXPECT_LT(std::abs(steps[i].loss - el) / el, 1e-4) << "step " << i + 1;
+    EXPECT_LT(std::abs(steps[i].grad_norm - eg) / eg, 1e-3) << "step " << i + 1;
+  }
+  auto got = io::SafeTensors::open((out / "LATEST" / "model" / "consolidated").string());
+  auto want = io::SafeTensors::open((dir / "ref_final.safetensors").string());
+  EXPECT_EQ(got.names(), want.names());
+  double worst = 0;
+  for (auto& name : want.names()) {
+    ASSERT_TRUE(got.has(name)) << name;
+    Tensor a = got.get(name).to(DType::F32), b = want.get(name).to(DType::F32);
+    double d = 0;
+    for (int64_t i = 0; i < a.numel(); ++i) d = std::max(d, std::abs(double(a.f32()[i]) - b.f32()[i]));
+    worst = std::max(worst, d);
+    EXPECT_LT(d, 1e-4) << "final weight " << name;
+  }
+  std::printf("[deepseek ref] final weights: max abs diff %.3e\n", worst);
 }
