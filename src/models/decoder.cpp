@@ -170,9 +170,9 @@ Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& c
   ops::rmsnorm_fwd(x, wide_weight(*L.ln1), eps, h1, r1);
   Tensor a;
   if (L.is_mla) {
-    if (kv)
-      throw UsageError(cfg_.model_type + ": generation with a KV cache is not implemented for MLA attention yet");
-    a = mla_forward(L.mla, MlaGeometry::of(cfg_, &ex_), h1, cos, sin, p, s ? &s->mla : nullptr);
+    const MlaGeometry mg = MlaGeometry::of(cfg_, &ex_);
+    a = kv ? mla_forward_cached(L.mla, mg, h1, cos, sin, p, *kv, layer)
+           : mla_forward(L.mla, mg, h1, cos, sin, p, s ? &s->mla : nullptr);
   } else {
     a = kv ? attention_forward_cached(L.attn, g, h1, cos, sin, p, *kv, layer)
            : attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr);

@@ -21,7 +21,9 @@
 #include "data/dataset.h"
 #include "io/model_config.h"
 #include "io/safetensors.h"
+#include "models/decoder.h"
 #include "models/hf_weights.h"
+#include "models/kv_cache.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -265,6 +267,33 @@ TEST(DeepseekModel, InterleavedRopeIsAPermutationOfTheRopeRows) {
   Tensor la = a->forward_logits(bt), lb = b->forward_logits(bt), lc = c->forward_logits(bt);
   EXPECT_EQ(std::memcmp(la.raw(), lb.raw(), la.nbytes()), 0);
   EXPECT_NE(std::memcmp(la.raw(), lc.raw(), la.nbytes()), 0);
+}
+
+// automodel generate's path: a prefill then one token at a time through the KV cache (per-head MLA keys of
+// qk_nope + qk_rope dims, values of v_head_dim) gives the full causal forward's logits.
+TEST(DeepseekModel, CachedDecodeMatchesFullForward) {
+  json j = tiny_v3();
+  j["vocab_size"] = 64;
+  auto m = random_model(j, 6);
+  auto* lm = dynamic_cast<DecoderLM*>(m.get());
+  ASSERT_NE(lm, nullptr);
+  const std::vector<int32_t> ids = {1, 5, 9, 17, 33, 2, 40, 11, 7, 3};
+  Tensor full = m->forward_logits(batch_of({ids}));  // [T, V]
+  const int64_t V = 64;
+  KvCache cache(m->config(), lm->exec(), 2);
+  cache.reserve(4);
+  Tensor pre = lm->forward_incremental({ids[0], ids[1], ids[2]}, cache, true);  // [3, V]
+  double worst = 0;
+  for (int64_t t = 0; t < 3; ++t)
+    for (int64_t v = 0; v < V; ++v) worst = std::max(worst, double(std::abs(pre.f32()[t * V + v] - full.f32()[t * V + v])));
+  for (size_t t = 3; t < ids.size(); ++t) {
+    if (cache.length() == cache.capacity()) cache.reserve(2 * cache.capacity());
+    Tensor step = lm->forward_incremental({ids[t]}, cache);  // [1, V]
+    for (int64_t v = 0; v < V; ++v)
+      worst = std::max(worst, double(std::abs(step.f32()[v] - full.f32()[static_cast<int64_t>(t) * V + v])));
+  }
+  EXPECT_EQ(cache.length(), static_cast<int64_t>(ids.size()));
+  EXPECT_LT(worst, 1e-5);
 }
 
 // A hub-layout file with hand-written HF names (per-expert experts, shared_experts, the correction bias,

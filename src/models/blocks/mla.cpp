@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "models/blocks/lora.h"
+#include "ops/kv_attention.h"
 
 namespace am {
 
@@ -77,8 +78,15 @@ MlaWeights register_mla(ParamStore& ps, const std::string& pre, const io::ModelC
   return w;
 }
 
-Tensor mla_forward(const MlaWeights& w, const MlaGeometry& g, const Tensor& x, const Tensor& cos, const Tensor& sin,
-                   const ops::AttnParams& p, MlaSaved* s) {
+namespace {
+
+// Everything before the attention op: Q, K [N, nh*dq], V [N, nh*dv] as attention reads them, and (when s is
+// non-null) what backward needs of the projections.
+struct MlaQkv {
+  Tensor Q, K, V;
+};
+MlaQkv mla_project(const MlaWeights& w, const MlaGeometry& g, const Tensor& x, const Tensor& cos, const Tensor& sin,
+                   MlaSaved* s) {
   const ExecContext& ex = *g.ex;
   const int64_t N = x.dim(0), nh = g.n_heads, dq = g.qk_dim(), dn = g.nope, dr = g.rope, dv = g.v_dim;
   const int64_t rkv = g.kv_lora_rank, ckw = rkv + dr, kvw = dn + dv;
@@ -119,13 +127,6 @@ Tensor mla_forward(const MlaWeights& w, const MlaGeometry& g, const Tensor& x, c
     for (int64_t t = 0; t < N; ++t)
       for (int64_t h = 0; h < nh; ++h) std::copy(r + t * dr, r + (t + 1) * dr, k + (t * nh + h) * dq + dn);
   }
-  Tensor o = ex.empty({N, nh * dv});
-  Tensor lse = ex.empty({p.batch, nh, p.seq}, DType::F32);
-  Tensor o4 = o.view({p.batch, p.seq, nh, dv});
-  ops::attention_fwd(Q.view({p.batch, p.seq, nh, dq}), K.view({p.batch, p.seq, nh, dq}),
-                     V.view({p.batch, p.seq, nh, dv}), p, o4, lse);
-  Tensor y = ex.empty({N, g.hidden});
-  proj_fwd(ex, *w.o, w.o_bias, o, y);
   if (s) {
     s->x = x;
     s->qa = qa;
@@ -137,9 +138,50 @@ Tensor mla_forward(const MlaWeights& w, const MlaGeometry& g, const Tensor& x, c
     s->q = Q;
     s->k = K;
     s->v = V;
+  }
+  return {Q, K, V};
+}
+
+}  // namespace
+
+Tensor mla_forward(const MlaWeights& w, const MlaGeometry& g, const Tensor& x, const Tensor& cos, const Tensor& sin,
+                   const ops::AttnParams& p, MlaSaved* s) {
+  const ExecContext& ex = *g.ex;
+  const int64_t N = x.dim(0), nh = g.n_heads, dq = g.qk_dim(), dv = g.v_dim;
+  auto [Q, K, V] = mla_project(w, g, x, cos, sin, s);
+  Tensor o = ex.empty({N, nh * dv});
+  Tensor lse = ex.empty({p.batch, nh, p.seq}, DType::F32);
+  Tensor o4 = o.view({p.batch, p.seq, nh, dv});
+  ops::attention_fwd(Q.view({p.batch, p.seq, nh, dq}), K.view({p.batch, p.seq, nh, dq}),
+                     V.view({p.batch, p.seq, nh, dv}), p, o4, lse);
+  Tensor y = ex.empty({N, g.hidden});
+  proj_fwd(ex, *w.o, w.o_bias, o, y);
+  if (s) {
     s->o = o;
     s->lse = lse;
   }
+  return y;
+}
+
+Tensor mla_forward_cached(const MlaWeights& w, const MlaGeometry& g, const Tensor& x, const Tensor& cos,
+                          const Tensor& sin, const ops::AttnParams& p, KvCache& cache, int64_t layer) {
+  const ExecContext& ex = *g.ex;
+  const int64_t N = x.dim(0), nh = g.n_heads, dq = g.qk_dim(), dv = g.v_dim, past = cache.length();
+  if (p.batch != 1 || p.seq != N)
+    throw ShapeError("mla_forward_cached: expected one sequence of " + std::to_string(N) + " tokens, got B = " +
+                     std::to_string(p.batch) + ", T = " + std::to_string(p.seq));
+  auto [Q, K, V] = mla_project(w, g, x, cos, sin, nullptr);
+  cache.write(layer, K, V);
+  Tensor o = ex.empty({N, nh * dv});
+  Tensor o4 = o.view({1, N, nh, dv});
+  if (past == 0) {  // prefill: the training kernel
+    Tensor lse = ex.empty({1, nh, N}, DType::F32);
+    ops::attention_fwd(Q.view({1, N, nh, dq}), K.view({1, N, nh, dq}), V.view({1, N, nh, dv}), p, o4, lse);
+  } else {
+    ops::attention_kv_fwd(Q.view({1, N, nh, dq}), cache.keys(layer, past + N), cache.values(layer, past + N), p, o4);
+  }
+  Tensor y = ex.empty({N, g.hidden});
+  proj_fwd(ex, *w.o, w.o_bias, o, y);
   return y;
 }
 

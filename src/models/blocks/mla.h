@@ -19,6 +19,7 @@
 
 #include "io/model_config.h"
 #include "models/exec.h"
+#include "models/kv_cache.h"
 #include "models/params.h"
 #include "ops/ops.h"
 
@@ -55,6 +56,10 @@ MlaWeights register_mla(ParamStore& ps, const std::string& prefix, const io::Mod
 // x [N, H], cos/sin [N, dr/2]; p: B, T, head_dim dq, v_head_dim dv, scale, segments. Returns y [N, H].
 Tensor mla_forward(const MlaWeights& w, const MlaGeometry& g, const Tensor& x, const Tensor& cos, const Tensor& sin,
                    const ops::AttnParams& p, MlaSaved* saved);
+// Inference with a KV cache (as attention_forward_cached): the per-head K [N, nh, dq] and V [N, nh, dv] of the
+// N new tokens go into layer `layer` of the cache, which MLA-configured KvCaches size so.
+Tensor mla_forward_cached(const MlaWeights& w, const MlaGeometry& g, const Tensor& x, const Tensor& cos,
+                          const Tensor& sin, const ops::AttnParams& p, KvCache& cache, int64_t layer);
 // dy [N, H] -> dx [N, H] (assigned); parameter gradients accumulated.
 Tensor mla_backward(const MlaWeights& w, const MlaGeometry& g, const MlaSaved& s, const Tensor& cos,
                     const Tensor& sin, const ops::AttnParams& p, const Tensor& dy);
