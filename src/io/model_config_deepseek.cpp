@@ -151,6 +151,9 @@ void parse_deepseek_config(const json& j, const std::string& file, ModelConfig& 
     d.topk_method = k.str("topk_method", "greedy");
     if (d.topk_method != "greedy" && d.topk_method != "group_limited_greedy")
       k.bad("topk_method", "\"greedy\" or \"group_limited_greedy\" (deepseek_v2)");
+    if (d.topk_method == "group_limited_greedy")  // DeepseekV2Config defaults them to None: HF cannot route then
+      for (const char* key : {"n_group", "topk_group"})
+        if (!k.present(key)) k.bad(key, "set for topk_method group_limited_greedy");
   }
   if (d.topk_method != "greedy" && c.num_experts % d.n_group != 0)
     k.bad("n_group", "a divisor of n_routed_experts (" + std::to_string(c.num_experts) + ")");

@@ -189,6 +189,9 @@ TEST(DeepseekConfig, UnsupportedValuesNameTheKey) {
   j["scoring_func"] = "softmax";
   j["topk_method"] = "noaux_tc";
   expect_key(j, "topk_method");
+  j["topk_method"] = "group_limited_greedy";
+  j.erase("topk_group");
+  expect_key(j, "topk_group");
 }
 
 // d(sum CE)/d(theta) from forward_backward against central differences of forward_loss, on a sample of
