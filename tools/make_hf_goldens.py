@@ -37,7 +37,7 @@ if __name__ != "__main__" and os.environ.get("AM_GOLDEN_HELPERS_ONLY"):
     # Imported for its data / training-loop helpers by tools/ref_torch_goldens.py, where neither
     # transformers nor safetensors is installed: the HF cases below are not defined then.
     transformers = None
-    AutoModelForCausalLM = Gemma3TextConfig = LlamaConfig = MistralConfig = MixtralConfig = None
+    AutoModelForCausalLM = DeepseekV3Config = Gemma3TextConfig = LlamaConfig = MistralConfig = MixtralConfig = None
     OlmoeConfig = Qwen2Config = Qwen2MoeConfig = Qwen3Config = Qwen3MoeConfig = None
 else:
     import transformers  # noqa: E402
@@ -45,6 +45,7 @@ else:
     from safetensors.torch import load_file, save_file  # noqa: E402
     from transformers import (  # noqa: E402
         AutoModelForCausalLM,
+        DeepseekV3Config,
         Gemma3TextConfig,
         LlamaConfig,
         MistralConfig,
@@ -300,6 +301,48 @@ CASES = [
         max_norm=1.0,
         router_std=0.3,
         probe_window=True,
+    ),
+    # DeepSeek-V3: MLA attention (q_lora_rank 32 -> q_a_layernorm -> q_b; kv latent 16 + one shared 8-dim rope
+    # key; qk head 16 nope + 8 rope = 24 vs v head 16), interleaved rope, yarn with mscale != mscale_all_dim
+    # (cos/sin scaled by mscale(4, 1) / mscale(4, 0.8), softmax scale 24^-0.5 * mscale(4, 0.8)^2); layer 0
+    # dense, layers 1-2 MoE: sigmoid router, 8 experts in 4 groups, keep 2 groups, top-2, weights
+    # normalised then x2.5, one shared expert; e_score_correction_bias (a buffer: never trained) perturbed so
+    # that it changes which experts are selected.
+    dict(
+        name="deepseek_v3",
+        config_cls=DeepseekV3Config,
+        seed=2006,
+        kw=dict(
+            num_hidden_layers=3,
+            num_key_value_heads=4,  # MLA builds one key per head
+            first_k_dense_replace=1,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            rope_interleave=True,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=64,
+                mscale=1.0,
+                mscale_all_dim=0.8,
+            ),
+        ),
+        max_norm=1.0,
+        router_std=0.3,
+        score_bias_std=0.1,  # router scores are sigmoid(0.3 N(0,1) . x): biases of 0.1 reorder them
     ),
 ]
 CASES = [c for c in CASES if c["config_cls"] is not None]
@@ -698,7 +741,7 @@ def convert_layout(sd, model_type, num_experts):
 def dump_config_defaults(out_root):
     """Each MoE config class's defaults, to check the engine's config.json defaults against."""
     res = {}
-    for cls in (Qwen3MoeConfig, Qwen2MoeConfig, MixtralConfig, OlmoeConfig, GptOssConfig):
+    for cls in (Qwen3MoeConfig, Qwen2MoeConfig, MixtralConfig, OlmoeConfig, GptOssConfig, DeepseekV3Config):
         if cls is None:
             continue
         try:
@@ -741,6 +784,11 @@ def run_case(case, out_root):
                 p.copy_(case["expert_std"] * torch.randn(p.shape, generator=g))
             elif is_router(n) and case.get("router_std"):
                 p.copy_(case["router_std"] * torch.randn(p.shape, generator=g))
+        # deepseek_v3: mlp.gate.e_score_correction_bias is a buffer (selection only, never trained); HF starts
+        # it at zero, which would leave its effect untested.
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias") and case.get("score_bias_std"):
+                b.copy_(case["score_bias_std"] * torch.randn(b.shape, generator=g))
     save_pretrained(model, model_dir)
     del model
     src_keys = safetensors_keys(os.path.join(model_dir, "model.safetensors"))

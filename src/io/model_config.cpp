@@ -379,11 +379,14 @@ std::optional<int64_t> token_id(const Keys& k, const char* key, std::optional<in
 
 }  // namespace
 
-ModelConfig parse_model_config(const json& j, const std::string& source_name) {
-  if (!j.is_object()) throw FormatError(source_name + ": config must be a JSON object");
+ModelConfig parse_model_config(const json& j_file, const std::string& source_name) {
+  if (!j_file.is_object()) throw FormatError(source_name + ": config must be a JSON object");
+  // deepseek: DeepseekV3Config / DeepseekV2Config defaults for absent size keys (model_config_deepseek.cpp);
+  // raw stays the file as read.
+  const json j = with_deepseek_defaults(j_file);
   Keys k{j, source_name, ""};
   ModelConfig c;
-  c.raw = j;
+  c.raw = j_file;
   c.model_type = k.str("model_type", "");
   if (c.model_type.empty()) k.missing("model_type");
   const Family fam = family_of(c.model_type);
@@ -417,12 +420,14 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
   if (fam == Family::Olmoe && c.head_dim * c.num_attention_heads != c.hidden_size)
     throw FormatError(source_name + ": olmoe needs head_dim * num_attention_heads == hidden_size (its q_norm spans hidden_size)");
   if (c.head_dim <= 0) throw FormatError(source_name + ": hidden_size is smaller than num_attention_heads");
+  const bool deepseek = c.model_type == "deepseek_v3" || c.model_type == "deepseek_v2";  // model_config_deepseek.cpp
   const int64_t max_pos_default = (fam == Family::Mistral || fam == Family::Mixtral) ? 4096 * 32
                                   : is_qwen(fam)            ? 32768
                                   : fam == Family::Olmoe    ? 4096
                                   : fam == Family::Gemma3   ? 131072
                                   : fam == Family::Phi3     ? 4096
                                   : fam == Family::GptOss   ? 131072
+                                  : c.model_type == "deepseek_v3" ? 4096
                                                             : 2048;
   c.max_position_embeddings = k.positive("max_position_embeddings", max_pos_default);
   c.rms_norm_eps = k.num("rms_norm_eps", (fam == Family::Mixtral || fam == Family::Olmoe || fam == Family::Phi3 || fam == Family::GptOss) ? 1e-5 : 1e-6);
@@ -519,6 +524,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
   c.eos_token_id = token_id(k, "eos_token_id", eos_def, &c.eos_token_ids);
   c.pad_token_id = token_id(k, "pad_token_id", fam == Family::Olmoe ? std::optional<int64_t>(1) : gemma ? std::optional<int64_t>(0)
                                                 : phi3 ? std::optional<int64_t>(32000) : std::nullopt);
+  if (deepseek) parse_deepseek_config(j, source_name, c);
   return c;
 }
 

@@ -84,6 +84,24 @@ struct ModelConfig {
   bool expert_bias = false;
   bool gpt_oss_glu = false;
   double swiglu_alpha = 1.702, swiglu_limit = 7.0;
+  // DeepSeek (deepseek_v2 / deepseek_v3; model_config_deepseek.cpp): multi-head latent attention (MLA),
+  // sigmoid or softmax routing with group-limited top-k, and an ungated shared expert. head_dim is then
+  // qk_rope_head_dim (the rotary dimension, as HF sets config.head_dim).
+  struct Deepseek {
+    int64_t q_lora_rank = 0;              // 0: q_proj [nh*dq, H]; else q_a_proj -> RMSNorm -> q_b_proj
+    int64_t kv_lora_rank = 0, qk_nope_head_dim = 0, qk_rope_head_dim = 0, v_head_dim = 0;
+    bool rope_interleave = true;          // rope dims stored as adjacent pairs
+    double softmax_scale = 0.0;           // qk_head_dim^-0.5, times yarn mscale(factor, mscale_all_dim)^2
+    bool sigmoid_scores = false;          // v3: sigmoid router scores; v2: softmax
+    std::string topk_method = "greedy";   // greedy | group_limited_greedy (group max) | noaux_tc (group top-2 sum,
+                                          // selection on score + e_score_correction_bias)
+    int64_t n_group = 1, topk_group = 1;
+    double routed_scaling_factor = 1.0;
+    int64_t n_shared_experts = 0;         // shared expert intermediate = n_shared_experts * moe_intermediate_size
+    int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+  };
+  bool deepseek = false;
+  Deepseek ds;
   nlohmann::json raw;                     // the file as read
 
   bool is_moe() const { return num_experts > 0; }
@@ -99,6 +117,12 @@ ModelConfig load_model_config(const std::string& path);
 // config.json carries the overrides. `overrides_from` names them in errors ("recipe.yaml: model.config").
 ModelConfig load_model_config(const std::string& path, const nlohmann::json& overrides, const std::string& overrides_from);
 ModelConfig parse_model_config(const nlohmann::json& j, const std::string& source_name);
+// deepseek_v2 / deepseek_v3 (model_config_deepseek.cpp): parses DeepseekV2Config / DeepseekV3Config keys
+// over a config the generic parser filled (sizes, rope, token ids), with those classes' defaults.
+void parse_deepseek_config(const nlohmann::json& j, const std::string& source_name, ModelConfig& c);
+// j itself, or (deepseek_v2 / deepseek_v3) a copy with those classes' defaults for the absent keys the
+// generic parser requires (vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads).
+nlohmann::json with_deepseek_defaults(const nlohmann::json& j);
 
 // inv_freq [head_dim/2] exactly as transformers' ROPE_INIT_FUNCTIONS compute it (float32 arithmetic),
 // plus the attention scaling applied to cos/sin (1.0 except yarn).

@@ -41,7 +41,12 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) {
     std::string pre = "model.layers." + std::to_string(i) + ".";
     Layer L;
-    L.attn = register_attention(ps_, pre + "self_attn.", cfg);
+    if (cfg.deepseek) {
+      L.is_mla = true;
+      L.mla = register_mla(ps_, pre + "self_attn.", cfg);
+    } else {
+      L.attn = register_attention(ps_, pre + "self_attn.", cfg);
+    }
     if (cfg.layer_is_moe(i)) {
       L.is_moe = true;
       L.moe = register_moe(ps_, pre, cfg, mp.ep_rank, mp.ep_size);
@@ -65,6 +70,27 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
   norm_ = &ps_.add("model.norm.weight", {H});
   if (!cfg.tie_word_embeddings) lm_head_ = &ps_.add("lm_head.weight", {cfg.vocab_size, H});
   expert_counts_.assign(static_cast<size_t>(n_moe_layers_), std::vector<int64_t>(static_cast<size_t>(cfg.num_experts), 0));
+  if (cfg.deepseek) {
+    using G = ops::GroupedRouterOptions::Group;
+    ds_router_.sigmoid = cfg.ds.sigmoid_scores;
+    ds_router_.group = cfg.ds.topk_method == "noaux_tc"               ? G::Top2Sum
+                       : cfg.ds.topk_method == "group_limited_greedy" ? G::Max
+                                                                      : G::None;
+    ds_router_.n_group = cfg.ds.n_group;
+    ds_router_.topk_group = cfg.ds.topk_group;
+    ds_router_.norm_topk_prob = cfg.norm_topk_prob;
+    ds_router_.routed_scaling_factor = static_cast<float>(cfg.ds.routed_scaling_factor);
+  }
+}
+
+// DeepSeek's MLA attention and grouped router have CPU kernels only so far: refuse a GPU before any
+// weight moves there.
+static void check_deepseek_device(const io::ModelConfig& cfg, const ExecContext& ex) {
+  if (!cfg.deepseek || !ex.on_cuda()) return;
+  throw DeviceError(cfg.model_type + " MLA attention (qk head dim " + std::to_string(cfg.ds.qk_head_dim()) +
+                    " != v head dim " + std::to_string(cfg.ds.v_head_dim) +
+                    ", latent projections) and its sigmoid group-limited router are not implemented on CUDA "
+                    "yet; run it on the CPU (device: cpu)");
 }
 
 Param& DecoderLM::lm_head() { return lm_head_ ? *lm_head_ : *embed_; }
@@ -96,6 +122,7 @@ static void check_device_support(const io::ModelConfig& cfg, const ExecContext& 
 
 void DecoderLM::to_device(const ExecContext& ex) {
   check_device_support(cfg_, ex);
+  check_deepseek_device(cfg_, ex);
   if (ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
     throw DeviceError(std::string("residual dtype ") + dtype_name(ex.residual_dtype) +
                       ": expected the activation dtype or float32");
@@ -113,6 +140,19 @@ int64_t DecoderLM::matmul_params_per_token() const {
   const int64_t moe = cfg_.num_experts * H + cfg_.num_experts_per_tok * 3 * H * cfg_.moe_intermediate_size +
                       (cfg_.shared_expert_intermediate_size > 0 ? 3 * H * cfg_.shared_expert_intermediate_size + H : 0);
   int64_t total = 0;
+  if (cfg_.deepseek) {
+    // MLA: q (q_a + q_b, or q_proj), kv_a, kv_b, o; a sparse layer: the router, k routed experts and the
+    // n_shared_experts-wide shared expert, all active for every token.
+    const auto& d = cfg_.ds;
+    const int64_t dq = d.qk_head_dim();
+    const int64_t q = d.q_lora_rank ? H * d.q_lora_rank + d.q_lora_rank * nh * dq : H * nh * dq;
+    const int64_t mla = q + H * (d.kv_lora_rank + d.qk_rope_head_dim) +
+                        d.kv_lora_rank * nh * (d.qk_nope_head_dim + d.v_head_dim) + nh * d.v_head_dim * H;
+    const int64_t ds_moe = cfg_.num_experts * H +
+                           (cfg_.num_experts_per_tok + d.n_shared_experts) * 3 * H * cfg_.moe_intermediate_size;
+    for (const Layer& L : layers_) total += mla + (L.is_moe ? ds_moe : 3 * H * I);
+    return total + cfg_.vocab_size * H;
+  }
   for (const Layer& L : layers_) total += attn + (L.is_moe ? moe : 3 * H * I);
   return total + cfg_.vocab_size * H;  // + lm_head (embedding is a gather)
 }
@@ -166,6 +206,12 @@ ops::AttnParams DecoderLM::attn_params(const Batch& b, int64_t window) const {
                                        : 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
   p.sliding_window = window;
   p.segment_ids = b.segment_ids.defined() ? &b.segment_ids : nullptr;
+  if (cfg_.deepseek) {  // MLA: per-head q/k of qk_nope + qk_rope dims, v of v_head_dim, one key per head
+    p.n_kv_heads = p.n_heads;
+    p.head_dim = cfg_.ds.qk_head_dim();
+    p.v_head_dim = cfg_.ds.v_head_dim;
+    p.scale = static_cast<float>(cfg_.ds.softmax_scale);
+  }
   return p;
 }
 
@@ -178,8 +224,15 @@ Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& c
   // x, x1, out: residual dtype; h1, h2 (RMSNorm outputs, matmul inputs), a, m: activation dtype.
   Tensor h1 = ex_.empty({N, H}), r1 = ex_.empty({N}, DType::F32);
   ops::rmsnorm_fwd(x, norm_w(*L.ln1), eps, h1, r1);
-  Tensor a = kv ? attention_forward_cached(L.attn, g, h1, cos, sin, p, *kv, layer)
-                : attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr);
+  Tensor a;
+  if (L.is_mla) {
+    const MlaGeometry mg = MlaGeometry::of(cfg_, &ex_);
+    a = kv ? mla_forward_cached(L.mla, mg, h1, cos, sin, p, *kv, layer)
+           : mla_forward(L.mla, mg, h1, cos, sin, p, s ? &s->mla : nullptr);
+  } else {
+    a = kv ? attention_forward_cached(L.attn, g, h1, cos, sin, p, *kv, layer)
+           : attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr);
+  }
   // Sandwich norms (gemma): RMSNorm of a block's output before its residual add. y: activation dtype.
   auto post_norm = [&](const Param* w, Tensor& y, Tensor* saved_in, Tensor* saved_rstd) {
     if (!w) return;
@@ -243,8 +296,9 @@ Tensor DecoderLM::layer_backward(const Layer& L, const LayerSaved& s, const Tens
   dh2 = Tensor();
   ops::add_(dx1, dy);
   // x1 = x + attn(norm1(x))  ->  dx = dx1 + norm1_bwd(attn_bwd(dx1))
-  Tensor dh1 = attention_backward(L.attn, g, s.attn, cos, sin, p,
-                                  post_norm_bwd(L.post_attn_norm, s.a, s.ra, to_act(dx1)));
+  const Tensor da = post_norm_bwd(L.post_attn_norm, s.a, s.ra, to_act(dx1));
+  Tensor dh1 = L.is_mla ? mla_backward(L.mla, MlaGeometry::of(cfg_, &ex_), s.mla, cos, sin, p, da)
+                        : attention_backward(L.attn, g, s.attn, cos, sin, p, da);
   Tensor dx = ex_.empty({N, H}, ex_.residual_dtype);
   ops::rmsnorm_bwd(s.x, norm_w(*L.ln1), s.rstd1, dh1, dx, L.ln1->grad);
   ops::add_(dx, dx1);
@@ -389,6 +443,7 @@ Tensor DecoderLM::forward_incremental(const std::vector<int32_t>& ids, KvCache& 
 
 void DecoderLM::to_device_inference(const ExecContext& ex) {
   check_device_support(cfg_, ex);
+  check_deepseek_device(cfg_, ex);
   if (ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
     throw DeviceError(std::string("residual dtype ") + dtype_name(ex.residual_dtype) +
                       ": expected the activation dtype or float32");
@@ -432,7 +487,8 @@ void DecoderLM::embedding_backward(const Batch& b, const Tensor& dx) {
 }
 
 MoeOptions DecoderLM::moe_options() const {
-  return MoeOptions{cfg_.num_experts_per_tok, cfg_.norm_topk_prob, fake_balanced_gate_, mp_.ep_size > 1 ? mp_.ep : nullptr};
+  return MoeOptions{cfg_.num_experts_per_tok, cfg_.norm_topk_prob, fake_balanced_gate_, mp_.ep_size > 1 ? mp_.ep : nullptr,
+                    cfg_.deepseek ? &ds_router_ : nullptr};
 }
 
 void DecoderLM::record_routing(const Layer& L, const MoeSaved& s) {

@@ -17,6 +17,7 @@
 
 #include "models/blocks/attention.h"
 #include "models/blocks/lora.h"
+#include "models/blocks/mla.h"
 #include "models/blocks/mlp.h"
 #include "models/blocks/moe.h"
 #include "models/kv_cache.h"
@@ -61,6 +62,8 @@ class DecoderLM : public CausalLM {
     Param* post_attn_norm = nullptr;  // gemma: post_attention_layernorm, on the attention output
     Param* post_ffn_norm = nullptr;   // gemma: post_feedforward_layernorm, on the MLP output
     AttentionWeights attn;
+    bool is_mla = false;  // deepseek: multi-head latent attention instead of attn
+    MlaWeights mla;
     bool is_moe = false;
     MlpWeights mlp;  // dense layers
     MoeWeights moe;  // sparse layers
@@ -73,6 +76,7 @@ class DecoderLM : public CausalLM {
     Tensor h1;     // [N, H] RMSNorm(x)
     Tensor rstd1;  // [N]
     AttentionSaved attn;
+    MlaSaved mla;
     Tensor x1;     // [N, H] after the attention residual
     Tensor h2, rstd2;
     MlpSaved mlp;
@@ -141,6 +145,7 @@ class DecoderLM : public CausalLM {
   std::vector<Layer> layers_;
   int n_moe_layers_ = 0;
   bool fake_balanced_gate_ = false;
+  ops::GroupedRouterOptions ds_router_;  // deepseek's router (cfg_.deepseek)
   bool count_experts_ = false;                       // true during forward_backward's forward
   std::vector<char> real_token_;                     // this micro-batch: token t is not padding
   std::vector<Routing> routing_;                    // per sparse layer, this micro-batch

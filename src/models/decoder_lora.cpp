@@ -29,7 +29,14 @@ std::vector<const LoraAdapter*> DecoderLM::enable_lora(const LoraSpec& spec, uin
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& L = layers_[i];
     const std::string pre = "model.layers." + std::to_string(i) + ".";
-    if (L.attn.qkv) {  // phi3: PEFT adapts the fused module as one Linear
+    if (L.is_mla) {  // deepseek: the MLA projections (q_proj or q_a_proj + q_b_proj)
+      if (L.mla.q) lin(pre + "self_attn.q_proj", L.mla.q);
+      if (L.mla.q_a) lin(pre + "self_attn.q_a_proj", L.mla.q_a);
+      if (L.mla.q_b) lin(pre + "self_attn.q_b_proj", L.mla.q_b);
+      lin(pre + "self_attn.kv_a_proj_with_mqa", L.mla.kv_a);
+      lin(pre + "self_attn.kv_b_proj", L.mla.kv_b);
+      lin(pre + "self_attn.o_proj", L.mla.o);
+    } else if (L.attn.qkv) {  // phi3: PEFT adapts the fused module as one Linear
       lin(pre + "self_attn.o_proj", L.attn.o);
       lin(pre + "self_attn.qkv_proj", L.attn.qkv);
     } else {
@@ -53,7 +60,7 @@ std::vector<const LoraAdapter*> DecoderLM::enable_lora(const LoraSpec& spec, uin
       cands.push_back(ex);
       if (L.moe.has_shared) {
         mlp = &L.moe.shared;
-        mpre = pre + "mlp.shared_expert.";
+        mpre = pre + (cfg_.deepseek ? "mlp.shared_experts." : "mlp.shared_expert.");
       }
       if (L.moe.shared_gate) cands.push_back({pre + "mlp.shared_expert_gate", K::Router, L.moe.shared_gate});
     } else {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <thread>
 #include <filesystem>
 #include <fstream>
@@ -73,11 +74,13 @@ void check_hf_weights_against_config(const std::string& dir, const io::ModelConf
   shapes.shapes_only = true;
   auto model = build_model(cfg, shapes);
   if (is_mxfp4_checkpoint(cfg)) return load_mxfp4_weights(*model, dir, /*check_only=*/true);  // uint8 blocks
+  if (is_fp8_checkpoint(cfg)) return check_fp8_weights(*model, dir);  // F8_E4M3: io::SafeTensors has no such dtype
   check_layouts(*model, io::SafeTensors::open(dir), dir);  // headers only
 }
 
 void load_hf_weights(CausalLM& model, const std::string& dir) {
   if (is_mxfp4_checkpoint(model.config())) return load_mxfp4_weights(model, dir);  // dequantised at load
+  if (is_fp8_checkpoint(model.config())) return load_fp8_weights(model, dir);
   auto st = io::SafeTensors::open(dir);
   const std::vector<size_t> chosen = check_layouts(model, st, dir);  // everything checked before any copy
   std::set<std::string> used;
@@ -96,8 +99,23 @@ void load_hf_weights(CausalLM& model, const std::string& dir) {
   bool ep = false;
   for (auto& p : model.params().all()) ep = ep || (p.expert && p.global_numel != shape_numel(p.shape));
   std::vector<std::string> unused;
-  for (auto& n : st.names())
-    if (!used.count(n) && !(ep && n.find(".experts.") != std::string::npos)) unused.push_back(n);
+  // DeepSeek's multi-token-prediction layers (num_nextn_predict_layers; tensors of layer index
+  // num_hidden_layers and up) are not part of DeepseekV3ForCausalLM: skipped, and said once.
+  const auto& cfg = model.config();
+  const std::string mtp_prefix = "model.layers." + std::to_string(cfg.num_hidden_layers) + ".";
+  int64_t mtp = 0;
+  for (auto& n : st.names()) {
+    if (used.count(n) || (ep && n.find(".experts.") != std::string::npos)) continue;
+    if (cfg.deepseek && n.rfind("model.layers.", 0) == 0 && n.size() > 13 && std::isdigit(static_cast<unsigned char>(n[13])) &&
+        std::stoll(n.substr(13)) >= cfg.num_hidden_layers) {
+      ++mtp;
+      continue;
+    }
+    unused.push_back(n);
+  }
+  if (mtp > 0)
+    log::warn(dir + ": skipping " + std::to_string(mtp) + " tensor(s) of the multi-token-prediction layer(s) from '" +
+              mtp_prefix + "' on (not trained; not written on export)");
   if (!unused.empty()) {
     // A tied lm_head stored anyway is expected; anything else is worth a warning.
     bool only_tied_head = unused.size() == 1 && unused[0] == "lm_head.weight" && model.config().tie_word_embeddings;
@@ -159,7 +177,7 @@ void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
   };
   std::vector<Task> tasks;
   for (auto& p : model.params().all()) {
-    p.source_dtype = dtype;
+    p.source_dtype = p.name.find("e_score_correction_bias") != std::string::npos ? DType::F32 : dtype;
     const int64_t n = p.value.numel();
     if (n == 0) continue;
     for (int64_t c = p.global_offset / kChunk; c * kChunk < p.global_offset + n; ++c) tasks.push_back({&p, c});
@@ -168,9 +186,11 @@ void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
     Param& p = *t.p;
     const std::string& nm = p.name;
     const bool is_norm = nm.find("norm.weight") != std::string::npos || nm.find("layernorm.weight") != std::string::npos;
-    // (gpt_oss's router bias is drawn like a weight, as HF's _init_weights does; its other biases start at 0.)
-    const bool is_bias = nm.size() > 5 && nm.compare(nm.size() - 5, 5, ".bias") == 0 &&
-                         nm.find(".mlp.router.bias") == std::string::npos;
+    // gpt_oss's router bias is drawn like a weight, as HF's _init_weights does (its other biases start at 0);
+    // deepseek_v3's e_score_correction_bias is a buffer HF initialises to zeros (and keeps in fp32).
+    const bool is_bias = (nm.size() > 5 && nm.compare(nm.size() - 5, 5, ".bias") == 0 &&
+                          nm.find(".mlp.router.bias") == std::string::npos) ||
+                         nm.find("e_score_correction_bias") != std::string::npos;
     float* v = p.value.f32();
     const int64_t g0 = t.chunk * kChunk, g1 = g0 + kChunk;                      // global element range of the chunk
     const int64_t lo = std::max(g0, p.global_offset), hi = std::min(g1, p.global_offset + p.value.numel());
@@ -237,6 +257,7 @@ void write_hf_side_files(const CausalLM& model, const std::string& out_dir, cons
       cfg_json.erase("quantization_config");
       break;
     }
+  if (is_fp8_checkpoint(model.config())) cfg_json.erase("quantization_config");  // FP8: saved dequantised
   {
     fs::path tmp = fs::path(out_dir) / "config.json.tmp";
     std::ofstream f(tmp);

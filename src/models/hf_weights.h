@@ -30,6 +30,14 @@ bool is_bnb_4bit_checkpoint(const io::ModelConfig& cfg);
 // mismatch (missing parts, shapes against config.json).
 void load_bnb_4bit_weights(CausalLM& model, const std::string& model_dir);
 
+// FP8 block-quantised checkpoints (hf_weights_fp8.cpp; DeepSeek-V3's hub files): quantization_config
+// quant_method "fp8". load_hf_weights / check_hf_weights_against_config route them here: e4m3 weights with
+// `<name>_scale_inv` block scales are dequantised into the fp32 master, and export writes them unquantised
+// in the config's torch_dtype (quantization_config dropped from config.json).
+bool is_fp8_checkpoint(const io::ModelConfig& cfg);
+void load_fp8_weights(CausalLM& model, const std::string& model_dir);
+void check_fp8_weights(const CausalLM& shapes_only_model, const std::string& model_dir);
+
 // Random init (seeded, deterministic); `dtype` is the dtype recorded for export.
 void init_random_weights(CausalLM& model, uint64_t seed, DType dtype);
 

@@ -8,12 +8,16 @@
 namespace am {
 
 KvCache::KvCache(const io::ModelConfig& cfg, const ExecContext& ex, int64_t capacity)
-      : capacity_(capacity), n_kv_heads_(cfg.num_key_value_heads), head_dim_(cfg.head_dim), ex_(ex) {
+      : capacity_(capacity),
+        n_kv_heads_(cfg.num_key_value_heads),
+        head_dim_(cfg.deepseek ? cfg.ds.qk_head_dim() : cfg.head_dim),  // MLA: per-head keys of nope + rope dims
+        v_dim_(cfg.deepseek ? cfg.ds.v_head_dim : cfg.head_dim),
+        ex_(ex) {
   if (capacity <= 0) throw DataError("KV cache: capacity must be positive, got " + std::to_string(capacity));
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     // Uninitialised: a row is only read after write() filled it.
     k_.push_back(ex.empty({capacity, n_kv_heads_, head_dim_}));
-    v_.push_back(ex.empty({capacity, n_kv_heads_, head_dim_}));
+    v_.push_back(ex.empty({capacity, n_kv_heads_, v_dim_}));
   }
 }
 
@@ -36,21 +40,25 @@ void KvCache::write(int64_t layer, const Tensor& k_new, const Tensor& v_new) {
   ops::copy_(vd, v_new);
 }
 
-Tensor KvCache::view(const Tensor& t, int64_t layer, int64_t rows) const {
+Tensor KvCache::view(const Tensor& t, int64_t layer, int64_t rows, int64_t dim) const {
   if (rows < 0 || rows > capacity_)
     throw DataError("KV cache: " + std::to_string(rows) + " rows requested of " + std::to_string(capacity_) +
                     " (layer " + std::to_string(layer) + ")");
-  return t.slice_rows(0, rows).view({1, rows, n_kv_heads_, head_dim_});
+  return t.slice_rows(0, rows).view({1, rows, n_kv_heads_, dim});
 }
 
-Tensor KvCache::keys(int64_t layer, int64_t rows) const { return view(k_.at(static_cast<size_t>(layer)), layer, rows); }
-Tensor KvCache::values(int64_t layer, int64_t rows) const { return view(v_.at(static_cast<size_t>(layer)), layer, rows); }
+Tensor KvCache::keys(int64_t layer, int64_t rows) const {
+  return view(k_.at(static_cast<size_t>(layer)), layer, rows, head_dim_);
+}
+Tensor KvCache::values(int64_t layer, int64_t rows) const {
+  return view(v_.at(static_cast<size_t>(layer)), layer, rows, v_dim_);
+}
 
 void KvCache::reserve(int64_t capacity) {
   if (capacity <= capacity_) return;
   for (auto* layers : {&k_, &v_})
     for (Tensor& t : *layers) {
-      Tensor bigger = ex_.empty({capacity, n_kv_heads_, head_dim_});
+      Tensor bigger = ex_.empty({capacity, n_kv_heads_, t.dim(2)});
       if (length_ > 0) {
         Tensor dst = bigger.slice_rows(0, length_);
         ops::copy_(dst, t.slice_rows(0, length_));

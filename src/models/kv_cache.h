@@ -2,7 +2,8 @@
 // of every token of one sequence seen so far, exactly as attention reads them (after q/k norm and RoPE).
 //
 //   k[l], v[l]: [capacity, nkv, D] in the model's activation dtype on its device (fp32 on the CPU, bf16 on
-//   CUDA); rows [0, length()) hold positions 0 .. length() - 1.
+//   CUDA); rows [0, length()) hold positions 0 .. length() - 1. DeepSeek's MLA caches the per-head keys and
+//   values it attends over: k [capacity, nh, qk_nope + qk_rope], v [capacity, nh, v_head_dim].
 //
 // One step of DecoderLM::forward_incremental runs n new tokens through every layer: layer l writes their
 // n rows at [length(), length() + n) (write) and attends over rows [0, length() + n) (keys/values); once
@@ -45,9 +46,9 @@ class KvCache {
   void clear() { length_ = 0; }
 
  private:
-  Tensor view(const Tensor& t, int64_t layer, int64_t rows) const;
-  std::vector<Tensor> k_, v_;  // per layer [capacity, nkv, D]
-  int64_t capacity_ = 0, length_ = 0, n_kv_heads_ = 0, head_dim_ = 0;
+  Tensor view(const Tensor& t, int64_t layer, int64_t rows, int64_t dim) const;
+  std::vector<Tensor> k_, v_;  // per layer [capacity, nkv, D], [capacity, nkv, Dv]
+  int64_t capacity_ = 0, length_ = 0, n_kv_heads_ = 0, head_dim_ = 0, v_dim_ = 0;
   ExecContext ex_;  // where the rows live (reserve allocates there)
 };
 

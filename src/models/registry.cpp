@@ -19,6 +19,7 @@ void register_olmoe();
 void register_gemma3();
 void register_phi3();
 void register_gpt_oss();
+void register_deepseek();
 
 static std::map<std::string, ModelBuilder>& table() {
   static std::map<std::string, ModelBuilder> t;
@@ -39,6 +40,7 @@ static void ensure_registered() {
     register_gemma3();
     register_phi3();
     register_gpt_oss();
+    register_deepseek();
   });
 }
 

@@ -43,8 +43,8 @@ void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const A
                         std::to_string(p.seq) + ")");
   need_4d(op, "q", q, p.batch, p.seq, p.n_heads, p.head_dim);
   need_4d(op, "k", k, p.batch, Tk, p.n_kv_heads, p.head_dim);
-  need_4d(op, "v", v, p.batch, Tk, p.n_kv_heads, p.head_dim);
-  need_4d(op, "out", out, p.batch, p.seq, p.n_heads, p.head_dim);
+  need_4d(op, "v", v, p.batch, Tk, p.n_kv_heads, p.dv());
+  need_4d(op, "out", out, p.batch, p.seq, p.n_heads, p.dv());
   for (const Tensor* t : {&k, &v, static_cast<const Tensor*>(&out)})
     if (t->dtype() != q.dtype())
       shape_error(op, describe("q", q) + ", " + describe("k", k) + ", " + describe("v", v) + ", " +
@@ -55,6 +55,9 @@ void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const A
     shape_error(op, "sinks: expected [n_heads = " + std::to_string(p.n_heads) + "] float32");
   if (dev == DeviceType::CUDA) {
 #ifdef AM_WITH_CUDA
+    if (p.dv() != p.head_dim)
+      throw DeviceError(std::string("op ") + op + ": a v head dim (" + std::to_string(p.dv()) +
+                        ") other than the q/k one (" + std::to_string(p.head_dim) + ") is not implemented on CUDA yet");
     cuda::attention_kv_fwd(q, k, v, p, out);
     return;
 #else
@@ -70,6 +73,7 @@ void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const A
   d.n_heads = p.n_heads;
   d.n_kv_heads = p.n_kv_heads;
   d.head_dim = p.head_dim;
+  d.v_head_dim = p.dv();
   d.scale = p.scale;
   d.sliding_window = p.sliding_window;
   d.sinks = p.sinks ? p.sinks->f32() : nullptr;

@@ -38,6 +38,30 @@ void moe_router_fwd(const Tensor& logits, int64_t k, bool norm_topk_prob, Tensor
 void moe_router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& topk_w, bool norm_topk_prob,
                     const Tensor& dtopk_w, const Tensor* dprobs_extra, Tensor& dlogits);
 
+// ---------------- DeepSeek routers (moe_router_grouped.cpp; CPU only for now) ----------------
+// HF DeepseekV3MoE.route_tokens_to_experts / DeepseekV2Moe.route_tokens_to_experts, on logits [N, E] fp32:
+//   scores = sigmoid(logits) (v3) or softmax(logits) (v2)                          [N, E] fp32 (saved)
+//   choice = scores + bias (v3's e_score_correction_bias [E]; none for v2)         selection only, no gradient
+//   group-limited (group != None): the E experts form n_group groups of E / n_group; a group's score is the
+//     sum of its top-2 choices (Top2Sum, v3) or its max (Max, v2 group_limited_greedy); the topk_group best
+//     groups are kept and every other expert's choice becomes 0.0 (HF masked_fill(..., 0.0), not -inf)
+//   topk_idx = the k largest choices (ties: lower index first)                     [N, k] int32
+//   topk_w = scores[topk_idx], / (sum + 1e-20) when norm_topk_prob, * routed_scaling_factor   [N, k] fp32
+struct GroupedRouterOptions {
+  bool sigmoid = false;
+  enum class Group { None, Max, Top2Sum } group = Group::None;
+  int64_t n_group = 1, topk_group = 1;
+  bool norm_topk_prob = false;
+  float routed_scaling_factor = 1.f;
+};
+void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k, const GroupedRouterOptions& o,
+                            Tensor& scores, Tensor& topk_idx, Tensor& topk_w);
+// d logits [N, E] fp32 (assigned) from dtopk_w [N, k] (the selection is piecewise constant: no gradient
+// through the choice, none to the bias):  du_j = (r / S) (dw_j - [norm] sum_s dw_s u_s / S) at the selected
+// experts (u = scores, S = sum u + 1e-20 or 1), then sigmoid' = p (1 - p), or the softmax Jacobian.
+void moe_router_grouped_bwd(const Tensor& scores, const Tensor& topk_idx, const GroupedRouterOptions& o,
+                            const Tensor& dtopk_w, Tensor& dlogits);
+
 // ---------------- dispatch plan ----------------
 // topk_idx [N, k] int32 (values in [0, E)) -> offsets [E+1] int32 (offsets[e]..offsets[e+1] are expert e's
 // rows in grouped order), perm [N*k] int32 (perm[j] = t*k + s of grouped row j; within an expert the pairs

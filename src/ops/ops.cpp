@@ -418,13 +418,14 @@ void geglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& d
 
 namespace {
 // Validates the parameters and a [B, T, heads, D] tensor (leading dims may be merged, e.g. [B*T, heads, D]).
+// D is the q/k head dim, or p.dv() for v / out / dout / dv.
 void check_attn_tensor(const char* op, const char* name, const Tensor& t, const AttnParams& p,
-                       int64_t heads) {
-  if (t.ndim() < 3 || t.dim(-1) != p.head_dim || t.dim(-2) != heads ||
-      t.numel() != p.batch * p.seq * heads * p.head_dim)
+                       int64_t heads, int64_t D = 0) {
+  if (D == 0) D = p.head_dim;
+  if (t.ndim() < 3 || t.dim(-1) != D || t.dim(-2) != heads || t.numel() != p.batch * p.seq * heads * D)
     shape_error(op, describe(name, t) + ": expected [B = " + std::to_string(p.batch) +
                         ", T = " + std::to_string(p.seq) + ", heads = " + std::to_string(heads) +
-                        ", D = " + std::to_string(p.head_dim) + "]");
+                        ", D = " + std::to_string(D) + "]");
 }
 
 cpu::AttnDims check_attention(const char* op, const AttnParams& p, const Tensor& q, const Tensor& k,
@@ -433,7 +434,7 @@ cpu::AttnDims check_attention(const char* op, const AttnParams& p, const Tensor&
                              ", n_heads = " + std::to_string(p.n_heads) +
                              ", n_kv_heads = " + std::to_string(p.n_kv_heads) +
                              ", head_dim = " + std::to_string(p.head_dim);
-  if (p.batch < 0 || p.seq < 0 || p.n_heads <= 0 || p.n_kv_heads <= 0 || p.head_dim <= 0)
+  if (p.batch < 0 || p.seq < 0 || p.n_heads <= 0 || p.n_kv_heads <= 0 || p.head_dim <= 0 || p.v_head_dim < 0)
     shape_error(op, "bad attention parameters (" + params + ")");
   if (p.n_heads % p.n_kv_heads != 0)
     shape_error(op, "n_heads must be a multiple of n_kv_heads (" + params + ")");
@@ -443,8 +444,8 @@ cpu::AttnDims check_attention(const char* op, const AttnParams& p, const Tensor&
   need_f32(op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
   check_attn_tensor(op, "q", q, p, p.n_heads);
   check_attn_tensor(op, "k", k, p, p.n_kv_heads);
-  check_attn_tensor(op, "v", v, p, p.n_kv_heads);
-  check_attn_tensor(op, "out", out, p, p.n_heads);
+  check_attn_tensor(op, "v", v, p, p.n_kv_heads, p.dv());
+  check_attn_tensor(op, "out", out, p, p.n_heads, p.dv());
   need_shape(op, "lse", lse, {p.batch, p.n_heads, p.seq});
   if (p.segment_ids) {
     need_dtype(op, "segment_ids", *p.segment_ids, DType::I32);
@@ -456,6 +457,7 @@ cpu::AttnDims check_attention(const char* op, const AttnParams& p, const Tensor&
   d.n_heads = p.n_heads;
   d.n_kv_heads = p.n_kv_heads;
   d.head_dim = p.head_dim;
+  d.v_head_dim = p.dv();
   d.scale = p.scale;
   d.sliding_window = p.sliding_window;
   return d;
@@ -507,10 +509,10 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   cpu::AttnDims d = check_attention(op, p, q, k, v, lse, out);
   check_sinks(op, p, dsinks);
   need_f32(op, {{"dout", &dout}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}});
-  check_attn_tensor(op, "dout", dout, p, p.n_heads);
+  check_attn_tensor(op, "dout", dout, p, p.n_heads, p.dv());
   check_attn_tensor(op, "dq", dq, p, p.n_heads);
   check_attn_tensor(op, "dk", dk, p, p.n_kv_heads);
-  check_attn_tensor(op, "dv", dv, p, p.n_kv_heads);
+  check_attn_tensor(op, "dv", dv, p, p.n_kv_heads, p.dv());
   dispatch(op, dev, [&] {
     d.segment_ids = p.segment_ids ? p.segment_ids->data<int32_t>() : nullptr;
     d.sinks = p.sinks ? p.sinks->f32() : nullptr;

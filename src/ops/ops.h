@@ -94,14 +94,18 @@ struct AttnParams {
   //   P_ij = exp(score_ij - lse_i), lse_i = log(sum_j exp(score_ij) + exp(s_h)), out_i = sum_j P_ij v_j
   // so a row's probabilities sum to 1 - exp(s_h - lse_i). CPU only (CUDA: DeviceError).
   const Tensor* sinks = nullptr;
+  int64_t v_head_dim = 0;                // Dv of v / out when it differs from the q/k head_dim (DeepSeek MLA:
+                                         // 192 vs 128); 0 = head_dim. CPU only for now.
+  int64_t dv() const { return v_head_dim > 0 ? v_head_dim : head_dim; }
 };
-// Causal attention. q [B, T, nh, D], k/v [B, T, nkv, D] -> out [B, T, nh, D], lse [B, nh, T] (saved,
-// natural-log logsumexp of the scaled scores, and of the sink when p.sinks; rows that see no key get
-// lse = -inf and out = 0).
+// Causal attention. q [B, T, nh, D], k [B, T, nkv, D], v [B, T, nkv, Dv] -> out [B, T, nh, Dv], lse
+// [B, nh, T] (saved, natural-log logsumexp of the scaled scores, and of the sink when p.sinks; rows that see
+// no key get lse = -inf and out = 0). Dv = p.dv().
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                    Tensor& lse);
-// dq, dk, dv assigned. dsinks [nh] fp32 (only with p.sinks; nullptr: not wanted) is a parameter gradient:
-// ACCUMULATED, dsinks[h] += -sum_{b,i} exp(s_h - lse_i) * (dout_i . out_i) over rows that see a key.
+// dq [B, T, nh, D], dk [B, T, nkv, D], dv [B, T, nkv, Dv] assigned. dsinks [nh] fp32 (only with p.sinks;
+// nullptr: not wanted) is a parameter gradient: ACCUMULATED, dsinks[h] += -sum_{b,i} exp(s_h - lse_i) *
+// (dout_i . out_i) over rows that see a key.
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                    const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
                    Tensor* dsinks = nullptr);

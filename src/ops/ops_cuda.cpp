@@ -10,7 +10,10 @@ static Tensor workspace(size_t bytes) {
 // The flash kernels cover head_dim 64 and 128 (every W1/W2 shape and most real models). Other head dims
 // (the tiny golden models use 16 and 32) run the CPU reference on host copies: correct, slow, and only
 // meant for small models.
-static bool flash_supports(const AttnParams& p) { return p.head_dim == 64 || p.head_dim == 128; }
+// (A v head dim that differs from the q/k one, DeepSeek MLA, runs through the host fallback below.)
+static bool flash_supports(const AttnParams& p) {
+  return (p.head_dim == 64 || p.head_dim == 128) && p.dv() == p.head_dim;
+}
 
 static Tensor host_f32(const Tensor& t) {
   Tensor h = cuda::to_host(t);

@@ -357,8 +357,11 @@ double Trainer::mfu_of(double tps, const StepStats& s) const {
 
 double Trainer::flops_per_token(double seq_len) const {
   const auto& c = model_->config();
+  // Scores q.k (D) and probabilities . v (Dv): 6 flops per (head, key) and dim, forward + backward.
+  // DeepSeek's MLA: D = qk_nope + qk_rope, Dv = v_head_dim (head_dim is only the rotary part there).
+  const double qk_plus_v = c.deepseek ? static_cast<double>(c.ds.qk_head_dim() + c.ds.v_head_dim) : 2.0 * c.head_dim;
   return 6.0 * static_cast<double>(model_->matmul_params_per_token()) +
-         12.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len;
+         6.0 * c.num_hidden_layers * c.num_attention_heads * qk_plus_v * seq_len;
 }
 
 const std::vector<size_t>& Trainer::epoch_order(int64_t epoch) {

@@ -1,6 +1,7 @@
 // Causal grouped-query attention, flash-attention style: nothing of size T x T is ever materialised.
 //
-// Layouts: q [B, T, nh, D], k/v [B, T, nkv, D], out [B, T, nh, D], lse [B, nh, T]. Query head h reads
+// Layouts: q [B, T, nh, D], k [B, T, nkv, D], v [B, T, nkv, Dv], out [B, T, nh, Dv], lse [B, nh, T]
+// (Dv = head_dim except DeepSeek MLA). Query head h reads
 // kv head h / (nh / nkv). Key j is visible to query i iff
 //   j <= i                                      (causal)
 //   and i - j < window            when window > 0 (sliding window)
@@ -47,13 +48,16 @@ inline double dot(const float* a, const float* b, int64_t d) {
   return acc;
 }
 
-// Index helpers for the [B, T, heads, D] layouts and the [B, nh, T] lse layout.
+// Index helpers for the [B, T, heads, D] layouts and the [B, nh, T] lse layout. q/k rows are head_dim
+// wide, v / out rows Dv = p.dv() wide (DeepSeek MLA: 192 vs 128).
 struct Idx {
   const AttnDims& p;
   int64_t q(int64_t b, int64_t t, int64_t h) const { return ((b * p.seq + t) * p.n_heads + h) * p.head_dim; }
   int64_t kv(int64_t b, int64_t t, int64_t h) const {
     return ((b * p.seq + t) * p.n_kv_heads + h) * p.head_dim;
   }
+  int64_t o(int64_t b, int64_t t, int64_t h) const { return ((b * p.seq + t) * p.n_heads + h) * p.dv(); }
+  int64_t v(int64_t b, int64_t t, int64_t h) const { return ((b * p.seq + t) * p.n_kv_heads + h) * p.dv(); }
   int64_t row(int64_t b, int64_t h, int64_t t) const { return (b * p.n_heads + h) * p.seq + t; }
   int32_t seg(int64_t b, int64_t t) const { return p.segment_ids ? p.segment_ids[b * p.seq + t] : 0; }
   // First key a query at position i may see (causal + sliding window); the segment test is separate.
@@ -71,20 +75,20 @@ struct Idx {
 void attention_fwd(const float* q, const float* k, const float* v, const AttnDims& p, float* out,
                    float* lse) {
   const Idx ix{p};
-  const int64_t B = p.batch, T = p.seq, NH = p.n_heads, D = p.head_dim;
+  const int64_t B = p.batch, T = p.seq, NH = p.n_heads, D = p.head_dim, DV = p.dv();
   const int64_t group = p.n_heads / p.n_kv_heads;
   const bool par = worth_parallel(p);
 #pragma omp parallel if (par)
   {
-    std::vector<float> s(static_cast<size_t>(T));     // scores of one query row, indexed by key position
-    std::vector<double> acc(static_cast<size_t>(D));  // output accumulator of one query row
+    std::vector<float> s(static_cast<size_t>(T));      // scores of one query row, indexed by key position
+    std::vector<double> acc(static_cast<size_t>(DV));  // output accumulator of one query row
 #pragma omp for collapse(3) schedule(dynamic, 16)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < NH; ++h)
         for (int64_t i = 0; i < T; ++i) {
           const int64_t kh = h / group;
           const float* qi = q + ix.q(b, i, h);
-          float* oi = out + ix.q(b, i, h);
+          float* oi = out + ix.o(b, i, h);
           const int32_t si = ix.seg(b, i);
           const int64_t j0 = ix.first_key(i);
           // Pass 1: scores and their max over the visible keys.
@@ -102,7 +106,7 @@ void attention_fwd(const float* q, const float* k, const float* v, const AttnDim
             }
           }
           if (!any) {  // no visible key (padding row)
-            std::fill(oi, oi + D, 0.f);
+            std::fill(oi, oi + DV, 0.f);
             lse[ix.row(b, h, i)] = kNegInf;
             continue;
           }
@@ -117,10 +121,10 @@ void attention_fwd(const float* q, const float* k, const float* v, const AttnDim
           for (int64_t j = j0; j <= i; ++j) {
             if (s[j] == kNegInf) continue;
             const double pj = std::exp(static_cast<double>(s[j]) - L);
-            const float* vj = v + ix.kv(b, j, kh);
-            for (int64_t x = 0; x < D; ++x) acc[x] += pj * vj[x];
+            const float* vj = v + ix.v(b, j, kh);
+            for (int64_t x = 0; x < DV; ++x) acc[x] += pj * vj[x];
           }
-          for (int64_t x = 0; x < D; ++x) oi[x] = static_cast<float>(acc[x]);
+          for (int64_t x = 0; x < DV; ++x) oi[x] = static_cast<float>(acc[x]);
           lse[ix.row(b, h, i)] = static_cast<float>(L);
         }
   }
@@ -129,7 +133,7 @@ void attention_fwd(const float* q, const float* k, const float* v, const AttnDim
 void attention_bwd(const float* q, const float* k, const float* v, const float* out, const float* lse,
                    const float* dout, const AttnDims& p, float* dq, float* dk, float* dv, float* dsinks) {
   const Idx ix{p};
-  const int64_t B = p.batch, T = p.seq, NH = p.n_heads, NKV = p.n_kv_heads, D = p.head_dim;
+  const int64_t B = p.batch, T = p.seq, NH = p.n_heads, NKV = p.n_kv_heads, D = p.head_dim, DV = p.dv();
   const int64_t group = NH / NKV;
   const bool par = worth_parallel(p);
 
@@ -139,7 +143,7 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < NH; ++h)
       for (int64_t i = 0; i < T; ++i)
-        Drow[ix.row(b, h, i)] = dot(dout + ix.q(b, i, h), out + ix.q(b, i, h), D);
+        Drow[ix.row(b, h, i)] = dot(dout + ix.o(b, i, h), out + ix.o(b, i, h), DV);
 
   // Sink gradients: serial over the [B, nh, T] rows (cheap next to the passes below), deterministic.
   if (p.sinks && dsinks)
@@ -164,7 +168,7 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
         for (int64_t i = 0; i < T; ++i) {
           const int64_t kh = h / group;
           const float* qi = q + ix.q(b, i, h);
-          const float* gi = dout + ix.q(b, i, h);
+          const float* gi = dout + ix.o(b, i, h);
           float* dqi = dq + ix.q(b, i, h);
           const int32_t si = ix.seg(b, i);
           const float L = lse[ix.row(b, h, i)];
@@ -176,7 +180,7 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
               const float* kj = k + ix.kv(b, j, kh);
               const double sij = static_cast<float>(p.scale * dot(qi, kj, D));
               const double P = std::exp(sij - L);
-              const double dS = P * (dot(gi, v + ix.kv(b, j, kh), D) - Di);
+              const double dS = P * (dot(gi, v + ix.v(b, j, kh), DV) - Di);
               for (int64_t x = 0; x < D; ++x) acc[x] += dS * kj[x];
             }
           }
@@ -188,13 +192,13 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
   // and the queries that see it.
 #pragma omp parallel if (par)
   {
-    std::vector<double> ak(static_cast<size_t>(D)), av(static_cast<size_t>(D));
+    std::vector<double> ak(static_cast<size_t>(D)), av(static_cast<size_t>(DV));
 #pragma omp for collapse(3) schedule(dynamic, 16)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t kh = 0; kh < NKV; ++kh)
         for (int64_t j = 0; j < T; ++j) {
           const float* kj = k + ix.kv(b, j, kh);
-          const float* vj = v + ix.kv(b, j, kh);
+          const float* vj = v + ix.v(b, j, kh);
           const int32_t sj = ix.seg(b, j);
           std::fill(ak.begin(), ak.end(), 0.0);
           std::fill(av.begin(), av.end(), 0.0);
@@ -206,22 +210,18 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
                 const float L = lse[ix.row(b, h, i)];
                 if (L == kNegInf) continue;
                 const float* qi = q + ix.q(b, i, h);
-                const float* gi = dout + ix.q(b, i, h);
+                const float* gi = dout + ix.o(b, i, h);
                 const double sij = static_cast<float>(p.scale * dot(qi, kj, D));
                 const double P = std::exp(sij - L);
-                const double dS = P * (dot(gi, vj, D) - Drow[ix.row(b, h, i)]);
-                for (int64_t x = 0; x < D; ++x) {
-                  ak[x] += dS * qi[x];
-                  av[x] += P * gi[x];
-                }
+                const double dS = P * (dot(gi, vj, DV) - Drow[ix.row(b, h, i)]);
+                for (int64_t x = 0; x < D; ++x) ak[x] += dS * qi[x];
+                for (int64_t x = 0; x < DV; ++x) av[x] += P * gi[x];
               }
           }
           float* dkj = dk + ix.kv(b, j, kh);
-          float* dvj = dv + ix.kv(b, j, kh);
-          for (int64_t x = 0; x < D; ++x) {
-            dkj[x] = static_cast<float>(p.scale * ak[x]);
-            dvj[x] = static_cast<float>(av[x]);
-          }
+          float* dvj = dv + ix.v(b, j, kh);
+          for (int64_t x = 0; x < D; ++x) dkj[x] = static_cast<float>(p.scale * ak[x]);
+          for (int64_t x = 0; x < DV; ++x) dvj[x] = static_cast<float>(av[x]);
         }
   }
 }

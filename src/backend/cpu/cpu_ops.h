@@ -74,8 +74,10 @@ struct AttnDims {
   int64_t sliding_window = 0;            // 0: none; else key j visible to query i iff i - j < window
   const int32_t* segment_ids = nullptr;  // [B, T] or null; < 0 marks padding
   const float* sinks = nullptr;          // [nh] or null: gpt_oss attention sink logits (ops.h AttnParams)
+  int64_t v_head_dim = 0;                // Dv of v / out / dv (0: head_dim)
+  int64_t dv() const { return v_head_dim > 0 ? v_head_dim : head_dim; }
 };
-// q [B, T, nh, D], k/v [B, T, nkv, D] -> out [B, T, nh, D], lse [B, nh, T]. Causal, GQA.
+// q [B, T, nh, D], k [B, T, nkv, D], v [B, T, nkv, Dv] -> out [B, T, nh, Dv], lse [B, nh, T]. Causal, GQA.
 void attention_fwd(const float* q, const float* k, const float* v, const AttnDims& p, float* out, float* lse);
 // dq, dk, dv assigned; probabilities are recomputed from lse. dsinks [nh] (null: none) accumulated.
 void attention_bwd(const float* q, const float* k, const float* v, const float* out, const float* lse,

@@ -14,6 +14,7 @@ namespace am::cpu {
 
 void attention_kv_fwd(const float* q, const float* k, const float* v, const KvAttnDims& p, float* out) {
   const int64_t B = p.batch, Tq = p.q_len, Tk = p.kv_len, NH = p.n_heads, NKV = p.n_kv_heads, D = p.head_dim;
+  const int64_t DV = p.v_head_dim > 0 ? p.v_head_dim : D;
   const int64_t group = NH / NKV, offset = Tk - Tq;
   // One decode step of a small model is microseconds of work: a parallel region only pays from a few
   // hundred thousand multiply-adds up.
@@ -21,7 +22,7 @@ void attention_kv_fwd(const float* q, const float* k, const float* v, const KvAt
 #pragma omp parallel if (par)
   {
     std::vector<float> s(static_cast<size_t>(Tk));
-    std::vector<double> acc(static_cast<size_t>(D));
+    std::vector<double> acc(static_cast<size_t>(DV));
 #pragma omp for collapse(3) schedule(dynamic, 4)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < NH; ++h)
@@ -29,8 +30,9 @@ void attention_kv_fwd(const float* q, const float* k, const float* v, const KvAt
           const int64_t kh = h / group, pos = offset + i;
           const int64_t j0 = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
           const float* qi = q + ((b * Tq + i) * NH + h) * D;
-          float* oi = out + ((b * Tq + i) * NH + h) * D;
+          float* oi = out + ((b * Tq + i) * NH + h) * DV;
           auto krow = [&](const float* base, int64_t j) { return base + ((b * Tk + j) * NKV + kh) * D; };
+          auto vrow = [&](int64_t j) { return v + ((b * Tk + j) * NKV + kh) * DV; };
           float m = -std::numeric_limits<float>::infinity();
           for (int64_t j = j0; j <= pos; ++j) {
             double d = 0.0;
@@ -47,10 +49,10 @@ void attention_kv_fwd(const float* q, const float* k, const float* v, const KvAt
           std::fill(acc.begin(), acc.end(), 0.0);
           for (int64_t j = j0; j <= pos; ++j) {
             const double pj = std::exp(static_cast<double>(s[static_cast<size_t>(j)]) - L);
-            const float* vj = krow(v, j);
-            for (int64_t x = 0; x < D; ++x) acc[static_cast<size_t>(x)] += pj * vj[x];
+            const float* vj = vrow(j);
+            for (int64_t x = 0; x < DV; ++x) acc[static_cast<size_t>(x)] += pj * vj[x];
           }
-          for (int64_t x = 0; x < D; ++x) oi[x] = static_cast<float>(acc[static_cast<size_t>(x)]);
+          for (int64_t x = 0; x < DV; ++x) oi[x] = static_cast<float>(acc[static_cast<size_t>(x)]);
         }
   }
 }

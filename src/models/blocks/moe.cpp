@@ -76,7 +76,16 @@ MoeWeights register_moe(ParamStore& ps, const std::string& pre, const io::ModelC
   }
   w.gate_up->layouts.insert(w.gate_up->layouts.begin(), gu);
   w.down->layouts.insert(w.down->layouts.begin(), dn);
-  if (c.shared_expert_intermediate_size > 0) {
+  if (c.deepseek) {
+    // HF DeepseekV3TopkRouter holds the correction bias next to its weight (transformers keeps it fp32);
+    // DeepseekV2's gate is a plain Linear. The shared experts: one ungated SwiGLU MLP.
+    if (c.ds.topk_method == "noaux_tc") {
+      w.score_bias = &ps.add(pre + "mlp.gate.e_score_correction_bias", {E});
+      ParamStore::freeze(*w.score_bias);
+    }
+    w.has_shared = true;
+    w.shared = register_mlp(ps, pre + "mlp.shared_experts.", H, c.ds.n_shared_experts * I, c.mlp_bias);
+  } else if (c.shared_expert_intermediate_size > 0) {
     w.has_shared = true;
     w.shared = register_mlp(ps, pre + "mlp.shared_expert.", H, c.shared_expert_intermediate_size, false);
     w.shared_gate = &ps.add(pre + "mlp.shared_expert_gate.weight", {1, H});
@@ -187,7 +196,11 @@ Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions&
   s.probs = ex.empty({N, E}, DType::F32);
   s.topk_idx = ex.empty({N, k}, DType::I32);
   s.topk_w = ex.empty({N, k}, DType::F32);
-  ops::moe_router_fwd(logits, k, o.norm_topk_prob, s.probs, s.topk_idx, s.topk_w);
+  if (o.grouped)
+    ops::moe_router_grouped_fwd(logits, w.score_bias ? &w.score_bias->work : nullptr, k, *o.grouped, s.probs,
+                                s.topk_idx, s.topk_w);
+  else
+    ops::moe_router_fwd(logits, k, o.norm_topk_prob, s.probs, s.topk_idx, s.topk_w);
   if (o.fake_balanced_gate) fake_balanced_routing(ex, N, k, E, s.topk_idx, s.topk_w);
   s.offsets = ex.empty({E + 1}, DType::I32);
   s.perm = ex.empty({N * k}, DType::I32);
@@ -226,7 +239,9 @@ Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions&
   s.yg = ep ? exchange(ex, *o.ep, gather_rows(ex, ye, s.from_expert, ye.dtype()), s.recv_rows, s.send_rows) : ye;
   Tensor y = ex.empty({N, H});
   ops::moe_combine(s.yg, s.inv, s.topk_w, y);
-  if (w.has_shared) {
+  if (w.has_shared && !w.shared_gate) {
+    ops::add_(y, mlp_forward(ex, w.shared, x, &s.shared));
+  } else if (w.has_shared) {
     s.shared_y = mlp_forward(ex, w.shared, x, &s.shared);
     s.shared_logit = ex.empty({N, 1});
     ops::linear_fwd(x, w.shared_gate->work, nullptr, s.shared_logit);
@@ -285,12 +300,18 @@ Tensor moe_backward(const ExecContext& ex, const MoeWeights& w, const MoeOptions
   // router: routing weights (and the aux loss) -> probs -> logits -> x, Wr
   if (!o.fake_balanced_gate) {
     Tensor dlogits = ex.empty({N, E});
-    ops::moe_router_bwd(s.probs, s.topk_idx, s.topk_w, o.norm_topk_prob, dtopk_w, dprobs_extra, dlogits);
+    if (o.grouped)  // (no aux loss for deepseek: dprobs_extra is never set)
+      ops::moe_router_grouped_bwd(s.probs, s.topk_idx, *o.grouped, dtopk_w, dlogits);
+    else
+      ops::moe_router_bwd(s.probs, s.topk_idx, s.topk_w, o.norm_topk_prob, dtopk_w, dprobs_extra, dlogits);
     Tensor tmp = ex.empty({N, H});
     ops::linear_bwd(s.x, w.router->work, dlogits, &tmp, w.router->grad, grad_or_null(w.router_bias));
     ops::add_(dx, tmp);
   }
-  if (w.has_shared) {
+  if (w.has_shared && !w.shared_gate) {
+    Tensor dsx = mlp_backward(ex, w.shared, s.shared, dy);
+    ops::add_(dx, dsx);
+  } else if (w.has_shared) {
     Tensor dsy = ex.empty({N, H}), dg = ex.empty({N, 1});
     ops::moe_shared_gate_bwd(s.shared_y, s.shared_logit, dy, dsy, dg);
     Tensor tmp = ex.empty({N, H});

@@ -8,6 +8,8 @@
 //   y_e = gpt_oss_glu(x W_gu[e]^T + b_gu[e]) W_down[e]^T + b_down[e] (ops/gpt_oss_ops.h), gate/up columns
 //   interleaved as on the hub. Hub tensors mlp.experts.gate_up_proj [E, H, 2I] / down_proj [E, I, H] are the
 //   transposes of the internal [E, 2I, H] / [E, H, I] (SourceSlice::transposed).
+//   (deepseek) the router is ops::moe_router_grouped_fwd (sigmoid / softmax scores, e_score_correction_bias,
+//   group-limited top-k, routed_scaling_factor) and y += shared_experts(x), ungated
 // The experts of a layer live in two fused parameters, as transformers 5 holds them:
 //   mlp.experts.gate_up_proj [E, 2I, H] (gate rows first), mlp.experts.down_proj [E, H, I];
 // the hub's per-expert tensors are slices of them (Param::layouts), so checkpoints load and save either way.
@@ -23,6 +25,7 @@
 #include "models/blocks/mlp.h"
 #include "models/exec.h"
 #include "models/params.h"
+#include "ops/moe_ops.h"
 
 namespace am {
 
@@ -34,9 +37,11 @@ struct MoeWeights {
   Param* router = nullptr;   // [E, H]
   Param* gate_up = nullptr;  // [E, 2I, H]
   Param* down = nullptr;     // [E, H, I]
-  bool has_shared = false;   // qwen2_moe
+  bool has_shared = false;   // qwen2_moe, deepseek
   MlpWeights shared{};       // [Is, H], [Is, H], [H, Is]
-  Param* shared_gate = nullptr;  // [1, H]
+  Param* shared_gate = nullptr;  // [1, H] (qwen2_moe; deepseek's shared experts are ungated)
+  Param* score_bias = nullptr;   // [E] deepseek_v3 mlp.gate.e_score_correction_bias: a frozen fp32 buffer
+                                 // (selection only; loaded and saved, never trained)
   // gpt_oss
   Param* router_bias = nullptr;   // [E]
   Param* gate_up_bias = nullptr;  // [E, 2I] interleaved (gate = even, up = odd)
@@ -68,6 +73,7 @@ struct MoeOptions {
   bool norm_topk_prob = false;
   bool fake_balanced_gate = false;  // tokens -> experts round-robin, weights 1/k, no router gradient
   dist::Communicator* ep = nullptr;  // expert-parallel group (nullptr: every expert is local)
+  const ops::GroupedRouterOptions* grouped = nullptr;  // deepseek's router (nullptr: softmax top-k)
 };
 
 // prefix: "model.layers.{i}." Registers the router, the fused experts (+ shared expert) with the hub's
