@@ -305,9 +305,56 @@ def phi3_config():
     )
 
 
+# ------------------------------------------------------------------------------------------------
+# DeepSeek-V3: tools/deepseek_v3_reference.py (a functional plain-torch model over a dict of tensors named as
+# transformers 5 names the parameters) wrapped as a module, so the goldens' training loop runs it unchanged.
+# ------------------------------------------------------------------------------------------------
+class FunctionalModel(nn.Module):
+    """Parameters under their HF names (nn.Module forbids dots in names: kept in a list beside the names)."""
+
+    def __init__(self, params, fwd, config, file_layout, frozen=()):
+        super().__init__()
+        self.config = config
+        self._names = list(params)
+        self._plist = nn.ParameterList(
+            [nn.Parameter(v.clone(), requires_grad=n not in frozen) for n, v in params.items()])
+        self._fwd, self._file_layout = fwd, file_layout
+
+    def named_parameters(self, prefix="", recurse=True, **kw):
+        return iter([(n, p) for n, p in zip(self._names, self._plist)])
+
+    def params(self):
+        return dict(zip(self._names, self._plist))
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self._fwd(self.params(), input_ids, attention_mask))
+
+    def state_for_file(self):
+        return {k: v.detach() for k, v in self._file_layout(self.params()).items()}
+
+
+def make_deepseek_v3(c, seed):
+    import deepseek_v3_reference as D
+
+    cfg = dict(D.CFG)
+    P = D.make_params(cfg, seed, True)
+    frozen = {k for k in P if k.endswith("e_score_correction_bias")}  # a buffer in HF: never trained
+    return FunctionalModel(P, lambda P_, ids, mask: D.forward(P_, cfg, ids, mask, True, cfg["rope_interleave"]), c,
+                           lambda P_: D.hub_layout(P_, cfg), frozen)
+
+
+def deepseek_v3_config():
+    import deepseek_v3_reference as D
+
+    return dict(D.CFG)
+
+
 CASES = {
     "gemma3_text": dict(name="gemma3_text", seed=1006, make_cfg=gemma3_config, model_cls=RefGemma3, max_norm=1.0),
     "phi3": dict(name="phi3", seed=1007, make_cfg=phi3_config, model_cls=RefPhi3, max_norm=1.0),
+    # own_init: the reference draws its own weights (stds chosen so MLA, the router and the bias matter)
+    "deepseek_v3": dict(name="deepseek_v3", seed=7, make_cfg=deepseek_v3_config, make_model=make_deepseek_v3,
+                        own_init=True, max_norm=1.0),
 }
 
 
@@ -319,12 +366,12 @@ def run_case(case, out_root):
     raw = case["make_cfg"]()
     c = SimpleNamespace(**raw)
     torch.manual_seed(case["seed"])
-    model = case["model_cls"](c)
+    model = case["make_model"](c, case["seed"]) if "make_model" in case else case["model_cls"](c)
     g = torch.Generator().manual_seed(case["seed"] + 7)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for n, p in [] if case.get("own_init") else model.named_parameters():
             if n.endswith("norm.weight"):  # zero-centred (gemma): w near 0 means scale 1
-                zc = case["model_cls"] is RefGemma3
+                zc = case.get("model_cls") is RefGemma3
                 p.copy_((0.0 if zc else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
             else:
                 p.normal_(0.0, 0.02, generator=g)
