@@ -99,7 +99,7 @@ expect "batch not split over ranks" 2 "local_batch_size x data-parallel ranks" -
 # expert parallelism through the launcher, MoE golden numbers at world 2 (ep_size 2)
 expect "moe ep_size 2 through --nproc-per-node" 0 "step 4 \| epoch 0 \| loss 5\.71" -- "$BIN" finetune "$MOE" \
   --nproc-per-node 2 --device=cpu --distributed.ep_size=2 --checkpoint.checkpoint_dir="$T/ck_ep2"
-# every HF golden family through the real launcher path at world 2 (fsdp2; ddp for the dense ones; ep_size 2
+# every HF golden family (and ref_torch family) through the real launcher path at world 2 (fsdp2; ddp for the dense ones; ep_size 2
 # for the MoE ones): per-step loss within 1e-4 and grad norm within 1e-3 of transformers (expected.json)
 golden_check() {  # NAME CKPT_DIR CASE_DIR
   python3 - "$2/training.jsonl" "$3/expected.json" <<'PY'
@@ -116,8 +116,10 @@ sys.exit(0 if worst_l < 1e-4 and worst_g < 1e-3 else 1)
 PY
 }
 if command -v python3 >/dev/null; then
-  for case_dir in "$ROOT"/tests/fixtures/golden/*/; do
+  # (and the families checked against the independent torch reference until their HF goldens exist)
+  for case_dir in "$ROOT"/tests/fixtures/golden/*/ "$ROOT"/tests/fixtures/ref_torch/*/; do
     c=$(basename "$case_dir")
+    [[ "$case_dir" == */ref_torch/* ]] && c="ref_torch_$c"
     [ -f "$case_dir/expected.json" ] || continue
     modes="fsdp2 ddp"
     grep -q experts "$case_dir/model/config.json" && modes="fsdp2 ep2"
