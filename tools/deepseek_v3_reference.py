@@ -1,27 +1,16 @@
 #!/usr/bin/env python3
 """INDEPENDENT REFERENCE, NOT HF: a plain-PyTorch re-implementation of the deepseek_v3 forward (written from
 a reading of transformers' modeling_deepseek_v3.py, no transformers import), to cross-check the engine's
-CPU path where transformers is not installed. Its outputs are NOT golden fixtures: the HF goldens come from
-tools/make_hf_goldens.py (case deepseek_v3) on a machine with transformers.
+CPU path where transformers is not installed. The HF goldens come from tools/make_hf_goldens.py (case
+deepseek_v3) on a machine with transformers.
 
-  python3 tools/deepseek_v3_reference.py OUT_DIR [--seed S] [--no-q-lora] [--no-interleave]
-
-writes OUT_DIR/model/{config.json,model.safetensors} (a tiny random model, hub per-expert layout, fp32),
-OUT_DIR/ref_logits.safetensors (input_ids [2, T] I64, attention_mask [2, T] I64, logits [2, T, V] f32) and
-OUT_DIR/ref_grads.safetensors: d(sum CE / N)/d param under the engine's (transformers 5) names (fused
-experts gate_up_proj [E, 2I, H], down_proj [E, H, I]), labels = input_ids shifted as ForCausalLMLoss.
-With --train DATA_JSONL it also runs the 4-step golden loop of docs/goldens.md (AdamW, accumulation,
-clipping) and writes recipe.yaml, data.jsonl, ref_train.json and ref_final.safetensors.
-tests/models/test_deepseek.cpp (DeepseekReference.*) compares against them when AM_DSV3_REF=OUT_DIR.
-Needs only torch + numpy (safetensors is written by hand).
+A module of model code only: tools/ref_torch_goldens.py (case deepseek_v3) wraps make_params / forward /
+hub_layout and writes tests/fixtures/ref_torch/deepseek_v3 with the goldens' own data, loop and file format.
+Parameters are named as transformers 5 names them (fused experts gate_up_proj [E, 2I, H], down_proj
+[E, H, I]); hub_layout gives the per-expert tensors save_pretrained writes.
 """
-import argparse
-import json
 import math
-import os
-import struct
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,25 +50,6 @@ CFG = dict(
                          mscale=1.0, mscale_all_dim=0.8),
     dtype="float32",
 )
-
-
-def write_safetensors(path, tensors):
-    header, blobs, off = {}, [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous()
-        dt = {torch.float32: "F32", torch.int64: "I64"}[t.dtype]
-        b = t.numpy().tobytes()
-        header[name] = dict(dtype=dt, shape=list(t.shape), data_offsets=[off, off + len(b)])
-        blobs.append(b)
-        off += len(b)
-    header["__metadata__"] = {"format": "pt"}
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
 
 
 def get_mscale(scale, m=1.0):
@@ -265,141 +235,3 @@ def forward(P, c, ids, mask, q_lora, interleave):
     return rmsnorm(x, P["model.norm.weight"], eps) @ P["lm_head.weight"].T
 
 
-def collate(rows):
-    """Right-pad to the longest row: pad id 0, attention_mask 0, label -100 (docs/goldens.md)."""
-    T = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.int64)
-    mask = torch.zeros(len(rows), T, dtype=torch.int64)
-    lab = torch.full((len(rows), T), -100, dtype=torch.int64)
-    for b, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[b, :n] = torch.tensor(r["input_ids"])
-        mask[b, :n] = 1
-        lab[b, :n] = torch.tensor(r["labels"])
-    return ids, mask, lab
-
-
-def shift(lab):
-    return torch.cat((lab[:, 1:], torch.full((lab.shape[0], 1), -100, dtype=lab.dtype)), 1)
-
-
-def train(P, c, rows, q_lora, interleave, steps=4, gbs=4, lbs=2, lr=1e-3, wd=0.1, max_norm=1.0):
-    """The golden loop (docs/goldens.md): AdamW over the parameters (not the correction-bias buffer),
-    sum CE / N per micro-batch, accumulation, clipping; returns per-step loss and grad norm."""
-    params = [v for k, v in P.items() if not k.endswith("e_score_correction_bias")]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd, foreach=False)
-    out = []
-    for s in range(steps):
-        mbs = [collate(rows[s * gbs + i : s * gbs + i + lbs]) for i in range(0, gbs, lbs)]
-        n_tok = int(sum(int((shift(lab) != -100).sum()) for _, _, lab in mbs))
-        total = 0.0
-        for ids, mask, lab in mbs:
-            logits = forward(P, c, ids, mask, q_lora, interleave)
-            ce = F.cross_entropy(logits.reshape(-1, c["vocab_size"]), shift(lab).reshape(-1), ignore_index=-100,
-                                 reduction="sum")
-            (ce / n_tok).backward()
-            total += float(ce)
-        gn = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        opt.step()
-        opt.zero_grad()
-        out.append(dict(step=s + 1, loss=total / n_tok, grad_norm=gn, num_label_tokens=n_tok))
-    return out
-
-
-RECIPE = """# deepseek_v3 independent-reference run (tools/deepseek_v3_reference.py --train): NOT an HF golden.
-seed: 42
-device: cpu
-model:
-  pretrained_model_name_or_path: model
-  dtype: float32
-step_scheduler:
-  global_batch_size: 4
-  local_batch_size: 2
-  max_steps: 4
-  num_epochs: 1
-dataset:
-  _target_: tokenized_jsonl
-  path_or_dataset: data.jsonl
-dataloader:
-  shuffle: false
-optimizer:
-  _target_: torch.optim.AdamW
-  lr: 1.0e-3
-  betas: [0.9, 0.999]
-  eps: 1.0e-8
-  weight_decay: 0.1
-clip_grad_norm:
-  max_norm: 1.0
-loss_fn:
-  _target_: masked_cross_entropy
-checkpoint:
-  enabled: true
-  checkpoint_dir: checkpoints
-  save_consolidated: final
-"""
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out")
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--no-q-lora", action="store_true")
-    ap.add_argument("--no-interleave", action="store_true")
-    ap.add_argument("--train", metavar="DATA_JSONL",
-                    help="also run the 4-step golden loop on these tokenized_jsonl rows (16 rows, ids < 300): writes "
-                         "data.jsonl, recipe.yaml, ref_train.json and ref_final.safetensors (hub names)")
-    args = ap.parse_args()
-    torch.set_default_dtype(torch.float32)
-    c = dict(CFG)
-    q_lora = not args.no_q_lora
-    if not q_lora:
-        c["q_lora_rank"] = None
-    c["rope_interleave"] = not args.no_interleave
-    P = make_params(c, args.seed, q_lora)
-    os.makedirs(os.path.join(args.out, "model"), exist_ok=True)
-    with open(os.path.join(args.out, "model", "config.json"), "w") as f:
-        json.dump(c, f, indent=2)
-    write_safetensors(os.path.join(args.out, "model", "model.safetensors"), hub_layout(P, c))
-
-    g = torch.Generator().manual_seed(args.seed + 1)
-    lens, T = [13, 9], 13
-    ids = torch.zeros(2, T, dtype=torch.int64)
-    mask = torch.zeros(2, T, dtype=torch.int64)
-    for b, n in enumerate(lens):
-        ids[b, :n] = torch.randint(3, c["vocab_size"], (n,), generator=g)
-        mask[b, :n] = 1
-    for v in P.values():
-        v.requires_grad_(not False)
-    P_bias = [k for k in P if k.endswith("e_score_correction_bias")]
-    for k in P_bias:
-        P[k].requires_grad_(False)
-    logits = forward(P, c, ids, mask, q_lora, c["rope_interleave"])
-    labels = ids.masked_fill(mask == 0, -100)
-    tgt = torch.cat((labels[:, 1:], torch.full((2, 1), -100)), 1)
-    n_tok = int((tgt != -100).sum())
-    loss = F.cross_entropy(logits.reshape(-1, c["vocab_size"]), tgt.reshape(-1), ignore_index=-100, reduction="sum")
-    (loss / n_tok).backward()
-    write_safetensors(os.path.join(args.out, "ref_logits.safetensors"),
-                      dict(input_ids=ids, attention_mask=mask, logits=logits.detach()))
-    write_safetensors(os.path.join(args.out, "ref_grads.safetensors"),
-                      {k: v.grad for k, v in P.items() if v.grad is not None})
-    print(f"loss/N = {float(loss) / n_tok:.6f} over N = {n_tok}; wrote {args.out}")
-    if args.train:
-        rows = [json.loads(l) for l in open(args.train) if l.strip()]
-        for v in P.values():
-            v.grad = None
-        steps = train(P, c, rows, q_lora, c["rope_interleave"])
-        with open(os.path.join(args.out, "data.jsonl"), "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        with open(os.path.join(args.out, "recipe.yaml"), "w") as f:
-            f.write(RECIPE)
-        with open(os.path.join(args.out, "ref_train.json"), "w") as f:
-            json.dump(dict(steps=steps, note="independent plain-torch reference, NOT HF"), f, indent=2)
-        write_safetensors(os.path.join(args.out, "ref_final.safetensors"), hub_layout(P, c))
-        for st in steps:
-            print(st)
-
-
-if __name__ == "__main__":
-    main()

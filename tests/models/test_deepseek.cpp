@@ -1,9 +1,7 @@
 // deepseek_v3 / deepseek_v2 beyond the HF golden (tools/make_hf_goldens.py case deepseek_v3, run by
 // test_hf_golden.cpp once its fixture exists): config.json keys and defaults, the whole model's gradients
 // against finite differences of its own loss, a hub-layout checkpoint (hand-named tensors, an MTP layer to
-// skip) that loads and exports bit for bit, a tiny FP8 (e4m3 + block scales) checkpoint, and, when
-// AM_DSV3_REF names a folder made by tools/deepseek_v3_reference.py (an independent plain-torch reference,
-// NOT HF), logits and step-1 gradients against it.
+// skip) that loads and exports bit for bit, a tiny FP8 (e4m3 + block scales) checkpoint, and cached decode.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -487,88 +485,5 @@ TEST(DeepseekCheckpoint, Fp8BlockScalesDequantiseOnLoad) {
   EXPECT_FALSE(json::parse(cf).contains("quantization_config"));
 }
 
-// Cross-check against tools/deepseek_v3_reference.py (independent plain-torch reference, not HF); skipped
-// unless AM_DSV3_REF names its output folder.
-TEST(DeepseekReference, LogitsAndGradientsMatchTorchReference) {
-  const char* env = std::getenv("AM_DSV3_REF");
-  if (!env) GTEST_SKIP() << "AM_DSV3_REF not set (python3 tools/deepseek_v3_reference.py DIR)";
-  const fs::path dir(env);
-  auto m = build_model(io::load_model_config((dir / "model/config.json").string()));
-  load_hf_weights(*m, (dir / "model").string());
-  auto ref = io::SafeTensors::open((dir / "ref_logits.safetensors").string());
-  Tensor ids = ref.get("input_ids"), mask = ref.get("attention_mask"), logits = ref.get("logits");
-  const int64_t B = ids.dim(0), T = ids.dim(1), V = logits.dim(2);
-  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t)
-      if (mask.data<int64_t>()[b * T + t]) rows[b].push_back(static_cast<int32_t>(ids.data<int64_t>()[b * T + t]));
-  Batch batch = batch_of(rows);
-  Tensor out = m->forward_logits(batch);
-  double worst = 0, rel = 0;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      if (!mask.data<int64_t>()[b * T + t]) continue;
-      for (int64_t v = 0; v < V; ++v) {
-        const double w = logits.f32()[(b * T + t) * V + v], g = out.f32()[(b * T + t) * V + v];
-        worst = std::max(worst, std::abs(w - g));
-        rel = std::max(rel, std::abs(w - g) / std::max(1e-3, std::abs(w)));
-      }
-    }
-  std::printf("[deepseek ref] logits: max abs diff %.3e, max rel diff %.3e\n", worst, rel);
-  EXPECT_LT(worst, 1e-4);
-  int64_t n_tok = 0;
-  for (auto& r : rows) n_tok += static_cast<int64_t>(r.size()) - 1;
-  m->params().zero_grad();
-  m->forward_backward(batch, 1.f / static_cast<float>(n_tok), ForwardOptions{});
-  auto grads = io::SafeTensors::open((dir / "ref_grads.safetensors").string());
-  double gworst = 0;
-  for (auto& p : m->params().all()) {
-    if (!p.trainable) continue;
-    ASSERT_TRUE(grads.has(p.name)) << p.name;
-    Tensor w = grads.get(p.name);
-    double scale = 0, d = 0;
-    for (int64_t i = 0; i < w.numel(); ++i) {
-      scale = std::max(scale, std::abs(double(w.f32()[i])));
-      d = std::max(d, std::abs(double(w.f32()[i]) - p.grad.f32()[i]));
-    }
-    gworst = std::max(gworst, d / std::max(scale, 1e-12));
-    EXPECT_LT(d, 1e-6 + 1e-4 * scale) << p.name << " (max |grad| " << scale << ")";
-  }
-  std::printf("[deepseek ref] step-1 grads: max abs diff / max |grad| per tensor, worst %.3e\n", gworst);
-}
-
-// The 4-step golden loop (AdamW with weight decay, 2 micro-batches, clipping) through the Trainer against
-// the reference's own loop (tools/deepseek_v3_reference.py --train; not HF), at the golden tolerances.
-TEST(DeepseekReference, FourStepsMatchTorchReference) {
-  const char* env = std::getenv("AM_DSV3_REF");
-  if (!env || !fs::exists(fs::path(env) / "ref_train.json"))
-    GTEST_SKIP() << "AM_DSV3_REF not set or made without --train";
-  const fs::path dir(env), out = fresh_dir("dsv3_ref_train");
-  Recipe r = Recipe::load((dir / "recipe.yaml").string(), {"checkpoint.checkpoint_dir=" + out.string()});
-  Trainer t(r, TrainerOptions{.quiet = true});
-  auto steps = t.train();
-  std::ifstream ef(dir / "ref_train.json");
-  json exp = json::parse(ef)["steps"];
-  ASSERT_EQ(steps.size(), exp.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const double el = exp[i]["loss"], eg = exp[i]["grad_norm"];
-    std::printf("[deepseek ref] step %zu: loss %.7f vs %.7f, grad_norm %.6f vs %.6f\n", i + 1, steps[i].loss, el,
-                steps[i].grad_norm, eg);
-    EXPECT_EQ(steps[i].num_label_tokens, exp[i]["num_label_tokens"].get<int64_t>());
-    EXPECT_LT(std::abs(steps[i].loss - el) / el, 1e-4) << "step " << i + 1;
-    EXPECT_LT(std::abs(steps[i].grad_norm - eg) / eg, 1e-3) << "step " << i + 1;
-  }
-  auto got = io::SafeTensors::open((out / "LATEST" / "model" / "consolidated").string());
-  auto want = io::SafeTensors::open((dir / "ref_final.safetensors").string());
-  EXPECT_EQ(got.names(), want.names());
-  double worst = 0;
-  for (auto& name : want.names()) {
-    ASSERT_TRUE(got.has(name)) << name;
-    Tensor a = got.get(name).to(DType::F32), b = want.get(name).to(DType::F32);
-    double d = 0;
-    for (int64_t i = 0; i < a.numel(); ++i) d = std::max(d, std::abs(double(a.f32()[i]) - b.f32()[i]));
-    worst = std::max(worst, d);
-    EXPECT_LT(d, 1e-4) << "final weight " << name;
-  }
-  std::printf("[deepseek ref] final weights: max abs diff %.3e\n", worst);
-}
+// The cross-check against tools/deepseek_v3_reference.py (an independent plain-torch reference, not HF) runs
+// as tests/fixtures/ref_torch/deepseek_v3 in test_hf_golden.cpp and test_generate.cpp.
