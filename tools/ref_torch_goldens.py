@@ -56,7 +56,8 @@ def save_safetensors(tensors, path, metadata=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Gemma 3 text (Gemma3ForCausalLM semantics, eager attention, float32)
+# Gemma 3 text (Gemma3ForCausalLM semantics, eager attention, float32); Gemma 2 (Gemma2ForCausalLM): no q/k
+# norms, one RoPE, attention and final logit soft-capping (cap * tanh(x / cap))
 # ------------------------------------------------------------------------------------------------
 class GemmaNorm(nn.Module):
     """y = x_hat * (1 + w), computed in float32; w zero-centred."""
@@ -96,8 +97,10 @@ class GemmaLayer(nn.Module):
         attn.k_proj = nn.Linear(H, nkv * D, bias=False)
         attn.v_proj = nn.Linear(H, nkv * D, bias=False)
         attn.o_proj = nn.Linear(nh * D, H, bias=False)
-        attn.q_norm = GemmaNorm(D, c.rms_norm_eps)
-        attn.k_norm = GemmaNorm(D, c.rms_norm_eps)
+        self.qk_norm = c.model_type == "gemma3_text"
+        if self.qk_norm:
+            attn.q_norm = GemmaNorm(D, c.rms_norm_eps)
+            attn.k_norm = GemmaNorm(D, c.rms_norm_eps)
         self.self_attn = attn
         mlp = nn.Module()
         mlp.gate_proj = nn.Linear(H, I, bias=False)
@@ -113,8 +116,11 @@ class GemmaLayer(nn.Module):
         B, T, _ = x.shape
         D, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
         h = self.input_layernorm(x)
-        q = a.q_norm(a.q_proj(h).view(B, T, nh, D)).transpose(1, 2)
-        k = a.k_norm(a.k_proj(h).view(B, T, nkv, D)).transpose(1, 2)
+        q = a.q_proj(h).view(B, T, nh, D)
+        k = a.k_proj(h).view(B, T, nkv, D)
+        if self.qk_norm:
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = a.v_proj(h).view(B, T, nkv, D).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -122,6 +128,9 @@ class GemmaLayer(nn.Module):
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
         s = torch.matmul(q, k.transpose(2, 3)) * (c.query_pre_attn_scalar ** -0.5)
+        cap = getattr(c, "attn_logit_softcapping", None) if not self.qk_norm else None  # gemma3 ignores it
+        if cap:
+            s = torch.tanh(s / cap) * cap
         i = torch.arange(T)[:, None]
         j = torch.arange(T)[None, :]
         allowed = (j <= i)
@@ -147,7 +156,9 @@ class RefGemma3(nn.Module):
         inner.layers = nn.ModuleList([GemmaLayer(c, i) for i in range(c.num_hidden_layers)])
         inner.norm = GemmaNorm(c.hidden_size, c.rms_norm_eps)
         self.model = inner
-        self.inv = {t: rope_inv_freq(c.rope_parameters[t], c.head_dim) for t in ("sliding_attention", "full_attention")}
+        rp = c.rope_parameters
+        per_type = "full_attention" in rp  # gemma3: one RoPE per layer type; gemma2: one for all
+        self.inv = {t: rope_inv_freq(rp[t] if per_type else rp, c.head_dim) for t in ("sliding_attention", "full_attention")}
 
     def forward(self, input_ids, attention_mask):
         c = self.config
@@ -165,6 +176,9 @@ class RefGemma3(nn.Module):
             x = L(x, cos, sin, key_ok)
         x = self.model.norm(x)
         logits = x @ self.model.embed_tokens.weight.t()  # tied lm_head
+        cap = getattr(c, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
         return SimpleNamespace(logits=logits)
 
     def state_for_file(self):
@@ -349,8 +363,20 @@ def deepseek_v3_config():
     return dict(D.CFG)
 
 
+def gemma2_config():
+    cfg = gemma3_config()
+    cfg.update(architectures=["Gemma2ForCausalLM"], model_type="gemma2", num_hidden_layers=2,
+               layer_types=["sliding_attention", "full_attention"],
+               rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+               # caps small enough to bend this tiny model's scores (|s| ~ 0.05) and logits (~1)
+               attn_logit_softcapping=0.05, final_logit_softcapping=0.8)
+    del cfg["use_bidirectional_attention"]
+    return cfg
+
+
 CASES = {
     "gemma3_text": dict(name="gemma3_text", seed=1006, make_cfg=gemma3_config, model_cls=RefGemma3, max_norm=1.0),
+    "gemma2": dict(name="gemma2", seed=1008, make_cfg=gemma2_config, model_cls=RefGemma3, max_norm=1.0),
     "phi3": dict(name="phi3", seed=1007, make_cfg=phi3_config, model_cls=RefPhi3, max_norm=1.0),
     # own_init: the reference draws its own weights (stds chosen so MLA, the router and the bias matter)
     "deepseek_v3": dict(name="deepseek_v3", seed=7, make_cfg=deepseek_v3_config, make_model=make_deepseek_v3,

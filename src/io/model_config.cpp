@@ -21,7 +21,7 @@ using nlohmann::json;
 
 namespace {
 
-enum class Family { Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, Gemma3, Phi3, GptOss };
+enum class Family { Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, Gemma2, Gemma3, Phi3, GptOss };
 
 // Sanity caps on config.json sizes (the largest public models are far below each).
 constexpr int64_t kMaxVocab = int64_t(1) << 24;         // 16.7M tokens
@@ -42,6 +42,7 @@ Family family_of(const std::string& t) {
   if (t == "qwen3_moe") return Family::Qwen3Moe;
   if (t == "olmoe") return Family::Olmoe;
   if (t == "gemma3_text") return Family::Gemma3;
+  if (t == "gemma2") return Family::Gemma2;
   if (t == "phi3") return Family::Phi3;
   if (t == "gpt_oss") return Family::GptOss;
   return Family::Llama;
@@ -246,7 +247,14 @@ std::vector<int64_t> parse_sliding(const Keys& k, Family fam, int64_t n_layers) 
     std::fill(out.begin(), out.end(), window);
     return out;
   }
-  if (fam == Family::Gemma3) {
+  if (fam == Family::Gemma2) {
+    // Gemma2Config: sliding_window 4096 by default; without layer_types the even layers (0, 2, ...) slide.
+    window = k.j.contains("sliding_window") ? (k.j.at("sliding_window").is_null() ? 0 : k.positive("sliding_window")) : 4096;
+    if (!k.present("layer_types")) {
+      for (int64_t i = 0; i < n_layers; ++i) out[static_cast<size_t>(i)] = (i + 1) % 2 ? window : 0;
+      return out;
+    }
+  } else if (fam == Family::Gemma3) {
     // Gemma3TextConfig: sliding_window 4096 by default; without layer_types every
     // sliding_window_pattern-th layer (1-based; 6) is global, the others slide.
     window = k.j.contains("sliding_window") ? (k.j.at("sliding_window").is_null() ? 0 : k.positive("sliding_window")) : 4096;
@@ -403,7 +411,7 @@ ModelConfig parse_model_config(const json& j_file, const std::string& source_nam
     case Family::Qwen2: case Family::Qwen3: kv_default = 32; break;
     case Family::Qwen3Moe: kv_default = 4; break;
     case Family::Qwen2Moe: kv_default = 16; break;
-    case Family::Gemma3: kv_default = 4; break;
+    case Family::Gemma2: case Family::Gemma3: kv_default = 4; break;
     case Family::GptOss: kv_default = 8; break;
     default: break;
   }
@@ -415,7 +423,7 @@ ModelConfig parse_model_config(const json& j_file, const std::string& source_nam
     throw FormatError(source_name + ": num_attention_heads (" + std::to_string(c.num_attention_heads) +
                       ") must be a multiple of num_key_value_heads (" + std::to_string(c.num_key_value_heads) +
                       (j.contains("num_key_value_heads") ? ")" : ", the " + c.model_type + " default)"));
-  c.head_dim = k.size("head_dim", fam == Family::Qwen3 ? 128 : fam == Family::Gemma3 ? 256 : fam == Family::GptOss ? 64 : c.hidden_size / c.num_attention_heads,
+  c.head_dim = k.size("head_dim", fam == Family::Qwen3 ? 128 : (fam == Family::Gemma2 || fam == Family::Gemma3) ? 256 : fam == Family::GptOss ? 64 : c.hidden_size / c.num_attention_heads,
                       kMaxHeadDim);
   if (fam == Family::Olmoe && c.head_dim * c.num_attention_heads != c.hidden_size)
     throw FormatError(source_name + ": olmoe needs head_dim * num_attention_heads == hidden_size (its q_norm spans hidden_size)");
@@ -425,6 +433,7 @@ ModelConfig parse_model_config(const json& j_file, const std::string& source_nam
                                   : is_qwen(fam)            ? 32768
                                   : fam == Family::Olmoe    ? 4096
                                   : fam == Family::Gemma3   ? 131072
+                                  : fam == Family::Gemma2   ? 8192
                                   : fam == Family::Phi3     ? 4096
                                   : fam == Family::GptOss   ? 131072
                                   : c.model_type == "deepseek_v3" ? 4096
@@ -432,8 +441,9 @@ ModelConfig parse_model_config(const json& j_file, const std::string& source_nam
   c.max_position_embeddings = k.positive("max_position_embeddings", max_pos_default);
   c.rms_norm_eps = k.num("rms_norm_eps", (fam == Family::Mixtral || fam == Family::Olmoe || fam == Family::Phi3 || fam == Family::GptOss) ? 1e-5 : 1e-6);
   // Gemma's config classes name the MLP activation `hidden_activation` (and ignore `hidden_act`).
-  c.hidden_act = fam == Family::Gemma3 ? k.str("hidden_activation", "gelu_pytorch_tanh") : k.str("hidden_act", "silu");
-  c.tie_word_embeddings = k.boolean("tie_word_embeddings", fam == Family::Gemma3);
+  const bool gemma_fam = fam == Family::Gemma2 || fam == Family::Gemma3;
+  c.hidden_act = gemma_fam ? k.str("hidden_activation", "gelu_pytorch_tanh") : k.str("hidden_act", "silu");
+  c.tie_word_embeddings = k.boolean("tie_word_embeddings", gemma_fam);
 
   switch (fam) {
     case Family::Llama:  // attention_bias: q, k, v and o; mlp_bias: gate, up, down
@@ -468,19 +478,22 @@ ModelConfig parse_model_config(const json& j_file, const std::string& source_nam
       for (const char* d : {"resid_pdrop", "embd_pdrop", "attention_dropout"})
         if (k.num(d, 0.0) != 0.0) c.unapplied_dropout.push_back(std::string(d) + "=" + j.at(d).dump());
       break;
+    case Family::Gemma2:  // Gemma2Config (transformers 5.17): Gemma 3 without q/k norms, with both soft-caps
     case Family::Gemma3:  // Gemma3TextConfig (transformers 5.17)
       c.attention_bias = c.o_proj_bias = k.boolean("attention_bias", false);
-      c.qk_norm = true;  // per head, zero-centred like every Gemma norm
+      c.qk_norm = fam == Family::Gemma3;  // per head, zero-centred like every Gemma norm
       c.norm_plus_one = c.sandwich_norm = c.scale_embeddings = true;
       c.query_pre_attn_scalar = k.num("query_pre_attn_scalar", 256.0);
       if (!(*c.query_pre_attn_scalar > 0)) k.bad("query_pre_attn_scalar", "a positive number");
       if (k.boolean("use_bidirectional_attention", false))
         throw FormatError(source_name + ": key 'use_bidirectional_attention' true (an encoder, e.g. EmbeddingGemma) "
                           "is not supported: this engine trains causal LMs");
+      // null (or absent in Gemma 3) = off. Gemma3Attention never passes attn_logit_softcapping to its
+      // attention function: HF ignores it there, and so do we.
+      c.final_logit_softcapping = k.num("final_logit_softcapping", fam == Family::Gemma2 ? 30.0 : 0.0);
+      if (fam == Family::Gemma2) c.attn_logit_softcapping = k.num("attn_logit_softcapping", 50.0);
       for (const char* cap : {"attn_logit_softcapping", "final_logit_softcapping"})
-        if (k.present(cap))
-          throw FormatError(source_name + ": key '" + cap + "' (logit soft-capping) is not supported for " +
-                            c.model_type + " yet; set it to null");
+        if (k.present(cap) && !(k.num(cap) > 0)) k.bad(cap, "a positive number or null");
       break;
     case Family::GptOss:  // attention_bias (default true) on q/k/v/o; sinks; biased router and experts
       c.attention_bias = c.o_proj_bias = k.boolean("attention_bias", true);
@@ -503,7 +516,11 @@ ModelConfig parse_model_config(const json& j_file, const std::string& source_nam
                                {"truncate", false}, {"original_max_position_embeddings", 4096}};
     c.rope = parse_rope(Keys{with, source_name, ""}, c.max_position_embeddings, 150000.0);
   } else {
-    c.rope = parse_rope(k, c.max_position_embeddings,
+    if (fam == Family::Gemma2 && k.j.contains("attn_logit_softcapping") && k.j.at("attn_logit_softcapping").is_null())
+    c.attn_logit_softcapping = 0.0;  // explicit null: off (k.num's default applies only to an absent key)
+  if (fam == Family::Gemma2 && k.j.contains("final_logit_softcapping") && k.j.at("final_logit_softcapping").is_null())
+    c.final_logit_softcapping = 0.0;
+  c.rope = parse_rope(k, c.max_position_embeddings,
                         (fam == Family::Mixtral || fam == Family::Gemma3) ? 1.0e6 : fam == Family::GptOss ? 150000.0 : 10000.0);
   }
   if (fam == Family::Gemma3) c.rope_sliding = parse_rope_sliding(k, c.max_position_embeddings);
@@ -514,7 +531,7 @@ ModelConfig parse_model_config(const json& j_file, const std::string& source_nam
   c.torch_dtype = dt;
 
   const bool llama_ids = fam == Family::Llama || fam == Family::Mistral || fam == Family::Mixtral;  // bos 1, eos 2
-  const bool gemma = fam == Family::Gemma3;  // bos 2, eos 1, pad 0
+  const bool gemma = fam == Family::Gemma2 || fam == Family::Gemma3;  // bos 2, eos 1, pad 0
   const bool phi3 = fam == Family::Phi3;     // bos 1, eos 32000, pad 32000
   c.bos_token_id = token_id(k, "bos_token_id", (llama_ids || phi3) ? std::optional<int64_t>(1) : gemma ? std::optional<int64_t>(2) : std::nullopt);
   std::optional<int64_t> eos_def = llama_ids ? std::optional<int64_t>(2)

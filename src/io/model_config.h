@@ -70,6 +70,9 @@ struct ModelConfig {
   bool scale_embeddings = false;  // x0 = embed(ids) * sqrt(hidden_size), the factor rounded to the embedding dtype
   std::optional<double> query_pre_attn_scalar;  // attention scale query_pre_attn_scalar^-0.5 (else head_dim^-0.5)
   std::optional<RopeParams> rope_sliding;       // RoPE of the sliding-window layers, when it is not `rope`
+  // Gemma 2 (both) and Gemma 3 (final only: its attention ignores attn_logit_softcapping, as HF's does):
+  // x -> cap * tanh(x / cap) on the attention scores / the LM-head logits; 0 = off. CPU only.
+  double attn_logit_softcapping = 0.0, final_logit_softcapping = 0.0;
   // Phi-3: fused projections in the checkpoint, kept fused (one GEMM each; LoRA targets them as PEFT does)
   bool fused_qkv = false;      // self_attn.qkv_proj [(nh + 2 nkv) D, H], rows q | k | v
   bool fused_gate_up = false;  // mlp.gate_up_proj [2 I, H], rows gate | up

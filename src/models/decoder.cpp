@@ -109,9 +109,13 @@ std::vector<std::vector<Param*>> DecoderLM::param_units() {
   return units;
 }
 
-// gpt_oss's attention sinks, biased experts and clamped SwiGLU have CPU kernels only.
+// gpt_oss's attention sinks, biased experts and clamped SwiGLU, and Gemma's logit soft-capping have CPU kernels
+// only.
 static void check_device_support(const io::ModelConfig& cfg, const ExecContext& ex) {
   if (!ex.on_cuda()) return;
+  if (cfg.attn_logit_softcapping > 0 || cfg.final_logit_softcapping > 0)
+    throw DeviceError("model_type '" + cfg.model_type + "': logit soft-capping (attn_logit_softcapping / "
+                      "final_logit_softcapping) is not implemented on CUDA yet (run on the CPU: --device cpu)");
   if (cfg.attn_sinks)
     throw DeviceError("model_type '" + cfg.model_type + "': gpt_oss attention sinks are not implemented on CUDA yet "
                       "(run on the CPU: --device cpu)");
@@ -205,6 +209,7 @@ ops::AttnParams DecoderLM::attn_params(const Batch& b, int64_t window) const {
   p.scale = cfg_.query_pre_attn_scalar ? static_cast<float>(std::pow(*cfg_.query_pre_attn_scalar, -0.5))
                                        : 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
   p.sliding_window = window;
+  p.softcap = static_cast<float>(cfg_.attn_logit_softcapping);
   p.segment_ids = b.segment_ids.defined() ? &b.segment_ids : nullptr;
   if (cfg_.deepseek) {  // MLA: per-head q/k of qk_nope + qk_rope dims, v of v_head_dim, one key per head
     p.n_kv_heads = p.n_heads;
@@ -363,7 +368,8 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   Tensor dxf = ex_.empty({N, H});
   Param& head = lm_head();
   double loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf,
-                                      head.grad.defined() ? &head.grad : nullptr, opt.loss_chunk_rows);
+                                      head.grad.defined() ? &head.grad : nullptr, opt.loss_chunk_rows,
+                                      static_cast<float>(cfg_.final_logit_softcapping));
   Tensor dx = ex_.empty({N, H}, ex_.residual_dtype);
   ops::rmsnorm_bwd(x_pre, norm_w(*norm_), rstd_f, dxf, dx, norm_->grad);
   dxf = Tensor();
@@ -397,7 +403,8 @@ double DecoderLM::forward_loss(const Batch& b, const ForwardOptions& opt) {
   lora_pass_.training = false;
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr);
   routing_.clear();
-  const double loss = lm_head_cross_entropy(ex_, xf, lm_head().work, b.targets, 0.f, nullptr, nullptr, opt.loss_chunk_rows);
+  const double loss = lm_head_cross_entropy(ex_, xf, lm_head().work, b.targets, 0.f, nullptr, nullptr, opt.loss_chunk_rows,
+                                            static_cast<float>(cfg_.final_logit_softcapping));
   hook_fwd_done(0);
   return loss;
 }
@@ -406,9 +413,15 @@ Tensor DecoderLM::forward_logits(const Batch& b) {
   lora_pass_.training = false;
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr);
   routing_.clear();
-  Tensor logits = ex_.empty({xf.dim(0), cfg_.vocab_size});
-  ops::linear_fwd(xf, lm_head().work, nullptr, logits);
+  Tensor logits = head_logits(xf);
   hook_fwd_done(0);
+  return logits;
+}
+
+Tensor DecoderLM::head_logits(const Tensor& rows) {
+  Tensor logits = ex_.empty({rows.dim(0), cfg_.vocab_size});
+  ops::linear_fwd(rows, lm_head().work, nullptr, logits);
+  if (cfg_.final_logit_softcapping > 0) ops::softcap_(logits, static_cast<float>(cfg_.final_logit_softcapping));
   return logits;
 }
 
@@ -435,8 +448,7 @@ Tensor DecoderLM::forward_incremental(const std::vector<int32_t>& ids, KvCache& 
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr, false, &cache);
   routing_.clear();
   Tensor rows = all_logits ? xf : xf.slice_rows(n - 1, n);  // [n or 1, H]
-  Tensor logits = ex_.empty({rows.dim(0), cfg_.vocab_size});
-  ops::linear_fwd(rows, lm_head().work, nullptr, logits);
+  Tensor logits = head_logits(rows);
   hook_fwd_done(0);
   return logits;
 }
@@ -600,7 +612,7 @@ nlohmann::json DecoderLM::take_step_metrics() {
 }
 
 double lm_head_cross_entropy(const ExecContext& ex, const Tensor& x, const Tensor& W, const Tensor& targets,
-                             float grad_scale, Tensor* dx, Tensor* dW, int64_t chunk_rows) {
+                             float grad_scale, Tensor* dx, Tensor* dW, int64_t chunk_rows, float softcap) {
 #ifdef AM_WITH_CUDA
   if (ex.on_cuda()) {
     // Fused chunked GEMM + CE on the device; one host sync per micro-batch to read the loss sum.
@@ -623,12 +635,14 @@ double lm_head_cross_entropy(const ExecContext& ex, const Tensor& x, const Tenso
     Tensor xc = x.slice_rows(r0, r1), tc = targets.slice_rows(r0, r1);
     Tensor logits = Tensor::empty({r1 - r0, V}, DType::F32);
     ops::linear_fwd(xc, W, nullptr, logits);
+    if (softcap > 0.f) ops::softcap_(logits, softcap);
     if (!dx) {
       total += ops::cross_entropy_fwd_bwd(logits, tc, 0.f, nullptr);
       continue;
     }
     Tensor dlogits = Tensor::empty({r1 - r0, V}, DType::F32);
     total += ops::cross_entropy_fwd_bwd(logits, tc, grad_scale, &dlogits);
+    if (softcap > 0.f) ops::softcap_bwd_(logits, dlogits, softcap);
     Tensor dxc = dx->slice_rows(r0, r1);
     Tensor none;  // a frozen head (LoRA): dx only
     ops::linear_bwd(xc, W, dlogits, &dxc, dW ? *dW : none, nullptr);

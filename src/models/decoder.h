@@ -122,6 +122,8 @@ class DecoderLM : public CausalLM {
   float embed_scale() const;
   ops::AttnParams attn_params(const Batch& b, int64_t window) const;
   Param& lm_head();
+  // logits [n, V] = rows [n, H] lm_head^T, soft-capped when the config asks (generate, eval logits)
+  Tensor head_logits(const Tensor& rows);
 
   // ParamHooks calls (no-ops without data parallelism).
   void hook_use(int unit, bool backward) { if (hooks_) hooks_->before_use(unit, backward); }
@@ -159,7 +161,8 @@ class DecoderLM : public CausalLM {
 
 // Fused lm_head + cross-entropy over row chunks: x [N, H], W [V, H]. Returns sum CE; when dx is non-null
 // also assigns dx [N, H] and accumulates dW for loss * grad_scale.
+// softcap > 0 (Gemma's final_logit_softcapping): the loss sees cap * tanh(logits / cap); CPU only.
 double lm_head_cross_entropy(const ExecContext& ex, const Tensor& x, const Tensor& W, const Tensor& targets,
-                             float grad_scale, Tensor* dx, Tensor* dW, int64_t chunk_rows);
+                             float grad_scale, Tensor* dx, Tensor* dW, int64_t chunk_rows, float softcap = 0.f);
 
 }  // namespace am

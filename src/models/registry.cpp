@@ -16,6 +16,7 @@ void register_qwen3_moe();
 void register_qwen2_moe();
 void register_mixtral();
 void register_olmoe();
+void register_gemma2();
 void register_gemma3();
 void register_phi3();
 void register_gpt_oss();
@@ -37,6 +38,7 @@ static void ensure_registered() {
     register_qwen2_moe();
     register_mixtral();
     register_olmoe();
+    register_gemma2();
     register_gemma3();
     register_phi3();
     register_gpt_oss();

@@ -49,6 +49,8 @@ void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const A
     if (t->dtype() != q.dtype())
       shape_error(op, describe("q", q) + ", " + describe("k", k) + ", " + describe("v", v) + ", " +
                           describe("out", out) + ": expected one dtype");
+  if (p.softcap > 0.f && dev == DeviceType::CUDA)
+    throw DeviceError(std::string(op) + ": attention logit soft-capping (Gemma 2) is not implemented on CUDA yet");
   if (p.sinks && dev == DeviceType::CUDA)
     throw DeviceError(std::string(op) + ": gpt_oss attention sinks are not implemented on CUDA yet");
   if (p.sinks && (!p.sinks->defined() || p.sinks->dtype() != DType::F32 || p.sinks->numel() != p.n_heads))
@@ -77,6 +79,7 @@ void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const A
   d.scale = p.scale;
   d.sliding_window = p.sliding_window;
   d.sinks = p.sinks ? p.sinks->f32() : nullptr;
+  d.softcap = p.softcap;
   cpu::attention_kv_fwd(q.f32(), k.f32(), v.f32(), d, out.f32());
 }
 

@@ -396,6 +396,23 @@ void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& 
            [&] { cpu::swiglu_bwd(gate.f32(), up.f32(), dh.f32(), dgate.f32(), dup.f32(), gate.numel()); });
 }
 
+void softcap_(Tensor& x, float cap) {
+  const char* op = "softcap_";
+  DeviceType dev = device_of(op, {{"x", &x}});
+  need_f32(op, {{"x", &x}});
+  if (!(cap > 0.f) || !std::isfinite(cap)) shape_error(op, "cap = " + std::to_string(cap) + " must be positive");
+  dispatch(op, dev, [&] { cpu::softcap(x.f32(), cap, x.numel()); });
+}
+
+void softcap_bwd_(const Tensor& y, Tensor& dy, float cap) {
+  const char* op = "softcap_bwd_";
+  DeviceType dev = device_of(op, {{"y", &y}, {"dy", &dy}});
+  need_f32(op, {{"y", &y}, {"dy", &dy}});
+  if (y.numel() != dy.numel()) shape_error(op, describe("y", y) + ", " + describe("dy", dy) + ": element counts differ");
+  if (!(cap > 0.f) || !std::isfinite(cap)) shape_error(op, "cap = " + std::to_string(cap) + " must be positive");
+  dispatch(op, dev, [&] { cpu::softcap_bwd(y.f32(), dy.f32(), cap, y.numel()); });
+}
+
 void geglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) {
   const char* op = "geglu_fwd";
   DeviceType dev = device_of(op, {{"gate", &gate}, {"up", &up}, {"h", &h}});
@@ -480,12 +497,15 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Attn
       op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}, {"segment_ids", p.segment_ids}});
   if (p.sinks && dev == DeviceType::CUDA)
     throw DeviceError(std::string(op) + ": gpt_oss attention sinks are not implemented on CUDA yet");
+  if (p.softcap > 0.f && dev == DeviceType::CUDA)
+    throw DeviceError(std::string(op) + ": attention logit soft-capping (Gemma 2) is not implemented on CUDA yet");
   AM_ROUTE_CUDA(cuda_attention_fwd(q, k, v, p, out, lse));
   cpu::AttnDims d = check_attention(op, p, q, k, v, lse, out);
   check_sinks(op, p, nullptr);
   dispatch(op, dev, [&] {
     d.segment_ids = p.segment_ids ? p.segment_ids->data<int32_t>() : nullptr;
     d.sinks = p.sinks ? p.sinks->f32() : nullptr;
+    d.softcap = p.softcap;
     cpu::attention_fwd(q.f32(), k.f32(), v.f32(), d, out.f32(), lse.f32());
   });
 }
@@ -505,6 +525,8 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                                   {"segment_ids", p.segment_ids}});
   if ((p.sinks || dsinks) && dev == DeviceType::CUDA)
     throw DeviceError(std::string(op) + ": gpt_oss attention sinks are not implemented on CUDA yet");
+  if (p.softcap > 0.f && dev == DeviceType::CUDA)
+    throw DeviceError(std::string(op) + ": attention logit soft-capping (Gemma 2) is not implemented on CUDA yet");
   AM_ROUTE_CUDA(cuda_attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv));
   cpu::AttnDims d = check_attention(op, p, q, k, v, lse, out);
   check_sinks(op, p, dsinks);
@@ -516,6 +538,7 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   dispatch(op, dev, [&] {
     d.segment_ids = p.segment_ids ? p.segment_ids->data<int32_t>() : nullptr;
     d.sinks = p.sinks ? p.sinks->f32() : nullptr;
+    d.softcap = p.softcap;
     cpu::attention_bwd(q.f32(), k.f32(), v.f32(), out.f32(), lse.f32(), dout.f32(), d, dq.f32(), dk.f32(),
                        dv.f32(), dsinks && dsinks->defined() ? dsinks->f32() : nullptr);
   });

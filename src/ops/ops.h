@@ -73,6 +73,12 @@ void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h);
 // dgate, dup assigned
 void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup);
 
+// ---------------- logit soft-capping (Gemma 2 / 3 final_logit_softcapping) ----------------
+// x = cap * tanh(x / cap) in place (float32); and its backward from the capped values y:
+// dy *= 1 - (y / cap)^2. CPU only (the CUDA loss kernel is fused; models refuse soft-capping on CUDA).
+void softcap_(Tensor& x, float cap);
+void softcap_bwd_(const Tensor& y, Tensor& dy, float cap);
+
 // ---------------- GeGLU (Gemma's MLP: hidden_activation gelu_pytorch_tanh) ----------------
 // gate, up [N, I] -> h [N, I] = gelu_tanh(gate) * up, with PyTorch's tanh approximation
 //   gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
@@ -96,6 +102,9 @@ struct AttnParams {
   const Tensor* sinks = nullptr;
   int64_t v_head_dim = 0;                // Dv of v / out when it differs from the q/k head_dim (DeepSeek MLA:
                                          // 192 vs 128); 0 = head_dim. CPU only for now.
+  // Gemma 2 attn_logit_softcapping: 0 = off; else every score s = scale q.k becomes softcap * tanh(s / softcap)
+  // before the mask and softmax (and the backward multiplies by 1 - tanh^2). CPU only (CUDA: DeviceError).
+  float softcap = 0.f;
   int64_t dv() const { return v_head_dim > 0 ? v_head_dim : head_dim; }
 };
 // Causal attention. q [B, T, nh, D], k [B, T, nkv, D], v [B, T, nkv, Dv] -> out [B, T, nh, Dv], lse

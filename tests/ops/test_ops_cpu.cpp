@@ -771,6 +771,7 @@ void attention_ref(const Tensor& q, const Tensor& k, const Tensor& v, const ops:
             s += static_cast<double>(q.f32()[((b * T + i) * NH + h) * D + d]) *
                  k.f32()[((b * T + j) * NKV + kh) * D + d];
           S[i][j] = s * p.scale;
+          if (p.softcap > 0) S[i][j] = p.softcap * std::tanh(S[i][j] / p.softcap);  // Gemma 2
         }
       for (int64_t i = 0; i < T; ++i) {
         double m = -kInf;
@@ -872,6 +873,61 @@ TEST(OpsCpuAttention, GradientsFiniteDifference) {
     expect_close(dk, numeric_grad(k, f), kFd, "attn dk " + name_of(c));
     expect_close(dv, numeric_grad(v, f), kFd, "attn dv " + name_of(c));
   }
+}
+
+// Gemma 2's soft-capped scores (cap * tanh(s / cap)): forward against the full-matrix reference and every
+// gradient against finite differences, with a cap small enough to bend these scores (|s| up to ~3).
+TEST(OpsCpuAttention, SoftcapForwardAndGradients) {
+  uint32_t seed = 300;
+  for (const AttnCase& c : kAttnCases) {
+    std::mt19937 rng(seed++);
+    Tensor q = randn({c.B, c.T, c.nh, c.D}, rng), k = randn({c.B, c.T, c.nkv, c.D}, rng),
+           v = randn({c.B, c.T, c.nkv, c.D}, rng), r = randn({c.B, c.T, c.nh, c.D}, rng);
+    Tensor seg = make_segments(c.B, c.T, rng);
+    ops::AttnParams p{.batch = c.B,
+                      .seq = c.T,
+                      .n_heads = c.nh,
+                      .n_kv_heads = c.nkv,
+                      .head_dim = c.D,
+                      .scale = 1.f / std::sqrt(static_cast<float>(c.D)),
+                      .sliding_window = c.window,
+                      .segment_ids = c.segments ? &seg : nullptr,
+                      .softcap = 1.5f};
+    Tensor out = Tensor::empty({c.B, c.T, c.nh, c.D}, DType::F32),
+           lse = Tensor::empty({c.B, c.nh, c.T}, DType::F32);
+    ops::attention_fwd(q, k, v, p, out, lse);
+    std::vector<double> wout, wlse;
+    attention_ref(q, k, v, p, wout, wlse);
+    expect_close(out, wout, kF32, "softcap attn out " + name_of(c));
+    expect_close(lse, wlse, kF32, "softcap attn lse " + name_of(c));
+    auto f = [&] {
+      ops::attention_fwd(q, k, v, p, out, lse);
+      return objective(out, r);
+    };
+    f();
+    Tensor dq = filled(q.shape(), kNaN), dk = filled(k.shape(), kNaN), dv = filled(v.shape(), kNaN);
+    ops::attention_bwd(q, k, v, out, lse, r, p, dq, dk, dv);
+    expect_close(dq, numeric_grad(q, f), kFd, "softcap attn dq " + name_of(c));
+    expect_close(dk, numeric_grad(k, f), kFd, "softcap attn dk " + name_of(c));
+    expect_close(dv, numeric_grad(v, f), kFd, "softcap attn dv " + name_of(c));
+  }
+}
+
+TEST(OpsCpuSoftcap, LogitsForwardAndGradient) {
+  std::mt19937 rng(17);
+  Tensor x = randn({3, 5}, rng, 3.f), r = randn({3, 5}, rng), y = Tensor::empty({3, 5}, DType::F32);
+  auto f = [&] {
+    ops::copy_(y, x);
+    ops::softcap_(y, 2.f);
+    return objective(y, r);
+  };
+  f();
+  for (int64_t i = 0; i < 15; ++i) EXPECT_NEAR(y.f32()[i], 2.0 * std::tanh(x.f32()[i] / 2.0), 1e-6);
+  Tensor dy = Tensor::empty({3, 5}, DType::F32);
+  ops::copy_(dy, r);
+  ops::softcap_bwd_(y, dy, 2.f);
+  expect_close(dy, numeric_grad(x, f), kFd, "softcap dx");
+  EXPECT_THROW(ops::softcap_(y, 0.f), ShapeError);
 }
 
 // Full-matrix backward in double (dS = P * (dP - rowsum(P * dP))), at a size where the kernels run their

@@ -24,6 +24,9 @@
 // forward (so lse includes it), and nothing else changes: P_ij = exp(s_ij - lse_i) are already the sinked
 // probabilities, and the sink column's own gradient is dS_sink = P_sink (0 - D_i) since it has no value, so
 // d s_h = -sum_i exp(s_h - lse_i) D_i. Without sinks every path is unchanged.
+//
+// Soft-capping (Gemma 2): s_ij = c tanh(scale q_i.k_j / c) replaces the score everywhere (forward and the
+// backward's recomputation), and dS_ij gains the factor 1 - tanh^2 before the scale.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -100,7 +103,7 @@ void attention_fwd(const float* q, const float* k, const float* v, const AttnDim
                 s[j] = kNegInf;
                 continue;
               }
-              s[j] = static_cast<float>(p.scale * dot(qi, k + ix.kv(b, j, kh), D));
+              s[j] = softcapped(static_cast<float>(p.scale * dot(qi, k + ix.kv(b, j, kh), D)), p.softcap);
               m = std::max(m, s[j]);
               any = true;
             }
@@ -178,9 +181,9 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
             for (int64_t j = ix.first_key(i); j <= i; ++j) {
               if (ix.seg(b, j) != si) continue;
               const float* kj = k + ix.kv(b, j, kh);
-              const double sij = static_cast<float>(p.scale * dot(qi, kj, D));
-              const double P = std::exp(sij - L);
-              const double dS = P * (dot(gi, v + ix.v(b, j, kh), DV) - Di);
+              const float raw = static_cast<float>(p.scale * dot(qi, kj, D));
+              const double P = std::exp(static_cast<double>(softcapped(raw, p.softcap)) - L);
+              const double dS = P * (dot(gi, v + ix.v(b, j, kh), DV) - Di) * softcap_grad(raw, p.softcap);
               for (int64_t x = 0; x < D; ++x) acc[x] += dS * kj[x];
             }
           }
@@ -211,9 +214,9 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
                 if (L == kNegInf) continue;
                 const float* qi = q + ix.q(b, i, h);
                 const float* gi = dout + ix.o(b, i, h);
-                const double sij = static_cast<float>(p.scale * dot(qi, kj, D));
-                const double P = std::exp(sij - L);
-                const double dS = P * (dot(gi, vj, DV) - Drow[ix.row(b, h, i)]);
+                const float raw = static_cast<float>(p.scale * dot(qi, kj, D));
+                const double P = std::exp(static_cast<double>(softcapped(raw, p.softcap)) - L);
+                const double dS = P * (dot(gi, vj, DV) - Drow[ix.row(b, h, i)]) * softcap_grad(raw, p.softcap);
                 for (int64_t x = 0; x < D; ++x) ak[x] += dS * qi[x];
                 for (int64_t x = 0; x < DV; ++x) av[x] += P * gi[x];
               }

@@ -8,6 +8,7 @@
 // src/ops/ops.h. Sizes are int64_t; BLAS calls additionally need each dimension to fit in an int, which
 // the front-end checks.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "core/dtype.h"
@@ -63,6 +64,9 @@ void rope_bwd(float* dx, const float* cos, const float* sin, int64_t n, int64_t 
 // gate, up, h: n elements; h = silu(gate) * up
 void swiglu_fwd(const float* gate, const float* up, float* h, int64_t n);
 void swiglu_bwd(const float* gate, const float* up, const float* dh, float* dgate, float* dup, int64_t n);
+// x = cap tanh(x / cap); dy *= 1 - (y / cap)^2 (ops.h: softcap_)
+void softcap(float* x, float cap, int64_t n);
+void softcap_bwd(const float* y, float* dy, float cap, int64_t n);
 // h = gelu_tanh(gate) * up (ops.h: GeGLU)
 void geglu_fwd(const float* gate, const float* up, float* h, int64_t n);
 void geglu_bwd(const float* gate, const float* up, const float* dh, float* dgate, float* dup, int64_t n);
@@ -74,9 +78,18 @@ struct AttnDims {
   int64_t sliding_window = 0;            // 0: none; else key j visible to query i iff i - j < window
   const int32_t* segment_ids = nullptr;  // [B, T] or null; < 0 marks padding
   const float* sinks = nullptr;          // [nh] or null: gpt_oss attention sink logits (ops.h AttnParams)
+  float softcap = 0.f;                   // 0: off; else scores -> softcap * tanh(score / softcap) (Gemma 2)
   int64_t v_head_dim = 0;                // Dv of v / out / dv (0: head_dim)
   int64_t dv() const { return v_head_dim > 0 ? v_head_dim : head_dim; }
 };
+// Gemma 2's attention logit soft-capping, shared by the training and KV-cache kernels: the score as the
+// softmax sees it (softcap <= 0: the raw score) and d(capped)/d(raw) = 1 - tanh^2, in float32 as HF.
+inline float softcapped(float raw, float softcap) { return softcap > 0.f ? softcap * std::tanh(raw / softcap) : raw; }
+inline double softcap_grad(float raw, float softcap) {
+  if (!(softcap > 0.f)) return 1.0;
+  const float t = std::tanh(raw / softcap);
+  return 1.0 - static_cast<double>(t) * t;
+}
 // q [B, T, nh, D], k [B, T, nkv, D], v [B, T, nkv, Dv] -> out [B, T, nh, Dv], lse [B, nh, T]. Causal, GQA.
 void attention_fwd(const float* q, const float* k, const float* v, const AttnDims& p, float* out, float* lse);
 // dq, dk, dv assigned; probabilities are recomputed from lse. dsinks [nh] (null: none) accumulated.

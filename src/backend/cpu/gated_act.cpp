@@ -62,6 +62,19 @@ void gated_bwd(const float* gate, const float* up, const float* dh, float* dgate
 
 }  // namespace
 
+// Soft-capping (not a gated activation, but the same kind of elementwise map): y = c tanh(x / c), dy/dx = 1 - (y/c)^2.
+void softcap(float* x, float cap, int64_t n) {
+#pragma omp parallel for if (n >= (1 << 15))
+  for (int64_t i = 0; i < n; ++i) x[i] = cap * std::tanh(x[i] / cap);
+}
+void softcap_bwd(const float* y, float* dy, float cap, int64_t n) {
+#pragma omp parallel for if (n >= (1 << 15))
+  for (int64_t i = 0; i < n; ++i) {
+    const float t = y[i] / cap;
+    dy[i] *= 1.0f - t * t;
+  }
+}
+
 void swiglu_fwd(const float* gate, const float* up, float* h, int64_t n) { gated_fwd<Silu>(gate, up, h, n); }
 void swiglu_bwd(const float* gate, const float* up, const float* dh, float* dgate, float* dup, int64_t n) {
   gated_bwd<Silu>(gate, up, dh, dgate, dup, n);

@@ -5,6 +5,8 @@
 // (tests/unit/test_generate.cpp checks it), only the visible key range is offset by Tk - Tq.
 #include "backend/cpu/kv_attention.h"
 
+#include "backend/cpu/cpu_ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -38,7 +40,7 @@ void attention_kv_fwd(const float* q, const float* k, const float* v, const KvAt
             double d = 0.0;
             const float* kj = krow(k, j);
             for (int64_t x = 0; x < D; ++x) d += static_cast<double>(qi[x]) * kj[x];
-            s[static_cast<size_t>(j)] = static_cast<float>(p.scale * d);
+            s[static_cast<size_t>(j)] = softcapped(static_cast<float>(p.scale * d), p.softcap);
             m = std::max(m, s[static_cast<size_t>(j)]);
           }
           if (p.sinks) m = std::max(m, p.sinks[h]);  // as attention.cpp: the sink joins max and normaliser

@@ -12,6 +12,7 @@ struct KvAttnDims {
   float scale = 0.f;
   int64_t sliding_window = 0;  // 0: none
   const float* sinks = nullptr;  // [nh] or null: gpt_oss sink logits (one value-less softmax column per head)
+  float softcap = 0.f;           // 0: off; else scores -> softcap * tanh(score / softcap) (Gemma 2)
 };
 // q [B, Tq, nh, D], k [B, Tk, nkv, D], v [B, Tk, nkv, Dv] -> out [B, Tq, nh, Dv].
 void attention_kv_fwd(const float* q, const float* k, const float* v, const KvAttnDims& p, float* out);
