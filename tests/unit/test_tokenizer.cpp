@@ -142,6 +142,7 @@ TEST(TokenizerGolden, Qwen3) { run_golden("qwen3"); }
 TEST(TokenizerGolden, DeepseekV3) { run_golden("deepseek_v3"); }
 TEST(TokenizerGolden, GptOss) { run_golden("gptoss"); }
 TEST(TokenizerGolden, Llama2Mistral) { run_golden("llama2"); }
+TEST(TokenizerGolden, Gemma3) { run_golden("gemma3"); }  // SentencePiece BPE, 262k vocab, byte fallback
 
 // Synthetic tokenizers (tests/fixtures/tokenizer/variants.json): a real tokenizer.json with components
 // swapped, model options changed and added-token flags patched, checked against HF on variant_texts.jsonl.
