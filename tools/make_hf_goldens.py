@@ -37,7 +37,7 @@ if __name__ != "__main__" and os.environ.get("AM_GOLDEN_HELPERS_ONLY"):
     # Imported for its data / training-loop helpers by tools/ref_torch_goldens.py, where neither
     # transformers nor safetensors is installed: the HF cases below are not defined then.
     transformers = None
-    AutoModelForCausalLM = DeepseekV3Config = Gemma3TextConfig = LlamaConfig = MistralConfig = MixtralConfig = None
+    AutoModelForCausalLM = DeepseekV3Config = Gemma2Config = Gemma3TextConfig = Phi3Config = LlamaConfig = MistralConfig = MixtralConfig = None
     OlmoeConfig = Qwen2Config = Qwen2MoeConfig = Qwen3Config = Qwen3MoeConfig = None
 else:
     import transformers  # noqa: E402
@@ -46,11 +46,13 @@ else:
     from transformers import (  # noqa: E402
         AutoModelForCausalLM,
         DeepseekV3Config,
+        Gemma2Config,
         Gemma3TextConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
         OlmoeConfig,
+        Phi3Config,
         Qwen2Config,
         Qwen2MoeConfig,
         Qwen3Config,
@@ -150,6 +152,48 @@ CASES = [
         ),
         max_norm=1.0,
         lr_scheduler=dict(lr_decay_style="cosine", lr_warmup_steps=1, min_lr=1.0e-4),
+    ),
+    # Gemma 2: Gemma 3's layer without q/k norms, one RoPE, and both soft-caps, small enough to bend this tiny
+    # model's attention scores and logits (tests/fixtures/ref_torch/gemma2 uses the same values).
+    dict(
+        name="gemma2",
+        config_cls=Gemma2Config,
+        seed=1008,
+        kw=dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            attn_logit_softcapping=0.05,
+            final_logit_softcapping=0.8,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+        max_norm=1.0,
+    ),
+    # Phi-3: fused qkv_proj / gate_up_proj, one window on every layer, partial rotary 0.75, LongRoPE with
+    # original_max_position_embeddings 32 so that micro-batches longer than 32 use the long factors.
+    dict(
+        name="phi3",
+        config_cls=Phi3Config,
+        seed=1007,
+        kw=dict(
+            intermediate_size=96,
+            head_dim=16,
+            sliding_window=24,
+            partial_rotary_factor=0.75,
+            original_max_position_embeddings=32,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=10000.0,
+                short_factor=[1.0 + 0.1 * i for i in range(6)],
+                long_factor=[1.5 + 0.7 * i for i in range(6)],
+            ),
+        ),
+        max_norm=1.0,
     ),
     # Gemma 3: zero-centred norms (perturbed as 1 + 0.2 N like every norm here, which is fine: the weight is
     # what the file holds), sandwich norms, GeGLU, scaled embeddings, query_pre_attn_scalar != head_dim,
