@@ -16,6 +16,8 @@ NemotronHLM::NemotronHLM(const io::ModelConfig& cfg, const ModelParallel& mp) : 
   auto hub_of = [](const std::string& name) { return "backbone." + name.substr(6); };  // "model." -> "backbone."
   embed_ = &ps_.add("model.embeddings.weight", {cfg.vocab_size, H});
   add_hub_layout(*embed_, "backbone.embedding.weight");
+  // (transformers 5 renames backbone. -> model. and embedding -> embeddings; accept the half-renamed name too)
+  embed_->layouts.insert(embed_->layouts.begin() + 1, SourceLayout{SourceSlice{"backbone.embeddings.weight", 0, embed_->shape}});
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) {
     const std::string pre = "model.layers." + std::to_string(i) + ".", hub = hub_of(pre);
     Layer L{};
