@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "data/dataset.h"
 #include "io/model_config.h"
+#include "io/safetensors.h"
 #include "models/hf_weights.h"
 #include "models/inference.h"
 #include "models/model.h"
@@ -161,4 +162,29 @@ TEST(NemotronH, RefusesCudaAndIncrementalDecode) {
   o.model = case_dir().string();
   o.device = "cpu";
   EXPECT_THROW(load_for_inference(o), FormatError);
+}
+
+TEST(NemotronH, LoadsTransformers5FusedLayoutToo) {
+  // The fixture holds the hub / save_pretrained names (backbone.*, per-expert experts.{e}.up_proj.weight);
+  // the same weights under transformers 5's in-memory names (model.*, fused experts.up_proj [E, I, H]) load
+  // to the same logits, and the export writes back the layout that was read.
+  auto m = load_fixture();
+  const fs::path dir = fs::path(AM_BINARY_DIR) / "test_out" / "nemotron_h_fused";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::copy_file(case_dir() / "config.json", dir / "config.json");
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (Param& p : m->params().all()) tensors.emplace_back(p.name, p.value);
+  io::save_safetensors_dir(dir.string(), tensors);
+  auto cfg = io::load_model_config((dir / "config.json").string());
+  auto m2 = build_model(cfg);
+  load_hf_weights(*m2, dir.string());
+  EXPECT_TRUE(io::SafeTensors::open(dir.string()).has("model.layers.1.mixer.experts.up_proj"));
+  const std::vector<int32_t> a = {1, 17, 45, 200, 9, 33};
+  Sample s{a, a, {}};
+  std::vector<const Sample*> ptrs{&s};
+  Batch b = collate(ptrs);
+  Tensor l1 = m->forward_logits(b), l2 = m2->forward_logits(b);
+  for (int64_t i = 0; i < l1.numel(); ++i) ASSERT_EQ(l1.f32()[i], l2.f32()[i]) << i;
+  for (Param& p : m2->params().all()) EXPECT_EQ(p.source()[0].name.rfind("model.", 0) == 0 || p.name == "lm_head.weight", true) << p.name;
 }
