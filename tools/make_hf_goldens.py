@@ -37,7 +37,7 @@ if __name__ != "__main__" and os.environ.get("AM_GOLDEN_HELPERS_ONLY"):
     # Imported for its data / training-loop helpers by tools/ref_torch_goldens.py, where neither
     # transformers nor safetensors is installed: the HF cases below are not defined then.
     transformers = None
-    AutoModelForCausalLM = DeepseekV3Config = Gemma2Config = Gemma3TextConfig = Phi3Config = LlamaConfig = MistralConfig = MixtralConfig = None
+    AutoModelForCausalLM = DeepseekV3Config = NemotronHConfig = Gemma2Config = Gemma3TextConfig = Phi3Config = LlamaConfig = MistralConfig = MixtralConfig = None
     OlmoeConfig = Qwen2Config = Qwen2MoeConfig = Qwen3Config = Qwen3MoeConfig = None
 else:
     import transformers  # noqa: E402
@@ -63,6 +63,10 @@ try:  # transformers >= 4.55
     from transformers import GptOssConfig  # noqa: E402
 except ImportError:  # pragma: no cover
     GptOssConfig = None
+try:  # transformers 5 (layers_block_type)
+    from transformers import NemotronHConfig  # noqa: E402
+except ImportError:  # pragma: no cover
+    NemotronHConfig = None
 
 # ----------------------------------------------------------------------------------------------
 # Cases
@@ -387,6 +391,42 @@ CASES = [
         max_norm=1.0,
         router_std=0.3,
         score_bias_std=0.1,  # router scores are sigmoid(0.3 N(0,1) . x): biases of 0.1 reorder them
+    ),
+    # Nemotron-H: the same tiny hybrid as the independent torch reference (tools/nemotron_h_reference.py,
+    # tests/fixtures/ref_torch/nemotron_h): Mamba2 (4 heads x 8, 2 groups, state 8, conv 4), MoE (4 experts,
+    # top-2, sigmoid router + correction bias, x2.5, shared relu2 expert 48), NoPE attention (head_dim 16),
+    # relu2 MLP 96. chunk_size 16 so the torch path's chunked scan crosses chunks at T = 40.
+    dict(
+        name="nemotron_h",
+        config_cls=NemotronHConfig,
+        seed=2011,
+        kw=dict(
+            layers_block_type=["mamba", "moe", "attention", "mlp", "mamba"],
+            num_hidden_layers=5,
+            head_dim=16,
+            intermediate_size=96,
+            mlp_hidden_act="relu2",
+            ssm_state_size=8,
+            mamba_num_heads=4,
+            mamba_head_dim=8,
+            n_groups=2,
+            conv_kernel=4,
+            chunk_size=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            moe_shared_expert_intermediate_size=48,
+            routed_scaling_factor=2.5,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            layer_norm_epsilon=1e-5,
+            tie_word_embeddings=False,
+            use_mamba_kernels=False,
+        ),
+        max_norm=1.0,
+        router_std=0.3,
+        score_bias_std=0.1,
     ),
 ]
 CASES = [c for c in CASES if c["config_cls"] is not None]

@@ -363,6 +363,20 @@ def deepseek_v3_config():
     return dict(D.CFG)
 
 
+def make_nemotron_h(c, seed):
+    import nemotron_h_reference as N
+    cfg = dict(N.CFG)
+    P = N.make_params(cfg, seed)
+    frozen = {k for k in P if k.endswith("e_score_correction_bias")}  # a buffer in HF: never trained
+    return FunctionalModel(P, lambda P_, ids, mask: N.forward(P_, cfg, ids, mask), c, lambda P_: N.hub_layout(P_, cfg),
+                           frozen)
+
+
+def nemotron_h_config():
+    import nemotron_h_reference as N
+    return dict(N.CFG)
+
+
 def gemma2_config():
     cfg = gemma3_config()
     cfg.update(architectures=["Gemma2ForCausalLM"], model_type="gemma2", num_hidden_layers=2,
@@ -381,6 +395,10 @@ CASES = {
     # own_init: the reference draws its own weights (stds chosen so MLA, the router and the bias matter)
     "deepseek_v3": dict(name="deepseek_v3", seed=7, make_cfg=deepseek_v3_config, make_model=make_deepseek_v3,
                         own_init=True, max_norm=1.0),
+    # Nemotron-H: Mamba2 (x2), MoE (4 experts, top-2, sigmoid router + correction bias, shared expert), NoPE
+    # attention, relu2 MLP (tools/nemotron_h_reference.py)
+    "nemotron_h": dict(name="nemotron_h", seed=11, make_cfg=nemotron_h_config, make_model=make_nemotron_h,
+                       own_init=True, max_norm=1.0),
 }
 
 

@@ -389,6 +389,7 @@ std::optional<int64_t> token_id(const Keys& k, const char* key, std::optional<in
 
 ModelConfig parse_model_config(const json& j_file, const std::string& source_name) {
   if (!j_file.is_object()) throw FormatError(source_name + ": config must be a JSON object");
+  if (j_file.contains("model_type") && j_file["model_type"] == "nemotron_h") return parse_nemotron_h_config(j_file, source_name);
   // deepseek: DeepseekV3Config / DeepseekV2Config defaults for absent size keys (model_config_deepseek.cpp);
   // raw stays the file as read.
   const json j = with_deepseek_defaults(j_file);
@@ -551,7 +552,7 @@ ModelConfig load_model_config(const std::string& path) {
   std::ifstream in(file, std::ios::binary);
   if (!in) throw IoError(file + ": cannot open: " + std::strerror(errno));
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  const json j = parse_json_bounded(text, file + ": not valid JSON");
+  const json j = parse_json_bounded(quote_nonfinite(text), file + ": not valid JSON");
   return parse_model_config(j, file);
 }
 
@@ -562,7 +563,7 @@ ModelConfig load_model_config(const std::string& path, const json& overrides, co
   std::ifstream in(file, std::ios::binary);
   if (!in) throw IoError(file + ": cannot open: " + std::strerror(errno));
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  json j = parse_json_bounded(text, file + ": not valid JSON");
+  json j = parse_json_bounded(quote_nonfinite(text), file + ": not valid JSON");
   if (!j.is_object()) throw FormatError(file + ": expected a JSON object");
   for (auto it = overrides.begin(); it != overrides.end(); ++it) j[it.key()] = it.value();
   return parse_model_config(j, file + " with the overrides of " + overrides_from);

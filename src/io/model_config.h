@@ -105,6 +105,25 @@ struct ModelConfig {
   };
   bool deepseek = false;
   Deepseek ds;
+  // nemotron_h (NemotronHConfig; model_config_nemotron_h.cpp): a hybrid stack of single-mixer blocks
+  // x = x + mixer(RMSNorm(x)), the mixer per layer from `layers_block_type` / `hybrid_override_pattern`:
+  //   'M' Mamba2 (linear_attention), '*' attention without RoPE (full_attention), '-' ungated relu2 MLP,
+  //   'E' MoE (sigmoid router + e_score_correction_bias, ungated relu2 experts, one relu2 shared expert).
+  struct NemotronH {
+    std::string pattern;                  // one char per layer: M * - E
+    int64_t mamba_num_heads = 128, mamba_head_dim = 64, ssm_state_size = 128, n_groups = 8, conv_kernel = 4;
+    bool use_conv_bias = true;            // conv1d.bias
+    bool use_bias = false;                // in_proj / out_proj biases of the Mamba2 mixer
+    // dt = max(softplus(dt + dt_bias), time_step_min) (HF's torch path; time_step_max: no upper clamp there)
+    double time_step_min = 0.001, time_step_max = 1e300;
+    int64_t moe_shared_expert_intermediate_size = 7688;
+    double routed_scaling_factor = 1.0;
+    int64_t n_group = 1, topk_group = 1;
+    int64_t mamba_inner() const { return mamba_num_heads * mamba_head_dim; }
+    int64_t conv_dim() const { return mamba_inner() + 2 * n_groups * ssm_state_size; }
+  };
+  bool nemotron_h = false;
+  NemotronH nh;
   nlohmann::json raw;                     // the file as read
 
   bool is_moe() const { return num_experts > 0; }
@@ -126,6 +145,8 @@ void parse_deepseek_config(const nlohmann::json& j, const std::string& source_na
 // j itself, or (deepseek_v2 / deepseek_v3) a copy with those classes' defaults for the absent keys the
 // generic parser requires (vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads).
 nlohmann::json with_deepseek_defaults(const nlohmann::json& j);
+// nemotron_h (model_config_nemotron_h.cpp): the whole config from NemotronHConfig keys and class defaults.
+ModelConfig parse_nemotron_h_config(const nlohmann::json& j, const std::string& source_name);
 
 // inv_freq [head_dim/2] exactly as transformers' ROPE_INIT_FUNCTIONS compute it (float32 arithmetic),
 // plus the attention scaling applied to cos/sin (1.0 except yarn).

@@ -1,5 +1,7 @@
 #include "models/hf_weights.h"
 
+#include "io/json_bounded.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cctype>
@@ -261,7 +263,7 @@ void write_hf_side_files(const CausalLM& model, const std::string& out_dir, cons
   {
     fs::path tmp = fs::path(out_dir) / "config.json.tmp";
     std::ofstream f(tmp);
-    f << cfg_json.dump(2) << "\n";
+    f << io::unquote_nonfinite(cfg_json.dump(2)) << "\n";  // Python's bare Infinity / NaN back
     f.close();
     if (!f) throw IoError("cannot write " + tmp.string());
     fs::rename(tmp, fs::path(out_dir) / "config.json");

@@ -21,6 +21,7 @@ void register_gemma3();
 void register_phi3();
 void register_gpt_oss();
 void register_deepseek();
+void register_nemotron_h();
 
 static std::map<std::string, ModelBuilder>& table() {
   static std::map<std::string, ModelBuilder> t;
@@ -43,6 +44,7 @@ static void ensure_registered() {
     register_phi3();
     register_gpt_oss();
     register_deepseek();
+    register_nemotron_h();
   });
 }
 

@@ -27,6 +27,7 @@
 #include "train/model_source.h"
 #include "io/json_bounded.h"
 #include "io/safetensors.h"
+#include "models/decoder.h"
 #include "models/hf_weights.h"
 #include "ops/ops.h"
 #include "train/checkpoint.h"
@@ -831,7 +832,8 @@ void Trainer::print_summary(double wall_s, int64_t last_step) const {
       std::printf("merge:   automodel merge-lora --base %s --adapter %s/model --out merged/\n", source_dir_.c_str(), latest.c_str());
   } else if (fs::exists(fs::path(latest) / "model" / "consolidated")) {
     std::printf("model (HF folder): %s/model/consolidated\n", latest.c_str());
-    std::printf("try it:  automodel generate --model %s/model/consolidated --chat \"Hello\"\n", latest.c_str());
+    if (dynamic_cast<const DecoderLM*>(model_.get()))  // nemotron_h has no incremental decode: generate refuses it
+      std::printf("try it:  automodel generate --model %s/model/consolidated --chat \"Hello\"\n", latest.c_str());
   } else {
     std::printf("checkpoint: %s (no consolidated HF folder: checkpoint.save_consolidated is %s)\n", latest.c_str(),
                 save_consolidated_.c_str());

@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "models/blocks/lora.h"
+#include "ops/mamba2_ops.h"
 #include "ops/moe_ops.h"
 #include "ops/ops.h"
 
@@ -38,6 +39,14 @@ MlpWeights register_mlp(ParamStore& ps, const std::string& pre, int64_t H, int64
 }
 
 
+MlpWeights register_mlp_ungated(ParamStore& ps, const std::string& pre, int64_t H, int64_t I) {
+  MlpWeights w;
+  w.act = MlpAct::Relu2;
+  w.up = &ps.add(pre + "up_proj.weight", {I, H});
+  w.down = &ps.add(pre + "down_proj.weight", {H, I});
+  return w;
+}
+
 MlpWeights register_mlp_fused(ParamStore& ps, const std::string& pre, int64_t H, int64_t I) {
   MlpWeights w;
   w.gate_up = &ps.add(pre + "gate_up_proj.weight", {2 * I, H});
@@ -46,6 +55,31 @@ MlpWeights register_mlp_fused(ParamStore& ps, const std::string& pre, int64_t H,
 }
 
 namespace {
+// The ungated path (nemotron_h): u = x Wu^T [N, I], h = relu(u)^2, y = h Wd^T.
+Tensor ungated_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s) {
+  const int64_t N = x.dim(0), I = w.up->shape[0], H = w.down->shape[0];
+  Tensor u = ex.empty({N, I}), h = ex.empty({N, I}), y = ex.empty({N, H});
+  proj_fwd(ex, *w.up, w.up_bias, x, u);
+  ops::relu2_fwd(u, h);
+  proj_fwd(ex, *w.down, w.down_bias, h, y);
+  if (s) {
+    *s = MlpSaved{};
+    s->x = x;
+    s->up = u;
+  }
+  return y;
+}
+Tensor ungated_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy) {
+  const int64_t N = dy.dim(0), I = w.up->shape[0], H = w.down->shape[0];
+  Tensor h = ex.empty({N, I});
+  ops::relu2_fwd(s.up, h);  // recomputed, as in the gated path
+  Tensor dh = ex.empty({N, I});
+  proj_bwd(ex, *w.down, w.down_bias, h, dy, &dh);
+  Tensor du = ex.empty({N, I}), dx = ex.empty({N, H});
+  ops::relu2_bwd(s.up, dh, du);
+  proj_bwd(ex, *w.up, w.up_bias, s.x, du, &dx);
+  return dx;
+}
 // The fused path: gu = x Wgu^T [N, 2I] -> h = silu(gu[:, :I]) * gu[:, I:] (the MoE experts' fused kernels).
 Tensor fused_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s) {
   const int64_t N = x.dim(0), I = w.down->shape[1], H = w.down->shape[0];
@@ -76,6 +110,7 @@ Tensor fused_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved
 
 Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s) {
   if (w.gate_up) return fused_forward(ex, w, x, s);
+  if (!w.gate) return ungated_forward(ex, w, x, s);
   const int64_t N = x.dim(0), I = w.gate->shape[0], H = w.down->shape[0];
   Tensor gate = ex.empty({N, I}), up = ex.empty({N, I}),
          h = ex.empty({N, I}), y = ex.empty({N, H});
@@ -89,6 +124,7 @@ Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, 
 
 Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy) {
   if (w.gate_up) return fused_backward(ex, w, s, dy);
+  if (!w.gate) return ungated_backward(ex, w, s, dy);
   const int64_t N = dy.dim(0), I = w.gate->shape[0], H = w.down->shape[0];
   Tensor h = ex.empty({N, I});
   act_fwd(w.act, s.gate, s.up, h);  // the same kernel on the same inputs: bit-identical to forward's h

@@ -2,6 +2,7 @@
 //   y = down( act(x Wg^T) * (x Wu^T) )      x [N, H], gate/up [N, I], y [N, H]
 //   act = silu (SwiGLU; every family but Gemma) or gelu_pytorch_tanh (GeGLU; Gemma)
 //   (phi3) [gate | up] = x Wgu^T: one fused GEMM [N, 2I], gate the first half
+//   (nemotron_h, ungated) y = down( relu(x Wu^T)^2 ): no gate_proj (gate and gate_up are null)
 #pragma once
 #include <string>
 
@@ -11,7 +12,7 @@
 
 namespace am {
 
-enum class MlpAct { Silu, GeluTanh };
+enum class MlpAct { Silu, GeluTanh, Relu2 };  // Relu2: ungated MLPs only
 
 struct MlpWeights {
   Param *gate = nullptr, *up = nullptr, *down = nullptr;  // [I, H], [I, H], [H, I]
@@ -25,7 +26,7 @@ MlpAct mlp_act_from_config(const std::string& name, const std::string& key);
 
 struct MlpSaved {
   Tensor x;         // [N, H]
-  Tensor gate, up;  // [N, I] pre-activation
+  Tensor gate, up;  // [N, I] pre-activation (ungated: up only)
   Tensor gate_up;   // fused: [N, 2I] instead
   // h = act(gate) * up [N, I] is NOT kept: backward recomputes it from gate and up (one elementwise pass,
   // ~0.1 ms per W1 layer) instead of holding N x I per layer (2 GiB over W1's 16 layers).
@@ -34,6 +35,8 @@ struct MlpSaved {
 MlpWeights register_mlp(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter, bool bias,
                         MlpAct act = MlpAct::Silu);
 // Phi3MLP: gate_up_proj [2I, H] then down_proj [H, I], no biases, SwiGLU.
+// NemotronHMLP: up_proj [I, H] -> relu2 -> down_proj [H, I], no gate, no biases.
+MlpWeights register_mlp_ungated(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter);
 MlpWeights register_mlp_fused(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter);
 Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* saved);
 Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy);

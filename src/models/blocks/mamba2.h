@@ -1,0 +1,57 @@
+// Nemotron-H's Mamba2 mixer (HF NemotronHMamba2Mixer, its torch_forward path), on the CPU:
+//   proj = x Win^T (+b)                          [N, Din + Cd + nh]   Din = nh * P, Cd = Din + 2 G S
+//   z, xBC, dt_raw = split(proj, [Din, Cd, nh])  (HF: gate, hidden_states_B_C, dt; the leading d_mlp is 0)
+//   xBC = silu(causal depthwise conv1d(xBC; conv1d.weight [Cd, 1, K], conv1d.bias [Cd]))
+//   xs, B, C = split(xBC, [Din, G S, G S])
+//   dt = max(softplus(dt_raw + dt_bias), time_step_min)  (the torch path's clamp) [N, nh]
+//   A = -exp(A_log)                                                           [nh]
+//   y = selective scan (ops/mamba2_ops.h) + D * xs                            [N, Din]
+//   out = out_proj( RMSNorm_grouped(y * silu(z)) * norm.weight )             [N, H]  (groups of Din / G)
+// Everything is fp32 (the torch path's .float() casts are identities in fp32). Packing: the conv window and
+// the scan state restart at every segment boundary (AttnParams::segment_ids).
+#pragma once
+#include <string>
+
+#include "io/model_config.h"
+#include "models/exec.h"
+#include "models/params.h"
+
+namespace am {
+
+struct Mamba2Weights {
+  Param *in_proj = nullptr, *in_bias = nullptr;    // [Din + Cd + nh, H], [..]
+  Param *conv_w = nullptr, *conv_b = nullptr;      // [Cd, 1, K], [Cd]
+  Param *dt_bias = nullptr, *A_log = nullptr, *D = nullptr;  // [nh] each
+  Param* norm = nullptr;                           // [Din]
+  Param *out_proj = nullptr, *out_bias = nullptr;  // [H, Din], [H]
+};
+
+struct Mamba2Saved {
+  Tensor x;        // [N, H] block input
+  Tensor proj;     // [N, Din + Cd + nh]
+  Tensor xbc_in;   // [N, Cd] conv input
+  Tensor conv_pre; // [N, Cd] before silu
+  Tensor xbc;      // [N, Cd] after silu
+  Tensor dt_in;    // [N, nh] dt_raw + dt_bias
+  Tensor dt;       // [N, nh] after softplus / clamp
+  Tensor A;        // [nh]
+  Tensor xs, Bm, Cm, z;  // [N, Din], [N, G S], [N, G S], [N, Din]
+  Tensor y;        // [N, Din] scan output
+  Tensor states;   // [N, nh, P, S]
+  Tensor rstd;     // [N * G]
+  Tensor g;        // [N, Din] gated norm output (out_proj input)
+};
+
+// prefix: "model.layers.{i}.mixer." (registered in NemotronHMamba2Mixer's state_dict order); `hub` is the
+// same prefix with the hub's names ("backbone.layers.{i}.mixer."), set as each parameter's first layout.
+Mamba2Weights register_mamba2(ParamStore& ps, const std::string& prefix, const std::string& hub, const io::ModelConfig& cfg);
+// x [N, H] (N = B * T), seg [B, T] or nullptr. Returns [N, H].
+Tensor mamba2_forward(const ExecContext& ex, const Mamba2Weights& w, const io::ModelConfig& cfg, const Tensor& x, int64_t B,
+                      int64_t T, const Tensor* seg, Mamba2Saved* s);
+Tensor mamba2_backward(const ExecContext& ex, const Mamba2Weights& w, const io::ModelConfig& cfg, const Mamba2Saved& s,
+                       int64_t B, int64_t T, const Tensor* seg, const Tensor& dy);
+
+// Adds `hub + suffix` as the first checkpoint layout of p (whose name is prefix + suffix).
+void add_hub_layout(Param& p, const std::string& hub_name);
+
+}  // namespace am

@@ -1,0 +1,72 @@
+// Nemotron-H / NVIDIA-Nemotron-3-Nano (HF NemotronHForCausalLM): a hybrid stack of single-mixer blocks
+//   x0 = embed(ids)                                   [N, H]   model.embeddings (hub: backbone.embedding)
+//   per layer i: x = x + mixer_i(RMSNorm(x))          model.layers.{i}.norm / .mixer
+//     mixer = Mamba2 ('M', blocks/mamba2.h) | attention without RoPE ('*', blocks/attention.h with identity
+//             rotary tables) | relu2 MLP ('-', blocks/mlp.h) | MoE ('E', blocks/nemotron_moe.h)
+//   loss = CE(RMSNorm(x) W_lm^T, targets)             model.norm_f, lm_head
+// Parameter names are transformers 5's (model.*); the hub's / save_pretrained's (backbone.*, per-expert
+// tensors) are each parameter's first checkpoint layout. CPU only: to_device on CUDA throws DeviceError.
+// No incremental decode (the Mamba2 conv / SSM states are not cached): automodel generate refuses it.
+#pragma once
+#include <vector>
+
+#include "models/blocks/attention.h"
+#include "models/blocks/mamba2.h"
+#include "models/blocks/mlp.h"
+#include "models/blocks/nemotron_moe.h"
+#include "models/model.h"
+
+namespace am {
+
+class NemotronHLM : public CausalLM {
+ public:
+  explicit NemotronHLM(const io::ModelConfig& cfg, const ModelParallel& mp = {});
+  const io::ModelConfig& config() const override { return cfg_; }
+  ParamStore& params() override { return ps_; }
+  std::vector<std::vector<Param*>> param_units() override;
+  void set_param_hooks(ParamHooks* hooks) override { hooks_ = hooks; }
+  void to_device(const ExecContext& ex) override;
+  const ExecContext& exec() const override { return ex_; }
+  double forward_backward(const Batch& b, float grad_scale, const ForwardOptions& opt) override;
+  double forward_loss(const Batch& b, const ForwardOptions& opt) override;
+  Tensor forward_logits(const Batch& b) override;
+  int64_t matmul_params_per_token() const override;
+
+ private:
+  struct Layer {
+    char kind;  // 'M', '*', '-', 'E'
+    Param* norm;
+    Mamba2Weights mamba;
+    AttentionWeights attn;
+    MlpWeights mlp;
+    NemotronMoeWeights moe;
+  };
+  struct Saved {
+    Tensor x, h, rstd;  // layer input [N, H], RMSNorm(x) [N, H], rstd [N]
+    Mamba2Saved mamba;
+    AttentionSaved attn;
+    MlpSaved mlp;
+    NemotronMoeSaved moe;
+  };
+  Tensor trunk_forward(const Batch& b, std::vector<Saved>* saved, Tensor* x_pre, Tensor* rstd_f);
+  Tensor mixer_forward(const Layer& L, const Batch& b, const Tensor& h, Saved* s);
+  Tensor mixer_backward(const Layer& L, const Batch& b, const Saved& s, const Tensor& dy);
+  ops::AttnParams attn_params(const Batch& b) const;
+  void nope_tables(int64_t N);
+  Param& lm_head() { return lm_head_ ? *lm_head_ : *embed_; }
+  void hook_use(int unit, bool backward) { if (hooks_) hooks_->before_use(unit, backward); }
+  void hook_fwd_done(int unit) { if (hooks_) hooks_->after_forward(unit); }
+  void hook_bwd_done(int unit) { if (hooks_) hooks_->after_backward(unit); }
+
+  io::ModelConfig cfg_;
+  ParamHooks* hooks_ = nullptr;
+  ExecContext ex_;
+  ParamStore ps_;
+  Param* embed_ = nullptr;    // [V, H]
+  Param* norm_f_ = nullptr;   // [H]
+  Param* lm_head_ = nullptr;  // [V, H]; nullptr when tied
+  std::vector<Layer> layers_;
+  Tensor cos_, sin_;  // [N, D/2] identity rotary tables (cos 1, sin 0): attention without RoPE
+};
+
+}  // namespace am
