@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "models/decoder.h"  // lm_head_cross_entropy
 #include "ops/ops.h"
 
@@ -169,6 +170,11 @@ Tensor NemotronHLM::trunk_forward(const Batch& b, std::vector<Saved>* saved, Ten
 }
 
 double NemotronHLM::forward_backward(const Batch& b, float grad_scale, const ForwardOptions& opt) {
+  if (opt.activation_checkpointing && !warned_checkpointing_) {
+    // Said once, not silently dropped: every layer's activations are kept for the backward.
+    log::warn("distributed.activation_checkpointing: not implemented for nemotron_h; activations are kept");
+    warned_checkpointing_ = true;
+  }
   const int64_t N = b.B * b.T, H = cfg_.hidden_size;
   std::vector<Saved> saved;
   Tensor x_pre, rstd_f;

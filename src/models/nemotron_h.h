@@ -67,6 +67,7 @@ class NemotronHLM : public CausalLM {
   Param* lm_head_ = nullptr;  // [V, H]; nullptr when tied
   std::vector<Layer> layers_;
   Tensor cos_, sin_;  // [N, D/2] identity rotary tables (cos 1, sin 0): attention without RoPE
+  bool warned_checkpointing_ = false;
 };
 
 }  // namespace am
