@@ -158,6 +158,7 @@ int run_recipe(const RecipeArgs& a, Body&& body) {
     }
     return body(r, li);
   }
+  arm_stop_signals();  // before registering: the supervisor may forward a stop signal as soon as it sees us
   dist::worker_register(li.rank);
   int code = 0;
   try {

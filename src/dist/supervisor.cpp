@@ -246,6 +246,7 @@ class Job {
   std::string dir_;
   bool own_dir_ = false;
   std::optional<Failure> failure_;
+  std::vector<int> forwarded_;  // every signal forwarded so far, in order (replayed to late-registering workers)
 };
 
 void Job::start() {
@@ -320,6 +321,9 @@ void Job::discover() {
     if (!(f >> pid) || pid <= 0) continue;
     w.pid = static_cast<pid_t>(pid);
     w.pidfd = pidfd_open(w.pid);  // -1 when it is already gone: check_registered() sees it
+    // A stop / preemption signal forwarded before this worker registered reaches it now (it armed its
+    // handlers before writing its pid file), so none is lost to a slow start.
+    for (int sig : forwarded_) kill(w.pid, sig);
   }
 }
 
@@ -376,6 +380,7 @@ void Job::check_registered() {
 }
 
 void Job::forward(int sig) {
+  forwarded_.push_back(sig);
   for (auto& w : w_)
     if (w.pid > 0 && !w.exited) kill(w.pid, sig);
 }

@@ -53,6 +53,13 @@ static void on_stop_signal(int sig) {
   g_stop_signal.store(sig);
 }
 
+void arm_stop_signals() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  for (int sig : {SIGTERM, SIGINT, SIGUSR1, SIGHUP}) sigaction(sig, &sa, nullptr);
+}
+
 // One metrics line, flushed and closed at once (a killed run keeps every finished step); a line that
 // cannot be written (full disk, read-only folder) stops the run naming the file instead of losing metrics.
 static void append_jsonl(const fs::path& path, const json& j) {
@@ -720,10 +727,12 @@ std::vector<StepStats> Trainer::train() {
   sigaction(SIGINT, &sa, &old_int);
   sigaction(SIGUSR1, &sa, &old_usr1);
   sigaction(SIGHUP, &sa, &old_hup);
-  g_stop_signal.store(0);
+  // No reset here: a signal armed earlier (arm_stop_signals) and received during setup still counts. The flag
+  // is cleared when this loop ends, so that a later Trainer in the same process starts clean.
   struct Restore {
     struct sigaction t, i, u, h;
     ~Restore() {
+      g_stop_signal.store(0);
       sigaction(SIGTERM, &t, nullptr);
       sigaction(SIGINT, &i, nullptr);
       sigaction(SIGUSR1, &u, nullptr);

@@ -59,6 +59,12 @@ BatchShape batch_shape(const Recipe& r);
 void check_distributed_recipe(const Recipe& r, int world, const io::ModelConfig* cfg);
 void check_distributed_recipe(const Recipe& r, int world);
 
+// Installs the training loop's stop-signal handlers now (SIGTERM, SIGINT, SIGUSR1, SIGHUP: finish the step,
+// save, exit 0). A launched worker calls it before it registers with the supervisor, so that a signal
+// forwarded while the model is still being built is kept and honoured at the first step boundary instead of
+// killing the worker or being lost.
+void arm_stop_signals();
+
 class Trainer {
  public:
   explicit Trainer(const Recipe& recipe, TrainerOptions opt = {});
