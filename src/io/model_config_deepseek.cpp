@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "io/config_keys.h"
 #include "io/model_config.h"
 
 namespace am::io {
@@ -23,39 +24,6 @@ using nlohmann::json;
 
 namespace {
 
-struct DsKeys {
-  const json& j;
-  const std::string& file;
-  bool present(const char* k) const { return j.contains(k) && !j.at(k).is_null(); }
-  [[noreturn]] void bad(const char* k, const std::string& want) const {
-    std::string got = j.contains(k) ? j.at(k).dump() : "absent";
-    if (got.size() > 80) got = got.substr(0, 77) + "...";
-    throw FormatError(file + ": key '" + k + "' must be " + want + ", got " + got);
-  }
-  int64_t integer(const char* k, int64_t def, int64_t lo, int64_t hi) const {
-    if (!present(k)) return def;
-    const json& v = j.at(k);
-    double d = v.is_number() ? v.get<double>() : NAN;
-    if (!v.is_number() || std::floor(d) != d || d < static_cast<double>(lo) || d > static_cast<double>(hi))
-      bad(k, "an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
-    return static_cast<int64_t>(d);
-  }
-  double num(const char* k, double def) const {
-    if (!present(k)) return def;
-    if (!j.at(k).is_number()) bad(k, "a number");
-    return j.at(k).get<double>();
-  }
-  bool boolean(const char* k, bool def) const {
-    if (!present(k)) return def;
-    if (!j.at(k).is_boolean()) bad(k, "true or false");
-    return j.at(k).get<bool>();
-  }
-  std::string str(const char* k, const std::string& def) const {
-    if (!present(k)) return def;
-    if (!j.at(k).is_string()) bad(k, "a string");
-    return j.at(k).get<std::string>();
-  }
-};
 
 double yarn_get_mscale(double scale, double mscale) { return scale <= 1.0 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0; }
 
@@ -80,7 +48,7 @@ json with_deepseek_defaults(const json& j) {
 
 void parse_deepseek_config(const json& j, const std::string& file, ModelConfig& c) {
   const bool v3 = c.model_type == "deepseek_v3";
-  DsKeys k{j, file};
+  ConfigKeys k{j, file};
   constexpr int64_t kBig = int64_t(1) << 20;
   ModelConfig::Deepseek& d = c.ds;
   c.deepseek = true;

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "core/error.h"
+#include "io/config_keys.h"
 #include "io/model_config.h"
 
 namespace am::io {
@@ -17,43 +18,8 @@ using nlohmann::json;
 
 namespace {
 
-struct NhKeys {
-  const json& j;
-  const std::string& file;
-  bool present(const char* k) const { return j.contains(k) && !j.at(k).is_null(); }
-  [[noreturn]] void bad(const char* k, const std::string& want) const {
-    std::string got = j.contains(k) ? j.at(k).dump() : "absent";
-    if (got.size() > 80) got = got.substr(0, 77) + "...";
-    throw FormatError(file + ": key '" + k + "' must be " + want + ", got " + got);
-  }
-  int64_t integer(const char* k, int64_t def, int64_t lo = 1, int64_t hi = int64_t(1) << 40) const {
-    if (!present(k)) return def;
-    const json& v = j.at(k);
-    const double d = v.is_number() ? v.get<double>() : NAN;
-    if (!v.is_number() || std::floor(d) != d || d < static_cast<double>(lo) || d > static_cast<double>(hi))
-      bad(k, "an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
-    return static_cast<int64_t>(d);
-  }
-  double num(const char* k, double def) const {
-    if (!present(k)) return def;
-    if (!j.at(k).is_number()) bad(k, "a number");
-    return j.at(k).get<double>();
-  }
-  bool boolean(const char* k, bool def) const {
-    if (!present(k)) return def;
-    if (!j.at(k).is_boolean()) bad(k, "true or false");
-    return j.at(k).get<bool>();
-  }
-  std::string str(const char* k, const std::string& def) const {
-    if (!present(k)) return def;
-    if (!j.at(k).is_string()) bad(k, "a string");
-    return j.at(k).get<std::string>();
-  }
-  // a key or its legacy alias (NemotronHConfig.__post_init__ pops the alias over the field)
-  const char* either(const char* k, const char* legacy) const { return present(legacy) ? legacy : k; }
-};
 
-std::optional<int64_t> token(const NhKeys& k, const char* key, std::optional<int64_t> def, std::vector<int64_t>* all) {
+std::optional<int64_t> token(const ConfigKeys& k, const char* key, std::optional<int64_t> def, std::vector<int64_t>* all) {
   if (!k.j.contains(key)) {
     if (all && def) all->push_back(*def);
     return def;
@@ -72,7 +38,7 @@ std::optional<int64_t> token(const NhKeys& k, const char* key, std::optional<int
   return id;
 }
 
-std::string block_pattern(const NhKeys& k) {
+std::string block_pattern(const ConfigKeys& k) {
   const char* list_key = k.present("layers_block_type") ? "layers_block_type" : k.present("layer_types") ? "layer_types" : nullptr;
   std::string pat;
   if (list_key) {
@@ -100,7 +66,7 @@ std::string block_pattern(const NhKeys& k) {
 }  // namespace
 
 ModelConfig parse_nemotron_h_config(const json& j, const std::string& file) {
-  NhKeys k{j, file};
+  ConfigKeys k{j, file};
   ModelConfig c;
   c.raw = j;
   c.model_type = "nemotron_h";
