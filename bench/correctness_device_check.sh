@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Correctness on the GPU machine in one call (no timings): make the HF-side fixtures, compare the engine with
+# them right there, run the GPU op tests against the CPU oracle, and train every golden case on CUDA.
+#   tools/device_bundle.sh build-cuda    (here), then on the device, carrying .devpack (+ .tbcheck):
+#   TB_CHECK=.tbcheck bash bench/correctness_device_check.sh
+# Comes back under $OUT (at most 8 files): summary.txt, fixtures.tgz (new/changed tests/fixtures files, to
+# commit after review), logs.tgz.
+set -uo pipefail
+O=${OUT:-/tmp/correctness}
+L=/tmp/correctness_logs
+mkdir -p "$O" "$L" .devbuild
+[ -x .devbuild/bin/automodel ] || tar xJf .devpack/bundle.tar.xz -C .devbuild
+source tools/device_env.sh
+B=.devbuild/bin
+# The test binaries find fixtures under the source dir they were built from (AM_SOURCE_DIR=/work/main).
+[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+# 1. HF fixtures (fp32 goldens of the new families, generate goldens, bf16 goldens, TensorBoard read-back).
+OUT=$L bash bench/hf_fixtures_device.sh
+cp "$L/fixtures.tgz" "$O/" 2>/dev/null
+
+# 2. The engine (CPU reference) against the fixtures just made.
+echo "== engine (CPU) vs HF: HfGolden, GenerateHfGoldens, Bf16 goldens config"
+timeout 120 $B/am_tests --gtest_filter='Families/HfGolden.*:GenerateHfGoldens.*:Families/GenerateFamilies.*:HfGoldenConfig.*' \
+  > "$L/engine_vs_hf.log" 2>&1
+echo "exit $?"; grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]" "$L/engine_vs_hf.log" | head -30
+
+# 3. GPU op tests (CUDA vs the CPU oracle).
+echo "== GPU op tests"
+timeout 240 $B/am_gpu_tests > "$L/gpu_tests.log" 2>&1
+echo "exit $?"; grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]|tests ran" "$L/gpu_tests.log" | head -30
+
+# 4. Every golden case trained on CUDA (bf16 compute, fp32 master) vs the HF fp32 loss.
+echo "== golden cases on CUDA: loss vs HF fp32"
+for c in $(python3 -c "import json;print(' '.join(json.load(open('tests/fixtures/golden/index.json'))['cases']))"); do
+  timeout 60 $B/automodel finetune tests/fixtures/golden/$c/recipe.yaml --device=cuda --checkpoint.checkpoint_dir=/tmp/gc_$c \
+    > "$L/golden_cuda_$c.log" 2>&1 || { echo "$c: exit $? $(grep -m1 -iE 'error|not implemented' "$L/golden_cuda_$c.log")"; continue; }
+  python3 - "$c" <<'PY'
+import json, sys
+c = sys.argv[1]
+exp = json.load(open(f"tests/fixtures/golden/{c}/expected.json"))["steps"]
+got = [json.loads(l) for l in open(f"/tmp/gc_{c}/training.jsonl")]
+err = max(abs(g["loss"] - e["loss"]) / e["loss"] for e, g in zip(exp, got))
+print(f"{c}: {len(got)} steps, max rel loss err vs HF fp32 {err:.2e}, grad norm s1 {got[0]['grad_norm']:.4f}/{exp[0]['grad_norm']:.4f}")
+PY
+done
+tar czf "$O/logs.tgz" -C "$L" .
