@@ -4,6 +4,7 @@
 #pragma once
 
 int attention_bench_main(int argc, char** argv);
+int attention_generic_bench_main(int argc, char** argv);  // bench_attention_generic.cu: the CUDA-core path
 int moe_bench_main(int argc, char** argv);  // bench_moe.cu: MoE ops at the W2 shape
 
 struct GpuBench {
@@ -13,5 +14,6 @@ struct GpuBench {
 
 inline constexpr GpuBench kGpuBenches[] = {
     {"attention", attention_bench_main},
+    {"attention_generic", attention_generic_bench_main},
     {"moe", moe_bench_main},
 };

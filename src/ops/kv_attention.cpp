@@ -49,17 +49,18 @@ void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const A
     if (t->dtype() != q.dtype())
       shape_error(op, describe("q", q) + ", " + describe("k", k) + ", " + describe("v", v) + ", " +
                           describe("out", out) + ": expected one dtype");
-  if (p.softcap > 0.f && dev == DeviceType::CUDA)
-    throw DeviceError(std::string(op) + ": attention logit soft-capping (Gemma 2) is not implemented on CUDA yet");
-  if (p.sinks && dev == DeviceType::CUDA)
-    throw DeviceError(std::string(op) + ": gpt_oss attention sinks are not implemented on CUDA yet");
-  if (p.sinks && (!p.sinks->defined() || p.sinks->dtype() != DType::F32 || p.sinks->numel() != p.n_heads))
-    shape_error(op, "sinks: expected [n_heads = " + std::to_string(p.n_heads) + "] float32");
+  // Sinks [nh] on the attention's device: fp32 on the host; fp32 or bf16 (the model's working copy) on CUDA.
+  if (p.sinks) {
+    const bool dtype_ok = p.sinks->defined() && (p.sinks->dtype() == DType::F32 ||
+                                                  (dev == DeviceType::CUDA && p.sinks->dtype() == DType::BF16));
+    if (!dtype_ok || p.sinks->numel() != p.n_heads)
+      shape_error(op, "sinks: expected [n_heads = " + std::to_string(p.n_heads) + "] float32" +
+                          (dev == DeviceType::CUDA ? " or bfloat16" : ""));
+    if (p.sinks->device() != dev)
+      throw DeviceError(std::string("op ") + op + ": sinks must live on the device of q");
+  }
   if (dev == DeviceType::CUDA) {
 #ifdef AM_WITH_CUDA
-    if (p.dv() != p.head_dim)
-      throw DeviceError(std::string("op ") + op + ": a v head dim (" + std::to_string(p.dv()) +
-                        ") other than the q/k one (" + std::to_string(p.head_dim) + ") is not implemented on CUDA yet");
     cuda::attention_kv_fwd(q, k, v, p, out);
     return;
 #else

@@ -445,7 +445,19 @@ void check_attn_tensor(const char* op, const char* name, const Tensor& t, const 
                         ", D = " + std::to_string(D) + "]");
 }
 
-cpu::AttnDims check_attention(const char* op, const AttnParams& p, const Tensor& q, const Tensor& k,
+// CUDA attention tensors: q bf16 or fp32 (the flash kernels take bf16, the generic ones both) and the others
+// in q's dtype.
+void need_attn_float(const char* op, const Tensor& q, std::initializer_list<Arg> others) {
+  if (q.dtype() != DType::BF16 && q.dtype() != DType::F32)
+    shape_error(op, describe("q", q) + ": expected bfloat16 or float32");
+  for (const Arg& a : others)
+    if (a.t && a.t->dtype() != q.dtype())
+      shape_error(op, describe(a.name, *a.t) + ": expected the dtype of " + describe("q", q));
+}
+
+// Shapes, parameters and dtypes of an attention call, on either device (the CUDA backend checks again what
+// its kernels take: head dims, alignment). Returns the CPU kernel's dims.
+cpu::AttnDims check_attention(const char* op, DeviceType dev, const AttnParams& p, const Tensor& q, const Tensor& k,
                               const Tensor& v, const Tensor& lse, const Tensor& out) {
   const std::string params = "B = " + std::to_string(p.batch) + ", T = " + std::to_string(p.seq) +
                              ", n_heads = " + std::to_string(p.n_heads) +
@@ -458,7 +470,12 @@ cpu::AttnDims check_attention(const char* op, const AttnParams& p, const Tensor&
   if (p.sliding_window < 0)
     shape_error(op, "sliding_window = " + std::to_string(p.sliding_window) + " must be >= 0");
   if (!std::isfinite(p.scale)) shape_error(op, "scale must be finite");
-  need_f32(op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
+  if (dev == DeviceType::CPU) {
+    need_f32(op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
+  } else {
+    need_attn_float(op, q, {{"k", &k}, {"v", &v}, {"out", &out}});
+    need_dtype(op, "lse", lse, DType::F32);
+  }
   check_attn_tensor(op, "q", q, p, p.n_heads);
   check_attn_tensor(op, "k", k, p, p.n_kv_heads);
   check_attn_tensor(op, "v", v, p, p.n_kv_heads, p.dv());
@@ -479,13 +496,17 @@ cpu::AttnDims check_attention(const char* op, const AttnParams& p, const Tensor&
   d.sliding_window = p.sliding_window;
   return d;
 }
-// Sinks [nh] fp32 (and their gradient [nh] fp32, which needs the sinks) on the host.
-void check_sinks(const char* op, const AttnParams& p, const Tensor* dsinks) {
+// Sinks [nh] (and their gradient [nh] fp32, which needs the sinks) on the attention's device: fp32 on the host;
+// fp32 or bf16 (the model's CUDA working copy) on CUDA.
+void check_sinks(const char* op, DeviceType dev, const AttnParams& p, const Tensor* dsinks) {
   if (dsinks && dsinks->defined() && !p.sinks) shape_error(op, "dsinks given without p.sinks");
-  for (const Tensor* t : {p.sinks, dsinks && dsinks->defined() ? dsinks : nullptr}) {
-    if (!t) continue;
-    need_f32(op, {{t == p.sinks ? "sinks" : "dsinks", t}});
-    need_shape(op, t == p.sinks ? "sinks" : "dsinks", *t, {p.n_heads});
+  if (p.sinks) {
+    if (dev == DeviceType::CPU || p.sinks->dtype() != DType::BF16) need_f32(op, {{"sinks", p.sinks}});
+    need_shape(op, "sinks", *p.sinks, {p.n_heads});
+  }
+  if (dsinks && dsinks->defined()) {
+    need_f32(op, {{"dsinks", dsinks}});
+    need_shape(op, "dsinks", *dsinks, {p.n_heads});
   }
 }
 }  // namespace
@@ -493,15 +514,16 @@ void check_sinks(const char* op, const AttnParams& p, const Tensor* dsinks) {
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                    Tensor& lse) {
   const char* op = "attention_fwd";
-  DeviceType dev = device_of(
-      op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}, {"segment_ids", p.segment_ids}});
-  if (p.sinks && dev == DeviceType::CUDA)
-    throw DeviceError(std::string(op) + ": gpt_oss attention sinks are not implemented on CUDA yet");
-  if (p.softcap > 0.f && dev == DeviceType::CUDA)
-    throw DeviceError(std::string(op) + ": attention logit soft-capping (Gemma 2) is not implemented on CUDA yet");
+  DeviceType dev = device_of(op, {{"q", &q},
+                                  {"k", &k},
+                                  {"v", &v},
+                                  {"out", &out},
+                                  {"lse", &lse},
+                                  {"segment_ids", p.segment_ids},
+                                  {"sinks", p.sinks}});
+  cpu::AttnDims d = check_attention(op, dev, p, q, k, v, lse, out);
+  check_sinks(op, dev, p, nullptr);
   AM_ROUTE_CUDA(cuda_attention_fwd(q, k, v, p, out, lse));
-  cpu::AttnDims d = check_attention(op, p, q, k, v, lse, out);
-  check_sinks(op, p, nullptr);
   dispatch(op, dev, [&] {
     d.segment_ids = p.segment_ids ? p.segment_ids->data<int32_t>() : nullptr;
     d.sinks = p.sinks ? p.sinks->f32() : nullptr;
@@ -522,19 +544,20 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                                   {"dq", &dq},
                                   {"dk", &dk},
                                   {"dv", &dv},
-                                  {"segment_ids", p.segment_ids}});
-  if ((p.sinks || dsinks) && dev == DeviceType::CUDA)
-    throw DeviceError(std::string(op) + ": gpt_oss attention sinks are not implemented on CUDA yet");
-  if (p.softcap > 0.f && dev == DeviceType::CUDA)
-    throw DeviceError(std::string(op) + ": attention logit soft-capping (Gemma 2) is not implemented on CUDA yet");
-  AM_ROUTE_CUDA(cuda_attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv));
-  cpu::AttnDims d = check_attention(op, p, q, k, v, lse, out);
-  check_sinks(op, p, dsinks);
-  need_f32(op, {{"dout", &dout}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}});
+                                  {"segment_ids", p.segment_ids},
+                                  {"sinks", p.sinks},
+                                  {"dsinks", dsinks && dsinks->defined() ? dsinks : nullptr}});
+  cpu::AttnDims d = check_attention(op, dev, p, q, k, v, lse, out);
+  check_sinks(op, dev, p, dsinks);
+  if (dev == DeviceType::CPU)
+    need_f32(op, {{"dout", &dout}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}});
+  else
+    need_attn_float(op, q, {{"dout", &dout}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}});
   check_attn_tensor(op, "dout", dout, p, p.n_heads, p.dv());
   check_attn_tensor(op, "dq", dq, p, p.n_heads);
   check_attn_tensor(op, "dk", dk, p, p.n_kv_heads);
   check_attn_tensor(op, "dv", dv, p, p.n_kv_heads, p.dv());
+  AM_ROUTE_CUDA(cuda_attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, dsinks));
   dispatch(op, dev, [&] {
     d.segment_ids = p.segment_ids ? p.segment_ids->data<int32_t>() : nullptr;
     d.sinks = p.sinks ? p.sinks->f32() : nullptr;

@@ -98,18 +98,23 @@ struct AttnParams {
   // gpt_oss attention sinks: [nh] fp32 or nullptr. Head h's learned logit s_h joins every softmax row's
   // denominator as one more (value-less) column, dropped after the softmax (HF GptOss eager_attention_forward):
   //   P_ij = exp(score_ij - lse_i), lse_i = log(sum_j exp(score_ij) + exp(s_h)), out_i = sum_j P_ij v_j
-  // so a row's probabilities sum to 1 - exp(s_h - lse_i). CPU only (CUDA: DeviceError).
+  // so a row's probabilities sum to 1 - exp(s_h - lse_i). On q's device; on CUDA fp32 or bf16 (the model's
+  // working copy).
   const Tensor* sinks = nullptr;
   int64_t v_head_dim = 0;                // Dv of v / out when it differs from the q/k head_dim (DeepSeek MLA:
-                                         // 192 vs 128); 0 = head_dim. CPU only for now.
+                                         // 192 vs 128); 0 = head_dim.
   // Gemma 2 attn_logit_softcapping: 0 = off; else every score s = scale q.k becomes softcap * tanh(s / softcap)
-  // before the mask and softmax (and the backward multiplies by 1 - tanh^2). CPU only (CUDA: DeviceError).
+  // before the mask and softmax (and the backward multiplies by 1 - tanh^2).
   float softcap = 0.f;
   int64_t dv() const { return v_head_dim > 0 ? v_head_dim : head_dim; }
 };
 // Causal attention. q [B, T, nh, D], k [B, T, nkv, D], v [B, T, nkv, Dv] -> out [B, T, nh, Dv], lse
 // [B, nh, T] (saved, natural-log logsumexp of the scaled scores, and of the sink when p.sinks; rows that see
 // no key get lse = -inf and out = 0). Dv = p.dv().
+// Devices: CPU takes fp32 tensors (the reference). CUDA takes bf16 (or fp32) q/k/v/out/dout/dq/dk/dv, lse
+// fp32: bf16 with D = Dv = 64 or 128 and neither sinks nor soft-capping runs the tensor-core flash kernels
+// (src/backend/cuda/attention.h), everything else the generic CUDA-core kernels (attention_generic.h), which
+// take D, Dv <= 256 (multiples of 4) with every feature above; larger head dims throw DeviceError.
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                    Tensor& lse);
 // dq [B, T, nh, D], dk [B, T, nkv, D], dv [B, T, nkv, Dv] assigned. dsinks [nh] fp32 (only with p.sinks;

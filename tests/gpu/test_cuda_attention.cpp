@@ -1,5 +1,5 @@
-// CUDA flash attention against the CPU reference (am::ops::attention_fwd/bwd on fp32 copies of the same
-// bf16 inputs). Random shapes with T not a multiple of any tile, GQA ratios 1/4/8, head dims 64/128,
+// CUDA flash attention (and, further down, the generic kernels: other head dims, sinks, soft-capping,
+// Dv != D, fp32) against the CPU reference (am::ops::attention_fwd/bwd on fp32 copies of the same bf16 inputs). Random shapes with T not a multiple of any tile, GQA ratios 1/4/8, head dims 64/128,
 // sliding windows, packed segments with padding; every kernel variant and both backward modes (whole GQA
 // group per block, group split with fp32 atomics). Outputs are poisoned with NaN before each call, so an
 // unwritten element fails. Errors are ||got - ref|| / ||ref|| (bf16 budget ~1e-2); every case prints its
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "backend/cuda/attention.h"
+#include "backend/cuda/attention_generic.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/tensor.h"
@@ -328,6 +329,265 @@ TEST_F(CudaAttention, MatchesCpuReference) {
   std::printf("CudaAttention worst rel error: forward out %.3e, backward %.3e\n", wf, wb);
 }
 
+// ---------------- generic kernels (attention_generic.h) through ops::attention_fwd/bwd ----------------
+// Head dims the flash kernels lack (16, 32, 40, 96, 256, 192 / 128), sinks (+ dsinks, accumulated), soft-capping,
+// fp32 tensors; each with GQA, windows or packed segments with padding. Inputs are bf16-exact; the CPU
+// reference runs on fp32 host copies. `direct` cases call am::cuda::attention_generic_* themselves (so the
+// generic kernels are also checked on the flash kernels' head dims, which the router would send to flash).
+
+struct GenCase {
+  int B, T, nh, nkv, D, Dv, window, seg_mode;
+  float softcap;
+  int sinks;  // 0: none, 1: fp32 sinks, 2: bf16 sinks (the model's working copy)
+  DType dt;
+  bool direct;
+};
+
+std::string gen_name(const GenCase& c) {
+  char buf[200];
+  std::snprintf(buf, sizeof buf, "B%d T%d nh%d nkv%d D%d Dv%d win%d seg%d cap%g sinks%d %s%s", c.B, c.T, c.nh, c.nkv,
+                c.D, c.Dv, c.window, c.seg_mode, c.softcap, c.sinks, am::dtype_name(c.dt),
+                c.direct ? " direct" : "");
+  return buf;
+}
+
+Tensor upload_as(const std::vector<float>& x, const Shape& s, DType dt) {
+  if (dt == DType::BF16) return upload_bf16(x, s);
+  Tensor t = dev_empty(s, DType::F32);
+  if (cudaMemcpy(t.raw(), x.data(), x.size() * 4, cudaMemcpyHostToDevice) != cudaSuccess)
+    throw am::DeviceError("test: upload failed");
+  return t;
+}
+std::vector<float> download_as_f32(const Tensor& t) {
+  return t.dtype() == DType::BF16 ? download_bf16(t) : download_f32(t);
+}
+
+void run_generic_case(const GenCase& c, uint32_t seed, double* worst) {
+  std::mt19937 rng(seed);
+  const int64_t B = c.B, T = c.T, nh = c.nh, nkv = c.nkv, D = c.D, Dv = c.Dv;
+  const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, vs{B, T, nkv, Dv}, os{B, T, nh, Dv}, ls{B, nh, T};
+  auto q = randn_bf16(B * T * nh * D, rng), k = randn_bf16(B * T * nkv * D, rng), v = randn_bf16(B * T * nkv * Dv, rng),
+       dout = randn_bf16(B * T * nh * Dv, rng);
+  // Sinks around the typical row logsumexp so they matter (gpt_oss's learned values are O(1)).
+  std::vector<float> sinks = randn_bf16(nh, rng, 1.5f);
+  std::vector<int32_t> seg;
+  if (c.seg_mode) seg = make_segments(Case{c.B, c.T, c.nh, c.nkv, c.D, c.window, c.seg_mode}, rng);
+  const std::string tag = gen_name(c);
+
+  // ---- CPU reference ----
+  am::ops::AttnParams p;
+  p.batch = B;
+  p.seq = T;
+  p.n_heads = nh;
+  p.n_kv_heads = nkv;
+  p.head_dim = D;
+  p.v_head_dim = Dv == D ? 0 : Dv;
+  p.scale = 1.f / std::sqrt(static_cast<float>(D));
+  p.sliding_window = c.window;
+  p.softcap = c.softcap;
+  Tensor hseg, hsinks = host_f32(sinks, {nh}), hdsinks = Tensor::zeros({nh}, DType::F32);
+  if (c.seg_mode) {
+    hseg = Tensor::empty({B, T}, DType::I32);
+    std::memcpy(hseg.raw(), seg.data(), seg.size() * 4);
+    p.segment_ids = &hseg;
+  }
+  if (c.sinks) p.sinks = &hsinks;
+  Tensor hq = host_f32(q, qs), hk = host_f32(k, ks), hv = host_f32(v, vs), hdo = host_f32(dout, os);
+  Tensor hout = Tensor::empty(os, DType::F32), hlse = Tensor::empty(ls, DType::F32);
+  am::ops::attention_fwd(hq, hk, hv, p, hout, hlse);
+  Tensor hdq = Tensor::empty(qs, DType::F32), hdk = Tensor::empty(ks, DType::F32), hdv = Tensor::empty(vs, DType::F32);
+  am::ops::attention_bwd(hq, hk, hv, hout, hlse, hdo, p, hdq, hdk, hdv, c.sinks ? &hdsinks : nullptr);
+  const auto ref_out = host_vec(hout), ref_lse = host_vec(hlse), ref_dq = host_vec(hdq), ref_dk = host_vec(hdk),
+             ref_dv = host_vec(hdv), ref_dsinks = host_vec(hdsinks);
+  // Scale of each head's dsinks sum (its terms have both signs): sum_i e^(s_h - lse_i) |dout_i . out_i|.
+  std::vector<double> dsink_scale(static_cast<size_t>(nh), 0.0);
+  if (c.sinks)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < nh; ++h)
+        for (int64_t t = 0; t < T; ++t) {
+          const float L = ref_lse[(b * nh + h) * T + t];
+          if (std::isinf(L)) continue;
+          double dd = 0;
+          for (int64_t x = 0; x < Dv; ++x)
+            dd += static_cast<double>(dout[((b * T + t) * nh + h) * Dv + x]) * ref_out[((b * T + t) * nh + h) * Dv + x];
+          dsink_scale[h] += std::exp(static_cast<double>(sinks[h]) - L) * std::fabs(dd);
+        }
+
+  // ---- device ----
+  const bool f32 = c.dt == DType::F32;
+  const double tol_out = f32 ? 1e-4 : 1e-2, tol_lse = f32 ? 1e-4 : 2e-3, tol_grad = f32 ? 1e-4 : 2e-2;
+  Tensor dq_in = upload_as(q, qs, c.dt), dk_in = upload_as(k, ks, c.dt), dv_in = upload_as(v, vs, c.dt),
+         ddo = upload_as(dout, os, c.dt);
+  Tensor dseg, dsinks_t, ddsinks;
+  am::ops::AttnParams dp = p;
+  dp.segment_ids = nullptr;
+  dp.sinks = nullptr;
+  if (c.seg_mode) {
+    dseg = dev_empty({B, T}, DType::I32);
+    ASSERT_EQ(cudaMemcpy(dseg.raw(), seg.data(), seg.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    dp.segment_ids = &dseg;
+  }
+  constexpr float kDsinksInit = 0.25f;  // dsinks accumulate: start from a known non-zero value
+  if (c.sinks) {
+    dsinks_t = upload_as(sinks, {nh}, c.sinks == 2 ? DType::BF16 : DType::F32);
+    dp.sinks = &dsinks_t;
+    ddsinks = upload_as(std::vector<float>(static_cast<size_t>(nh), kDsinksInit), {nh}, DType::F32);
+  }
+  Tensor out = dev_empty(os, c.dt), lse = dev_empty(ls, DType::F32);
+  poison(out);
+  poison(lse);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  if (c.direct)
+    am::cuda::attention_generic_fwd(dq_in, dk_in, dv_in, dp, out, lse);
+  else
+    am::ops::attention_fwd(dq_in, dk_in, dv_in, dp, out, lse);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag << " fwd";
+  const auto got_out = download_as_f32(out), got_lse = download_f32(lse);
+  size_t nf = 0, lse_bad = 0, pad_bad = 0;
+  const double e_out = rel_err(got_out, ref_out, &nf);
+  double e_lse = 0;
+  for (size_t i = 0; i < ref_lse.size(); ++i) {
+    if (std::isinf(ref_lse[i])) {
+      if (!(std::isinf(got_lse[i]) && got_lse[i] < 0)) ++lse_bad;
+    } else if (!std::isfinite(got_lse[i])) {
+      ++lse_bad;
+    } else {
+      e_lse = std::max(e_lse, static_cast<double>(std::fabs(got_lse[i] - ref_lse[i])));
+    }
+  }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < nh; ++h)
+        if (std::isinf(ref_lse[(b * nh + h) * T + t]))
+          for (int64_t x = 0; x < Dv; ++x)
+            if (got_out[((b * T + t) * nh + h) * Dv + x] != 0.f) ++pad_bad;
+  EXPECT_EQ(nf, 0u) << tag << ": non-finite outputs (unwritten?)";
+  EXPECT_EQ(lse_bad, 0u) << tag << ": lse -inf / finiteness mismatches";
+  EXPECT_EQ(pad_bad, 0u) << tag << ": rows that see no key are not zero";
+  EXPECT_LT(e_out, tol_out) << tag;
+  EXPECT_LT(e_lse, tol_lse) << tag;
+
+  // Backward from the device forward's out / lse (as training does), twice: dq/dk/dv use no atomics, so the
+  // second run must match the first bit for bit.
+  Tensor gdq = dev_empty(qs, c.dt), gdk = dev_empty(ks, c.dt), gdv = dev_empty(vs, c.dt);
+  std::vector<float> first[3];
+  for (int run = 0; run < 2; ++run) {
+    poison(gdq);
+    poison(gdk);
+    poison(gdv);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    Tensor* dsp = c.sinks && run == 0 ? &ddsinks : nullptr;  // accumulate once
+    if (c.direct)
+      am::cuda::attention_generic_bwd(dq_in, dk_in, dv_in, out, lse, ddo, dp, gdq, gdk, gdv, dsp);
+    else
+      am::ops::attention_bwd(dq_in, dk_in, dv_in, out, lse, ddo, dp, gdq, gdk, gdv, dsp);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag << " bwd";
+    const std::vector<float> g[3] = {download_as_f32(gdq), download_as_f32(gdk), download_as_f32(gdv)};
+    if (run == 1) {
+      const char* names[3] = {"dq", "dk", "dv"};
+      for (int x = 0; x < 3; ++x)
+        EXPECT_EQ(std::memcmp(g[x].data(), first[x].data(), g[x].size() * 4), 0)
+            << tag << ": backward not repeatable (" << names[x] << ")";
+      break;
+    }
+    size_t n1 = 0, n2 = 0, n3 = 0;
+    const double edq = rel_err(g[0], ref_dq, &n1), edk = rel_err(g[1], ref_dk, &n2), edv = rel_err(g[2], ref_dv, &n3);
+    EXPECT_EQ(n1 + n2 + n3, 0u) << tag << ": non-finite gradients (unwritten?) dq " << n1 << " dk " << n2 << " dv "
+                                << n3;
+    EXPECT_LT(edq, tol_grad) << tag;
+    EXPECT_LT(edk, tol_grad) << tag;
+    EXPECT_LT(edv, tol_grad) << tag;
+    double e_sink = 0;
+    if (c.sinks) {
+      const auto got = download_f32(ddsinks);
+      for (int64_t h = 0; h < nh; ++h) {
+        const double err = std::fabs((static_cast<double>(got[h]) - kDsinksInit) - ref_dsinks[h]);
+        const double scale = std::max(1e-6, dsink_scale[h]);
+        e_sink = std::max(e_sink, err / scale);
+        EXPECT_TRUE(std::isfinite(got[h])) << tag << ": dsinks[" << h << "]";
+      }
+      EXPECT_LT(e_sink, tol_grad) << tag << ": dsinks (error relative to the sum of |terms|)";
+    }
+    *worst = std::max({*worst, e_out, edq, edk, edv, e_sink});
+    std::printf("  %-72s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e dsinks %.2e\n", tag.c_str(), e_out, e_lse, edq,
+                edk, edv, e_sink);
+    for (int x = 0; x < 3; ++x) first[x] = g[x];
+  }
+}
+
+TEST_F(CudaAttention, GenericMatchesCpuReference) {
+  const DType bf = DType::BF16, f32 = DType::F32;
+  const std::vector<GenCase> cases = {
+      // B, T, nh, nkv, D, Dv, window, seg, softcap, sinks, dtype, direct
+      {2, 77, 4, 4, 32, 32, 0, 0, 0.f, 0, bf, false},       // head dim 32 (the qwen3 golden's)
+      {1, 33, 4, 2, 16, 16, 0, 1, 0.f, 0, bf, false},       // 16 (the tiny goldens)
+      {1, 300, 4, 1, 40, 40, 0, 0, 0.f, 0, bf, false},      // 40: not a multiple of 32, GQA 4
+      {1, 150, 8, 2, 96, 96, 0, 2, 0.f, 0, bf, false},      // Phi-3's 96, packed + padding tail
+      {2, 130, 4, 4, 96, 96, 40, 0, 0.f, 0, bf, false},     // 96 + sliding window
+      {2, 100, 4, 4, 192, 128, 0, 1, 0.f, 0, bf, false},    // DeepSeek MLA: D 192, Dv 128
+      {1, 210, 8, 8, 192, 128, 0, 3, 0.f, 0, bf, false},    // MLA + padding runs
+      {1, 200, 8, 4, 256, 256, 64, 0, 0.f, 0, bf, false},   // Gemma 3's 256 + window
+      {1, 257, 4, 1, 256, 256, 0, 3, 0.f, 0, bf, false},    // 256, GQA 4, padding runs
+      {2, 90, 8, 4, 256, 256, 32, 3, 1.5f, 0, bf, false},   // Gemma 2: 256 + soft-cap + window + padding
+      {1, 70, 4, 1, 96, 96, 0, 0, 5.f, 1, bf, false},       // soft-cap + sinks + GQA 4
+      {1, 130, 8, 2, 64, 64, 0, 0, 0.f, 1, bf, false},      // gpt_oss: 64 + sinks
+      {2, 120, 8, 2, 64, 64, 16, 3, 0.f, 2, bf, false},     // sinks (bf16) + window + padding runs
+      {1, 1, 2, 1, 256, 256, 0, 0, 0.f, 1, bf, false},      // T = 1
+      {1, 65, 4, 2, 128, 64, 0, 2, 0.f, 0, f32, false},     // fp32, Dv != D
+      {1, 64, 4, 4, 64, 64, 0, 0, 2.f, 1, f32, false},      // fp32, soft-cap, sinks
+      {2, 140, 8, 2, 64, 64, 0, 3, 0.f, 0, bf, true},       // the generic kernels on flash shapes
+      {1, 170, 4, 1, 128, 128, 50, 0, 0.f, 0, bf, true},
+  };
+  double worst = 0;
+  uint32_t seed = 777;
+  for (const auto& c : cases) {
+    run_generic_case(c, seed++, &worst);
+    if (HasFatalFailure()) return;
+  }
+  std::printf("CudaAttention generic: worst error %.3e\n", worst);
+}
+
+// Head dims beyond the generic kernels' limit are refused with a DeviceError that names the limit; shape
+// errors on CUDA tensors are still the front-end's ShapeError naming the op.
+TEST_F(CudaAttention, GenericRejectsWhatItCannotTake) {
+  am::ops::AttnParams p;
+  p.batch = 1;
+  p.seq = 8;
+  p.n_heads = 2;
+  p.n_kv_heads = 1;
+  p.head_dim = 512;
+  p.scale = 0.05f;
+  {
+    Tensor q = dev_empty({1, 8, 2, 512}, DType::BF16), k = dev_empty({1, 8, 1, 512}, DType::BF16),
+           v = dev_empty({1, 8, 1, 512}, DType::BF16), o = dev_empty({1, 8, 2, 512}, DType::BF16),
+           l = dev_empty({1, 2, 8}, DType::F32);
+    try {
+      am::ops::attention_fwd(q, k, v, p, o, l);
+      ADD_FAILURE() << "head_dim 512 was accepted";
+    } catch (const am::DeviceError& e) {
+      EXPECT_NE(std::string(e.what()).find("256"), std::string::npos) << e.what();
+    }
+  }
+  p.head_dim = 96;
+  Tensor q = dev_empty({1, 8, 2, 96}, DType::BF16), k = dev_empty({1, 8, 1, 96}, DType::BF16),
+         v_bad = dev_empty({1, 8, 1, 64}, DType::BF16), o = dev_empty({1, 8, 2, 96}, DType::BF16),
+         l = dev_empty({1, 2, 8}, DType::F32);
+  try {
+    am::ops::attention_fwd(q, k, v_bad, p, o, l);
+    ADD_FAILURE() << "a v of the wrong shape was accepted";
+  } catch (const am::ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("attention_fwd"), std::string::npos) << e.what();
+  }
+  Tensor v = dev_empty({1, 8, 1, 96}, DType::BF16), bad_sinks = dev_empty({3}, DType::F32);
+  p.sinks = &bad_sinks;
+  EXPECT_THROW(am::ops::attention_fwd(q, k, v, p, o, l), am::ShapeError);
+  Tensor host_sinks = Tensor::zeros({2}, DType::F32);
+  p.sinks = &host_sinks;
+  EXPECT_THROW(am::ops::attention_fwd(q, k, v, p, o, l), am::DeviceError);
+}
+
+// The flash kernels themselves still take only head dims 64 and 128 (ops::attention_fwd routes the others to
+// the generic kernels).
 TEST_F(CudaAttention, RejectsUnsupportedHeadDim) {
   am::ops::AttnParams p;
   p.batch = 1;

@@ -227,7 +227,10 @@ TEST(GptOssAttentionSinks, DecodeWithCacheMatchesTrainingKernel) {
   expect_close(ok, want, kF32, "kv decode with sinks");
 }
 
-TEST(GptOssAttentionSinks, BadSinksAndCudaAreRefused) {
+// Sinks run on CUDA too (the generic kernels, tests/gpu/test_cuda_attention.cpp); what is refused on either
+// device, before any kernel runs: sinks of the wrong shape (ShapeError naming the op) and sinks on another
+// device than q (DeviceError). The "CUDA" tensors below wrap host memory: only the checks may look at them.
+TEST(GptOssAttentionSinks, BadSinksAreRefusedOnEitherDevice) {
   std::mt19937 rng(3);
   Case c{1, 4, 2, 2, 4, 0, false};
   Tensor q = randn({1, 4, 2, 4}, rng), k = randn({1, 4, 2, 4}, rng), v = randn({1, 4, 2, 4}, rng);
@@ -237,13 +240,16 @@ TEST(GptOssAttentionSinks, BadSinksAndCudaAreRefused) {
   auto buf = std::make_shared<std::vector<float>>(64);
   auto cuda = [&](const Shape& s) { return Tensor::wrap(buf->data(), s, DType::F32, buf, DeviceType::CUDA); };
   Tensor cq = cuda(q.shape()), ck = cuda(k.shape()), cv = cuda(v.shape()), co = cuda(q.shape()), cl = cuda({1, 2, 4}),
-         cs = cuda({2});
+         cbad = cuda({3});
   try {
-    ops::attention_fwd(cq, ck, cv, params(c, nullptr, &cs), co, cl);
-    FAIL() << "expected DeviceError";
-  } catch (const DeviceError& e) {
-    EXPECT_NE(std::string(e.what()).find("sinks are not implemented on CUDA"), std::string::npos) << e.what();
+    ops::attention_fwd(cq, ck, cv, params(c, nullptr, &cbad), co, cl);
+    FAIL() << "expected ShapeError";
+  } catch (const ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("attention_fwd"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("sinks"), std::string::npos) << e.what();
   }
+  Tensor host_sinks = randn({2}, rng);
+  EXPECT_THROW(ops::attention_fwd(cq, ck, cv, params(c, nullptr, &host_sinks), co, cl), DeviceError);
 }
 
 // ---------------- experts ----------------

@@ -504,6 +504,69 @@ TEST(AttentionKvCuda, MatchesTheCpuReference) {
   }
 }
 
+// The decode kernel with what the generic training kernels also take: soft-capping (Gemma 2), sinks (gpt_oss;
+// fp32 and the bf16 working copy) and a v head dim other than the q/k one (DeepSeek MLA), plus Phi-3's 96.
+TEST(AttentionKvCuda, SoftcapSinksAndVHeadDim) {
+  if (!have_gpu()) GTEST_SKIP() << "no GPU visible (or a build without CUDA)";
+  const ExecContext ex = ExecContext::cuda_bf16();
+  struct Case {
+    int64_t B, Tq, Tk, nh, nkv, D, Dv, window;
+    float softcap;
+    int sinks;  // 0 none, 1 fp32, 2 bf16
+  };
+  for (const Case c : {Case{1, 1, 40, 8, 2, 64, 64, 0, 0.f, 1}, Case{2, 3, 70, 4, 4, 64, 64, 16, 0.f, 2},
+                       Case{1, 1, 50, 4, 2, 256, 256, 0, 1.5f, 0}, Case{1, 4, 33, 8, 4, 256, 256, 8, 5.f, 1},
+                       Case{1, 1, 60, 4, 4, 192, 128, 0, 0.f, 0}, Case{2, 2, 19, 4, 4, 192, 128, 0, 0.f, 0},
+                       Case{1, 1, 100, 8, 8, 96, 96, 0, 0.f, 0}, Case{1, 5, 5, 4, 1, 96, 96, 0, 3.f, 1}}) {
+    std::mt19937 g(7);
+    std::normal_distribution<float> n(0.f, 1.f);
+    auto rnd = [&](Shape s) {
+      Tensor t = Tensor::empty(s, DType::F32);
+      for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(g);
+      return t.to(DType::BF16).to(DType::F32);  // bf16-exact, so both sides read the same values
+    };
+    Tensor q = rnd({c.B, c.Tq, c.nh, c.D}), k = rnd({c.B, c.Tk, c.nkv, c.D}), v = rnd({c.B, c.Tk, c.nkv, c.Dv});
+    Tensor sinks = rnd({c.nh});
+    ops::AttnParams p;
+    p.batch = c.B;
+    p.seq = c.Tq;
+    p.n_heads = c.nh;
+    p.n_kv_heads = c.nkv;
+    p.head_dim = c.D;
+    p.v_head_dim = c.Dv == c.D ? 0 : c.Dv;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(c.D));
+    p.sliding_window = c.window;
+    p.softcap = c.softcap;
+    if (c.sinks) p.sinks = &sinks;
+    Tensor ref = Tensor::empty({c.B, c.Tq, c.nh, c.Dv}, DType::F32);
+    ops::attention_kv_fwd(q, k, v, p, ref);
+    const Tensor dsinks = ex.upload_as(sinks, c.sinks == 2 ? DType::BF16 : DType::F32);
+    if (c.sinks) p.sinks = &dsinks;
+    for (DType dt : {DType::BF16, DType::F32}) {
+      Tensor out = ex.empty({c.B, c.Tq, c.nh, c.Dv}, dt);
+      ops::attention_kv_fwd(ex.upload_as(q, dt), ex.upload_as(k, dt), ex.upload_as(v, dt), p, out);
+      const Tensor got = ExecContext::download(out).to(DType::F32);
+      const double tol = dt == DType::BF16 ? 1e-2 : 1e-5;
+      for (int64_t i = 0; i < ref.numel(); ++i)
+        ASSERT_NEAR(got.f32()[i], ref.f32()[i], tol * (1.0 + std::abs(ref.f32()[i])))
+            << dtype_name(dt) << " Tk " << c.Tk << " D " << c.D << " Dv " << c.Dv << " softcap " << c.softcap
+            << " sinks " << c.sinks << " element " << i;
+    }
+  }
+  // Sinks must live on q's device.
+  ops::AttnParams p;
+  p.batch = 1;
+  p.seq = 1;
+  p.n_heads = 2;
+  p.n_kv_heads = 1;
+  p.head_dim = 64;
+  p.scale = 0.125f;
+  Tensor host_sinks = Tensor::zeros({2}, DType::F32);
+  p.sinks = &host_sinks;
+  Tensor q = ex.empty({1, 1, 2, 64}), k = ex.empty({1, 4, 1, 64}), v = ex.empty({1, 4, 1, 64}), o = ex.empty({1, 1, 2, 64});
+  EXPECT_THROW(ops::attention_kv_fwd(q, k, v, p, o), DeviceError);
+}
+
 TEST(GenerateCuda, CachedDecodeMatchesFullForward) {
   if (!have_gpu()) GTEST_SKIP() << "no GPU visible (or a build without CUDA)";
   for (const char* c : {"golden/llama", "golden/mistral", "golden/qwen3_moe", "ref_torch/gemma3_text"}) {

@@ -258,6 +258,10 @@ void check_t(const char* op, const char* name, const Tensor& t, DType dt, int64_
 AttnRawArgs to_raw(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                    const Tensor& lse, const ops::AttnParams& p) {
   const int64_t B = p.batch, T = p.seq, nh = p.n_heads, nkv = p.n_kv_heads, D = p.head_dim;
+  // What these kernels do not implement must not be dropped silently (attention_generic.h does it).
+  need(!p.sinks, op, "attention sinks are not supported by the flash kernels (see attention_generic.h)");
+  need(!(p.softcap > 0.f), op, "soft-capping is not supported by the flash kernels (see attention_generic.h)");
+  need(p.dv() == D, op, "a v head dim other than head_dim is not supported by the flash kernels");
   check_t(op, "q", q, DType::BF16, B * T * nh * D, nh, D);
   check_t(op, "k", k, DType::BF16, B * T * nkv * D, nkv, D);
   check_t(op, "v", v, DType::BF16, B * T * nkv * D, nkv, D);

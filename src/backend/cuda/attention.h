@@ -7,7 +7,9 @@
 //   segment_ids [B, T] int32 on the device (or nullptr)
 //
 // Head dims 64 and 128 run tensor-core kernels (wgmma on H100/H200 = sm_90a, mma.sync elsewhere); other
-// head dims throw DeviceError. Work is queued on `stream` (nullptr: the legacy default stream); nothing
+// head dims throw DeviceError here, and so do sinks, soft-capping and a v head dim other than D, which these
+// kernels ignore: ops::attention_fwd/bwd (src/ops/ops_cuda.cpp) sends all of those to the generic kernels
+// (attention_generic.h: any head dim up to 256, sinks, soft-capping, Dv != D, fp32). Work is queued on `stream` (nullptr: the legacy default stream); nothing
 // synchronises. Scratch memory: the *_workspace_bytes functions say how much the call needs; pass that
 // much device memory (e.g. from the caching allocator), or nullptr to let the call take it stream-ordered
 // from cudaMallocAsync.
