@@ -15,12 +15,12 @@
 
 #include <nlohmann/json.hpp>
 
-#include "backend/cuda/device_info.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "dist/launch.h"
 #include "dist/supervisor.h"
+#include "ops/device.h"
 #include "config/recipe.h"
 #include "train/trainer.h"
 
@@ -130,7 +130,7 @@ int workers_to_start(const RecipeArgs& a, const Recipe& r, std::string* device_o
   if (device != "auto" && device != "cpu" && device != "cuda")
     r.fail("device", "expected auto, cpu or cuda, got '" + device + "'");
   std::string why;
-  const int gpus = device == "cpu" ? 0 : static_cast<int>(cuda::list_devices(&why).size());
+  const int gpus = device == "cpu" ? 0 : static_cast<int>(ops::list_gpus(&why).size());
   const bool on_gpu = device != "cpu" && gpus > 0;
   *device_out = on_gpu ? "cuda" : "cpu";
   if (!a.nproc_given) return on_gpu && gpus >= 2 ? gpus : 1;

@@ -7,10 +7,9 @@
 #include "core/log.h"
 #include "dist/communicator.h"
 #include "models/blocks/norm.h"
+#include "ops/device.h"
 #include "ops/ops.h"
-#ifdef AM_WITH_CUDA
-#include "backend/cuda/cuda_ops.h"
-#endif
+#include "ops/trace.h"
 
 namespace am {
 
@@ -327,6 +326,7 @@ Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, 
     if (saved && recompute) (*saved)[i].x = x;
     LayerSaved* s = saved && !recompute ? &(*saved)[i] : nullptr;
     hook_use(static_cast<int>(i) + 1, false);
+    ops::TraceRange tr("layer", static_cast<int64_t>(i), "fwd");
     const bool l = layers_[i].sliding_rope;
     x = layer_forward(layers_[i], x, l ? cos_l : cos, l ? sin_l : sin, attn_params(b, layers_[i].window), s, kv,
                       static_cast<int64_t>(i));
@@ -367,9 +367,13 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   routing_.clear();
   Tensor dxf = ex_.empty({N, H});
   Param& head = lm_head();
-  double loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf,
-                                      head.grad.defined() ? &head.grad : nullptr, opt.loss_chunk_rows,
-                                      static_cast<float>(cfg_.final_logit_softcapping));
+  double loss = 0.0;
+  {
+    ops::TraceRange tr("lm_head+cross_entropy");
+    loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf,
+                                 head.grad.defined() ? &head.grad : nullptr, opt.loss_chunk_rows,
+                                 static_cast<float>(cfg_.final_logit_softcapping));
+  }
   Tensor dx = ex_.empty({N, H}, ex_.residual_dtype);
   ops::rmsnorm_bwd(x_pre, norm_w(*norm_), rstd_f, dxf, dx, norm_->grad);
   dxf = Tensor();
@@ -381,6 +385,7 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
     const Tensor& cos = layers_[i].sliding_rope ? cos_l : cos_g;
     const Tensor& sin = layers_[i].sliding_rope ? sin_l : sin_g;
     hook_use(static_cast<int>(i) + 1, true);
+    ops::TraceRange tr("layer", static_cast<int64_t>(i), recompute ? "recompute+bwd" : "bwd");
     if (recompute) {
       Tensor x_in = saved[i].x;
       layer_forward(layers_[i], x_in, cos, sin, p, &saved[i]);  // same inputs, same kernels: same activations
@@ -613,16 +618,12 @@ nlohmann::json DecoderLM::take_step_metrics() {
 
 double lm_head_cross_entropy(const ExecContext& ex, const Tensor& x, const Tensor& W, const Tensor& targets,
                              float grad_scale, Tensor* dx, Tensor* dW, int64_t chunk_rows, float softcap) {
-#ifdef AM_WITH_CUDA
   if (ex.on_cuda()) {
-    // Fused chunked GEMM + CE on the device; one host sync per micro-batch to read the loss sum.
-    double* d_sum = cuda::alloc_device_scalar();
-    cuda::lm_head_cross_entropy(x, W, targets, grad_scale, dx, dW, d_sum);
-    double total = cuda::read_device_scalar(d_sum);
-    cuda::free_device_scalar(d_sum);
-    return total;
+    // The fused CUDA kernel has no logit soft-capping: refuse rather than train a different loss.
+    if (softcap > 0.f)
+      throw DeviceError("lm_head_cross_entropy: final_logit_softcapping (Gemma 2/3) is not implemented on CUDA yet");
+    return ops::lm_head_cross_entropy_cuda(x, W, targets, grad_scale, dx, dW);
   }
-#endif
   const int64_t N = x.dim(0), V = W.dim(0);
   const int32_t* t = targets.data<int32_t>();
   double total = 0.0;

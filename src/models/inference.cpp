@@ -5,7 +5,6 @@
 #include <set>
 #include <sstream>
 
-#include "backend/cuda/device_info.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "io/json_bounded.h"
@@ -13,9 +12,7 @@
 #include "io/model_config.h"
 #include "io/safetensors.h"
 #include "models/hf_weights.h"
-#ifdef AM_WITH_CUDA
-#include "backend/cuda/context.h"
-#endif
+#include "ops/device.h"
 
 namespace am {
 namespace fs = std::filesystem;
@@ -35,7 +32,7 @@ int pick_device(const std::string& d, std::string* gpu_name) {
     throw UsageError("--device: expected auto, cpu, cuda or cuda:N, got '" + d + "'");
   if (want == -1) return -1;
   std::string why;
-  const auto devs = cuda::list_devices(&why);
+  const auto devs = ops::list_gpus(&why);
   if (devs.empty()) {
     if (want == -2) return -1;
     throw DeviceError("--device " + d + ": no GPU is usable (" + why + ")");
@@ -97,9 +94,7 @@ InferenceModel load_for_inference(const InferenceLoadOptions& o) {
     m.device = "cpu";
     m.device_name = "cpu";
   } else {
-#ifdef AM_WITH_CUDA
-    cuda::set_default_device(gpu);
-#endif
+    ops::use_gpu(gpu);
     const DType residual = m.checkpoint_dtype == DType::F32 ? DType::F32 : DType::BF16;
     m.lm->to_device_inference(ExecContext::cuda_bf16(residual));
     m.device = "cuda:" + std::to_string(gpu);

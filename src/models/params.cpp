@@ -8,9 +8,7 @@
 #include "io/nf4.h"
 #include "models/exec.h"
 #include "ops/nf4_ops.h"
-#ifdef AM_WITH_CUDA
-#include "backend/cuda/cuda_ops.h"
-#endif
+#include "ops/ops.h"
 
 namespace am {
 
@@ -99,13 +97,7 @@ const Param& ParamStore::get(const std::string& name) const {
 void ParamStore::zero_grad() {
   for (auto& p : params_) {
     if (!p.grad.defined()) continue;  // fsdp2: the gradient buffers belong to dist/data_parallel
-    if (p.grad.device() == DeviceType::CPU) {
-      p.grad.zero_();
-    } else {
-#ifdef AM_WITH_CUDA
-      cuda::zero_(p.grad);
-#endif
-    }
+    ops::zero_(p.grad);
   }
 }
 

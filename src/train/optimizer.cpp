@@ -3,11 +3,9 @@
 #include <cmath>
 
 #include "core/error.h"
-#include "core/log.h"
-#ifdef AM_WITH_CUDA
-#include "backend/cuda/cuda_ops.h"
-#endif
 #include "config/recipe.h"
+#include "core/log.h"
+#include "ops/device.h"
 
 namespace am {
 
@@ -65,32 +63,27 @@ void Optimizer::set_state(const std::string& key, int which, Tensor t) { (which 
 void Optimizer::step(ParamStore& ps, double lr, double wd) { step(slots_of(ps), lr, wd); }
 
 void Optimizer::step_cuda(const std::vector<OptSlot>& slots, double lr, double wd) {
-#ifdef AM_WITH_CUDA
   if (cfg_.kind == "sgd") throw DeviceError("optimizer: torch.optim.SGD is not implemented on CUDA yet (use AdamW or Adam)");
-  ExecContext ex = ExecContext::cuda_bf16();
-  std::vector<cuda::AdamWTensors> list;
+  std::vector<ops::AdamWSlot> list;
   list.reserve(slots.size());
   for (const OptSlot& sl : slots) {
     auto& m = m_[sl.key];
     auto& v = v_[sl.key];
     if (!m.defined()) {
-      m = ex.zeros(sl.value->shape(), DType::F32);
-      v = ex.zeros(sl.value->shape(), DType::F32);
+      m = ops::zeros_on(DeviceType::CUDA, sl.value->shape(), DType::F32);
+      v = ops::zeros_on(DeviceType::CUDA, sl.value->shape(), DType::F32);
     }
     list.push_back({sl.value, sl.grad, &m, &v, sl.work});
   }
-  cuda::AdamWConfig c;
-  c.lr = lr;
-  c.beta1 = cfg_.beta1;
-  c.beta2 = cfg_.beta2;
-  c.eps = cfg_.eps;
-  c.weight_decay = wd;
-  c.step = step_;
-  c.decoupled = cfg_.kind == "adamw";
-  cuda::adamw_step(list, c);
-#else
-  throw DeviceError("optimizer: parameters are on CUDA but this build has no CUDA backend");
-#endif
+  ops::AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = cfg_.beta1;
+  h.beta2 = cfg_.beta2;
+  h.eps = cfg_.eps;
+  h.weight_decay = wd;
+  h.step = step_;
+  h.decoupled = cfg_.kind == "adamw";
+  ops::adamw_step_cuda(list, h);
 }
 
 void Optimizer::step(const std::vector<OptSlot>& slots, double lr, double wd) {

@@ -15,12 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "backend/cuda/device_info.h"
 #include "core/error.h"
-#ifdef AM_WITH_CUDA
-#include "backend/cuda/context.h"
-#include "backend/cuda/cuda_ops.h"
-#endif
 #include "core/log.h"
 #include "dist/communicator.h"
 #include "io/model_config.h"
@@ -28,6 +23,8 @@
 #include "io/json_bounded.h"
 #include "io/safetensors.h"
 #include "models/decoder.h"
+#include "ops/device.h"
+#include "ops/trace.h"
 #include "models/hf_weights.h"
 #include "ops/ops.h"
 #include "train/checkpoint.h"
@@ -162,7 +159,7 @@ void Trainer::setup() {
   device_name_ = "cpu";
   if (device != "cpu") {
     std::string why;
-    auto devs = cuda::list_devices(&why);
+    auto devs = ops::list_gpus(&why);
     if (!devs.empty()) {
       device_name_ = "cuda";
       // Rank i of a node uses GPU local_rank (SPEC §1), chosen before anything touches the device; a launcher
@@ -171,9 +168,7 @@ void Trainer::setup() {
       if (dev >= static_cast<int>(devs.size()))
         throw UsageError("local rank " + std::to_string(dev) + " needs GPU " + std::to_string(dev) + " but only " +
                          std::to_string(devs.size()) + " GPU(s) are visible");
-#ifdef AM_WITH_CUDA
-      cuda::set_default_device(dev);
-#endif
+      ops::use_gpu(dev);
       gpu_name_ = devs[static_cast<size_t>(dev)].name;
     } else if (device == "cuda") {
       throw DeviceError(r_.where("device") + ": cuda requested but no GPU is usable (" + why + ")");
@@ -337,16 +332,12 @@ void Trainer::setup() {
 }
 
 double Trainer::peak_mem_gib() const {
-#ifdef AM_WITH_CUDA
-  if (device_name_ == "cuda") return static_cast<double>(cuda::default_context().allocator().peak_bytes()) / (1ull << 30);
-#endif
+  if (device_name_ == "cuda") return static_cast<double>(ops::gpu_peak_bytes()) / (1ull << 30);
   return static_cast<double>(cpu_allocator().peak_bytes()) / (1ull << 30);
 }
 
 void Trainer::reset_peak_mem() {
-#ifdef AM_WITH_CUDA
-  if (device_name_ == "cuda") cuda::default_context().allocator().reset_peak();
-#endif
+  if (device_name_ == "cuda") ops::reset_gpu_peak();
   cpu_allocator().reset_peak();
 }
 
@@ -548,6 +539,7 @@ StepStats Trainer::train_step(int64_t step) {
   for (int r = 0; r < world_; ++r)
     for (const auto& mb : my_micro_batches(global, r)) n_real += !mb.empty();
   for (size_t m = 0; m < micro.size(); ++m) {
+    ops::TraceRange tr("micro_batch", static_cast<int64_t>(m), "fwd+bwd");
     const bool pad_only = micro[m].empty();
     const std::vector<const Sample*> mb = pad_only ? std::vector<const Sample*>{&padding_sample()} : micro[m];
     Batch b = upload_batch(collate(mb, pad_only ? CollateOptions{} : collate_), model_->exec());
@@ -564,7 +556,10 @@ StepStats Trainer::train_step(int64_t step) {
     if (dp_) dp_->set_sync(m + 1 == micro.size());  // gradients reduce once per step, in the last backward
     loss_sum += model_->forward_backward(b, scale, o);
   }
-  if (dp_) dp_->finish_grads();
+  if (dp_) {
+    ops::TraceRange tr("finish_grads (reduce)");
+    dp_->finish_grads();
+  }
   model_->exec().synchronize();  // device work is asynchronous: time it, not its enqueueing
   st.fwd_bwd_s = seconds_since(t0);
   auto t1 = clock_t_::now();
@@ -585,18 +580,10 @@ StepStats Trainer::train_step(int64_t step) {
   if (dp_) {
     sq = dp_->grad_sq_norm();
   } else {
-#ifdef AM_WITH_CUDA
-    if (model_->exec().on_cuda()) {
-      std::vector<const Tensor*> grads;
-      for (auto& p : model_->params().all())
-        if (p.trainable) grads.push_back(&p.grad);
-      sq = cuda::sum_squares_multi(grads);
-    } else
-#endif
-    {
-      for (auto& p : model_->params().all())
-        if (p.trainable) sq += ops::sum_squares(p.grad);
-    }
+    std::vector<const Tensor*> grads;
+    for (auto& p : model_->params().all())
+      if (p.trainable) grads.push_back(&p.grad);
+    sq = ops::sum_squares_multi(grads);
   }
   st.grad_norm = std::sqrt(sq);
   if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm))
@@ -612,9 +599,12 @@ StepStats Trainer::train_step(int64_t step) {
     }
   }
   st.lr = sched_.lr_at(step);
-  if (dp_) optim_->step(dp_->opt_slots(), st.lr, sched_.wd_at(step));
-  else optim_->step(model_->params(), st.lr, sched_.wd_at(step));
-  model_->exec().synchronize();
+  {
+    ops::TraceRange tr("optimizer");
+    if (dp_) optim_->step(dp_->opt_slots(), st.lr, sched_.wd_at(step));
+    else optim_->step(model_->params(), st.lr, sched_.wd_at(step));
+    model_->exec().synchronize();
+  }
   st.opt_s = seconds_since(t1);
   st.time_s = seconds_since(t0);
   st.mem_gib = peak_mem_gib();

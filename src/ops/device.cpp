@@ -1,0 +1,152 @@
+// Device memory, selection and multi-tensor ops (contracts in device.h): the CPU side here, the CUDA side
+// through backend/cuda, and a DeviceError naming the call in a build without CUDA.
+#include "ops/device.h"
+
+#include <string>
+
+#include "core/error.h"
+#include "ops/ops.h"
+#ifdef AM_WITH_CUDA
+#include "backend/cuda/context.h"
+#include "backend/cuda/cuda_ops.h"
+#endif
+
+namespace am::ops {
+
+namespace {
+[[noreturn]] void no_cuda(const char* what) {
+  throw DeviceError(std::string(what) + ": CUDA tensor or device asked for, but this build has no CUDA backend");
+}
+}  // namespace
+
+Tensor empty_on(DeviceType dev, const Shape& shape, DType dtype) {
+  if (dev == DeviceType::CPU) return Tensor::empty(shape, dtype);
+#ifdef AM_WITH_CUDA
+  return cuda::empty(shape, dtype);
+#else
+  no_cuda("empty_on");
+#endif
+}
+
+Tensor zeros_on(DeviceType dev, const Shape& shape, DType dtype) {
+  if (dev == DeviceType::CPU) return Tensor::zeros(shape, dtype);
+#ifdef AM_WITH_CUDA
+  Tensor t = cuda::empty(shape, dtype);
+  cuda::zero_(t);
+  return t;
+#else
+  no_cuda("zeros_on");
+#endif
+}
+
+Tensor to_cuda(const Tensor& host) {
+#ifdef AM_WITH_CUDA
+  return cuda::to_device(host);
+#else
+  (void)host;
+  no_cuda("to_cuda");
+#endif
+}
+
+Tensor to_host(const Tensor& t) {
+  if (t.device() == DeviceType::CPU) return t;
+#ifdef AM_WITH_CUDA
+  return cuda::to_host(t);
+#else
+  no_cuda("to_host");
+#endif
+}
+
+void synchronize_cuda() {
+#ifdef AM_WITH_CUDA
+  cuda::default_context().synchronize();
+#endif
+}
+
+void use_gpu(int index) {
+#ifdef AM_WITH_CUDA
+  cuda::set_default_device(index);
+#else
+  (void)index;
+  no_cuda("use_gpu");
+#endif
+}
+
+size_t gpu_peak_bytes() {
+#ifdef AM_WITH_CUDA
+  return cuda::default_context().allocator().peak_bytes();
+#else
+  return 0;
+#endif
+}
+
+void reset_gpu_peak() {
+#ifdef AM_WITH_CUDA
+  cuda::default_context().allocator().reset_peak();
+#endif
+}
+
+double sum_squares_multi(const std::vector<const Tensor*>& tensors) {
+  if (tensors.empty()) return 0.0;
+  const DeviceType dev = tensors.front()->device();
+  for (const Tensor* t : tensors)
+    if (t->device() != dev) throw DeviceError("op sum_squares_multi: the tensors are on different devices");
+  if (dev == DeviceType::CPU) {
+    double sq = 0.0;
+    for (const Tensor* t : tensors) sq += sum_squares(*t);
+    return sq;
+  }
+#ifdef AM_WITH_CUDA
+  return cuda::sum_squares_multi(tensors);
+#else
+  no_cuda("op sum_squares_multi");
+#endif
+}
+
+void adamw_step_cuda(const std::vector<AdamWSlot>& slots, const AdamWHyper& h) {
+#ifdef AM_WITH_CUDA
+  std::vector<cuda::AdamWTensors> list;
+  list.reserve(slots.size());
+  for (const AdamWSlot& s : slots) {
+    for (const Tensor* t : {static_cast<const Tensor*>(s.master), s.grad, static_cast<const Tensor*>(s.exp_avg),
+                            static_cast<const Tensor*>(s.exp_avg_sq)})
+      if (t->device() != DeviceType::CUDA) throw DeviceError("op adamw_step_cuda: a parameter or state tensor is on the host");
+    list.push_back({s.master, s.grad, s.exp_avg, s.exp_avg_sq, s.working});
+  }
+  cuda::AdamWConfig c;
+  c.lr = h.lr;
+  c.beta1 = h.beta1;
+  c.beta2 = h.beta2;
+  c.eps = h.eps;
+  c.weight_decay = h.weight_decay;
+  c.step = h.step;
+  c.decoupled = h.decoupled;
+  cuda::adamw_step(list, c);
+#else
+  (void)slots;
+  (void)h;
+  no_cuda("op adamw_step_cuda");
+#endif
+}
+
+double lm_head_cross_entropy_cuda(const Tensor& x, const Tensor& w, const Tensor& targets, float grad_scale,
+                                  Tensor* dx, Tensor* dw) {
+#ifdef AM_WITH_CUDA
+  // Fused chunked GEMM + CE on the device; one host sync per call to read the loss sum.
+  double* d_sum = cuda::alloc_device_scalar();
+  try {
+    cuda::lm_head_cross_entropy(x, w, targets, grad_scale, dx, dw, d_sum);
+  } catch (...) {
+    cuda::free_device_scalar(d_sum);
+    throw;
+  }
+  const double total = cuda::read_device_scalar(d_sum);
+  cuda::free_device_scalar(d_sum);
+  return total;
+#else
+  (void)x, (void)w, (void)targets, (void)grad_scale, (void)dx, (void)dw;
+  no_cuda("op lm_head_cross_entropy_cuda");
+#endif
+}
+
+}  // namespace am::ops

@@ -1,0 +1,69 @@
+// Device memory, device selection and the multi-tensor training ops, for models/ and train/.
+//
+// With ops.h this is the one door from the layers above to the backends: models/ and train/ include no
+// backend/cuda header. A build without CUDA compiles all of it; a CUDA-only call then throws DeviceError
+// naming what was asked for (never a link error, never a silent fallback).
+//
+// Conventions as in ops.h: parameter gradients ACCUMULATE, activation gradients ASSIGN; shapes in comments.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/device_info.h"
+#include "core/tensor.h"
+
+namespace am::ops {
+
+// ---------------- memory ----------------
+// An uninitialised tensor on `dev` (CUDA: from the context's caching allocator).
+Tensor empty_on(DeviceType dev, const Shape& shape, DType dtype);
+// A zeroed tensor on `dev`.
+Tensor zeros_on(DeviceType dev, const Shape& shape, DType dtype);
+// Host -> CUDA copy (synchronous). Throws DeviceError in a build without CUDA.
+Tensor to_cuda(const Tensor& host);
+// Any device -> host copy (synchronous); a host tensor is returned as it is (no copy).
+Tensor to_host(const Tensor& t);
+// Waits for the work queued on the default CUDA stream; no-op without CUDA.
+void synchronize_cuda();
+
+// ---------------- devices ----------------
+// Visible GPUs (index, name, memory, compute capability); empty, with the reason in *why_none, when none, no
+// driver, or no CUDA in this build. Never throws. (backend/cuda/device_info.h needs no CUDA headers.)
+using GpuInfo = cuda::DeviceInfo;
+inline std::vector<GpuInfo> list_gpus(std::string* why_none = nullptr) { return cuda::list_devices(why_none); }
+// Makes GPU `index` the one every later CUDA call uses (before anything touches a device).
+void use_gpu(int index);
+// Peak bytes held by the CUDA caching allocator since the last reset (0 without CUDA), and its reset.
+size_t gpu_peak_bytes();
+void reset_gpu_peak();
+
+// ---------------- multi-tensor training ops ----------------
+// Sum of squares over many float tensors of one device, in double (the grad-norm of clip_grad_norm_).
+// CUDA: one multi-tensor launch sequence and one sync; CPU: ops::sum_squares per tensor.
+double sum_squares_multi(const std::vector<const Tensor*>& tensors);
+
+// Fused multi-tensor torch.optim.AdamW / Adam over CUDA tensors (the CPU optimizer is train/optimizer.cpp;
+// both do the same fp32 arithmetic in the same order, see backend/cuda/cuda_ops.h adamw_step).
+struct AdamWSlot {
+  Tensor* master;      // fp32 [n], updated
+  const Tensor* grad;  // fp32 [n]
+  Tensor* exp_avg;     // fp32 [n]
+  Tensor* exp_avg_sq;  // fp32 [n]
+  Tensor* working;     // bf16 (or fp32/f16) [n] copy written after the update; nullable
+};
+struct AdamWHyper {
+  double lr = 1e-5, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  int64_t step = 1;       // the step being taken, counting from 1 (bias corrections)
+  bool decoupled = true;  // false: torch.optim.Adam (L2 added to the gradient)
+};
+void adamw_step_cuda(const std::vector<AdamWSlot>& slots, const AdamWHyper& h);
+
+// Fused chunked LM head + cross-entropy on CUDA: x [N, H] bf16, w [V, H], targets [N] int32 (-100 ignored).
+// Returns the loss SUM (one host sync); dx [N, H] assigned and dw [V, H] fp32 accumulated when non-null,
+// both scaled by grad_scale. The CPU path (with logit soft-capping) is models/decoder.cpp's
+// lm_head_cross_entropy; this one has no soft-capping (the caller refuses it on CUDA).
+double lm_head_cross_entropy_cuda(const Tensor& x, const Tensor& w, const Tensor& targets, float grad_scale,
+                                  Tensor* dx, Tensor* dw);
+
+}  // namespace am::ops
