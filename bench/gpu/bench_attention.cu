@@ -190,7 +190,7 @@ int attention_bench_main(int argc, char** argv) {
   std::printf("%-4s %-5s %-8s %10s %10s %8s %10s\n", "shape", "pass", "variant", "ms", "TFLOP/s", "%gemm",
               "vs first");
   for (const auto& s : shapes) {
-    am::ops::AttnParams p;
+    am::AttnParams p;
     p.batch = s.B;
     p.seq = s.T;
     p.n_heads = s.nh;

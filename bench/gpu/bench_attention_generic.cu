@@ -113,7 +113,7 @@ int attention_generic_bench_main(int argc, char** argv) {
   };
   std::printf("%-20s %-8s %10s %10s\n", "shape", "pass", "ms", "TFLOP/s");
   for (const auto& s : shapes) {
-    am::ops::AttnParams p;
+    am::AttnParams p;
     p.batch = s.B;
     p.seq = s.T;
     p.n_heads = s.nh;

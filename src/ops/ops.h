@@ -14,6 +14,7 @@
 #pragma once
 #include <cstdint>
 
+#include "core/attn_params.h"
 #include "core/tensor.h"
 
 namespace am::ops {
@@ -74,8 +75,10 @@ void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h);
 void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup);
 
 // ---------------- logit soft-capping (Gemma 2 / 3 final_logit_softcapping) ----------------
-// x = cap * tanh(x / cap) in place (float32); and its backward from the capped values y:
-// dy *= 1 - (y / cap)^2. CPU only (the CUDA loss kernel is fused; models refuse soft-capping on CUDA).
+// x = cap * tanh(x / cap) in place; and its backward from the capped values y: dy *= 1 - (y / cap)^2.
+// CPU: float32. CUDA (backend/cuda/softcap.cu): any float dtype (y and dy may differ), fp32 math, one rounding
+// at the store. The CUDA LM head's fused loss kernel has no soft-capping: a soft-capped model's loss runs the
+// chunked op path of models/decoder.cpp lm_head_cross_entropy on both devices.
 void softcap_(Tensor& x, float cap);
 void softcap_bwd_(const Tensor& y, Tensor& dy, float cap);
 
@@ -87,27 +90,8 @@ void geglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h);
 void geglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup);
 
 // ---------------- attention ----------------
-struct AttnParams {
-  int64_t batch = 0, seq = 0;            // B, T
-  int64_t n_heads = 0, n_kv_heads = 0;   // GQA: n_heads % n_kv_heads == 0
-  int64_t head_dim = 0;
-  float scale = 0.f;                     // usually 1/sqrt(head_dim)
-  int64_t sliding_window = 0;            // 0: none; else key j visible to query i iff i - j < window
-  const Tensor* segment_ids = nullptr;   // [B, T] int32 or nullptr. Query sees key only within the same
-                                         // segment (packing); segment < 0 marks padding (sees nothing)
-  // gpt_oss attention sinks: [nh] fp32 or nullptr. Head h's learned logit s_h joins every softmax row's
-  // denominator as one more (value-less) column, dropped after the softmax (HF GptOss eager_attention_forward):
-  //   P_ij = exp(score_ij - lse_i), lse_i = log(sum_j exp(score_ij) + exp(s_h)), out_i = sum_j P_ij v_j
-  // so a row's probabilities sum to 1 - exp(s_h - lse_i). On q's device; on CUDA fp32 or bf16 (the model's
-  // working copy).
-  const Tensor* sinks = nullptr;
-  int64_t v_head_dim = 0;                // Dv of v / out when it differs from the q/k head_dim (DeepSeek MLA:
-                                         // 192 vs 128); 0 = head_dim.
-  // Gemma 2 attn_logit_softcapping: 0 = off; else every score s = scale q.k becomes softcap * tanh(s / softcap)
-  // before the mask and softmax (and the backward multiplies by 1 - tanh^2).
-  float softcap = 0.f;
-  int64_t dv() const { return v_head_dim > 0 ? v_head_dim : head_dim; }
-};
+// AttnParams (core/attn_params.h): the attention call's geometry and options, shared with the backends.
+using am::AttnParams;
 // Causal attention. q [B, T, nh, D], k [B, T, nkv, D], v [B, T, nkv, Dv] -> out [B, T, nh, Dv], lse
 // [B, nh, T] (saved, natural-log logsumexp of the scaled scores, and of the sink when p.sinks; rows that see
 // no key get lse = -inf and out = 0). Dv = p.dv().

@@ -196,7 +196,7 @@ void run_case(const Case& c, uint32_t seed, double* worst_fwd, double* worst_bwd
   if (c.seg_mode) seg = make_segments(c, rng);
 
   // ---- CPU reference ----
-  am::ops::AttnParams p;
+  am::AttnParams p;
   p.batch = B;
   p.seq = T;
   p.n_heads = nh;
@@ -222,7 +222,7 @@ void run_case(const Case& c, uint32_t seed, double* worst_fwd, double* worst_bwd
   Tensor dq_in = upload_bf16(q, qs), dk_in = upload_bf16(k, ks), dv_in = upload_bf16(v, ks),
          ddo = upload_bf16(dout, qs);
   Tensor dseg;
-  am::ops::AttnParams dp = p;
+  am::AttnParams dp = p;
   dp.segment_ids = nullptr;
   if (c.seg_mode) {
     dseg = dev_empty({B, T}, DType::I32);
@@ -375,7 +375,7 @@ void run_generic_case(const GenCase& c, uint32_t seed, double* worst) {
   const std::string tag = gen_name(c);
 
   // ---- CPU reference ----
-  am::ops::AttnParams p;
+  am::AttnParams p;
   p.batch = B;
   p.seq = T;
   p.n_heads = nh;
@@ -419,7 +419,7 @@ void run_generic_case(const GenCase& c, uint32_t seed, double* worst) {
   Tensor dq_in = upload_as(q, qs, c.dt), dk_in = upload_as(k, ks, c.dt), dv_in = upload_as(v, vs, c.dt),
          ddo = upload_as(dout, os, c.dt);
   Tensor dseg, dsinks_t, ddsinks;
-  am::ops::AttnParams dp = p;
+  am::AttnParams dp = p;
   dp.segment_ids = nullptr;
   dp.sinks = nullptr;
   if (c.seg_mode) {
@@ -550,7 +550,7 @@ TEST_F(CudaAttention, GenericMatchesCpuReference) {
 // Head dims beyond the generic kernels' limit are refused with a DeviceError that names the limit; shape
 // errors on CUDA tensors are still the front-end's ShapeError naming the op.
 TEST_F(CudaAttention, GenericRejectsWhatItCannotTake) {
-  am::ops::AttnParams p;
+  am::AttnParams p;
   p.batch = 1;
   p.seq = 8;
   p.n_heads = 2;
@@ -589,7 +589,7 @@ TEST_F(CudaAttention, GenericRejectsWhatItCannotTake) {
 // The flash kernels themselves still take only head dims 64 and 128 (ops::attention_fwd routes the others to
 // the generic kernels).
 TEST_F(CudaAttention, RejectsUnsupportedHeadDim) {
-  am::ops::AttnParams p;
+  am::AttnParams p;
   p.batch = 1;
   p.seq = 8;
   p.n_heads = 2;
@@ -603,7 +603,7 @@ TEST_F(CudaAttention, RejectsUnsupportedHeadDim) {
 }
 
 TEST_F(CudaAttention, RejectsHostTensors) {
-  am::ops::AttnParams p;
+  am::AttnParams p;
   p.batch = 1;
   p.seq = 8;
   p.n_heads = 2;

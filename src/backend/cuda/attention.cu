@@ -256,7 +256,7 @@ void check_t(const char* op, const char* name, const Tensor& t, DType dt, int64_
 }
 
 AttnRawArgs to_raw(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                   const Tensor& lse, const ops::AttnParams& p) {
+                   const Tensor& lse, const AttnParams& p) {
   const int64_t B = p.batch, T = p.seq, nh = p.n_heads, nkv = p.n_kv_heads, D = p.head_dim;
   // What these kernels do not implement must not be dropped silently (attention_generic.h does it).
   need(!p.sinks, op, "attention sinks are not supported by the flash kernels (see attention_generic.h)");
@@ -291,7 +291,7 @@ AttnRawArgs to_raw(const char* op, const Tensor& q, const Tensor& k, const Tenso
   return a;
 }
 
-AttnRawArgs raw_dims(const ops::AttnParams& p) {
+AttnRawArgs raw_dims(const AttnParams& p) {
   AttnRawArgs a;
   a.batch = p.batch;
   a.seq = p.seq;
@@ -304,14 +304,14 @@ AttnRawArgs raw_dims(const ops::AttnParams& p) {
 
 }  // namespace
 
-size_t attention_fwd_workspace_bytes(const ops::AttnParams& p) { return attn::fwd_ws(raw_dims(p)); }
+size_t attention_fwd_workspace_bytes(const AttnParams& p) { return attn::fwd_ws(raw_dims(p)); }
 
-size_t attention_bwd_workspace_bytes(const ops::AttnParams& p) {
+size_t attention_bwd_workspace_bytes(const AttnParams& p) {
   if (p.n_kv_heads <= 0 || p.n_heads % p.n_kv_heads != 0) return 0;
   return attn::bwd_layout(p.batch, p.seq, p.n_heads, p.n_kv_heads, p.head_dim, p.segment_ids != nullptr).total;
 }
 
-void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const ops::AttnParams& p, Tensor& out,
+void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                    Tensor& lse, CUstream_st* stream, void* workspace, size_t workspace_bytes) {
   const char* op = "attention_fwd";
   need(p.batch >= 0 && p.seq >= 0 && p.n_heads > 0 && p.n_kv_heads > 0 && p.head_dim > 0, op, "bad dimensions");
@@ -320,7 +320,7 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const ops:
 }
 
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                   const Tensor& dout, const ops::AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
+                   const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
                    CUstream_st* stream, void* workspace, size_t workspace_bytes) {
   const char* op = "attention_bwd";
   need(p.batch >= 0 && p.seq >= 0 && p.n_heads > 0 && p.n_kv_heads > 0 && p.head_dim > 0, op, "bad dimensions");

@@ -23,22 +23,22 @@
 #include <cstdint>
 
 #include "core/tensor.h"
-#include "ops/ops.h"
+#include "core/attn_params.h"
 
 struct CUstream_st;  // = cudaStream_t, without pulling cuda_runtime.h into host code
 
 namespace am::cuda {
 
-size_t attention_fwd_workspace_bytes(const ops::AttnParams& p);  // 0 without segment ids
-size_t attention_bwd_workspace_bytes(const ops::AttnParams& p);
+size_t attention_fwd_workspace_bytes(const AttnParams& p);  // 0 without segment ids
+size_t attention_bwd_workspace_bytes(const AttnParams& p);
 
-void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const ops::AttnParams& p, Tensor& out,
+void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                    Tensor& lse, CUstream_st* stream = nullptr, void* workspace = nullptr,
                    size_t workspace_bytes = 0);
 
 // dq, dk, dv assigned.
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                   const Tensor& dout, const ops::AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
+                   const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
                    CUstream_st* stream = nullptr, void* workspace = nullptr, size_t workspace_bytes = 0);
 
 // ---- raw-pointer entry points: strided rows, so q/k/v can live inside a fused QKV projection ----

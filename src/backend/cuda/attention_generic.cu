@@ -624,7 +624,7 @@ void need_t(const char* op, const char* name, const Tensor& t, int64_t numel) {
 using Named = std::pair<const char*, const Tensor*>;
 
 // Shared argument checks and the kernels' Dims. `grads` (the backward's dout, dq, dk, dv) must share q's dtype.
-Dims make_dims(const char* op, const ops::AttnParams& p, const Tensor& q, const Tensor& k, const Tensor& v,
+Dims make_dims(const char* op, const AttnParams& p, const Tensor& q, const Tensor& k, const Tensor& v,
                const Tensor& out, const Tensor& lse, std::initializer_list<Named> grads) {
   std::string why;
   if (p.batch < 0 || p.seq < 0 || p.n_heads <= 0 || p.n_kv_heads <= 0 || p.head_dim <= 0 || p.v_head_dim < 0)
@@ -743,7 +743,7 @@ size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
 
 }  // namespace
 
-bool attention_generic_supports(const ops::AttnParams& p, std::string* why) {
+bool attention_generic_supports(const AttnParams& p, std::string* why) {
   const int64_t D = p.head_dim, Dv = p.dv();
   auto no = [&](const std::string& m) {
     if (why) *why = m;
@@ -758,12 +758,12 @@ bool attention_generic_supports(const ops::AttnParams& p, std::string* why) {
   return true;
 }
 
-size_t attention_generic_bwd_workspace_bytes(const ops::AttnParams& p) {
+size_t attention_generic_bwd_workspace_bytes(const AttnParams& p) {
   if (p.batch <= 0 || p.seq <= 0 || p.n_heads <= 0) return 0;
   return align_up(static_cast<size_t>(p.batch * p.n_heads * p.seq) * sizeof(float));
 }
 
-void attention_generic_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const ops::AttnParams& p, Tensor& out,
+void attention_generic_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                            Tensor& lse, CUstream_st* stream) {
   const char* op = "attention_fwd";
   const Dims d = make_dims(op, p, q, k, v, out, lse, {});
@@ -775,7 +775,7 @@ void attention_generic_fwd(const Tensor& q, const Tensor& k, const Tensor& v, co
 }
 
 void attention_generic_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                           const Tensor& dout, const ops::AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
+                           const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
                            Tensor* dsinks, CUstream_st* stream, void* workspace, size_t workspace_bytes) {
   const char* op = "attention_bwd";
   const Dims d = make_dims(op, p, q, k, v, out, lse, {{"dout", &dout}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}});

@@ -24,7 +24,7 @@
 #include <string>
 
 #include "core/tensor.h"
-#include "ops/ops.h"
+#include "core/attn_params.h"
 
 struct CUstream_st;  // = cudaStream_t
 
@@ -34,18 +34,18 @@ constexpr int64_t kGenericAttnMaxHeadDim = 256;  // for both D and Dv
 
 // True when the generic kernels take p's head dims (D, Dv <= 256, multiples of 4); else `why` (if given)
 // says what is not supported.
-bool attention_generic_supports(const ops::AttnParams& p, std::string* why = nullptr);
+bool attention_generic_supports(const AttnParams& p, std::string* why = nullptr);
 
 // Scratch the backward needs (the dsum rows, B * nh * T fp32). Pass that much device memory to
 // attention_generic_bwd, or nullptr to let it take the memory stream-ordered from cudaMallocAsync.
-size_t attention_generic_bwd_workspace_bytes(const ops::AttnParams& p);
+size_t attention_generic_bwd_workspace_bytes(const AttnParams& p);
 
-void attention_generic_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const ops::AttnParams& p, Tensor& out,
+void attention_generic_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                            Tensor& lse, CUstream_st* stream = nullptr);
 
 // dq, dk, dv assigned; dsinks (only with p.sinks; nullptr: not wanted) accumulated.
 void attention_generic_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                           const Tensor& dout, const ops::AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
+                           const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
                            Tensor* dsinks = nullptr, CUstream_st* stream = nullptr, void* workspace = nullptr,
                            size_t workspace_bytes = 0);
 

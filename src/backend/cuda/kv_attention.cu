@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 }  // namespace
 
-void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const ops::AttnParams& p, Tensor& out,
+void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                       CudaContext& ctx) {
   const char* op = "attention_kv_fwd";
   need_cuda(op, "q", q);

@@ -5,11 +5,11 @@
 #pragma once
 #include "backend/cuda/context.h"
 #include "core/tensor.h"
-#include "ops/ops.h"
+#include "core/attn_params.h"
 
 namespace am::cuda {
 
-void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const ops::AttnParams& p, Tensor& out,
+void attention_kv_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                       CudaContext& ctx = default_context());
 
 }  // namespace am::cuda
