@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Packs binaries built here for a run on the GPU machine (see ../shared/DEVICE.md):
-#   tools/device_bundle.sh BUILD_DIR [OUT_DIR=.devbuild]
+#   [BINS="automodel am_tests ..."] tools/device_bundle.sh BUILD_DIR [OUT_DIR=.devbuild]
 # copies (stripped) binaries to OUT/bin and the non-system, non-CUDA shared libraries they need to OUT/lib.
 # On the device: source tools/device_env.sh (sets LD_LIBRARY_PATH to OUT/lib + the pip nvidia libraries).
 # Name OUT_DIR in the run's `carry` (it is git-ignored); keep it under 64 MiB.
@@ -9,7 +9,7 @@ B=${1:?usage: device_bundle.sh BUILD_DIR [OUT_DIR]}
 O=${2:-.devbuild}
 rm -rf "$O"
 mkdir -p "$O/bin" "$O/lib"
-for b in automodel am_gpu_tests am_gpu_microbench am_microbench am_tests; do
+for b in ${BINS:-automodel am_gpu_tests am_gpu_microbench am_microbench am_tests}; do
   if [ -f "$B/bin/$b" ]; then cp "$B/bin/$b" "$O/bin/"; strip "$O/bin/$b"; fi
 done
 for b in "$O"/bin/*; do ldd "$b" | awk '/=>/ {print $3}'; done | sort -u |

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Several device checks in one call, each stage with its own time limit, everything packed after each stage so
+# a call stopped at its limit still returns what finished (the device tool returns at most 8 files from $OUT).
+#   tools/device_bundle.sh build-cuda   (here), then on the device, carrying .devpack (+ .tbcheck, .bnb):
+#   bash bench/device_session.sh STAGE...     stages, in the order given:
+#     correctness   bench/correctness_device_check.sh (HF fixtures + engine vs them, all GPU tests, goldens on CUDA)
+#     w5            bench/run_bench.sh w5 (engine LoRA vs HF PEFT)
+#     qlora8b       the QLoRA 8B memory claim (bench/qlora_8b.yaml)
+#     nf4           NF4 goldens from bitsandbytes (built from the carried .bnb source) + engine vs them
+#     gen_w1        HF generate golden on the W1-shaped Llama + the engine's CPU/CUDA generate vs it
+#     w1 | w2       bench/run_bench.sh w1 / w2
+# Returns $OUT/summary.txt (also the call's output), $OUT/results.tgz (all logs, new fixtures under fixtures/).
+set -uo pipefail
+O=${OUT:-/tmp/device_session}
+R=/tmp/device_session_results
+mkdir -p "$O" "$R" .devbuild
+[ -x .devbuild/bin/automodel ] || tar xJf .devpack/bundle.tar.xz -C .devbuild
+source tools/device_env.sh
+[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }  # AM_SOURCE_DIR of the test binaries
+B=.devbuild/bin
+pack() { tar czf "$O/results.tgz" -C "$R" . 2>/dev/null; }
+stage() { echo; echo "######## $1 ($(date +%T))"; }
+
+for s in "$@"; do
+  case "$s" in
+    correctness)
+      stage correctness
+      OUT="$R/correctness" timeout 330 bash bench/correctness_device_check.sh ;;
+    w5)
+      stage w5
+      OUT="$R" timeout 170 bash bench/run_bench.sh w5 .devbuild 2>&1 | tail -8 ;;
+    qlora8b)
+      stage qlora8b
+      timeout 150 $B/automodel bench bench/qlora_8b.yaml --out "$R/qlora_8b.json" > "$R/qlora_8b.log" 2>&1
+      echo "exit $?"; tail -3 "$R/qlora_8b.log" ;;
+    nf4)
+      stage nf4
+      if [ -d .bnb ]; then
+        ( cmake -S .bnb -B /tmp/bnb_build -DCOMPUTE_BACKEND=cuda -DCOMPUTE_CAPABILITY=90 -DCMAKE_BUILD_TYPE=Release &&
+          cmake --build /tmp/bnb_build -j16 ) > "$R/bnb_build.log" 2>&1
+        echo "bitsandbytes build exit $?"
+        export PYTHONPATH="$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}"
+      fi
+      timeout 60 python3 tools/make_nf4_golden.py > "$R/nf4_golden.log" 2>&1
+      echo "nf4 golden exit $?"; tail -2 "$R/nf4_golden.log"
+      mkdir -p "$R/fixtures" && cp -r tests/fixtures/nf4 "$R/fixtures/" 2>/dev/null
+      timeout 60 $B/am_tests --gtest_filter='Nf4Golden*' > "$R/nf4_engine.log" 2>&1
+      echo "engine vs bitsandbytes exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED  \]" "$R/nf4_engine.log" | head
+      timeout 60 $B/am_gpu_tests --gtest_filter='*Nf4*' > "$R/nf4_gpu.log" 2>&1
+      echo "GPU NF4 vs bitsandbytes exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED  \]" "$R/nf4_gpu.log" | head ;;
+    gen_w1)
+      stage gen_w1
+      timeout 150 python3 tools/make_generate_goldens.py --cases llama --new-tokens 32 > "$R/generate_w1.log" 2>&1
+      echo "HF generate (W1 shape) exit $?"; tail -2 "$R/generate_w1.log"
+      cp .cache/generate_goldens/golden_w1_llama.json "$R/" 2>/dev/null
+      timeout 120 $B/am_tests --gtest_filter='GenerateHfGoldens.*:GenerateCuda.*' > "$R/generate_engine.log" 2>&1
+      echo "engine generate vs HF exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED  \]|tokens/s" "$R/generate_engine.log" | head ;;
+    w1 | w2)
+      stage "$s"
+      OUT="$R" timeout 240 bash bench/run_bench.sh "$s" .devbuild 2>&1 | tail -8 ;;
+    *) echo "unknown stage $s" ;;
+  esac
+  pack
+done
+echo; echo "######## done ($(date +%T))"
