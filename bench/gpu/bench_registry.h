@@ -6,6 +6,8 @@
 int attention_bench_main(int argc, char** argv);
 int attention_generic_bench_main(int argc, char** argv);  // bench_attention_generic.cu: the CUDA-core path
 int moe_bench_main(int argc, char** argv);  // bench_moe.cu: MoE ops at the W2 shape
+int gemma2_deepseek_bench_main(int argc, char** argv);  // bench_gemma2_deepseek.cu: softcap, MLA columns, router
+int gpt_oss_bench_main(int argc, char** argv);  // bench_gpt_oss.cu: gpt_oss expert kernels (gpt-oss-20b layer)
 
 struct GpuBench {
   const char* name;
@@ -16,4 +18,6 @@ inline constexpr GpuBench kGpuBenches[] = {
     {"attention", attention_bench_main},
     {"attention_generic", attention_generic_bench_main},
     {"moe", moe_bench_main},
+    {"gemma2_deepseek", gemma2_deepseek_bench_main},
+    {"gpt_oss", gpt_oss_bench_main},
 };

@@ -82,16 +82,6 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
   }
 }
 
-// DeepSeek's MLA attention and grouped router have CPU kernels only so far: refuse a GPU before any
-// weight moves there.
-static void check_deepseek_device(const io::ModelConfig& cfg, const ExecContext& ex) {
-  if (!cfg.deepseek || !ex.on_cuda()) return;
-  throw DeviceError(cfg.model_type + " MLA attention (qk head dim " + std::to_string(cfg.ds.qk_head_dim()) +
-                    " != v head dim " + std::to_string(cfg.ds.v_head_dim) +
-                    ", latent projections) and its sigmoid group-limited router are not implemented on CUDA "
-                    "yet; run it on the CPU (device: cpu)");
-}
-
 Param& DecoderLM::lm_head() { return lm_head_ ? *lm_head_ : *embed_; }
 
 std::vector<std::vector<Param*>> DecoderLM::param_units() {
@@ -108,24 +98,16 @@ std::vector<std::vector<Param*>> DecoderLM::param_units() {
   return units;
 }
 
-// gpt_oss's attention sinks, biased experts and clamped SwiGLU, and Gemma's logit soft-capping have CPU kernels
-// only.
+// Every decoder family runs on CUDA now: nothing to refuse here. (gpt_oss: its sinks through the generic attention
+// kernels, its biased experts and clamped SwiGLU through backend/cuda/gpt_oss_moe.cu. Gemma 2's soft-capping: the
+// generic attention kernels and the chunked LM-head loss. DeepSeek: MLA's column ops (ops/mla_ops.h) and the
+// grouped router on CUDA.)
 static void check_device_support(const io::ModelConfig& cfg, const ExecContext& ex) {
   if (!ex.on_cuda()) return;
-  if (cfg.attn_logit_softcapping > 0 || cfg.final_logit_softcapping > 0)
-    throw DeviceError("model_type '" + cfg.model_type + "': logit soft-capping (attn_logit_softcapping / "
-                      "final_logit_softcapping) is not implemented on CUDA yet (run on the CPU: --device cpu)");
-  if (cfg.attn_sinks)
-    throw DeviceError("model_type '" + cfg.model_type + "': gpt_oss attention sinks are not implemented on CUDA yet "
-                      "(run on the CPU: --device cpu)");
-  if (cfg.gpt_oss_glu || cfg.expert_bias || cfg.router_bias)
-    throw DeviceError("model_type '" + cfg.model_type + "': gpt_oss experts (biases, clamped SwiGLU) are not "
-                      "implemented on CUDA yet (run on the CPU: --device cpu)");
 }
 
 void DecoderLM::to_device(const ExecContext& ex) {
   check_device_support(cfg_, ex);
-  check_deepseek_device(cfg_, ex);
   if (ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
     throw DeviceError(std::string("residual dtype ") + dtype_name(ex.residual_dtype) +
                       ": expected the activation dtype or float32");
@@ -460,7 +442,6 @@ Tensor DecoderLM::forward_incremental(const std::vector<int32_t>& ids, KvCache& 
 
 void DecoderLM::to_device_inference(const ExecContext& ex) {
   check_device_support(cfg_, ex);
-  check_deepseek_device(cfg_, ex);
   if (ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
     throw DeviceError(std::string("residual dtype ") + dtype_name(ex.residual_dtype) +
                       ": expected the activation dtype or float32");
@@ -475,7 +456,10 @@ void DecoderLM::to_device_inference(const ExecContext& ex) {
     if (!ex.on_cuda()) continue;  // CPU: value is the working copy
     Tensor host = ExecContext::download(p.value);
     p.work = ex.upload_as(host, ex.act_dtype);
-    const bool keep = wide_res && std::find(wide.begin(), wide.end(), &p) != wide.end();
+    // Also kept: frozen 1-D buffers (DeepSeek's e_score_correction_bias, which HF keeps in fp32 and the router
+    // reads from `value` when it is there), as ParamStore::to_device keeps them for training.
+    const bool keep = (wide_res && std::find(wide.begin(), wide.end(), &p) != wide.end()) ||
+                      (!p.trainable && p.shape.size() == 1);
     p.value = keep ? ex.upload(host) : Tensor();  // the host fp32 copy is released here
   }
   ex_ = ex;
@@ -618,35 +602,48 @@ nlohmann::json DecoderLM::take_step_metrics() {
 
 double lm_head_cross_entropy(const ExecContext& ex, const Tensor& x, const Tensor& W, const Tensor& targets,
                              float grad_scale, Tensor* dx, Tensor* dW, int64_t chunk_rows, float softcap) {
-  if (ex.on_cuda()) {
-    // The fused CUDA kernel has no logit soft-capping: refuse rather than train a different loss.
-    if (softcap > 0.f)
-      throw DeviceError("lm_head_cross_entropy: final_logit_softcapping (Gemma 2/3) is not implemented on CUDA yet");
-    return ops::lm_head_cross_entropy_cuda(x, W, targets, grad_scale, dx, dW);
-  }
+  // CUDA without soft-capping: the fused kernel (bf16 logits chunks, no host sync until the loss is read).
+  if (ex.on_cuda() && !(softcap > 0.f)) return ops::lm_head_cross_entropy_cuda(x, W, targets, grad_scale, dx, dW);
+  // The chunked op path: the CPU reference, and CUDA with final_logit_softcapping (Gemma 2 / 3), which the fused
+  // kernel lacks. Per chunk of rows: logits [c, V] fp32 (on CUDA a bf16 x bf16 GEMM with an fp32 output) ->
+  // softcap_ -> cross-entropy (dlogits fp32) -> softcap_bwd_ -> dx, dW GEMMs. One host sync per chunk (the loss).
   const int64_t N = x.dim(0), V = W.dim(0);
-  const int32_t* t = targets.data<int32_t>();
+  if (ex.on_cuda()) {  // keep the fp32 logits chunk near the fused kernel's 512 MiB
+    const int64_t cap_rows = std::max<int64_t>(1, (int64_t(512) << 20) / (std::max<int64_t>(V, 1) * 4));
+    chunk_rows = std::min(chunk_rows, cap_rows);
+  }
+  const Tensor host_targets = ExecContext::download(targets);  // which chunks hold a label (CPU: no copy)
+  const int32_t* t = host_targets.data<int32_t>();
   double total = 0.0;
-  if (dx) dx->zero_();
+  if (dx) ops::zero_(*dx);
   for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
     int64_t r1 = std::min(N, r0 + chunk_rows);
     bool any = false;
     for (int64_t r = r0; r < r1 && !any; ++r) any = t[r] != -100;
     if (!any) continue;  // no label in this chunk: its logits have no effect on loss or gradients
     Tensor xc = x.slice_rows(r0, r1), tc = targets.slice_rows(r0, r1);
-    Tensor logits = Tensor::empty({r1 - r0, V}, DType::F32);
+    Tensor logits = ex.empty({r1 - r0, V}, DType::F32);
     ops::linear_fwd(xc, W, nullptr, logits);
     if (softcap > 0.f) ops::softcap_(logits, softcap);
     if (!dx) {
       total += ops::cross_entropy_fwd_bwd(logits, tc, 0.f, nullptr);
       continue;
     }
-    Tensor dlogits = Tensor::empty({r1 - r0, V}, DType::F32);
+    Tensor dlogits = ex.empty({r1 - r0, V}, DType::F32);
     total += ops::cross_entropy_fwd_bwd(logits, tc, grad_scale, &dlogits);
     if (softcap > 0.f) ops::softcap_bwd_(logits, dlogits, softcap);
+    logits = Tensor();
+    // CUDA's linear_bwd takes dy in x's dtype (bf16): round the fp32 gradient once, as autograd does when it
+    // casts the loss gradient back to the bf16 logits.
+    Tensor dy = dlogits;
+    if (dy.dtype() != xc.dtype()) {
+      dy = ex.empty({r1 - r0, V}, xc.dtype());
+      ops::copy_(dy, dlogits);
+      dlogits = Tensor();
+    }
     Tensor dxc = dx->slice_rows(r0, r1);
     Tensor none;  // a frozen head (LoRA): dx only
-    ops::linear_bwd(xc, W, dlogits, &dxc, dW ? *dW : none, nullptr);
+    ops::linear_bwd(xc, W, dy, &dxc, dW ? *dW : none, nullptr);
   }
   return total;
 }

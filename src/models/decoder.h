@@ -161,7 +161,8 @@ class DecoderLM : public CausalLM {
 
 // Fused lm_head + cross-entropy over row chunks: x [N, H], W [V, H]. Returns sum CE; when dx is non-null
 // also assigns dx [N, H] and accumulates dW for loss * grad_scale.
-// softcap > 0 (Gemma's final_logit_softcapping): the loss sees cap * tanh(logits / cap); CPU only.
+// softcap > 0 (Gemma's final_logit_softcapping): the loss sees cap * tanh(logits / cap); on CUDA it runs the
+// chunked op path (fp32 logits chunks) instead of the fused kernel.
 double lm_head_cross_entropy(const ExecContext& ex, const Tensor& x, const Tensor& W, const Tensor& targets,
                              float grad_scale, Tensor* dx, Tensor* dW, int64_t chunk_rows, float softcap = 0.f);
 

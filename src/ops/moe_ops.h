@@ -38,8 +38,9 @@ void moe_router_fwd(const Tensor& logits, int64_t k, bool norm_topk_prob, Tensor
 void moe_router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& topk_w, bool norm_topk_prob,
                     const Tensor& dtopk_w, const Tensor* dprobs_extra, Tensor& dlogits);
 
-// ---------------- DeepSeek routers (moe_router_grouped.cpp; CPU only for now) ----------------
-// HF DeepseekV3MoE.route_tokens_to_experts / DeepseekV2Moe.route_tokens_to_experts, on logits [N, E] fp32:
+// ---------------- DeepSeek routers (moe_router_grouped.cpp; CUDA: backend/cuda/moe_router_grouped.cu) ----------------
+// HF DeepseekV3MoE.route_tokens_to_experts / DeepseekV2Moe.route_tokens_to_experts, on logits [N, E] (host: fp32;
+// CUDA: fp32 or bf16, and the bias fp32 or bf16; E <= 1024 there):
 //   scores = sigmoid(logits) (v3) or softmax(logits) (v2)                          [N, E] fp32 (saved)
 //   choice = scores + bias (v3's e_score_correction_bias [E]; none for v2)         selection only, no gradient
 //   group-limited (group != None): the E experts form n_group groups of E / n_group; a group's score is the
@@ -56,8 +57,8 @@ struct GroupedRouterOptions {
 };
 void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k, const GroupedRouterOptions& o,
                             Tensor& scores, Tensor& topk_idx, Tensor& topk_w);
-// d logits [N, E] fp32 (assigned) from dtopk_w [N, k] (the selection is piecewise constant: no gradient
-// through the choice, none to the bias):  du_j = (r / S) (dw_j - [norm] sum_s dw_s u_s / S) at the selected
+// d logits [N, E] (assigned; fp32, on CUDA also bf16) from dtopk_w [N, k] (the selection is piecewise constant:
+// no gradient through the choice, none to the bias):  du_j = (r / S) (dw_j - [norm] sum_s dw_s u_s / S) at the selected
 // experts (u = scores, S = sum u + 1e-20 or 1), then sigmoid' = p (1 - p), or the softmax Jacobian.
 void moe_router_grouped_bwd(const Tensor& scores, const Tensor& topk_idx, const GroupedRouterOptions& o,
                             const Tensor& dtopk_w, Tensor& dlogits);

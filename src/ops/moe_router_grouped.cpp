@@ -1,6 +1,7 @@
 // DeepSeek's routers (contract in moe_ops.h): sigmoid or softmax scores, optional per-expert selection
-// bias, group-limited top-k. The reference runs on the host in fp32 (as HF computes the router); there is
-// no CUDA kernel yet, so a device tensor is refused with a DeviceError naming the op.
+// bias, group-limited top-k. The checks are here for both devices; the reference runs on the host in fp32 (as HF
+// computes the router) and CUDA tensors go to backend/cuda/moe_router_grouped.cu, which follows it operation by
+// operation.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -9,20 +10,32 @@
 #include "core/error.h"
 #include "ops/moe_ops.h"
 #include "ops/op_checks.h"
+#ifdef AM_WITH_CUDA
+#include "backend/cuda/moe_router_grouped.h"
+#endif
 
 namespace am::ops {
 
 namespace {
 
 using detail::describe;
+using detail::device_of;
 using detail::shape_error;
 
-void need_cpu_f32(const char* op, const char* name, const Tensor& t) {
-  if (!t.defined()) shape_error(op, std::string(name) + " is undefined");
-  if (t.device() != DeviceType::CPU)
-    throw DeviceError(std::string("op ") + op + ": the DeepSeek router is not implemented on CUDA yet");
+void need_f32(const char* op, const char* name, const Tensor& t) {
   if (t.dtype() != DType::F32) shape_error(op, describe(name, t) + ": expected float32");
 }
+// Host tensors are float32 (the reference); CUDA logits / dlogits / bias may be bf16 too.
+void need_float_on(const char* op, DeviceType dev, const char* name, const Tensor& t) {
+  if (dev == DeviceType::CUDA && (t.dtype() == DType::BF16 || t.dtype() == DType::F32)) return;
+  if (dev == DeviceType::CUDA) shape_error(op, describe(name, t) + ": expected bfloat16 or float32");
+  need_f32(op, name, t);
+}
+#ifndef AM_WITH_CUDA
+[[noreturn]] void no_cuda_build(const char* op) {
+  throw DeviceError(std::string("op ") + op + ": CUDA tensor given but the CUDA backend is not built");
+}
+#endif
 
 // Indices of the k largest of v[0..n) in descending order; ties: lower index first (strict '>').
 void topk_desc(const float* v, int64_t n, int64_t k, int32_t* out) {
@@ -41,9 +54,11 @@ void topk_desc(const float* v, int64_t n, int64_t k, int32_t* out) {
 void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k, const GroupedRouterOptions& o,
                             Tensor& scores, Tensor& topk_idx, Tensor& topk_w) {
   const char* op = "moe_router_grouped_fwd";
-  need_cpu_f32(op, "logits", logits);
-  need_cpu_f32(op, "scores", scores);
-  need_cpu_f32(op, "topk_w", topk_w);
+  const DeviceType dev = device_of(op, {{"logits", &logits}, {"bias", bias}, {"scores", &scores},
+                                        {"topk_idx", &topk_idx}, {"topk_w", &topk_w}});
+  need_float_on(op, dev, "logits", logits);
+  need_f32(op, "scores", scores);
+  need_f32(op, "topk_w", topk_w);
   if (logits.ndim() != 2) shape_error(op, describe("logits", logits) + ": expected [N, E]");
   const int64_t N = logits.dim(0), E = logits.dim(1);
   if (scores.shape() != logits.shape()) shape_error(op, describe("scores", scores) + ": expected the logits' shape");
@@ -51,7 +66,7 @@ void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k,
     shape_error(op, describe("topk_idx", topk_idx) + ", " + describe("topk_w", topk_w) + ": expected [N, k] int32 / fp32");
   if (k < 1 || k > E) shape_error(op, "k = " + std::to_string(k) + " must be in [1, E = " + std::to_string(E) + "]");
   if (bias) {
-    need_cpu_f32(op, "bias", *bias);
+    need_float_on(op, dev, "bias", *bias);
     if (bias->numel() != E) shape_error(op, describe("bias", *bias) + ": expected [E = " + std::to_string(E) + "]");
   }
   const bool grouped = o.group != GroupedRouterOptions::Group::None;
@@ -60,6 +75,13 @@ void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k,
                   (o.group == GroupedRouterOptions::Group::Top2Sum && per < 2)))
     shape_error(op, "bad grouping: E = " + std::to_string(E) + ", n_group = " + std::to_string(o.n_group) +
                         ", topk_group = " + std::to_string(o.topk_group) + ", k = " + std::to_string(k));
+  if (dev == DeviceType::CUDA) {
+#ifdef AM_WITH_CUDA
+    return cuda::moe_router_grouped_fwd(logits, bias, k, o, scores, topk_idx, topk_w);
+#else
+    no_cuda_build(op);
+#endif
+  }
   const float* l = logits.f32();
   const float* b = bias ? bias->f32() : nullptr;
   float* p = scores.f32();
@@ -115,14 +137,25 @@ void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k,
 void moe_router_grouped_bwd(const Tensor& scores, const Tensor& topk_idx, const GroupedRouterOptions& o,
                             const Tensor& dtopk_w, Tensor& dlogits) {
   const char* op = "moe_router_grouped_bwd";
-  need_cpu_f32(op, "scores", scores);
-  need_cpu_f32(op, "dtopk_w", dtopk_w);
-  need_cpu_f32(op, "dlogits", dlogits);
+  const DeviceType dev = device_of(op, {{"scores", &scores}, {"topk_idx", &topk_idx}, {"dtopk_w", &dtopk_w},
+                                        {"dlogits", &dlogits}});
+  need_f32(op, "scores", scores);
+  need_f32(op, "dtopk_w", dtopk_w);
+  need_float_on(op, dev, "dlogits", dlogits);
+  if (scores.ndim() != 2 || topk_idx.ndim() != 2)
+    shape_error(op, describe("scores", scores) + ", " + describe("topk_idx", topk_idx) + ": expected [N, E] and [N, k]");
   const int64_t N = scores.dim(0), E = scores.dim(1), k = topk_idx.dim(1);
   if (dlogits.shape() != scores.shape() || topk_idx.dtype() != DType::I32 || topk_idx.dim(0) != N ||
       dtopk_w.shape() != topk_idx.shape())
     shape_error(op, describe("scores", scores) + ", " + describe("topk_idx", topk_idx) + ", " +
                         describe("dtopk_w", dtopk_w) + ", " + describe("dlogits", dlogits) + ": shapes disagree");
+  if (dev == DeviceType::CUDA) {
+#ifdef AM_WITH_CUDA
+    return cuda::moe_router_grouped_bwd(scores, topk_idx, o, dtopk_w, dlogits);
+#else
+    no_cuda_build(op);
+#endif
+  }
   const float* p = scores.f32();
   const int32_t* idx = topk_idx.data<int32_t>();
   const float* dw = dtopk_w.f32();

@@ -399,17 +399,19 @@ void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& 
 void softcap_(Tensor& x, float cap) {
   const char* op = "softcap_";
   DeviceType dev = device_of(op, {{"x", &x}});
-  need_f32(op, {{"x", &x}});
   if (!(cap > 0.f) || !std::isfinite(cap)) shape_error(op, "cap = " + std::to_string(cap) + " must be positive");
+  AM_ROUTE_CUDA(cuda::softcap_(x, cap));
+  need_f32(op, {{"x", &x}});
   dispatch(op, dev, [&] { cpu::softcap(x.f32(), cap, x.numel()); });
 }
 
 void softcap_bwd_(const Tensor& y, Tensor& dy, float cap) {
   const char* op = "softcap_bwd_";
   DeviceType dev = device_of(op, {{"y", &y}, {"dy", &dy}});
-  need_f32(op, {{"y", &y}, {"dy", &dy}});
   if (y.numel() != dy.numel()) shape_error(op, describe("y", y) + ", " + describe("dy", dy) + ": element counts differ");
   if (!(cap > 0.f) || !std::isfinite(cap)) shape_error(op, "cap = " + std::to_string(cap) + " must be positive");
+  AM_ROUTE_CUDA(cuda::softcap_bwd_(y, dy, cap));
+  need_f32(op, {{"y", &y}, {"dy", &dy}});
   dispatch(op, dev, [&] { cpu::softcap_bwd(y.f32(), dy.f32(), cap, y.numel()); });
 }
 

@@ -1,15 +1,17 @@
-// DeepSeek's CPU ops: attention whose v head dim differs from the q/k one (MLA: 192 vs 128), and the
-// grouped sigmoid / softmax routers (moe_ops.h moe_router_grouped_*), against naive references written
-// here and finite differences.
+// DeepSeek's CPU ops: attention whose v head dim differs from the q/k one (MLA: 192 vs 128), the
+// grouped sigmoid / softmax routers (moe_ops.h moe_router_grouped_*) and MLA's rope-column ops (mla_ops.h),
+// against naive references written here and finite differences.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "core/error.h"
+#include "ops/mla_ops.h"
 #include "ops/moe_ops.h"
 #include "ops/ops.h"
 
@@ -235,5 +237,70 @@ TEST(DeepseekRouter, GradientFiniteDifference) {
       ++checked;
     }
     EXPECT_GT(checked, N * E / 2) << rc.name;
+  }
+}
+
+// MLA's rope-column ops (ops/mla_ops.h) on the host: against their definition, as each other's transpose
+// (<gather(W), n> == <W, scatter(n)> summed over the rope block for G heads), and their shape errors.
+TEST(DeepseekMlaCols, GatherScatterMatchDefinitionAndAreTransposes) {
+  std::mt19937 rng(23);
+  struct Case {
+    int64_t R, G, C, col, w;
+    bool il;
+  };
+  for (const Case c : {Case{5, 1, 24, 16, 8, true}, Case{7, 4, 24, 16, 8, false}, Case{3, 1, 20, 16, 4, false},
+                       Case{6, 3, 10, 2, 6, true}, Case{4, 1, 8, 0, 8, true}}) {
+    auto perm = [&](int64_t j) { return !c.il ? j : (j < c.w / 2 ? 2 * j : 2 * (j - c.w / 2) + 1); };
+    Tensor wide = randn({c.R, c.G, c.C}, rng), narrow = Tensor::empty({c.R, c.w}, DType::F32);
+    ops::mla_gather_cols(c.G == 1 ? wide.view({c.R, c.C}) : wide, c.col, c.il, narrow);
+    for (int64_t r = 0; r < c.R; ++r)
+      for (int64_t j = 0; j < c.w; ++j) {
+        float want = wide.f32()[(r * c.G) * c.C + c.col + perm(j)];
+        for (int64_t g = 1; g < c.G; ++g) want += wide.f32()[(r * c.G + g) * c.C + c.col + perm(j)];
+        ASSERT_EQ(narrow.f32()[r * c.w + j], want) << "gather r " << r << " j " << j << " G " << c.G;
+      }
+    // scatter: the rope block of every head gets the narrow row, the other columns keep their values
+    Tensor n2 = randn({c.R, c.w}, rng), w2 = randn({c.R, c.G, c.C}, rng);
+    const Tensor before = w2.clone();
+    ops::mla_scatter_cols(n2, c.il, w2, c.col);
+    std::vector<char> hit(static_cast<size_t>(c.C), 0);
+    for (int64_t j = 0; j < c.w; ++j) hit[static_cast<size_t>(c.col + perm(j))] = 1;
+    for (int64_t r = 0; r < c.R; ++r)
+      for (int64_t g = 0; g < c.G; ++g)
+        for (int64_t x = 0; x < c.C; ++x) {
+          const int64_t i = (r * c.G + g) * c.C + x;
+          if (!hit[static_cast<size_t>(x)]) {
+            ASSERT_EQ(w2.f32()[i], before.f32()[i]) << "scatter touched column " << x;
+            continue;
+          }
+          int64_t j = 0;
+          while (c.col + perm(j) != x) ++j;
+          ASSERT_EQ(w2.f32()[i], n2.f32()[r * c.w + j]) << "scatter r " << r << " g " << g << " j " << j;
+        }
+    // transposes: <gather(W), n> == <W restricted to the block, scatter(n)>
+    double lhs = 0, rhs = 0;
+    for (int64_t i = 0; i < c.R * c.w; ++i) lhs += double(narrow.f32()[i]) * n2.f32()[i];
+    for (int64_t r = 0; r < c.R; ++r)
+      for (int64_t g = 0; g < c.G; ++g)
+        for (int64_t x = 0; x < c.C; ++x)
+          if (hit[static_cast<size_t>(x)]) {
+            const int64_t i = (r * c.G + g) * c.C + x;
+            rhs += double(wide.f32()[i]) * w2.f32()[i];
+          }
+    EXPECT_NEAR(lhs, rhs, 1e-4 * (1 + std::abs(lhs)));
+  }
+  // Errors name the op: block outside the row, odd interleaved width, dtype mismatch, row count mismatch.
+  Tensor wide = Tensor::zeros({4, 2, 10}, DType::F32), narrow = Tensor::empty({4, 6}, DType::F32);
+  EXPECT_THROW(ops::mla_gather_cols(wide, 5, false, narrow), ShapeError);
+  Tensor odd = Tensor::empty({4, 5}, DType::F32);
+  EXPECT_THROW(ops::mla_scatter_cols(odd, true, wide, 0), ShapeError);
+  Tensor bf = Tensor::empty({4, 6}, DType::BF16);
+  EXPECT_THROW(ops::mla_gather_cols(wide, 0, false, bf), ShapeError);
+  Tensor rows = Tensor::empty({3, 6}, DType::F32);
+  try {
+    ops::mla_scatter_cols(rows, false, wide, 0);
+    ADD_FAILURE() << "no error for a row count mismatch";
+  } catch (const ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("mla_scatter_cols"), std::string::npos) << e.what();
   }
 }

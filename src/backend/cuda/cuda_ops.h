@@ -83,6 +83,12 @@ void geglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h, CudaContext& ctx
 void geglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
                CudaContext& ctx = default_context());
 
+// ---------------- logit soft-capping (Gemma 2 final_logit_softcapping; softcap.cu) ----------------
+// x [any] (any float dtype) in place: x = cap * tanh(x / cap). cap > 0 and finite (else ShapeError).
+void softcap_(Tensor& x, float cap, CudaContext& ctx = default_context());
+// dy [any] (any float dtype) *= 1 - (y / cap)^2, in place, from the capped values y (any float dtype, same numel).
+void softcap_bwd_(const Tensor& y, Tensor& dy, float cap, CudaContext& ctx = default_context());
+
 // ---------------- cross-entropy ----------------
 // logits [N, V] T, targets [N] int32 (-100 ignored). dlogits [N, V] T (nullable; may alias logits) =
 // grad_scale * (softmax - onehot), zero rows for ignored targets.

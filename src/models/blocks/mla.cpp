@@ -1,10 +1,11 @@
 #include "models/blocks/mla.h"
 
-#include <algorithm>
+#include <string>
 
 #include "core/error.h"
 #include "models/blocks/lora.h"
 #include "ops/kv_attention.h"
+#include "ops/mla_ops.h"
 
 namespace am {
 
@@ -12,41 +13,12 @@ namespace {
 
 constexpr float kInnerEps = 1e-6f;  // DeepseekV3RMSNorm(q_lora_rank) / (kv_lora_rank): the class default eps
 
-// Rope dims within a head: position j of the (rotated) rope block reads stored dim src_dim(j). Interleaved
-// (HF view(d/2, 2).transpose): [x0, x2, .., x_{d-2}, x1, x3, ..]; else the identity.
-inline int64_t src_dim(int64_t j, int64_t d, bool interleave) {
-  if (!interleave) return j;
-  return j < d / 2 ? 2 * j : 2 * (j - d / 2) + 1;
-}
-
-float* host_f32(const Tensor& t, const char* what) {
-  if (t.device() != DeviceType::CPU || t.dtype() != DType::F32)
-    throw DeviceError(std::string("deepseek MLA attention (") + what + ") is not implemented on CUDA yet");
-  return const_cast<Tensor&>(t).f32();
-}
-
-// dst[r, d_off + j] = src[r, s_off + j] for r < R, j < w (rows d_ld / s_ld wide).
+// dst[r, d_off + j] = src[r, s_off + j] for r < R, j < w, with dst / src read as [R, d_ld] / [R, s_ld] row-major
+// (ops::copy_cols_: a host copy, cudaMemcpy2DAsync on CUDA).
 void copy_cols(const Tensor& dst, int64_t d_ld, int64_t d_off, const Tensor& src, int64_t s_ld, int64_t s_off,
                int64_t R, int64_t w) {
-  float* d = host_f32(dst, "column copy");
-  const float* s = host_f32(src, "column copy");
-  for (int64_t r = 0; r < R; ++r) std::copy(s + r * s_ld + s_off, s + r * s_ld + s_off + w, d + r * d_ld + d_off);
-}
-
-// Rope block gather: dst [R, w] row r = the w rope dims of src row r starting at s_off, in rotation order.
-void gather_rope(const Tensor& dst, const Tensor& src, int64_t s_ld, int64_t s_off, int64_t R, int64_t w, bool il) {
-  float* d = host_f32(dst, "rope gather");
-  const float* s = host_f32(src, "rope gather");
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < w; ++j) d[r * w + j] = s[r * s_ld + s_off + src_dim(j, w, il)];
-}
-
-// Its transpose: dst row r at d_off + src_dim(j) = src [R, w] (assigned).
-void scatter_rope(const Tensor& dst, int64_t d_ld, int64_t d_off, const Tensor& src, int64_t R, int64_t w, bool il) {
-  float* d = host_f32(dst, "rope scatter");
-  const float* s = host_f32(src, "rope scatter");
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < w; ++j) d[r * d_ld + d_off + src_dim(j, w, il)] = s[r * w + j];
+  Tensor d = dst.view({R, d_ld});
+  ops::copy_cols_(d, d_off, src.view({R, s_ld}), s_off, w);
 }
 
 }  // namespace
@@ -112,8 +84,8 @@ MlaQkv mla_project(const MlaWeights& w, const MlaGeometry& g, const Tensor& x, c
   proj_fwd(ex, *w.kv_b, nullptr, latn, kv);
   // RoPE on the rope dims (gathered in rotation order), written back as the tail of each head.
   Tensor qr = ex.empty({N, nh, dr}), kr = ex.empty({N, 1, dr});
-  gather_rope(qr, q, dq, dn, N * nh, dr, g.interleave);
-  gather_rope(kr, ckv, ckw, rkv, N, dr, g.interleave);
+  ops::mla_gather_cols(q.view({N * nh, dq}), dn, g.interleave, qr);
+  ops::mla_gather_cols(ckv, rkv, g.interleave, kr);
   ops::rope_fwd_(qr, cos, sin);
   ops::rope_fwd_(kr, cos, sin);
   Tensor Q = q;  // [N, nh, dq]: the nope part in place, the tail replaced by the rotated rope dims
@@ -121,12 +93,8 @@ MlaQkv mla_project(const MlaWeights& w, const MlaGeometry& g, const Tensor& x, c
   Tensor K = ex.empty({N, nh * dq}), V = ex.empty({N, nh * dv});
   copy_cols(K, dq, 0, kv, kvw, 0, N * nh, dn);   // k_nope
   copy_cols(V, dv, 0, kv, kvw, dn, N * nh, dv);  // v
-  {
-    float* k = host_f32(K, "k_pe broadcast");
-    const float* r = host_f32(kr, "k_pe broadcast");
-    for (int64_t t = 0; t < N; ++t)
-      for (int64_t h = 0; h < nh; ++h) std::copy(r + t * dr, r + (t + 1) * dr, k + (t * nh + h) * dq + dn);
-  }
+  Tensor K3 = K.view({N, nh, dq});
+  ops::mla_scatter_cols(kr, false, K3, dn);  // k_pe (already in rotation order) to the tail of every head
   if (s) {
     s->x = x;
     s->qa = qa;
@@ -203,16 +171,11 @@ Tensor mla_backward(const MlaWeights& w, const MlaGeometry& g, const MlaSaved& s
   Tensor dqr = ex.empty({N, nh, dr});
   copy_cols(dqr, dr, 0, dQ, dq, dn, N * nh, dr);
   ops::rope_bwd_(dqr, cos, sin);
-  scatter_rope(dQ, dq, dn, dqr, N * nh, dr, g.interleave);
-  // k_pe: summed over the heads it was broadcast to, then back through RoPE.
-  Tensor dkr = ex.zeros({N, 1, dr}, ex.act_dtype);
-  {
-    float* d = host_f32(dkr, "k_pe gradient");
-    const float* k = host_f32(dK, "k_pe gradient");
-    for (int64_t t = 0; t < N; ++t)
-      for (int64_t h = 0; h < nh; ++h)
-        for (int64_t j = 0; j < dr; ++j) d[t * dr + j] += k[(t * nh + h) * dq + dn + j];
-  }
+  Tensor dQ2 = dQ.view({N * nh, dq});
+  ops::mla_scatter_cols(dqr, g.interleave, dQ2, dn);
+  // k_pe: summed over the heads it was broadcast to (fp32, head order), then back through RoPE.
+  Tensor dkr = ex.empty({N, 1, dr});
+  ops::mla_gather_cols(dK.view({N, nh, dq}), dn, false, dkr);
   ops::rope_bwd_(dkr, cos, sin);
   // kv [N, nh*(dn+dv)] <- dk_nope, dv
   Tensor dkv = ex.empty({N, nh * kvw});
@@ -224,7 +187,7 @@ Tensor mla_backward(const MlaWeights& w, const MlaGeometry& g, const MlaSaved& s
   ops::rmsnorm_bwd(s.latent, w.kv_a_norm->work, s.lat_rstd, dlatn, dlatent, w.kv_a_norm->grad);
   Tensor dckv = ex.empty({N, ckw});
   copy_cols(dckv, ckw, 0, dlatent, rkv, 0, N, rkv);
-  scatter_rope(dckv, ckw, rkv, dkr, N, dr, g.interleave);
+  ops::mla_scatter_cols(dkr, g.interleave, dckv, rkv);
   Tensor dx = ex.empty({N, g.hidden}), tmp = ex.empty({N, g.hidden});
   proj_bwd(ex, *w.kv_a, w.kv_a_bias, s.x, dckv, &dx);
   if (w.q) {

@@ -12,8 +12,9 @@
 //   Q = [q_nope | q_rot], K = [k_nope | k_pe] per head (dq), V (dv): causal attention, scale
 //     qk_head_dim^-0.5 (* yarn mscale^2, v3), out [N, nh*dv];  y = out Wo^T (+bo)            [N, H]
 // The two inner RMSNorms use eps 1e-6 (HF builds them without rms_norm_eps). Every projection goes through
-// proj_fwd / proj_bwd, so LoRA adapters on them work. The column splits, the permutation and the k_pe
-// broadcast are host loops: this block runs on the CPU only for now (DecoderLM refuses CUDA up front).
+// proj_fwd / proj_bwd, so LoRA adapters on them work. The column splits (ops::copy_cols_), the rope
+// permutation and the k_pe broadcast / its head sum (ops::mla_gather_cols / mla_scatter_cols, ops/mla_ops.h) are
+// ops with CPU and CUDA kernels, so the block runs on either device (bf16 activations on CUDA).
 #pragma once
 #include <string>
 

@@ -191,16 +191,21 @@ Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions&
   const int64_t N = x.dim(0), H = x.dim(1), E = w.router->work.dim(0), k = o.top_k;
   const int64_t I = w.down->work.dim(2);
   s.x = x;
-  Tensor logits = ex.empty({N, E});
+  // DeepSeek's router computes in fp32 (HF DeepseekV3TopkRouter: F.linear of fp32 casts): on CUDA the bf16 GEMM
+  // writes fp32 logits, and the correction bias is read from its fp32 copy (`value`, which the device keeps for
+  // frozen 1-D parameters; the bf16 working copy only where there is none).
+  Tensor logits = o.grouped ? ex.empty({N, E}, DType::F32) : ex.empty({N, E});
   ops::linear_fwd(x, w.router->work, work_or_null(w.router_bias), logits);
   s.probs = ex.empty({N, E}, DType::F32);
   s.topk_idx = ex.empty({N, k}, DType::I32);
   s.topk_w = ex.empty({N, k}, DType::F32);
-  if (o.grouped)
-    ops::moe_router_grouped_fwd(logits, w.score_bias ? &w.score_bias->work : nullptr, k, *o.grouped, s.probs,
-                                s.topk_idx, s.topk_w);
-  else
+  if (o.grouped) {
+    const Param* b = w.score_bias;
+    const Tensor* sb = !b ? nullptr : b->value.defined() ? &b->value : &b->work;
+    ops::moe_router_grouped_fwd(logits, sb, k, *o.grouped, s.probs, s.topk_idx, s.topk_w);
+  } else {
     ops::moe_router_fwd(logits, k, o.norm_topk_prob, s.probs, s.topk_idx, s.topk_w);
+  }
   if (o.fake_balanced_gate) fake_balanced_routing(ex, N, k, E, s.topk_idx, s.topk_w);
   s.offsets = ex.empty({E + 1}, DType::I32);
   s.perm = ex.empty({N * k}, DType::I32);
