@@ -25,7 +25,7 @@ for s in "$@"; do
   case "$s" in
     correctness)
       stage correctness
-      OUT="$R/correctness" timeout 330 bash bench/correctness_device_check.sh ;;
+      OUT="$R/correctness" timeout ${CORRECTNESS_LIMIT:-330} bash bench/correctness_device_check.sh ;;
     w5)
       stage w5
       OUT="$R" timeout 170 bash bench/run_bench.sh w5 .devbuild 2>&1 | tail -8 ;;
