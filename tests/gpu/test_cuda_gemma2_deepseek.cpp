@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../common/tolerance.h"
+#include "gpu_test_util.h"
 #include "backend/cuda/cuda_ops.h"
 #include "config/recipe.h"
 #include "core/error.h"
@@ -42,54 +43,18 @@ namespace cu = am::cuda;
 
 namespace {
 
-bool have_device() {
-  int n = 0;
-  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  cudaGetLastError();
-  return ok;
-}
-#define REQUIRE_DEVICE() \
-  if (!have_device()) GTEST_SKIP() << "no CUDA device visible"
-
-const float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-// Host fp32 tensor, uniform in [lo, hi), rounded to dt (the values the device will see).
-Tensor rand_host(const Shape& s, std::mt19937& rng, DType dt = DType::F32, float lo = -1.f, float hi = 1.f) {
-  Tensor t = Tensor::empty(s, DType::F32);
-  std::uniform_real_distribution<float> u(lo, hi);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = u(rng);
-  return dt == DType::F32 ? t : t.to(dt).to(DType::F32);
-}
-Tensor up(const Tensor& host_f32, DType dt) { return cu::to_device(dt == DType::F32 ? host_f32 : host_f32.to(dt)); }
-Tensor down(const Tensor& dev) {
-  Tensor h = cu::to_host(dev);
-  return h.dtype() == DType::F32 ? h : h.to(DType::F32);
-}
-Tensor poisoned(const Shape& s, DType dt) {
-  Tensor t = cu::empty(s, dt);
-  cu::fill_(t, kNaN);
-  return t;
-}
+using gpu_test::down;
+using gpu_test::kNaN;
+using gpu_test::poisoned;
+using gpu_test::rand_host;
+using gpu_test::up;
+#define REQUIRE_DEVICE() AM_REQUIRE_DEVICE()
 // The host value as the device stores it (fp32 -> dt -> fp32).
 Tensor rounded(const Tensor& host_f32, DType dt) { return dt == DType::F32 ? host_f32 : host_f32.to(dt).to(DType::F32); }
 
-// Element-wise |got - want| <= atol * max(1, rms(want)) + rtol * |want|, and no non-finite value.
+// Element-wise |got - want| <= atol * max(1, rms(want)) + rtol * |want|, and no non-finite value (no L2 budget).
 void expect_close(const Tensor& got, const Tensor& want, test::Tolerance tol, const std::string& what) {
-  ASSERT_EQ(got.numel(), want.numel()) << what;
-  double den = 0;
-  for (int64_t i = 0; i < want.numel(); ++i) den += double(want.f32()[i]) * want.f32()[i];
-  const double atol = tol.atol * std::max(1.0, std::sqrt(den / std::max<int64_t>(want.numel(), 1)));
-  int64_t bad = 0, first = -1;
-  for (int64_t i = 0; i < want.numel(); ++i) {
-    const double g = got.f32()[i], w = want.f32()[i];
-    if (!std::isfinite(g) || std::abs(g - w) > atol + tol.rtol * std::abs(w)) {
-      if (first < 0) first = i;
-      ++bad;
-    }
-  }
-  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << want.numel() << " elements off, first at " << first << " (got "
-                    << (first >= 0 ? got.f32()[first] : 0.f) << ", want " << (first >= 0 ? want.f32()[first] : 0.f)
-                    << ")";
+  gpu_test::expect_close(got, want, tol, std::numeric_limits<double>::infinity(), what);
 }
 void expect_bitwise(const Tensor& got, const Tensor& want, const std::string& what) {
   ASSERT_EQ(got.numel(), want.numel()) << what;
@@ -320,31 +285,11 @@ fs::path ref_torch(const std::string& c) {
   return {};
 }
 
-std::vector<StepStats> train_fixture(const fs::path& dir, const std::string& device, std::vector<std::string> extra) {
-  extra.push_back("device=" + device);
-  extra.push_back("checkpoint.enabled=false");
-  Recipe r = Recipe::load((dir / "recipe.yaml").string(), extra);
-  Trainer t(r, TrainerOptions{.quiet = true});
-  EXPECT_EQ(t.device_name(), device);
-  return t.train();
-}
 
 void compare_training(const std::string& c, const std::vector<std::string>& extra, const std::string& tag) {
   const fs::path dir = ref_torch(c);
   if (dir.empty()) GTEST_SKIP() << "no tests/fixtures/ref_torch/" << c;
-  const auto cpu = train_fixture(dir, "cpu", extra), gpu = train_fixture(dir, "cuda", extra);
-  ASSERT_EQ(cpu.size(), gpu.size());
-  ASSERT_EQ(cpu.size(), 4u);
-  for (size_t i = 0; i < cpu.size(); ++i) {
-    const double l = cpu[i].loss, gn = cpu[i].grad_norm;
-    std::printf("[%s] step %zu loss cpu %.6f cuda %.6f (rel %.2e) grad_norm cpu %.5f cuda %.5f (rel %.2e)\n", tag.c_str(),
-                i + 1, l, gpu[i].loss, std::abs(gpu[i].loss - l) / l, gn, gpu[i].grad_norm,
-                std::abs(gpu[i].grad_norm - gn) / gn);
-    EXPECT_EQ(gpu[i].num_label_tokens, cpu[i].num_label_tokens) << tag << " step " << i + 1;
-    EXPECT_NEAR(gpu[i].loss, l, 0.01 * l) << tag << " step " << i + 1;
-    EXPECT_NEAR(gpu[i].grad_norm, gn, 0.05 * gn) << tag << " step " << i + 1;
-  }
-  std::fflush(stdout);
+  gpu_test::compare_cpu_cuda_training(dir, extra, tag);
 }
 
 TEST(CudaFamilies, Gemma2TrainsLikeCpu) {

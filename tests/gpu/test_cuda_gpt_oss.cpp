@@ -26,6 +26,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../common/tolerance.h"
+#include "gpu_test_util.h"
 #include "backend/cuda/cuda_ops.h"
 #include "config/recipe.h"
 #include "core/error.h"
@@ -46,72 +47,16 @@ namespace cu = am::cuda;
 
 namespace {
 
-bool have_device() {
-  int n = 0;
-  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  cudaGetLastError();
-  return ok;
-}
-#define REQUIRE_DEVICE() \
-  if (!have_device()) GTEST_SKIP() << "no CUDA device visible"
+using gpu_test::down;
+using gpu_test::expect_close;
+using gpu_test::expect_close_dt;
+using gpu_test::kNaN;
+using gpu_test::poisoned;
+using gpu_test::rand_host;
+using gpu_test::up;
+#define REQUIRE_DEVICE() AM_REQUIRE_DEVICE()
 
-const float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-// Uniform in [lo, hi), rounded to dt and back (so the host reference reads exactly what the device holds).
-Tensor rand_host(const Shape& s, std::mt19937& rng, DType dt = DType::F32, float lo = -1.f, float hi = 1.f) {
-  Tensor t = Tensor::empty(s, DType::F32);
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(rng);
-  if (dt != DType::F32) t = t.to(dt).to(DType::F32);
-  return t;
-}
-Tensor up(const Tensor& host, DType dt) {
-  return cu::to_device(dt == DType::F32 || host.dtype() == DType::I32 ? host : host.to(dt));
-}
-Tensor down(const Tensor& dev) {
-  Tensor h = cu::to_host(dev);
-  return h.dtype() == DType::F32 ? h : h.to(DType::F32);
-}
-Tensor poisoned(const Shape& s, DType dt) {
-  Tensor t = cu::empty(s, dt);
-  cu::fill_(t, kNaN);
-  return t;
-}
 const char* dname(DType d) { return dtype_name(d); }
-
-// Element i passes when |got - want| <= atol * max(1, rms(want)) + rtol * |want|; plus a relative L2 budget
-// (the rule of tests/gpu/test_cuda_moe.cpp).
-void expect_close(const Tensor& got_any, const Tensor& want, test::Tolerance tol, double rel_l2_budget,
-                  const std::string& what) {
-  Tensor got = got_any.device() == DeviceType::CUDA ? down(got_any) : got_any;
-  if (got.dtype() != DType::F32) got = got.to(DType::F32);
-  ASSERT_EQ(got.numel(), want.numel()) << what;
-  const int64_t n = want.numel();
-  double den = 0, num = 0, max_abs = 0;
-  for (int64_t i = 0; i < n; ++i) den += double(want.f32()[i]) * want.f32()[i];
-  const double rms = n ? std::sqrt(den / n) : 0.0, atol = tol.atol * std::max(1.0, rms);
-  int64_t bad = 0, nonfinite = 0, first = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    const double g = got.f32()[i], w = want.f32()[i];
-    if (!std::isfinite(g)) {
-      if (++nonfinite == 1 && first < 0) first = i;
-      continue;
-    }
-    const double d = std::abs(g - w);
-    num += d * d;
-    max_abs = std::max(max_abs, d);
-    if (d > atol + tol.rtol * std::abs(w) && ++bad == 1 && first < 0) first = i;
-  }
-  const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-  EXPECT_EQ(nonfinite, 0) << what << ": non-finite element, first at " << first;
-  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << n << " outside tolerance, first at " << first << " (got "
-                    << (first >= 0 ? got.f32()[first] : 0.f) << ", want " << (first >= 0 ? want.f32()[first] : 0.f)
-                    << "), max abs err " << max_abs;
-  EXPECT_LE(rel, rel_l2_budget) << what << ": relative L2 error";
-}
-void expect_close_dt(const Tensor& got, const Tensor& want, DType dt, const std::string& what) {
-  expect_close(got, want, test::tolerance(dt), dt == DType::F32 ? 1e-5 : 1e-2, what);
-}
 
 // gu [M, 2I] spread over [-3 limit, 3 limit] (so about 2/3 of the gates and 2/3 of the ups are clamped), with
 // some entries exactly at +-limit (the bound keeps its gradient) and just beyond it.
@@ -395,29 +340,11 @@ TEST(CudaGptOss, ModelGradientsMatchCpu) {
 }
 
 namespace {
-std::vector<StepStats> train_fixture(const fs::path& dir, const std::string& device, std::vector<std::string> extra) {
-  extra.push_back("device=" + device);
-  Recipe r = Recipe::load((dir / "recipe.yaml").string(), extra);
-  Trainer t(r, TrainerOptions{.quiet = true});
-  EXPECT_EQ(t.device_name(), device);
-  return t.train();
-}
 
 void compare_training(const std::vector<std::string>& extra, const std::string& tag) {
   const fs::path dir = fixture_dir();
   if (dir.empty()) GTEST_SKIP() << "no tests/fixtures/gpt_oss_torch_ref";
-  const auto c = train_fixture(dir, "cpu", extra), g = train_fixture(dir, "cuda", extra);
-  ASSERT_EQ(c.size(), g.size());
-  ASSERT_EQ(c.size(), 4u);
-  for (size_t i = 0; i < c.size(); ++i) {
-    const double l = c[i].loss, gn = c[i].grad_norm;
-    std::printf("[gpt_oss %s] step %zu loss cpu %.6f cuda %.6f (rel %.2e) grad_norm cpu %.5f cuda %.5f (rel %.2e)\n",
-                tag.c_str(), i + 1, l, g[i].loss, std::abs(g[i].loss - l) / l, gn, g[i].grad_norm,
-                std::abs(g[i].grad_norm - gn) / gn);
-    EXPECT_EQ(g[i].num_label_tokens, c[i].num_label_tokens) << tag << " step " << i + 1;
-    EXPECT_NEAR(g[i].loss, l, 0.01 * l) << tag << " step " << i + 1;
-    EXPECT_NEAR(g[i].grad_norm, gn, 0.05 * gn) << tag << " step " << i + 1;
-  }
+  gpu_test::compare_cpu_cuda_training(dir, extra, "gpt_oss " + tag);
 }
 }  // namespace
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common/tolerance.h"
+#include "gpu_test_util.h"
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/moe.h"
 #include "core/error.h"
@@ -32,16 +33,13 @@ using am::Tensor;
 namespace cu = am::cuda;
 namespace ops = am::ops;
 
-bool have_device() {
-  int n = 0;
-  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  cudaGetLastError();
-  return ok;
-}
-#define REQUIRE_DEVICE() \
-  if (!have_device()) GTEST_SKIP() << "no CUDA device visible"
-
-const float kNaN = std::numeric_limits<float>::quiet_NaN();
+using am::gpu_test::down;
+using am::gpu_test::expect_close;
+using am::gpu_test::expect_close_dt;
+using am::gpu_test::kNaN;
+using am::gpu_test::poisoned;
+using am::gpu_test::up;
+#define REQUIRE_DEVICE() AM_REQUIRE_DEVICE()
 
 // Uniform in [lo, hi) from a splitmix64 stream seeded by rng (fast enough for the W2 expert weights, 4e8 values).
 Tensor rand_host(const Shape& s, std::mt19937& rng, DType dt = DType::F32, float lo = -1.f, float hi = 1.f) {
@@ -58,19 +56,6 @@ Tensor rand_host(const Shape& s, std::mt19937& rng, DType dt = DType::F32, float
   if (dt != DType::F32) t = t.to(dt).to(DType::F32);
   return t;
 }
-Tensor up(const Tensor& host, DType dt) { return cu::to_device(dt == DType::F32 || host.dtype() == DType::I32 ? host : host.to(dt)); }
-Tensor down(const Tensor& dev) {
-  Tensor h = cu::to_host(dev);
-  return h.dtype() == DType::F32 || h.dtype() == DType::I32 ? h : h.to(DType::F32);
-}
-Tensor poisoned(const Shape& s, DType dt) {
-  Tensor t = cu::empty(s, dt);
-  if (dt == DType::I32)
-    cudaMemset(t.raw(), 0xff, t.nbytes());
-  else
-    cu::fill_(t, kNaN);
-  return t;
-}
 std::vector<int32_t> ivals(const Tensor& t) {
   Tensor h = t.device() == am::DeviceType::CUDA ? cu::to_host(t) : t;
   return std::vector<int32_t>(h.data<int32_t>(), h.data<int32_t>() + h.numel());
@@ -78,37 +63,6 @@ std::vector<int32_t> ivals(const Tensor& t) {
 int64_t rint(std::mt19937& rng, int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 const char* dname(DType d) { return am::dtype_name(d); }
 
-// Element i passes when |got - want| <= atol * max(1, rms(want)) + rtol * |want|; plus a relative L2 budget.
-void expect_close(const Tensor& got_any, const Tensor& want, am::test::Tolerance tol, double rel_l2_budget,
-                  const std::string& what) {
-  Tensor got = got_any.device() == am::DeviceType::CUDA ? down(got_any) : got_any;
-  ASSERT_EQ(got.numel(), want.numel()) << what;
-  const int64_t n = want.numel();
-  double den = 0, num = 0, max_abs = 0;
-  for (int64_t i = 0; i < n; ++i) den += double(want.f32()[i]) * want.f32()[i];
-  const double rms = n ? std::sqrt(den / n) : 0.0, atol = tol.atol * std::max(1.0, rms);
-  int64_t bad = 0, nonfinite = 0, first = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    const double g = got.f32()[i], w = want.f32()[i];
-    if (!std::isfinite(g)) {
-      if (++nonfinite == 1 && first < 0) first = i;
-      continue;
-    }
-    const double d = std::abs(g - w);
-    num += d * d;
-    max_abs = std::max(max_abs, d);
-    if (d > atol + tol.rtol * std::abs(w) && ++bad == 1 && first < 0) first = i;
-  }
-  const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-  EXPECT_EQ(nonfinite, 0) << what << ": non-finite element, first at " << first;
-  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << n << " outside tolerance, first at " << first << " (got "
-                    << (first >= 0 ? got.f32()[first] : 0.f) << ", want " << (first >= 0 ? want.f32()[first] : 0.f)
-                    << "), max abs err " << max_abs;
-  EXPECT_LE(rel, rel_l2_budget) << what << ": relative L2 error";
-}
-void expect_close_dt(const Tensor& got, const Tensor& want, DType dt, const std::string& what) {
-  expect_close(got, want, am::test::tolerance(dt), dt == DType::F32 ? 1e-5 : 1e-2, what);
-}
 
 // Router-like top-k ids: distinct per row, drawn with skewed expert popularity (some experts get no rows).
 Tensor skewed_topk(int64_t n, int64_t e, int64_t k, std::mt19937& rng) {

@@ -1,0 +1,129 @@
+// Shared by the GPU tests (tests/gpu/*.cpp): device detection, host/device tensor moves, poisoned outputs,
+// tolerance checks against the CPU reference, and the "train a fixture on CPU and on CUDA" comparison.
+// Header-only; everything in am::gpu_test. A test file pulls in what it uses with using-declarations.
+#pragma once
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/cuda_ops.h"
+#include "config/recipe.h"
+#include "core/tensor.h"
+#include "../common/tolerance.h"
+#include "train/trainer.h"
+
+namespace am::gpu_test {
+
+inline bool have_device() {
+  int n = 0;
+  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  cudaGetLastError();
+  return ok;
+}
+#define AM_REQUIRE_DEVICE() \
+  if (!::am::gpu_test::have_device()) GTEST_SKIP() << "no CUDA device visible"
+
+inline const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Host fp32 tensor, uniform in [lo, hi), rounded to dt (so the CPU reference sees exactly the values the device
+// sees).
+inline Tensor rand_host(const Shape& s, std::mt19937& rng, DType dt = DType::F32, float lo = -1.f, float hi = 1.f) {
+  Tensor t = Tensor::empty(s, DType::F32);
+  std::uniform_real_distribution<float> u(lo, hi);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = u(rng);
+  return dt == DType::F32 ? t : t.to(dt).to(DType::F32);
+}
+
+// Host -> device as dt (int32 tensors go as they are); device -> host as fp32 (int32 stays int32).
+inline Tensor up(const Tensor& host, DType dt) {
+  return cuda::to_device(dt == DType::F32 || host.dtype() == DType::I32 ? host : host.to(dt));
+}
+inline Tensor down(const Tensor& dev) {
+  Tensor h = cuda::to_host(dev);
+  return h.dtype() == DType::F32 || h.dtype() == DType::I32 ? h : h.to(DType::F32);
+}
+
+// A device output filled with NaN (int32: -1), so an element the kernel forgets to write fails the check.
+inline Tensor poisoned(const Shape& s, DType dt) {
+  Tensor t = cuda::empty(s, dt);
+  if (dt == DType::I32)
+    cudaMemset(t.raw(), 0xff, t.nbytes());
+  else
+    cuda::fill_(t, kNaN);
+  return t;
+}
+
+// got (device or host, any float dtype) against want (host fp32): every element within
+// atol * max(1, rms(want)) + rtol * |want|, none non-finite, and the relative L2 error within rel_l2_budget.
+inline void expect_close(const Tensor& got_any, const Tensor& want, test::Tolerance tol, double rel_l2_budget,
+                         const std::string& what) {
+  Tensor got = got_any.device() == DeviceType::CUDA ? down(got_any) : got_any;
+  if (got.dtype() != DType::F32) got = got.to(DType::F32);
+  ASSERT_EQ(got.numel(), want.numel()) << what;
+  const int64_t n = want.numel();
+  double den = 0, num = 0, max_abs = 0;
+  for (int64_t i = 0; i < n; ++i) den += double(want.f32()[i]) * want.f32()[i];
+  const double rms = n ? std::sqrt(den / n) : 0.0, atol = tol.atol * std::max(1.0, rms);
+  int64_t bad = 0, nonfinite = 0, first = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const double g = got.f32()[i], w = want.f32()[i];
+    if (!std::isfinite(g)) {
+      if (++nonfinite == 1 && first < 0) first = i;
+      continue;
+    }
+    const double d = std::abs(g - w);
+    num += d * d;
+    max_abs = std::max(max_abs, d);
+    if (d > atol + tol.rtol * std::abs(w) && ++bad == 1 && first < 0) first = i;
+  }
+  const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  EXPECT_EQ(nonfinite, 0) << what << ": non-finite element, first at " << first;
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << n << " outside tolerance, first at " << first << " (got "
+                    << (first >= 0 ? got.f32()[first] : 0.f) << ", want " << (first >= 0 ? want.f32()[first] : 0.f)
+                    << "), max abs err " << max_abs;
+  EXPECT_LE(rel, rel_l2_budget) << what << ": relative L2 error";
+}
+// The same with the tolerance of dt's rounding (test_tolerance.h) and a relative L2 budget of 1e-5 (fp32) / 1e-2.
+inline void expect_close_dt(const Tensor& got, const Tensor& want, DType dt, const std::string& what) {
+  expect_close(got, want, test::tolerance(dt), dt == DType::F32 ? 1e-5 : 1e-2, what);
+}
+
+// Trains a fixture folder's recipe.yaml (with the overrides `extra`) on `device`; returns its step stats.
+inline std::vector<StepStats> train_fixture(const std::filesystem::path& dir, const std::string& device,
+                                            std::vector<std::string> extra) {
+  extra.push_back("device=" + device);
+  extra.push_back("checkpoint.enabled=false");
+  Recipe r = Recipe::load((dir / "recipe.yaml").string(), extra);
+  Trainer t(r, TrainerOptions{.quiet = true});
+  EXPECT_EQ(t.device_name(), device);
+  return t.train();
+}
+
+// One rank's CPU run is the oracle for the CUDA run of the same fixture: same label counts, loss within 1% and
+// grad norm within 5% at every step (bf16 compute on CUDA, fp32 on the CPU).
+inline void compare_cpu_cuda_training(const std::filesystem::path& dir, const std::vector<std::string>& extra,
+                                      const std::string& tag, size_t expect_steps = 4) {
+  const auto cpu = train_fixture(dir, "cpu", extra), gpu = train_fixture(dir, "cuda", extra);
+  ASSERT_EQ(cpu.size(), gpu.size());
+  ASSERT_EQ(cpu.size(), expect_steps);
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    const double l = cpu[i].loss, gn = cpu[i].grad_norm;
+    std::printf("[%s] step %zu loss cpu %.6f cuda %.6f (rel %.2e) grad_norm cpu %.5f cuda %.5f (rel %.2e)\n", tag.c_str(),
+                i + 1, l, gpu[i].loss, std::abs(gpu[i].loss - l) / l, gn, gpu[i].grad_norm,
+                std::abs(gpu[i].grad_norm - gn) / gn);
+    EXPECT_EQ(gpu[i].num_label_tokens, cpu[i].num_label_tokens) << tag << " step " << i + 1;
+    EXPECT_NEAR(gpu[i].loss, l, 0.01 * l) << tag << " step " << i + 1;
+    EXPECT_NEAR(gpu[i].grad_norm, gn, 0.05 * gn) << tag << " step " << i + 1;
+  }
+  std::fflush(stdout);
+}
+
+}  // namespace am::gpu_test
