@@ -4,20 +4,11 @@
 #include <random>
 
 #include "core/error.h"
+#include "core/hash.h"
 #include "models/decoder.h"
 #include "models/lora.h"
 
 namespace am {
-
-namespace {
-
-uint64_t fnv1a(const std::string& s) {
-  uint64_t h = 1469598103934665603ULL;
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ULL;
-  return h;
-}
-
-}  // namespace
 
 std::vector<const LoraAdapter*> DecoderLM::enable_lora(const LoraSpec& spec, uint64_t seed,
                                                        std::vector<std::string>* warnings) {

@@ -1,5 +1,6 @@
 #include "models/hf_weights.h"
 
+#include "core/hash.h"
 #include "io/json_bounded.h"
 
 #include <algorithm>
@@ -202,9 +203,7 @@ void init_random_weights(CausalLM& model, uint64_t seed, DType dtype) {
       std::fill(v + (lo - p.global_offset), v + (hi - p.global_offset), is_norm ? one : 0.f);
       return;
     }
-    uint64_t h = 1469598103934665603ULL;
-    for (unsigned char ch : nm) h = (h ^ ch) * 1099511628211ULL;
-    std::mt19937_64 rng(seed ^ h ^ (static_cast<uint64_t>(t.chunk) * 0x9e3779b97f4a7c15ULL));
+    std::mt19937_64 rng(seed ^ fnv1a(nm) ^ (static_cast<uint64_t>(t.chunk) * 0x9e3779b97f4a7c15ULL));
     std::normal_distribution<float> normal(0.f, std_dev);
     for (int64_t g = g0; g < lo; ++g) (void)normal(rng);  // a slice that starts inside the chunk
     for (int64_t g = lo; g < hi; ++g) v[g - p.global_offset] = normal(rng);
