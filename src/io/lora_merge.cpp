@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/fd.h"
 #include "io/json_bounded.h"
 #include "io/model_config.h"
 
@@ -35,59 +36,6 @@ namespace {
 
 std::string q(const std::string& s) { return "'" + s + "'"; }
 
-// ---- raw file helpers (pread/write loops, EINTR-safe)
-
-class Fd {
- public:
-  Fd(const std::string& path, int flags, mode_t mode = 0644) : path_(path) {
-    fd_ = ::open(path.c_str(), flags | O_CLOEXEC, mode);
-    if (fd_ < 0) throw IoError(path + ": cannot open: " + std::strerror(errno));
-  }
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-  const std::string& path() const { return path_; }
-  uint64_t size() const {
-    struct stat st;
-    if (::fstat(fd_, &st) != 0) throw IoError(path_ + ": cannot stat: " + std::strerror(errno));
-    return static_cast<uint64_t>(st.st_size);
-  }
-  void pread_all(void* buf, size_t n, uint64_t off) const {
-    char* p = static_cast<char*>(buf);
-    while (n > 0) {
-      ssize_t r = ::pread(fd_, p, std::min<size_t>(n, size_t(1) << 30), static_cast<off_t>(off));
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) throw IoError(path_ + ": read failed: " + std::strerror(errno));
-      if (r == 0) throw FormatError(path_ + ": unexpected end of file (truncated?)");
-      p += r;
-      off += static_cast<uint64_t>(r);
-      n -= static_cast<size_t>(r);
-    }
-  }
-  void write_all(const void* buf, size_t n) {
-    const char* p = static_cast<const char*>(buf);
-    while (n > 0) {
-      ssize_t w = ::write(fd_, p, std::min<size_t>(n, size_t(1) << 30));
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) throw IoError(path_ + ": write failed: " + std::strerror(errno));
-      p += w;
-      n -= static_cast<size_t>(w);
-    }
-  }
-  void sync_close() {
-    if (::fsync(fd_) != 0) throw IoError(path_ + ": fsync failed: " + std::strerror(errno));
-    int rc = ::close(fd_);
-    fd_ = -1;
-    if (rc != 0) throw IoError(path_ + ": close failed: " + std::strerror(errno));
-  }
-
- private:
-  std::string path_;
-  int fd_ = -1;
-};
 
 // Appends bytes [off, off + n) of `in` to `out`: in the kernel (copy_file_range) where the file systems allow,
 // else through a bounded buffer.

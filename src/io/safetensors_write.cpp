@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/fd.h"
 #include "io/safetensors.h"
 
 namespace am::io {
@@ -31,30 +32,15 @@ namespace {
 // at all. The temporary is removed if anything fails.
 class AtomicFile {
  public:
-  explicit AtomicFile(const std::string& path) : path_(path) {
-    tmp_ = path + ".tmp." + std::to_string(::getpid());
-    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd_ < 0) throw IoError(path + ": cannot create " + tmp_ + ": " + std::strerror(errno));
-  }
+  // The temporary's errors name it (".tmp.<pid>" beside the target), so a full disk points at the right file.
+  explicit AtomicFile(const std::string& path)
+      : path_(path), tmp_(path + ".tmp." + std::to_string(::getpid())), fd_(tmp_, O_WRONLY | O_CREAT | O_TRUNC) {}
   ~AtomicFile() {
-    if (fd_ >= 0) ::close(fd_);
     if (!done_) ::unlink(tmp_.c_str());
   }
-  void write(const void* data, size_t n) {
-    const char* p = static_cast<const char*>(data);
-    while (n > 0) {
-      ssize_t w = ::write(fd_, p, std::min<size_t>(n, size_t(1) << 30));
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) throw IoError(path_ + ": write failed: " + std::strerror(errno));
-      p += w;
-      n -= static_cast<size_t>(w);
-    }
-  }
+  void write(const void* data, size_t n) { fd_.write_all(data, n); }
   void commit() {
-    if (::fsync(fd_) != 0) throw IoError(path_ + ": fsync failed: " + std::strerror(errno));
-    int rc = ::close(fd_);
-    fd_ = -1;
-    if (rc != 0) throw IoError(path_ + ": close failed: " + std::strerror(errno));
+    fd_.sync_close();
     if (std::rename(tmp_.c_str(), path_.c_str()) != 0)
       throw IoError(path_ + ": rename from " + tmp_ + " failed: " + std::strerror(errno));
     done_ = true;
@@ -62,7 +48,7 @@ class AtomicFile {
 
  private:
   std::string path_, tmp_;
-  int fd_ = -1;
+  Fd fd_;
   bool done_ = false;
 };
 
