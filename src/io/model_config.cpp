@@ -3,6 +3,8 @@
 // model here. Other model types get the llama rules (the model registry decides whether it can build them).
 #include "io/model_config.h"
 
+#include "io/config_keys.h"
+
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -52,72 +54,7 @@ bool is_qwen(Family f) {
   return f == Family::Qwen2 || f == Family::Qwen3 || f == Family::Qwen2Moe || f == Family::Qwen3Moe;
 }
 
-// Typed access to one JSON object with errors that name the file and the full key ("rope_scaling.factor").
-struct Keys {
-  const json& j;
-  std::string file;
-  std::string prefix;  // "" or "rope_scaling."
-
-  bool present(const char* k) const { return j.contains(k) && !j.at(k).is_null(); }
-  [[noreturn]] void bad(const char* k, const std::string& want) const {
-    std::string got = j.at(k).dump();
-    if (got.size() > 80) got = got.substr(0, 77) + "...";
-    throw FormatError(file + ": key '" + prefix + k + "' must be " + want + ", got " + got);
-  }
-  [[noreturn]] void missing(const char* k) const {
-    throw FormatError(file + ": missing required key '" + prefix + k + "'");
-  }
-  [[noreturn]] void bad_or_missing(const char* k, const std::string& want) const {
-    if (!present(k)) missing(k);
-    bad(k, want);
-  }
-  double num(const char* k) const {
-    if (!present(k)) missing(k);
-    if (!j.at(k).is_number()) bad(k, "a number");
-    return j.at(k).get<double>();
-  }
-  double num(const char* k, double def) const { return present(k) ? num(k) : def; }
-  std::optional<double> opt_num(const char* k) const {
-    return present(k) ? std::optional<double>(num(k)) : std::nullopt;
-  }
-  int64_t integer(const char* k) const {
-    if (!present(k)) missing(k);
-    const json& v = j.at(k);
-    // Some writers emit 4096.0; accept a float only when it is integral.
-    if (v.is_number_float()) {
-      double d = v.get<double>();
-      if (std::floor(d) != d || std::fabs(d) > 9.0e15) bad(k, "an integer");
-      return static_cast<int64_t>(d);
-    }
-    if (!v.is_number_integer()) bad(k, "an integer");
-    return v.get<int64_t>();
-  }
-  int64_t integer(const char* k, int64_t def) const { return present(k) ? integer(k) : def; }
-  int64_t positive(const char* k) const {
-    int64_t v = integer(k);
-    if (v <= 0) bad(k, "a positive integer");
-    return v;
-  }
-  int64_t positive(const char* k, int64_t def) const { return present(k) ? positive(k) : def; }
-  // A size: positive and at most `cap` (caps far above any real model, so that a typo such as head_dim 1e6
-  // fails here, at once, instead of after allocating the model).
-  int64_t size(const char* k, int64_t cap) const {
-    int64_t v = integer(k);
-    if (v <= 0 || v > cap) bad(k, "a positive integer at most " + std::to_string(cap));
-    return v;
-  }
-  int64_t size(const char* k, int64_t def, int64_t cap) const { return present(k) ? size(k, cap) : def; }
-  bool boolean(const char* k, bool def) const {
-    if (!present(k)) return def;
-    if (!j.at(k).is_boolean()) bad(k, "true or false");
-    return j.at(k).get<bool>();
-  }
-  std::string str(const char* k, const std::string& def) const {
-    if (!present(k)) return def;
-    if (!j.at(k).is_string()) bad(k, "a string");
-    return j.at(k).get<std::string>();
-  }
-};
+using Keys = ConfigKeys;  // io/config_keys.h
 
 RopeParams parse_rope_object(const Keys& top, const json& dict, const std::string& prefix, int64_t max_pos,
                              double theta_fallback);

@@ -61,15 +61,15 @@ void parse_deepseek_config(const json& j, const std::string& file, ModelConfig& 
   }
   if (v3) c.mlp_bias = false;  // DeepseekV3MLP has no biases (v2's LlamaMLP reads mlp_bias)
   // MLA sizes. q_lora_rank null: a plain q_proj (DeepSeek-V2-Lite).
-  d.q_lora_rank = j.contains("q_lora_rank") ? (j.at("q_lora_rank").is_null() ? 0 : k.integer("q_lora_rank", 0, 1, kBig))
+  d.q_lora_rank = j.contains("q_lora_rank") ? (j.at("q_lora_rank").is_null() ? 0 : k.bounded("q_lora_rank", 0, 1, kBig))
                                             : 1536;
-  d.kv_lora_rank = k.integer("kv_lora_rank", 512, 1, kBig);
-  d.qk_nope_head_dim = k.integer("qk_nope_head_dim", 128, 0, kBig);
-  d.qk_rope_head_dim = k.integer("qk_rope_head_dim", 64, 2, kBig);
-  d.v_head_dim = k.integer("v_head_dim", 128, 1, kBig);
+  d.kv_lora_rank = k.bounded("kv_lora_rank", 512, 1, kBig);
+  d.qk_nope_head_dim = k.bounded("qk_nope_head_dim", 128, 0, kBig);
+  d.qk_rope_head_dim = k.bounded("qk_rope_head_dim", 64, 2, kBig);
+  d.v_head_dim = k.bounded("v_head_dim", 128, 1, kBig);
   if (d.qk_rope_head_dim % 2 != 0) k.bad("qk_rope_head_dim", "even (RoPE rotates pairs)");
   // HF sets config.head_dim = qk_rope_head_dim: the rotary embedding's dimension.
-  if (k.present("head_dim") && k.integer("head_dim", 0, 1, kBig) != d.qk_rope_head_dim)
+  if (k.present("head_dim") && k.bounded("head_dim", 0, 1, kBig) != d.qk_rope_head_dim)
     k.bad("head_dim", "qk_rope_head_dim (" + std::to_string(d.qk_rope_head_dim) + ") when present");
   c.head_dim = d.qk_rope_head_dim;
   if (c.rope.partial_rotary_factor != 1.0)
@@ -96,18 +96,18 @@ void parse_deepseek_config(const json& j, const std::string& file, ModelConfig& 
 
   // MoE.
   const char* n_key = k.present("n_routed_experts") ? "n_routed_experts" : "num_local_experts";
-  c.num_experts = k.integer(n_key, v3 ? 256 : 64, 1, int64_t(1) << 16);
+  c.num_experts = k.bounded(n_key, v3 ? 256 : 64, 1, int64_t(1) << 16);
   if (!v3 && !k.present("num_experts_per_tok")) k.bad("num_experts_per_tok", "set (DeepseekV2Config has no default)");
-  c.num_experts_per_tok = k.integer("num_experts_per_tok", 8, 1, c.num_experts);
-  c.moe_intermediate_size = k.integer("moe_intermediate_size", v3 ? 2048 : 1407, 1, kBig);
+  c.num_experts_per_tok = k.bounded("num_experts_per_tok", 8, 1, c.num_experts);
+  c.moe_intermediate_size = k.bounded("moe_intermediate_size", v3 ? 2048 : 1407, 1, kBig);
   if (j.contains("n_shared_experts") && j.at("n_shared_experts").is_null())
     k.bad("n_shared_experts", "an integer (the model always adds its shared experts)");
-  d.n_shared_experts = k.integer("n_shared_experts", v3 ? 1 : 2, 1, 1 << 16);
+  d.n_shared_experts = k.bounded("n_shared_experts", v3 ? 1 : 2, 1, 1 << 16);
   d.routed_scaling_factor = k.num("routed_scaling_factor", v3 ? 2.5 : 1.0);
-  d.n_group = k.integer("n_group", v3 ? 8 : 1, 1, c.num_experts);
-  d.topk_group = k.integer("topk_group", v3 ? 4 : 1, 1, d.n_group);
+  d.n_group = k.bounded("n_group", v3 ? 8 : 1, 1, c.num_experts);
+  d.topk_group = k.bounded("topk_group", v3 ? 4 : 1, 1, d.n_group);
   c.norm_topk_prob = v3 ? k.boolean("norm_topk_prob", true) : false;
-  const int64_t first_dense = k.integer("first_k_dense_replace", v3 ? 3 : 0, 0, c.num_hidden_layers);
+  const int64_t first_dense = k.bounded("first_k_dense_replace", v3 ? 3 : 0, 0, c.num_hidden_layers);
   if (v3) {
     d.sigmoid_scores = true;
     d.topk_method = "noaux_tc";

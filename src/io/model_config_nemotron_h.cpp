@@ -33,7 +33,7 @@ std::optional<int64_t> token(const ConfigKeys& k, const char* key, std::optional
     }
     return v.empty() ? std::nullopt : std::optional<int64_t>(v[0].get<int64_t>());
   }
-  const int64_t id = k.integer(key, 0, 0);
+  const int64_t id = k.bounded(key, 0, 0);
   if (all) all->push_back(id);
   return id;
 }
@@ -74,15 +74,15 @@ ModelConfig parse_nemotron_h_config(const json& j, const std::string& file) {
   auto& n = c.nh;
   n.pattern = block_pattern(k);
   c.num_hidden_layers = static_cast<int64_t>(n.pattern.size());
-  c.vocab_size = k.integer("vocab_size", 131072);
-  c.hidden_size = k.integer("hidden_size", 4096);
-  c.intermediate_size = k.integer("intermediate_size", 21504);
-  c.num_attention_heads = k.integer("num_attention_heads", 32);
-  c.num_key_value_heads = k.present("num_key_value_heads") ? k.integer("num_key_value_heads", 8) : j.contains("num_key_value_heads") ? c.num_attention_heads : 8;
+  c.vocab_size = k.bounded("vocab_size", 131072);
+  c.hidden_size = k.bounded("hidden_size", 4096);
+  c.intermediate_size = k.bounded("intermediate_size", 21504);
+  c.num_attention_heads = k.bounded("num_attention_heads", 32);
+  c.num_key_value_heads = k.present("num_key_value_heads") ? k.bounded("num_key_value_heads", 8) : j.contains("num_key_value_heads") ? c.num_attention_heads : 8;
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     k.bad("num_key_value_heads", "a divisor of num_attention_heads (" + std::to_string(c.num_attention_heads) + ")");
-  c.head_dim = k.integer("head_dim", 128);
-  c.max_position_embeddings = k.integer("max_position_embeddings", 4096);
+  c.head_dim = k.bounded("head_dim", 128);
+  c.max_position_embeddings = k.bounded("max_position_embeddings", 4096);
   c.rms_norm_eps = k.num("layer_norm_epsilon", 1e-5);
   c.tie_word_embeddings = k.boolean("tie_word_embeddings", false);
   if (k.boolean("attention_bias", false)) k.bad("attention_bias", "false (NemotronHAttention has no biases)");
@@ -92,16 +92,16 @@ ModelConfig parse_nemotron_h_config(const json& j, const std::string& file) {
   if (c.hidden_act != "relu2") k.bad("mlp_hidden_act", "\"relu2\"");
   if (k.str("mamba_hidden_act", "silu") != "silu") k.bad("mamba_hidden_act", "\"silu\"");
   if (k.present("sliding_window")) k.bad("sliding_window", "null (sliding attention is not implemented for nemotron_h)");
-  if (k.integer("num_nextn_predict_layers", 0, 0) != 0) k.bad("num_nextn_predict_layers", "0 (MTP layers are not implemented)");
+  if (k.bounded("num_nextn_predict_layers", 0, 0) != 0) k.bad("num_nextn_predict_layers", "0 (MTP layers are not implemented)");
   if (k.present("moe_latent_size")) k.bad("moe_latent_size", "null (latent MoE projections are not implemented yet)");
   for (const char* d : {"attention_dropout", "hidden_dropout"})
     if (k.num(d, 0.0) != 0.0) c.unapplied_dropout.push_back(std::string(d) + "=" + j.at(d).dump());
 
-  n.mamba_num_heads = k.integer("mamba_num_heads", 128);
-  n.mamba_head_dim = k.integer("mamba_head_dim", 64);
-  n.ssm_state_size = k.integer("ssm_state_size", 128);
-  n.n_groups = k.integer(k.either("n_groups", "mamba_n_groups"), 8);
-  n.conv_kernel = k.integer(k.either("conv_kernel", "mamba_d_conv"), 4);
+  n.mamba_num_heads = k.bounded("mamba_num_heads", 128);
+  n.mamba_head_dim = k.bounded("mamba_head_dim", 64);
+  n.ssm_state_size = k.bounded("ssm_state_size", 128);
+  n.n_groups = k.bounded(k.either("n_groups", "mamba_n_groups"), 8);
+  n.conv_kernel = k.bounded(k.either("conv_kernel", "mamba_d_conv"), 4);
   n.use_conv_bias = k.boolean(k.either("use_conv_bias", "mamba_conv_bias"), true);
   n.use_bias = k.boolean("use_bias", false);
   if (n.mamba_num_heads % n.n_groups != 0) k.bad("n_groups", "a divisor of mamba_num_heads (" + std::to_string(n.mamba_num_heads) + ")");
@@ -111,17 +111,17 @@ ModelConfig parse_nemotron_h_config(const json& j, const std::string& file) {
   if (!(n.time_step_min >= 0.0)) k.bad("time_step_min", "a number >= 0");
   n.time_step_max = std::numeric_limits<double>::infinity();
 
-  c.num_experts = n.pattern.find('E') != std::string::npos ? k.integer(k.either("n_routed_experts", "num_local_experts"), 8) : 0;
+  c.num_experts = n.pattern.find('E') != std::string::npos ? k.bounded(k.either("n_routed_experts", "num_local_experts"), 8) : 0;
   c.moe_layer.assign(n.pattern.size(), false);
   for (size_t i = 0; i < n.pattern.size(); ++i) c.moe_layer[i] = n.pattern[i] == 'E';
-  c.num_experts_per_tok = k.integer("num_experts_per_tok", 2);
-  c.moe_intermediate_size = k.integer("moe_intermediate_size", 7688);
-  n.moe_shared_expert_intermediate_size = k.integer("moe_shared_expert_intermediate_size", 7688);
-  if (k.integer("n_shared_experts", 1, 0) != 1) k.bad("n_shared_experts", "1 (NemotronHMoE has one shared expert)");
+  c.num_experts_per_tok = k.bounded("num_experts_per_tok", 2);
+  c.moe_intermediate_size = k.bounded("moe_intermediate_size", 7688);
+  n.moe_shared_expert_intermediate_size = k.bounded("moe_shared_expert_intermediate_size", 7688);
+  if (k.bounded("n_shared_experts", 1, 0) != 1) k.bad("n_shared_experts", "1 (NemotronHMoE has one shared expert)");
   c.norm_topk_prob = k.boolean("norm_topk_prob", true);
   n.routed_scaling_factor = k.num("routed_scaling_factor", 1.0);
-  n.n_group = k.integer("n_group", 1);
-  n.topk_group = k.integer("topk_group", 1);
+  n.n_group = k.bounded("n_group", 1);
+  n.topk_group = k.bounded("topk_group", 1);
   if (c.num_experts > 0) {
     if (c.num_experts % n.n_group != 0) k.bad("n_group", "a divisor of n_routed_experts");
     if (n.topk_group > n.n_group) k.bad("topk_group", "at most n_group");
