@@ -8,6 +8,7 @@ int attention_generic_bench_main(int argc, char** argv);  // bench_attention_gen
 int moe_bench_main(int argc, char** argv);  // bench_moe.cu: MoE ops at the W2 shape
 int gemma2_deepseek_bench_main(int argc, char** argv);  // bench_gemma2_deepseek.cu: softcap, MLA columns, router
 int gpt_oss_bench_main(int argc, char** argv);  // bench_gpt_oss.cu: gpt_oss expert kernels (gpt-oss-20b layer)
+int mamba2_bench_main(int argc, char** argv);  // bench_mamba2.cu: Nemotron-H conv + selective scan
 
 struct GpuBench {
   const char* name;
@@ -20,4 +21,5 @@ inline constexpr GpuBench kGpuBenches[] = {
     {"moe", moe_bench_main},
     {"gemma2_deepseek", gemma2_deepseek_bench_main},
     {"gpt_oss", gpt_oss_bench_main},
+    {"mamba2", mamba2_bench_main},
 };

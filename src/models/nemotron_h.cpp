@@ -3,9 +3,9 @@
 #include <cmath>
 
 #include "core/error.h"
-#include "core/log.h"
 #include "models/decoder.h"  // lm_head_cross_entropy
 #include "ops/ops.h"
+#include "ops/trace.h"
 
 namespace am {
 
@@ -57,14 +57,17 @@ std::vector<std::vector<Param*>> NemotronHLM::param_units() {
 }
 
 void NemotronHLM::to_device(const ExecContext& ex) {
-  // Every Nemotron-H mixer (Mamba2 scan and conv, relu2 MoE) has CPU kernels only: refuse before any weight moves.
-  if (ex.on_cuda())
-    throw DeviceError("model_type 'nemotron_h': the Mamba2 mixer, the relu2 MoE and the NoPE attention path are not "
-                      "implemented on CUDA yet (run on the CPU: --device cpu)");
-  if (ex.act_dtype != DType::F32 || ex.residual_dtype != DType::F32)
-    throw DeviceError("model_type 'nemotron_h': only float32 compute is implemented (CPU reference kernels)");
+  // CPU: the fp32 reference. CUDA: bf16 activations and working weights, fp32 master weights and gradients, the
+  // residual stream in the activation dtype or fp32 (as DecoderLM). Still refused elsewhere: LoRA (enable_lora),
+  // expert parallelism (the constructor), incremental decode (no conv / SSM state cache: generate).
+  if (!ex.on_cuda() && (ex.act_dtype != DType::F32 || ex.residual_dtype != DType::F32))
+    throw DeviceError("model_type 'nemotron_h': the CPU computes in float32 only (the reference kernels)");
+  if (ex.on_cuda() && ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
+    throw DeviceError(std::string("model_type 'nemotron_h': residual dtype ") + dtype_name(ex.residual_dtype) +
+                      ": expected the activation dtype or float32");
   ps_.to_device(ex);
   ex_ = ex;
+  cos_ = sin_ = Tensor();  // the identity rotary tables live on the old device
 }
 
 int64_t NemotronHLM::matmul_params_per_token() const {
@@ -99,12 +102,21 @@ ops::AttnParams NemotronHLM::attn_params(const Batch& b) const {
 
 void NemotronHLM::nope_tables(int64_t N) {
   // No RoPE: cos 1, sin 0 make the shared attention block's rotation the identity (x * 1 + rot(x) * 0 = x
-  // exactly in fp32).
+  // exactly in fp32, and a bf16 x stores back unchanged).
   const int64_t half = cfg_.head_dim / 2;
-  if (cos_.defined() && cos_.dim(0) == N) return;
-  cos_ = Tensor::empty({N, half}, DType::F32);
-  sin_ = Tensor::zeros({N, half}, DType::F32);
-  for (int64_t i = 0; i < N * half; ++i) cos_.f32()[i] = 1.f;
+  const DeviceType dev = ex_.on_cuda() ? DeviceType::CUDA : DeviceType::CPU;
+  if (cos_.defined() && cos_.dim(0) == N && cos_.device() == dev) return;
+  Tensor c = Tensor::empty({N, half}, DType::F32), z = Tensor::zeros({N, half}, DType::F32);
+  for (int64_t i = 0; i < N * half; ++i) c.f32()[i] = 1.f;
+  cos_ = ex_.upload(c);
+  sin_ = ex_.upload(z);
+}
+
+Tensor NemotronHLM::to_act(const Tensor& t) const {
+  if (t.dtype() == ex_.act_dtype) return t;
+  Tensor a = ex_.empty(t.shape());
+  ops::copy_(a, t);
+  return a;
 }
 
 Tensor NemotronHLM::mixer_forward(const Layer& L, const Batch& b, const Tensor& h, Saved* s) {
@@ -135,63 +147,77 @@ Tensor NemotronHLM::mixer_backward(const Layer& L, const Batch& b, const Saved& 
   }
 }
 
-Tensor NemotronHLM::trunk_forward(const Batch& b, std::vector<Saved>* saved, Tensor* x_pre, Tensor* rstd_f) {
-  if (ex_.on_cuda()) throw DeviceError("model_type 'nemotron_h': CPU only");
+Tensor NemotronHLM::layer_forward(const Layer& L, const Batch& b, const Tensor& x, Saved* s) {
+  const int64_t N = x.dim(0), H = cfg_.hidden_size;
+  // h = RMSNorm(x) in the activation dtype (an fp32 residual feeds the bf16 matmuls through it), rstd fp32
+  Tensor h = ex_.empty({N, H}), r = ex_.empty({N}, DType::F32);
+  ops::rmsnorm_fwd(x, wide_weight(*L.norm), static_cast<float>(cfg_.rms_norm_eps), h, r);
+  Tensor y = mixer_forward(L, b, h, s);
+  if (s) {
+    s->x = x;
+    s->h = h;
+    s->rstd = r;
+  }
+  Tensor xn = ex_.empty({N, H}, ex_.residual_dtype);  // a new tensor: the saved input stays intact
+  ops::copy_(xn, x);
+  ops::add_(xn, y);
+  return xn;
+}
+
+Tensor NemotronHLM::trunk_forward(const Batch& b, std::vector<Saved>* saved, Tensor* x_pre, Tensor* rstd_f, bool recompute) {
   const int64_t N = b.B * b.T, H = cfg_.hidden_size;
   nope_tables(N);
   hook_use(0, false);
-  Tensor x = Tensor::empty({N, H}, DType::F32);
-  ops::embedding_fwd(b.input_ids, embed_->work, x);
+  Tensor x = ex_.empty({N, H}, ex_.residual_dtype);
+  ops::embedding_fwd(b.input_ids, wide_weight(*embed_), x);
   if (saved) saved->assign(layers_.size(), Saved{});
-  const float eps = static_cast<float>(cfg_.rms_norm_eps);
   for (size_t i = 0; i < layers_.size(); ++i) {
     hook_use(static_cast<int>(i) + 1, false);
-    const Layer& L = layers_[i];
-    Tensor h = Tensor::empty({N, H}, DType::F32), r = Tensor::empty({N}, DType::F32);
-    ops::rmsnorm_fwd(x, L.norm->work, eps, h, r);
-    Saved* s = saved ? &(*saved)[i] : nullptr;
-    Tensor y = mixer_forward(L, b, h, s);
-    if (s) {
-      s->x = x;
-      s->h = h;
-      s->rstd = r;
-    }
-    Tensor xn = Tensor::empty({N, H}, DType::F32);  // a new tensor: the saved input stays intact
-    ops::copy_(xn, x);
-    ops::add_(xn, y);
-    x = xn;
+    ops::TraceRange tr("layer", static_cast<int64_t>(i), "fwd");
+    // Activation checkpointing keeps only each layer's input [N, H]; backward recomputes the rest.
+    if (saved && recompute) (*saved)[i].x = x;
+    Saved* s = saved && !recompute ? &(*saved)[i] : nullptr;
+    x = layer_forward(layers_[i], b, x, s);
     hook_fwd_done(static_cast<int>(i) + 1);
   }
-  Tensor xf = Tensor::empty({N, H}, DType::F32), rf = Tensor::empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x, norm_f_->work, eps, xf, rf);
+  Tensor xf = ex_.empty({N, H}), rf = ex_.empty({N}, DType::F32);
+  ops::rmsnorm_fwd(x, wide_weight(*norm_f_), static_cast<float>(cfg_.rms_norm_eps), xf, rf);
   if (x_pre) *x_pre = x;
   if (rstd_f) *rstd_f = rf;
   return xf;
 }
 
 double NemotronHLM::forward_backward(const Batch& b, float grad_scale, const ForwardOptions& opt) {
-  if (opt.activation_checkpointing && !warned_checkpointing_) {
-    // Said once, not silently dropped: every layer's activations are kept for the backward.
-    log::warn("distributed.activation_checkpointing: not implemented for nemotron_h; activations are kept");
-    warned_checkpointing_ = true;
-  }
   const int64_t N = b.B * b.T, H = cfg_.hidden_size;
+  const bool recompute = opt.activation_checkpointing;
   std::vector<Saved> saved;
   Tensor x_pre, rstd_f;
-  Tensor xf = trunk_forward(b, &saved, &x_pre, &rstd_f);
-  Tensor dxf = Tensor::empty({N, H}, DType::F32);
+  Tensor xf = trunk_forward(b, &saved, &x_pre, &rstd_f, recompute);
+  Tensor dxf = ex_.empty({N, H});
   Param& head = lm_head();
-  const double loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf,
-                                            head.grad.defined() ? &head.grad : nullptr, opt.loss_chunk_rows);
-  Tensor dx = Tensor::empty({N, H}, DType::F32);
-  ops::rmsnorm_bwd(x_pre, norm_f_->work, rstd_f, dxf, dx, norm_f_->grad);
+  double loss = 0.0;
+  {
+    ops::TraceRange tr("lm_head+cross_entropy");
+    loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf,
+                                 head.grad.defined() ? &head.grad : nullptr, opt.loss_chunk_rows);
+  }
+  xf = Tensor();
+  Tensor dx = ex_.empty({N, H}, ex_.residual_dtype);
+  ops::rmsnorm_bwd(x_pre, wide_weight(*norm_f_), rstd_f, dxf, dx, norm_f_->grad);
+  dxf = Tensor();
   for (size_t i = layers_.size(); i-- > 0;) {
     hook_use(static_cast<int>(i) + 1, true);
+    ops::TraceRange tr("layer", static_cast<int64_t>(i), recompute ? "recompute+bwd" : "bwd");
     const Layer& L = layers_[i];
-    // x_out = x + mixer(norm(x)):  dx = dx_out + norm_bwd(mixer_bwd(dx_out))
-    Tensor dh = mixer_backward(L, b, saved[i], dx);
-    Tensor dxi = Tensor::empty({N, H}, DType::F32);
-    ops::rmsnorm_bwd(saved[i].x, L.norm->work, saved[i].rstd, dh, dxi, L.norm->grad);
+    if (recompute) {
+      const Tensor x_in = saved[i].x;
+      layer_forward(L, b, x_in, &saved[i]);  // same inputs, same kernels: the same activations
+    }
+    // x_out = x + mixer(norm(x)):  dx = dx_out + norm_bwd(mixer_bwd(dx_out)). The mixer takes its output gradient
+    // in the activation dtype (an fp32 residual gradient is rounded once, as autograd does for a bf16 block output).
+    Tensor dh = mixer_backward(L, b, saved[i], to_act(dx));
+    Tensor dxi = ex_.empty({N, H}, ex_.residual_dtype);
+    ops::rmsnorm_bwd(saved[i].x, wide_weight(*L.norm), saved[i].rstd, dh, dxi, L.norm->grad);
     ops::add_(dxi, dx);
     dx = dxi;
     saved[i] = Saved{};
@@ -211,7 +237,7 @@ double NemotronHLM::forward_loss(const Batch& b, const ForwardOptions& opt) {
 
 Tensor NemotronHLM::forward_logits(const Batch& b) {
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr);
-  Tensor logits = Tensor::empty({xf.dim(0), cfg_.vocab_size}, DType::F32);
+  Tensor logits = ex_.empty({xf.dim(0), cfg_.vocab_size});  // the activation dtype, as the interface says
   ops::linear_fwd(xf, lm_head().work, nullptr, logits);
   hook_fwd_done(0);
   return logits;

@@ -5,8 +5,11 @@
 //             rotary tables) | relu2 MLP ('-', blocks/mlp.h) | MoE ('E', blocks/nemotron_moe.h)
 //   loss = CE(RMSNorm(x) W_lm^T, targets)             model.norm_f, lm_head
 // Parameter names are transformers 5's (model.*); the hub's / save_pretrained's (backbone.*, per-expert
-// tensors) are each parameter's first checkpoint layout. CPU only: to_device on CUDA throws DeviceError.
-// No incremental decode (the Mamba2 conv / SSM states are not cached): automodel generate refuses it.
+// tensors) are each parameter's first checkpoint layout. Runs on the CPU (fp32 reference) and on CUDA (bf16
+// activations and working weights, fp32 master weights / gradients, fp32 or bf16 residual stream; the Mamba2 kernels
+// of backend/cuda/mamba2.h, the MoE through the shared grouped-GEMM ops). Activation checkpointing keeps each
+// layer's input only and recomputes the layer in backward. No incremental decode (the Mamba2 conv / SSM states are
+// not cached): automodel generate refuses it; no LoRA, no expert parallelism.
 #pragma once
 #include <vector>
 
@@ -42,18 +45,27 @@ class NemotronHLM : public CausalLM {
     NemotronMoeWeights moe;
   };
   struct Saved {
-    Tensor x, h, rstd;  // layer input [N, H], RMSNorm(x) [N, H], rstd [N]
+    Tensor x, h, rstd;  // layer input [N, H] (residual dtype), RMSNorm(x) [N, H] (activation dtype), rstd [N] fp32
     Mamba2Saved mamba;
     AttentionSaved attn;
     MlpSaved mlp;
     NemotronMoeSaved moe;
   };
-  Tensor trunk_forward(const Batch& b, std::vector<Saved>* saved, Tensor* x_pre, Tensor* rstd_f);
+  // saved != nullptr: keep what backward needs (recompute: only each layer's input, Saved::x).
+  Tensor trunk_forward(const Batch& b, std::vector<Saved>* saved, Tensor* x_pre, Tensor* rstd_f, bool recompute = false);
+  // x_out = x + mixer(RMSNorm(x)) [N, H] in the residual dtype; s (when non-null) gets what backward needs.
+  Tensor layer_forward(const Layer& L, const Batch& b, const Tensor& x, Saved* s);
   Tensor mixer_forward(const Layer& L, const Batch& b, const Tensor& h, Saved* s);
   Tensor mixer_backward(const Layer& L, const Batch& b, const Saved& s, const Tensor& dy);
   ops::AttnParams attn_params(const Batch& b) const;
   void nope_tables(int64_t N);
   Param& lm_head() { return lm_head_ ? *lm_head_ : *embed_; }
+  // The weight of an RMSNorm / the embedding: its fp32 master copy under an fp32 residual stream with bf16 compute
+  // (HF's fp32 params + autocast), else the working copy (on the CPU they are one tensor).
+  const Tensor& wide_weight(const Param& p) const {
+    return ex_.residual_dtype != ex_.act_dtype && p.value.defined() ? p.value : p.work;
+  }
+  Tensor to_act(const Tensor& t) const;  // t in the activation dtype (t itself when it already is)
   void hook_use(int unit, bool backward) { if (hooks_) hooks_->before_use(unit, backward); }
   void hook_fwd_done(int unit) { if (hooks_) hooks_->after_forward(unit); }
   void hook_bwd_done(int unit) { if (hooks_) hooks_->after_backward(unit); }
@@ -66,8 +78,7 @@ class NemotronHLM : public CausalLM {
   Param* norm_f_ = nullptr;   // [H]
   Param* lm_head_ = nullptr;  // [V, H]; nullptr when tied
   std::vector<Layer> layers_;
-  Tensor cos_, sin_;  // [N, D/2] identity rotary tables (cos 1, sin 0): attention without RoPE
-  bool warned_checkpointing_ = false;
+  Tensor cos_, sin_;  // [N, D/2] fp32 identity rotary tables (cos 1, sin 0) on the compute device: no RoPE
 };
 
 }  // namespace am

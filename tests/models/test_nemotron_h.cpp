@@ -1,5 +1,6 @@
 // nemotron_h: config.json reading (NemotronHConfig keys, defaults, refusals), packing (a packed row equals
-// its samples run one by one through the whole hybrid model), the CUDA / generate refusals, and a finite-
+// its samples run one by one through the whole hybrid model), activation checkpointing (the same gradients), the
+// refusals (generate; CUDA without a device; bf16 on the CPU), and a finite-
 // difference check of the whole model's backward on the fixture tests/fixtures/ref_torch/nemotron_h (whose
 // 4-step training run test_hf_golden compares against the independent torch reference).
 #include <gtest/gtest.h>
@@ -17,6 +18,7 @@
 #include "models/hf_weights.h"
 #include "models/inference.h"
 #include "models/model.h"
+#include "ops/device.h"
 
 using namespace am;
 namespace fs = std::filesystem;
@@ -155,9 +157,42 @@ TEST(NemotronH, GradientsMatchFiniteDifferences) {
   EXPECT_GT(checked, 30);
 }
 
-TEST(NemotronH, RefusesCudaAndIncrementalDecode) {
+TEST(NemotronH, ActivationCheckpointingGivesTheSameGradients) {
+  // Recomputing each layer in backward (only its input kept) runs the same kernels on the same inputs.
   auto m = load_fixture();
-  EXPECT_THROW(m->to_device(ExecContext::cuda_bf16()), DeviceError);
+  m->to_device(ExecContext::cpu());
+  const std::vector<int32_t> a = {1, 17, 45, 200, 9, 33, 120}, b = {1, 250, 7, 88, 64};
+  Sample packed;
+  packed.input_ids = a;
+  packed.input_ids.insert(packed.input_ids.end(), b.begin(), b.end());
+  packed.labels = packed.input_ids;
+  packed.seq_lens = {static_cast<int32_t>(a.size()), static_cast<int32_t>(b.size())};
+  std::vector<const Sample*> ptrs{&packed};
+  Batch batch = upload_batch(collate(ptrs), m->exec());
+  auto grads = [&](bool ckpt) {
+    m->params().zero_grad();
+    ForwardOptions o;
+    o.activation_checkpointing = ckpt;
+    const double loss = m->forward_backward(batch, 1.0f, o);
+    std::vector<std::vector<float>> g;
+    for (Param& p : m->params().all())
+      if (p.grad.defined()) g.emplace_back(p.grad.f32(), p.grad.f32() + p.grad.numel());
+    return std::make_pair(loss, g);
+  };
+  const auto plain = grads(false), ckpt = grads(true);
+  EXPECT_EQ(plain.first, ckpt.first);
+  ASSERT_EQ(plain.second.size(), ckpt.second.size());
+  for (size_t i = 0; i < plain.second.size(); ++i) EXPECT_EQ(plain.second[i], ckpt.second[i]) << "parameter " << i;
+}
+
+TEST(NemotronH, RefusesIncrementalDecodeAndCudaWithoutADevice) {
+  auto m = load_fixture();
+  // CUDA runs (tests/gpu/test_cuda_nemotron_h.cpp); without a GPU (or a CUDA build) moving there is a DeviceError.
+  if (ops::list_gpus().empty()) EXPECT_THROW(m->to_device(ExecContext::cuda_bf16()), DeviceError);
+  // the CPU reference computes in fp32 only
+  ExecContext bf16_cpu = ExecContext::cpu();
+  bf16_cpu.act_dtype = DType::BF16;
+  EXPECT_THROW(load_fixture()->to_device(bf16_cpu), DeviceError);
   InferenceLoadOptions o;
   o.model = case_dir().string();
   o.device = "cpu";

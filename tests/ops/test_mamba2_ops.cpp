@@ -1,7 +1,8 @@
 // Nemotron-H CPU ops (ops/mamba2_ops.h): the depthwise causal conv1d + SiLU, the Mamba2 selective scan, the
 // grouped gated RMSNorm and relu2, against naive references written here (the scan in SSD's quadratic dual
 // form, a different algorithm from the op's recurrence) and central finite differences; packing (segment
-// ids) against each segment run alone.
+// ids) against each segment run alone; the backward recomputing its states; the dt chain and A = -exp(A_log); the
+// decay-gradient identity the CUDA backward relies on (backend/cuda/mamba2.h).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -132,6 +133,119 @@ TEST(Mamba2Ops, ScanBackwardMatchesFiniteDifferences) {
   for (G g : {G{&c.x, &dx, "x"}, G{&c.dt, &ddt, "dt"}, G{&c.A, &dA, "A"}, G{&c.Bm, &dB, "B"}, G{&c.Cm, &dC, "C"}, G{&c.D, &dD, "D"}})
     for (int64_t i = 0; i < g.t->numel(); i += std::max<int64_t>(1, g.t->numel() / 23))
       expect_close(g.g->f32()[i], fd(*g.t, i, L), 2e-3, std::string("d") + g.name + "[" + std::to_string(i) + "]");
+}
+
+TEST(Mamba2Ops, ScanBackwardRecomputesStatesWhenNoneAreGiven) {
+  // The model keeps no states: an undefined `states` makes the backward re-run the recurrence, bit for bit.
+  ScanCase c(5);
+  Tensor segt = Tensor::empty({c.B, c.T}, DType::I32);
+  for (int64_t i = 0; i < c.B * c.T; ++i) segt.data<int32_t>()[i] = (i % c.T) < 4 ? 0 : 1;
+  std::mt19937 rng(6);
+  Tensor w = randn(c.x.shape(), rng);
+  Tensor y = Tensor::empty(c.x.shape(), DType::F32), st = Tensor::empty({c.B, c.T, c.nh, c.P, c.S}, DType::F32);
+  ops::mamba_ssm_scan_fwd(c.x, c.dt, c.A, c.Bm, c.Cm, c.D, &segt, y, &st);
+  auto run = [&](const Tensor& states) {
+    std::vector<Tensor> g = {Tensor::empty(c.x.shape(), DType::F32), Tensor::empty(c.dt.shape(), DType::F32),
+                             Tensor::zeros({c.nh}, DType::F32),       Tensor::empty(c.Bm.shape(), DType::F32),
+                             Tensor::empty(c.Cm.shape(), DType::F32), Tensor::zeros({c.nh}, DType::F32)};
+    ops::mamba_ssm_scan_bwd(c.x, c.dt, c.A, c.Bm, c.Cm, c.D, &segt, states, w, g[0], g[1], g[2], g[3], g[4], g[5]);
+    return g;
+  };
+  const auto given = run(st), recomputed = run(Tensor());
+  for (size_t k = 0; k < given.size(); ++k)
+    for (int64_t i = 0; i < given[k].numel(); ++i) ASSERT_EQ(given[k].f32()[i], recomputed[k].f32()[i]) << k << " " << i;
+}
+
+TEST(Mamba2Ops, DecayGradientIdentityTheCudaBackwardUses) {
+  // backend/cuda/mamba2.h never stores state_{t-1}: it forms dL/dlog a_t = <g_t, a_t state_{t-1}> as the
+  // within-segment suffix sum of r_tau - q_tau, r = <dy, y - D x>, q = dt <x, g B> = <x, dx - D dy>. Checked here
+  // from the reference's own outputs: ddt_t = <x_t, g_t B_t> + A L_t and dA = sum_t dt_t L_t (L = 0 at a start).
+  ScanCase c(8);
+  Tensor segt = Tensor::empty({c.B, c.T}, DType::I32);
+  for (int64_t i = 0; i < c.B * c.T; ++i) segt.data<int32_t>()[i] = (i % c.T) < 3 ? 0 : (i % c.T) < 6 ? 1 : -1;
+  std::mt19937 rng(9);
+  Tensor dy = randn(c.x.shape(), rng);
+  Tensor y = Tensor::empty(c.x.shape(), DType::F32);
+  ops::mamba_ssm_scan_fwd(c.x, c.dt, c.A, c.Bm, c.Cm, c.D, &segt, y, nullptr);
+  Tensor dx = Tensor::empty(c.x.shape(), DType::F32), ddt = Tensor::empty(c.dt.shape(), DType::F32),
+         dA = Tensor::zeros({c.nh}, DType::F32), dB = Tensor::empty(c.Bm.shape(), DType::F32),
+         dC = Tensor::empty(c.Cm.shape(), DType::F32), dD = Tensor::zeros({c.nh}, DType::F32);
+  ops::mamba_ssm_scan_bwd(c.x, c.dt, c.A, c.Bm, c.Cm, c.D, &segt, Tensor(), dy, dx, ddt, dA, dB, dC, dD);
+  std::vector<double> gA(static_cast<size_t>(c.nh), 0.0);  // dA = sum over rows and steps of dt_t L_t
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.nh; ++h) {
+      double R = 0, Q = 0;
+      for (int64_t t = c.T; t-- > 0;) {
+        const int64_t bt = b * c.T + t, row = (bt * c.nh + h) * c.P;
+        const bool start = t == 0 || segt.data<int32_t>()[bt] != segt.data<int32_t>()[bt - 1];
+        double r = 0, q = 0;
+        for (int64_t p = 0; p < c.P; ++p) {
+          const double xv = c.x.f32()[row + p], dyv = dy.f32()[row + p], Dh = c.D.f32()[h];
+          r += dyv * (y.f32()[row + p] - Dh * xv);
+          q += xv * (dx.f32()[row + p] - Dh * dyv);
+        }
+        const double dtv = c.dt.f32()[bt * c.nh + h];
+        R += r;
+        Q += q;
+        const double lam = start ? 0.0 : R - Q;
+        expect_close(ddt.f32()[bt * c.nh + h], q / dtv + lam * c.A.f32()[h], 1e-4, "ddt via the identity");
+        gA[static_cast<size_t>(h)] += lam * dtv;
+        if (start) R = Q = 0;
+      }
+    }
+  for (int64_t h = 0; h < c.nh; ++h)
+    expect_close(dA.f32()[h], gA[static_cast<size_t>(h)], 1e-4, "dA via the identity, head " + std::to_string(h));
+}
+
+TEST(Mamba2Ops, DtChainAndALogMatchFiniteDifferences) {
+  // dt = min(max(softplus(raw + bias), lo), hi): the gradient passes where the clamp does, and dt_bias sums it.
+  std::mt19937 rng(7);
+  const int64_t N = 9, nh = 4;
+  const float lo = 0.05f, hi = 2.0f;
+  Tensor raw = randn({N, nh}, rng, 3.f), bias = randn({nh}, rng, 0.5f);
+  raw.f32()[0] = 30.f;  // softplus's linear branch (then clamped at hi)
+  raw.f32()[1] = -6.f;  // below lo
+  Tensor w = randn({N, nh}, rng);  // L = <dt, w>
+  auto L = [&] {
+    Tensor di = Tensor::empty({N, nh}, DType::F32), d = Tensor::empty({N, nh}, DType::F32);
+    ops::mamba_dt_fwd(raw, bias, lo, hi, di, d);
+    return dot(d, w);
+  };
+  Tensor di = Tensor::empty({N, nh}, DType::F32), d = Tensor::empty({N, nh}, DType::F32);
+  ops::mamba_dt_fwd(raw, bias, lo, hi, di, d);
+  for (int64_t i = 0; i < N * nh; ++i) {
+    const float v = raw.f32()[i] + bias.f32()[i % nh];
+    EXPECT_EQ(di.f32()[i], v);
+    EXPECT_GE(d.f32()[i], lo);
+    EXPECT_LE(d.f32()[i], hi);
+  }
+  Tensor draw = Tensor::empty({N, nh}, DType::F32), dbias = Tensor::zeros({nh}, DType::F32);
+  ops::mamba_dt_bwd(di, w, lo, hi, draw, &dbias);
+  EXPECT_EQ(draw.f32()[0], 0.f);  // clamped: no gradient
+  EXPECT_EQ(draw.f32()[1], 0.f);
+  for (int64_t i = 0; i < N * nh; ++i) {
+    const float sp = di.f32()[i] > 20.f ? di.f32()[i] : std::log1p(std::exp(di.f32()[i]));
+    if (std::fabs(sp - lo) < 2e-2f || std::fabs(sp - hi) < 2e-2f) continue;  // FD across a clamp edge
+    expect_close(draw.f32()[i], fd(raw, i, L), 2e-3, "ddt_raw[" + std::to_string(i) + "]");
+  }
+  for (int64_t h = 0; h < nh; ++h) {
+    double s = 0;
+    for (int64_t n = 0; n < N; ++n) s += draw.f32()[n * nh + h];
+    expect_close(dbias.f32()[h], s, 1e-5, "ddt_bias[" + std::to_string(h) + "]");
+  }
+  // A = -exp(A_log), dA_log += dA * A
+  Tensor alog = randn({nh}, rng), A = Tensor::empty({nh}, DType::F32), dA = randn({nh}, rng), g = Tensor::zeros({nh}, DType::F32);
+  ops::mamba_a_log_fwd(alog, A);
+  ops::mamba_a_log_bwd(A, dA, g);
+  auto LA = [&] {
+    Tensor a = Tensor::empty({nh}, DType::F32);
+    ops::mamba_a_log_fwd(alog, a);
+    return dot(a, dA);
+  };
+  for (int64_t h = 0; h < nh; ++h) {
+    EXPECT_EQ(A.f32()[h], -std::exp(alog.f32()[h]));
+    expect_close(g.f32()[h], fd(alog, h, LA), 2e-3, "dA_log[" + std::to_string(h) + "]");
+  }
 }
 
 TEST(Mamba2Ops, ConvMatchesNaiveAndFiniteDifferences) {

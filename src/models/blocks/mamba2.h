@@ -1,4 +1,4 @@
-// Nemotron-H's Mamba2 mixer (HF NemotronHMamba2Mixer, its torch_forward path), on the CPU:
+// Nemotron-H's Mamba2 mixer (HF NemotronHMamba2Mixer, its torch_forward path), on the CPU and on CUDA:
 //   proj = x Win^T (+b)                          [N, Din + Cd + nh]   Din = nh * P, Cd = Din + 2 G S
 //   z, xBC, dt_raw = split(proj, [Din, Cd, nh])  (HF: gate, hidden_states_B_C, dt; the leading d_mlp is 0)
 //   xBC = silu(causal depthwise conv1d(xBC; conv1d.weight [Cd, 1, K], conv1d.bias [Cd]))
@@ -7,8 +7,12 @@
 //   A = -exp(A_log)                                                           [nh]
 //   y = selective scan (ops/mamba2_ops.h) + D * xs                            [N, Din]
 //   out = out_proj( RMSNorm_grouped(y * silu(z)) * norm.weight )             [N, H]  (groups of Din / G)
-// Everything is fp32 (the torch path's .float() casts are identities in fp32). Packing: the conv window and
-// the scan state restart at every segment boundary (AttnParams::segment_ids).
+// Dtypes: the activations (proj and its splits, the conv, the scan's inputs and output, the gated norm) are in the
+// ExecContext's activation dtype: fp32 on the CPU (the torch path's .float() casts are identities there), bf16 on
+// CUDA with fp32 math inside every kernel. dt, A and the norm's rstd are fp32 on both, and the small weights (conv,
+// dt_bias, A_log, D, norm) are read from their fp32 master copies. Packing: the conv window and the scan state
+// restart at every segment boundary (AttnParams::segment_ids). The scan's per-step states are not kept: its
+// backward recomputes them (on CUDA without storing them at all, backend/cuda/mamba2.h).
 #pragma once
 #include <string>
 
@@ -28,17 +32,14 @@ struct Mamba2Weights {
 
 struct Mamba2Saved {
   Tensor x;        // [N, H] block input
-  Tensor proj;     // [N, Din + Cd + nh]
   Tensor xbc_in;   // [N, Cd] conv input
-  Tensor conv_pre; // [N, Cd] before silu
-  Tensor xbc;      // [N, Cd] after silu
-  Tensor dt_in;    // [N, nh] dt_raw + dt_bias
-  Tensor dt;       // [N, nh] after softplus / clamp
-  Tensor A;        // [nh]
+  Tensor conv_pre; // [B, T, Cd] before silu
+  Tensor dt_in;    // [N, nh] fp32 dt_raw + dt_bias
+  Tensor dt;       // [N, nh] fp32 after softplus / clamp
+  Tensor A;        // [nh] fp32
   Tensor xs, Bm, Cm, z;  // [N, Din], [N, G S], [N, G S], [N, Din]
   Tensor y;        // [N, Din] scan output
-  Tensor states;   // [N, nh, P, S]
-  Tensor rstd;     // [N * G]
+  Tensor rstd;     // [N * G] fp32
   Tensor g;        // [N, Din] gated norm output (out_proj input)
 };
 

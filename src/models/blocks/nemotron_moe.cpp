@@ -3,6 +3,8 @@
 #include "core/error.h"
 #include "models/blocks/lora.h"
 #include "models/blocks/mamba2.h"
+#include "ops/mamba2_ops.h"
+#include "ops/moe_ops.h"
 #include "ops/ops.h"
 
 namespace am {
@@ -41,42 +43,42 @@ NemotronMoeWeights register_nemotron_moe(ParamStore& ps, const std::string& pre,
 
 Tensor nemotron_moe_forward(const ExecContext& ex, const NemotronMoeWeights& w, const io::ModelConfig& c, const Tensor& x,
                             NemotronMoeSaved* s) {
-  if (ex.on_cuda()) throw DeviceError("nemotron_h MoE mixer: not implemented on CUDA yet (run on the CPU)");
   const int64_t N = x.dim(0), H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size, k = c.num_experts_per_tok;
-  Tensor logits = Tensor::empty({N, E}, DType::F32);
+  NemotronMoeSaved tmp;
+  NemotronMoeSaved& sv = s ? *s : tmp;
+  sv = NemotronMoeSaved{};
+  sv.x = x;
+  // Router in fp32 (HF: F.linear of fp32 casts): on CUDA the bf16 GEMM writes fp32 logits. The correction bias is
+  // read from its fp32 copy (`value`, kept on the device for frozen 1-D parameters).
+  Tensor logits = ex.empty({N, E}, DType::F32);
   ops::linear_fwd(x, w.router->work, nullptr, logits);
-  Tensor scores = Tensor::empty({N, E}, DType::F32), idx = Tensor::empty({N, k}, DType::I32), tw = Tensor::empty({N, k}, DType::F32);
-  ops::moe_router_grouped_fwd(logits, &w.score_bias->work, k, w.router_opt, scores, idx, tw);
-  Tensor u = Tensor::empty({N, k, I}, DType::F32);
-  Tensor y = Tensor::zeros({N, H}, DType::F32);
-  const float *px = x.f32(), *pup = w.up->work.f32(), *pdn = w.down->work.f32();
-  std::vector<float> a(static_cast<size_t>(I));
-  for (int64_t t = 0; t < N; ++t)
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t e = idx.data<int32_t>()[t * k + j];
-      float* ut = u.f32() + (t * k + j) * I;
-      for (int64_t i = 0; i < I; ++i) {  // u = x W_up[e]^T
-        const float* wr = pup + (e * I + i) * H;
-        float acc = 0.f;
-        for (int64_t h = 0; h < H; ++h) acc += px[t * H + h] * wr[h];
-        ut[i] = acc;
-        const float r = acc > 0.f ? acc : 0.f;
-        a[static_cast<size_t>(i)] = r * r;
-      }
-      const float wt = tw.f32()[t * k + j];
-      for (int64_t h = 0; h < H; ++h) {  // y += w * relu2(u) W_down[e]^T
-        const float* wr = pdn + (e * H + h) * I;
-        float acc = 0.f;
-        for (int64_t i = 0; i < I; ++i) acc += a[static_cast<size_t>(i)] * wr[i];
-        y.f32()[t * H + h] += acc * wt;
-      }
-    }
-  MlpSaved sh;
-  Tensor ys = mlp_forward(ex, w.shared, x, s ? &sh : nullptr);
-  ops::add_(y, ys);
-  if (s) {
-    *s = NemotronMoeSaved{x, scores, idx, tw, u, sh};
+  sv.scores = ex.empty({N, E}, DType::F32);
+  sv.topk_idx = ex.empty({N, k}, DType::I32);
+  sv.topk_w = ex.empty({N, k}, DType::F32);
+  const Param* sb = w.score_bias;
+  ops::moe_router_grouped_fwd(logits, sb->value.defined() ? &sb->value : &sb->work, k, w.router_opt, sv.scores, sv.topk_idx,
+                              sv.topk_w);
+  logits = Tensor();
+  // Tokens grouped by expert: xg [N*k, H] -> u = xg W_up[e]^T [N*k, I] -> relu2 -> yg = h W_down[e]^T [N*k, H]
+  sv.offsets = ex.empty({E + 1}, DType::I32);
+  sv.perm = ex.empty({N * k}, DType::I32);
+  sv.inv = ex.empty({N * k}, DType::I32);
+  ops::moe_dispatch_plan(sv.topk_idx, E, sv.offsets, sv.perm, sv.inv, &sv.counts);
+  Tensor y = ex.empty({N, H});
+  sv.u = ex.empty({N * k, I});
+  sv.yg = ex.empty({N * k, H});
+  if (N * k > 0) {
+    Tensor xg = ex.empty({N * k, H});
+    ops::moe_gather(x, sv.perm, k, xg);
+    ops::grouped_linear_fwd(xg, w.up->work, sv.offsets, sv.u, &sv.counts);
+    xg = Tensor();  // recomputed in backward
+    Tensor h = ex.empty({N * k, I});
+    ops::relu2_fwd(sv.u, h);
+    ops::grouped_linear_fwd(h, w.down->work, sv.offsets, sv.yg, &sv.counts);
   }
+  ops::moe_combine(sv.yg, sv.inv, sv.topk_w, y);  // y[t] = sum_s w[t, s] * yg[inv[t*k + s]]
+  Tensor ys = mlp_forward(ex, w.shared, x, s ? &sv.shared : nullptr);
+  ops::add_(y, ys);
   return y;
 }
 
@@ -84,47 +86,35 @@ Tensor nemotron_moe_backward(const ExecContext& ex, const NemotronMoeWeights& w,
                              const NemotronMoeSaved& s, const Tensor& dy) {
   const int64_t N = dy.dim(0), H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size, k = c.num_experts_per_tok;
   Tensor dx = mlp_backward(ex, w.shared, s.shared, dy);
-  Tensor dtw = Tensor::empty({N, k}, DType::F32);
-  const float *px = s.x.f32(), *pup = w.up->work.f32(), *pdn = w.down->work.f32(), *pdy = dy.f32();
-  float* gup = w.up->grad.defined() ? w.up->grad.f32() : nullptr;
-  float* gdn = w.down->grad.defined() ? w.down->grad.f32() : nullptr;
-  std::vector<float> a(static_cast<size_t>(I)), da(static_cast<size_t>(I));
-  for (int64_t t = 0; t < N; ++t)
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t e = s.topk_idx.data<int32_t>()[t * k + j];
-      const float* ut = s.u.f32() + (t * k + j) * I;
-      for (int64_t i = 0; i < I; ++i) {
-        const float r = ut[i] > 0.f ? ut[i] : 0.f;
-        a[static_cast<size_t>(i)] = r * r;
-      }
-      const float wt = s.topk_w.f32()[t * k + j];
-      double dw = 0.0;  // d topk_w = dy . expert output
-      std::fill(da.begin(), da.end(), 0.f);
-      for (int64_t h = 0; h < H; ++h) {
-        const float* wr = pdn + (e * H + h) * I;
-        float o = 0.f;
-        for (int64_t i = 0; i < I; ++i) o += a[static_cast<size_t>(i)] * wr[i];
-        dw += static_cast<double>(pdy[t * H + h]) * o;
-        const float dout = pdy[t * H + h] * wt;
-        for (int64_t i = 0; i < I; ++i) {
-          da[static_cast<size_t>(i)] += dout * wr[i];
-          if (gdn) gdn[(e * H + h) * I + i] += dout * a[static_cast<size_t>(i)];
-        }
-      }
-      dtw.f32()[t * k + j] = static_cast<float>(dw);
-      for (int64_t i = 0; i < I; ++i) {
-        const float du = ut[i] > 0.f ? 2.f * ut[i] * da[static_cast<size_t>(i)] : 0.f;
-        if (du == 0.f) continue;
-        const float* wr = pup + (e * I + i) * H;
-        for (int64_t h = 0; h < H; ++h) {
-          dx.f32()[t * H + h] += du * wr[h];
-          if (gup) gup[(e * I + i) * H + h] += du * px[t * H + h];
-        }
-      }
-    }
-  Tensor dlogits = Tensor::empty({N, E}, DType::F32);
+  // y = combine(yg, topk_w): dyg [N*k, H], dtopk_w [N, k] fp32 (= dy . expert output)
+  Tensor dyg = ex.empty({N * k, H}), dtw = ex.empty({N, k}, DType::F32);
+  ops::moe_combine_bwd(s.yg, s.inv, s.topk_w, dy, dyg, dtw);
+  if (N * k > 0) {
+    // yg = grouped(h, down), h = relu2(u) recomputed (same kernel, same input: bit-identical)
+    Tensor h = ex.empty({N * k, I});
+    ops::relu2_fwd(s.u, h);
+    Tensor dh = ex.empty({N * k, I});
+    ops::grouped_linear_bwd(h, w.down->work, s.offsets, dyg, &dh, w.down->grad, &s.counts);
+    h = Tensor();
+    dyg = Tensor();
+    Tensor du = ex.empty({N * k, I});
+    ops::relu2_bwd(s.u, dh, du);
+    dh = Tensor();
+    // u = grouped(xg, up), xg = gather(x) recomputed
+    Tensor xg = ex.empty({N * k, H});
+    ops::moe_gather(s.x, s.perm, k, xg);
+    Tensor dxg = ex.empty({N * k, H});
+    ops::grouped_linear_bwd(xg, w.up->work, s.offsets, du, &dxg, w.up->grad, &s.counts);
+    xg = du = Tensor();
+    Tensor dxe = ex.empty({N, H});
+    ops::moe_gather_bwd(dxg, s.inv, k, dxe);
+    ops::add_(dx, dxe);
+  }
+  // router: routing weights -> scores -> logits -> x, Wr (the selection has no gradient; the bias none)
+  Tensor dlogits = ex.empty({N, E});
   ops::moe_router_grouped_bwd(s.scores, s.topk_idx, w.router_opt, dtw, dlogits);
-  Tensor dxr = Tensor::empty({N, H}, DType::F32), none;
+  Tensor dxr = ex.empty({N, H});
+  Tensor none;
   ops::linear_bwd(s.x, w.router->work, dlogits, &dxr, w.router->grad.defined() ? w.router->grad : none, nullptr);
   ops::add_(dx, dxr);
   return dx;

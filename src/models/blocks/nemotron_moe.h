@@ -1,4 +1,4 @@
-// Nemotron-H's MoE mixer (HF NemotronHMoE), on the CPU:
+// Nemotron-H's MoE mixer (HF NemotronHMoE), on the CPU and on CUDA:
 //   logits = x Wr^T (fp32)                                   [N, E]   mixer.gate.weight [E, H]
 //   idx, w = DeepSeek-V3 routing (ops::moe_router_grouped_fwd: sigmoid scores, selection on scores +
 //            mixer.gate.e_score_correction_bias (frozen), group top-2-sum over n_group / topk_group,
@@ -7,9 +7,12 @@
 //          mixer.experts.up_proj [E, I, H], mixer.experts.down_proj [E, H, I] (transformers 5's fused
 //          tensors; the hub's mixer.experts.{e}.up_proj.weight / down_proj.weight are their slices)
 //   y += shared_experts(x)   (relu2 MLP, moe_shared_expert_intermediate_size)
-// Plain per-token loops (a CPU reference; no grouped GEMM, no expert parallelism).
+// The experts run as the other MoE families' do (ops/moe_ops.h): a dispatch plan groups the N*k (token, slot)
+// pairs by expert, each projection is one grouped GEMM over all experts, relu2 (ops/mamba2_ops.h) in between, and a
+// weighted combine. No expert parallelism.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "io/model_config.h"
 #include "models/blocks/mlp.h"
@@ -29,10 +32,13 @@ struct NemotronMoeWeights {
 };
 
 struct NemotronMoeSaved {
-  Tensor x;                 // [N, H]
-  Tensor scores;            // [N, E] sigmoid scores
-  Tensor topk_idx, topk_w;  // [N, k] int32, fp32
-  Tensor u;                 // [N, k, I] expert pre-activations
+  Tensor x;                    // [N, H]
+  Tensor scores;               // [N, E] fp32 sigmoid scores
+  Tensor topk_idx, topk_w;     // [N, k] int32, fp32
+  Tensor offsets, perm, inv;   // dispatch plan: [E+1], [N*k], [N*k] int32
+  std::vector<int64_t> counts; // [E] rows per expert (host)
+  Tensor u;                    // [N*k, I] expert pre-activations, rows grouped by expert
+  Tensor yg;                   // [N*k, H] expert outputs before the routing weights
   MlpSaved shared;
 };
 

@@ -1,0 +1,189 @@
+// Micro-benchmark of the Nemotron-H Mamba2 kernels (src/backend/cuda/mamba2.cu) at a Nemotron-H-like mixer:
+// B = 1, T = 4096 tokens, 128 heads x head dim 64 (Din = 8192), state 128, 8 groups, conv kernel 4 over
+// Cd = Din + 2 G S = 10240 channels, gated norm groups of Din / G = 1024. bf16 activations, fp32 dt / A / D and
+// parameter gradients, with and without packing (4 segments per row).
+//
+// The conv, the gated norm and the dt chain are memory-bound: GB/s of the bytes each must move. The scan is the plain
+// sequential recurrence (one dependent step per token; not the chunked SSD tensor-core algorithm): it reports its
+// time and the rate of its elementwise state updates (B T nh P S per pass; the backward makes two passes over T).
+// Timed with CUDA events after warm-up, median of 10.
+//
+//   am_gpu_microbench mamba2 [--tokens T] [--batch B] [--heads nh] [--headdim P] [--state S] [--groups G]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/mamba2.h"
+#include "bench_registry.h"
+#include "core/tensor.h"
+
+using am::DType;
+using am::Tensor;
+namespace cu = am::cuda;
+
+namespace {
+
+// Uniform values in [lo, hi) from a hash of the index.
+template <typename T>
+__global__ void mamba2_fill_kernel(T* p, int64_t n, uint32_t seed, float lo, float hi) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    const float v = lo + (hi - lo) * static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
+    if constexpr (sizeof(T) == 4) p[i] = v;
+    else p[i] = __float2bfloat16_rn(v);
+  }
+}
+
+Tensor filled(const am::Shape& s, DType dt, uint32_t seed, float lo = -1.f, float hi = 1.f) {
+  auto& ctx = cu::default_context();
+  Tensor t = cu::empty(s, dt);
+  const unsigned grid = static_cast<unsigned>(ctx.sm_count()) * 8;
+  if (dt == DType::F32)
+    mamba2_fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<float>(), t.numel(), seed, lo, hi);
+  else
+    mamba2_fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<__nv_bfloat16>(), t.numel(), seed, lo, hi);
+  AM_CUDA_CHECK_LAUNCH();
+  return t;
+}
+
+double median_ms(const std::function<void()>& fn, int reps = 10, int warmup = 2) {
+  auto& ctx = cu::default_context();
+  for (int i = 0; i < warmup; ++i) fn();
+  cudaEvent_t a, b;
+  AM_CUDA_CHECK(cudaEventCreate(&a));
+  AM_CUDA_CHECK(cudaEventCreate(&b));
+  std::vector<float> ts;
+  for (int i = 0; i < reps; ++i) {
+    AM_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
+    fn();
+    AM_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
+    AM_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    AM_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms);
+  }
+  cudaEvent_t ev[2] = {a, b};
+  for (cudaEvent_t e : ev) cudaEventDestroy(e);
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+void report_bw(const char* name, const std::string& shape, double bytes, double ms) {
+  std::printf("  %-28s %-26s %9.3f ms %8.1f GB/s\n", name, shape.c_str(), ms, bytes / (ms * 1e-3) / 1e9);
+  std::fflush(stdout);
+}
+void report_scan(const char* name, const std::string& shape, double updates, double ms) {
+  std::printf("  %-28s %-26s %9.3f ms %8.1f G state updates/s\n", name, shape.c_str(), ms, updates / (ms * 1e-3) / 1e9);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int mamba2_bench_main(int argc, char** argv) {
+  int64_t B = 1, T = 4096, nh = 128, P = 64, S = 128, G = 8;
+  const int64_t K = 4;
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::strcmp(argv[i], "--tokens") == 0) T = std::atoll(argv[++i]);
+    else if (std::strcmp(argv[i], "--batch") == 0) B = std::atoll(argv[++i]);
+    else if (std::strcmp(argv[i], "--heads") == 0) nh = std::atoll(argv[++i]);
+    else if (std::strcmp(argv[i], "--headdim") == 0) P = std::atoll(argv[++i]);
+    else if (std::strcmp(argv[i], "--state") == 0) S = std::atoll(argv[++i]);
+    else if (std::strcmp(argv[i], "--groups") == 0) G = std::atoll(argv[++i]);
+  }
+  const int64_t Din = nh * P, Cd = Din + 2 * G * S, N = B * T;
+  try {
+    auto& ctx = cu::default_context();
+    const auto& pr = ctx.props();
+    std::printf("mamba2 kernels: device %s, %d SMs; B=%lld T=%lld nh=%lld P=%lld S=%lld G=%lld (Din %lld, conv %lld x K%lld)\n",
+                pr.name, pr.multiProcessorCount, (long long)B, (long long)T, (long long)nh, (long long)P, (long long)S,
+                (long long)G, (long long)Din, (long long)Cd, (long long)K);
+    const DType bf = DType::BF16, f32 = DType::F32;
+    // packed rows: 4 equal segments per row
+    Tensor seg_h = Tensor::empty({B, T}, DType::I32);
+    for (int64_t i = 0; i < N; ++i) seg_h.data<int32_t>()[i] = static_cast<int32_t>((i % T) * 4 / T);
+    Tensor seg = cu::to_device(seg_h);
+    const double el = 2.0;  // bytes per bf16
+    const std::string tok = "[" + std::to_string(N) + ", ";
+
+    // ---- conv1d + SiLU over [B, T, Cd]
+    Tensor x = filled({B, T, Cd}, bf, 1), w = filled({Cd, 1, K}, f32, 2, -0.5f, 0.5f), bias = filled({Cd}, f32, 3);
+    Tensor pre = cu::empty({B, T, Cd}, bf), y = cu::empty({B, T, Cd}, bf), dy = filled({B, T, Cd}, bf, 4),
+           dx = cu::empty({B, T, Cd}, bf), dw = cu::empty({Cd, K}, f32), db = cu::empty({Cd}, f32);
+    cu::zero_(dw);
+    cu::zero_(db);
+    const std::string csh = tok + std::to_string(Cd) + "]";
+    std::printf("\nconv1d + SiLU (x, pre, y bf16; w, bias fp32)\n");
+    for (const Tensor* sg : std::initializer_list<const Tensor*>{nullptr, &seg}) {
+      const char* tag = sg ? " packed" : "";
+      report_bw((std::string("conv fwd") + tag).c_str(), csh, N * Cd * el * 3,
+                median_ms([&] { cu::mamba_conv1d_silu_fwd(x, w, &bias, sg, pre, y); }));
+      report_bw((std::string("conv bwd (dx, dw, dbias)") + tag).c_str(), csh, N * Cd * el * 4,
+                median_ms([&] { cu::mamba_conv1d_silu_bwd(x, w, pre, sg, dy, dx, &dw, &db); }));
+    }
+    x = pre = y = dy = dx = Tensor();
+
+    // ---- selective scan
+    Tensor xs = filled({B, T, nh, P}, bf, 5), dt = filled({B, T, nh}, f32, 6, 0.001f, 0.1f), A = filled({nh}, f32, 7, -8.f, -1.f),
+           Bm = filled({B, T, G, S}, bf, 8), Cm = filled({B, T, G, S}, bf, 9), D = filled({nh}, f32, 10);
+    Tensor ys = cu::empty({B, T, nh, P}, bf), dys = filled({B, T, nh, P}, bf, 11), dxs = cu::empty({B, T, nh, P}, bf),
+           ddt = cu::empty({B, T, nh}, f32), dA = cu::empty({nh}, f32), dD = cu::empty({nh}, f32),
+           dB = cu::empty({B, T, G, S}, bf), dC = cu::empty({B, T, G, S}, bf);
+    cu::zero_(dA);
+    cu::zero_(dD);
+    const double updates = static_cast<double>(N) * nh * P * S;
+    const std::string ssh = "x " + tok + std::to_string(nh) + "x" + std::to_string(P) + "] S" + std::to_string(S);
+    std::printf("\nselective scan (sequential recurrence; x, B, C, y bf16)\n");
+    for (const Tensor* sg : std::initializer_list<const Tensor*>{nullptr, &seg}) {
+      const char* tag = sg ? " packed" : "";
+      report_scan((std::string("scan fwd") + tag).c_str(), ssh, updates,
+                  median_ms([&] { cu::mamba_ssm_scan_fwd(xs, dt, A, Bm, Cm, D, sg, ys, nullptr); }));
+      report_scan((std::string("scan bwd (2 passes)") + tag).c_str(), ssh, 2 * updates, median_ms([&] {
+                    cu::mamba_ssm_scan_bwd(xs, dt, A, Bm, Cm, D, sg, dys, dxs, ddt, dA, dB, dC, dD);
+                  }));
+    }
+    xs = ys = dys = dxs = Tensor();
+
+    // ---- gated RMSNorm over [N, Din], groups of Din / G
+    Tensor gy = filled({N, Din}, bf, 12), gz = filled({N, Din}, bf, 13), gw = filled({Din}, f32, 14, 0.5f, 1.5f),
+           go = cu::empty({N, Din}, bf), rstd = cu::empty({N * G}, f32), gdo = filled({N, Din}, bf, 15),
+           gdy = cu::empty({N, Din}, bf), gdz = cu::empty({N, Din}, bf), gdw = cu::empty({Din}, f32);
+    cu::zero_(gdw);
+    const std::string nsh = tok + std::to_string(Din) + "] /" + std::to_string(Din / G);
+    std::printf("\ngated RMSNorm (bf16, fp32 weight and rstd)\n");
+    report_bw("gated norm fwd", nsh, N * Din * el * 3,
+              median_ms([&] { cu::gated_rmsnorm_fwd(gy, gz, gw, Din / G, 1e-5f, go, rstd); }));
+    report_bw("gated norm bwd (dy, dz, dw)", nsh, N * Din * el * 5,
+              median_ms([&] { cu::gated_rmsnorm_bwd(gy, gz, gw, rstd, Din / G, gdo, gdy, gdz, gdw); }));
+
+    // ---- dt chain
+    Tensor raw = filled({N, nh}, bf, 16, -6.f, 6.f), dtb = filled({nh}, f32, 17), din = cu::empty({N, nh}, f32),
+           dto = cu::empty({N, nh}, f32), draw = cu::empty({N, nh}, bf), ddtb = cu::empty({nh}, f32);
+    cu::zero_(ddtb);
+    const std::string dsh = tok + std::to_string(nh) + "]";
+    std::printf("\ndt chain (softplus + clamp)\n");
+    report_bw("dt fwd", dsh, N * nh * (2.0 + 8.0), median_ms([&] { cu::mamba_dt_fwd(raw, dtb, 0.001f, INFINITY, din, dto); }));
+    report_bw("dt bwd (+ dt_bias)", dsh, N * nh * (8.0 + 2.0),
+              median_ms([&] { cu::mamba_dt_bwd(din, ddt.view({N, nh}), 0.001f, INFINITY, draw, &ddtb); }));
+    AM_CUDA_CHECK(cudaStreamSynchronize(ctx.stream()));
+  } catch (const std::exception& ex) {
+    std::fprintf(stderr, "mamba2 bench: %s\n", ex.what());
+    return 1;
+  }
+  return 0;
+}
