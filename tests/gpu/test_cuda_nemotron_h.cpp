@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../common/tolerance.h"
+#include "gpu_test_util.h"
 #include "backend/cuda/cuda_ops.h"
 #include "config/recipe.h"
 #include "core/error.h"
@@ -42,38 +43,17 @@ namespace cu = am::cuda;
 
 namespace {
 
-bool have_device() {
-  int n = 0;
-  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  cudaGetLastError();
-  return ok;
-}
-#define REQUIRE_DEVICE() \
-  if (!have_device()) GTEST_SKIP() << "no CUDA device visible"
+using gpu_test::down;
+using gpu_test::expect_close;
+using gpu_test::expect_close_dt;
+using gpu_test::kNaN;
+using gpu_test::poisoned;
+using gpu_test::rand_host;
+using gpu_test::up;
+#define REQUIRE_DEVICE() AM_REQUIRE_DEVICE()
 
-const float kNaN = std::numeric_limits<float>::quiet_NaN();
 const DType kDtypes[] = {DType::F32, DType::BF16};
 
-// Uniform in [lo, hi), rounded to dt and back (so the host reference reads exactly what the device holds).
-Tensor rand_host(const Shape& s, std::mt19937& rng, DType dt = DType::F32, float lo = -1.f, float hi = 1.f) {
-  Tensor t = Tensor::empty(s, DType::F32);
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(rng);
-  if (dt != DType::F32) t = t.to(dt).to(DType::F32);
-  return t;
-}
-Tensor up(const Tensor& host, DType dt) {
-  return cu::to_device(dt == DType::F32 || host.dtype() == DType::I32 ? host : host.to(dt));
-}
-Tensor down(const Tensor& dev) {
-  Tensor h = cu::to_host(dev);
-  return h.dtype() == DType::F32 || h.dtype() == DType::I32 ? h : h.to(DType::F32);
-}
-Tensor poisoned(const Shape& s, DType dt) {
-  Tensor t = cu::empty(s, dt);
-  cu::fill_(t, kNaN);
-  return t;
-}
 Tensor host_copy(const Tensor& t) {
   Tensor c = Tensor::empty(t.shape(), t.dtype());
   std::copy(static_cast<const char*>(t.raw()), static_cast<const char*>(t.raw()) + t.nbytes(), static_cast<char*>(c.raw()));
@@ -82,36 +62,6 @@ Tensor host_copy(const Tensor& t) {
 const char* dname(DType d) { return dtype_name(d); }
 int64_t rint(std::mt19937& rng, int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 
-// Element i passes when |got - want| <= atol * max(1, rms(want)) + rtol * |want|; plus a relative L2 budget.
-void expect_close(const Tensor& got_any, const Tensor& want, test::Tolerance tol, double rel_l2_budget, const std::string& what) {
-  Tensor got = got_any.device() == DeviceType::CUDA ? down(got_any) : got_any;
-  ASSERT_EQ(got.numel(), want.numel()) << what;
-  const int64_t n = want.numel();
-  double den = 0, num = 0, max_abs = 0;
-  for (int64_t i = 0; i < n; ++i) den += double(want.f32()[i]) * want.f32()[i];
-  const double rms = n ? std::sqrt(den / n) : 0.0, atol = tol.atol * std::max(1.0, rms);
-  int64_t bad = 0, first = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    const double g = got.f32()[i], w = want.f32()[i];
-    const double d = std::abs(g - w);
-    if (std::isfinite(g)) {
-      num += d * d;
-      max_abs = std::max(max_abs, d);
-    }
-    if (!std::isfinite(g) || d > atol + tol.rtol * std::abs(w)) {
-      if (first < 0) first = i;
-      ++bad;
-    }
-  }
-  const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << n << " outside tolerance, first at " << first << " (got "
-                    << (first >= 0 ? got.f32()[first] : 0.f) << ", want " << (first >= 0 ? want.f32()[first] : 0.f)
-                    << "), max abs err " << max_abs;
-  EXPECT_LE(rel, rel_l2_budget) << what << ": relative L2 error";
-}
-void expect_close_dt(const Tensor& got, const Tensor& want, DType dt, const std::string& what) {
-  expect_close(got, want, test::tolerance(dt), dt == DType::F32 ? 1e-5 : 1e-2, what);
-}
 
 // Packed rows: segments of random lengths with ids 0, 1, 2, ... and (sometimes) a tail of -1 padding.
 Tensor packed_segments(int64_t B, int64_t T, std::mt19937& rng) {
@@ -408,31 +358,11 @@ fs::path ref_torch(const std::string& c) {
   return {};
 }
 
-std::vector<StepStats> train_fixture(const fs::path& dir, const std::string& device, std::vector<std::string> extra) {
-  extra.push_back("device=" + device);
-  extra.push_back("checkpoint.enabled=false");
-  Recipe r = Recipe::load((dir / "recipe.yaml").string(), extra);
-  Trainer t(r, TrainerOptions{.quiet = true});
-  EXPECT_EQ(t.device_name(), device);
-  return t.train();
-}
 
 void compare_training(const std::vector<std::string>& extra, const std::string& tag) {
   const fs::path dir = ref_torch("nemotron_h");
   if (dir.empty()) GTEST_SKIP() << "no tests/fixtures/ref_torch/nemotron_h";
-  const auto cpu = train_fixture(dir, "cpu", extra), gpu = train_fixture(dir, "cuda", extra);
-  ASSERT_EQ(cpu.size(), gpu.size());
-  ASSERT_EQ(cpu.size(), 4u);
-  for (size_t i = 0; i < cpu.size(); ++i) {
-    const double l = cpu[i].loss, gn = cpu[i].grad_norm;
-    std::printf("[%s] step %zu loss cpu %.6f cuda %.6f (rel %.2e) grad_norm cpu %.5f cuda %.5f (rel %.2e)\n", tag.c_str(),
-                i + 1, l, gpu[i].loss, std::abs(gpu[i].loss - l) / l, gn, gpu[i].grad_norm,
-                std::abs(gpu[i].grad_norm - gn) / gn);
-    EXPECT_EQ(gpu[i].num_label_tokens, cpu[i].num_label_tokens) << tag << " step " << i + 1;
-    EXPECT_NEAR(gpu[i].loss, l, 0.01 * l) << tag << " step " << i + 1;
-    EXPECT_NEAR(gpu[i].grad_norm, gn, 0.05 * gn) << tag << " step " << i + 1;
-  }
-  std::fflush(stdout);
+  gpu_test::compare_cpu_cuda_training(dir, extra, tag);
 }
 
 TEST(CudaFamilies, NemotronHTrainsLikeCpu) {
