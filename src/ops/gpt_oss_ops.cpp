@@ -12,13 +12,8 @@
 #include "ops/op_checks.h"
 #ifdef AM_WITH_CUDA
 #include "backend/cuda/gpt_oss_moe.h"
-#define AM_GPT_OSS_ROUTE_CUDA(call) \
-  if (dev == DeviceType::CUDA) return call
-#else
-#define AM_GPT_OSS_ROUTE_CUDA(call) \
-  if (dev == DeviceType::CUDA)      \
-  throw DeviceError(std::string("op ") + op + ": CUDA tensor given but the CUDA backend is not built")
 #endif
+#define AM_GPT_OSS_ROUTE_CUDA(call) AM_OP_ROUTE_CUDA(call)
 
 namespace am::ops {
 using namespace detail;

@@ -1,11 +1,28 @@
-// Argument checks shared by the op front-ends (ops.cpp, moe_ops.cpp): every error names the op and the
-// offending tensors' shapes and dtypes.
+// Argument checks shared by the op front-ends (ops.cpp, moe_ops.cpp, gpt_oss_ops.cpp, mamba2_ops.cpp, ...): every
+// error names the op and the offending tensors' shapes and dtypes. Also the route to the CUDA backend.
 #pragma once
 #include <initializer_list>
 #include <string>
 
 #include "core/error.h"
 #include "core/tensor.h"
+#include "ops/trace.h"
+
+// In an op front-end with `const char* op` and `DeviceType dev` in scope: CUDA tensors return `call` (the
+// backend kernel, queued on the context's stream) inside an NVTX range named after the op, so a GPU trace shows
+// each op by its ops:: name; in a build without CUDA they are a DeviceError naming the op. Everything after the
+// route is the CPU reference path.
+#ifdef AM_WITH_CUDA
+#define AM_OP_ROUTE_CUDA(call)                  \
+  if (dev == ::am::DeviceType::CUDA) {          \
+    ::am::ops::TraceRange am_op_range_(op);     \
+    return call;                                \
+  }
+#else
+#define AM_OP_ROUTE_CUDA(call)           \
+  if (dev == ::am::DeviceType::CUDA)     \
+  throw ::am::DeviceError(std::string("op ") + op + ": CUDA tensor given but the CUDA backend is not built")
+#endif
 
 namespace am::ops::detail {
 

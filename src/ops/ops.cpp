@@ -23,11 +23,8 @@
 #include "ops/ops_cuda.h"
 // CUDA tensors go to src/backend/cuda (which checks its own shapes and dtypes: bf16 activations, fp32
 // master weights and gradients); everything below the route is the CPU reference path.
-#define AM_ROUTE_CUDA(call) \
-  if (dev == DeviceType::CUDA) return call
-#else
-#define AM_ROUTE_CUDA(call) (void)0
 #endif
+#define AM_ROUTE_CUDA(call) AM_OP_ROUTE_CUDA(call)
 #include "core/error.h"
 #include "ops/op_checks.h"
 
