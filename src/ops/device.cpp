@@ -103,25 +103,15 @@ double sum_squares_multi(const std::vector<const Tensor*>& tensors) {
 #endif
 }
 
-void adamw_step_cuda(const std::vector<AdamWSlot>& slots, const AdamWHyper& h) {
+void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h) {
 #ifdef AM_WITH_CUDA
-  std::vector<cuda::AdamWTensors> list;
-  list.reserve(slots.size());
-  for (const AdamWSlot& s : slots) {
+  for (const AdamWTensors& s : slots)
     for (const Tensor* t : {static_cast<const Tensor*>(s.master), s.grad, static_cast<const Tensor*>(s.exp_avg),
                             static_cast<const Tensor*>(s.exp_avg_sq)})
       if (t->device() != DeviceType::CUDA) throw DeviceError("op adamw_step_cuda: a parameter or state tensor is on the host");
-    list.push_back({s.master, s.grad, s.exp_avg, s.exp_avg_sq, s.working});
-  }
   cuda::AdamWConfig c;
-  c.lr = h.lr;
-  c.beta1 = h.beta1;
-  c.beta2 = h.beta2;
-  c.eps = h.eps;
-  c.weight_decay = h.weight_decay;
-  c.step = h.step;
-  c.decoupled = h.decoupled;
-  cuda::adamw_step(list, c);
+  static_cast<AdamWHyper&>(c) = h;
+  cuda::adamw_step(slots, c);
 #else
   (void)slots;
   (void)h;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/cuda/device_info.h"
+#include "core/adamw_params.h"
 #include "core/tensor.h"
 
 namespace am::ops {
@@ -45,19 +46,7 @@ double sum_squares_multi(const std::vector<const Tensor*>& tensors);
 
 // Fused multi-tensor torch.optim.AdamW / Adam over CUDA tensors (the CPU optimizer is train/optimizer.cpp;
 // both do the same fp32 arithmetic in the same order, see backend/cuda/cuda_ops.h adamw_step).
-struct AdamWSlot {
-  Tensor* master;      // fp32 [n], updated
-  const Tensor* grad;  // fp32 [n]
-  Tensor* exp_avg;     // fp32 [n]
-  Tensor* exp_avg_sq;  // fp32 [n]
-  Tensor* working;     // bf16 (or fp32/f16) [n] copy written after the update; nullable
-};
-struct AdamWHyper {
-  double lr = 1e-5, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
-  int64_t step = 1;       // the step being taken, counting from 1 (bias corrections)
-  bool decoupled = true;  // false: torch.optim.Adam (L2 added to the gradient)
-};
-void adamw_step_cuda(const std::vector<AdamWSlot>& slots, const AdamWHyper& h);
+void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h);  // core/adamw_params.h
 
 // Fused chunked LM head + cross-entropy on CUDA: x [N, H] bf16, w [V, H], targets [N] int32 (-100 ignored).
 // Returns the loss SUM (one host sync); dx [N, H] assigned and dw [V, H] fp32 accumulated when non-null,

@@ -64,7 +64,7 @@ void Optimizer::step(ParamStore& ps, double lr, double wd) { step(slots_of(ps), 
 
 void Optimizer::step_cuda(const std::vector<OptSlot>& slots, double lr, double wd) {
   if (cfg_.kind == "sgd") throw DeviceError("optimizer: torch.optim.SGD is not implemented on CUDA yet (use AdamW or Adam)");
-  std::vector<ops::AdamWSlot> list;
+  std::vector<AdamWTensors> list;
   list.reserve(slots.size());
   for (const OptSlot& sl : slots) {
     auto& m = m_[sl.key];
@@ -75,7 +75,7 @@ void Optimizer::step_cuda(const std::vector<OptSlot>& slots, double lr, double w
     }
     list.push_back({sl.value, sl.grad, &m, &v, sl.work});
   }
-  ops::AdamWHyper h;
+  AdamWHyper h;
   h.lr = lr;
   h.beta1 = cfg_.beta1;
   h.beta2 = cfg_.beta2;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backend/cuda/context.h"
+#include "core/adamw_params.h"
 #include "core/tensor.h"
 
 namespace am::cuda {
@@ -132,17 +133,8 @@ void clip_coef_async(const double* d_sumsq, double max_norm, float* d_coef, Cuda
 // torch.optim.AdamW (decoupled weight decay; Adam when decoupled = false) with exactly the arithmetic of
 // am::Optimizer (src/train/optimizer.cpp): bias corrections in double on the host, fp32 element math in the
 // same order, no FMA contraction -> bit-identical to the CPU optimizer in fp32.
-struct AdamWTensors {
-  Tensor* master;      // fp32 [n], updated
-  const Tensor* grad;  // fp32 [n]
-  Tensor* exp_avg;     // fp32 [n]
-  Tensor* exp_avg_sq;  // fp32 [n]
-  Tensor* working;     // bf16 (or fp32/f16) [n] copy written after the update; nullable
-};
-struct AdamWConfig {
-  double lr = 1e-5, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
-  int64_t step = 1;        // the step being taken, counting from 1 (bias corrections)
-  bool decoupled = true;   // false: torch.optim.Adam (L2 added to the gradient)
+using AdamWTensors = am::AdamWTensors;  // core/adamw_params.h
+struct AdamWConfig : AdamWHyper {
   // Every gradient is multiplied as it is loaded by scale = grad_scale * (*d_grad_scale if given), one fp32
   // product per element (as a separate scale_ pass would do; skipped when scale == 1): clipping without a
   // separate pass and without a host sync (d_grad_scale from clip_coef_async).
