@@ -2,6 +2,7 @@
 // through backend/cuda, and a DeviceError naming the call in a build without CUDA.
 #include "ops/device.h"
 
+#include <cstdlib>
 #include <string>
 
 #include "core/error.h"
@@ -84,6 +85,21 @@ void reset_gpu_peak() {
 #ifdef AM_WITH_CUDA
   cuda::default_context().allocator().reset_peak();
 #endif
+}
+
+bool unverified_cuda_allowed() {
+  static const bool allowed = [] {
+    const char* e = std::getenv("AM_ALLOW_UNVERIFIED_CUDA");
+    return e && std::string(e) == "1";
+  }();
+  return allowed;
+}
+
+void require_verified_cuda(const std::string& what) {
+  if (unverified_cuda_allowed()) return;
+  throw DeviceError(what + ": its CUDA kernels are written and tested against the CPU reference but have not yet "
+                    "run on a GPU, so they are off by default; use --device cpu, or set AM_ALLOW_UNVERIFIED_CUDA=1 "
+                    "to run them anyway (docs/architecture.md)");
 }
 
 double sum_squares_multi(const std::vector<const Tensor*>& tensors) {
