@@ -104,12 +104,12 @@ std::vector<std::vector<Param*>> DecoderLM::param_units() {
 // grouped router on CUDA.)
 static void check_device_support(const io::ModelConfig& cfg, const ExecContext& ex) {
   if (!ex.on_cuda()) return;
-  // Families whose CUDA kernels have not yet run on a GPU (ops/device.h): opt-in only.
-  if (cfg.deepseek) ops::require_verified_cuda("model_type '" + cfg.model_type + "' (MLA, grouped router) on CUDA");
+  // Opt-in until its GPU tests pass (ops/device.h). gpt_oss on an H200 (2026-12-05): training loss and grad norm
+  // within 0.2% / 2% of the CPU, but the per-parameter gradient check missed its bound (15% relative L2 against
+  // 10%) and the MoE block test had 6 of 25600 dx elements off: not explained yet. (gemma2, deepseek and
+  // nemotron_h passed theirs the same day and run by default.)
   if (cfg.gpt_oss_glu || cfg.attn_sinks)
     ops::require_verified_cuda("model_type '" + cfg.model_type + "' (sinks, biased clamped-SwiGLU experts) on CUDA");
-  if (cfg.attn_logit_softcapping > 0 || cfg.final_logit_softcapping > 0)
-    ops::require_verified_cuda("model_type '" + cfg.model_type + "' (logit soft-capping) on CUDA");
 }
 
 void DecoderLM::to_device(const ExecContext& ex) {

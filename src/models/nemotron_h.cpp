@@ -4,7 +4,6 @@
 
 #include "core/error.h"
 #include "models/decoder.h"  // lm_head_cross_entropy
-#include "ops/device.h"
 #include "ops/ops.h"
 #include "ops/trace.h"
 
@@ -63,7 +62,6 @@ void NemotronHLM::to_device(const ExecContext& ex) {
   // expert parallelism (the constructor), incremental decode (no conv / SSM state cache: generate).
   if (!ex.on_cuda() && (ex.act_dtype != DType::F32 || ex.residual_dtype != DType::F32))
     throw DeviceError("model_type 'nemotron_h': the CPU computes in float32 only (the reference kernels)");
-  if (ex.on_cuda()) ops::require_verified_cuda("model_type 'nemotron_h' (Mamba2 kernels) on CUDA");
   if (ex.on_cuda() && ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
     throw DeviceError(std::string("model_type 'nemotron_h': residual dtype ") + dtype_name(ex.residual_dtype) +
                       ": expected the activation dtype or float32");

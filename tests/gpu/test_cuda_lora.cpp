@@ -75,7 +75,10 @@ void compare(const std::string& c, const std::vector<std::string>& extra, const 
     }
   }
   std::printf("[%s] final adapter max |cuda - cpu| %.3e (max |w| %.3e)\n", tag.c_str(), worst, scale);
-  EXPECT_LT(worst, 0.02 * scale);
+  // Adam moves every element by up to about lr per step whatever the gradient's size, so a small gradient that
+  // bf16 rounds differently can move an element ~lr apart per step: measured on an H200 (2026-12-05) 1.6-2.3% of
+  // max |w| after 4 steps (llama, qwen3, qwen3_moe, experts); the loss and grad norm agree to 1e-4 / 1e-2.
+  EXPECT_LT(worst, 0.03 * scale);
 }
 
 }  // namespace
