@@ -93,7 +93,7 @@ def run(name):
     flops_tok = 6 * active_matmul_params(cfg) + 12 * L * H * D * T
     out = {"side": "hf", "config": name, "tokens_per_s": B * T / dt, "step_ms": dt * 1e3,
            "tflops": B * T / dt * flops_tok / 1e12, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "loss": float(loss), "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
+           "loss": float(loss.detach()), "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
            "experts_implementation": getattr(model.config, "_experts_implementation", kw.get("experts_implementation"))}
     print(json.dumps(out), flush=True)
     del model, opt, fwd
