@@ -122,8 +122,9 @@ if command -v python3 >/dev/null; then
     [[ "$case_dir" == */ref_torch/* ]] && c="ref_torch_$c"
     [ -f "$case_dir/expected.json" ] || continue
     modes="fsdp2 ddp"
-    # MoE: expert parallelism (not for nemotron_h, which refuses it: checked below)
-    grep -q experts "$case_dir/model/config.json" && ! grep -q '"nemotron_h"' "$case_dir/model/config.json" && modes="fsdp2 ep2"
+    # MoE: expert parallelism (not for nemotron_h and gpt_oss, which refuse it: checked below)
+    grep -q experts "$case_dir/model/config.json" && ! grep -qE '"(nemotron_h|gpt_oss)"' "$case_dir/model/config.json" &&
+      modes="fsdp2 ep2"
     for m in $modes; do
       args=(--distributed.strategy=fsdp2)
       [ "$m" = ddp ] && args=(--distributed.strategy=ddp)
@@ -143,6 +144,9 @@ fi
 NH="$ROOT/tests/fixtures/ref_torch/nemotron_h/recipe.yaml"
 expect "nemotron_h refuses expert parallelism" 2 "expert parallelism is not implemented for nemotron_h" -- "$BIN" finetune "$NH" \
   --nproc-per-node 2 --device=cpu --distributed.ep_size=2 --checkpoint.checkpoint_dir="$T/ck_nh_ep"
+GO="$ROOT/tests/fixtures/golden/gpt_oss/recipe.yaml"
+expect "gpt_oss refuses expert parallelism" 2 "expert parallelism is not implemented for gpt_oss" -- "$BIN" finetune "$GO" \
+  --nproc-per-node 2 --device=cpu --distributed.ep_size=2 --checkpoint.checkpoint_dir="$T/ck_go_ep"
 
 expect "mpirun -np 2 directly" 0 "step 4 \| epoch 0" -- "${MPIRUN[@]}" "$BIN" finetune "$R" \
   --checkpoint.checkpoint_dir="$T/ck_mpi"
