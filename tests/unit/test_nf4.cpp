@@ -519,8 +519,11 @@ TEST(Nf4Golden, MatchesBitsandbytes) {
       const Tensor unnested = raw_to_tensor(src->get("unnested_absmax"));
       const Tensor plain = ops::nf4_quantize(input, {.blocksize = theirs.blocksize, .type = theirs.type}).absmax;
       EXPECT_EQ(std::memcmp(plain.raw(), unnested.raw(), plain.nbytes()), 0) << "fp32 absmax before double quant";
-      EXPECT_EQ(bits(ours.nested->offset), bits(theirs.nested->offset))
-          << "offset " << ours.nested->offset << " vs " << theirs.nested->offset;
+      // offset = absmax.mean(): bitsandbytes takes it on the GPU, where torch's reduction sums in fp32 in its own
+      // tree order; ours sums in double. Measured on the H200 (2026-12-05): equal in 6 of 7 nested cases, one ulp
+      // apart in the seventh (odd_f32_nested), so one ulp is allowed and more fails.
+      const int64_t ulps = std::abs(static_cast<int64_t>(bits(ours.nested->offset)) - static_cast<int64_t>(bits(theirs.nested->offset)));
+      EXPECT_LE(ulps, 1) << "offset " << ours.nested->offset << " vs " << theirs.nested->offset;
       // the 8-bit codes given bitsandbytes' own offset (torch's fp32 mean may differ from ours in the last bit)
       const int64_t nb = theirs.nblocks();
       std::vector<float> centred(static_cast<size_t>(nb));

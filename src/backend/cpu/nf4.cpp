@@ -40,36 +40,21 @@ float block_absmax(Load load, int64_t begin, int64_t end, bool partial) {
   return m;
 }
 
-// torch.linspace(start, end, steps) in float32 on the CPU, as ATen's linspace kernel computes it
-// (aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp): step = (end - start) / (steps - 1) in fp32; element
-// idx is start + step * idx below steps / 2 and end - step * (steps - idx - 1) from there on. Its vectorised
-// path (cpu_serial_kernel_vec: two vectors of `lanes` floats per iteration while 2 * lanes elements remain)
-// computes one base per vector that way and adds j * step for lane j; the tail is scalar.
-std::vector<float> torch_linspace_f32(float start, float end, int64_t steps, int lanes) {
+// torch.linspace(start, end, steps) in float32 on the CPU, as torch 2.11 computes it on the GPU machine (checked
+// there against bitsandbytes' own map, tests/fixtures/nf4/dynamic_map.safetensors, AVX512): step = (end - start)
+// / (steps - 1) in fp32; element idx is fma(step, idx, start) below steps / 2 and fma(-step, steps - idx - 1, end)
+// from there on, each a single rounding (ATen's kernel, compiled with FMA contraction). Emulating its older
+// vectorised path (a base per 8- or 16-lane vector plus j * step) misses 16-46 of the 256 map entries by an ulp;
+// this form hits all 256.
+std::vector<float> torch_linspace_f32(float start, float end, int64_t steps) {
   std::vector<float> r(static_cast<size_t>(steps));
   const float step = (end - start) / static_cast<float>(steps - 1);
   const int64_t halfway = steps / 2;
-  auto at = [&](int64_t idx) {
-    return idx < halfway ? start + step * static_cast<float>(idx)
-                         : end - step * static_cast<float>(steps - idx - 1);
-  };
-  int64_t i = 0;
-  if (lanes > 0) {
-    for (; i + 2 * lanes <= steps; i += 2 * lanes)
-      for (int64_t v = i; v < i + 2 * lanes; v += lanes) {
-        const float base = at(v);
-        for (int j = 0; j < lanes; ++j) r[static_cast<size_t>(v + j)] = base + static_cast<float>(j) * step;
-      }
-  }
-  for (; i < steps; ++i) r[static_cast<size_t>(i)] = at(i);
+  for (int64_t idx = 0; idx < steps; ++idx)
+    r[static_cast<size_t>(idx)] = idx < halfway ? std::fmaf(step, static_cast<float>(idx), start)
+                                                : std::fmaf(-step, static_cast<float>(steps - idx - 1), end);
   return r;
 }
-
-// The float32 lane count of torch's CPU vector unit when bitsandbytes built its map: 16 under
-// ATEN_CPU_CAPABILITY=avx512, 8 under avx2 (and the default build). The map differs between the two in
-// the last bit of some entries; a checkpoint stores the map it used (nested_quant_map), and dequantisation
-// always uses the stored one, so this only decides the map of weights quantised here.
-constexpr int kTorchLanes = 16;
 
 }  // namespace
 
@@ -83,7 +68,7 @@ void bnb_dynamic_map(float out[256]) {
   data.reserve(256);
   for (int i = 0; i < 7; ++i) {
     const int64_t items = (int64_t(1) << i) + 1;
-    const std::vector<float> b = torch_linspace_f32(0.1f, 1.0f, items, kTorchLanes);
+    const std::vector<float> b = torch_linspace_f32(0.1f, 1.0f, items);
     const float scale = static_cast<float>(std::pow(10.0, i - 6));
     std::vector<float> means;
     for (int64_t k = 0; k + 1 < items; ++k) means.push_back((b[size_t(k)] + b[size_t(k + 1)]) / 2.0f);
