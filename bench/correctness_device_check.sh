@@ -36,16 +36,5 @@ echo "exit $?"; grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]|tests ran" "$L/gp
 
 # 4. Every golden case trained on CUDA (bf16 compute, fp32 master) vs the HF fp32 loss.
 echo "== golden cases on CUDA: loss vs HF fp32"
-for c in $(python3 -c "import json;print(' '.join(json.load(open('tests/fixtures/golden/index.json'))['cases']))"); do
-  timeout 60 $B/automodel finetune tests/fixtures/golden/$c/recipe.yaml --device=cuda --checkpoint.checkpoint_dir=/tmp/gc_$c \
-    > "$L/golden_cuda_$c.log" 2>&1 || { echo "$c: exit $? $(grep -m1 -iE 'error|not implemented' "$L/golden_cuda_$c.log")"; continue; }
-  python3 - "$c" <<'PY'
-import json, sys
-c = sys.argv[1]
-exp = json.load(open(f"tests/fixtures/golden/{c}/expected.json"))["steps"]
-got = [json.loads(l) for l in open(f"/tmp/gc_{c}/training.jsonl")]
-err = max(abs(g["loss"] - e["loss"]) / e["loss"] for e, g in zip(exp, got))
-print(f"{c}: {len(got)} steps, max rel loss err vs HF fp32 {err:.2e}, grad norm s1 {got[0]['grad_norm']:.4f}/{exp[0]['grad_norm']:.4f}")
-PY
-done
+L=$L B=$B bash bench/goldens_cuda_check.sh
 tar czf "$O/logs.tgz" -C "$L" .

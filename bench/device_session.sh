@@ -9,6 +9,10 @@
 #     nf4           NF4 goldens from bitsandbytes (built from the carried .bnb source) + engine vs them
 #     gen_w1        HF generate golden on the W1-shaped Llama + the engine's CPU/CUDA generate vs it
 #     w1 | w2       bench/run_bench.sh w1 / w2
+#     goldens_cuda  bench/goldens_cuda_check.sh: every HF golden case trained on CUDA vs HF's fp32 loss
+#     gpu_tests     am_gpu_tests (GPU_FILTER=gtest filter, default all; GPU_LIMIT seconds, default 240)
+#     phi3diag      tools/phi3_longrope_diag.py (HF phi3 logits cached / full / no LongRoPE, per position)
+#     w5prof        per-kernel times of W5's engine step (nsys where the machine has it, else says so)
 # Returns $OUT/summary.txt (also the call's output), $OUT/results.tgz (all logs, new fixtures under fixtures/).
 set -uo pipefail
 O=${OUT:-/tmp/device_session}
@@ -36,6 +40,7 @@ for s in "$@"; do
       echo "exit $?"; tail -3 "$R/qlora_8b.log" ;;
     nf4)
       stage nf4
+      [ -d .bnb ] || [ ! -f .devpack/bnb.tar.xz ] || tar xJf .devpack/bnb.tar.xz
       if [ -d .bnb ]; then
         ( cmake -S .bnb -B /tmp/bnb_build -DCOMPUTE_BACKEND=cuda -DCOMPUTE_CAPABILITY=90 -DCMAKE_BUILD_TYPE=Release &&
           cmake --build /tmp/bnb_build -j16 ) > "$R/bnb_build.log" 2>&1
@@ -56,6 +61,32 @@ for s in "$@"; do
       cp .cache/generate_goldens/golden_w1_llama.json "$R/" 2>/dev/null
       timeout 120 $B/am_tests --gtest_filter='GenerateHfGoldens.*:GenerateCuda.*' > "$R/generate_engine.log" 2>&1
       echo "engine generate vs HF exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED  \]|tokens/s" "$R/generate_engine.log" | head ;;
+    goldens_cuda)
+      stage goldens_cuda
+      L="$R/goldens_cuda" B=$B timeout ${GOLDENS_LIMIT:-300} bash bench/goldens_cuda_check.sh ;;
+    gpu_tests)
+      stage gpu_tests
+      timeout ${GPU_LIMIT:-240} $B/am_gpu_tests --gtest_filter="${GPU_FILTER:-*}" > "$R/gpu_tests.log" 2>&1
+      echo "exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|tests ran" "$R/gpu_tests.log" | head -40 ;;
+    phi3diag)
+      stage phi3diag
+      timeout 120 python3 tools/phi3_longrope_diag.py > "$R/phi3_diag.log" 2>&1; echo "exit $?"; tail -6 "$R/phi3_diag.log" ;;
+    w5prof)
+      # Nsight Compute (the machine has ncu, not nsys): every kernel of a 3-step W5 run (1 warm-up + 2 timed),
+      # serialised, one metric (its duration); tools/ncu_kernel_summary.py turns it into a per-kernel table.
+      stage w5prof
+      NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+      if [ -n "$NCU" ]; then
+        timeout ${PROF_LIMIT:-240} "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
+          $B/automodel bench bench/w5.yaml --step_scheduler.warmup_steps=1 --step_scheduler.timed_steps=2 \
+          --out "$R/w5prof_engine.json" > "$R/w5prof_ncu.csv" 2> "$R/w5prof.log"
+        echo "ncu exit $?"; tail -3 "$R/w5prof.log"
+        python3 tools/ncu_kernel_summary.py "$R/w5prof_ncu.csv" 3 40 > "$R/w5prof_summary.txt" 2>&1
+        gzip -f "$R/w5prof_ncu.csv"
+        head -45 "$R/w5prof_summary.txt"
+      else
+        echo "no ncu on this machine"
+      fi ;;
     w1 | w2)
       stage "$s"
       OUT="$R" timeout 240 bash bench/run_bench.sh "$s" .devbuild 2>&1 | tail -8 ;;

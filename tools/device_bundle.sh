@@ -15,9 +15,19 @@ done
 for b in "$O"/bin/*; do ldd "$b" | awk '/=>/ {print $3}'; done | sort -u |
   grep -vE '/(libc|libm|libstdc\+\+|libgcc_s|ld-linux[^/]*|libpthread|libdl|librt|libcuda|libcublas|libcublasLt|libcudnn[^/]*|libnccl|libcudart)\.so' |
   while read -r lib; do [ -n "$lib" ] && cp -L "$lib" "$O/lib/"; done
+# Debian's libopenblas.so.0 is 36 MB (every kernel for every CPU); the engine calls three symbols. Relink just
+# what they pull in from the static archive (26 MB -> 1.6 MB compressed) so the bundle fits the carry limit.
+A=$(ls /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.a 2>/dev/null || true)
+if [ -f "$O/lib/libopenblas.so.0" ] && [ -n "$A" ]; then
+  gcc -shared -o "$O/lib/libopenblas.so.0" -Wl,-soname,libopenblas.so.0 -Wl,-u,cblas_sgemm \
+    -Wl,-u,openblas_set_num_threads -Wl,-u,openblas_get_num_threads -Wl,-u,openblas_get_corename "$A" -lgfortran -lpthread -lm
+  strip "$O/lib/libopenblas.so.0"
+fi
 du -sh "$O"
 # The working tree + carried paths must stay under 64 MiB: also pack a compressed copy to carry instead
 # (on the device: mkdir -p .devbuild && tar xJf .devpack/bundle.tar.xz -C .devbuild).
 mkdir -p .devpack
 tar cJf .devpack/bundle.tar.xz -C "$O" .
-du -sh .devpack/bundle.tar.xz
+# bitsandbytes' source (git-ignored .bnb, for the nf4 stage of bench/device_session.sh) travels packed too.
+if [ -d .bnb ]; then tar cJf .devpack/bnb.tar.xz .bnb; fi
+du -sh .devpack/*
