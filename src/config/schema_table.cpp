@@ -218,6 +218,8 @@ const std::vector<KeyRule>& key_table() {
       {"optimizer.dampening", H, A, "", "SGD"},
       {"optimizer.nesterov", H, A, "", "SGD"},
       {"optimizer.amsgrad", H, A, "", "false; true is refused (not implemented)"},
+      {"optimizer.stochastic_rounding", H, A, "",
+       "model.dtype bfloat16: round the new bf16 parameters stochastically (default false: torch's rounding)"},
       {"optimizer.adam_w_mode", H, A, "", "TE FusedAdam: true = AdamW, false = Adam (L2)"},
       {"optimizer.bias_correction", W, N, "true", "Adam always applies bias correction here"},
       {"optimizer.foreach", I, A, "", "torch's multi-tensor loop choice; same math"},

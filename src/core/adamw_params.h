@@ -22,4 +22,19 @@ struct AdamWHyper {
   bool decoupled = true;  // false: torch.optim.Adam (L2 added to the gradient)
 };
 
+// model.dtype: bfloat16 (train/pure_bf16.h): parameters, gradients and state in bf16 (on the host the parameter
+// is an fp32 tensor holding bf16 values, as the CPU computes in fp32). The update is backend/cpu/adamw_bf16.h's.
+struct AdamWBf16Tensors {
+  Tensor* value;             // bf16 [n] (CUDA) or fp32 holding bf16 values (host), updated
+  const Tensor* grad;        // bf16 [n]
+  Tensor* exp_avg;           // bf16 [n]
+  Tensor* exp_avg_sq;        // bf16 [n]
+  uint64_t salt = 0;         // names the tensor in the stochastic-rounding stream (a hash of its key)
+};
+
+struct AdamWBf16Hyper : AdamWHyper {
+  bool stochastic = false;  // stochastic rounding of the new parameter (optimizer.stochastic_rounding)
+  uint64_t seed = 0;
+};
+
 }  // namespace am

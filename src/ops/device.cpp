@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "ops/ops.h"
+#include "backend/cpu/adamw_bf16.h"
 #ifdef AM_WITH_CUDA
 #include "backend/cuda/context.h"
 #include "backend/cuda/cuda_ops.h"
@@ -132,6 +133,33 @@ void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h
   (void)slots;
   (void)h;
   no_cuda("op adamw_step_cuda");
+#endif
+}
+
+void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& slots, const AdamWBf16Hyper& h) {
+  const char* op = "op adamw_bf16_step";
+  if (slots.empty()) return;
+  const DeviceType dev = slots.front().value->device();
+  for (const AdamWBf16Tensors& s : slots) {
+    if (!s.value || !s.grad || !s.exp_avg || !s.exp_avg_sq) throw ShapeError(std::string(op) + ": null tensor");
+    const int64_t n = s.value->numel();
+    for (const Tensor* t : {static_cast<const Tensor*>(s.value), s.grad, static_cast<const Tensor*>(s.exp_avg),
+                            static_cast<const Tensor*>(s.exp_avg_sq)}) {
+      if (t->device() != dev) throw DeviceError(std::string(op) + ": the tensors of a step are on different devices");
+      if (t->numel() != n) throw ShapeError(std::string(op) + ": a gradient or state tensor differs in size from its parameter");
+    }
+    for (const Tensor* t : {s.grad, static_cast<const Tensor*>(s.exp_avg), static_cast<const Tensor*>(s.exp_avg_sq)})
+      if (t->dtype() != DType::BF16) throw ShapeError(std::string(op) + ": gradients and state must be bfloat16");
+    const DType vd = s.value->dtype();
+    if (vd != DType::BF16 && !(dev == DeviceType::CPU && vd == DType::F32))
+      throw ShapeError(std::string(op) + ": parameters must be bfloat16 (or float32 holding bf16 values on the host)");
+  }
+  if (h.step < 1) throw ShapeError(std::string(op) + ": step must be >= 1");
+  if (dev == DeviceType::CPU) return cpu::adamw_bf16(slots, h);
+#ifdef AM_WITH_CUDA
+  cuda::adamw_bf16_step(slots, h);
+#else
+  no_cuda(op);
 #endif
 }
 

@@ -57,6 +57,12 @@ double sum_squares_multi(const std::vector<const Tensor*>& tensors);
 // both do the same fp32 arithmetic in the same order, see backend/cuda/cuda_ops.h adamw_step).
 void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h);  // core/adamw_params.h
 
+// AdamW / Adam over bf16 parameters, gradients and state (model.dtype: bfloat16; train/pure_bf16.h), on the
+// host or the GPU: torch's single-tensor rounding, or stochastic rounding of the parameter
+// (backend/cpu/adamw_bf16.h, the element math both share, so CPU and CUDA agree bit for bit). Every tensor of a
+// slot on one device; grad and state bf16; the value bf16 on CUDA, fp32 (holding bf16 values) or bf16 on the host.
+void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& slots, const AdamWBf16Hyper& h);
+
 // Fused chunked LM head + cross-entropy on CUDA: x [N, H] bf16, w [V, H], targets [N] int32 (-100 ignored).
 // Returns the loss SUM (one host sync); dx [N, H] assigned and dw [V, H] fp32 accumulated when non-null,
 // both scaled by grad_scale. The CPU path (with logit soft-capping) is models/decoder.cpp's

@@ -3,9 +3,11 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/hash.h"
 #include "config/recipe.h"
 #include "core/log.h"
 #include "ops/device.h"
+#include "ops/ops.h"
 
 namespace am {
 
@@ -35,6 +37,7 @@ OptimizerConfig OptimizerConfig::from_recipe(const Recipe& r) {
   c.momentum = r.get_double("optimizer.momentum", 0.0);
   c.dampening = r.get_double("optimizer.dampening", 0.0);
   c.nesterov = r.get_bool("optimizer.nesterov", false);
+  c.stochastic_rounding = r.get_bool("optimizer.stochastic_rounding", false);
   if (r.get_bool("optimizer.amsgrad", false)) r.fail("optimizer.amsgrad", "amsgrad is not supported");
   // Recipe::check_values already refused nan/inf/negative lr, eps <= 0 and negative weight_decay; these
   // comparisons are written so that a NaN fails them too.
@@ -86,8 +89,44 @@ void Optimizer::step_cuda(const std::vector<OptSlot>& slots, double lr, double w
   ops::adamw_step_cuda(list, h);
 }
 
+// model.dtype: bfloat16 (train/pure_bf16.h): bf16 gradients and state; the parameter is bf16 on the GPU and an
+// fp32 tensor holding bf16 values on the host (the CPU computes in fp32). Same element math on both (ops).
+void Optimizer::step_bf16(const std::vector<OptSlot>& slots, double lr, double wd) {
+  if (cfg_.kind == "sgd") throw UsageError("optimizer: torch.optim.SGD with model.dtype bfloat16 is not implemented (use AdamW or Adam)");
+  std::vector<AdamWBf16Tensors> list;
+  list.reserve(slots.size());
+  for (const OptSlot& sl : slots) {
+    auto& m = m_[sl.key];
+    auto& v = v_[sl.key];
+    const DeviceType dev = sl.value->device();
+    // bf16 state; one read back from a checkpoint (fp32 tensors of bf16 values) converts exactly.
+    for (Tensor* t : {&m, &v}) {
+      if (!t->defined()) {
+        *t = ops::zeros_on(dev, sl.value->shape(), DType::BF16);
+      } else if (t->dtype() != DType::BF16) {
+        Tensor b = ops::empty_on(dev, t->shape(), DType::BF16);
+        ops::copy_(b, *t);
+        *t = b;
+      }
+    }
+    list.push_back({sl.value, sl.grad, &m, &v, fnv1a(sl.key)});
+  }
+  AdamWBf16Hyper h;
+  h.lr = lr;
+  h.beta1 = cfg_.beta1;
+  h.beta2 = cfg_.beta2;
+  h.eps = cfg_.eps;
+  h.weight_decay = wd;
+  h.step = step_;
+  h.decoupled = cfg_.kind == "adamw";
+  h.stochastic = cfg_.stochastic_rounding;
+  h.seed = cfg_.seed;
+  ops::adamw_bf16_step(list, h);
+}
+
 void Optimizer::step(const std::vector<OptSlot>& slots, double lr, double wd) {
   ++step_;
+  if (!slots.empty() && slots.front().grad->dtype() == DType::BF16) return step_bf16(slots, lr, wd);
   if (!slots.empty() && slots.front().value->device() == DeviceType::CUDA) return step_cuda(slots, lr, wd);
   const float flr = static_cast<float>(lr), fwd = static_cast<float>(wd);
   for (const OptSlot& sl : slots) {

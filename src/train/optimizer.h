@@ -22,11 +22,17 @@ struct OptimizerConfig {
   double weight_decay = 0.0;
   double momentum = 0.0, dampening = 0.0;
   bool nesterov = false;
+  // bf16 parameters (model.dtype: bfloat16): the new parameter rounds stochastically instead of to nearest,
+  // with random bits from (seed, parameter, step, element) (backend/cpu/adamw_bf16.h).
+  bool stochastic_rounding = false;
+  uint64_t seed = 0;
   static OptimizerConfig from_recipe(const Recipe& r);
 };
 
 // One buffer the optimizer updates: fp32 master values and their fp32 gradient (same numel), and the bf16
 // working copy to refresh after the update (nullptr: none, or the master itself is the working copy).
+// Pure bf16 (model.dtype: bfloat16, train/pure_bf16.h) is told by a BF16 gradient: the values are bf16 (on the
+// host: fp32 holding bf16 values), the state is made bf16, and the update is backend/cpu/adamw_bf16.h's.
 struct OptSlot {
   std::string key;  // names the state: a parameter name, or a bucket's "<unit>/<dense|experts>"
   Tensor* value = nullptr;
@@ -54,6 +60,7 @@ class Optimizer {
 
  private:
   void step_cuda(const std::vector<OptSlot>& slots, double lr, double wd);
+  void step_bf16(const std::vector<OptSlot>& slots, double lr, double wd);
 
  public:
   // Host tensors from a checkpoint; moved to ex's device.

@@ -219,11 +219,26 @@ void Trainer::setup() {
                 (model_->params().quant4.fp4 ? "FP4" : "NF4") + " (blocksize " + std::to_string(model_->params().quant4.blocksize) +
                 (model_->params().quant4.double_quant ? ", double-quantised absmax)" : ")"));
   }
+  // model.dtype: bfloat16 trains in pure bf16 (train/pure_bf16.h) where it can: full fine-tuning on one rank.
+  // (LoRA keeps its frozen base in its dtype anyway; data parallelism keeps fp32 masters and says so below.)
+  DType model_dtype = DType::F32;
+  if (dtype_s != "auto") {
+    try {
+      model_dtype = dtype_from_name(dtype_s);
+    } catch (const RecipeError& e) {
+      r_.fail("model.dtype", e.what());
+    }
+  }
+  const std::string dtype_key = r_.has("model.dtype") ? "model.dtype" : "model.torch_dtype";
+  const bool want_pure_bf16 = model_dtype == DType::BF16 && !r_.has("peft") && !bnb4 &&
+                              !r_.get_bool("quantization.load_in_4bit", false);
+  const bool pure_bf16 = want_pure_bf16 && !groups_;
   {
     // Residual stream dtype under bf16 compute (docs/performance.md, "fp32 residual stream"): float32 keeps
     // the residual adds, RMSNorm inputs/weights and the embedding lookup in fp32 as HF's autocast does.
     // The CPU reference computes everything in fp32 whatever this says.
-    const std::string rs = r_.get_string("model.backend.residual_dtype", "float32");
+    // Pure bf16 computes the residual stream in bf16 too, as HF does with a bf16 model.
+    const std::string rs = r_.get_string("model.backend.residual_dtype", pure_bf16 ? "bfloat16" : "float32");
     DType rd = DType::F32;
     try {
       rd = dtype_from_name(rs);
@@ -235,21 +250,19 @@ void Trainer::setup() {
     if (device_name_ == "cuda") model_->to_device(ExecContext::cuda_bf16(rd));
   }
   if (dtype_s != "auto") {
-    DType d;
-    try {
-      d = dtype_from_name(dtype_s);
-    } catch (const RecipeError& e) {
-      r_.fail("model.dtype", e.what());
-    }
-    // On the CPU reference path compute is fp32 whatever the dtype; bfloat16 only changes what is saved
-    // for a random init (a pretrained checkpoint keeps its own dtype, as HF does).
+    // A random init saves in model.dtype; a pretrained checkpoint keeps its own dtype, as HF does.
     if (source_dir_.empty())
-      for (auto& p : model_->params().all()) p.source_dtype = d;
-    if (device_name_ == "cpu" && d != DType::F32 && !opt_.quiet)
-      log::warn(r_.where(r_.has("model.dtype") ? "model.dtype" : "model.torch_dtype") + " (" + dtype_s +
-                "): the CPU computes in fp32 (bfloat16 training applies on GPUs); checkpoints keep the model's dtype");
+      for (auto& p : model_->params().all()) p.source_dtype = model_dtype;
+    if (want_pure_bf16 && groups_ && !opt_.quiet)
+      log::warn(r_.where(dtype_key) + " (bfloat16): pure-bf16 training is not implemented with data parallelism yet; this "
+                "run computes in bf16 with fp32 master weights, gradients and AdamW state (HF Trainer bf16=True numerics, "
+                "more optimizer memory than HF bf16); checkpoints keep the model's dtype");
+    else if (pure_bf16 && device_name_ == "cpu" && !opt_.quiet)
+      log::info(r_.where(dtype_key) + " (bfloat16): parameters, gradients and AdamW state are held as bf16 values; the "
+                "CPU computes in fp32");
   }
   if (groups_) dp_ = std::make_unique<dist::DataParallel>(*model_, *groups_, dist::parse_strategy(strategy_name_), model_->exec());
+  if (pure_bf16) pure_ = std::make_unique<PureBf16>(*model_);
   fwd_opt_.activation_checkpointing = r_.get_bool("distributed.activation_checkpointing", false);
   fwd_opt_.fake_balanced_gate = r_.get_bool("model.backend.fake_balanced_gate", false);
   if (fwd_opt_.fake_balanced_gate && !cfg.is_moe())
@@ -308,6 +321,10 @@ void Trainer::setup() {
 
   // ---- optimizer ----
   auto ocfg = OptimizerConfig::from_recipe(r_);
+  ocfg.seed = seed_;
+  if (ocfg.stochastic_rounding && !pure_ && !opt_.quiet)
+    log::warn(r_.where("optimizer.stochastic_rounding") + ": has no effect here (it rounds bf16 parameters: "
+              "model.dtype bfloat16, full fine-tuning on one rank)");
   optim_ = std::make_unique<Optimizer>(ocfg);
   sched_ = LrScheduler::from_recipe(r_, ocfg.lr, ocfg.weight_decay, total_steps_);
   if (r_.present("clip_grad_norm")) {
@@ -532,6 +549,7 @@ StepStats Trainer::train_step(int64_t step) {
   const float scale = st.num_label_tokens > 0 ? 1.0f / static_cast<float>(st.num_label_tokens) : 0.f;
   double loss_sum = 0.0;
   if (dp_) dp_->begin_step();
+  else if (pure_) pure_->begin_step();
   else model_->params().zero_grad();
   const auto micro = my_micro_batches(global, rank_);
   // The router aux loss of a step is the mean over the global batch's real micro-batches (every rank's).
@@ -555,7 +573,9 @@ StepStats Trainer::train_step(int64_t step) {
                      static_cast<uint64_t>(m) * 0x1000193ULL + static_cast<uint64_t>(rank_);
     if (dp_) dp_->set_sync(m + 1 == micro.size());  // gradients reduce once per step, in the last backward
     loss_sum += model_->forward_backward(b, scale, o);
+    if (pure_) pure_->end_micro_batch();
   }
+  if (pure_) pure_->expose_accumulators();
   if (dp_) {
     ops::TraceRange tr("finish_grads (reduce)");
     dp_->finish_grads();
@@ -864,6 +884,7 @@ void Trainer::save_checkpoint(int64_t step, bool final) {
 
 void Trainer::restore(const std::string& from) {
   CheckpointState st = read_checkpoint(ckpt_dir_, from, *model_, *optim_, dp_.get());
+  if (pure_) pure_->round_values();  // a checkpoint of an fp32-master run resumed in bf16 (on the host: fp32 storage)
   if (st.seed != seed_) log::warn("resuming with seed " + std::to_string(seed_) + " but the checkpoint used " + std::to_string(st.seed));
   if (st.world_size != world_ || st.ep_size != ep_size_)
     log::info("resharding a checkpoint of world size " + std::to_string(st.world_size) + " (ep_size " +

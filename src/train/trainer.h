@@ -14,6 +14,7 @@
 #include "models/model.h"
 #include "train/lr_scheduler.h"
 #include "train/optimizer.h"
+#include "train/pure_bf16.h"
 #include "config/recipe.h"
 
 namespace am {
@@ -116,6 +117,7 @@ class Trainer {
   std::unique_ptr<dist::Groups> groups_;      // world > 1 (or forced): the communicators
   std::unique_ptr<CausalLM> model_;
   std::unique_ptr<dist::DataParallel> dp_;    // declared after model_: destroyed first
+  std::unique_ptr<PureBf16> pure_;            // model.dtype: bfloat16 on one rank (train/pure_bf16.h)
   int rank_ = 0, world_ = 1, ep_size_ = 1;
   std::string strategy_name_ = "none";
   std::unique_ptr<Dataset> train_ds_, val_ds_;

@@ -143,5 +143,8 @@ struct AdamWConfig : AdamWHyper {
 };
 void adamw_step(const std::vector<AdamWTensors>& params, const AdamWConfig& cfg,
                 CudaContext& ctx = default_context());
+// bf16 parameters, gradients and state (checked by ops::adamw_bf16_step): backend/cpu/adamw_bf16.h per element.
+void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& params, const AdamWBf16Hyper& h,
+                     CudaContext& ctx = default_context());
 
 }  // namespace am::cuda

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "backend/cpu/adamw_bf16.h"
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/kernel_utils.cuh"
 
@@ -198,6 +199,39 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamArgsSmall a, AdamSc
   }
 }
 
+// ---------------- AdamW over bf16 parameters, gradients and state ----------------
+// Two bf16 per 4-byte load would save little: the step is a few percent of a bf16 run; one element per thread.
+struct AdamBf16Args {
+  bf16* w[kAdamMaxTensors];
+  const bf16* g[kAdamMaxTensors];
+  bf16* m[kAdamMaxTensors];
+  bf16* v[kAdamMaxTensors];
+  uint64_t salt[kAdamMaxTensors];
+  int64_t n[kAdamMaxTensors];
+  uint32_t block[kMaxBlocks];
+};
+static_assert(sizeof(AdamBf16Args) + 96 < 4000, "kernel parameters must stay under 4 KB");
+
+__device__ __forceinline__ float bf_load(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
+// x is a bf16 value held in fp32 (adamw_bf16 rounded it): the conversion is exact.
+__device__ __forceinline__ void bf_store(bf16* p, int64_t i, float x) { p[i] = __float2bfloat16_rn(x); }
+
+__global__ void __launch_bounds__(kThreads) adamw_bf16_kernel(AdamBf16Args a, adamw_bf16::Scalars s, uint64_t seed,
+                                                              int64_t step) {
+  const uint32_t e = a.block[blockIdx.x];
+  const int t = e & (kMaxTensors - 1);
+  const int64_t chunk = e >> kTensorBits;
+  const int64_t begin = chunk * kChunk, end = min(a.n[t], begin + kChunk);
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    float w = bf_load(a.w[t], i), m = bf_load(a.m[t], i), v = bf_load(a.v[t], i);
+    const uint32_t rnd = s.stochastic ? adamw_bf16::sr_bits(seed, a.salt[t], step, i) : 0u;
+    adamw_bf16::step(w, bf_load(a.g[t], i), m, v, s, rnd);
+    bf_store(a.w[t], i, w);
+    bf_store(a.m[t], i, m);
+    bf_store(a.v[t], i, v);
+  }
+}
+
 // Walks tensors x chunks and calls add_tensor(i) when tensor i enters the current launch (returns its slot)
 // and flush(n_blocks) when a launch is full; `blocks` receives the packed entries.
 template <typename AddTensor, typename Flush>
@@ -353,6 +387,42 @@ void adamw_step(const std::vector<AdamWTensors>& params, const AdamWConfig& cfg,
       },
       [&](int nb) {
         adamw_kernel<<<nb, kThreads, 0, ctx.stream()>>>(a, s);
+        AM_CUDA_CHECK_LAUNCH();
+      });
+}
+
+void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& params, const AdamWBf16Hyper& h, CudaContext& ctx) {
+  const char* op = "adamw_bf16_step";
+  std::vector<int64_t> sizes;
+  for (const AdamWBf16Tensors& p : params) {
+    for (auto [name, t] : {std::pair<const char*, const Tensor*>{"value", p.value},
+                           {"grad", p.grad},
+                           {"exp_avg", p.exp_avg},
+                           {"exp_avg_sq", p.exp_avg_sq}}) {
+      need_cuda(op, name, *t);
+      need_dtype(op, name, *t, DType::BF16);
+    }
+    if (static_cast<uint64_t>(p.value->numel()) / kChunk >= (1ull << (32 - kTensorBits)))
+      op_error(op, describe("value", *p.value) + ": too many elements for one tensor");
+    sizes.push_back(p.value->numel());
+  }
+  const adamw_bf16::Scalars s =
+      adamw_bf16::scalars_of(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.step, h.decoupled, h.stochastic);
+  AdamBf16Args a{};
+  plan_launches(
+      sizes, kAdamMaxTensors, a.block,
+      [&](int i, int slot) {
+        const AdamWBf16Tensors& p = params[i];
+        a.w[slot] = p.value->data<bf16>();
+        a.g[slot] = p.grad->data<bf16>();
+        a.m[slot] = p.exp_avg->data<bf16>();
+        a.v[slot] = p.exp_avg_sq->data<bf16>();
+        a.salt[slot] = p.salt;
+        a.n[slot] = p.value->numel();
+        return slot;
+      },
+      [&](int nb) {
+        adamw_bf16_kernel<<<nb, kThreads, 0, ctx.stream()>>>(a, s, h.seed, h.step);
         AM_CUDA_CHECK_LAUNCH();
       });
 }
