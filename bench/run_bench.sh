@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # A BENCH.md workload on the GPU machine, engine and HF in one call; prints the ratio table.
-#   bash bench/run_bench.sh w1|w2|w5 [BUNDLE_DIR=.devbuild]     (BUNDLE_DIR from tools/device_bundle.sh)
+#   bash bench/run_bench.sh w1|w2|w2bf16|w5 [BUNDLE_DIR=.devbuild]     (BUNDLE_DIR from tools/device_bundle.sh)
+# w2bf16 is W2 with model.dtype: bfloat16 (pure bf16, docs/precision.md) against HF's bf16 configuration.
 # HF_CONFIGS_W1 / HF_CONFIGS_W2 (or HF_CONFIGS for any) override the HF configurations (bench/hf_bench.py).
 set -uo pipefail
-W=${1:?usage: run_bench.sh w1|w2|w5 [BUNDLE_DIR]}
+W=${1:?usage: run_bench.sh w1|w2|w2bf16|w5 [BUNDLE_DIR]}
 BUNDLE=${2:-.devbuild}
+Y=$W
+ENGINE_ARGS=()
 case "$W" in
   w1) B=4; T=2048; DEF="fp32_autocast,bf16,bf16_compile" ;;
   w2) B=1; T=4096; DEF="bf16_grouped_mm,fp32_autocast_grouped_mm" ;;
+  w2bf16) B=1; T=4096; DEF="bf16_grouped_mm"; Y=w2; ENGINE_ARGS=(--model.dtype=bfloat16) ;;
   w5) B=4; T=2048; DEF="peft_bf16" ;;
   *) echo "unknown workload $W" >&2; exit 2 ;;
 esac
@@ -16,10 +20,10 @@ mkdir -p "$OUTDIR"
 source tools/device_env.sh
 export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUTDIR/gpu.txt"
-"$BUNDLE/bin/automodel" bench "bench/$W.yaml" --out "$OUTDIR/engine.json" > "$OUTDIR/engine.log" 2>&1
+"$BUNDLE/bin/automodel" bench "bench/$Y.yaml" "${ENGINE_ARGS[@]}" --out "$OUTDIR/engine.json" > "$OUTDIR/engine.log" 2>&1
 echo "engine exit $?"; tail -5 "$OUTDIR/engine.log"
 HFV=HF_CONFIGS_${W^^}
-PYTHONUNBUFFERED=1 python3 bench/hf_bench.py "bench/${W}_config.json" $B $T "${!HFV:-${HF_CONFIGS:-$DEF}}" 2>"$OUTDIR/hf.err" | tee "$OUTDIR/hf.jsonl"
+PYTHONUNBUFFERED=1 python3 bench/hf_bench.py "bench/${Y}_config.json" $B $T "${!HFV:-${HF_CONFIGS:-$DEF}}" 2>"$OUTDIR/hf.err" | tee "$OUTDIR/hf.jsonl"
 tail -3 "$OUTDIR/hf.err"
 python3 - "$OUTDIR" "$W" <<'PY'
 import json, sys, os
