@@ -376,8 +376,20 @@ double Trainer::flops_per_token(double seq_len) const {
   // Scores q.k (D) and probabilities . v (Dv): 6 flops per (head, key) and dim, forward + backward.
   // DeepSeek's MLA: D = qk_nope + qk_rope, Dv = v_head_dim (head_dim is only the rotary part there).
   const double qk_plus_v = c.deepseek ? static_cast<double>(c.ds.qk_head_dim() + c.ds.v_head_dim) : 2.0 * c.head_dim;
-  return 6.0 * static_cast<double>(model_->matmul_params_per_token()) +
-         6.0 * c.num_hidden_layers * c.num_attention_heads * qk_plus_v * seq_len;
+  const double attention = 6.0 * c.num_hidden_layers * c.num_attention_heads * qk_plus_v * seq_len;
+  const double base = static_cast<double>(model_->matmul_params_per_token());
+  const auto adapters = model_->lora_adapters();
+  if (adapters.empty()) return 6.0 * base + attention;
+  // LoRA: the frozen base runs its forward (2 per weight) and its input gradient (2) but no weight gradient;
+  // the adapters run all three (6). An experts' adapter counts the top-k experts a token reaches.
+  double lora = 0.0;
+  for (const LoraAdapter* a : adapters) {
+    double n = static_cast<double>(a->A->value.defined() ? a->A->value.numel() : a->A->work.numel()) +
+               static_cast<double>(a->B->value.defined() ? a->B->value.numel() : a->B->work.numel());
+    if (a->grouped && c.num_experts > 0) n *= static_cast<double>(c.num_experts_per_tok) / static_cast<double>(c.num_experts);
+    lora += n;
+  }
+  return 4.0 * base + 6.0 * lora + attention;
 }
 
 const std::vector<size_t>& Trainer::epoch_order(int64_t epoch) {

@@ -467,3 +467,19 @@ TEST(Qlora, ReadsABitsandbytesCheckpointLikeQuantisingAtLoad) {
                        TrainerOptions{.quiet = true}),
                UsageError);
 }
+
+// MFU's model FLOPs under LoRA (Trainer::flops_per_token): the frozen base runs forward + input gradient
+// (4 per weight, no weight gradient), the adapters all three (6); attention is unchanged.
+TEST(LoraFlops, FrozenBaseCountsFourPerWeightAdaptersSix) {
+  const std::string recipe = (fs::path(AM_SOURCE_DIR) / "tests/fixtures/golden/llama/recipe.yaml").string();
+  Recipe full_r = Recipe::load(recipe, {"checkpoint.enabled=false"});
+  Recipe lora_r = Recipe::load(recipe, {"checkpoint.enabled=false", "peft.target_modules=[q_proj]", "peft.dim=4", "peft.alpha=8"});
+  Trainer full(full_r, {.quiet = true}), lora(lora_r, {.quiet = true});
+  // full: 6P + a * seq
+  const double f0 = full.flops_per_token(0), f10 = full.flops_per_token(10);
+  const double P = f0 / 6.0, a = (f10 - f0) / 10.0;
+  // tiny llama: 2 layers, H 64, q_proj [4 * 16, 64]: A [4, 64] + B [64, 4] per layer
+  const double L = 2.0 * (4 * 64 + 64 * 4);
+  EXPECT_DOUBLE_EQ(lora.flops_per_token(0), 4.0 * P + 6.0 * L);
+  EXPECT_DOUBLE_EQ(lora.flops_per_token(10) - lora.flops_per_token(0), 10.0 * a);
+}
