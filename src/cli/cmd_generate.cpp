@@ -203,11 +203,14 @@ int cmd_generate(int argc, char** argv) {
                                          : std::string("greedy")) +
             ", eos [" + eos_list + "]" + (gd.eos_source.empty() ? "" : " from " + gd.eos_source));
 
+  if (!m.lm)
+    log::info("generate: " + cfg.model_type + " has no state cache here yet (Mamba2 conv/SSM states): each new token "
+              "recomputes the whole sequence (same tokens, slower for long outputs)");
   const bool tty = isatty(fileno(stdout));
   TerminalStream stream(tk);
   std::function<void(int32_t)> cb;
   if (tty) cb = [&](int32_t t) { stream.on_token(t); };
-  const GenerateResult r = generate(*m.lm, ids, go, cb);
+  const GenerateResult r = generate(*m.model, ids, go, cb);
   const std::string text = tk.decode(r.tokens, /*skip_special_tokens=*/true);  // HF decode(new, skip_special_tokens=True)
   if (tty) {
     stream.finish(text);

@@ -7,6 +7,8 @@
 #include <string>
 
 #include "core/error.h"
+#include "data/dataset.h"
+#include "models/kv_cache.h"
 
 namespace am {
 
@@ -89,7 +91,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
-GenerateResult generate(DecoderLM& model, const std::vector<int32_t>& prompt, const GenerateOptions& opt,
+GenerateResult generate(CausalLM& model, const std::vector<int32_t>& prompt, const GenerateOptions& opt,
                         const std::function<void(int32_t)>& on_token) {
   const int64_t V = model.config().vocab_size;
   if (prompt.empty()) throw DataError("generate: the prompt has no tokens");
@@ -103,14 +105,26 @@ GenerateResult generate(DecoderLM& model, const std::vector<int32_t>& prompt, co
   // Room for the prompt and up to 1024 new tokens at first; doubled when full, up to every position the run
   // can reach (prompt + max_new_tokens - 1: the last token is picked, never fed back).
   const int64_t need = r.prompt_tokens + opt.max_new_tokens - 1;
-  KvCache cache(model.config(), model.exec(), std::min(need, r.prompt_tokens + 1024));
+  DecoderLM* lm = dynamic_cast<DecoderLM*>(&model);
+  KvCache cache;
+  if (lm) cache = KvCache(model.config(), model.exec(), std::min(need, r.prompt_tokens + 1024));
+  // Without a cache: the whole sequence so far through forward_logits, its last row.
+  std::vector<int32_t> seq = prompt;
+  auto recompute = [&]() {
+    Sample s;
+    s.input_ids = seq;
+    s.labels.assign(seq.size(), -100);
+    const Batch b = upload_batch(collate({&s}), model.exec());
+    const Tensor all = model.forward_logits(b);  // [n, V]
+    return host_logits(all.slice_rows(all.dim(0) - 1, all.dim(0)));
+  };
   TokenSampler sampler(opt.sampling);
   auto is_eos = [&](int32_t t) {
     return std::find(opt.eos_token_ids.begin(), opt.eos_token_ids.end(), static_cast<int64_t>(t)) != opt.eos_token_ids.end();
   };
 
   auto t0 = std::chrono::steady_clock::now();
-  Tensor logits = host_logits(model.forward_incremental(prompt, cache));  // [1, V]; the download syncs
+  Tensor logits = lm ? host_logits(lm->forward_incremental(prompt, cache)) : recompute();  // [1, V]; the download syncs
   for (;;) {
     const int32_t tok = sampler.next(logits.f32(), V);
     r.tokens.push_back(tok);
@@ -124,8 +138,13 @@ GenerateResult generate(DecoderLM& model, const std::vector<int32_t>& prompt, co
       break;
     }
     if (static_cast<int64_t>(r.tokens.size()) >= opt.max_new_tokens) break;
+    if (!lm) {
+      seq.push_back(tok);
+      logits = recompute();
+      continue;
+    }
     if (cache.length() == cache.capacity()) cache.reserve(std::min(need, 2 * cache.capacity()));
-    logits = host_logits(model.forward_incremental({tok}, cache));
+    logits = host_logits(lm->forward_incremental({tok}, cache));
   }
   if (r.tokens.size() > 1) r.decode_s = seconds_since(t0);
   return r;

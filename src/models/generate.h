@@ -66,7 +66,9 @@ struct GenerateResult {
 // Greedy or sampled generation from `prompt` (token ids, non-empty, each < vocab_size). on_token, when
 // set, is called with every new token as soon as it is picked (streaming). Throws DataError for an empty
 // prompt or an id outside the model's vocabulary.
-GenerateResult generate(DecoderLM& model, const std::vector<int32_t>& prompt, const GenerateOptions& opt,
+// A DecoderLM decodes with its KV cache; another CausalLM (nemotron_h: no Mamba2 conv/SSM state cache yet)
+// runs a full forward over the whole sequence for every new token: the same tokens, O(n^2) time.
+GenerateResult generate(CausalLM& model, const std::vector<int32_t>& prompt, const GenerateOptions& opt,
                         const std::function<void(int32_t)>& on_token = nullptr);
 
 }  // namespace am

@@ -83,20 +83,25 @@ InferenceModel load_for_inference(const InferenceLoadOptions& o) {
   const io::ModelConfig cfg = io::load_model_config(cfg_path.string());
   check_hf_weights_against_config(m.dir, cfg);  // headers only: fails before allocating
   m.model = build_model(cfg);
-  m.lm = dynamic_cast<DecoderLM*>(m.model.get());
-  if (!m.lm) throw FormatError("model_type '" + cfg.model_type + "' has no incremental decode path");
+  m.lm = dynamic_cast<DecoderLM*>(m.model.get());  // null: no KV-cache decode (nemotron_h), generate recomputes
   load_hf_weights(*m.model, m.dir);
   if (!o.adapter.empty()) merge_adapter(*m.model, m.dir, o.adapter);
   auto& ps = m.model->params();
   m.checkpoint_dtype = ps.has("model.embed_tokens.weight") ? ps.get("model.embed_tokens.weight").source_dtype : DType::F32;
+  // A model without the inference move (nemotron_h) is frozen first, so to_device keeps working copies only
+  // (no gradients, no fp32 masters of 2-D weights).
+  if (!m.lm)
+    for (Param& p : ps.all()) ParamStore::freeze(p);
   if (gpu < 0) {
-    m.lm->to_device_inference(ExecContext::cpu());
+    if (m.lm) m.lm->to_device_inference(ExecContext::cpu());
+    else m.model->to_device(ExecContext::cpu());
     m.device = "cpu";
     m.device_name = "cpu";
   } else {
     ops::use_gpu(gpu);
     const DType residual = m.checkpoint_dtype == DType::F32 ? DType::F32 : DType::BF16;
-    m.lm->to_device_inference(ExecContext::cuda_bf16(residual));
+    if (m.lm) m.lm->to_device_inference(ExecContext::cuda_bf16(residual));
+    else m.model->to_device(ExecContext::cuda_bf16(residual));
     m.device = "cuda:" + std::to_string(gpu);
     m.device_name = gpu_name;
   }

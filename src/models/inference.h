@@ -26,7 +26,8 @@ struct InferenceLoadOptions {
 struct InferenceModel {
   std::string dir;                  // the resolved model folder
   std::unique_ptr<CausalLM> model;  // owns the model
-  DecoderLM* lm = nullptr;          // the same object, with the incremental decode path
+  DecoderLM* lm = nullptr;          // the same object when it has the KV-cache decode path (null: nemotron_h,
+                                    // whose generate recomputes the sequence each step)
   std::string device;               // "cpu" or "cuda:N"
   std::string device_name;          // e.g. "NVIDIA H200" ("cpu" on the host)
   DType checkpoint_dtype = DType::F32;  // dtype of the embedding in the checkpoint

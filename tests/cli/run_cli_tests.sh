@@ -139,6 +139,10 @@ expect "generate missing adapter" 1 "$T/no_adapter" -- "${G[@]}" --prompt a --ad
 expect "generate greedy" 0 "prefill [0-9]+ tokens in .*tokens/s\); decode 7 tokens in .*tokens/s" -- "${G[@]}" --prompt "the cat" --max-new-tokens 8
 expect "generate chat" 0 "generate: prompt [0-9]+ tokens" -- "${G[@]}" --chat "hello there" --max-new-tokens 4
 expect "generate sampling" 0 "temperature 0.8, top_p 0.9, seed 3" -- "${G[@]}" --prompt the --temperature 0.8 --top-p 0.9 --seed 3 --max-new-tokens 6
+# nemotron_h (Mamba2 hybrid) has no state cache: generate recomputes the sequence per token, and says so
+GN="$T/gen_nemotron_h"
+mkdir -p "$GN" && cp "$ROOT"/tests/fixtures/golden/nemotron_h/model/{config.json,generation_config.json,model.safetensors} "$ROOT"/tests/fixtures/generate/tokenizer/* "$GN/" 2>/dev/null
+expect "generate nemotron_h (recomputes)" 0 "each new token recomputes the whole sequence" -- "$BIN" generate --model "$GN" --device cpu --prompt "the cat" --max-new-tokens 5
 # stdout is the text alone (logs on stderr), the same on every run; a seed fixes the sampled text
 a=$("${G[@]}" --prompt "the cat" --max-new-tokens 12 2>/dev/null); b=$("${G[@]}" --prompt "the cat" --max-new-tokens 12 2>/dev/null)
 s1=$("${G[@]}" --prompt "the cat" --max-new-tokens 12 --temperature 1 --seed 5 2>/dev/null)
