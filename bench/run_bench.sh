@@ -18,6 +18,7 @@ esac
 OUTDIR=${OUT:-/tmp/bench}/$W
 mkdir -p "$OUTDIR"
 source tools/device_env.sh
+export AM_TRACE_TIMES=${AM_TRACE_TIMES:-1}  # the engine's per-span GPU times (ops/trace.h) go into engine.json
 export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 "$BUNDLE/bin/automodel" bench "bench/$Y.yaml" "${ENGINE_ARGS[@]}" --out "$OUTDIR/engine.json" > "$OUTDIR/engine.log" 2>&1
@@ -38,6 +39,10 @@ for h in hf:
     if "error" in h:
         print(f"{'HF ' + h['config']:32s} error {h['error']}"); continue
     print(f"{'HF ' + h['config']:32s} {h['tokens_per_s']:9.0f} {h['tflops']:8.1f} {100*h['tflops']/989:5.1f}% {h['peak_mem_gib']:9.2f} {h['step_ms']:8.1f}")
+if e and e.get("gpu_time_per_step"):
+    print("\nengine GPU time per timed step (CUDA events around each span; nested spans overlap):")
+    for k, v in sorted(e["gpu_time_per_step"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
+        print(f"  {k:32s} {v['ms_per_step']:8.2f} ms  ({v['calls_per_step']:.0f} per step)")
 if e:
     for h in hf:
         if "error" in h: continue

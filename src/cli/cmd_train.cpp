@@ -21,6 +21,7 @@
 #include "dist/launch.h"
 #include "dist/supervisor.h"
 #include "ops/device.h"
+#include "ops/trace.h"
 #include "config/recipe.h"
 #include "train/trainer.h"
 
@@ -221,6 +222,7 @@ int bench_body(const RecipeArgs& a, Recipe& r, const dist::LaunchInfo& li) {
            "leaves " + std::to_string(timed) + " timed steps after " + std::to_string(warm) + " warm-up steps (need >= 1)");
   t.run_steps(warm);
   t.reset_peak_mem();
+  ops::trace_times_reset();  // AM_TRACE_TIMES=1: time only the timed steps
   auto stats = t.run_steps(timed);
   double step_s = 0, fb = 0, opt = 0, tokens = 0, seq = 0;
   for (auto& s : stats) {
@@ -248,6 +250,13 @@ int bench_body(const RecipeArgs& a, Recipe& r, const dist::LaunchInfo& li) {
       {"model", {{"model_type", c.model_type}, {"hidden_size", c.hidden_size}, {"num_hidden_layers", c.num_hidden_layers},
                  {"vocab_size", c.vocab_size}, {"num_parameters", t.model().params().global_numel()}}},
       {"batch", {{"global_batch_size", t.global_batch_size()}, {"local_batch_size", t.local_batch_size()}, {"seq_len", seq}}}};
+  // AM_TRACE_TIMES=1 (ops/trace.h): GPU milliseconds per timed step of each named span, and its count per step.
+  if (ops::trace_times_enabled()) {
+    nlohmann::json g = nlohmann::json::object();
+    for (const auto& [name, v] : ops::trace_times())
+      g[name] = {{"ms_per_step", v.first / static_cast<double>(timed)}, {"calls_per_step", static_cast<double>(v.second) / static_cast<double>(timed)}};
+    j["gpu_time_per_step"] = g;
+  }
   if (li.rank != 0) return 0;  // one report for the job
   std::printf("%s\n", j.dump(2).c_str());
   const std::string out = !a.out.empty() ? a.out : r.get_string("benchmark.json_output_path", "");

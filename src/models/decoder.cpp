@@ -314,7 +314,7 @@ Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, 
     if (saved && recompute) (*saved)[i].x = x;
     LayerSaved* s = saved && !recompute ? &(*saved)[i] : nullptr;
     hook_use(static_cast<int>(i) + 1, false);
-    ops::TraceRange tr("layer", static_cast<int64_t>(i), "fwd");
+    ops::TimedRange tr("layer", static_cast<int64_t>(i), layers_[i].is_moe ? "fwd (moe)" : "fwd");
     const bool l = layers_[i].sliding_rope;
     x = layer_forward(layers_[i], x, l ? cos_l : cos, l ? sin_l : sin, attn_params(b, layers_[i].window), s, kv,
                       static_cast<int64_t>(i));
@@ -357,7 +357,7 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   Param& head = lm_head();
   double loss = 0.0;
   {
-    ops::TraceRange tr("lm_head+cross_entropy");
+    ops::TimedRange tr("lm_head+cross_entropy");
     loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf,
                                  head.grad.defined() ? &head.grad : nullptr, opt.loss_chunk_rows,
                                  static_cast<float>(cfg_.final_logit_softcapping));
@@ -373,7 +373,8 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
     const Tensor& cos = layers_[i].sliding_rope ? cos_l : cos_g;
     const Tensor& sin = layers_[i].sliding_rope ? sin_l : sin_g;
     hook_use(static_cast<int>(i) + 1, true);
-    ops::TraceRange tr("layer", static_cast<int64_t>(i), recompute ? "recompute+bwd" : "bwd");
+    ops::TimedRange tr("layer", static_cast<int64_t>(i),
+                       layers_[i].is_moe ? (recompute ? "recompute+bwd (moe)" : "bwd (moe)") : (recompute ? "recompute+bwd" : "bwd"));
     if (recompute) {
       Tensor x_in = saved[i].x;
       layer_forward(layers_[i], x_in, cos, sin, p, &saved[i]);  // same inputs, same kernels: same activations

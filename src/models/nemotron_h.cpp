@@ -173,7 +173,8 @@ Tensor NemotronHLM::trunk_forward(const Batch& b, std::vector<Saved>* saved, Ten
   if (saved) saved->assign(layers_.size(), Saved{});
   for (size_t i = 0; i < layers_.size(); ++i) {
     hook_use(static_cast<int>(i) + 1, false);
-    ops::TraceRange tr("layer", static_cast<int64_t>(i), "fwd");
+    const char fwd_name[] = {layers_[i].kind, ' ', 'f', 'w', 'd', 0};  // "M fwd": the block kind in the name
+    ops::TimedRange tr("layer", static_cast<int64_t>(i), fwd_name);
     // Activation checkpointing keeps only each layer's input [N, H]; backward recomputes the rest.
     if (saved && recompute) (*saved)[i].x = x;
     Saved* s = saved && !recompute ? &(*saved)[i] : nullptr;
@@ -197,7 +198,7 @@ double NemotronHLM::forward_backward(const Batch& b, float grad_scale, const For
   Param& head = lm_head();
   double loss = 0.0;
   {
-    ops::TraceRange tr("lm_head+cross_entropy");
+    ops::TimedRange tr("lm_head+cross_entropy");
     loss = lm_head_cross_entropy(ex_, xf, head.work, b.targets, grad_scale, &dxf,
                                  head.grad.defined() ? &head.grad : nullptr, opt.loss_chunk_rows);
   }
@@ -207,7 +208,8 @@ double NemotronHLM::forward_backward(const Batch& b, float grad_scale, const For
   dxf = Tensor();
   for (size_t i = layers_.size(); i-- > 0;) {
     hook_use(static_cast<int>(i) + 1, true);
-    ops::TraceRange tr("layer", static_cast<int64_t>(i), recompute ? "recompute+bwd" : "bwd");
+    const std::string bwd_name = std::string(1, layers_[i].kind) + (recompute ? " recompute+bwd" : " bwd");
+    ops::TimedRange tr("layer", static_cast<int64_t>(i), bwd_name.c_str());
     const Layer& L = layers_[i];
     if (recompute) {
       const Tensor x_in = saved[i].x;

@@ -569,7 +569,7 @@ StepStats Trainer::train_step(int64_t step) {
   for (int r = 0; r < world_; ++r)
     for (const auto& mb : my_micro_batches(global, r)) n_real += !mb.empty();
   for (size_t m = 0; m < micro.size(); ++m) {
-    ops::TraceRange tr("micro_batch", static_cast<int64_t>(m), "fwd+bwd");
+    ops::TimedRange tr("micro_batch", static_cast<int64_t>(m), "fwd+bwd");
     const bool pad_only = micro[m].empty();
     const std::vector<const Sample*> mb = pad_only ? std::vector<const Sample*>{&padding_sample()} : micro[m];
     Batch b = upload_batch(collate(mb, pad_only ? CollateOptions{} : collate_), model_->exec());
@@ -632,7 +632,7 @@ StepStats Trainer::train_step(int64_t step) {
   }
   st.lr = sched_.lr_at(step);
   {
-    ops::TraceRange tr("optimizer");
+    ops::TimedRange tr("optimizer");
     if (dp_) optim_->step(dp_->opt_slots(), st.lr, sched_.wd_at(step));
     else optim_->step(model_->params(), st.lr, sched_.wd_at(step));
     model_->exec().synchronize();
