@@ -8,7 +8,7 @@
 #     qlora8b       the QLoRA 8B memory claim (bench/qlora_8b.yaml)
 #     nf4           NF4 goldens from bitsandbytes (built from the carried .bnb source) + engine vs them
 #     gen_w1        HF generate golden on the W1-shaped Llama + the engine's CPU/CUDA generate vs it
-#     w1 | w2 | w2bf16   bench/run_bench.sh w1 / w2 / w2 in pure bf16 (model.dtype: bfloat16)
+#     w1 | w2 | w2bf16 | w5 | nemo8   bench/run_bench.sh (w2bf16: W2 in pure bf16; nemo8: issue 17's Nemotron row)
 #     goldens_cuda  bench/goldens_cuda_check.sh: every HF golden case trained on CUDA vs HF's fp32 loss
 #     gpu_tests     am_gpu_tests (GPU_FILTER=gtest filter, default all; GPU_LIMIT seconds, default 240)
 #     phi3diag      tools/phi3_longrope_diag.py (HF phi3 logits cached / full / no LongRoPE, per position)
@@ -31,9 +31,6 @@ for s in "$@"; do
     correctness)
       stage correctness
       OUT="$R/correctness" timeout ${CORRECTNESS_LIMIT:-330} bash bench/correctness_device_check.sh ;;
-    w5)
-      stage w5
-      OUT="$R" timeout 170 bash bench/run_bench.sh w5 .devbuild 2>&1 | tail -8 ;;
     qlora8b)
       stage qlora8b
       timeout 150 $B/automodel bench bench/qlora_8b.yaml --out "$R/qlora_8b.json" > "$R/qlora_8b.log" 2>&1
@@ -87,9 +84,9 @@ for s in "$@"; do
       else
         echo "no ncu on this machine"
       fi ;;
-    w1 | w2 | w2bf16)
+    w1 | w2 | w2bf16 | w5 | nemo8)
       stage "$s"
-      OUT="$R" timeout 240 bash bench/run_bench.sh "$s" .devbuild 2>&1 | tail -8 ;;
+      OUT="$R" timeout ${BENCH_LIMIT:-240} bash bench/run_bench.sh "$s" .devbuild 2>&1 | tail -40 ;;
     *) echo "unknown stage $s" ;;
   esac
   pack

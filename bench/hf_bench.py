@@ -95,6 +95,11 @@ def run(name):
            "tflops": B * T / dt * flops_tok / 1e12, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
            "loss": float(loss.detach()), "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
            "experts_implementation": getattr(model.config, "_experts_implementation", kw.get("experts_implementation"))}
+    if cfg.model_type == "nemotron_h":
+        # HF's Mamba2 mixer takes its CUDA kernels (mamba_ssm + causal_conv1d) when they import, else its torch path.
+        import importlib.util
+        out["mamba_path"] = "cuda kernels" if importlib.util.find_spec("mamba_ssm") and importlib.util.find_spec("causal_conv1d") else "torch (mamba_ssm absent)"
+        out["tflops"] = None  # active_matmul_params does not describe a hybrid; compare tok/s
     print(json.dumps(out), flush=True)
     del model, opt, fwd
     gc.collect()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A BENCH.md workload on the GPU machine, engine and HF in one call; prints the ratio table.
-#   bash bench/run_bench.sh w1|w2|w2bf16|w5 [BUNDLE_DIR=.devbuild]     (BUNDLE_DIR from tools/device_bundle.sh)
+#   bash bench/run_bench.sh w1|w2|w2bf16|w5|nemo8 [BUNDLE_DIR=.devbuild]     (BUNDLE_DIR from tools/device_bundle.sh)
 # w2bf16 is W2 with model.dtype: bfloat16 (pure bf16, docs/precision.md) against HF's bf16 configuration.
 # HF_CONFIGS_W1 / HF_CONFIGS_W2 (or HF_CONFIGS for any) override the HF configurations (bench/hf_bench.py).
 set -uo pipefail
@@ -13,6 +13,7 @@ case "$W" in
   w2) B=1; T=4096; DEF="bf16_grouped_mm,fp32_autocast_grouped_mm" ;;
   w2bf16) B=1; T=4096; DEF="bf16_grouped_mm"; Y=w2; ENGINE_ARGS=(--model.dtype=bfloat16) ;;
   w5) B=4; T=2048; DEF="peft_bf16" ;;
+  nemo8) B=1; T=4096; DEF="fp32_autocast_grouped_mm,bf16_grouped_mm" ;;  # issue 17: Nemotron-3-Nano, 8 blocks
   *) echo "unknown workload $W" >&2; exit 2 ;;
 esac
 OUTDIR=${OUT:-/tmp/bench}/$W
@@ -38,7 +39,9 @@ if e:
 for h in hf:
     if "error" in h:
         print(f"{'HF ' + h['config']:32s} error {h['error']}"); continue
-    print(f"{'HF ' + h['config']:32s} {h['tokens_per_s']:9.0f} {h['tflops']:8.1f} {100*h['tflops']/989:5.1f}% {h['peak_mem_gib']:9.2f} {h['step_ms']:8.1f}")
+    tf = h.get("tflops")
+    print(f"{'HF ' + h['config']:32s} {h['tokens_per_s']:9.0f} {tf or 0:8.1f} {100*(tf or 0)/989:5.1f}% {h['peak_mem_gib']:9.2f} {h['step_ms']:8.1f}"
+          + (f"   Mamba2: {h['mamba_path']}" if h.get("mamba_path") else ""))
 if e and e.get("gpu_time_per_step"):
     print("\nengine GPU time per timed step (CUDA events around each span; nested spans overlap):")
     for k, v in sorted(e["gpu_time_per_step"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
