@@ -20,67 +20,16 @@
 
 #include "backend/cuda/attention.h"
 #include "bench_registry.h"
+#include "bench_util.cuh"
 #include "core/tensor.h"
 
 namespace {
 
-#define BCK(x)                                                                                       \
-  do {                                                                                               \
-    cudaError_t e_ = (x);                                                                            \
-    if (e_ != cudaSuccess) {                                                                         \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));        \
-      std::exit(1);                                                                                  \
-    }                                                                                                \
-  } while (0)
-
-__global__ void fill_random(__nv_bfloat16* p, int64_t n, uint32_t seed) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  const float u = (x >> 8) * (1.f / 16777216.f);  // [0, 1)
-  p[i] = __float2bfloat16((u - 0.5f) * 3.4641f);   // variance 1
-}
-
-am::Tensor dev(const am::Shape& s, am::DType dt) {
-  void* p = nullptr;
-  BCK(cudaMalloc(&p, std::max<size_t>(16, static_cast<size_t>(am::shape_numel(s)) * am::dtype_size(dt))));
-  std::shared_ptr<void> keep(p, [](void* q) { cudaFree(q); });
-  return am::Tensor::wrap(p, s, dt, keep, am::DeviceType::CUDA);
-}
-
-void randomize(am::Tensor& t, uint32_t seed) {
-  const int64_t n = t.numel();
-  fill_random<<<static_cast<unsigned>((n + 255) / 256), 256>>>(static_cast<__nv_bfloat16*>(t.raw()), n, seed);
-  BCK(cudaGetLastError());
-}
-
-template <typename F>
-double median_ms(F&& f, int warm, int reps) {
-  for (int i = 0; i < warm; ++i) f();
-  BCK(cudaDeviceSynchronize());
-  cudaEvent_t a, b;
-  BCK(cudaEventCreate(&a));
-  BCK(cudaEventCreate(&b));
-  std::vector<float> ms;
-  for (int i = 0; i < reps; ++i) {
-    BCK(cudaEventRecord(a));
-    f();
-    BCK(cudaEventRecord(b));
-    BCK(cudaEventSynchronize(b));
-    float t = 0;
-    BCK(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+// Inputs: bench_util.cuh's centered lowbias32 fill, variance 1 ((u - 0.5) * 3.4641), each tensor on its own
+// cudaMalloc. Timing: its timer on the legacy default stream (where these kernels run), device sync after warm-up.
+constexpr auto& dev = am::bench::cuda_malloc_tensor;
+void randomize(am::Tensor& t, uint32_t seed) { am::bench::fill_centered_bf16(t, seed, 3.4641f); }
+constexpr auto& median_ms = am::bench::median_ms_legacy_stream;
 
 double gemm_tflops(int reps) {
   const int64_t M = 8192, N = 8192, K = 8192;
@@ -100,7 +49,7 @@ double gemm_tflops(int reps) {
   cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, M, N, M);
   size_t ws_bytes = size_t(32) << 20;
   void* ws = nullptr;
-  BCK(cudaMalloc(&ws, ws_bytes));
+  AM_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
   cublasLtMatmulPreference_t pref;
   cublasLtMatmulPreferenceCreate(&pref);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes);
@@ -116,7 +65,7 @@ double gemm_tflops(int reps) {
           ok &= cublasLtMatmul(lt, op, &alpha, A.raw(), la, B.raw(), lb, &beta, C.raw(), lc, C.raw(), lc, &res.algo,
                                ws, ws_bytes, nullptr) == CUBLAS_STATUS_SUCCESS;
         },
-        3, reps);
+        reps, 3);
     if (ok) tf = 2.0 * M * N * K / (ms * 1e-3) / 1e12;
   }
   cublasLtMatmulPreferenceDestroy(pref);
@@ -131,7 +80,7 @@ double gemm_tflops(int reps) {
 
 std::vector<float> to_host(const am::Tensor& t) {
   std::vector<uint16_t> h(static_cast<size_t>(t.numel()));
-  BCK(cudaMemcpy(h.data(), t.raw(), h.size() * 2, cudaMemcpyDeviceToHost));
+  AM_CUDA_CHECK(cudaMemcpy(h.data(), t.raw(), h.size() * 2, cudaMemcpyDeviceToHost));
   std::vector<float> f(h.size());
   for (size_t i = 0; i < h.size(); ++i) f[i] = am::bf16_to_f32(h[i]);
   return f;
@@ -168,7 +117,7 @@ struct Shape {
 
 }  // namespace
 
-int attention_bench_main(int argc, char** argv) {
+int attention_bench_main(int argc, char** argv) try {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 20;
   const std::vector<int> fvs = parse_list(argc > 2 ? argv[2] : nullptr, 5);
   const std::vector<int> bvs = parse_list(argc > 3 ? argv[3] : nullptr, 4);
@@ -178,7 +127,7 @@ int attention_bench_main(int argc, char** argv) {
     return 0;
   }
   cudaDeviceProp prop{};
-  BCK(cudaGetDeviceProperties(&prop, 0));
+  AM_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const double gemm = gemm_tflops(reps);
   std::printf("device %s, %d SMs; cuBLASLt bf16 8192^3 GEMM: %.1f TFLOP/s\n", prop.name, prop.multiProcessorCount,
               gemm);
@@ -212,8 +161,8 @@ int attention_bench_main(int argc, char** argv) {
     std::vector<float> ref_out;
     for (int fv : fvs) {
       tune.fwd_variant = fv;
-      const double ms = median_ms([&] { am::cuda::attention_fwd(q, k, v, p, out, lse); }, 5, reps);
-      BCK(cudaDeviceSynchronize());
+      const double ms = median_ms([&] { am::cuda::attention_fwd(q, k, v, p, out, lse); }, reps, 5);
+      AM_CUDA_CHECK(cudaDeviceSynchronize());
       const auto o = to_host(out);
       if (ref_out.empty()) ref_out = o;
       const double tf = fwd_flop / (ms * 1e-3) / 1e12;
@@ -230,11 +179,11 @@ int attention_bench_main(int argc, char** argv) {
         if (split == 1 && bv != bvs.front()) continue;
         const size_t wsb = am::cuda::attention_bwd_workspace_bytes(p);
         void* ws = nullptr;
-        BCK(cudaMalloc(&ws, wsb));
+        AM_CUDA_CHECK(cudaMalloc(&ws, wsb));
         const double ms = median_ms(
-            [&] { am::cuda::attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, nullptr, ws, wsb); }, 3, reps);
-        BCK(cudaDeviceSynchronize());
-        BCK(cudaFree(ws));
+            [&] { am::cuda::attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, nullptr, ws, wsb); }, reps, 3);
+        AM_CUDA_CHECK(cudaDeviceSynchronize());
+        AM_CUDA_CHECK(cudaFree(ws));
         const auto a = to_host(dq), b = to_host(dk), c = to_host(dv);
         if (r_dq.empty()) r_dq = a, r_dk = b, r_dv = c;
         const double d = std::max({rel(a, r_dq), rel(b, r_dk), rel(c, r_dv)});
@@ -248,6 +197,9 @@ int attention_bench_main(int argc, char** argv) {
   }
   tune = saved;
   return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "attention bench: %s\n", e.what());
+  return 1;
 }
 
 // Fallback entry point: weak, so a benchmark file that defines its own `main` takes precedence at link

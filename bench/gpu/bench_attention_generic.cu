@@ -19,67 +19,16 @@
 #include "backend/cuda/attention.h"
 #include "backend/cuda/attention_generic.h"
 #include "bench_registry.h"
+#include "bench_util.cuh"
 #include "core/tensor.h"
 
 namespace {
 
-#define GCK(x)                                                                                       \
-  do {                                                                                               \
-    cudaError_t e_ = (x);                                                                            \
-    if (e_ != cudaSuccess) {                                                                         \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));        \
-      std::exit(1);                                                                                  \
-    }                                                                                                \
-  } while (0)
-
-// Uniform values of variance `var` (hash of the index), bf16.
-__global__ void fill_uniform(__nv_bfloat16* p, int64_t n, uint32_t seed, float var) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  const float u = (x >> 8) * (1.f / 16777216.f);
-  p[i] = __float2bfloat16((u - 0.5f) * sqrtf(12.f * var));
-}
-
-am::Tensor dev(const am::Shape& s, am::DType dt) {
-  void* p = nullptr;
-  GCK(cudaMalloc(&p, std::max<size_t>(16, static_cast<size_t>(am::shape_numel(s)) * am::dtype_size(dt))));
-  std::shared_ptr<void> keep(p, [](void* q) { cudaFree(q); });
-  return am::Tensor::wrap(p, s, dt, keep, am::DeviceType::CUDA);
-}
-
-void randomize(am::Tensor& t, uint32_t seed) {
-  const int64_t n = t.numel();
-  fill_uniform<<<static_cast<unsigned>((n + 255) / 256), 256>>>(static_cast<__nv_bfloat16*>(t.raw()), n, seed, 1.f);
-  GCK(cudaGetLastError());
-}
-
-double median_ms(const std::function<void()>& f, int warm, int reps) {
-  for (int i = 0; i < warm; ++i) f();
-  GCK(cudaDeviceSynchronize());
-  cudaEvent_t a, b;
-  GCK(cudaEventCreate(&a));
-  GCK(cudaEventCreate(&b));
-  std::vector<float> ms;
-  for (int i = 0; i < reps; ++i) {
-    GCK(cudaEventRecord(a));
-    f();
-    GCK(cudaEventRecord(b));
-    GCK(cudaEventSynchronize(b));
-    float t = 0;
-    GCK(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+// Inputs: bench_util.cuh's centered lowbias32 fill, variance 1 ((u - 0.5) * sqrt(12)), each tensor on its own
+// cudaMalloc. Timing: its timer on the legacy default stream (where these kernels run), device sync after warm-up.
+constexpr auto& dev = am::bench::cuda_malloc_tensor;
+void randomize(am::Tensor& t, uint32_t seed) { am::bench::fill_centered_bf16(t, seed, std::sqrt(12.f)); }
+constexpr auto& median_ms = am::bench::median_ms_legacy_stream;
 
 struct GenShape {
   const char* name;
@@ -91,7 +40,7 @@ struct GenShape {
 
 }  // namespace
 
-int attention_generic_bench_main(int argc, char** argv) {
+int attention_generic_bench_main(int argc, char** argv) try {
   const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 10;
   int devc = 0;
   if (cudaGetDeviceCount(&devc) != cudaSuccess || devc == 0) {
@@ -99,7 +48,7 @@ int attention_generic_bench_main(int argc, char** argv) {
     return 0;
   }
   cudaDeviceProp prop{};
-  GCK(cudaGetDeviceProperties(&prop, 0));
+  AM_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device %s, %d SMs; generic attention (CUDA cores, fp32 math), bf16, causal\n", prop.name,
               prop.multiProcessorCount);
   const GenShape shapes[] = {
@@ -134,18 +83,18 @@ int attention_generic_bench_main(int argc, char** argv) {
     randomize(k, 22);
     randomize(v, 23);
     randomize(dout, 24);
-    GCK(cudaMemset(sinks.raw(), 0, sinks.nbytes()));
-    GCK(cudaMemset(dsinks.raw(), 0, dsinks.nbytes()));
+    AM_CUDA_CHECK(cudaMemset(sinks.raw(), 0, sinks.nbytes()));
+    AM_CUDA_CHECK(cudaMemset(dsinks.raw(), 0, dsinks.nbytes()));
     if (s.sinks) p.sinks = &sinks;
     const double fwd_flop = 4.0 * s.B * s.nh * static_cast<double>(s.T) * s.T * (s.D + s.Dv) / 4;
     const double bwd_flop = 2.5 * fwd_flop;
     const size_t wsb = am::cuda::attention_generic_bwd_workspace_bytes(p);
     void* ws = nullptr;
-    GCK(cudaMalloc(&ws, std::max<size_t>(wsb, 16)));
+    AM_CUDA_CHECK(cudaMalloc(&ws, std::max<size_t>(wsb, 16)));
     auto row = [&](const char* pass, double ms, double flop) {
       std::printf("%-20s %-8s %10.3f %10.2f\n", s.name, pass, ms, flop / (ms * 1e-3) / 1e12);
     };
-    row("fwd", median_ms([&] { am::cuda::attention_generic_fwd(q, k, v, p, out, lse); }, 3, reps), fwd_flop);
+    row("fwd", median_ms([&] { am::cuda::attention_generic_fwd(q, k, v, p, out, lse); }, reps, 3), fwd_flop);
     am::cuda::attention_generic_fwd(q, k, v, p, out, lse);
     row("bwd",
         median_ms(
@@ -153,22 +102,25 @@ int attention_generic_bench_main(int argc, char** argv) {
               am::cuda::attention_generic_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, s.sinks ? &dsinks : nullptr,
                                               nullptr, ws, wsb);
             },
-            2, reps),
+            reps, 2),
         bwd_flop);
     if (s.flash) {
-      row("fwd fl", median_ms([&] { am::cuda::attention_fwd(q, k, v, p, out, lse); }, 3, reps), fwd_flop);
+      row("fwd fl", median_ms([&] { am::cuda::attention_fwd(q, k, v, p, out, lse); }, reps, 3), fwd_flop);
       am::cuda::attention_fwd(q, k, v, p, out, lse);
       const size_t fwsb = am::cuda::attention_bwd_workspace_bytes(p);
       void* fws = nullptr;
-      GCK(cudaMalloc(&fws, std::max<size_t>(fwsb, 16)));
+      AM_CUDA_CHECK(cudaMalloc(&fws, std::max<size_t>(fwsb, 16)));
       row("bwd fl",
-          median_ms([&] { am::cuda::attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, nullptr, fws, fwsb); }, 2,
-                    reps),
+          median_ms([&] { am::cuda::attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, nullptr, fws, fwsb); },
+                    reps, 2),
           bwd_flop);
-      GCK(cudaFree(fws));
+      AM_CUDA_CHECK(cudaFree(fws));
     }
-    GCK(cudaDeviceSynchronize());
-    GCK(cudaFree(ws));
+    AM_CUDA_CHECK(cudaDeviceSynchronize());
+    AM_CUDA_CHECK(cudaFree(ws));
   }
   return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "attention_generic bench: %s\n", e.what());
+  return 1;
 }

@@ -7,7 +7,8 @@
 // TFLOP/s or GB/s, the percentage of the measured ceiling, and the percentage predicted before the run.
 //
 //   am_gpu_microbench [--quick]     (--quick: fewer repetitions)
-//   am_gpu_microbench NAME [args]   (a benchmark of bench_registry.h: attention, moe)
+//   am_gpu_microbench NAME [args]   (a benchmark of bench_registry.h: attention, moe, ...)
+//   am_gpu_microbench --help        (lists them; needs no GPU)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,6 +24,7 @@
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/tuning.h"
 #include "bench_registry.h"
+#include "bench_util.cuh"
 #include "core/tensor.h"
 
 using am::DType;
@@ -31,70 +33,19 @@ namespace cu = am::cuda;
 
 namespace {
 
-// Deterministic pseudo-random fill on the device (no host transfer for multi-GB buffers).
-__device__ __forceinline__ uint32_t hash32(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  x ^= x >> 33;
-  return static_cast<uint32_t>(x);
-}
-template <typename T>
-__global__ void rand_fill_kernel(T* p, int64_t n, uint64_t seed, float lo, float hi) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float u = (hash32(seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i)) >> 8) * (1.0f / 16777216.0f);
-    const float v = lo + (hi - lo) * u;
-    if constexpr (sizeof(T) == 4) p[i] = v;
-    else p[i] = __float2bfloat16_rn(v);
-  }
-}
-void rand_fill(Tensor& t, uint64_t seed, float lo = -1.f, float hi = 1.f) {
-  auto& ctx = cu::default_context();
-  const unsigned grid = static_cast<unsigned>(ctx.sm_count()) * 8;
-  if (t.dtype() == DType::F32)
-    rand_fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<float>(), t.numel(), seed, lo, hi);
-  else
-    rand_fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<__nv_bfloat16>(), t.numel(), seed, lo, hi);
-  AM_CUDA_CHECK_LAUNCH();
-}
+// Inputs: bench_util.cuh's fmix64 fill; token ids from the same hash.
+constexpr am::bench::Filler dev = am::bench::filled_fmix64;
 __global__ void rand_ids_kernel(int32_t* p, int64_t n, uint64_t seed, int32_t vocab) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    p[i] = static_cast<int32_t>(hash32(seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i)) % vocab);
-}
-
-Tensor dev(const am::Shape& s, DType dt, uint64_t seed, float lo = -1.f, float hi = 1.f) {
-  Tensor t = cu::empty(s, dt);
-  rand_fill(t, seed, lo, hi);
-  return t;
+    p[i] = static_cast<int32_t>(am::bench::hash_fmix64(i, seed) % vocab);
 }
 
 int g_reps = 20;
 
-// Median time in ms of fn() over reps runs (after warm-up), each bracketed by events on the stream.
-double time_ms(const std::function<void()>& fn, int reps = -1, int warmup = 3) {
-  auto& ctx = cu::default_context();
-  if (reps < 0) reps = g_reps;
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t a, b;
-  AM_CUDA_CHECK(cudaEventCreate(&a));
-  AM_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<float> ts;
-  for (int i = 0; i < reps; ++i) {
-    AM_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
-    fn();
-    AM_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
-    AM_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    AM_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
+// bench_util.cuh's median_ms (3 warm-up runs), by default over g_reps runs (--quick: 5).
+double time_ms(const std::function<void()>& fn, int reps = -1) {
+  return am::bench::median_ms(fn, reps < 0 ? g_reps : reps);
 }
 
 double g_gemm_peak = 0, g_bw_peak = 0;  // TFLOP/s, GB/s
@@ -139,6 +90,13 @@ int main(int argc, char** argv) {
   if (argc > 1)
     for (const GpuBench& b : kGpuBenches)
       if (std::strcmp(argv[1], b.name) == 0) return b.run(argc - 1, argv + 1);
+  if (argc > 1 && (std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0)) {
+    std::printf("usage: am_gpu_microbench [--quick]     core CUDA ops at the W1 shapes\n"
+                "       am_gpu_microbench NAME [args]   a registered benchmark, NAME one of:");
+    for (const GpuBench& b : kGpuBenches) std::printf(" %s", b.name);
+    std::printf("\n");
+    return 0;
+  }
   for (int i = 1; i < argc; ++i)
     if (std::strcmp(argv[i], "--quick") == 0) g_reps = 5;
   try {
@@ -148,31 +106,8 @@ int main(int argc, char** argv) {
                 pr.totalGlobalMem / double(1ull << 30), pr.major, pr.minor);
 
     // ---------------- ceilings ----------------
-    {
-      const int64_t s = 8192;
-      Tensor a = dev({s, s}, DType::BF16, 1), b = dev({s, s}, DType::BF16, 2), c = dev({s, s}, DType::BF16, 3);
-      cu::GemmDesc g;
-      g.trans_a = true;
-      g.m = g.n = g.k = s;
-      g.a = a.raw();
-      g.lda = s;
-      g.b = b.raw();
-      g.ldb = s;
-      g.d = c.raw();
-      g.ldd = s;
-      const double ms = time_ms([&] { cu::gemm(ctx, g); });
-      g_gemm_peak = 2.0 * s * s * s / (ms * 1e-3) / 1e12;
-      std::printf("ceiling: bf16 GEMM 8192^3 (cuBLASLt, TN): %.3f ms = %.1f TFLOP/s\n", ms, g_gemm_peak);
-    }
-    {
-      const size_t bytes = size_t(2) << 30;
-      Tensor a = dev({int64_t(bytes / 4)}, DType::F32, 4), b = cu::empty({int64_t(bytes / 4)}, DType::F32);
-      const double ms = time_ms([&] {
-        AM_CUDA_CHECK(cudaMemcpyAsync(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice, ctx.stream()));
-      });
-      g_bw_peak = 2.0 * bytes / (ms * 1e-3) / 1e9;
-      std::printf("ceiling: device-to-device copy 2 GiB: %.3f ms = %.1f GB/s (read + write)\n", ms, g_bw_peak);
-    }
+    g_gemm_peak = am::bench::gemm_ceiling_tflops(g_reps);
+    g_bw_peak = am::bench::copy_bandwidth_gbs(dev({am::bench::kCopyElems}, DType::F32, 4), g_reps);
 
     const int64_t N = 8192, H = 2048, I = 8192, V = 128256, NH = 32, NKV = 8, HD = 64;
 

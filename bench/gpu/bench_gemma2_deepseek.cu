@@ -26,6 +26,7 @@
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/mla_cols.h"
 #include "backend/cuda/moe_router_grouped.h"
+#include "bench_util.cuh"
 #include "core/tensor.h"
 
 using am::DType;
@@ -53,27 +54,8 @@ Tensor dev_const(const am::Shape& s, DType dt, float v) {
   return t;
 }
 
-double time_ms(const std::function<void()>& fn, int reps = 20, int warmup = 3) {
-  auto& ctx = cu::default_context();
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t a, b;
-  AM_CUDA_CHECK(cudaEventCreate(&a));
-  AM_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<float> ts;
-  for (int i = 0; i < reps; ++i) {
-    AM_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
-    fn();
-    AM_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
-    AM_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    AM_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
-}
+// Timing: bench_util.cuh's median_ms, median of 20 after 3 warm-up runs.
+using am::bench::median_ms;
 
 double g_bw_peak = 0;
 
@@ -98,14 +80,9 @@ int gemma2_deepseek_bench_main(int argc, char** argv) {
     std::printf("gemma2/deepseek bench: device %s, %d SMs, N=%lld\n", ctx.props().name, ctx.props().multiProcessorCount,
                 (long long)n);
     {
-      const size_t bytes = size_t(2) << 30;
-      Tensor a = cu::empty({int64_t(bytes / 4)}, DType::F32), b = cu::empty({int64_t(bytes / 4)}, DType::F32);
-      cu::zero_(a);
-      const double ms = time_ms([&] {
-        AM_CUDA_CHECK(cudaMemcpyAsync(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice, ctx.stream()));
-      });
-      g_bw_peak = 2.0 * bytes / (ms * 1e-3) / 1e9;
-      std::printf("ceiling: device-to-device copy 2 GiB: %.3f ms = %.1f GB/s (read + write)\n", ms, g_bw_peak);
+      Tensor src = cu::empty({am::bench::kCopyElems}, DType::F32);
+      cu::zero_(src);
+      g_bw_peak = am::bench::copy_bandwidth_gbs(src);
     }
 
     // ---- soft-capping: one LM-head chunk of Gemma 2 (V = 256000) ----
@@ -115,9 +92,9 @@ int gemma2_deepseek_bench_main(int argc, char** argv) {
       for (DType dt : {DType::F32, DType::BF16}) {
         Tensor x = dev_const({rows, V}, dt, 12.5f), g = dev_const({rows, V}, dt, 0.25f);
         const double es = static_cast<double>(am::dtype_size(dt)), el = static_cast<double>(rows * V);
-        const double f = time_ms([&] { cu::softcap_(x, 30.f); });
+        const double f = median_ms([&] { cu::softcap_(x, 30.f); });
         report_bytes((std::string("softcap_ ") + am::dtype_name(dt)).c_str(), shape, 2 * es * el, f);
-        const double b = time_ms([&] { cu::softcap_bwd_(x, g, 30.f); });
+        const double b = median_ms([&] { cu::softcap_bwd_(x, g, 30.f); });
         report_bytes((std::string("softcap_bwd_ ") + am::dtype_name(dt)).c_str(), shape, 3 * es * el, b);
       }
     }
@@ -130,19 +107,19 @@ int gemma2_deepseek_bench_main(int argc, char** argv) {
       Tensor K = dev_const({n, nh, dq}, dt, 0.25f), kr = dev_const({n, dr}, dt, 1.f), ckv = dev_const({n, ckw}, dt, 2.f);
       const double rope_bytes = 2.0 * n * nh * dr * 2;  // read + write of the rope block, bf16
       report_bytes("gather q rope (interleaved)", "[" + std::to_string(n * nh) + ", 192] -> 64", rope_bytes,
-                   time_ms([&] { cu::mla_gather_cols(q, dn, true, qr); }));
+                   median_ms([&] { cu::mla_gather_cols(q, dn, true, qr); }));
       report_bytes("scatter dq rope (interleaved)", "64 -> [" + std::to_string(n * nh) + ", 192]", rope_bytes,
-                   time_ms([&] { cu::mla_scatter_cols(qr, true, q, dn); }));
+                   median_ms([&] { cu::mla_scatter_cols(qr, true, q, dn); }));
       report_bytes("broadcast k_pe to 128 heads", "[" + std::to_string(n) + ", 64] -> 128 heads",
-                   2.0 * (n * dr + n * nh * dr), time_ms([&] { cu::mla_scatter_cols(kr, false, K, dn); }));
+                   2.0 * (n * dr + n * nh * dr), median_ms([&] { cu::mla_scatter_cols(kr, false, K, dn); }));
       report_bytes("sum dk_pe over 128 heads", "128 heads -> [" + std::to_string(n) + ", 64]",
-                   2.0 * (n * dr + n * nh * dr), time_ms([&] { cu::mla_gather_cols(K, dn, false, kr); }));
+                   2.0 * (n * dr + n * nh * dr), median_ms([&] { cu::mla_gather_cols(K, dn, false, kr); }));
       report_bytes("gather k_pe from kv_a", "[" + std::to_string(n) + ", 576] -> 64", 2.0 * 2 * n * dr,
-                   time_ms([&] { cu::mla_gather_cols(ckv, rkv, true, kr); }));
+                   median_ms([&] { cu::mla_gather_cols(ckv, rkv, true, kr); }));
       // the column splits the block does with copy_cols_ (cudaMemcpy2DAsync), for scale: k_nope out of kv_b's output
       Tensor kv = dev_const({n * nh, 256}, dt, 3.f), kn = cu::empty({n * nh, dq}, dt);
       report_bytes("copy_2d k_nope (memcpy2D)", "[" + std::to_string(n * nh) + ", 256] -> 128", 2.0 * 2 * n * nh * dn,
-                   time_ms([&] {
+                   median_ms([&] {
                      cu::copy_2d(kn.raw(), dq * 2, kv.raw(), 256 * 2, dn * 2, n * nh);
                    }));
     }
@@ -165,11 +142,11 @@ int gemma2_deepseek_bench_main(int argc, char** argv) {
         Tensor scores = cu::empty({n, c.E}, DType::F32), idx = cu::empty({n, c.k}, DType::I32),
                w = cu::empty({n, c.k}, DType::F32), dw = dev_uniform({n, c.k}, DType::F32, 10),
                dl = cu::empty({n, c.E}, DType::BF16);
-        report_time((std::string(c.name) + " fwd").c_str(), shape, time_ms([&] {
+        report_time((std::string(c.name) + " fwd").c_str(), shape, median_ms([&] {
                       cu::moe_router_grouped_fwd(logits, c.bias ? &bias : nullptr, c.k, c.o, scores, idx, w);
                     }));
         report_time((std::string(c.name) + " bwd").c_str(), shape,
-                    time_ms([&] { cu::moe_router_grouped_bwd(scores, idx, c.o, dw, dl); }));
+                    median_ms([&] { cu::moe_router_grouped_bwd(scores, idx, c.o, dw, dl); }));
       }
     }
   } catch (const std::exception& e) {

@@ -22,6 +22,7 @@
 #include "backend/cuda/gpt_oss_moe.h"
 #include "backend/cuda/moe.h"
 #include "bench_registry.h"
+#include "bench_util.cuh"
 #include "core/tensor.h"
 
 using am::DType;
@@ -30,56 +31,9 @@ namespace cu = am::cuda;
 
 namespace {
 
-// Uniform values in [lo, hi) from a hash of the index (the gates and ups then cross the clamps at +-7).
-template <typename T>
-__global__ void gpt_oss_fill_kernel(T* p, int64_t n, uint32_t seed, float lo, float hi) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
-    const float v = lo + (hi - lo) * static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
-    if constexpr (sizeof(T) == 4) p[i] = v;
-    else p[i] = __float2bfloat16_rn(v);
-  }
-}
-
-Tensor filled(const am::Shape& s, DType dt, uint32_t seed, float lo = -1.f, float hi = 1.f) {
-  auto& ctx = cu::default_context();
-  Tensor t = cu::empty(s, dt);
-  const unsigned grid = static_cast<unsigned>(ctx.sm_count()) * 8;
-  if (dt == DType::F32)
-    gpt_oss_fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<float>(), t.numel(), seed, lo, hi);
-  else
-    gpt_oss_fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<__nv_bfloat16>(), t.numel(), seed, lo, hi);
-  AM_CUDA_CHECK_LAUNCH();
-  return t;
-}
-
-double median_ms(const std::function<void()>& fn, int reps = 20, int warmup = 3) {
-  auto& ctx = cu::default_context();
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t a, b;
-  AM_CUDA_CHECK(cudaEventCreate(&a));
-  AM_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<float> ts;
-  for (int i = 0; i < reps; ++i) {
-    AM_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
-    fn();
-    AM_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
-    AM_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    AM_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
-}
+// Inputs: bench_util.cuh's lowbias32 fill (the gates and ups then cross the clamps at +-7); median of 20 after 3.
+using am::bench::filled;
+using am::bench::median_ms;
 
 double g_bw = 0;  // GB/s of the device-to-device copy (read + write)
 
@@ -105,15 +59,7 @@ int gpt_oss_bench_main(int argc, char** argv) {
     std::printf("gpt_oss expert kernels: device %s, %d SMs; N=%lld E=%lld k=%lld H=%lld I=%lld, %s rows per expert\n",
                 pr.name, pr.multiProcessorCount, (long long)n, (long long)e, (long long)k, (long long)h,
                 (long long)inner, skew ? "skewed" : "equal");
-    {
-      const size_t bytes = size_t(2) << 30;
-      Tensor a = filled({int64_t(bytes / 4)}, DType::F32, 4), b = cu::empty({int64_t(bytes / 4)}, DType::F32);
-      const double ms = median_ms([&] {
-        AM_CUDA_CHECK(cudaMemcpyAsync(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice, ctx.stream()));
-      });
-      g_bw = 2.0 * bytes / (ms * 1e-3) / 1e9;
-      std::printf("ceiling: device-to-device copy 2 GiB: %.3f ms = %.1f GB/s (read + write)\n", ms, g_bw);
-    }
+    g_bw = am::bench::copy_bandwidth_gbs(filled({am::bench::kCopyElems}, DType::F32, 4));
     // Offsets [E+1]: equal counts, or (--skew) half the rows on expert 0 and the rest spread evenly.
     std::vector<int32_t> off(static_cast<size_t>(e + 1), 0);
     for (int64_t j = 0; j < e; ++j) {

@@ -25,6 +25,7 @@
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/mamba2.h"
 #include "bench_registry.h"
+#include "bench_util.cuh"
 #include "core/tensor.h"
 
 using am::DType;
@@ -33,56 +34,9 @@ namespace cu = am::cuda;
 
 namespace {
 
-// Uniform values in [lo, hi) from a hash of the index.
-template <typename T>
-__global__ void mamba2_fill_kernel(T* p, int64_t n, uint32_t seed, float lo, float hi) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
-    const float v = lo + (hi - lo) * static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
-    if constexpr (sizeof(T) == 4) p[i] = v;
-    else p[i] = __float2bfloat16_rn(v);
-  }
-}
-
-Tensor filled(const am::Shape& s, DType dt, uint32_t seed, float lo = -1.f, float hi = 1.f) {
-  auto& ctx = cu::default_context();
-  Tensor t = cu::empty(s, dt);
-  const unsigned grid = static_cast<unsigned>(ctx.sm_count()) * 8;
-  if (dt == DType::F32)
-    mamba2_fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<float>(), t.numel(), seed, lo, hi);
-  else
-    mamba2_fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<__nv_bfloat16>(), t.numel(), seed, lo, hi);
-  AM_CUDA_CHECK_LAUNCH();
-  return t;
-}
-
-double median_ms(const std::function<void()>& fn, int reps = 10, int warmup = 2) {
-  auto& ctx = cu::default_context();
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t a, b;
-  AM_CUDA_CHECK(cudaEventCreate(&a));
-  AM_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<float> ts;
-  for (int i = 0; i < reps; ++i) {
-    AM_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
-    fn();
-    AM_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
-    AM_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    AM_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(ms);
-  }
-  cudaEvent_t ev[2] = {a, b};
-  for (cudaEvent_t e : ev) cudaEventDestroy(e);
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
-}
+// Inputs: bench_util.cuh's lowbias32 fill. Timing: its median_ms, here median of 10 after 2 warm-up runs.
+using am::bench::filled;
+double median_ms(const std::function<void()>& fn) { return am::bench::median_ms(fn, 10, 2); }
 
 void report_bw(const char* name, const std::string& shape, double bytes, double ms) {
   std::printf("  %-28s %-26s %9.3f ms %8.1f GB/s\n", name, shape.c_str(), ms, bytes / (ms * 1e-3) / 1e9);

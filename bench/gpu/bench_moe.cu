@@ -28,6 +28,7 @@
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/moe.h"
+#include "bench_util.cuh"
 #include "core/tensor.h"
 
 using am::DType;
@@ -36,57 +37,9 @@ namespace cu = am::cuda;
 
 namespace {
 
-__device__ __forceinline__ uint32_t mix32(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  x ^= x >> 33;
-  return static_cast<uint32_t>(x);
-}
-template <typename T>
-__global__ void fill_kernel(T* p, int64_t n, uint64_t seed, float lo, float hi) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float u = (mix32(seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i)) >> 8) * (1.0f / 16777216.0f);
-    const float v = lo + (hi - lo) * u;
-    if constexpr (sizeof(T) == 4) p[i] = v;
-    else p[i] = __float2bfloat16_rn(v);
-  }
-}
-Tensor dev(const am::Shape& s, DType dt, uint64_t seed, float lo = -1.f, float hi = 1.f) {
-  auto& ctx = cu::default_context();
-  Tensor t = cu::empty(s, dt);
-  const unsigned grid = static_cast<unsigned>(ctx.sm_count()) * 8;
-  if (dt == DType::F32)
-    fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<float>(), t.numel(), seed, lo, hi);
-  else
-    fill_kernel<<<grid, 256, 0, ctx.stream()>>>(t.data<__nv_bfloat16>(), t.numel(), seed, lo, hi);
-  AM_CUDA_CHECK_LAUNCH();
-  return t;
-}
-
-double time_ms(const std::function<void()>& fn, int reps = 20, int warmup = 3) {
-  auto& ctx = cu::default_context();
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t a, b;
-  AM_CUDA_CHECK(cudaEventCreate(&a));
-  AM_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<float> ts;
-  for (int i = 0; i < reps; ++i) {
-    AM_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
-    fn();
-    AM_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
-    AM_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    AM_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
-}
+// Inputs: bench_util.cuh's fmix64 fill (as bench_cuda_ops.cu). Timing: its median_ms, median of 20 after 3.
+constexpr am::bench::Filler dev = am::bench::filled_fmix64;
+using am::bench::median_ms;
 
 double g_gemm_peak = 0, g_bw_peak = 0;
 
@@ -138,7 +91,7 @@ void lt_dw_sweep(const std::string& name, const std::string& shape, double flops
   int best_i = -1;
   for (int i = 0; hs == CUBLAS_STATUS_SUCCESS && i < nres; ++i) {
     bool ok = true;
-    const double ms = time_ms([&] {
+    const double ms = median_ms([&] {
       if (!ok) return;
       if (cublasLtMatmul(ctx.lt(), desc, &one, a, la, b, lb, &one, c, lc, c, lc, &res[i].algo, ctx.workspace(), ws,
                          ctx.stream()) != CUBLAS_STATUS_SUCCESS)
@@ -178,31 +131,8 @@ int moe_bench_main(int argc, char** argv) {
     std::printf("moe bench: device %s, %d SMs; N=%lld E=%lld k=%lld H=%lld I=%lld, %s routing\n", pr.name,
                 pr.multiProcessorCount, (long long)n, (long long)e, (long long)k, (long long)h, (long long)inner,
                 skew ? "skewed" : "uniform");
-    {
-      const int64_t s = 8192;
-      Tensor a = dev({s, s}, DType::BF16, 1), b = dev({s, s}, DType::BF16, 2), c = dev({s, s}, DType::BF16, 3);
-      cu::GemmDesc g;
-      g.trans_a = true;
-      g.m = g.n = g.k = s;
-      g.a = a.raw();
-      g.lda = s;
-      g.b = b.raw();
-      g.ldb = s;
-      g.d = c.raw();
-      g.ldd = s;
-      const double ms = time_ms([&] { cu::gemm(ctx, g); });
-      g_gemm_peak = 2.0 * s * s * s / (ms * 1e-3) / 1e12;
-      std::printf("ceiling: bf16 GEMM 8192^3 (cuBLASLt, TN): %.3f ms = %.1f TFLOP/s\n", ms, g_gemm_peak);
-    }
-    {
-      const size_t bytes = size_t(2) << 30;
-      Tensor a = dev({int64_t(bytes / 4)}, DType::F32, 4), b = cu::empty({int64_t(bytes / 4)}, DType::F32);
-      const double ms = time_ms([&] {
-        AM_CUDA_CHECK(cudaMemcpyAsync(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice, ctx.stream()));
-      });
-      g_bw_peak = 2.0 * bytes / (ms * 1e-3) / 1e9;
-      std::printf("ceiling: device-to-device copy 2 GiB: %.3f ms = %.1f GB/s (read + write)\n", ms, g_bw_peak);
-    }
+    g_gemm_peak = am::bench::gemm_ceiling_tflops();
+    g_bw_peak = am::bench::copy_bandwidth_gbs(dev({am::bench::kCopyElems}, DType::F32, 4));
 
     // Routing: logits drawn on the host so that --skew can shape expert popularity.
     std::mt19937 rng(1);
@@ -224,17 +154,17 @@ int moe_bench_main(int argc, char** argv) {
     const std::string rh = "[" + std::to_string(rows) + ", " + std::to_string(h) + "]";
     std::printf("\nrouter and dispatch\n");
     {
-      const double ms = time_ms([&] { cu::moe_router_fwd(logits, k, true, probs, idx, tw); });
+      const double ms = median_ms([&] { cu::moe_router_fwd(logits, k, true, probs, idx, tw); });
       report_bytes("router fwd (softmax + top-k)", "[" + std::to_string(n) + ", 128]", n * e * (2.0 + 4.0) + n * k * 8.0,
                    ms, 30);
       Tensor dtw = dev({n, k}, DType::F32, 5), dpe = dev({n, e}, DType::F32, 6, -1e-3f, 1e-3f);
       Tensor dl = cu::empty({n, e}, DType::BF16);
-      const double ms2 = time_ms([&] { cu::moe_router_bwd(probs, idx, tw, true, dtw, &dpe, dl); });
+      const double ms2 = median_ms([&] { cu::moe_router_bwd(probs, idx, tw, true, dtw, &dpe, dl); });
       report_bytes("router bwd (+ aux dprobs)", "[" + std::to_string(n) + ", 128]", n * e * (4.0 + 4.0 + 2.0) + n * k * 12.0,
                    ms2, 30);
-      const double ms3 = time_ms([&] { cu::moe_dispatch_plan(idx, e, off, perm, inv, nullptr); });
+      const double ms3 = median_ms([&] { cu::moe_dispatch_plan(idx, e, off, perm, inv, nullptr); });
       report_time("dispatch plan (device only)", "N*k = " + std::to_string(rows), ms3);
-      const double ms4 = time_ms([&] { cu::moe_dispatch_plan(idx, e, off, perm, inv, &counts); });
+      const double ms4 = median_ms([&] { cu::moe_dispatch_plan(idx, e, off, perm, inv, &counts); });
       report_time("dispatch plan + host counts (sync)", "N*k = " + std::to_string(rows), ms4);
     }
 
@@ -242,23 +172,24 @@ int moe_bench_main(int argc, char** argv) {
     Tensor x = dev({n, h}, DType::BF16, 7), xg = cu::empty({rows, h}, DType::BF16);
     Tensor dxg = dev({rows, h}, DType::BF16, 8), dx = cu::empty({n, h}, DType::BF16);
     const double row_bytes = 2.0 * h;
-    report_bytes("gather x -> xg", rh, 2.0 * rows * row_bytes, time_ms([&] { cu::moe_gather(x, perm, k, xg); }), 75);
+    report_bytes("gather x -> xg", rh, 2.0 * rows * row_bytes, median_ms([&] { cu::moe_gather(x, perm, k, xg); }), 75);
     report_bytes("gather bwd (sum of k rows)", nh, (rows + n) * row_bytes,
-                 time_ms([&] { cu::moe_gather_bwd(dxg, inv, k, dx); }), 70);
+                 median_ms([&] { cu::moe_gather_bwd(dxg, inv, k, dx); }), 70);
     Tensor yg = dev({rows, h}, DType::BF16, 9), y = cu::empty({n, h}, DType::BF16);
     report_bytes("combine (weighted sum of k rows)", nh, (rows + n) * row_bytes + n * k * 8.0,
-                 time_ms([&] { cu::moe_combine(yg, inv, tw, y); }), 70);
+                 median_ms([&] { cu::moe_combine(yg, inv, tw, y); }), 70);
     Tensor dy = dev({n, h}, DType::BF16, 10), dyg = cu::empty({rows, h}, DType::BF16), dtw = cu::empty({n, k}, DType::F32);
     report_bytes("combine bwd (dyg + dtopk_w)", rh, (2.0 * rows + n) * row_bytes,
-                 time_ms([&] { cu::moe_combine_bwd(yg, inv, tw, dy, dyg, dtw); }), 65);
+                 median_ms([&] { cu::moe_combine_bwd(yg, inv, tw, dy, dyg, dtw); }), 65);
 
     std::printf("\nSwiGLU on [gate | up]\n");
     Tensor gu = dev({rows, 2 * inner}, DType::BF16, 11, -3.f, 3.f), hh = cu::empty({rows, inner}, DType::BF16);
     Tensor dh = dev({rows, inner}, DType::BF16, 12), dgu = cu::empty({rows, 2 * inner}, DType::BF16);
     const std::string gush = "[" + std::to_string(rows) + ", 2 x " + std::to_string(inner) + "]";
-    report_bytes("swiglu_fused fwd", gush, rows * inner * 2.0 * 3, time_ms([&] { cu::swiglu_fused_fwd(gu, hh); }), 85);
-    report_bytes("swiglu_fused bwd", gush, rows * inner * 2.0 * 5, time_ms([&] { cu::swiglu_fused_bwd(gu, dh, dgu); }),
+    report_bytes("swiglu_fused fwd", gush, rows * inner * 2.0 * 3, median_ms([&] { cu::swiglu_fused_fwd(gu, hh); }),
                  85);
+    report_bytes("swiglu_fused bwd", gush, rows * inner * 2.0 * 5,
+                 median_ms([&] { cu::swiglu_fused_bwd(gu, dh, dgu); }), 85);
 
     std::printf("\ngrouped GEMMs (bf16 in, fp32 accumulate; dW fp32 +=), %lld rows over %lld experts\n",
                 (long long)rows, (long long)e);
@@ -308,9 +239,9 @@ int moe_bench_main(int argc, char** argv) {
         const cu::GroupedLinearOptions opt{im.impl, im.pad_rows};
         const std::string tag = std::string(p.name) + " " + im.name;
         report_flops((tag + " fwd").c_str(), sh, fl,
-                     time_ms([&] { cu::grouped_linear_fwd(xin, w, off, yout, &counts, ctx, opt); }), im.pred);
-        const double both = time_ms([&] { cu::grouped_linear_bwd(xin, w, off, dyo, &dxin, dw, &counts, ctx, opt); });
-        const double dwo = time_ms([&] { cu::grouped_linear_bwd(xin, w, off, dyo, nullptr, dw, &counts, ctx, opt); });
+                     median_ms([&] { cu::grouped_linear_fwd(xin, w, off, yout, &counts, ctx, opt); }), im.pred);
+        const double both = median_ms([&] { cu::grouped_linear_bwd(xin, w, off, dyo, &dxin, dw, &counts, ctx, opt); });
+        const double dwo = median_ms([&] { cu::grouped_linear_bwd(xin, w, off, dyo, nullptr, dw, &counts, ctx, opt); });
         report_flops((tag + " dx+dw").c_str(), sh, 2 * fl, both, (im.pred + im.pred_dw) / 2);
         report_flops((tag + " dw only").c_str(), sh, fl, dwo, im.pred_dw);
         report_flops((tag + " dx (dx+dw - dw)").c_str(), sh, fl, std::max(both - dwo, 1e-6), im.pred);
@@ -328,7 +259,7 @@ int moe_bench_main(int argc, char** argv) {
       g.d = yout.raw();
       g.ldd = p.nout;
       report_flops((std::string(p.name) + " dense equivalent fwd").c_str(), sh, fl,
-                   time_ms([&] { cu::gemm(ctx, g); }), 85);
+                   median_ms([&] { cu::gemm(ctx, g); }), 85);
       // References: the strided-batched GEMMs alone, at the padded path's shape (E x Mpad rows; the difference to
       // the padded rows above is the padding copies and the scratch) and perfectly balanced (E x rows / E).
       {
@@ -344,7 +275,7 @@ int moe_bench_main(int argc, char** argv) {
           const std::string tag = std::string(p.name) + " strided-batched " + std::to_string(e) + "x" +
                                   std::to_string(cap);
           // FLOPs counted for the useful rows only (rows), so the percentage compares with the paths above.
-          report_flops((tag + " fwd").c_str(), sh, fl, time_ms([&] {
+          report_flops((tag + " fwd").c_str(), sh, fl, median_ms([&] {
                          AM_CUDA_CHECK(cublasGemmStridedBatchedEx(
                              hb, CUBLAS_OP_T, CUBLAS_OP_N, no, cap, kd, &one, w.raw(), CUDA_R_16BF, kd,
                              int64_t(no) * kd, xs.raw(), CUDA_R_16BF, kd, int64_t(cap) * kd, &zero, ys.raw(),
@@ -352,7 +283,7 @@ int moe_bench_main(int argc, char** argv) {
                              CUBLAS_GEMM_DEFAULT));
                        }),
                        p.pred_grouped);
-          report_flops((tag + " dx").c_str(), sh, fl, time_ms([&] {
+          report_flops((tag + " dx").c_str(), sh, fl, median_ms([&] {
                          AM_CUDA_CHECK(cublasGemmStridedBatchedEx(
                              hb, CUBLAS_OP_N, CUBLAS_OP_N, kd, cap, no, &one, w.raw(), CUDA_R_16BF, kd,
                              int64_t(no) * kd, dys.raw(), CUDA_R_16BF, no, int64_t(cap) * no, &zero, xs.raw(),
@@ -360,7 +291,7 @@ int moe_bench_main(int argc, char** argv) {
                              CUBLAS_GEMM_DEFAULT));
                        }),
                        p.pred_grouped);
-          report_flops((tag + " dw").c_str(), sh, fl, time_ms([&] {
+          report_flops((tag + " dw").c_str(), sh, fl, median_ms([&] {
                          AM_CUDA_CHECK(cublasGemmStridedBatchedEx(
                              hb, CUBLAS_OP_N, CUBLAS_OP_T, kd, no, cap, &one, xs.raw(), CUDA_R_16BF, kd,
                              int64_t(cap) * kd, dys.raw(), CUDA_R_16BF, no, int64_t(cap) * no, &one, dw.raw(),
@@ -398,8 +329,8 @@ int moe_bench_main(int argc, char** argv) {
         };
         const double fl = 2.0 * rows * h * 3 * inner;
         const std::string nm = impl == cu::GroupedGemm::Auto ? "auto" : "grouped (old Auto: grouped y/dx, per-expert dW)";
-        report_flops(("layer fwd, " + nm).c_str(), "W2", fl, time_ms(fwd), 55);
-        report_flops(("layer bwd, " + nm).c_str(), "W2", 2 * fl, time_ms(bwd), 55);
+        report_flops(("layer fwd, " + nm).c_str(), "W2", fl, median_ms(fwd), 55);
+        report_flops(("layer bwd, " + nm).c_str(), "W2", 2 * fl, median_ms(bwd), 55);
       }
     }
   } catch (const std::exception& ex) {
