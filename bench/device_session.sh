@@ -12,6 +12,7 @@
 #     goldens_cuda  bench/goldens_cuda_check.sh: every HF golden case trained on CUDA vs HF's fp32 loss
 #     gpu_tests     am_gpu_tests (GPU_FILTER=gtest filter, default all; GPU_LIMIT seconds, default 240)
 #     phi3diag      tools/phi3_longrope_diag.py (HF phi3 logits cached / full / no LongRoPE, per position)
+#     w4            bench/w4.sh: the seed tutorial end to end, engine (padded, packed) and HF Trainer
 #     w5trace       W5's engine step with AM_TRACE_TIMES=1: GPU time per layer / LM head / optimizer
 #     w5prof        per-kernel times of W5's engine step (nsys where the machine has it, else says so)
 # Returns $OUT/summary.txt (also the call's output), $OUT/results.tgz (all logs, new fixtures under fixtures/).
@@ -95,6 +96,10 @@ import json; e = json.load(open('$R/w5_trace.json'))
 print('step %.1f ms, fwd+bwd %.1f, optimizer %.1f, %.0f tok/s, peak %.2f GiB' % (e['step_ms'], e['fwd_bwd_ms'], e['opt_ms'], e['tokens_per_s'], e['peak_mem_gib']))
 for k, v in sorted(e.get('gpu_time_per_step', {}).items(), key=lambda kv: -kv[1]['ms_per_step']): print('  %-32s %8.2f ms (%d per step)' % (k, v['ms_per_step'], v['calls_per_step']))
 " 2>&1 | head -20 ;;
+    w4)
+      # BENCH.md W4 end to end (bench/w4.sh): the tokenizer and SQuAD travel packed (tools/device_bundle.sh with W4=1).
+      stage w4
+      OUT="$R" timeout ${BENCH_LIMIT:-540} bash bench/w4.sh .devbuild 2>&1 | tail -12 ;;
     w1 | w2 | w2bf16 | w5 | nemo8)
       stage "$s"
       OUT="$R" timeout ${BENCH_LIMIT:-240} bash bench/run_bench.sh "$s" .devbuild 2>&1 | tail -40 ;;

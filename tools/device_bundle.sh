@@ -29,5 +29,12 @@ du -sh "$O"
 mkdir -p .devpack
 tar cJf .devpack/bundle.tar.xz -C "$O" .
 # bitsandbytes' source (git-ignored .bnb, for the nf4 stage of bench/device_session.sh) travels packed too.
-if [ -d .bnb ]; then tar cJf .devpack/bnb.tar.xz .bnb; fi
+if [ -d .bnb ] && [ -z "${W4:-}" ]; then tar cJf .devpack/bnb.tar.xz .bnb; else rm -f .devpack/bnb.tar.xz; fi
+# W4=1: bench/w4.sh's inputs instead (the Llama 3 tokenizer from tools/fetch_tokenizers.sh, SQuAD v1.1 dev).
+if [ -n "${W4:-}" ]; then
+  tar cJf .devpack/tokenizer_llama3_1.tar.xz -C .cache/tokenizers/llama3_1 tokenizer.json tokenizer_config.json
+  xz -9 -c ../shared/datasets/squad/dev-v1.1.rebuilt.json > .devpack/squad_dev.json.xz
+else
+  rm -f .devpack/tokenizer_llama3_1.tar.xz .devpack/squad_dev.json.xz
+fi
 du -sh .devpack/*

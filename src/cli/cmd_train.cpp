@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <new>
 #include <string>
@@ -23,6 +24,8 @@
 #include "ops/device.h"
 #include "ops/trace.h"
 #include "config/recipe.h"
+#include "data/dataset.h"
+#include "train/model_source.h"
 #include "train/trainer.h"
 
 namespace am {
@@ -191,6 +194,61 @@ int cmd_finetune(int argc, char** argv) {
     t.train();
     return 0;
   });
+}
+
+// automodel dataset RECIPE.yaml [overrides] --out DIR: the samples the recipe trains (and validates) on, built
+// exactly as `finetune` builds them (tokenizer, chat template / prompt format, answer-only loss, truncation, packing),
+// written as DIR/train.jsonl and DIR/validation.jsonl: one {"input_ids": [...], "labels": [...]} per sample (labels
+// aligned with input_ids as in HF; -100 = no loss), plus "seq_lens" for a packed row. What a user inspects before a
+// long run, and what the HF side of bench/w4.sh trains on, so that both see the same tokens.
+int cmd_dataset(int argc, char** argv) {
+  auto a = parse_recipe_args(argc, argv, "dataset");
+  if (a.help) {
+    std::printf("usage: automodel dataset RECIPE.yaml [--section.key=VALUE ...] --out DIR\n\n"
+                "Writes the recipe's training samples (after tokenisation, formatting and packing) to DIR/train.jsonl and,\n"
+                "when it has a validation_dataset, its samples to DIR/validation.jsonl: one JSON object per sample,\n"
+                "{\"input_ids\": [...], \"labels\": [...]} (labels aligned with input_ids, -100 = no loss; packed rows add\n"
+                "\"seq_lens\"). Exit status: 0 ok, 2 usage or recipe error, 1 any other failure.\n");
+    return 0;
+  }
+  if (a.out.empty()) throw UsageError("dataset: --out DIR is required (usage: automodel dataset RECIPE.yaml --out DIR)");
+  if (a.nproc_given) throw UsageError("dataset: --nproc-per-node does not apply (the samples are the same on every rank)");
+  const auto t0 = std::chrono::steady_clock::now();
+  Recipe r = Recipe::load(a.recipe, a.overrides);
+  const ModelSource src = resolve_model_source(r);
+  DatasetContext dctx;
+  dctx.vocab_size = src.cfg.vocab_size;
+  dctx.seed = static_cast<uint64_t>(r.get_int("rng.seed", r.get_int("seed", 42)));  // as the trainer seeds it
+  dctx.tokenizer_dir = src.tokenizer_dir;
+  dctx.default_seq_len =
+      std::min<int64_t>(src.cfg.max_position_embeddings > 0 ? src.cfg.max_position_embeddings : 2048, 2048);
+  if (!r.has("dataset")) throw RecipeError(r.path() + ": the recipe has no dataset section");
+  std::filesystem::create_directories(a.out);
+  auto write = [&](const Dataset& ds, const std::string& name) {
+    const std::string path = (std::filesystem::path(a.out) / name).string();
+    std::ofstream f(path);
+    if (!f) throw IoError("dataset: cannot write " + path);
+    int64_t tokens = 0, labels = 0;
+    for (size_t i = 0; i < ds.size(); ++i) {
+      const Sample s = ds.get(i);
+      nlohmann::json j = {{"input_ids", s.input_ids}, {"labels", s.labels}};
+      if (!s.seq_lens.empty()) j["seq_lens"] = s.seq_lens;
+      f << j.dump() << "\n";
+      tokens += static_cast<int64_t>(s.input_ids.size());
+      for (int32_t l : s.labels) labels += l != -100;
+    }
+    if (!f) throw IoError("dataset: cannot write " + path);
+    log::info("dataset: " + std::to_string(ds.size()) + " samples, " + std::to_string(tokens) + " tokens (" +
+              std::to_string(labels) + " with a label) -> " + path);
+  };
+  std::unique_ptr<Dataset> train = make_dataset(r, "dataset", dctx);
+  if (int64_t pack_size = r.get_int("packed_sequence.packed_sequence_size", 0); pack_size > 0) train = pack_dataset(*train, pack_size);
+  write(*train, "train.jsonl");
+  if (r.has("validation_dataset")) write(*make_dataset(r, "validation_dataset", dctx), "validation.jsonl");
+  char took[32];
+  std::snprintf(took, sizeof took, "%.2f s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  log::info(std::string("dataset: done in ") + took);
+  return 0;
 }
 
 int cmd_eval(int argc, char** argv) {

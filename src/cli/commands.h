@@ -5,6 +5,7 @@ namespace am {
 int cmd_finetune(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
+int cmd_dataset(int argc, char** argv);  // automodel dataset (src/cli/cmd_train.cpp)
 int cmd_info(int argc, char** argv);
 int cmd_tokenize(int argc, char** argv);  // automodel tokenize (src/cli/cmd_tokenize.cpp)
 int cmd_chat_template(int argc, char** argv);  // automodel chat-template (src/cli/cmd_chat_template.cpp)

@@ -25,6 +25,7 @@ static const char* kUsage =
     "  automodel finetune RECIPE.yaml [--section.key=VALUE ...]   (also: automodel RECIPE.yaml, automodel finetune llm -c RECIPE.yaml)\n"
     "  automodel bench RECIPE.yaml [...] [--out FILE.json]\n"
     "  automodel eval RECIPE.yaml [...]\n"
+    "  automodel dataset RECIPE.yaml [...] --out DIR   (the samples a recipe trains on, as JSONL)\n"
     "  automodel tokenize --tokenizer DIR [--add-special-tokens] [--decode] --jsonl FILE|-\n"
     "  automodel chat-template --tokenizer DIR [--add-generation-prompt] --jsonl FILE|-\n"
     "  automodel generate --model DIR (--prompt TEXT | --chat TEXT) [...]\n"
@@ -69,6 +70,7 @@ static int dispatch(int argc, char** argv) {
   if (cmd == "finetune" || cmd == "train") return cmd_finetune(sub_argc, sub_argv);
   if (cmd == "bench") return cmd_bench(sub_argc, sub_argv);
   if (cmd == "eval") return cmd_eval(sub_argc, sub_argv);
+  if (cmd == "dataset") return cmd_dataset(sub_argc, sub_argv);
   if (cmd == "info") return cmd_info(sub_argc, sub_argv);
   if (cmd == "tokenize") return cmd_tokenize(sub_argc, sub_argv);
   if (cmd == "chat-template") return cmd_chat_template(sub_argc, sub_argv);

@@ -139,6 +139,17 @@ expect "generate missing adapter" 1 "$T/no_adapter" -- "${G[@]}" --prompt a --ad
 expect "generate greedy" 0 "prefill [0-9]+ tokens in .*tokens/s\); decode 7 tokens in .*tokens/s" -- "${G[@]}" --prompt "the cat" --max-new-tokens 8
 expect "generate chat" 0 "generate: prompt [0-9]+ tokens" -- "${G[@]}" --chat "hello there" --max-new-tokens 4
 expect "generate sampling" 0 "temperature 0.8, top_p 0.9, seed 3" -- "${G[@]}" --prompt the --temperature 0.8 --top-p 0.9 --seed 3 --max-new-tokens 6
+# automodel dataset: the samples a recipe trains on, as JSONL (the llama golden's tokenized_jsonl comes back as it went in)
+expect "dataset no --out" 2 "--out DIR is required" -- "$BIN" dataset "$FIX/recipe.yaml"
+expect "dataset writes" 0 "dataset: [0-9]+ samples" -- "$BIN" dataset "$FIX/recipe.yaml" --out "$T/ds"
+if python3 - "$FIX/data.jsonl" "$T/ds/train.jsonl" <<'PY'
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+b = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+sys.exit(0 if len(a) == len(b) and all(x["input_ids"] == y["input_ids"] and x.get("labels", x["input_ids"]) == y["labels"] for x, y in zip(a, b)) else 1)
+PY
+then pass=$((pass + 1)); echo "ok   dataset: train.jsonl equals the recipe's tokenized_jsonl input"
+else fail=$((fail + 1)); echo "FAIL dataset: train.jsonl differs from the recipe's input"; fi
 # nemotron_h (Mamba2 hybrid) has no state cache: generate recomputes the sequence per token, and says so
 GN="$T/gen_nemotron_h"
 mkdir -p "$GN" && cp "$ROOT"/tests/fixtures/golden/nemotron_h/model/{config.json,generation_config.json,model.safetensors} "$ROOT"/tests/fixtures/generate/tokenizer/* "$GN/" 2>/dev/null
