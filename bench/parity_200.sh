@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # 200-step loss-curve parity, engine vs HF, same initial weights and data, one device call.
-#   [PARITY_NOISE=1] [ENGINE_ALT="--key=value ..."] bash bench/parity_200.sh [BUNDLE_DIR=.devbuild]
+#   [PARITY_NOISE=1] [ENGINE_ALT="--key=value ..."] [PARITY_BF16=1] bash bench/parity_200.sh [BUNDLE_DIR=.devbuild]
+# PARITY_BF16=1 (issue 15): also HF with a bf16 model, and the engine with model.dtype bfloat16, round to nearest
+# and with optimizer.stochastic_rounding; each pure-bf16 curve is compared with the fp32-master curves (ours and HF's).
 set -uo pipefail
 BUNDLE=${1:-.devbuild}
 D=/tmp/p200
 rm -rf $D && mkdir -p $D
 source tools/device_env.sh
 export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:$LD_LIBRARY_PATH"
-PYTHONUNBUFFERED=1 python3 tools/hf_parity_200.py $D 200 8 3e-4 ${PARITY_NOISE:+noise} 2>$D/hf.err || tail -5 $D/hf.err
+PYTHONUNBUFFERED=1 python3 tools/hf_parity_200.py $D 200 8 3e-4 ${PARITY_NOISE:+noise} ${PARITY_BF16:+bf16} 2>$D/hf.err || tail -5 $D/hf.err
 cat > $D/recipe.yaml <<YAML
 seed: 1
 device: cuda
@@ -26,6 +28,12 @@ if [ -n "${ENGINE_ALT:-}" ]; then
   # shellcheck disable=SC2086
   "$BUNDLE/bin/automodel" finetune $D/recipe.yaml --checkpoint.checkpoint_dir=$D/engine_alt $ENGINE_ALT \
     > $D/engine_alt.log 2>&1 || tail -5 $D/engine_alt.log
+fi
+if [ -n "${PARITY_BF16:-}" ]; then
+  "$BUNDLE/bin/automodel" finetune $D/recipe.yaml --checkpoint.checkpoint_dir=$D/engine_bf16 --model.dtype=bfloat16 \
+    > $D/engine_bf16.log 2>&1 || tail -5 $D/engine_bf16.log
+  "$BUNDLE/bin/automodel" finetune $D/recipe.yaml --checkpoint.checkpoint_dir=$D/engine_bf16_sr --model.dtype=bfloat16 \
+    --optimizer.stochastic_rounding=true > $D/engine_bf16_sr.log 2>&1 || tail -5 $D/engine_bf16_sr.log
 fi
 python3 - $D <<'PY'
 import json, sys
@@ -70,6 +78,17 @@ if ea:
     print(f"engine_alt: {os.environ.get('ENGINE_ALT', '')}")
     stats("engine_alt vs HF sdpa", hf, ea)
     stats("engine_alt vs engine", en, ea)
+def load(p):
+    return [json.loads(l) for l in open(p)] if os.path.exists(p) else []
+hb, eb, es = load(f"{d}/hf_bf16_training.jsonl"), load(f"{d}/engine_bf16/training.jsonl"), load(f"{d}/engine_bf16_sr/training.jsonl")
+if hb or eb or es:
+    print("\n== pure bf16 (issue 15): distance from the fp32-master curves")
+    for name, run in (("HF bf16", hb), ("engine bf16 nearest", eb), ("engine bf16 stochastic", es)):
+        if run:
+            stats(f"{name} vs HF fp32+autocast", hf, run)
+            stats(f"{name} vs engine fp32 master", en, run)
+    if hb and eb:
+        stats("engine bf16 nearest vs HF bf16", hb, eb)
 if os.path.exists(f"{d}/hf_eager_training.jsonl"):
     stats("HF eager vs HF sdpa (noise floor)", hf, he)
     stats("engine vs HF eager", he, en)

@@ -8,7 +8,9 @@ torch AdamW, clip 1.0. Writes one JSON line per step.
 With a 5th argument `noise`, HF fine-tunes the same saved weights a second time with eager attention instead of
 sdpa (same math, other kernels and reduction order) into hf_eager_training.jsonl: how far HF drifts from itself
 is the noise floor the engine-vs-HF difference should be judged against.
-    python3 tools/hf_parity_200.py OUT_DIR [STEPS=200] [GBS=8] [LR=3e-4] [noise]
+With `bf16`, HF also fine-tunes the same weights loaded in bf16 (bf16 params, grads and AdamW state) into
+hf_bf16_training.jsonl: the curve issue 15 compares pure-bf16 runs with.
+    python3 tools/hf_parity_200.py OUT_DIR [STEPS=200] [GBS=8] [LR=3e-4] [noise] [bf16]
 """
 import json, os, sys
 import torch
@@ -28,9 +30,12 @@ model.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
 rows = [json.loads(l) for l in open("examples/demo/gsm8k_train_512.tokenized.jsonl")]
 
 
-def finetune(model, log_name):
+def finetune(model, log_name, bf16=False):
+    # bf16=True: HF with a bf16 model (params, grads, AdamW state bf16; no autocast), torch's single-tensor AdamW
+    # (foreach=False, the rounding model.dtype: bfloat16 follows, docs/precision.md).
     model = model.cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                            **({"foreach": False} if bf16 else {}))
     log = open(os.path.join(out, log_name), "w")
     per_epoch = len(rows) // gbs
     for step in range(1, steps + 1):
@@ -46,7 +51,7 @@ def finetune(model, log_name):
             lab[b, :n] = torch.tensor(r.get("labels", r["input_ids"]))
             mask[b, :n] = 1
         ids, lab, mask = ids.cuda(), lab.cuda(), mask.cuda()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not bf16):
             logits = model(input_ids=ids, attention_mask=mask).logits
         tgt = torch.cat([lab[:, 1:], torch.full((gbs, 1), -100, device="cuda")], dim=1)
         n_lab = int((tgt != -100).sum())
@@ -63,7 +68,13 @@ def finetune(model, log_name):
 
 finetune(model, "hf_training.jsonl")
 print("hf done", flush=True)
-if len(sys.argv) > 5 and sys.argv[5] == "noise":
+if "bf16" in sys.argv[5:]:
+    del model
+    torch.cuda.empty_cache()
+    model = LlamaForCausalLM.from_pretrained(os.path.join(out, "model"), attn_implementation="sdpa", dtype=torch.bfloat16)
+    finetune(model, "hf_bf16_training.jsonl", bf16=True)
+    print("hf bf16 done", flush=True)
+if "noise" in sys.argv[5:]:
     del model
     torch.cuda.empty_cache()
     m2 = LlamaForCausalLM.from_pretrained(os.path.join(out, "model"), attn_implementation="eager", dtype=torch.float32)
