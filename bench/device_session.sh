@@ -13,6 +13,7 @@
 #     gpu_tests     am_gpu_tests (GPU_FILTER=gtest filter, default all; GPU_LIMIT seconds, default 240)
 #     phi3diag      tools/phi3_longrope_diag.py (HF phi3 logits cached / full / no LongRoPE, per position)
 #     w4            bench/w4.sh: the seed tutorial end to end, engine (padded, packed) and HF Trainer
+#     parity_bf16   bench/parity_200.sh with PARITY_BF16=1 (issue 15's SR / nearest / HF bf16 curves)
 #     w5trace       W5's engine step with AM_TRACE_TIMES=1: GPU time per layer / LM head / optimizer
 #     w5prof        per-kernel times of W5's engine step (nsys where the machine has it, else says so)
 # Returns $OUT/summary.txt (also the call's output), $OUT/results.tgz (all logs, new fixtures under fixtures/).
@@ -86,6 +87,10 @@ for s in "$@"; do
       else
         echo "no ncu on this machine"
       fi ;;
+    parity_bf16)
+      # issue 15: 200-step GSM8K curves, pure bf16 (nearest, stochastic) vs the fp32-master curves, HF bf16 beside
+      stage parity_bf16
+      OUT="$R" PARITY_BF16=1 timeout ${PARITY_LIMIT:-500} bash bench/parity_200.sh .devbuild 2>&1 | tail -25 ;;
     w5trace)
       # W5's engine step alone with AM_TRACE_TIMES=1 (ops/trace.h): GPU time per layer, LM head and optimizer.
       stage w5trace
