@@ -65,6 +65,18 @@ void Optimizer::set_state(const std::string& key, int which, Tensor t) { (which 
 
 void Optimizer::step(ParamStore& ps, double lr, double wd) { step(slots_of(ps), lr, wd); }
 
+AdamWHyper Optimizer::hyper(double lr, double wd) const {
+  AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = cfg_.beta1;
+  h.beta2 = cfg_.beta2;
+  h.eps = cfg_.eps;
+  h.weight_decay = wd;
+  h.step = step_;
+  h.decoupled = cfg_.kind == "adamw";
+  return h;
+}
+
 void Optimizer::step_cuda(const std::vector<OptSlot>& slots, double lr, double wd) {
   if (cfg_.kind == "sgd") throw DeviceError("optimizer: torch.optim.SGD is not implemented on CUDA yet (use AdamW or Adam)");
   std::vector<AdamWTensors> list;
@@ -78,15 +90,7 @@ void Optimizer::step_cuda(const std::vector<OptSlot>& slots, double lr, double w
     }
     list.push_back({sl.value, sl.grad, &m, &v, sl.work});
   }
-  AdamWHyper h;
-  h.lr = lr;
-  h.beta1 = cfg_.beta1;
-  h.beta2 = cfg_.beta2;
-  h.eps = cfg_.eps;
-  h.weight_decay = wd;
-  h.step = step_;
-  h.decoupled = cfg_.kind == "adamw";
-  ops::adamw_step_cuda(list, h);
+  ops::adamw_step_cuda(list, hyper(lr, wd));
 }
 
 // model.dtype: bfloat16 (train/pure_bf16.h): bf16 gradients and state; the parameter is bf16 on the GPU and an
@@ -112,13 +116,7 @@ void Optimizer::step_bf16(const std::vector<OptSlot>& slots, double lr, double w
     list.push_back({sl.value, sl.grad, &m, &v, fnv1a(sl.key)});
   }
   AdamWBf16Hyper h;
-  h.lr = lr;
-  h.beta1 = cfg_.beta1;
-  h.beta2 = cfg_.beta2;
-  h.eps = cfg_.eps;
-  h.weight_decay = wd;
-  h.step = step_;
-  h.decoupled = cfg_.kind == "adamw";
+  static_cast<AdamWHyper&>(h) = hyper(lr, wd);
   h.stochastic = cfg_.stochastic_rounding;
   h.seed = cfg_.seed;
   ops::adamw_bf16_step(list, h);

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/adamw_params.h"
 #include "models/exec.h"
 #include "models/params.h"
 
@@ -61,6 +62,7 @@ class Optimizer {
  private:
   void step_cuda(const std::vector<OptSlot>& slots, double lr, double wd);
   void step_bf16(const std::vector<OptSlot>& slots, double lr, double wd);
+  AdamWHyper hyper(double lr, double wd) const;  // this step's hyper-parameters (the step being taken: step_)
 
  public:
   // Host tensors from a checkpoint; moved to ex's device.
