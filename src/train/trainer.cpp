@@ -260,6 +260,9 @@ void Trainer::setup() {
     else if (pure_bf16 && device_name_ == "cpu" && !opt_.quiet)
       log::info(r_.where(dtype_key) + " (bfloat16): parameters, gradients and AdamW state are held as bf16 values; the "
                 "CPU computes in fp32");
+    else if (pure_bf16 && !opt_.quiet)
+      log::info(r_.where(dtype_key) + " (bfloat16): pure bf16 training: bf16 parameters, gradients and AdamW state, no "
+                "fp32 master copy (docs/precision.md)");
   }
   if (groups_) dp_ = std::make_unique<dist::DataParallel>(*model_, *groups_, dist::parse_strategy(strategy_name_), model_->exec());
   if (pure_bf16) pure_ = std::make_unique<PureBf16>(*model_);
