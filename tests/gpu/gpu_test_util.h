@@ -12,12 +12,14 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend/cuda/cuda_ops.h"
 #include "config/recipe.h"
 #include "core/tensor.h"
 #include "../common/tolerance.h"
+#include "models/model.h"
 #include "train/trainer.h"
 
 namespace am::gpu_test {
@@ -124,6 +126,29 @@ inline void compare_cpu_cuda_training(const std::filesystem::path& dir, const st
     EXPECT_NEAR(gpu[i].grad_norm, gn, 0.05 * gn) << tag << " step " << i + 1;
   }
   std::fflush(stdout);
+}
+
+// Relative L2 distance of b's gradients from a's: over all parameters, and per parameter (worst first).
+inline double grad_distance(CausalLM& a, CausalLM& b, std::vector<std::pair<double, std::string>>* per_param) {
+  double num_all = 0, den_all = 0;
+  for (Param& p : a.params().all()) {
+    if (!p.grad.defined()) continue;
+    const Tensor want = ExecContext::download(p.grad);
+    const Tensor got = ExecContext::download(b.params().get(p.name).grad);
+    EXPECT_EQ(got.numel(), want.numel()) << p.name;
+    if (got.numel() != want.numel()) continue;
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < want.numel(); ++i) {
+      const double d = double(got.f32()[i]) - want.f32()[i];
+      num += d * d;
+      den += double(want.f32()[i]) * want.f32()[i];
+    }
+    num_all += num;
+    den_all += den;
+    if (per_param) per_param->emplace_back(den > 0 ? std::sqrt(num / den) : std::sqrt(num), p.name);
+  }
+  if (per_param) std::sort(per_param->rbegin(), per_param->rend());
+  return den_all > 0 ? std::sqrt(num_all / den_all) : 0.0;
 }
 
 }  // namespace am::gpu_test

@@ -60,29 +60,6 @@ struct GradReport {
   double sens_all = 0, sens_worst = 0;
 };
 
-// Relative L2 distance of b's gradients from a's: over all parameters, and per parameter (worst first).
-double grad_distance(CausalLM& a, CausalLM& b, std::vector<std::pair<double, std::string>>* per_param) {
-  double num_all = 0, den_all = 0;
-  for (Param& p : a.params().all()) {
-    if (!p.grad.defined()) continue;
-    const Tensor want = ExecContext::download(p.grad);
-    const Tensor got = ExecContext::download(b.params().get(p.name).grad);
-    EXPECT_EQ(got.numel(), want.numel()) << p.name;
-    if (got.numel() != want.numel()) continue;
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < want.numel(); ++i) {
-      const double d = double(got.f32()[i]) - want.f32()[i];
-      num += d * d;
-      den += double(want.f32()[i]) * want.f32()[i];
-    }
-    num_all += num;
-    den_all += den;
-    if (per_param) per_param->emplace_back(den > 0 ? std::sqrt(num / den) : std::sqrt(num), p.name);
-  }
-  if (per_param) std::sort(per_param->rbegin(), per_param->rend());
-  return den_all > 0 ? std::sqrt(num_all / den_all) : 0.0;
-}
-
 GradReport step1_gradients(const fs::path& dir) {
   const io::ModelConfig cfg = io::load_model_config((dir / "model/config.json").string());
   auto rows = first_rows(dir / "data.jsonl", 2);
@@ -103,9 +80,9 @@ GradReport step1_gradients(const fs::path& dir) {
   r.ce_cpu = cpu->forward_backward(host_batch, 1.0f, fo);
   r.ce_gpu = gpu->forward_backward(upload_batch(host_batch, gpu->exec()), 1.0f, fo);
   rounded->forward_backward(host_batch, 1.0f, fo);
-  r.rel_all = grad_distance(*cpu, *gpu, &r.per_param);
+  r.rel_all = gpu_test::grad_distance(*cpu, *gpu, &r.per_param);
   std::vector<std::pair<double, std::string>> sens;
-  r.sens_all = grad_distance(*cpu, *rounded, &sens);
+  r.sens_all = gpu_test::grad_distance(*cpu, *rounded, &sens);
   r.sens_worst = sens.empty() ? 0.0 : sens.front().first;
   return r;
 }

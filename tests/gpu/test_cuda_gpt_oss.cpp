@@ -307,26 +307,12 @@ TEST(CudaGptOss, ModelGradientsMatchCpu) {
               std::abs(ce_g - ce_c) / ce_c, aux_c, aux_g);
   EXPECT_NEAR(ce_g, ce_c, 1e-2 * ce_c);
   EXPECT_NEAR(aux_g, aux_c, 2e-2 * std::abs(aux_c) + 1e-6);
-  double num_all = 0, den_all = 0, worst = 0;
-  std::string worst_name;
-  for (Param& p : cpu->params().all()) {
-    const Tensor want = p.grad;
-    const Tensor got = ExecContext::download(gpu->params().get(p.name).grad);
-    ASSERT_EQ(got.numel(), want.numel()) << p.name;
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < want.numel(); ++i) {
-      const double d = double(got.f32()[i]) - want.f32()[i];
-      num += d * d;
-      den += double(want.f32()[i]) * want.f32()[i];
-    }
-    num_all += num;
-    den_all += den;
-    const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-    if (rel > worst) worst = rel, worst_name = p.name;
-    // A per-parameter budget loose enough for a bf16-near-tie token routed to another expert on one side.
-    EXPECT_LT(rel, 0.1) << p.name << ": relative L2 error of the gradient";
-  }
-  const double rel_all = std::sqrt(num_all / den_all);
+  std::vector<std::pair<double, std::string>> per_param;  // worst first
+  const double rel_all = gpu_test::grad_distance(*cpu, *gpu, &per_param);
+  // A per-parameter budget loose enough for a bf16-near-tie token routed to another expert on one side.
+  for (const auto& [rel, name] : per_param) EXPECT_LT(rel, 0.1) << name << ": relative L2 error of the gradient";
+  const double worst = per_param.empty() ? 0.0 : per_param.front().first;
+  const std::string worst_name = per_param.empty() ? std::string() : per_param.front().second;
   std::printf("[gpt_oss cuda] gradients: relative L2 over all parameters %.3e, worst %.3e (%s)\n", rel_all, worst,
               worst_name.c_str());
   EXPECT_LT(rel_all, 3e-2);
