@@ -7,7 +7,7 @@
 //   - DeepSeek's grouped routers (ops::moe_router_grouped_*, backend/cuda/moe_router_grouped.cu): the selection
 //     equal to the host's for every token (ties included), weights and scores to fp32 rounding, the backward;
 //   - the soft-capped chunked LM-head loss on CUDA (models/decoder.cpp lm_head_cross_entropy);
-//   - whole models: the ref_torch fixtures gemma2 and deepseek_v3 trained for their 4 steps on CUDA (bf16) and on
+//   - whole models: the HF golden fixtures gemma2 and deepseek_v3 trained for their 4 steps on CUDA (bf16) and on
 //     the CPU (fp32): per-step loss within 1% and grad norm within 5% (as test_cuda_lora / test_cuda_gpt_oss).
 // Inputs are rounded to bf16 on the host where the device reads bf16, so both sides see the same values.
 // Runs only where a CUDA device is visible (GTEST_SKIP otherwise).
@@ -279,16 +279,16 @@ TEST(CudaGroupedRouter, RejectsWhatItCannotRun) {
 
 // =============================================================================================== whole models
 
-fs::path ref_torch(const std::string& c) {
-  for (fs::path p : {fs::path("tests/fixtures/ref_torch") / c, fs::path(AM_SOURCE_DIR) / "tests/fixtures/ref_torch" / c})
+fs::path golden(const std::string& c) {
+  for (fs::path p : {fs::path("tests/fixtures/golden") / c, fs::path(AM_SOURCE_DIR) / "tests/fixtures/golden" / c})
     if (fs::exists(p / "recipe.yaml")) return p;
   return {};
 }
 
 
 void compare_training(const std::string& c, const std::vector<std::string>& extra, const std::string& tag) {
-  const fs::path dir = ref_torch(c);
-  if (dir.empty()) GTEST_SKIP() << "no tests/fixtures/ref_torch/" << c;
+  const fs::path dir = golden(c);
+  if (dir.empty()) GTEST_SKIP() << "no tests/fixtures/golden/" << c;
   gpu_test::compare_cpu_cuda_training(dir, extra, tag);
 }
 

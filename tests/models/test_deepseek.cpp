@@ -485,5 +485,6 @@ TEST(DeepseekCheckpoint, Fp8BlockScalesDequantiseOnLoad) {
   EXPECT_FALSE(json::parse(cf).contains("quantization_config"));
 }
 
-// The cross-check against tools/deepseek_v3_reference.py (an independent plain-torch reference, not HF) runs
-// as tests/fixtures/ref_torch/deepseek_v3 in test_hf_golden.cpp and test_generate.cpp.
+// The whole model against HF itself: tests/fixtures/golden/deepseek_v3 in test_hf_golden.cpp and test_generate.cpp
+// (tools/deepseek_v3_reference.py, the independent plain-torch reference used before HF's golden existed, can still
+// regenerate a ref_torch fixture with tools/ref_torch_goldens.py).

@@ -569,8 +569,8 @@ TEST(AttentionKvCuda, SoftcapSinksAndVHeadDim) {
 
 TEST(GenerateCuda, CachedDecodeMatchesFullForward) {
   if (!have_gpu()) GTEST_SKIP() << "no GPU visible (or a build without CUDA)";
-  for (const char* c : {"golden/llama", "golden/mistral", "golden/qwen3_moe", "ref_torch/gemma3_text", "ref_torch/gemma2",
-                        "ref_torch/deepseek_v3"}) {
+  for (const char* c : {"golden/llama", "golden/mistral", "golden/qwen3_moe", "golden/gemma3_text", "golden/gemma2",
+                        "golden/deepseek_v3"}) {
     Loaded m = load_case(c);
     m.lm->to_device_inference(ExecContext::cuda_bf16());
     const int64_t V = m.lm->config().vocab_size, total = 16;
@@ -591,7 +591,7 @@ TEST(GenerateCuda, CachedDecodeMatchesFullForward) {
 // bf16 activations: ~1e-2 relative. Not run yet (no GPU here).
 TEST(GenerateCuda, Gemma2AndDeepseekLogitsMatchCpu) {
   if (!have_gpu()) GTEST_SKIP() << "no GPU visible (or a build without CUDA)";
-  for (const char* c : {"ref_torch/gemma2", "ref_torch/deepseek_v3"}) {
+  for (const char* c : {"golden/gemma2", "golden/deepseek_v3"}) {
     Loaded cpu = load_case(c), gpu = load_case(c);
     gpu.lm->to_device_inference(ExecContext::cuda_bf16());
     const int64_t V = cpu.lm->config().vocab_size, T = 12;
