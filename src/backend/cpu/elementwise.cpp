@@ -7,6 +7,7 @@
 
 #include "backend/cpu/cpu_ops.h"
 #include "backend/cpu/dropout_mask.h"
+#include "backend/cpu/float_io.h"
 
 namespace am::cpu {
 namespace {
@@ -14,30 +15,6 @@ namespace {
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelMin = 1 << 15;
 
-inline float load(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::F32:
-      return static_cast<const float*>(p)[i];
-    case DType::BF16:
-      return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    default:
-      return f16_to_f32(static_cast<const uint16_t*>(p)[i]);  // F16 (front-end admits floats only)
-  }
-}
-
-inline void store(void* p, DType t, int64_t i, float v) {
-  switch (t) {
-    case DType::F32:
-      static_cast<float*>(p)[i] = v;
-      break;
-    case DType::BF16:
-      static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
-      break;
-    default:
-      static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
-      break;
-  }
-}
 
 }  // namespace
 
@@ -50,7 +27,7 @@ void add(void* a, DType ta, const void* b, DType tb, int64_t n) {
     return;
   }
 #pragma omp parallel for if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) store(a, ta, i, load(a, ta, i) + load(b, tb, i));
+  for (int64_t i = 0; i < n; ++i) store_float(a, ta, i, load_float(a, ta, i) + load_float(b, tb, i));
 }
 
 void scale(void* a, DType ta, float s, int64_t n) {
@@ -61,12 +38,12 @@ void scale(void* a, DType ta, float s, int64_t n) {
     return;
   }
 #pragma omp parallel for if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) store(a, ta, i, load(a, ta, i) * s);
+  for (int64_t i = 0; i < n; ++i) store_float(a, ta, i, load_float(a, ta, i) * s);
 }
 
 void add_scalar(void* a, DType ta, float s, int64_t n) {
 #pragma omp parallel for if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) store(a, ta, i, load(a, ta, i) + s);
+  for (int64_t i = 0; i < n; ++i) store_float(a, ta, i, load_float(a, ta, i) + s);
 }
 
 void copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch, int64_t bytes_per_row, int64_t rows) {
@@ -94,7 +71,7 @@ void dropout(void* a, DType ta, float p, float scale, uint64_t seed, int64_t n) 
   }
 #pragma omp parallel for if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i)
-    store(a, ta, i, dropout_mask::keep(seed, static_cast<uint64_t>(i), p) ? load(a, ta, i) * scale : 0.0f);
+    store_float(a, ta, i, dropout_mask::keep(seed, static_cast<uint64_t>(i), p) ? load_float(a, ta, i) * scale : 0.0f);
 }
 
 double sum_squares(const void* a, DType ta, int64_t n) {
@@ -111,7 +88,7 @@ double sum_squares(const void* a, DType ta, int64_t n) {
       for (int64_t i = blk * kBlock; i < end; ++i) acc += static_cast<double>(x[i]) * x[i];
     } else {
       for (int64_t i = blk * kBlock; i < end; ++i) {
-        const double v = load(a, ta, i);
+        const double v = load_float(a, ta, i);
         acc += v * v;
       }
     }

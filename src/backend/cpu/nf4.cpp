@@ -6,6 +6,7 @@
 // (at most 1 ulp off), while bnb_reciprocal() here is correctly rounded. A code can only differ where
 // x * (1/absmax) lies within an ulp of a threshold; see tests/unit/test_nf4.cpp for what was measured.
 #include "backend/cpu/nf4.h"
+#include "backend/cpu/float_io.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -14,22 +15,6 @@
 
 namespace am::cpu {
 namespace {
-
-inline float load_f(const void* x, DType t, int64_t i) {
-  switch (t) {
-    case DType::F32: return static_cast<const float*>(x)[i];
-    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
-    default: return f16_to_f32(static_cast<const uint16_t*>(x)[i]);
-  }
-}
-
-inline void store_f(void* out, DType t, int64_t i, float v) {
-  switch (t) {
-    case DType::F32: static_cast<float*>(out)[i] = v; break;
-    case DType::BF16: static_cast<uint16_t*>(out)[i] = f32_to_bf16(v); break;
-    default: static_cast<uint16_t*>(out)[i] = f32_to_f16(v); break;
-  }
-}
 
 // max |x| over x[begin, end), as bitsandbytes' block reduction computes it: fmaxf from -FLT_MAX over the
 // flushed inputs (NaN never wins), and a partial block also sees the zeros its missing elements load as.
@@ -110,7 +95,7 @@ uint8_t quantize_8bit_code(const float* code, float x) {
 void quantize_4bit(const void* x, DType tx, int64_t n, int64_t blocksize, Quant4Type type, uint8_t* packed,
                    float* absmax) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  auto load = [&](int64_t i) { return load_f(x, tx, i); };
+  auto load = [&](int64_t i) { return load_float(x, tx, i); };
   const bool nf4 = type == Quant4Type::NF4;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
@@ -170,7 +155,7 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, int6
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t byte = packed[i / 2];
       const uint8_t c = (i & 1) ? (byte & 0x0f) : (byte >> 4);
-      store_f(out, to, i, ftz(values[c] * s));
+      store_float(out, to, i, ftz(values[c] * s));
     }
   }
 }
