@@ -77,18 +77,27 @@ AdamWHyper Optimizer::hyper(double lr, double wd) const {
   return h;
 }
 
+std::pair<Tensor*, Tensor*> Optimizer::adam_state(const OptSlot& sl, DType dt) {
+  Tensor* mv[2] = {&m_[sl.key], &v_[sl.key]};
+  for (Tensor* t : mv) {
+    if (!t->defined()) {
+      *t = ops::zeros_on(sl.value->device(), sl.value->shape(), dt);
+    } else if (t->dtype() != dt) {  // read back from a checkpoint as fp32 (load_state): bf16 values convert exactly
+      Tensor c = ops::empty_on(sl.value->device(), t->shape(), dt);
+      ops::copy_(c, *t);
+      *t = c;
+    }
+  }
+  return {mv[0], mv[1]};
+}
+
 void Optimizer::step_cuda(const std::vector<OptSlot>& slots, double lr, double wd) {
   if (cfg_.kind == "sgd") throw DeviceError("optimizer: torch.optim.SGD is not implemented on CUDA yet (use AdamW or Adam)");
   std::vector<AdamWTensors> list;
   list.reserve(slots.size());
   for (const OptSlot& sl : slots) {
-    auto& m = m_[sl.key];
-    auto& v = v_[sl.key];
-    if (!m.defined()) {
-      m = ops::zeros_on(DeviceType::CUDA, sl.value->shape(), DType::F32);
-      v = ops::zeros_on(DeviceType::CUDA, sl.value->shape(), DType::F32);
-    }
-    list.push_back({sl.value, sl.grad, &m, &v, sl.work});
+    auto [m, v] = adam_state(sl, DType::F32);
+    list.push_back({sl.value, sl.grad, m, v, sl.work});
   }
   ops::adamw_step_cuda(list, hyper(lr, wd));
 }
@@ -100,20 +109,8 @@ void Optimizer::step_bf16(const std::vector<OptSlot>& slots, double lr, double w
   std::vector<AdamWBf16Tensors> list;
   list.reserve(slots.size());
   for (const OptSlot& sl : slots) {
-    auto& m = m_[sl.key];
-    auto& v = v_[sl.key];
-    const DeviceType dev = sl.value->device();
-    // bf16 state; one read back from a checkpoint (fp32 tensors of bf16 values) converts exactly.
-    for (Tensor* t : {&m, &v}) {
-      if (!t->defined()) {
-        *t = ops::zeros_on(dev, sl.value->shape(), DType::BF16);
-      } else if (t->dtype() != DType::BF16) {
-        Tensor b = ops::empty_on(dev, t->shape(), DType::BF16);
-        ops::copy_(b, *t);
-        *t = b;
-      }
-    }
-    list.push_back({sl.value, sl.grad, &m, &v, fnv1a(sl.key)});
+    auto [m, v] = adam_state(sl, DType::BF16);
+    list.push_back({sl.value, sl.grad, m, v, fnv1a(sl.key)});
   }
   AdamWBf16Hyper h;
   static_cast<AdamWHyper&>(h) = hyper(lr, wd);
@@ -154,14 +151,9 @@ void Optimizer::step(const std::vector<OptSlot>& slots, double lr, double wd) {
       }
       continue;
     }
-    auto& m = m_[sl.key];
-    auto& v = v_[sl.key];
-    if (!m.defined()) {
-      m = Tensor::zeros(value.shape(), DType::F32);
-      v = Tensor::zeros(value.shape(), DType::F32);
-    }
-    float* mp = m.f32();
-    float* vp = v.f32();
+    auto [m, v] = adam_state(sl, DType::F32);
+    float* mp = m->f32();
+    float* vp = v->f32();
     // Scalars are rounded to float from their double values, as torch passes Python floats to its kernels.
     const float b2 = static_cast<float>(cfg_.beta2);
     const float omb1 = static_cast<float>(1.0 - cfg_.beta1), omb2 = static_cast<float>(1.0 - cfg_.beta2);

@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/adamw_params.h"
@@ -62,7 +63,10 @@ class Optimizer {
  private:
   void step_cuda(const std::vector<OptSlot>& slots, double lr, double wd);
   void step_bf16(const std::vector<OptSlot>& slots, double lr, double wd);
-  AdamWHyper hyper(double lr, double wd) const;  // this step's hyper-parameters (the step being taken: step_)
+  AdamWHyper hyper(double lr, double wd) const;
+  // Slot sl's exp_avg and exp_avg_sq in dtype dt on its device: zeros the first time, converted when a checkpoint
+  // left them in another dtype.
+  std::pair<Tensor*, Tensor*> adam_state(const OptSlot& sl, DType dt);  // this step's hyper-parameters (the step being taken: step_)
 
  public:
   // Host tensors from a checkpoint; moved to ex's device.

@@ -52,8 +52,6 @@ PureBf16::PureBf16(CausalLM& model) : model_(model) {
 
 PureBf16::~PureBf16() { model_.set_param_hooks(nullptr); }
 
-size_t PureBf16::scratch_bytes() const { return root_scratch_.nbytes() + layer_scratch_.nbytes(); }
-
 void PureBf16::round_values() {
   for (auto& ps : units_)
     for (Param* p : ps)

@@ -42,8 +42,6 @@ class PureBf16 : public ParamHooks {
   void after_forward(int unit) override {}
   void after_backward(int unit) override;
 
-  size_t scratch_bytes() const;
-
  private:
   void point_at_scratch(int unit);
 
