@@ -11,6 +11,7 @@
 #     w1 | w2 | w2bf16 | w5 | nemo8   bench/run_bench.sh (w2bf16: W2 in pure bf16; nemo8: issue 17's Nemotron row)
 #     goldens_cuda  bench/goldens_cuda_check.sh: every HF golden case trained on CUDA vs HF's fp32 loss
 #     gpu_tests     am_gpu_tests (GPU_FILTER=gtest filter, default all; GPU_LIMIT seconds, default 240)
+#     mamba2        Mamba2 GPU tests (chunked SSD + sequential scans vs the CPU) + am_gpu_microbench mamba2
 #     phi3diag      tools/phi3_longrope_diag.py (HF phi3 logits cached / full / no LongRoPE, per position)
 #     w4            bench/w4.sh: the seed tutorial end to end, engine (padded, packed) and HF Trainer
 #     parity_bf16   bench/parity_200.sh with PARITY_BF16=1 (issue 15's SR / nearest / HF bf16 curves)
@@ -68,6 +69,16 @@ for s in "$@"; do
       stage gpu_tests
       timeout ${GPU_LIMIT:-240} $B/am_gpu_tests --gtest_filter="${GPU_FILTER:-*}" > "$R/gpu_tests.log" 2>&1
       echo "exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|tests ran" "$R/gpu_tests.log" | head -40 ;;
+    mamba2)
+      # issue 17: the Mamba2 GPU tests (chunked SSD and sequential scans vs the CPU) and the kernels' micro-benchmark
+      # at the default Nemotron-H-like mixer (128 heads) and at nemo8's (64 heads)
+      stage mamba2
+      timeout ${GPU_LIMIT:-240} $B/am_gpu_tests --gtest_filter='CudaMamba2Ops.*:CudaFamilies.NemotronH*' > "$R/mamba2_tests.log" 2>&1
+      echo "tests exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|Failure|outside tolerance" "$R/mamba2_tests.log" | head -30
+      for h in 128 64; do
+        timeout 90 $B/am_gpu_microbench mamba2 --heads $h > "$R/mamba2_bench_h$h.log" 2>&1
+        echo "bench (heads $h) exit $?"; grep -A12 "selective scan" "$R/mamba2_bench_h$h.log"
+      done ;;
     phi3diag)
       stage phi3diag
       timeout 120 python3 tools/phi3_longrope_diag.py > "$R/phi3_diag.log" 2>&1; echo "exit $?"; tail -6 "$R/phi3_diag.log" ;;

@@ -3,9 +3,11 @@
 // Cd = Din + 2 G S = 10240 channels, gated norm groups of Din / G = 1024. bf16 activations, fp32 dt / A / D and
 // parameter gradients, with and without packing (4 segments per row).
 //
-// The conv, the gated norm and the dt chain are memory-bound: GB/s of the bytes each must move. The scan is the plain
-// sequential recurrence (one dependent step per token; not the chunked SSD tensor-core algorithm): it reports its
-// time and the rate of its elementwise state updates (B T nh P S per pass; the backward makes two passes over T).
+// The conv, the gated norm and the dt chain are memory-bound: GB/s of the bytes each must move. The scan runs both
+// CUDA implementations (backend/cuda/mamba2.h): the chunked SSD one (64-token chunks; its chunk products are fp32
+// SIMT tile FMAs, so its limit is the fp32 FMA rate, ~67 TFLOP/s on H100 / H200 SXM, not the tensor cores), reported
+// as TFLOP/s of those products, and the sequential recurrence (one dependent step per token), reported as its
+// elementwise state updates per second (B T nh P S per pass; its backward makes two passes over T).
 // Timed with CUDA events after warm-up, median of 10.
 //
 //   am_gpu_microbench mamba2 [--tokens T] [--batch B] [--heads nh] [--headdim P] [--state S] [--groups G]
@@ -40,6 +42,10 @@ double median_ms(const std::function<void()>& fn) { return am::bench::median_ms(
 
 void report_bw(const char* name, const std::string& shape, double bytes, double ms) {
   std::printf("  %-28s %-26s %9.3f ms %8.1f GB/s\n", name, shape.c_str(), ms, bytes / (ms * 1e-3) / 1e9);
+  std::fflush(stdout);
+}
+void report_flops(const char* name, const std::string& shape, double flops, double ms) {
+  std::printf("  %-28s %-26s %9.3f ms %8.1f TFLOP/s\n", name, shape.c_str(), ms, flops / (ms * 1e-3) / 1e12);
   std::fflush(stdout);
 }
 void report_scan(const char* name, const std::string& shape, double updates, double ms) {
@@ -102,15 +108,29 @@ int mamba2_bench_main(int argc, char** argv) {
     cu::zero_(dD);
     const double updates = static_cast<double>(N) * nh * P * S;
     const std::string ssh = "x " + tok + std::to_string(nh) + "x" + std::to_string(P) + "] S" + std::to_string(S);
-    std::printf("\nselective scan (sequential recurrence; x, B, C, y bf16)\n");
+    // FLOPs of the chunked scan's products, per (row, chunk of L = 64, head): see backend/cuda/mamba2_ssd.cu
+    const double Lc = 64, nck = static_cast<double>(B) * ((T + 63) / 64) * nh, Pd = static_cast<double>(P),
+                 Sd = static_cast<double>(S);
+    const double fwd_flops = 2 * nck * (Pd * Sd * Lc + Lc * Lc * Sd + Lc * Pd * Sd + Lc * Lc * Pd);
+    const double bwd_flops =
+        2 * nck * (3 * Pd * Sd * Lc + Lc * Lc * Sd + 2 * Lc * Lc * Pd + Lc * Pd * Sd + 2 * Lc * Sd * Lc + 2 * Lc * Sd * Pd);
+    std::printf("\nselective scan (x, B, C, y bf16)\n");
+    const cu::ScanAlgorithm saved = cu::scan_algorithm();
     for (const Tensor* sg : std::initializer_list<const Tensor*>{nullptr, &seg}) {
       const char* tag = sg ? " packed" : "";
-      report_scan((std::string("scan fwd") + tag).c_str(), ssh, updates,
-                  median_ms([&] { cu::mamba_ssm_scan_fwd(xs, dt, A, Bm, Cm, D, sg, ys, nullptr); }));
-      report_scan((std::string("scan bwd (2 passes)") + tag).c_str(), ssh, 2 * updates, median_ms([&] {
-                    cu::mamba_ssm_scan_bwd(xs, dt, A, Bm, Cm, D, sg, dys, dxs, ddt, dA, dB, dC, dD);
-                  }));
+      double ms[2][2];
+      for (int k = 0; k < 2; ++k) {
+        cu::set_scan_algorithm(k == 0 ? cu::ScanAlgorithm::Chunked : cu::ScanAlgorithm::Sequential);
+        ms[k][0] = median_ms([&] { cu::mamba_ssm_scan_fwd(xs, dt, A, Bm, Cm, D, sg, ys, nullptr); });
+        ms[k][1] = median_ms([&] { cu::mamba_ssm_scan_bwd(xs, dt, A, Bm, Cm, D, sg, dys, dxs, ddt, dA, dB, dC, dD); });
+      }
+      report_flops((std::string("chunked fwd") + tag).c_str(), ssh, fwd_flops, ms[0][0]);
+      report_flops((std::string("chunked bwd") + tag).c_str(), ssh, bwd_flops, ms[0][1]);
+      report_scan((std::string("sequential fwd") + tag).c_str(), ssh, updates, ms[1][0]);
+      report_scan((std::string("sequential bwd (2 passes)") + tag).c_str(), ssh, 2 * updates, ms[1][1]);
+      std::printf("  chunked / sequential speed-up%s: fwd %.1fx, bwd %.1fx\n", tag, ms[1][0] / ms[0][0], ms[1][1] / ms[0][1]);
     }
+    cu::set_scan_algorithm(saved);
     xs = ys = dys = dxs = Tensor();
 
     // ---- gated RMSNorm over [N, Din], groups of Din / G

@@ -27,6 +27,7 @@
 #include "../common/tolerance.h"
 #include "gpu_test_util.h"
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/mamba2.h"
 #include "config/recipe.h"
 #include "core/error.h"
 #include "core/tensor.h"
@@ -150,7 +151,18 @@ const ScanCase kScanCases[] = {
     {1, 1, 1, 1, 1, 1, false},   {2, 7, 4, 3, 2, 5, true},     {1, 50, 4, 8, 2, 8, true},  // the fixture's geometry
     {2, 37, 6, 20, 3, 40, true}, {1, 64, 8, 64, 2, 128, false}, {1, 30, 2, 17, 1, 33, true},
     {1, 24, 4, 128, 4, 256, true},  // the largest head / state the CUDA scan takes
-    {2, 129, 16, 16, 8, 64, true}};
+    {2, 129, 16, 16, 8, 64, true},
+    // several 64-token chunks of the chunked SSD scan: a multiple of the chunk, a ragged end, two P tiles
+    {1, 256, 2, 64, 2, 128, false}, {1, 300, 4, 64, 1, 128, true}, {1, 200, 2, 128, 1, 256, true}};
+
+// Both CUDA scans (backend/cuda/mamba2.h): the chunked SSD one (the default) and the sequential recurrence.
+const cu::ScanAlgorithm kAlgos[] = {cu::ScanAlgorithm::Chunked, cu::ScanAlgorithm::Sequential};
+const char* algo_name(cu::ScanAlgorithm a) { return a == cu::ScanAlgorithm::Chunked ? " chunked" : " sequential"; }
+// Restores the process-wide choice when a test ends (also on a failed ASSERT).
+struct AlgoGuard {
+  cu::ScanAlgorithm saved = cu::scan_algorithm();
+  ~AlgoGuard() { cu::set_scan_algorithm(saved); }
+};
 
 std::string scan_name(DType dt, const ScanCase& c) {
   return std::string(dname(dt)) + " B" + std::to_string(c.B) + " T" + std::to_string(c.T) + " nh" + std::to_string(c.nh) +
@@ -159,12 +171,16 @@ std::string scan_name(DType dt, const ScanCase& c) {
 
 TEST(CudaMamba2Ops, ScanForwardMatchesCpu) {
   REQUIRE_DEVICE();
+  AlgoGuard guard;
   std::mt19937 rng(21);
+  for (cu::ScanAlgorithm algo : kAlgos)
   for (DType dt : kDtypes)
     for (const ScanCase& c : kScanCases) {
-      const std::string what = scan_name(dt, c);
+      cu::set_scan_algorithm(algo);
+      const std::string what = scan_name(dt, c) + algo_name(algo);
       ScanInputs in = scan_inputs(c.B, c.T, c.nh, c.P, c.G, c.S, dt, rng);
-      const bool with_states = c.B * c.T * c.nh * c.P * c.S <= (int64_t(1) << 22);
+      // asking for the per-step states runs the sequential scan whatever the choice: only there
+      const bool with_states = algo == cu::ScanAlgorithm::Sequential && c.B * c.T * c.nh * c.P * c.S <= (int64_t(1) << 22);
       Tensor y = Tensor::empty(in.x.shape(), DType::F32), st;
       if (with_states) st = Tensor::empty({c.B, c.T, c.nh, c.P, c.S}, DType::F32);
       ops::mamba_ssm_scan_fwd(in.x, in.dt, in.A, in.Bm, in.Cm, in.D, c.packed ? &in.seg : nullptr, y, with_states ? &st : nullptr);
@@ -180,10 +196,13 @@ TEST(CudaMamba2Ops, ScanForwardMatchesCpu) {
 
 TEST(CudaMamba2Ops, ScanBackwardMatchesCpu) {
   REQUIRE_DEVICE();
+  AlgoGuard guard;
   std::mt19937 rng(31);
+  for (cu::ScanAlgorithm algo : kAlgos)
   for (DType dt : kDtypes)
     for (const ScanCase& c : kScanCases) {
-      const std::string what = scan_name(dt, c);
+      cu::set_scan_algorithm(algo);
+      const std::string what = scan_name(dt, c) + algo_name(algo);
       ScanInputs in = scan_inputs(c.B, c.T, c.nh, c.P, c.G, c.S, dt, rng);
       Tensor dy = rand_host(in.x.shape(), rng, dt);
       const Tensor* hseg = c.packed ? &in.seg : nullptr;
@@ -211,8 +230,14 @@ TEST(CudaMamba2Ops, ScanBackwardMatchesCpu) {
 }
 
 TEST(CudaMamba2Ops, ScanPackedRowEqualsSegmentsAlone) {
-  // On the device itself: a packed row's outputs equal each segment run alone (the state never crosses).
+  // On the device itself: a packed row's outputs equal each segment run alone (the state never crosses). Bit for
+  // bit with both scans: T < 64 keeps the chunked scan in one chunk, where the rows before the cut only add exact
+  // zeros to the same sums in the same order.
   REQUIRE_DEVICE();
+  AlgoGuard guard;
+  for (cu::ScanAlgorithm algo : kAlgos) {
+  SCOPED_TRACE(algo_name(algo));
+  cu::set_scan_algorithm(algo);
   std::mt19937 rng(41);
   const int64_t T = 40, nh = 4, P = 8, G = 2, S = 16, cut = 13;
   ScanInputs in = scan_inputs(1, T, nh, P, G, S, DType::F32, rng);
@@ -235,6 +260,7 @@ TEST(CudaMamba2Ops, ScanPackedRowEqualsSegmentsAlone) {
                           nullptr, gy2, nullptr);
   Tensor y2 = down(gy2);
   for (int64_t i = 0; i < y2.numel(); ++i) ASSERT_EQ(y.f32()[cut * nh * P + i], y2.f32()[i]) << i;
+  }
 }
 
 // =============================================================================================== gated RMSNorm

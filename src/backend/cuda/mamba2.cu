@@ -18,11 +18,14 @@
 //   dt / A / relu2  elementwise (grid-stride); dt_bias's gradient by column sums (deterministic).
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/kernel_utils.cuh"
 #include "backend/cuda/mamba2.h"
+#include "backend/cuda/mamba2_ssd.h"
 
 namespace am::cuda {
 namespace {
@@ -658,6 +661,56 @@ void mamba_conv1d_silu_bwd(const Tensor& x, const Tensor& w, const Tensor& pre, 
   });
 }
 
+namespace {
+ScanAlgorithm scan_algorithm_from_env() {
+  const char* e = std::getenv("AM_MAMBA_SCAN");
+  return e && std::strcmp(e, "sequential") == 0 ? ScanAlgorithm::Sequential : ScanAlgorithm::Chunked;
+}
+ScanAlgorithm g_scan_algorithm = scan_algorithm_from_env();
+
+// The sequential recurrence's two backward passes (see mamba2.h); dB32 / dC32 zeroed fp32 sums.
+void sequential_scan_bwd(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
+                         const Tensor& D, const Tensor* seg, const Tensor& dy, Tensor& dx, Tensor& ddt, Tensor& dA,
+                         Tensor& dB32, Tensor& dC32, Tensor& dD, const ScanGeom& geo, CudaContext& ctx) {
+  const char* op = "mamba_ssm_scan_bwd";
+  const int64_t B = x.dim(0), Tn = x.dim(1), nh = x.dim(2), P = x.dim(3), G = Bm.dim(2), S = Bm.dim(3);
+  Tensor rbuf = empty({B, Tn, nh}, DType::F32, ctx);
+  ScanArgs a{};
+  a.x = x.raw();
+  a.dt = dt.data<float>();
+  a.A = A.data<float>();
+  a.Bm = Bm.raw();
+  a.Cm = Cm.raw();
+  a.D = D.data<float>();
+  a.seg = seg_ptr(seg);
+  a.dy = dy.raw();
+  a.out = dx.raw();
+  a.dB32 = dB32.data<float>();
+  a.dC32 = dC32.data<float>();
+  a.rbuf = rbuf.data<float>();
+  a.ddt = ddt.data<float>();
+  a.dA = dA.data<float>();
+  a.dD = dD.data<float>();
+  a.Tn = static_cast<int>(Tn);
+  a.nh = static_cast<int>(nh);
+  a.P = static_cast<int>(P);
+  a.G = static_cast<int>(G);
+  a.S = static_cast<int>(S);
+  const size_t smem = (2 * static_cast<size_t>(geo.nw) * S + 2 * geo.nw) * sizeof(float);
+  AM_DISPATCH_BF16_F32(x.dtype(), op, T, {
+    AM_SCAN_DISPATCH(geo.spl, geo.rpw, {
+      scan_bwd_pass1_kernel<T, SPL_, RPW_><<<static_cast<unsigned>(B * nh), geo.nw * 32, smem, ctx.stream()>>>(a);
+      AM_CUDA_CHECK_LAUNCH();
+      scan_bwd_pass2_kernel<T, SPL_, RPW_><<<static_cast<unsigned>(B * nh), geo.nw * 32, smem, ctx.stream()>>>(a);
+      AM_CUDA_CHECK_LAUNCH();
+    });
+  });
+}
+}  // namespace
+
+ScanAlgorithm scan_algorithm() { return g_scan_algorithm; }
+void set_scan_algorithm(ScanAlgorithm a) { g_scan_algorithm = a; }
+
 void mamba_ssm_scan_fwd(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
                         const Tensor& D, const Tensor* seg, Tensor& y, Tensor* states, CudaContext& ctx) {
   const char* op = "mamba_ssm_scan_fwd";
@@ -671,6 +724,10 @@ void mamba_ssm_scan_fwd(const Tensor& x, const Tensor& dt, const Tensor& A, cons
   const ScanGeom geo = scan_geom(op, P, S);
   if (B * nh == 0 || Tn == 0) return;
   if (Tn > INT_MAX || B * nh > INT_MAX) op_error(op, "too many tokens or heads for one launch");
+  if (!states && g_scan_algorithm == ScanAlgorithm::Chunked) {
+    ssd_scan_fwd(x, dt, A, Bm, Cm, D, seg, y, ctx);
+    return;
+  }
   ScanArgs a{};
   a.x = x.raw();
   a.dt = dt.data<float>();
@@ -718,42 +775,17 @@ void mamba_ssm_scan_bwd(const Tensor& x, const Tensor& dt, const Tensor& A, cons
     }
     return;
   }
-  Tensor rbuf = empty({B, Tn, nh}, DType::F32, ctx);
-  ScanArgs a{};
-  a.x = x.raw();
-  a.dt = dt.data<float>();
-  a.A = A.data<float>();
-  a.Bm = Bm.raw();
-  a.Cm = Cm.raw();
-  a.D = D.data<float>();
-  a.seg = seg_ptr(seg);
-  a.dy = dy.raw();
-  a.out = dx.raw();
-  a.dB32 = dB32.data<float>();
-  a.dC32 = dC32.data<float>();
-  a.rbuf = rbuf.data<float>();
-  a.ddt = ddt.data<float>();
-  a.dA = dA.data<float>();
-  a.dD = dD.data<float>();
-  a.Tn = static_cast<int>(Tn);
-  a.nh = static_cast<int>(nh);
-  a.P = static_cast<int>(P);
-  a.G = static_cast<int>(G);
-  a.S = static_cast<int>(S);
-  const size_t smem = (2 * static_cast<size_t>(geo.nw) * S + 2 * geo.nw) * sizeof(float);
-  AM_DISPATCH_BF16_F32(x.dtype(), op, T, {
-    AM_SCAN_DISPATCH(geo.spl, geo.rpw, {
-      scan_bwd_pass1_kernel<T, SPL_, RPW_><<<static_cast<unsigned>(B * nh), geo.nw * 32, smem, ctx.stream()>>>(a);
-      AM_CUDA_CHECK_LAUNCH();
-      scan_bwd_pass2_kernel<T, SPL_, RPW_><<<static_cast<unsigned>(B * nh), geo.nw * 32, smem, ctx.stream()>>>(a);
-      AM_CUDA_CHECK_LAUNCH();
-    });
-  });
+  if (g_scan_algorithm == ScanAlgorithm::Chunked) {
+    ssd_scan_bwd(x, dt, A, Bm, Cm, D, seg, dy, dx, ddt, dA, dB32, dC32, dD, ctx);
+  } else {
+    sequential_scan_bwd(x, dt, A, Bm, Cm, D, seg, dy, dx, ddt, dA, dB32, dC32, dD, geo, ctx);
+  }
   if (!f32) {
     copy_(dB, dB32, ctx);
     copy_(dC, dC32, ctx);
   }
 }
+
 
 void gated_rmsnorm_fwd(const Tensor& y, const Tensor& z, const Tensor& w, int64_t group, float eps, Tensor& out,
                        Tensor& rstd, CudaContext& ctx) {

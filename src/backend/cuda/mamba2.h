@@ -6,7 +6,12 @@
 // Shapes are checked by the front-ends (ops/mamba2_ops.cpp); these check devices, dtypes and their own limits
 // (ShapeError naming the op): conv kernel K <= 8, scan head dim P <= 128 and state size S <= 256.
 //
-// The selective scan is the plain sequential recurrence over T (correctness first): one thread block per
+// The selective scan runs the chunked SSD algorithm (mamba2_ssd.cu: chunks of 64 tokens, intra-chunk products
+// plus state passing between chunks). The plain sequential recurrence below stays as the second implementation:
+// it runs when the forward is asked for the per-step states (tests), or for the whole process with
+// AM_MAMBA_SCAN=sequential (or set_scan_algorithm), e.g. to compare the two.
+//
+// The sequential recurrence over T: one thread block per
 // (batch row, head), one warp per head-dim row p (a warp takes up to 8 rows when P > 16), the S-vector of each
 // row's state spread over the warp's lanes in registers. It is not the chunked SSD algorithm of mamba_ssm (no
 // tensor cores); its time grows with T at ~ one dependent step per token. The backward never stores per-step
@@ -22,6 +27,10 @@
 #include "core/tensor.h"
 
 namespace am::cuda {
+
+enum class ScanAlgorithm { Chunked, Sequential };
+ScanAlgorithm scan_algorithm();  // AM_MAMBA_SCAN=sequential at start-up, else Chunked
+void set_scan_algorithm(ScanAlgorithm a);
 
 void mamba_conv1d_silu_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* seg, Tensor& pre, Tensor& y,
                            CudaContext& ctx = default_context());
