@@ -28,6 +28,7 @@
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/moe.h"
+#include "backend/cuda/moe_aux.h"
 #include "bench_util.cuh"
 #include "core/tensor.h"
 
@@ -166,6 +167,17 @@ int moe_bench_main(int argc, char** argv) {
       report_time("dispatch plan (device only)", "N*k = " + std::to_string(rows), ms3);
       const double ms4 = median_ms([&] { cu::moe_dispatch_plan(idx, e, off, perm, inv, &counts); });
       report_time("dispatch plan + host counts (sync)", "N*k = " + std::to_string(rows), ms4);
+      // The router aux loss on the device (moe_aux.cu): one layer's statistics (counts into two buffers + prob
+      // sums), then the loss and dprobs from the sums (48 layers). Every token real.
+      Tensor seg = cu::to_device(Tensor::zeros({n}, DType::I32));
+      Tensor cnt = cu::to_device(Tensor::zeros({e}, DType::I32)), f = cu::to_device(Tensor::zeros({e}, DType::I32));
+      Tensor ps = cu::to_device(Tensor::zeros({e}, DType::F32)), aux = cu::empty({1}, DType::F32);
+      Tensor dpr = cu::empty({n, e}, DType::F32);
+      const double ms5 = median_ms([&] { cu::moe_routing_stats(idx, probs, seg, &cnt, &ps, &f); });
+      report_bytes("router stats (counts + psum)", "[" + std::to_string(n) + ", 128]", n * e * 4.0 + n * k * 4.0 + n * 4.0,
+                   ms5, 20);
+      const double ms6 = median_ms([&] { cu::moe_aux_loss(f, ps, seg, 48, 1e-3f, aux, &dpr); });
+      report_bytes("aux loss + dprobs", "[" + std::to_string(n) + ", 128]", n * e * 4.0 + n * 4.0, ms6, 30);
     }
 
     std::printf("\npermutation (bf16 rows; GB/s of rows read + written)\n");

@@ -68,7 +68,6 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
   }
   norm_ = &ps_.add("model.norm.weight", {H});
   if (!cfg.tie_word_embeddings) lm_head_ = &ps_.add("lm_head.weight", {cfg.vocab_size, H});
-  expert_counts_.assign(static_cast<size_t>(n_moe_layers_), std::vector<int64_t>(static_cast<size_t>(cfg.num_experts), 0));
   if (cfg.deepseek) {
     using G = ops::GroupedRouterOptions::Group;
     ds_router_.sigmoid = cfg.ds.sigmoid_scores;
@@ -120,6 +119,7 @@ void DecoderLM::to_device(const ExecContext& ex) {
   ps_.to_device(ex);
   ex_ = ex;
   for (RopeCache& c : rope_cache_) c = RopeCache{};  // cached tables live on the old device
+  expert_counts_ = aux_term_dev_ = aux_raw_dev_ = Tensor();  // so do the MoE statistics (ensure_moe_stats)
 }
 
 int64_t DecoderLM::matmul_params_per_token() const {
@@ -308,7 +308,6 @@ Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, 
   ops::embedding_fwd(b.input_ids, wide_weight(*embed_), x);
   if (cfg_.scale_embeddings) ops::scale_(x, embed_scale());
   if (saved) saved->resize(layers_.size());
-  routing_.assign(static_cast<size_t>(n_moe_layers_), Routing{});
   for (size_t i = 0; i < layers_.size(); ++i) {
     // Activation checkpointing keeps only each layer's input [N, H]; backward recomputes the rest.
     if (saved && recompute) (*saved)[i].x = x;
@@ -334,25 +333,37 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
   Tensor x_pre, rstd_f;
   const bool recompute = opt.activation_checkpointing;
   fake_balanced_gate_ = opt.fake_balanced_gate;
-  count_experts_ = opt.count_metrics;
   lora_pass_ = LoraPass{true, opt.dropout_seed};  // LoRA dropout on, for this pass and its recomputations
-  if (n_moe_layers_ > 0) {
-    Tensor seg = ExecContext::download(b.segment_ids);
-    real_token_.resize(static_cast<size_t>(seg.numel()));
-    for (int64_t t = 0; t < seg.numel(); ++t) real_token_[static_cast<size_t>(t)] = seg.data<int32_t>()[t] >= 0;
+  // MoE: every sparse layer's routing of the real tokens is counted on the device during the forward (no host
+  // sync); the aux loss needs every layer's statistics, so it is computed between forward and backward.
+  struct StatsOff {  // also when the pass throws: later forwards count nothing and never see this batch
+    DecoderLM* m;
+    ~StatsOff() {
+      m->count_experts_ = m->aux_stats_ = false;
+      m->seg_ = nullptr;
+      m->aux_f_ = m->aux_p_ = Tensor();
+    }
+  } stats_off{this};
+  count_experts_ = n_moe_layers_ > 0 && opt.count_metrics;
+  aux_stats_ = count_experts_ && cfg_.output_router_logits && !fake_balanced_gate_;
+  if (count_experts_) {
+    ensure_moe_stats();
+    seg_ = &b.segment_ids;
+  }
+  if (aux_stats_) {
+    aux_f_ = ex_.zeros({cfg_.num_experts}, DType::I32);
+    aux_p_ = ex_.zeros({cfg_.num_experts}, DType::F32);
   }
   Tensor xf = trunk_forward(b, &saved, &x_pre, &rstd_f, recompute);
-  count_experts_ = false;
-  // MoE aux loss: needs every sparse layer's routing, so it is computed between forward and backward.
+  count_experts_ = false;  // backward's recomputed forwards (activation checkpointing) are not counted again
+  seg_ = nullptr;
   Tensor dprobs;
-  if (n_moe_layers_ > 0 && cfg_.output_router_logits && !fake_balanced_gate_ && opt.count_metrics) {
-    const float scale = static_cast<float>(cfg_.router_aux_loss_coef) * opt.aux_loss_scale;
-    const double aux = aux_loss(b, scale, &dprobs);
-    aux_term_ += cfg_.router_aux_loss_coef * aux * opt.aux_loss_scale;
-    aux_raw_sum_ += aux;
+  if (aux_stats_) {
+    dprobs = aux_loss(b, static_cast<float>(cfg_.router_aux_loss_coef) * opt.aux_loss_scale, opt.aux_loss_scale);
     ++aux_calls_;
   }
-  routing_.clear();
+  aux_stats_ = false;
+  aux_f_ = aux_p_ = Tensor();
   Tensor dxf = ex_.empty({N, H});
   Param& head = lm_head();
   double loss = 0.0;
@@ -396,7 +407,6 @@ double DecoderLM::forward_loss(const Batch& b, const ForwardOptions& opt) {
   fake_balanced_gate_ = opt.fake_balanced_gate;
   lora_pass_.training = false;
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr);
-  routing_.clear();
   const double loss = lm_head_cross_entropy(ex_, xf, lm_head().work, b.targets, 0.f, nullptr, nullptr, opt.loss_chunk_rows,
                                             static_cast<float>(cfg_.final_logit_softcapping));
   hook_fwd_done(0);
@@ -406,7 +416,6 @@ double DecoderLM::forward_loss(const Batch& b, const ForwardOptions& opt) {
 Tensor DecoderLM::forward_logits(const Batch& b) {
   lora_pass_.training = false;
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr);
-  routing_.clear();
   Tensor logits = head_logits(xf);
   hook_fwd_done(0);
   return logits;
@@ -440,7 +449,6 @@ Tensor DecoderLM::forward_incremental(const std::vector<int32_t>& ids, KvCache& 
   fake_balanced_gate_ = false;  // inference routes with the real router
   lora_pass_.training = false;
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr, false, &cache);
-  routing_.clear();
   Tensor rows = all_logits ? xf : xf.slice_rows(n - 1, n);  // [n or 1, H]
   Tensor logits = head_logits(rows);
   hook_fwd_done(0);
@@ -471,6 +479,7 @@ void DecoderLM::to_device_inference(const ExecContext& ex) {
   }
   ex_ = ex;
   for (RopeCache& c : rope_cache_) c = RopeCache{};
+  expert_counts_ = aux_term_dev_ = aux_raw_dev_ = Tensor();
 }
 
 Tensor DecoderLM::to_act(const Tensor& t) const {
@@ -499,76 +508,43 @@ MoeOptions DecoderLM::moe_options() const {
                     cfg_.deepseek ? &ds_router_ : nullptr};
 }
 
-void DecoderLM::record_routing(const Layer& L, const MoeSaved& s) {
-  // In backward's recompute (activation checkpointing) the same routing is seen again: count it once.
-  // Validation / logits forwards (count_experts_ false) do not count toward the training metrics.
-  if (routing_.empty()) return;
-  auto& r = routing_[static_cast<size_t>(L.moe_index)];
-  if (r.probs.defined()) return;
-  if (!count_experts_) return;
-  // Utilisation counts real tokens only (padding rows are routed too, as in HF, but are not tokens). The
-  // plan's per-expert counts include them, so count from the top-k indices: [N, k] int32, a small download
-  // next to the plan's own sync, kept for the aux loss.
-  r.probs = s.probs;
-  r.topk_idx = ExecContext::download(s.topk_idx);
-  auto& acc = expert_counts_[static_cast<size_t>(L.moe_index)];
-  const Tensor& idx = r.topk_idx;
-  const int64_t N = idx.dim(0), k = idx.dim(1);
-  const int32_t* p = idx.data<int32_t>();
-  for (int64_t t = 0; t < N; ++t) {
-    if (t < static_cast<int64_t>(real_token_.size()) && !real_token_[static_cast<size_t>(t)]) continue;
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t e = p[t * k + j];
-      if (e >= 0 && static_cast<size_t>(e) < acc.size()) ++acc[static_cast<size_t>(e)];
-    }
-  }
+void DecoderLM::ensure_moe_stats() {
+  if (expert_counts_.defined()) return;
+  expert_counts_ = ex_.zeros({n_moe_layers_, cfg_.num_experts}, DType::I32);
+  aux_term_dev_ = ex_.zeros({1}, DType::F32);
+  aux_raw_dev_ = ex_.zeros({1}, DType::F32);
 }
 
-double DecoderLM::aux_loss(const Batch& b, float scale, Tensor* dprobs) {
+void DecoderLM::record_routing(const Layer& L, const MoeSaved& s) {
+  // Only forward_backward's forward counts (count_experts_): not validation / logits forwards, nor backward's
+  // recompute (activation checkpointing), which sees the same routing again.
+  if (!count_experts_ || !seg_) return;
+  // Utilisation counts real tokens only (padding rows are routed too, as in HF, but are not tokens; the plan's
+  // per-expert counts include them). On the device: no download of the top-k indices.
+  Tensor row = expert_counts_.slice_rows(L.moe_index, L.moe_index + 1);  // [1, E]
+  ops::moe_routing_stats(s.topk_idx, s.probs, *seg_, &row, aux_stats_ ? &aux_p_ : nullptr,
+                         aux_stats_ ? &aux_f_ : nullptr);
+}
+
+Tensor DecoderLM::aux_loss(const Batch& b, float scale, float aux_loss_scale) {
   // HF load_balancing_loss_func with the attention mask, over the L sparse layers of this forward:
   //   F[e] = #{(l, t, s): real t, topk_idx = e} / (L * Nreal),  P[e] = sum_{l, real t} probs / (L * Nreal)
   //   aux = E * sum_e F[e] P[e];   d aux / d probs[l, t, e] = E * F[e] * [t real] / (L * Nreal)
-  // (F is piecewise constant: the top-k selection has no gradient.) Computed on the host: the routing of a
-  // micro-batch is small ([N, E] fp32 per layer) and this only runs when the config asks for the aux loss.
-  // real_token_ (this micro-batch's padding mask) and each layer's host top-k indices were filled during
-  // forward_backward's forward.
-  const int64_t E = cfg_.num_experts, k = cfg_.num_experts_per_tok, N = b.B * b.T;
-  const double L = static_cast<double>(n_moe_layers_);
-  const std::vector<char>& real = real_token_;
-  const int64_t n_real = std::count(real.begin(), real.end(), char(1));
-  if (n_real == 0) {
-    if (dprobs) *dprobs = ex_.zeros({N, E}, DType::F32);
-    return 0.0;
-  }
-  const double denom = L * static_cast<double>(n_real);
-  std::vector<double> F(static_cast<size_t>(E), 0.0), P(static_cast<size_t>(E), 0.0);
-  for (const Routing& r : routing_) {
-    Tensor probs = ExecContext::download(r.probs);
-    const Tensor& idx = r.topk_idx;
-    for (int64_t t = 0; t < N; ++t) {
-      if (!real[static_cast<size_t>(t)]) continue;
-      for (int64_t s = 0; s < k; ++s) F[static_cast<size_t>(idx.data<int32_t>()[t * k + s])] += 1.0;
-      for (int64_t e = 0; e < E; ++e) P[static_cast<size_t>(e)] += probs.f32()[t * E + e];
-    }
-  }
-  double aux = 0.0;
-  for (int64_t e = 0; e < E; ++e) aux += (F[static_cast<size_t>(e)] / denom) * (P[static_cast<size_t>(e)] / denom);
-  aux *= static_cast<double>(E);
-  if (dprobs) {
-    Tensor g = Tensor::zeros({N, E}, DType::F32);
-    for (int64_t t = 0; t < N; ++t) {
-      if (!real[static_cast<size_t>(t)]) continue;
-      for (int64_t e = 0; e < E; ++e)
-        g.f32()[t * E + e] = static_cast<float>(scale * E * (F[static_cast<size_t>(e)] / denom) / denom);
-    }
-    *dprobs = ex_.upload(g);
-  }
-  return aux;
+  // (F is piecewise constant: the top-k selection has no gradient.) From the sums record_routing accumulated on
+  // the device (aux_f_, aux_p_); the value stays there until take_aux_loss / take_step_metrics (step end).
+  const int64_t N = b.B * b.T, E = cfg_.num_experts;
+  Tensor aux = ex_.empty({1}, DType::F32), dprobs = ex_.empty({N, E}, DType::F32);
+  ops::moe_aux_loss(aux_f_, aux_p_, b.segment_ids, n_moe_layers_, scale, aux, &dprobs);
+  ops::add_(aux_raw_dev_, aux);
+  ops::scale_(aux, static_cast<float>(cfg_.router_aux_loss_coef * aux_loss_scale));
+  ops::add_(aux_term_dev_, aux);
+  return dprobs;
 }
 
 double DecoderLM::take_aux_loss() {
-  const double v = aux_term_;
-  aux_term_ = 0.0;
+  if (!aux_term_dev_.defined()) return 0.0;
+  const double v = ExecContext::download(aux_term_dev_).f32()[0];  // step end: the trainer has synchronised
+  ops::zero_(aux_term_dev_);
   return v;
 }
 
@@ -578,16 +554,28 @@ nlohmann::json DecoderLM::take_step_metrics() {
   // Expert utilisation over the step (every micro-batch, real tokens only), averaged over the sparse
   // layers: coefficient of variation of the per-expert token counts, and the fraction of experts that got
   // no token at all.
+  // The device counts come back here, at step end (the only download of the routing statistics).
+  const int64_t ne = cfg_.num_experts;
+  std::vector<std::vector<int64_t>> counts(static_cast<size_t>(n_moe_layers_), std::vector<int64_t>(static_cast<size_t>(ne), 0));
+  double aux_raw_sum = 0.0;
+  if (expert_counts_.defined()) {
+    const Tensor h = ExecContext::download(expert_counts_);
+    for (int64_t l = 0; l < n_moe_layers_; ++l)
+      for (int64_t e = 0; e < ne; ++e) counts[static_cast<size_t>(l)][static_cast<size_t>(e)] = h.data<int32_t>()[l * ne + e];
+    ops::zero_(expert_counts_);
+    aux_raw_sum = ExecContext::download(aux_raw_dev_).f32()[0];
+    ops::zero_(aux_raw_dev_);
+  }
   if (mp_.world && mp_.world->size() > 1) {
     // Every rank routed its own tokens: the step's utilisation is over all of them.
-    for (auto& c : expert_counts_) mp_.world->all_reduce_host(c.data(), c.size());
-    double a[2] = {aux_raw_sum_, static_cast<double>(aux_calls_)};
+    for (auto& c : counts) mp_.world->all_reduce_host(c.data(), c.size());
+    double a[2] = {aux_raw_sum, static_cast<double>(aux_calls_)};
     mp_.world->all_reduce_host(a, 2);
-    aux_raw_sum_ = a[0];
+    aux_raw_sum = a[0];
     aux_calls_ = static_cast<int64_t>(a[1]);
   }
   double cv_sum = 0.0, dead_sum = 0.0;
-  for (auto& c : expert_counts_) {
+  for (auto& c : counts) {
     const double E = static_cast<double>(c.size());
     double mean = 0.0, var = 0.0, dead = 0.0;
     for (int64_t v : c) mean += static_cast<double>(v) / E;
@@ -597,12 +585,10 @@ nlohmann::json DecoderLM::take_step_metrics() {
     }
     cv_sum += mean > 0 ? std::sqrt(var) / mean : 0.0;
     dead_sum += dead / E;
-    std::fill(c.begin(), c.end(), 0);
   }
   j["moe_expert_cv"] = cv_sum / n_moe_layers_;
   j["moe_dead_expert_frac"] = dead_sum / n_moe_layers_;
-  if (aux_calls_ > 0) j["router_aux_loss"] = aux_raw_sum_ / static_cast<double>(aux_calls_);
-  aux_raw_sum_ = 0.0;
+  if (aux_calls_ > 0) j["router_aux_loss"] = aux_raw_sum / static_cast<double>(aux_calls_);
   aux_calls_ = 0;
   return j;
 }

@@ -94,16 +94,16 @@ class DecoderLM : public CausalLM {
                        const ops::AttnParams& p, LayerSaved* s, KvCache* kv = nullptr, int64_t layer = -1);
   Tensor layer_backward(const Layer& L, const LayerSaved& s, const Tensor& cos, const Tensor& sin,
                         const ops::AttnParams& p, const Tensor& dy, const Tensor* dprobs_extra);
-  // The routing of every sparse layer in the last forward (for the aux loss and the utilisation metrics).
-  struct Routing {
-    Tensor probs;     // [N, E] fp32 on the model's device
-    Tensor topk_idx;  // [N, k] int32 on the host
-  };
+  // During forward_backward's forward: adds a sparse layer's routing of the real tokens to the utilisation counts
+  // and (aux loss on) to the micro-batch's aux statistics, on the model's device (ops::moe_routing_stats).
   void record_routing(const Layer& L, const MoeSaved& s);
-  // HF's load_balancing_loss_func over this micro-batch's sparse layers, padding excluded. Returns the aux
-  // loss; when dprobs is non-null it receives d(scale * aux)/d probs [N, E] fp32 on the model's device (the
-  // same for every layer).
-  double aux_loss(const Batch& b, float scale, Tensor* dprobs);
+  // HF's load_balancing_loss_func over this micro-batch's sparse layers, padding excluded, from the statistics
+  // record_routing accumulated (ops::moe_aux_loss): adds coef * aux * aux_loss_scale to aux_term_ and aux to
+  // aux_raw_ (device scalars, no host sync) and returns d(scale * aux)/d probs [N, E] fp32 on the model's device
+  // (the same for every layer).
+  Tensor aux_loss(const Batch& b, float scale, float aux_loss_scale);
+  // The device buffers of the MoE statistics (allocated on the model's device at first use).
+  void ensure_moe_stats();
   MoeOptions moe_options() const;
   void embedding_backward(const Batch& b, const Tensor& dx);
   // fp32 residual stream under bf16 compute (ExecContext::residual_dtype != act_dtype): HF autocast numerics.
@@ -149,14 +149,16 @@ class DecoderLM : public CausalLM {
   bool fake_balanced_gate_ = false;
   ops::GroupedRouterOptions ds_router_;  // deepseek's router (cfg_.deepseek)
   bool count_experts_ = false;                       // true during forward_backward's forward
-  std::vector<char> real_token_;                     // this micro-batch: token t is not padding
-  std::vector<Routing> routing_;                    // per sparse layer, this micro-batch
-  std::vector<std::vector<int64_t>> expert_counts_;  // per sparse layer, summed since take_step_metrics()
+  bool aux_stats_ = false;                           // ... and the aux loss wants this micro-batch's statistics
+  const Tensor* seg_ = nullptr;                      // that micro-batch's segment_ids (real token: >= 0)
+  // MoE statistics on the model's device (read by the host only in take_aux_loss / take_step_metrics):
+  Tensor expert_counts_;     // [L_moe, E] int32: real tokens routed to each expert per sparse layer, since take_step_metrics()
+  Tensor aux_f_, aux_p_;     // [E] int32, fp32: this micro-batch's selections / prob sums over its sparse layers
+  Tensor aux_term_dev_;      // [1] fp32: sum of coef * aux * scale since take_aux_loss()
+  Tensor aux_raw_dev_;       // [1] fp32: sum of aux since take_step_metrics()
   std::deque<LoraAdapter> lora_;  // deque: Param::lora pointers stay valid
   LoraPass lora_pass_;             // what the current forward is (training dropout or not)
-  double aux_term_ = 0.0;                             // sum of coef * aux * scale since take_aux_loss()
-  double aux_raw_sum_ = 0.0;
-  int64_t aux_calls_ = 0;
+  int64_t aux_calls_ = 0;  // aux losses since take_step_metrics()
 };
 
 // Fused lm_head + cross-entropy over row chunks: x [N, H], W [V, H]. Returns sum CE; when dx is non-null

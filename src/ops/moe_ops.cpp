@@ -14,10 +14,12 @@
 #include <string>
 
 #include "backend/cpu/cpu_ops.h"
+#include "backend/cpu/moe_aux.h"
 #include "core/error.h"
 #include "ops/op_checks.h"
 #ifdef AM_WITH_CUDA
 #include "backend/cuda/moe.h"
+#include "backend/cuda/moe_aux.h"
 #endif
 #define AM_MOE_ROUTE_CUDA(call) AM_OP_ROUTE_CUDA(call)
 
@@ -198,6 +200,57 @@ void moe_router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& t
                         dprobs_extra ? dprobs_extra->f32() : nullptr, d.n, d.e, d.k, tmp.f32());
     dlogits.copy_from(tmp);
   }
+}
+
+// ---------------- routing statistics and the aux loss ----------------
+
+void moe_routing_stats(const Tensor& topk_idx, const Tensor& probs, const Tensor& seg, Tensor* counts, Tensor* psum,
+                       Tensor* counts2) {
+  const char* op = "moe_routing_stats";
+  DeviceType dev = device_of(op, {{"topk_idx", &topk_idx},
+                                  {"probs", &probs},
+                                  {"seg", &seg},
+                                  {"counts", counts},
+                                  {"psum", psum},
+                                  {"counts2", counts2}});
+  need_i32(op, {{"topk_idx", &topk_idx}, {"seg", &seg}, {"counts", counts}, {"counts2", counts2}});
+  need_dtype(op, "probs", probs, DType::F32);
+  if (psum) need_dtype(op, "psum", *psum, DType::F32);
+  if (probs.ndim() < 2 || probs.dim(-1) < 1) shape_error(op, describe("probs", probs) + ": expected [N, E]");
+  const int64_t e = probs.dim(-1), n = probs.numel() / e;
+  if (topk_idx.ndim() < 2 || topk_idx.dim(-1) < 1) shape_error(op, describe("topk_idx", topk_idx) + ": expected [N, k]");
+  const int64_t k = topk_idx.dim(-1);
+  need_rows(op, "topk_idx", topk_idx, n, k, "k");
+  need_numel(op, "seg", seg, n, "one per token of " + describe("probs", probs));
+  for (const Arg& a : {Arg{"counts", counts}, Arg{"psum", psum}, Arg{"counts2", counts2}})
+    if (a.t) need_numel(op, a.name, *a.t, e, "E for " + describe("probs", probs));
+  need_int_range(op, "N*k", n * k);
+  AM_MOE_ROUTE_CUDA(cuda::moe_routing_stats(topk_idx, probs, seg, counts, psum, counts2));
+  cpu::moe_routing_stats(topk_idx.data<int32_t>(), probs.f32(), seg.data<int32_t>(), n, e, k,
+                         counts ? counts->data<int32_t>() : nullptr, counts2 ? counts2->data<int32_t>() : nullptr,
+                         psum ? psum->f32() : nullptr);
+}
+
+void moe_aux_loss(const Tensor& f, const Tensor& psum, const Tensor& seg, int64_t num_layers, float scale, Tensor& aux,
+                  Tensor* dprobs) {
+  const char* op = "moe_aux_loss";
+  DeviceType dev =
+      device_of(op, {{"f", &f}, {"psum", &psum}, {"seg", &seg}, {"aux", &aux}, {"dprobs", dprobs}});
+  need_i32(op, {{"f", &f}, {"seg", &seg}});
+  need_dtype(op, "psum", psum, DType::F32);
+  need_dtype(op, "aux", aux, DType::F32);
+  const int64_t e = f.numel(), n = seg.numel();
+  if (e < 1) shape_error(op, describe("f", f) + ": expected [E] with at least one expert");
+  need_numel(op, "psum", psum, e, "E for " + describe("f", f));
+  need_numel(op, "aux", aux, 1, "the loss");
+  if (num_layers < 1) shape_error(op, "num_layers = " + std::to_string(num_layers) + " must be >= 1");
+  if (dprobs) {
+    need_dtype(op, "dprobs", *dprobs, DType::F32);
+    need_rows(op, "dprobs", *dprobs, n, e, "E");
+  }
+  AM_MOE_ROUTE_CUDA(cuda::moe_aux_loss(f, psum, seg, num_layers, scale, aux, dprobs));
+  cpu::moe_aux_loss(f.data<int32_t>(), psum.f32(), seg.data<int32_t>(), n, e, num_layers, scale, aux.f32(),
+                    dprobs ? dprobs->f32() : nullptr);
 }
 
 // ---------------- dispatch plan ----------------

@@ -63,6 +63,34 @@ void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k,
 void moe_router_grouped_bwd(const Tensor& scores, const Tensor& topk_idx, const GroupedRouterOptions& o,
                             const Tensor& dtopk_w, Tensor& dlogits);
 
+// ---------------- routing statistics and the load-balancing aux loss (no host sync) ----------------
+// HF's load_balancing_loss_func (with the attention mask) over the L sparse layers of one micro-batch, kept on the
+// data's device: each layer's forward accumulates its statistics (moe_routing_stats), the aux loss and its gradient
+// on the router probabilities come from the sums after the last layer (moe_aux_loss), before the backward. Token t
+// is real iff seg[t] >= 0 (seg: Batch::segment_ids, [N] or [B, T] int32, -1 = padding); padding rows are routed
+// (as in HF) but are not counted. CPU: backend/cpu/moe_aux.cpp; CUDA: backend/cuda/moe_aux.cu (no host sync).
+//
+// One layer, ACCUMULATED (+=) into buffers that the caller zeroes:
+//   counts[e]  += #{(t, s) : seg[t] >= 0, topk_idx[t, s] == e}     [E] int32 (nullptr: not wanted)
+//   counts2[e] += the same, into a second buffer (e.g. per-layer step totals next to the micro-batch's sum)
+//   psum[e]    += sum_{t : seg[t] >= 0} probs[t, e]                  [E] fp32 (nullptr: not wanted)
+// topk_idx [N, k] int32, probs [N, E] fp32 (read only for psum). Indices outside [0, E) are not counted (the
+// dispatch plan reports them). psum rounding: CPU one double running sum per expert from the buffer's value, in
+// token order, rounded once per call; CUDA fp32 partial sums over fixed 128-row chunks added in chunk order
+// (deterministic, within fp32 rounding of the host's). The counts are exact on both.
+void moe_routing_stats(const Tensor& topk_idx, const Tensor& probs, const Tensor& seg, Tensor* counts, Tensor* psum,
+                       Tensor* counts2 = nullptr);
+// From f [E] int32 (counts summed over the L = num_layers layers) and psum [E] fp32 (likewise):
+//   n = #{t : seg[t] >= 0},  D = L * n  (double)
+//   aux[0] = E * sum_e (f[e] / D) * (psum[e] / D)                    aux [1] fp32 (assigned)
+//   dprobs[t, e] = (scale * E) * (f[e] / D) / D  for real t, else 0  dprobs [N, E] fp32 (assigned; nullptr: not
+//                                                                    wanted), the same for every layer
+// with scale * E rounded to fp32 and the rest in double (one rounding at each store), on both devices: dprobs is
+// bitwise the host's on CUDA too (f and n are exact); aux differs only through psum. n == 0: aux = 0, dprobs = 0.
+// (f is piecewise constant in the logits: the top-k selection has no gradient.)
+void moe_aux_loss(const Tensor& f, const Tensor& psum, const Tensor& seg, int64_t num_layers, float scale, Tensor& aux,
+                  Tensor* dprobs);
+
 // ---------------- dispatch plan ----------------
 // topk_idx [N, k] int32 (values in [0, E)) -> offsets [E+1] int32 (offsets[e]..offsets[e+1] are expert e's
 // rows in grouped order), perm [N*k] int32 (perm[j] = t*k + s of grouped row j; within an expert the pairs

@@ -179,6 +179,58 @@ TEST(CudaMoe, RouterBackwardMatchesCpu) {
         }
 }
 
+// Routing statistics over several layers (counts exact, psum within fp32 rounding) and the aux loss: dprobs bitwise
+// the host's (exact counts, the same double formula), aux bitwise too when both devices see the same psum.
+TEST(CudaMoe, RoutingStatsAndAuxLossMatchCpu) {
+  REQUIRE_DEVICE();
+  std::mt19937 rng(9);
+  struct Case {
+    int64_t b, t, e, k, layers;
+    bool all_pad;
+  };
+  for (const Case& c : {Case{1, 1, 2, 1, 1, false}, Case{2, 77, 60, 4, 3, false}, Case{4, 300, 128, 8, 2, false},
+                        Case{3, 129, 8, 2, 4, false}, Case{1, 50, 1000, 32, 1, false}, Case{2, 40, 16, 2, 2, true},
+                        Case{2, 2048, 128, 8, 2, false}}) {
+    const int64_t n = c.b * c.t, e = c.e, k = c.k;
+    const std::string tag = "n=" + std::to_string(n) + " e=" + std::to_string(e) + " k=" + std::to_string(k) +
+                            " L=" + std::to_string(c.layers) + (c.all_pad ? " all padding" : "");
+    // Right-padded rows of packed samples (segment ids >= 0), then -1.
+    Tensor seg = Tensor::empty({c.b, c.t}, DType::I32);
+    for (int64_t r = 0; r < c.b; ++r) {
+      const int64_t real = c.all_pad ? 0 : rint(rng, 0, c.t);
+      for (int64_t i = 0; i < c.t; ++i) seg.data<int32_t>()[r * c.t + i] = i < real ? static_cast<int32_t>(i / 17) : -1;
+    }
+    const Tensor seg_d = up(seg, DType::I32);
+    Tensor counts = Tensor::zeros({c.layers, e}, DType::I32), f = Tensor::zeros({e}, DType::I32),
+           p = Tensor::zeros({e}, DType::F32);
+    Tensor counts_d = up(counts, DType::I32), f_d = up(f, DType::I32), p_d = up(p, DType::F32);
+    for (int64_t l = 0; l < c.layers; ++l) {
+      const Tensor idx = skewed_topk(n, e, k, rng), probs = rand_host({n, e}, rng, DType::F32, 0.f, 1.f);
+      Tensor row = counts.slice_rows(l, l + 1), row_d = counts_d.slice_rows(l, l + 1);
+      ops::moe_routing_stats(idx, probs, seg, &row, &p, &f);
+      ops::moe_routing_stats(up(idx, DType::I32), up(probs, DType::F32), seg_d, &row_d, &p_d, &f_d);
+    }
+    EXPECT_EQ(ivals(counts_d), ivals(counts)) << tag;
+    EXPECT_EQ(ivals(f_d), ivals(f)) << tag;
+    expect_close(p_d, p, am::test::tolerance(DType::F32), 1e-5, "psum " + tag);
+    const float scale = 0.02f / 3.f;
+    Tensor aux = Tensor::empty({1}, DType::F32), dprobs = Tensor::empty({n, e}, DType::F32);
+    ops::moe_aux_loss(f, p, seg, c.layers, scale, aux, &dprobs);
+    Tensor aux_d = poisoned({1}, DType::F32), dprobs_d = poisoned({n, e}, DType::F32);
+    ops::moe_aux_loss(f_d, p_d, seg_d, c.layers, scale, aux_d, &dprobs_d);
+    const Tensor dh = down(dprobs_d);
+    int64_t differ = 0;
+    for (int64_t i = 0; i < n * e; ++i) differ += dh.f32()[i] != dprobs.f32()[i];
+    EXPECT_EQ(differ, 0) << "dprobs " << tag;
+    const double a = down(aux_d).f32()[0], want = aux.f32()[0];
+    EXPECT_NEAR(a, want, 1e-5 * std::max(1.0, std::abs(want))) << "aux " << tag;
+    // The same psum on both devices: the same aux, bit for bit.
+    Tensor aux_same = poisoned({1}, DType::F32);
+    ops::moe_aux_loss(f_d, up(p, DType::F32), seg_d, c.layers, scale, aux_same, nullptr);
+    EXPECT_EQ(down(aux_same).f32()[0], aux.f32()[0]) << "aux (same psum) " << tag;
+  }
+}
+
 TEST(CudaMoe, DispatchPlanMatchesCpuExactly) {
   REQUIRE_DEVICE();
   std::mt19937 rng(3);
