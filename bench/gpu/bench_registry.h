@@ -9,6 +9,7 @@ int moe_bench_main(int argc, char** argv);  // bench_moe.cu: MoE ops at the W2 s
 int gemma2_deepseek_bench_main(int argc, char** argv);  // bench_gemma2_deepseek.cu: softcap, MLA columns, router
 int gpt_oss_bench_main(int argc, char** argv);  // bench_gpt_oss.cu: gpt_oss expert kernels (gpt-oss-20b layer)
 int mamba2_bench_main(int argc, char** argv);  // bench_mamba2.cu: Nemotron-H conv + selective scan
+int fused_proj_bench_main(int argc, char** argv);  // bench_fused_proj.cu: one q|k|v / gate|up GEMM vs separate ones
 
 struct GpuBench {
   const char* name;
@@ -22,4 +23,5 @@ inline constexpr GpuBench kGpuBenches[] = {
     {"gemma2_deepseek", gemma2_deepseek_bench_main},
     {"gpt_oss", gpt_oss_bench_main},
     {"mamba2", mamba2_bench_main},
+    {"fused_proj", fused_proj_bench_main},
 };

@@ -477,6 +477,7 @@ void DecoderLM::to_device_inference(const ExecContext& ex) {
                       (!p.trainable && p.shape.size() == 1);
     p.value = keep ? ex.upload(host) : Tensor();  // the host fp32 copy is released here
   }
+  ps_.pack_groups();  // q | k | v and gate | up back to back again (blocks/fused_proj.h)
   ex_ = ex;
   for (RopeCache& c : rope_cache_) c = RopeCache{};
   expert_counts_ = aux_term_dev_ = aux_raw_dev_ = Tensor();

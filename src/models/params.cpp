@@ -1,12 +1,14 @@
 #include "models/params.h"
 
 #include <cstdint>
+#include <set>
 #include <utility>
 #include <vector>
 
 #include "core/error.h"
 #include "io/nf4.h"
 #include "models/exec.h"
+#include "ops/device.h"
 #include "ops/nf4_ops.h"
 #include "ops/ops.h"
 
@@ -128,9 +130,113 @@ void ParamStore::quantize_marked() {
   }
 }
 
+namespace {
+
+// True when the tensors lie back to back in memory, in order (same dtype and device): one view spans them.
+bool back_to_back(const std::vector<const Tensor*>& ts) {
+  for (size_t i = 0; i + 1 < ts.size(); ++i) {
+    const Tensor &a = *ts[i], &b = *ts[i + 1];
+    if (a.dtype() != b.dtype() || a.device() != b.device() ||
+        static_cast<const char*>(a.raw()) + a.nbytes() != static_cast<const char*>(b.raw()))
+      return false;
+  }
+  return true;
+}
+
+// Re-lays out one field (value, grad or work) of a group's members into one allocation, when every member has
+// it defined, with one dtype and device, and it is not back to back already. Returns the new views, or {}.
+std::vector<Tensor> pack_field(const std::vector<Tensor*>& parts) {
+  std::vector<const Tensor*> cp(parts.begin(), parts.end());
+  for (const Tensor* t : cp)
+    if (!t->defined() || t->dtype() != cp[0]->dtype() || t->device() != cp[0]->device()) return {};
+  if (back_to_back(cp)) return {};
+  int64_t total = 0;
+  for (const Tensor* t : cp) total += t->numel();
+  Tensor buf = ops::empty_on(cp[0]->device(), {total}, cp[0]->dtype());
+  std::vector<Tensor> out;
+  int64_t a = 0;
+  for (const Tensor* t : cp) {
+    Tensor d = buf.slice_rows(a, a + t->numel()).view(t->shape());
+    ops::copy_(d, *t);
+    out.push_back(d);
+    a += t->numel();
+  }
+  return out;
+}
+
+void pack_group(const std::vector<Param*>& g) {
+  // Working copies that alias their values (the CPU, where work is value) follow the values.
+  bool work_is_value = true;
+  for (Param* p : g) work_is_value = work_is_value && p->work.defined() && p->work.raw() == p->value.raw();
+  std::vector<Tensor*> values, grads, works;
+  for (Param* p : g) {
+    values.push_back(&p->value);
+    grads.push_back(&p->grad);
+    works.push_back(&p->work);
+  }
+  std::vector<Tensor> v = pack_field(values), gr = pack_field(grads);
+  for (size_t i = 0; i < v.size(); ++i) g[i]->value = v[i];
+  for (size_t i = 0; i < gr.size(); ++i) g[i]->grad = gr[i];
+  if (work_is_value) {
+    for (Param* p : g) p->work = p->value;
+  } else {
+    std::vector<Tensor> w = pack_field(works);
+    for (size_t i = 0; i < w.size(); ++i) g[i]->work = w[i];
+  }
+}
+
+}  // namespace
+
+void ParamStore::colocate(const std::vector<Param*>& group) {
+  if (group.size() < 2) return;
+  for (Param* p : group)
+    if (!p || &get(p->name) != p) throw ShapeError("colocate: not a parameter of this store");
+  groups_.push_back(group);
+  if (!shapes_only_) pack_group(group);
+}
+
+void ParamStore::pack_groups() {
+  for (const auto& g : groups_) pack_group(g);
+}
+
 void ParamStore::to_device(const ExecContext& ex) {
   if (!ex.on_cuda()) return;
+  // Colocated groups whose members are moved the same way (all trainable or all frozen, none 4-bit) get one
+  // allocation per field, filled member by member with exactly the bits the per-parameter path below makes.
+  std::set<const Param*> done;
+  for (const auto& g : groups_) {
+    bool same = true;
+    for (Param* p : g)
+      same = same && !p->nf4 && !p->quantize_4bit && p->value.defined() && p->trainable == g[0]->trainable &&
+             (p->shape.size() == 1) == (g[0]->shape.size() == 1);
+    if (!same) continue;
+    const bool trainable = g[0]->trainable, keep_value = trainable || g[0]->shape.size() == 1;
+    int64_t total = 0;
+    for (Param* p : g) total += shape_numel(p->shape);
+    Tensor value = keep_value ? ex.empty({total}, DType::F32) : Tensor();
+    Tensor grad = trainable ? ex.zeros({total}, DType::F32) : Tensor();
+    Tensor work = ex.empty({total}, ex.act_dtype);
+    int64_t a = 0;
+    for (Param* p : g) {
+      const int64_t e = a + shape_numel(p->shape);
+      Tensor host = ExecContext::download(p->value);
+      Tensor w = work.slice_rows(a, e).view(p->shape);
+      ops::copy_(w, ex.upload_as(host, ex.act_dtype));
+      p->work = w;
+      if (keep_value) {
+        Tensor v = value.slice_rows(a, e).view(p->shape);
+        ops::copy_(v, ex.upload(host));
+        p->value = v;
+      } else {
+        p->value = Tensor();
+      }
+      p->grad = trainable ? grad.slice_rows(a, e).view(p->shape) : Tensor();
+      done.insert(p);
+      a = e;
+    }
+  }
   for (auto& p : params_) {
+    if (done.count(&p)) continue;
     if (p.nf4) {  // already 4-bit (read as bitsandbytes saved it)
       p.nf4 = std::make_shared<const Nf4Weight>(ops::nf4_to_device(*p.nf4, ex.device));
       continue;

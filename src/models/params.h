@@ -99,12 +99,24 @@ class ParamStore {
   } quant4;
   // Quantises the marked weights where they are now (the CPU path, which never calls to_device).
   void quantize_marked();
+  // Storage groups (docs/fused_projections.md): parameters laid out back to back, in the order
+  // given, in one allocation of each of value, grad and work, so that the blocks can run ONE GEMM over a
+  // [sum of rows, in] view of Linear weights sharing their input (attention's q | k | v, the MLP's gate | up)
+  // and get every part's dW from one weight-gradient GEMM. The parameters stay separate Params (HF names,
+  // shapes, checkpoint layout, optimizer state). Kept by add() (CPU), to_device and pack_groups; anything that
+  // re-lays parameters out elsewhere (data-parallel buckets keep registration order, 4-bit weights, pure bf16)
+  // may or may not keep it, so the blocks check adjacency on every use (blocks/fused_proj.h) and fall back.
+  void colocate(const std::vector<Param*>& group);
+  // Re-lays each group's defined value / grad / work out back to back where they are not already (after code
+  // that allocates parameters one by one, e.g. DecoderLM::to_device_inference). Same device and dtype kept.
+  void pack_groups();
   int64_t numel() const;         // elements held by this rank
   int64_t global_numel() const;  // elements of the whole model
 
  private:
   std::deque<Param> params_;  // registration (= HF state_dict) order; deque: pointers stay valid
   std::map<std::string, size_t> index_;
+  std::vector<std::vector<Param*>> groups_;  // colocate()
   bool shapes_only_ = false;
 };
 

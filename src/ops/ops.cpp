@@ -17,6 +17,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "backend/cpu/cpu_ops.h"
 #ifdef AM_WITH_CUDA
@@ -357,6 +358,70 @@ void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin) {
   dispatch(op, dev, [&] { cpu::rope_bwd(dx.f32(), cos.f32(), sin.f32(), d.n, d.heads, d.d, d.half); });
 }
 
+// ---------------- fused q/k/v projection output ----------------
+
+namespace {
+struct QkvDims {
+  int64_t n, nh, nkv, d, half;
+};
+// packed [N, (nh + 2 nkv) D]; q [N, nh, D]; k, v [N, nkv, D]; cos / sin both or neither, [N, R/2] with R <= D.
+QkvDims check_qkv_pack(const char* op, const char* pname, const Tensor& packed, const char* qn, const Tensor& q,
+                       const char* kn, const Tensor& k, const char* vn, const Tensor& v, const Tensor* cos,
+                       const Tensor* sin) {
+  if (q.ndim() < 3 || k.ndim() < 3 || v.ndim() < 3)
+    shape_error(op, describe(qn, q) + ", " + describe(kn, k) + ", " + describe(vn, v) + ": expected [N, heads, D]");
+  const int64_t d = q.dim(-1), nh = q.dim(-2), nkv = k.dim(-2);
+  const int64_t n = nh * d > 0 ? q.numel() / (nh * d) : 0;
+  if (k.dim(-1) != d || v.dim(-1) != d || v.dim(-2) != nkv || k.numel() != n * nkv * d || v.numel() != k.numel())
+    shape_error(op, describe(qn, q) + ", " + describe(kn, k) + ", " + describe(vn, v) +
+                        ": expected q [N, nh, D], k and v [N, nkv, D] with one N and D");
+  const int64_t w = (nh + 2 * nkv) * d;
+  if (packed.ndim() < 2 || packed.dim(-1) != w || packed.numel() != n * w)
+    shape_error(op, describe(pname, packed) + ": expected [N = " + std::to_string(n) + ", (nh + 2 nkv) D = " +
+                        std::to_string(w) + "]");
+  for (const Arg& a : {Arg{qn, &q}, Arg{kn, &k}, Arg{vn, &v}})
+    if (a.t->dtype() != packed.dtype())
+      shape_error(op, describe(a.name, *a.t) + ": expected the dtype of " + describe(pname, packed));
+  if ((cos == nullptr) != (sin == nullptr)) shape_error(op, "cos and sin: give both or neither");
+  int64_t half = 0;
+  if (cos) {
+    if (cos->ndim() < 1 || cos->shape() != sin->shape() || cos->dtype() != DType::F32 || sin->dtype() != DType::F32)
+      shape_error(op, describe("cos", *cos) + " and " + describe("sin", *sin) + ": expected equal float32 [N, R/2]");
+    half = cos->dim(-1);
+    if (half == 0 || 2 * half > d || cos->numel() != n * half)
+      shape_error(op, describe("cos", *cos) + ": expected [N = " + std::to_string(n) + ", R/2] with 0 < R <= D = " +
+                          std::to_string(d));
+  }
+  return {n, nh, nkv, d, half};
+}
+}  // namespace
+
+void qkv_split_rope(const Tensor& qkv, const Tensor* cos, const Tensor* sin, Tensor& q, Tensor& k, Tensor& v) {
+  const char* op = "qkv_split_rope";
+  DeviceType dev = device_of(op, {{"qkv", &qkv}, {"cos", cos}, {"sin", sin}, {"q", &q}, {"k", &k}, {"v", &v}});
+  const QkvDims d = check_qkv_pack(op, "qkv", qkv, "q", q, "k", k, "v", v, cos, sin);
+  AM_ROUTE_CUDA(cuda::qkv_split_rope(qkv, cos, sin, q, k, v));
+  need_f32(op, {{"qkv", &qkv}, {"q", &q}, {"k", &k}, {"v", &v}});
+  dispatch(op, dev, [&] {
+    cpu::qkv_rope_pack(qkv.f32(), q.f32(), k.f32(), v.f32(), cos ? cos->f32() : nullptr,
+                       sin ? sin->f32() : nullptr, d.n, d.nh, d.nkv, d.d, d.half, /*merge=*/false);
+  });
+}
+
+void qkv_merge_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor* cos, const Tensor* sin,
+                        Tensor& dqkv) {
+  const char* op = "qkv_merge_rope_bwd";
+  DeviceType dev = device_of(op, {{"dq", &dq}, {"dk", &dk}, {"dv", &dv}, {"cos", cos}, {"sin", sin}, {"dqkv", &dqkv}});
+  const QkvDims d = check_qkv_pack(op, "dqkv", dqkv, "dq", dq, "dk", dk, "dv", dv, cos, sin);
+  AM_ROUTE_CUDA(cuda::qkv_merge_rope_bwd(dq, dk, dv, cos, sin, dqkv));
+  need_f32(op, {{"dq", &dq}, {"dk", &dk}, {"dv", &dv}, {"dqkv", &dqkv}});
+  dispatch(op, dev, [&] {
+    cpu::qkv_rope_pack(dqkv.f32(), dq.f32(), dk.f32(),
+                       dv.f32(), cos ? cos->f32() : nullptr, sin ? sin->f32() : nullptr, d.n,
+                       d.nh, d.nkv, d.d, d.half, /*merge=*/true);
+  });
+}
+
 // ---------------- gated activations: SwiGLU, GeGLU ----------------
 
 namespace {
@@ -428,6 +493,39 @@ void geglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& d
   check_gated_bwd(op, gate, up, dh, dgate, dup);
   dispatch(op, dev,
            [&] { cpu::geglu_bwd(gate.f32(), up.f32(), dh.f32(), dgate.f32(), dup.f32(), gate.numel()); });
+}
+
+namespace {
+// gu [M, 2I] -> (M, I), with `h_name` [M, I]
+std::pair<int64_t, int64_t> check_gated_fused(const char* op, const Tensor& gu, const char* h_name, const Tensor& h) {
+  if (gu.ndim() < 2 || gu.dim(-1) % 2 != 0)
+    shape_error(op, describe("gu", gu) + ": expected [M, 2I] (an even last dimension)");
+  const int64_t i = gu.dim(-1) / 2, m = i ? gu.numel() / (2 * i) : 0;
+  if (h.ndim() < 2 || h.dim(-1) != i || h.numel() != m * i)
+    shape_error(op, describe(h_name, h) + ": expected [M = " + std::to_string(m) + ", I = " + std::to_string(i) + "]");
+  if (h.dtype() != gu.dtype()) shape_error(op, describe(h_name, h) + ": expected the dtype of " + describe("gu", gu));
+  return {m, i};
+}
+}  // namespace
+
+void geglu_fused_fwd(const Tensor& gu, Tensor& h) {
+  const char* op = "geglu_fused_fwd";
+  DeviceType dev = device_of(op, {{"gu", &gu}, {"h", &h}});
+  const auto [m, i] = check_gated_fused(op, gu, "h", h);
+  AM_ROUTE_CUDA(cuda::geglu_fused_fwd(gu, h));
+  need_f32(op, {{"gu", &gu}, {"h", &h}});
+  dispatch(op, dev, [&] { cpu::geglu_fused_fwd(gu.f32(), m, i, h.f32()); });
+}
+
+void geglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu) {
+  const char* op = "geglu_fused_bwd";
+  DeviceType dev = device_of(op, {{"gu", &gu}, {"dh", &dh}, {"dgu", &dgu}});
+  const auto [m, i] = check_gated_fused(op, gu, "dh", dh);
+  if (dgu.shape() != gu.shape() || dgu.dtype() != gu.dtype())
+    shape_error(op, describe("dgu", dgu) + ": expected the shape and dtype of " + describe("gu", gu));
+  AM_ROUTE_CUDA(cuda::geglu_fused_bwd(gu, dh, dgu));
+  need_f32(op, {{"gu", &gu}, {"dh", &dh}, {"dgu", &dgu}});
+  dispatch(op, dev, [&] { cpu::geglu_fused_bwd(gu.f32(), dh.f32(), m, i, dgu.f32()); });
 }
 
 // ---------------- attention ----------------

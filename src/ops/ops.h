@@ -68,6 +68,17 @@ void rope_fwd_(Tensor& x, const Tensor& cos, const Tensor& sin);
 // gradient of the above, in place on dx (the transpose rotation)
 void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin);
 
+// ---------------- fused q/k/v projection output (blocks/attention.cpp, docs/fused_projections.md) ----------------
+// The output of one GEMM on the row-stacked [Wq; Wk; Wv] weights, qkv [N, (nh + 2 nkv) D] with rows q | k | v,
+// split into q [N, nh, D], k [N, nkv, D], v [N, nkv, D] (assigned), q and k rotated on the way exactly as
+// rope_fwd_ does when cos and sin ([N, R/2], R <= D) are given; nullptr: copied as they are (q/k-norm families
+// rotate after their norm). Bit-identical to column copies + rope_fwd_; one pass instead of five.
+void qkv_split_rope(const Tensor& qkv, const Tensor* cos, const Tensor* sin, Tensor& q, Tensor& k, Tensor& v);
+// Its backward: dqkv [N, (nh + 2 nkv) D] = [rope_bwd(dq) | rope_bwd(dk) | dv] (assigned; without cos / sin no
+// rotation), dq / dk / dv unchanged. Feeds the stacked weight's one dX GEMM and one dW GEMM.
+void qkv_merge_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor* cos, const Tensor* sin,
+                        Tensor& dqkv);
+
 // ---------------- SwiGLU ----------------
 // gate, up [N, I] -> h [N, I] = silu(gate) * up
 void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h);
@@ -88,6 +99,11 @@ void softcap_bwd_(const Tensor& y, Tensor& dy, float cap);
 void geglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h);
 // dgate, dup assigned (may alias gate, up)
 void geglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup);
+// GeGLU on a fused [gate | up] GEMM output (the stacked gate/up projection; SwiGLU's is swiglu_fused_fwd in
+// moe_ops.h): gu [N, 2I], gate the first I columns of each row -> h [N, I]; backward assigns dgu [N, 2I]
+// (may alias gu). Element math identical to geglu_fwd / geglu_bwd.
+void geglu_fused_fwd(const Tensor& gu, Tensor& h);
+void geglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu);
 
 // ---------------- attention ----------------
 // AttnParams (core/attn_params.h): the attention call's geometry and options, shared with the backends.

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "core/linear_out.h"
 
 namespace am::cpu {
 
@@ -37,12 +38,15 @@ void embedding_fwd(const int32_t* ids, int64_t n, const float* w, int64_t hidden
 void embedding_bwd(const int32_t* ids, int64_t n, const float* dout, int64_t hidden, float* dw);
 
 // ---------------- linear (cblas_sgemm) ----------------
-// x [N, K], w [M, K], bias [M] or nullptr -> y [N, M] = x w^T + bias
-void linear_fwd(const float* x, const float* w, const float* bias, float* y, int64_t n, int64_t k, int64_t m);
-// dx [N, K] = dy w (skipped when dx is null); dw [M, K] += dy^T x (skipped when dw is null: frozen
-// weight); dbias [M] += column sums of dy (when non-null).
+// x [N, K], w [M, K], bias [M] or nullptr -> y [N, M] = yo.alpha * x w^T + bias (+ y when yo.accumulate), as
+// separate passes in the order of core/linear_out.h (GEMM, scale, bias, add of a temporary): bit-identical to
+// the plain call followed by scale() and add().
+void linear_fwd(const float* x, const float* w, const float* bias, float* y, int64_t n, int64_t k, int64_t m,
+                const LinearOut& yo = {});
+// dx [N, K] = dxo.alpha * dy w (+ dx when dxo.accumulate; skipped when dx is null); dw [M, K] += dy^T x
+// (skipped when dw is null: frozen weight); dbias [M] += column sums of dy (when non-null).
 void linear_bwd(const float* x, const float* w, const float* dy, float* dx, float* dw, float* dbias,
-                int64_t n, int64_t k, int64_t m);
+                int64_t n, int64_t k, int64_t m, const LinearOut& dxo = {});
 
 // ---------------- RMSNorm ----------------
 // x [N, H], w [H] -> y [N, H] = (x * rstd) * w, rstd [N] = 1 / sqrt(mean(x^2) + eps)
@@ -59,6 +63,11 @@ void rope_fwd(float* x, const float* cos, const float* sin, int64_t n, int64_t h
 // The transpose rotation (rotation by -theta), in place on dx [N, heads, D].
 void rope_bwd(float* dx, const float* cos, const float* sin, int64_t n, int64_t heads, int64_t d,
               int64_t rot_half);
+// Fused q/k/v projection output (ops.h qkv_split_rope / qkv_merge_rope_bwd): packed [N, (nh + 2 nkv) D] rows
+// q | k | v <-> q [N, nh, D], k [N, nkv, D], v [N, nkv, D]. merge = false: packed -> q, k, v with q and k rotated
+// forward; merge = true: q, k, v -> packed with q and k rotated backward. rot_half = 0: no rotation.
+void qkv_rope_pack(float* packed, float* q, float* k, float* v, const float* cos, const float* sin, int64_t n,
+                   int64_t nh, int64_t nkv, int64_t d, int64_t rot_half, bool merge);
 
 // ---------------- SwiGLU ----------------
 // gate, up, h: n elements; h = silu(gate) * up
@@ -70,6 +79,9 @@ void softcap_bwd(const float* y, float* dy, float cap, int64_t n);
 // h = gelu_tanh(gate) * up (ops.h: GeGLU)
 void geglu_fwd(const float* gate, const float* up, float* h, int64_t n);
 void geglu_bwd(const float* gate, const float* up, const float* dh, float* dgate, float* dup, int64_t n);
+// GeGLU on gu [M, 2I] rows gate | up -> h [M, I]; backward dgu [M, 2I] (may alias gu)
+void geglu_fused_fwd(const float* gu, int64_t m, int64_t i, float* h);
+void geglu_fused_bwd(const float* gu, const float* dh, int64_t m, int64_t i, float* dgu);
 
 // ---------------- attention ----------------
 struct AttnDims {

@@ -60,6 +60,36 @@ void gated_bwd(const float* gate, const float* up, const float* dh, float* dgate
   }
 }
 
+// The same element math on a fused [gate | up] row layout: gu [m, 2i] -> h [m, i]; dgu may alias gu.
+template <typename Act>
+void gated_fused_fwd(const float* gu, int64_t m, int64_t i, float* h) {
+#pragma omp parallel for if (m * i >= (1 << 15))
+  for (int64_t r = 0; r < m; ++r) {
+    const float* g = gu + r * 2 * i;
+    const float* u = g + i;
+    float* o = h + r * i;
+    for (int64_t c = 0; c < i; ++c) o[c] = Act::fwd(g[c]) * u[c];
+  }
+}
+
+template <typename Act>
+void gated_fused_bwd(const float* gu, const float* dh, int64_t m, int64_t i, float* dgu) {
+#pragma omp parallel for if (m * i >= (1 << 15))
+  for (int64_t r = 0; r < m; ++r) {
+    const float* g = gu + r * 2 * i;
+    const float* u = g + i;
+    const float* d = dh + r * i;
+    float* dg = dgu + r * 2 * i;
+    float* du = dg + i;
+    for (int64_t c = 0; c < i; ++c) {
+      const float gv = g[c], uv = u[c], dv = d[c];
+      const float a = Act::dgate(gv, dv * uv), b = Act::dup(gv, dv);  // before the stores: may alias
+      dg[c] = a;
+      du[c] = b;
+    }
+  }
+}
+
 }  // namespace
 
 // Soft-capping (not a gated activation, but the same kind of elementwise map): y = c tanh(x / c), dy/dx = 1 - (y/c)^2.
@@ -82,6 +112,10 @@ void swiglu_bwd(const float* gate, const float* up, const float* dh, float* dgat
 void geglu_fwd(const float* gate, const float* up, float* h, int64_t n) { gated_fwd<GeluTanh>(gate, up, h, n); }
 void geglu_bwd(const float* gate, const float* up, const float* dh, float* dgate, float* dup, int64_t n) {
   gated_bwd<GeluTanh>(gate, up, dh, dgate, dup, n);
+}
+void geglu_fused_fwd(const float* gu, int64_t m, int64_t i, float* h) { gated_fused_fwd<GeluTanh>(gu, m, i, h); }
+void geglu_fused_bwd(const float* gu, const float* dh, int64_t m, int64_t i, float* dgu) {
+  gated_fused_bwd<GeluTanh>(gu, dh, m, i, dgu);
 }
 
 }  // namespace am::cpu

@@ -39,4 +39,33 @@ void rope_bwd(float* dx, const float* cos, const float* sin, int64_t n, int64_t 
   rotate(dx, cos, sin, n, heads, d, rot_half, -1.0f);
 }
 
+// One token's head at a time: the rotation of rotate() above, term for term (so bit-identical to a copy
+// followed by rope_fwd / rope_bwd), from src to dst; the unrotated features are copied.
+void qkv_rope_pack(float* packed, float* q, float* k, float* v, const float* cos, const float* sin, int64_t n,
+                   int64_t nh, int64_t nkv, int64_t d, int64_t half, bool merge) {
+  const int64_t slots = nh + 2 * nkv;
+  const float sign = merge ? -1.0f : 1.0f;
+#pragma omp parallel for if (n * slots * d >= (1 << 15))
+  for (int64_t t = 0; t < n; ++t) {
+    const float* c = cos ? cos + t * half : nullptr;
+    const float* s = sin ? sin + t * half : nullptr;
+    for (int64_t slot = 0; slot < slots; ++slot) {
+      float* p = packed + (t * slots + slot) * d;
+      float* x = slot < nh         ? q + (t * nh + slot) * d
+                 : slot < nh + nkv ? k + (t * nkv + slot - nh) * d
+                                   : v + (t * nkv + slot - nh - nkv) * d;
+      const float* src = merge ? x : p;
+      float* dst = merge ? p : x;
+      const int64_t r = half > 0 && slot < nh + nkv ? half : 0;
+      for (int64_t i = 0; i < r; ++i) {
+        const float a = src[i], b = src[i + half];
+        const float si = sign * s[i];
+        dst[i] = a * c[i] - b * si;
+        dst[i + half] = b * c[i] + a * si;
+      }
+      for (int64_t i = 2 * r; i < d; ++i) dst[i] = src[i];
+    }
+  }
+}
+
 }  // namespace am::cpu

@@ -73,6 +73,13 @@ void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Ten
 // x [N, heads, D] T in place; cos, sin [N, R/2] fp32 with R <= D (R < D: partial rotary).
 void rope_fwd_(Tensor& x, const Tensor& cos, const Tensor& sin, CudaContext& ctx = default_context());
 void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin, CudaContext& ctx = default_context());
+// Fused q/k/v projection output (rope.cu; ops.h): qkv [N, (nh + 2 nkv) D] T -> q [N, nh, D], k / v [N, nkv, D] T,
+// q and k rotated as rope_fwd_ when cos / sin are given (nullptr: copied); and the backward's merge with
+// rope_bwd_. Bit-identical to column copies + rope_fwd_ / rope_bwd_.
+void qkv_split_rope(const Tensor& qkv, const Tensor* cos, const Tensor* sin, Tensor& q, Tensor& k, Tensor& v,
+                    CudaContext& ctx = default_context());
+void qkv_merge_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor* cos, const Tensor* sin,
+                        Tensor& dqkv, CudaContext& ctx = default_context());
 
 // ---------------- SwiGLU ----------------
 // gate, up [N, I] T -> h = silu(gate) * up;  backward assigns dgate, dup (may alias gate, up).
@@ -83,6 +90,9 @@ void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& 
 void geglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h, CudaContext& ctx = default_context());
 void geglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
                CudaContext& ctx = default_context());
+// GeGLU on a fused [gate | up] layout: gu [M, 2I] T -> h [M, I]; backward dgu [M, 2I] (may alias gu).
+void geglu_fused_fwd(const Tensor& gu, Tensor& h, CudaContext& ctx = default_context());
+void geglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu, CudaContext& ctx = default_context());
 
 // ---------------- logit soft-capping (Gemma 2 final_logit_softcapping; softcap.cu) ----------------
 // x [any] (any float dtype) in place: x = cap * tanh(x / cap). cap > 0 and finite (else ShapeError).

@@ -3,6 +3,8 @@
 //   GeGLU (Gemma): act = gelu_tanh(g) = 0.5 g (1 + tanh(k (g + c g^3))), k = sqrt(2/pi), c = 0.044715
 // Elementwise and memory-bound (W1: [8192, 8192] bf16: 402 MB forward, 671 MB backward); 16-byte vectors,
 // grid-stride. The backward computes both outputs before storing, so dgate/dup may alias gate/up.
+#include <utility>
+
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/kernel_utils.cuh"
 
@@ -77,6 +79,44 @@ __global__ void gated_bwd_kernel(const T* gate, const T* up, const T* __restrict
   }
 }
 
+// The fused [gate | up] row layout (ops.h geglu_fused_*): gu [m, 2 inner] -> h [m, inner]; dgu may alias gu
+// (each thread loads its elements before storing them). inner % VEC == 0 for the vector path.
+template <typename Act, typename T, int VEC>
+__global__ void gated_fused_fwd_kernel(const T* __restrict__ gu, int64_t m, int64_t inner, T* __restrict__ h) {
+  const int64_t per_row = inner / VEC, total = m * per_row;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / per_row, c = (i - r * per_row) * VEC;
+    const Vec<T, VEC> g = load_vec<T, VEC>(gu + r * 2 * inner + c);
+    const Vec<T, VEC> u = load_vec<T, VEC>(gu + r * 2 * inner + inner + c);
+    Vec<T, VEC> o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o.v[k] = from_f<T>(Act::fwd(to_f(g.v[k])) * to_f(u.v[k]));
+    store_vec<T, VEC>(h + r * inner + c, o);
+  }
+}
+
+template <typename Act, typename T, int VEC>
+__global__ void gated_fused_bwd_kernel(const T* gu, const T* __restrict__ dh, int64_t m, int64_t inner, T* dgu) {
+  const int64_t per_row = inner / VEC, total = m * per_row;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / per_row, c = (i - r * per_row) * VEC;
+    const Vec<T, VEC> g = load_vec<T, VEC>(gu + r * 2 * inner + c);
+    const Vec<T, VEC> u = load_vec<T, VEC>(gu + r * 2 * inner + inner + c);
+    const Vec<T, VEC> d = load_vec<T, VEC>(dh + r * inner + c);
+    Vec<T, VEC> og, ou;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float gv = to_f(g.v[k]), uv = to_f(u.v[k]), dv = to_f(d.v[k]);
+      og.v[k] = from_f<T>(Act::dgate(gv, dv * uv));
+      ou.v[k] = from_f<T>(Act::dup(gv, dv));
+    }
+    store_vec<T, VEC>(dgu + r * 2 * inner + c, og);
+    store_vec<T, VEC>(dgu + r * 2 * inner + inner + c, ou);
+  }
+}
+
 void check_same(const char* op, const Tensor& ref, std::initializer_list<std::pair<const char*, const Tensor*>> ts) {
   need_cuda(op, "gate", ref);
   for (auto& [name, t] : ts) {
@@ -127,7 +167,60 @@ void gated_bwd(const char* op, const Tensor& gate, const Tensor& up, const Tenso
   AM_CUDA_CHECK_LAUNCH();
 }
 
+// gu [M, 2I], `h_name` [M, I] (one dtype) -> (M, I)
+std::pair<int64_t, int64_t> fused_dims(const char* op, const Tensor& gu, const char* h_name, const Tensor& h) {
+  need_cuda(op, "gu", gu);
+  need_cuda(op, h_name, h);
+  if (gu.ndim() < 2 || gu.dim(-1) % 2) op_error(op, describe("gu", gu) + ": expected [M, 2I]");
+  const int64_t inner = gu.dim(-1) / 2, m = inner ? gu.numel() / (2 * inner) : 0;
+  if (h.ndim() < 2 || h.dim(-1) != inner || h.numel() != m * inner || h.dtype() != gu.dtype())
+    op_error(op, describe(h_name, h) + ": expected [M, I] of the dtype of " + describe("gu", gu));
+  return {m, inner};
+}
+
+template <typename Act>
+void gated_fused_fwd(const char* op, const Tensor& gu, Tensor& h, CudaContext& ctx) {
+  const auto [m, inner] = fused_dims(op, gu, "h", h);
+  if (m == 0 || inner == 0) return;
+  AM_DISPATCH_BF16_F32(gu.dtype(), op, T, {
+    constexpr int NV = 16 / sizeof(T);
+    if (inner % NV == 0 && aligned_to(gu.raw(), 16) && aligned_to(h.raw(), 16))
+      gated_fused_fwd_kernel<Act, T, NV><<<grid_of(ctx, m * inner / NV), 256, 0, ctx.stream()>>>(gu.data<T>(), m, inner,
+                                                                                                h.data<T>());
+    else
+      gated_fused_fwd_kernel<Act, T, 1><<<grid_of(ctx, m * inner), 256, 0, ctx.stream()>>>(gu.data<T>(), m, inner,
+                                                                                           h.data<T>());
+  });
+  AM_CUDA_CHECK_LAUNCH();
+}
+
+template <typename Act>
+void gated_fused_bwd(const char* op, const Tensor& gu, const Tensor& dh, Tensor& dgu, CudaContext& ctx) {
+  const auto [m, inner] = fused_dims(op, gu, "dh", dh);
+  need_cuda(op, "dgu", dgu);
+  if (dgu.shape() != gu.shape() || dgu.dtype() != gu.dtype())
+    op_error(op, describe("dgu", dgu) + ": expected the shape and dtype of " + describe("gu", gu));
+  if (m == 0 || inner == 0) return;
+  AM_DISPATCH_BF16_F32(gu.dtype(), op, T, {
+    constexpr int NV = 16 / sizeof(T);
+    if (inner % NV == 0 && aligned_to(gu.raw(), 16) && aligned_to(dh.raw(), 16) && aligned_to(dgu.raw(), 16))
+      gated_fused_bwd_kernel<Act, T, NV><<<grid_of(ctx, m * inner / NV), 256, 0, ctx.stream()>>>(
+          gu.data<T>(), dh.data<T>(), m, inner, dgu.data<T>());
+    else
+      gated_fused_bwd_kernel<Act, T, 1><<<grid_of(ctx, m * inner), 256, 0, ctx.stream()>>>(
+          gu.data<T>(), dh.data<T>(), m, inner, dgu.data<T>());
+  });
+  AM_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
+
+void geglu_fused_fwd(const Tensor& gu, Tensor& h, CudaContext& ctx) {
+  gated_fused_fwd<GeluTanhAct>("geglu_fused_fwd", gu, h, ctx);
+}
+void geglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu, CudaContext& ctx) {
+  gated_fused_bwd<GeluTanhAct>("geglu_fused_bwd", gu, dh, dgu, ctx);
+}
 
 void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h, CudaContext& ctx) {
   gated_fwd<SiluAct>("swiglu_fwd", gate, up, h, ctx);

@@ -81,4 +81,112 @@ void rope_bwd_(Tensor& dx, const Tensor& cos, const Tensor& sin, CudaContext& ct
   rope("rope_bwd_", dx, cos, sin, -1.f, ctx);
 }
 
+// ---------------- fused q/k/v projection output <-> q, k, v (ops.h qkv_split_rope / qkv_merge_rope_bwd) ------
+// packed [N, (nh + 2 nkv) D] rows q | k | v. One thread per VEC consecutive features of one (token, head slot):
+// in the rotated part (features < R) a thread owns VEC pairs (i, i + R/2) and does rope_kernel's arithmetic
+// term for term (bit-identical to a copy + rope_fwd_ / rope_bwd_); features >= R and v are copied. MERGE = false:
+// packed -> q / k / v, rotation +theta; MERGE = true: q / k / v -> packed, rotation -theta (the backward).
+// W1: [8192, 48 slots, 64] bf16, R/2 = 32 -> VEC 8: 8 threads per slot, 4 of them idle partners in q / k.
+namespace {
+
+template <typename T, int VEC, bool MERGE>
+__global__ void qkv_rope_pack_kernel(T* packed, T* q, T* k, T* v, const float* __restrict__ cosv,
+                                     const float* __restrict__ sinv, int64_t n, int64_t nh, int64_t nkv, int64_t d,
+                                     int64_t half) {
+  const int64_t slots = nh + 2 * nkv, per_slot = d / VEC;
+  const int64_t total = n * slots * per_slot;
+  const float sign = MERGE ? -1.f : 1.f;
+  for (int64_t it = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; it < total;
+       it += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = (it % per_slot) * VEC;
+    const int64_t ts = it / per_slot;  // token * slots + slot
+    const int64_t t = ts / slots, slot = ts - t * slots;
+    T* p = packed + ts * d;
+    T* x = slot < nh         ? q + (t * nh + slot) * d
+           : slot < nh + nkv ? k + (t * nkv + slot - nh) * d
+                             : v + (t * nkv + slot - nh - nkv) * d;
+    const T* src = MERGE ? x : p;
+    T* dst = MERGE ? p : x;
+    const bool rotated = half > 0 && slot < nh + nkv;
+    if (rotated && i < half) {
+      const Vec<T, VEC> a = load_vec<T, VEC>(src + i);
+      const Vec<T, VEC> b = load_vec<T, VEC>(src + i + half);
+      Vec<T, VEC> oa, ob;
+#pragma unroll
+      for (int kk = 0; kk < VEC; ++kk) {
+        const float c = cosv[t * half + i + kk], s = sign * sinv[t * half + i + kk];
+        const float av = to_f(a.v[kk]), bv = to_f(b.v[kk]);
+        oa.v[kk] = from_f<T>(av * c - bv * s);
+        ob.v[kk] = from_f<T>(bv * c + av * s);
+      }
+      store_vec<T, VEC>(dst + i, oa);
+      store_vec<T, VEC>(dst + i + half, ob);
+    } else if (!rotated || i >= 2 * half) {
+      store_vec<T, VEC>(dst + i, load_vec<T, VEC>(src + i));
+    }
+  }
+}
+
+void qkv_pack(const char* op, Tensor& packed, Tensor& q, Tensor& k, Tensor& v, const Tensor* cos, const Tensor* sin,
+              bool merge, CudaContext& ctx) {
+  need_cuda(op, merge ? "dqkv" : "qkv", packed);
+  need_cuda(op, merge ? "dq" : "q", q);
+  need_cuda(op, merge ? "dk" : "k", k);
+  need_cuda(op, merge ? "dv" : "v", v);
+  if (q.ndim() < 3 || k.ndim() < 3 || v.ndim() < 3) op_error(op, "expected q [N, nh, D], k and v [N, nkv, D]");
+  const int64_t d = q.dim(-1), nh = q.dim(-2), nkv = k.dim(-2);
+  const int64_t n = nh * d > 0 ? q.numel() / (nh * d) : 0;
+  if (k.dim(-1) != d || v.dim(-1) != d || v.dim(-2) != nkv || k.numel() != n * nkv * d || v.numel() != k.numel() ||
+      packed.dim(-1) != (nh + 2 * nkv) * d || packed.numel() != n * (nh + 2 * nkv) * d)
+    op_error(op, describe("packed", packed) + ", " + describe("q", q) + ", " + describe("k", k) + ", " +
+                     describe("v", v) + ": expected [N, (nh + 2 nkv) D], [N, nh, D], [N, nkv, D], [N, nkv, D]");
+  for (const Tensor* t : {&q, &k, &v})
+    if (t->dtype() != packed.dtype())
+      op_error(op, describe("q/k/v", *t) + ": expected the dtype of " + describe("packed", packed));
+  int64_t half = 0;
+  if (cos || sin) {
+    if (!cos || !sin) op_error(op, "cos and sin: give both or neither");
+    need_cuda(op, "cos", *cos);
+    need_cuda(op, "sin", *sin);
+    need_dtype(op, "cos", *cos, DType::F32);
+    need_dtype(op, "sin", *sin, DType::F32);
+    half = cos->dim(-1);
+    if (cos->shape() != sin->shape() || half == 0 || 2 * half > d || cos->numel() != n * half)
+      op_error(op, describe("cos", *cos) + ": expected [N, R/2] with 0 < R <= D = " + std::to_string(d));
+  }
+  if (n == 0 || d == 0) return;
+  AM_DISPATCH_BF16_F32(packed.dtype(), op, T, {
+    constexpr int NV = 16 / sizeof(T);
+    const bool vec_ok = d % NV == 0 && half % NV == 0 && aligned_to(packed.raw(), 16) && aligned_to(q.raw(), 16) &&
+                        aligned_to(k.raw(), 16) && aligned_to(v.raw(), 16);
+    const int vec = vec_ok ? NV : 1;
+    const int64_t items = n * (nh + 2 * nkv) * (d / vec);
+    const unsigned grid = grid_for(items, 256, static_cast<int64_t>(ctx.sm_count()) * 16);
+    const float* c = cos ? cos->data<float>() : nullptr;
+    const float* s = sin ? sin->data<float>() : nullptr;
+    T *pp = packed.data<T>(), *qp = q.data<T>(), *kp = k.data<T>(), *vp = v.data<T>();
+    if (vec_ok && merge)
+      qkv_rope_pack_kernel<T, NV, true><<<grid, 256, 0, ctx.stream()>>>(pp, qp, kp, vp, c, s, n, nh, nkv, d, half);
+    else if (vec_ok)
+      qkv_rope_pack_kernel<T, NV, false><<<grid, 256, 0, ctx.stream()>>>(pp, qp, kp, vp, c, s, n, nh, nkv, d, half);
+    else if (merge)
+      qkv_rope_pack_kernel<T, 1, true><<<grid, 256, 0, ctx.stream()>>>(pp, qp, kp, vp, c, s, n, nh, nkv, d, half);
+    else
+      qkv_rope_pack_kernel<T, 1, false><<<grid, 256, 0, ctx.stream()>>>(pp, qp, kp, vp, c, s, n, nh, nkv, d, half);
+  });
+  AM_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void qkv_split_rope(const Tensor& qkv, const Tensor* cos, const Tensor* sin, Tensor& q, Tensor& k, Tensor& v,
+                    CudaContext& ctx) {
+  qkv_pack("qkv_split_rope", const_cast<Tensor&>(qkv), q, k, v, cos, sin, /*merge=*/false, ctx);
+}
+void qkv_merge_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor* cos, const Tensor* sin,
+                        Tensor& dqkv, CudaContext& ctx) {
+  qkv_pack("qkv_merge_rope_bwd", dqkv, const_cast<Tensor&>(dq), const_cast<Tensor&>(dk), const_cast<Tensor&>(dv), cos,
+           sin, /*merge=*/true, ctx);
+}
+
 }  // namespace am::cuda

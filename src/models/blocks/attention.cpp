@@ -3,6 +3,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "models/blocks/fused_proj.h"
 #include "models/blocks/lora.h"
 #include "models/blocks/norm.h"
 #include "ops/kv_attention.h"
@@ -31,11 +32,22 @@ AttentionWeights register_attention(ParamStore& ps, const std::string& pre, cons
     w.q_norm = &ps.add(pre + "q_norm.weight", {c.qk_norm_full ? nh * D : D});
     w.k_norm = &ps.add(pre + "k_norm.weight", {c.qk_norm_full ? nkv * D : D});
   }
+  if (fused_proj_enabled()) {  // one [(nh + 2 nkv) D, H] weight view, and one [(nh + 2 nkv) D] bias view
+    w.fuse_qkv = true;
+    ps.colocate({w.q, w.k, w.v});
+    if (c.attention_bias) ps.colocate({w.q_bias, w.k_bias, w.v_bias});
+  }
   return w;
 }
 
 
 namespace {
+
+// q, k, v as one GEMM (fused_proj.h), or ok = false.
+StackedProj stacked_qkv(const AttentionWeights& w, bool for_backward) {
+  if (!w.fuse_qkv) return {};
+  return stack_proj({w.q, w.k, w.v}, {w.q_bias, w.k_bias, w.v_bias}, for_backward);
+}
 
 // q, k, v of x [N, H] as attention reads them: projections (+ biases), q/k RMSNorm, RoPE.
 // q [N, nh*D], k/v [N, nkv*D]. Fills the norm's saved tensors of s when non-null.
@@ -47,12 +59,16 @@ Qkv project_qkv(const AttentionWeights& w, const AttentionGeometry& g, const Ten
   const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
   Tensor q = g.ex->empty({N, nh * D}), k = g.ex->empty({N, nkv * D}),
          v = g.ex->empty({N, nkv * D});
-  if (w.qkv) {
+  bool rotated = false;
+  const StackedProj sp = stacked_qkv(w, false);
+  if (w.qkv || sp.ok) {
+    // One GEMM into [N, q | k | v], then one pass that splits it, rotating q and k unless a q/k norm comes first.
     Tensor qkv = g.ex->empty({N, (nh + 2 * nkv) * D});
-    proj_fwd(*g.ex, *w.qkv, nullptr, x, qkv);
-    ops::copy_cols_(q, 0, qkv, 0, nh * D);
-    ops::copy_cols_(k, 0, qkv, nh * D, nkv * D);
-    ops::copy_cols_(v, 0, qkv, (nh + nkv) * D, nkv * D);
+    if (w.qkv) proj_fwd(*g.ex, *w.qkv, nullptr, x, qkv);
+    else stacked_fwd(sp, x, qkv);
+    Tensor q3 = q.view({N, nh, D}), k3 = k.view({N, nkv, D}), v3 = v.view({N, nkv, D});
+    rotated = !w.q_norm;
+    ops::qkv_split_rope(qkv, rotated ? &cos : nullptr, rotated ? &sin : nullptr, q3, k3, v3);
   } else {
     proj_fwd(*g.ex, *w.q, w.q_bias, x, q);
     proj_fwd(*g.ex, *w.k, w.k_bias, x, k);
@@ -75,9 +91,11 @@ Qkv project_qkv(const AttentionWeights& w, const AttentionGeometry& g, const Ten
     q = qn.view({N, nh * D});
     k = kn.view({N, nkv * D});
   }
-  Tensor q3 = q.view({N, nh, D}), k3 = k.view({N, nkv, D});
-  ops::rope_fwd_(q3, cos, sin);
-  ops::rope_fwd_(k3, cos, sin);
+  if (!rotated) {
+    Tensor q3 = q.view({N, nh, D}), k3 = k.view({N, nkv, D});
+    ops::rope_fwd_(q3, cos, sin);
+    ops::rope_fwd_(k3, cos, sin);
+  }
   return {q, k, v};
 }
 
@@ -151,6 +169,17 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
   ops::attention_bwd(s.q.view({p.batch, p.seq, nh, D}), s.k.view({p.batch, p.seq, nkv, D}),
                      s.v.view({p.batch, p.seq, nkv, D}), s.o.view({p.batch, p.seq, nh, D}), s.lse,
                      d_o.view({p.batch, p.seq, nh, D}), p, dq4, dk4, dv4, w.sinks ? grad_or_null(w.sinks) : nullptr);
+  Tensor dx = g.ex->empty({N, g.hidden});
+  const StackedProj sp = stacked_qkv(w, true);
+  if ((w.qkv || sp.ok) && !w.q_norm) {
+    // The fused GEMM's output gradient [N, dq | dk | dv] in one pass with the inverse rotation, then one dX GEMM
+    // and one dW GEMM for the three weights.
+    Tensor dqkv = g.ex->empty({N, (nh + 2 * nkv) * D});
+    ops::qkv_merge_rope_bwd(dq.view({N, nh, D}), dk.view({N, nkv, D}), dv.view({N, nkv, D}), &cos, &sin, dqkv);
+    if (w.qkv) proj_bwd(*g.ex, *w.qkv, nullptr, s.x, dqkv, &dx);
+    else stacked_bwd(sp, s.x, dqkv, &dx);
+    return dx;
+  }
   Tensor dq3 = dq.view({N, nh, D}), dk3 = dk.view({N, nkv, D});
   ops::rope_bwd_(dq3, cos, sin);
   ops::rope_bwd_(dk3, cos, sin);
@@ -165,13 +194,11 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
     dq = dqp.view({N, nh * D});
     dk = dkp.view({N, nkv * D});
   }
-  Tensor dx = g.ex->empty({N, g.hidden});
-  if (w.qkv) {  // the fused GEMM's output gradient [N, dq | dk | dv]
+  if (w.qkv || sp.ok) {  // q/k norm families: the fused GEMM's output gradient [N, dq | dk | dv], unrotated
     Tensor dqkv = g.ex->empty({N, (nh + 2 * nkv) * D});
-    ops::copy_cols_(dqkv, 0, dq, 0, nh * D);
-    ops::copy_cols_(dqkv, nh * D, dk, 0, nkv * D);
-    ops::copy_cols_(dqkv, (nh + nkv) * D, dv, 0, nkv * D);
-    proj_bwd(*g.ex, *w.qkv, nullptr, s.x, dqkv, &dx);
+    ops::qkv_merge_rope_bwd(dq.view({N, nh, D}), dk.view({N, nkv, D}), dv.view({N, nkv, D}), nullptr, nullptr, dqkv);
+    if (w.qkv) proj_bwd(*g.ex, *w.qkv, nullptr, s.x, dqkv, &dx);
+    else stacked_bwd(sp, s.x, dqkv, &dx);
     return dx;
   }
   Tensor tmp = g.ex->empty({N, g.hidden});

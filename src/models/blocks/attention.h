@@ -1,6 +1,8 @@
 // Self-attention block shared by every dense and MoE family:
 //   q = x Wq^T (+bq), k = x Wk^T (+bk), v = x Wv^T (+bv)      q [N, nh, D], k/v [N, nkv, D]
-//   (phi3) [q | k | v] = x Wqkv^T: one fused GEMM, its columns copied out     [N, (nh + 2 nkv) D]
+//   (phi3) [q | k | v] = x Wqkv^T: one fused GEMM, split (and rotated) by qkv_split_rope  [N, (nh + 2 nkv) D]
+//   (the rest, by default) the same single GEMM on the row-stacked view of the separate q/k/v weights when they
+//   lie back to back (blocks/fused_proj.h; AM_FUSED_PROJ=0: three GEMMs)
 //   (qwen3) q = RMSNorm_D(q) * q_norm, k = RMSNorm_D(k) * k_norm   per head  (gemma3: * (1 + q_norm))
 //   (olmoe) q = RMSNorm(q) * q_norm over the whole [nh*D] projection, k likewise over [nkv*D]
 //   q, k = RoPE(q, k; cos, sin)
@@ -24,6 +26,9 @@ struct AttentionWeights {
   Param *q_bias = nullptr, *k_bias = nullptr, *v_bias = nullptr, *o_bias = nullptr;
   Param *q_norm = nullptr, *k_norm = nullptr;  // [D] per head, or [nh*D] / [nkv*D] (olmoe)
   Param* sinks = nullptr;                      // [nh] gpt_oss attention sink logits
+  // q, k, v (and their biases) colocated at build (ParamStore::colocate): one GEMM for the three when they are
+  // still back to back at use (fused_proj.h stack_proj); false: AM_FUSED_PROJ=0 or phi3's own fused qkv.
+  bool fuse_qkv = false;
 };
 
 // What forward keeps for backward.

@@ -1,6 +1,7 @@
 #include "models/blocks/mlp.h"
 
 #include "core/error.h"
+#include "models/blocks/fused_proj.h"
 #include "models/blocks/lora.h"
 #include "ops/mamba2_ops.h"
 #include "ops/moe_ops.h"
@@ -24,6 +25,15 @@ void act_bwd(MlpAct a, const Tensor& gate, const Tensor& up, const Tensor& dh, T
   if (a == MlpAct::GeluTanh) ops::geglu_bwd(gate, up, dh, dgate, dup);
   else ops::swiglu_bwd(gate, up, dh, dgate, dup);
 }
+// The same on the fused layout gu [N, 2I] (gate | up per row): element math identical to the above.
+void act_fused_fwd(MlpAct a, const Tensor& gu, Tensor& h) {
+  if (a == MlpAct::GeluTanh) ops::geglu_fused_fwd(gu, h);
+  else ops::swiglu_fused_fwd(gu, h);
+}
+void act_fused_bwd(MlpAct a, const Tensor& gu, const Tensor& dh, Tensor& dgu) {
+  if (a == MlpAct::GeluTanh) ops::geglu_fused_bwd(gu, dh, dgu);
+  else ops::swiglu_fused_bwd(gu, dh, dgu);
+}
 }  // namespace
 
 MlpWeights register_mlp(ParamStore& ps, const std::string& pre, int64_t H, int64_t I, bool bias, MlpAct act) {
@@ -35,6 +45,11 @@ MlpWeights register_mlp(ParamStore& ps, const std::string& pre, int64_t H, int64
   if (bias) w.up_bias = &ps.add(pre + "up_proj.bias", {I});
   w.down = &ps.add(pre + "down_proj.weight", {H, I});
   if (bias) w.down_bias = &ps.add(pre + "down_proj.bias", {H});
+  if (fused_proj_enabled()) {  // one [2I, H] weight view (and one [2I] bias view)
+    w.fuse_gate_up = true;
+    ps.colocate({w.gate, w.up});
+    if (bias) ps.colocate({w.gate_bias, w.up_bias});
+  }
   return w;
 }
 
@@ -80,13 +95,20 @@ Tensor ungated_backward(const ExecContext& ex, const MlpWeights& w, const MlpSav
   proj_bwd(ex, *w.up, w.up_bias, s.x, du, &dx);
   return dx;
 }
-// The fused path: gu = x Wgu^T [N, 2I] -> h = silu(gu[:, :I]) * gu[:, I:] (the MoE experts' fused kernels).
-Tensor fused_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s) {
+// gate and up as one GEMM (fused_proj.h), or ok = false.
+StackedProj stacked_gate_up(const MlpWeights& w, bool for_backward) {
+  if (!w.fuse_gate_up) return {};
+  return stack_proj({w.gate, w.up}, {w.gate_bias, w.up_bias}, for_backward);
+}
+// The fused path: gu = x Wgu^T [N, 2I] (phi3's gate_up, or the stacked gate/up view sp) -> h = act(gu[:, :I]) *
+// gu[:, I:] (the MoE experts' fused kernels for SwiGLU).
+Tensor fused_forward(const ExecContext& ex, const MlpWeights& w, const StackedProj& sp, const Tensor& x, MlpSaved* s) {
   const int64_t N = x.dim(0), I = w.down->shape[1], H = w.down->shape[0];
   Tensor gu = ex.empty({N, 2 * I}), h = ex.empty({N, I}), y = ex.empty({N, H});
-  proj_fwd(ex, *w.gate_up, nullptr, x, gu);
-  ops::swiglu_fused_fwd(gu, h);
-  proj_fwd(ex, *w.down, nullptr, h, y);
+  if (w.gate_up) proj_fwd(ex, *w.gate_up, nullptr, x, gu);
+  else stacked_fwd(sp, x, gu);
+  act_fused_fwd(w.act, gu, h);
+  proj_fwd(ex, *w.down, w.down_bias, h, y);
   if (s) {
     *s = MlpSaved{};
     s->x = x;
@@ -97,20 +119,37 @@ Tensor fused_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x
 Tensor fused_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy) {
   const int64_t N = dy.dim(0), I = w.down->shape[1], H = w.down->shape[0];
   Tensor h = ex.empty({N, I});
-  ops::swiglu_fused_fwd(s.gate_up, h);  // recomputed, as in the unfused path
+  act_fused_fwd(w.act, s.gate_up, h);  // recomputed, as in the unfused path
   Tensor dh = ex.empty({N, I});
-  proj_bwd(ex, *w.down, nullptr, h, dy, &dh);
+  proj_bwd(ex, *w.down, w.down_bias, h, dy, &dh);
   h = Tensor();
   Tensor dgu = ex.empty({N, 2 * I}), dx = ex.empty({N, H});
-  ops::swiglu_fused_bwd(s.gate_up, dh, dgu);
-  proj_bwd(ex, *w.gate_up, nullptr, s.x, dgu, &dx);
+  act_fused_bwd(w.act, s.gate_up, dh, dgu);
+  if (w.gate_up) {
+    proj_bwd(ex, *w.gate_up, nullptr, s.x, dgu, &dx);
+    return dx;
+  }
+  const StackedProj sp = stacked_gate_up(w, true);
+  if (sp.ok) {
+    stacked_bwd(sp, s.x, dgu, &dx);
+    return dx;
+  }
+  // The weights stopped being back to back between forward and backward (not expected: every layout that
+  // moves parameters does it outside a pass); one GEMM each on the halves.
+  Tensor dgate = ex.empty({N, I}), dup = ex.empty({N, I}), tmp = ex.empty({N, H});
+  ops::copy_cols_(dgate, 0, dgu, 0, I);
+  ops::copy_cols_(dup, 0, dgu, I, I);
+  proj_bwd(ex, *w.gate, w.gate_bias, s.x, dgate, &dx);
+  proj_bwd(ex, *w.up, w.up_bias, s.x, dup, &tmp);
+  ops::add_(dx, tmp);
   return dx;
 }
 }  // namespace
 
 Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s) {
-  if (w.gate_up) return fused_forward(ex, w, x, s);
+  if (w.gate_up) return fused_forward(ex, w, StackedProj{}, x, s);
   if (!w.gate) return ungated_forward(ex, w, x, s);
+  if (const StackedProj sp = stacked_gate_up(w, false); sp.ok) return fused_forward(ex, w, sp, x, s);
   const int64_t N = x.dim(0), I = w.gate->shape[0], H = w.down->shape[0];
   Tensor gate = ex.empty({N, I}), up = ex.empty({N, I}),
          h = ex.empty({N, I}), y = ex.empty({N, H});
@@ -123,7 +162,7 @@ Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, 
 }
 
 Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy) {
-  if (w.gate_up) return fused_backward(ex, w, s, dy);
+  if (s.gate_up.defined()) return fused_backward(ex, w, s, dy);
   if (!w.gate) return ungated_backward(ex, w, s, dy);
   const int64_t N = dy.dim(0), I = w.gate->shape[0], H = w.down->shape[0];
   Tensor h = ex.empty({N, I});

@@ -2,6 +2,9 @@
 //   y = down( act(x Wg^T) * (x Wu^T) )      x [N, H], gate/up [N, I], y [N, H]
 //   act = silu (SwiGLU; every family but Gemma) or gelu_pytorch_tanh (GeGLU; Gemma)
 //   (phi3) [gate | up] = x Wgu^T: one fused GEMM [N, 2I], gate the first half
+//   (the other gated MLPs, by default) the same single GEMM on the row-stacked view of the separate gate/up
+//   weights when they lie back to back (blocks/fused_proj.h; AM_FUSED_PROJ=0: two GEMMs), and
+//   act on the halves of each row (swiglu_fused_* / geglu_fused_*)
 //   (nemotron_h, ungated) y = down( relu(x Wu^T)^2 ): no gate_proj (gate and gate_up are null)
 #pragma once
 #include <string>
@@ -19,6 +22,9 @@ struct MlpWeights {
   Param* gate_up = nullptr;  // fused (phi3) [2I, H], rows gate | up; gate and up are then null
   Param *gate_bias = nullptr, *up_bias = nullptr, *down_bias = nullptr;
   MlpAct act = MlpAct::Silu;
+  // gate and up (and their biases) colocated at build (ParamStore::colocate): one GEMM for both when they are
+  // still back to back at use (fused_proj.h stack_proj); false: AM_FUSED_PROJ=0, ungated, or phi3's gate_up.
+  bool fuse_gate_up = false;
 };
 
 // config.json's activation name -> MlpAct; FormatError naming `key` for anything else.
@@ -27,7 +33,7 @@ MlpAct mlp_act_from_config(const std::string& name, const std::string& key);
 struct MlpSaved {
   Tensor x;         // [N, H]
   Tensor gate, up;  // [N, I] pre-activation (ungated: up only)
-  Tensor gate_up;   // fused: [N, 2I] instead
+  Tensor gate_up;   // fused (phi3's gate_up, or the stacked gate/up view): [N, 2I] instead
   // h = act(gate) * up [N, I] is NOT kept: backward recomputes it from gate and up (one elementwise pass,
   // ~0.1 ms per W1 layer) instead of holding N x I per layer (2 GiB over W1's 16 layers).
 };
