@@ -12,6 +12,8 @@
 #     goldens_cuda  bench/goldens_cuda_check.sh: every HF golden case trained on CUDA vs HF's fp32 loss
 #     gpu_tests     am_gpu_tests (GPU_FILTER=gtest filter, default all; GPU_LIMIT seconds, default 240)
 #     mamba2        Mamba2 GPU tests (chunked SSD + sequential scans vs the CPU) + am_gpu_microbench mamba2
+#     mamba2prof    Nsight Compute sections of each chunked-SSD kernel (one forward + backward at nemo8's mixer)
+#     fusedproj     fused q|k|v / gate|up: GPU tests, micro-benchmark, W1 engine with AM_FUSED_PROJ=0 and 1
 #     phi3diag      tools/phi3_longrope_diag.py (HF phi3 logits cached / full / no LongRoPE, per position)
 #     w4            bench/w4.sh: the seed tutorial end to end, engine (padded, packed) and HF Trainer
 #     parity_bf16   bench/parity_200.sh with PARITY_BF16=1 (issue 15's SR / nearest / HF bf16 curves)
@@ -78,6 +80,27 @@ for s in "$@"; do
       for h in 128 64; do
         timeout 90 $B/am_gpu_microbench mamba2 --heads $h > "$R/mamba2_bench_h$h.log" 2>&1
         echo "bench (heads $h) exit $?"; grep -A12 "selective scan" "$R/mamba2_bench_h$h.log"
+      done ;;
+    mamba2prof)
+      # Nsight Compute on one chunked scan forward + backward at nemo8's mixer: time, occupancy and stall reasons of
+      # each SSD kernel (backend/cuda/mamba2_ssd.cu)
+      stage mamba2prof
+      NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+      timeout ${PROF_LIMIT:-120} "$NCU" -k 'regex:chunk_state|pass_fwd|pass_bwd|scan_fwd_kernel|scan_bwd_kernel|reduce_parts' \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        $B/am_gpu_microbench mamba2 --heads 64 --profile-scan > "$R/mamba2_ncu.txt" 2>&1
+      echo "ncu exit $?"
+      grep -E "^  [a-z_].*\(|Duration|Achieved Occupancy|Theoretical Occupancy|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Dynamic Shared|Block Limit|Warp Cycles Per Issued|Issued Warp|No Eligible|Stall" "$R/mamba2_ncu.txt" | head -120 ;;
+    fusedproj)
+      # the fused q|k|v and gate|up projections (docs/fused_projections.md): GPU tests, micro-benchmark, W1 engine on / off
+      stage fusedproj
+      timeout 150 $B/am_gpu_tests --gtest_filter='*FusedProj*' > "$R/fusedproj_tests.log" 2>&1
+      echo "tests exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|Failure" "$R/fusedproj_tests.log" | head -20
+      timeout 60 $B/am_gpu_microbench fused_proj > "$R/fusedproj_bench.log" 2>&1; echo "bench exit $?"; tail -20 "$R/fusedproj_bench.log"
+      for f in 0 1; do
+        AM_FUSED_PROJ=$f timeout 120 $B/automodel bench bench/w1.yaml --out "$R/w1_fused$f.json" > "$R/w1_fused$f.log" 2>&1
+        echo "W1 engine AM_FUSED_PROJ=$f exit $?"
+        python3 -c "import json; e=json.load(open('$R/w1_fused$f.json')); print('  %.0f tok/s, step %.1f ms, peak %.2f GiB' % (e['tokens_per_s'], e['step_ms'], e['peak_mem_gib']))" 2>&1
       done ;;
     phi3diag)
       stage phi3diag

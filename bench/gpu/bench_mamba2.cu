@@ -11,6 +11,7 @@
 // Timed with CUDA events after warm-up, median of 10.
 //
 //   am_gpu_microbench mamba2 [--tokens T] [--batch B] [--heads nh] [--headdim P] [--state S] [--groups G]
+//                            [--profile-scan: skip the conv; run one chunked scan forward + backward, untimed, for ncu]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -66,6 +67,8 @@ int mamba2_bench_main(int argc, char** argv) {
     else if (std::strcmp(argv[i], "--state") == 0) S = std::atoll(argv[++i]);
     else if (std::strcmp(argv[i], "--groups") == 0) G = std::atoll(argv[++i]);
   }
+  bool profile_scan = false;
+  for (int i = 1; i < argc; ++i) profile_scan = profile_scan || std::strcmp(argv[i], "--profile-scan") == 0;
   const int64_t Din = nh * P, Cd = Din + 2 * G * S, N = B * T;
   try {
     auto& ctx = cu::default_context();
@@ -88,8 +91,9 @@ int mamba2_bench_main(int argc, char** argv) {
     cu::zero_(dw);
     cu::zero_(db);
     const std::string csh = tok + std::to_string(Cd) + "]";
-    std::printf("\nconv1d + SiLU (x, pre, y bf16; w, bias fp32)\n");
+    if (!profile_scan) std::printf("\nconv1d + SiLU (x, pre, y bf16; w, bias fp32)\n");
     for (const Tensor* sg : std::initializer_list<const Tensor*>{nullptr, &seg}) {
+      if (profile_scan) break;
       const char* tag = sg ? " packed" : "";
       report_bw((std::string("conv fwd") + tag).c_str(), csh, N * Cd * el * 3,
                 median_ms([&] { cu::mamba_conv1d_silu_fwd(x, w, &bias, sg, pre, y); }));
@@ -114,6 +118,14 @@ int mamba2_bench_main(int argc, char** argv) {
     const double fwd_flops = 2 * nck * (Pd * Sd * Lc + Lc * Lc * Sd + Lc * Pd * Sd + Lc * Lc * Pd);
     const double bwd_flops =
         2 * nck * (3 * Pd * Sd * Lc + Lc * Lc * Sd + 2 * Lc * Lc * Pd + Lc * Pd * Sd + 2 * Lc * Sd * Lc + 2 * Lc * Sd * Pd);
+    if (profile_scan) {  // for Nsight Compute: one chunked forward and backward, nothing else
+      cu::set_scan_algorithm(cu::ScanAlgorithm::Chunked);
+      cu::mamba_ssm_scan_fwd(xs, dt, A, Bm, Cm, D, nullptr, ys, nullptr);
+      cu::mamba_ssm_scan_bwd(xs, dt, A, Bm, Cm, D, nullptr, dys, dxs, ddt, dA, dB, dC, dD);
+      AM_CUDA_CHECK(cudaDeviceSynchronize());
+      std::printf("profiled one chunked scan forward + backward\n");
+      return 0;
+    }
     std::printf("\nselective scan (x, B, C, y bf16)\n");
     const cu::ScanAlgorithm saved = cu::scan_algorithm();
     for (const Tensor* sg : std::initializer_list<const Tensor*>{nullptr, &seg}) {

@@ -25,7 +25,12 @@
 // gives ddt += A dL/da and dA += sum dt dL/da. The math was checked against the CPU recurrence in a CPU mirror
 // of these exact phases before the kernels were written (see docs/mamba2.md).
 //
-// Kernels (256 threads as 16 x 16; every product a shared-memory tile FMA in fp32: SIMT, not tensor cores):
+// Every chunk product is a block-wide tile product out of shared memory (BlockAcc): on tensor cores for bf16
+// activations (wmma, TF32 inputs, fp32 accumulation: the operands already carry bf16 rounding, and the decay-weighted
+// ones keep 10 mantissa bits instead of bf16's 7), with fp32 FMAs for fp32 activations (and for the backward when
+// P > 64, whose tensor-core tiles would not fit in shared memory). Elementwise work, the decay matrix and every
+// reduction are fp32 either way.
+// Kernels (256 threads):
 //   chunk_state   grid (B nc nh, P/64, S/64)   S_c (forward) or dHout_c (backward) into [B, nc, nh, P, S] fp32
 //   pass_fwd/bwd  grid (B nh, slabs of 2048)   sequential over the nc chunks, in place; bwd also dg_c partials
 //   scan_fwd      grid (B nc nh, P/64)         y
@@ -33,7 +38,11 @@
 //                                              partials, summed per head in a fixed order by reduce_parts
 // Workspace: two [B, nc, nh, P, S] fp32 buffers in the backward (one in the forward), from the context's
 // allocator and released when the call returns (~134 MB each at B 1, T 4096, nh 64, P 64, S 128).
+#include <mma.h>
+
+#include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/kernel_utils.cuh"
@@ -42,10 +51,10 @@
 namespace am::cuda {
 namespace {
 
+namespace wmma = nvcuda::wmma;
+
 constexpr int kL = 64;          // chunk length (rows)
-constexpr int kLD = kL + 1;     // leading dim of [kL x kL(+1)] tiles: odd, so column walks hit distinct banks
 constexpr int kST = 32;         // S columns per streamed tile
-constexpr int kSLD = kST + 1;   // its leading dim
 constexpr int kThreads = 256;   // 16 x 16: thread (ty, tx) owns rows ty + 16 r and columns tx + 16 q of a tile
 constexpr int kSlab = 2048;     // state elements per block of the passing kernels (8 per thread)
 
@@ -110,9 +119,10 @@ __device__ void chunk_rows(const SsdArgs& a, const ChunkId& id, float* dts, int*
   __syncthreads();
 }
 
-// Dm [kL x kLD] (see the top): column k by thread k. Ends with a barrier.
+// Dm [kL x LD] (see the top; columns 0..kL used): column k by thread k. Ends with a barrier.
+template <int LD>
 __device__ void decay_matrix(const ChunkId& id, float Ah, const float* dts, const int* st, float* Dm) {
-  for (int k = threadIdx.x; k < kLD; k += blockDim.x) {
+  for (int k = threadIdx.x; k <= kL; k += blockDim.x) {
     float acc = 0.f;
     for (int i = 0; i < kL; ++i) {
       float v = 0.f;
@@ -120,7 +130,7 @@ __device__ void decay_matrix(const ChunkId& id, float Ah, const float* dts, cons
         if (i >= k) acc += dts[i] * Ah;
         if (k <= id.n && i >= k - 1 && st[i] <= k - 1) v = expf(acc);
       }
-      Dm[i * kLD + k] = v;
+      Dm[i * LD + k] = v;
     }
   }
   __syncthreads();
@@ -160,6 +170,7 @@ __device__ __forceinline__ void tile_fma(float (&acc)[RM][RN], int K, const floa
       for (int q = 0; q < RN; ++q) acc[r][q] = fmaf(av[r], bv[q], acc[r][q]);
   }
 }
+
 template <int RM, int RN>
 __device__ __forceinline__ void zero_acc(float (&acc)[RM][RN]) {
 #pragma unroll
@@ -167,6 +178,83 @@ __device__ __forceinline__ void zero_acc(float (&acc)[RM][RN]) {
 #pragma unroll
     for (int q = 0; q < RN; ++q) acc[r][q] = 0.f;
 }
+
+// An M x N block-wide accumulator (M = 64; N = 64 or 32) of products out of shared memory:
+//   mma<kAcol, kBcol>(K, A, lda, B, ldb):  acc(m, n) += sum_{k < K} A(m, k) B(k, n)
+//     A(m, k) = kAcol ? A[m + k lda] : A[m lda + k];   B(k, n) = kBcol ? B[k + n ldb] : B[k ldb + n]
+//   store(out, ldo): out[m ldo + n] = acc(m, n) (every thread of the block calls it; a barrier must separate it
+//   from readers of `out` and from an mma still reading `out`).
+// kTC false: fp32 FMAs, thread (ty, tx) of 16 x 16 owning rows ty + 16 r, columns tx + 16 q.
+// kTC true: tensor cores, TF32 inputs (10-bit mantissa) and fp32 accumulation (wmma m16n16k8); warp w owns the
+// 16 x 16 tiles w, w + 8, ...; K a multiple of 8, leading dims multiples of 4 floats, 32-byte-aligned tiles.
+template <int M, int N, bool kTC>
+struct BlockAcc;
+
+template <int M, int N>
+struct BlockAcc<M, N, false> {
+  static constexpr int RM = M / 16, RN = N / 16;
+  float acc[RM][RN];
+  __device__ __forceinline__ BlockAcc() { zero_acc(acc); }
+  template <bool kAcol, bool kBcol>
+  __device__ __forceinline__ void mma(int K, const float* A, int lda, const float* Bp, int ldb) {
+    tile_fma(acc, K, A, kAcol ? 1 : lda, kAcol ? lda : 1, Bp, kBcol ? 1 : ldb, kBcol ? ldb : 1, threadIdx.x / 16,
+             threadIdx.x % 16);
+  }
+  __device__ __forceinline__ void store(float* out, int ldo) const {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll
+    for (int r = 0; r < RM; ++r)
+#pragma unroll
+      for (int q = 0; q < RN; ++q) out[(ty + 16 * r) * ldo + tx + 16 * q] = acc[r][q];
+  }
+};
+
+template <int M, int N>
+struct BlockAcc<M, N, true> {
+  static constexpr int TN = N / 16, PER = (M / 16) * TN / (kThreads / 32);
+  static_assert(PER >= 1 && (M / 16) * TN % (kThreads / 32) == 0, "tiles must split evenly over the warps");
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> c[PER];
+  __device__ __forceinline__ BlockAcc() {
+#pragma unroll
+    for (int u = 0; u < PER; ++u) wmma::fill_fragment(c[u], 0.f);
+  }
+  __device__ __forceinline__ static int m0_of(int u) { return (static_cast<int>(threadIdx.x / 32) + 8 * u) / TN * 16; }
+  __device__ __forceinline__ static int n0_of(int u) { return (static_cast<int>(threadIdx.x / 32) + 8 * u) % TN * 16; }
+  template <bool kAcol, bool kBcol>
+  __device__ __forceinline__ void mma(int K, const float* A, int lda, const float* Bp, int ldb) {
+    using LA = std::conditional_t<kAcol, wmma::col_major, wmma::row_major>;
+    using LB = std::conditional_t<kBcol, wmma::col_major, wmma::row_major>;
+    for (int k0 = 0; k0 < K; k0 += 8) {
+#pragma unroll
+      for (int u = 0; u < PER; ++u) {
+        const int m0 = m0_of(u), n0 = n0_of(u);
+        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LA> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LB> b;
+        wmma::load_matrix_sync(a, kAcol ? A + m0 + k0 * lda : A + m0 * lda + k0, lda);
+        wmma::load_matrix_sync(b, kBcol ? Bp + k0 + n0 * ldb : Bp + k0 * ldb + n0, ldb);
+#pragma unroll
+        for (int i = 0; i < a.num_elements; ++i) a.x[i] = wmma::__float_to_tf32(a.x[i]);
+#pragma unroll
+        for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
+        wmma::mma_sync(c[u], a, b, c[u]);
+      }
+    }
+  }
+  __device__ __forceinline__ void store(float* out, int ldo) const {
+#pragma unroll
+    for (int u = 0; u < PER; ++u) wmma::store_matrix_sync(out + m0_of(u) * ldo + n0_of(u), c[u], ldo, wmma::mem_row_major);
+  }
+};
+
+// Leading dimensions of the shared-memory tiles: odd for the fp32 path (column walks hit distinct banks), a multiple
+// of 4 floats for the tensor-core path (wmma's requirement; every tile then starts 32-byte aligned).
+template <bool kTC>
+struct Lay {
+  static constexpr int pad = kTC ? 4 : 1;
+  static constexpr int LD = kL + pad;    // [kL x (kL + 1)] tiles (Dm, Gp use column kL)
+  static constexpr int SLD = kST + pad;  // [rows x kST] tiles
+};
+
 // Sum over the 16 tx lanes of a half warp (every lane gets it).
 __device__ __forceinline__ float row_sum16(float v) {
 #pragma unroll
@@ -178,9 +266,12 @@ __device__ __forceinline__ float row_sum16(float v) {
 // Forward (kBwd false): H[b, c, h] = S_c = sum_j Dm[n-1][j+1] dt_j x_j B_j^T, and g_c.
 // Backward (kBwd true): dH[b, c, h] = dHout_c = sum_i Dm[i][0] dy_i C_i^T.
 // Grid (B nc nh, ceil(P / 64), ceil(S / 64)); a 64 x 64 tile of [P x S] per block, K = the chunk's rows.
-template <typename T, bool kBwd>
+template <typename T, bool kBwd, bool kTC>
 __global__ void __launch_bounds__(kThreads) chunk_state_kernel(SsdArgs a) {
-  __shared__ float Us[kL * kLD], Vs[kL * kLD], w[kL], dts[kL];
+  constexpr int LD = Lay<kTC>::LD;
+  __shared__ __align__(128) float Us[kL * LD];
+  __shared__ __align__(128) float Vs[kL * LD];
+  __shared__ float w[kL], dts[kL];
   __shared__ int st[kL];
   const ChunkId id = chunk_id(a, blockIdx.x);
   const int p0 = blockIdx.y * 64, s0 = blockIdx.z * 64, tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
@@ -212,19 +303,21 @@ __global__ void __launch_bounds__(kThreads) chunk_state_kernel(SsdArgs a) {
   const int64_t row0 = id.b * a.Tn + id.t0;
   const T* U = static_cast<const T*>(kBwd ? a.dy : a.x) + (row0 * a.nh + id.h) * a.P + p0;
   const T* V = static_cast<const T*>(kBwd ? a.Cm : a.Bm) + (row0 * a.G + id.g) * a.S + s0;
-  load_tile(Us, kLD, kL, 64, id.n, a.P - p0, U, int64_t(a.nh) * a.P, w);
-  load_tile(Vs, kLD, kL, 64, id.n, a.S - s0, V, int64_t(a.G) * a.S);
+  load_tile(Us, LD, kL, 64, id.n, a.P - p0, U, int64_t(a.nh) * a.P, w);
+  load_tile(Vs, LD, kL, 64, id.n, a.S - s0, V, int64_t(a.G) * a.S);
   __syncthreads();
-  float acc[4][4];
-  zero_acc(acc);
-  tile_fma(acc, kL, Us, 1, kLD, Vs, kLD, 1, ty, tx);  // out[p][s] = sum_j Us[j][p] Vs[j][s]
+  BlockAcc<64, 64, kTC> acc;
+  acc.template mma<true, false>(kL, Us, LD, Vs, LD);  // out[p][s] = sum_j Us[j][p] Vs[j][s]
+  __syncthreads();
+  acc.store(Us, LD);
+  __syncthreads();
   float* out = (kBwd ? a.dH : a.H) + state_base(a, id);
 #pragma unroll
   for (int r = 0; r < 4; ++r)
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int p = p0 + ty + 16 * r, s = s0 + tx + 16 * q;
-      if (p < a.P && s < a.S) out[static_cast<int64_t>(p) * a.S + s] = acc[r][q];
+      const int pl = ty + 16 * r, sl = tx + 16 * q, p = p0 + pl, s = s0 + sl;
+      if (p < a.P && s < a.S) out[static_cast<int64_t>(p) * a.S + s] = Us[pl * LD + sl];
     }
 }
 
@@ -283,49 +376,53 @@ __global__ void __launch_bounds__(kThreads) pass_bwd_kernel(SsdArgs a) {
 
 // ---------------------------------------------------------------- forward output
 // y_i = sum_j W[i][j] dt_j x_j + Dm[i][0] Hin C_i + D x_i, W = (C B^T) o Dm. Grid (B nc nh, ceil(P / 64)).
-// Dynamic shared memory: Dm, CBW, Xs [kL x kLD]; Bt, Ct [kL x kSLD]; Ht [64 x kSLD].
-constexpr size_t kScanFwdSmem = (3 * kL * kLD + 3 * kL * kSLD) * sizeof(float);
+// Dynamic shared memory: Dm, CBW, Xs, HC [kL x LD]; Bt, Ct, Ht [64 x SLD] (then the y tile, [kL x LD], over them).
+template <bool kTC>
+constexpr size_t scan_fwd_smem() {
+  return (4 * size_t(kL) * Lay<kTC>::LD + 3 * size_t(kL) * Lay<kTC>::SLD) * sizeof(float);
+}
 
-template <typename T>
+template <typename T, bool kTC>
 __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(SsdArgs a) {
-  extern __shared__ float sm[];
-  float *Dm = sm, *CBW = Dm + kL * kLD, *Xs = CBW + kL * kLD, *Bt = Xs + kL * kLD, *Ct = Bt + kL * kSLD,
-        *Ht = Ct + kL * kSLD;
+  constexpr int LD = Lay<kTC>::LD, SLD = Lay<kTC>::SLD;
+  static_assert(kL * LD <= 3 * kL * SLD, "the y tile reuses the S tiles' space");
+  extern __shared__ __align__(128) float sm[];
+  float *Dm = sm, *CBW = Dm + kL * LD, *Xs = CBW + kL * LD, *HC = Xs + kL * LD, *Bt = HC + kL * LD, *Ct = Bt + kL * SLD,
+        *Ht = Ct + kL * SLD, *Ysc = Bt;
   __shared__ float dts[kL];
   __shared__ int st[kL];
   const ChunkId id = chunk_id(a, blockIdx.x);
   const int p0 = blockIdx.y * 64, tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   chunk_rows(a, id, dts, st);
-  decay_matrix(id, a.A[id.h], dts, st, Dm);
+  decay_matrix<LD>(id, a.A[id.h], dts, st, Dm);
   const int64_t row0 = id.b * a.Tn + id.t0;
   const T* Bsrc = static_cast<const T*>(a.Bm) + (row0 * a.G + id.g) * a.S;
   const T* Csrc = static_cast<const T*>(a.Cm) + (row0 * a.G + id.g) * a.S;
   const T* Xsrc = static_cast<const T*>(a.x) + (row0 * a.nh + id.h) * a.P;
   const float* Hin = a.H + state_base(a, id) + static_cast<int64_t>(p0) * a.S;
-  float cb[4][4], hc[4][4];  // cb[i][j] = C_i . B_j; hc[i][p] = (Hin C_i)[p]
-  zero_acc(cb);
-  zero_acc(hc);
+  BlockAcc<64, 64, kTC> cb, hc;  // cb[i][j] = C_i . B_j; hc[i][p] = (Hin C_i)[p]
   for (int s0 = 0; s0 < a.S; s0 += kST) {
-    load_tile(Bt, kSLD, kL, kST, id.n, a.S - s0, Bsrc + s0, int64_t(a.G) * a.S);
-    load_tile(Ct, kSLD, kL, kST, id.n, a.S - s0, Csrc + s0, int64_t(a.G) * a.S);
-    load_tile(Ht, kSLD, 64, kST, a.P - p0, a.S - s0, Hin + s0, int64_t(a.S));
+    load_tile(Bt, SLD, kL, kST, id.n, a.S - s0, Bsrc + s0, int64_t(a.G) * a.S);
+    load_tile(Ct, SLD, kL, kST, id.n, a.S - s0, Csrc + s0, int64_t(a.G) * a.S);
+    load_tile(Ht, SLD, 64, kST, a.P - p0, a.S - s0, Hin + s0, int64_t(a.S));
     __syncthreads();
-    tile_fma(cb, kST, Ct, kSLD, 1, Bt, 1, kSLD, ty, tx);
-    tile_fma(hc, kST, Ct, kSLD, 1, Ht, 1, kSLD, ty, tx);
+    cb.template mma<false, true>(kST, Ct, SLD, Bt, SLD);
+    hc.template mma<false, true>(kST, Ct, SLD, Ht, SLD);
     __syncthreads();
   }
-#pragma unroll
-  for (int r = 0; r < 4; ++r)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int i = ty + 16 * r, j = tx + 16 * q;
-      CBW[i * kLD + j] = cb[r][q] * Dm[i * kLD + j + 1];
-    }
-  load_tile(Xs, kLD, kL, 64, id.n, a.P - p0, Xsrc + p0, int64_t(a.nh) * a.P, dts);
+  cb.store(CBW, LD);
+  hc.store(HC, LD);
+  load_tile(Xs, LD, kL, 64, id.n, a.P - p0, Xsrc + p0, int64_t(a.nh) * a.P, dts);
   __syncthreads();
-  float yacc[4][4];
-  zero_acc(yacc);
-  tile_fma(yacc, kL, CBW, kLD, 1, Xs, kLD, 1, ty, tx);
+  for (int e = tid; e < kL * kL; e += kThreads) {
+    const int i = e / kL, j = e % kL;
+    CBW[i * LD + j] *= Dm[i * LD + j + 1];
+  }
+  __syncthreads();
+  BlockAcc<64, 64, kTC> yacc;
+  yacc.template mma<false, false>(kL, CBW, LD, Xs, LD);
+  yacc.store(Ysc, LD);
+  __syncthreads();
   const float Dh = a.D[id.h];
   T* y = static_cast<T*>(a.out) + (row0 * a.nh + id.h) * a.P;
 #pragma unroll
@@ -334,35 +431,39 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(SsdArgs a) {
     if (i >= id.n) continue;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int p = p0 + tx + 16 * q;
+      const int pl = tx + 16 * q, p = p0 + pl;
       if (p >= a.P) continue;
       const int64_t o = static_cast<int64_t>(i) * a.nh * a.P + p;
-      y[o] = from_f<T>(yacc[r][q] + Dm[i * kLD] * hc[r][q] + Dh * to_f(Xsrc[o]));
+      y[o] = from_f<T>(Ysc[i * LD + pl] + Dm[i * LD] * HC[i * LD + pl] + Dh * to_f(Xsrc[o]));
     }
   }
 }
 
 // ---------------------------------------------------------------- backward, one chunk of one head
-// Dynamic shared memory (Pp = P rounded up to 64, ldx = Pp + 1): Dm, W, dCB, Gp [kL x kLD]; Xs, dYs [kL x ldx];
-// Bt, Ct [kL x kSLD]; Ht, St [Pp x kSLD].
+// Dynamic shared memory (Pp = P rounded up to 64, ldx = Pp + pad): Dm, W, dCB, Gp [kL x LD]; Xs, dYs [kL x ldx];
+// Bt, Ct [kL x SLD]; Ht, St [Pp x SLD]; scratch for the products' results: max(2 [kL x LD], 4 [kL x SLD]).
+template <bool kTC>
 size_t scan_bwd_smem(int Pp) {
-  return (4 * size_t(kL) * kLD + 2 * size_t(kL) * (Pp + 1) + 2 * size_t(kL) * kSLD + 2 * size_t(Pp) * kSLD) *
-         sizeof(float);
+  constexpr size_t LD = Lay<kTC>::LD, SLD = Lay<kTC>::SLD;
+  const size_t scratch = std::max(2 * kL * LD, 4 * kL * SLD);
+  return (4 * kL * LD + 2 * kL * (Pp + Lay<kTC>::pad) + 2 * kL * SLD + 2 * size_t(Pp) * SLD + scratch) * sizeof(float);
 }
 
-template <typename T>
+template <typename T, bool kTC>
 __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SsdArgs a, int Pp) {
-  extern __shared__ float sm[];
-  const int ldx = Pp + 1;
-  float *Dm = sm, *W = Dm + kL * kLD, *dCB = W + kL * kLD, *Gp = dCB + kL * kLD, *Xs = Gp + kL * kLD,
-        *dYs = Xs + kL * ldx, *Bt = dYs + kL * ldx, *Ct = Bt + kL * kSLD, *Ht = Ct + kL * kSLD, *St = Ht + Pp * kSLD;
+  constexpr int LD = Lay<kTC>::LD, SLD = Lay<kTC>::SLD;
+  extern __shared__ __align__(128) float sm[];
+  const int ldx = Pp + Lay<kTC>::pad;
+  float *Dm = sm, *W = Dm + kL * LD, *dCB = W + kL * LD, *Gp = dCB + kL * LD, *Xs = Gp + kL * LD,
+        *dYs = Xs + kL * ldx, *Bt = dYs + kL * ldx, *Ct = Bt + kL * SLD, *Ht = Ct + kL * SLD, *St = Ht + Pp * SLD,
+        *scr = St + Pp * SLD;
   __shared__ float dts[kL], ddt_dir[kL], zsum[kL], scratch[32];
   __shared__ int st[kL];
   const ChunkId id = chunk_id(a, blockIdx.x);
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16, n = id.n;
   const float Ah = a.A[id.h], Dh = a.D[id.h];
   chunk_rows(a, id, dts, st);
-  decay_matrix(id, Ah, dts, st, Dm);
+  decay_matrix<LD>(id, Ah, dts, st, Dm);
   const int64_t row0 = id.b * a.Tn + id.t0, xstride = int64_t(a.nh) * a.P, bstride = int64_t(a.G) * a.S;
   const T* Xsrc = static_cast<const T*>(a.x) + (row0 * a.nh + id.h) * a.P;
   const T* dYsrc = static_cast<const T*>(a.dy) + (row0 * a.nh + id.h) * a.P;
@@ -372,64 +473,64 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SsdArgs a, int Pp) {
   const float* dS = a.dH + state_base(a, id);
   load_tile(Xs, ldx, kL, Pp, n, a.P, Xsrc, xstride);
   load_tile(dYs, ldx, kL, Pp, n, a.P, dYsrc, xstride);
-  for (int e = tid; e < kL * kLD; e += kThreads) Gp[e] = 0.f;
+  for (int e = tid; e < kL * LD; e += kThreads) Gp[e] = 0.f;
   if (tid < kL) ddt_dir[tid] = zsum[tid] = 0.f;
   __syncthreads();
 
-  // 1. cb[i][j] = C_i . B_j over S tiles
-  float cb[4][4];
-  zero_acc(cb);
-  for (int s0 = 0; s0 < a.S; s0 += kST) {
-    load_tile(Bt, kSLD, kL, kST, n, a.S - s0, Bsrc + s0, bstride);
-    load_tile(Ct, kSLD, kL, kST, n, a.S - s0, Csrc + s0, bstride);
-    __syncthreads();
-    tile_fma(cb, kST, Ct, kSLD, 1, Bt, 1, kSLD, ty, tx);
-    __syncthreads();
-  }
-  // 2. W = cb o Dm, dW = dt_j (dy_i . x_j), dCB = dW o Dm, Gp[i][j+1] = dW W
+  // 1. cb[i][j] = C_i . B_j over S tiles (into W); 2. dy_i . x_j (into dCB)
   {
-    float dw[4][4];
-    zero_acc(dw);
-    tile_fma(dw, Pp, dYs, ldx, 1, Xs, 1, ldx, ty, tx);
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int i = ty + 16 * r, j = tx + 16 * q;
-        const float dm = Dm[i * kLD + j + 1], wv = cb[r][q] * dm, dwv = dw[r][q] * dts[j];
-        W[i * kLD + j] = wv;
-        dCB[i * kLD + j] = dwv * dm;
-        Gp[i * kLD + j + 1] = dwv * wv;
-      }
+    BlockAcc<64, 64, kTC> cb;
+    for (int s0 = 0; s0 < a.S; s0 += kST) {
+      load_tile(Bt, SLD, kL, kST, n, a.S - s0, Bsrc + s0, bstride);
+      load_tile(Ct, SLD, kL, kST, n, a.S - s0, Csrc + s0, bstride);
+      __syncthreads();
+      cb.template mma<false, true>(kST, Ct, SLD, Bt, SLD);
+      __syncthreads();
+    }
+    cb.store(W, LD);
+    BlockAcc<64, 64, kTC> dw;
+    dw.template mma<false, true>(Pp, dYs, ldx, Xs, ldx);
+    dw.store(dCB, LD);
+  }
+  __syncthreads();
+  // W = cb o Dm, dW = dt_j (dy_i . x_j), dCB = dW o Dm, Gp[i][j+1] = dW W
+  for (int e = tid; e < kL * kL; e += kThreads) {
+    const int i = e / kL, j = e % kL;
+    const float dm = Dm[i * LD + j + 1], wv = W[i * LD + j] * dm, dwv = dCB[i * LD + j] * dts[j];
+    W[i * LD + j] = wv;
+    dCB[i * LD + j] = dwv * dm;
+    Gp[i * LD + j + 1] = dwv * wv;
   }
   __syncthreads();
   // 3. per P tile: e = W^T dy [j][p], u = B dS^T [j][p]; dx, the direct ddt, z_j = x_j . u_j
   T* dx = static_cast<T*>(a.out) + (row0 * a.nh + id.h) * a.P;
+  float *scE = scr, *scU = scr + kL * LD;
   for (int pt = 0; pt < Pp; pt += 64) {
-    float ev[4][4], uv[4][4];
-    zero_acc(ev);
-    zero_acc(uv);
-    tile_fma(ev, kL, W, 1, kLD, dYs + pt, ldx, 1, ty, tx);
+    BlockAcc<64, 64, kTC> ev, uv;
+    ev.template mma<true, false>(kL, W, LD, dYs + pt, ldx);
     for (int s0 = 0; s0 < a.S; s0 += kST) {
-      load_tile(Bt, kSLD, kL, kST, n, a.S - s0, Bsrc + s0, bstride);
-      load_tile(St, kSLD, 64, kST, a.P - pt, a.S - s0, dS + static_cast<int64_t>(pt) * a.S + s0, int64_t(a.S));
+      load_tile(Bt, SLD, kL, kST, n, a.S - s0, Bsrc + s0, bstride);
+      load_tile(St, SLD, 64, kST, a.P - pt, a.S - s0, dS + static_cast<int64_t>(pt) * a.S + s0, int64_t(a.S));
       __syncthreads();
-      tile_fma(uv, kST, Bt, kSLD, 1, St, 1, kSLD, ty, tx);
+      uv.template mma<false, true>(kST, Bt, SLD, St, SLD);
       __syncthreads();
     }
+    ev.store(scE, LD);
+    uv.store(scU, LD);
+    __syncthreads();
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int j = ty + 16 * r;
-      const float el = Dm[(n - 1) * kLD + j + 1];  // 0 for j >= n and for rows not in the last segment
+      const float el = Dm[(n - 1) * LD + j + 1];  // 0 for j >= n and for rows not in the last segment
       float rd = 0.f, z = 0.f;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const int p = pt + tx + 16 * q;
+        const int pl = tx + 16 * q, p = pt + pl;
         if (j < n && p < a.P) {
-          const float xv = Xs[j * ldx + p], tot = ev[r][q] + el * uv[r][q];
+          const float u = scU[j * LD + pl], xv = Xs[j * ldx + p], tot = scE[j * LD + pl] + el * u;
           dx[static_cast<int64_t>(j) * xstride + p] = from_f<T>(Dh * dYs[j * ldx + p] + dts[j] * tot);
           rd = fmaf(xv, tot, rd);
-          z = fmaf(xv, uv[r][q], z);
+          z = fmaf(xv, u, z);
         }
       }
       rd = row_sum16(rd);
@@ -439,42 +540,47 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SsdArgs a, int Pp) {
         zsum[j] += z;
       }
     }
+    __syncthreads();  // before the next tile's products overwrite the scratch
   }
-  __syncthreads();
-  if (tid < n) Gp[(n - 1) * kLD + tid + 1] += Dm[(n - 1) * kLD + tid + 1] * dts[tid] * zsum[tid];
+  if (tid < n) Gp[(n - 1) * LD + tid + 1] += Dm[(n - 1) * LD + tid + 1] * dts[tid] * zsum[tid];
   // 4. per S tile: dC = dCB B + Dm[:,0] o (dy Hin), dB = dCB^T C + w o (x dS); the inter term's decay gradient
   float dl[4] = {0.f, 0.f, 0.f, 0.f};
   float* dC32 = a.dC32 + (row0 * a.G + id.g) * a.S;
   float* dB32 = a.dB32 + (row0 * a.G + id.g) * a.S;
+  float *s_dc = scr, *s_dci = scr + kL * SLD, *s_db = s_dci + kL * SLD, *s_dbs = s_db + kL * SLD;
   for (int s0 = 0; s0 < a.S; s0 += kST) {
     __syncthreads();  // the previous tile's readers (and step 3's Gp / zsum use) are done
-    load_tile(Bt, kSLD, kL, kST, n, a.S - s0, Bsrc + s0, bstride);
-    load_tile(Ct, kSLD, kL, kST, n, a.S - s0, Csrc + s0, bstride);
-    load_tile(Ht, kSLD, Pp, kST, a.P, a.S - s0, Hin + s0, int64_t(a.S));
-    load_tile(St, kSLD, Pp, kST, a.P, a.S - s0, dS + s0, int64_t(a.S));
+    load_tile(Bt, SLD, kL, kST, n, a.S - s0, Bsrc + s0, bstride);
+    load_tile(Ct, SLD, kL, kST, n, a.S - s0, Csrc + s0, bstride);
+    load_tile(Ht, SLD, Pp, kST, a.P, a.S - s0, Hin + s0, int64_t(a.S));
+    load_tile(St, SLD, Pp, kST, a.P, a.S - s0, dS + s0, int64_t(a.S));
     __syncthreads();
-    float dc[4][2], dci[4][2], db[4][2], dbs[4][2];
-    zero_acc(dc);
-    zero_acc(dci);
-    zero_acc(db);
-    zero_acc(dbs);
-    tile_fma(dc, kL, dCB, kLD, 1, Bt, kSLD, 1, ty, tx);   // sum_j dCB[i][j] B[j][s]
-    tile_fma(dci, Pp, dYs, ldx, 1, Ht, kSLD, 1, ty, tx);  // sum_p dy[i][p] Hin[p][s]
-    tile_fma(db, kL, dCB, 1, kLD, Ct, kSLD, 1, ty, tx);   // sum_i dCB[i][j] C[i][s]
-    tile_fma(dbs, Pp, Xs, ldx, 1, St, kSLD, 1, ty, tx);   // sum_p x[j][p] dS[p][s]
+    {
+      BlockAcc<64, kST, kTC> dc, dci, db, dbs;
+      dc.template mma<false, false>(kL, dCB, LD, Bt, SLD);    // sum_j dCB[i][j] B[j][s]
+      dci.template mma<false, false>(Pp, dYs, ldx, Ht, SLD);  // sum_p dy[i][p] Hin[p][s]
+      db.template mma<true, false>(kL, dCB, LD, Ct, SLD);     // sum_i dCB[i][j] C[i][s]
+      dbs.template mma<false, false>(Pp, Xs, ldx, St, SLD);   // sum_p x[j][p] dS[p][s]
+      dc.store(s_dc, SLD);
+      dci.store(s_dci, SLD);
+      db.store(s_db, SLD);
+      dbs.store(s_dbs, SLD);
+    }
+    __syncthreads();
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int i = ty + 16 * r;  // also the source row j of dB
       if (i >= n) continue;
-      const float ef = Dm[i * kLD], wj = Dm[(n - 1) * kLD + i + 1] * dts[i];
+      const float ef = Dm[i * LD], wj = Dm[(n - 1) * LD + i + 1] * dts[i];
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         const int sc = tx + 16 * q, s = s0 + sc;
         if (s >= a.S) continue;
         const int64_t o = static_cast<int64_t>(i) * bstride + s;
-        atomicAdd(dC32 + o, dc[r][q] + ef * dci[r][q]);
-        atomicAdd(dB32 + o, db[r][q] + wj * dbs[r][q]);
-        dl[r] = fmaf(ef * Ct[i * kSLD + sc], dci[r][q], dl[r]);
+        const float vci = s_dci[i * SLD + sc];
+        atomicAdd(dC32 + o, s_dc[i * SLD + sc] + ef * vci);
+        atomicAdd(dB32 + o, s_db[i * SLD + sc] + wj * s_dbs[i * SLD + sc]);
+        dl[r] = fmaf(ef * Ct[i * SLD + sc], vci, dl[r]);
       }
     }
   }
@@ -482,7 +588,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SsdArgs a, int Pp) {
   for (int r = 0; r < 4; ++r) {
     const float v = row_sum16(dl[r]);
     const int i = ty + 16 * r;
-    if (tx == 0 && i < n) Gp[i * kLD] = v;
+    if (tx == 0 && i < n) Gp[i * LD] = v;
   }
   __syncthreads();
   // 5. the chunk decay's gradient, then dL/da_tau = sum_{i >= tau} sum_{k <= tau} Gp[i][k]
@@ -492,17 +598,17 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SsdArgs a, int Pp) {
       const float* dg = a.dgpart + ((id.b * a.nh + id.h) * a.nc + id.c) * a.nslab;
       float s = 0.f;
       for (int k = 0; k < a.nslab; ++k) s += dg[k];
-      Gp[(n - 1) * kLD] += gc * s;
+      Gp[(n - 1) * LD] += gc * s;
     }
   }
   __syncthreads();
   if (tid < n)
-    for (int k = 1; k <= n; ++k) Gp[tid * kLD + k] += Gp[tid * kLD + k - 1];
+    for (int k = 1; k <= n; ++k) Gp[tid * LD + k] += Gp[tid * LD + k - 1];
   __syncthreads();
   float dA_part = 0.f, dD_part = 0.f;
   if (tid < n) {
     float da = 0.f;
-    for (int i = tid; i < n; ++i) da += Gp[i * kLD + tid];
+    for (int i = tid; i < n; ++i) da += Gp[i * LD + tid];
     a.ddt[(row0 + tid) * a.nh + id.h] = ddt_dir[tid] + Ah * da;
     dA_part = dts[tid] * da;
   }
@@ -572,11 +678,40 @@ dim3 state_grid(const Dims& d) {
 dim3 pass_grid(const SsdArgs& a, const Dims& d) { return dim3(static_cast<unsigned>(d.B * d.nh), static_cast<unsigned>(a.nslab)); }
 
 // S_c for every chunk, then the state entering each chunk (a.H, a.g filled).
-template <typename T>
+template <typename T, bool kTC>
 void chunk_states(SsdArgs& a, const Dims& d, CudaContext& ctx) {
-  chunk_state_kernel<T, false><<<state_grid(d), kThreads, 0, ctx.stream()>>>(a);
+  chunk_state_kernel<T, false, kTC><<<state_grid(d), kThreads, 0, ctx.stream()>>>(a);
   AM_CUDA_CHECK_LAUNCH();
   pass_fwd_kernel<<<pass_grid(a, d), kThreads, 0, ctx.stream()>>>(a);
+  AM_CUDA_CHECK_LAUNCH();
+}
+
+// The chunk products run on tensor cores (TF32 in, fp32 accumulation) for bf16 activations, whose own rounding is
+// coarser than TF32's; fp32 activations keep fp32 FMAs (their tests compare at fp32 tolerance). The backward's
+// tensor-core variant needs P <= 64 to fit its shared memory (Nemotron-H and the Mamba2 models use P = 64).
+template <typename T>
+constexpr bool kUseTC = std::is_same_v<T, bf16>;
+
+template <typename T, bool kTC>
+void run_fwd(SsdArgs& a, const Dims& d, CudaContext& ctx) {
+  chunk_states<T, kTC>(a, d, ctx);
+  constexpr size_t smem = scan_fwd_smem<kTC>();
+  allow_smem(scan_fwd_kernel<T, kTC>, smem);
+  scan_fwd_kernel<T, kTC><<<dim3(static_cast<unsigned>(d.B * d.nc * d.nh), static_cast<unsigned>((d.P + 63) / 64)),
+                            kThreads, smem, ctx.stream()>>>(a);
+  AM_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T, bool kTC>
+void run_bwd(SsdArgs& a, const Dims& d, int Pp, CudaContext& ctx) {
+  chunk_states<T, kTC>(a, d, ctx);
+  chunk_state_kernel<T, true, kTC><<<state_grid(d), kThreads, 0, ctx.stream()>>>(a);
+  AM_CUDA_CHECK_LAUNCH();
+  pass_bwd_kernel<<<pass_grid(a, d), kThreads, 0, ctx.stream()>>>(a);
+  AM_CUDA_CHECK_LAUNCH();
+  const size_t smem = scan_bwd_smem<kTC>(Pp);
+  allow_smem(scan_bwd_kernel<T, kTC>, smem);
+  scan_bwd_kernel<T, kTC><<<static_cast<unsigned>(d.B * d.nc * d.nh), kThreads, smem, ctx.stream()>>>(a, Pp);
   AM_CUDA_CHECK_LAUNCH();
 }
 
@@ -591,13 +726,7 @@ void ssd_scan_fwd(const Tensor& x, const Tensor& dt, const Tensor& A, const Tens
   a.H = H.data<float>();
   a.g = g.data<float>();
   a.out = y.raw();
-  AM_DISPATCH_BF16_F32(x.dtype(), "mamba_ssm_scan_fwd", T, {
-    chunk_states<T>(a, d, ctx);
-    allow_smem(scan_fwd_kernel<T>, kScanFwdSmem);
-    scan_fwd_kernel<T><<<dim3(static_cast<unsigned>(d.B * d.nc * d.nh), static_cast<unsigned>((d.P + 63) / 64)), kThreads,
-                         kScanFwdSmem, ctx.stream()>>>(a);
-    AM_CUDA_CHECK_LAUNCH();
-  });
+  AM_DISPATCH_BF16_F32(x.dtype(), "mamba_ssm_scan_fwd", T, { run_fwd<T, kUseTC<T>>(a, d, ctx); });
 }
 
 void ssd_scan_bwd(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
@@ -621,16 +750,9 @@ void ssd_scan_bwd(const Tensor& x, const Tensor& dt, const Tensor& A, const Tens
   a.dC32 = dC32.data<float>();
   a.ddt = ddt.data<float>();
   const int Pp = static_cast<int>((d.P + 63) / 64 * 64);
-  const size_t smem = scan_bwd_smem(Pp);
   AM_DISPATCH_BF16_F32(x.dtype(), "mamba_ssm_scan_bwd", T, {
-    chunk_states<T>(a, d, ctx);
-    chunk_state_kernel<T, true><<<state_grid(d), kThreads, 0, ctx.stream()>>>(a);
-    AM_CUDA_CHECK_LAUNCH();
-    pass_bwd_kernel<<<pass_grid(a, d), kThreads, 0, ctx.stream()>>>(a);
-    AM_CUDA_CHECK_LAUNCH();
-    allow_smem(scan_bwd_kernel<T>, smem);
-    scan_bwd_kernel<T><<<static_cast<unsigned>(d.B * d.nc * d.nh), kThreads, smem, ctx.stream()>>>(a, Pp);
-    AM_CUDA_CHECK_LAUNCH();
+    if (kUseTC<T> && Pp == 64) run_bwd<T, kUseTC<T>>(a, d, Pp, ctx);
+    else run_bwd<T, false>(a, d, Pp, ctx);
   });
   reduce_parts_kernel<<<static_cast<unsigned>((d.nh + 127) / 128), 128, 0, ctx.stream()>>>(
       a.part, d.B * d.nc, static_cast<int>(d.nh), dA.data<float>(), dD.data<float>());
