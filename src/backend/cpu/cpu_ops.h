@@ -12,7 +12,6 @@
 #include <cstdint>
 
 #include "core/dtype.h"
-#include "core/linear_out.h"
 
 namespace am::cpu {
 
@@ -38,15 +37,12 @@ void embedding_fwd(const int32_t* ids, int64_t n, const float* w, int64_t hidden
 void embedding_bwd(const int32_t* ids, int64_t n, const float* dout, int64_t hidden, float* dw);
 
 // ---------------- linear (cblas_sgemm) ----------------
-// x [N, K], w [M, K], bias [M] or nullptr -> y [N, M] = yo.alpha * x w^T + bias (+ y when yo.accumulate), as
-// separate passes in the order of core/linear_out.h (GEMM, scale, bias, add of a temporary): bit-identical to
-// the plain call followed by scale() and add().
-void linear_fwd(const float* x, const float* w, const float* bias, float* y, int64_t n, int64_t k, int64_t m,
-                const LinearOut& yo = {});
-// dx [N, K] = dxo.alpha * dy w (+ dx when dxo.accumulate; skipped when dx is null); dw [M, K] += dy^T x
-// (skipped when dw is null: frozen weight); dbias [M] += column sums of dy (when non-null).
+// x [N, K], w [M, K], bias [M] or nullptr -> y [N, M] = x w^T + bias
+void linear_fwd(const float* x, const float* w, const float* bias, float* y, int64_t n, int64_t k, int64_t m);
+// dx [N, K] = dy w (skipped when dx is null); dw [M, K] += dy^T x (skipped when dw is null: frozen
+// weight); dbias [M] += column sums of dy (when non-null).
 void linear_bwd(const float* x, const float* w, const float* dy, float* dx, float* dw, float* dbias,
-                int64_t n, int64_t k, int64_t m, const LinearOut& dxo = {});
+                int64_t n, int64_t k, int64_t m);
 
 // ---------------- RMSNorm ----------------
 // x [N, H], w [H] -> y [N, H] = (x * rstd) * w, rstd [N] = 1 / sqrt(mean(x^2) + eps)
