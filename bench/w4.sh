@@ -9,6 +9,9 @@
 #   tools/device_bundle.sh build-cuda (+ the packs below), then on the device:  bash bench/w4.sh [BUNDLE_DIR=.devbuild]
 # Inputs: W4_TOKENIZER (a folder with tokenizer.json; default .cache/tokenizers/llama3_1, or .devpack/tokenizer_llama3_1.tar.xz),
 #         W4_SQUAD (default ../shared/datasets/squad/dev-v1.1.rebuilt.json, or .devpack/squad_dev.json.xz).
+# Tokenised-dataset cache (docs/datasets.md): an empty one in $OUTDIR/am_cache, so engine_padded tokenises (cold, as a
+# first run does) and engine_packed and `automodel dataset` read what it cached (warm); the "tokenised dataset:" lines
+# of each log are printed. W4_CACHE=0 turns the cache off for every run.
 set -uo pipefail
 BUNDLE=${1:-.devbuild}
 OUTDIR=${OUT:-/tmp/bench}/w4
@@ -26,6 +29,9 @@ O=(--model._target_=nemo_automodel.NeMoAutoModelForCausalLM.from_config --model.
    --model.config=bench/w1_config.json --model.tokenizer="$TOK" --dataset.dataset_name="$SQUAD"
    --validation_dataset.dataset_name="$SQUAD" --checkpoint.enabled=false --device=cuda)
 A="$BUNDLE/bin/automodel"
+export AM_CACHE_DIR="$OUTDIR/am_cache"
+rm -rf "$AM_CACHE_DIR"
+[ "${W4_CACHE:-1}" = 0 ] && export AM_DATASET_CACHE=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 run_engine() {  # name, extra overrides...
   local name=$1; shift
@@ -34,6 +40,7 @@ run_engine() {  # name, extra overrides...
   "$A" finetune "$R" "${O[@]}" --checkpoint.checkpoint_dir="$OUTDIR/$name" "$@" > "$OUTDIR/$name.log" 2>&1
   local rc=$?
   t1=$(date +%s.%N)
+  grep -h "tokenised dataset" "$OUTDIR/$name.log" | sed "s/^/$name: /" >&2
   python3 - "$OUTDIR/$name" "$name" "$rc" "$t0" "$t1" <<'PY'
 import json, sys, os
 d, name, rc, t0, t1 = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])

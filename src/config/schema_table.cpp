@@ -135,6 +135,7 @@ const std::vector<KeyRule>& key_table() {
       {"@ds.revision", H, A, "", "the hub snapshot to read"},
       {"@ds.limit_dataset_samples", H, A, "", "read at most this many samples"},
       {"@ds.num_samples_limit", H, A, "", "read at most this many samples (HellaSwag)"},
+      {"@ds.cache", H, A, "", "false: neither read nor write the tokenised-dataset cache (docs/datasets.md)"},
       {"@ds.column_mapping.**", H, A, "", "column_mapped: {context, question, answer}"},
       {"@ds.answer_only_loss_mask", H, A, "", "column_mapped: loss on the answer only"},
       {"@ds.seq_len", H, A, "", "mock: tokens per sample"},

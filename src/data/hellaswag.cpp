@@ -161,10 +161,13 @@ std::unique_ptr<RowFile> open_hellaswag_file(const DataFile& f) {
 
 std::unique_ptr<Dataset> make_hellaswag(const TextDatasetOptions& o) {
   if (o.tokenizer_dir.empty()) throw IoError("hellaswag needs a tokenizer folder (model path, model.tokenizer or dataset.tokenizer)");
-  const tok::Tokenizer t = tok::Tokenizer::from_dir(o.tokenizer_dir);  // no chat template: plain text, as AutoModel
-  // Rows (JSON lines, parquet, Arrow, or tasks of the text layout) are streamed in chunks, each chunk
-  // tokenized on every core.
-  auto samples = map_json_rows(o, [&](const JsonRow& r) { return encode_task(t, task_of_row(r)); }, open_hellaswag_file);
+  auto samples = tokenise_cached(o, "hellaswag", "", false, [&] {
+    // No chat template: plain text, as AutoModel.
+    const auto tt = TextTokenizer::shared(o.tokenizer_dir, "", false);
+    // Rows (JSON lines, parquet, Arrow, or tasks of the text layout) are streamed in chunks, each chunk
+    // tokenized on every core.
+    return map_json_rows(o, [&](const JsonRow& r) { return encode_task(tt->tok, task_of_row(r)); }, open_hellaswag_file);
+  });
   return finish_text_dataset("hellaswag(" + o.path + ")", std::move(samples), o);
 }
 

@@ -171,6 +171,8 @@ std::unique_ptr<Dataset> make_dataset(const Recipe& r, const std::string& sec, c
     o.length = length;
     o.vocab_size = ctx.vocab_size;
     o.num_threads = ctx.num_threads;
+    // The tokenised-dataset cache (data/token_cache.h): `cache: false` in the section, or AM_DATASET_CACHE=0.
+    o.cache = r.get_bool(sec + ".cache", true);
     if (r.has(sec + ".chat_template")) {
       std::string ct = r.get_string(sec + ".chat_template", "");
       const bool is_text = ct.find("{%") != std::string::npos || ct.find("{{") != std::string::npos;

@@ -138,13 +138,15 @@ Sample encode_qa(const TextTokenizer& tt, const QA& qa) {
 }  // namespace
 
 std::unique_ptr<Dataset> make_squad(const TextDatasetOptions& o) {
-  TextTokenizer tt = TextTokenizer::load(o);
-  auto samples = map_json_rows(o, [&](const JsonRow& r) {
-    const auto& j = r.value;
-    if (!j.is_object()) throw DataError(r.at + ": expected an object {context, question, answers}");
-    return encode_qa(tt, {r.at, str_field(j, "context", r.at, false), str_field(j, "question", r.at, true),
-                          first_answer(j, r.at)});
-  }, open_squad_json);
+  auto samples = tokenise_cached(o, "squad", "", true, [&] {
+    const auto tt = TextTokenizer::shared(o);
+    return map_json_rows(o, [&](const JsonRow& r) {
+      const auto& j = r.value;
+      if (!j.is_object()) throw DataError(r.at + ": expected an object {context, question, answers}");
+      return encode_qa(*tt, {r.at, str_field(j, "context", r.at, false), str_field(j, "question", r.at, true),
+                             first_answer(j, r.at)});
+    }, open_squad_json);
+  });
   return finish_text_dataset("squad(" + o.path + ")", std::move(samples), o);
 }
 

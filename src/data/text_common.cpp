@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
 #include <exception>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +16,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "data/token_cache.h"
 #include "io/json_bounded.h"
 
 namespace am {
@@ -36,6 +40,66 @@ TextTokenizer TextTokenizer::load(const std::string& dir, const std::string& cha
     t.tmpl = tok::ChatTemplate::from_string(src, tok::special_tokens_of(dir));
     t.tmpl->origin = chat_template_override.size() < 200 ? chat_template_override : "dataset.chat_template";
   }
+  return t;
+}
+
+namespace {
+// size:mtime of the files a TextTokenizer is read from ("-" for a missing one).
+std::string stat_fingerprint(const std::string& dir, const std::string& override_path) {
+  namespace fs = std::filesystem;
+  std::string fp;
+  auto one = [&](const fs::path& p) {
+    std::error_code ec;
+    const auto size = fs::file_size(p, ec);
+    if (ec) {
+      fp += "-;";
+      return;
+    }
+    const auto t = fs::last_write_time(p, ec);
+    fp += std::to_string(size) + ":" + std::to_string(ec ? 0 : t.time_since_epoch().count()) + ";";
+  };
+  const fs::path d(dir);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                        "chat_template.json"})
+    one(d / f);
+  std::error_code ec;
+  if (fs::is_directory(d / "additional_chat_templates", ec))
+    for (const auto& e : fs::directory_iterator(d / "additional_chat_templates", ec)) {
+      fp += e.path().filename().string() + "=";
+      one(e.path());
+    }
+  if (!override_path.empty()) one(override_path);
+  return fp;
+}
+}  // namespace
+
+std::shared_ptr<const TextTokenizer> TextTokenizer::shared(const std::string& dir, const std::string& chat_template_override,
+                                                           bool with_template) {
+  if (dir.empty()) throw IoError("text datasets need a tokenizer folder (model path, model.tokenizer or dataset.tokenizer)");
+  const bool override_is_text =
+      chat_template_override.find("{%") != std::string::npos || chat_template_override.find("{{") != std::string::npos;
+  const std::string key = dir + '\n' + (with_template ? "T" : "-") + '\n' + chat_template_override + '\n' +
+                          stat_fingerprint(dir, override_is_text ? "" : chat_template_override);
+  static std::mutex mu;
+  static std::vector<std::pair<std::string, std::shared_ptr<const TextTokenizer>>> memo;  // most recent first
+  std::lock_guard<std::mutex> lk(mu);
+  for (size_t i = 0; i < memo.size(); ++i)
+    if (memo[i].first == key) {
+      auto hit = memo[i].second;
+      memo.erase(memo.begin() + static_cast<std::ptrdiff_t>(i));
+      memo.insert(memo.begin(), {key, hit});
+      return hit;
+    }
+  std::shared_ptr<const TextTokenizer> t;
+  if (with_template) {
+    t = std::make_shared<const TextTokenizer>(load(dir, chat_template_override));
+  } else {
+    TextTokenizer plain;
+    plain.tok = tok::Tokenizer::from_dir(dir);
+    t = std::make_shared<const TextTokenizer>(std::move(plain));
+  }
+  memo.insert(memo.begin(), {key, t});
+  if (memo.size() > 2) memo.pop_back();
   return t;
 }
 
@@ -70,14 +134,18 @@ Sample encode_chat(const TextTokenizer& tt, const nlohmann::ordered_json& messag
   s.labels.assign(s.input_ids.size(), -100);
   for (size_t i = 0; i < messages.size(); ++i) {
     if (messages[i].value("role", "") != "assistant") continue;
-    nlohmann::ordered_json head = nlohmann::ordered_json::array(), upto = nlohmann::ordered_json::array();
+    nlohmann::ordered_json head = nlohmann::ordered_json::array();
     for (size_t k = 0; k < i; ++k) head.push_back(messages[k]);
-    upto = head;
-    upto.push_back(messages[i]);
     std::string pre, cur;
     try {
       pre = tok::render_chat_template(tmpl, head, true, extra);
-      cur = tok::render_chat_template(tmpl, upto, false, extra);
+      if (i + 1 == messages.size()) {
+        cur = full;  // messages[0..i] is the whole conversation: the same render as `full`
+      } else {
+        nlohmann::ordered_json upto = head;
+        upto.push_back(messages[i]);
+        cur = tok::render_chat_template(tmpl, upto, false, extra);
+      }
     } catch (const Error& e) {
       throw DataError(at + ": chat template (message " + std::to_string(i) + "): " + e.what());
     }
@@ -292,45 +360,118 @@ bool JsonRowReader::next(JsonRow& row) {
 
 int resolve_threads(int requested) {
   if (requested > 0) return requested;
+  if (const char* e = std::getenv("AM_DATA_THREADS"); e && *e) {
+    char* end = nullptr;
+    const long v = std::strtol(e, &end, 10);
+    if (end && *end == '\0' && v > 0 && v <= 4096) return static_cast<int>(v);
+    static std::atomic<bool> warned{false};
+    if (!warned.exchange(true))
+      log::warn(std::string("AM_DATA_THREADS='") + e + "' is not a positive number of threads; using every core");
+  }
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
-std::vector<Sample> parallel_samples(size_t n, int threads, const std::function<Sample(size_t)>& fn) {
-  std::vector<Sample> out(n);
-  const size_t kBlock = 8;
-  size_t nt = std::min(static_cast<size_t>(resolve_threads(threads)), (n + kBlock - 1) / kBlock);
-  if (nt <= 1) {
-    for (size_t i = 0; i < n; ++i) out[i] = fn(i);
+namespace {
+// Worker threads that stay up across the chunks of one dataset, so that each keeps its tokenizer word cache
+// (thread_local in the BPE model) warm; the calling thread works too. run() has parallel_samples' contract.
+class SamplePool {
+ public:
+  explicit SamplePool(int threads) : nt_(static_cast<size_t>(std::max(1, threads))) {}
+  ~SamplePool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    start_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  SamplePool(const SamplePool&) = delete;
+  SamplePool& operator=(const SamplePool&) = delete;
+
+  std::vector<Sample> run(size_t n, const std::function<Sample(size_t)>& fn) {
+    std::vector<Sample> out(n);
+    if (std::min(nt_, (n + kBlock - 1) / kBlock) <= 1) {
+      for (size_t i = 0; i < n; ++i) out[i] = fn(i);
+      return out;
+    }
+    while (workers_.size() + 1 < nt_) workers_.emplace_back([this] { loop(); });
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      fn_ = &fn;
+      out_ = &out;
+      n_ = n;
+      next_.store(0);
+      first_err_.store(n);
+      err_ = nullptr;
+      active_ = workers_.size();
+      ++gen_;
+    }
+    start_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lk(mu_);
+    done_.wait(lk, [&] { return active_ == 0; });
+    fn_ = nullptr;
+    out_ = nullptr;
+    if (err_) std::rethrow_exception(err_);
     return out;
   }
-  std::atomic<size_t> next{0}, first_err{n};
-  std::exception_ptr err;
-  std::mutex mu;
-  auto work = [&]() {
+
+ private:
+  static constexpr size_t kBlock = 8;
+  void loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(mu_);
     while (true) {
-      size_t begin = next.fetch_add(kBlock);
-      if (begin >= n || begin > first_err.load()) return;
+      start_.wait(lk, [&] { return stop_ || gen_ != seen; });
+      if (stop_) return;
+      seen = gen_;
+      lk.unlock();
+      work();
+      lk.lock();
+      if (--active_ == 0) done_.notify_all();
+    }
+  }
+  // Blocks of kBlock indices taken in turn; a call that throws stops the work past it (the lowest failing
+  // index wins, as a sequential loop would fail there).
+  void work() {
+    const size_t n = n_;
+    while (true) {
+      const size_t begin = next_.fetch_add(kBlock);
+      if (begin >= n || begin > first_err_.load()) return;
       for (size_t i = begin; i < std::min(n, begin + kBlock); ++i) {
-        if (i > first_err.load()) return;
+        if (i > first_err_.load()) return;
         try {
-          out[i] = fn(i);
+          (*out_)[i] = (*fn_)(i);
         } catch (...) {
-          std::lock_guard<std::mutex> lk(mu);
-          if (i < first_err.load()) {
-            first_err.store(i);
-            err = std::current_exception();
+          std::lock_guard<std::mutex> lk(err_mu_);
+          if (i < first_err_.load()) {
+            first_err_.store(i);
+            err_ = std::current_exception();
           }
           return;
         }
       }
     }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(nt);
-  for (size_t t = 0; t < nt; ++t) pool.emplace_back(work);
-  for (auto& t : pool) t.join();
-  if (err) std::rethrow_exception(err);
-  return out;
+  }
+
+  const size_t nt_;
+  std::vector<std::thread> workers_;
+  std::mutex mu_, err_mu_;
+  std::condition_variable start_, done_;
+  bool stop_ = false;
+  uint64_t gen_ = 0;
+  size_t active_ = 0;
+  const std::function<Sample(size_t)>* fn_ = nullptr;
+  std::vector<Sample>* out_ = nullptr;
+  size_t n_ = 0;
+  std::atomic<size_t> next_{0}, first_err_{0};
+  std::exception_ptr err_;
+};
+}  // namespace
+
+std::vector<Sample> parallel_samples(size_t n, int threads, const std::function<Sample(size_t)>& fn) {
+  SamplePool pool(resolve_threads(threads));
+  return pool.run(n, fn);
 }
 
 namespace {
@@ -341,12 +482,13 @@ std::vector<Sample> map_rows_chunked(const DataSource& src, const RowQuery& q, i
                                      const std::function<Sample(const JsonRow&)>& fn, const RowFileOpener& opener) {
   const int nt = resolve_threads(threads);
   const size_t chunk = std::max<size_t>(1024, 256 * static_cast<size_t>(nt));
+  SamplePool pool(nt);  // one set of threads for every chunk
   std::vector<Sample> out;
   std::vector<JsonRow> rows;
   auto flush = [&] {
     std::vector<JsonRow> batch = std::move(rows);  // taken first: a conversion error leaves nothing behind
     rows.clear();
-    auto part = parallel_samples(batch.size(), nt, [&](size_t i) { return fn(batch[i]); });
+    auto part = pool.run(batch.size(), [&](size_t i) { return fn(batch[i]); });
     out.insert(out.end(), std::make_move_iterator(part.begin()), std::make_move_iterator(part.end()));
   };
   std::exception_ptr err;
@@ -379,6 +521,46 @@ std::vector<Sample> map_json_rows(const TextDatasetOptions& o, const std::functi
   q.split_key = o.split_key;
   q.limit = o.limit;
   return map_rows_chunked(o.source.splits.empty() ? single_file_source(o.path) : o.source, q, o.num_threads, fn, opener);
+}
+
+std::vector<Sample> tokenise_cached(const TextDatasetOptions& o, const std::string& kind, const std::string& params,
+                                    bool uses_chat_template, const std::function<std::vector<Sample>()>& build) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string name = kind + "(" + o.path + ")";
+  std::string key, path;
+  if (o.cache && dataset_cache_enabled_by_env()) {
+    const std::string dir = dataset_cache_dir();
+    if (!dir.empty()) {
+      const DataSource src = o.source.splits.empty() ? single_file_source(o.path) : o.source;
+      TokenCacheKeyParts p;
+      p.kind = kind;
+      p.params = params;
+      p.tokenizer_dir = o.tokenizer_dir;
+      p.chat_template = o.chat_template;
+      p.uses_chat_template = uses_chat_template;
+      p.source = &src;
+      p.split = o.split.empty() ? "train" : o.split;
+      p.limit = o.limit;
+      key = token_cache_key(p);
+      path = token_cache_path(dir, key);
+      if (auto hit = read_token_cache(path, key)) {
+        char took[32];
+        std::snprintf(took, sizeof took, "%.2f s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        log::info("tokenised dataset: cache hit " + path + " (" + name + ", " + std::to_string(hit->size()) +
+                  " samples, " + took + ")");
+        return std::move(*hit);
+      }
+    }
+  }
+  std::vector<Sample> samples = build();
+  char took[64];
+  const int nt = resolve_threads(o.num_threads);
+  std::snprintf(took, sizeof took, "%.2f s (%d thread%s)",
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), nt, nt == 1 ? "" : "s");
+  std::string msg = "tokenised dataset: " + std::to_string(samples.size()) + " samples in " + took;
+  if (!path.empty() && write_token_cache(path, key, samples)) msg += ", cached to " + path;
+  log::info(msg + " (" + name + ")");
+  return samples;
 }
 
 std::unique_ptr<Dataset> finish_text_dataset(const std::string& name, std::vector<Sample> samples,

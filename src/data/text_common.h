@@ -31,7 +31,9 @@ struct TextDatasetOptions {
   LengthLimit length;          // seq_length / max_length, drop_long_samples, truncation (data/length_limit.h)
   int64_t vocab_size = 0;
   std::string chat_template;   // `chat_template` override: a .jinja file path or the template text ("" = the folder's)
-  int num_threads = 0;         // formatting/tokenization threads (0 = every core)
+  int num_threads = 0;         // formatting/tokenization threads (0 = $AM_DATA_THREADS, else every core)
+  bool cache = true;           // the on-disk tokenised-dataset cache (data/token_cache.h); off: `cache: false`
+                               // in the section or AM_DATASET_CACHE=0
 };
 
 struct TextTokenizer {
@@ -39,6 +41,12 @@ struct TextTokenizer {
   std::optional<tok::ChatTemplate> tmpl;
   static TextTokenizer load(const std::string& dir, const std::string& chat_template_override = "");
   static TextTokenizer load(const TextDatasetOptions& o) { return load(o.tokenizer_dir, o.chat_template); }
+  // The same, loaded once per process: the training and the validation set (and the datasets of one test)
+  // share it. Remembered by folder, override and the size + mtime of the files read (the last two loaded are
+  // kept). with_template = false: no chat template is looked for (hellaswag).
+  static std::shared_ptr<const TextTokenizer> shared(const std::string& dir, const std::string& chat_template_override = "",
+                                                     bool with_template = true);
+  static std::shared_ptr<const TextTokenizer> shared(const TextDatasetOptions& o) { return shared(o.tokenizer_dir, o.chat_template); }
 };
 
 // A dataset holding its samples in memory.
@@ -112,7 +120,8 @@ class JsonRowReader {
   size_t list_i_ = 0;
 };
 
-// Number of worker threads for `requested` (0 = std::thread::hardware_concurrency()).
+// Number of worker threads for `requested` (0 = $AM_DATA_THREADS when it is a positive number, else
+// std::thread::hardware_concurrency()).
 int resolve_threads(int requested);
 // fn(0) ... fn(n-1) on up to `threads` threads; results in index order, identical to the sequential loop.
 // When calls throw, the exception of the lowest index is rethrown (the one a sequential loop would meet).
@@ -127,6 +136,14 @@ std::vector<Sample> map_json_rows(const std::string& path, int64_t limit, int th
 // o.limit (data/source.h: for_each_row), read with `opener` where it handles a file.
 std::vector<Sample> map_json_rows(const TextDatasetOptions& o, const std::function<Sample(const JsonRow&)>& fn,
                                   const RowFileOpener& opener = {});
+
+// The samples of a text dataset before its length limit: read from the tokenised-dataset cache
+// (data/token_cache.h) when it holds them for this dataset, else made by `build` (which loads the tokenizer
+// and maps the rows) and written to it. `kind` and `params` (the kind's own formatting keys) are part of the
+// key; uses_chat_template = false leaves the folder's template files out of it. Logs one line: the cache
+// hit, or the samples built, the time, the threads and where they were cached. o.cache = false: build only.
+std::vector<Sample> tokenise_cached(const TextDatasetOptions& o, const std::string& kind, const std::string& params,
+                                    bool uses_chat_template, const std::function<std::vector<Sample>()>& build);
 
 // Applies the length limit (apply_length_limit: truncate or drop, reported) and validates token ids;
 // returns the dataset (DataError when empty).

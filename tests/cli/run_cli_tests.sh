@@ -7,6 +7,7 @@ BIN=$(realpath "${1:?usage: run_cli_tests.sh path/to/automodel}")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 FIX="$ROOT/tests/fixtures/golden/llama"
 T=$(mktemp -d)
+export AM_CACHE_DIR="$T/am_cache"  # tokenised datasets are cached here, never in ~/.cache (docs/datasets.md)
 trap 'rm -rf "$T"' EXIT
 pass=0 fail=0
 
@@ -150,6 +151,16 @@ sys.exit(0 if len(a) == len(b) and all(x["input_ids"] == y["input_ids"] and x.ge
 PY
 then pass=$((pass + 1)); echo "ok   dataset: train.jsonl equals the recipe's tokenized_jsonl input"
 else fail=$((fail + 1)); echo "FAIL dataset: train.jsonl differs from the recipe's input"; fi
+# the tokenised-dataset cache (docs/datasets.md): the first run tokenises and caches, the second reads the cache
+# and writes the same samples; AM_DATASET_CACHE=0 neither reads nor writes it
+DSQ=(--dataset._target_=squad --dataset.path_or_dataset="$ROOT/tests/fixtures/data/squad_small.jsonl" --dataset.tokenizer="$ROOT/tests/fixtures/generate/tokenizer")
+expect "dataset cache: miss, cached" 0 "tokenised dataset: 2 samples in .* cached to $AM_CACHE_DIR/datasets/[0-9a-f]{32}\.tokds" -- "$BIN" dataset "$FIX/recipe.yaml" "${DSQ[@]}" --out "$T/dsc1"
+expect "dataset cache: hit" 0 "tokenised dataset: cache hit $AM_CACHE_DIR/datasets/[0-9a-f]{32}\.tokds" -- "$BIN" dataset "$FIX/recipe.yaml" "${DSQ[@]}" --out "$T/dsc2"
+expect "dataset cache: hit gives the same samples" 0 "" -- cmp "$T/dsc1/train.jsonl" "$T/dsc2/train.jsonl"
+out=$(AM_DATASET_CACHE=0 "$BIN" dataset "$FIX/recipe.yaml" "${DSQ[@]}" --out "$T/dsc3" 2>&1)
+if grep -q "tokenised dataset: 2 samples in" <<<"$out" && ! grep -q "cache" <<<"$out" && cmp -s "$T/dsc1/train.jsonl" "$T/dsc3/train.jsonl"; then
+  pass=$((pass + 1)); echo "ok   dataset cache: AM_DATASET_CACHE=0 tokenises without the cache"
+else fail=$((fail + 1)); echo "FAIL dataset cache: AM_DATASET_CACHE=0:"; sed 's/^/     /' <<<"$out" | tail -5; fi
 # nemotron_h (Mamba2 hybrid) has no state cache: generate recomputes the sequence per token, and says so
 GN="$T/gen_nemotron_h"
 mkdir -p "$GN" && cp "$ROOT"/tests/fixtures/golden/nemotron_h/model/{config.json,generation_config.json,model.safetensors} "$ROOT"/tests/fixtures/generate/tokenizer/* "$GN/" 2>/dev/null

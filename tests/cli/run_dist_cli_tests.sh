@@ -9,6 +9,7 @@ BIN=$(realpath "${1:?usage: run_dist_cli_tests.sh path/to/automodel}")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 FIX="$ROOT/tests/fixtures/golden/llama"
 T=$(mktemp -d)
+export AM_CACHE_DIR="$T/am_cache"  # tokenised datasets are cached here, never in ~/.cache (docs/datasets.md)
 BG_PID=
 cleanup() {
   [ -n "$BG_PID" ] && kill -9 "$BG_PID" 2>/dev/null

@@ -11,6 +11,7 @@ TOKS="${AM_TOKENIZER_CACHE:-$ROOT/.cache/tokenizers}"
 DATA="$ROOT/tests/fixtures/data"
 EX="$ROOT/examples"
 T=$(mktemp -d)
+export AM_CACHE_DIR="$T/am_cache"  # tokenised datasets are cached here, never in ~/.cache (docs/datasets.md)
 trap 'rm -rf "$T"' EXIT
 pass=0 fail=0
 

@@ -8,6 +8,7 @@ set -uo pipefail
 BIN=$(realpath "${1:?usage: run_recipe_cli_tests.sh path/to/automodel}")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 T=$(mktemp -d)
+export AM_CACHE_DIR="$T/am_cache"  # tokenised datasets are cached here, never in ~/.cache (docs/datasets.md)
 trap 'rm -rf "$T"' EXIT
 pass=0 fail=0
 

@@ -9,6 +9,7 @@ BIN=$(realpath "${1:?usage: run_robustness_tests.sh path/to/automodel}")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 FIX="$ROOT/tests/fixtures/golden/llama"
 T=$(mktemp -d)
+export AM_CACHE_DIR="$T/am_cache"  # tokenised datasets are cached here, never in ~/.cache (docs/datasets.md)
 trap 'rm -rf "$T"' EXIT
 pass=0 fail=0
 LIMIT=${AM_ROBUSTNESS_TIMEOUT:-60}  # seconds per command: a hang is a failure, not a stuck CI job

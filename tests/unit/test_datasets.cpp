@@ -500,6 +500,12 @@ TEST(Datasets, ParallelSamplesKeepOrderAndFirstError) {
 TEST(Datasets, OneThreadEqualsManyThreads) {
   REQUIRE_TOK("llama3_1");
   REQUIRE_TOK("qwen3");
+  // Both loads must tokenise: the tokenised-dataset cache would give the second one the first one's samples.
+  struct NoCache {
+    std::string old = std::getenv("AM_DATASET_CACHE") ? std::getenv("AM_DATASET_CACHE") : "";
+    NoCache() { ::setenv("AM_DATASET_CACHE", "0", 1); }
+    ~NoCache() { old.empty() ? ::unsetenv("AM_DATASET_CACHE") : ::setenv("AM_DATASET_CACHE", old.c_str(), 1); }
+  } no_cache;
   std::string chat, sq, cm, hs;
   for (int i = 0; i < 700; ++i) {
     std::string n = std::to_string(i), m = std::to_string(i * 7 % 13);
