@@ -10,6 +10,7 @@ int gemma2_deepseek_bench_main(int argc, char** argv);  // bench_gemma2_deepseek
 int gpt_oss_bench_main(int argc, char** argv);  // bench_gpt_oss.cu: gpt_oss expert kernels (gpt-oss-20b layer)
 int mamba2_bench_main(int argc, char** argv);  // bench_mamba2.cu: Nemotron-H conv + selective scan
 int fused_proj_bench_main(int argc, char** argv);  // bench_fused_proj.cu: one q|k|v / gate|up GEMM vs separate ones
+int lora_bench_main(int argc, char** argv);  // bench_lora.cu: LoRA scale / add in the GEMMs (alpha, beta = 1) at W5
 
 struct GpuBench {
   const char* name;
@@ -24,4 +25,5 @@ inline constexpr GpuBench kGpuBenches[] = {
     {"gpt_oss", gpt_oss_bench_main},
     {"mamba2", mamba2_bench_main},
     {"fused_proj", fused_proj_bench_main},
+    {"lora", lora_bench_main},
 };

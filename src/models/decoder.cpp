@@ -214,17 +214,13 @@ Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& c
   AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, H, eps, &ex_,
                       cfg_.norm_plus_one};
   // x, x1, out: residual dtype; h1, h2 (RMSNorm outputs, matmul inputs), a, m: activation dtype.
+  // A block whose output goes straight into a residual stream of its own dtype (no sandwich norm) has its output
+  // projection accumulate into the stream's copy instead (x1 = x, x1 += o Wo^T; out = x1, out += h Wd^T: beta = 1
+  // on CUDA, no [N, H] block output and no add kernel; on the CPU the same temporary + add as before, bit for bit).
+  // An fp32 stream under bf16 compute keeps the separate add: the block output is rounded to bf16 first (autocast).
+  const bool fold = ex_.residual_dtype == ex_.act_dtype;
   Tensor h1 = ex_.empty({N, H}), r1 = ex_.empty({N}, DType::F32);
   ops::rmsnorm_fwd(x, norm_w(*L.ln1), eps, h1, r1);
-  Tensor a;
-  if (L.is_mla) {
-    const MlaGeometry mg = MlaGeometry::of(cfg_, &ex_);
-    a = kv ? mla_forward_cached(L.mla, mg, h1, cos, sin, p, *kv, layer)
-           : mla_forward(L.mla, mg, h1, cos, sin, p, s ? &s->mla : nullptr);
-  } else {
-    a = kv ? attention_forward_cached(L.attn, g, h1, cos, sin, p, *kv, layer)
-           : attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr);
-  }
   // Sandwich norms (gemma): RMSNorm of a block's output before its residual add. y: activation dtype.
   auto post_norm = [&](const Param* w, Tensor& y, Tensor* saved_in, Tensor* saved_rstd) {
     if (!w) return;
@@ -233,23 +229,44 @@ Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& c
     if (saved_in) *saved_in = y, *saved_rstd = r;
     y = yn;
   };
-  post_norm(L.post_attn_norm, a, s ? &s->a : nullptr, s ? &s->ra : nullptr);
-  Tensor x1 = ex_.clone(x);
-  ops::add_(x1, a);
+  Tensor x1;
+  if (fold && !L.is_mla && !kv && !L.post_attn_norm) {
+    x1 = ex_.clone(x);
+    attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr, &x1);
+  } else {
+    Tensor a;
+    if (L.is_mla) {
+      const MlaGeometry mg = MlaGeometry::of(cfg_, &ex_);
+      a = kv ? mla_forward_cached(L.mla, mg, h1, cos, sin, p, *kv, layer)
+             : mla_forward(L.mla, mg, h1, cos, sin, p, s ? &s->mla : nullptr);
+    } else {
+      a = kv ? attention_forward_cached(L.attn, g, h1, cos, sin, p, *kv, layer)
+             : attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr);
+    }
+    post_norm(L.post_attn_norm, a, s ? &s->a : nullptr, s ? &s->ra : nullptr);
+    x1 = ex_.clone(x);
+    ops::add_(x1, a);
+  }
   Tensor h2 = ex_.empty({N, H}), r2 = ex_.empty({N}, DType::F32);
   ops::rmsnorm_fwd(x1, norm_w(*L.ln2), eps, h2, r2);
-  Tensor m;
-  if (L.is_moe) {
-    MoeSaved local;
-    MoeSaved& ms = s ? s->moe : local;
-    m = moe_forward(ex_, L.moe, moe_options(), h2, ms);
-    record_routing(L, ms);
+  Tensor out;
+  if (!L.is_moe && fold && !L.post_ffn_norm) {
+    out = ex_.clone(x1);
+    mlp_forward(ex_, L.mlp, h2, s ? &s->mlp : nullptr, &out);
   } else {
-    m = mlp_forward(ex_, L.mlp, h2, s ? &s->mlp : nullptr);
+    Tensor m;
+    if (L.is_moe) {
+      MoeSaved local;
+      MoeSaved& ms = s ? s->moe : local;
+      m = moe_forward(ex_, L.moe, moe_options(), h2, ms);
+      record_routing(L, ms);
+    } else {
+      m = mlp_forward(ex_, L.mlp, h2, s ? &s->mlp : nullptr);
+    }
+    post_norm(L.post_ffn_norm, m, s ? &s->m : nullptr, s ? &s->rm : nullptr);
+    out = ex_.clone(x1);
+    ops::add_(out, m);
   }
-  post_norm(L.post_ffn_norm, m, s ? &s->m : nullptr, s ? &s->rm : nullptr);
-  Tensor out = ex_.clone(x1);
-  ops::add_(out, m);
   if (s) {
     s->x = x;
     s->h1 = h1;

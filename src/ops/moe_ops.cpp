@@ -375,18 +375,18 @@ void moe_combine_bwd(const Tensor& yg, const Tensor& inv_perm, const Tensor& top
 // ---------------- grouped linear ----------------
 
 void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, Tensor& y,
-                        const std::vector<int64_t>* host_counts) {
+                        const std::vector<int64_t>* host_counts, const LinearOut& yo) {
   const char* op = "grouped_linear_fwd";
   DeviceType dev = device_of(op, {{"x", &x}, {"w", &w}, {"offsets", &offsets}, {"y", &y}});
   const GroupDims d = check_grouped(op, x, w, offsets, "y", y, host_counts);
-  AM_MOE_ROUTE_CUDA(cuda::grouped_linear_fwd(x, w, offsets, y, host_counts));
+  AM_MOE_ROUTE_CUDA(cuda::grouped_linear_fwd(x, w, offsets, y, host_counts, cuda::default_context(), {}, yo));
   need_f32_cpu(op, {{"x", &x}, {"w", &w}, {"y", &y}});
   check_offsets(op, offsets, d.e, d.m, host_counts);
-  cpu::grouped_linear_fwd(x.f32(), w.f32(), offsets.data<int32_t>(), d.e, d.k, d.nout, y.f32());
+  cpu::grouped_linear_fwd(x.f32(), w.f32(), offsets.data<int32_t>(), d.e, d.k, d.nout, y.f32(), yo);
 }
 
 void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
-                        Tensor& dw, const std::vector<int64_t>* host_counts) {
+                        Tensor& dw, const std::vector<int64_t>* host_counts, const LinearOut& dxo) {
   const char* op = "grouped_linear_bwd";
   const Tensor* dwp = dw.defined() ? &dw : nullptr;  // undefined: frozen experts, no dW GEMMs
   DeviceType dev = device_of(
@@ -401,11 +401,12 @@ void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
     if (dw.shape() != w.shape())
       shape_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
   }
-  AM_MOE_ROUTE_CUDA(cuda::grouped_linear_bwd(x, w, offsets, dy, dx, dw, host_counts));
+  AM_MOE_ROUTE_CUDA(
+      cuda::grouped_linear_bwd(x, w, offsets, dy, dx, dw, host_counts, cuda::default_context(), {}, dxo));
   need_f32_cpu(op, {{"x", &x}, {"w", &w}, {"dy", &dy}, {"dx", dx}});
   check_offsets(op, offsets, d.e, d.m, host_counts);
   cpu::grouped_linear_bwd(x.f32(), w.f32(), offsets.data<int32_t>(), dy.f32(), d.e, d.k, d.nout,
-                          dx ? dx->f32() : nullptr, dwp ? dw.f32() : nullptr);
+                          dx ? dx->f32() : nullptr, dwp ? dw.f32() : nullptr, dxo);
 }
 
 // ---------------- SwiGLU on [gate | up] ----------------

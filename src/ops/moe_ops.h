@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/linear_out.h"
 #include "core/tensor.h"
 
 namespace am::ops {
@@ -116,12 +117,15 @@ void moe_combine_bwd(const Tensor& yg, const Tensor& inv_perm, const Tensor& top
 // x [M, K] with rows grouped by expert (offsets [E+1] int32, offsets[E] == M, on x's device), w [E, Nout, K]
 // -> y [M, Nout] (assigned): y[r] = x[r] w[e]^T for offsets[e] <= r < offsets[e+1]. host_counts: the
 // same per-expert row counts on the host (from moe_dispatch_plan), or nullptr to read them from offsets.
+// yo (core/linear_out.h, as ops::linear_fwd's): y[r] = yo.alpha * x[r] w[e]^T (+ y[r] with yo.accumulate); CPU
+// bit-identical to the separate ops::scale_ / ops::add_, CUDA alpha / beta = 1 inside the expert GEMMs.
 void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, Tensor& y,
-                        const std::vector<int64_t>* host_counts = nullptr);
+                        const std::vector<int64_t>* host_counts = nullptr, const LinearOut& yo = {});
 // dx = dy w[e] (assigned; skipped when dx is nullptr), dw[e] += dy_e^T x_e (fp32 accumulation; experts with
-// no rows leave dw[e] unchanged; dw undefined: frozen experts, no dW GEMM runs, as in ops.h).
+// no rows leave dw[e] unchanged; dw undefined: frozen experts, no dW GEMM runs, as in ops.h). dxo: dx =
+// dxo.alpha * dy w[e] (+ dx with dxo.accumulate), as yo above.
 void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
-                        Tensor& dw, const std::vector<int64_t>* host_counts = nullptr);
+                        Tensor& dw, const std::vector<int64_t>* host_counts = nullptr, const LinearOut& dxo = {});
 
 // ---------------- SwiGLU on a fused [gate | up] tensor ----------------
 // gu [M, 2I] (gate = columns [0, I), up = [I, 2I)) -> h [M, I] = silu(gate) * up

@@ -248,21 +248,23 @@ LinDims check_linear(const char* op, const Tensor& x, const Tensor& w, const cha
 }
 }  // namespace
 
-void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y) {
+void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, const LinearOut& yo) {
   const char* op = "linear_fwd";
   DeviceType dev = device_of(op, {{"x", &x}, {"w", &w}, {"bias", bias}, {"y", &y}});
-  AM_ROUTE_CUDA(cuda::linear_fwd(x, w, bias, y));
+  AM_ROUTE_CUDA(cuda::linear_fwd(x, w, bias, y, yo));
   const LinDims d = check_linear(op, x, w, "bias", bias, "y", y);
-  dispatch(op, dev,
-           [&] { cpu::linear_fwd(x.f32(), w.f32(), bias ? bias->f32() : nullptr, y.f32(), d.n, d.k, d.m); });
+  dispatch(op, dev, [&] {
+    cpu::linear_fwd(x.f32(), w.f32(), bias ? bias->f32() : nullptr, y.f32(), d.n, d.k, d.m, yo);
+  });
 }
 
-void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias) {
+void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias,
+                const LinearOut& dxo) {
   const char* op = "linear_bwd";
   Tensor* dwp = dw.defined() ? &dw : nullptr;  // undefined: frozen weight, no dW GEMM
   DeviceType dev =
       device_of(op, {{"x", &x}, {"w", &w}, {"dy", &dy}, {"dx", dx}, {"dw", dwp}, {"dbias", dbias}});
-  AM_ROUTE_CUDA(cuda::linear_bwd(x, w, dy, dx, dw, dbias));
+  AM_ROUTE_CUDA(cuda::linear_bwd(x, w, dy, dx, dw, dbias, dxo));
   const LinDims d = check_linear(op, x, w, "dbias", dbias, "dy", dy);
   need_f32(op, {{"dx", dx}, {"dw", dwp}});
   if (dx && dx->shape() != x.shape())
@@ -271,7 +273,7 @@ void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, 
     shape_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
   dispatch(op, dev, [&] {
     cpu::linear_bwd(x.f32(), w.f32(), dy.f32(), dx ? dx->f32() : nullptr, dwp ? dw.f32() : nullptr,
-                    dbias ? dbias->f32() : nullptr, d.n, d.k, d.m);
+                    dbias ? dbias->f32() : nullptr, d.n, d.k, d.m, dxo);
   });
 }
 

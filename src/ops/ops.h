@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "core/attn_params.h"
+#include "core/linear_out.h"
 #include "core/tensor.h"
 
 namespace am::ops {
@@ -49,11 +50,20 @@ void embedding_fwd(const Tensor& ids, const Tensor& weight, Tensor& out);
 void embedding_bwd(const Tensor& ids, const Tensor& dout, Tensor& dweight);
 
 // ---------------- linear ----------------
-// x [N, K], w [M, K], bias [M] (nullptr: none) -> y [N, M] = x w^T + b
-void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
-// dx = dy w (assigned; skipped when dx is nullptr), dw += dy^T x (skipped when dw is undefined: frozen
-// weight), dbias += sum_rows(dy) (when non-null)
-void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias);
+// How y / dx are written (core/linear_out.h): LinearOut{.alpha = s} scales the product, {.accumulate = true}
+// adds it to the tensor's contents instead of assigning. Default {}: assigned, unscaled.
+using am::LinearOut;
+// x [N, K], w [M, K], bias [M] (nullptr: none) -> y [N, M] = yo.alpha * x w^T + b (+ y when yo.accumulate).
+// The options fold what would be ops::scale_(y, alpha) and ops::add_(y, product) into the GEMM: on the CPU
+// bit-identical to those separate calls (same passes, same order); on CUDA alpha and beta = 1 run inside the
+// one cuBLASLt GEMM, fp32 accumulation rounded once to y's dtype (bf16: slightly more accurate than the
+// separate kernels, which round twice; no extra launches, no [N, M] temporary). Accumulation takes y of any
+// float dtype on CUDA (e.g. an fp32 y with bf16 x / w).
+void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, const LinearOut& yo = {});
+// dx = dxo.alpha * dy w (assigned, or added to dx with dxo.accumulate; skipped when dx is nullptr), dw += dy^T x
+// (skipped when dw is undefined: frozen weight), dbias += sum_rows(dy) (when non-null). dxo as linear_fwd's yo.
+void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias,
+                const LinearOut& dxo = {});
 
 // ---------------- RMSNorm (HF LlamaRMSNorm semantics) ----------------
 // x [N, H], w [H] -> y [N, H] = w * x * rstd, rstd [N] = 1/sqrt(mean(x^2) + eps) (saved)

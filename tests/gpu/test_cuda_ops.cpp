@@ -352,6 +352,64 @@ TEST(CudaOps, Linear) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// LinearOut (core/linear_out.h): y = alpha x w^T (+ b) (+ y) and dx = alpha dy w (+ dx) inside the cuBLASLt GEMM
+// (alpha, beta = 1; the LoRA branch and the blocks' summed input gradients), against the CPU reference with the same
+// options (itself bit-identical to the separate scale_ / add_). Also bf16 x / w into an fp32 y (accumulating in
+// fp32), and through the am::ops front-end. dw / dbias must be what the plain call gives.
+TEST(CudaOps, LinearAlphaAccumulate) {
+  REQUIRE_DEVICE();
+  for (int seed = 1; seed <= 4; ++seed) {
+    std::mt19937 rng(100 + seed);
+    for (DType dt : kFloatTypes) {
+      const bool odd = seed % 2 == 1;
+      const int64_t n = odd ? rint(rng, 1, 300) : 64 * rint(rng, 1, 4);
+      const int64_t k = odd ? rint(rng, 1, 200) : 8 * rint(rng, 1, 40);
+      const int64_t m = odd ? rint(rng, 1, 200) : 8 * rint(rng, 1, 40);
+      const bool with_bias = seed >= 3;
+      Tensor x = rand_host({n, k}, rng, dt), w = rand_host({m, k}, rng, dt), b = rand_host({m}, rng, dt);
+      Tensor y0 = rand_host({n, m}, rng, dt), dy = rand_host({n, m}, rng, dt), dx0 = rand_host({n, k}, rng, dt);
+      Tensor gw0 = rand_host({m, k}, rng), gb0 = rand_host({m}, rng);
+      Tensor xd = up(x, dt), wd = up(w, dt), bd = up(b, dt), dyd = up(dy, dt);
+      for (const am::LinearOut lo :
+           {am::LinearOut{.alpha = 2.f}, am::LinearOut{.alpha = 0.3f}, am::LinearOut{.accumulate = true},
+            am::LinearOut{.alpha = 0.5f, .accumulate = true}, am::LinearOut{.alpha = 1.7f, .accumulate = true}}) {
+        const std::string what = std::string(dname(dt)) + " N=" + std::to_string(n) + " K=" + std::to_string(k) +
+                                 " M=" + std::to_string(m) + (with_bias ? " bias" : "") +
+                                 " alpha=" + std::to_string(lo.alpha) + (lo.accumulate ? " accumulate" : "");
+        // forward
+        Tensor want = lo.accumulate ? y0.clone() : Tensor::empty({n, m}, DType::F32);
+        am::ops::linear_fwd(x, w, with_bias ? &b : nullptr, want, lo);
+        Tensor y = lo.accumulate ? up(y0, dt) : dev_poisoned({n, m}, dt);
+        cu::linear_fwd(xd, wd, with_bias ? &bd : nullptr, y, lo);
+        expect_close(y, want, dt, "linear_fwd " + what);
+        Tensor y2 = lo.accumulate ? up(y0, dt) : dev_poisoned({n, m}, dt);
+        am::ops::linear_fwd(xd, wd, with_bias ? &bd : nullptr, y2, lo);  // through the front-end
+        expect_close(y2, want, dt, "ops::linear_fwd " + what);
+        if (dt == DType::BF16) {  // bf16 operands, fp32 output: accumulated without a bf16 rounding
+          Tensor y3 = lo.accumulate ? up(y0, DType::F32) : dev_poisoned({n, m}, DType::F32);
+          cu::linear_fwd(xd, wd, with_bias ? &bd : nullptr, y3, lo);
+          expect_close(y3, want, DType::F32, "linear_fwd fp32 y " + what, 1e-5);
+        }
+        // backward: dx with the options, dw / dbias as the plain call's
+        Tensor want_dx = lo.accumulate ? dx0.clone() : Tensor::empty({n, k}, DType::F32);
+        Tensor want_dw = gw0.clone(), want_db = gb0.clone();
+        am::ops::linear_bwd(x, w, dy, &want_dx, want_dw, with_bias ? &want_db : nullptr, lo);
+        Tensor gx = lo.accumulate ? up(dx0, dt) : dev_poisoned({n, k}, dt);
+        Tensor gw = up(gw0, DType::F32), gb = up(gb0, DType::F32);
+        cu::linear_bwd(xd, wd, dyd, &gx, gw, with_bias ? &gb : nullptr, lo);
+        expect_close(gx, want_dx, dt, "linear_bwd dx " + what);
+        expect_close(gw, want_dw, dt == DType::F32 ? DType::F32 : DType::BF16, "linear_bwd dw " + what,
+                     dt == DType::F32 ? 1e-5 : 1e-3);
+        if (with_bias) expect_close(gb, want_db, DType::F32, "linear_bwd dbias " + what);
+        Tensor gx2 = lo.accumulate ? up(dx0, dt) : dev_poisoned({n, k}, dt), frozen;
+        am::ops::linear_bwd(xd, wd, dyd, &gx2, frozen, nullptr, lo);  // frozen weight, through the front-end
+        expect_close(gx2, want_dx, dt, "ops::linear_bwd frozen dx " + what);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 TEST(CudaOps, RmsNorm) {
   REQUIRE_DEVICE();
   // 8216 and 16384: the fp32 backward takes the looped path (the bf16 one still fits a block, at 8 vectors

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "core/linear_out.h"
 
 namespace am::cpu {
 
@@ -37,12 +38,15 @@ void embedding_fwd(const int32_t* ids, int64_t n, const float* w, int64_t hidden
 void embedding_bwd(const int32_t* ids, int64_t n, const float* dout, int64_t hidden, float* dw);
 
 // ---------------- linear (cblas_sgemm) ----------------
-// x [N, K], w [M, K], bias [M] or nullptr -> y [N, M] = x w^T + bias
-void linear_fwd(const float* x, const float* w, const float* bias, float* y, int64_t n, int64_t k, int64_t m);
-// dx [N, K] = dy w (skipped when dx is null); dw [M, K] += dy^T x (skipped when dw is null: frozen
-// weight); dbias [M] += column sums of dy (when non-null).
+// x [N, K], w [M, K], bias [M] or nullptr -> y [N, M] = yo.alpha * x w^T + bias (+ y when yo.accumulate), as
+// separate passes in the order of core/linear_out.h (GEMM, scale, bias, add of a temporary): bit-identical to
+// the plain call followed by scale() and add().
+void linear_fwd(const float* x, const float* w, const float* bias, float* y, int64_t n, int64_t k, int64_t m,
+                const LinearOut& yo = {});
+// dx [N, K] = dxo.alpha * dy w (+ dx when dxo.accumulate; skipped when dx is null); dw [M, K] += dy^T x
+// (skipped when dw is null: frozen weight); dbias [M] += column sums of dy (when non-null).
 void linear_bwd(const float* x, const float* w, const float* dy, float* dx, float* dw, float* dbias,
-                int64_t n, int64_t k, int64_t m);
+                int64_t n, int64_t k, int64_t m, const LinearOut& dxo = {});
 
 // ---------------- RMSNorm ----------------
 // x [N, H], w [H] -> y [N, H] = (x * rstd) * w, rstd [N] = 1 / sqrt(mean(x^2) + eps)
@@ -141,11 +145,13 @@ void moe_combine(const float* yg, const int32_t* inv_perm, const float* w, int64
 void moe_combine_bwd(const float* yg, const int32_t* inv_perm, const float* w, const float* dy, int64_t n,
                      int64_t k, int64_t h, float* dyg, float* dw);
 // Per expert e: rows offsets[e]..offsets[e+1] of x [M, K] times w[e] [Nout, K]^T -> y [M, Nout].
+// yo: as linear_fwd's, per expert's rows (elementwise passes: the same bits as over all of y at once).
 void grouped_linear_fwd(const float* x, const float* w, const int32_t* offsets, int64_t e, int64_t k,
-                        int64_t nout, float* y);
-// dx [M, K] assigned (skipped when null), dw [E, Nout, K] += (skipped when null: frozen experts).
+                        int64_t nout, float* y, const LinearOut& yo = {});
+// dx [M, K] assigned (skipped when null; dxo as linear_bwd's), dw [E, Nout, K] += (skipped when null: frozen
+// experts).
 void grouped_linear_bwd(const float* x, const float* w, const int32_t* offsets, const float* dy, int64_t e,
-                        int64_t k, int64_t nout, float* dx, float* dw);
+                        int64_t k, int64_t nout, float* dx, float* dw, const LinearOut& dxo = {});
 // gu [M, 2I] -> h [M, I] = silu(gate) * up; backward assigns dgu [M, 2I] (may alias gu).
 void swiglu_fused_fwd(const float* gu, int64_t m, int64_t i, float* h);
 void swiglu_fused_bwd(const float* gu, const float* dh, int64_t m, int64_t i, float* dgu);

@@ -147,21 +147,21 @@ void moe_combine_bwd(const float* yg, const int32_t* inv_perm, const float* w, c
 }
 
 void grouped_linear_fwd(const float* x, const float* w, const int32_t* offsets, int64_t e, int64_t k,
-                        int64_t nout, float* y) {
+                        int64_t nout, float* y, const LinearOut& yo) {
   for (int64_t j = 0; j < e; ++j) {
     const int64_t r0 = offsets[j], r1 = offsets[j + 1];
-    if (r1 > r0) linear_fwd(x + r0 * k, w + j * nout * k, nullptr, y + r0 * nout, r1 - r0, k, nout);
+    if (r1 > r0) linear_fwd(x + r0 * k, w + j * nout * k, nullptr, y + r0 * nout, r1 - r0, k, nout, yo);
   }
 }
 
 void grouped_linear_bwd(const float* x, const float* w, const int32_t* offsets, const float* dy, int64_t e,
-                        int64_t k, int64_t nout, float* dx, float* dw) {
+                        int64_t k, int64_t nout, float* dx, float* dw, const LinearOut& dxo) {
   if (!dx && !dw) return;
   for (int64_t j = 0; j < e; ++j) {
     const int64_t r0 = offsets[j], r1 = offsets[j + 1];
     if (r1 > r0)
       linear_bwd(x + r0 * k, w + j * nout * k, dy + r0 * nout, dx ? dx + r0 * k : nullptr,
-                 dw ? dw + j * nout * k : nullptr, nullptr, r1 - r0, k, nout);
+                 dw ? dw + j * nout * k : nullptr, nullptr, r1 - r0, k, nout, dxo);
   }
 }
 

@@ -17,6 +17,7 @@
 
 #include "backend/cuda/context.h"
 #include "core/adamw_params.h"
+#include "core/linear_out.h"
 #include "core/tensor.h"
 
 namespace am::cuda {
@@ -52,12 +53,20 @@ void embedding_bwd(const Tensor& ids, const Tensor& dout, Tensor& dweight, CudaC
 
 // ---------------- linear (cuBLASLt, fp32 compute) ----------------
 // x [N, K] bf16, w [M, K] bf16, bias [M] bf16/fp32 or null -> y [N, M] bf16 (bias fused as epilogue).
+// The LinearOut overloads (core/linear_out.h) put yo.alpha / dxo.alpha into the GEMM's alpha and accumulate with
+// beta = 1 (C = D = y / dx, read in place): y = alpha x w^T (+ bias) (+ y), one rounding at the store. y / dx may
+// be any float dtype (bf16 x / w with an fp32 y accumulate in fp32).
 void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
+                CudaContext& ctx = default_context());
+void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, const LinearOut& yo,
                 CudaContext& ctx = default_context());
 // dx [N, K] bf16 = dy w (assigned; skipped when null); dw [M, K] fp32 += dy^T x (beta = 1 in the GEMM;
 // dw undefined: frozen weight, no dW GEMM); dbias [M] fp32 += column sums of dy (when non-null). x, w, dy bf16.
+// With dxo: dx = dxo.alpha * dy w (+ dx when dxo.accumulate) in the one dX GEMM.
 void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias,
                 CudaContext& ctx = default_context());
+void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias,
+                const LinearOut& dxo, CudaContext& ctx = default_context());
 
 // ---------------- RMSNorm ----------------
 // x [N, H] T, w [H] T' -> y [N, H] T (= w * (x * rstd)), rstd [N] fp32 (saved). Also x fp32 -> y bf16 (an

@@ -2,12 +2,14 @@
 //
 // Row-major [R, C] is column-major [C, R] (leading dimension C). With x [N, K], w [M, K], y [N, M]
 // (row-major), the column-major matrices are x: K x N, w: K x M, y: M x N, and
-//   forward   y(M x N)    = op_T(w)(M x K) * x(K x N)                      m=M n=N k=K  (bf16)
-//   dx        dx(K x N)   = w(K x M) * dy(M x N)                            m=K n=N k=M  (bf16, beta 0)
+//   forward   y(M x N)    = op_T(w)(M x K) * x(K x N)                      m=M n=N k=K  (bf16, beta 0 / 1)
+//   dx        dx(K x N)   = w(K x M) * dy(M x N)                            m=K n=N k=M  (bf16, beta 0 / 1)
 //   dw        dw(K x M)  += x(K x N) * op_T(dy)(N x M)                     m=K n=M k=N  (fp32, beta 1)
 // (each left-hand side is the column-major view of the row-major result). The dw GEMM reads and writes
 // the fp32 gradient directly with beta = 1: no temporary, no separate accumulate pass; an undefined dw (frozen
-// weight) skips it.
+// weight) skips it. y and dx take LinearOut (core/linear_out.h): its alpha is the GEMM's alpha and accumulate is
+// beta = 1 with C = D (the LoRA branch's y += and dx +=, its scale s, and the blocks' dx += of parallel
+// projections, without separate scale / add kernels).
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/kernel_utils.cuh"
@@ -69,6 +71,11 @@ LinDims check(const char* op, const Tensor& x, const Tensor& w, const char* y_na
 }  // namespace
 
 void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, CudaContext& ctx) {
+  linear_fwd(x, w, bias, y, LinearOut{}, ctx);
+}
+
+void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, const LinearOut& yo,
+                CudaContext& ctx) {
   const char* op = "linear_fwd";
   const LinDims d = check(op, x, w, "y", y);
   if (bias) {
@@ -92,7 +99,8 @@ void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
   g.d = y.raw();
   g.d_type = y.dtype();
   g.ldd = d.m;
-  g.beta = 0.f;
+  g.alpha = yo.alpha;
+  g.beta = yo.accumulate ? 1.f : 0.f;  // accumulate: C = D = y, read in place
   if (bias) {
     g.bias = bias->raw();
     g.bias_type = bias->dtype();
@@ -112,6 +120,11 @@ void linear_fwd(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
 
 void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias,
                 CudaContext& ctx) {
+  linear_bwd(x, w, dy, dx, dw, dbias, LinearOut{}, ctx);
+}
+
+void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, Tensor* dbias,
+                const LinearOut& dxo, CudaContext& ctx) {
   const char* op = "linear_bwd";
   const LinDims d = check(op, x, w, "dy", dy);
   const bool want_dw = dw.defined();  // undefined: frozen weight, no dW GEMM
@@ -146,7 +159,8 @@ void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, 
     g.d = dx->raw();
     g.d_type = dx->dtype();
     g.ldd = d.k;
-    g.beta = 0.f;
+    g.alpha = dxo.alpha;
+    g.beta = dxo.accumulate ? 1.f : 0.f;  // accumulate: C = D = dx, read in place
     gemm(ctx, g);
   }
   if (want_dw) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/cuda/context.h"
+#include "core/linear_out.h"
 #include "core/tensor.h"
 
 namespace am::cuda {
@@ -49,12 +50,15 @@ struct GroupedLinearOptions {
   GroupedGemm impl = GroupedGemm::Auto;
   int64_t pad_rows = 0;  // Padded only: rows per expert in the scratch (0: the largest count, rounded up)
 };
+// yo / dxo (core/linear_out.h): y = yo.alpha * x w[e]^T (+ y), dx = dxo.alpha * dy w[e] (+ dx), alpha and beta = 1
+// in every path's GEMMs (Padded with accumulate also pads the old y / dx rows into the scratch that the strided GEMM
+// reads as C, then copies them back as before).
 void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, Tensor& y,
                         const std::vector<int64_t>* host_counts, CudaContext& ctx = default_context(),
-                        const GroupedLinearOptions& opt = {});
+                        const GroupedLinearOptions& opt = {}, const LinearOut& yo = {});
 void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
                         Tensor& dw, const std::vector<int64_t>* host_counts, CudaContext& ctx = default_context(),
-                        const GroupedLinearOptions& opt = {});
+                        const GroupedLinearOptions& opt = {}, const LinearOut& dxo = {});
 void swiglu_fused_fwd(const Tensor& gu, Tensor& h, CudaContext& ctx = default_context());
 void swiglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu, CudaContext& ctx = default_context());
 

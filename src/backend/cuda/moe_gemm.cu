@@ -2,8 +2,8 @@
 //
 // Row-major [R, C] is column-major [C, R] (leading dimension C), as in linear.cu. For expert e with rows
 // r0 = offsets[e] .. r0 + m_e of x [M, K], weights w[e] [Nout, K], y [M, Nout]:
-//   forward  y_e (Nout x m_e)  = op_T(w_e) (Nout x K) * x_e (K x m_e)       m=Nout n=m_e k=K     beta 0
-//   dx       dx_e (K x m_e)    = w_e (K x Nout) * dy_e (Nout x m_e)          m=K    n=m_e k=Nout  beta 0
+//   forward  y_e (Nout x m_e)  = op_T(w_e) (Nout x K) * x_e (K x m_e)       m=Nout n=m_e k=K     beta 0 (1)
+//   dx       dx_e (K x m_e)    = w_e (K x Nout) * dy_e (Nout x m_e)          m=K    n=m_e k=Nout  beta 0 (1)
 //   dw       dw_e (K x Nout)  += x_e (K x m_e) * op_T(dy_e) (m_e x Nout)    m=K    n=Nout k=m_e  beta 1 (fp32)
 // One cublasGemmGroupedBatchedEx call per product covers every expert with rows: one group (of one problem)
 // per expert, sizes from the host counts, the device arrays of A/B/C pointers built on the device from the
@@ -15,6 +15,8 @@
 // GEMM with bf16 A/B, fp32 C, beta = 1 straight into dw [E, Nout, K]. Mpad is the largest count rounded up, or a
 // cap given in the options: the rows of the experts beyond it (the overflow) then run through the grouped /
 // per-expert path with the row offset `shift` = Mpad (see choose_pad).
+// LinearOut (core/linear_out.h) on y / dx: its alpha is every y / dx GEMM's alpha, accumulate their beta = 1 (the
+// padded path first pads the old y / dx rows into the scratch the strided GEMM reads as C).
 #include <cublas_v2.h>
 
 #include <algorithm>
@@ -111,6 +113,7 @@ struct GroupedGemm1 {
   PtrRule ra, rb, rc;
   DType ab_type, c_type;
   float beta;
+  float alpha = 1.f;
 };
 
 std::vector<int64_t> counts_from(const Tensor& offsets, int64_t e, const std::vector<int64_t>* host_counts,
@@ -145,7 +148,7 @@ bool run_grouped(const char* op, const GroupedGemm1& p, const Tensor& offsets, c
     sizes.push_back(1);
     tas.push_back(p.ta ? CUBLAS_OP_T : CUBLAS_OP_N);
     tbs.push_back(p.tb ? CUBLAS_OP_T : CUBLAS_OP_N);
-    alphas.push_back(1.f);
+    alphas.push_back(p.alpha);
     betas.push_back(p.beta);
   }
   const int groups = static_cast<int>(ms.size());
@@ -287,13 +290,13 @@ struct StridedGemm {
   DType ab_type, c_type;
   float beta;
   int batch;
+  float alpha = 1.f;
 };
 void run_strided(const char* op, const StridedGemm& g, CudaContext& ctx) {
   cublasHandle_t h = cublas_handle(ctx);
   AM_CUDA_CHECK(cublasSetStream(h, ctx.stream()));
-  const float one = 1.f;
   const cublasStatus_t st = cublasGemmStridedBatchedEx(
-      h, g.ta ? CUBLAS_OP_T : CUBLAS_OP_N, g.tb ? CUBLAS_OP_T : CUBLAS_OP_N, g.m, g.n, g.k, &one, g.a,
+      h, g.ta ? CUBLAS_OP_T : CUBLAS_OP_N, g.tb ? CUBLAS_OP_T : CUBLAS_OP_N, g.m, g.n, g.k, &g.alpha, g.a,
       cuda_type(g.ab_type), g.lda, g.sa, g.b, cuda_type(g.ab_type), g.ldb, g.sb, &g.beta, g.c, cuda_type(g.c_type),
       g.ldc, g.sc, g.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   if (st != CUBLAS_STATUS_SUCCESS)
@@ -344,6 +347,7 @@ void run_product(const char* op, Product pr, const GroupedGemm1& p, const Tensor
       g.d = const_cast<char*>(p.rc.base) + ej * p.rc.expert_stride + rs * p.rc.row_stride;
       g.d_type = p.c_type;
       g.ldd = p.ldc;
+      g.alpha = p.alpha;
       g.beta = p.beta;
       gemm(ctx, g);
     }
@@ -380,12 +384,13 @@ GDims check(const char* op, const Tensor& x, const Tensor& w, const Tensor& offs
 }  // namespace
 
 void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, Tensor& y,
-                        const std::vector<int64_t>* host_counts, CudaContext& ctx, const GroupedLinearOptions& opt) {
+                        const std::vector<int64_t>* host_counts, CudaContext& ctx, const GroupedLinearOptions& opt,
+                        const LinearOut& yo) {
   const char* op = "grouped_linear_fwd";
   const GDims d = check(op, x, w, offsets, "y", y, host_counts);
   if (d.m == 0 || d.nout == 0) return;
-  if (d.k == 0) {
-    zero_(y, ctx);
+  if (d.k == 0) {  // an empty product: y = 0, or y unchanged when accumulating
+    if (!yo.accumulate) zero_(y, ctx);
     return;
   }
   const std::vector<int64_t> counts = counts_from(offsets, d.e, host_counts, ctx);
@@ -404,7 +409,8 @@ void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
   p.rc = {static_cast<const char*>(y.raw()), 0, d.nout * es};
   p.ab_type = x.dtype();
   p.c_type = y.dtype();
-  p.beta = 0.f;
+  p.beta = yo.accumulate ? 1.f : 0.f;  // accumulate: C = D = y
+  p.alpha = yo.alpha;
   const int64_t mpad = choose_pad(counts, d.m, opt);
   log_call(op, counts, d.m, mpad);
   if (mpad == 0) {
@@ -414,9 +420,11 @@ void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
   const int mp = static_cast<int>(mpad), kk = static_cast<int>(d.k), no = static_cast<int>(d.nout);
   Tensor xp = empty({d.e, mpad, d.k}, x.dtype(), ctx), yp = empty({d.e, mpad, d.nout}, y.dtype(), ctx);
   copy_rows(true, x.raw(), offsets, d.e, mp, d.k * es, xp.raw(), ctx);
-  // yp_e (Nout x mpad) = op_T(w_e) (Nout x K) * xp_e (K x mpad)
+  // Accumulating: the old rows of y go into the scratch, which the GEMM reads as C (beta = 1).
+  if (yo.accumulate) copy_rows(true, y.raw(), offsets, d.e, mp, d.nout * es, yp.raw(), ctx);
+  // yp_e (Nout x mpad) = alpha op_T(w_e) (Nout x K) * xp_e (K x mpad) (+ yp_e)
   run_strided(op, {true, false, no, mp, kk, w.raw(), kk, d.nout * d.k, xp.raw(), kk, mpad * d.k, yp.raw(), no,
-                   mpad * d.nout, x.dtype(), y.dtype(), 0.f, static_cast<int>(d.e)},
+                   mpad * d.nout, x.dtype(), y.dtype(), p.beta, static_cast<int>(d.e), yo.alpha},
               ctx);
   copy_rows(false, yp.raw(), offsets, d.e, mp, d.nout * es, y.raw(), ctx);
   run_product(op, Product::Fwd, p, offsets, counts, ctx, GroupedGemm::Auto, mpad);  // overflow rows, if any
@@ -424,7 +432,7 @@ void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
 
 void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
                         Tensor& dw, const std::vector<int64_t>* host_counts, CudaContext& ctx,
-                        const GroupedLinearOptions& opt) {
+                        const GroupedLinearOptions& opt, const LinearOut& dxo) {
   const char* op = "grouped_linear_bwd";
   const GDims d = check(op, x, w, offsets, "dy", dy, host_counts);
   const bool want_dw = dw.defined();  // undefined: frozen experts, no dW GEMMs
@@ -439,8 +447,8 @@ void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
       op_error(op, describe("dx", *dx) + ": expected the shape and dtype of " + describe("x", x));
   }
   if (d.m == 0 || d.k == 0 || (!dx && !want_dw)) return;
-  if (d.nout == 0) {
-    if (dx) zero_(*dx, ctx);
+  if (d.nout == 0) {  // an empty product: dx = 0, or dx unchanged when accumulating
+    if (dx && !dxo.accumulate) zero_(*dx, ctx);
     return;
   }
   const std::vector<int64_t> counts = counts_from(offsets, d.e, host_counts, ctx);
@@ -459,7 +467,8 @@ void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
   px.rc = {static_cast<const char*>(dx ? dx->raw() : nullptr), 0, d.k * es};
   px.ab_type = x.dtype();
   px.c_type = x.dtype();
-  px.beta = 0.f;
+  px.beta = dxo.accumulate ? 1.f : 0.f;  // accumulate: C = D = dx
+  px.alpha = dxo.alpha;
   GroupedGemm1 pw;  // dw
   pw.ta = false;
   pw.tb = true;
@@ -498,10 +507,11 @@ void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
     run_product(op, Product::Dw, pw, offsets, counts, ctx, GroupedGemm::Auto, mpad);  // overflow rows, if any
   }
   if (dx) {
-    // dxp_e (K x mpad) = w_e (K x Nout) * dyp_e (Nout x mpad), written over xp (read by the dw GEMM before, in
-    // stream order).
+    // dxp_e (K x mpad) = alpha w_e (K x Nout) * dyp_e (Nout x mpad) (+ dxp_e), written over xp (read by the dw GEMM
+    // before, in stream order). Accumulating: the old rows of dx are padded into xp first, read as C (beta = 1).
+    if (dxo.accumulate) copy_rows(true, dx->raw(), offsets, d.e, mp, d.k * es, xp.raw(), ctx);
     run_strided(op, {false, false, kk, mp, no, w.raw(), kk, d.nout * d.k, dyp.raw(), no, mpad * d.nout, xp.raw(), kk,
-                     mpad * d.k, x.dtype(), dx->dtype(), 0.f, ne},
+                     mpad * d.k, x.dtype(), dx->dtype(), px.beta, ne, dxo.alpha},
                 ctx);
     copy_rows(false, xp.raw(), offsets, d.e, mp, d.k * es, dx->raw(), ctx);
     run_product(op, Product::Dx, px, offsets, counts, ctx, GroupedGemm::Auto, mpad);  // overflow rows, if any

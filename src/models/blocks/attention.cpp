@@ -109,7 +109,7 @@ ops::AttnParams with_sinks(const AttentionWeights& w, const ops::AttnParams& p) 
 }  // namespace
 
 Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x, const Tensor& cos,
-                         const Tensor& sin, const ops::AttnParams& p0, AttentionSaved* s) {
+                         const Tensor& sin, const ops::AttnParams& p0, AttentionSaved* s, Tensor* residual) {
   const int64_t N = x.dim(0), nh = g.n_heads, nkv = g.n_kv_heads, D = g.head_dim;
   const ops::AttnParams p = with_sinks(w, p0);
   auto [q, k, v] = project_qkv(w, g, x, cos, sin, s);
@@ -118,8 +118,8 @@ Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, 
   Tensor lse = g.ex->empty({p.batch, nh, p.seq}, DType::F32);
   ops::attention_fwd(q.view({p.batch, p.seq, nh, D}), k.view({p.batch, p.seq, nkv, D}),
                      v.view({p.batch, p.seq, nkv, D}), p, o4, lse);
-  Tensor y = g.ex->empty({N, g.hidden});
-  proj_fwd(*g.ex, *w.o, w.o_bias, o, y);
+  Tensor y = residual ? *residual : g.ex->empty({N, g.hidden});
+  proj_fwd(*g.ex, *w.o, w.o_bias, o, y, /*accumulate=*/residual != nullptr);
   if (s) {
     s->x = x;
     s->q = q;
@@ -201,12 +201,11 @@ Tensor attention_backward(const AttentionWeights& w, const AttentionGeometry& g,
     else stacked_bwd(sp, s.x, dqkv, &dx);
     return dx;
   }
-  Tensor tmp = g.ex->empty({N, g.hidden});
+  // dx = dq Wq + dk Wk + dv Wv: k's and v's dX GEMMs accumulate into dx (proj_bwd's accumulate_dx: beta = 1 on
+  // CUDA; on the CPU the same temporary + add as before).
   proj_bwd(*g.ex, *w.q, w.q_bias, s.x, dq, &dx);
-  proj_bwd(*g.ex, *w.k, w.k_bias, s.x, dk, &tmp);
-  ops::add_(dx, tmp);
-  proj_bwd(*g.ex, *w.v, w.v_bias, s.x, dv, &tmp);
-  ops::add_(dx, tmp);
+  proj_bwd(*g.ex, *w.k, w.k_bias, s.x, dk, &dx, /*accumulate_dx=*/true);
+  proj_bwd(*g.ex, *w.v, w.v_bias, s.x, dv, &dx, /*accumulate_dx=*/true);
   return dx;
 }
 

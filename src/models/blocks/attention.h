@@ -51,8 +51,11 @@ struct AttentionGeometry {
 AttentionWeights register_attention(ParamStore& ps, const std::string& prefix, const io::ModelConfig& cfg);
 
 // x [N, H]; cos/sin [N, D/2]; p carries B, T, window, segments. Returns y [N, H].
+// residual non-null ([N, H], the activation dtype): the output projection accumulates into it instead (*residual +=
+// y: proj_fwd's accumulate, beta = 1 on CUDA, no [N, H] output tensor and no add kernel), and *residual is returned.
 Tensor attention_forward(const AttentionWeights& w, const AttentionGeometry& g, const Tensor& x, const Tensor& cos,
-                         const Tensor& sin, const ops::AttnParams& p, AttentionSaved* saved);
+                         const Tensor& sin, const ops::AttnParams& p, AttentionSaved* saved,
+                         Tensor* residual = nullptr);
 // Inference with a KV cache: x [N, H] holds the next N tokens of one sequence (cos/sin [N, D/2] at their
 // positions cache.length() ...; p: batch 1, seq N, the layer's window). Their k/v go into layer `layer` of
 // the cache (rows cache.length() .. + N; the caller advances it once every layer is done) and q attends

@@ -43,10 +43,19 @@ struct LoraAdapter {
 };
 
 // y = x W^T (+ b) (+ the LoRA branch when w.lora). x [N, in], y [N, out] (assigned).
-void proj_fwd(const ExecContext& ex, const Param& w, const Param* b, const Tensor& x, Tensor& y);
+// accumulate: y += that instead (a block output added straight into the residual stream). CUDA: the base GEMM and
+// the branch's last GEMM accumulate in place (beta = 1, LinearOut). CPU: bit-identical to proj_fwd into a
+// temporary followed by ops::add_ (with a LoRA pair: base + branch in the temporary first, the reference's order).
+void proj_fwd(const ExecContext& ex, const Param& w, const Param* b, const Tensor& x, Tensor& y,
+              bool accumulate = false);
 // Backward of proj_fwd. dx (assigned; nullptr: not needed) = dy W (+ the LoRA branch's input gradient);
 // accumulates the gradients of W and b (unless frozen: grad undefined) and of A and B.
-void proj_bwd(const ExecContext& ex, const Param& w, Param* b, const Tensor& x, const Tensor& dy, Tensor* dx);
+// accumulate_dx: dx += that instead (a block summing the input gradients of projections that read the same x:
+// q/k/v, gate/up). CUDA: the dX GEMMs accumulate in place (beta = 1, LinearOut), no temporary and no add kernel.
+// CPU: bit-identical to proj_bwd into a temporary followed by ops::add_ (the reference's order: with a LoRA pair
+// the branch is added to the base's gradient in the temporary first).
+void proj_bwd(const ExecContext& ex, const Param& w, Param* b, const Tensor& x, const Tensor& dy, Tensor* dx,
+              bool accumulate_dx = false);
 
 // The LoRA branch alone: y += branch(x). And its backward: grads of A, B accumulated; dx += input gradient
 // (when dx is non-null).

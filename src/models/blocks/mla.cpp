@@ -188,17 +188,18 @@ Tensor mla_backward(const MlaWeights& w, const MlaGeometry& g, const MlaSaved& s
   Tensor dckv = ex.empty({N, ckw});
   copy_cols(dckv, ckw, 0, dlatent, rkv, 0, N, rkv);
   ops::mla_scatter_cols(dkr, g.interleave, dckv, rkv);
-  Tensor dx = ex.empty({N, g.hidden}), tmp = ex.empty({N, g.hidden});
+  // dx = dckv Wkv_a + (the q path's input gradient): the q path's last dX GEMM accumulates into dx (beta = 1 on
+  // CUDA; CPU: temporary + add as before).
+  Tensor dx = ex.empty({N, g.hidden});
   proj_bwd(ex, *w.kv_a, w.kv_a_bias, s.x, dckv, &dx);
   if (w.q) {
-    proj_bwd(ex, *w.q, nullptr, s.x, dQ, &tmp);
+    proj_bwd(ex, *w.q, nullptr, s.x, dQ, &dx, /*accumulate_dx=*/true);
   } else {
     Tensor dqan = ex.empty({N, g.q_lora_rank}), dqa = ex.empty({N, g.q_lora_rank});
     proj_bwd(ex, *w.q_b, nullptr, s.qan, dQ, &dqan);
     ops::rmsnorm_bwd(s.qa, w.q_a_norm->work, s.qa_rstd, dqan, dqa, w.q_a_norm->grad);
-    proj_bwd(ex, *w.q_a, w.q_a_bias, s.x, dqa, &tmp);
+    proj_bwd(ex, *w.q_a, w.q_a_bias, s.x, dqa, &dx, /*accumulate_dx=*/true);
   }
-  ops::add_(dx, tmp);
   return dx;
 }
 

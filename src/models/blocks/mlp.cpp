@@ -71,12 +71,12 @@ MlpWeights register_mlp_fused(ParamStore& ps, const std::string& pre, int64_t H,
 
 namespace {
 // The ungated path (nemotron_h): u = x Wu^T [N, I], h = relu(u)^2, y = h Wd^T.
-Tensor ungated_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s) {
+Tensor ungated_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s, Tensor* residual) {
   const int64_t N = x.dim(0), I = w.up->shape[0], H = w.down->shape[0];
-  Tensor u = ex.empty({N, I}), h = ex.empty({N, I}), y = ex.empty({N, H});
+  Tensor u = ex.empty({N, I}), h = ex.empty({N, I}), y = residual ? *residual : ex.empty({N, H});
   proj_fwd(ex, *w.up, w.up_bias, x, u);
   ops::relu2_fwd(u, h);
-  proj_fwd(ex, *w.down, w.down_bias, h, y);
+  proj_fwd(ex, *w.down, w.down_bias, h, y, /*accumulate=*/residual != nullptr);
   if (s) {
     *s = MlpSaved{};
     s->x = x;
@@ -102,13 +102,14 @@ StackedProj stacked_gate_up(const MlpWeights& w, bool for_backward) {
 }
 // The fused path: gu = x Wgu^T [N, 2I] (phi3's gate_up, or the stacked gate/up view sp) -> h = act(gu[:, :I]) *
 // gu[:, I:] (the MoE experts' fused kernels for SwiGLU).
-Tensor fused_forward(const ExecContext& ex, const MlpWeights& w, const StackedProj& sp, const Tensor& x, MlpSaved* s) {
+Tensor fused_forward(const ExecContext& ex, const MlpWeights& w, const StackedProj& sp, const Tensor& x, MlpSaved* s,
+                     Tensor* residual) {
   const int64_t N = x.dim(0), I = w.down->shape[1], H = w.down->shape[0];
-  Tensor gu = ex.empty({N, 2 * I}), h = ex.empty({N, I}), y = ex.empty({N, H});
+  Tensor gu = ex.empty({N, 2 * I}), h = ex.empty({N, I}), y = residual ? *residual : ex.empty({N, H});
   if (w.gate_up) proj_fwd(ex, *w.gate_up, nullptr, x, gu);
   else stacked_fwd(sp, x, gu);
   act_fused_fwd(w.act, gu, h);
-  proj_fwd(ex, *w.down, w.down_bias, h, y);
+  proj_fwd(ex, *w.down, w.down_bias, h, y, /*accumulate=*/residual != nullptr);
   if (s) {
     *s = MlpSaved{};
     s->x = x;
@@ -136,27 +137,26 @@ Tensor fused_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved
   }
   // The weights stopped being back to back between forward and backward (not expected: every layout that
   // moves parameters does it outside a pass); one GEMM each on the halves.
-  Tensor dgate = ex.empty({N, I}), dup = ex.empty({N, I}), tmp = ex.empty({N, H});
+  Tensor dgate = ex.empty({N, I}), dup = ex.empty({N, I});
   ops::copy_cols_(dgate, 0, dgu, 0, I);
   ops::copy_cols_(dup, 0, dgu, I, I);
   proj_bwd(ex, *w.gate, w.gate_bias, s.x, dgate, &dx);
-  proj_bwd(ex, *w.up, w.up_bias, s.x, dup, &tmp);
-  ops::add_(dx, tmp);
+  proj_bwd(ex, *w.up, w.up_bias, s.x, dup, &dx, /*accumulate_dx=*/true);
   return dx;
 }
 }  // namespace
 
-Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s) {
-  if (w.gate_up) return fused_forward(ex, w, StackedProj{}, x, s);
-  if (!w.gate) return ungated_forward(ex, w, x, s);
-  if (const StackedProj sp = stacked_gate_up(w, false); sp.ok) return fused_forward(ex, w, sp, x, s);
+Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* s, Tensor* residual) {
+  if (w.gate_up) return fused_forward(ex, w, StackedProj{}, x, s, residual);
+  if (!w.gate) return ungated_forward(ex, w, x, s, residual);
+  if (const StackedProj sp = stacked_gate_up(w, false); sp.ok) return fused_forward(ex, w, sp, x, s, residual);
   const int64_t N = x.dim(0), I = w.gate->shape[0], H = w.down->shape[0];
   Tensor gate = ex.empty({N, I}), up = ex.empty({N, I}),
-         h = ex.empty({N, I}), y = ex.empty({N, H});
+         h = ex.empty({N, I}), y = residual ? *residual : ex.empty({N, H});
   proj_fwd(ex, *w.gate, w.gate_bias, x, gate);
   proj_fwd(ex, *w.up, w.up_bias, x, up);
   act_fwd(w.act, gate, up, h);
-  proj_fwd(ex, *w.down, w.down_bias, h, y);
+  proj_fwd(ex, *w.down, w.down_bias, h, y, /*accumulate=*/residual != nullptr);
   if (s) *s = MlpSaved{x, gate, up};
   return y;
 }
@@ -172,10 +172,10 @@ Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& 
   h = Tensor();
   Tensor dgate = ex.empty({N, I}), dup = ex.empty({N, I});
   act_bwd(w.act, s.gate, s.up, dh, dgate, dup);
-  Tensor dx = ex.empty({N, H}), tmp = ex.empty({N, H});
+  // dx = dgate Wg + dup Wu: up's dX GEMM accumulates into dx (beta = 1 on CUDA; CPU: temporary + add as before).
+  Tensor dx = ex.empty({N, H});
   proj_bwd(ex, *w.gate, w.gate_bias, s.x, dgate, &dx);
-  proj_bwd(ex, *w.up, w.up_bias, s.x, dup, &tmp);
-  ops::add_(dx, tmp);
+  proj_bwd(ex, *w.up, w.up_bias, s.x, dup, &dx, /*accumulate_dx=*/true);
   return dx;
 }
 

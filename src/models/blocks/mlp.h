@@ -44,7 +44,10 @@ MlpWeights register_mlp(ParamStore& ps, const std::string& prefix, int64_t hidde
 // NemotronHMLP: up_proj [I, H] -> relu2 -> down_proj [H, I], no gate, no biases.
 MlpWeights register_mlp_ungated(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter);
 MlpWeights register_mlp_fused(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter);
-Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* saved);
+// x [N, H] -> y [N, H]. residual non-null ([N, H], the activation dtype): the down projection accumulates into it
+// instead (*residual += y: proj_fwd's accumulate, beta = 1 on CUDA, no add kernel), and *residual is returned.
+Tensor mlp_forward(const ExecContext& ex, const MlpWeights& w, const Tensor& x, MlpSaved* saved,
+                   Tensor* residual = nullptr);
 Tensor mlp_backward(const ExecContext& ex, const MlpWeights& w, const MlpSaved& s, const Tensor& dy);
 
 }  // namespace am

@@ -309,9 +309,9 @@ Tensor moe_backward(const ExecContext& ex, const MoeWeights& w, const MoeOptions
       ops::moe_router_grouped_bwd(s.probs, s.topk_idx, *o.grouped, dtopk_w, dlogits);
     else
       ops::moe_router_bwd(s.probs, s.topk_idx, s.topk_w, o.norm_topk_prob, dtopk_w, dprobs_extra, dlogits);
-    Tensor tmp = ex.empty({N, H});
-    ops::linear_bwd(s.x, w.router->work, dlogits, &tmp, w.router->grad, grad_or_null(w.router_bias));
-    ops::add_(dx, tmp);
+    // dx += dlogits Wr: the dX GEMM accumulates (beta = 1 on CUDA; CPU: temporary + add, as ops::add_ did)
+    ops::linear_bwd(s.x, w.router->work, dlogits, &dx, w.router->grad, grad_or_null(w.router_bias),
+                    {.accumulate = true});
   }
   if (w.has_shared && !w.shared_gate) {
     Tensor dsx = mlp_backward(ex, w.shared, s.shared, dy);
@@ -319,9 +319,7 @@ Tensor moe_backward(const ExecContext& ex, const MoeWeights& w, const MoeOptions
   } else if (w.has_shared) {
     Tensor dsy = ex.empty({N, H}), dg = ex.empty({N, 1});
     ops::moe_shared_gate_bwd(s.shared_y, s.shared_logit, dy, dsy, dg);
-    Tensor tmp = ex.empty({N, H});
-    ops::linear_bwd(s.x, w.shared_gate->work, dg, &tmp, w.shared_gate->grad, nullptr);
-    ops::add_(dx, tmp);
+    ops::linear_bwd(s.x, w.shared_gate->work, dg, &dx, w.shared_gate->grad, nullptr, {.accumulate = true});
     Tensor dsx = mlp_backward(ex, w.shared, s.shared, dsy);
     ops::add_(dx, dsx);
   }

@@ -113,10 +113,9 @@ Tensor nemotron_moe_backward(const ExecContext& ex, const NemotronMoeWeights& w,
   // router: routing weights -> scores -> logits -> x, Wr (the selection has no gradient; the bias none)
   Tensor dlogits = ex.empty({N, E});
   ops::moe_router_grouped_bwd(s.scores, s.topk_idx, w.router_opt, dtw, dlogits);
-  Tensor dxr = ex.empty({N, H});
-  Tensor none;
-  ops::linear_bwd(s.x, w.router->work, dlogits, &dxr, w.router->grad.defined() ? w.router->grad : none, nullptr);
-  ops::add_(dx, dxr);
+  Tensor none;  // dx += dlogits Wr (the dX GEMM accumulates: beta = 1 on CUDA; CPU: temporary + add as before)
+  ops::linear_bwd(s.x, w.router->work, dlogits, &dx, w.router->grad.defined() ? w.router->grad : none, nullptr,
+                  {.accumulate = true});
   return dx;
 }
 
