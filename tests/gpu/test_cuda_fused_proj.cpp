@@ -183,6 +183,9 @@ class CudaFusedProjFamilies : public ::testing::TestWithParam<std::string> {};
 TEST_P(CudaFusedProjFamilies, TrainsLikePerWeightGemms) {
   AM_REQUIRE_DEVICE();
   const std::string c = GetParam();
+  // The mode is read at every use too: hold Cuda for the whole comparison (the per-weight model was built with Off,
+  // so nothing of it is colocated and it keeps one GEMM per weight).
+  ModeGuard mode(FusedProjMode::Cuda);
   for (bool lora : {false, true}) {
     SCOPED_TRACE(lora ? "LoRA on o_proj, down_proj" : "full fine-tuning");
     auto fused = on_cuda(c, FusedProjMode::Cuda, lora), plain = on_cuda(c, FusedProjMode::Off, lora);

@@ -10,6 +10,12 @@
 namespace am::cuda {
 namespace {
 
+// The rotation of one pair, with the rounding spelled out (one product rounded, then one fma) so that every kernel
+// that rotates (rope_kernel, qkv_rope_pack_kernel) produces the same bits: left to the compiler, `a c - b s` was
+// contracted differently where the sign is a compile-time constant, and the fused merge differed in the last bit.
+__device__ __forceinline__ float rot_lo(float a, float b, float c, float s) { return __fmaf_rn(a, c, -__fmul_rn(b, s)); }
+__device__ __forceinline__ float rot_hi(float a, float b, float c, float s) { return __fmaf_rn(b, c, __fmul_rn(a, s)); }
+
 template <typename T, int VEC>
 __global__ void rope_kernel(T* __restrict__ x, const float* __restrict__ cosv, const float* __restrict__ sinv,
                             int64_t n, int64_t heads, int64_t d, int64_t half, float sign) {
@@ -29,8 +35,8 @@ __global__ void rope_kernel(T* __restrict__ x, const float* __restrict__ cosv, c
     for (int k = 0; k < VEC; ++k) {
       const float c = cosv[t * half + i + k], s = sign * sinv[t * half + i + k];
       const float av = to_f(a.v[k]), bv = to_f(b.v[k]);
-      oa.v[k] = from_f<T>(av * c - bv * s);
-      ob.v[k] = from_f<T>(bv * c + av * s);
+      oa.v[k] = from_f<T>(rot_lo(av, bv, c, s));
+      ob.v[k] = from_f<T>(rot_hi(av, bv, c, s));
     }
     store_vec<T, VEC>(xh + i, oa);
     store_vec<T, VEC>(xh + i + half, ob);
@@ -116,8 +122,8 @@ __global__ void qkv_rope_pack_kernel(T* packed, T* q, T* k, T* v, const float* _
       for (int kk = 0; kk < VEC; ++kk) {
         const float c = cosv[t * half + i + kk], s = sign * sinv[t * half + i + kk];
         const float av = to_f(a.v[kk]), bv = to_f(b.v[kk]);
-        oa.v[kk] = from_f<T>(av * c - bv * s);
-        ob.v[kk] = from_f<T>(bv * c + av * s);
+        oa.v[kk] = from_f<T>(rot_lo(av, bv, c, s));
+        ob.v[kk] = from_f<T>(rot_hi(av, bv, c, s));
       }
       store_vec<T, VEC>(dst + i, oa);
       store_vec<T, VEC>(dst + i + half, ob);
