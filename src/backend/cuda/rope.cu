@@ -16,6 +16,25 @@ namespace {
 __device__ __forceinline__ float rot_lo(float a, float b, float c, float s) { return __fmaf_rn(a, c, -__fmul_rn(b, s)); }
 __device__ __forceinline__ float rot_hi(float a, float b, float c, float s) { return __fmaf_rn(b, c, __fmul_rn(a, s)); }
 
+// Rotates VEC pairs (i + k, i + half + k) of one head row: src -> dst (may be the same row). cs / sn: the token's
+// cos / sin rows [R/2]; sign -1 rotates backward.
+template <typename T, int VEC>
+__device__ __forceinline__ void rotate_pairs(const T* src, T* dst, int64_t i, int64_t half, const float* cs,
+                                             const float* sn, float sign) {
+  const Vec<T, VEC> a = load_vec<T, VEC>(src + i);
+  const Vec<T, VEC> b = load_vec<T, VEC>(src + i + half);
+  Vec<T, VEC> oa, ob;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const float c = cs[i + k], s = sign * sn[i + k];
+    const float av = to_f(a.v[k]), bv = to_f(b.v[k]);
+    oa.v[k] = from_f<T>(rot_lo(av, bv, c, s));
+    ob.v[k] = from_f<T>(rot_hi(av, bv, c, s));
+  }
+  store_vec<T, VEC>(dst + i, oa);
+  store_vec<T, VEC>(dst + i + half, ob);
+}
+
 template <typename T, int VEC>
 __global__ void rope_kernel(T* __restrict__ x, const float* __restrict__ cosv, const float* __restrict__ sinv,
                             int64_t n, int64_t heads, int64_t d, int64_t half, float sign) {
@@ -28,18 +47,7 @@ __global__ void rope_kernel(T* __restrict__ x, const float* __restrict__ cosv, c
     const int64_t t = th / heads;
     const int64_t i = iv * VEC;
     T* xh = x + th * d;
-    const Vec<T, VEC> a = load_vec<T, VEC>(xh + i);
-    const Vec<T, VEC> b = load_vec<T, VEC>(xh + i + half);
-    Vec<T, VEC> oa, ob;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const float c = cosv[t * half + i + k], s = sign * sinv[t * half + i + k];
-      const float av = to_f(a.v[k]), bv = to_f(b.v[k]);
-      oa.v[k] = from_f<T>(rot_lo(av, bv, c, s));
-      ob.v[k] = from_f<T>(rot_hi(av, bv, c, s));
-    }
-    store_vec<T, VEC>(xh + i, oa);
-    store_vec<T, VEC>(xh + i + half, ob);
+    rotate_pairs<T, VEC>(xh, xh, i, half, cosv + t * half, sinv + t * half, sign);
   }
 }
 
@@ -115,18 +123,7 @@ __global__ void qkv_rope_pack_kernel(T* packed, T* q, T* k, T* v, const float* _
     T* dst = MERGE ? p : x;
     const bool rotated = half > 0 && slot < nh + nkv;
     if (rotated && i < half) {
-      const Vec<T, VEC> a = load_vec<T, VEC>(src + i);
-      const Vec<T, VEC> b = load_vec<T, VEC>(src + i + half);
-      Vec<T, VEC> oa, ob;
-#pragma unroll
-      for (int kk = 0; kk < VEC; ++kk) {
-        const float c = cosv[t * half + i + kk], s = sign * sinv[t * half + i + kk];
-        const float av = to_f(a.v[kk]), bv = to_f(b.v[kk]);
-        oa.v[kk] = from_f<T>(rot_lo(av, bv, c, s));
-        ob.v[kk] = from_f<T>(rot_hi(av, bv, c, s));
-      }
-      store_vec<T, VEC>(dst + i, oa);
-      store_vec<T, VEC>(dst + i + half, ob);
+      rotate_pairs<T, VEC>(src, dst, i, half, cosv + t * half, sinv + t * half, sign);
     } else if (!rotated || i >= 2 * half) {
       store_vec<T, VEC>(dst + i, load_vec<T, VEC>(src + i));
     }
