@@ -668,13 +668,9 @@ ScanAlgorithm scan_algorithm_from_env() {
 }
 ScanAlgorithm g_scan_algorithm = scan_algorithm_from_env();
 
-// The sequential recurrence's two backward passes (see mamba2.h); dB32 / dC32 zeroed fp32 sums.
-void sequential_scan_bwd(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
-                         const Tensor& D, const Tensor* seg, const Tensor& dy, Tensor& dx, Tensor& ddt, Tensor& dA,
-                         Tensor& dB32, Tensor& dC32, Tensor& dD, const ScanGeom& geo, CudaContext& ctx) {
-  const char* op = "mamba_ssm_scan_bwd";
-  const int64_t B = x.dim(0), Tn = x.dim(1), nh = x.dim(2), P = x.dim(3), G = Bm.dim(2), S = Bm.dim(3);
-  Tensor rbuf = empty({B, Tn, nh}, DType::F32, ctx);
+// The sequential scan's inputs and sizes, shared by its forward and backward (x [B, T, nh, P], Bm [B, T, G, S]).
+ScanArgs scan_args(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
+                   const Tensor& D, const Tensor* seg) {
   ScanArgs a{};
   a.x = x.raw();
   a.dt = dt.data<float>();
@@ -683,6 +679,22 @@ void sequential_scan_bwd(const Tensor& x, const Tensor& dt, const Tensor& A, con
   a.Cm = Cm.raw();
   a.D = D.data<float>();
   a.seg = seg_ptr(seg);
+  a.Tn = static_cast<int>(x.dim(1));
+  a.nh = static_cast<int>(x.dim(2));
+  a.P = static_cast<int>(x.dim(3));
+  a.G = static_cast<int>(Bm.dim(2));
+  a.S = static_cast<int>(Bm.dim(3));
+  return a;
+}
+
+// The sequential recurrence's two backward passes (see mamba2.h); dB32 / dC32 zeroed fp32 sums.
+void sequential_scan_bwd(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
+                         const Tensor& D, const Tensor* seg, const Tensor& dy, Tensor& dx, Tensor& ddt, Tensor& dA,
+                         Tensor& dB32, Tensor& dC32, Tensor& dD, const ScanGeom& geo, CudaContext& ctx) {
+  const char* op = "mamba_ssm_scan_bwd";
+  const int64_t B = x.dim(0), Tn = x.dim(1), nh = x.dim(2), S = Bm.dim(3);
+  Tensor rbuf = empty({B, Tn, nh}, DType::F32, ctx);
+  ScanArgs a = scan_args(x, dt, A, Bm, Cm, D, seg);
   a.dy = dy.raw();
   a.out = dx.raw();
   a.dB32 = dB32.data<float>();
@@ -691,11 +703,6 @@ void sequential_scan_bwd(const Tensor& x, const Tensor& dt, const Tensor& A, con
   a.ddt = ddt.data<float>();
   a.dA = dA.data<float>();
   a.dD = dD.data<float>();
-  a.Tn = static_cast<int>(Tn);
-  a.nh = static_cast<int>(nh);
-  a.P = static_cast<int>(P);
-  a.G = static_cast<int>(G);
-  a.S = static_cast<int>(S);
   const size_t smem = (2 * static_cast<size_t>(geo.nw) * S + 2 * geo.nw) * sizeof(float);
   AM_DISPATCH_BF16_F32(x.dtype(), op, T, {
     AM_SCAN_DISPATCH(geo.spl, geo.rpw, {
@@ -720,7 +727,7 @@ void mamba_ssm_scan_fwd(const Tensor& x, const Tensor& dt, const Tensor& A, cons
   need_f32_dev(op, "D", D);
   if (states) need_f32_dev(op, "states", *states);
   need_seg(op, seg);
-  const int64_t B = x.dim(0), Tn = x.dim(1), nh = x.dim(2), P = x.dim(3), G = Bm.dim(2), S = Bm.dim(3);
+  const int64_t B = x.dim(0), Tn = x.dim(1), nh = x.dim(2), P = x.dim(3), S = Bm.dim(3);
   const ScanGeom geo = scan_geom(op, P, S);
   if (B * nh == 0 || Tn == 0) return;
   if (Tn > INT_MAX || B * nh > INT_MAX) op_error(op, "too many tokens or heads for one launch");
@@ -728,21 +735,9 @@ void mamba_ssm_scan_fwd(const Tensor& x, const Tensor& dt, const Tensor& A, cons
     ssd_scan_fwd(x, dt, A, Bm, Cm, D, seg, y, ctx);
     return;
   }
-  ScanArgs a{};
-  a.x = x.raw();
-  a.dt = dt.data<float>();
-  a.A = A.data<float>();
-  a.Bm = Bm.raw();
-  a.Cm = Cm.raw();
-  a.D = D.data<float>();
-  a.seg = seg_ptr(seg);
+  ScanArgs a = scan_args(x, dt, A, Bm, Cm, D, seg);
   a.out = y.raw();
   a.states = states ? states->data<float>() : nullptr;
-  a.Tn = static_cast<int>(Tn);
-  a.nh = static_cast<int>(nh);
-  a.P = static_cast<int>(P);
-  a.G = static_cast<int>(G);
-  a.S = static_cast<int>(S);
   AM_DISPATCH_BF16_F32(x.dtype(), op, T, {
     AM_SCAN_DISPATCH(geo.spl, geo.rpw, {
       scan_fwd_kernel<T, SPL_, RPW_><<<static_cast<unsigned>(B * nh), geo.nw * 32, 0, ctx.stream()>>>(a);
@@ -760,7 +755,7 @@ void mamba_ssm_scan_bwd(const Tensor& x, const Tensor& dt, const Tensor& A, cons
                                 {"dA", &dA}, {"dD", &dD}})
     need_f32_dev(op, name, *t);
   need_seg(op, seg);
-  const int64_t B = x.dim(0), Tn = x.dim(1), nh = x.dim(2), P = x.dim(3), G = Bm.dim(2), S = Bm.dim(3);
+  const int64_t B = x.dim(0), Tn = x.dim(1), nh = x.dim(2), P = x.dim(3), S = Bm.dim(3);
   const ScanGeom geo = scan_geom(op, P, S);
   if (Tn > INT_MAX || B * nh > INT_MAX) op_error(op, "too many tokens or heads for one launch");
   // dB / dC are sums over the group's heads: fp32 accumulators, zeroed (the outputs themselves when fp32).
