@@ -35,7 +35,9 @@ struct DataParallel::Bucket {
   Tensor grad;                 // fp32, same size: the reduced gradient the optimizer reads
   Tensor work;                 // CUDA, replicated: bf16 [numel] working copy (the params' work are views)
   Tensor full, full_work;      // sharded, while gathered: fp32 [padded] values, bf16 [padded] (CUDA)
-  Tensor full_grad;            // sharded: fp32 [padded] unsharded gradient, accumulated by backward
+  Tensor full_grad;            // sharded: fp32 [padded] unsharded gradient of one micro-batch's backward
+  Tensor rs_out;               // sharded, reduction in flight after the step's first: its [shard] result
+  bool grad_assigned = false;  // sharded: this step's first reduction has written `grad`
   WorkPtr gathering, reducing;
   bool gathered = false;
 };
@@ -164,6 +166,11 @@ void DataParallel::release_unit(int u) {
 
 void DataParallel::before_use(int unit, bool backward) {
   gather_unit(unit);
+  // A sharded bucket's unsharded gradient exists only while its unit's backward writes it: the root's for the
+  // whole micro-batch (the LM head's backward comes first, the embedding's last), a layer's from its backward
+  // to its reduce-scatter. Not during validation (no step open).
+  if (in_step_ && (backward || unit == 0))
+    for (auto& b : units_[static_cast<size_t>(unit)]) alloc_full_grad(*b);
   // Prefetch the unit that runs next (forward: the next layer; backward: the previous one; the root is
   // used from the first op to the last, so it is never the one prefetched).
   const int next = backward ? unit - 1 : unit + 1;
@@ -181,16 +188,20 @@ void DataParallel::after_forward(int unit) {
 
 void DataParallel::begin_step() {
   finish_grads();
+  in_step_ = true;
   for (auto& u : units_)
     for (auto& b : u) {
       ops::zero_(b->grad);
-      if (!b->sharded) continue;
-      b->full_grad = ex_.zeros({b->padded}, DType::F32);
-      for (size_t i = 0; i < b->params.size(); ++i) {
-        Param* p = b->params[i];
-        p->grad = b->full_grad.slice_rows(b->off[i], b->off[i] + shape_numel(p->shape)).view(p->shape);
-      }
+      b->grad_assigned = false;
     }
+}
+
+void DataParallel::alloc_full_grad(Bucket& b) {
+  if (!b.sharded || b.full_grad.defined()) return;
+  if (b.reducing) wait_reduce(b);  // the previous micro-batch's reduction of this bucket still reads its buffer
+  b.full_grad = ex_.zeros({b.padded}, DType::F32);
+  for (size_t i = 0; i < b.params.size(); ++i)
+    b.params[i]->grad = b.full_grad.slice_rows(b.off[i], b.off[i] + shape_numel(b.params[i]->shape)).view(b.params[i]->shape);
 }
 
 void DataParallel::reduce(Bucket& b) {
@@ -199,10 +210,19 @@ void DataParallel::reduce(Bucket& b) {
     b.group->all_reduce(b.grad, ReduceOp::Sum);
     return;
   }
+  if (!b.full_grad.defined()) return;  // this micro-batch's backward did not reach the bucket
   // Keep at most one reduce-scatter in flight besides this one: the previous bucket's unsharded gradient is
   // freed once its reduction is done, so only about two layers' full gradients exist at a time.
   if (reducing_ && reducing_ != &b) wait_reduce(*reducing_);
-  b.reducing = b.group->reduce_scatter(b.full_grad, b.grad, /*async=*/true);
+  // The step's first reduction writes the rank's slice; later ones (gradient accumulation) land in a
+  // temporary slice that wait_reduce adds in.
+  Tensor* out = &b.grad;
+  if (b.grad_assigned) {
+    b.rs_out = ex_.empty({b.shard}, DType::F32);
+    out = &b.rs_out;
+  }
+  b.reducing = b.group->reduce_scatter(b.full_grad, *out, /*async=*/true);
+  b.grad_assigned = true;
   reducing_ = &b;
 }
 
@@ -210,6 +230,10 @@ void DataParallel::wait_reduce(Bucket& b) {
   if (b.reducing) {
     b.reducing->wait();
     b.reducing.reset();
+  }
+  if (b.rs_out.defined()) {
+    ops::add_(b.grad, b.rs_out);
+    b.rs_out = Tensor();
   }
   if (b.sharded) {
     b.full_grad = Tensor();
@@ -220,7 +244,11 @@ void DataParallel::wait_reduce(Bucket& b) {
 
 void DataParallel::after_backward(int unit) {
   for (auto& b : units_.at(static_cast<size_t>(unit))) {
-    if (sync_) reduce(*b);
+    // Replicated buckets (ddp) accumulate every micro-batch's gradient in place and all-reduce once, in the
+    // step's last backward. Sharded ones (fsdp2) reduce-scatter after every backward and accumulate the
+    // slices, as FSDP2 does by default: the unsharded gradient never outlives its micro-batch, so a step holds
+    // about two layers' worth of it whatever the accumulation (the price: one reduce-scatter per micro-batch).
+    if (sync_ || b->sharded) reduce(*b);
     release(*b);
   }
 }
@@ -228,7 +256,8 @@ void DataParallel::after_backward(int unit) {
 void DataParallel::finish_grads() {
   for (auto& u : units_)
     for (auto& b : u)
-      if (b->reducing || (b->sharded && b->full_grad.defined())) wait_reduce(*b);
+      if (b->reducing || b->rs_out.defined() || (b->sharded && b->full_grad.defined())) wait_reduce(*b);
+  in_step_ = false;
 }
 
 double DataParallel::grad_sq_norm() const {

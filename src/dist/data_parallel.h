@@ -2,11 +2,13 @@
 //   fsdp2 (default): a rank owns a contiguous 1/g slice of each bucket's fp32 master weights, gradient and
 //          optimizer state (g = the bucket's group size); the working weights of a layer are all-gathered
 //          ahead of its use (the next layer is prefetched while this one computes) and released after it;
-//          each layer's gradient is reduce-scattered as soon as the layer's backward is done, while backward
-//          goes on with the layers still to run.
-//   ddp:   every rank keeps everything; gradients are all-reduced per layer.
-// Either way gradients are reduced in fp32, once per optimizer step (in the last micro-batch's backward),
-// and summed, not averaged: each rank's backward already carries 1 / (label tokens of the global batch).
+//          a layer's unsharded gradient is allocated when its backward starts and reduce-scattered into the
+//          rank's slice as soon as that backward is done, in every micro-batch (the slices accumulate, as
+//          FSDP2 does by default), while backward goes on with the layers still to run.
+//   ddp:   every rank keeps everything; gradients accumulate in place over the micro-batches and are
+//          all-reduced per layer in the step's last backward (DDP's no_sync).
+// Either way gradients are reduced in fp32 and summed, not averaged: each rank's backward already carries
+// 1 / (label tokens of the global batch).
 //
 // A unit (models/model.h ParamHooks: the root, then one per decoder layer) has up to two buckets:
 //   dense   the unit's ordinary parameters, over the data-parallel group (every rank);
@@ -62,8 +64,8 @@ class DataParallel : public ParamHooks {
   ~DataParallel() override;
 
   Strategy strategy() const { return strategy_; }
-  void begin_step();                       // zero the gradients (fsdp2: allocate the unsharded buffers)
-  void set_sync(bool last_micro) { sync_ = last_micro; }  // reduce gradients during this backward
+  void begin_step();                       // zero the rank's gradients (fsdp2: unsharded ones come with backward)
+  void set_sync(bool last_micro) { sync_ = last_micro; }  // ddp: all-reduce during this backward (fsdp2 always reduces)
   void finish_grads();                     // wait for every gradient reduction of the step
   double grad_sq_norm() const;             // sum of squares of the whole model's gradient (every rank)
   void scale_grads(float c);
@@ -85,6 +87,7 @@ class DataParallel : public ParamHooks {
   void gather(Bucket& b, bool async);
   void finish_gather(Bucket& b);
   void release(Bucket& b);
+  void alloc_full_grad(Bucket& b);  // sharded: the zeroed unsharded gradient, params' grads pointed at it
   void reduce(Bucket& b);
   void wait_reduce(Bucket& b);
 
@@ -96,6 +99,7 @@ class DataParallel : public ParamHooks {
   std::vector<std::vector<Param*>> unit_params_;
   std::vector<StateSlot> slots_;
   bool sync_ = true;
+  bool in_step_ = false;        // between begin_step and finish_grads: backward may allocate gradients
   Bucket* reducing_ = nullptr;  // the last bucket whose reduce-scatter is in flight (fsdp2)
 };
 

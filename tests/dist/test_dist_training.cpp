@@ -261,6 +261,46 @@ TEST(DistMemory, Fsdp2KeepsHalfOfDdp) {
   EXPECT_LE(fsdp.peak, ddp.peak);
 }
 
+// fsdp2's unsharded gradient lives only from a unit's backward to its reduce-scatter, in every micro-batch,
+// so a step never holds the whole model's unsharded gradient (4 bytes x N), with or without gradient
+// accumulation. A model whose parameters dwarf its activations (16 layers of hidden 128, 8 tokens a sample,
+// ~4 M parameters) shows it in the allocator's peak over what a rank keeps between steps: the gathered
+// root and two layers (current + prefetched) plus about two layers' unsharded gradient, well under 4 N.
+TEST(DistMemory, Fsdp2NeverHoldsTheWholeUnshardedGradient) {
+  const fs::path d = shared_dir("mem_grad");
+  if (world().rank() == 0) {
+    std::ofstream(d / "config.json") << R"({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "vocab_size": 256, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 16,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "hidden_act": "silu",
+      "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false})";
+    std::ofstream(d / "recipe.yaml") << "seed: 7\nmodel:\n  config: config.json\n"
+                                        "step_scheduler:\n  global_batch_size: 2\n  local_batch_size: 1\n  max_steps: 2\n"
+                                        "dataset:\n  _target_: mock\n  seq_len: 8\n  num_samples: 16\n"
+                                        "optimizer:\n  _target_: torch.optim.AdamW\n  lr: 1.0e-4\n"
+                                        "checkpoint:\n  enabled: false\n";
+  }
+  world().barrier();
+  for (const char* gbs : {"2", "8"}) {  // one micro-batch per rank and step, then four (accumulation)
+    Recipe r = Recipe::load((d / "recipe.yaml").string(),
+                            {"distributed.strategy=fsdp2", std::string("step_scheduler.global_batch_size=") + gbs,
+                             "checkpoint.checkpoint_dir=" + (d / "ck").string()});
+    const double base = static_cast<double>(cpu_allocator().current_bytes());
+    Trainer t(r, at_world());
+    const double n = static_cast<double>(t.model().params().global_numel());
+    t.run_steps(1);  // the first step makes the optimizer state
+    const double kept0 = static_cast<double>(cpu_allocator().current_bytes());
+    cpu_allocator().reset_peak();
+    t.run_steps(1);
+    const double in_step = static_cast<double>(cpu_allocator().peak_bytes()) - kept0;
+    if (world().rank() == 0)
+      std::printf("[dist] fsdp2, gbs %s, %.0f parameters: rank kept %.3f MiB, step peak over kept %.3f MiB "
+                  "(the whole unsharded gradient: %.3f MiB)\n",
+                  gbs, n, (kept0 - base) / 1048576.0, in_step / 1048576.0, 4 * n / 1048576.0);
+    EXPECT_LT(in_step, 0.5 * 4 * n) << "gbs " << gbs;
+    world().barrier();
+  }
+}
+
 // MoE memory at scale: with ep_size 2 a rank registers and reads only its half of every sparse layer's
 // experts, so the bytes it allocates while loading the model fall accordingly.
 TEST(DistExperts, EachRankLoadsOnlyItsExperts) {
