@@ -8,7 +8,8 @@
 #     qlora8b       the QLoRA 8B memory claim (bench/qlora_8b.yaml)
 #     nf4           NF4 goldens from bitsandbytes (built from the carried .bnb source) + engine vs them
 #     gen_w1        HF generate golden on the W1-shaped Llama + the engine's CPU/CUDA generate vs it
-#     w1 | w2 | w2bf16 | w5 | nemo8   bench/run_bench.sh (w2bf16: W2 in pure bf16; nemo8: issue 17's Nemotron row)
+#     w1 | w2 | w2bf16 | w2inbwd | w2bf16inbwd | w5 | nemo8   bench/run_bench.sh (w2bf16: W2 in pure bf16;
+#                   *inbwd: with optimizer_in_bwd; nemo8: issue 17's Nemotron row)
 #     goldens_cuda  bench/goldens_cuda_check.sh: every HF golden case trained on CUDA vs HF's fp32 loss
 #     gpu_tests     am_gpu_tests (GPU_FILTER=gtest filter, default all; GPU_LIMIT seconds, default 240)
 #     mamba2        Mamba2 GPU tests (chunked SSD + sequential scans vs the CPU) + am_gpu_microbench mamba2
@@ -139,7 +140,7 @@ for k, v in sorted(e.get('gpu_time_per_step', {}).items(), key=lambda kv: -kv[1]
       # BENCH.md W4 end to end (bench/w4.sh): the tokenizer and SQuAD travel packed (tools/device_bundle.sh with W4=1).
       stage w4
       OUT="$R" timeout ${BENCH_LIMIT:-540} bash bench/w4.sh .devbuild 2>&1 | tail -12 ;;
-    w1 | w2 | w2bf16 | w5 | nemo8)
+    w1 | w2 | w2bf16 | w2inbwd | w2bf16inbwd | w5 | nemo8)
       stage "$s"
       OUT="$R" timeout ${BENCH_LIMIT:-240} bash bench/run_bench.sh "$s" .devbuild 2>&1 | tail -40 ;;
     *) echo "unknown stage $s" ;;

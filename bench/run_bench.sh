@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # A BENCH.md workload on the GPU machine, engine and HF in one call; prints the ratio table.
-#   bash bench/run_bench.sh w1|w2|w2bf16|w5|nemo8 [BUNDLE_DIR=.devbuild]     (BUNDLE_DIR from tools/device_bundle.sh)
-# w2bf16 is W2 with model.dtype: bfloat16 (pure bf16, docs/precision.md) against HF's bf16 configuration.
+#   bash bench/run_bench.sh w1|w2|w2bf16|w2inbwd|w2bf16inbwd|w5|nemo8 [BUNDLE_DIR=.devbuild]
+#   (BUNDLE_DIR from tools/device_bundle.sh)
+# w2bf16 is W2 with model.dtype: bfloat16 (pure bf16, docs/precision.md) against HF's bf16 configuration;
+# w2inbwd / w2bf16inbwd add optimizer_in_bwd: true (each layer updated inside backward, docs/precision.md).
 # HF_CONFIGS_W1 / HF_CONFIGS_W2 (or HF_CONFIGS for any) override the HF configurations (bench/hf_bench.py).
 set -uo pipefail
-W=${1:?usage: run_bench.sh w1|w2|w2bf16|w5 [BUNDLE_DIR]}
+W=${1:?usage: run_bench.sh w1|w2|w2bf16|w2inbwd|w2bf16inbwd|w5|nemo8 [BUNDLE_DIR]}
 BUNDLE=${2:-.devbuild}
 Y=$W
 ENGINE_ARGS=()
@@ -12,6 +14,9 @@ case "$W" in
   w1) B=4; T=2048; DEF="fp32_autocast,bf16,bf16_compile" ;;
   w2) B=1; T=4096; DEF="bf16_grouped_mm,fp32_autocast_grouped_mm" ;;
   w2bf16) B=1; T=4096; DEF="bf16_grouped_mm"; Y=w2; ENGINE_ARGS=(--model.dtype=bfloat16) ;;
+  # optimizer_in_bwd (train/optimizer_in_bwd.h): each layer updated inside backward, no whole-model gradient
+  w2inbwd) B=1; T=4096; DEF="fp32_autocast_grouped_mm"; Y=w2; ENGINE_ARGS=(--optimizer_in_bwd=true) ;;
+  w2bf16inbwd) B=1; T=4096; DEF="bf16_grouped_mm"; Y=w2; ENGINE_ARGS=(--model.dtype=bfloat16 --optimizer_in_bwd=true) ;;
   w5) B=4; T=2048; DEF="peft_bf16" ;;
   nemo8) B=1; T=4096; DEF="fp32_autocast_grouped_mm,bf16_grouped_mm" ;;  # issue 17: Nemotron-3-Nano, 8 blocks
   *) echo "unknown workload $W" >&2; exit 2 ;;

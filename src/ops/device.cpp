@@ -2,7 +2,9 @@
 // through backend/cuda, and a DeviceError naming the call in a build without CUDA.
 #include "ops/device.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "core/error.h"
@@ -118,6 +120,49 @@ double sum_squares_multi(const std::vector<const Tensor*>& tensors) {
 #else
   no_cuda("op sum_squares_multi");
 #endif
+}
+
+void SquareSums::add(const std::vector<const Tensor*>& tensors) {
+  if (tensors.empty()) return;
+  if (tensors.front()->device() == DeviceType::CPU) {
+    host_ += sum_squares_multi(tensors);
+    return;
+  }
+#ifdef AM_WITH_CUDA
+  for (const Tensor* t : tensors)
+    if (t->device() != DeviceType::CUDA) throw DeviceError("op SquareSums::add: the tensors are on different devices");
+  if (!device_.defined() || used_ == device_.numel()) {
+    // Grow (the first step only, in practice): what is written so far is read back first (one sync).
+    const int64_t cap = std::max<int64_t>(64, 2 * used_);
+    host_ += read_back();
+    device_ = empty_on(DeviceType::CUDA, {cap}, DType::I64);
+  }
+  static_assert(sizeof(double) == sizeof(int64_t), "a device slot holds one double");
+  cuda::sum_squares_multi_async(tensors, reinterpret_cast<double*>(device_.data<int64_t>()) + used_);
+  ++used_;
+#else
+  no_cuda("op SquareSums::add");
+#endif
+}
+
+// The device slots written since the last read, summed in write order (one sync); none: 0, no sync.
+double SquareSums::read_back() {
+  double sq = 0.0;
+  if (used_ == 0) return sq;
+  Tensor h = to_host(device_.slice_rows(0, used_));
+  for (int64_t i = 0; i < used_; ++i) {
+    double v;
+    std::memcpy(&v, h.data<int64_t>() + i, sizeof v);
+    sq += v;
+  }
+  used_ = 0;
+  return sq;
+}
+
+double SquareSums::total() {
+  double sq = host_ + read_back();
+  host_ = 0.0;
+  return sq;
 }
 
 void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h) {

@@ -53,6 +53,21 @@ void require_verified_cuda(const std::string& what);  // DeviceError unless allo
 // CUDA: one multi-tensor launch sequence and one sync; CPU: ops::sum_squares per tensor.
 double sum_squares_multi(const std::vector<const Tensor*>& tensors);
 
+// Sums of squares gathered over a step with one host sync in all (optimizer_in_bwd's per-layer grad norms):
+// add() queues one multi-tensor sum of squares (CUDA: into its own device double, no sync; the host: at once),
+// total() reads them back together, adds them in add() order in double, and starts over.
+class SquareSums {
+ public:
+  void add(const std::vector<const Tensor*>& tensors);
+  double total();
+
+ private:
+  double read_back();
+  double host_ = 0.0;
+  Tensor device_;     // CUDA: [capacity] 8-byte slots holding doubles (an I64 tensor as raw storage)
+  int64_t used_ = 0;  // slots written since the last total()
+};
+
 // Fused multi-tensor torch.optim.AdamW / Adam over CUDA tensors (the CPU optimizer is train/optimizer.cpp;
 // both do the same fp32 arithmetic in the same order, see backend/cuda/cuda_ops.h adamw_step).
 void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h);  // core/adamw_params.h

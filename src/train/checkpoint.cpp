@@ -1,6 +1,7 @@
 #include "train/checkpoint.h"
 
 #include <algorithm>
+#include <cmath>
 #include <charconv>
 #include <cstdio>
 #include <filesystem>
@@ -324,6 +325,7 @@ std::string write_checkpoint(const std::string& ckpt_dir, const CheckpointState&
               {"world_size", st.world_size},
               {"ep_size", st.ep_size},
               {"strategy", st.strategy}};
+    if (st.last_grad_norm && std::isfinite(*st.last_grad_norm)) j["grad_norm"] = *st.last_grad_norm;
     write_text_atomic(tmp_dir / "train_state.json", j.dump(2) + "\n");
     // Replace an older checkpoint of the same name only once the new one is complete.
     if (fs::exists(final_dir)) fs::remove_all(final_dir);
@@ -389,6 +391,10 @@ CheckpointState read_checkpoint(const std::string& ckpt_dir, const std::string& 
   if (j.contains("strategy") && !j["strategy"].is_string())
     throw FormatError(sp + ": 'strategy' must be a string, got " + j["strategy"].dump());
   st.strategy = j.value("strategy", std::string("none"));
+  if (j.contains("grad_norm")) {
+    if (!j["grad_norm"].is_number()) throw FormatError(sp + ": 'grad_norm' must be a number, got " + j["grad_norm"].dump());
+    st.last_grad_norm = j["grad_norm"].get<double>();
+  }
   const StoredIndex idx = index_state(dir);
   const ExecContext& ex = model.exec();
   for (const dist::StateSlot& slot : local_slots(model, dp)) {

@@ -7,12 +7,14 @@
 //   model/consolidated/                     HF folder in the source's names/dtype (when asked); under data
 //                                           parallelism each rank writes the tensors it owns into
 //                                           model-000NN-of-000WW.safetensors and rank 0 the index
-//   train_state.json                        step, epoch, seed, optimizer step count, world/ep size, strategy
+//   train_state.json                        step, epoch, seed, optimizer step count, world/ep size, strategy,
+//                                           the step's grad norm
 // written under a temporary name and renamed when complete; checkpoint_dir/LATEST is a symbolic link to the
 // newest, swapped atomically (a plain file naming it, as older versions wrote, is still read; so is the
 // older model/master.safetensors + optim/optimizer.safetensors state).
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +35,9 @@ struct CheckpointState {
   int64_t optimizer_steps = 0;
   int world_size = 1, ep_size = 1;
   std::string strategy = "none";
+  // The grad norm of the checkpoint's step (before clipping): optimizer_in_bwd clips a step with the previous
+  // step's norm (train/optimizer_in_bwd.h), so a resumed run needs it to continue exactly. Absent: not known.
+  std::optional<double> last_grad_norm;
 };
 
 // Collective when dp is non-null (every rank calls it). Returns the final checkpoint directory.

@@ -120,7 +120,12 @@ void Optimizer::step_bf16(const std::vector<OptSlot>& slots, double lr, double w
 }
 
 void Optimizer::step(const std::vector<OptSlot>& slots, double lr, double wd) {
-  ++step_;
+  begin_step();
+  update(slots, lr, wd);
+}
+
+void Optimizer::update(const std::vector<OptSlot>& slots, double lr, double wd) {
+  if (step_ < 1) throw Error("optimizer: update() before begin_step()");
   if (!slots.empty() && slots.front().grad->dtype() == DType::BF16) return step_bf16(slots, lr, wd);
   if (!slots.empty() && slots.front().value->device() == DeviceType::CUDA) return step_cuda(slots, lr, wd);
   const float flr = static_cast<float>(lr), fwd = static_cast<float>(wd);

@@ -47,7 +47,11 @@ class Optimizer {
   explicit Optimizer(OptimizerConfig cfg) : cfg_(std::move(cfg)) {}
   // One update of every trainable parameter with learning rate lr and weight decay wd.
   void step(ParamStore& ps, double lr, double wd);
-  void step(const std::vector<OptSlot>& slots, double lr, double wd);
+  void step(const std::vector<OptSlot>& slots, double lr, double wd);  // = begin_step() + update(slots, ...)
+  // A step taken in parts (optimizer_in_bwd, train/optimizer_in_bwd.h): begin_step counts the step once, then
+  // update() applies it to any subset of the slots, each slot once. Same numbers as one step() over them all.
+  void begin_step() { ++step_; }
+  void update(const std::vector<OptSlot>& slots, double lr, double wd);
   // One slot per trainable parameter (one rank, no sharding).
   static std::vector<OptSlot> slots_of(ParamStore& ps);
   // The state buffers of a slot (which: 0 = exp_avg / momentum_buffer, 1 = exp_avg_sq); nullptr before

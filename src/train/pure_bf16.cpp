@@ -7,7 +7,7 @@
 
 namespace am {
 
-PureBf16::PureBf16(CausalLM& model) : model_(model) {
+PureBf16::PureBf16(CausalLM& model, bool accumulators) : model_(model), accumulators_(accumulators) {
   const ExecContext& ex = model.exec();
   const DeviceType dev = ex.on_cuda() ? DeviceType::CUDA : DeviceType::CPU;
   auto all = model.param_units();
@@ -40,9 +40,10 @@ PureBf16::PureBf16(CausalLM& model) : model_(model) {
         p->work = p->value;
       }
       p->grad = Tensor();  // the fp32 gradient: replaced by scratch views (backward) and the accumulator
-      acc_[u].push_back(ops::zeros_on(dev, p->value.shape(), DType::BF16));
+      if (accumulators) acc_[u].push_back(ops::zeros_on(dev, p->value.shape(), DType::BF16));
     }
   round_values();
+  if (!accumulators) return;  // optimizer_in_bwd owns the gradients (train/optimizer_in_bwd.h)
   root_scratch_ = ops::zeros_on(dev, {std::max<int64_t>(root_n, 1)}, DType::F32);
   layer_scratch_ = ops::zeros_on(dev, {std::max<int64_t>(layer_max, 1)}, DType::F32);
   for (size_t u = 0; u < units_.size(); ++u) point_at_scratch(static_cast<int>(u));
@@ -50,7 +51,9 @@ PureBf16::PureBf16(CausalLM& model) : model_(model) {
   model_.set_param_hooks(this);
 }
 
-PureBf16::~PureBf16() { model_.set_param_hooks(nullptr); }
+PureBf16::~PureBf16() {
+  if (accumulators_) model_.set_param_hooks(nullptr);
+}
 
 void PureBf16::round_values() {
   for (auto& ps : units_)

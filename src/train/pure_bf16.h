@@ -26,8 +26,11 @@ namespace am {
 class PureBf16 : public ParamHooks {
  public:
   // The model's parameters must be on their device (after CausalLM::to_device), trainable ones with their fp32
-  // values; they become bf16 here. The model's hooks are set to this object.
-  explicit PureBf16(CausalLM& model);
+  // values; they become bf16 here. The model's hooks are set to this object. accumulators = false: only the
+  // parameters are made bf16; the gradients are left to optimizer_in_bwd (train/optimizer_in_bwd.h), which
+  // updates each unit from its fp32 scratch rounded to bf16, so no whole-model bf16 gradient exists; then none
+  // of the methods below may be called but round_values.
+  explicit PureBf16(CausalLM& model, bool accumulators = true);
   ~PureBf16() override;
 
   void begin_step();       // the next micro-batch assigns the accumulators
@@ -46,6 +49,7 @@ class PureBf16 : public ParamHooks {
   void point_at_scratch(int unit);
 
   CausalLM& model_;
+  bool accumulators_ = true;
   std::vector<std::vector<Param*>> units_;  // trainable parameters per unit
   std::vector<std::vector<Tensor>> acc_;    // bf16 accumulators, per unit, per parameter
   Tensor root_scratch_, layer_scratch_;     // fp32 [root numel], [largest layer's numel]

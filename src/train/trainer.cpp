@@ -265,7 +265,12 @@ void Trainer::setup() {
                 "fp32 master copy (docs/precision.md)");
   }
   if (groups_) dp_ = std::make_unique<dist::DataParallel>(*model_, *groups_, dist::parse_strategy(strategy_name_), model_->exec());
-  if (pure_bf16) pure_ = std::make_unique<PureBf16>(*model_);
+  // optimizer_in_bwd (train/optimizer_in_bwd.h): checked here, made with the optimizer below.
+  in_bwd_ = r_.get_bool("optimizer_in_bwd", false);
+  if (in_bwd_ && groups_)
+    r_.fail("optimizer_in_bwd", "is not implemented with data parallelism yet (world size " + std::to_string(world_) +
+                                "); set it to false or run on one rank");
+  if (pure_bf16) pure_ = std::make_unique<PureBf16>(*model_, /*accumulators=*/!in_bwd_);
   fwd_opt_.activation_checkpointing = r_.get_bool("distributed.activation_checkpointing", false);
   fwd_opt_.fake_balanced_gate = r_.get_bool("model.backend.fake_balanced_gate", false);
   if (fwd_opt_.fake_balanced_gate && !cfg.is_moe())
@@ -329,6 +334,13 @@ void Trainer::setup() {
     log::warn(r_.where("optimizer.stochastic_rounding") + ": has no effect here (it rounds bf16 parameters: "
               "model.dtype bfloat16, full fine-tuning on one rank)");
   optim_ = std::make_unique<Optimizer>(ocfg);
+  if (in_bwd_) {
+    if (gbs_ != lbs_)
+      r_.fail("optimizer_in_bwd", "updates each layer as soon as its backward is done, so a step must be one micro-batch "
+                                  "(global_batch_size " + std::to_string(gbs_) + " != local_batch_size " +
+                                  std::to_string(lbs_) + ": gradient accumulation)");
+    in_bwd_opt_ = std::make_unique<OptimizerInBackward>(*model_, *optim_, pure_ != nullptr);
+  }
   sched_ = LrScheduler::from_recipe(r_, ocfg.lr, ocfg.weight_decay, total_steps_);
   if (r_.present("clip_grad_norm")) {
     max_norm_ = r_.get_opt_double("clip_grad_norm.max_norm");
@@ -336,6 +348,9 @@ void Trainer::setup() {
     max_norm_ = std::nullopt;
   }
   if (max_norm_ && *max_norm_ <= 0) r_.fail("clip_grad_norm.max_norm", "must be > 0 (or null for no clipping)");
+  if (in_bwd_ && max_norm_ && !opt_.quiet)
+    log::warn(r_.where("clip_grad_norm.max_norm") + " with optimizer_in_bwd: a step is clipped with the previous step's "
+              "grad norm (its own is known only after its update); step 1 is not clipped");
 
   // ---- checkpoints ----
   ckpt_enabled_ = r_.get_bool("checkpoint.enabled", true);
@@ -563,8 +578,13 @@ StepStats Trainer::train_step(int64_t step) {
     log::warn("step " + std::to_string(step) + ": the global batch has no label tokens; the update is a no-op for the loss");
   const float scale = st.num_label_tokens > 0 ? 1.0f / static_cast<float>(st.num_label_tokens) : 0.f;
   double loss_sum = 0.0;
+  st.lr = sched_.lr_at(step);
   if (dp_) dp_->begin_step();
-  else if (pure_) pure_->begin_step();
+  else if (in_bwd_opt_) {
+    // Clipping with the previous step's norm (train/optimizer_in_bwd.h); torch's coefficient formula.
+    const double coef = max_norm_ && last_grad_norm_ ? std::min(1.0, *max_norm_ / (*last_grad_norm_ + 1e-6)) : 1.0;
+    in_bwd_opt_->begin_step(st.lr, sched_.wd_at(step), coef);
+  } else if (pure_) pure_->begin_step();
   else model_->params().zero_grad();
   const auto micro = my_micro_batches(global, rank_);
   // The router aux loss of a step is the mean over the global batch's real micro-batches (every rank's).
@@ -588,9 +608,9 @@ StepStats Trainer::train_step(int64_t step) {
                      static_cast<uint64_t>(m) * 0x1000193ULL + static_cast<uint64_t>(rank_);
     if (dp_) dp_->set_sync(m + 1 == micro.size());  // gradients reduce once per step, in the last backward
     loss_sum += model_->forward_backward(b, scale, o);
-    if (pure_) pure_->end_micro_batch();
+    if (pure_ && !in_bwd_opt_) pure_->end_micro_batch();
   }
-  if (pure_) pure_->expose_accumulators();
+  if (pure_ && !in_bwd_opt_) pure_->expose_accumulators();
   if (dp_) {
     ops::TraceRange tr("finish_grads (reduce)");
     dp_->finish_grads();
@@ -612,7 +632,9 @@ StepStats Trainer::train_step(int64_t step) {
   st.extra = model_->take_step_metrics();
   // Total L2 norm of all gradients (before clipping), as torch.nn.utils.clip_grad_norm_ returns it.
   double sq = 0.0;
-  if (dp_) {
+  if (in_bwd_opt_) {
+    sq = in_bwd_opt_->end_step();  // every unit is updated already
+  } else if (dp_) {
     sq = dp_->grad_sq_norm();
   } else {
     std::vector<const Tensor*> grads;
@@ -623,7 +645,7 @@ StepStats Trainer::train_step(int64_t step) {
   st.grad_norm = std::sqrt(sq);
   if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm))
     log::warn("step " + std::to_string(step) + ": non-finite loss or grad_norm");
-  if (max_norm_) {
+  if (max_norm_ && !in_bwd_opt_) {
     // torch: coef = max_norm / (total_norm + 1e-6), clamped to 1, applied to every gradient.
     const double coef = std::min(1.0, *max_norm_ / (st.grad_norm + 1e-6));
     if (coef < 1.0) {
@@ -633,13 +655,13 @@ StepStats Trainer::train_step(int64_t step) {
           if (p.trainable) ops::scale_(p.grad, static_cast<float>(coef));
     }
   }
-  st.lr = sched_.lr_at(step);
-  {
+  if (!in_bwd_opt_) {
     ops::TimedRange tr("optimizer");
     if (dp_) optim_->step(dp_->opt_slots(), st.lr, sched_.wd_at(step));
     else optim_->step(model_->params(), st.lr, sched_.wd_at(step));
     model_->exec().synchronize();
   }
+  last_grad_norm_ = st.grad_norm;
   st.opt_s = seconds_since(t1);
   st.time_s = seconds_since(t0);
   st.mem_gib = peak_mem_gib();
@@ -884,6 +906,7 @@ void Trainer::save_checkpoint(int64_t step, bool final) {
   st.world_size = world_;
   st.ep_size = ep_size_;
   st.strategy = strategy_name_;
+  st.last_grad_norm = last_grad_norm_;
   bool consolidated = save_consolidated_ == "always" || (save_consolidated_ == "final" && final);
   std::string dir = write_checkpoint(ckpt_dir_, st, *model_, *optim_, consolidated,
                                      source_dir_.empty() ? tokenizer_dir_ : source_dir_, dp_.get(), groups_.get(),
@@ -905,6 +928,9 @@ void Trainer::restore(const std::string& from) {
     log::info("resharding a checkpoint of world size " + std::to_string(st.world_size) + " (ep_size " +
               std::to_string(st.ep_size) + ") onto " + std::to_string(world_) + " (ep_size " + std::to_string(ep_size_) + ")");
   start_step_ = st.step + 1;
+  last_grad_norm_ = st.last_grad_norm;
+  if (in_bwd_ && max_norm_ && !last_grad_norm_ && st.step > 0)
+    log::warn("optimizer_in_bwd: the checkpoint does not record its step's grad norm; the first resumed step is not clipped");
   if (rank_ != 0) return;
   // Keep training.jsonl consistent with the resumed position: drop entries after the checkpoint's step.
   for (const char* name : {"training.jsonl", "validation.jsonl"}) {

@@ -14,6 +14,7 @@
 #include "models/model.h"
 #include "train/lr_scheduler.h"
 #include "train/optimizer.h"
+#include "train/optimizer_in_bwd.h"
 #include "train/pure_bf16.h"
 #include "config/recipe.h"
 
@@ -118,6 +119,9 @@ class Trainer {
   std::unique_ptr<CausalLM> model_;
   std::unique_ptr<dist::DataParallel> dp_;    // declared after model_: destroyed first
   std::unique_ptr<PureBf16> pure_;            // model.dtype: bfloat16 on one rank (train/pure_bf16.h)
+  bool in_bwd_ = false;                       // optimizer_in_bwd (train/optimizer_in_bwd.h)
+  std::unique_ptr<OptimizerInBackward> in_bwd_opt_;  // after model_: destroyed first (it unsets the model's hooks)
+  std::optional<double> last_grad_norm_;      // the previous step's (optimizer_in_bwd clips with it; checkpoints)
   int rank_ = 0, world_ = 1, ep_size_ = 1;
   std::string strategy_name_ = "none";
   std::unique_ptr<Dataset> train_ds_, val_ds_;
