@@ -4,7 +4,9 @@
 //           bias add / bias gradient with empty experts, skewed counts, mixed bias dtypes, += on dbias;
 //   block   moe_forward / moe_backward (models/blocks/moe.cpp) of a gpt_oss layer (biased router, biased
 //           experts, clamps on both sides) on the device vs the host, same bf16-exact weights and inputs, with
-//           router logits exact in bf16 so that both sides route identically;
+//           router logits exact in bf16 so that both sides route identically; the backward against the fp32
+//           host run (A, with bounded exceptions where bf16 forward activations move the host's own answer) and
+//           against the host backward fed the device's bf16 gu / yg (B, strict): docs/gpt_oss.md;
 //   model   the tiny fixture (tests/fixtures/gpt_oss_torch_ref: sinks, sliding + full layers, YaRN, biased router
 //           and experts, aux loss): every parameter's gradient of one forward_backward, then 4 AdamW steps through
 //           the Trainer (and again with activation checkpointing): per-step loss within 1%, grad norm within 5%
@@ -222,20 +224,87 @@ void fill_block(std::vector<ParamStore*> stores, const MoeWeights& w0, int64_t e
   }
 }
 
+// expect_close's per-element bound for each element of want: atol * max(1, rms(want)) + rtol * |want|.
+std::vector<double> element_tolerance(const Tensor& want, test::Tolerance tol) {
+  const int64_t n = want.numel();
+  double den = 0;
+  for (int64_t i = 0; i < n; ++i) den += double(want.f32()[i]) * want.f32()[i];
+  const double atol = tol.atol * std::max(1.0, n ? std::sqrt(den / n) : 0.0);
+  std::vector<double> b(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) b[static_cast<size_t>(i)] = atol + tol.rtol * std::abs(want.f32()[i]);
+  return b;
+}
+
+// expect_close with bounded exceptions: an element outside its tolerance passes only where allowed[i], within
+// cap x its tolerance, and at most max_exceptions of them; every element finite, the relative L2 error within
+// the budget. Returns the number of exceptions taken (printed by the caller).
+int64_t expect_close_except(const Tensor& got_any, const Tensor& want, test::Tolerance tol, double rel_l2_budget,
+                            const std::vector<char>& allowed, int64_t max_exceptions, double cap,
+                            const std::string& what) {
+  const Tensor got = got_any.device() == DeviceType::CUDA ? down(got_any) : got_any;
+  EXPECT_EQ(got.numel(), want.numel()) << what;
+  if (got.numel() != want.numel() || static_cast<int64_t>(allowed.size()) != want.numel()) {
+    ADD_FAILURE() << what << ": size mismatch";
+    return 0;
+  }
+  const std::vector<double> bound = element_tolerance(want, tol);
+  int64_t exceptions = 0, bad = 0, nonfinite = 0, first_bad = -1;
+  double num = 0, den = 0, worst = 0;
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    const double g = got.f32()[i], w = want.f32()[i], d = std::abs(g - w), b = bound[static_cast<size_t>(i)];
+    den += w * w;
+    if (!std::isfinite(g)) {
+      ++nonfinite;
+      continue;
+    }
+    num += d * d;
+    if (d <= b) continue;
+    worst = std::max(worst, d / b);
+    if (allowed[static_cast<size_t>(i)] && d <= cap * b) {
+      ++exceptions;
+    } else if (++bad == 1) {
+      first_bad = i;
+    }
+  }
+  const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  EXPECT_EQ(nonfinite, 0) << what << ": non-finite elements";
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << want.numel() << " outside tolerance and not an allowed "
+                    << "exception, first at " << first_bad << " (got " << (first_bad >= 0 ? got.f32()[first_bad] : 0.f)
+                    << ", want " << (first_bad >= 0 ? want.f32()[first_bad] : 0.f) << ")";
+  EXPECT_LE(exceptions, max_exceptions) << what << ": too many exceptions (worst " << worst << " x tolerance)";
+  EXPECT_LE(rel, rel_l2_budget) << what << ": relative L2 error";
+  std::printf("[gpt_oss block] %s: %lld exceptions of %lld (bound %lld, worst %.2f x tolerance), relative L2 %.2e\n",
+              what.c_str(), static_cast<long long>(exceptions), static_cast<long long>(want.numel()),
+              static_cast<long long>(max_exceptions), worst, rel);
+  return exceptions;
+}
+
 }  // namespace
 
+// The references for the backward (docs/gpt_oss.md, "The MoE block test"):
+//   A  the fp32 CPU run end to end (cpu_ps);
+//   B  the CPU backward fed the device's own bf16 forward activations gu and yg (ref_ps): the clamp decisions
+//      and <yg, dy> (the routing weights' gradient) are then the device's, so the comparison measures only the
+//      backward kernels. The device's gu / yg themselves are checked against A's forward.
+// Against A, the routing weights' gradient dtopk_w = <yg, dy> (|terms| ~ 10, 128 of them) goes through the
+// normalised-top-k softmax backward, where it cancels (the 4 slots' dtopk_w are tens to ~100, the centred values
+// ~1), and the router weight (4 on the diagonal) puts it on dx[:, :E]: bf16 rounding of h and yg moves a few of
+// those elements beyond the tensor's tolerance (a software emulation of the device's rounding points gives 6 of
+// 25,600, worst 1.38x, max abs error 0.98, as the first device run). So dx is checked strictly against B, and
+// against A with exceptions only where A itself moves by more than half a tolerance under the device's gu / yg.
 TEST(CudaGptOss, MoeBlockForwardBackwardMatchesCpu) {
   REQUIRE_DEVICE();
   std::mt19937 rng(13);
   const io::ModelConfig cfg = block_config();
   const int64_t n = 200, h = cfg.hidden_size, e = cfg.num_experts, k = cfg.num_experts_per_tok;
-  ParamStore cpu_ps, gpu_ps;
+  ParamStore cpu_ps, gpu_ps, ref_ps;
   const MoeWeights wc = register_moe(cpu_ps, "model.layers.0.", cfg, 0, 1);
   const MoeWeights wg = register_moe(gpu_ps, "model.layers.0.", cfg, 0, 1);
+  const MoeWeights wr = register_moe(ref_ps, "model.layers.0.", cfg, 0, 1);
   ASSERT_TRUE(wc.gpt_oss_glu && wc.router_bias && wc.gate_up_bias && wc.down_bias);
-  fill_block({&cpu_ps, &gpu_ps}, wc, e, rng);
+  fill_block({&cpu_ps, &gpu_ps, &ref_ps}, wc, e, rng);  // one draw of the values, copied into each store
   const ExecContext cx = ExecContext::cpu(), gx = ExecContext::cuda_bf16();
-  gpu_ps.to_device(gx);  // fp32 master + zero fp32 grads + bf16 working copies; the host store's grads are zero too
+  gpu_ps.to_device(gx);  // fp32 master + zero fp32 grads + bf16 working copies; the host stores' grads are zero too
   // x: the router's columns in multiples of 1/16 (exact logits), the rest any bf16 value.
   Tensor x = rand_host({n, h}, rng, DType::BF16);
   for (int64_t t = 0; t < n; ++t)
@@ -246,33 +315,83 @@ TEST(CudaGptOss, MoeBlockForwardBackwardMatchesCpu) {
   MoeSaved sc, sg;
   const Tensor yc = moe_forward(cx, wc, opt, x, sc);
   const Tensor yg = moe_forward(gx, wg, opt, gx.upload_as(x, DType::BF16), sg);
-  // Same routing (exact logits), so the rest compares at bf16 tolerance.
-  const Tensor idx_g = ExecContext::download(sg.topk_idx);
-  for (int64_t i = 0; i < n * k; ++i)
+  // Same routing (exact logits) and the same grouped row order (both plans are stable), so the rest compares at
+  // bf16 tolerance and the device's grouped rows can stand in for the host's.
+  const Tensor idx_g = ExecContext::download(sg.topk_idx), perm_g = ExecContext::download(sg.perm);
+  for (int64_t i = 0; i < n * k; ++i) {
     ASSERT_EQ(idx_g.data<int32_t>()[i], sc.topk_idx.data<int32_t>()[i]) << "routing differs at " << i;
+    ASSERT_EQ(perm_g.data<int32_t>()[i], sc.perm.data<int32_t>()[i]) << "grouped order differs at " << i;
+  }
   EXPECT_EQ(sg.counts, sc.counts);
-  // The pre-activations really cross the clamps on both sides.
-  int64_t gate_clamped = 0, up_low = 0, up_high = 0;
+  // The pre-activations really cross the clamps on both sides; the device's bf16 gu falls on the other side of
+  // a clamp than the host's fp32 gu only within a few bf16 ulps of the bound (none expected with these biases).
+  const Tensor gu_dev = down(sg.gu), yg_dev = down(sg.yg);
+  const float limit = static_cast<float>(cfg.swiglu_limit);
+  const float band = 4 * std::ldexp(1.f, std::ilogb(limit) - 7);  // 4 bf16 ulps at the limit (0.125 for 7)
+  int64_t gate_clamped = 0, up_low = 0, up_high = 0, flips = 0, near = 0;
   for (int64_t i = 0; i < sc.gu.numel(); ++i) {
-    const float v = sc.gu.f32()[i];
-    if (i % 2 == 0) {
-      gate_clamped += v > cfg.swiglu_limit;
+    const float v = sc.gu.f32()[i], vd = gu_dev.f32()[i];
+    const bool is_gate = i % 2 == 0;
+    if (is_gate) {
+      gate_clamped += v > limit;
     } else {
-      up_low += v < -cfg.swiglu_limit;
-      up_high += v > cfg.swiglu_limit;
+      up_low += v < -limit;
+      up_high += v > limit;
+    }
+    const float dist = is_gate ? std::abs(v - limit) : std::min(std::abs(v - limit), std::abs(v + limit));
+    near += dist <= band;
+    const bool clamped = is_gate ? v > limit : std::abs(v) > limit, clamped_dev = is_gate ? vd > limit : std::abs(vd) > limit;
+    if (clamped != clamped_dev) {
+      ++flips;
+      EXPECT_LE(dist, band) << "gu element " << i << " (host " << v << ", device " << vd
+                            << ") is clamped on one side only, away from the bound";
     }
   }
+  std::printf("[gpt_oss block] gu within %.3f of a clamp bound: %lld of %lld; clamp-side flips host/device: %lld\n",
+              band, static_cast<long long>(near), static_cast<long long>(sc.gu.numel()), static_cast<long long>(flips));
   EXPECT_GT(gate_clamped, 0);
   EXPECT_GT(up_low, 0);
   EXPECT_GT(up_high, 0);
   const test::Tolerance tol{3e-2, 3e-2};  // bf16 intermediates on the device: a few bf16 roundings deep
-  expect_close(sg.gu, sc.gu, tol, 2e-2, "block gu (biased gate_up)");
+  expect_close(gu_dev, sc.gu, tol, 2e-2, "block gu (biased gate_up)");
+  expect_close(yg_dev, sc.yg, tol, 2e-2, "block yg (expert outputs, biased)");
   expect_close(yg, yc, tol, 2e-2, "block y");
-  const Tensor dxc = moe_backward(cx, wc, opt, sc, dy, nullptr);
   const Tensor dxg = moe_backward(gx, wg, opt, sg, gx.upload_as(dy, DType::BF16), nullptr);
-  expect_close(dxg, dxc, tol, 2e-2, "block dx");
-  for (const Param* p : {wc.router, wc.router_bias, wc.gate_up, wc.gate_up_bias, wc.down, wc.down_bias})
-    expect_close(gpu_ps.get(p->name).grad, cpu_ps.get(p->name).grad, tol, 2e-2, "block d " + p->name);
+  const Tensor dxc = moe_backward(cx, wc, opt, sc, dy, nullptr);  // A
+  MoeSaved sr = sc;
+  sr.gu = gu_dev;
+  sr.yg = yg_dev;
+  const Tensor dxr = moe_backward(cx, wr, opt, sr, dy, nullptr);  // B
+  expect_close(dxg, dxr, tol, 2e-2, "block dx against B (the CPU backward of the device's gu / yg)");
+  // Against A: exceptions only where A itself moves by more than half a tolerance under the device's gu / yg.
+  const std::vector<double> bound_a = element_tolerance(dxc, tol);
+  std::vector<char> moved(static_cast<size_t>(dxc.numel()), 0);
+  int64_t n_moved = 0;
+  for (int64_t i = 0; i < dxc.numel(); ++i)
+    if (std::abs(double(dxr.f32()[i]) - dxc.f32()[i]) > 0.5 * bound_a[static_cast<size_t>(i)]) {
+      moved[static_cast<size_t>(i)] = 1;
+      ++n_moved;
+    }
+  std::printf("[gpt_oss block] dx elements where A moves by > 1/2 tolerance under the device's gu / yg: %lld\n",
+              static_cast<long long>(n_moved));
+  expect_close_except(dxg, dxc, tol, 2e-2, moved, dxc.numel() / 1000, 4.0, "block dx against A (end to end)");
+  // Parameter gradients: against B element-wise, a few elements (sums over ~100 rows with strong cancellation)
+  // allowed up to 2x the tolerance (the emulation's worst: d gate_up_proj, 1 element at 1.2x); against A in L2.
+  for (const Param* p : {wc.router, wc.router_bias, wc.gate_up, wc.gate_up_bias, wc.down, wc.down_bias}) {
+    const Tensor& want_b = ref_ps.get(p->name).grad;
+    const std::vector<char> any(static_cast<size_t>(want_b.numel()), 1);
+    expect_close_except(gpu_ps.get(p->name).grad, want_b, tol, 2e-2, any, std::max<int64_t>(2, want_b.numel() / 10000),
+                        2.0, "block d " + p->name + " against B");
+    const Tensor got = down(gpu_ps.get(p->name).grad);
+    const Tensor& want_a = cpu_ps.get(p->name).grad;
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < want_a.numel(); ++i) {
+      const double d = double(got.f32()[i]) - want_a.f32()[i];
+      num += d * d;
+      den += double(want_a.f32()[i]) * want_a.f32()[i];
+    }
+    EXPECT_LE(std::sqrt(num / std::max(den, 1e-30)), 2e-2) << "block d " << p->name << " against A: relative L2";
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
