@@ -15,6 +15,7 @@
 #     mamba2        Mamba2 GPU tests (chunked SSD + sequential scans vs the CPU) + am_gpu_microbench mamba2
 #     mamba2prof    Nsight Compute sections of each chunked-SSD kernel (one forward + backward at nemo8's mixer)
 #     fusedproj     fused q|k|v / gate|up: GPU tests, micro-benchmark, W1 engine with AM_FUSED_PROJ=0 and 1
+#     addnorm       fused residual add + RMSNorm: GPU tests, micro-benchmark, W1 engine with AM_FUSED_ADD_NORM=0 and 1
 #     phi3diag      tools/phi3_longrope_diag.py (HF phi3 logits cached / full / no LongRoPE, per position)
 #     w4            bench/w4.sh: the seed tutorial end to end, engine (padded, packed) and HF Trainer
 #     parity_bf16   bench/parity_200.sh with PARITY_BF16=1 (issue 15's SR / nearest / HF bf16 curves)
@@ -102,6 +103,17 @@ for s in "$@"; do
         AM_FUSED_PROJ=$f timeout 120 $B/automodel bench bench/w1.yaml --out "$R/w1_fused$f.json" > "$R/w1_fused$f.log" 2>&1
         echo "W1 engine AM_FUSED_PROJ=$f exit $?"
         python3 -c "import json; e=json.load(open('$R/w1_fused$f.json')); print('  %.0f tok/s, step %.1f ms, peak %.2f GiB' % (e['tokens_per_s'], e['step_ms'], e['peak_mem_gib']))" 2>&1
+      done ;;
+    addnorm)
+      # the fused residual add + RMSNorm (docs/cuda_kernels.md): GPU tests, micro-benchmark, W1 engine on / off
+      stage addnorm
+      timeout 200 $B/am_gpu_tests --gtest_filter='CudaAddRmsNorm.*' > "$R/addnorm_tests.log" 2>&1
+      echo "tests exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|Failure" "$R/addnorm_tests.log" | head -20
+      timeout 60 $B/am_gpu_microbench add_norm > "$R/addnorm_bench.log" 2>&1; echo "bench exit $?"; tail -14 "$R/addnorm_bench.log"
+      for f in 0 1; do
+        AM_FUSED_ADD_NORM=$f timeout 120 $B/automodel bench bench/w1.yaml --out "$R/w1_addnorm$f.json" > "$R/w1_addnorm$f.log" 2>&1
+        echo "W1 engine AM_FUSED_ADD_NORM=$f exit $?"
+        python3 -c "import json; e=json.load(open('$R/w1_addnorm$f.json')); print('  %.0f tok/s, step %.1f ms, peak %.2f GiB' % (e['tokens_per_s'], e['step_ms'], e['peak_mem_gib']))" 2>&1
       done ;;
     phi3diag)
       stage phi3diag

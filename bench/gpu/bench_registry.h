@@ -11,6 +11,7 @@ int gpt_oss_bench_main(int argc, char** argv);  // bench_gpt_oss.cu: gpt_oss exp
 int mamba2_bench_main(int argc, char** argv);  // bench_mamba2.cu: Nemotron-H conv + selective scan
 int fused_proj_bench_main(int argc, char** argv);  // bench_fused_proj.cu: one q|k|v / gate|up GEMM vs separate ones
 int lora_bench_main(int argc, char** argv);  // bench_lora.cu: LoRA scale / add in the GEMMs (alpha, beta = 1) at W5
+int add_norm_bench_main(int argc, char** argv);  // bench_add_norm.cu: fused residual add + RMSNorm vs separate, W1
 
 struct GpuBench {
   const char* name;
@@ -26,4 +27,5 @@ inline constexpr GpuBench kGpuBenches[] = {
     {"mamba2", mamba2_bench_main},
     {"fused_proj", fused_proj_bench_main},
     {"lora", lora_bench_main},
+    {"add_norm", add_norm_bench_main},
 };

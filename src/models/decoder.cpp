@@ -207,9 +207,25 @@ ops::AttnParams DecoderLM::attn_params(const Batch& b, int64_t window) const {
   return p;
 }
 
-Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& cos, const Tensor& sin,
-                                   const ops::AttnParams& p, LayerSaved* s, KvCache* kv, int64_t layer) {
-  const int64_t N = x.dim(0), H = cfg_.hidden_size;
+void DecoderLM::stream_norm(const Stream& in, const Param& w, Tensor& x, Tensor& y, Tensor& rstd) const {
+  const int64_t N = in.x.dim(0), H = cfg_.hidden_size;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  y = ex_.empty({N, H});
+  rstd = ex_.empty({N}, DType::F32);
+  if (!in.delta.defined()) {
+    x = in.x;
+    ops::rmsnorm_fwd(x, norm_w(w), eps, y, rstd);
+    return;
+  }
+  x = ex_.empty({N, H}, ex_.residual_dtype);
+  ops::add_rmsnorm_fwd(in.x, in.delta, norm_w(w), eps, x, y, rstd);
+  note_fused_add_norm();
+}
+
+DecoderLM::Stream DecoderLM::layer_forward(const Layer& L, const Stream& in, const Tensor& cos, const Tensor& sin,
+                                           const ops::AttnParams& p, LayerSaved* s, KvCache* kv, int64_t layer,
+                                           Tensor* x_in) {
+  const int64_t N = in.x.dim(0), H = cfg_.hidden_size;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, H, eps, &ex_,
                       cfg_.norm_plus_one};
@@ -218,9 +234,16 @@ Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& c
   // projection accumulate into the stream's copy instead (x1 = x, x1 += o Wo^T; out = x1, out += h Wd^T: beta = 1
   // on CUDA, no [N, H] block output and no add kernel; on the CPU the same temporary + add as before, bit for bit).
   // An fp32 stream under bf16 compute keeps the separate add: the block output is rounded to bf16 first (autocast).
-  const bool fold = ex_.residual_dtype == ex_.act_dtype;
-  Tensor h1 = ex_.empty({N, H}), r1 = ex_.empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x, norm_w(*L.ln1), eps, h1, r1);
+  // Fused add + norm (AM_FUSED_ADD_NORM, blocks/norm.h): a separate add is not done here but handed to the RMSNorm
+  // that reads its result, which forms the sum in its own pass (ops::add_rmsnorm_fwd): the attention output to norm2
+  // below, the MLP output to the next layer's norm1 (or the final norm) through the returned stream. On CUDA a
+  // stream of the activation dtype keeps the fold (the add inside the GEMM costs no pass at all); on the CPU the fold
+  // is a temporary + add anyway, bit for bit the fused op's sum, so the fused path replaces it there.
+  const bool fuse = fused_add_norm_enabled();
+  const bool fold = ex_.residual_dtype == ex_.act_dtype && !(fuse && !ex_.on_cuda());
+  Tensor x, h1, r1;
+  stream_norm(in, *L.ln1, x, h1, r1);
+  if (x_in) *x_in = x;
   // Sandwich norms (gemma): RMSNorm of a block's output before its residual add. y: activation dtype.
   auto post_norm = [&](const Param* w, Tensor& y, Tensor* saved_in, Tensor* saved_rstd) {
     if (!w) return;
@@ -229,10 +252,10 @@ Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& c
     if (saved_in) *saved_in = y, *saved_rstd = r;
     y = yn;
   };
-  Tensor x1;
+  Stream mid;  // x + attention output
   if (fold && !L.is_mla && !kv && !L.post_attn_norm) {
-    x1 = ex_.clone(x);
-    attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr, &x1);
+    mid.x = ex_.clone(x);
+    attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr, &mid.x);
   } else {
     Tensor a;
     if (L.is_mla) {
@@ -244,15 +267,19 @@ Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& c
              : attention_forward(L.attn, g, h1, cos, sin, p, s ? &s->attn : nullptr);
     }
     post_norm(L.post_attn_norm, a, s ? &s->a : nullptr, s ? &s->ra : nullptr);
-    x1 = ex_.clone(x);
-    ops::add_(x1, a);
+    if (fuse) {
+      mid = Stream{x, a};
+    } else {
+      mid.x = ex_.clone(x);
+      ops::add_(mid.x, a);
+    }
   }
-  Tensor h2 = ex_.empty({N, H}), r2 = ex_.empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x1, norm_w(*L.ln2), eps, h2, r2);
-  Tensor out;
+  Tensor x1, h2, r2;
+  stream_norm(mid, *L.ln2, x1, h2, r2);
+  Stream out;  // x1 + MLP output
   if (!L.is_moe && fold && !L.post_ffn_norm) {
-    out = ex_.clone(x1);
-    mlp_forward(ex_, L.mlp, h2, s ? &s->mlp : nullptr, &out);
+    out.x = ex_.clone(x1);
+    mlp_forward(ex_, L.mlp, h2, s ? &s->mlp : nullptr, &out.x);
   } else {
     Tensor m;
     if (L.is_moe) {
@@ -264,8 +291,12 @@ Tensor DecoderLM::layer_forward(const Layer& L, const Tensor& x, const Tensor& c
       m = mlp_forward(ex_, L.mlp, h2, s ? &s->mlp : nullptr);
     }
     post_norm(L.post_ffn_norm, m, s ? &s->m : nullptr, s ? &s->rm : nullptr);
-    out = ex_.clone(x1);
-    ops::add_(out, m);
+    if (fuse) {
+      out = Stream{x1, m};
+    } else {
+      out.x = ex_.clone(x1);
+      ops::add_(out.x, m);
+    }
   }
   if (s) {
     s->x = x;
@@ -300,17 +331,29 @@ Tensor DecoderLM::layer_backward(const Layer& L, const LayerSaved& s, const Tens
     dh2 = L.is_moe ? moe_backward(ex_, L.moe, moe_options(), s.moe, dy_a, dprobs_extra)
                    : mlp_backward(ex_, L.mlp, s.mlp, dy_a);
   }
+  // The residual adds of the gradient run in the norms' backward passes when fused (ops::add_rmsnorm_bwd).
+  const bool fuse = fused_add_norm_enabled();
   Tensor dx1 = ex_.empty({N, H}, ex_.residual_dtype);
-  ops::rmsnorm_bwd(s.x1, norm_w(*L.ln2), s.rstd2, dh2, dx1, L.ln2->grad);
+  if (fuse) {
+    ops::add_rmsnorm_bwd(s.x1, norm_w(*L.ln2), s.rstd2, dh2, dy, dx1, L.ln2->grad);
+    note_fused_add_norm();
+  } else {
+    ops::rmsnorm_bwd(s.x1, norm_w(*L.ln2), s.rstd2, dh2, dx1, L.ln2->grad);
+    ops::add_(dx1, dy);
+  }
   dh2 = Tensor();
-  ops::add_(dx1, dy);
   // x1 = x + attn(norm1(x))  ->  dx = dx1 + norm1_bwd(attn_bwd(dx1))
   const Tensor da = post_norm_bwd(L.post_attn_norm, s.a, s.ra, to_act(dx1));
   Tensor dh1 = L.is_mla ? mla_backward(L.mla, MlaGeometry::of(cfg_, &ex_), s.mla, cos, sin, p, da)
                         : attention_backward(L.attn, g, s.attn, cos, sin, p, da);
   Tensor dx = ex_.empty({N, H}, ex_.residual_dtype);
-  ops::rmsnorm_bwd(s.x, norm_w(*L.ln1), s.rstd1, dh1, dx, L.ln1->grad);
-  ops::add_(dx, dx1);
+  if (fuse) {
+    ops::add_rmsnorm_bwd(s.x, norm_w(*L.ln1), s.rstd1, dh1, dx1, dx, L.ln1->grad);
+    note_fused_add_norm();
+  } else {
+    ops::rmsnorm_bwd(s.x, norm_w(*L.ln1), s.rstd1, dh1, dx, L.ln1->grad);
+    ops::add_(dx, dx1);
+  }
   return dx;
 }
 
@@ -321,25 +364,26 @@ Tensor DecoderLM::trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, 
   rope_tables(b, cos, sin);
   if (cfg_.rope_sliding) rope_tables(b, cos_l, sin_l, true);
   hook_use(0, false);
-  Tensor x = ex_.empty({N, H}, ex_.residual_dtype);
-  ops::embedding_fwd(b.input_ids, wide_weight(*embed_), x);
-  if (cfg_.scale_embeddings) ops::scale_(x, embed_scale());
+  Stream x{ex_.empty({N, H}, ex_.residual_dtype), Tensor()};
+  ops::embedding_fwd(b.input_ids, wide_weight(*embed_), x.x);
+  if (cfg_.scale_embeddings) ops::scale_(x.x, embed_scale());
   if (saved) saved->resize(layers_.size());
   for (size_t i = 0; i < layers_.size(); ++i) {
-    // Activation checkpointing keeps only each layer's input [N, H]; backward recomputes the rest.
-    if (saved && recompute) (*saved)[i].x = x;
+    // Activation checkpointing keeps only each layer's input [N, H] (formed inside the layer when the previous
+    // layer's last add is pending); backward recomputes the rest.
+    Tensor* keep_in = saved && recompute ? &(*saved)[i].x : nullptr;
     LayerSaved* s = saved && !recompute ? &(*saved)[i] : nullptr;
     hook_use(static_cast<int>(i) + 1, false);
     ops::TimedRange tr("layer", static_cast<int64_t>(i), layers_[i].is_moe ? "fwd (moe)" : "fwd");
     const bool l = layers_[i].sliding_rope;
     x = layer_forward(layers_[i], x, l ? cos_l : cos, l ? sin_l : sin, attn_params(b, layers_[i].window), s, kv,
-                      static_cast<int64_t>(i));
+                      static_cast<int64_t>(i), keep_in);
     hook_fwd_done(static_cast<int>(i) + 1);
   }
   if (kv) kv->advance(N);
-  Tensor xf = ex_.empty({N, H}), rf = ex_.empty({N}, DType::F32);
-  ops::rmsnorm_fwd(x, norm_w(*norm_), static_cast<float>(cfg_.rms_norm_eps), xf, rf);
-  if (xf_pre) *xf_pre = x;
+  Tensor x_last, xf, rf;
+  stream_norm(x, *norm_, x_last, xf, rf);  // the final norm (with the last layer's pending add, if any)
+  if (xf_pre) *xf_pre = x_last;
   if (rstd_f) *rstd_f = rf;
   return xf;
 }
@@ -405,7 +449,8 @@ double DecoderLM::forward_backward(const Batch& b, float grad_scale, const Forwa
                        layers_[i].is_moe ? (recompute ? "recompute+bwd (moe)" : "bwd (moe)") : (recompute ? "recompute+bwd" : "bwd"));
     if (recompute) {
       Tensor x_in = saved[i].x;
-      layer_forward(layers_[i], x_in, cos, sin, p, &saved[i]);  // same inputs, same kernels: same activations
+      // Same inputs, same kernels: the same activations (norm1 unfused here: bit-identical to the fused pass).
+      layer_forward(layers_[i], Stream{x_in, Tensor()}, cos, sin, p, &saved[i]);
     }
     dx = layer_backward(layers_[i], saved[i], cos, sin, p, dx, dprobs.defined() ? &dprobs : nullptr);
     saved[i] = LayerSaved{};  // free this layer's activations as soon as they are consumed

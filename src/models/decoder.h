@@ -84,14 +84,25 @@ class DecoderLM : public CausalLM {
     Tensor a, ra;  // sandwich norms: attention output before post_attention_layernorm [N, H], its rstd [N]
     Tensor m, rm;  // MLP output before post_feedforward_layernorm, its rstd
   };
+  // The residual stream between layers: x, or x + delta while that add is pending (AM_FUSED_ADD_NORM,
+  // blocks/norm.h): the next RMSNorm forms the sum in its own pass (ops::add_rmsnorm_fwd).
+  struct Stream {
+    Tensor x;      // [N, H] residual dtype
+    Tensor delta;  // [N, H] activation dtype (a block's output, to be added to x); undefined: nothing pending
+  };
+  // x = in.x (+ in.delta, fused into the norm's pass), y = RMSNorm(x) with w's weight (activation dtype), rstd [N].
+  void stream_norm(const Stream& in, const Param& w, Tensor& x, Tensor& y, Tensor& rstd) const;
   // Runs embedding + all layers + final norm. Fills saved (per layer) when non-null.
   // recompute: keep only each layer's input in saved[i].x (activation checkpointing).
   // kv (inference, one sequence: b.B == 1): attention reads and extends the cache (layer i uses its layer
   // i), which is advanced by b.T at the end.
   Tensor trunk_forward(const Batch& b, std::vector<LayerSaved>* saved, Tensor* xf_pre, Tensor* rstd_f,
                        bool recompute = false, KvCache* kv = nullptr);
-  Tensor layer_forward(const Layer& L, const Tensor& x, const Tensor& cos, const Tensor& sin,
-                       const ops::AttnParams& p, LayerSaved* s, KvCache* kv = nullptr, int64_t layer = -1);
+  // One layer on the stream `in`; returns its output stream (with the MLP output still pending when the add is fused
+  // into the next norm). x_in (non-null): receives the layer's input x as formed (activation checkpointing keeps it).
+  Stream layer_forward(const Layer& L, const Stream& in, const Tensor& cos, const Tensor& sin,
+                       const ops::AttnParams& p, LayerSaved* s, KvCache* kv = nullptr, int64_t layer = -1,
+                       Tensor* x_in = nullptr);
   Tensor layer_backward(const Layer& L, const LayerSaved& s, const Tensor& cos, const Tensor& sin,
                         const ops::AttnParams& p, const Tensor& dy, const Tensor* dprobs_extra);
   // During forward_backward's forward: adds a sparse layer's routing of the real tokens to the utilisation counts

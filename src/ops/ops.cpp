@@ -318,6 +318,64 @@ void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Ten
   });
 }
 
+// ---------------- residual add + RMSNorm, fused ----------------
+
+namespace {
+bool overlaps(const Tensor& a, const Tensor& b) {
+  const char *pa = static_cast<const char*>(a.raw()), *pb = static_cast<const char*>(b.raw());
+  return pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+}  // namespace
+
+void add_rmsnorm_fwd(const Tensor& x, const Tensor& delta, const Tensor& w, float eps, Tensor& x_out, Tensor& y,
+                     Tensor& rstd) {
+  const char* op = "add_rmsnorm_fwd";
+  DeviceType dev =
+      device_of(op, {{"x", &x}, {"delta", &delta}, {"w", &w}, {"x_out", &x_out}, {"y", &y}, {"rstd", &rstd}});
+  if (x_out.raw() != x.raw() && x.nbytes() > 0 && overlaps(x_out, x))
+    shape_error(op, describe("x_out", x_out) + " overlaps " + describe("x", x) + " without being it");
+  if (delta.nbytes() > 0 && overlaps(x_out, delta))
+    shape_error(op, describe("x_out", x_out) + " overlaps " + describe("delta", delta));
+  AM_ROUTE_CUDA(cuda::add_rmsnorm_fwd(x, delta, w, eps, x_out, y, rstd));
+  need_f32(op, {{"x", &x}, {"w", &w}, {"x_out", &x_out}, {"y", &y}, {"rstd", &rstd}});
+  if (!is_float(delta.dtype())) shape_error(op, describe("delta", delta) + ": expected a float tensor");
+  if (w.ndim() != 1) shape_error(op, describe("w", w) + ": expected [H]");
+  const int64_t h = w.dim(0);
+  const int64_t n = rows_of(op, "x", x, h, "H");
+  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"delta", &delta}, {"x_out", &x_out}, {"y", &y}})
+    if (t->shape() != x.shape()) shape_error(op, describe(name, *t) + ": expected the shape of " + describe("x", x));
+  need_numel(op, "rstd", rstd, n, "one per row of x");
+  if (!(eps >= 0.f) || !std::isfinite(eps))
+    shape_error(op, "eps = " + std::to_string(eps) + " must be finite and >= 0");
+  dispatch(op, dev, [&] {
+    cpu::add_rmsnorm_fwd(x.f32(), delta.raw(), delta.dtype(), w.f32(), eps, x_out.f32(), y.f32(), rstd.f32(), n, h);
+  });
+}
+
+void add_rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, const Tensor& dres,
+                     Tensor& dx, Tensor& dw) {
+  const char* op = "add_rmsnorm_bwd";
+  const Tensor* dwp = dw.defined() ? &dw : nullptr;  // undefined: frozen weight, no dw reduction
+  DeviceType dev = device_of(
+      op, {{"x", &x}, {"w", &w}, {"rstd", &rstd}, {"dy", &dy}, {"dres", &dres}, {"dx", &dx}, {"dw", dwp}});
+  if (dres.nbytes() > 0 && overlaps(dx, dres))
+    shape_error(op, describe("dx", dx) + " overlaps " + describe("dres", dres));
+  AM_ROUTE_CUDA(cuda::add_rmsnorm_bwd(x, w, rstd, dy, dres, dx, dw));
+  need_f32(op, {{"x", &x}, {"w", &w}, {"rstd", &rstd}, {"dy", &dy}, {"dres", &dres}, {"dx", &dx}, {"dw", dwp}});
+  if (w.ndim() != 1) shape_error(op, describe("w", w) + ": expected [H]");
+  const int64_t h = w.dim(0);
+  const int64_t n = rows_of(op, "x", x, h, "H");
+  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"dy", &dy}, {"dres", &dres}, {"dx", &dx}})
+    if (t->shape() != x.shape()) shape_error(op, describe(name, *t) + ": expected the shape of " + describe("x", x));
+  if (dwp && dw.shape() != w.shape())
+    shape_error(op, describe("dw", dw) + ": expected the shape of " + describe("w", w));
+  need_numel(op, "rstd", rstd, n, "one per row of x");
+  dispatch(op, dev, [&] {
+    cpu::add_rmsnorm_bwd(x.f32(), w.f32(), rstd.f32(), dy.f32(), dres.f32(), dx.f32(), dwp ? dw.f32() : nullptr, n,
+                         h);
+  });
+}
+
 // ---------------- RoPE ----------------
 
 namespace {

@@ -71,6 +71,23 @@ void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor&
 // dx assigned, dw accumulated (dw undefined: frozen weight, the dw reduction is skipped)
 void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw);
 
+// ---------------- residual add + RMSNorm, fused (the pre-norm decoder step; docs/cuda_kernels.md) ----------------
+// x_out [N, H] = x + delta, then rmsnorm_fwd(x_out, w, eps, y, rstd), in one pass over the rows. x_out is x (in
+// place) or does not overlap it or delta. Bit-identical, on each backend, to the separate
+//   copy_(x_out, x); add_(x_out, delta); rmsnorm_fwd(x_out, w, eps, y, rstd)
+// (the adds round to x_out's dtype first; the norm reads the rounded x_out). Dtypes: CPU x / x_out / w / y / rstd
+// fp32, delta any float; CUDA as rmsnorm_fwd for x (= x_out) / w / y, delta x's dtype or bf16 (the bf16 block output
+// added to an fp32 residual stream). w: pass 1 + w for Gemma's zero-centred norms, as for rmsnorm_fwd
+// (models/blocks/norm.h).
+void add_rmsnorm_fwd(const Tensor& x, const Tensor& delta, const Tensor& w, float eps, Tensor& x_out, Tensor& y,
+                     Tensor& rstd);
+// Its backward at the residual stream: dx = dres + (rmsnorm_bwd's dx), assigned (dx must not overlap dres); dw
+// accumulated as in rmsnorm_bwd (undefined: frozen weight). x is the norm's input (the forward's x_out); dres the
+// gradient reaching x_out from its other use (the residual path), in dx's dtype; dx is then the gradient of both x
+// and delta of the forward. Bit-identical to rmsnorm_bwd(x, w, rstd, dy, dx, dw); add_(dx, dres).
+void add_rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, const Tensor& dres,
+                     Tensor& dx, Tensor& dw);
+
 // ---------------- RoPE (HF rotate_half convention) ----------------
 // x [N, heads, D] in place; cos, sin [N, D/2] per token (already include attention_scaling).
 // out[i] = x[i] c[i] - x[i+D/2] s[i];  out[i+D/2] = x[i+D/2] c[i] + x[i] s[i]

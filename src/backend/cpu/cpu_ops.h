@@ -54,6 +54,14 @@ void rmsnorm_fwd(const float* x, const float* w, float eps, float* y, float* rst
 // dx [N, H] assigned, dw [H] accumulated (skipped when dw is null: frozen weight).
 void rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dy, float* dx, float* dw,
                  int64_t n, int64_t h);
+// Fused residual add + RMSNorm (add_rmsnorm.cpp): x_out [N, H] = x + delta (x_out may be x; delta of dtype td,
+// any float), then rmsnorm_fwd of x_out. Bit-identical to add() followed by rmsnorm_fwd().
+void add_rmsnorm_fwd(const float* x, const void* delta, DType td, const float* w, float eps, float* x_out, float* y,
+                     float* rstd, int64_t n, int64_t h);
+// dx [N, H] = rmsnorm_bwd's dx + dres (not overlapping dx), dw as rmsnorm_bwd. Bit-identical to rmsnorm_bwd() then
+// add(dx, dres).
+void add_rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dy, const float* dres,
+                     float* dx, float* dw, int64_t n, int64_t h);
 
 // ---------------- RoPE (rotate_half convention) ----------------
 // x [N, heads, D] in place; cos/sin [N, R/2] with R <= D even: the first R features of each head are

@@ -77,6 +77,14 @@ void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor&
 // then a fixed-order reduction: deterministic). dw undefined: frozen weight, no partials, no reduction.
 void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw,
                  CudaContext& ctx = default_context());
+// Fused residual add + RMSNorm (add_rmsnorm.cu; ops.h add_rmsnorm_fwd / _bwd). Forward: x, x_out [N, H] T (x_out
+// may be x), delta [N, H] T or bf16, w / y / rstd as rmsnorm_fwd; x_out = x + delta, then rmsnorm_fwd(x_out).
+// Backward: dx = dres + (rmsnorm_bwd's dx), dres [N, H] in dx's dtype, not overlapping dx; dw as rmsnorm_bwd.
+// Bit-identical to copy_ + add_ + rmsnorm_fwd (rmsnorm_bwd + add_) on the device, at the default tuning.
+void add_rmsnorm_fwd(const Tensor& x, const Tensor& delta, const Tensor& w, float eps, Tensor& x_out, Tensor& y,
+                     Tensor& rstd, CudaContext& ctx = default_context());
+void add_rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, const Tensor& dres,
+                     Tensor& dx, Tensor& dw, CudaContext& ctx = default_context());
 
 // ---------------- RoPE (rotate_half) ----------------
 // x [N, heads, D] T in place; cos, sin [N, R/2] fp32 with R <= D (R < D: partial rotary).
