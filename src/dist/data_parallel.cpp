@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "ops/device.h"
 #include "ops/ops.h"
 
 namespace am::dist {
@@ -31,19 +32,34 @@ struct DataParallel::Bucket {
   std::vector<Param*> params;
   std::vector<int64_t> off;    // flat offset of each parameter
   int64_t numel = 0, padded = 0, shard = 0;
-  Tensor master;               // fp32 [shard] (sharded) or [numel] (replicated: the params' values are views)
-  Tensor grad;                 // fp32, same size: the reduced gradient the optimizer reads
-  Tensor work;                 // CUDA, replicated: bf16 [numel] working copy (the params' work are views)
-  Tensor full, full_work;      // sharded, while gathered: fp32 [padded] values, bf16 [padded] (CUDA)
-  Tensor full_grad;            // sharded: fp32 [padded] unsharded gradient of one micro-batch's backward
-  Tensor rs_out;               // sharded, reduction in flight after the step's first: its [shard] result
-  bool grad_assigned = false;  // sharded: this step's first reduction has written `grad`
+  // fp32 mode / pure bf16 (bf16_: bf16 on CUDA, fp32 holding bf16 values on the host):
+  Tensor master;               // [shard] (sharded) or [numel] (replicated: the params' values are views)
+  Tensor grad;                 // fp32 / bf16, same size: the reduced gradient the optimizer reads
+  Tensor work;                 // fp32 mode, CUDA, replicated: bf16 [numel] working copy (the params' work are views)
+  Tensor full, full_work;      // sharded, while gathered: [padded] values (master's dtype), fp32 mode on CUDA
+                               // also their bf16 working copy
+  Tensor full_grad;            // fp32 [padded] gradient of one micro-batch's backward: sharded buckets, and
+                               // every bucket in pure bf16 (the backward ops accumulate in fp32)
+  Tensor rs_out;               // sharded, reduction in flight: its fp32 [shard] result, folded into grad after
+  bool grad_assigned = false;  // this step's first reduction has written `grad`
+  bool fold_assign = false;    // the reduction in flight is the step's first: it assigns grad instead of adding
   WorkPtr gathering, reducing;
   bool gathered = false;
 };
 
-DataParallel::DataParallel(CausalLM& model, Groups& groups, Strategy strategy, const ExecContext& ex)
-    : model_(model), groups_(groups), strategy_(strategy), ex_(ex) {
+// Pure bf16 on the host: fp32 storage holding the bf16-rounded values (train/pure_bf16.h).
+static void round_to_bf16_values(Tensor& t) {
+  if (t.dtype() != DType::F32) return;
+  Tensor b = ops::empty_on(t.device(), t.shape(), DType::BF16);
+  ops::copy_(b, t);
+  ops::copy_(t, b);
+}
+
+DataParallel::DataParallel(CausalLM& model, Groups& groups, Strategy strategy, const ExecContext& ex, bool pure_bf16)
+    : model_(model), groups_(groups), strategy_(strategy), ex_(ex), bf16_(pure_bf16) {
+  // Pure bf16: the parameter is bf16 on CUDA (no fp32 master, no separate working copy); the host computes in fp32.
+  const DType vdt = bf16_ && ex.on_cuda() ? DType::BF16 : DType::F32;
+  const DType gdt = bf16_ ? DType::BF16 : DType::F32;
   unit_params_ = model.param_units();
   units_.resize(unit_params_.size());
   for (size_t u = 0; u < unit_params_.size(); ++u) {
@@ -68,12 +84,28 @@ DataParallel::DataParallel(CausalLM& model, Groups& groups, Strategy strategy, c
         Tensor dst = flat.slice_rows(b->off[i], b->off[i] + shape_numel(b->params[i]->shape));
         ops::copy_(dst, b->params[i]->value);
       }
+      if (bf16_) round_to_bf16_values(flat);
       const int64_t lo = b->sharded ? b->group->rank() * b->shard : 0, hi = lo + b->shard;
       if (b->sharded) {
-        b->master = ex.zeros({b->shard}, DType::F32);
+        b->master = ex.zeros({b->shard}, vdt);
         Tensor mine = flat.slice_rows(lo, hi);
         ops::copy_(b->master, mine);
         for (Param* p : b->params) p->value = p->grad = p->work = Tensor();  // until gathered
+      } else if (bf16_) {
+        // The values are the parameters (views); gradients exist only while backward runs (alloc_full_grad).
+        if (vdt == DType::F32) {
+          b->master = flat;
+        } else {
+          b->master = ex.empty({b->numel}, vdt);
+          ops::copy_(b->master, flat);
+        }
+        b->grad = ex.zeros({b->numel}, gdt);
+        for (size_t i = 0; i < b->params.size(); ++i) {
+          Param* p = b->params[i];
+          const int64_t a = b->off[i], e = a + shape_numel(p->shape);
+          p->value = p->work = b->master.slice_rows(a, e).view(p->shape);
+          p->grad = Tensor();
+        }
       } else {
         b->master = flat;
         b->grad = ex.zeros({b->numel}, DType::F32);
@@ -89,7 +121,7 @@ DataParallel::DataParallel(CausalLM& model, Groups& groups, Strategy strategy, c
           p->work = ex.on_cuda() ? b->work.slice_rows(a, e).view(p->shape) : p->value;
         }
       }
-      if (b->sharded) b->grad = ex.zeros({b->shard}, DType::F32);
+      if (b->sharded) b->grad = ex.zeros({b->shard}, gdt);
       StateSlot slot;
       slot.opt = OptSlot{b->key, &b->master, &b->grad, b->work.defined() ? &b->work : nullptr};
       slot.canonical = b->sharded || b->group->rank() == 0;
@@ -125,7 +157,7 @@ std::vector<OptSlot> DataParallel::opt_slots() const {
 
 void DataParallel::gather(Bucket& b, bool async) {
   if (!b.sharded || b.gathered || b.gathering) return;
-  b.full = ex_.empty({b.padded}, DType::F32);
+  b.full = ex_.empty({b.padded}, b.master.dtype());  // pure bf16 on CUDA: half the traffic of fp32
   b.gathering = b.group->all_gather(b.master, b.full, async);
 }
 
@@ -134,7 +166,7 @@ void DataParallel::finish_gather(Bucket& b) {
   if (!b.gathering) gather(b, false);
   b.gathering->wait();
   b.gathering.reset();
-  if (ex_.on_cuda()) {
+  if (ex_.on_cuda() && !bf16_) {
     // The matmuls read bf16 working weights; the fp32 values stay for RMSNorm / embedding weights that the
     // fp32 residual stream reads (DecoderLM::wide_weight).
     b.full_work = ex_.empty({b.padded}, ex_.act_dtype);
@@ -144,7 +176,7 @@ void DataParallel::finish_gather(Bucket& b) {
     Param* p = b.params[i];
     const int64_t a = b.off[i], e = a + shape_numel(p->shape);
     p->value = b.full.slice_rows(a, e).view(p->shape);
-    p->work = ex_.on_cuda() ? b.full_work.slice_rows(a, e).view(p->shape) : p->value;
+    p->work = b.full_work.defined() ? b.full_work.slice_rows(a, e).view(p->shape) : p->value;
   }
   b.gathered = true;
 }
@@ -197,14 +229,39 @@ void DataParallel::begin_step() {
 }
 
 void DataParallel::alloc_full_grad(Bucket& b) {
-  if (!b.sharded || b.full_grad.defined()) return;
+  if (!(b.sharded || bf16_) || b.full_grad.defined()) return;
   if (b.reducing) wait_reduce(b);  // the previous micro-batch's reduction of this bucket still reads its buffer
   b.full_grad = ex_.zeros({b.padded}, DType::F32);
   for (size_t i = 0; i < b.params.size(); ++i)
     b.params[i]->grad = b.full_grad.slice_rows(b.off[i], b.off[i] + shape_numel(b.params[i]->shape)).view(b.params[i]->shape);
 }
 
+// Folds an fp32 reduced gradient into the rank's slice: the step's first assigns (pure bf16: one rounding),
+// later ones add (pure bf16: acc + g in fp32, one rounding, as train/pure_bf16.h).
+void DataParallel::fold(Bucket& b, const Tensor& reduced) {
+  if (b.fold_assign) ops::copy_(b.grad, reduced);
+  else ops::add_(b.grad, reduced);
+}
+
+void DataParallel::reduce_bf16(Bucket& b) {
+  if (!b.full_grad.defined()) return;  // this micro-batch's backward did not reach the bucket
+  b.fold_assign = !b.grad_assigned;
+  b.grad_assigned = true;
+  if (b.sharded) {
+    if (reducing_ && reducing_ != &b) wait_reduce(*reducing_);
+    b.rs_out = ex_.empty({b.shard}, DType::F32);
+    b.reducing = b.group->reduce_scatter(b.full_grad, b.rs_out, /*async=*/true);
+    reducing_ = &b;
+    return;
+  }
+  if (b.group->size() > 1) b.group->all_reduce(b.full_grad, ReduceOp::Sum);
+  fold(b, b.full_grad);
+  b.full_grad = Tensor();
+  for (Param* p : b.params) p->grad = Tensor();
+}
+
 void DataParallel::reduce(Bucket& b) {
+  if (bf16_) return reduce_bf16(b);
   if (b.group->size() == 1) return;
   if (!b.sharded) {
     b.group->all_reduce(b.grad, ReduceOp::Sum);
@@ -217,6 +274,7 @@ void DataParallel::reduce(Bucket& b) {
   // The step's first reduction writes the rank's slice; later ones (gradient accumulation) land in a
   // temporary slice that wait_reduce adds in.
   Tensor* out = &b.grad;
+  b.fold_assign = false;
   if (b.grad_assigned) {
     b.rs_out = ex_.empty({b.shard}, DType::F32);
     out = &b.rs_out;
@@ -232,10 +290,10 @@ void DataParallel::wait_reduce(Bucket& b) {
     b.reducing.reset();
   }
   if (b.rs_out.defined()) {
-    ops::add_(b.grad, b.rs_out);
+    fold(b, b.rs_out);
     b.rs_out = Tensor();
   }
-  if (b.sharded) {
+  if (b.sharded || bf16_) {
     b.full_grad = Tensor();
     for (Param* p : b.params) p->grad = Tensor();
   }
@@ -248,7 +306,9 @@ void DataParallel::after_backward(int unit) {
     // step's last backward. Sharded ones (fsdp2) reduce-scatter after every backward and accumulate the
     // slices, as FSDP2 does by default: the unsharded gradient never outlives its micro-batch, so a step holds
     // about two layers' worth of it whatever the accumulation (the price: one reduce-scatter per micro-batch).
-    if (sync_ || b->sharded) reduce(*b);
+    // Pure bf16 reduces every bucket after every backward too (its gradient is kept in bf16; the fp32 sums
+    // are reduced and rounded once per micro-batch, as one rank rounds once per micro-batch).
+    if (sync_ || b->sharded || bf16_) reduce(*b);
     release(*b);
   }
 }
@@ -256,7 +316,7 @@ void DataParallel::after_backward(int unit) {
 void DataParallel::finish_grads() {
   for (auto& u : units_)
     for (auto& b : u)
-      if (b->reducing || b->rs_out.defined() || (b->sharded && b->full_grad.defined())) wait_reduce(*b);
+      if (b->reducing || b->rs_out.defined() || ((b->sharded || bf16_) && b->full_grad.defined())) wait_reduce(*b);
   in_step_ = false;
 }
 
@@ -266,6 +326,12 @@ double DataParallel::grad_sq_norm() const {
     if (s.canonical) sq += ops::sum_squares(*s.opt.grad);
   groups_.world->all_reduce_host(&sq, 1);
   return sq;
+}
+
+void DataParallel::round_values() {
+  if (!bf16_) return;
+  for (auto& u : units_)
+    for (auto& b : u) round_to_bf16_values(b->master);
 }
 
 void DataParallel::scale_grads(float c) {

@@ -60,7 +60,12 @@ class DataParallel : public ParamHooks {
  public:
   // The model's parameters must already be on ex's device with their initial values; they become views
   // of the buckets (ddp) or are released until gathered (fsdp2).
-  DataParallel(CausalLM& model, Groups& groups, Strategy strategy, const ExecContext& ex);
+  // pure_bf16 (model.dtype bfloat16, docs/precision.md): the buckets hold bf16 parameters (on the host fp32
+  // storage holding bf16 values), bf16 gradients and, through the optimizer, bf16 state: 8 bytes per parameter
+  // instead of 18, sharded as the fp32 state is. Backward writes a transient fp32 gradient per bucket (the ops
+  // accumulate in fp32), which every micro-batch reduces in fp32 (reduce-scatter or all-reduce) and rounds into
+  // the rank's bf16 gradient once; fsdp2 gathers the bf16 values.
+  DataParallel(CausalLM& model, Groups& groups, Strategy strategy, const ExecContext& ex, bool pure_bf16 = false);
   ~DataParallel() override;
 
   Strategy strategy() const { return strategy_; }
@@ -69,6 +74,9 @@ class DataParallel : public ParamHooks {
   void finish_grads();                     // wait for every gradient reduction of the step
   double grad_sq_norm() const;             // sum of squares of the whole model's gradient (every rank)
   void scale_grads(float c);
+  bool pure_bf16() const { return bf16_; }
+  // Pure bf16 on the host: rounds the masters to bf16 values (after a checkpoint of an fp32 run was read in).
+  void round_values();
   std::vector<OptSlot> opt_slots() const;
   const std::vector<StateSlot>& slots() const { return slots_; }
   // Makes the full values of unit u's parameters present (p.value / p.work) outside forward/backward
@@ -89,12 +97,15 @@ class DataParallel : public ParamHooks {
   void release(Bucket& b);
   void alloc_full_grad(Bucket& b);  // sharded: the zeroed unsharded gradient, params' grads pointed at it
   void reduce(Bucket& b);
+  void reduce_bf16(Bucket& b);
+  void fold(Bucket& b, const Tensor& reduced);
   void wait_reduce(Bucket& b);
 
   CausalLM& model_;
   Groups& groups_;
   Strategy strategy_;
   ExecContext ex_;
+  bool bf16_ = false;
   std::vector<std::vector<std::unique_ptr<Bucket>>> units_;  // per unit: dense, experts (either may be absent)
   std::vector<std::vector<Param*>> unit_params_;
   std::vector<StateSlot> slots_;

@@ -219,8 +219,8 @@ void Trainer::setup() {
                 (model_->params().quant4.fp4 ? "FP4" : "NF4") + " (blocksize " + std::to_string(model_->params().quant4.blocksize) +
                 (model_->params().quant4.double_quant ? ", double-quantised absmax)" : ")"));
   }
-  // model.dtype: bfloat16 trains in pure bf16 (train/pure_bf16.h) where it can: full fine-tuning on one rank.
-  // (LoRA keeps its frozen base in its dtype anyway; data parallelism keeps fp32 masters and says so below.)
+  // model.dtype: bfloat16 trains in pure bf16 for full fine-tuning: train/pure_bf16.h on one rank, the bf16
+  // buckets of dist/data_parallel.h under data parallelism. (LoRA keeps its frozen base in its dtype anyway.)
   DType model_dtype = DType::F32;
   if (dtype_s != "auto") {
     try {
@@ -232,7 +232,7 @@ void Trainer::setup() {
   const std::string dtype_key = r_.has("model.dtype") ? "model.dtype" : "model.torch_dtype";
   const bool want_pure_bf16 = model_dtype == DType::BF16 && !r_.has("peft") && !bnb4 &&
                               !r_.get_bool("quantization.load_in_4bit", false);
-  const bool pure_bf16 = want_pure_bf16 && !groups_;
+  const bool pure_bf16 = want_pure_bf16;
   {
     // Residual stream dtype under bf16 compute (docs/performance.md, "fp32 residual stream"): float32 keeps
     // the residual adds, RMSNorm inputs/weights and the embedding lookup in fp32 as HF's autocast does.
@@ -253,24 +253,21 @@ void Trainer::setup() {
     // A random init saves in model.dtype; a pretrained checkpoint keeps its own dtype, as HF does.
     if (source_dir_.empty())
       for (auto& p : model_->params().all()) p.source_dtype = model_dtype;
-    if (want_pure_bf16 && groups_ && !opt_.quiet)
-      log::warn(r_.where(dtype_key) + " (bfloat16): pure-bf16 training is not implemented with data parallelism yet; this "
-                "run computes in bf16 with fp32 master weights, gradients and AdamW state (HF Trainer bf16=True numerics, "
-                "more optimizer memory than HF bf16); checkpoints keep the model's dtype");
-    else if (pure_bf16 && device_name_ == "cpu" && !opt_.quiet)
+    if (pure_bf16 && device_name_ == "cpu" && !opt_.quiet)
       log::info(r_.where(dtype_key) + " (bfloat16): parameters, gradients and AdamW state are held as bf16 values; the "
                 "CPU computes in fp32");
     else if (pure_bf16 && !opt_.quiet)
       log::info(r_.where(dtype_key) + " (bfloat16): pure bf16 training: bf16 parameters, gradients and AdamW state, no "
                 "fp32 master copy (docs/precision.md)");
   }
-  if (groups_) dp_ = std::make_unique<dist::DataParallel>(*model_, *groups_, dist::parse_strategy(strategy_name_), model_->exec());
+  if (groups_)
+    dp_ = std::make_unique<dist::DataParallel>(*model_, *groups_, dist::parse_strategy(strategy_name_), model_->exec(), pure_bf16);
   // optimizer_in_bwd (train/optimizer_in_bwd.h): checked here, made with the optimizer below.
   in_bwd_ = r_.get_bool("optimizer_in_bwd", false);
   if (in_bwd_ && groups_)
     r_.fail("optimizer_in_bwd", "is not implemented with data parallelism yet (world size " + std::to_string(world_) +
                                 "); set it to false or run on one rank");
-  if (pure_bf16) pure_ = std::make_unique<PureBf16>(*model_, /*accumulators=*/!in_bwd_);
+  if (pure_bf16 && !groups_) pure_ = std::make_unique<PureBf16>(*model_, /*accumulators=*/!in_bwd_);
   fwd_opt_.activation_checkpointing = r_.get_bool("distributed.activation_checkpointing", false);
   fwd_opt_.fake_balanced_gate = r_.get_bool("model.backend.fake_balanced_gate", false);
   if (fwd_opt_.fake_balanced_gate && !cfg.is_moe())
@@ -330,9 +327,9 @@ void Trainer::setup() {
   // ---- optimizer ----
   auto ocfg = OptimizerConfig::from_recipe(r_);
   ocfg.seed = seed_;
-  if (ocfg.stochastic_rounding && !pure_ && !opt_.quiet)
+  if (ocfg.stochastic_rounding && !pure_ && !(dp_ && dp_->pure_bf16()) && !opt_.quiet)
     log::warn(r_.where("optimizer.stochastic_rounding") + ": has no effect here (it rounds bf16 parameters: "
-              "model.dtype bfloat16, full fine-tuning on one rank)");
+              "model.dtype bfloat16, full fine-tuning)");
   optim_ = std::make_unique<Optimizer>(ocfg);
   if (in_bwd_) {
     if (gbs_ != lbs_)
@@ -922,7 +919,9 @@ void Trainer::save_checkpoint(int64_t step, bool final) {
 
 void Trainer::restore(const std::string& from) {
   CheckpointState st = read_checkpoint(ckpt_dir_, from, *model_, *optim_, dp_.get());
-  if (pure_) pure_->round_values();  // a checkpoint of an fp32-master run resumed in bf16 (on the host: fp32 storage)
+  // A checkpoint of an fp32-master run resumed in bf16 (on the host: fp32 storage).
+  if (pure_) pure_->round_values();
+  if (dp_) dp_->round_values();
   if (st.seed != seed_) log::warn("resuming with seed " + std::to_string(seed_) + " but the checkpoint used " + std::to_string(st.seed));
   if (st.world_size != world_ || st.ep_size != ep_size_)
     log::info("resharding a checkpoint of world size " + std::to_string(st.world_size) + " (ep_size " +

@@ -261,6 +261,91 @@ TEST(DistMemory, Fsdp2KeepsHalfOfDdp) {
   EXPECT_LE(fsdp.peak, ddp.peak);
 }
 
+// model.dtype bfloat16 under data parallelism (dist/data_parallel.h, pure_bf16): one rank in pure bf16 is the
+// oracle. With one micro-batch per step on both sides, each rank's bucket rounds the reduced fp32 gradient to
+// bf16 once, as one rank rounds its own once; only the order of the fp32 sums differs (two ranks' partial sums
+// plus a reduction vs one backward), which can move a rounding by one bf16 ulp. The state really is bf16 (the
+// checkpoint's AdamW state), and the numbers follow one rank's to bf16 precision.
+TEST(DistPureBf16, World2FollowsOneRank) {
+  const int rank = world().rank();
+  for (const std::string c : {"llama", "qwen3_moe"}) {
+    const std::vector<std::string> common = {"model.dtype=bfloat16", "step_scheduler.global_batch_size=2",
+                                             "checkpoint.save_consolidated=final"};
+    // One rank (each MPI rank runs it alone, in its own folder): a micro-batch of 2.
+    const fs::path ref_dir = shared_dir("pure_" + c + "_ref") / std::to_string(rank);
+    std::vector<std::string> one_ov = common;
+    one_ov.push_back("step_scheduler.local_batch_size=2");
+    TrainerOptions alone;
+    alone.quiet = true;
+    const auto ref = run(c, ref_dir, one_ov, alone);
+    for (const Mode& m : modes()) {
+      if (m.name == "ep2" && c == "llama") continue;
+      const std::string what = c + " pure bf16 " + m.name;
+      const fs::path ck = shared_dir("pure_" + c + "_" + m.name);
+      std::vector<std::string> ov = common;
+      ov.push_back("step_scheduler.local_batch_size=1");
+      for (auto& o : m.overrides) ov.push_back(o);
+      const auto got = run(c, ck, ov);
+      ASSERT_EQ(got.size(), ref.size()) << what;
+      for (size_t i = 0; i < got.size(); ++i) {
+        EXPECT_LT(std::abs(got[i].loss - ref[i].loss) / ref[i].loss, 2e-3) << what << " step " << i + 1;
+        EXPECT_LT(std::abs(got[i].grad_norm - ref[i].grad_norm) / ref[i].grad_norm, 2e-2) << what << " step " << i + 1;
+      }
+      if (rank == 0) {
+        // The AdamW state in the checkpoint is bf16 (fp32-master data parallelism would write fp32).
+        auto st = io::SafeTensors::open((ck / "LATEST" / "state" / "rank_00000-of-00002.safetensors").string());
+        int64_t states = 0;
+        for (auto& name : st.names())
+          if (name.rfind("exp_avg", 0) == 0) {
+            ++states;
+            EXPECT_EQ(st.info(name).dtype, DType::BF16) << what << " " << name;
+          }
+        EXPECT_GT(states, 0) << what;
+        // Final weights: bf16 values on both sides; elements apart by more than 2 bf16 ulps are counted.
+        auto a = io::SafeTensors::open((ck / "LATEST" / "model" / "consolidated").string());
+        auto b = io::SafeTensors::open((ref_dir / "LATEST" / "model" / "consolidated").string());
+        int64_t n = 0, far = 0, differ = 0;
+        for (auto& name : b.names()) {
+          const Tensor x = a.get(name).to(DType::F32), y = b.get(name).to(DType::F32);
+          for (int64_t i = 0; i < y.numel(); ++i) {
+            const float u = x.f32()[i], v = y.f32()[i];
+            ++n;
+            differ += u != v;
+            far += std::abs(u - v) > 2 * std::ldexp(1.0f, std::ilogb(std::max(std::abs(v), 1e-30f)) - 7);
+          }
+        }
+        std::printf("[dist] %s: final weights differing from one rank's: %lld of %lld (%lld beyond 2 bf16 ulps)\n",
+                    what.c_str(), static_cast<long long>(differ), static_cast<long long>(n), static_cast<long long>(far));
+        EXPECT_LT(far, n / 1000 + 1) << what;
+      }
+      world().barrier();
+    }
+  }
+}
+
+// Pure bf16 under fsdp2 resumes exactly: a checkpoint of step 2 (bf16 values and state, sharded) read back at
+// the same world size gives steps 3 and 4 of the straight run bit for bit.
+TEST(DistPureBf16, ResumeIsExact) {
+  const std::string c = "qwen3";
+  const std::vector<std::string> ov = {"model.dtype=bfloat16", "step_scheduler.global_batch_size=2",
+                                       "step_scheduler.local_batch_size=1", "distributed.strategy=fsdp2",
+                                       "checkpoint.save_consolidated=false", "step_scheduler.ckpt_every_steps=2"};
+  const auto straight = run(c, shared_dir("pure_resume_straight"), ov);
+  ASSERT_EQ(straight.size(), 4u);
+  const fs::path ck = shared_dir("pure_resume_split");
+  run(c, ck, ov);
+  rewind_to_step2(ck);
+  std::vector<std::string> ov2 = ov;
+  ov2.push_back("checkpoint.restore_from=LATEST");
+  const auto rest = run(c, ck, ov2);
+  ASSERT_EQ(rest.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(rest[i].loss, straight[i + 2].loss) << "step " << i + 3;
+    EXPECT_EQ(rest[i].grad_norm, straight[i + 2].grad_norm) << "step " << i + 3;
+  }
+  world().barrier();
+}
+
 // fsdp2's unsharded gradient lives only from a unit's backward to its reduce-scatter, in every micro-batch,
 // so a step never holds the whole model's unsharded gradient (4 bytes x N), with or without gradient
 // accumulation. A model whose parameters dwarf its activations (16 layers of hidden 128, 8 tokens a sample,
