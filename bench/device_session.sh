@@ -107,7 +107,7 @@ for s in "$@"; do
     addnorm)
       # the fused residual add + RMSNorm (docs/cuda_kernels.md): GPU tests, micro-benchmark, W1 engine on / off
       stage addnorm
-      timeout 200 $B/am_gpu_tests --gtest_filter='CudaAddRmsNorm.*' > "$R/addnorm_tests.log" 2>&1
+      timeout 200 $B/am_gpu_tests --gtest_filter='CudaAddRmsNorm.*:CudaOps.RmsNorm*:CudaOps.FrozenWeightsLinearAndRmsNorm' > "$R/addnorm_tests.log" 2>&1
       echo "tests exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|Failure" "$R/addnorm_tests.log" | head -20
       timeout 60 $B/am_gpu_microbench add_norm > "$R/addnorm_bench.log" 2>&1; echo "bench exit $?"; tail -14 "$R/addnorm_bench.log"
       for f in 0 1; do
