@@ -39,6 +39,9 @@ class Communicator {
 
   // ---- tensor collectives (device = the engine's) ----
   virtual void all_reduce(Tensor& t, ReduceOp op = ReduceOp::Sum) = 0;  // in place
+  // The same, returning before completion (ddp overlaps each layer's all-reduce with the next layer's backward);
+  // `t` must stay untouched until wait(). The default completes before returning.
+  virtual WorkPtr all_reduce_async(Tensor& t, ReduceOp op = ReduceOp::Sum);
   // Sum over ranks of block `rank` of `in` [size * n] into `out` [n]. async: returns before completion.
   virtual WorkPtr reduce_scatter(const Tensor& in, Tensor& out, bool async = false) = 0;
   // `in` [n] of every rank into `out` [size * n], rank order.
@@ -65,6 +68,17 @@ class Communicator {
   // Stop every pending operation at once (error paths; then the process exits). Never throws.
   virtual void abort() noexcept {}
 };
+
+// A collective that completed before its call returned.
+class CompletedWork final : public Work {
+ public:
+  void wait() override {}
+};
+
+inline WorkPtr Communicator::all_reduce_async(Tensor& t, ReduceOp op) {
+  all_reduce(t, op);
+  return std::make_shared<CompletedWork>();
+}
 
 // World 1: the identity engine for host or device tensors.
 std::unique_ptr<Communicator> make_self_communicator();

@@ -43,6 +43,7 @@ struct DataParallel::Bucket {
   Tensor rs_out;               // sharded, reduction in flight: its fp32 [shard] result, folded into grad after
   bool grad_assigned = false;  // this step's first reduction has written `grad`
   bool fold_assign = false;    // the reduction in flight is the step's first: it assigns grad instead of adding
+  bool fold_full = false;      // pure bf16, replicated: full_grad is being all-reduced, to fold in when done
   WorkPtr gathering, reducing;
   bool gathered = false;
 };
@@ -254,7 +255,13 @@ void DataParallel::reduce_bf16(Bucket& b) {
     reducing_ = &b;
     return;
   }
-  if (b.group->size() > 1) b.group->all_reduce(b.full_grad, ReduceOp::Sum);
+  if (b.group->size() > 1) {  // in flight while backward goes on; wait_reduce folds it
+    if (reducing_ && reducing_ != &b) wait_reduce(*reducing_);
+    b.reducing = b.group->all_reduce_async(b.full_grad, ReduceOp::Sum);
+    b.fold_full = true;
+    reducing_ = &b;
+    return;
+  }
   fold(b, b.full_grad);
   b.full_grad = Tensor();
   for (Param* p : b.params) p->grad = Tensor();
@@ -264,7 +271,12 @@ void DataParallel::reduce(Bucket& b) {
   if (bf16_) return reduce_bf16(b);
   if (b.group->size() == 1) return;
   if (!b.sharded) {
-    b.group->all_reduce(b.grad, ReduceOp::Sum);
+    // The layer's all-reduce runs while the previous layer's backward computes (NCCL: on the communication
+    // stream; MPI: nonblocking). Its gradient is not written again before finish_grads: this is the step's last
+    // backward. At most one reduction in flight besides the newest, as for the reduce-scatters below.
+    if (reducing_ && reducing_ != &b) wait_reduce(*reducing_);
+    b.reducing = b.group->all_reduce_async(b.grad, ReduceOp::Sum);
+    reducing_ = &b;
     return;
   }
   if (!b.full_grad.defined()) return;  // this micro-batch's backward did not reach the bucket
@@ -292,6 +304,10 @@ void DataParallel::wait_reduce(Bucket& b) {
   if (b.rs_out.defined()) {
     fold(b, b.rs_out);
     b.rs_out = Tensor();
+  }
+  if (b.fold_full) {  // pure bf16, replicated: the all-reduced fp32 gradient
+    fold(b, b.full_grad);
+    b.fold_full = false;
   }
   if (b.sharded || bf16_) {
     b.full_grad = Tensor();

@@ -181,6 +181,14 @@ class MpiComm final : public Communicator {
                                mpi_type(t.dtype(), "all_reduce"), mpi_op(op, t.dtype()), comm_));
   }
 
+  WorkPtr all_reduce_async(Tensor& t, ReduceOp op) override {
+    check_host(t, "all_reduce");
+    MPI_Request r;
+    AM_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, t.raw(), to_int(t.numel(), "all_reduce"), mpi_type(t.dtype(), "all_reduce"),
+                                mpi_op(op, t.dtype()), comm_, &r));
+    return std::make_shared<MpiWork>(r, t, Tensor());
+  }
+
   // in [size * n] -> out [n]
   WorkPtr reduce_scatter(const Tensor& in, Tensor& out, bool async) override {
     check_pair(in, out, in.numel(), out.numel() * size_, "reduce_scatter");

@@ -171,6 +171,14 @@ class NcclComm final : public Communicator {
     end(false, t, Tensor())->wait();
   }
 
+  WorkPtr all_reduce_async(Tensor& t, ReduceOp op) override {
+    check_dev(t, "all_reduce");
+    begin();
+    AM_NCCL_CHECK(comm_, ncclAllReduce(t.raw(), t.raw(), static_cast<size_t>(t.numel()), nccl_type(t.dtype(), "all_reduce"),
+                                       nccl_op(op), comm_, stream_));
+    return end(true, t, Tensor());
+  }
+
   // in [size * n] -> out [n]
   WorkPtr reduce_scatter(const Tensor& in, Tensor& out, bool async) override {
     check_pair(in, out, in.numel(), out.numel() * size_, "reduce_scatter");

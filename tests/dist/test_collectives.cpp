@@ -83,6 +83,24 @@ TEST(DistMpi, AllReduceBf16AddsInFp32) {
   }
 }
 
+// The nonblocking all-reduce (ddp's per-layer overlap): the same sums as the blocking one, fp32 and bf16 (its
+// user op), two in flight at once, each waited for (twice allowed).
+TEST(DistMpi, AllReduceAsyncMatchesBlocking) {
+  const int W = world().size(), r = world().rank();
+  const int64_t n = 1003;
+  Tensor a = Tensor::empty({n}, DType::F32), b = Tensor::empty({n}, DType::F32), c = Tensor::empty({64}, DType::BF16);
+  for (int64_t i = 0; i < n; ++i) a.data<float>()[i] = b.data<float>()[i] = val(r, i);
+  for (int i = 0; i < 64; ++i) c.data<uint16_t>()[i] = f32_to_bf16(static_cast<float>(i + r));
+  world().all_reduce(a);
+  WorkPtr wb = world().all_reduce_async(b), wc = world().all_reduce_async(c);
+  wc->wait();
+  wb->wait();
+  wb->wait();
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(b.data<float>()[i], a.data<float>()[i]) << i;
+  for (int i = 0; i < 64; ++i)
+    EXPECT_EQ(bf16_to_f32(c.data<uint16_t>()[i]), static_cast<float>(W * i + W * (W - 1) / 2)) << i;
+}
+
 // in [W * n] -> out [n]: out[i] = sum_q in_q[r * n + i]
 TEST(DistMpi, ReduceScatterSyncAndAsync) {
   const int W = world().size(), r = world().rank();
