@@ -203,9 +203,9 @@ int cmd_generate(int argc, char** argv) {
                                          : std::string("greedy")) +
             ", eos [" + eos_list + "]" + (gd.eos_source.empty() ? "" : " from " + gd.eos_source));
 
-  if (!m.lm)
-    log::info("generate: " + cfg.model_type + " has no state cache here yet (Mamba2 conv/SSM states): each new token "
-              "recomputes the whole sequence (same tokens, slower for long outputs)");
+  if (!has_incremental_decode(*m.model))
+    log::info("generate: " + cfg.model_type + " has no state cache on " + m.device + " yet (Mamba2 conv/SSM states): "
+              "each new token recomputes the whole sequence (same tokens, slower for long outputs)");
   const bool tty = isatty(fileno(stdout));
   TerminalStream stream(tk);
   std::function<void(int32_t)> cb;

@@ -91,6 +91,11 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
+bool has_incremental_decode(const CausalLM& model) {
+  if (dynamic_cast<const DecoderLM*>(&model)) return true;
+  return dynamic_cast<const NemotronHLM*>(&model) && !model.exec().on_cuda();
+}
+
 GenerateResult generate(CausalLM& model, const std::vector<int32_t>& prompt, const GenerateOptions& opt,
                         const std::function<void(int32_t)>& on_token) {
   const int64_t V = model.config().vocab_size;
@@ -105,9 +110,22 @@ GenerateResult generate(CausalLM& model, const std::vector<int32_t>& prompt, con
   // Room for the prompt and up to 1024 new tokens at first; doubled when full, up to every position the run
   // can reach (prompt + max_new_tokens - 1: the last token is picked, never fed back).
   const int64_t need = r.prompt_tokens + opt.max_new_tokens - 1;
-  DecoderLM* lm = dynamic_cast<DecoderLM*>(&model);
+  const int64_t first_capacity = std::min(need, r.prompt_tokens + 1024);
+  const bool cached = opt.use_cache && has_incremental_decode(model);
+  DecoderLM* lm = cached ? dynamic_cast<DecoderLM*>(&model) : nullptr;
+  NemotronHLM* nh = cached ? dynamic_cast<NemotronHLM*>(&model) : nullptr;
   KvCache cache;
-  if (lm) cache = KvCache(model.config(), model.exec(), std::min(need, r.prompt_tokens + 1024));
+  NemotronHCache nh_cache;
+  if (lm) cache = KvCache(model.config(), model.exec(), first_capacity);
+  if (nh) nh_cache = nh->make_cache(first_capacity);
+  r.cached = cached;
+  // The next tokens through the cached path: logits [1, V] of the last one, on the host.
+  auto step = [&](const std::vector<int32_t>& ids) {
+    KvCache& kv = lm ? cache : nh_cache.kv;
+    if (kv.length() + static_cast<int64_t>(ids.size()) > kv.capacity())
+      kv.reserve(std::min(need, std::max(2 * kv.capacity(), kv.length() + static_cast<int64_t>(ids.size()))));
+    return host_logits(lm ? lm->forward_incremental(ids, cache) : nh->forward_incremental(ids, nh_cache));
+  };
   // Without a cache: the whole sequence so far through forward_logits, its last row.
   std::vector<int32_t> seq = prompt;
   auto recompute = [&]() {
@@ -124,7 +142,7 @@ GenerateResult generate(CausalLM& model, const std::vector<int32_t>& prompt, con
   };
 
   auto t0 = std::chrono::steady_clock::now();
-  Tensor logits = lm ? host_logits(lm->forward_incremental(prompt, cache)) : recompute();  // [1, V]; the download syncs
+  Tensor logits = cached ? step(prompt) : recompute();  // [1, V]; the download syncs
   for (;;) {
     const int32_t tok = sampler.next(logits.f32(), V);
     r.tokens.push_back(tok);
@@ -138,13 +156,12 @@ GenerateResult generate(CausalLM& model, const std::vector<int32_t>& prompt, con
       break;
     }
     if (static_cast<int64_t>(r.tokens.size()) >= opt.max_new_tokens) break;
-    if (!lm) {
+    if (!cached) {
       seq.push_back(tok);
       logits = recompute();
       continue;
     }
-    if (cache.length() == cache.capacity()) cache.reserve(std::min(need, 2 * cache.capacity()));
-    logits = host_logits(lm->forward_incremental({tok}, cache));
+    logits = step({tok});
   }
   if (r.tokens.size() > 1) r.decode_s = seconds_since(t0);
   return r;

@@ -1,9 +1,10 @@
 // Token-level text generation with a KV cache (automodel generate; the CLI in src/cli/cmd_generate.cpp does
 // the tokenizer, chat template and model loading around it):
-//   prefill: the prompt's n tokens run once through the model (DecoderLM::forward_incremental), filling the
-//            cache; its last logits pick the first new token
-//   decode:  each new token runs alone at the next position, attending over the cache, until max_new_tokens
-//            or an EOS id
+//   prefill: the prompt's n tokens run once through the model (DecoderLM::forward_incremental, or
+//            NemotronHLM::forward_incremental: KV cache + Mamba2 conv / SSM states), filling the cache; its last
+//            logits pick the first new token
+//   decode:  each new token runs alone at the next position, attending over the cache (and continuing the Mamba2
+//            states), until max_new_tokens or an EOS id
 // Picking a token from logits [V] follows HF generate's logits processors:
 //   temperature == 0:  greedy, argmax (the first maximal index, as torch.argmax) = generate(do_sample=False)
 //   temperature > 0:   logits / temperature (TemperatureLogitsWarper), then nucleus filtering with top_p < 1
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "models/decoder.h"
+#include "models/nemotron_h.h"
 
 namespace am {
 
@@ -53,6 +55,9 @@ struct GenerateOptions {
   int64_t max_new_tokens = 128;
   SamplingOptions sampling;
   std::vector<int64_t> eos_token_ids;  // generation stops after producing one of these (it is kept in tokens)
+  // false: no cache, every new token runs a full forward over the sequence so far (HF's use_cache=False; O(n^2)
+  // time). For comparisons and timings; what a model without a cache path always does.
+  bool use_cache = true;
 };
 
 struct GenerateResult {
@@ -61,13 +66,19 @@ struct GenerateResult {
   int64_t prompt_tokens = 0;
   double prefill_s = 0.0;  // prompt forward + picking the first token
   double decode_s = 0.0;   // the tokens after the first: one forward each
+  bool cached = false;     // true: decoded from a cache; false: recomputed the whole sequence per token
 };
+
+// Whether generate() decodes `model` incrementally from a cache (true: a DecoderLM anywhere, nemotron_h on the
+// CPU) or recomputes the sequence for every new token (nemotron_h on CUDA: no state-carrying Mamba2 scan kernel).
+bool has_incremental_decode(const CausalLM& model);
 
 // Greedy or sampled generation from `prompt` (token ids, non-empty, each < vocab_size). on_token, when
 // set, is called with every new token as soon as it is picked (streaming). Throws DataError for an empty
 // prompt or an id outside the model's vocabulary.
-// A DecoderLM decodes with its KV cache; another CausalLM (nemotron_h: no Mamba2 conv/SSM state cache yet)
-// runs a full forward over the whole sequence for every new token: the same tokens, O(n^2) time.
+// A DecoderLM decodes with its KV cache, nemotron_h on the CPU with its hybrid cache (NemotronHCache); otherwise
+// (nemotron_h on CUDA, or opt.use_cache false) every new token runs a full forward over the whole sequence: the same
+// tokens, O(n^2) time.
 GenerateResult generate(CausalLM& model, const std::vector<int32_t>& prompt, const GenerateOptions& opt,
                         const std::function<void(int32_t)>& on_token = nullptr);
 

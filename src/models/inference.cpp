@@ -83,7 +83,7 @@ InferenceModel load_for_inference(const InferenceLoadOptions& o) {
   const io::ModelConfig cfg = io::load_model_config(cfg_path.string());
   check_hf_weights_against_config(m.dir, cfg);  // headers only: fails before allocating
   m.model = build_model(cfg);
-  m.lm = dynamic_cast<DecoderLM*>(m.model.get());  // null: no KV-cache decode (nemotron_h), generate recomputes
+  m.lm = dynamic_cast<DecoderLM*>(m.model.get());  // null: nemotron_h (its own cache path, generate.h)
   load_hf_weights(*m.model, m.dir);
   if (!o.adapter.empty()) merge_adapter(*m.model, m.dir, o.adapter);
   auto& ps = m.model->params();

@@ -26,8 +26,8 @@ struct InferenceLoadOptions {
 struct InferenceModel {
   std::string dir;                  // the resolved model folder
   std::unique_ptr<CausalLM> model;  // owns the model
-  DecoderLM* lm = nullptr;          // the same object when it has the KV-cache decode path (null: nemotron_h,
-                                    // whose generate recomputes the sequence each step)
+  DecoderLM* lm = nullptr;          // the same object when it is a DecoderLM (null: nemotron_h, which decodes from
+                                    // its own hybrid cache on the CPU and recomputes on CUDA: has_incremental_decode)
   std::string device;               // "cpu" or "cuda:N"
   std::string device_name;          // e.g. "NVIDIA H200" ("cpu" on the host)
   DType checkpoint_dtype = DType::F32;  // dtype of the embedding in the checkpoint

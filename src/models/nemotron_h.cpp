@@ -19,6 +19,7 @@ NemotronHLM::NemotronHLM(const io::ModelConfig& cfg, const ModelParallel& mp) : 
   add_hub_layout(*embed_, "backbone.embedding.weight");
   // (transformers 5 renames backbone. -> model. and embedding -> embeddings; accept the half-renamed name too)
   embed_->layouts.insert(embed_->layouts.begin() + 1, SourceLayout{SourceSlice{"backbone.embeddings.weight", 0, embed_->shape}});
+  int64_t n_attn = 0;
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) {
     const std::string pre = "model.layers." + std::to_string(i) + ".", hub = hub_of(pre);
     Layer L{};
@@ -29,6 +30,7 @@ NemotronHLM::NemotronHLM(const io::ModelConfig& cfg, const ModelParallel& mp) : 
     switch (L.kind) {
       case 'M': L.mamba = register_mamba2(ps_, mp_, mh, cfg); break;
       case '*':
+        L.attn_slot = n_attn++;
         L.attn = register_attention(ps_, mp_, cfg);
         for (Param* p : {L.attn.q, L.attn.k, L.attn.v, L.attn.o}) add_hub_layout(*p, hub_of(p->name));
         break;
@@ -119,13 +121,18 @@ Tensor NemotronHLM::to_act(const Tensor& t) const {
   return a;
 }
 
-Tensor NemotronHLM::mixer_forward(const Layer& L, const Batch& b, const Tensor& h, Saved* s) {
+Tensor NemotronHLM::mixer_forward(const Layer& L, const Batch& b, const Tensor& h, Saved* s, NemotronHCache* cache,
+                                  size_t layer) {
   const Tensor* seg = b.segment_ids.defined() ? &b.segment_ids : nullptr;
   switch (L.kind) {
-    case 'M': return mamba2_forward(ex_, L.mamba, cfg_, h, b.B, b.T, seg, s ? &s->mamba : nullptr);
+    case 'M':
+      if (cache) return mamba2_forward_cached(ex_, L.mamba, cfg_, h, cache->mamba.at(layer));
+      return mamba2_forward(ex_, L.mamba, cfg_, h, b.B, b.T, seg, s ? &s->mamba : nullptr);
     case '*': {
       const AttentionGeometry g{cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim, cfg_.hidden_size,
                                 static_cast<float>(cfg_.rms_norm_eps), &ex_};
+      // No RoPE: the identity tables make the cached path's positions irrelevant; the causal offset comes from the cache.
+      if (cache) return attention_forward_cached(L.attn, g, h, cos_, sin_, attn_params(b), cache->kv, L.attn_slot);
       return attention_forward(L.attn, g, h, cos_, sin_, attn_params(b), s ? &s->attn : nullptr);
     }
     case '-': return mlp_forward(ex_, L.mlp, h, s ? &s->mlp : nullptr);
@@ -147,12 +154,13 @@ Tensor NemotronHLM::mixer_backward(const Layer& L, const Batch& b, const Saved& 
   }
 }
 
-Tensor NemotronHLM::layer_forward(const Layer& L, const Batch& b, const Tensor& x, Saved* s) {
+Tensor NemotronHLM::layer_forward(const Layer& L, const Batch& b, const Tensor& x, Saved* s, NemotronHCache* cache,
+                                  size_t layer) {
   const int64_t N = x.dim(0), H = cfg_.hidden_size;
   // h = RMSNorm(x) in the activation dtype (an fp32 residual feeds the bf16 matmuls through it), rstd fp32
   Tensor h = ex_.empty({N, H}), r = ex_.empty({N}, DType::F32);
   ops::rmsnorm_fwd(x, wide_weight(*L.norm), static_cast<float>(cfg_.rms_norm_eps), h, r);
-  Tensor y = mixer_forward(L, b, h, s);
+  Tensor y = mixer_forward(L, b, h, s, cache, layer);
   if (s) {
     s->x = x;
     s->h = h;
@@ -164,7 +172,8 @@ Tensor NemotronHLM::layer_forward(const Layer& L, const Batch& b, const Tensor& 
   return xn;
 }
 
-Tensor NemotronHLM::trunk_forward(const Batch& b, std::vector<Saved>* saved, Tensor* x_pre, Tensor* rstd_f, bool recompute) {
+Tensor NemotronHLM::trunk_forward(const Batch& b, std::vector<Saved>* saved, Tensor* x_pre, Tensor* rstd_f, bool recompute,
+                                  NemotronHCache* cache) {
   const int64_t N = b.B * b.T, H = cfg_.hidden_size;
   nope_tables(N);
   hook_use(0, false);
@@ -178,7 +187,7 @@ Tensor NemotronHLM::trunk_forward(const Batch& b, std::vector<Saved>* saved, Ten
     // Activation checkpointing keeps only each layer's input [N, H]; backward recomputes the rest.
     if (saved && recompute) (*saved)[i].x = x;
     Saved* s = saved && !recompute ? &(*saved)[i] : nullptr;
-    x = layer_forward(layers_[i], b, x, s);
+    x = layer_forward(layers_[i], b, x, s, cache, i);
     hook_fwd_done(static_cast<int>(i) + 1);
   }
   Tensor xf = ex_.empty({N, H}), rf = ex_.empty({N}, DType::F32);
@@ -241,6 +250,49 @@ Tensor NemotronHLM::forward_logits(const Batch& b) {
   Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr);
   Tensor logits = ex_.empty({xf.dim(0), cfg_.vocab_size});  // the activation dtype, as the interface says
   ops::linear_fwd(xf, lm_head().work, nullptr, logits);
+  hook_fwd_done(0);
+  return logits;
+}
+
+NemotronHCache NemotronHLM::make_cache(int64_t capacity) const {
+  // The KV cache over the attention layers only (a config with just those layers: KvCache allocates one k / v
+  // pair per layer of its config; Mamba2 / MLP / MoE layers need none).
+  io::ModelConfig attn_cfg = cfg_;
+  attn_cfg.num_hidden_layers = 0;
+  for (const Layer& L : layers_) attn_cfg.num_hidden_layers += L.kind == '*';
+  NemotronHCache c;
+  c.kv = KvCache(attn_cfg, ex_, capacity);
+  c.mamba.resize(layers_.size());
+  for (size_t i = 0; i < layers_.size(); ++i)
+    if (layers_[i].kind == 'M') c.mamba[i] = mamba2_initial_state(ex_, cfg_);
+  return c;
+}
+
+Tensor NemotronHLM::forward_incremental(const std::vector<int32_t>& ids, NemotronHCache& cache, bool all_logits) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  if (n == 0) throw DataError("forward_incremental: no tokens given");
+  if (ex_.on_cuda())
+    throw DeviceError("nemotron_h: the incremental decode (Mamba2 state cache) runs on the CPU only; on CUDA generate "
+                      "recomputes the sequence");
+  if (cache.mamba.size() != layers_.size())
+    throw ShapeError("forward_incremental: the cache was not made by this model's make_cache");
+  // Checked before any layer runs: a step that stopped half-way would leave the Mamba2 states ahead of the KV cache.
+  if (cache.length() + n > cache.kv.capacity())
+    throw DataError("forward_incremental: " + std::to_string(cache.length()) + " + " + std::to_string(n) +
+                    " tokens exceed the cache's capacity of " + std::to_string(cache.kv.capacity()));
+  // One sequence of n tokens: a [1, n] batch without padding or segments (positions are unused: no RoPE).
+  Batch b;
+  b.B = 1;
+  b.T = n;
+  Tensor host_ids = Tensor::empty({n}, DType::I32);
+  for (int64_t t = 0; t < n; ++t) host_ids.data<int32_t>()[t] = ids[static_cast<size_t>(t)];
+  b.input_ids = ex_.upload(host_ids);
+  b.num_real_tokens = n;
+  Tensor xf = trunk_forward(b, nullptr, nullptr, nullptr, false, &cache);  // [n, H]
+  cache.kv.advance(n);
+  const Tensor rows = all_logits ? xf : xf.slice_rows(n - 1, n);  // [n or 1, H]
+  Tensor logits = ex_.empty({rows.dim(0), cfg_.vocab_size});
+  ops::linear_fwd(rows, lm_head().work, nullptr, logits);
   hook_fwd_done(0);
   return logits;
 }

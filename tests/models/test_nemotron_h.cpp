@@ -1,6 +1,6 @@
 // nemotron_h: config.json reading (NemotronHConfig keys, defaults, refusals), packing (a packed row equals
 // its samples run one by one through the whole hybrid model), activation checkpointing (the same gradients), the
-// refusals (generate; CUDA without a device; bf16 on the CPU), and a finite-
+// refusals (CUDA without a device; bf16 on the CPU), generate against the full forward's argmax, and a finite-
 // difference check of the whole model's backward on the fixture tests/fixtures/ref_torch/nemotron_h (whose
 // 4-step training run test_hf_golden compares against the independent torch reference).
 #include <gtest/gtest.h>
@@ -186,7 +186,7 @@ TEST(NemotronH, ActivationCheckpointingGivesTheSameGradients) {
   for (size_t i = 0; i < plain.second.size(); ++i) EXPECT_EQ(plain.second[i], ckpt.second[i]) << "parameter " << i;
 }
 
-TEST(NemotronH, GeneratesByRecomputingAndRefusesCudaWithoutADevice) {
+TEST(NemotronH, GeneratesTheFullForwardsArgmaxAndRefusesCudaWithoutADevice) {
   auto m = load_fixture();
   // CUDA runs (tests/gpu/test_cuda_nemotron_h.cpp); without a GPU (or a CUDA build) moving there is a DeviceError.
   if (ops::list_gpus().empty()) EXPECT_THROW(m->to_device(ExecContext::cuda_bf16()), DeviceError);
@@ -194,8 +194,8 @@ TEST(NemotronH, GeneratesByRecomputingAndRefusesCudaWithoutADevice) {
   ExecContext bf16_cpu = ExecContext::cpu();
   bf16_cpu.act_dtype = DType::BF16;
   EXPECT_THROW(load_fixture()->to_device(bf16_cpu), DeviceError);
-  // generate has no Mamba2 state cache for it: each token recomputes the sequence (generate.h). Its greedy tokens
-  // equal the argmax of a full forward over the same sequence (HF's own tokens: GenerateHfGoldens).
+  // generate decodes from the hybrid cache (KV + Mamba2 conv / SSM states; test_nemotron_h_generate.cpp). Its greedy
+  // tokens equal the argmax of a full forward over the same sequence (HF's own tokens: GenerateHfGoldens).
   InferenceLoadOptions o;
   o.model = case_dir().string();
   o.device = "cpu";

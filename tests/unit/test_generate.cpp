@@ -48,8 +48,8 @@ std::vector<std::string> golden_cases() {
     std::ifstream f(golden_dir().parent_path() / root / "index.json");
     if (!f) continue;
     for (const auto& c : json::parse(f)["cases"].get<std::vector<std::string>>()) {
-      // Families without an incremental decode path (nemotron_h: no Mamba2 state cache) are not generate
-      // families: load_for_inference refuses them (test_nemotron_h.cpp checks that).
+      // DecoderLM families only: nemotron_h decodes from its own hybrid cache (KV + Mamba2 conv / SSM states),
+      // checked the same way in tests/models/test_nemotron_h_generate.cpp.
       const fs::path dir = golden_dir().parent_path() / root / c / "model";
       ModelParallel shapes;
       shapes.shapes_only = true;
@@ -661,7 +661,7 @@ TEST(GenerateHfGoldens, GreedyMatchesTransformers) {
       ADD_FAILURE() << f << ": model folder " << dir << " is missing";
       continue;
     }
-    // nemotron_h has no Mamba2 state cache yet: its generate recomputes the sequence per token (same tokens).
+    // nemotron_h: decoded from its hybrid cache (KV + Mamba2 conv / SSM states) on the CPU.
     InferenceModel m = load_for_inference(load_opts(dir.string()));
     const auto prompt = g["prompt_ids"].get<std::vector<int32_t>>();
     const auto want = g["expected_ids"].get<std::vector<int32_t>>();

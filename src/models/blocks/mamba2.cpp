@@ -1,7 +1,10 @@
 #include "models/blocks/mamba2.h"
 
 #include <cmath>
+#include <initializer_list>
+#include <string>
 
+#include "backend/cpu/mamba2_state.h"
 #include "core/error.h"
 #include "models/blocks/lora.h"
 #include "ops/mamba2_ops.h"
@@ -59,20 +62,44 @@ float dt_hi(const io::ModelConfig::NemotronH& n) {
 
 }  // namespace
 
+namespace {
+
+// in_proj and its split (HF: gate, hidden_states_B_C, dt): z [N, Din], xbc_in [N, Cd] (the conv input), dt_raw [N, nh],
+// in the activation dtype.
+struct InProj {
+  Tensor z, xbc_in, dt_raw;
+};
+InProj in_project(const ExecContext& ex, const Mamba2Weights& w, const io::ModelConfig& c, const Tensor& x) {
+  const auto& n = c.nh;
+  const int64_t N = x.dim(0), Din = n.mamba_inner(), Cd = n.conv_dim(), nh = n.mamba_num_heads;
+  Tensor proj = ex.empty({N, Din + Cd + nh});
+  proj_fwd(ex, *w.in_proj, w.in_bias, x, proj);
+  return {cols(ex, proj, 0, Din), cols(ex, proj, Din, Cd), cols(ex, proj, Din + Cd, nh)};
+}
+
+// out_proj(RMSNorm_grouped(y * silu(z)) * norm.weight): y, z [N, Din] -> [N, H]. g [N, Din] / rstd [N * G] (what
+// the backward needs) are stored when asked for.
+Tensor out_project(const ExecContext& ex, const Mamba2Weights& w, const io::ModelConfig& c, const Tensor& y,
+                   const Tensor& z, Tensor* g_out, Tensor* rstd_out) {
+  const int64_t N = y.dim(0), Din = c.nh.mamba_inner(), G = c.nh.n_groups;
+  Tensor g = ex.empty({N, Din}), rstd = ex.empty({N * G}, DType::F32);
+  ops::gated_rmsnorm_fwd(y, z, f32_weight(*w.norm), Din / G, static_cast<float>(c.rms_norm_eps), g, rstd);
+  Tensor out = ex.empty({N, c.hidden_size});
+  proj_fwd(ex, *w.out_proj, w.out_bias, g, out);
+  if (g_out) *g_out = g;
+  if (rstd_out) *rstd_out = rstd;
+  return out;
+}
+
+}  // namespace
+
 Tensor mamba2_forward(const ExecContext& ex, const Mamba2Weights& w, const io::ModelConfig& c, const Tensor& x, int64_t B,
                       int64_t T, const Tensor* seg, Mamba2Saved* s) {
   const auto& n = c.nh;
-  const int64_t N = x.dim(0), H = c.hidden_size, Din = n.mamba_inner(), Cd = n.conv_dim(), nh = n.mamba_num_heads,
-                P = n.mamba_head_dim, G = n.n_groups, S = n.ssm_state_size;
+  const int64_t N = x.dim(0), Din = n.mamba_inner(), Cd = n.conv_dim(), nh = n.mamba_num_heads, P = n.mamba_head_dim,
+                G = n.n_groups, S = n.ssm_state_size;
   // Activations in the compute dtype (bf16 on CUDA, fp32 on the CPU); dt, A and rstd in fp32 everywhere.
-  Tensor z, xbc_in, dt_raw;
-  {
-    Tensor proj = ex.empty({N, Din + Cd + nh});
-    proj_fwd(ex, *w.in_proj, w.in_bias, x, proj);
-    z = cols(ex, proj, 0, Din);
-    xbc_in = cols(ex, proj, Din, Cd);
-    dt_raw = cols(ex, proj, Din + Cd, nh);
-  }
+  auto [z, xbc_in, dt_raw] = in_project(ex, w, c, x);
   Tensor pre = ex.empty({B, T, Cd}), xbc = ex.empty({B, T, Cd});
   ops::mamba_conv1d_silu_fwd(xbc_in.view({B, T, Cd}), f32_weight(*w.conv_w), w.conv_b ? &f32_weight(*w.conv_b) : nullptr,
                              seg, pre, xbc);
@@ -87,10 +114,8 @@ Tensor mamba2_forward(const ExecContext& ex, const Mamba2Weights& w, const io::M
   ops::mamba_ssm_scan_fwd(xs.view({B, T, nh, P}), dt, A, Bm.view({B, T, G, S}), Cm.view({B, T, G, S}), f32_weight(*w.D),
                           seg, y, nullptr);
   y = y.view({N, Din});
-  Tensor g = ex.empty({N, Din}), rstd = ex.empty({N * G}, DType::F32);
-  ops::gated_rmsnorm_fwd(y, z, f32_weight(*w.norm), Din / G, static_cast<float>(c.rms_norm_eps), g, rstd);
-  Tensor out = ex.empty({N, H});
-  proj_fwd(ex, *w.out_proj, w.out_bias, g, out);
+  Tensor g, rstd;
+  Tensor out = out_project(ex, w, c, y, z, &g, &rstd);
   if (s) {
     *s = Mamba2Saved{};
     s->x = x;
@@ -108,6 +133,75 @@ Tensor mamba2_forward(const ExecContext& ex, const Mamba2Weights& w, const io::M
     s->g = g;
   }
   return out;
+}
+
+Mamba2State mamba2_initial_state(const ExecContext& ex, const io::ModelConfig& c) {
+  const auto& n = c.nh;
+  Mamba2State st;
+  if (n.conv_kernel > 1) st.conv = ex.zeros({n.conv_kernel - 1, n.conv_dim()}, ex.act_dtype);
+  st.ssm = ex.zeros({n.mamba_num_heads, n.mamba_head_dim, n.ssm_state_size}, DType::F32);
+  return st;
+}
+
+void mamba2_scan_carry(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
+                       const Tensor& D, Tensor& state, Tensor& y) {
+  const char* op = "mamba2_scan_carry";
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&x, &dt, &A, &Bm, &Cm, &D, &state, &y}) {
+    if (!t->defined()) throw ShapeError(std::string(op) + ": an undefined tensor");
+    if (t->device() != DeviceType::CPU)
+      throw DeviceError(std::string(op) + ": the state-carrying scan runs on the CPU only (CUDA: generate recomputes)");
+    if (t->dtype() != DType::F32) throw ShapeError(std::string(op) + ": expected float32 tensors");
+  }
+  if (x.ndim() != 3 || Bm.ndim() != 3 || state.ndim() != 3)
+    throw ShapeError(std::string(op) + ": expected x [n, nh, P], B / C [n, G, S], state [nh, P, S]");
+  cpu::SsmCarryDims d;
+  d.n = x.dim(0);
+  d.nh = x.dim(1);
+  d.P = x.dim(2);
+  d.G = Bm.dim(1);
+  d.S = Bm.dim(2);
+  const bool ok = d.G > 0 && d.nh % d.G == 0 && Bm.dim(0) == d.n && Cm.numel() == Bm.numel() && dt.numel() == d.n * d.nh &&
+                  A.numel() == d.nh && D.numel() == d.nh && state.dim(0) == d.nh && state.dim(1) == d.P &&
+                  state.dim(2) == d.S && y.numel() == x.numel();
+  if (!ok)
+    throw ShapeError(std::string(op) + ": inconsistent shapes (x " + std::to_string(d.n) + " x " + std::to_string(d.nh) +
+                     " x " + std::to_string(d.P) + ", B " + std::to_string(Bm.dim(0)) + " x " + std::to_string(d.G) + " x " +
+                     std::to_string(d.S) + ")");
+  cpu::mamba_ssm_scan_carry(x.f32(), dt.f32(), A.f32(), Bm.f32(), Cm.f32(), D.f32(), d, state.f32(), y.f32());
+}
+
+Tensor mamba2_forward_cached(const ExecContext& ex, const Mamba2Weights& w, const io::ModelConfig& c, const Tensor& x,
+                             Mamba2State& st) {
+  const auto& n = c.nh;
+  const int64_t N = x.dim(0), Din = n.mamba_inner(), Cd = n.conv_dim(), nh = n.mamba_num_heads, P = n.mamba_head_dim,
+                G = n.n_groups, S = n.ssm_state_size, K = n.conv_kernel, W = K - 1 + N;
+  if (ex.on_cuda())
+    throw DeviceError("mamba2_forward_cached: the Mamba2 state cache runs on the CPU only (CUDA: generate recomputes)");
+  if (!st.ssm.defined() || (K > 1 && !st.conv.defined()))
+    throw ShapeError("mamba2_forward_cached: the state was not made by mamba2_initial_state");
+  auto [z, xbc_in, dt_raw] = in_project(ex, w, c, x);
+  // Causal conv over the window [the last K - 1 inputs; the N new ones] [W, Cd]: output row K - 1 + i is token i's,
+  // with exactly the full forward's terms (the zero rows of a fresh state stand for its left padding and add +-0).
+  Tensor win = ex.empty({W, Cd});
+  if (K > 1) {
+    Tensor old_rows = win.slice_rows(0, K - 1);
+    ops::copy_(old_rows, st.conv);
+  }
+  Tensor new_rows = win.slice_rows(K - 1, W);
+  ops::copy_(new_rows, xbc_in);
+  Tensor pre = ex.empty({1, W, Cd}), xbc_w = ex.empty({1, W, Cd});
+  ops::mamba_conv1d_silu_fwd(win.view({1, W, Cd}), f32_weight(*w.conv_w), w.conv_b ? &f32_weight(*w.conv_b) : nullptr,
+                             nullptr, pre, xbc_w);
+  if (K > 1) ops::copy_(st.conv, win.slice_rows(N, W));  // shift: keep the last K - 1 inputs for the next step
+  const Tensor xbc = xbc_w.view({W, Cd}).slice_rows(K - 1, W);  // [N, Cd] the new tokens' conv outputs
+  Tensor xs = cols(ex, xbc, 0, Din), Bm = cols(ex, xbc, Din, G * S), Cm = cols(ex, xbc, Din + G * S, G * S);
+  Tensor dt_in = ex.empty({N, nh}, DType::F32), dt = ex.empty({N, nh}, DType::F32), A = ex.empty({nh}, DType::F32);
+  ops::mamba_dt_fwd(dt_raw, f32_weight(*w.dt_bias), dt_lo(n), dt_hi(n), dt_in, dt);
+  ops::mamba_a_log_fwd(f32_weight(*w.A_log), A);
+  Tensor y = ex.empty({N, Din});
+  Tensor y3 = y.view({N, nh, P});
+  mamba2_scan_carry(xs.view({N, nh, P}), dt, A, Bm.view({N, G, S}), Cm.view({N, G, S}), f32_weight(*w.D), st.ssm, y3);
+  return out_project(ex, w, c, y, z, nullptr, nullptr);
 }
 
 Tensor mamba2_backward(const ExecContext& ex, const Mamba2Weights& w, const io::ModelConfig& c, const Mamba2Saved& s,

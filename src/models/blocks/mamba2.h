@@ -52,6 +52,29 @@ Tensor mamba2_forward(const ExecContext& ex, const Mamba2Weights& w, const io::M
 Tensor mamba2_backward(const ExecContext& ex, const Mamba2Weights& w, const io::ModelConfig& cfg, const Mamba2Saved& s,
                        int64_t B, int64_t T, const Tensor* seg, const Tensor& dy);
 
+// ---- incremental decode (automodel generate), one sequence; CPU only for now ----
+// What a Mamba2 layer carries from one step to the next (HF's cache_params conv_states / recurrent_states):
+struct Mamba2State {
+  Tensor conv;  // [K - 1, Cd] the conv inputs (xBC before the conv) of the last K - 1 tokens, oldest first, in the
+                // activation dtype; zeros before the sequence starts (= the conv's left zero padding). Undefined when K = 1.
+  Tensor ssm;   // [nh, P, S] fp32: the scan state after the last token (zeros before the first)
+};
+// The empty state (no token seen) on ex's device.
+Mamba2State mamba2_initial_state(const ExecContext& ex, const io::ModelConfig& cfg);
+// x [n, H]: the next n >= 1 tokens of the sequence st has seen so far. Returns [n, H], each row what mamba2_forward
+// computes for that position of the whole sequence, and advances st past the n tokens. The projections, the dt / A
+// chain, the gated norm and the conv are the training ops (the conv over the window [st.conv; new inputs] of K - 1 + n
+// rows, whose zero rows add exact zeros); the scan is mamba2_scan_carry. Throws DeviceError on CUDA (no state-carrying
+// scan kernel there: generate recomputes instead).
+Tensor mamba2_forward_cached(const ExecContext& ex, const Mamba2Weights& w, const io::ModelConfig& cfg, const Tensor& x,
+                             Mamba2State& st);
+// The selective scan of ops::mamba_ssm_scan_fwd for one sequence (B = 1, no segments) over n tokens, starting from
+// `state` [nh, P, S] and leaving the state after the last token in it (backend/cpu/mamba2_state.h). x [n, nh, P],
+// dt [n, nh], A [nh], Bm / Cm [n, G, S], D [nh], y [n, nh, P]: host fp32 (DeviceError otherwise, ShapeError on a
+// shape mismatch). From a zero state, y and the final state equal the op's y and last per-step state bit for bit.
+void mamba2_scan_carry(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
+                       const Tensor& D, Tensor& state, Tensor& y);
+
 // Adds `hub + suffix` as the first checkpoint layout of p (whose name is prefix + suffix).
 void add_hub_layout(Param& p, const std::string& hub_name);
 
