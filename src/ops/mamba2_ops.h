@@ -35,6 +35,13 @@ void mamba_conv1d_silu_bwd(const Tensor& x, const Tensor& w, const Tensor& pre, 
 // CUDA: P <= 128, S <= 256.
 void mamba_ssm_scan_fwd(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
                         const Tensor& D, const Tensor* seg, Tensor& y, Tensor* states);
+// The same scan for one sequence (B = 1, no segments) over n tokens, starting from `state` [nh, P, S] and leaving
+// the state after the last token in it (generate's Mamba2 state cache, models/blocks/mamba2.h). x [n, nh, P],
+// dt [n, nh], A [nh], Bm / Cm [n, G, S], D [nh], y [n, nh, P]: host fp32 only (DeviceError otherwise: no
+// state-carrying CUDA kernel yet), ShapeError on a shape mismatch. From a zero state, y and the final state equal
+// mamba_ssm_scan_fwd's y and last per-step state bit for bit (backend/cpu/mamba2_state.h).
+void mamba_ssm_scan_carry(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
+                          const Tensor& D, Tensor& state, Tensor& y);
 // Reverse-mode through the recurrence. dx, dB, dC (T) and ddt (fp32) assigned; dA, dD [nh] fp32 accumulated (+=).
 // `states`: the forward's per-step states, or an undefined Tensor, and then the states are recomputed from the
 // inputs (what the model does: keeping [B, T, nh, P, S] is out of reach at real sizes). The CPU uses given

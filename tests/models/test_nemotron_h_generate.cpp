@@ -1,5 +1,5 @@
 // nemotron_h incremental decode (automodel generate on the CPU): the Mamba2 conv / SSM state cache and the
-// hybrid cache around it (blocks/mamba2.h mamba2_forward_cached / mamba2_scan_carry, NemotronHLM::make_cache /
+// hybrid cache around it (blocks/mamba2.h mamba2_forward_cached / ops::mamba_ssm_scan_carry, NemotronHLM::make_cache /
 // forward_incremental, generate()).
 //   - the state-carrying scan equals the training op's scan (y and last per-step state) bit for bit, split anyhow;
 //   - one Mamba2 mixer fed in uneven chunks equals its full forward row by row;
@@ -95,7 +95,7 @@ TEST(NemotronHDecode, ScanCarryEqualsTheOpBitForBitInAnySplit) {
     int64_t t0 = 0;
     for (int64_t n : split) {
       Tensor yc = y.slice_rows(t0, t0 + n);
-      mamba2_scan_carry(x.slice_rows(t0, t0 + n), dt.slice_rows(t0, t0 + n), A, Bm.slice_rows(t0, t0 + n),
+      ops::mamba_ssm_scan_carry(x.slice_rows(t0, t0 + n), dt.slice_rows(t0, t0 + n), A, Bm.slice_rows(t0, t0 + n),
                         Cm.slice_rows(t0, t0 + n), D, state, yc);
       // the carried state after token t0 + n - 1 is the op's per-step state there
       const float* want = states.f32() + (t0 + n - 1) * nh * P * S;
@@ -106,7 +106,7 @@ TEST(NemotronHDecode, ScanCarryEqualsTheOpBitForBitInAnySplit) {
   }
   // shape and device refusals
   Tensor state = Tensor::zeros({nh, P, S + 1}, DType::F32), y = Tensor::empty({T, nh, P}, DType::F32);
-  EXPECT_THROW(mamba2_scan_carry(x, dt, A, Bm, Cm, D, state, y), ShapeError);
+  EXPECT_THROW(ops::mamba_ssm_scan_carry(x, dt, A, Bm, Cm, D, state, y), ShapeError);
 }
 
 TEST(NemotronHDecode, MixerInChunksEqualsItsFullForward) {

@@ -4,7 +4,6 @@
 #include <initializer_list>
 #include <string>
 
-#include "backend/cpu/mamba2_state.h"
 #include "core/error.h"
 #include "models/blocks/lora.h"
 #include "ops/mamba2_ops.h"
@@ -143,33 +142,6 @@ Mamba2State mamba2_initial_state(const ExecContext& ex, const io::ModelConfig& c
   return st;
 }
 
-void mamba2_scan_carry(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
-                       const Tensor& D, Tensor& state, Tensor& y) {
-  const char* op = "mamba2_scan_carry";
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&x, &dt, &A, &Bm, &Cm, &D, &state, &y}) {
-    if (!t->defined()) throw ShapeError(std::string(op) + ": an undefined tensor");
-    if (t->device() != DeviceType::CPU)
-      throw DeviceError(std::string(op) + ": the state-carrying scan runs on the CPU only (CUDA: generate recomputes)");
-    if (t->dtype() != DType::F32) throw ShapeError(std::string(op) + ": expected float32 tensors");
-  }
-  if (x.ndim() != 3 || Bm.ndim() != 3 || state.ndim() != 3)
-    throw ShapeError(std::string(op) + ": expected x [n, nh, P], B / C [n, G, S], state [nh, P, S]");
-  cpu::SsmCarryDims d;
-  d.n = x.dim(0);
-  d.nh = x.dim(1);
-  d.P = x.dim(2);
-  d.G = Bm.dim(1);
-  d.S = Bm.dim(2);
-  const bool ok = d.G > 0 && d.nh % d.G == 0 && Bm.dim(0) == d.n && Cm.numel() == Bm.numel() && dt.numel() == d.n * d.nh &&
-                  A.numel() == d.nh && D.numel() == d.nh && state.dim(0) == d.nh && state.dim(1) == d.P &&
-                  state.dim(2) == d.S && y.numel() == x.numel();
-  if (!ok)
-    throw ShapeError(std::string(op) + ": inconsistent shapes (x " + std::to_string(d.n) + " x " + std::to_string(d.nh) +
-                     " x " + std::to_string(d.P) + ", B " + std::to_string(Bm.dim(0)) + " x " + std::to_string(d.G) + " x " +
-                     std::to_string(d.S) + ")");
-  cpu::mamba_ssm_scan_carry(x.f32(), dt.f32(), A.f32(), Bm.f32(), Cm.f32(), D.f32(), d, state.f32(), y.f32());
-}
-
 Tensor mamba2_forward_cached(const ExecContext& ex, const Mamba2Weights& w, const io::ModelConfig& c, const Tensor& x,
                              Mamba2State& st) {
   const auto& n = c.nh;
@@ -200,7 +172,7 @@ Tensor mamba2_forward_cached(const ExecContext& ex, const Mamba2Weights& w, cons
   ops::mamba_a_log_fwd(f32_weight(*w.A_log), A);
   Tensor y = ex.empty({N, Din});
   Tensor y3 = y.view({N, nh, P});
-  mamba2_scan_carry(xs.view({N, nh, P}), dt, A, Bm.view({N, G, S}), Cm.view({N, G, S}), f32_weight(*w.D), st.ssm, y3);
+  ops::mamba_ssm_scan_carry(xs.view({N, nh, P}), dt, A, Bm.view({N, G, S}), Cm.view({N, G, S}), f32_weight(*w.D), st.ssm, y3);
   return out_project(ex, w, c, y, z, nullptr, nullptr);
 }
 

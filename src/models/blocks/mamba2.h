@@ -64,16 +64,10 @@ Mamba2State mamba2_initial_state(const ExecContext& ex, const io::ModelConfig& c
 // x [n, H]: the next n >= 1 tokens of the sequence st has seen so far. Returns [n, H], each row what mamba2_forward
 // computes for that position of the whole sequence, and advances st past the n tokens. The projections, the dt / A
 // chain, the gated norm and the conv are the training ops (the conv over the window [st.conv; new inputs] of K - 1 + n
-// rows, whose zero rows add exact zeros); the scan is mamba2_scan_carry. Throws DeviceError on CUDA (no state-carrying
+// rows, whose zero rows add exact zeros); the scan is ops::mamba_ssm_scan_carry. Throws DeviceError on CUDA (no state-carrying
 // scan kernel there: generate recomputes instead).
 Tensor mamba2_forward_cached(const ExecContext& ex, const Mamba2Weights& w, const io::ModelConfig& cfg, const Tensor& x,
                              Mamba2State& st);
-// The selective scan of ops::mamba_ssm_scan_fwd for one sequence (B = 1, no segments) over n tokens, starting from
-// `state` [nh, P, S] and leaving the state after the last token in it (backend/cpu/mamba2_state.h). x [n, nh, P],
-// dt [n, nh], A [nh], Bm / Cm [n, G, S], D [nh], y [n, nh, P]: host fp32 (DeviceError otherwise, ShapeError on a
-// shape mismatch). From a zero state, y and the final state equal the op's y and last per-step state bit for bit.
-void mamba2_scan_carry(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
-                       const Tensor& D, Tensor& state, Tensor& y);
 
 // Adds `hub + suffix` as the first checkpoint layout of p (whose name is prefix + suffix).
 void add_hub_layout(Param& p, const std::string& hub_name);
