@@ -2,7 +2,8 @@
 //   - qkv_split_rope / qkv_merge_rope_bwd equal the CUDA column copies + rope_fwd_ / rope_bwd_ bit for bit (bf16 and
 //     fp32, full and partial rotary, no rotation, vector and scalar paths), and the CPU reference within dt's
 //     rounding;
-//   - geglu_fused_* equal geglu_* on separate halves bit for bit;
+//   - geglu_fused_* / swiglu_fused_* (one kernel, gated_act.cu) equal geglu_* / swiglu_* on separate halves bit for
+//     bit, in place too;
 //   - models: the parameters stay back to back after ParamStore::to_device (trainable and LoRA-frozen), the blocks
 //     stack them, and one training micro-batch with the fused path (the default) matches AM_FUSED_PROJ=0 (per-weight
 //     GEMMs) within bf16 GEMM noise, for the families with q/k/v biases, q/k norms, GeGLU and a shared expert.
@@ -108,31 +109,49 @@ TEST(CudaFusedProj, QkvSplitAndMergeEqualCopiesAndRope) {
   }
 }
 
-TEST(CudaFusedProj, GegluFusedEqualsSeparate) {
+// Both activations of the fused [gate | up] kernel: inner 1024 takes the 16-byte vector path, 13 the scalar one.
+TEST(CudaFusedProj, GatedFusedEqualsSeparate) {
   AM_REQUIRE_DEVICE();
   std::mt19937 rng(4);
-  for (DType dt : {DType::BF16, DType::F32}) {
-    for (int64_t inner : {int64_t(8192 / 8), int64_t(13)}) {
-      const int64_t m = 97;
-      Tensor hgu = rand_host({m, 2 * inner}, rng, dt, -3.f, 3.f), hdh = rand_host({m, inner}, rng, dt);
-      Tensor gu = up(hgu, dt), dh = up(hdh, dt);
-      Tensor gate = cu::empty({m, inner}, dt), upv = cu::empty({m, inner}, dt);
-      ops::copy_cols_(gate, 0, gu, 0, inner);
-      ops::copy_cols_(upv, 0, gu, inner, inner);
-      Tensor h = poisoned({m, inner}, dt), rh = cu::empty({m, inner}, dt);
-      ops::geglu_fused_fwd(gu, h);
-      cu::geglu_fwd(gate, upv, rh);
-      EXPECT_TRUE(same_bits(h, rh)) << "fwd inner " << inner;
-      Tensor dgu = poisoned({m, 2 * inner}, dt), dg = cu::empty({m, inner}, dt), du = cu::empty({m, inner}, dt);
-      ops::geglu_fused_bwd(gu, dh, dgu);
-      cu::geglu_bwd(gate, upv, dh, dg, du);
-      Tensor ref = cu::empty({m, 2 * inner}, dt);
-      ops::copy_cols_(ref, 0, dg, 0, inner);
-      ops::copy_cols_(ref, inner, du, 0, inner);
-      EXPECT_TRUE(same_bits(dgu, ref)) << "bwd inner " << inner;
-      Tensor cgu = Tensor::empty({m, 2 * inner}, DType::F32);
-      ops::geglu_fused_bwd(hgu, hdh, cgu);
-      expect_close_dt(dgu, cgu, dt, "geglu_fused_bwd vs CPU");
+  for (bool geglu : {true, false}) {
+    const char* act = geglu ? "geglu" : "swiglu";
+    auto fused_fwd = [&](const Tensor& gu, Tensor& h) {
+      if (geglu) ops::geglu_fused_fwd(gu, h);
+      else ops::swiglu_fused_fwd(gu, h);
+    };
+    auto fused_bwd = [&](const Tensor& gu, const Tensor& dh, Tensor& dgu) {
+      if (geglu) ops::geglu_fused_bwd(gu, dh, dgu);
+      else ops::swiglu_fused_bwd(gu, dh, dgu);
+    };
+    for (DType dt : {DType::BF16, DType::F32}) {
+      for (int64_t inner : {int64_t(8192 / 8), int64_t(13)}) {
+        const int64_t m = 97;
+        const std::string what = std::string(act) + " " + dtype_name(dt) + " inner " + std::to_string(inner);
+        Tensor hgu = rand_host({m, 2 * inner}, rng, dt, -3.f, 3.f), hdh = rand_host({m, inner}, rng, dt);
+        Tensor gu = up(hgu, dt), dh = up(hdh, dt);
+        Tensor gate = cu::empty({m, inner}, dt), upv = cu::empty({m, inner}, dt);
+        ops::copy_cols_(gate, 0, gu, 0, inner);
+        ops::copy_cols_(upv, 0, gu, inner, inner);
+        Tensor h = poisoned({m, inner}, dt), rh = cu::empty({m, inner}, dt);
+        fused_fwd(gu, h);
+        if (geglu) cu::geglu_fwd(gate, upv, rh);
+        else cu::swiglu_fwd(gate, upv, rh);
+        EXPECT_TRUE(same_bits(h, rh)) << "fwd " << what;
+        Tensor dgu = poisoned({m, 2 * inner}, dt), dg = cu::empty({m, inner}, dt), du = cu::empty({m, inner}, dt);
+        fused_bwd(gu, dh, dgu);
+        if (geglu) cu::geglu_bwd(gate, upv, dh, dg, du);
+        else cu::swiglu_bwd(gate, upv, dh, dg, du);
+        Tensor ref = cu::empty({m, 2 * inner}, dt);
+        ops::copy_cols_(ref, 0, dg, 0, inner);
+        ops::copy_cols_(ref, inner, du, 0, inner);
+        EXPECT_TRUE(same_bits(dgu, ref)) << "bwd " << what;
+        Tensor cgu = Tensor::empty({m, 2 * inner}, DType::F32);
+        fused_bwd(hgu, hdh, cgu);
+        expect_close_dt(dgu, cgu, dt, std::string(act) + "_fused_bwd vs CPU " + what);
+        Tensor inplace = up(hgu, dt);
+        fused_bwd(inplace, dh, inplace);  // dgu aliasing gu
+        EXPECT_TRUE(same_bits(inplace, ref)) << "bwd in place " << what;
+      }
     }
   }
 }

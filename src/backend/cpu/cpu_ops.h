@@ -160,7 +160,8 @@ void grouped_linear_fwd(const float* x, const float* w, const int32_t* offsets, 
 // experts).
 void grouped_linear_bwd(const float* x, const float* w, const int32_t* offsets, const float* dy, int64_t e,
                         int64_t k, int64_t nout, float* dx, float* dw, const LinearOut& dxo = {});
-// gu [M, 2I] -> h [M, I] = silu(gate) * up; backward assigns dgu [M, 2I] (may alias gu).
+// gu [M, 2I] -> h [M, I] = silu(gate) * up; backward assigns dgu [M, 2I] (may alias gu). In gated_act.cpp (the
+// geglu_fused_* kernel, templated on the activation).
 void swiglu_fused_fwd(const float* gu, int64_t m, int64_t i, float* h);
 void swiglu_fused_bwd(const float* gu, const float* dh, int64_t m, int64_t i, float* dgu);
 }  // namespace am::cpu

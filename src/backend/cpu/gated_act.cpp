@@ -14,16 +14,17 @@ namespace {
 // 1 / (1 + e^-g) overflows harmlessly: e^-g = inf for very negative g gives exactly 0.
 inline float sigmoid(float g) { return 1.0f / (1.0f + std::exp(-g)); }
 
-// Each activation gives fwd(g), and the two backward products with the rounding order of the first
-// implementation (the SwiGLU goldens and the CUDA kernels were matched against it):
-//   dgate(g, a) = a * act'(g) with a = dh * u,   dup(g, d) = d * act(g)
+// Each activation gives fwd(g) and bwd(g, a, d) -> (dgate, dup) = (a * act'(g), d * act(g)) with a = dh * u, in
+// the rounding order of the first implementation (the SwiGLU goldens and the CUDA kernels were matched against it).
+// One bwd for both products so SiLU evaluates its sigmoid once (std::exp sets errno, so the compiler cannot merge
+// two calls); GeGLU's two tanh arguments round differently (c g g g vs c (g g) g), so it keeps both.
 struct Silu {
   static float fwd(float g) { return g * sigmoid(g); }
-  static float dgate(float g, float a) {
+  static void bwd(float g, float a, float d, float& dgate, float& dup) {
     const float sg = sigmoid(g);
-    return a * sg * (1.0f + g * (1.0f - sg));
+    dgate = a * sg * (1.0f + g * (1.0f - sg));
+    dup = d * g * sg;
   }
-  static float dup(float g, float d) { return d * g * sigmoid(g); }
 };
 
 struct GeluTanh {
@@ -33,12 +34,12 @@ struct GeluTanh {
     const float inner = kBeta * (g + kKappa * g * g * g);
     return 0.5f * g * (1.0f + std::tanh(inner));
   }
-  static float dgate(float g, float a) {
+  static void bwd(float g, float a, float d, float& dgate, float& dup) {
     const float g2 = g * g;
     const float t = std::tanh(kBeta * (g + kKappa * g2 * g));
-    return a * (0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * kBeta * (1.0f + 3.0f * kKappa * g2));
+    dgate = a * (0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * kBeta * (1.0f + 3.0f * kKappa * g2));
+    dup = d * fwd(g);
   }
-  static float dup(float g, float d) { return d * fwd(g); }
 };
 
 template <typename Act>
@@ -53,14 +54,16 @@ void gated_bwd(const float* gate, const float* up, const float* dh, float* dgate
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate[i], u = up[i], d = dh[i];
     // Computed before the stores so dgate/dup may alias gate/up.
-    const float dg = Act::dgate(g, d * u);
-    const float du = Act::dup(g, d);
+    float dg, du;
+    Act::bwd(g, d * u, d, dg, du);
     dgate[i] = dg;
     dup[i] = du;
   }
 }
 
 // The same element math on a fused [gate | up] row layout: gu [m, 2i] -> h [m, i]; dgu may alias gu.
+// One kernel for every activation: swiglu_fused_* (the MoE experts and the stacked gate/up MLP) and
+// geglu_fused_* are this template, so each equals its unfused op bit for bit.
 template <typename Act>
 void gated_fused_fwd(const float* gu, int64_t m, int64_t i, float* h) {
 #pragma omp parallel for if (m * i >= (1 << 15))
@@ -83,7 +86,8 @@ void gated_fused_bwd(const float* gu, const float* dh, int64_t m, int64_t i, flo
     float* du = dg + i;
     for (int64_t c = 0; c < i; ++c) {
       const float gv = g[c], uv = u[c], dv = d[c];
-      const float a = Act::dgate(gv, dv * uv), b = Act::dup(gv, dv);  // before the stores: may alias
+      float a, b;
+      Act::bwd(gv, dv * uv, dv, a, b);  // before the stores: dgu may alias gu
       dg[c] = a;
       du[c] = b;
     }
@@ -112,6 +116,10 @@ void swiglu_bwd(const float* gate, const float* up, const float* dh, float* dgat
 void geglu_fwd(const float* gate, const float* up, float* h, int64_t n) { gated_fwd<GeluTanh>(gate, up, h, n); }
 void geglu_bwd(const float* gate, const float* up, const float* dh, float* dgate, float* dup, int64_t n) {
   gated_bwd<GeluTanh>(gate, up, dh, dgate, dup, n);
+}
+void swiglu_fused_fwd(const float* gu, int64_t m, int64_t i, float* h) { gated_fused_fwd<Silu>(gu, m, i, h); }
+void swiglu_fused_bwd(const float* gu, const float* dh, int64_t m, int64_t i, float* dgu) {
+  gated_fused_bwd<Silu>(gu, dh, m, i, dgu);
 }
 void geglu_fused_fwd(const float* gu, int64_t m, int64_t i, float* h) { gated_fused_fwd<GeluTanh>(gu, m, i, h); }
 void geglu_fused_bwd(const float* gu, const float* dh, int64_t m, int64_t i, float* dgu) {

@@ -1,6 +1,7 @@
 // Mixture-of-Experts reference kernels (contracts in src/ops/moe_ops.h, raw-pointer API in cpu_ops.h).
 // Plain loops in fp32 with double reductions; the per-expert GEMMs reuse linear_fwd/linear_bwd (OpenBLAS).
 // Row-parallel loops write disjoint outputs only (deterministic for any thread count).
+// The experts' activation, swiglu_fused_*, is gated_act.cpp's (one kernel for every gated activation).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,9 +10,6 @@
 #include "backend/cpu/cpu_ops.h"
 
 namespace am::cpu {
-namespace {
-inline float sigmoid(float g) { return 1.0f / (1.0f + std::exp(-g)); }
-}  // namespace
 
 void moe_router_fwd(const float* logits, int64_t n, int64_t e, int64_t k, bool norm, float* probs,
                     int32_t* topk_idx, float* topk_w) {
@@ -162,34 +160,6 @@ void grouped_linear_bwd(const float* x, const float* w, const int32_t* offsets, 
     if (r1 > r0)
       linear_bwd(x + r0 * k, w + j * nout * k, dy + r0 * nout, dx ? dx + r0 * k : nullptr,
                  dw ? dw + j * nout * k : nullptr, nullptr, r1 - r0, k, nout, dxo);
-  }
-}
-
-void swiglu_fused_fwd(const float* gu, int64_t m, int64_t i, float* h) {
-#pragma omp parallel for if (m * i >= (1 << 15))
-  for (int64_t r = 0; r < m; ++r) {
-    const float* g = gu + r * 2 * i;
-    const float* u = g + i;
-    float* o = h + r * i;
-    for (int64_t c = 0; c < i; ++c) o[c] = g[c] * sigmoid(g[c]) * u[c];
-  }
-}
-
-void swiglu_fused_bwd(const float* gu, const float* dh, int64_t m, int64_t i, float* dgu) {
-#pragma omp parallel for if (m * i >= (1 << 15))
-  for (int64_t r = 0; r < m; ++r) {
-    const float* g = gu + r * 2 * i;
-    const float* u = g + i;
-    const float* d = dh + r * i;
-    float* dg = dgu + r * 2 * i;
-    float* du = dg + i;
-    for (int64_t c = 0; c < i; ++c) {
-      const float gv = g[c], uv = u[c], dv = d[c];
-      const float sg = sigmoid(gv);
-      const float a = dv * uv * sg * (1.0f + gv * (1.0f - sg)), b = dv * gv * sg;  // before stores: may alias
-      dg[c] = a;
-      du[c] = b;
-    }
   }
 }
 

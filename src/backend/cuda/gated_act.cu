@@ -3,10 +3,13 @@
 //   GeGLU (Gemma): act = gelu_tanh(g) = 0.5 g (1 + tanh(k (g + c g^3))), k = sqrt(2/pi), c = 0.044715
 // Elementwise and memory-bound (W1: [8192, 8192] bf16: 402 MB forward, 671 MB backward); 16-byte vectors,
 // grid-stride. The backward computes both outputs before storing, so dgate/dup may alias gate/up.
+// The fused [gate | up] layout has one kernel pair for every activation: geglu_fused_* (cuda_ops.h) and the MoE's
+// swiglu_fused_* (moe.h) are gated_fused_*_kernel<Act>, so each equals its unfused op bit for bit.
 #include <utility>
 
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/kernel_utils.cuh"
+#include "backend/cuda/moe.h"
 
 namespace am::cuda {
 namespace {
@@ -14,7 +17,8 @@ namespace {
 // 1 / (1 + e^-g): e^-g = inf for very negative g gives exactly 0, as on the CPU.
 __device__ __forceinline__ float sigmoidf_(float g) { return 1.0f / (1.0f + expf(-g)); }
 
-// fwd(g); dgate(g, a) = a * act'(g) with a = dh * u; dup(g, d) = d * act(g) (the CPU's rounding order).
+// fwd(g); dgate(g, a) = a * act'(g) with a = dh * u; dup(g, d) = d * act(g) (the CPU's rounding order). Unlike the
+// CPU's (one bwd, as std::exp sets errno), SiLU's two sigmoids here are one after inlining: expf is pure math.
 struct SiluAct {
   __device__ static float fwd(float g) { return g * sigmoidf_(g); }
   __device__ static float dgate(float g, float a) {
@@ -79,8 +83,8 @@ __global__ void gated_bwd_kernel(const T* gate, const T* up, const T* __restrict
   }
 }
 
-// The fused [gate | up] row layout (ops.h geglu_fused_*): gu [m, 2 inner] -> h [m, inner]; dgu may alias gu
-// (each thread loads its elements before storing them). inner % VEC == 0 for the vector path.
+// The fused [gate | up] row layout (geglu_fused_*, swiglu_fused_*): gu [m, 2 inner] -> h [m, inner]; dgu may alias
+// gu (each thread loads its elements before storing them). inner % VEC == 0 for the vector path.
 template <typename Act, typename T, int VEC>
 __global__ void gated_fused_fwd_kernel(const T* __restrict__ gu, int64_t m, int64_t inner, T* __restrict__ h) {
   const int64_t per_row = inner / VEC, total = m * per_row;
@@ -194,12 +198,16 @@ void gated_fused_fwd(const char* op, const Tensor& gu, Tensor& h, CudaContext& c
   AM_CUDA_CHECK_LAUNCH();
 }
 
+// dgu_same_shape: geglu_fused_bwd wants dgu of gu's shape; swiglu_fused_bwd (the MoE contract, moe_ops.h) takes any
+// dgu of gu's element count, which is all the kernel needs (it addresses dgu as a contiguous [m, 2 inner]).
 template <typename Act>
-void gated_fused_bwd(const char* op, const Tensor& gu, const Tensor& dh, Tensor& dgu, CudaContext& ctx) {
+void gated_fused_bwd(const char* op, const Tensor& gu, const Tensor& dh, Tensor& dgu, bool dgu_same_shape,
+                     CudaContext& ctx) {
   const auto [m, inner] = fused_dims(op, gu, "dh", dh);
   need_cuda(op, "dgu", dgu);
-  if (dgu.shape() != gu.shape() || dgu.dtype() != gu.dtype())
-    op_error(op, describe("dgu", dgu) + ": expected the shape and dtype of " + describe("gu", gu));
+  if ((dgu_same_shape ? dgu.shape() != gu.shape() : dgu.numel() != gu.numel()) || dgu.dtype() != gu.dtype())
+    op_error(op, describe("dgu", dgu) + ": expected the " + (dgu_same_shape ? "shape" : "element count") +
+                     " and dtype of " + describe("gu", gu));
   if (m == 0 || inner == 0) return;
   AM_DISPATCH_BF16_F32(gu.dtype(), op, T, {
     constexpr int NV = 16 / sizeof(T);
@@ -219,7 +227,13 @@ void geglu_fused_fwd(const Tensor& gu, Tensor& h, CudaContext& ctx) {
   gated_fused_fwd<GeluTanhAct>("geglu_fused_fwd", gu, h, ctx);
 }
 void geglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu, CudaContext& ctx) {
-  gated_fused_bwd<GeluTanhAct>("geglu_fused_bwd", gu, dh, dgu, ctx);
+  gated_fused_bwd<GeluTanhAct>("geglu_fused_bwd", gu, dh, dgu, /*dgu_same_shape=*/true, ctx);
+}
+void swiglu_fused_fwd(const Tensor& gu, Tensor& h, CudaContext& ctx) {
+  gated_fused_fwd<SiluAct>("swiglu_fused_fwd", gu, h, ctx);
+}
+void swiglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu, CudaContext& ctx) {
+  gated_fused_bwd<SiluAct>("swiglu_fused_bwd", gu, dh, dgu, /*dgu_same_shape=*/false, ctx);
 }
 
 void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h, CudaContext& ctx) {

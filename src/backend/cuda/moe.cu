@@ -10,9 +10,9 @@
 //                expert-major order, which is at once the expert offsets and each chunk's base position per
 //                expert, (3) stable scatter: rank inside a warp by __match_any_sync, plus the counts of earlier
 //                warps of the chunk (shared memory). Only host_counts copies anything back.
-//   gather / gather_bwd / combine / combine_bwd / swiglu_fused: row kernels with 16-byte vectors (scalar
-//                fallback for odd widths or misaligned views), fp32 math, fixed summation order over the k slots
-//                (deterministic).
+//   gather / gather_bwd / combine / combine_bwd: row kernels with 16-byte vectors (scalar fallback for odd
+//                widths or misaligned views), fp32 math, fixed summation order over the k slots (deterministic).
+//   swiglu_fused (declared in moe.h) is gated_act.cu's fused gated-activation kernel, shared with geglu_fused.
 #include <algorithm>
 #include <climits>
 #include <string>
@@ -30,8 +30,6 @@ constexpr int kMaxExperts = 1024;  // router registers (32 per lane) and the pla
 constexpr int kMaxTopk = 32;       // one slot per lane
 constexpr int kChunk = 256;        // pairs per plan block (8 warps)
 constexpr int kErrMoeExpert = 3;   // DeviceErrorSlot code: expert index outside [0, E)
-
-__device__ __forceinline__ float sigmoidf_(float g) { return 1.0f / (1.0f + expf(-g)); }
 
 // ---------------------------------------------------------------- router
 template <typename TL, int VPL>
@@ -324,47 +322,6 @@ __global__ void combine_bwd_kernel(const T* __restrict__ yg, const int32_t* __re
   }
 }
 
-template <typename T, int VEC>
-__global__ void swiglu_fused_fwd_kernel(const T* __restrict__ gu, int64_t m, int64_t inner, T* __restrict__ h) {
-  const int64_t per_row = inner / VEC, total = m * per_row;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / per_row, c = (i - r * per_row) * VEC;
-    const Vec<T, VEC> g = load_vec<T, VEC>(gu + r * 2 * inner + c);
-    const Vec<T, VEC> u = load_vec<T, VEC>(gu + r * 2 * inner + inner + c);
-    Vec<T, VEC> o;
-#pragma unroll
-    for (int q = 0; q < VEC; ++q) {
-      const float gv = to_f(g.v[q]);
-      o.v[q] = from_f<T>(gv * sigmoidf_(gv) * to_f(u.v[q]));
-    }
-    store_vec<T, VEC>(h + r * inner + c, o);
-  }
-}
-
-// dgu may alias gu: each thread loads its elements before storing them.
-template <typename T, int VEC>
-__global__ void swiglu_fused_bwd_kernel(const T* gu, const T* __restrict__ dh, int64_t m, int64_t inner, T* dgu) {
-  const int64_t per_row = inner / VEC, total = m * per_row;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / per_row, c = (i - r * per_row) * VEC;
-    const Vec<T, VEC> g = load_vec<T, VEC>(gu + r * 2 * inner + c);
-    const Vec<T, VEC> u = load_vec<T, VEC>(gu + r * 2 * inner + inner + c);
-    const Vec<T, VEC> d = load_vec<T, VEC>(dh + r * inner + c);
-    Vec<T, VEC> og, ou;
-#pragma unroll
-    for (int q = 0; q < VEC; ++q) {
-      const float gv = to_f(g.v[q]), uv = to_f(u.v[q]), dv = to_f(d.v[q]);
-      const float sg = sigmoidf_(gv);
-      og.v[q] = from_f<T>(dv * uv * sg * (1.0f + gv * (1.0f - sg)));
-      ou.v[q] = from_f<T>(dv * gv * sg);
-    }
-    store_vec<T, VEC>(dgu + r * 2 * inner + c, og);
-    store_vec<T, VEC>(dgu + r * 2 * inner + inner + c, ou);
-  }
-}
-
 // ---------------------------------------------------------------- host helpers
 void need_same_dtype(const char* op, const char* a_name, const Tensor& a, const char* b_name, const Tensor& b) {
   if (a.dtype() != b.dtype())
@@ -604,53 +561,6 @@ void moe_combine_bwd(const Tensor& yg, const Tensor& inv_perm, const Tensor& top
       combine_bwd_kernel<T, 1><<<rows_grid(ctx, n), threads_for(h), 0, ctx.stream()>>>(
           yg.data<T>(), inv_perm.data<int32_t>(), topk_w.data<float>(), dy.data<T>(), static_cast<int>(k), n, h,
           dyg.data<T>(), dtopk_w.data<float>());
-  });
-  AM_CUDA_CHECK_LAUNCH();
-}
-
-void swiglu_fused_fwd(const Tensor& gu, Tensor& h, CudaContext& ctx) {
-  const char* op = "swiglu_fused_fwd";
-  need_cuda(op, "gu", gu);
-  need_cuda(op, "h", h);
-  need_same_dtype(op, "gu", gu, "h", h);
-  if (gu.ndim() < 2 || gu.dim(-1) % 2) op_error(op, describe("gu", gu) + ": expected [M, 2I]");
-  const int64_t inner = gu.dim(-1) / 2, m = inner ? gu.numel() / (2 * inner) : 0;
-  if (rows_last(op, "h", h, inner) != m) op_error(op, describe("h", h) + ": expected [M, I] for " + describe("gu", gu));
-  if (m == 0 || inner == 0) return;
-  AM_DISPATCH_BF16_F32(gu.dtype(), op, T, {
-    constexpr int V = vec_of<T>();
-    const int64_t total = m * inner;
-    const unsigned grid_v = grid_for(total / V, 256, int64_t(ctx.sm_count()) * 16);
-    if (vec_ok(inner, sizeof(T), {gu.raw(), h.raw()}))
-      swiglu_fused_fwd_kernel<T, V><<<grid_v, 256, 0, ctx.stream()>>>(gu.data<T>(), m, inner, h.data<T>());
-    else
-      swiglu_fused_fwd_kernel<T, 1><<<grid_for(total, 256, int64_t(ctx.sm_count()) * 16), 256, 0, ctx.stream()>>>(
-          gu.data<T>(), m, inner, h.data<T>());
-  });
-  AM_CUDA_CHECK_LAUNCH();
-}
-
-void swiglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu, CudaContext& ctx) {
-  const char* op = "swiglu_fused_bwd";
-  need_cuda(op, "gu", gu);
-  need_cuda(op, "dh", dh);
-  need_cuda(op, "dgu", dgu);
-  need_same_dtype(op, "gu", gu, "dh", dh);
-  need_same_dtype(op, "gu", gu, "dgu", dgu);
-  if (gu.ndim() < 2 || gu.dim(-1) % 2) op_error(op, describe("gu", gu) + ": expected [M, 2I]");
-  const int64_t inner = gu.dim(-1) / 2, m = inner ? gu.numel() / (2 * inner) : 0;
-  if (rows_last(op, "dh", dh, inner) != m || dgu.numel() != gu.numel())
-    op_error(op, describe("dh", dh) + " / " + describe("dgu", dgu) + ": do not match " + describe("gu", gu));
-  if (m == 0 || inner == 0) return;
-  AM_DISPATCH_BF16_F32(gu.dtype(), op, T, {
-    constexpr int V = vec_of<T>();
-    const int64_t total = m * inner;
-    if (vec_ok(inner, sizeof(T), {gu.raw(), dh.raw(), dgu.raw()}))
-      swiglu_fused_bwd_kernel<T, V><<<grid_for(total / V, 256, int64_t(ctx.sm_count()) * 16), 256, 0, ctx.stream()>>>(
-          gu.data<T>(), dh.data<T>(), m, inner, dgu.data<T>());
-    else
-      swiglu_fused_bwd_kernel<T, 1><<<grid_for(total, 256, int64_t(ctx.sm_count()) * 16), 256, 0, ctx.stream()>>>(
-          gu.data<T>(), dh.data<T>(), m, inner, dgu.data<T>());
   });
   AM_CUDA_CHECK_LAUNCH();
 }
