@@ -79,8 +79,11 @@ DataParallel::DataParallel(CausalLM& model, Groups& groups, Strategy strategy, c
       }
       b->padded = b->sharded ? (b->numel + g - 1) / g * g : b->numel;
       b->shard = b->sharded ? b->padded / g : b->numel;
-      // Pack the initial values into one flat buffer, then keep this rank's part.
-      Tensor flat = ex.zeros({b->padded}, DType::F32);
+      // Pack the initial values into one flat buffer, then keep this rank's part. With the trainable values
+      // still on the host (ParamStore::set_defer_trainable_to_device: the trainer's CUDA path) the packing is
+      // done there and only what the rank keeps is uploaded: no GPU ever holds the whole model.
+      const bool on_host = b->params.front()->value.device() == DeviceType::CPU;
+      Tensor flat = on_host ? Tensor::zeros({b->padded}, DType::F32) : ex.zeros({b->padded}, DType::F32);
       for (size_t i = 0; i < b->params.size(); ++i) {
         Tensor dst = flat.slice_rows(b->off[i], b->off[i] + shape_numel(b->params[i]->shape));
         ops::copy_(dst, b->params[i]->value);
@@ -90,10 +93,12 @@ DataParallel::DataParallel(CausalLM& model, Groups& groups, Strategy strategy, c
       if (b->sharded) {
         b->master = ex.zeros({b->shard}, vdt);
         Tensor mine = flat.slice_rows(lo, hi);
+        if (on_host) mine = ex.upload(mine);
         ops::copy_(b->master, mine);
         for (Param* p : b->params) p->value = p->grad = p->work = Tensor();  // until gathered
       } else if (bf16_) {
         // The values are the parameters (views); gradients exist only while backward runs (alloc_full_grad).
+        if (on_host && ex.on_cuda()) flat = ex.upload(flat);
         if (vdt == DType::F32) {
           b->master = flat;
         } else {
@@ -108,7 +113,7 @@ DataParallel::DataParallel(CausalLM& model, Groups& groups, Strategy strategy, c
           p->grad = Tensor();
         }
       } else {
-        b->master = flat;
+        b->master = on_host && ex.on_cuda() ? ex.upload(flat) : flat;
         b->grad = ex.zeros({b->numel}, DType::F32);
         if (ex.on_cuda()) {
           b->work = ex.empty({b->numel}, ex.act_dtype);

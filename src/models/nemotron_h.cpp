@@ -61,7 +61,8 @@ std::vector<std::vector<Param*>> NemotronHLM::param_units() {
 void NemotronHLM::to_device(const ExecContext& ex) {
   // CPU: the fp32 reference. CUDA: bf16 activations and working weights, fp32 master weights and gradients, the
   // residual stream in the activation dtype or fp32 (as DecoderLM). Still refused elsewhere: LoRA (enable_lora),
-  // expert parallelism (the constructor), incremental decode (no conv / SSM state cache: generate).
+  // expert parallelism (the constructor), incremental decode on CUDA (no state-carrying scan kernel: generate
+  // recomputes there).
   if (!ex.on_cuda() && (ex.act_dtype != DType::F32 || ex.residual_dtype != DType::F32))
     throw DeviceError("model_type 'nemotron_h': the CPU computes in float32 only (the reference kernels)");
   if (ex.on_cuda() && ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)

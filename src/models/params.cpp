@@ -208,7 +208,7 @@ void ParamStore::to_device(const ExecContext& ex) {
     bool same = true;
     for (Param* p : g)
       same = same && !p->nf4 && !p->quantize_4bit && p->value.defined() && p->trainable == g[0]->trainable &&
-             (p->shape.size() == 1) == (g[0]->shape.size() == 1);
+             (p->shape.size() == 1) == (g[0]->shape.size() == 1) && !(p->trainable && defer_trainable_);
     if (!same) continue;
     const bool trainable = g[0]->trainable, keep_value = trainable || g[0]->shape.size() == 1;
     int64_t total = 0;
@@ -255,6 +255,10 @@ void ParamStore::to_device(const ExecContext& ex) {
       p.work = ex.upload_as(host, ex.act_dtype);
       p.value = p.shape.size() == 1 ? ex.upload(host) : Tensor();
       p.grad = Tensor();
+      continue;
+    }
+    if (defer_trainable_) {  // data parallelism uploads the rank's part itself (dist/data_parallel.h)
+      p.grad = Tensor();     // the host gradient is not needed either
       continue;
     }
     p.value = ex.upload(host);

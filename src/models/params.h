@@ -91,6 +91,10 @@ class ParamStore {
   static void freeze(Param& p);
   // Moves master weights and grads to the context's device and makes the working copies.
   void to_device(const struct ExecContext& ex);
+  // Data parallelism: to_device leaves trainable parameters' values on the host (and drops their host gradient),
+  // because dist::DataParallel uploads only what the rank keeps (its shard under fsdp2) straight from them. The
+  // whole model's fp32 value + gradient + working copy (10 bytes per parameter) then never exists on one GPU.
+  void set_defer_trainable_to_device(bool on) { defer_trainable_ = on; }
   // QLoRA (bnb_4bit_*): how weights marked quantize_4bit are quantised.
   struct Quant4Options {
     int64_t blocksize = 64;
@@ -118,6 +122,7 @@ class ParamStore {
   std::map<std::string, size_t> index_;
   std::vector<std::vector<Param*>> groups_;  // colocate()
   bool shapes_only_ = false;
+  bool defer_trainable_ = false;
 };
 
 }  // namespace am

@@ -247,7 +247,13 @@ void Trainer::setup() {
     }
     if (rd != DType::BF16 && rd != DType::F32)
       r_.fail("model.backend.residual_dtype", "expected bfloat16 or float32, got '" + rs + "'");
-    if (device_name_ == "cuda") model_->to_device(ExecContext::cuda_bf16(rd));
+    if (device_name_ == "cuda") {
+      // Under data parallelism the trainable parameters stay on the host here; DataParallel uploads each
+      // rank's part (its shard under fsdp2), so the whole model never sits on one GPU.
+      if (groups_) model_->params().set_defer_trainable_to_device(true);
+      model_->to_device(ExecContext::cuda_bf16(rd));
+      model_->params().set_defer_trainable_to_device(false);
+    }
   }
   if (dtype_s != "auto") {
     // A random init saves in model.dtype; a pretrained checkpoint keeps its own dtype, as HF does.
