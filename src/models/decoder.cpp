@@ -17,6 +17,7 @@ DecoderLM::DecoderLM(const io::ModelConfig& cfg, const ModelParallel& mp)
     : cfg_(cfg), mp_(mp), rope_(io::compute_rope(cfg)) {
   const int64_t H = cfg.hidden_size;
   ps_.set_shapes_only(mp.shapes_only);
+  ps_.set_host_grads(mp.host_grads);
   const MlpAct act = mlp_act_from_config(cfg.hidden_act, cfg.norm_plus_one ? "hidden_activation" : "hidden_act");
   if (cfg.is_moe() && act != MlpAct::Silu)
     throw FormatError("config.json: hidden_act '" + cfg.hidden_act + "' is not supported for MoE experts (only silu)");

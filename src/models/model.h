@@ -29,6 +29,9 @@ struct ModelParallel {
   // Register parameters (names, shapes, checkpoint layouts) without allocating them: for checking a
   // checkpoint's headers against the config before anything large exists (hf_weights.h).
   bool shapes_only = false;
+  // false: trainable parameters get no host gradient buffer at registration (CUDA and data-parallel runs,
+  // whose gradients live on the device or in dist/ buckets): 4 bytes per parameter less host memory at load.
+  bool host_grads = true;
 };
 
 // Called by the model around each parameter unit's use, so that data parallelism can gather sharded

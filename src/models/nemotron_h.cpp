@@ -13,6 +13,7 @@ NemotronHLM::NemotronHLM(const io::ModelConfig& cfg, const ModelParallel& mp) : 
   if (!cfg.nemotron_h) throw FormatError("config.json: model_type '" + cfg.model_type + "' is not nemotron_h");
   if (mp.ep_size > 1) throw UsageError("distributed.ep_size: expert parallelism is not implemented for nemotron_h");
   ps_.set_shapes_only(mp.shapes_only);
+  ps_.set_host_grads(mp.host_grads);
   const int64_t H = cfg.hidden_size;
   auto hub_of = [](const std::string& name) { return "backbone." + name.substr(6); };  // "model." -> "backbone."
   embed_ = &ps_.add("model.embeddings.weight", {cfg.vocab_size, H});

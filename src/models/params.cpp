@@ -23,7 +23,7 @@ Param& ParamStore::add(const std::string& name, const Shape& shape, DType source
   p.global_numel = shape_numel(shape);
   if (!shapes_only_) {
     p.value = Tensor::zeros(shape, DType::F32);
-    p.grad = Tensor::zeros(shape, DType::F32);
+    if (host_grads_) p.grad = Tensor::zeros(shape, DType::F32);
     p.work = p.value;
   }
   p.source_dtype = source_dtype;

@@ -78,6 +78,8 @@ class ParamStore {
   Param& add(const std::string& name, const Shape& shape, DType source_dtype = DType::F32);
   // Shapes only: add() records names, shapes and layouts but allocates no value / grad (pre-checks).
   void set_shapes_only(bool on) { shapes_only_ = on; }
+  // false: add() allocates no gradient (the run keeps gradients elsewhere: on the device, or in dist/ buckets).
+  void set_host_grads(bool on) { host_grads_ = on; }
   // An expert-parallel parameter: this rank holds rows [row_begin, row_begin + shape[0]) of a whole
   // parameter with global_rows rows.
   Param& add_expert(const std::string& name, const Shape& shape, int64_t row_begin, int64_t global_rows);
@@ -123,6 +125,7 @@ class ParamStore {
   std::vector<std::vector<Param*>> groups_;  // colocate()
   bool shapes_only_ = false;
   bool defer_trainable_ = false;
+  bool host_grads_ = true;
 };
 
 }  // namespace am

@@ -201,6 +201,8 @@ void Trainer::setup() {
   setup_distributed(cfg);
   ModelParallel mp;
   if (groups_) mp = ModelParallel{groups_->ep->rank(), ep_size_, groups_->ep.get(), groups_->world.get()};
+  // Gradients live on the GPU (to_device) or in the data-parallel buckets: no host copy at load.
+  mp.host_grads = device_name_ != "cuda" && !groups_;
   model_ = build_model(cfg, mp);
   // Each rank reads only the tensors (and, expert-parallel, only the experts) it holds.
   bnb4_base_ = bnb4;
