@@ -10,42 +10,14 @@
 namespace am {
 
 OptimizerInBackward::OptimizerInBackward(CausalLM& model, Optimizer& opt, bool bf16)
-    : model_(model), opt_(opt), bf16_(bf16) {
+    : model_(model), opt_(opt), bf16_(bf16), scratch_(model) {
   const DeviceType dev = model.exec().on_cuda() ? DeviceType::CUDA : DeviceType::CPU;
-  auto all = model.param_units();
-  units_.resize(all.size());
-  int64_t root_n = 0, layer_max = 0;
-  for (size_t u = 0; u < all.size(); ++u) {
-    int64_t n = 0;
-    for (Param* p : all[u]) {
-      if (!p->trainable) continue;
-      units_[u].push_back(p);
-      n += shape_numel(p->shape);
-      p->grad = Tensor();  // the whole-model gradient goes; scratch views stand in while a unit's backward runs
-    }
-    if (u == 0) root_n = n;
-    else layer_max = std::max(layer_max, n);
-  }
-  root_scratch_ = ops::zeros_on(dev, {std::max<int64_t>(root_n, 1)}, DType::F32);
-  layer_scratch_ = ops::zeros_on(dev, {std::max<int64_t>(layer_max, 1)}, DType::F32);
-  if (bf16_) bf16_scratch_ = ops::empty_on(dev, {std::max<int64_t>(std::max(root_n, layer_max), 1)}, DType::BF16);
-  for (size_t u = 0; u < units_.size(); ++u) point_at_scratch(static_cast<int>(u));
-  updated_.assign(units_.size(), 0);
+  if (bf16_) bf16_scratch_ = ops::empty_on(dev, {std::max<int64_t>(scratch_.largest_unit(), 1)}, DType::BF16);
+  updated_.assign(scratch_.units().size(), 0);
   model_.set_param_hooks(this);
 }
 
 OptimizerInBackward::~OptimizerInBackward() { model_.set_param_hooks(nullptr); }
-
-// Unit u's gradients as views of its (zeroed) fp32 scratch: the root's own, or the one layer buffer.
-void OptimizerInBackward::point_at_scratch(int unit) {
-  Tensor& s = unit == 0 ? root_scratch_ : layer_scratch_;
-  int64_t off = 0;
-  for (Param* p : units_[static_cast<size_t>(unit)]) {
-    const int64_t n = shape_numel(p->shape);
-    p->grad = s.slice_rows(off, off + n).view(p->shape);
-    off += n;
-  }
-}
 
 void OptimizerInBackward::begin_step(double lr, double wd, double clip_coef) {
   opt_.begin_step();
@@ -59,9 +31,10 @@ void OptimizerInBackward::begin_step(double lr, double wd, double clip_coef) {
 
 double OptimizerInBackward::end_step() {
   open_ = false;
-  for (size_t u = 0; u < units_.size(); ++u)
-    if (!units_[u].empty() && !updated_[u])
-      throw Error("optimizer_in_bwd: parameter unit " + std::to_string(u) + " (" + units_[u].front()->name +
+  const auto& units = scratch_.units();
+  for (size_t u = 0; u < units.size(); ++u)
+    if (!units[u].empty() && !updated_[u])
+      throw Error("optimizer_in_bwd: parameter unit " + std::to_string(u) + " (" + units[u].front()->name +
                   ", ...) got no backward in this step, so it was not updated");
   return sums_.total();
 }
@@ -70,11 +43,11 @@ void OptimizerInBackward::before_use(int unit, bool backward) {
   // The root's gradients are written from the LM head's backward on, before any backward hook: point them at
   // their scratch when the micro-batch starts (its forward's first hook). A layer's, when its backward starts
   // (the layers share one buffer).
-  if (unit == 0 ? !backward : backward) point_at_scratch(unit);
+  if (UnitGradScratch::starts_gradient(unit, backward)) scratch_.point_at(unit);
 }
 
 void OptimizerInBackward::after_backward(int unit) {
-  const auto& ps = units_.at(static_cast<size_t>(unit));
+  const auto& ps = scratch_.unit(unit);
   if (!open_ || ps.empty()) return;
   if (updated_[static_cast<size_t>(unit)])
     throw Error("optimizer_in_bwd: a second backward of parameter unit " + std::to_string(unit) +
@@ -107,12 +80,7 @@ void OptimizerInBackward::after_backward(int unit) {
     slots.push_back({p->name, &p->value, &grads[i], p->work.defined() && p->work.raw() != p->value.raw() ? &p->work : nullptr});
   }
   opt_.update(slots, lr_, wd_);
-  // The scratch is zeroed for its next user (gradients accumulate into it).
-  Tensor& s = unit == 0 ? root_scratch_ : layer_scratch_;
-  int64_t used = 0;
-  for (Param* p : ps) used += shape_numel(p->shape);
-  Tensor head = s.slice_rows(0, used);
-  ops::zero_(head);
+  scratch_.clear(unit);  // zeroed for its next user (gradients accumulate into it)
   updated_[static_cast<size_t>(unit)] = 1;
 }
 

@@ -3,9 +3,9 @@
 // so a unit's gradient exists only while its backward runs and no whole-model gradient is ever held:
 //   fp32 master weights (the default): 4 bytes per parameter less (the fp32 gradient);
 //   model.dtype bfloat16 (train/pure_bf16.h, made without accumulators): 2 bytes less (the bf16 accumulators).
-// The gradients are written into fp32 scratch, as pure_bf16.h does: the root's own (its backward spans the whole
-// pass, the LM head first and the embedding last) and one buffer of the largest layer's size, shared by the
-// layers in turn. Pure bf16 rounds a unit's scratch to bf16 once (as its accumulators would) before the update.
+// The gradients are written into fp32 scratch (train/grad_scratch.h, as pure_bf16.h): the root's own (its backward
+// spans the whole pass, the LM head first and the embedding last) and one buffer of the largest layer's size,
+// shared by the layers in turn. Pure bf16 rounds a unit's scratch to bf16 once (as its accumulators would) before the update.
 //
 // What it cannot do, checked by the trainer with exit 2: gradient accumulation (a unit's gradient must be final
 // after one backward: global_batch_size == local_batch_size) and data parallelism (one rank).
@@ -19,6 +19,7 @@
 
 #include "models/model.h"
 #include "ops/device.h"
+#include "train/grad_scratch.h"
 #include "train/optimizer.h"
 
 namespace am {
@@ -41,13 +42,10 @@ class OptimizerInBackward : public ParamHooks {
   void after_backward(int unit) override;
 
  private:
-  void point_at_scratch(int unit);
-
   CausalLM& model_;
   Optimizer& opt_;
   bool bf16_;
-  std::vector<std::vector<Param*>> units_;  // trainable parameters per unit
-  Tensor root_scratch_, layer_scratch_;     // fp32 [root numel], [largest layer's numel]
+  UnitGradScratch scratch_;                 // the fp32 gradient while a unit's backward runs
   Tensor bf16_scratch_;                     // pure bf16: bf16 [largest unit's numel], the rounded gradient
   double lr_ = 0, wd_ = 0, coef_ = 1;
   ops::SquareSums sums_;                    // the step's per-unit sums of squares (its grad norm)

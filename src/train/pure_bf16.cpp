@@ -1,31 +1,20 @@
 #include "train/pure_bf16.h"
 
-#include <algorithm>
-
 #include "ops/device.h"
 #include "ops/ops.h"
 
 namespace am {
 
 PureBf16::PureBf16(CausalLM& model, bool accumulators) : model_(model), accumulators_(accumulators) {
-  const ExecContext& ex = model.exec();
-  const DeviceType dev = ex.on_cuda() ? DeviceType::CUDA : DeviceType::CPU;
-  auto all = model.param_units();
-  units_.resize(all.size());
-  acc_.resize(all.size());
-  int64_t root_n = 0, layer_max = 0;
-  for (size_t u = 0; u < all.size(); ++u) {
-    int64_t n = 0;
-    for (Param* p : all[u]) {
-      if (!p->trainable) continue;
-      units_[u].push_back(p);
-      n += p->value.defined() ? p->value.numel() : p->work.numel();
-    }
-    if (u == 0) root_n = n;
-    else layer_max = std::max(layer_max, n);
+  const DeviceType dev = model.exec().on_cuda() ? DeviceType::CUDA : DeviceType::CPU;
+  for (const auto& all : model.param_units()) {
+    std::vector<Param*> trainable;
+    for (Param* p : all)
+      if (p->trainable) trainable.push_back(p);
+    units_.push_back(std::move(trainable));
   }
-  for (size_t u = 0; u < units_.size(); ++u)
-    for (Param* p : units_[u]) {
+  for (auto& ps : units_)
+    for (Param* p : ps) {
       if (dev == DeviceType::CUDA) {
         // The bf16 working copy (what forward and backward read) becomes the parameter; the fp32 master goes.
         if (p->work.dtype() != DType::BF16) {
@@ -40,13 +29,13 @@ PureBf16::PureBf16(CausalLM& model, bool accumulators) : model_(model), accumula
         p->work = p->value;
       }
       p->grad = Tensor();  // the fp32 gradient: replaced by scratch views (backward) and the accumulator
-      if (accumulators) acc_[u].push_back(ops::zeros_on(dev, p->value.shape(), DType::BF16));
     }
   round_values();
   if (!accumulators) return;  // optimizer_in_bwd owns the gradients (train/optimizer_in_bwd.h)
-  root_scratch_ = ops::zeros_on(dev, {std::max<int64_t>(root_n, 1)}, DType::F32);
-  layer_scratch_ = ops::zeros_on(dev, {std::max<int64_t>(layer_max, 1)}, DType::F32);
-  for (size_t u = 0; u < units_.size(); ++u) point_at_scratch(static_cast<int>(u));
+  acc_.resize(units_.size());
+  for (size_t u = 0; u < units_.size(); ++u)
+    for (Param* p : units_[u]) acc_[u].push_back(ops::zeros_on(dev, p->value.shape(), DType::BF16));
+  scratch_ = UnitGradScratch(model);
   expose_accumulators();
   model_.set_param_hooks(this);
 }
@@ -73,38 +62,21 @@ void PureBf16::expose_accumulators() {
     for (size_t i = 0; i < units_[u].size(); ++i) units_[u][i]->grad = acc_[u][i];
 }
 
-// Unit u's gradients as views of its (zeroed) fp32 scratch: the root's own, or the one layer buffer.
-void PureBf16::point_at_scratch(int unit) {
-  Tensor& s = unit == 0 ? root_scratch_ : layer_scratch_;
-  const auto& ps = units_[static_cast<size_t>(unit)];
-  const auto& acc = acc_[static_cast<size_t>(unit)];
-  int64_t off = 0;
-  for (size_t i = 0; i < ps.size(); ++i) {
-    const int64_t n = acc[i].numel();
-    ps[i]->grad = s.slice_rows(off, off + n).view(acc[i].shape());
-    off += n;
-  }
-}
-
 void PureBf16::before_use(int unit, bool backward) {
   // The root's gradients are written from the LM head's backward on, before any backward hook: point them at
   // their scratch when the micro-batch starts (its forward's first hook). A layer's, when its backward starts.
-  if (unit == 0 ? !backward : backward) point_at_scratch(unit);
+  if (UnitGradScratch::starts_gradient(unit, backward)) scratch_.point_at(unit);
 }
 
 void PureBf16::after_backward(int unit) {
   auto& ps = units_[static_cast<size_t>(unit)];
   if (ps.empty()) return;
   auto& acc = acc_[static_cast<size_t>(unit)];
-  int64_t used = 0;
   for (size_t i = 0; i < ps.size(); ++i) {
     if (assign_) ops::copy_(acc[i], ps[i]->grad);  // one rounding to bf16
     else ops::add_(acc[i], ps[i]->grad);           // acc + g in fp32, one rounding
-    used += ps[i]->grad.numel();
   }
-  Tensor& s = unit == 0 ? root_scratch_ : layer_scratch_;
-  Tensor head = s.slice_rows(0, used);
-  ops::zero_(head);
+  scratch_.clear(unit);
 }
 
 }  // namespace am

@@ -6,7 +6,7 @@
 //               oracle of the GPU one.
 //   gradients   bf16 accumulators [numel] per parameter. The backward ops write fp32 gradients (they accumulate
 //               in fp32 by contract), so each unit's gradients go to an fp32 scratch that lives only while the
-//               unit's backward runs (ParamHooks, models/model.h): one decoder layer's worth, shared by the
+//               unit's backward runs (train/grad_scratch.h): one decoder layer's worth, shared by the
 //               layers, plus the root unit (embeddings, final norm, LM head), whose backward spans the whole
 //               pass. When a unit's backward ends its scratch is added into the accumulators with one rounding
 //               (the first micro-batch of a step assigns) and zeroed. HF rounds each micro-batch's gradient to
@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "models/model.h"
+#include "train/grad_scratch.h"
 
 namespace am {
 
@@ -46,13 +47,11 @@ class PureBf16 : public ParamHooks {
   void after_backward(int unit) override;
 
  private:
-  void point_at_scratch(int unit);
-
   CausalLM& model_;
   bool accumulators_ = true;
   std::vector<std::vector<Param*>> units_;  // trainable parameters per unit
   std::vector<std::vector<Tensor>> acc_;    // bf16 accumulators, per unit, per parameter
-  Tensor root_scratch_, layer_scratch_;     // fp32 [root numel], [largest layer's numel]
+  UnitGradScratch scratch_;                 // the fp32 gradient while a unit's backward runs
   bool assign_ = true;
 };
 
