@@ -181,7 +181,8 @@ int attention_bench_main(int argc, char** argv) try {
         void* ws = nullptr;
         AM_CUDA_CHECK(cudaMalloc(&ws, wsb));
         const double ms = median_ms(
-            [&] { am::cuda::attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, nullptr, ws, wsb); }, reps, 3);
+            [&] { am::cuda::attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, nullptr, nullptr, ws, wsb); },
+            reps, 3);
         AM_CUDA_CHECK(cudaDeviceSynchronize());
         AM_CUDA_CHECK(cudaFree(ws));
         const auto a = to_host(dq), b = to_host(dk), c = to_host(dv);

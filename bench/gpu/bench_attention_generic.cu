@@ -111,8 +111,11 @@ int attention_generic_bench_main(int argc, char** argv) try {
       void* fws = nullptr;
       AM_CUDA_CHECK(cudaMalloc(&fws, std::max<size_t>(fwsb, 16)));
       row("bwd fl",
-          median_ms([&] { am::cuda::attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, nullptr, fws, fwsb); },
-                    reps, 2),
+          median_ms(
+              [&] {
+                am::cuda::attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, nullptr, nullptr, fws, fwsb);
+              },
+              reps, 2),
           bwd_flop);
       AM_CUDA_CHECK(cudaFree(fws));
     }

@@ -5,6 +5,7 @@
 
 int attention_bench_main(int argc, char** argv);
 int attention_generic_bench_main(int argc, char** argv);  // bench_attention_generic.cu: the CUDA-core path
+int attention_sinks_bench_main(int argc, char** argv);  // bench_attention_sinks.cu: gpt_oss sinks, flash vs generic
 int moe_bench_main(int argc, char** argv);  // bench_moe.cu: MoE ops at the W2 shape
 int gemma2_deepseek_bench_main(int argc, char** argv);  // bench_gemma2_deepseek.cu: softcap, MLA columns, router
 int gpt_oss_bench_main(int argc, char** argv);  // bench_gpt_oss.cu: gpt_oss expert kernels (gpt-oss-20b layer)
@@ -21,6 +22,7 @@ struct GpuBench {
 inline constexpr GpuBench kGpuBenches[] = {
     {"attention", attention_bench_main},
     {"attention_generic", attention_generic_bench_main},
+    {"attention_sinks", attention_sinks_bench_main},
     {"moe", moe_bench_main},
     {"gemma2_deepseek", gemma2_deepseek_bench_main},
     {"gpt_oss", gpt_oss_bench_main},

@@ -1,5 +1,5 @@
-// CUDA flash attention (and, further down, the generic kernels: other head dims, sinks, soft-capping,
-// Dv != D, fp32) against the CPU reference (am::ops::attention_fwd/bwd on fp32 copies of the same bf16 inputs). Random shapes with T not a multiple of any tile, GQA ratios 1/4/8, head dims 64/128,
+// CUDA flash attention (with gpt_oss sinks further down, and the generic kernels: other head dims, sinks,
+// soft-capping, Dv != D, fp32) against the CPU reference (am::ops::attention_fwd/bwd on fp32 copies of the same bf16 inputs). Random shapes with T not a multiple of any tile, GQA ratios 1/4/8, head dims 64/128,
 // sliding windows, packed segments with padding; every kernel variant and both backward modes (whole GQA
 // group per block, group split with fp32 atomics). Outputs are poisoned with NaN before each call, so an
 // unwritten element fails. Errors are ||got - ref|| / ||ref|| (bf16 budget ~1e-2); every case prints its
@@ -23,6 +23,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/tensor.h"
+#include "ops/device.h"
 #include "ops/ops.h"
 
 namespace {
@@ -530,8 +531,10 @@ TEST_F(CudaAttention, GenericMatchesCpuReference) {
       {1, 257, 4, 1, 256, 256, 0, 3, 0.f, 0, bf, false},    // 256, GQA 4, padding runs
       {2, 90, 8, 4, 256, 256, 32, 3, 1.5f, 0, bf, false},   // Gemma 2: 256 + soft-cap + window + padding
       {1, 70, 4, 1, 96, 96, 0, 0, 5.f, 1, bf, false},       // soft-cap + sinks + GQA 4
-      {1, 130, 8, 2, 64, 64, 0, 0, 0.f, 1, bf, false},      // gpt_oss: 64 + sinks
-      {2, 120, 8, 2, 64, 64, 16, 3, 0.f, 2, bf, false},     // sinks (bf16) + window + padding runs
+      // D 64 + sinks: direct, because ops:: sends bf16 D 64 / 128 sinks to the flash kernels when
+      // AM_ALLOW_UNVERIFIED_CUDA=1 (which these tests set); the flash path is checked by FlashSinks* below.
+      {1, 130, 8, 2, 64, 64, 0, 0, 0.f, 1, bf, true},       // gpt_oss: 64 + sinks
+      {2, 120, 8, 2, 64, 64, 16, 3, 0.f, 2, bf, true},      // sinks (bf16) + window + padding runs
       {1, 1, 2, 1, 256, 256, 0, 0, 0.f, 1, bf, false},      // T = 1
       {1, 65, 4, 2, 128, 64, 0, 2, 0.f, 0, f32, false},     // fp32, Dv != D
       {1, 64, 4, 4, 64, 64, 0, 0, 2.f, 1, f32, false},      // fp32, soft-cap, sinks
@@ -614,6 +617,310 @@ TEST_F(CudaAttention, RejectsHostTensors) {
          v = dev_empty({1, 8, 1, 64}, DType::BF16), o = dev_empty({1, 8, 2, 64}, DType::BF16),
          l = dev_empty({1, 2, 8}, DType::F32);
   EXPECT_THROW(am::cuda::attention_fwd(q, k, v, p, o, l), am::DeviceError);
+}
+
+// ---------------- flash kernels with gpt_oss sinks (written without a GPU: first device run pending) ----------------
+// Head h's sink logit joins every row's softmax denominator (core/attn_params.h). The flash forward adds it to the
+// final normaliser (finish_row in attention_common.cuh), so out and lse include it; the backward kernels are the
+// unchanged ones (P = exp(S - lse) is already the sinked softmax) plus a reduction for
+//   dsinks[h] += -sum_{b, i} e^(sink_h - lse_i) (dout_i . out_i).
+// Checked against the CPU reference on the same bf16-exact inputs: out / lse from every forward variant (mma.sync
+// 1-3, wgmma 4-5 on sm_90a; AM_ATTN_FWD_VARIANTS narrows them), dq / dk / dv / dsinks from every backward variant
+// (mma.sync 1-3, wgmma 4) and split mode, with causal + sliding windows + packed segments with padding, GQA,
+// D 64 (gpt_oss) and 128, fp32 and bf16 sinks (the model's CUDA working copy), sinks far above and far below
+// the scores. dsinks must be ADDED (it starts from a non-zero value) and is bit-identical across all backward
+// variants (its inputs, lse and Dsum, do not depend on them; the reduction has a fixed order).
+
+struct SinkCase {
+  int B, T, nh, nkv, D, window, seg_mode;
+  float sink_shift;  // added to N(0, 1.5) sinks: +6 puts the sink above every score, -8 makes it negligible
+  bool bf16_sinks;
+};
+
+std::string sink_name(const SinkCase& c) {
+  char buf[200];
+  std::snprintf(buf, sizeof buf, "B%d T%d nh%d nkv%d D%d win%d seg%d sink%+g %s", c.B, c.T, c.nh, c.nkv, c.D,
+                c.window, c.seg_mode, c.sink_shift, c.bf16_sinks ? "bf16" : "f32");
+  return buf;
+}
+
+void run_sink_case(const SinkCase& c, uint32_t seed, double* worst_fwd, double* worst_bwd) {
+  std::mt19937 rng(seed);
+  const int64_t B = c.B, T = c.T, nh = c.nh, nkv = c.nkv, D = c.D;
+  const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, ls{B, nh, T};
+  auto q = randn_bf16(B * T * nh * D, rng), k = randn_bf16(B * T * nkv * D, rng),
+       v = randn_bf16(B * T * nkv * D, rng), dout = randn_bf16(B * T * nh * D, rng);
+  std::vector<float> sinks = randn_bf16(nh, rng, 1.5f);
+  for (auto& x : sinks) x = am::bf16_to_f32(am::f32_to_bf16(x + c.sink_shift));  // bf16-exact: fp32 == bf16 copy
+  std::vector<int32_t> seg;
+  if (c.seg_mode) seg = make_segments(Case{c.B, c.T, c.nh, c.nkv, c.D, c.window, c.seg_mode}, rng);
+  const std::string name = sink_name(c);
+
+  // ---- CPU reference (fp32 copies, fp64 accumulation) ----
+  am::AttnParams p;
+  p.batch = B;
+  p.seq = T;
+  p.n_heads = nh;
+  p.n_kv_heads = nkv;
+  p.head_dim = D;
+  p.scale = 1.f / std::sqrt(static_cast<float>(D));
+  p.sliding_window = c.window;
+  Tensor hseg, hsinks = host_f32(sinks, {nh}), hdsinks = Tensor::zeros({nh}, DType::F32);
+  if (c.seg_mode) {
+    hseg = Tensor::empty({B, T}, DType::I32);
+    std::memcpy(hseg.raw(), seg.data(), seg.size() * 4);
+    p.segment_ids = &hseg;
+  }
+  p.sinks = &hsinks;
+  Tensor hq = host_f32(q, qs), hk = host_f32(k, ks), hv = host_f32(v, ks), hdo = host_f32(dout, qs);
+  Tensor hout = Tensor::empty(qs, DType::F32), hlse = Tensor::empty(ls, DType::F32);
+  am::ops::attention_fwd(hq, hk, hv, p, hout, hlse);
+  Tensor hdq = Tensor::empty(qs, DType::F32), hdk = Tensor::empty(ks, DType::F32), hdv = Tensor::empty(ks, DType::F32);
+  am::ops::attention_bwd(hq, hk, hv, hout, hlse, hdo, p, hdq, hdk, hdv, &hdsinks);
+  const auto ref_out = host_vec(hout), ref_lse = host_vec(hlse), ref_dq = host_vec(hdq), ref_dk = host_vec(hdk),
+             ref_dv = host_vec(hdv), ref_dsinks = host_vec(hdsinks);
+  // Scale of each head's dsinks sum (terms of both signs): sum_i e^(s_h - lse_i) |dout_i . out_i|.
+  std::vector<double> dsink_scale(static_cast<size_t>(nh), 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < nh; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const float L = ref_lse[(b * nh + h) * T + t];
+        if (std::isinf(L)) continue;
+        double dd = 0;
+        for (int64_t x = 0; x < D; ++x)
+          dd += static_cast<double>(dout[((b * T + t) * nh + h) * D + x]) * ref_out[((b * T + t) * nh + h) * D + x];
+        dsink_scale[h] += std::exp(static_cast<double>(sinks[h]) - L) * std::fabs(dd);
+      }
+
+  // ---- device ----
+  Tensor dq_in = upload_bf16(q, qs), dk_in = upload_bf16(k, ks), dv_in = upload_bf16(v, ks),
+         ddo = upload_bf16(dout, qs);
+  Tensor dseg, dsinks_t = upload_as(sinks, {nh}, c.bf16_sinks ? DType::BF16 : DType::F32);
+  am::AttnParams dp = p;
+  dp.segment_ids = nullptr;
+  dp.sinks = &dsinks_t;
+  if (c.seg_mode) {
+    dseg = dev_empty({B, T}, DType::I32);
+    ASSERT_EQ(cudaMemcpy(dseg.raw(), seg.data(), seg.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    dp.segment_ids = &dseg;
+  }
+  Tensor out = dev_empty(qs, DType::BF16), lse = dev_empty(ls, DType::F32);
+
+  for (int fv : variants("AM_ATTN_FWD_VARIANTS", 5)) {
+    am::cuda::attention_tuning().fwd_variant = fv;
+    poison(out);
+    poison(lse);
+    am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, out, lse);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << name << " fwd variant " << fv;
+    const auto got = download_bf16(out);
+    const auto got_lse = download_f32(lse);
+    const std::string tag = name + " fwd variant " + std::to_string(fv);
+    size_t nf = 0, lse_bad = 0, pad_bad = 0;
+    const double e_out = rel_err(got, ref_out, &nf);
+    double e_lse = 0;
+    for (size_t i = 0; i < ref_lse.size(); ++i) {
+      if (std::isinf(ref_lse[i])) {
+        if (!(std::isinf(got_lse[i]) && got_lse[i] < 0)) ++lse_bad;
+      } else if (!std::isfinite(got_lse[i])) {
+        ++lse_bad;
+      } else {
+        e_lse = std::max(e_lse, static_cast<double>(std::fabs(got_lse[i] - ref_lse[i])));
+      }
+    }
+    for (int64_t b = 0; b < B; ++b)  // rows that see no key (padding) ignore the sink: out 0, lse -inf
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < nh; ++h)
+          if (std::isinf(ref_lse[(b * nh + h) * T + t]))
+            for (int64_t d = 0; d < D; ++d)
+              if (got[((b * T + t) * nh + h) * D + d] != 0.f) ++pad_bad;
+    EXPECT_EQ(nf, 0u) << tag << ": non-finite outputs (unwritten?)";
+    EXPECT_EQ(lse_bad, 0u) << tag << ": lse -inf / finiteness mismatches";
+    EXPECT_EQ(pad_bad, 0u) << tag << ": padding rows not zero";
+    EXPECT_LT(e_out, 1e-2) << tag;
+    EXPECT_LT(e_lse, 2e-3) << tag;
+    *worst_fwd = std::max(*worst_fwd, e_out);
+    std::printf("  %-52s fwd v%d: out rel %.2e  lse max abs %.2e\n", name.c_str(), fv, e_out, e_lse);
+  }
+
+  // Backward from the device forward's out / lse (what training does); dsinks starts at kInit and must come back
+  // as kInit + ref, with the same bits from every variant and split.
+  am::cuda::attention_tuning().fwd_variant = 0;
+  am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, out, lse);
+  constexpr float kInit = 0.25f;
+  const std::vector<float> init(static_cast<size_t>(nh), kInit);
+  Tensor gdq = dev_empty(qs, DType::BF16), gdk = dev_empty(ks, DType::BF16), gdv = dev_empty(ks, DType::BF16);
+  Tensor gds = dev_empty({nh}, DType::F32);
+  std::vector<float> first_dsinks;
+  const int group = c.nh / c.nkv;
+  std::vector<int> splits{1};
+  if (group > 1) splits.push_back(0);
+  if (group >= 4) splits.push_back(2);
+  for (int bv : variants("AM_ATTN_BWD_VARIANTS", 4))
+    for (int sp : splits) {
+      am::cuda::attention_tuning().bwd_variant = bv;
+      am::cuda::attention_tuning().bwd_split = sp;
+      poison(gdq);
+      poison(gdk);
+      poison(gdv);
+      ASSERT_EQ(cudaMemcpy(gds.raw(), init.data(), init.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      am::cuda::attention_bwd(dq_in, dk_in, dv_in, out, lse, ddo, dp, gdq, gdk, gdv, &gds);
+      const std::string tag = name + " bwd variant " + std::to_string(bv) + " split " + std::to_string(sp);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
+      size_t n1 = 0, n2 = 0, n3 = 0;
+      const double edq = rel_err(download_bf16(gdq), ref_dq, &n1), edk = rel_err(download_bf16(gdk), ref_dk, &n2),
+                   edv = rel_err(download_bf16(gdv), ref_dv, &n3);
+      EXPECT_EQ(n1 + n2 + n3, 0u) << tag << ": non-finite gradients (unwritten?) dq " << n1 << " dk " << n2
+                                  << " dv " << n3;
+      EXPECT_LT(edq, 2e-2) << tag;
+      EXPECT_LT(edk, 2e-2) << tag;
+      EXPECT_LT(edv, 2e-2) << tag;
+      const auto ds = download_f32(gds);
+      double e_sink = 0;
+      for (int64_t h = 0; h < nh; ++h) {
+        EXPECT_TRUE(std::isfinite(ds[h])) << tag << ": dsinks[" << h << "]";
+        const double err = std::fabs((static_cast<double>(ds[h]) - kInit) - ref_dsinks[h]);
+        e_sink = std::max(e_sink, err / std::max(1e-6, dsink_scale[h]));
+      }
+      EXPECT_LT(e_sink, 2e-2) << tag << ": dsinks (error relative to the sum of |terms|)";
+      if (first_dsinks.empty())
+        first_dsinks = ds;
+      else
+        EXPECT_EQ(std::memcmp(ds.data(), first_dsinks.data(), ds.size() * 4), 0)
+            << tag << ": dsinks differ from the first backward variant (the reduction must be deterministic)";
+      *worst_bwd = std::max({*worst_bwd, edq, edk, edv, e_sink});
+      std::printf("  %-52s bwd v%d split %d: dq %.2e dk %.2e dv %.2e dsinks %.2e\n", name.c_str(), bv, sp, edq, edk,
+                  edv, e_sink);
+    }
+
+  // Without dsinks the backward still takes the sinked lse (no sink gradient wanted, e.g. frozen sinks).
+  am::cuda::attention_tuning().bwd_variant = 0;
+  am::cuda::attention_tuning().bwd_split = 0;
+  poison(gdq);
+  am::cuda::attention_bwd(dq_in, dk_in, dv_in, out, lse, ddo, dp, gdq, gdk, gdv, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << name << " bwd without dsinks";
+  EXPECT_LT(rel_err(download_bf16(gdq), ref_dq), 2e-2) << name << " bwd without dsinks";
+}
+
+TEST_F(CudaAttention, FlashSinksMatchCpuReference) {
+  const std::vector<SinkCase> cases = {
+      // B, T, nh, nkv, D, window, seg, sink shift, bf16 sinks
+      {1, 130, 8, 2, 64, 0, 0, 0.f, false},    // gpt_oss head dim, GQA 4, causal
+      {2, 257, 8, 1, 64, 17, 2, 0.f, true},    // window + padding tail, GQA 8, bf16 sinks
+      {1, 300, 8, 2, 64, 128, 3, 0.f, true},   // gpt_oss's sliding window 128 + padding runs (one longer than a tile)
+      {2, 190, 4, 4, 128, 0, 1, 0.f, false},   // D 128, packed documents
+      {1, 333, 8, 1, 128, 50, 3, 0.f, false},  // D 128, window, padding runs, GQA 8
+      {1, 200, 4, 2, 64, 0, 0, 6.f, false},    // sink above every score: the max of the final normaliser
+      {1, 150, 4, 1, 64, 0, 0, -8.f, true},    // negligible sink
+      {1, 1, 2, 1, 64, 0, 0, 0.f, false},      // T = 1
+      {2, 999, 8, 2, 64, 128, 1, 0.f, true},   // many tiles: packed documents + window 128
+  };
+  double wf = 0, wb = 0;
+  uint32_t seed = 4321;
+  for (const auto& c : cases) {
+    run_sink_case(c, seed++, &wf, &wb);
+    if (HasFatalFailure()) return;
+  }
+  std::printf("CudaAttention flash + sinks worst rel error: forward out %.3e, backward %.3e\n", wf, wb);
+}
+
+// Sinks of -inf add e^(-inf) = 0 to every normaliser: the forward must give the no-sink result bit for bit (the
+// sink epilogue then reduces to the plain one exactly: max(m, -inf) = m, 2^0 = 1), and dsinks must not move.
+// Guards the sink path's arithmetic against drifting from the no-sink path, on every forward variant.
+TEST_F(CudaAttention, FlashSinksOfMinusInfinityChangeNothing) {
+  const int64_t B = 2, T = 200, nh = 8, nkv = 2, D = 64;
+  const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, ls{B, nh, T};
+  std::mt19937 rng(99);
+  Case c{2, 200, 8, 2, 64, 64, 3};
+  Tensor q = upload_bf16(randn_bf16(B * T * nh * D, rng), qs), k = upload_bf16(randn_bf16(B * T * nkv * D, rng), ks),
+         v = upload_bf16(randn_bf16(B * T * nkv * D, rng), ks), dout = upload_bf16(randn_bf16(B * T * nh * D, rng), qs);
+  const auto seg = make_segments(c, rng);
+  Tensor dseg = dev_empty({B, T}, DType::I32);
+  ASSERT_EQ(cudaMemcpy(dseg.raw(), seg.data(), seg.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  Tensor sinks = upload_as(std::vector<float>(nh, -std::numeric_limits<float>::infinity()), {nh}, DType::F32);
+  am::AttnParams p;
+  p.batch = B;
+  p.seq = T;
+  p.n_heads = nh;
+  p.n_kv_heads = nkv;
+  p.head_dim = D;
+  p.scale = 0.125f;
+  p.sliding_window = c.window;
+  p.segment_ids = &dseg;
+  am::AttnParams ps = p;
+  ps.sinks = &sinks;
+  Tensor o1 = dev_empty(qs, DType::BF16), o2 = dev_empty(qs, DType::BF16), l1 = dev_empty(ls, DType::F32),
+         l2 = dev_empty(ls, DType::F32);
+  for (int fv : variants("AM_ATTN_FWD_VARIANTS", 5)) {
+    am::cuda::attention_tuning().fwd_variant = fv;
+    poison(o2);
+    poison(l2);
+    am::cuda::attention_fwd(q, k, v, p, o1, l1);
+    am::cuda::attention_fwd(q, k, v, ps, o2, l2);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << "fwd variant " << fv;
+    const auto a = download_bf16(o1), b = download_bf16(o2), la = download_f32(l1), lb = download_f32(l2);
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << "fwd variant " << fv << ": out";
+    EXPECT_EQ(std::memcmp(la.data(), lb.data(), la.size() * 4), 0) << "fwd variant " << fv << ": lse";
+  }
+  am::cuda::attention_tuning().fwd_variant = 0;
+  am::cuda::attention_fwd(q, k, v, ps, o2, l2);
+  Tensor dq = dev_empty(qs, DType::BF16), dk = dev_empty(ks, DType::BF16), dv = dev_empty(ks, DType::BF16);
+  const std::vector<float> init{0.5f, -1.f, 2.f, 0.f, 3.f, -0.25f, 1.f, 7.f};
+  Tensor ds = upload_as(init, {nh}, DType::F32);
+  am::cuda::attention_bwd(q, k, v, o2, l2, dout, ps, dq, dk, dv, &ds);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(download_f32(ds), init) << "sinks of -inf must leave dsinks as they were";
+}
+
+// ops::attention_fwd/bwd send bf16 D 64 / 128 attention with sinks to the flash kernels only when
+// AM_ALLOW_UNVERIFIED_CUDA=1 (these tests set it unless the environment says 0), else to the generic kernels.
+// Both forwards are deterministic, and so is dsinks on either path: compare bit for bit with the path the gate
+// selects.
+TEST_F(CudaAttention, FlashSinksRoutingFollowsTheUnverifiedGate) {
+  const int64_t B = 1, T = 150, nh = 8, nkv = 2, D = 64;
+  const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, ls{B, nh, T};
+  std::mt19937 rng(7);
+  Tensor q = upload_bf16(randn_bf16(B * T * nh * D, rng), qs), k = upload_bf16(randn_bf16(B * T * nkv * D, rng), ks),
+         v = upload_bf16(randn_bf16(B * T * nkv * D, rng), ks), dout = upload_bf16(randn_bf16(B * T * nh * D, rng), qs);
+  Tensor sinks = upload_as(randn_bf16(nh, rng, 1.5f), {nh}, DType::BF16);  // the model's working copy
+  am::AttnParams p;
+  p.batch = B;
+  p.seq = T;
+  p.n_heads = nh;
+  p.n_kv_heads = nkv;
+  p.head_dim = D;
+  p.scale = 0.125f;
+  p.sliding_window = 128;
+  p.sinks = &sinks;
+  const bool flash = am::ops::unverified_cuda_allowed();
+  std::printf("  AM_ALLOW_UNVERIFIED_CUDA %s: sinks expected on the %s kernels\n", flash ? "on" : "off",
+              flash ? "flash" : "generic");
+  am::cuda::attention_tuning().fwd_variant = 0;
+  Tensor o_ops = dev_empty(qs, DType::BF16), l_ops = dev_empty(ls, DType::F32), o_dir = dev_empty(qs, DType::BF16),
+         l_dir = dev_empty(ls, DType::F32);
+  am::ops::attention_fwd(q, k, v, p, o_ops, l_ops);
+  if (flash)
+    am::cuda::attention_fwd(q, k, v, p, o_dir, l_dir);
+  else
+    am::cuda::attention_generic_fwd(q, k, v, p, o_dir, l_dir);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto a = download_bf16(o_ops), b = download_bf16(o_dir), la = download_f32(l_ops), lb = download_f32(l_dir);
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << "ops:: forward is not the expected path's";
+  EXPECT_EQ(std::memcmp(la.data(), lb.data(), la.size() * 4), 0) << "ops:: lse is not the expected path's";
+
+  Tensor dq = dev_empty(qs, DType::BF16), dk = dev_empty(ks, DType::BF16), dv = dev_empty(ks, DType::BF16);
+  Tensor ds_ops = upload_as(std::vector<float>(nh, 0.f), {nh}, DType::F32),
+         ds_dir = upload_as(std::vector<float>(nh, 0.f), {nh}, DType::F32);
+  am::ops::attention_bwd(q, k, v, o_ops, l_ops, dout, p, dq, dk, dv, &ds_ops);
+  if (flash)
+    am::cuda::attention_bwd(q, k, v, o_ops, l_ops, dout, p, dq, dk, dv, &ds_dir);
+  else
+    am::cuda::attention_generic_bwd(q, k, v, o_ops, l_ops, dout, p, dq, dk, dv, &ds_dir);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto da = download_f32(ds_ops), db = download_f32(ds_dir);
+  if (flash)  // the flash dsinks reduction has a fixed order; the generic one adds per-block atomics
+    EXPECT_EQ(da, db) << "ops:: dsinks is not the flash path's";
+  else
+    for (int64_t h = 0; h < nh; ++h) EXPECT_NEAR(da[h], db[h], 1e-4f * (1.f + std::fabs(db[h])));
 }
 
 }  // namespace

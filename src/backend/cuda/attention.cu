@@ -1,5 +1,5 @@
-// Host side of the CUDA flash attention: argument checks, scratch memory, the segment-range table.
-// Kernels: attention_fwd.cu, attention_bwd.cu.
+// Host side of the CUDA flash attention: argument checks, scratch memory, the segment-range table, and the
+// bf16 -> fp32 widening of gpt_oss sinks. Kernels: attention_fwd.cu, attention_bwd.cu.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -111,6 +111,12 @@ void check_raw(const AttnRawArgs& a, bool bwd) {
     if (rs % 8 != 0 || rs < heads * a.head_dim)
       fail(std::string(name) + " row stride " + std::to_string(rs) + " must be a multiple of 8 and >= heads * D");
   };
+  auto ptr4 = [&](const void* p, const char* name) {
+    if (reinterpret_cast<uintptr_t>(p) % 4 != 0) fail(std::string(name) + " must be 4-byte aligned (fp32)");
+  };
+  ptr4(a.sinks, "sinks");
+  ptr4(a.dsinks, "dsinks");
+  if (a.dsinks && !a.sinks) fail("dsinks given without sinks");
   ptr16(a.q, "q");
   ptr16(a.k, "k");
   ptr16(a.v, "v");
@@ -186,6 +192,14 @@ void launch_seg_table(const int32_t* seg, int B, int T, int2* table, int ne, cud
   check_cuda(cudaGetLastError(), "segment table launch");
 }
 
+namespace {
+// bf16 sinks (the model's CUDA working copy) -> fp32 for the kernels' `const float* sinks`. n = nh.
+__global__ void widen_sinks_kernel(const bf16* __restrict__ src, float* __restrict__ dst, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) dst[i] = __bfloat162float(src[i]);
+}
+}  // namespace
+
 }  // namespace attn
 
 // ---------------- raw entry points ----------------
@@ -255,12 +269,41 @@ void check_t(const char* op, const char* name, const Tensor& t, DType dt, int64_
              " elements");
 }
 
+// Sinks [nh] on the device, fp32 or bf16 (bf16 is widened into the workspace: sink_ws_bytes).
+void check_sinks_t(const char* op, const AttnParams& p) {
+  if (!p.sinks) return;
+  const Tensor& s = *p.sinks;
+  need(s.defined(), op, "sinks is undefined");
+  need(s.device() == DeviceType::CUDA, op, "sinks must be a CUDA tensor");
+  need(s.dtype() == DType::F32 || s.dtype() == DType::BF16, op,
+       std::string("sinks must be float32 or bfloat16, got ") + dtype_name(s.dtype()));
+  need(s.numel() == p.n_heads, op,
+       "sinks has shape " + shape_str(s.shape()) + ", expected [" + std::to_string(p.n_heads) + "]");
+}
+
+size_t sink_ws_bytes(const AttnParams& p) {
+  return p.sinks && p.sinks->dtype() == DType::BF16 ? attn::align_up(static_cast<size_t>(p.n_heads) * sizeof(float))
+                                                    : 0;
+}
+
+// The fp32 sink pointer the kernels take: the tensor itself, or its bf16 values widened into `buf` (sink_ws_bytes
+// of scratch) on `st`.
+const float* sinks_f32(const AttnParams& p, void* buf, cudaStream_t st) {
+  if (!p.sinks) return nullptr;
+  if (p.sinks->dtype() == DType::F32) return p.sinks->data<float>();
+  float* dst = static_cast<float*>(buf);
+  const int n = static_cast<int>(p.n_heads);
+  attn::widen_sinks_kernel<<<(n + 255) / 256, 256, 0, st>>>(static_cast<const attn::bf16*>(p.sinks->raw()), dst, n);
+  attn::check_cuda(cudaGetLastError(), "sink widening launch");
+  return dst;
+}
+
 AttnRawArgs to_raw(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                    const Tensor& lse, const AttnParams& p) {
   const int64_t B = p.batch, T = p.seq, nh = p.n_heads, nkv = p.n_kv_heads, D = p.head_dim;
   // What these kernels do not implement must not be dropped silently (attention_generic.h does it).
-  need(!p.sinks, op, "attention sinks are not supported by the flash kernels (see attention_generic.h)");
   need(!(p.softcap > 0.f), op, "soft-capping is not supported by the flash kernels (see attention_generic.h)");
+  check_sinks_t(op, p);
   need(p.dv() == D, op, "a v head dim other than head_dim is not supported by the flash kernels");
   check_t(op, "q", q, DType::BF16, B * T * nh * D, nh, D);
   check_t(op, "k", k, DType::BF16, B * T * nkv * D, nkv, D);
@@ -302,25 +345,33 @@ AttnRawArgs raw_dims(const AttnParams& p) {
   return a;
 }
 
-}  // namespace
-
-size_t attention_fwd_workspace_bytes(const AttnParams& p) { return attn::fwd_ws(raw_dims(p)); }
-
-size_t attention_bwd_workspace_bytes(const AttnParams& p) {
+size_t raw_bwd_ws(const AttnParams& p) {
   if (p.n_kv_heads <= 0 || p.n_heads % p.n_kv_heads != 0) return 0;
   return attn::bwd_layout(p.batch, p.seq, p.n_heads, p.n_kv_heads, p.head_dim, p.segment_ids != nullptr).total;
 }
+
+}  // namespace
+
+// Workspace of the Tensor entry points: the raw call's scratch first, then (bf16 sinks only) nh fp32 sinks.
+size_t attention_fwd_workspace_bytes(const AttnParams& p) { return attn::fwd_ws(raw_dims(p)) + sink_ws_bytes(p); }
+
+size_t attention_bwd_workspace_bytes(const AttnParams& p) { return raw_bwd_ws(p) + sink_ws_bytes(p); }
 
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                    Tensor& lse, CUstream_st* stream, void* workspace, size_t workspace_bytes) {
   const char* op = "attention_fwd";
   need(p.batch >= 0 && p.seq >= 0 && p.n_heads > 0 && p.n_kv_heads > 0 && p.head_dim > 0, op, "bad dimensions");
   AttnRawArgs a = to_raw(op, q, k, v, out, lse, p);
-  attention_fwd_raw(a, stream, workspace, workspace_bytes);
+  attn::check_raw(a, false);
+  if (a.batch == 0 || a.seq == 0) return;
+  const size_t raw_need = attn::fwd_ws(a);
+  attn::Scratch ws(raw_need + sink_ws_bytes(p), workspace, workspace_bytes, stream, op);
+  a.sinks = sinks_f32(p, ws.get() + raw_need, stream);
+  attention_fwd_raw(a, stream, raw_need ? ws.get() : nullptr, raw_need);
 }
 
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                   const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
+                   const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv, Tensor* dsinks,
                    CUstream_st* stream, void* workspace, size_t workspace_bytes) {
   const char* op = "attention_bwd";
   need(p.batch >= 0 && p.seq >= 0 && p.n_heads > 0 && p.n_kv_heads > 0 && p.head_dim > 0, op, "bad dimensions");
@@ -330,11 +381,25 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   check_t(op, "dq", dq, DType::BF16, B * T * nh * D, nh, D);
   check_t(op, "dk", dk, DType::BF16, B * T * nkv * D, nkv, D);
   check_t(op, "dv", dv, DType::BF16, B * T * nkv * D, nkv, D);
+  const bool want_dsinks = dsinks && dsinks->defined();
+  if (want_dsinks) {
+    need(p.sinks != nullptr, op, "dsinks given without p.sinks");
+    check_t(op, "dsinks", *dsinks, DType::F32, nh, 0, D);
+  }
   a.dout = dout.raw();
   a.dq = dq.raw();
   a.dk = dk.raw();
   a.dv = dv.raw();
-  attention_bwd_raw(a, stream, workspace, workspace_bytes);
+  attn::check_raw(a, true);
+  if (a.batch == 0 || a.seq == 0) return;
+  const size_t raw_need = raw_bwd_ws(p);
+  // The sinks matter to the backward only through dsinks (lse already holds them): widen them only then.
+  attn::Scratch ws(raw_need + (want_dsinks ? sink_ws_bytes(p) : 0), workspace, workspace_bytes, stream, op);
+  if (want_dsinks) {
+    a.sinks = sinks_f32(p, ws.get() + raw_need, stream);
+    a.dsinks = dsinks->data<float>();
+  }
+  attention_bwd_raw(a, stream, raw_need ? ws.get() : nullptr, raw_need);
 }
 
 }  // namespace am::cuda

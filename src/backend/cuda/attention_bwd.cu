@@ -1,7 +1,11 @@
 // Flash attention backward (FlashAttention-2 scheme on mma.sync tensor cores).
 //
-// Three launches:
+// Three launches (four with sink gradients):
 //  1. pre:  Dsum[b, h, i] = dout_i . out_i (fp32) and dq_acc = 0 (fp32 [B, T, nh, D]).
+//     sinks (gpt_oss; a.dsinks set): dsinks[h] += -sum_{b, i} e^(sink_h - lse[b, h, i]) Dsum[b, h, i], one block
+//     per head (attn_dsink_kernel). Nothing else changes with sinks: the forward put them into lse, so the
+//     P = exp(S - lse) recomputed below is already the sinked softmax and dS = P (dP - Dsum) holds as is
+//     (the sink column has no value, hence no dP, and its dS only reaches the sink logit).
 //  2. main: one block = one (batch b, kv head, tile of BN = 16 * NW keys) and the query heads of its GQA
 //     group (or 1/split of them). K and V of the tile stay in shared memory; the block walks the
 //     (head, query tile of BM rows) pairs that can see the tile, double-buffering Q, dO, lse and Dsum
@@ -334,6 +338,37 @@ __global__ void attn_bwd_pre_kernel(const bf16* __restrict__ out, int64_t o_rs, 
     const int64_t bb = bt / T, t = bt % T;
     dsum[(bb * nh + h) * T + t] = acc;
   }
+}
+
+// Sink gradient: dsinks[h] += -sum over the B * T rows of head h of e^(sink_h - lse) * Dsum, skipping rows with
+// lse = -inf (they saw no key: no sink either, as in the CPU reference). lse, dsum [B, nh, T]; sinks, dsinks
+// [nh] fp32. Grid nh blocks of kSinkThreads: thread t sums rows t, t + kSinkThreads, ... of each batch row in
+// order, then a fixed shared-memory tree: bit-for-bit repeatable, and each head has a single writer (no
+// atomics), so the += is safe. e^(sink - lse) <= 1 because lse includes the sink. fp32 accumulation; the
+// reduction reads 8 bytes per row (gpt_oss B1 T4096 nh64: 2 MB, a few microseconds next to the main kernel).
+constexpr int kSinkThreads = 256;
+__global__ void __launch_bounds__(kSinkThreads)
+    attn_dsink_kernel(const float* __restrict__ lse, const float* __restrict__ dsum, const float* __restrict__ sinks,
+                      float* __restrict__ dsinks, int B, int T, int nh) {
+  __shared__ float red[kSinkThreads];
+  const int h = blockIdx.x;
+  const float sk = sinks[h];
+  float acc = 0.f;
+  for (int b = 0; b < B; ++b) {
+    const int64_t base = (static_cast<int64_t>(b) * nh + h) * T;
+    for (int i = threadIdx.x; i < T; i += kSinkThreads) {
+      const float L = lse[base + i];
+      if (L != -INFINITY) acc -= expf(sk - L) * dsum[base + i];
+    }
+  }
+  red[threadIdx.x] = acc;
+  __syncthreads();
+#pragma unroll
+  for (int w = kSinkThreads / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) dsinks[h] += red[0];
 }
 
 // dst (bf16, rows of `heads` x D at pitch rs) = mul * acc (fp32, contiguous [rows, heads, D]); 8 per thread.
@@ -682,6 +717,11 @@ void launch_bwd(const AttnRawArgs& a, const BwdWork& w, int variant, cudaStream_
     else
       attn_bwd_pre_kernel<128><<<blocks, threads, 0, st>>>(out, a.o_rs, dout, a.do_rs, w.dsum, w.dq_acc, T, nh, rows);
     check_cuda(cudaGetLastError(), "backward pre-pass launch");
+  }
+  // 1b. sink gradients, from the forward's lse (which includes the sinks) and the Dsum just written
+  if (a.dsinks) {
+    attn_dsink_kernel<<<static_cast<unsigned>(nh), kSinkThreads, 0, st>>>(a.lse, w.dsum, a.sinks, a.dsinks, B, T, nh);
+    check_cuda(cudaGetLastError(), "backward sink-gradient launch");
   }
   if (w.split > 1) {
     const size_t bytes = static_cast<size_t>(B) * T * nkv * D * sizeof(float);

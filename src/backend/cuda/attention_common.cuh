@@ -82,6 +82,35 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// End of one forward softmax row (both forward kernels' epilogue). In: m = the row's running max of the scaled
+// scores in log2 units, lt = its normaliser sum_j 2^(x_j - m) (summed over the quad), sinks = the per-head sink
+// logits [nh] (natural log; nullptr: none), h = the head. Out: inv, the factor that turns the accumulated O into
+// out, and the row's lse (natural log). A row that saw no key (lt == 0) gets inv 0 and lse -inf, sink or not
+// (the CPU reference: padding rows see nothing, not even the sink).
+// The sink sk = sinks[h] * log2(e) is one more column without a value: with mf = max(m, sk) the normaliser
+// becomes lf = lt 2^(m - mf) + 2^(sk - mf) and O's factor 2^(m - mf) / lf (taking the max keeps both exponents
+// <= 0, so a sink far above the scores cannot overflow). Without sinks the expressions are exactly the ones the
+// kernels had before sinks existed (same operations, same order: bit-identical results).
+__device__ __forceinline__ void finish_row(float m, float lt, const float* __restrict__ sinks, int h, float& inv,
+                                           float& lse) {
+  if (sinks == nullptr) {
+    inv = lt > 0.f ? 1.f / lt : 0.f;
+    lse = lt > 0.f ? (m + log2f(lt)) * kLn2 : -INFINITY;
+    return;
+  }
+  if (!(lt > 0.f)) {
+    inv = 0.f;
+    lse = -INFINITY;
+    return;
+  }
+  const float sk = __ldg(sinks + h) * kLog2e;
+  const float mf = fmaxf(m, sk);
+  const float corr = exp2f(m - mf);  // accurate exp2: once per row, off the hot loop
+  const float lf = lt * corr + exp2f(sk - mf);
+  inv = corr / lf;
+  lse = (mf + log2f(lf)) * kLn2;
+}
+
 // ---- ldmatrix row addresses for a row-major bf16 tile with pitch LD (elements) ----
 // A operand = tile rows [r0, r0+16) x cols [c0, c0+16).
 template <int LD>

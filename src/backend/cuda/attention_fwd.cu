@@ -9,6 +9,9 @@
 //   online softmax     m = running max (log2 units), l = running sum, O rescaled by 2^(m_old - m_new)
 //   O += P V           (P packed to bf16 straight from the S accumulators: C layout == A layout)
 // At the end out = O / l (bf16) and lse = ln 2 * (m + log2 l). Rows that saw nothing: out = 0, lse = -inf.
+// gpt_oss sinks (a.sinks [nh] fp32, nullptr = none) touch only that epilogue (finish_row in
+// attention_common.cuh): the row's normaliser gains 2^(sink_h log2 e - m), after rescaling to the larger of m
+// and the sink, so out and lse include the sink. The key loop is the same with or without them.
 //
 // Grid (nh, ceil(T / BM), B); blockIdx.y runs the query tiles from the last (the most keys) to the first,
 // so the long blocks start first and the short ones fill the tail.
@@ -33,6 +36,8 @@ struct FwdArgs {
   int64_t q_rs, k_rs, v_rs, o_rs;
   int T, nh, group, window, ne;
   float sl2;  // scale * log2(e)
+  const float* sinks;  // [nh] fp32 sink logits or null (no sinks: the epilogue is the one before sinks). Last,
+                       // so the other fields keep their offsets in the kernel parameter block
 };
 
 template <int D, int NW, int MT, int BN>
@@ -238,7 +243,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
   }
   cp_async_wait<0>();
 
-  // ---- epilogue: out = O / l, lse ----
+  // ---- epilogue: out = O / l, lse (both with the sink, if any) ----
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -248,14 +253,14 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
       lt += __shfl_xor_sync(0xffffffffu, lt, 2);
       const int i = wq0 + mt * 16 + g + 8 * hh;
       if (i < T) {
-        const float inv = lt > 0.f ? 1.f / lt : 0.f;
+        float inv, lse;
+        finish_row(m[mt][hh], lt, a.sinks, h, inv, lse);
         bf16* orow = a.out + (static_cast<int64_t>(b) * T + i) * a.o_rs + static_cast<int64_t>(h) * D;
 #pragma unroll
         for (int nd = 0; nd < ND; ++nd)
           *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t4) =
               pack_bf16(o[mt][nd][2 * hh] * inv, o[mt][nd][2 * hh + 1] * inv);
-        if (t4 == 0)
-          a.lse[(static_cast<int64_t>(b) * a.nh + h) * T + i] = lt > 0.f ? (m[mt][hh] + log2f(lt)) * kLn2 : kNegInf;
+        if (t4 == 0) a.lse[(static_cast<int64_t>(b) * a.nh + h) * T + i] = lse;
       }
     }
 }
@@ -265,7 +270,8 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
 // Hopper variant (sm_90a): the same algorithm with warpgroup MMAs. A block = NWG warpgroups x 64 query
 // rows; Q, K and V tiles sit in 128B-swizzled shared memory (cp.async, K/V double-buffered) and feed wgmma
 // through descriptors: S = Q K^T (both K-major), O += P V (P from registers in the A-fragment layout, V as
-// the transposed, MN-major B operand). Softmax and masking are the mma.sync kernel's, per warp (16 rows).
+// the transposed, MN-major B operand). Softmax, masking and the sink epilogue are the mma.sync kernel's, per
+// warp (16 rows).
 template <int D, int BN, int NWG>
 struct FwdSm90Cfg {
   static constexpr int NT = NWG * 128;
@@ -446,14 +452,14 @@ __global__ void __launch_bounds__(NWG * 128, 1) attn_fwd_sm90_kernel(const FwdAr
     lt += __shfl_xor_sync(0xffffffffu, lt, 2);
     const int i = wq0 + g + 8 * hh;
     if (i < T) {
-      const float inv = lt > 0.f ? 1.f / lt : 0.f;
+      float inv, lse;
+      finish_row(m[hh], lt, a.sinks, h, inv, lse);  // + the sink, if any
       bf16* orow = a.out + (static_cast<int64_t>(b) * T + i) * a.o_rs + static_cast<int64_t>(h) * D;
 #pragma unroll
       for (int nd = 0; nd < ND; ++nd)
         *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t4) =
             pack_bf16(o[nd * 4 + 2 * hh] * inv, o[nd * 4 + 2 * hh + 1] * inv);
-      if (t4 == 0)
-        a.lse[(static_cast<int64_t>(b) * a.nh + h) * T + i] = lt > 0.f ? (m[hh] + log2f(lt)) * kLn2 : kNegInf;
+      if (t4 == 0) a.lse[(static_cast<int64_t>(b) * a.nh + h) * T + i] = lse;
     }
   }
 #endif
@@ -492,6 +498,7 @@ void launch_fwd(const AttnRawArgs& a, const int2* segtab, int ne, int variant, c
   fa.lse = a.lse;
   fa.seg = a.segment_ids;
   fa.segtab = segtab;
+  fa.sinks = a.sinks;
   fa.q_rs = a.q_rs;
   fa.k_rs = a.k_rs;
   fa.v_rs = a.v_rs;
