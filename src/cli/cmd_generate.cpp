@@ -226,7 +226,8 @@ int cmd_generate(int argc, char** argv) {
   log::info(fmt("generate: prefill %.0f tokens in %.3f s (%.1f tokens/s)", static_cast<double>(r.prompt_tokens), r.prefill_s,
                 r.prefill_s > 0 ? r.prompt_tokens / r.prefill_s : 0.0) +
             (n_dec > 0 ? fmt("; decode %.0f tokens in %.3f s (%.1f tokens/s)", n_dec, r.decode_s,
-                             r.decode_s > 0 ? n_dec / r.decode_s : 0.0)
+                             r.decode_s > 0 ? n_dec / r.decode_s : 0.0) +
+                             (r.cached ? " from the cache" : ", each recomputing the sequence")
                        : std::string("; decode: none")));
   return 0;
 }
