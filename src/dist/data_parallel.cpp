@@ -48,14 +48,6 @@ struct DataParallel::Bucket {
   bool gathered = false;
 };
 
-// Pure bf16 on the host: fp32 storage holding the bf16-rounded values (train/pure_bf16.h).
-static void round_to_bf16_values(Tensor& t) {
-  if (t.dtype() != DType::F32) return;
-  Tensor b = ops::empty_on(t.device(), t.shape(), DType::BF16);
-  ops::copy_(b, t);
-  ops::copy_(t, b);
-}
-
 DataParallel::DataParallel(CausalLM& model, Groups& groups, Strategy strategy, const ExecContext& ex, bool pure_bf16)
     : model_(model), groups_(groups), strategy_(strategy), ex_(ex), bf16_(pure_bf16) {
   // Pure bf16: the parameter is bf16 on CUDA (no fp32 master, no separate working copy); the host computes in fp32.
@@ -88,7 +80,7 @@ DataParallel::DataParallel(CausalLM& model, Groups& groups, Strategy strategy, c
         Tensor dst = flat.slice_rows(b->off[i], b->off[i] + shape_numel(b->params[i]->shape));
         ops::copy_(dst, b->params[i]->value);
       }
-      if (bf16_) round_to_bf16_values(flat);
+      if (bf16_) ops::round_to_bf16_values_(flat);
       const int64_t lo = b->sharded ? b->group->rank() * b->shard : 0, hi = lo + b->shard;
       if (b->sharded) {
         b->master = ex.zeros({b->shard}, vdt);
@@ -249,56 +241,39 @@ void DataParallel::fold(Bucket& b, const Tensor& reduced) {
   else ops::add_(b.grad, reduced);
 }
 
-void DataParallel::reduce_bf16(Bucket& b) {
-  if (!b.full_grad.defined()) return;  // this micro-batch's backward did not reach the bucket
-  b.fold_assign = !b.grad_assigned;
-  b.grad_assigned = true;
-  if (b.sharded) {
-    if (reducing_ && reducing_ != &b) wait_reduce(*reducing_);
-    b.rs_out = ex_.empty({b.shard}, DType::F32);
-    b.reducing = b.group->reduce_scatter(b.full_grad, b.rs_out, /*async=*/true);
-    reducing_ = &b;
-    return;
-  }
-  if (b.group->size() > 1) {  // in flight while backward goes on; wait_reduce folds it
-    if (reducing_ && reducing_ != &b) wait_reduce(*reducing_);
-    b.reducing = b.group->all_reduce_async(b.full_grad, ReduceOp::Sum);
-    b.fold_full = true;
-    reducing_ = &b;
-    return;
-  }
-  fold(b, b.full_grad);
-  b.full_grad = Tensor();
-  for (Param* p : b.params) p->grad = Tensor();
-}
-
 void DataParallel::reduce(Bucket& b) {
-  if (bf16_) return reduce_bf16(b);
-  if (b.group->size() == 1) return;
-  if (!b.sharded) {
-    // The layer's all-reduce runs while the previous layer's backward computes (NCCL: on the communication
-    // stream; MPI: nonblocking). Its gradient is not written again before finish_grads: this is the step's last
-    // backward. At most one reduction in flight besides the newest, as for the reduce-scatters below.
+  if (!b.sharded && !bf16_) {
+    // ddp, fp32: the gradient accumulated in place in `grad` over the step's micro-batches; this is the step's
+    // last backward. The all-reduce runs while the previous layer's backward computes (NCCL: on the communication
+    // stream; MPI: nonblocking) and nothing writes `grad` again before finish_grads.
+    if (b.group->size() == 1) return;
     if (reducing_ && reducing_ != &b) wait_reduce(*reducing_);
     b.reducing = b.group->all_reduce_async(b.grad, ReduceOp::Sum);
     reducing_ = &b;
     return;
   }
+  // The unsharded fp32 gradient of this micro-batch (alloc_full_grad): reduced in fp32, then folded into the
+  // rank's `grad` by wait_reduce (the step's first reduction assigns, later ones add).
   if (!b.full_grad.defined()) return;  // this micro-batch's backward did not reach the bucket
-  // Keep at most one reduce-scatter in flight besides this one: the previous bucket's unsharded gradient is
-  // freed once its reduction is done, so only about two layers' full gradients exist at a time.
-  if (reducing_ && reducing_ != &b) wait_reduce(*reducing_);
-  // The step's first reduction writes the rank's slice; later ones (gradient accumulation) land in a
-  // temporary slice that wait_reduce adds in.
-  Tensor* out = &b.grad;
-  b.fold_assign = false;
-  if (b.grad_assigned) {
-    b.rs_out = ex_.empty({b.shard}, DType::F32);
-    out = &b.rs_out;
-  }
-  b.reducing = b.group->reduce_scatter(b.full_grad, *out, /*async=*/true);
+  b.fold_assign = !b.grad_assigned;
   b.grad_assigned = true;
-  reducing_ = &b;
+  // At most one reduction in flight besides the newest: the previous bucket's unsharded gradient is freed once
+  // its reduction is done, so only about two layers' full gradients exist at a time.
+  if (reducing_ && reducing_ != &b) wait_reduce(*reducing_);
+  if (b.sharded) {
+    // fp32: the step's first reduce-scatter writes the slice itself; otherwise a temporary slice is folded in.
+    Tensor* out = &b.grad;
+    if (bf16_ || !b.fold_assign) {
+      b.rs_out = ex_.empty({b.shard}, DType::F32);
+      out = &b.rs_out;
+    }
+    b.reducing = b.group->reduce_scatter(b.full_grad, *out, /*async=*/true);
+  } else {  // pure bf16, replicated: all-reduce the fp32 gradient itself, fold it when it lands
+    if (b.group->size() > 1) b.reducing = b.group->all_reduce_async(b.full_grad, ReduceOp::Sum);
+    b.fold_full = true;
+  }
+  if (b.reducing) reducing_ = &b;
+  else wait_reduce(b);  // nothing in flight (a group of one): fold now
 }
 
 void DataParallel::wait_reduce(Bucket& b) {
@@ -352,7 +327,7 @@ double DataParallel::grad_sq_norm() const {
 void DataParallel::round_values() {
   if (!bf16_) return;
   for (auto& u : units_)
-    for (auto& b : u) round_to_bf16_values(b->master);
+    for (auto& b : u) ops::round_to_bf16_values_(b->master);
 }
 
 void DataParallel::scale_grads(float c) {

@@ -97,7 +97,6 @@ class DataParallel : public ParamHooks {
   void release(Bucket& b);
   void alloc_full_grad(Bucket& b);  // sharded: the zeroed unsharded gradient, params' grads pointed at it
   void reduce(Bucket& b);
-  void reduce_bf16(Bucket& b);
   void fold(Bucket& b, const Tensor& reduced);
   void wait_reduce(Bucket& b);
 

@@ -105,6 +105,13 @@ void require_verified_cuda(const std::string& what) {
                     "to run them anyway (docs/architecture.md)");
 }
 
+void round_to_bf16_values_(Tensor& t) {
+  if (t.dtype() != DType::F32) return;
+  Tensor b = empty_on(t.device(), t.shape(), DType::BF16);
+  copy_(b, t);
+  copy_(t, b);
+}
+
 double sum_squares_multi(const std::vector<const Tensor*>& tensors) {
   if (tensors.empty()) return 0.0;
   const DeviceType dev = tensors.front()->device();

@@ -25,6 +25,9 @@ Tensor zeros_on(DeviceType dev, const Shape& shape, DType dtype);
 Tensor to_cuda(const Tensor& host);
 // Any device -> host copy (synchronous); a host tensor is returned as it is (no copy).
 Tensor to_host(const Tensor& t);
+// Pure bf16 on the host (train/pure_bf16.h, dist/data_parallel.h): an fp32 tensor's values rounded to the nearest
+// bf16 (ties to even, as torch), kept in fp32 storage. Other dtypes are left as they are.
+void round_to_bf16_values_(Tensor& t);
 // Waits for the work queued on the default CUDA stream; no-op without CUDA.
 void synchronize_cuda();
 

@@ -46,12 +46,7 @@ PureBf16::~PureBf16() {
 
 void PureBf16::round_values() {
   for (auto& ps : units_)
-    for (Param* p : ps)
-      if (p->value.dtype() == DType::F32) {
-        Tensor b = ops::empty_on(p->value.device(), p->value.shape(), DType::BF16);
-        ops::copy_(b, p->value);
-        ops::copy_(p->value, b);
-      }
+    for (Param* p : ps) ops::round_to_bf16_values_(p->value);
 }
 
 void PureBf16::begin_step() { assign_ = true; }

@@ -271,11 +271,11 @@ void Trainer::setup() {
   if (groups_)
     dp_ = std::make_unique<dist::DataParallel>(*model_, *groups_, dist::parse_strategy(strategy_name_), model_->exec(), pure_bf16);
   // optimizer_in_bwd (train/optimizer_in_bwd.h): checked here, made with the optimizer below.
-  in_bwd_ = r_.get_bool("optimizer_in_bwd", false);
-  if (in_bwd_ && groups_)
+  const bool in_bwd = r_.get_bool("optimizer_in_bwd", false);
+  if (in_bwd && groups_)
     r_.fail("optimizer_in_bwd", "is not implemented with data parallelism yet (world size " + std::to_string(world_) +
                                 "); set it to false or run on one rank");
-  if (pure_bf16 && !groups_) pure_ = std::make_unique<PureBf16>(*model_, /*accumulators=*/!in_bwd_);
+  if (pure_bf16 && !groups_) pure_ = std::make_unique<PureBf16>(*model_, /*accumulators=*/!in_bwd);
   fwd_opt_.activation_checkpointing = r_.get_bool("distributed.activation_checkpointing", false);
   fwd_opt_.fake_balanced_gate = r_.get_bool("model.backend.fake_balanced_gate", false);
   if (fwd_opt_.fake_balanced_gate && !cfg.is_moe())
@@ -339,7 +339,7 @@ void Trainer::setup() {
     log::warn(r_.where("optimizer.stochastic_rounding") + ": has no effect here (it rounds bf16 parameters: "
               "model.dtype bfloat16, full fine-tuning)");
   optim_ = std::make_unique<Optimizer>(ocfg);
-  if (in_bwd_) {
+  if (in_bwd) {
     if (gbs_ != lbs_)
       r_.fail("optimizer_in_bwd", "updates each layer as soon as its backward is done, so a step must be one micro-batch "
                                   "(global_batch_size " + std::to_string(gbs_) + " != local_batch_size " +
@@ -353,7 +353,7 @@ void Trainer::setup() {
     max_norm_ = std::nullopt;
   }
   if (max_norm_ && *max_norm_ <= 0) r_.fail("clip_grad_norm.max_norm", "must be > 0 (or null for no clipping)");
-  if (in_bwd_ && max_norm_ && !opt_.quiet)
+  if (in_bwd && max_norm_ && !opt_.quiet)
     log::warn(r_.where("clip_grad_norm.max_norm") + " with optimizer_in_bwd: a step is clipped with the previous step's "
               "grad norm (its own is known only after its update); step 1 is not clipped");
 
@@ -561,6 +561,9 @@ std::vector<std::vector<const Sample*>> Trainer::my_micro_batches(const std::vec
   return out;
 }
 
+// torch.nn.utils.clip_grad_norm_'s coefficient: max_norm / (total_norm + 1e-6), clamped to 1.
+static double clip_coef(double max_norm, double total_norm) { return std::min(1.0, max_norm / (total_norm + 1e-6)); }
+
 StepStats Trainer::train_step(int64_t step) {
   auto t0 = clock_t_::now();
   StepStats st;
@@ -587,7 +590,7 @@ StepStats Trainer::train_step(int64_t step) {
   if (dp_) dp_->begin_step();
   else if (in_bwd_opt_) {
     // Clipping with the previous step's norm (train/optimizer_in_bwd.h); torch's coefficient formula.
-    const double coef = max_norm_ && last_grad_norm_ ? std::min(1.0, *max_norm_ / (*last_grad_norm_ + 1e-6)) : 1.0;
+    const double coef = max_norm_ && last_grad_norm_ ? clip_coef(*max_norm_, *last_grad_norm_) : 1.0;
     in_bwd_opt_->begin_step(st.lr, sched_.wd_at(step), coef);
   } else if (pure_) pure_->begin_step();
   else model_->params().zero_grad();
@@ -611,7 +614,7 @@ StepStats Trainer::train_step(int64_t step) {
     // LoRA dropout masks: a pure function of (seed, step, micro-batch, rank), so resuming repeats them.
     o.dropout_seed = seed_ * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(step) * 0x100000001b3ULL +
                      static_cast<uint64_t>(m) * 0x1000193ULL + static_cast<uint64_t>(rank_);
-    if (dp_) dp_->set_sync(m + 1 == micro.size());  // gradients reduce once per step, in the last backward
+    if (dp_) dp_->set_sync(m + 1 == micro.size());  // ddp all-reduces once per step, in the last backward
     loss_sum += model_->forward_backward(b, scale, o);
     if (pure_ && !in_bwd_opt_) pure_->end_micro_batch();
   }
@@ -651,8 +654,7 @@ StepStats Trainer::train_step(int64_t step) {
   if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm))
     log::warn("step " + std::to_string(step) + ": non-finite loss or grad_norm");
   if (max_norm_ && !in_bwd_opt_) {
-    // torch: coef = max_norm / (total_norm + 1e-6), clamped to 1, applied to every gradient.
-    const double coef = std::min(1.0, *max_norm_ / (st.grad_norm + 1e-6));
+    const double coef = clip_coef(*max_norm_, st.grad_norm);  // applied to every gradient
     if (coef < 1.0) {
       if (dp_) dp_->scale_grads(static_cast<float>(coef));
       else
@@ -936,7 +938,7 @@ void Trainer::restore(const std::string& from) {
               std::to_string(st.ep_size) + ") onto " + std::to_string(world_) + " (ep_size " + std::to_string(ep_size_) + ")");
   start_step_ = st.step + 1;
   last_grad_norm_ = st.last_grad_norm;
-  if (in_bwd_ && max_norm_ && !last_grad_norm_ && st.step > 0)
+  if (in_bwd_opt_ && max_norm_ && !last_grad_norm_ && st.step > 0)
     log::warn("optimizer_in_bwd: the checkpoint does not record its step's grad norm; the first resumed step is not clipped");
   if (rank_ != 0) return;
   // Keep training.jsonl consistent with the resumed position: drop entries after the checkpoint's step.

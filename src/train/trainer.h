@@ -119,8 +119,8 @@ class Trainer {
   std::unique_ptr<CausalLM> model_;
   std::unique_ptr<dist::DataParallel> dp_;    // declared after model_: destroyed first
   std::unique_ptr<PureBf16> pure_;            // model.dtype: bfloat16 on one rank (train/pure_bf16.h)
-  bool in_bwd_ = false;                       // optimizer_in_bwd (train/optimizer_in_bwd.h)
-  std::unique_ptr<OptimizerInBackward> in_bwd_opt_;  // after model_: destroyed first (it unsets the model's hooks)
+  // optimizer_in_bwd: true (train/optimizer_in_bwd.h); after model_, so destroyed first (it unsets the model's hooks)
+  std::unique_ptr<OptimizerInBackward> in_bwd_opt_;
   std::optional<double> last_grad_norm_;      // the previous step's (optimizer_in_bwd clips with it; checkpoints)
   int rank_ = 0, world_ = 1, ep_size_ = 1;
   std::string strategy_name_ = "none";
