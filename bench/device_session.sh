@@ -16,11 +16,16 @@
 #     mamba2prof    Nsight Compute sections of each chunked-SSD kernel (one forward + backward at nemo8's mixer)
 #     fusedproj     fused q|k|v / gate|up: GPU tests, micro-benchmark, W1 engine with AM_FUSED_PROJ=0 and 1
 #     addnorm       fused residual add + RMSNorm: GPU tests, micro-benchmark, W1 engine with AM_FUSED_ADD_NORM=0 and 1
+#     ab            engine-only A/B of opt-in switches (AB_RUNS="w1:- w1:AM_ATTENTION=cudnn ...")
 #     phi3diag      tools/phi3_longrope_diag.py (HF phi3 logits cached / full / no LongRoPE, per position)
 #     w4            bench/w4.sh: the seed tutorial end to end, engine (padded, packed) and HF Trainer
 #     parity_bf16   bench/parity_200.sh with PARITY_BF16=1 (issue 15's SR / nearest / HF bf16 curves)
 #     w5trace       W5's engine step with AM_TRACE_TIMES=1: GPU time per layer / LM head / optimizer
-#     w5prof        per-kernel times of W5's engine step (nsys where the machine has it, else says so)
+#     w1prof | w5prof  per-kernel times of W1's / W5's engine step (Nsight Compute, serialised; sum vs step_ms)
+#     micro         am_gpu_microbench entries (MICRO="attention_sinks;moe --persistent", ';'-separated)
+#     sinks         am_gpu_microbench attention_sinks (flash with sinks vs the generic kernels)
+#     moegemm       the persistent grouped expert GEMM: GPU tests, am_gpu_microbench moe --persistent, W2 engine
+#                   with AM_MOE_GEMM unset and =persistent
 # Returns $OUT/summary.txt (also the call's output), $OUT/results.tgz (all logs, new fixtures under fixtures/).
 set -uo pipefail
 O=${OUT:-/tmp/device_session}
@@ -71,8 +76,18 @@ for s in "$@"; do
       L="$R/goldens_cuda" B=$B timeout ${GOLDENS_LIMIT:-300} bash bench/goldens_cuda_check.sh ;;
     gpu_tests)
       stage gpu_tests
-      timeout ${GPU_LIMIT:-240} $B/am_gpu_tests --gtest_filter="${GPU_FILTER:-*}" > "$R/gpu_tests.log" 2>&1
-      echo "exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|tests ran" "$R/gpu_tests.log" | head -40 ;;
+      L="$R/gpu_tests${GPU_TAG:+_$GPU_TAG}.log"  # GPU_TAG: a second gpu_tests run in one call keeps its own log
+      timeout ${GPU_LIMIT:-240} $B/am_gpu_tests --gtest_filter="${GPU_FILTER:-*}" > "$L" 2>&1
+      echo "exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|tests ran" "$L" | head -40 ;;
+    micro)
+      # GPU micro-benchmarks, one per ';'-separated entry: MICRO="attention_sinks;moe --persistent"
+      stage micro
+      IFS=';' read -ra benches <<< "${MICRO:-attention}"
+      for b in "${benches[@]}"; do
+        tag=$(echo "$b" | tr -c 'a-z0-9_\n' '_')
+        timeout ${MICRO_LIMIT:-90} $B/am_gpu_microbench $b > "$R/micro_$tag.log" 2>&1
+        echo "== am_gpu_microbench $b: exit $?"; tail -${MICRO_TAIL:-24} "$R/micro_$tag.log"
+      done ;;
     mamba2)
       # issue 17: the Mamba2 GPU tests (chunked SSD and sequential scans vs the CPU) and the kernels' micro-benchmark
       # at the default Nemotron-H-like mixer (128 heads) and at nemo8's (64 heads)
@@ -107,33 +122,68 @@ for s in "$@"; do
     addnorm)
       # the fused residual add + RMSNorm (docs/cuda_kernels.md): GPU tests, micro-benchmark, W1 engine on / off
       stage addnorm
-      timeout 200 $B/am_gpu_tests --gtest_filter='CudaAddRmsNorm.*:CudaOps.RmsNorm*:CudaOps.FrozenWeightsLinearAndRmsNorm' > "$R/addnorm_tests.log" 2>&1
-      echo "tests exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|Failure" "$R/addnorm_tests.log" | head -20
+      if [ "${ADDNORM_TESTS:-1}" = 1 ]; then  # 0: the gpu_tests stage of the same call ran them
+        timeout 200 $B/am_gpu_tests --gtest_filter='CudaAddRmsNorm.*:CudaOps.RmsNorm*:CudaOps.FrozenWeightsLinearAndRmsNorm' > "$R/addnorm_tests.log" 2>&1
+        echo "tests exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|Failure" "$R/addnorm_tests.log" | head -20
+      fi
       timeout 60 $B/am_gpu_microbench add_norm > "$R/addnorm_bench.log" 2>&1; echo "bench exit $?"; tail -14 "$R/addnorm_bench.log"
       for f in 0 1; do
         AM_FUSED_ADD_NORM=$f timeout 120 $B/automodel bench bench/w1.yaml --out "$R/w1_addnorm$f.json" > "$R/w1_addnorm$f.log" 2>&1
         echo "W1 engine AM_FUSED_ADD_NORM=$f exit $?"
         python3 -c "import json; e=json.load(open('$R/w1_addnorm$f.json')); print('  %.0f tok/s, step %.1f ms, peak %.2f GiB' % (e['tokens_per_s'], e['step_ms'], e['peak_mem_gib']))" 2>&1
       done ;;
+    moegemm)
+      # the persistent grouped GEMM for the MoE experts (docs/cuda_kernels.md): correctness (incl. the W2 shapes and
+      # the no-host-sync capture), persistent vs cuBLAS grouped at W2 balanced / skewed, the W2 engine off / on
+      stage moegemm
+      timeout ${MOEGEMM_LIMIT:-300} $B/am_gpu_tests --gtest_filter="${MOEGEMM_FILTER:-CudaMoeGroupedGemm.*:CudaMoe.GroupedLinear*:CudaMoe.WholeBlockMatchesCpu}" > "$R/moegemm_tests.log" 2>&1
+      echo "tests exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|Failure" "$R/moegemm_tests.log" | head -20
+      timeout 120 $B/am_gpu_microbench moe --persistent > "$R/moegemm_bench.log" 2>&1; echo "bench exit $?"; tail -40 "$R/moegemm_bench.log"
+      for v in default persistent; do
+        if [ $v = persistent ]; then export AM_MOE_GEMM=persistent; else unset AM_MOE_GEMM; fi
+        timeout 150 $B/automodel bench bench/w2.yaml --out "$R/w2_moegemm_$v.json" > "$R/w2_moegemm_$v.log" 2>&1
+        echo "W2 engine AM_MOE_GEMM=$v exit $?"
+        python3 -c "import json; e=json.load(open('$R/w2_moegemm_$v.json')); print('  %.0f tok/s, step %.1f ms, peak %.2f GiB' % (e['tokens_per_s'], e['step_ms'], e['peak_mem_gib']))" 2>&1
+      done
+      unset AM_MOE_GEMM ;;
+    ab)
+      # Engine-only A/B of opt-in switches, one bench run each (no HF: use the w1 / w2 stages for ratios):
+      # AB_RUNS="w1:- w1:AM_ATTENTION=cudnn w2:AM_MOE_GEMM=persistent" (WORKLOAD:VAR=VALUE[,VAR=VALUE] or WORKLOAD:-).
+      # Prints tok/s, step and peak, and the last step line's loss (a switch that breaks the numerics shows there).
+      stage ab
+      for run in ${AB_RUNS:-w1:-}; do
+        w=${run%%:*}; envs=${run#*:}; tag=$(echo "$run" | tr ':=,' '___')
+        ( [ "$envs" = - ] || { IFS=, ; for kv in $envs; do export "$kv"; done; }
+          timeout ${AB_LIMIT:-120} $B/automodel bench bench/$w.yaml --out "$R/ab_$tag.json" > "$R/ab_$tag.log" 2>&1 )
+        rc=$?
+        python3 -c "import json; e=json.load(open('$R/ab_$tag.json')); print('%-34s exit $rc  %7.0f tok/s  step %6.1f ms (fwd+bwd %.1f, opt %.1f)  peak %6.2f GiB' % ('$run', e['tokens_per_s'], e['step_ms'], e['fwd_bwd_ms'], e['opt_ms'], e['peak_mem_gib']))" 2>/dev/null || echo "$run exit $rc (no json)"
+        grep -E "^step|loss" "$R/ab_$tag.log" | tail -1 | cut -c1-150
+      done ;;
     phi3diag)
       stage phi3diag
       timeout 120 python3 tools/phi3_longrope_diag.py > "$R/phi3_diag.log" 2>&1; echo "exit $?"; tail -6 "$R/phi3_diag.log" ;;
-    w5prof)
-      # Nsight Compute (the machine has ncu, not nsys): every kernel of a 3-step W5 run (1 warm-up + 2 timed),
-      # serialised, one metric (its duration); tools/ncu_kernel_summary.py turns it into a per-kernel table.
-      stage w5prof
+    w1prof | w5prof)
+      # Nsight Compute (the machine has ncu, not nsys): every kernel of a 3-step run of the workload (1 warm-up +
+      # 2 timed), serialised, one metric (its duration); tools/ncu_kernel_summary.py turns it into a per-kernel table
+      # whose sum, against the bench's own step_ms (stage w1 / w5), is the host / launch-gap share of the step.
+      stage "$s"
+      w=${s%prof}
       NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
       if [ -n "$NCU" ]; then
         timeout ${PROF_LIMIT:-240} "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
-          $B/automodel bench bench/w5.yaml --step_scheduler.warmup_steps=1 --step_scheduler.timed_steps=2 \
-          --out "$R/w5prof_engine.json" > "$R/w5prof_ncu.csv" 2> "$R/w5prof.log"
-        echo "ncu exit $?"; tail -3 "$R/w5prof.log"
-        python3 tools/ncu_kernel_summary.py "$R/w5prof_ncu.csv" 3 40 > "$R/w5prof_summary.txt" 2>&1
-        gzip -f "$R/w5prof_ncu.csv"
-        head -45 "$R/w5prof_summary.txt"
+          $B/automodel bench bench/$w.yaml --step_scheduler.warmup_steps=1 --step_scheduler.timed_steps=2 \
+          --out "$R/${s}_engine.json" > "$R/${s}_ncu.csv" 2> "$R/$s.log"
+        echo "ncu exit $?"; tail -3 "$R/$s.log"
+        python3 tools/ncu_kernel_summary.py "$R/${s}_ncu.csv" 3 40 > "$R/${s}_summary.txt" 2>&1
+        gzip -f "$R/${s}_ncu.csv"
+        head -45 "$R/${s}_summary.txt"
       else
         echo "no ncu on this machine"
       fi ;;
+    sinks)
+      # issue 16: flash attention with sink logits against the generic kernels (bench/gpu/bench_attention_sinks.cu)
+      stage sinks
+      timeout 90 $B/am_gpu_microbench attention_sinks > "$R/sinks_bench.log" 2>&1; echo "exit $?"; tail -20 "$R/sinks_bench.log" ;;
     parity_bf16)
       # issue 15: 200-step GSM8K curves, pure bf16 (nearest, stochastic) vs the fp32-master curves, HF bf16 beside
       stage parity_bf16

@@ -1,8 +1,12 @@
 // Generic (CUDA-core) attention micro-benchmark (src/backend/cuda/attention_generic.h): the shapes real models
-// send there, at B 1, T 2048, causal, bf16, forward and backward, timed with CUDA events after warm-up (median
-// of the repeats). TFLOP/s use the causal count (forward 4 B nh T^2 (D + Dv) / 4, backward 2.5 x forward),
-// ignoring windows. The last two rows run the generic kernels on W2-like flash shapes and the flash kernels
-// on the same inputs, to show the gap to tensor cores.
+// send there, at B 1, T 2048 / 4096, causal, bf16, forward and backward, timed with CUDA events after warm-up
+// (median of the repeats). TFLOP/s use the causal count (forward 4 B nh T^2 (D + Dv) / 4, backward 2.5 x forward),
+// ignoring windows. Rows marked flash also run the tensor-core flash kernels (attention.h, called directly, so
+// whatever AM_ALLOW_UNVERIFIED_CUDA says) on the same inputs: the variant ops:: picks ("fl", variant 0) and, for
+// the head dims and soft-capping added on 2026-12-06 (D 96 / 256, D 192 / Dv 128, softcap), each mma.sync tile
+// variant 1-3 ("fl vN"), to pick the defaults; with a flash-vs-generic speed-up line per shape. Model shapes:
+// Gemma-2-2B (nh 8, nkv 4, D 256, soft-cap 50, window 4096), Phi-3-mini (nh 32, D 96), DeepSeek-V2-Lite MLA
+// (nh 16, D 192 / Dv 128).
 //
 //   am_gpu_microbench attention_generic [reps=10]
 #include <cuda_bf16.h>
@@ -36,6 +40,7 @@ struct GenShape {
   float softcap;
   bool sinks;
   bool flash;  // also time the flash kernels on it
+  bool flash_variants = false;  // ... and each mma.sync variant 1-3
 };
 
 }  // namespace
@@ -52,15 +57,20 @@ int attention_generic_bench_main(int argc, char** argv) try {
   std::printf("device %s, %d SMs; generic attention (CUDA cores, fp32 math), bf16, causal\n", prop.name,
               prop.multiProcessorCount);
   const GenShape shapes[] = {
-      {"phi3 D96", 1, 2048, 32, 32, 96, 96, 0, 0.f, false, false},
-      {"gemma3 D256", 1, 2048, 8, 4, 256, 256, 0, 0.f, false, false},
-      {"gemma2 D256 cap", 1, 2048, 8, 4, 256, 256, 0, 50.f, false, false},
-      {"gptoss D64 sinks", 1, 2048, 64, 8, 64, 64, 0, 0.f, true, false},
-      {"gptoss D64 s win128", 1, 2048, 64, 8, 64, 64, 128, 0.f, true, false},
-      {"mla D192/128", 1, 2048, 16, 16, 192, 128, 0, 0.f, false, false},
+      {"phi3 D96", 1, 2048, 32, 32, 96, 96, 0, 0.f, false, true},
+      {"gemma3 D256", 1, 2048, 8, 4, 256, 256, 0, 0.f, false, true},
+      {"gemma2 D256 cap", 1, 2048, 8, 4, 256, 256, 0, 50.f, false, true},
+      {"gptoss D64 sinks", 1, 2048, 64, 8, 64, 64, 0, 0.f, true, true},
+      {"gptoss D64 s win128", 1, 2048, 64, 8, 64, 64, 128, 0.f, true, true},
+      {"mla D192/128", 1, 2048, 16, 16, 192, 128, 0, 0.f, false, true},
       {"W2-like D128", 1, 2048, 32, 4, 128, 128, 0, 0.f, false, true},
+      // the model shapes at T 4096
+      {"gemma2-2b T4k", 1, 4096, 8, 4, 256, 256, 4096, 50.f, false, true, true},
+      {"phi3-mini T4k", 1, 4096, 32, 32, 96, 96, 0, 0.f, false, true, true},
+      {"dsv2-lite T4k", 1, 4096, 16, 16, 192, 128, 0, 0.f, false, true, true},
+      {"D128 cap T4k", 1, 4096, 32, 8, 128, 128, 0, 50.f, false, true, true},
   };
-  std::printf("%-20s %-8s %10s %10s\n", "shape", "pass", "ms", "TFLOP/s");
+  std::printf("%-20s %-10s %10s %10s\n", "shape", "pass", "ms", "TFLOP/s");
   for (const auto& s : shapes) {
     am::AttnParams p;
     p.batch = s.B;
@@ -92,32 +102,59 @@ int attention_generic_bench_main(int argc, char** argv) try {
     void* ws = nullptr;
     AM_CUDA_CHECK(cudaMalloc(&ws, std::max<size_t>(wsb, 16)));
     auto row = [&](const char* pass, double ms, double flop) {
-      std::printf("%-20s %-8s %10.3f %10.2f\n", s.name, pass, ms, flop / (ms * 1e-3) / 1e12);
+      std::printf("%-20s %-10s %10.3f %10.2f\n", s.name, pass, ms, flop / (ms * 1e-3) / 1e12);
     };
-    row("fwd", median_ms([&] { am::cuda::attention_generic_fwd(q, k, v, p, out, lse); }, reps, 3), fwd_flop);
+    const double g_fwd = median_ms([&] { am::cuda::attention_generic_fwd(q, k, v, p, out, lse); }, reps, 3);
+    row("fwd", g_fwd, fwd_flop);
     am::cuda::attention_generic_fwd(q, k, v, p, out, lse);
-    row("bwd",
-        median_ms(
-            [&] {
-              am::cuda::attention_generic_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, s.sinks ? &dsinks : nullptr,
-                                              nullptr, ws, wsb);
-            },
-            reps, 2),
-        bwd_flop);
+    const double g_bwd = median_ms(
+        [&] {
+          am::cuda::attention_generic_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, s.sinks ? &dsinks : nullptr, nullptr,
+                                          ws, wsb);
+        },
+        reps, 2);
+    row("bwd", g_bwd, bwd_flop);
     if (s.flash) {
-      row("fwd fl", median_ms([&] { am::cuda::attention_fwd(q, k, v, p, out, lse); }, reps, 3), fwd_flop);
-      am::cuda::attention_fwd(q, k, v, p, out, lse);
-      const size_t fwsb = am::cuda::attention_bwd_workspace_bytes(p);
-      void* fws = nullptr;
-      AM_CUDA_CHECK(cudaMalloc(&fws, std::max<size_t>(fwsb, 16)));
-      row("bwd fl",
-          median_ms(
-              [&] {
-                am::cuda::attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, nullptr, nullptr, fws, fwsb);
-              },
-              reps, 2),
-          bwd_flop);
-      AM_CUDA_CHECK(cudaFree(fws));
+      auto& tune = am::cuda::attention_tuning();
+      const am::cuda::AttnTuning saved = tune;
+      std::vector<int> vars{0};
+      if (s.flash_variants) vars.insert(vars.end(), {1, 2, 3});
+      for (int fv : vars) {
+        tune = saved;
+        tune.fwd_variant = fv;
+        tune.bwd_variant = fv;
+        char tag[16];
+        if (fv == 0)
+          std::snprintf(tag, sizeof tag, "fwd fl");
+        else
+          std::snprintf(tag, sizeof tag, "fwd fl v%d", fv);
+        const size_t ffwsb = am::cuda::attention_fwd_workspace_bytes(p);
+        void* ffws = nullptr;
+        AM_CUDA_CHECK(cudaMalloc(&ffws, std::max<size_t>(ffwsb, 16)));
+        const double f_fwd =
+            median_ms([&] { am::cuda::attention_fwd(q, k, v, p, out, lse, nullptr, ffws, ffwsb); }, reps, 3);
+        row(tag, f_fwd, fwd_flop);
+        am::cuda::attention_fwd(q, k, v, p, out, lse, nullptr, ffws, ffwsb);
+        const size_t fwsb = am::cuda::attention_bwd_workspace_bytes(p);
+        void* fws = nullptr;
+        AM_CUDA_CHECK(cudaMalloc(&fws, std::max<size_t>(fwsb, 16)));
+        if (fv == 0)
+          std::snprintf(tag, sizeof tag, "bwd fl");
+        else
+          std::snprintf(tag, sizeof tag, "bwd fl v%d", fv);
+        const double f_bwd = median_ms(
+            [&] {
+              am::cuda::attention_bwd(q, k, v, out, lse, dout, p, dq, dk, dv, s.sinks ? &dsinks : nullptr, nullptr,
+                                      fws, fwsb);
+            },
+            reps, 2);
+        row(tag, f_bwd, bwd_flop);
+        if (fv == 0)
+          std::printf("%-20s flash vs generic: fwd %.2fx, bwd %.2fx faster\n", s.name, g_fwd / f_fwd, g_bwd / f_bwd);
+        AM_CUDA_CHECK(cudaFree(fws));
+        AM_CUDA_CHECK(cudaFree(ffws));
+      }
+      tune = saved;
     }
     AM_CUDA_CHECK(cudaDeviceSynchronize());
     AM_CUDA_CHECK(cudaFree(ws));

@@ -9,7 +9,12 @@
 // strided-batched GEMMs at the padded shape and at perfect balance; memory-bound
 // ops report GB/s of the bytes they must move. "pred" is the percentage predicted before the first run.
 //
-//   am_gpu_microbench moe [--tokens N] [--skew]   (--skew: Zipf-like expert popularity instead of uniform)
+// The persistent grouped GEMM (moe_grouped_gemm.cu; opt-in through AM_MOE_GEMM=persistent) against the cuBLAS grouped
+// API and Auto at both W2 projections, with exactly balanced routing and with the model's own skew (one expert in
+// 3,600 of the 4,096 tokens' top-8, the other slots uniform): fwd, dx and dW separately, ms and TFLOP/s.
+//
+//   am_gpu_microbench moe [--tokens N] [--skew] [--persistent]   (--skew: Zipf-like expert popularity instead of
+//   uniform; --persistent: only the ceilings and the persistent-vs-cuBLAS section)
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -116,14 +121,92 @@ void lt_dw_sweep(const std::string& name, const std::string& shape, double flops
   cublasLtMatmulDescDestroy(desc);
 }
 
+// Top-k ids [n, k]: balanced (expert (t * k + s) % e: every expert exactly n * k / e rows) or skewed (tokens
+// t < hot_tokens have expert 0 in their top-k, every other slot uniform over experts 1..e-1, distinct per token).
+Tensor bench_topk(int64_t n, int64_t e, int64_t k, bool skewed, int64_t hot_tokens) {
+  Tensor t = Tensor::empty({n, k}, DType::I32);
+  std::mt19937 rng(5);
+  std::vector<int32_t> ids(static_cast<size_t>(e));
+  std::iota(ids.begin(), ids.end(), 0);
+  for (int64_t r = 0; r < n; ++r) {
+    int32_t* row = t.data<int32_t>() + r * k;
+    if (!skewed) {
+      for (int64_t s = 0; s < k; ++s) row[s] = static_cast<int32_t>((r * k + s) % e);
+      continue;
+    }
+    int64_t s0 = 0;
+    if (r < hot_tokens) row[s0++] = 0;
+    for (int64_t s = 1; s <= k; ++s) std::swap(ids[s], ids[std::uniform_int_distribution<int64_t>(s, e - 1)(rng)]);
+    for (int64_t s = 1; s0 < k; ++s) row[s0++] = ids[s];
+  }
+  return t;
+}
+
+// Persistent grouped GEMM vs the cuBLAS grouped API (dW: its per-expert fallback) and Auto, per product.
+void persistent_section(int64_t n, int64_t e, int64_t k, int64_t h, int64_t inner) {
+  auto& ctx = cu::default_context();
+  const int64_t rows = n * k;
+  std::printf("\npersistent grouped GEMM vs cuBLAS (bf16 in, fp32 accumulate; dW fp32 +=), %lld rows over %lld experts\n",
+              (long long)rows, (long long)e);
+  for (bool skewed : {false, true}) {
+    const int64_t hot = n * 3600 / 4096;
+    Tensor idx = cu::to_device(bench_topk(n, e, k, skewed, hot));
+    Tensor off = cu::empty({e + 1}, DType::I32), perm = cu::empty({rows}, DType::I32), inv = cu::empty({rows}, DType::I32);
+    std::vector<int64_t> counts;
+    cu::moe_dispatch_plan(idx, e, off, perm, inv, &counts);
+    int64_t mx = 0, nz = 0;
+    for (int64_t c : counts) mx = std::max(mx, c), nz += c > 0;
+    std::printf("%s routing: max %lld rows (expert 0 %lld), mean %lld, %lld experts with rows\n",
+                skewed ? "skewed" : "balanced", (long long)mx, (long long)counts[0], (long long)(rows / e), (long long)nz);
+    struct Proj {
+      const char* name;
+      int64_t kd, nout;
+    };
+    for (const Proj& p : {Proj{"gate_up", h, 2 * inner}, Proj{"down", inner, h}}) {
+      Tensor xin = dev({rows, p.kd}, DType::BF16, 40), w = dev({e, p.nout, p.kd}, DType::BF16, 41, -0.03f, 0.03f);
+      Tensor yout = cu::empty({rows, p.nout}, DType::BF16), dyo = dev({rows, p.nout}, DType::BF16, 42);
+      Tensor dxin = cu::empty({rows, p.kd}, DType::BF16), dw = dev({e, p.nout, p.kd}, DType::F32, 43, -1e-3f, 1e-3f);
+      Tensor frozen;
+      const double fl = 2.0 * rows * p.kd * p.nout;
+      const std::string sh = std::string(skewed ? "skew " : "bal ") + "K=" + std::to_string(p.kd) +
+                             " Nout=" + std::to_string(p.nout);
+      struct Impl {
+        cu::GroupedGemm impl;
+        const char* name;
+        double pred;
+      };
+      // Predictions (before the first run): persistent ~55% of the ceiling whatever the routing (mma.sync, 128x128
+      // tiles, 4 stages); the grouped API ~30% under the skew (docs/performance.md W2) and ~60% balanced.
+      const Impl impls[] = {{cu::GroupedGemm::Persistent, "persistent", 55},
+                            {cu::GroupedGemm::Grouped, "cuBLAS grouped", skewed ? 30.0 : 60.0},
+                            {cu::GroupedGemm::Auto, "auto", skewed ? 30.0 : 60.0}};
+      for (const Impl& im : impls) {
+        const cu::GroupedLinearOptions opt{im.impl};
+        const std::string tag = std::string(p.name) + " " + im.name;
+        report_flops((tag + " fwd").c_str(), sh, fl,
+                     median_ms([&] { cu::grouped_linear_fwd(xin, w, off, yout, &counts, ctx, opt); }), im.pred);
+        report_flops((tag + " dx").c_str(), sh, fl, median_ms([&] {
+                       cu::grouped_linear_bwd(xin, w, off, dyo, &dxin, frozen, &counts, ctx, opt);
+                     }),
+                     im.pred);
+        report_flops((tag + " dW").c_str(), sh, fl, median_ms([&] {
+                       cu::grouped_linear_bwd(xin, w, off, dyo, nullptr, dw, &counts, ctx, opt);
+                     }),
+                     im.impl == cu::GroupedGemm::Persistent ? 45.0 : 20.0);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int moe_bench_main(int argc, char** argv) {
   int64_t n = 4096;
-  bool skew = false;
+  bool skew = false, persistent_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) n = std::atoll(argv[++i]);
     if (std::strcmp(argv[i], "--skew") == 0) skew = true;
+    if (std::strcmp(argv[i], "--persistent") == 0) persistent_only = true;
   }
   const int64_t e = 128, k = 8, h = 2048, inner = 768, rows = n * k;
   try {
@@ -134,6 +217,10 @@ int moe_bench_main(int argc, char** argv) {
                 skew ? "skewed" : "uniform");
     g_gemm_peak = am::bench::gemm_ceiling_tflops();
     g_bw_peak = am::bench::copy_bandwidth_gbs(dev({am::bench::kCopyElems}, DType::F32, 4));
+    if (persistent_only) {
+      persistent_section(n, e, k, h, inner);
+      return 0;
+    }
 
     // Routing: logits drawn on the host so that --skew can shape expert popularity.
     std::mt19937 rng(1);
@@ -246,7 +333,8 @@ int moe_bench_main(int argc, char** argv) {
                             {cu::GroupedGemm::PerExpert, "per-expert", p.pred_loop, p.pred_loop},
                             {cu::GroupedGemm::Padded, "padded", 55, 17},
                             {cu::GroupedGemm::Padded, "padded cap " + std::to_string(cap), 45, 17, cap},
-                            {cu::GroupedGemm::Auto, "auto", 55, 17}};
+                            {cu::GroupedGemm::Auto, "auto", 55, 17},
+                            {cu::GroupedGemm::Persistent, "persistent", 55, 45}};
       for (const Impl& im : impls) {
         const cu::GroupedLinearOptions opt{im.impl, im.pad_rows};
         const std::string tag = std::string(p.name) + " " + im.name;
@@ -323,7 +411,7 @@ int moe_bench_main(int argc, char** argv) {
     {
       Tensor wgu = dev({e, 2 * inner, h}, DType::BF16, 30, -0.03f, 0.03f), wd = dev({e, h, inner}, DType::BF16, 31, -0.03f, 0.03f);
       Tensor dwgu = dev({e, 2 * inner, h}, DType::F32, 32, 0.f, 0.f), dwd = dev({e, h, inner}, DType::F32, 33, 0.f, 0.f);
-      for (cu::GroupedGemm impl : {cu::GroupedGemm::Grouped, cu::GroupedGemm::Auto}) {
+      for (cu::GroupedGemm impl : {cu::GroupedGemm::Grouped, cu::GroupedGemm::Auto, cu::GroupedGemm::Persistent}) {
         const cu::GroupedLinearOptions opt{impl};
         auto fwd = [&] {
           cu::moe_gather(x, perm, k, xg);
@@ -340,11 +428,14 @@ int moe_bench_main(int argc, char** argv) {
           cu::moe_gather_bwd(dxg, inv, k, dx);
         };
         const double fl = 2.0 * rows * h * 3 * inner;
-        const std::string nm = impl == cu::GroupedGemm::Auto ? "auto" : "grouped (old Auto: grouped y/dx, per-expert dW)";
+        const std::string nm = impl == cu::GroupedGemm::Auto         ? "auto"
+                               : impl == cu::GroupedGemm::Persistent ? "persistent (AM_MOE_GEMM=persistent)"
+                                                                     : "grouped (old Auto: grouped y/dx, per-expert dW)";
         report_flops(("layer fwd, " + nm).c_str(), "W2", fl, median_ms(fwd), 55);
         report_flops(("layer bwd, " + nm).c_str(), "W2", 2 * fl, median_ms(bwd), 55);
       }
     }
+    persistent_section(n, e, k, h, inner);
   } catch (const std::exception& ex) {
     std::fprintf(stderr, "moe bench failed: %s\n", ex.what());
     return 1;

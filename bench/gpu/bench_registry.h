@@ -13,6 +13,7 @@ int mamba2_bench_main(int argc, char** argv);  // bench_mamba2.cu: Nemotron-H co
 int fused_proj_bench_main(int argc, char** argv);  // bench_fused_proj.cu: one q|k|v / gate|up GEMM vs separate ones
 int lora_bench_main(int argc, char** argv);  // bench_lora.cu: LoRA scale / add in the GEMMs (alpha, beta = 1) at W5
 int add_norm_bench_main(int argc, char** argv);  // bench_add_norm.cu: fused residual add + RMSNorm vs separate, W1
+int attention_cudnn_bench_main(int argc, char** argv);  // bench_attention_cudnn.cu: cuDNN fused attention vs flash
 
 struct GpuBench {
   const char* name;
@@ -30,4 +31,5 @@ inline constexpr GpuBench kGpuBenches[] = {
     {"fused_proj", fused_proj_bench_main},
     {"lora", lora_bench_main},
     {"add_norm", add_norm_bench_main},
+    {"attention_cudnn", attention_cudnn_bench_main},
 };

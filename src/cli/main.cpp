@@ -10,6 +10,7 @@
 #include <new>
 #include <string>
 
+#include "backend/cuda/cudnn_attention.h"
 #include "backend/cuda/device_info.h"
 #include "cli/commands.h"
 #include "core/error.h"
@@ -39,8 +40,9 @@ int cmd_info(int, char**) {
   auto devs = cuda::list_devices(&why);
   std::printf("features: cpu (OpenBLAS, OpenMP)%s\n", cuda::built_with_cuda() ? ", cuda (cuBLASLt)" : "");
   if (cuda::built_with_cuda()) std::printf("cuda: %s\n", cuda::runtime_versions().c_str());
-  std::printf("cudnn: no   nccl: %s   mpi: %s\n", dist::built_with_nccl() ? "yes" : "no",
-              dist::built_with_mpi() ? "yes" : "no");
+  std::printf("cudnn: %s   nccl: %s   mpi: %s\n",
+              cuda::kCudnnAttentionCompiled ? "attention, opt-in (AM_ATTENTION=cudnn)" : "no",
+              dist::built_with_nccl() ? "yes" : "no", dist::built_with_mpi() ? "yes" : "no");
   std::printf("models: ");
   bool first = true;
   for (auto& t : supported_model_types()) {

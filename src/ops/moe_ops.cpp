@@ -281,6 +281,14 @@ void moe_dispatch_plan(const Tensor& topk_idx, int64_t num_experts, Tensor& offs
   if (host_counts) *host_counts = std::move(counts);
 }
 
+bool moe_grouped_wants_host_counts(const Tensor& t) {
+#ifdef AM_WITH_CUDA
+  if (t.device() == DeviceType::CUDA) return !cuda::grouped_linear_persistent_default();
+#endif
+  (void)t;
+  return true;
+}
+
 // ---------------- permutation ----------------
 
 void moe_gather(const Tensor& x, const Tensor& perm, int64_t k, Tensor& xg) {

@@ -100,6 +100,10 @@ void moe_aux_loss(const Tensor& f, const Tensor& psum, const Tensor& seg, int64_
 // the grouped GEMM needs the sizes). Throws DataError if an index is outside [0, E).
 void moe_dispatch_plan(const Tensor& topk_idx, int64_t num_experts, Tensor& offsets, Tensor& perm,
                        Tensor& inv_perm, std::vector<int64_t>* host_counts);
+// Whether the grouped linear products on t's device want those host counts: false on CUDA under
+// AM_MOE_GEMM=persistent (the persistent grouped GEMM schedules its tiles from the device offsets, so the dispatch
+// can skip the host copy and its sync), true otherwise (CPU: the counts come for free).
+bool moe_grouped_wants_host_counts(const Tensor& t);
 
 // ---------------- permutation ----------------
 // x [N, H] -> xg [N*k, H]: xg[j] = x[perm[j] / k]

@@ -1,5 +1,5 @@
-// CUDA flash attention (with gpt_oss sinks further down, and the generic kernels: other head dims, sinks,
-// soft-capping, Dv != D, fp32) against the CPU reference (am::ops::attention_fwd/bwd on fp32 copies of the same bf16 inputs). Random shapes with T not a multiple of any tile, GQA ratios 1/4/8, head dims 64/128,
+// CUDA flash attention (with gpt_oss sinks, soft-capping and head dims 96 / 256 further down, and the generic
+// kernels: other head dims, sinks, soft-capping, Dv != D, fp32) against the CPU reference (am::ops::attention_fwd/bwd on fp32 copies of the same bf16 inputs). Random shapes with T not a multiple of any tile, GQA ratios 1/4/8, head dims 64/128,
 // sliding windows, packed segments with padding; every kernel variant and both backward modes (whole GQA
 // group per block, group split with fp32 atomics). Outputs are poisoned with NaN before each call, so an
 // unwritten element fails. Errors are ||got - ref|| / ||ref|| (bf16 budget ~1e-2); every case prints its
@@ -523,19 +523,22 @@ TEST_F(CudaAttention, GenericMatchesCpuReference) {
       {2, 77, 4, 4, 32, 32, 0, 0, 0.f, 0, bf, false},       // head dim 32 (the qwen3 golden's)
       {1, 33, 4, 2, 16, 16, 0, 1, 0.f, 0, bf, false},       // 16 (the tiny goldens)
       {1, 300, 4, 1, 40, 40, 0, 0, 0.f, 0, bf, false},      // 40: not a multiple of 32, GQA 4
-      {1, 150, 8, 2, 96, 96, 0, 2, 0.f, 0, bf, false},      // Phi-3's 96, packed + padding tail
-      {2, 130, 4, 4, 96, 96, 40, 0, 0.f, 0, bf, false},     // 96 + sliding window
-      {2, 100, 4, 4, 192, 128, 0, 1, 0.f, 0, bf, false},    // DeepSeek MLA: D 192, Dv 128
-      {1, 210, 8, 8, 192, 128, 0, 3, 0.f, 0, bf, false},    // MLA + padding runs
-      {1, 200, 8, 4, 256, 256, 64, 0, 0.f, 0, bf, false},   // Gemma 3's 256 + window
-      {1, 257, 4, 1, 256, 256, 0, 3, 0.f, 0, bf, false},    // 256, GQA 4, padding runs
-      {2, 90, 8, 4, 256, 256, 32, 3, 1.5f, 0, bf, false},   // Gemma 2: 256 + soft-cap + window + padding
-      {1, 70, 4, 1, 96, 96, 0, 0, 5.f, 1, bf, false},       // soft-cap + sinks + GQA 4
+      // bf16 D 96 / 256 with Dv == D: direct, because ops:: sends them to the flash kernels when
+      // AM_ALLOW_UNVERIFIED_CUDA=1 (checked by FlashHeadDim96* / FlashHeadDim256* / FlashSoftcap* below).
+      {1, 150, 8, 2, 96, 96, 0, 2, 0.f, 0, bf, true},       // Phi-3's 96, packed + padding tail
+      {2, 130, 4, 4, 96, 96, 40, 0, 0.f, 0, bf, true},      // 96 + sliding window
+      {2, 100, 4, 4, 192, 128, 0, 1, 0.f, 0, bf, true},     // DeepSeek MLA: D 192, Dv 128 (flash: FlashMlaDims*)
+      {1, 210, 8, 8, 192, 128, 0, 3, 0.f, 0, bf, true},     // MLA + padding runs
+      {1, 200, 8, 4, 256, 256, 64, 0, 0.f, 0, bf, true},    // Gemma 3's 256 + window
+      {1, 257, 4, 1, 256, 256, 0, 3, 0.f, 0, bf, true},     // 256, GQA 4, padding runs
+      {2, 90, 8, 4, 256, 256, 32, 3, 1.5f, 0, bf, true},    // Gemma 2: 256 + soft-cap + window + padding
+      {1, 70, 4, 1, 96, 96, 0, 0, 5.f, 1, bf, true},        // soft-cap + sinks + GQA 4
       // D 64 + sinks: direct, because ops:: sends bf16 D 64 / 128 sinks to the flash kernels when
       // AM_ALLOW_UNVERIFIED_CUDA=1 (which these tests set); the flash path is checked by FlashSinks* below.
       {1, 130, 8, 2, 64, 64, 0, 0, 0.f, 1, bf, true},       // gpt_oss: 64 + sinks
+      {1, 100, 4, 2, 64, 64, 0, 1, 3.f, 0, bf, true},       // soft-cap on a flash head dim
       {2, 120, 8, 2, 64, 64, 16, 3, 0.f, 2, bf, true},      // sinks (bf16) + window + padding runs
-      {1, 1, 2, 1, 256, 256, 0, 0, 0.f, 1, bf, false},      // T = 1
+      {1, 1, 2, 1, 256, 256, 0, 0, 0.f, 1, bf, true},       // T = 1
       {1, 65, 4, 2, 128, 64, 0, 2, 0.f, 0, f32, false},     // fp32, Dv != D
       {1, 64, 4, 4, 64, 64, 0, 0, 2.f, 1, f32, false},      // fp32, soft-cap, sinks
       {2, 140, 8, 2, 64, 64, 0, 3, 0.f, 0, bf, true},       // the generic kernels on flash shapes
@@ -589,7 +592,7 @@ TEST_F(CudaAttention, GenericRejectsWhatItCannotTake) {
   EXPECT_THROW(am::ops::attention_fwd(q, k, v, p, o, l), am::DeviceError);
 }
 
-// The flash kernels themselves still take only head dims 64 and 128 (ops::attention_fwd routes the others to
+// The flash kernels themselves take only head dims 64, 96, 128 and 256 (ops::attention_fwd routes the others to
 // the generic kernels).
 TEST_F(CudaAttention, RejectsUnsupportedHeadDim) {
   am::AttnParams p;
@@ -597,10 +600,10 @@ TEST_F(CudaAttention, RejectsUnsupportedHeadDim) {
   p.seq = 8;
   p.n_heads = 2;
   p.n_kv_heads = 1;
-  p.head_dim = 96;
+  p.head_dim = 80;
   p.scale = 0.1f;
-  Tensor q = dev_empty({1, 8, 2, 96}, DType::BF16), k = dev_empty({1, 8, 1, 96}, DType::BF16),
-         v = dev_empty({1, 8, 1, 96}, DType::BF16), o = dev_empty({1, 8, 2, 96}, DType::BF16),
+  Tensor q = dev_empty({1, 8, 2, 80}, DType::BF16), k = dev_empty({1, 8, 1, 80}, DType::BF16),
+         v = dev_empty({1, 8, 1, 80}, DType::BF16), o = dev_empty({1, 8, 2, 80}, DType::BF16),
          l = dev_empty({1, 2, 8}, DType::F32);
   EXPECT_THROW(am::cuda::attention_fwd(q, k, v, p, o, l), am::DeviceError);
 }
@@ -921,6 +924,287 @@ TEST_F(CudaAttention, FlashSinksRoutingFollowsTheUnverifiedGate) {
     EXPECT_EQ(da, db) << "ops:: dsinks is not the flash path's";
   else
     for (int64_t h = 0; h < nh; ++h) EXPECT_NEAR(da[h], db[h], 1e-4f * (1.f + std::fabs(db[h])));
+}
+
+// ---------------- flash kernels: soft-capping, head dims 96 and 256 (written without a GPU: first device run pending) --
+// Gemma 2 soft-capping (score = cap tanh(scale q.k / cap); the kernels take tanh of the raw scores right after Q K^T
+// and multiply dS by 1 - tanh^2) on D 64 / 128 (mma.sync variant 1 and the wgmma kernels; the other tile variants
+// run those) and on the new head dims; Phi-3's 96 and Gemma's 256 on the mma.sync kernels (every variant; wgmma
+// variants fall back to 1 for them). Called through am::cuda::attention_fwd/bwd, so the flash kernels run whatever
+// AM_ALLOW_UNVERIFIED_CUDA says. Same checks and budgets as FlashSinks*: out / lse from every forward variant, dq /
+// dk / dv from every backward variant and split mode, causal + windows + packed segments with padding, GQA, T not a
+// multiple of any tile, outputs poisoned first; optional sinks (with soft-capping) to cover the combination.
+
+struct FlashCase {
+  int B, T, nh, nkv, D, window, seg_mode;
+  float softcap;
+  bool sinks;
+  int Dv = 0;  // v head dim; 0 = D (DeepSeek MLA: 192 / 128)
+};
+
+std::string flash_name(const FlashCase& c) {
+  char buf[200];
+  std::snprintf(buf, sizeof buf, "B%d T%d nh%d nkv%d D%d Dv%d win%d seg%d cap%g%s", c.B, c.T, c.nh, c.nkv, c.D,
+                c.Dv > 0 ? c.Dv : c.D, c.window, c.seg_mode, c.softcap, c.sinks ? " sinks" : "");
+  return buf;
+}
+
+void run_flash_case(const FlashCase& c, uint32_t seed, double* worst_fwd, double* worst_bwd) {
+  std::mt19937 rng(seed);
+  const int64_t B = c.B, T = c.T, nh = c.nh, nkv = c.nkv, D = c.D, Dv = c.Dv > 0 ? c.Dv : c.D;
+  const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, vs{B, T, nkv, Dv}, os{B, T, nh, Dv}, ls{B, nh, T};
+  // sd 2: raw scores of a few units, so a small cap actually bends them (tanh far from linear).
+  const float sd = c.softcap > 0.f ? 2.f : 1.f;
+  auto q = randn_bf16(B * T * nh * D, rng, sd), k = randn_bf16(B * T * nkv * D, rng, sd),
+       v = randn_bf16(B * T * nkv * Dv, rng), dout = randn_bf16(B * T * nh * Dv, rng);
+  std::vector<float> sinks = randn_bf16(nh, rng, 1.5f);
+  std::vector<int32_t> seg;
+  if (c.seg_mode) seg = make_segments(Case{c.B, c.T, c.nh, c.nkv, c.D, c.window, c.seg_mode}, rng);
+  const std::string name = flash_name(c);
+
+  // ---- CPU reference ----
+  am::AttnParams p;
+  p.batch = B;
+  p.seq = T;
+  p.n_heads = nh;
+  p.n_kv_heads = nkv;
+  p.head_dim = D;
+  p.v_head_dim = Dv == D ? 0 : Dv;
+  p.scale = 1.f / std::sqrt(static_cast<float>(D));
+  p.sliding_window = c.window;
+  p.softcap = c.softcap;
+  Tensor hseg, hsinks = host_f32(sinks, {nh});
+  if (c.seg_mode) {
+    hseg = Tensor::empty({B, T}, DType::I32);
+    std::memcpy(hseg.raw(), seg.data(), seg.size() * 4);
+    p.segment_ids = &hseg;
+  }
+  if (c.sinks) p.sinks = &hsinks;
+  Tensor hq = host_f32(q, qs), hk = host_f32(k, ks), hv = host_f32(v, vs), hdo = host_f32(dout, os);
+  Tensor hout = Tensor::empty(os, DType::F32), hlse = Tensor::empty(ls, DType::F32);
+  am::ops::attention_fwd(hq, hk, hv, p, hout, hlse);
+  Tensor hdq = Tensor::empty(qs, DType::F32), hdk = Tensor::empty(ks, DType::F32), hdv = Tensor::empty(vs, DType::F32);
+  am::ops::attention_bwd(hq, hk, hv, hout, hlse, hdo, p, hdq, hdk, hdv);
+  const auto ref_out = host_vec(hout), ref_lse = host_vec(hlse), ref_dq = host_vec(hdq), ref_dk = host_vec(hdk),
+             ref_dv = host_vec(hdv);
+
+  // ---- device ----
+  Tensor dq_in = upload_bf16(q, qs), dk_in = upload_bf16(k, ks), dv_in = upload_bf16(v, vs),
+         ddo = upload_bf16(dout, os);
+  Tensor dseg, dsinks_t = upload_as(sinks, {nh}, DType::F32);
+  am::AttnParams dp = p;
+  dp.segment_ids = nullptr;
+  dp.sinks = c.sinks ? &dsinks_t : nullptr;
+  if (c.seg_mode) {
+    dseg = dev_empty({B, T}, DType::I32);
+    ASSERT_EQ(cudaMemcpy(dseg.raw(), seg.data(), seg.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    dp.segment_ids = &dseg;
+  }
+  Tensor out = dev_empty(os, DType::BF16), lse = dev_empty(ls, DType::F32);
+  for (int fv : variants("AM_ATTN_FWD_VARIANTS", 5)) {
+    am::cuda::attention_tuning().fwd_variant = fv;
+    poison(out);
+    poison(lse);
+    am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, out, lse);
+    const std::string tag = name + " fwd variant " + std::to_string(fv);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
+    const auto got = download_bf16(out);
+    const auto got_lse = download_f32(lse);
+    size_t nf = 0, lse_bad = 0, pad_bad = 0;
+    const double e_out = rel_err(got, ref_out, &nf);
+    double e_lse = 0;
+    for (size_t i = 0; i < ref_lse.size(); ++i) {
+      if (std::isinf(ref_lse[i])) {
+        if (!(std::isinf(got_lse[i]) && got_lse[i] < 0)) ++lse_bad;
+      } else if (!std::isfinite(got_lse[i])) {
+        ++lse_bad;
+      } else {
+        e_lse = std::max(e_lse, static_cast<double>(std::fabs(got_lse[i] - ref_lse[i])));
+      }
+    }
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < nh; ++h)
+          if (std::isinf(ref_lse[(b * nh + h) * T + t]))
+            for (int64_t d = 0; d < Dv; ++d)
+              if (got[((b * T + t) * nh + h) * Dv + d] != 0.f) ++pad_bad;
+    EXPECT_EQ(nf, 0u) << tag << ": non-finite outputs (unwritten?)";
+    EXPECT_EQ(lse_bad, 0u) << tag << ": lse -inf / finiteness mismatches";
+    EXPECT_EQ(pad_bad, 0u) << tag << ": padding rows not zero";
+    EXPECT_LT(e_out, 1e-2) << tag;
+    EXPECT_LT(e_lse, 2e-3) << tag;
+    *worst_fwd = std::max(*worst_fwd, e_out);
+    std::printf("  %-52s fwd v%d: out rel %.2e  lse max abs %.2e\n", name.c_str(), fv, e_out, e_lse);
+    if (fv == 1) {  // forward determinism (no atomics)
+      Tensor out2 = dev_empty(os, DType::BF16), lse2 = dev_empty(ls, DType::F32);
+      poison(out2);
+      am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, out2, lse2);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(std::memcmp(download_bf16(out2).data(), got.data(), got.size() * 4), 0)
+          << tag << ": forward not repeatable";
+    }
+  }
+
+  // Backward from the device forward's out / lse (what training does).
+  am::cuda::attention_tuning().fwd_variant = 0;
+  am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, out, lse);
+  Tensor gdq = dev_empty(qs, DType::BF16), gdk = dev_empty(ks, DType::BF16), gdv = dev_empty(vs, DType::BF16);
+  const int group = c.nh / c.nkv;
+  std::vector<int> splits{1};
+  if (group > 1) splits.push_back(0);
+  if (group >= 4) splits.push_back(2);
+  for (int bv : variants("AM_ATTN_BWD_VARIANTS", 4))
+    for (int sp : splits) {
+      am::cuda::attention_tuning().bwd_variant = bv;
+      am::cuda::attention_tuning().bwd_split = sp;
+      poison(gdq);
+      poison(gdk);
+      poison(gdv);
+      am::cuda::attention_bwd(dq_in, dk_in, dv_in, out, lse, ddo, dp, gdq, gdk, gdv);
+      const std::string tag = name + " bwd variant " + std::to_string(bv) + " split " + std::to_string(sp);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
+      size_t n1 = 0, n2 = 0, n3 = 0;
+      const double edq = rel_err(download_bf16(gdq), ref_dq, &n1), edk = rel_err(download_bf16(gdk), ref_dk, &n2),
+                   edv = rel_err(download_bf16(gdv), ref_dv, &n3);
+      EXPECT_EQ(n1 + n2 + n3, 0u) << tag << ": non-finite gradients (unwritten?) dq " << n1 << " dk " << n2
+                                  << " dv " << n3;
+      EXPECT_LT(edq, 2e-2) << tag;
+      EXPECT_LT(edk, 2e-2) << tag;
+      EXPECT_LT(edv, 2e-2) << tag;
+      *worst_bwd = std::max({*worst_bwd, edq, edk, edv});
+      std::printf("  %-52s bwd v%d split %d: dq %.2e dk %.2e dv %.2e\n", name.c_str(), bv, sp, edq, edk, edv);
+    }
+}
+
+void run_flash_cases(const std::vector<FlashCase>& cases, uint32_t seed, const char* what) {
+  double wf = 0, wb = 0;
+  for (const auto& c : cases) {
+    run_flash_case(c, seed++, &wf, &wb);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  std::printf("CudaAttention flash %s worst rel error: forward out %.3e, backward %.3e\n", what, wf, wb);
+}
+
+TEST_F(CudaAttention, FlashSoftcapMatchesCpuReference) {
+  run_flash_cases(
+      {
+          // B, T, nh, nkv, D, window, seg, softcap, sinks, Dv (0 = D)
+          {1, 130, 8, 2, 64, 0, 0, 5.f, false, 0},     // causal, GQA 4, a cap that bends the scores
+          {2, 257, 8, 1, 64, 17, 2, 2.f, false, 0},    // window + padding tail, GQA 8, strong cap
+          {2, 190, 4, 4, 128, 0, 1, 5.f, false, 0},    // D 128, packed documents
+          {1, 333, 8, 1, 128, 50, 3, 30.f, false, 0},  // D 128, window, padding runs (one longer than a tile), GQA 8
+          {1, 200, 4, 2, 64, 0, 0, 50.f, false, 0},    // Gemma 2's cap of 50: nearly linear
+          {1, 150, 4, 1, 128, 0, 0, 3.f, true, 0},     // soft-cap + sinks
+          {1, 1, 2, 1, 64, 0, 0, 5.f, false, 0},       // T = 1
+          {2, 999, 8, 2, 64, 256, 1, 10.f, false, 0},  // many tiles: packed documents + window
+      },
+      5150, "softcap");
+}
+
+TEST_F(CudaAttention, FlashHeadDim96MatchesCpuReference) {
+  run_flash_cases(
+      {
+          {2, 77, 4, 4, 96, 0, 0, 0.f, false, 0},     // Phi-3's head dim, MHA
+          {1, 200, 8, 2, 96, 0, 0, 0.f, false, 0},    // GQA 4
+          {1, 300, 8, 1, 96, 50, 2, 0.f, false, 0},   // window + padding tail, GQA 8
+          {3, 190, 8, 2, 96, 0, 3, 0.f, false, 0},    // padding runs (one longer than a tile)
+          {1, 513, 4, 4, 96, 300, 1, 0.f, false, 0},  // packed documents + window
+          {1, 129, 4, 2, 96, 0, 0, 5.f, false, 0},    // soft-capped
+          {1, 1, 2, 1, 96, 0, 0, 0.f, false, 0},      // T = 1
+          {1, 1100, 4, 1, 96, 0, 0, 0.f, false, 0},   // many tiles
+      },
+      9696, "D96");
+}
+
+TEST_F(CudaAttention, FlashHeadDim256MatchesCpuReference) {
+  run_flash_cases(
+      {
+          {1, 77, 4, 4, 256, 0, 0, 0.f, false, 0},     // Gemma's head dim, MHA
+          {1, 200, 8, 4, 256, 64, 0, 0.f, false, 0},   // Gemma 3 shape: GQA 2 + window
+          {1, 257, 4, 1, 256, 0, 3, 0.f, false, 0},    // GQA 4, padding runs (one longer than a tile)
+          {2, 150, 8, 4, 256, 32, 2, 50.f, false, 0},  // Gemma 2: soft-cap 50 + window + padding tail
+          {1, 190, 8, 2, 256, 0, 1, 5.f, false, 0},    // strong cap + packed documents
+          {1, 130, 4, 1, 256, 0, 0, 0.f, true, 0},     // + sinks
+          {1, 1, 2, 1, 256, 0, 0, 0.f, false, 0},      // T = 1
+          {1, 600, 4, 2, 256, 0, 0, 0.f, false, 0},    // many tiles
+      },
+      256256, "D256");
+}
+
+// DeepSeek MLA: q / k head dim 192, v / out head dim 128 (DeepSeek-V2-Lite / V3 attention after the MLA
+// up-projections), the only D != Dv pair the flash kernels take (no soft-capping with it).
+TEST_F(CudaAttention, FlashMlaDimsMatchCpuReference) {
+  run_flash_cases(
+      {
+          // B, T, nh, nkv, D, window, seg, softcap, sinks, Dv
+          {2, 77, 4, 4, 192, 0, 0, 0.f, false, 128},     // MHA, as DeepSeek (nkv = nh)
+          {1, 200, 16, 16, 192, 0, 1, 0.f, false, 128},  // V2-Lite's 16 heads, packed documents
+          {1, 257, 8, 2, 192, 0, 3, 0.f, false, 128},    // GQA 4 (not DeepSeek, covers the split path), padding runs
+          {2, 150, 4, 4, 192, 40, 2, 0.f, false, 128},   // window + padding tail
+          {1, 130, 4, 1, 192, 0, 0, 0.f, true, 128},     // sinks, GQA 4
+          {1, 1, 2, 2, 192, 0, 0, 0.f, false, 128},      // T = 1
+          {1, 700, 4, 4, 192, 0, 0, 0.f, false, 128},    // many tiles
+      },
+      192128, "MLA 192/128");
+}
+
+// ops::attention_fwd/bwd send bf16 soft-capping, head dims 96 / 256 and MLA's 192 / 128 to the flash kernels only when
+// AM_ALLOW_UNVERIFIED_CUDA=1 (these tests set it unless the environment says 0), else to the generic kernels. Both
+// forwards are deterministic: compare bit for bit with the path the gate selects; the backward's dq uses atomics on
+// the flash path, so the gradients are compared within a bf16 budget.
+TEST_F(CudaAttention, FlashNewVariantsRoutingFollowsTheUnverifiedGate) {
+  const bool flash = am::ops::unverified_cuda_allowed();
+  std::printf("  AM_ALLOW_UNVERIFIED_CUDA %s: soft-capping / D 96 / D 256 / D 192 Dv 128 expected on the %s kernels\n",
+              flash ? "on" : "off", flash ? "flash" : "generic");
+  struct R {
+    int64_t D, Dv;
+    float cap;
+  };
+  for (const R r : {R{64, 64, 5.f}, R{96, 96, 0.f}, R{256, 256, 0.f}, R{256, 256, 50.f}, R{192, 128, 0.f}}) {
+    const int64_t B = 1, T = 150, nh = 8, nkv = 2, D = r.D, Dv = r.Dv;
+    const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, vs{B, T, nkv, Dv}, os{B, T, nh, Dv}, ls{B, nh, T};
+    std::mt19937 rng(static_cast<uint32_t>(D));
+    Tensor q = upload_bf16(randn_bf16(B * T * nh * D, rng), qs), k = upload_bf16(randn_bf16(B * T * nkv * D, rng), ks),
+           v = upload_bf16(randn_bf16(B * T * nkv * Dv, rng), vs),
+           dout = upload_bf16(randn_bf16(B * T * nh * Dv, rng), os);
+    am::AttnParams p;
+    p.batch = B;
+    p.seq = T;
+    p.n_heads = nh;
+    p.n_kv_heads = nkv;
+    p.head_dim = D;
+    p.v_head_dim = Dv == D ? 0 : Dv;
+    p.scale = 1.f / std::sqrt(static_cast<float>(D));
+    p.sliding_window = 100;
+    p.softcap = r.cap;
+    const std::string tag = "D" + std::to_string(D) + " Dv" + std::to_string(Dv) + " cap" + std::to_string(r.cap);
+    am::cuda::attention_tuning().fwd_variant = 0;
+    am::cuda::attention_tuning().bwd_variant = 0;
+    Tensor o_ops = dev_empty(os, DType::BF16), l_ops = dev_empty(ls, DType::F32), o_dir = dev_empty(os, DType::BF16),
+           l_dir = dev_empty(ls, DType::F32);
+    am::ops::attention_fwd(q, k, v, p, o_ops, l_ops);
+    if (flash)
+      am::cuda::attention_fwd(q, k, v, p, o_dir, l_dir);
+    else
+      am::cuda::attention_generic_fwd(q, k, v, p, o_dir, l_dir);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
+    const auto a = download_bf16(o_ops), b = download_bf16(o_dir), la = download_f32(l_ops), lb = download_f32(l_dir);
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << tag << ": ops:: forward is not the expected path's";
+    EXPECT_EQ(std::memcmp(la.data(), lb.data(), la.size() * 4), 0) << tag << ": ops:: lse is not the expected path's";
+    Tensor dq1 = dev_empty(qs, DType::BF16), dk1 = dev_empty(ks, DType::BF16), dv1 = dev_empty(vs, DType::BF16),
+           dq2 = dev_empty(qs, DType::BF16), dk2 = dev_empty(ks, DType::BF16), dv2 = dev_empty(vs, DType::BF16);
+    am::ops::attention_bwd(q, k, v, o_ops, l_ops, dout, p, dq1, dk1, dv1);
+    if (flash)
+      am::cuda::attention_bwd(q, k, v, o_ops, l_ops, dout, p, dq2, dk2, dv2);
+    else
+      am::cuda::attention_generic_bwd(q, k, v, o_ops, l_ops, dout, p, dq2, dk2, dv2);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
+    // dk / dv: no atomics on either path when the whole GQA group is one block (B 1, nkv 2: bwd_split may split
+    // it on a large GPU, hence the tolerance rather than bits).
+    EXPECT_LT(rel_err(download_bf16(dq1), download_bf16(dq2)), 1e-2) << tag << ": dq";
+    EXPECT_LT(rel_err(download_bf16(dk1), download_bf16(dk2)), 1e-2) << tag << ": dk";
+    EXPECT_LT(rel_err(download_bf16(dv1), download_bf16(dv2)), 1e-2) << tag << ": dv";
+  }
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // CUDA MoE ops (src/backend/cuda/moe*.cu, reached through the am::ops front-ends of src/ops/moe_ops.h)
 // against the CPU reference on host fp32 copies of the same (bf16-rounded where the device is bf16) inputs.
 // Random shapes including widths that are not multiples of the vector width (scalar fallbacks), experts with no
-// rows, every grouped-GEMM implementation (grouped API, per-expert, padded strided-batched, Auto) including
+// rows, every grouped-GEMM implementation (grouped API, per-expert, padded strided-batched, persistent, Auto) including
 // skewed counts, and the W2 shape (N = 4096 tokens, E = 128, k = 8, H = 2048, I = 768).
 // Outputs are poisoned with NaN before each call; parameter gradients start from random values (+= contract).
 // Runs only where a CUDA device is visible (GTEST_SKIP otherwise).
@@ -350,11 +350,12 @@ std::string impl_name(const Opt& o) {
     case cu::GroupedGemm::Grouped: return "grouped";
     case cu::GroupedGemm::PerExpert: return "per-expert";
     case cu::GroupedGemm::Padded: return o.pad_rows ? "padded cap " + std::to_string(o.pad_rows) : "padded";
+    case cu::GroupedGemm::Persistent: return "persistent";
   }
   return "?";
 }
 const Opt kAuto{cu::GroupedGemm::Auto}, kGrouped{cu::GroupedGemm::Grouped}, kPerExpert{cu::GroupedGemm::PerExpert},
-    kPadded{cu::GroupedGemm::Padded};
+    kPadded{cu::GroupedGemm::Padded}, kPersistent{cu::GroupedGemm::Persistent};
 Opt padded_cap(int64_t rows) { return Opt{cu::GroupedGemm::Padded, rows}; }
 
 // Grouped linear on the device, each given implementation in turn, against one CPU reference.
@@ -429,7 +430,7 @@ Tensor uniform_topk(int64_t n, int64_t e, int64_t k, std::mt19937& rng) {
 TEST(CudaMoe, GroupedLinearMatchesCpu) {
   REQUIRE_DEVICE();
   std::mt19937 rng(6);
-  const std::vector<Opt> impls = {kAuto, kGrouped, kPerExpert, kPadded, padded_cap(8), padded_cap(24)};
+  const std::vector<Opt> impls = {kAuto, kGrouped, kPerExpert, kPadded, padded_cap(8), padded_cap(24), kPersistent};
   for (DType dt : {DType::BF16, DType::F32})
     for (int rep = 0; rep < 4; ++rep) {
       // rep 3: row widths of 26 / 24 bytes (bf16) and 52 / 48 bytes (fp32): the padding copies' 2-, 4- and 8-byte
@@ -479,7 +480,7 @@ TEST(CudaMoe, GroupedLinearFrozenExpertsThroughOps) {
 TEST(CudaMoe, GroupedLinearAlphaAccumulateMatchCpu) {
   REQUIRE_DEVICE();
   std::mt19937 rng(31);
-  const std::vector<Opt> impls = {kAuto, kGrouped, kPerExpert, kPadded, padded_cap(8)};
+  const std::vector<Opt> impls = {kAuto, kGrouped, kPerExpert, kPadded, padded_cap(8), kPersistent};
   for (DType dt : {DType::BF16, DType::F32}) {
     const int64_t e = 6, kd = 72, nout = 40;
     const std::vector<int64_t> counts = {0, 5, 33, 1, 0, 19};
@@ -526,7 +527,7 @@ TEST(CudaMoe, GroupedLinearSkewedCountsMatchCpu) {
   // padded), a few popular experts among balanced ones, and caps forced below the largest count (overflow rows on
   // the grouped path for y / dx, per expert for dW).
   std::mt19937 rng(9);
-  const std::vector<Opt> impls = {kAuto, kGrouped, kPerExpert, kPadded, padded_cap(64), padded_cap(200)};
+  const std::vector<Opt> impls = {kAuto, kGrouped, kPerExpert, kPadded, padded_cap(64), padded_cap(200), kPersistent};
   std::vector<std::vector<int64_t>> cases = {
       {0, 500, 3, 0, 1, 0, 0, 17}, {0, 0, 0, 77, 0, 0}, {200, 190, 211, 205, 199, 0, 208, 203}, {1}, {130, 0, 1, 64}};
   std::vector<int64_t> popular(16, 100);

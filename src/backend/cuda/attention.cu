@@ -97,9 +97,17 @@ void check_raw(const AttnRawArgs& a, bool bwd) {
   if (a.batch < 0 || a.seq < 0 || a.n_heads <= 0 || a.n_kv_heads <= 0 || a.head_dim <= 0)
     fail("bad attention dimensions");
   if (a.n_heads % a.n_kv_heads != 0) fail("n_heads must be a multiple of n_kv_heads");
-  if (a.head_dim != 64 && a.head_dim != 128)
-    fail("head_dim " + std::to_string(a.head_dim) + " is not supported (64 and 128 are)");
+  const int64_t Dv = a.v_head_dim > 0 ? a.v_head_dim : a.head_dim;
+  if (Dv != a.head_dim) {
+    if (!(a.head_dim == 192 && Dv == 128))
+      fail("head dims " + std::to_string(a.head_dim) + " / " + std::to_string(Dv) +
+           " are not supported (a v head dim other than head_dim: only DeepSeek MLA's 192 / 128)");
+    if (a.softcap > 0.f) fail("soft-capping with a v head dim other than head_dim is not supported");
+  } else if (a.head_dim != 64 && a.head_dim != 128 && a.head_dim != 96 && a.head_dim != 256) {
+    fail("head_dim " + std::to_string(a.head_dim) + " is not supported (64, 96, 128 and 256 are, and 192 / Dv 128)");
+  }
   if (!(a.scale > 0.f) || !std::isfinite(a.scale)) fail("scale must be finite and positive");
+  if (!(a.softcap >= 0.f) || !std::isfinite(a.softcap)) fail("softcap must be finite and >= 0 (0: off)");
   if (a.sliding_window < 0) fail("sliding_window must be >= 0");
   if (a.seq > (int64_t{1} << 30) || a.batch > 65535 || a.n_heads > (int64_t{1} << 20))
     fail("sizes beyond the kernels' index range");
@@ -107,9 +115,10 @@ void check_raw(const AttnRawArgs& a, bool bwd) {
     if (p == nullptr) fail(std::string(name) + " is null");
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail(std::string(name) + " must be 16-byte aligned");
   };
-  auto rs8 = [&](int64_t rs, int64_t heads, const char* name) {
-    if (rs % 8 != 0 || rs < heads * a.head_dim)
-      fail(std::string(name) + " row stride " + std::to_string(rs) + " must be a multiple of 8 and >= heads * D");
+  auto rs8 = [&](int64_t rs, int64_t heads, const char* name, int64_t d) {
+    if (rs % 8 != 0 || rs < heads * d)
+      fail(std::string(name) + " row stride " + std::to_string(rs) + " must be a multiple of 8 and >= heads * " +
+           (d == a.head_dim ? "D" : "Dv"));
   };
   auto ptr4 = [&](const void* p, const char* name) {
     if (reinterpret_cast<uintptr_t>(p) % 4 != 0) fail(std::string(name) + " must be 4-byte aligned (fp32)");
@@ -122,19 +131,19 @@ void check_raw(const AttnRawArgs& a, bool bwd) {
   ptr16(a.v, "v");
   ptr16(a.out, "out");
   if (a.lse == nullptr) fail("lse is null");
-  rs8(a.q_rs, a.n_heads, "q");
-  rs8(a.k_rs, a.n_kv_heads, "k");
-  rs8(a.v_rs, a.n_kv_heads, "v");
-  rs8(a.o_rs, a.n_heads, "out");
+  rs8(a.q_rs, a.n_heads, "q", a.head_dim);
+  rs8(a.k_rs, a.n_kv_heads, "k", a.head_dim);
+  rs8(a.v_rs, a.n_kv_heads, "v", Dv);
+  rs8(a.o_rs, a.n_heads, "out", Dv);
   if (bwd) {
     ptr16(a.dout, "dout");
     ptr16(a.dq, "dq");
     ptr16(a.dk, "dk");
     ptr16(a.dv, "dv");
-    rs8(a.do_rs, a.n_heads, "dout");
-    rs8(a.dq_rs, a.n_heads, "dq");
-    rs8(a.dk_rs, a.n_kv_heads, "dk");
-    rs8(a.dv_rs, a.n_kv_heads, "dv");
+    rs8(a.do_rs, a.n_heads, "dout", Dv);
+    rs8(a.dq_rs, a.n_heads, "dq", a.head_dim);
+    rs8(a.dk_rs, a.n_kv_heads, "dk", a.head_dim);
+    rs8(a.dv_rs, a.n_kv_heads, "dv", Dv);
   }
 }
 
@@ -143,17 +152,19 @@ size_t fwd_ws(const AttnRawArgs& a) {
 }
 
 struct BwdLayout {
-  size_t dq = 0, dsum = 0, dkv = 0, tab = 0, total = 0;
+  size_t dq = 0, dsum = 0, dkv = 0, dvv = 0, tab = 0, total = 0;
   int split = 1;
 };
-BwdLayout bwd_layout(int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t D, bool seg) {
+// Dv: the v head dim (= D except DeepSeek MLA); dk_acc is D wide, dv_acc Dv wide (only when split > 1).
+BwdLayout bwd_layout(int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t D, int64_t Dv, bool seg) {
   BwdLayout l;
   l.split = bwd_split(B, T, nh, nkv, D);
   l.dq = align_up(static_cast<size_t>(B * T * nh * D) * sizeof(float));
   l.dsum = align_up(static_cast<size_t>(B * nh * T) * sizeof(float));
   l.dkv = l.split > 1 ? align_up(static_cast<size_t>(B * T * nkv * D) * sizeof(float)) : 0;
+  l.dvv = l.split > 1 ? align_up(static_cast<size_t>(B * T * nkv * Dv) * sizeof(float)) : 0;
   l.tab = seg ? align_up(static_cast<size_t>(B) * seg_entries(T) * sizeof(int2)) : 0;
-  l.total = l.dq + l.dsum + 2 * l.dkv + l.tab;
+  l.total = l.dq + l.dsum + l.dkv + l.dvv + l.tab;
   return l;
 }
 
@@ -222,8 +233,8 @@ void attention_bwd_raw(const AttnRawArgs& a, CUstream_st* stream, void* workspac
   attn::check_raw(a, true);
   if (a.batch == 0 || a.seq == 0) return;
   cudaStream_t st = stream;
-  const attn::BwdLayout L =
-      attn::bwd_layout(a.batch, a.seq, a.n_heads, a.n_kv_heads, a.head_dim, a.segment_ids != nullptr);
+  const attn::BwdLayout L = attn::bwd_layout(a.batch, a.seq, a.n_heads, a.n_kv_heads, a.head_dim,
+                                             a.v_head_dim > 0 ? a.v_head_dim : a.head_dim, a.segment_ids != nullptr);
   attn::Scratch ws(L.total, workspace, workspace_bytes, st, "attention_bwd");
   char* p = ws.get();
   attn::BwdWork w;
@@ -235,7 +246,7 @@ void attention_bwd_raw(const AttnRawArgs& a, CUstream_st* stream, void* workspac
     w.dk_acc = reinterpret_cast<float*>(p);
     p += L.dkv;
     w.dv_acc = reinterpret_cast<float*>(p);
-    p += L.dkv;
+    p += L.dvv;
   }
   w.split = L.split;
   w.ne = attn::seg_entries(a.seq);
@@ -300,15 +311,15 @@ const float* sinks_f32(const AttnParams& p, void* buf, cudaStream_t st) {
 
 AttnRawArgs to_raw(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                    const Tensor& lse, const AttnParams& p) {
-  const int64_t B = p.batch, T = p.seq, nh = p.n_heads, nkv = p.n_kv_heads, D = p.head_dim;
+  const int64_t B = p.batch, T = p.seq, nh = p.n_heads, nkv = p.n_kv_heads, D = p.head_dim, Dv = p.dv();
   // What these kernels do not implement must not be dropped silently (attention_generic.h does it).
-  need(!(p.softcap > 0.f), op, "soft-capping is not supported by the flash kernels (see attention_generic.h)");
   check_sinks_t(op, p);
-  need(p.dv() == D, op, "a v head dim other than head_dim is not supported by the flash kernels");
+  need(Dv == D || (D == 192 && Dv == 128), op,
+       "a v head dim other than head_dim is supported by the flash kernels only as 192 / 128 (DeepSeek MLA)");
   check_t(op, "q", q, DType::BF16, B * T * nh * D, nh, D);
   check_t(op, "k", k, DType::BF16, B * T * nkv * D, nkv, D);
-  check_t(op, "v", v, DType::BF16, B * T * nkv * D, nkv, D);
-  check_t(op, "out", out, DType::BF16, B * T * nh * D, nh, D);
+  check_t(op, "v", v, DType::BF16, B * T * nkv * Dv, nkv, Dv);
+  check_t(op, "out", out, DType::BF16, B * T * nh * Dv, nh, Dv);
   check_t(op, "lse", lse, DType::F32, B * nh * T, 0, D);
   if (p.segment_ids) check_t(op, "segment_ids", *p.segment_ids, DType::I32, B * T, 0, D);
   AttnRawArgs a;
@@ -320,10 +331,13 @@ AttnRawArgs to_raw(const char* op, const Tensor& q, const Tensor& k, const Tenso
   a.segment_ids = p.segment_ids ? p.segment_ids->data<int32_t>() : nullptr;
   a.q_rs = nh * D;
   a.k_rs = nkv * D;
-  a.v_rs = nkv * D;
-  a.o_rs = nh * D;
-  a.do_rs = a.dq_rs = nh * D;
-  a.dk_rs = a.dv_rs = nkv * D;
+  a.v_rs = nkv * Dv;
+  a.o_rs = nh * Dv;
+  a.do_rs = nh * Dv;
+  a.dq_rs = nh * D;
+  a.dk_rs = nkv * D;
+  a.dv_rs = nkv * Dv;
+  a.v_head_dim = Dv == D ? 0 : Dv;
   a.batch = B;
   a.seq = T;
   a.n_heads = nh;
@@ -331,6 +345,7 @@ AttnRawArgs to_raw(const char* op, const Tensor& q, const Tensor& k, const Tenso
   a.head_dim = D;
   a.sliding_window = p.sliding_window;
   a.scale = p.scale;
+  a.softcap = p.softcap > 0.f ? p.softcap : 0.f;  // as the CPU reference: <= 0 is off
   return a;
 }
 
@@ -347,7 +362,8 @@ AttnRawArgs raw_dims(const AttnParams& p) {
 
 size_t raw_bwd_ws(const AttnParams& p) {
   if (p.n_kv_heads <= 0 || p.n_heads % p.n_kv_heads != 0) return 0;
-  return attn::bwd_layout(p.batch, p.seq, p.n_heads, p.n_kv_heads, p.head_dim, p.segment_ids != nullptr).total;
+  return attn::bwd_layout(p.batch, p.seq, p.n_heads, p.n_kv_heads, p.head_dim, p.dv(), p.segment_ids != nullptr)
+      .total;
 }
 
 }  // namespace
@@ -376,11 +392,11 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   const char* op = "attention_bwd";
   need(p.batch >= 0 && p.seq >= 0 && p.n_heads > 0 && p.n_kv_heads > 0 && p.head_dim > 0, op, "bad dimensions");
   AttnRawArgs a = to_raw(op, q, k, v, out, lse, p);
-  const int64_t B = p.batch, T = p.seq, nh = p.n_heads, nkv = p.n_kv_heads, D = p.head_dim;
-  check_t(op, "dout", dout, DType::BF16, B * T * nh * D, nh, D);
+  const int64_t B = p.batch, T = p.seq, nh = p.n_heads, nkv = p.n_kv_heads, D = p.head_dim, Dv = p.dv();
+  check_t(op, "dout", dout, DType::BF16, B * T * nh * Dv, nh, Dv);
   check_t(op, "dq", dq, DType::BF16, B * T * nh * D, nh, D);
   check_t(op, "dk", dk, DType::BF16, B * T * nkv * D, nkv, D);
-  check_t(op, "dv", dv, DType::BF16, B * T * nkv * D, nkv, D);
+  check_t(op, "dv", dv, DType::BF16, B * T * nkv * Dv, nkv, Dv);
   const bool want_dsinks = dsinks && dsinks->defined();
   if (want_dsinks) {
     need(p.sinks != nullptr, op, "dsinks given without p.sinks");

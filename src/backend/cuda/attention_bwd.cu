@@ -19,6 +19,9 @@
 //     At the end dK (times scale) and dV are written as bf16 (split == 1), or added to fp32 buffers
 //     with atomics when the group is split over `split` blocks (few kv heads: more blocks for the SMs).
 //  3. post: dq = bf16(scale * dq_acc) (and dk/dv from their fp32 buffers when split > 1).
+// Variants of the main kernel (template parameters, see attn_bwd_kernel): CAP (Gemma 2 soft-capping: P from
+// t = tanh(scale s / cap), dS times 1 - t^2), DS (D 256 and MLA: the warps split dK / dV's columns in DS groups and
+// each group recomputes S^T / dP^T), DV (MLA: v / dout / dv Dv = 128 wide next to D = 192).
 #include <cmath>
 
 #include "backend/cuda/attention_common.cuh"
@@ -45,49 +48,67 @@ struct BwdArgs {
   const int2* segtab;
   int64_t q_rs, k_rs, v_rs, do_rs, dk_rs, dv_rs;
   int T, nh, nkv, group, split, window, ne;
-  float sl2, scale;
+  float sl2, scale;  // sl2: scale log2(e), or cap log2(e) for the soft-capped (CAP) kernels
+  float cap2;        // CAP kernels only: 2 scale log2(e) / cap (softcap_tanh)
 };
 
-template <int D, int NW, int BM>
+template <int D, int NW, int BM, int DS = 1, int DV = D>
 struct BwdCfg {
   static constexpr int NT = NW * 32;
-  static constexpr int BN = 16 * NW;  // keys per block
+  static constexpr int BN = 16 * NW / DS;  // keys per block
   static constexpr int LD = D + 8;
+  static constexpr int LDV = DV + 8;  // pitch of the V and dO tiles
   static constexpr int LDS = BM + 8;  // pitch of the dS^T tile
   static constexpr size_t smem_bytes =
-      size_t(2 * BN * LD + 4 * BM * LD + BN * LDS) * sizeof(bf16) + size_t(4 * BM) * sizeof(float);
+      size_t(BN * LD + BN * LDV + 2 * BM * LD + 2 * BM * LDV + BN * LDS) * sizeof(bf16) + size_t(4 * BM) * sizeof(float);
 };
 
-template <int D, int NW, int BM>
+// DS > 1 (D 256: a warp's dK and dV for all D columns would take 256 registers): the warps form DS groups of
+// NW / DS; warp w owns keys [16 (w % (NW / DS)), +16) and the dK / dV columns [(w / (NW / DS)) D / DS, + D / DS).
+// Warps of different groups with the same keys each compute the full S^T and dP^T (over all of D): the two
+// products are done DS times, in exchange for dK / dV accumulators of D / DS columns. Only group 0 writes dS^T.
+// CAP: Gemma 2 soft-capping; the recomputed scores are t = softcap_tanh(raw) (a.sl2 = cap log2(e)) and dS gains
+// the factor 1 - t^2 (d(cap tanh(u)) / du), the scale being applied at the end as without it.
+// DV: the v / dout / dv head dim when it differs from D (DeepSeek MLA: 192 / 128): V and dO tiles get their own
+// pitch, dP^T's product runs over DV, dV has DV / DS columns per warp.
+// DS == 1, DV == D without CAP compile to the kernel as it was before (if constexpr / constant folds).
+template <int D, int NW, int BM, int DS = 1, bool CAP = false, int DV = D>
 __global__ void __launch_bounds__(NW * 32, 1) attn_bwd_kernel(const BwdArgs a) {
-  using C = BwdCfg<D, NW, BM>;
-  constexpr int NT = C::NT, BN = C::BN, LD = C::LD, LDS = C::LDS;
+  using C = BwdCfg<D, NW, BM, DS, DV>;
+  constexpr int NT = C::NT, BN = C::BN, LD = C::LD, LDV = C::LDV, LDS = C::LDS;
   constexpr int KD = D / 16;   // k-steps over the head dim
   constexpr int NQ = BM / 8;   // 8-wide query tiles of S^T
-  constexpr int ND = D / 8;    // 8-wide column tiles of dK / dV
+  constexpr int DH = D / DS;   // dK columns per warp
+  constexpr int ND = DH / 8;   // 8-wide column tiles of dK (per warp)
+  constexpr int DHV = DV / DS;  // dV columns per warp
+  constexpr int NDV = DHV / 8;  // 8-wide column tiles of dV (per warp)
   constexpr int RT = BM / 16;  // dQ: 16-row pieces ...
   constexpr int CG = NW / RT;  // ... times CG column groups = one piece per warp
   constexpr int DC = D / CG;
   static_assert(NW % RT == 0 && DC % 16 == 0, "dQ split over the warps");
+  static_assert(NW % DS == 0 && DH % 16 == 0 && DHV % 16 == 0, "dK / dV column split over the warps");
   const float kNegInf = -INFINITY, kInf = INFINITY;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [BN][LD]
-  bf16* sV = sK + BN * LD;                         // [BN][LD]
-  bf16* sQ = sV + BN * LD;                         // [2][BM][LD]
-  bf16* sdO = sQ + 2 * BM * LD;                    // [2][BM][LD]
-  bf16* sdS = sdO + 2 * BM * LD;                   // [BN][LDS]  (dS^T: keys x queries)
+  bf16* sV = sK + BN * LD;                         // [BN][LDV]
+  bf16* sQ = sV + BN * LDV;                        // [2][BM][LD]
+  bf16* sdO = sQ + 2 * BM * LD;                    // [2][BM][LDV]
+  bf16* sdS = sdO + 2 * BM * LDV;                  // [BN][LDS]  (dS^T: keys x queries)
   float* sL = reinterpret_cast<float*>(sdS + BN * LDS);  // [2][BM] lse
   float* sDs = sL + 2 * BM;                              // [2][BM] Dsum
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int kw = DS == 1 ? warp : warp % (NW / DS);  // this warp's 16 keys (tile rows 16 kw ..)
+  const int dc0 = DS == 1 ? 0 : (warp / (NW / DS)) * DH;  // ... and its first dK column
+  const int dcv0 = DS == 1 ? 0 : (warp / (NW / DS)) * DHV;  // ... and dV column
   const int T = a.T;
   const int kvh = blockIdx.x / a.split, sp = blockIdx.x % a.split;
   const int hps = a.group / a.split;
   const int h_first = kvh * a.group + sp * hps;
   const int j0 = blockIdx.y * BN, b = blockIdx.z;
   const int j_end = min(j0 + BN, T);
-  const int wj0 = j0 + warp * 16;
+  const int wj0 = j0 + kw * 16;
 
   const int32_t* seg = a.seg ? a.seg + static_cast<int64_t>(b) * T : nullptr;
   const int2* segtab = a.segtab ? a.segtab + static_cast<int64_t>(b) * a.ne : nullptr;
@@ -114,7 +135,7 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_bwd_kernel(const BwdArgs a) {
     const int64_t qoff = static_cast<int64_t>(b) * T;
     load_tile_async<BM, D, LD, NT>(sQ + buf * BM * LD, a.q + qoff * a.q_rs + static_cast<int64_t>(h) * D, a.q_rs,
                                    q0, T, tid);
-    load_tile_async<BM, D, LD, NT>(sdO + buf * BM * LD, a.dout + qoff * a.do_rs + static_cast<int64_t>(h) * D,
+    load_tile_async<BM, DV, LDV, NT>(sdO + buf * BM * LDV, a.dout + qoff * a.do_rs + static_cast<int64_t>(h) * DV,
                                    a.do_rs, q0, T, tid);
     const int64_t roff = (static_cast<int64_t>(b) * a.nh + h) * T;
     for (int r = tid; r < BM; r += NT) {
@@ -126,17 +147,28 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_bwd_kernel(const BwdArgs a) {
 
   load_tile_async<BN, D, LD, NT>(sK, a.k + static_cast<int64_t>(b) * T * a.k_rs + static_cast<int64_t>(kvh) * D,
                                  a.k_rs, j0, T, tid);
-  load_tile_async<BN, D, LD, NT>(sV, a.v + static_cast<int64_t>(b) * T * a.v_rs + static_cast<int64_t>(kvh) * D,
+  load_tile_async<BN, DV, LDV, NT>(sV, a.v + static_cast<int64_t>(b) * T * a.v_rs + static_cast<int64_t>(kvh) * DV,
                                  a.v_rs, j0, T, tid);
   int s = next_live(0);
   if (s < total) issue(s, 0);
   cp_async_commit();
 
-  float dk[ND][4], dv[ND][4];
+  float dk[ND][4], dv[NDV][4];
+  if constexpr (DV == D) {
 #pragma unroll
-  for (int nd = 0; nd < ND; ++nd)
+    for (int nd = 0; nd < ND; ++nd)
 #pragma unroll
-    for (int x = 0; x < 4; ++x) dk[nd][x] = dv[nd][x] = 0.f;
+      for (int x = 0; x < 4; ++x) dk[nd][x] = dv[nd][x] = 0.f;
+  } else {
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) dk[nd][x] = 0.f;
+#pragma unroll
+    for (int nd = 0; nd < NDV; ++nd)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) dv[nd][x] = 0.f;
+  }
   int kseg[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
@@ -153,7 +185,7 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_bwd_kernel(const BwdArgs a) {
     __syncthreads();
     const int h = h_first + s / nq, q0 = (qt_lo + s % nq) * BM;
     const bf16* cQ = sQ + buf * BM * LD;
-    const bf16* cdO = sdO + buf * BM * LD;
+    const bf16* cdO = sdO + buf * BM * LDV;
     const float* cL = sL + buf * BM;
     const float* cDs = sDs + buf * BM;
 
@@ -163,20 +195,47 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_bwd_kernel(const BwdArgs a) {
     for (int nb = 0; nb < NQ; ++nb)
 #pragma unroll
       for (int x = 0; x < 4; ++x) st[nb][x] = dpt[nb][x] = 0.f;
+    if constexpr (DV == D) {
 #pragma unroll
-    for (int kk = 0; kk < KD; ++kk) {
-      uint32_t ka[4], va[4];
-      ldsm_x4(ka, lda_addr<LD>(sK, warp * 16, kk * 16, lane));
-      ldsm_x4(va, lda_addr<LD>(sV, warp * 16, kk * 16, lane));
+      for (int kk = 0; kk < KD; ++kk) {
+        uint32_t ka[4], va[4];
+        ldsm_x4(ka, lda_addr<LD>(sK, kw * 16, kk * 16, lane));
+        ldsm_x4(va, lda_addr<LD>(sV, kw * 16, kk * 16, lane));
 #pragma unroll
-      for (int nb2 = 0; nb2 < NQ / 2; ++nb2) {
-        uint32_t bq[4], bo[4];
-        ldsm_x4(bq, ldbT_addr<LD>(cQ, nb2 * 16, kk * 16, lane));
-        mma16816(st[2 * nb2], ka, bq[0], bq[1]);
-        mma16816(st[2 * nb2 + 1], ka, bq[2], bq[3]);
-        ldsm_x4(bo, ldbT_addr<LD>(cdO, nb2 * 16, kk * 16, lane));
-        mma16816(dpt[2 * nb2], va, bo[0], bo[1]);
-        mma16816(dpt[2 * nb2 + 1], va, bo[2], bo[3]);
+        for (int nb2 = 0; nb2 < NQ / 2; ++nb2) {
+          uint32_t bq[4], bo[4];
+          ldsm_x4(bq, ldbT_addr<LD>(cQ, nb2 * 16, kk * 16, lane));
+          mma16816(st[2 * nb2], ka, bq[0], bq[1]);
+          mma16816(st[2 * nb2 + 1], ka, bq[2], bq[3]);
+          ldsm_x4(bo, ldbT_addr<LD>(cdO, nb2 * 16, kk * 16, lane));
+          mma16816(dpt[2 * nb2], va, bo[0], bo[1]);
+          mma16816(dpt[2 * nb2 + 1], va, bo[2], bo[3]);
+        }
+      }
+    } else {  // S^T over D, dP^T over DV
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk) {
+        uint32_t ka[4];
+        ldsm_x4(ka, lda_addr<LD>(sK, kw * 16, kk * 16, lane));
+#pragma unroll
+        for (int nb2 = 0; nb2 < NQ / 2; ++nb2) {
+          uint32_t bq[4];
+          ldsm_x4(bq, ldbT_addr<LD>(cQ, nb2 * 16, kk * 16, lane));
+          mma16816(st[2 * nb2], ka, bq[0], bq[1]);
+          mma16816(st[2 * nb2 + 1], ka, bq[2], bq[3]);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < DV / 16; ++kk) {
+        uint32_t va[4];
+        ldsm_x4(va, lda_addr<LDV>(sV, kw * 16, kk * 16, lane));
+#pragma unroll
+        for (int nb2 = 0; nb2 < NQ / 2; ++nb2) {
+          uint32_t bo[4];
+          ldsm_x4(bo, ldbT_addr<LDV>(cdO, nb2 * 16, kk * 16, lane));
+          mma16816(dpt[2 * nb2], va, bo[0], bo[1]);
+          mma16816(dpt[2 * nb2 + 1], va, bo[2], bo[3]);
+        }
       }
     }
 
@@ -196,7 +255,9 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_bwd_kernel(const BwdArgs a) {
         if (need_mask && seg) qs = i < T ? __ldg(seg + i) : -1;
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          float p = fast_exp2(fmaf(st[nb][2 * hh + e], a.sl2, -l2));
+          float x = st[nb][2 * hh + e];
+          if constexpr (CAP) x = softcap_tanh(x, a.cap2);
+          float p = fast_exp2(fmaf(x, a.sl2, -l2));
           if (need_mask) {
             const int j = wj0 + g + 8 * hh;
             bool vis = j <= i && i < T && j < T && (a.window <= 0 || i - j < a.window);
@@ -204,7 +265,10 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_bwd_kernel(const BwdArgs a) {
             if (!vis) p = 0.f;
           }
           st[nb][2 * hh + e] = p;
-          dpt[nb][2 * hh + e] = p * (dpt[nb][2 * hh + e] - dsv);
+          if constexpr (CAP)
+            dpt[nb][2 * hh + e] = p * (dpt[nb][2 * hh + e] - dsv) * fmaf(-x, x, 1.f);
+          else
+            dpt[nb][2 * hh + e] = p * (dpt[nb][2 * hh + e] - dsv);
         }
       }
 
@@ -220,25 +284,44 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_bwd_kernel(const BwdArgs a) {
       da[1] = pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]);
       da[2] = pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
       da[3] = pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      if constexpr (DV == D) {
 #pragma unroll
-      for (int nd2 = 0; nd2 < D / 16; ++nd2) {
-        uint32_t bo[4], bq[4];
-        ldsm_x4_t(bo, ldb_addr<LD>(cdO, kk * 16, nd2 * 16, lane));
-        mma16816(dv[2 * nd2], pa, bo[0], bo[1]);
-        mma16816(dv[2 * nd2 + 1], pa, bo[2], bo[3]);
-        ldsm_x4_t(bq, ldb_addr<LD>(cQ, kk * 16, nd2 * 16, lane));
-        mma16816(dk[2 * nd2], da, bq[0], bq[1]);
-        mma16816(dk[2 * nd2 + 1], da, bq[2], bq[3]);
+        for (int nd2 = 0; nd2 < DH / 16; ++nd2) {
+          uint32_t bo[4], bq[4];
+          ldsm_x4_t(bo, ldb_addr<LD>(cdO, kk * 16, dc0 + nd2 * 16, lane));
+          mma16816(dv[2 * nd2], pa, bo[0], bo[1]);
+          mma16816(dv[2 * nd2 + 1], pa, bo[2], bo[3]);
+          ldsm_x4_t(bq, ldb_addr<LD>(cQ, kk * 16, dc0 + nd2 * 16, lane));
+          mma16816(dk[2 * nd2], da, bq[0], bq[1]);
+          mma16816(dk[2 * nd2 + 1], da, bq[2], bq[3]);
+        }
+      } else {
+#pragma unroll
+        for (int nd2 = 0; nd2 < DHV / 16; ++nd2) {
+          uint32_t bo[4];
+          ldsm_x4_t(bo, ldb_addr<LDV>(cdO, kk * 16, dcv0 + nd2 * 16, lane));
+          mma16816(dv[2 * nd2], pa, bo[0], bo[1]);
+          mma16816(dv[2 * nd2 + 1], pa, bo[2], bo[3]);
+        }
+#pragma unroll
+        for (int nd2 = 0; nd2 < DH / 16; ++nd2) {
+          uint32_t bq[4];
+          ldsm_x4_t(bq, ldb_addr<LD>(cQ, kk * 16, dc0 + nd2 * 16, lane));
+          mma16816(dk[2 * nd2], da, bq[0], bq[1]);
+          mma16816(dk[2 * nd2 + 1], da, bq[2], bq[3]);
+        }
       }
     }
 
     // ---- dS^T to shared memory, then dQ_tile = dS K ----
+    if (DS == 1 || warp < NW / DS) {
 #pragma unroll
-    for (int nb = 0; nb < NQ; ++nb)
+      for (int nb = 0; nb < NQ; ++nb)
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-        *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8 * hh) * LDS + nb * 8 + 2 * t4) =
-            pack_bf16(dpt[nb][2 * hh], dpt[nb][2 * hh + 1]);
+        for (int hh = 0; hh < 2; ++hh)
+          *reinterpret_cast<uint32_t*>(sdS + (kw * 16 + g + 8 * hh) * LDS + nb * 8 + 2 * t4) =
+              pack_bf16(dpt[nb][2 * hh], dpt[nb][2 * hh + 1]);
+    }
     __syncthreads();
     {
       const int rt = warp % RT, cg = warp / RT;
@@ -280,9 +363,33 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_bwd_kernel(const BwdArgs a) {
   for (int hh = 0; hh < 2; ++hh) {
     const int j = wj0 + g + 8 * hh;
     if (j >= T) continue;
+    if constexpr (DV != D) {  // dK and dV rows of different widths
+      if (a.split == 1) {
+        bf16* dkr = a.dk + (static_cast<int64_t>(b) * T + j) * a.dk_rs + static_cast<int64_t>(kvh) * D + dc0 + 2 * t4;
+        bf16* dvr = a.dv + (static_cast<int64_t>(b) * T + j) * a.dv_rs + static_cast<int64_t>(kvh) * DV + dcv0 + 2 * t4;
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd)
+          *reinterpret_cast<uint32_t*>(dkr + nd * 8) =
+              pack_bf16(dk[nd][2 * hh] * a.scale, dk[nd][2 * hh + 1] * a.scale);
+#pragma unroll
+        for (int nd = 0; nd < NDV; ++nd)
+          *reinterpret_cast<uint32_t*>(dvr + nd * 8) = pack_bf16(dv[nd][2 * hh], dv[nd][2 * hh + 1]);
+      } else {
+        const int64_t row = (static_cast<int64_t>(b) * T + j) * a.nkv + kvh;
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd)
+          atomicAdd(reinterpret_cast<float2*>(a.dk_acc + row * D + dc0 + 2 * t4 + nd * 8),
+                    make_float2(dk[nd][2 * hh] * a.scale, dk[nd][2 * hh + 1] * a.scale));
+#pragma unroll
+        for (int nd = 0; nd < NDV; ++nd)
+          atomicAdd(reinterpret_cast<float2*>(a.dv_acc + row * DV + dcv0 + 2 * t4 + nd * 8),
+                    make_float2(dv[nd][2 * hh], dv[nd][2 * hh + 1]));
+      }
+      continue;
+    }
     if (a.split == 1) {
-      bf16* dkr = a.dk + (static_cast<int64_t>(b) * T + j) * a.dk_rs + static_cast<int64_t>(kvh) * D + 2 * t4;
-      bf16* dvr = a.dv + (static_cast<int64_t>(b) * T + j) * a.dv_rs + static_cast<int64_t>(kvh) * D + 2 * t4;
+      bf16* dkr = a.dk + (static_cast<int64_t>(b) * T + j) * a.dk_rs + static_cast<int64_t>(kvh) * D + dc0 + 2 * t4;
+      bf16* dvr = a.dv + (static_cast<int64_t>(b) * T + j) * a.dv_rs + static_cast<int64_t>(kvh) * D + dc0 + 2 * t4;
 #pragma unroll
       for (int nd = 0; nd < ND; ++nd) {
         *reinterpret_cast<uint32_t*>(dkr + nd * 8) =
@@ -290,7 +397,7 @@ __global__ void __launch_bounds__(NW * 32, 1) attn_bwd_kernel(const BwdArgs a) {
         *reinterpret_cast<uint32_t*>(dvr + nd * 8) = pack_bf16(dv[nd][2 * hh], dv[nd][2 * hh + 1]);
       }
     } else {
-      const int64_t off = ((static_cast<int64_t>(b) * T + j) * a.nkv + kvh) * D + 2 * t4;
+      const int64_t off = ((static_cast<int64_t>(b) * T + j) * a.nkv + kvh) * D + dc0 + 2 * t4;
 #pragma unroll
       for (int nd = 0; nd < ND; ++nd) {
         atomicAdd(reinterpret_cast<float2*>(a.dk_acc + off + nd * 8),
@@ -331,6 +438,54 @@ __global__ void attn_bwd_pre_kernel(const bf16* __restrict__ out, int64_t o_rs, 
     float4* z = reinterpret_cast<float4*>(dq_acc + r * D + c * 8);
     z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
     z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+#pragma unroll
+  for (int off = TPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (valid && c == 0) {
+    const int64_t bb = bt / T, t = bt % T;
+    dsum[(bb * nh + h) * T + t] = acc;
+  }
+}
+
+// attn_bwd_pre_kernel for head dims whose D / 8 chunks do not fill a power-of-two lane group (96: 12 chunks):
+// TPR = D / 8 / CPT threads per row (a power of two), CPT chunks each. Same results as the kernel above. ZERO =
+// false (DeepSeek MLA, where dq_acc's rows are D = 192 wide, not the Dv = 128 of out / dout): Dsum only, dq_acc is
+// zeroed by a memset.
+template <int D, int CPT, bool ZERO = true>
+__global__ void attn_bwd_pre_multi_kernel(const bf16* __restrict__ out, int64_t o_rs, const bf16* __restrict__ dout,
+                                          int64_t do_rs, float* __restrict__ dsum, float* __restrict__ dq_acc, int T,
+                                          int nh, int64_t rows) {
+  constexpr int TPR = D / 8 / CPT;
+  static_assert(TPR * CPT * 8 == D && (TPR & (TPR - 1)) == 0 && TPR <= 32, "row split");
+  const int64_t gt = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t r = gt / TPR;
+  const int c = static_cast<int>(gt % TPR);
+  const bool valid = r < rows;
+  float acc = 0.f;
+  int64_t bt = 0;
+  int h = 0;
+  if (valid) {
+    h = static_cast<int>(r % nh);
+    bt = r / nh;
+#pragma unroll
+    for (int x8 = 0; x8 < CPT; ++x8) {
+      const int col = (c * CPT + x8) * 8;
+      const uint4 ov = *reinterpret_cast<const uint4*>(out + bt * o_rs + static_cast<int64_t>(h) * D + col);
+      const uint4 gv = *reinterpret_cast<const uint4*>(dout + bt * do_rs + static_cast<int64_t>(h) * D + col);
+      const __nv_bfloat162* o2 = reinterpret_cast<const __nv_bfloat162*>(&ov);
+      const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&gv);
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const float2 of = __bfloat1622float2(o2[x]), gf = __bfloat1622float2(g2[x]);
+        acc = fmaf(of.x, gf.x, acc);
+        acc = fmaf(of.y, gf.y, acc);
+      }
+      if constexpr (ZERO) {
+        float4* z = reinterpret_cast<float4*>(dq_acc + r * D + col);
+        z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+        z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
   }
 #pragma unroll
   for (int off = TPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
@@ -406,7 +561,7 @@ struct BwdSm90Cfg {
   static constexpr size_t smem_bytes = 2 * size_t(KB) + 4 * size_t(QB) + SB + 4 * BM * sizeof(float) + 1024;
 };
 
-template <int D>
+template <int D, bool CAP = false>
 __global__ void __launch_bounds__(128, 1) attn_bwd_sm90_kernel(const BwdArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = BwdSm90Cfg<D>;
@@ -531,7 +686,9 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_sm90_kernel(const BwdArgs a) 
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int x = nb * 4 + 2 * hh + e;
-          float p = fast_exp2(fmaf(st[x], a.sl2, -l2));
+          float sv = st[x];
+          if constexpr (CAP) sv = softcap_tanh(sv, a.cap2);
+          float p = fast_exp2(fmaf(sv, a.sl2, -l2));
           if (need_mask) {
             const int j = wj0 + g + 8 * hh;
             bool vis = j <= i && i < T && j < T && (a.window <= 0 || i - j < a.window);
@@ -539,7 +696,10 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_sm90_kernel(const BwdArgs a) 
             if (!vis) p = 0.f;
           }
           st[x] = p;
-          dpt[x] = p * (dpt[x] - dsv);
+          if constexpr (CAP)
+            dpt[x] = p * (dpt[x] - dsv) * fmaf(-sv, sv, 1.f);
+          else
+            dpt[x] = p * (dpt[x] - dsv);
         }
       }
     uint32_t pa[BM / 16][4], da[BM / 16][4];
@@ -644,10 +804,10 @@ __global__ void __launch_bounds__(128, 1) attn_bwd_sm90_kernel(const BwdArgs a) 
 #endif
 }
 
-template <int D>
+template <int D, bool CAP>
 void run_bwd_sm90(const BwdArgs& ba, int B, cudaStream_t st) {
   using C = BwdSm90Cfg<D>;
-  auto kern = attn_bwd_sm90_kernel<D>;
+  auto kern = attn_bwd_sm90_kernel<D, CAP>;
   check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem_bytes)),
              "backward (sm90): raising the shared-memory limit");
   const dim3 grid(ba.nkv * ba.split, (ba.T + C::BN - 1) / C::BN, B);
@@ -655,10 +815,10 @@ void run_bwd_sm90(const BwdArgs& ba, int B, cudaStream_t st) {
   check_cuda(cudaGetLastError(), "backward (sm90) kernel launch");
 }
 
-template <int D, int NW, int BM>
+template <int D, int NW, int BM, int DS, bool CAP, int DV = D>
 void run_bwd(const BwdArgs& ba, int B, cudaStream_t st) {
-  using C = BwdCfg<D, NW, BM>;
-  auto kern = attn_bwd_kernel<D, NW, BM>;
+  using C = BwdCfg<D, NW, BM, DS, DV>;
+  auto kern = attn_bwd_kernel<D, NW, BM, DS, CAP, DV>;
   check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem_bytes)),
              "backward: raising the shared-memory limit");
   const dim3 grid(ba.nkv * ba.split, (ba.T + C::BN - 1) / C::BN, B);
@@ -678,16 +838,29 @@ void launch_post(const float* acc, void* dst, int64_t rs, float mul, int64_t row
 
 }  // namespace
 
-// Variants: 0 = the best for the device (sm_90a: 4, else 1); 1-3 mma.sync tile shapes; 4 wgmma (sm_90a).
+// Variants: 0 = the best for the device (sm_90a: 4 for D 64 / 128, else 1); 1-3 mma.sync tile shapes; 4 wgmma
+// (sm_90a, D 64 / 128 only; elsewhere, and for other head dims, it falls back to 1). BN keys per block:
+//   D 64:  1 = 4 warps, BM 64 (BN 64); 2 = 8 warps, BM 64 (BN 128); 3 = 4 warps, BM 32 (BN 64); 4 = wgmma (BN 64)
+//   D 128: 1 = 8 warps, BM 64 (BN 128); 2 = 4 warps, BM 64 (BN 64); 3 = 8 warps, BM 32 (BN 128); 4 = wgmma (BN 64)
+//   D 96:  1 = 4 warps, BM 64 (BN 64);  2 = 8 warps, BM 64 (BN 128); 3 = 4 warps, BM 32 (BN 64)
+//   D 256: 1 = 8 warps, BM 32, dK / dV columns split in 2 (BN 64, 138 KB smem); 2 = the same with BM 64 (208 KB;
+//          ptxas spills 20-70 bytes there, 1 at most 4); 3 = 1
+//   D 192, DV 128 (DeepSeek MLA): 1 = 8 warps, BM 64, columns split in 2 (BN 64, 136 KB); 2 = BM 32 (90 KB); 3 = 1
+// Soft-capped (CAP) kernels exist for D 64 / 128 as variants 1 and 4 only (the others run 1), and for D 96 / 256
+// as every variant.
 int resolve_bwd_variant(int head_dim, int variant) {
-  const bool sm90 = is_sm90();
-  if (variant <= 0 || variant > 4) return sm90 ? 4 : 1;
-  if (variant == 4 && !sm90) return 1;  // the wgmma kernel exists for sm_90a only
+  const bool wg = is_sm90() && (head_dim == 64 || head_dim == 128);
+  if (variant <= 0 || variant > 4) return wg ? 4 : 1;
+  if (variant == 4 && !wg) return 1;  // the wgmma kernel exists for sm_90a and D 64 / 128 only
+  if ((head_dim == 256 || head_dim == 192) && variant == 3) return 1;
   return variant;
 }
 
 int bwd_block_kv_rows(int head_dim, int variant) {
-  switch (resolve_bwd_variant(head_dim, variant)) {
+  const int v = resolve_bwd_variant(head_dim, variant);
+  if (head_dim == 96) return v == 2 ? 128 : 64;
+  if (head_dim == 256 || head_dim == 192) return 64;
+  switch (v) {
     case 2: return head_dim == 64 ? 128 : 64;
     case 3: return head_dim == 64 ? 64 : 128;
     case 4: return 64;
@@ -695,27 +868,101 @@ int bwd_block_kv_rows(int head_dim, int variant) {
   }
 }
 
+namespace {
+template <bool CAP>
+void dispatch_bwd(const BwdArgs& ba, int B, int D, int DV, int variant, cudaStream_t st) {
+  if (DV != D) {  // DeepSeek MLA 192 / 128 only, without soft-capping (launch_bwd checked)
+    if constexpr (!CAP) {
+      switch (variant) {
+        case 2: run_bwd<192, 8, 32, 2, false, 128>(ba, B, st); break;
+        default: run_bwd<192, 8, 64, 2, false, 128>(ba, B, st); break;
+      }
+    }
+    return;
+  }
+  if (D == 64) {
+    if constexpr (CAP) {
+      if (variant == 4) run_bwd_sm90<64, true>(ba, B, st);
+      else run_bwd<64, 4, 64, 1, true>(ba, B, st);
+    } else {
+      switch (variant) {
+        case 4: run_bwd_sm90<64, false>(ba, B, st); break;
+        case 3: run_bwd<64, 4, 32, 1, false>(ba, B, st); break;
+        case 2: run_bwd<64, 8, 64, 1, false>(ba, B, st); break;
+        default: run_bwd<64, 4, 64, 1, false>(ba, B, st); break;
+      }
+    }
+  } else if (D == 128) {
+    if constexpr (CAP) {
+      if (variant == 4) run_bwd_sm90<128, true>(ba, B, st);
+      else run_bwd<128, 8, 64, 1, true>(ba, B, st);
+    } else {
+      switch (variant) {
+        case 4: run_bwd_sm90<128, false>(ba, B, st); break;
+        case 3: run_bwd<128, 8, 32, 1, false>(ba, B, st); break;
+        case 2: run_bwd<128, 4, 64, 1, false>(ba, B, st); break;
+        default: run_bwd<128, 8, 64, 1, false>(ba, B, st); break;
+      }
+    }
+  } else if (D == 96) {
+    switch (variant) {
+      case 3: run_bwd<96, 4, 32, 1, CAP>(ba, B, st); break;
+      case 2: run_bwd<96, 8, 64, 1, CAP>(ba, B, st); break;
+      default: run_bwd<96, 4, 64, 1, CAP>(ba, B, st); break;
+    }
+  } else {  // 256
+    switch (variant) {
+      case 2: run_bwd<256, 8, 64, 2, CAP>(ba, B, st); break;
+      default: run_bwd<256, 8, 32, 2, CAP>(ba, B, st); break;
+    }
+  }
+}
+}  // namespace
+
 void launch_bwd(const AttnRawArgs& a, const BwdWork& w, int variant, cudaStream_t st) {
   const int D = static_cast<int>(a.head_dim);
+  const int DV = static_cast<int>(a.v_head_dim > 0 ? a.v_head_dim : a.head_dim);
+  const bool cap = a.softcap > 0.f;
   variant = resolve_bwd_variant(D, variant);
-  if (D != 64 && D != 128)
+  if (DV != D) {
+    if (!(D == 192 && DV == 128) || cap)
+      throw DeviceError("attention_bwd: head dims " + std::to_string(D) + " / " + std::to_string(DV) +
+                        (cap ? " with soft-capping" : "") +
+                        " are not supported by the CUDA flash kernels (a v head dim other than D: 192 / 128 only, "
+                        "without soft-capping)");
+  } else if (D != 64 && D != 128 && D != 96 && D != 256) {
     throw DeviceError("attention_bwd: head_dim " + std::to_string(a.head_dim) +
-                      " is not supported by the CUDA kernels (64 and 128 are)");
+                      " is not supported by the CUDA flash kernels (64, 96, 128 and 256 are)");
+  }
   const int B = static_cast<int>(a.batch), T = static_cast<int>(a.seq), nh = static_cast<int>(a.n_heads);
   const int nkv = static_cast<int>(a.n_kv_heads);
 
   // 1. Dsum and dq_acc = 0
   {
     const int64_t rows = static_cast<int64_t>(B) * T * nh;
-    const int64_t threads_total = rows * (D / 8);
     const int threads = 256;
-    const unsigned blocks = static_cast<unsigned>((threads_total + threads - 1) / threads);
     const bf16* out = static_cast<const bf16*>(a.out);
     const bf16* dout = static_cast<const bf16*>(a.dout);
-    if (D == 64)
-      attn_bwd_pre_kernel<64><<<blocks, threads, 0, st>>>(out, a.o_rs, dout, a.do_rs, w.dsum, w.dq_acc, T, nh, rows);
-    else
-      attn_bwd_pre_kernel<128><<<blocks, threads, 0, st>>>(out, a.o_rs, dout, a.do_rs, w.dsum, w.dq_acc, T, nh, rows);
+    if (DV != D) {  // MLA: Dsum over Dv = 128 (16 threads per row), dq_acc (D wide) zeroed separately
+      check_cuda(cudaMemsetAsync(w.dq_acc, 0, static_cast<size_t>(rows) * D * sizeof(float), st),
+                 "backward: zeroing the dq accumulator");
+      const unsigned blocks = static_cast<unsigned>((rows * 16 + threads - 1) / threads);
+      attn_bwd_pre_multi_kernel<128, 1, false>
+          <<<blocks, threads, 0, st>>>(out, a.o_rs, dout, a.do_rs, w.dsum, w.dq_acc, T, nh, rows);
+    } else if (D == 96) {  // 4 threads per row, 3 chunks each
+      const unsigned blocks = static_cast<unsigned>((rows * 4 + threads - 1) / threads);
+      attn_bwd_pre_multi_kernel<96, 3>
+          <<<blocks, threads, 0, st>>>(out, a.o_rs, dout, a.do_rs, w.dsum, w.dq_acc, T, nh, rows);
+    } else {
+      const int64_t threads_total = rows * (D / 8);
+      const unsigned blocks = static_cast<unsigned>((threads_total + threads - 1) / threads);
+      if (D == 64)
+        attn_bwd_pre_kernel<64><<<blocks, threads, 0, st>>>(out, a.o_rs, dout, a.do_rs, w.dsum, w.dq_acc, T, nh, rows);
+      else if (D == 128)
+        attn_bwd_pre_kernel<128><<<blocks, threads, 0, st>>>(out, a.o_rs, dout, a.do_rs, w.dsum, w.dq_acc, T, nh, rows);
+      else
+        attn_bwd_pre_kernel<256><<<blocks, threads, 0, st>>>(out, a.o_rs, dout, a.do_rs, w.dsum, w.dq_acc, T, nh, rows);
+    }
     check_cuda(cudaGetLastError(), "backward pre-pass launch");
   }
   // 1b. sink gradients, from the forward's lse (which includes the sinks) and the Dsum just written
@@ -724,9 +971,9 @@ void launch_bwd(const AttnRawArgs& a, const BwdWork& w, int variant, cudaStream_
     check_cuda(cudaGetLastError(), "backward sink-gradient launch");
   }
   if (w.split > 1) {
-    const size_t bytes = static_cast<size_t>(B) * T * nkv * D * sizeof(float);
-    check_cuda(cudaMemsetAsync(w.dk_acc, 0, bytes, st), "backward: zeroing dk accumulator");
-    check_cuda(cudaMemsetAsync(w.dv_acc, 0, bytes, st), "backward: zeroing dv accumulator");
+    const size_t rows_kv = static_cast<size_t>(B) * T * nkv;
+    check_cuda(cudaMemsetAsync(w.dk_acc, 0, rows_kv * D * sizeof(float), st), "backward: zeroing dk accumulator");
+    check_cuda(cudaMemsetAsync(w.dv_acc, 0, rows_kv * DV * sizeof(float), st), "backward: zeroing dv accumulator");
   }
 
   // 2. main
@@ -757,30 +1004,21 @@ void launch_bwd(const AttnRawArgs& a, const BwdWork& w, int variant, cudaStream_
   ba.split = w.split;
   ba.window = static_cast<int>(a.sliding_window);
   ba.ne = w.ne;
-  ba.sl2 = a.scale * kLog2e;
+  // Soft-capped: P = 2^(t cap log2(e) - lse log2(e)) with t = softcap_tanh(raw) (see attention_fwd.cu).
+  ba.sl2 = cap ? a.softcap * kLog2e : a.scale * kLog2e;
   ba.scale = a.scale;
-  if (D == 64) {
-    switch (variant) {
-      case 4: run_bwd_sm90<64>(ba, B, st); break;
-      case 3: run_bwd<64, 4, 32>(ba, B, st); break;
-      case 2: run_bwd<64, 8, 64>(ba, B, st); break;
-      default: run_bwd<64, 4, 64>(ba, B, st); break;
-    }
-  } else {
-    switch (variant) {
-      case 4: run_bwd_sm90<128>(ba, B, st); break;
-      case 3: run_bwd<128, 8, 32>(ba, B, st); break;
-      case 2: run_bwd<128, 4, 64>(ba, B, st); break;
-      default: run_bwd<128, 8, 64>(ba, B, st); break;
-    }
-  }
+  ba.cap2 = cap ? 2.f * a.scale * kLog2e / a.softcap : 0.f;
+  if (cap)
+    dispatch_bwd<true>(ba, B, D, DV, variant, st);
+  else
+    dispatch_bwd<false>(ba, B, D, DV, variant, st);
 
   // 3. bf16 outputs
   const int64_t bt = static_cast<int64_t>(B) * T;
   launch_post(w.dq_acc, a.dq, a.dq_rs, a.scale, bt, nh, D, st);
   if (w.split > 1) {
     launch_post(w.dk_acc, a.dk, a.dk_rs, 1.f, bt, nkv, D, st);
-    launch_post(w.dv_acc, a.dv, a.dv_rs, 1.f, bt, nkv, D, st);
+    launch_post(w.dv_acc, a.dv, a.dv_rs, 1.f, bt, nkv, DV, st);
   }
 }
 

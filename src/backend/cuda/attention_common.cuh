@@ -82,6 +82,16 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Gemma 2 soft-capping of one raw score x = q.k (before the scale): returns t = tanh(x * scale / cap), as
+// 1 - 2 / (2^(x c2) + 1) with c2 = 2 scale log2(e) / cap (two special-function ops; absolute error ~1e-7, so
+// cap * t stays accurate at Gemma 2's cap of 50, unlike tanh.approx's 2^-11 relative error). The capped score is
+// cap * t: the kernels fold cap * log2(e) into their softmax multiplier (sl2), so t takes the raw score's place.
+// Saturates to +-1 for |x c2| large (2^x = inf or 0); NaN stays NaN.
+__device__ __forceinline__ float softcap_tanh(float x, float c2) {
+  const float e = fast_exp2(x * c2);
+  return 1.f - __fdividef(2.f, e + 1.f);
+}
+
 // End of one forward softmax row (both forward kernels' epilogue). In: m = the row's running max of the scaled
 // scores in log2 units, lt = its normaliser sum_j 2^(x_j - m) (summed over the quad), sinks = the per-head sink
 // logits [nh] (natural log; nullptr: none), h = the head. Out: inv, the factor that turns the accumulated O into

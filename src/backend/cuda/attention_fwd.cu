@@ -15,6 +15,9 @@
 //
 // Grid (nh, ceil(T / BM), B); blockIdx.y runs the query tiles from the last (the most keys) to the first,
 // so the long blocks start first and the short ones fill the tail.
+// Template variants of the mma.sync kernel: CAP (Gemma 2 soft-capping: S -> tanh(scale S / cap) right after Q K^T),
+// D > 128 (Q's fragments re-read from shared memory per k-step instead of held in registers), DV != D (DeepSeek
+// MLA: V / O 128 wide next to q / k 192). The wgmma kernel has CAP only.
 #include <cmath>
 
 #include "backend/cuda/attention_common.cuh"
@@ -38,31 +41,39 @@ struct FwdArgs {
   float sl2;  // scale * log2(e)
   const float* sinks;  // [nh] fp32 sink logits or null (no sinks: the epilogue is the one before sinks). Last,
                        // so the other fields keep their offsets in the kernel parameter block
+  float cap2;          // soft-capping (CAP kernels only): 2 scale log2(e) / cap; sl2 is then cap * log2(e)
 };
 
-template <int D, int NW, int MT, int BN>
+template <int D, int NW, int MT, int BN, int DV = D>
 struct FwdCfg {
   static constexpr int NT = NW * 32;
   static constexpr int WM = 16 * MT;  // query rows per warp
   static constexpr int BM = WM * NW;  // query rows per block
   static constexpr int LD = D + 8;    // padded smem pitch (elements)
-  static constexpr size_t smem_bytes = size_t(BM + 4 * BN) * LD * sizeof(bf16);
+  static constexpr int LDV = DV + 8;  // ... of the V tiles
+  static constexpr size_t smem_bytes = size_t(BM + 2 * BN) * LD * sizeof(bf16) + size_t(2 * BN) * LDV * sizeof(bf16);
 };
 
-template <int D, int NW, int MT, int BN>
+// CAP: Gemma 2 soft-capping (each raw score becomes softcap_tanh(.) right after Q K^T; a.sl2 = cap log2(e)).
+// Q's fragments stay in registers for D <= 128; for larger D (256: 64 more registers next to O's 128) they are
+// re-read from shared memory at every k-step instead. D 64 / 128 without CAP compile to the code they had before
+// either existed (every addition is behind if constexpr). DV: the v / out head dim when it differs from D's
+// (DeepSeek MLA: D 192, DV 128); V tiles then have their own pitch LDV.
+template <int D, int NW, int MT, int BN, bool CAP = false, int DV = D>
 __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
-  using C = FwdCfg<D, NW, MT, BN>;
-  constexpr int NT = C::NT, WM = C::WM, BM = C::BM, LD = C::LD;
+  using C = FwdCfg<D, NW, MT, BN, DV>;
+  constexpr int NT = C::NT, WM = C::WM, BM = C::BM, LD = C::LD, LDV = C::LDV;
   constexpr int KD = D / 16;  // k-steps over the head dim
   constexpr int NB = BN / 8;  // 8-wide key tiles of S
-  constexpr int ND = D / 8;   // 8-wide column tiles of O
+  constexpr int ND = DV / 8;  // 8-wide column tiles of O
+  constexpr bool QREG = D <= 128;  // Q fragments held in registers for the whole key loop
   static_assert(D % 16 == 0 && BN % 16 == 0, "tile shapes");
   const float kNegInf = -INFINITY;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [BM][LD]
   bf16* sK = sQ + BM * LD;                         // [2][BN][LD]
-  bf16* sV = sK + 2 * BN * LD;                     // [2][BN][LD]
+  bf16* sV = sK + 2 * BN * LD;                     // [2][BN][LDV]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int h = blockIdx.x, b = blockIdx.z;
@@ -72,7 +83,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
   const int kvh = h / a.group;
   const bf16* qg = a.q + static_cast<int64_t>(b) * T * a.q_rs + static_cast<int64_t>(h) * D;
   const bf16* kg = a.k + static_cast<int64_t>(b) * T * a.k_rs + static_cast<int64_t>(kvh) * D;
-  const bf16* vg = a.v + static_cast<int64_t>(b) * T * a.v_rs + static_cast<int64_t>(kvh) * D;
+  const bf16* vg = a.v + static_cast<int64_t>(b) * T * a.v_rs + static_cast<int64_t>(kvh) * DV;
   const int32_t* seg = a.seg ? a.seg + static_cast<int64_t>(b) * T : nullptr;
   const int2* segtab = a.segtab ? a.segtab + static_cast<int64_t>(b) * a.ne : nullptr;
 
@@ -88,7 +99,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
   };
   auto load_kv = [&](int kt, int buf) {
     load_tile_async<BN, D, LD, NT>(sK + buf * BN * LD, kg, a.k_rs, kt * BN, T, tid);
-    load_tile_async<BN, D, LD, NT>(sV + buf * BN * LD, vg, a.v_rs, kt * BN, T, tid);
+    load_tile_async<BN, DV, LDV, NT>(sV + buf * BN * LDV, vg, a.v_rs, kt * BN, T, tid);
   };
 
   int kt = next_live(kt_lo);
@@ -116,11 +127,13 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
 
   cp_async_wait<0>();
   __syncthreads();
-  uint32_t qf[MT][KD][4];
+  uint32_t qf[MT][QREG ? KD : 1][4];
+  if constexpr (QREG) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int kk = 0; kk < KD; ++kk) ldsm_x4(qf[mt][kk], lda_addr<LD>(sQ, warp * WM + mt * 16, kk * 16, lane));
+      for (int kk = 0; kk < KD; ++kk) ldsm_x4(qf[mt][kk], lda_addr<LD>(sQ, warp * WM + mt * 16, kk * 16, lane));
+  }
 
   int buf = 0;
   while (kt <= kt_hi) {
@@ -130,7 +143,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
     cp_async_wait<1>();
     __syncthreads();
     const bf16* cK = sK + buf * BN * LD;
-    const bf16* cV = sV + buf * BN * LD;
+    const bf16* cV = sV + buf * BN * LDV;
 
     // ---- S = Q K^T ----
     float s[MT][NB][4];
@@ -142,16 +155,28 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
         for (int x = 0; x < 4; ++x) s[mt][nb][x] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < KD; ++kk) {
+      if constexpr (!QREG) {  // this k-step's Q fragments from shared memory
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldsm_x4(qf[mt][0], lda_addr<LD>(sQ, warp * WM + mt * 16, kk * 16, lane));
+      }
 #pragma unroll
       for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
         uint32_t bk[4];
         ldsm_x4(bk, ldbT_addr<LD>(cK, nb2 * 16, kk * 16, lane));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          mma16816(s[mt][2 * nb2], qf[mt][kk], bk[0], bk[1]);
-          mma16816(s[mt][2 * nb2 + 1], qf[mt][kk], bk[2], bk[3]);
+          mma16816(s[mt][2 * nb2], qf[mt][QREG ? kk : 0], bk[0], bk[1]);
+          mma16816(s[mt][2 * nb2 + 1], qf[mt][QREG ? kk : 0], bk[2], bk[3]);
         }
       }
+    }
+    if constexpr (CAP) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+          for (int x = 0; x < 4; ++x) s[mt][nb][x] = softcap_tanh(s[mt][nb][x], a.cap2);
     }
 
     // ---- mask (warp-uniform test; most tiles skip it) ----
@@ -227,9 +252,9 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
         pa[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
 #pragma unroll
-      for (int nd2 = 0; nd2 < D / 16; ++nd2) {
+      for (int nd2 = 0; nd2 < DV / 16; ++nd2) {
         uint32_t bv[4];
-        ldsm_x4_t(bv, ldb_addr<LD>(cV, kk * 16, nd2 * 16, lane));
+        ldsm_x4_t(bv, ldb_addr<LDV>(cV, kk * 16, nd2 * 16, lane));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           mma16816(o[mt][2 * nd2], pa[mt], bv[0], bv[1]);
@@ -255,7 +280,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdArgs a) {
       if (i < T) {
         float inv, lse;
         finish_row(m[mt][hh], lt, a.sinks, h, inv, lse);
-        bf16* orow = a.out + (static_cast<int64_t>(b) * T + i) * a.o_rs + static_cast<int64_t>(h) * D;
+        bf16* orow = a.out + (static_cast<int64_t>(b) * T + i) * a.o_rs + static_cast<int64_t>(h) * DV;
 #pragma unroll
         for (int nd = 0; nd < ND; ++nd)
           *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t4) =
@@ -280,7 +305,7 @@ struct FwdSm90Cfg {
   static constexpr size_t smem_bytes = size_t(QB) + 4 * size_t(KB) + 1024;  // + alignment slack
 };
 
-template <int D, int BN, int NWG>
+template <int D, int BN, int NWG, bool CAP = false>
 __global__ void __launch_bounds__(NWG * 128, 1) attn_fwd_sm90_kernel(const FwdArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = FwdSm90Cfg<D, BN, NWG>;
@@ -367,6 +392,10 @@ __global__ void __launch_bounds__(NWG * 128, 1) attn_fwd_sm90_kernel(const FwdAr
     wg_commit();
     wg_wait<0>();
     reg_fence(s);
+    if constexpr (CAP) {
+#pragma unroll
+      for (int x = 0; x < NB * 4; ++x) s[x] = softcap_tanh(s[x], a.cap2);
+    }
 
     // ---- mask ----
     const int j0 = kt * BN;
@@ -465,10 +494,10 @@ __global__ void __launch_bounds__(NWG * 128, 1) attn_fwd_sm90_kernel(const FwdAr
 #endif
 }
 
-template <int D, int BN, int NWG>
+template <int D, int BN, int NWG, bool CAP>
 void run_fwd_sm90(const FwdArgs& fa, int B, cudaStream_t st) {
   using C = FwdSm90Cfg<D, BN, NWG>;
-  auto kern = attn_fwd_sm90_kernel<D, BN, NWG>;
+  auto kern = attn_fwd_sm90_kernel<D, BN, NWG, CAP>;
   check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem_bytes)),
              "forward (sm90): raising the shared-memory limit");
   const dim3 grid(fa.nh, (fa.T + C::BM - 1) / C::BM, B);
@@ -476,15 +505,87 @@ void run_fwd_sm90(const FwdArgs& fa, int B, cudaStream_t st) {
   check_cuda(cudaGetLastError(), "forward (sm90) kernel launch");
 }
 
-template <int D, int NW, int MT, int BN>
+template <int D, int NW, int MT, int BN, bool CAP, int DV = D>
 void run_fwd(const FwdArgs& fa, int B, cudaStream_t st) {
-  using C = FwdCfg<D, NW, MT, BN>;
-  auto kern = attn_fwd_kernel<D, NW, MT, BN>;
+  using C = FwdCfg<D, NW, MT, BN, DV>;
+  auto kern = attn_fwd_kernel<D, NW, MT, BN, CAP, DV>;
   check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem_bytes)),
              "forward: raising the shared-memory limit");
   const dim3 grid(fa.nh, (fa.T + C::BM - 1) / C::BM, B);
   kern<<<grid, C::NT, C::smem_bytes, st>>>(fa);
   check_cuda(cudaGetLastError(), "forward kernel launch");
+}
+
+// Kernel choice. Variants (AttnTuning::fwd_variant): 0 = the best for the device; 1-3 mma.sync tile shapes (any
+// GPU); 4, 5 wgmma (sm_90a, D 64 / 128 only; elsewhere, and for other head dims, they fall back to 1).
+//   D 64:  1 = 4 warps x 32 rows (BM 128), BN 64; 2 = 4 x 16, BN 64; 3 = 8 x 16, BN 64; 4 = wgmma BN 128; 5 = wgmma BN 64
+//   D 128: 1 = 8 x 16 (BM 128), BN 64;  2 = 4 x 16, BN 64; 3 = 4 x 16, BN 128; 4 = wgmma BN 128; 5 = wgmma BN 64
+//   D 96:  1 = 8 x 16 (BM 128), BN 64;  2 = 4 x 16, BN 64; 3 = 4 x 16, BN 128         (78 / 65 / 117 KB smem)
+//   D 256: 1 = 8 x 16 (BM 128), BN 32;  2 = 4 x 16, BN 32; 3 = 8 x 16, BN 64          (132 / 99 / 198 KB smem;
+//          ptxas: 3 spills ~100 bytes, 1 and 2 none)
+//   D 192, DV 128 (DeepSeek MLA): 1 = 8 x 16 (BM 128), BN 64; 2 = 4 x 16, BN 64; 3 = 8 x 16, BN 32 (134 / 109 / 92 KB smem)
+// Soft-capped (CAP) kernels exist for D 64 / 128 as variant 1 and the device's wgmma default only (any other
+// variant runs those), and for D 96 / 256 as every variant; none for MLA (ops:: never sends soft-capped MLA here).
+template <bool CAP>
+void dispatch_fwd(const FwdArgs& fa, int B, int D, int DV, int variant, cudaStream_t st) {
+  if (DV != D) {
+    if constexpr (!CAP) {
+      if (D == 192 && DV == 128) {
+        switch (variant) {
+          case 2: run_fwd<192, 4, 1, 64, false, 128>(fa, B, st); break;
+          case 3: run_fwd<192, 8, 1, 32, false, 128>(fa, B, st); break;
+          default: run_fwd<192, 8, 1, 64, false, 128>(fa, B, st); break;
+        }
+        return;
+      }
+    }
+    throw DeviceError("attention_fwd: head dims " + std::to_string(D) + " / " + std::to_string(DV) +
+                      (CAP ? " with soft-capping" : "") +
+                      " are not supported by the CUDA flash kernels (a v head dim other than D: 192 / 128 only, "
+                      "without soft-capping)");
+  }
+  if (D == 64) {
+    if constexpr (CAP) {
+      if (variant >= 4) run_fwd_sm90<64, 64, 2, true>(fa, B, st);
+      else run_fwd<64, 4, 2, 64, true>(fa, B, st);
+    } else {
+      switch (variant) {
+        case 4: run_fwd_sm90<64, 128, 2, false>(fa, B, st); break;
+        case 5: run_fwd_sm90<64, 64, 2, false>(fa, B, st); break;
+        case 2: run_fwd<64, 4, 1, 64, false>(fa, B, st); break;
+        case 3: run_fwd<64, 8, 1, 64, false>(fa, B, st); break;
+        default: run_fwd<64, 4, 2, 64, false>(fa, B, st); break;
+      }
+    }
+  } else if (D == 128) {
+    if constexpr (CAP) {
+      if (variant >= 4) run_fwd_sm90<128, 128, 2, true>(fa, B, st);
+      else run_fwd<128, 8, 1, 64, true>(fa, B, st);
+    } else {
+      switch (variant) {
+        case 4: run_fwd_sm90<128, 128, 2, false>(fa, B, st); break;
+        case 5: run_fwd_sm90<128, 64, 2, false>(fa, B, st); break;
+        case 2: run_fwd<128, 4, 1, 64, false>(fa, B, st); break;
+        case 3: run_fwd<128, 4, 1, 128, false>(fa, B, st); break;
+        default: run_fwd<128, 8, 1, 64, false>(fa, B, st); break;
+      }
+    }
+  } else if (D == 96) {
+    switch (variant) {
+      case 2: run_fwd<96, 4, 1, 64, CAP>(fa, B, st); break;
+      case 3: run_fwd<96, 4, 1, 128, CAP>(fa, B, st); break;
+      default: run_fwd<96, 8, 1, 64, CAP>(fa, B, st); break;
+    }
+  } else if (D == 256) {
+    switch (variant) {
+      case 2: run_fwd<256, 4, 1, 32, CAP>(fa, B, st); break;
+      case 3: run_fwd<256, 8, 1, 64, CAP>(fa, B, st); break;
+      default: run_fwd<256, 8, 1, 32, CAP>(fa, B, st); break;
+    }
+  } else {
+    throw DeviceError("attention_fwd: head_dim " + std::to_string(D) +
+                      " is not supported by the CUDA flash kernels (64, 96, 128 and 256 are)");
+  }
 }
 
 }  // namespace
@@ -508,33 +609,24 @@ void launch_fwd(const AttnRawArgs& a, const int2* segtab, int ne, int variant, c
   fa.group = static_cast<int>(a.n_heads / a.n_kv_heads);
   fa.window = static_cast<int>(a.sliding_window);
   fa.ne = ne;
-  fa.sl2 = a.scale * kLog2e;
+  const bool cap = a.softcap > 0.f;
+  // Soft-capped: the kernels turn each raw score into t = tanh(scale x / cap) (softcap_tanh) and the softmax
+  // multiplies t by cap log2(e), so the capped score cap t enters in log2 units as the plain scale x log2(e) does.
+  fa.sl2 = cap ? a.softcap * kLog2e : a.scale * kLog2e;
+  fa.cap2 = cap ? 2.f * a.scale * kLog2e / a.softcap : 0.f;
   const int B = static_cast<int>(a.batch);
-  // Variants: 0 = the best for the device (sm_90a: wgmma with BN 64 for D 64, BN 128 for D 128; else 1);
-  // 1-3 mma.sync tile shapes; 4, 5 wgmma (sm_90a only).
+  const int D = static_cast<int>(a.head_dim);
+  const int DV = static_cast<int>(a.v_head_dim > 0 ? a.v_head_dim : a.head_dim);
+  // Variant 0 = the best for the device: sm_90a wgmma (BN 64 for D 64, BN 128 for D 128); else, and for the head
+  // dims without wgmma kernels (96, 256), mma.sync variant 1.
   const bool sm90 = is_sm90();
-  if (variant <= 0 || variant > 5) variant = sm90 ? (a.head_dim == 64 ? 5 : 4) : 1;
-  if (variant >= 4 && !sm90) variant = 1;
-  if (a.head_dim == 64) {
-    switch (variant) {
-      case 4: run_fwd_sm90<64, 128, 2>(fa, B, st); break;
-      case 5: run_fwd_sm90<64, 64, 2>(fa, B, st); break;
-      case 2: run_fwd<64, 4, 1, 64>(fa, B, st); break;
-      case 3: run_fwd<64, 8, 1, 64>(fa, B, st); break;
-      default: run_fwd<64, 4, 2, 64>(fa, B, st); break;
-    }
-  } else if (a.head_dim == 128) {
-    switch (variant) {
-      case 4: run_fwd_sm90<128, 128, 2>(fa, B, st); break;
-      case 5: run_fwd_sm90<128, 64, 2>(fa, B, st); break;
-      case 2: run_fwd<128, 4, 1, 64>(fa, B, st); break;
-      case 3: run_fwd<128, 4, 1, 128>(fa, B, st); break;
-      default: run_fwd<128, 8, 1, 64>(fa, B, st); break;
-    }
-  } else {
-    throw DeviceError("attention_fwd: head_dim " + std::to_string(a.head_dim) +
-                      " is not supported by the CUDA kernels (64 and 128 are)");
-  }
+  const bool has_wgmma = (D == 64 || D == 128) && DV == D;
+  if (variant <= 0 || variant > 5) variant = sm90 && has_wgmma ? (D == 64 ? 5 : 4) : 1;
+  if (variant >= 4 && !(sm90 && has_wgmma)) variant = 1;
+  if (cap)
+    dispatch_fwd<true>(fa, B, D, DV, variant, st);
+  else
+    dispatch_fwd<false>(fa, B, D, DV, variant, st);
 }
 
 }  // namespace am::cuda::attn

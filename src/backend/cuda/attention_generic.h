@@ -1,5 +1,7 @@
-// Generic CUDA attention (forward and backward): everything the flash kernels (attention.h: head dims 64 and
-// 128, bf16, no sinks, no soft-capping, Dv == D) do not take. Same contract as am::ops::attention_fwd/bwd
+// Generic CUDA attention (forward and backward): everything the flash kernels (attention.h: bf16, Dv == D, head
+// dims 64 and 128; and, behind AM_ALLOW_UNVERIFIED_CUDA=1 until a device has checked them, sinks, soft-capping,
+// head dims 96 / 256 and DeepSeek MLA's 192 / Dv 128) do not take: fp32, other head dims and Dv != D pairs, and the
+// gated variants while the gate is off (ops::attention_fwd/bwd route, src/ops/ops_cuda.cpp). Same contract as am::ops::attention_fwd/bwd
 // (src/ops/ops.h), the CPU reference (src/backend/cpu/attention.cpp) being the oracle:
 //
 //   q [B, T, nh, D], k [B, T, nkv, D], v [B, T, nkv, Dv] -> out [B, T, nh, Dv], lse [B, nh, T] fp32

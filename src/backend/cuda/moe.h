@@ -5,7 +5,8 @@
 // index tensors int32; activations (x, xg, yg, y, gu, h and their gradients) bf16 or fp32 (one dtype per
 // call); grouped-linear weights the dtype of x, dw fp32 (accumulated in the GEMM with beta = 1).
 // Host synchronisation: only moe_dispatch_plan with host_counts (copies the E counts) and grouped_linear_*
-// called without host_counts (reads the offsets back).
+// called without host_counts (reads the offsets back), except on the persistent path (below), which reads the
+// offsets on the device and needs no host counts at all.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -43,9 +44,13 @@ void moe_combine_bwd(const Tensor& yg, const Tensor& inv_perm, const Tensor& top
 // Auto: Padded (largest count) when E * Mpad <= 1.5 M (balanced routing: the padding wastes at most half the rows
 // again); otherwise grouped for y and dx and per-expert for dW (the faster ones at the W2 shape,
 // docs/moe_kernels.md). AM_MOE_GEMM_LOG=1 prints each call's routing statistics and choice (first 64 calls).
-// Without host_counts the offsets are read back (a sync). grouped_linear_bwd with dw undefined (frozen experts)
-// runs no dW product (and pads no x); with neither dx nor dw it returns at once.
-enum class GroupedGemm { Auto, Grouped, PerExpert, Padded };
+// Persistent: the persistent grouped GEMM of moe_grouped_gemm.h (one launch per product, tiles of all experts
+// scheduled on the device from the offsets; host_counts ignored, no host sync), where it applies: bf16 x / w, K and
+// Nout multiples of 8, 16-byte aligned tensors; elsewhere Auto. Auto itself takes the persistent path when the
+// environment sets AM_MOE_GEMM=persistent (read at every call; opt-in, the default is unchanged).
+// Without host_counts the offsets are read back (a sync), except on the persistent path. grouped_linear_bwd with dw
+// undefined (frozen experts) runs no dW product (and pads no x); with neither dx nor dw it returns at once.
+enum class GroupedGemm { Auto, Grouped, PerExpert, Padded, Persistent };
 struct GroupedLinearOptions {
   GroupedGemm impl = GroupedGemm::Auto;
   int64_t pad_rows = 0;  // Padded only: rows per expert in the scratch (0: the largest count, rounded up)
@@ -59,6 +64,9 @@ void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
 void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
                         Tensor& dw, const std::vector<int64_t>* host_counts, CudaContext& ctx = default_context(),
                         const GroupedLinearOptions& opt = {}, const LinearOut& dxo = {});
+// AM_MOE_GEMM=persistent in the environment: Auto runs the persistent grouped GEMM, so callers need not fetch the
+// host counts (moe_dispatch_plan with host_counts = nullptr keeps the whole dispatch free of host syncs).
+bool grouped_linear_persistent_default();
 void swiglu_fused_fwd(const Tensor& gu, Tensor& h, CudaContext& ctx = default_context());
 void swiglu_fused_bwd(const Tensor& gu, const Tensor& dh, Tensor& dgu, CudaContext& ctx = default_context());
 

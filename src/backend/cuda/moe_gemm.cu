@@ -17,12 +17,17 @@
 // per-expert path with the row offset `shift` = Mpad (see choose_pad).
 // LinearOut (core/linear_out.h) on y / dx: its alpha is every y / dx GEMM's alpha, accumulate their beta = 1 (the
 // padded path first pads the old y / dx rows into the scratch the strided GEMM reads as C).
+// Persistent (GroupedGemm::Persistent, or Auto with AM_MOE_GEMM=persistent): one launch of the persistent grouped
+// GEMM of moe_grouped_gemm.cu per product, scheduled on the device from the offsets, before any host count is
+// looked at (no counts_from, no sync); products it does not take (not bf16, widths not multiples of 8, misaligned)
+// run as Auto.
 #include <cublas_v2.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -32,6 +37,7 @@
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/kernel_utils.cuh"
 #include "backend/cuda/moe.h"
+#include "backend/cuda/moe_grouped_gemm.h"
 
 namespace am::cuda {
 namespace {
@@ -358,6 +364,38 @@ void run_product(const char* op, Product pr, const GroupedGemm1& p, const Tensor
 struct GDims {
   int64_t e, m, k, nout;
 };
+
+// The persistent path asked for (explicitly, or Auto under AM_MOE_GEMM=persistent).
+bool want_persistent(const GroupedLinearOptions& opt) {
+  return opt.impl == GroupedGemm::Persistent || (opt.impl == GroupedGemm::Auto && grouped_linear_persistent_default());
+}
+// The options the cuBLAS paths run with: a Persistent request the kernel does not take runs as Auto.
+GroupedLinearOptions cublas_options(const GroupedLinearOptions& opt) {
+  GroupedLinearOptions o = opt;
+  if (o.impl == GroupedGemm::Persistent) o.impl = GroupedGemm::Auto;
+  return o;
+}
+PersistentGroupedArgs persistent_args(const Tensor& x, const Tensor& w, const Tensor& offsets, const GDims& d) {
+  PersistentGroupedArgs a;
+  a.offsets = offsets.data<int32_t>();
+  a.e = d.e;
+  a.rows = d.m;
+  a.k = d.k;
+  a.n = d.nout;
+  a.x = x.raw();
+  a.w = w.raw();
+  return a;
+}
+void log_persistent(const char* op, const GDims& d) {
+  static const bool on = [] {
+    const char* v = std::getenv("AM_MOE_GEMM_LOG");
+    return v && *v && *v != '0';
+  }();
+  static std::atomic<int> n{0};
+  if (!on || n.fetch_add(1) >= 64) return;
+  std::fprintf(stderr, "%s: E=%lld M=%lld K=%lld Nout=%lld -> persistent (device-side schedule, no host counts)\n", op,
+               (long long)d.e, (long long)d.m, (long long)d.k, (long long)d.nout);
+}
 GDims check(const char* op, const Tensor& x, const Tensor& w, const Tensor& offsets, const char* y_name,
             const Tensor& y, const std::vector<int64_t>* host_counts) {
   need_cuda(op, "x", x);
@@ -383,8 +421,19 @@ GDims check(const char* op, const Tensor& x, const Tensor& w, const Tensor& offs
 
 }  // namespace
 
+bool grouped_linear_persistent_default() {
+  const char* v = std::getenv("AM_MOE_GEMM");
+  if (!v || !*v) return false;
+  if (std::strcmp(v, "persistent") == 0) return true;
+  static std::atomic<bool> warned{false};
+  if (!warned.exchange(true))
+    std::fprintf(stderr, "warning: AM_MOE_GEMM=%s is not a known value (persistent); the default grouped GEMMs run\n",
+                 v);
+  return false;
+}
+
 void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, Tensor& y,
-                        const std::vector<int64_t>* host_counts, CudaContext& ctx, const GroupedLinearOptions& opt,
+                        const std::vector<int64_t>* host_counts, CudaContext& ctx, const GroupedLinearOptions& opt_in,
                         const LinearOut& yo) {
   const char* op = "grouped_linear_fwd";
   const GDims d = check(op, x, w, offsets, "y", y, host_counts);
@@ -393,6 +442,19 @@ void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
     if (!yo.accumulate) zero_(y, ctx);
     return;
   }
+  if (want_persistent(opt_in)) {
+    PersistentGroupedArgs a = persistent_args(x, w, offsets, d);
+    a.out = y.raw();
+    a.out_type = y.dtype();
+    a.alpha = yo.alpha;
+    a.beta = yo.accumulate ? 1.f : 0.f;
+    if (persistent_grouped_supported(a, x.dtype())) {
+      log_persistent(op, d);
+      persistent_grouped_fwd(a, ctx);
+      return;
+    }
+  }
+  const GroupedLinearOptions opt = cublas_options(opt_in);
   const std::vector<int64_t> counts = counts_from(offsets, d.e, host_counts, ctx);
   const int64_t es = static_cast<int64_t>(dtype_size(x.dtype()));
   GroupedGemm1 p;
@@ -432,7 +494,7 @@ void grouped_linear_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
 
 void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dy, Tensor* dx,
                         Tensor& dw, const std::vector<int64_t>* host_counts, CudaContext& ctx,
-                        const GroupedLinearOptions& opt, const LinearOut& dxo) {
+                        const GroupedLinearOptions& opt_in, const LinearOut& dxo) {
   const char* op = "grouped_linear_bwd";
   const GDims d = check(op, x, w, offsets, "dy", dy, host_counts);
   const bool want_dw = dw.defined();  // undefined: frozen experts, no dW GEMMs
@@ -451,6 +513,25 @@ void grouped_linear_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets,
     if (dx && !dxo.accumulate) zero_(*dx, ctx);
     return;
   }
+  if (want_persistent(opt_in)) {
+    PersistentGroupedArgs ax = persistent_args(x, w, offsets, d), aw = ax;
+    ax.dy = aw.dy = dy.raw();
+    ax.out = dx ? dx->raw() : nullptr;
+    ax.out_type = dx ? dx->dtype() : x.dtype();
+    ax.alpha = dxo.alpha;
+    ax.beta = dxo.accumulate ? 1.f : 0.f;
+    aw.out = want_dw ? dw.raw() : nullptr;
+    aw.out_type = DType::F32;
+    const bool ok_dx = !dx || persistent_grouped_supported(ax, x.dtype()),
+               ok_dw = !want_dw || persistent_grouped_supported(aw, x.dtype());
+    if (ok_dx && ok_dw) {
+      log_persistent(op, d);
+      if (want_dw) persistent_grouped_dw(aw, ctx);  // first: dx may be written over x (as on the padded path)
+      if (dx) persistent_grouped_dx(ax, ctx);
+      return;
+    }
+  }
+  const GroupedLinearOptions opt = cublas_options(opt_in);
   const std::vector<int64_t> counts = counts_from(offsets, d.e, host_counts, ctx);
   const int64_t es = static_cast<int64_t>(dtype_size(x.dtype()));
   GroupedGemm1 px;  // dx

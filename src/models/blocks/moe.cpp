@@ -210,14 +210,18 @@ Tensor moe_forward(const ExecContext& ex, const MoeWeights& w, const MoeOptions&
   s.offsets = ex.empty({E + 1}, DType::I32);
   s.perm = ex.empty({N * k}, DType::I32);
   s.inv = ex.empty({N * k}, DType::I32);
-  ops::moe_dispatch_plan(s.topk_idx, E, s.offsets, s.perm, s.inv, &s.counts);
+  // Host counts: for the expert-parallel exchange plan, and for the grouped GEMMs unless they schedule from the
+  // device offsets (AM_MOE_GEMM=persistent on CUDA: no host sync in the dispatch; s.counts stays empty).
+  const bool ep = expert_parallel(o);
+  s.counts.clear();
+  const bool want_counts = ep || ops::moe_grouped_wants_host_counts(x);
+  ops::moe_dispatch_plan(s.topk_idx, E, s.offsets, s.perm, s.inv, want_counts ? &s.counts : nullptr);
   Tensor xg = ex.empty({N * k, H});
   ops::moe_gather(x, s.perm, k, xg);
   // The experts' rows: xg itself, or (expert parallel) what the other ranks sent for this rank's experts.
-  const bool ep = expert_parallel(o);
   Tensor xe = xg;
   const Tensor* offs = &s.offsets;
-  const std::vector<int64_t>* counts = &s.counts;
+  const std::vector<int64_t>* counts = want_counts ? &s.counts : nullptr;
   if (ep) {
     plan_exchange(ex, *o.ep, s.counts, s);
     xe = gather_rows(ex, exchange(ex, *o.ep, xg, s.send_rows, s.recv_rows), s.to_expert, xg.dtype());
@@ -268,7 +272,7 @@ Tensor moe_backward(const ExecContext& ex, const MoeWeights& w, const MoeOptions
   Tensor dye = ep ? gather_rows(ex, exchange(ex, *o.ep, dyg, s.send_rows, s.recv_rows), s.to_expert, dyg.dtype()) : dyg;
   dyg = Tensor();
   const Tensor& offs = ep ? s.local_offsets : s.offsets;
-  const std::vector<int64_t>* counts = ep ? &s.local_counts : &s.counts;
+  const std::vector<int64_t>* counts = ep ? &s.local_counts : s.counts.empty() ? nullptr : &s.counts;
   const int64_t R = dye.dim(0);
   Tensor dxe = ex.empty({R, H});
   if (R > 0) {

@@ -63,18 +63,21 @@ Tensor nemotron_moe_forward(const ExecContext& ex, const NemotronMoeWeights& w, 
   sv.offsets = ex.empty({E + 1}, DType::I32);
   sv.perm = ex.empty({N * k}, DType::I32);
   sv.inv = ex.empty({N * k}, DType::I32);
-  ops::moe_dispatch_plan(sv.topk_idx, E, sv.offsets, sv.perm, sv.inv, &sv.counts);
+  // Host counts only where the grouped GEMMs want them (not under AM_MOE_GEMM=persistent on CUDA: no host sync).
+  const bool want_counts = ops::moe_grouped_wants_host_counts(x);
+  ops::moe_dispatch_plan(sv.topk_idx, E, sv.offsets, sv.perm, sv.inv, want_counts ? &sv.counts : nullptr);
+  const std::vector<int64_t>* counts = want_counts ? &sv.counts : nullptr;
   Tensor y = ex.empty({N, H});
   sv.u = ex.empty({N * k, I});
   sv.yg = ex.empty({N * k, H});
   if (N * k > 0) {
     Tensor xg = ex.empty({N * k, H});
     ops::moe_gather(x, sv.perm, k, xg);
-    ops::grouped_linear_fwd(xg, w.up->work, sv.offsets, sv.u, &sv.counts);
+    ops::grouped_linear_fwd(xg, w.up->work, sv.offsets, sv.u, counts);
     xg = Tensor();  // recomputed in backward
     Tensor h = ex.empty({N * k, I});
     ops::relu2_fwd(sv.u, h);
-    ops::grouped_linear_fwd(h, w.down->work, sv.offsets, sv.yg, &sv.counts);
+    ops::grouped_linear_fwd(h, w.down->work, sv.offsets, sv.yg, counts);
   }
   ops::moe_combine(sv.yg, sv.inv, sv.topk_w, y);  // y[t] = sum_s w[t, s] * yg[inv[t*k + s]]
   Tensor ys = mlp_forward(ex, w.shared, x, s ? &sv.shared : nullptr);
@@ -94,7 +97,8 @@ Tensor nemotron_moe_backward(const ExecContext& ex, const NemotronMoeWeights& w,
     Tensor h = ex.empty({N * k, I});
     ops::relu2_fwd(s.u, h);
     Tensor dh = ex.empty({N * k, I});
-    ops::grouped_linear_bwd(h, w.down->work, s.offsets, dyg, &dh, w.down->grad, &s.counts);
+    const std::vector<int64_t>* counts = s.counts.empty() ? nullptr : &s.counts;
+    ops::grouped_linear_bwd(h, w.down->work, s.offsets, dyg, &dh, w.down->grad, counts);
     h = Tensor();
     dyg = Tensor();
     Tensor du = ex.empty({N * k, I});
@@ -104,7 +108,7 @@ Tensor nemotron_moe_backward(const ExecContext& ex, const NemotronMoeWeights& w,
     Tensor xg = ex.empty({N * k, H});
     ops::moe_gather(s.x, s.perm, k, xg);
     Tensor dxg = ex.empty({N * k, H});
-    ops::grouped_linear_bwd(xg, w.up->work, s.offsets, du, &dxg, w.up->grad, &s.counts);
+    ops::grouped_linear_bwd(xg, w.up->work, s.offsets, du, &dxg, w.up->grad, counts);
     xg = du = Tensor();
     Tensor dxe = ex.empty({N, H});
     ops::moe_gather_bwd(dxg, s.inv, k, dxe);
