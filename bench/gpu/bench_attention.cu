@@ -20,16 +20,14 @@
 
 #include "backend/cuda/attention.h"
 #include "bench_registry.h"
+#include "attention_bench_util.h"
 #include "bench_util.cuh"
 #include "core/tensor.h"
 
 namespace {
 
-// Inputs: bench_util.cuh's centered lowbias32 fill, variance 1 ((u - 0.5) * 3.4641), each tensor on its own
-// cudaMalloc. Timing: its timer on the legacy default stream (where these kernels run), device sync after warm-up.
-constexpr auto& dev = am::bench::cuda_malloc_tensor;
-void randomize(am::Tensor& t, uint32_t seed) { am::bench::fill_centered_bf16(t, seed, 3.4641f); }
-constexpr auto& median_ms = am::bench::median_ms_legacy_stream;
+// Inputs and timing: attention_bench_util.h's (variance-1 centered fill, legacy default stream).
+using namespace am::bench::attn;
 
 double gemm_tflops(int reps) {
   const int64_t M = 8192, N = 8192, K = 8192;
@@ -78,24 +76,6 @@ double gemm_tflops(int reps) {
   return tf;
 }
 
-std::vector<float> to_host(const am::Tensor& t) {
-  std::vector<uint16_t> h(static_cast<size_t>(t.numel()));
-  AM_CUDA_CHECK(cudaMemcpy(h.data(), t.raw(), h.size() * 2, cudaMemcpyDeviceToHost));
-  std::vector<float> f(h.size());
-  for (size_t i = 0; i < h.size(); ++i) f[i] = am::bf16_to_f32(h[i]);
-  return f;
-}
-double rel(const std::vector<float>& a, const std::vector<float>& r) {
-  double n = 0, d = 0;
-  for (size_t i = 0; i < r.size(); ++i) {
-    const double x = static_cast<double>(a[i]) - r[i];
-    if (!std::isfinite(a[i])) return INFINITY;
-    n += x * x;
-    d += static_cast<double>(r[i]) * r[i];
-  }
-  return d > 0 ? std::sqrt(n / d) : std::sqrt(n);
-}
-
 std::vector<int> parse_list(const char* s, int n) {
   std::vector<int> v;
   for (const char* p = s; p && *p;) {
@@ -121,13 +101,8 @@ int attention_bench_main(int argc, char** argv) try {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 20;
   const std::vector<int> fvs = parse_list(argc > 2 ? argv[2] : nullptr, 5);
   const std::vector<int> bvs = parse_list(argc > 3 ? argv[3] : nullptr, 4);
-  int devc = 0;
-  if (cudaGetDeviceCount(&devc) != cudaSuccess || devc == 0) {
-    std::printf("attention bench: no CUDA device\n");
-    return 0;
-  }
-  cudaDeviceProp prop{};
-  AM_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  if (!have_device("attention")) return 0;
+  const cudaDeviceProp prop = device_props();
   const double gemm = gemm_tflops(reps);
   std::printf("device %s, %d SMs; cuBLASLt bf16 8192^3 GEMM: %.1f TFLOP/s\n", prop.name, prop.multiProcessorCount,
               gemm);
@@ -139,23 +114,14 @@ int attention_bench_main(int argc, char** argv) try {
   std::printf("%-4s %-5s %-8s %10s %10s %8s %10s\n", "shape", "pass", "variant", "ms", "TFLOP/s", "%gemm",
               "vs first");
   for (const auto& s : shapes) {
-    am::AttnParams p;
-    p.batch = s.B;
-    p.seq = s.T;
-    p.n_heads = s.nh;
-    p.n_kv_heads = s.nkv;
-    p.head_dim = s.D;
-    p.scale = 1.f / std::sqrt(static_cast<float>(s.D));
+    const am::AttnParams p = attn_params(s.B, s.T, s.nh, s.nkv, s.D);
     const am::Shape qs{s.B, s.T, s.nh, s.D}, ks{s.B, s.T, s.nkv, s.D};
     am::Tensor q = dev(qs, am::DType::BF16), k = dev(ks, am::DType::BF16), v = dev(ks, am::DType::BF16),
                out = dev(qs, am::DType::BF16), dout = dev(qs, am::DType::BF16), dq = dev(qs, am::DType::BF16),
                dk = dev(ks, am::DType::BF16), dv = dev(ks, am::DType::BF16),
                lse = dev({s.B, s.nh, s.T}, am::DType::F32);
-    randomize(q, 11);
-    randomize(k, 12);
-    randomize(v, 13);
-    randomize(dout, 14);
-    const double fwd_flop = 4.0 * s.B * s.nh * static_cast<double>(s.T) * s.T * s.D / 2;
+    randomize_inputs(q, k, v, dout, 11);
+    const double fwd_flop = causal_fwd_flop(s.B, s.T, s.nh, s.D);
     const double bwd_flop = 2.5 * fwd_flop;
 
     std::vector<float> ref_out;
@@ -163,9 +129,9 @@ int attention_bench_main(int argc, char** argv) try {
       tune.fwd_variant = fv;
       const double ms = median_ms([&] { am::cuda::attention_fwd(q, k, v, p, out, lse); }, reps, 5);
       AM_CUDA_CHECK(cudaDeviceSynchronize());
-      const auto o = to_host(out);
+      const auto o = download(out);
       if (ref_out.empty()) ref_out = o;
-      const double tf = fwd_flop / (ms * 1e-3) / 1e12;
+      const double tf = tflops(fwd_flop, ms);
       std::printf("%-4s %-5s v%-7d %10.3f %10.1f %7.1f%% %10.2e\n", s.name, "fwd", fv, ms, tf, 100 * tf / ceiling,
                   rel(o, ref_out));
     }
@@ -185,10 +151,10 @@ int attention_bench_main(int argc, char** argv) try {
             reps, 3);
         AM_CUDA_CHECK(cudaDeviceSynchronize());
         AM_CUDA_CHECK(cudaFree(ws));
-        const auto a = to_host(dq), b = to_host(dk), c = to_host(dv);
+        const auto a = download(dq), b = download(dk), c = download(dv);
         if (r_dq.empty()) r_dq = a, r_dk = b, r_dv = c;
         const double d = std::max({rel(a, r_dq), rel(b, r_dk), rel(c, r_dv)});
-        const double tf = bwd_flop / (ms * 1e-3) / 1e12;
+        const double tf = tflops(bwd_flop, ms);
         char tag[32];
         std::snprintf(tag, sizeof tag, "v%d/s%s", bv, split == 0 ? "auto" : "1");
         std::printf("%-4s %-5s %-8s %10.3f %10.1f %7.1f%% %10.2e\n", s.name, "bwd", tag, ms, tf, 100 * tf / ceiling,

@@ -20,32 +20,13 @@
 #include "backend/cuda/attention.h"
 #include "backend/cuda/cudnn_attention.h"
 #include "bench_registry.h"
+#include "attention_bench_util.h"
 #include "bench_util.cuh"
 #include "core/tensor.h"
 
 namespace {
 
-constexpr auto& dev = am::bench::cuda_malloc_tensor;
-void randomize(am::Tensor& t, uint32_t seed) { am::bench::fill_centered_bf16(t, seed, 3.4641f); }
-constexpr auto& median_ms = am::bench::median_ms_legacy_stream;
-
-std::vector<float> to_host(const am::Tensor& t) {
-  std::vector<uint16_t> h(static_cast<size_t>(t.numel()));
-  AM_CUDA_CHECK(cudaMemcpy(h.data(), t.raw(), h.size() * 2, cudaMemcpyDeviceToHost));
-  std::vector<float> f(h.size());
-  for (size_t i = 0; i < h.size(); ++i) f[i] = am::bf16_to_f32(h[i]);
-  return f;
-}
-double rel(const std::vector<float>& a, const std::vector<float>& r) {
-  double n = 0, d = 0;
-  for (size_t i = 0; i < r.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    const double x = static_cast<double>(a[i]) - r[i];
-    n += x * x;
-    d += static_cast<double>(r[i]) * r[i];
-  }
-  return d > 0 ? std::sqrt(n / d) : std::sqrt(n);
-}
+using namespace am::bench::attn;
 
 struct BenchShape {
   const char* name;
@@ -62,45 +43,31 @@ void* malloc_ws(size_t bytes) {
 
 int attention_cudnn_bench_main(int argc, char** argv) try {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 20;
-  int devc = 0;
-  if (cudaGetDeviceCount(&devc) != cudaSuccess || devc == 0) {
-    std::printf("attention_cudnn bench: no CUDA device\n");
-    return 0;
-  }
+  if (!have_device("attention_cudnn")) return 0;
   std::string why;
   if (!am::cuda::cudnn_attention_available(&why)) {
     std::printf("attention_cudnn bench: cuDNN not usable: %s\n", why.c_str());
     return 0;
   }
-  cudaDeviceProp prop{};
-  AM_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  const cudaDeviceProp prop = device_props();
   std::printf("device %s, %d SMs; cuDNN %zu\n", prop.name, prop.multiProcessorCount,
               am::cuda::cudnn_attention_runtime_version());
   const BenchShape shapes[] = {
       {"W1", 4, 2048, 32, 8, 64}, {"W1-D128", 4, 2048, 32, 8, 128}, {"W2", 1, 4096, 32, 4, 128}};
   std::printf("%-8s %-5s %-6s %10s %10s %12s\n", "shape", "pass", "impl", "ms", "TFLOP/s", "vs flash");
   for (const auto& s : shapes) {
-    am::AttnParams p;
-    p.batch = s.B;
-    p.seq = s.T;
-    p.n_heads = s.nh;
-    p.n_kv_heads = s.nkv;
-    p.head_dim = s.D;
-    p.scale = 1.f / std::sqrt(static_cast<float>(s.D));
+    const am::AttnParams p = attn_params(s.B, s.T, s.nh, s.nkv, s.D);
     const am::Shape qs{s.B, s.T, s.nh, s.D}, ks{s.B, s.T, s.nkv, s.D}, ls{s.B, s.nh, s.T};
     am::Tensor q = dev(qs, am::DType::BF16), k = dev(ks, am::DType::BF16), v = dev(ks, am::DType::BF16),
                dout = dev(qs, am::DType::BF16), out_f = dev(qs, am::DType::BF16), lse_f = dev(ls, am::DType::F32),
                out_c = dev(qs, am::DType::BF16), lse_c = dev(ls, am::DType::F32), dq_f = dev(qs, am::DType::BF16),
                dk_f = dev(ks, am::DType::BF16), dv_f = dev(ks, am::DType::BF16), dq_c = dev(qs, am::DType::BF16),
                dk_c = dev(ks, am::DType::BF16), dv_c = dev(ks, am::DType::BF16);
-    randomize(q, 11);
-    randomize(k, 12);
-    randomize(v, 13);
-    randomize(dout, 14);
-    const double fwd_flop = 4.0 * s.B * s.nh * static_cast<double>(s.T) * s.T * s.D / 2;
+    randomize_inputs(q, k, v, dout, 11);
+    const double fwd_flop = causal_fwd_flop(s.B, s.T, s.nh, s.D);
     const double bwd_flop = 2.5 * fwd_flop;
     auto row = [&](const char* pass, const char* impl, double ms, double flop, double diff) {
-      std::printf("%-8s %-5s %-6s %10.3f %10.1f %12.2e\n", s.name, pass, impl, ms, flop / (ms * 1e-3) / 1e12, diff);
+      std::printf("%-8s %-5s %-6s %10.3f %10.1f %12.2e\n", s.name, pass, impl, ms, tflops(flop, ms), diff);
     };
 
     // ---- forward ----
@@ -109,7 +76,7 @@ int attention_cudnn_bench_main(int argc, char** argv) try {
     const double ms_ff = median_ms([&] { am::cuda::attention_fwd(q, k, v, p, out_f, lse_f, nullptr, ws_ff, fws_f); },
                                    reps, 5);
     AM_CUDA_CHECK(cudaDeviceSynchronize());
-    const auto o_f = to_host(out_f);
+    const auto o_f = download(out_f);
     row("fwd", "flash", ms_ff, fwd_flop, 0.0);
     size_t fws_c = 0;
     const bool fwd_ok = am::cuda::cudnn_attention_fwd_workspace(p, &fws_c);
@@ -121,7 +88,7 @@ int attention_cudnn_bench_main(int argc, char** argv) try {
       const double ms_fc = median_ms(
           [&] { ok &= am::cuda::cudnn_attention_fwd(q, k, v, p, out_c, lse_c, nullptr, ws_fc, fws_c); }, reps, 5);
       AM_CUDA_CHECK(cudaDeviceSynchronize());
-      if (ok) row("fwd", "cudnn", ms_fc, fwd_flop, rel(to_host(out_c), o_f));
+      if (ok) row("fwd", "cudnn", ms_fc, fwd_flop, rel(download(out_c), o_f));
       else std::printf("%-8s fwd   cudnn  execute failed: %s\n", s.name, am::cuda::cudnn_attention_last_error().c_str());
       if (ws_fc) AM_CUDA_CHECK(cudaFree(ws_fc));
     }
@@ -135,7 +102,7 @@ int attention_cudnn_bench_main(int argc, char** argv) try {
         reps, 3);
     AM_CUDA_CHECK(cudaDeviceSynchronize());
     if (ws_bf) AM_CUDA_CHECK(cudaFree(ws_bf));
-    const auto a = to_host(dq_f), b = to_host(dk_f), c = to_host(dv_f);
+    const auto a = download(dq_f), b = download(dk_f), c = download(dv_f);
     row("bwd", "flash", ms_bf, bwd_flop, 0.0);
     size_t bws_c = 0;
     if (!am::cuda::cudnn_attention_bwd_workspace(p, &bws_c)) {
@@ -155,7 +122,7 @@ int attention_cudnn_bench_main(int argc, char** argv) try {
       std::printf("%-8s bwd   cudnn  execute failed: %s\n", s.name, am::cuda::cudnn_attention_last_error().c_str());
       continue;
     }
-    const double d = std::max({rel(to_host(dq_c), a), rel(to_host(dk_c), b), rel(to_host(dv_c), c)});
+    const double d = std::max({rel(download(dq_c), a), rel(download(dk_c), b), rel(download(dv_c), c)});
     row("bwd", "cudnn", ms_bc, bwd_flop, d);
     std::printf("%-8s cudnn workspace: fwd %.1f MiB, bwd %.1f MiB (incl. fp32 dQ accumulator)\n", s.name,
                 fws_c / 1048576.0, bws_c / 1048576.0);

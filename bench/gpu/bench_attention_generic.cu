@@ -23,16 +23,21 @@
 #include "backend/cuda/attention.h"
 #include "backend/cuda/attention_generic.h"
 #include "bench_registry.h"
+#include "attention_bench_util.h"
 #include "bench_util.cuh"
 #include "core/tensor.h"
 
 namespace {
 
-// Inputs: bench_util.cuh's centered lowbias32 fill, variance 1 ((u - 0.5) * sqrt(12)), each tensor on its own
+// Inputs: attention_bench_util.h's centered fill, variance 1 ((u - 0.5) * sqrt(12)), each tensor on its own
 // cudaMalloc. Timing: its timer on the legacy default stream (where these kernels run), device sync after warm-up.
-constexpr auto& dev = am::bench::cuda_malloc_tensor;
-void randomize(am::Tensor& t, uint32_t seed) { am::bench::fill_centered_bf16(t, seed, std::sqrt(12.f)); }
-constexpr auto& median_ms = am::bench::median_ms_legacy_stream;
+using am::bench::attn::attn_params;
+using am::bench::attn::dev;
+using am::bench::attn::device_props;
+using am::bench::attn::have_device;
+using am::bench::attn::median_ms;
+using am::bench::attn::randomize_inputs;  // with scale sqrt(12)
+using am::bench::attn::tflops;
 
 struct GenShape {
   const char* name;
@@ -47,13 +52,8 @@ struct GenShape {
 
 int attention_generic_bench_main(int argc, char** argv) try {
   const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 10;
-  int devc = 0;
-  if (cudaGetDeviceCount(&devc) != cudaSuccess || devc == 0) {
-    std::printf("attention_generic bench: no CUDA device\n");
-    return 0;
-  }
-  cudaDeviceProp prop{};
-  AM_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  if (!have_device("attention_generic")) return 0;
+  const cudaDeviceProp prop = device_props();
   std::printf("device %s, %d SMs; generic attention (CUDA cores, fp32 math), bf16, causal\n", prop.name,
               prop.multiProcessorCount);
   const GenShape shapes[] = {
@@ -72,16 +72,7 @@ int attention_generic_bench_main(int argc, char** argv) try {
   };
   std::printf("%-20s %-10s %10s %10s\n", "shape", "pass", "ms", "TFLOP/s");
   for (const auto& s : shapes) {
-    am::AttnParams p;
-    p.batch = s.B;
-    p.seq = s.T;
-    p.n_heads = s.nh;
-    p.n_kv_heads = s.nkv;
-    p.head_dim = s.D;
-    p.v_head_dim = s.Dv == s.D ? 0 : s.Dv;
-    p.scale = 1.f / std::sqrt(static_cast<float>(s.D));
-    p.sliding_window = s.window;
-    p.softcap = s.softcap;
+    am::AttnParams p = attn_params(s.B, s.T, s.nh, s.nkv, s.D, s.Dv, s.window, s.softcap);
     const am::Shape qs{s.B, s.T, s.nh, s.D}, ks{s.B, s.T, s.nkv, s.D}, vs{s.B, s.T, s.nkv, s.Dv},
         os{s.B, s.T, s.nh, s.Dv};
     am::Tensor q = dev(qs, am::DType::BF16), k = dev(ks, am::DType::BF16), v = dev(vs, am::DType::BF16),
@@ -89,10 +80,7 @@ int attention_generic_bench_main(int argc, char** argv) try {
                dk = dev(ks, am::DType::BF16), dv = dev(vs, am::DType::BF16),
                lse = dev({s.B, s.nh, s.T}, am::DType::F32), sinks = dev({s.nh}, am::DType::F32),
                dsinks = dev({s.nh}, am::DType::F32);
-    randomize(q, 21);
-    randomize(k, 22);
-    randomize(v, 23);
-    randomize(dout, 24);
+    randomize_inputs(q, k, v, dout, 21, std::sqrt(12.f));
     AM_CUDA_CHECK(cudaMemset(sinks.raw(), 0, sinks.nbytes()));
     AM_CUDA_CHECK(cudaMemset(dsinks.raw(), 0, dsinks.nbytes()));
     if (s.sinks) p.sinks = &sinks;
@@ -102,7 +90,7 @@ int attention_generic_bench_main(int argc, char** argv) try {
     void* ws = nullptr;
     AM_CUDA_CHECK(cudaMalloc(&ws, std::max<size_t>(wsb, 16)));
     auto row = [&](const char* pass, double ms, double flop) {
-      std::printf("%-20s %-10s %10.3f %10.2f\n", s.name, pass, ms, flop / (ms * 1e-3) / 1e12);
+      std::printf("%-20s %-10s %10.3f %10.2f\n", s.name, pass, ms, tflops(flop, ms));
     };
     const double g_fwd = median_ms([&] { am::cuda::attention_generic_fwd(q, k, v, p, out, lse); }, reps, 3);
     row("fwd", g_fwd, fwd_flop);

@@ -22,38 +22,13 @@
 #include "backend/cuda/attention.h"
 #include "backend/cuda/attention_generic.h"
 #include "bench_registry.h"
+#include "attention_bench_util.h"
 #include "bench_util.cuh"
 #include "core/tensor.h"
 
 namespace {
 
-constexpr auto& dev = am::bench::cuda_malloc_tensor;
-void randomize(am::Tensor& t, uint32_t seed, float scale = 3.4641f) {  // variance (scale^2 / 12) = 1
-  am::bench::fill_centered_bf16(t, seed, scale);
-}
-constexpr auto& median_ms = am::bench::median_ms_legacy_stream;
-
-std::vector<float> download(const am::Tensor& t) {
-  std::vector<float> f(static_cast<size_t>(t.numel()));
-  if (t.dtype() == am::DType::F32) {
-    AM_CUDA_CHECK(cudaMemcpy(f.data(), t.raw(), f.size() * 4, cudaMemcpyDeviceToHost));
-    return f;
-  }
-  std::vector<uint16_t> h(f.size());
-  AM_CUDA_CHECK(cudaMemcpy(h.data(), t.raw(), h.size() * 2, cudaMemcpyDeviceToHost));
-  for (size_t i = 0; i < h.size(); ++i) f[i] = am::bf16_to_f32(h[i]);
-  return f;
-}
-double rel(const std::vector<float>& a, const std::vector<float>& r) {
-  double n = 0, d = 0;
-  for (size_t i = 0; i < r.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    const double x = static_cast<double>(a[i]) - r[i];
-    n += x * x;
-    d += static_cast<double>(r[i]) * r[i];
-  }
-  return d > 0 ? std::sqrt(n / d) : std::sqrt(n);
-}
+using namespace am::bench::attn;  // randomize(t, seed, scale = 3.4641f): variance (scale^2 / 12) = 1
 
 // Visible (query, key) pairs of one (batch, head): sum over i of min(i + 1, window).
 double visible_pairs(int64_t T, int64_t window) {
@@ -71,13 +46,8 @@ struct SinkShape {
 
 int attention_sinks_bench_main(int argc, char** argv) try {
   const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 10;
-  int devc = 0;
-  if (cudaGetDeviceCount(&devc) != cudaSuccess || devc == 0) {
-    std::printf("attention_sinks bench: no CUDA device\n");
-    return 0;
-  }
-  cudaDeviceProp prop{};
-  AM_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  if (!have_device("attention_sinks")) return 0;
+  const cudaDeviceProp prop = device_props();
   std::printf("device %s, %d SMs; gpt_oss attention with sinks: flash (tensor cores) vs generic (CUDA cores)\n",
               prop.name, prop.multiProcessorCount);
   const SinkShape shapes[] = {
@@ -89,23 +59,13 @@ int attention_sinks_bench_main(int argc, char** argv) try {
   std::printf("%-14s %-5s %-22s %10s %10s %10s %12s\n", "shape", "pass", "kernels", "ms", "TFLOP/s", "x generic",
               "vs generic");
   for (const auto& s : shapes) {
-    am::AttnParams p;
-    p.batch = s.B;
-    p.seq = s.T;
-    p.n_heads = s.nh;
-    p.n_kv_heads = s.nkv;
-    p.head_dim = s.D;
-    p.scale = 1.f / std::sqrt(static_cast<float>(s.D));
-    p.sliding_window = s.window;
+    const am::AttnParams p = attn_params(s.B, s.T, s.nh, s.nkv, s.D, 0, s.window);
     const am::Shape qs{s.B, s.T, s.nh, s.D}, ks{s.B, s.T, s.nkv, s.D}, ls{s.B, s.nh, s.T};
     const am::DType bf = am::DType::BF16;
     am::Tensor q = dev(qs, bf), k = dev(ks, bf), v = dev(ks, bf), dout = dev(qs, bf), out = dev(qs, bf),
                dq = dev(qs, bf), dk = dev(ks, bf), dv = dev(ks, bf), lse = dev(ls, am::DType::F32),
                sinks = dev({s.nh}, bf), dsinks = dev({s.nh}, am::DType::F32);
-    randomize(q, 31);
-    randomize(k, 32);
-    randomize(v, 33);
-    randomize(dout, 34);
+    randomize_inputs(q, k, v, dout, 31);
     randomize(sinks, 35, 6.f);  // uniform in [-3, 3): around the rows' log-sum-exp, so the sinks matter
     const double fwd_flop = 4.0 * s.B * s.nh * s.D * visible_pairs(s.T, s.window);
     const double bwd_flop = 2.5 * fwd_flop;
@@ -133,7 +93,7 @@ int attention_sinks_bench_main(int argc, char** argv) try {
     AM_CUDA_CHECK(cudaDeviceSynchronize());
     const auto ref_dq = download(dq), ref_dk = download(dk), ref_dv = download(dv), ref_ds = download(dsinks);
     auto row = [&](const char* pass, const char* kern, double ms, double flop, double base_ms, double diff) {
-      std::printf("%-14s %-5s %-22s %10.3f %10.1f %10.2f %12.2e\n", s.name, pass, kern, ms, flop / (ms * 1e-3) / 1e12,
+      std::printf("%-14s %-5s %-22s %10.3f %10.1f %10.2f %12.2e\n", s.name, pass, kern, ms, tflops(flop, ms),
                   base_ms / ms, diff);
     };
     row("fwd", "generic + sinks", g_fwd, fwd_flop, g_fwd, 0.0);

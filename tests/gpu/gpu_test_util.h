@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <limits>
 #include <random>
@@ -150,5 +151,22 @@ inline double grad_distance(CausalLM& a, CausalLM& b, std::vector<std::pair<doub
   if (per_param) std::sort(per_param->rbegin(), per_param->rend());
   return den_all > 0 ? std::sqrt(num_all / den_all) : 0.0;
 }
+
+// Sets an environment variable for the scope (value nullptr: unsets it), restoring the old value after.
+struct ScopedEnv {
+  std::string name, old;
+  bool had;
+  ScopedEnv(const char* n, const char* v) : name(n) {
+    const char* o = std::getenv(n);
+    had = o != nullptr;
+    if (had) old = o;
+    if (v) setenv(n, v, 1);
+    else unsetenv(n);
+  }
+  ~ScopedEnv() {
+    if (had) setenv(name.c_str(), old.c_str(), 1);
+    else unsetenv(name.c_str());
+  }
+};
 
 }  // namespace am::gpu_test

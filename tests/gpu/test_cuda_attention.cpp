@@ -25,103 +25,11 @@
 #include "core/tensor.h"
 #include "ops/device.h"
 #include "ops/ops.h"
+#include "attention_test_util.h"
 
 namespace {
 
-using am::DType;
-using am::Shape;
-using am::Tensor;
-
-bool have_device() {
-  int n = 0;
-  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  cudaGetLastError();
-  return ok;
-}
-
-#define CK(x)                                                                            \
-  do {                                                                                   \
-    cudaError_t e_ = (x);                                                                \
-    ASSERT_EQ(e_, cudaSuccess) << #x << ": " << cudaGetErrorString(e_);                 \
-  } while (0)
-
-// Device tensor from raw cudaMalloc, freed with the last reference.
-Tensor dev_empty(const Shape& s, DType dt) {
-  void* p = nullptr;
-  const size_t bytes = std::max<size_t>(16, static_cast<size_t>(am::shape_numel(s)) * am::dtype_size(dt));
-  if (cudaMalloc(&p, bytes) != cudaSuccess) throw am::DeviceError("test: cudaMalloc failed");
-  std::shared_ptr<void> keep(p, [](void* q) { cudaFree(q); });
-  return Tensor::wrap(p, s, dt, keep, am::DeviceType::CUDA);
-}
-
-std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
-  std::vector<uint16_t> r(x.size());
-  for (size_t i = 0; i < x.size(); ++i) r[i] = am::f32_to_bf16(x[i]);
-  return r;
-}
-std::vector<float> from_bf16(const std::vector<uint16_t>& x) {
-  std::vector<float> r(x.size());
-  for (size_t i = 0; i < x.size(); ++i) r[i] = am::bf16_to_f32(x[i]);
-  return r;
-}
-
-// Random N(0, 1) values already rounded to bf16 (so host and device see identical inputs).
-std::vector<float> randn_bf16(size_t n, std::mt19937& rng, float sd = 1.f) {
-  std::normal_distribution<float> nd(0.f, sd);
-  std::vector<float> x(n);
-  for (auto& v : x) v = am::bf16_to_f32(am::f32_to_bf16(nd(rng)));
-  return x;
-}
-
-Tensor upload_bf16(const std::vector<float>& x, const Shape& s) {
-  Tensor t = dev_empty(s, DType::BF16);
-  auto h = to_bf16(x);
-  if (cudaMemcpy(t.raw(), h.data(), h.size() * 2, cudaMemcpyHostToDevice) != cudaSuccess)
-    throw am::DeviceError("test: upload failed");
-  return t;
-}
-std::vector<float> download_bf16(const Tensor& t) {
-  std::vector<uint16_t> h(static_cast<size_t>(t.numel()));
-  if (cudaMemcpy(h.data(), t.raw(), h.size() * 2, cudaMemcpyDeviceToHost) != cudaSuccess)
-    throw am::DeviceError("test: download failed");
-  return from_bf16(h);
-}
-std::vector<float> download_f32(const Tensor& t) {
-  std::vector<float> h(static_cast<size_t>(t.numel()));
-  if (cudaMemcpy(h.data(), t.raw(), h.size() * 4, cudaMemcpyDeviceToHost) != cudaSuccess)
-    throw am::DeviceError("test: download failed");
-  return h;
-}
-void poison(Tensor& t) {  // 0xFF bytes: NaN in bf16 and fp32
-  cudaMemset(t.raw(), 0xFF, t.nbytes());
-}
-
-Tensor host_f32(const std::vector<float>& x, const Shape& s) {
-  Tensor t = Tensor::empty(s, DType::F32);
-  std::memcpy(t.raw(), x.data(), x.size() * 4);
-  return t;
-}
-std::vector<float> host_vec(const Tensor& t) {
-  const float* p = t.data<float>();
-  return std::vector<float>(p, p + t.numel());
-}
-
-double rel_err(const std::vector<float>& got, const std::vector<float>& ref, size_t* nonfinite = nullptr) {
-  double num = 0, den = 0;
-  size_t bad = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    if (!std::isfinite(got[i])) {
-      ++bad;
-      continue;
-    }
-    const double d = static_cast<double>(got[i]) - ref[i];
-    num += d * d;
-    den += static_cast<double>(ref[i]) * ref[i];
-  }
-  if (nonfinite) *nonfinite = bad;
-  if (bad) return std::numeric_limits<double>::infinity();
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
+using namespace am::attn_test;
 
 struct Case {
   int B, T, nh, nkv, D, window, seg_mode;  // seg_mode: 0 none, 1 packed docs, 2 docs + padding tail,
@@ -172,10 +80,6 @@ std::vector<int> variants(const char* env, int n) {
   return v;
 }
 
-struct Errors {
-  double out = 0, lse = 0, dq = 0, dk = 0, dv = 0;
-};
-
 class CudaAttention : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -186,131 +90,130 @@ class CudaAttention : public ::testing::Test {
   am::cuda::AttnTuning saved_;
 };
 
+// A case's segment ids (host and device; none when seg_mode is 0), drawn from rng after its inputs.
+SegmentIds case_segments(const Case& c, std::mt19937& rng) {
+  return SegmentIds(c.seg_mode ? make_segments(c, rng) : std::vector<int32_t>{}, c.B, c.T);
+}
+
+// One flash forward (variant fv) into poisoned out / lse, checked against the reference with the bf16 budgets
+// (out 1e-2, lse max abs 2e-3); prints the errors (name padded to `width`) and raises *worst_fwd. *got: the output
+// as fp32, for the callers' further checks.
+void check_flash_forward(int fv, const DeviceInputs& d, const am::AttnParams& dp, Tensor& out, Tensor& lse,
+                         const Reference& ref, const std::string& name, int width, double* worst_fwd,
+                         std::vector<float>* got) {
+  const std::string tag = name + " fwd variant " + std::to_string(fv);
+  am::cuda::attention_tuning().fwd_variant = fv;
+  poison(out);
+  poison(lse);
+  am::cuda::attention_fwd(d.q, d.k, d.v, dp, out, lse);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
+  *got = download_bf16(out);
+  const FwdErrors e = check_forward(*got, download_f32(lse), ref, dp, tag, 1e-2, 2e-3);
+  *worst_fwd = std::max(*worst_fwd, e.out);
+  std::printf("  %-*s fwd v%d: out rel %.2e  lse max abs %.2e\n", width, name.c_str(), fv, e.out, e.lse);
+}
+
+// Forward determinism (no atomics): a second run of the current variant into fresh buffers matches `got` bit for bit.
+void expect_forward_repeatable(const DeviceInputs& d, const am::AttnParams& dp, const std::vector<float>& got,
+                               const std::string& what) {
+  const AttnShapes s = attn_shapes(dp);
+  Tensor out2 = dev_empty(s.o, DType::BF16), lse2 = dev_empty(s.lse, DType::F32);
+  poison(out2);
+  am::cuda::attention_fwd(d.q, d.k, d.v, dp, out2, lse2);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(std::memcmp(download_bf16(out2).data(), got.data(), got.size() * 4), 0)
+      << what << ": forward not repeatable";
+}
+
+// The backward's input, as training has it: out / lse from the device forward's auto variant.
+void forward_for_backward(const DeviceInputs& d, const am::AttnParams& dp, Tensor& out, Tensor& lse) {
+  am::cuda::attention_tuning().fwd_variant = 0;
+  am::cuda::attention_fwd(d.q, d.k, d.v, dp, out, lse);
+}
+
+// One flash backward (variant bv, split mode sp) from out / lse into poisoned dq / dk / dv (dsinks, when given,
+// accumulated into as it is), checked against the reference with the bf16 budget 2e-2.
+void check_flash_backward(int bv, int sp, const DeviceInputs& d, const am::AttnParams& dp, const Tensor& out,
+                          const Tensor& lse, Tensor& gdq, Tensor& gdk, Tensor& gdv, Tensor* dsinks,
+                          const Reference& ref, const std::string& tag, GradErrors* e) {
+  am::cuda::attention_tuning().bwd_variant = bv;
+  am::cuda::attention_tuning().bwd_split = sp;
+  poison(gdq);
+  poison(gdk);
+  poison(gdv);
+  am::cuda::attention_bwd(d.q, d.k, d.v, out, lse, d.dout, dp, gdq, gdk, gdv, dsinks);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
+  *e = check_grads(download_bf16(gdq), download_bf16(gdk), download_bf16(gdv), ref, tag, 2e-2);
+}
+
+// Every backward variant x split mode (bwd_splits) without sinks' gradient from out / lse, each checked by
+// check_flash_backward; prints the errors (name padded to `width`) and raises *worst_bwd.
+void check_flash_backwards(const DeviceInputs& d, const am::AttnParams& dp, const Tensor& out, const Tensor& lse,
+                           const Reference& ref, const std::string& name, int width, double* worst_bwd) {
+  const AttnShapes s = attn_shapes(dp);
+  Tensor gdq = dev_empty(s.q, DType::BF16), gdk = dev_empty(s.k, DType::BF16), gdv = dev_empty(s.v, DType::BF16);
+  for (int bv : variants("AM_ATTN_BWD_VARIANTS", 4))
+    for (int sp : bwd_splits(dp.n_heads, dp.n_kv_heads)) {  // split 0 (auto): small cases split the whole group
+      GradErrors e;
+      const std::string tag = name + " bwd variant " + std::to_string(bv) + " split " + std::to_string(sp);
+      ASSERT_NO_FATAL_FAILURE(check_flash_backward(bv, sp, d, dp, out, lse, gdq, gdk, gdv, nullptr, ref, tag, &e));
+      *worst_bwd = std::max({*worst_bwd, e.dq, e.dk, e.dv});
+      std::printf("  %-*s bwd v%d split %d: dq %.2e dk %.2e dv %.2e\n", width, name.c_str(), bv, sp, e.dq, e.dk, e.dv);
+    }
+}
+
+// The kernels the unverified gate selects for what ops:: would send to the flash kernels only with
+// AM_ALLOW_UNVERIFIED_CUDA=1: flash (am::cuda::attention_bwd) when it is set, else the generic kernels.
+void gated_backward(bool flash, const DeviceInputs& d, const Tensor& out, const Tensor& lse, const am::AttnParams& p,
+                    Tensor& dq, Tensor& dk, Tensor& dv, Tensor* dsinks) {
+  if (flash)
+    am::cuda::attention_bwd(d.q, d.k, d.v, out, lse, d.dout, p, dq, dk, dv, dsinks);
+  else
+    am::cuda::attention_generic_bwd(d.q, d.k, d.v, out, lse, d.dout, p, dq, dk, dv, dsinks);
+}
+
+// ops::attention_fwd against the kernels the gate selects (as gated_backward), on the same inputs: both forwards
+// are deterministic, so out and lse must match bit for bit. *o_ops / *l_ops: ops::'s out and lse, for the backward.
+// `tag` (may be empty) names the case in the failure messages.
+void expect_ops_forward_follows_gate(const DeviceInputs& d, const am::AttnParams& p, bool flash,
+                                     const std::string& tag, Tensor* o_ops, Tensor* l_ops) {
+  const AttnShapes s = attn_shapes(p);
+  *o_ops = dev_empty(s.o, DType::BF16);
+  *l_ops = dev_empty(s.lse, DType::F32);
+  Tensor o_dir = dev_empty(s.o, DType::BF16), l_dir = dev_empty(s.lse, DType::F32);
+  am::ops::attention_fwd(d.q, d.k, d.v, p, *o_ops, *l_ops);
+  if (flash)
+    am::cuda::attention_fwd(d.q, d.k, d.v, p, o_dir, l_dir);
+  else
+    am::cuda::attention_generic_fwd(d.q, d.k, d.v, p, o_dir, l_dir);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
+  const std::string pre = tag.empty() ? "" : tag + ": ";
+  const auto a = download_bf16(*o_ops), b = download_bf16(o_dir), la = download_f32(*l_ops), lb = download_f32(l_dir);
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << pre << "ops:: forward is not the expected path's";
+  EXPECT_EQ(std::memcmp(la.data(), lb.data(), la.size() * 4), 0) << pre << "ops:: lse is not the expected path's";
+}
+
 // Runs one case against the CPU reference for every forward variant x backward variant x split mode.
 void run_case(const Case& c, uint32_t seed, double* worst_fwd, double* worst_bwd) {
   std::mt19937 rng(seed);
-  const int64_t B = c.B, T = c.T, nh = c.nh, nkv = c.nkv, D = c.D;
-  const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, ls{B, nh, T};
-  auto q = randn_bf16(B * T * nh * D, rng), k = randn_bf16(B * T * nkv * D, rng),
-       v = randn_bf16(B * T * nkv * D, rng), dout = randn_bf16(B * T * nh * D, rng);
-  std::vector<int32_t> seg;
-  if (c.seg_mode) seg = make_segments(c, rng);
-
-  // ---- CPU reference ----
-  am::AttnParams p;
-  p.batch = B;
-  p.seq = T;
-  p.n_heads = nh;
-  p.n_kv_heads = nkv;
-  p.head_dim = D;
-  p.scale = 1.f / std::sqrt(static_cast<float>(D));
-  p.sliding_window = c.window;
-  Tensor hseg;
-  if (c.seg_mode) {
-    hseg = Tensor::empty({B, T}, DType::I32);
-    std::memcpy(hseg.raw(), seg.data(), seg.size() * 4);
-    p.segment_ids = &hseg;
-  }
-  Tensor hq = host_f32(q, qs), hk = host_f32(k, ks), hv = host_f32(v, ks), hdo = host_f32(dout, qs);
-  Tensor hout = Tensor::empty(qs, DType::F32), hlse = Tensor::empty(ls, DType::F32);
-  am::ops::attention_fwd(hq, hk, hv, p, hout, hlse);
-  Tensor hdq = Tensor::empty(qs, DType::F32), hdk = Tensor::empty(ks, DType::F32), hdv = Tensor::empty(ks, DType::F32);
-  am::ops::attention_bwd(hq, hk, hv, hout, hlse, hdo, p, hdq, hdk, hdv);
-  const auto ref_out = host_vec(hout), ref_lse = host_vec(hlse), ref_dq = host_vec(hdq), ref_dk = host_vec(hdk),
-             ref_dv = host_vec(hdv);
+  const am::AttnParams p = attn_params(c.B, c.T, c.nh, c.nkv, c.D, 0, c.window);
+  const AttnShapes s = attn_shapes(p);
+  const HostInputs in = random_inputs(p, rng);
+  const SegmentIds seg = case_segments(c, rng);
+  const std::string name = case_name(c);
+  const Reference ref = cpu_reference(p, in, seg);
 
   // ---- device ----
-  Tensor dq_in = upload_bf16(q, qs), dk_in = upload_bf16(k, ks), dv_in = upload_bf16(v, ks),
-         ddo = upload_bf16(dout, qs);
-  Tensor dseg;
-  am::AttnParams dp = p;
-  dp.segment_ids = nullptr;
-  if (c.seg_mode) {
-    dseg = dev_empty({B, T}, DType::I32);
-    ASSERT_EQ(cudaMemcpy(dseg.raw(), seg.data(), seg.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-    dp.segment_ids = &dseg;
-  }
-  Tensor dout_t = dev_empty(qs, DType::BF16), dlse = dev_empty(ls, DType::F32);
-  Tensor gdq = dev_empty(qs, DType::BF16), gdk = dev_empty(ks, DType::BF16), gdv = dev_empty(ks, DType::BF16);
-
-  const int group = c.nh / c.nkv;
+  const DeviceInputs d = upload_inputs(in, p);
+  const am::AttnParams dp = device_params(p, seg, nullptr);
+  Tensor dout_t = dev_empty(s.o, DType::BF16), dlse = dev_empty(s.lse, DType::F32);
   for (int fv : variants("AM_ATTN_FWD_VARIANTS", 5)) {
-    am::cuda::attention_tuning().fwd_variant = fv;
-    poison(dout_t);
-    poison(dlse);
-    am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, dout_t, dlse);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << case_name(c) << " fwd variant " << fv;
-    const auto out = download_bf16(dout_t);
-    const auto lse = download_f32(dlse);
-    size_t nf = 0;
-    Errors e;
-    e.out = rel_err(out, ref_out, &nf);
-    EXPECT_EQ(nf, 0u) << case_name(c) << " fwd variant " << fv << ": non-finite outputs (unwritten?)";
-    size_t lse_bad = 0, pad_bad = 0;
-    for (size_t i = 0; i < ref_lse.size(); ++i) {
-      if (std::isinf(ref_lse[i])) {
-        if (!(std::isinf(lse[i]) && lse[i] < 0)) ++lse_bad;
-      } else if (!std::isfinite(lse[i])) {
-        ++lse_bad;
-      } else {
-        e.lse = std::max(e.lse, static_cast<double>(std::fabs(lse[i] - ref_lse[i])));
-      }
-    }
-    // rows that see nothing must be exactly zero
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t h = 0; h < nh; ++h)
-          if (std::isinf(ref_lse[(b * nh + h) * T + t]))
-            for (int64_t d = 0; d < D; ++d)
-              if (out[((b * T + t) * nh + h) * D + d] != 0.f) ++pad_bad;
-    EXPECT_EQ(lse_bad, 0u) << case_name(c) << " fwd variant " << fv << ": lse -inf / finiteness mismatches";
-    EXPECT_EQ(pad_bad, 0u) << case_name(c) << " fwd variant " << fv << ": padding rows not zero";
-    EXPECT_LT(e.out, 1e-2) << case_name(c) << " fwd variant " << fv;
-    EXPECT_LT(e.lse, 2e-3) << case_name(c) << " fwd variant " << fv;
-    *worst_fwd = std::max(*worst_fwd, e.out);
-    std::printf("  %-40s fwd v%d: out rel %.2e  lse max abs %.2e\n", case_name(c).c_str(), fv, e.out, e.lse);
-
-    // Forward determinism (no atomics): a second run must match bit for bit.
-    if (fv == 1 || fv == 4) {
-      Tensor out2 = dev_empty(qs, DType::BF16), lse2 = dev_empty(ls, DType::F32);
-      poison(out2);
-      am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, out2, lse2);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      const auto o2 = download_bf16(out2);
-      EXPECT_EQ(std::memcmp(o2.data(), out.data(), o2.size() * 4), 0) << case_name(c) << ": forward not repeatable";
-    }
+    std::vector<float> out;
+    ASSERT_NO_FATAL_FAILURE(check_flash_forward(fv, d, dp, dout_t, dlse, ref, name, 40, worst_fwd, &out));
+    if (fv == 1 || fv == 4) ASSERT_NO_FATAL_FAILURE(expect_forward_repeatable(d, dp, out, name));
   }
-
-  // Backward from the device forward's out / lse (what training does).
-  am::cuda::attention_tuning().fwd_variant = 0;
-  am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, dout_t, dlse);
-  std::vector<int> splits{1};
-  if (group > 1) splits.push_back(0);  // auto: small cases split the whole group
-  if (group >= 4) splits.push_back(2);
-  for (int bv : variants("AM_ATTN_BWD_VARIANTS", 4))
-    for (int sp : splits) {
-      am::cuda::attention_tuning().bwd_variant = bv;
-      am::cuda::attention_tuning().bwd_split = sp;
-      poison(gdq);
-      poison(gdk);
-      poison(gdv);
-      am::cuda::attention_bwd(dq_in, dk_in, dv_in, dout_t, dlse, ddo, dp, gdq, gdk, gdv);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << case_name(c) << " bwd variant " << bv << " split " << sp;
-      Errors e;
-      size_t n1 = 0, n2 = 0, n3 = 0;
-      e.dq = rel_err(download_bf16(gdq), ref_dq, &n1);
-      e.dk = rel_err(download_bf16(gdk), ref_dk, &n2);
-      e.dv = rel_err(download_bf16(gdv), ref_dv, &n3);
-      const std::string tag = case_name(c) + " bwd variant " + std::to_string(bv) + " split " + std::to_string(sp);
-      EXPECT_EQ(n1 + n2 + n3, 0u) << tag << ": non-finite gradients (unwritten?) dq " << n1 << " dk " << n2
-                                  << " dv " << n3;
-      EXPECT_LT(e.dq, 2e-2) << tag;
-      EXPECT_LT(e.dk, 2e-2) << tag;
-      EXPECT_LT(e.dv, 2e-2) << tag;
-      *worst_bwd = std::max({*worst_bwd, e.dq, e.dk, e.dv});
-      std::printf("  %-40s bwd v%d split %d: dq %.2e dk %.2e dv %.2e\n", case_name(c).c_str(), bv, sp, e.dq, e.dk,
-                  e.dv);
-    }
+  forward_for_backward(d, dp, dout_t, dlse);
+  check_flash_backwards(d, dp, dout_t, dlse, ref, name, 40, worst_bwd);
 }
 
 TEST_F(CudaAttention, MatchesCpuReference) {
@@ -321,13 +224,7 @@ TEST_F(CudaAttention, MatchesCpuReference) {
       {2, 384, 8, 1, 64, 0, 0},    {1, 333, 8, 8, 128, 0, 3},  {1, 700, 8, 1, 64, 0, 3},
       {1, 1100, 4, 1, 128, 0, 0},  {2, 999, 8, 2, 64, 256, 0},
   };
-  double wf = 0, wb = 0;
-  uint32_t seed = 1234;
-  for (const auto& c : cases) {
-    run_case(c, seed++, &wf, &wb);
-    if (HasFatalFailure()) return;
-  }
-  std::printf("CudaAttention worst rel error: forward out %.3e, backward %.3e\n", wf, wb);
+  run_cases(cases, 1234, "CudaAttention", run_case);
 }
 
 // ---------------- generic kernels (attention_generic.h) through ops::attention_fwd/bwd ----------------
@@ -352,125 +249,46 @@ std::string gen_name(const GenCase& c) {
   return buf;
 }
 
-Tensor upload_as(const std::vector<float>& x, const Shape& s, DType dt) {
-  if (dt == DType::BF16) return upload_bf16(x, s);
-  Tensor t = dev_empty(s, DType::F32);
-  if (cudaMemcpy(t.raw(), x.data(), x.size() * 4, cudaMemcpyHostToDevice) != cudaSuccess)
-    throw am::DeviceError("test: upload failed");
-  return t;
-}
-std::vector<float> download_as_f32(const Tensor& t) {
-  return t.dtype() == DType::BF16 ? download_bf16(t) : download_f32(t);
-}
-
 void run_generic_case(const GenCase& c, uint32_t seed, double* worst) {
   std::mt19937 rng(seed);
-  const int64_t B = c.B, T = c.T, nh = c.nh, nkv = c.nkv, D = c.D, Dv = c.Dv;
-  const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, vs{B, T, nkv, Dv}, os{B, T, nh, Dv}, ls{B, nh, T};
-  auto q = randn_bf16(B * T * nh * D, rng), k = randn_bf16(B * T * nkv * D, rng), v = randn_bf16(B * T * nkv * Dv, rng),
-       dout = randn_bf16(B * T * nh * Dv, rng);
+  const am::AttnParams p = attn_params(c.B, c.T, c.nh, c.nkv, c.D, c.Dv, c.window, c.softcap);
+  const AttnShapes s = attn_shapes(p);
+  const int64_t nh = c.nh;
+  const HostInputs in = random_inputs(p, rng);
   // Sinks around the typical row logsumexp so they matter (gpt_oss's learned values are O(1)).
-  std::vector<float> sinks = randn_bf16(nh, rng, 1.5f);
-  std::vector<int32_t> seg;
-  if (c.seg_mode) seg = make_segments(Case{c.B, c.T, c.nh, c.nkv, c.D, c.window, c.seg_mode}, rng);
+  const std::vector<float> sinks = randn_bf16(nh, rng, 1.5f);
+  const SegmentIds seg = case_segments(Case{c.B, c.T, c.nh, c.nkv, c.D, c.window, c.seg_mode}, rng);
   const std::string tag = gen_name(c);
-
-  // ---- CPU reference ----
-  am::AttnParams p;
-  p.batch = B;
-  p.seq = T;
-  p.n_heads = nh;
-  p.n_kv_heads = nkv;
-  p.head_dim = D;
-  p.v_head_dim = Dv == D ? 0 : Dv;
-  p.scale = 1.f / std::sqrt(static_cast<float>(D));
-  p.sliding_window = c.window;
-  p.softcap = c.softcap;
-  Tensor hseg, hsinks = host_f32(sinks, {nh}), hdsinks = Tensor::zeros({nh}, DType::F32);
-  if (c.seg_mode) {
-    hseg = Tensor::empty({B, T}, DType::I32);
-    std::memcpy(hseg.raw(), seg.data(), seg.size() * 4);
-    p.segment_ids = &hseg;
-  }
-  if (c.sinks) p.sinks = &hsinks;
-  Tensor hq = host_f32(q, qs), hk = host_f32(k, ks), hv = host_f32(v, vs), hdo = host_f32(dout, os);
-  Tensor hout = Tensor::empty(os, DType::F32), hlse = Tensor::empty(ls, DType::F32);
-  am::ops::attention_fwd(hq, hk, hv, p, hout, hlse);
-  Tensor hdq = Tensor::empty(qs, DType::F32), hdk = Tensor::empty(ks, DType::F32), hdv = Tensor::empty(vs, DType::F32);
-  am::ops::attention_bwd(hq, hk, hv, hout, hlse, hdo, p, hdq, hdk, hdv, c.sinks ? &hdsinks : nullptr);
-  const auto ref_out = host_vec(hout), ref_lse = host_vec(hlse), ref_dq = host_vec(hdq), ref_dk = host_vec(hdk),
-             ref_dv = host_vec(hdv), ref_dsinks = host_vec(hdsinks);
-  // Scale of each head's dsinks sum (its terms have both signs): sum_i e^(s_h - lse_i) |dout_i . out_i|.
-  std::vector<double> dsink_scale(static_cast<size_t>(nh), 0.0);
-  if (c.sinks)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < nh; ++h)
-        for (int64_t t = 0; t < T; ++t) {
-          const float L = ref_lse[(b * nh + h) * T + t];
-          if (std::isinf(L)) continue;
-          double dd = 0;
-          for (int64_t x = 0; x < Dv; ++x)
-            dd += static_cast<double>(dout[((b * T + t) * nh + h) * Dv + x]) * ref_out[((b * T + t) * nh + h) * Dv + x];
-          dsink_scale[h] += std::exp(static_cast<double>(sinks[h]) - L) * std::fabs(dd);
-        }
+  const Reference ref = cpu_reference(p, in, seg, c.sinks ? &sinks : nullptr, c.sinks != 0);
+  const std::vector<double> dsink_scale =
+      c.sinks ? dsink_scales(p, ref, in.dout, sinks) : std::vector<double>(static_cast<size_t>(nh), 0.0);
 
   // ---- device ----
   const bool f32 = c.dt == DType::F32;
   const double tol_out = f32 ? 1e-4 : 1e-2, tol_lse = f32 ? 1e-4 : 2e-3, tol_grad = f32 ? 1e-4 : 2e-2;
-  Tensor dq_in = upload_as(q, qs, c.dt), dk_in = upload_as(k, ks, c.dt), dv_in = upload_as(v, vs, c.dt),
-         ddo = upload_as(dout, os, c.dt);
-  Tensor dseg, dsinks_t, ddsinks;
-  am::AttnParams dp = p;
-  dp.segment_ids = nullptr;
-  dp.sinks = nullptr;
-  if (c.seg_mode) {
-    dseg = dev_empty({B, T}, DType::I32);
-    ASSERT_EQ(cudaMemcpy(dseg.raw(), seg.data(), seg.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-    dp.segment_ids = &dseg;
-  }
+  const DeviceInputs d = upload_inputs(in, p, c.dt);
+  Tensor dsinks_t, ddsinks;
   constexpr float kDsinksInit = 0.25f;  // dsinks accumulate: start from a known non-zero value
   if (c.sinks) {
     dsinks_t = upload_as(sinks, {nh}, c.sinks == 2 ? DType::BF16 : DType::F32);
-    dp.sinks = &dsinks_t;
     ddsinks = upload_as(std::vector<float>(static_cast<size_t>(nh), kDsinksInit), {nh}, DType::F32);
   }
-  Tensor out = dev_empty(os, c.dt), lse = dev_empty(ls, DType::F32);
+  const am::AttnParams dp = device_params(p, seg, c.sinks ? &dsinks_t : nullptr);
+  Tensor out = dev_empty(s.o, c.dt), lse = dev_empty(s.lse, DType::F32);
   poison(out);
   poison(lse);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   if (c.direct)
-    am::cuda::attention_generic_fwd(dq_in, dk_in, dv_in, dp, out, lse);
+    am::cuda::attention_generic_fwd(d.q, d.k, d.v, dp, out, lse);
   else
-    am::ops::attention_fwd(dq_in, dk_in, dv_in, dp, out, lse);
+    am::ops::attention_fwd(d.q, d.k, d.v, dp, out, lse);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag << " fwd";
-  const auto got_out = download_as_f32(out), got_lse = download_f32(lse);
-  size_t nf = 0, lse_bad = 0, pad_bad = 0;
-  const double e_out = rel_err(got_out, ref_out, &nf);
-  double e_lse = 0;
-  for (size_t i = 0; i < ref_lse.size(); ++i) {
-    if (std::isinf(ref_lse[i])) {
-      if (!(std::isinf(got_lse[i]) && got_lse[i] < 0)) ++lse_bad;
-    } else if (!std::isfinite(got_lse[i])) {
-      ++lse_bad;
-    } else {
-      e_lse = std::max(e_lse, static_cast<double>(std::fabs(got_lse[i] - ref_lse[i])));
-    }
-  }
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t h = 0; h < nh; ++h)
-        if (std::isinf(ref_lse[(b * nh + h) * T + t]))
-          for (int64_t x = 0; x < Dv; ++x)
-            if (got_out[((b * T + t) * nh + h) * Dv + x] != 0.f) ++pad_bad;
-  EXPECT_EQ(nf, 0u) << tag << ": non-finite outputs (unwritten?)";
-  EXPECT_EQ(lse_bad, 0u) << tag << ": lse -inf / finiteness mismatches";
-  EXPECT_EQ(pad_bad, 0u) << tag << ": rows that see no key are not zero";
-  EXPECT_LT(e_out, tol_out) << tag;
-  EXPECT_LT(e_lse, tol_lse) << tag;
+  const FwdErrors ef = check_forward(download_as_f32(out), download_f32(lse), ref, p, tag, tol_out, tol_lse,
+                                     "rows that see no key are not zero");
 
   // Backward from the device forward's out / lse (as training does), twice: dq/dk/dv use no atomics, so the
   // second run must match the first bit for bit.
-  Tensor gdq = dev_empty(qs, c.dt), gdk = dev_empty(ks, c.dt), gdv = dev_empty(vs, c.dt);
+  Tensor gdq = dev_empty(s.q, c.dt), gdk = dev_empty(s.k, c.dt), gdv = dev_empty(s.v, c.dt);
   std::vector<float> first[3];
   for (int run = 0; run < 2; ++run) {
     poison(gdq);
@@ -479,9 +297,9 @@ void run_generic_case(const GenCase& c, uint32_t seed, double* worst) {
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     Tensor* dsp = c.sinks && run == 0 ? &ddsinks : nullptr;  // accumulate once
     if (c.direct)
-      am::cuda::attention_generic_bwd(dq_in, dk_in, dv_in, out, lse, ddo, dp, gdq, gdk, gdv, dsp);
+      am::cuda::attention_generic_bwd(d.q, d.k, d.v, out, lse, d.dout, dp, gdq, gdk, gdv, dsp);
     else
-      am::ops::attention_bwd(dq_in, dk_in, dv_in, out, lse, ddo, dp, gdq, gdk, gdv, dsp);
+      am::ops::attention_bwd(d.q, d.k, d.v, out, lse, d.dout, dp, gdq, gdk, gdv, dsp);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag << " bwd";
     const std::vector<float> g[3] = {download_as_f32(gdq), download_as_f32(gdk), download_as_f32(gdv)};
     if (run == 1) {
@@ -491,27 +309,12 @@ void run_generic_case(const GenCase& c, uint32_t seed, double* worst) {
             << tag << ": backward not repeatable (" << names[x] << ")";
       break;
     }
-    size_t n1 = 0, n2 = 0, n3 = 0;
-    const double edq = rel_err(g[0], ref_dq, &n1), edk = rel_err(g[1], ref_dk, &n2), edv = rel_err(g[2], ref_dv, &n3);
-    EXPECT_EQ(n1 + n2 + n3, 0u) << tag << ": non-finite gradients (unwritten?) dq " << n1 << " dk " << n2 << " dv "
-                                << n3;
-    EXPECT_LT(edq, tol_grad) << tag;
-    EXPECT_LT(edk, tol_grad) << tag;
-    EXPECT_LT(edv, tol_grad) << tag;
-    double e_sink = 0;
-    if (c.sinks) {
-      const auto got = download_f32(ddsinks);
-      for (int64_t h = 0; h < nh; ++h) {
-        const double err = std::fabs((static_cast<double>(got[h]) - kDsinksInit) - ref_dsinks[h]);
-        const double scale = std::max(1e-6, dsink_scale[h]);
-        e_sink = std::max(e_sink, err / scale);
-        EXPECT_TRUE(std::isfinite(got[h])) << tag << ": dsinks[" << h << "]";
-      }
-      EXPECT_LT(e_sink, tol_grad) << tag << ": dsinks (error relative to the sum of |terms|)";
-    }
-    *worst = std::max({*worst, e_out, edq, edk, edv, e_sink});
-    std::printf("  %-72s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e dsinks %.2e\n", tag.c_str(), e_out, e_lse, edq,
-                edk, edv, e_sink);
+    const GradErrors e = check_grads(g[0], g[1], g[2], ref, tag, tol_grad);
+    const double e_sink =
+        c.sinks ? check_dsinks(download_f32(ddsinks), kDsinksInit, ref, dsink_scale, tag, tol_grad) : 0.0;
+    *worst = std::max({*worst, ef.out, e.dq, e.dk, e.dv, e_sink});
+    std::printf("  %-72s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e dsinks %.2e\n", tag.c_str(), ef.out, ef.lse, e.dq,
+                e.dk, e.dv, e_sink);
     for (int x = 0; x < 3; ++x) first[x] = g[x];
   }
 }
@@ -649,159 +452,62 @@ std::string sink_name(const SinkCase& c) {
 
 void run_sink_case(const SinkCase& c, uint32_t seed, double* worst_fwd, double* worst_bwd) {
   std::mt19937 rng(seed);
-  const int64_t B = c.B, T = c.T, nh = c.nh, nkv = c.nkv, D = c.D;
-  const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, ls{B, nh, T};
-  auto q = randn_bf16(B * T * nh * D, rng), k = randn_bf16(B * T * nkv * D, rng),
-       v = randn_bf16(B * T * nkv * D, rng), dout = randn_bf16(B * T * nh * D, rng);
+  const am::AttnParams p = attn_params(c.B, c.T, c.nh, c.nkv, c.D, 0, c.window);
+  const AttnShapes s = attn_shapes(p);
+  const int64_t nh = c.nh;
+  const HostInputs in = random_inputs(p, rng);
   std::vector<float> sinks = randn_bf16(nh, rng, 1.5f);
   for (auto& x : sinks) x = am::bf16_to_f32(am::f32_to_bf16(x + c.sink_shift));  // bf16-exact: fp32 == bf16 copy
-  std::vector<int32_t> seg;
-  if (c.seg_mode) seg = make_segments(Case{c.B, c.T, c.nh, c.nkv, c.D, c.window, c.seg_mode}, rng);
+  const SegmentIds seg = case_segments(Case{c.B, c.T, c.nh, c.nkv, c.D, c.window, c.seg_mode}, rng);
   const std::string name = sink_name(c);
-
-  // ---- CPU reference (fp32 copies, fp64 accumulation) ----
-  am::AttnParams p;
-  p.batch = B;
-  p.seq = T;
-  p.n_heads = nh;
-  p.n_kv_heads = nkv;
-  p.head_dim = D;
-  p.scale = 1.f / std::sqrt(static_cast<float>(D));
-  p.sliding_window = c.window;
-  Tensor hseg, hsinks = host_f32(sinks, {nh}), hdsinks = Tensor::zeros({nh}, DType::F32);
-  if (c.seg_mode) {
-    hseg = Tensor::empty({B, T}, DType::I32);
-    std::memcpy(hseg.raw(), seg.data(), seg.size() * 4);
-    p.segment_ids = &hseg;
-  }
-  p.sinks = &hsinks;
-  Tensor hq = host_f32(q, qs), hk = host_f32(k, ks), hv = host_f32(v, ks), hdo = host_f32(dout, qs);
-  Tensor hout = Tensor::empty(qs, DType::F32), hlse = Tensor::empty(ls, DType::F32);
-  am::ops::attention_fwd(hq, hk, hv, p, hout, hlse);
-  Tensor hdq = Tensor::empty(qs, DType::F32), hdk = Tensor::empty(ks, DType::F32), hdv = Tensor::empty(ks, DType::F32);
-  am::ops::attention_bwd(hq, hk, hv, hout, hlse, hdo, p, hdq, hdk, hdv, &hdsinks);
-  const auto ref_out = host_vec(hout), ref_lse = host_vec(hlse), ref_dq = host_vec(hdq), ref_dk = host_vec(hdk),
-             ref_dv = host_vec(hdv), ref_dsinks = host_vec(hdsinks);
-  // Scale of each head's dsinks sum (terms of both signs): sum_i e^(s_h - lse_i) |dout_i . out_i|.
-  std::vector<double> dsink_scale(static_cast<size_t>(nh), 0.0);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < nh; ++h)
-      for (int64_t t = 0; t < T; ++t) {
-        const float L = ref_lse[(b * nh + h) * T + t];
-        if (std::isinf(L)) continue;
-        double dd = 0;
-        for (int64_t x = 0; x < D; ++x)
-          dd += static_cast<double>(dout[((b * T + t) * nh + h) * D + x]) * ref_out[((b * T + t) * nh + h) * D + x];
-        dsink_scale[h] += std::exp(static_cast<double>(sinks[h]) - L) * std::fabs(dd);
-      }
+  // CPU reference: fp32 copies, fp64 accumulation.
+  const Reference ref = cpu_reference(p, in, seg, &sinks, true);
+  const std::vector<double> dsink_scale = dsink_scales(p, ref, in.dout, sinks);
 
   // ---- device ----
-  Tensor dq_in = upload_bf16(q, qs), dk_in = upload_bf16(k, ks), dv_in = upload_bf16(v, ks),
-         ddo = upload_bf16(dout, qs);
-  Tensor dseg, dsinks_t = upload_as(sinks, {nh}, c.bf16_sinks ? DType::BF16 : DType::F32);
-  am::AttnParams dp = p;
-  dp.segment_ids = nullptr;
-  dp.sinks = &dsinks_t;
-  if (c.seg_mode) {
-    dseg = dev_empty({B, T}, DType::I32);
-    ASSERT_EQ(cudaMemcpy(dseg.raw(), seg.data(), seg.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-    dp.segment_ids = &dseg;
-  }
-  Tensor out = dev_empty(qs, DType::BF16), lse = dev_empty(ls, DType::F32);
-
+  const DeviceInputs d = upload_inputs(in, p);
+  Tensor dsinks_t = upload_as(sinks, {nh}, c.bf16_sinks ? DType::BF16 : DType::F32);
+  const am::AttnParams dp = device_params(p, seg, &dsinks_t);
+  Tensor out = dev_empty(s.o, DType::BF16), lse = dev_empty(s.lse, DType::F32);
+  // Rows that see no key (padding) ignore the sink: out 0, lse -inf (check_forward).
   for (int fv : variants("AM_ATTN_FWD_VARIANTS", 5)) {
-    am::cuda::attention_tuning().fwd_variant = fv;
-    poison(out);
-    poison(lse);
-    am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, out, lse);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << name << " fwd variant " << fv;
-    const auto got = download_bf16(out);
-    const auto got_lse = download_f32(lse);
-    const std::string tag = name + " fwd variant " + std::to_string(fv);
-    size_t nf = 0, lse_bad = 0, pad_bad = 0;
-    const double e_out = rel_err(got, ref_out, &nf);
-    double e_lse = 0;
-    for (size_t i = 0; i < ref_lse.size(); ++i) {
-      if (std::isinf(ref_lse[i])) {
-        if (!(std::isinf(got_lse[i]) && got_lse[i] < 0)) ++lse_bad;
-      } else if (!std::isfinite(got_lse[i])) {
-        ++lse_bad;
-      } else {
-        e_lse = std::max(e_lse, static_cast<double>(std::fabs(got_lse[i] - ref_lse[i])));
-      }
-    }
-    for (int64_t b = 0; b < B; ++b)  // rows that see no key (padding) ignore the sink: out 0, lse -inf
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t h = 0; h < nh; ++h)
-          if (std::isinf(ref_lse[(b * nh + h) * T + t]))
-            for (int64_t d = 0; d < D; ++d)
-              if (got[((b * T + t) * nh + h) * D + d] != 0.f) ++pad_bad;
-    EXPECT_EQ(nf, 0u) << tag << ": non-finite outputs (unwritten?)";
-    EXPECT_EQ(lse_bad, 0u) << tag << ": lse -inf / finiteness mismatches";
-    EXPECT_EQ(pad_bad, 0u) << tag << ": padding rows not zero";
-    EXPECT_LT(e_out, 1e-2) << tag;
-    EXPECT_LT(e_lse, 2e-3) << tag;
-    *worst_fwd = std::max(*worst_fwd, e_out);
-    std::printf("  %-52s fwd v%d: out rel %.2e  lse max abs %.2e\n", name.c_str(), fv, e_out, e_lse);
+    std::vector<float> got;
+    ASSERT_NO_FATAL_FAILURE(check_flash_forward(fv, d, dp, out, lse, ref, name, 52, worst_fwd, &got));
   }
 
   // Backward from the device forward's out / lse (what training does); dsinks starts at kInit and must come back
   // as kInit + ref, with the same bits from every variant and split.
-  am::cuda::attention_tuning().fwd_variant = 0;
-  am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, out, lse);
+  forward_for_backward(d, dp, out, lse);
   constexpr float kInit = 0.25f;
   const std::vector<float> init(static_cast<size_t>(nh), kInit);
-  Tensor gdq = dev_empty(qs, DType::BF16), gdk = dev_empty(ks, DType::BF16), gdv = dev_empty(ks, DType::BF16);
+  Tensor gdq = dev_empty(s.q, DType::BF16), gdk = dev_empty(s.k, DType::BF16), gdv = dev_empty(s.v, DType::BF16);
   Tensor gds = dev_empty({nh}, DType::F32);
   std::vector<float> first_dsinks;
-  const int group = c.nh / c.nkv;
-  std::vector<int> splits{1};
-  if (group > 1) splits.push_back(0);
-  if (group >= 4) splits.push_back(2);
   for (int bv : variants("AM_ATTN_BWD_VARIANTS", 4))
-    for (int sp : splits) {
-      am::cuda::attention_tuning().bwd_variant = bv;
-      am::cuda::attention_tuning().bwd_split = sp;
-      poison(gdq);
-      poison(gdk);
-      poison(gdv);
+    for (int sp : bwd_splits(c.nh, c.nkv)) {
       ASSERT_EQ(cudaMemcpy(gds.raw(), init.data(), init.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-      am::cuda::attention_bwd(dq_in, dk_in, dv_in, out, lse, ddo, dp, gdq, gdk, gdv, &gds);
+      GradErrors e;
       const std::string tag = name + " bwd variant " + std::to_string(bv) + " split " + std::to_string(sp);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
-      size_t n1 = 0, n2 = 0, n3 = 0;
-      const double edq = rel_err(download_bf16(gdq), ref_dq, &n1), edk = rel_err(download_bf16(gdk), ref_dk, &n2),
-                   edv = rel_err(download_bf16(gdv), ref_dv, &n3);
-      EXPECT_EQ(n1 + n2 + n3, 0u) << tag << ": non-finite gradients (unwritten?) dq " << n1 << " dk " << n2
-                                  << " dv " << n3;
-      EXPECT_LT(edq, 2e-2) << tag;
-      EXPECT_LT(edk, 2e-2) << tag;
-      EXPECT_LT(edv, 2e-2) << tag;
+      ASSERT_NO_FATAL_FAILURE(check_flash_backward(bv, sp, d, dp, out, lse, gdq, gdk, gdv, &gds, ref, tag, &e));
       const auto ds = download_f32(gds);
-      double e_sink = 0;
-      for (int64_t h = 0; h < nh; ++h) {
-        EXPECT_TRUE(std::isfinite(ds[h])) << tag << ": dsinks[" << h << "]";
-        const double err = std::fabs((static_cast<double>(ds[h]) - kInit) - ref_dsinks[h]);
-        e_sink = std::max(e_sink, err / std::max(1e-6, dsink_scale[h]));
-      }
-      EXPECT_LT(e_sink, 2e-2) << tag << ": dsinks (error relative to the sum of |terms|)";
+      const double e_sink = check_dsinks(ds, kInit, ref, dsink_scale, tag, 2e-2);
       if (first_dsinks.empty())
         first_dsinks = ds;
       else
         EXPECT_EQ(std::memcmp(ds.data(), first_dsinks.data(), ds.size() * 4), 0)
             << tag << ": dsinks differ from the first backward variant (the reduction must be deterministic)";
-      *worst_bwd = std::max({*worst_bwd, edq, edk, edv, e_sink});
-      std::printf("  %-52s bwd v%d split %d: dq %.2e dk %.2e dv %.2e dsinks %.2e\n", name.c_str(), bv, sp, edq, edk,
-                  edv, e_sink);
+      *worst_bwd = std::max({*worst_bwd, e.dq, e.dk, e.dv, e_sink});
+      std::printf("  %-52s bwd v%d split %d: dq %.2e dk %.2e dv %.2e dsinks %.2e\n", name.c_str(), bv, sp, e.dq, e.dk,
+                  e.dv, e_sink);
     }
 
   // Without dsinks the backward still takes the sinked lse (no sink gradient wanted, e.g. frozen sinks).
   am::cuda::attention_tuning().bwd_variant = 0;
   am::cuda::attention_tuning().bwd_split = 0;
   poison(gdq);
-  am::cuda::attention_bwd(dq_in, dk_in, dv_in, out, lse, ddo, dp, gdq, gdk, gdv, nullptr);
+  am::cuda::attention_bwd(d.q, d.k, d.v, out, lse, d.dout, dp, gdq, gdk, gdv, nullptr);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << name << " bwd without dsinks";
-  EXPECT_LT(rel_err(download_bf16(gdq), ref_dq), 2e-2) << name << " bwd without dsinks";
+  EXPECT_LT(rel_err(download_bf16(gdq), ref.dq), 2e-2) << name << " bwd without dsinks";
 }
 
 TEST_F(CudaAttention, FlashSinksMatchCpuReference) {
@@ -817,59 +523,40 @@ TEST_F(CudaAttention, FlashSinksMatchCpuReference) {
       {1, 1, 2, 1, 64, 0, 0, 0.f, false},      // T = 1
       {2, 999, 8, 2, 64, 128, 1, 0.f, true},   // many tiles: packed documents + window 128
   };
-  double wf = 0, wb = 0;
-  uint32_t seed = 4321;
-  for (const auto& c : cases) {
-    run_sink_case(c, seed++, &wf, &wb);
-    if (HasFatalFailure()) return;
-  }
-  std::printf("CudaAttention flash + sinks worst rel error: forward out %.3e, backward %.3e\n", wf, wb);
+  run_cases(cases, 4321, "CudaAttention flash + sinks", run_sink_case);
 }
 
 // Sinks of -inf add e^(-inf) = 0 to every normaliser: the forward must give the no-sink result bit for bit (the
 // sink epilogue then reduces to the plain one exactly: max(m, -inf) = m, 2^0 = 1), and dsinks must not move.
 // Guards the sink path's arithmetic against drifting from the no-sink path, on every forward variant.
 TEST_F(CudaAttention, FlashSinksOfMinusInfinityChangeNothing) {
-  const int64_t B = 2, T = 200, nh = 8, nkv = 2, D = 64;
-  const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, ls{B, nh, T};
+  const Case c{2, 200, 8, 2, 64, 64, 3};
+  const int64_t nh = c.nh;
   std::mt19937 rng(99);
-  Case c{2, 200, 8, 2, 64, 64, 3};
-  Tensor q = upload_bf16(randn_bf16(B * T * nh * D, rng), qs), k = upload_bf16(randn_bf16(B * T * nkv * D, rng), ks),
-         v = upload_bf16(randn_bf16(B * T * nkv * D, rng), ks), dout = upload_bf16(randn_bf16(B * T * nh * D, rng), qs);
-  const auto seg = make_segments(c, rng);
-  Tensor dseg = dev_empty({B, T}, DType::I32);
-  ASSERT_EQ(cudaMemcpy(dseg.raw(), seg.data(), seg.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  const am::AttnParams p0 = attn_params(c.B, c.T, c.nh, c.nkv, c.D, 0, c.window);
+  const AttnShapes s = attn_shapes(p0);
+  const DeviceInputs d = upload_inputs(random_inputs(p0, rng), p0);
+  const SegmentIds seg = case_segments(c, rng);
   Tensor sinks = upload_as(std::vector<float>(nh, -std::numeric_limits<float>::infinity()), {nh}, DType::F32);
-  am::AttnParams p;
-  p.batch = B;
-  p.seq = T;
-  p.n_heads = nh;
-  p.n_kv_heads = nkv;
-  p.head_dim = D;
-  p.scale = 0.125f;
-  p.sliding_window = c.window;
-  p.segment_ids = &dseg;
-  am::AttnParams ps = p;
-  ps.sinks = &sinks;
-  Tensor o1 = dev_empty(qs, DType::BF16), o2 = dev_empty(qs, DType::BF16), l1 = dev_empty(ls, DType::F32),
-         l2 = dev_empty(ls, DType::F32);
+  const am::AttnParams p = device_params(p0, seg, nullptr), ps = device_params(p0, seg, &sinks);
+  Tensor o1 = dev_empty(s.o, DType::BF16), o2 = dev_empty(s.o, DType::BF16), l1 = dev_empty(s.lse, DType::F32),
+         l2 = dev_empty(s.lse, DType::F32);
   for (int fv : variants("AM_ATTN_FWD_VARIANTS", 5)) {
     am::cuda::attention_tuning().fwd_variant = fv;
     poison(o2);
     poison(l2);
-    am::cuda::attention_fwd(q, k, v, p, o1, l1);
-    am::cuda::attention_fwd(q, k, v, ps, o2, l2);
+    am::cuda::attention_fwd(d.q, d.k, d.v, p, o1, l1);
+    am::cuda::attention_fwd(d.q, d.k, d.v, ps, o2, l2);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << "fwd variant " << fv;
     const auto a = download_bf16(o1), b = download_bf16(o2), la = download_f32(l1), lb = download_f32(l2);
     EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << "fwd variant " << fv << ": out";
     EXPECT_EQ(std::memcmp(la.data(), lb.data(), la.size() * 4), 0) << "fwd variant " << fv << ": lse";
   }
-  am::cuda::attention_tuning().fwd_variant = 0;
-  am::cuda::attention_fwd(q, k, v, ps, o2, l2);
-  Tensor dq = dev_empty(qs, DType::BF16), dk = dev_empty(ks, DType::BF16), dv = dev_empty(ks, DType::BF16);
+  forward_for_backward(d, ps, o2, l2);
+  Tensor dq = dev_empty(s.q, DType::BF16), dk = dev_empty(s.k, DType::BF16), dv = dev_empty(s.v, DType::BF16);
   const std::vector<float> init{0.5f, -1.f, 2.f, 0.f, 3.f, -0.25f, 1.f, 7.f};
   Tensor ds = upload_as(init, {nh}, DType::F32);
-  am::cuda::attention_bwd(q, k, v, o2, l2, dout, ps, dq, dk, dv, &ds);
+  am::cuda::attention_bwd(d.q, d.k, d.v, o2, l2, d.dout, ps, dq, dk, dv, &ds);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   EXPECT_EQ(download_f32(ds), init) << "sinks of -inf must leave dsinks as they were";
 }
@@ -879,45 +566,25 @@ TEST_F(CudaAttention, FlashSinksOfMinusInfinityChangeNothing) {
 // Both forwards are deterministic, and so is dsinks on either path: compare bit for bit with the path the gate
 // selects.
 TEST_F(CudaAttention, FlashSinksRoutingFollowsTheUnverifiedGate) {
-  const int64_t B = 1, T = 150, nh = 8, nkv = 2, D = 64;
-  const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, ls{B, nh, T};
   std::mt19937 rng(7);
-  Tensor q = upload_bf16(randn_bf16(B * T * nh * D, rng), qs), k = upload_bf16(randn_bf16(B * T * nkv * D, rng), ks),
-         v = upload_bf16(randn_bf16(B * T * nkv * D, rng), ks), dout = upload_bf16(randn_bf16(B * T * nh * D, rng), qs);
+  am::AttnParams p = attn_params(1, 150, 8, 2, 64, 0, 128);
+  const AttnShapes s = attn_shapes(p);
+  const int64_t nh = p.n_heads;
+  const DeviceInputs d = upload_inputs(random_inputs(p, rng), p);
   Tensor sinks = upload_as(randn_bf16(nh, rng, 1.5f), {nh}, DType::BF16);  // the model's working copy
-  am::AttnParams p;
-  p.batch = B;
-  p.seq = T;
-  p.n_heads = nh;
-  p.n_kv_heads = nkv;
-  p.head_dim = D;
-  p.scale = 0.125f;
-  p.sliding_window = 128;
   p.sinks = &sinks;
   const bool flash = am::ops::unverified_cuda_allowed();
   std::printf("  AM_ALLOW_UNVERIFIED_CUDA %s: sinks expected on the %s kernels\n", flash ? "on" : "off",
               flash ? "flash" : "generic");
   am::cuda::attention_tuning().fwd_variant = 0;
-  Tensor o_ops = dev_empty(qs, DType::BF16), l_ops = dev_empty(ls, DType::F32), o_dir = dev_empty(qs, DType::BF16),
-         l_dir = dev_empty(ls, DType::F32);
-  am::ops::attention_fwd(q, k, v, p, o_ops, l_ops);
-  if (flash)
-    am::cuda::attention_fwd(q, k, v, p, o_dir, l_dir);
-  else
-    am::cuda::attention_generic_fwd(q, k, v, p, o_dir, l_dir);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const auto a = download_bf16(o_ops), b = download_bf16(o_dir), la = download_f32(l_ops), lb = download_f32(l_dir);
-  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << "ops:: forward is not the expected path's";
-  EXPECT_EQ(std::memcmp(la.data(), lb.data(), la.size() * 4), 0) << "ops:: lse is not the expected path's";
+  Tensor o_ops, l_ops;
+  ASSERT_NO_FATAL_FAILURE(expect_ops_forward_follows_gate(d, p, flash, "", &o_ops, &l_ops));
 
-  Tensor dq = dev_empty(qs, DType::BF16), dk = dev_empty(ks, DType::BF16), dv = dev_empty(ks, DType::BF16);
+  Tensor dq = dev_empty(s.q, DType::BF16), dk = dev_empty(s.k, DType::BF16), dv = dev_empty(s.v, DType::BF16);
   Tensor ds_ops = upload_as(std::vector<float>(nh, 0.f), {nh}, DType::F32),
          ds_dir = upload_as(std::vector<float>(nh, 0.f), {nh}, DType::F32);
-  am::ops::attention_bwd(q, k, v, o_ops, l_ops, dout, p, dq, dk, dv, &ds_ops);
-  if (flash)
-    am::cuda::attention_bwd(q, k, v, o_ops, l_ops, dout, p, dq, dk, dv, &ds_dir);
-  else
-    am::cuda::attention_generic_bwd(q, k, v, o_ops, l_ops, dout, p, dq, dk, dv, &ds_dir);
+  am::ops::attention_bwd(d.q, d.k, d.v, o_ops, l_ops, d.dout, p, dq, dk, dv, &ds_ops);
+  gated_backward(flash, d, o_ops, l_ops, p, dq, dk, dv, &ds_dir);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto da = download_f32(ds_ops), db = download_f32(ds_dir);
   if (flash)  // the flash dsinks reduction has a fixed order; the generic one adds per-block atomics
@@ -951,138 +618,32 @@ std::string flash_name(const FlashCase& c) {
 
 void run_flash_case(const FlashCase& c, uint32_t seed, double* worst_fwd, double* worst_bwd) {
   std::mt19937 rng(seed);
-  const int64_t B = c.B, T = c.T, nh = c.nh, nkv = c.nkv, D = c.D, Dv = c.Dv > 0 ? c.Dv : c.D;
-  const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, vs{B, T, nkv, Dv}, os{B, T, nh, Dv}, ls{B, nh, T};
+  const am::AttnParams p = attn_params(c.B, c.T, c.nh, c.nkv, c.D, c.Dv > 0 ? c.Dv : c.D, c.window, c.softcap);
+  const AttnShapes s = attn_shapes(p);
   // sd 2: raw scores of a few units, so a small cap actually bends them (tanh far from linear).
-  const float sd = c.softcap > 0.f ? 2.f : 1.f;
-  auto q = randn_bf16(B * T * nh * D, rng, sd), k = randn_bf16(B * T * nkv * D, rng, sd),
-       v = randn_bf16(B * T * nkv * Dv, rng), dout = randn_bf16(B * T * nh * Dv, rng);
-  std::vector<float> sinks = randn_bf16(nh, rng, 1.5f);
-  std::vector<int32_t> seg;
-  if (c.seg_mode) seg = make_segments(Case{c.B, c.T, c.nh, c.nkv, c.D, c.window, c.seg_mode}, rng);
+  const HostInputs in = random_inputs(p, rng, c.softcap > 0.f ? 2.f : 1.f);
+  const std::vector<float> sinks = randn_bf16(c.nh, rng, 1.5f);
+  const SegmentIds seg = case_segments(Case{c.B, c.T, c.nh, c.nkv, c.D, c.window, c.seg_mode}, rng);
   const std::string name = flash_name(c);
-
-  // ---- CPU reference ----
-  am::AttnParams p;
-  p.batch = B;
-  p.seq = T;
-  p.n_heads = nh;
-  p.n_kv_heads = nkv;
-  p.head_dim = D;
-  p.v_head_dim = Dv == D ? 0 : Dv;
-  p.scale = 1.f / std::sqrt(static_cast<float>(D));
-  p.sliding_window = c.window;
-  p.softcap = c.softcap;
-  Tensor hseg, hsinks = host_f32(sinks, {nh});
-  if (c.seg_mode) {
-    hseg = Tensor::empty({B, T}, DType::I32);
-    std::memcpy(hseg.raw(), seg.data(), seg.size() * 4);
-    p.segment_ids = &hseg;
-  }
-  if (c.sinks) p.sinks = &hsinks;
-  Tensor hq = host_f32(q, qs), hk = host_f32(k, ks), hv = host_f32(v, vs), hdo = host_f32(dout, os);
-  Tensor hout = Tensor::empty(os, DType::F32), hlse = Tensor::empty(ls, DType::F32);
-  am::ops::attention_fwd(hq, hk, hv, p, hout, hlse);
-  Tensor hdq = Tensor::empty(qs, DType::F32), hdk = Tensor::empty(ks, DType::F32), hdv = Tensor::empty(vs, DType::F32);
-  am::ops::attention_bwd(hq, hk, hv, hout, hlse, hdo, p, hdq, hdk, hdv);
-  const auto ref_out = host_vec(hout), ref_lse = host_vec(hlse), ref_dq = host_vec(hdq), ref_dk = host_vec(hdk),
-             ref_dv = host_vec(hdv);
+  const Reference ref = cpu_reference(p, in, seg, c.sinks ? &sinks : nullptr);
 
   // ---- device ----
-  Tensor dq_in = upload_bf16(q, qs), dk_in = upload_bf16(k, ks), dv_in = upload_bf16(v, vs),
-         ddo = upload_bf16(dout, os);
-  Tensor dseg, dsinks_t = upload_as(sinks, {nh}, DType::F32);
-  am::AttnParams dp = p;
-  dp.segment_ids = nullptr;
-  dp.sinks = c.sinks ? &dsinks_t : nullptr;
-  if (c.seg_mode) {
-    dseg = dev_empty({B, T}, DType::I32);
-    ASSERT_EQ(cudaMemcpy(dseg.raw(), seg.data(), seg.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-    dp.segment_ids = &dseg;
-  }
-  Tensor out = dev_empty(os, DType::BF16), lse = dev_empty(ls, DType::F32);
+  const DeviceInputs d = upload_inputs(in, p);
+  Tensor dsinks_t = upload_as(sinks, {c.nh}, DType::F32);
+  const am::AttnParams dp = device_params(p, seg, c.sinks ? &dsinks_t : nullptr);
+  Tensor out = dev_empty(s.o, DType::BF16), lse = dev_empty(s.lse, DType::F32);
   for (int fv : variants("AM_ATTN_FWD_VARIANTS", 5)) {
-    am::cuda::attention_tuning().fwd_variant = fv;
-    poison(out);
-    poison(lse);
-    am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, out, lse);
-    const std::string tag = name + " fwd variant " + std::to_string(fv);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
-    const auto got = download_bf16(out);
-    const auto got_lse = download_f32(lse);
-    size_t nf = 0, lse_bad = 0, pad_bad = 0;
-    const double e_out = rel_err(got, ref_out, &nf);
-    double e_lse = 0;
-    for (size_t i = 0; i < ref_lse.size(); ++i) {
-      if (std::isinf(ref_lse[i])) {
-        if (!(std::isinf(got_lse[i]) && got_lse[i] < 0)) ++lse_bad;
-      } else if (!std::isfinite(got_lse[i])) {
-        ++lse_bad;
-      } else {
-        e_lse = std::max(e_lse, static_cast<double>(std::fabs(got_lse[i] - ref_lse[i])));
-      }
-    }
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t h = 0; h < nh; ++h)
-          if (std::isinf(ref_lse[(b * nh + h) * T + t]))
-            for (int64_t d = 0; d < Dv; ++d)
-              if (got[((b * T + t) * nh + h) * Dv + d] != 0.f) ++pad_bad;
-    EXPECT_EQ(nf, 0u) << tag << ": non-finite outputs (unwritten?)";
-    EXPECT_EQ(lse_bad, 0u) << tag << ": lse -inf / finiteness mismatches";
-    EXPECT_EQ(pad_bad, 0u) << tag << ": padding rows not zero";
-    EXPECT_LT(e_out, 1e-2) << tag;
-    EXPECT_LT(e_lse, 2e-3) << tag;
-    *worst_fwd = std::max(*worst_fwd, e_out);
-    std::printf("  %-52s fwd v%d: out rel %.2e  lse max abs %.2e\n", name.c_str(), fv, e_out, e_lse);
-    if (fv == 1) {  // forward determinism (no atomics)
-      Tensor out2 = dev_empty(os, DType::BF16), lse2 = dev_empty(ls, DType::F32);
-      poison(out2);
-      am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, out2, lse2);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      EXPECT_EQ(std::memcmp(download_bf16(out2).data(), got.data(), got.size() * 4), 0)
-          << tag << ": forward not repeatable";
-    }
+    std::vector<float> got;
+    ASSERT_NO_FATAL_FAILURE(check_flash_forward(fv, d, dp, out, lse, ref, name, 52, worst_fwd, &got));
+    if (fv == 1)
+      ASSERT_NO_FATAL_FAILURE(expect_forward_repeatable(d, dp, got, name + " fwd variant " + std::to_string(fv)));
   }
-
-  // Backward from the device forward's out / lse (what training does).
-  am::cuda::attention_tuning().fwd_variant = 0;
-  am::cuda::attention_fwd(dq_in, dk_in, dv_in, dp, out, lse);
-  Tensor gdq = dev_empty(qs, DType::BF16), gdk = dev_empty(ks, DType::BF16), gdv = dev_empty(vs, DType::BF16);
-  const int group = c.nh / c.nkv;
-  std::vector<int> splits{1};
-  if (group > 1) splits.push_back(0);
-  if (group >= 4) splits.push_back(2);
-  for (int bv : variants("AM_ATTN_BWD_VARIANTS", 4))
-    for (int sp : splits) {
-      am::cuda::attention_tuning().bwd_variant = bv;
-      am::cuda::attention_tuning().bwd_split = sp;
-      poison(gdq);
-      poison(gdk);
-      poison(gdv);
-      am::cuda::attention_bwd(dq_in, dk_in, dv_in, out, lse, ddo, dp, gdq, gdk, gdv);
-      const std::string tag = name + " bwd variant " + std::to_string(bv) + " split " + std::to_string(sp);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
-      size_t n1 = 0, n2 = 0, n3 = 0;
-      const double edq = rel_err(download_bf16(gdq), ref_dq, &n1), edk = rel_err(download_bf16(gdk), ref_dk, &n2),
-                   edv = rel_err(download_bf16(gdv), ref_dv, &n3);
-      EXPECT_EQ(n1 + n2 + n3, 0u) << tag << ": non-finite gradients (unwritten?) dq " << n1 << " dk " << n2
-                                  << " dv " << n3;
-      EXPECT_LT(edq, 2e-2) << tag;
-      EXPECT_LT(edk, 2e-2) << tag;
-      EXPECT_LT(edv, 2e-2) << tag;
-      *worst_bwd = std::max({*worst_bwd, edq, edk, edv});
-      std::printf("  %-52s bwd v%d split %d: dq %.2e dk %.2e dv %.2e\n", name.c_str(), bv, sp, edq, edk, edv);
-    }
+  forward_for_backward(d, dp, out, lse);
+  check_flash_backwards(d, dp, out, lse, ref, name, 52, worst_bwd);
 }
 
 void run_flash_cases(const std::vector<FlashCase>& cases, uint32_t seed, const char* what) {
-  double wf = 0, wb = 0;
-  for (const auto& c : cases) {
-    run_flash_case(c, seed++, &wf, &wb);
-    if (::testing::Test::HasFatalFailure()) return;
-  }
-  std::printf("CudaAttention flash %s worst rel error: forward out %.3e, backward %.3e\n", what, wf, wb);
+  run_cases(cases, seed, std::string("CudaAttention flash ") + what, run_flash_case);
 }
 
 TEST_F(CudaAttention, FlashSoftcapMatchesCpuReference) {
@@ -1162,42 +723,19 @@ TEST_F(CudaAttention, FlashNewVariantsRoutingFollowsTheUnverifiedGate) {
   };
   for (const R r : {R{64, 64, 5.f}, R{96, 96, 0.f}, R{256, 256, 0.f}, R{256, 256, 50.f}, R{192, 128, 0.f}}) {
     const int64_t B = 1, T = 150, nh = 8, nkv = 2, D = r.D, Dv = r.Dv;
-    const Shape qs{B, T, nh, D}, ks{B, T, nkv, D}, vs{B, T, nkv, Dv}, os{B, T, nh, Dv}, ls{B, nh, T};
     std::mt19937 rng(static_cast<uint32_t>(D));
-    Tensor q = upload_bf16(randn_bf16(B * T * nh * D, rng), qs), k = upload_bf16(randn_bf16(B * T * nkv * D, rng), ks),
-           v = upload_bf16(randn_bf16(B * T * nkv * Dv, rng), vs),
-           dout = upload_bf16(randn_bf16(B * T * nh * Dv, rng), os);
-    am::AttnParams p;
-    p.batch = B;
-    p.seq = T;
-    p.n_heads = nh;
-    p.n_kv_heads = nkv;
-    p.head_dim = D;
-    p.v_head_dim = Dv == D ? 0 : Dv;
-    p.scale = 1.f / std::sqrt(static_cast<float>(D));
-    p.sliding_window = 100;
-    p.softcap = r.cap;
+    const am::AttnParams p = attn_params(B, T, nh, nkv, D, Dv, 100, r.cap);
+    const AttnShapes s = attn_shapes(p);
+    const DeviceInputs d = upload_inputs(random_inputs(p, rng), p);
     const std::string tag = "D" + std::to_string(D) + " Dv" + std::to_string(Dv) + " cap" + std::to_string(r.cap);
     am::cuda::attention_tuning().fwd_variant = 0;
     am::cuda::attention_tuning().bwd_variant = 0;
-    Tensor o_ops = dev_empty(os, DType::BF16), l_ops = dev_empty(ls, DType::F32), o_dir = dev_empty(os, DType::BF16),
-           l_dir = dev_empty(ls, DType::F32);
-    am::ops::attention_fwd(q, k, v, p, o_ops, l_ops);
-    if (flash)
-      am::cuda::attention_fwd(q, k, v, p, o_dir, l_dir);
-    else
-      am::cuda::attention_generic_fwd(q, k, v, p, o_dir, l_dir);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
-    const auto a = download_bf16(o_ops), b = download_bf16(o_dir), la = download_f32(l_ops), lb = download_f32(l_dir);
-    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << tag << ": ops:: forward is not the expected path's";
-    EXPECT_EQ(std::memcmp(la.data(), lb.data(), la.size() * 4), 0) << tag << ": ops:: lse is not the expected path's";
-    Tensor dq1 = dev_empty(qs, DType::BF16), dk1 = dev_empty(ks, DType::BF16), dv1 = dev_empty(vs, DType::BF16),
-           dq2 = dev_empty(qs, DType::BF16), dk2 = dev_empty(ks, DType::BF16), dv2 = dev_empty(vs, DType::BF16);
-    am::ops::attention_bwd(q, k, v, o_ops, l_ops, dout, p, dq1, dk1, dv1);
-    if (flash)
-      am::cuda::attention_bwd(q, k, v, o_ops, l_ops, dout, p, dq2, dk2, dv2);
-    else
-      am::cuda::attention_generic_bwd(q, k, v, o_ops, l_ops, dout, p, dq2, dk2, dv2);
+    Tensor o_ops, l_ops;
+    ASSERT_NO_FATAL_FAILURE(expect_ops_forward_follows_gate(d, p, flash, tag, &o_ops, &l_ops));
+    Tensor dq1 = dev_empty(s.q, DType::BF16), dk1 = dev_empty(s.k, DType::BF16), dv1 = dev_empty(s.v, DType::BF16),
+           dq2 = dev_empty(s.q, DType::BF16), dk2 = dev_empty(s.k, DType::BF16), dv2 = dev_empty(s.v, DType::BF16);
+    am::ops::attention_bwd(d.q, d.k, d.v, o_ops, l_ops, d.dout, p, dq1, dk1, dv1);
+    gated_backward(flash, d, o_ops, l_ops, p, dq2, dk2, dv2, nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
     // dk / dv: no atomics on either path when the whole GQA group is one block (B 1, nkv 2: bwd_split may split
     // it on a large GPU, hence the tolerance rather than bits).

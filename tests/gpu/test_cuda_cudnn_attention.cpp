@@ -28,79 +28,13 @@
 #include "core/error.h"
 #include "core/tensor.h"
 #include "ops/ops.h"
+#include "attention_test_util.h"
 
 namespace {
 
-using am::DType;
-using am::Shape;
-using am::Tensor;
+using namespace am::attn_test;
+using am::gpu_test::ScopedEnv;
 
-bool have_device() {
-  int n = 0;
-  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  cudaGetLastError();
-  return ok;
-}
-
-Tensor dev_empty(const Shape& s, DType dt) {
-  void* p = nullptr;
-  const size_t bytes = std::max<size_t>(16, static_cast<size_t>(am::shape_numel(s)) * am::dtype_size(dt));
-  if (cudaMalloc(&p, bytes) != cudaSuccess) throw am::DeviceError("test: cudaMalloc failed");
-  std::shared_ptr<void> keep(p, [](void* q) { cudaFree(q); });
-  return Tensor::wrap(p, s, dt, keep, am::DeviceType::CUDA);
-}
-
-std::vector<float> randn_bf16(size_t n, std::mt19937& rng) {
-  std::normal_distribution<float> nd(0.f, 1.f);
-  std::vector<float> x(n);
-  for (auto& v : x) v = am::bf16_to_f32(am::f32_to_bf16(nd(rng)));
-  return x;
-}
-
-Tensor upload_bf16(const std::vector<float>& x, const Shape& s) {
-  Tensor t = dev_empty(s, DType::BF16);
-  std::vector<uint16_t> h(x.size());
-  for (size_t i = 0; i < x.size(); ++i) h[i] = am::f32_to_bf16(x[i]);
-  if (cudaMemcpy(t.raw(), h.data(), h.size() * 2, cudaMemcpyHostToDevice) != cudaSuccess)
-    throw am::DeviceError("test: upload failed");
-  return t;
-}
-std::vector<float> download_bf16(const Tensor& t) {
-  std::vector<uint16_t> h(static_cast<size_t>(t.numel()));
-  if (cudaMemcpy(h.data(), t.raw(), h.size() * 2, cudaMemcpyDeviceToHost) != cudaSuccess)
-    throw am::DeviceError("test: download failed");
-  std::vector<float> r(h.size());
-  for (size_t i = 0; i < h.size(); ++i) r[i] = am::bf16_to_f32(h[i]);
-  return r;
-}
-std::vector<float> download_f32(const Tensor& t) {
-  std::vector<float> h(static_cast<size_t>(t.numel()));
-  if (cudaMemcpy(h.data(), t.raw(), h.size() * 4, cudaMemcpyDeviceToHost) != cudaSuccess)
-    throw am::DeviceError("test: download failed");
-  return h;
-}
-void poison(Tensor& t) { cudaMemset(t.raw(), 0xFF, t.nbytes()); }  // NaN in bf16 and fp32
-
-Tensor host_f32(const std::vector<float>& x, const Shape& s) {
-  Tensor t = Tensor::empty(s, DType::F32);
-  std::memcpy(t.raw(), x.data(), x.size() * 4);
-  return t;
-}
-std::vector<float> host_vec(const Tensor& t) {
-  const float* p = t.data<float>();
-  return std::vector<float>(p, p + t.numel());
-}
-
-double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
-    const double d = static_cast<double>(got[i]) - ref[i];
-    num += d * d;
-    den += static_cast<double>(ref[i]) * ref[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
 double max_abs(const std::vector<float>& got, const std::vector<float>& ref) {
   double m = 0;
   for (size_t i = 0; i < ref.size(); ++i) {
@@ -121,10 +55,11 @@ std::string case_name(const Case& c) {
 
 // One problem: bf16 inputs on the device, the CPU reference's outputs and gradients.
 struct Problem {
-  am::AttnParams p;
+  am::AttnParams p;  // device segment ids
   Shape qs, ks, ls;
-  Tensor q, k, v, dout, hseg, dseg;
-  std::vector<float> ref_out, ref_lse, ref_dq, ref_dk, ref_dv;
+  Tensor q, k, v, dout;
+  SegmentIds seg{{}, 0, 0};
+  Reference ref;
 };
 
 // seg: packed documents with a padding tail (only for the fallback test: cuDNN does not take segments).
@@ -132,72 +67,49 @@ struct Problem {
 std::unique_ptr<Problem> make_problem(const Case& c, uint32_t seed, bool seg = false, float softcap = 0.f) {
   auto pr = std::make_unique<Problem>();
   std::mt19937 rng(seed);
-  const int64_t B = c.B, T = c.T, nh = c.nh, nkv = c.nkv, D = c.D;
-  pr->qs = {B, T, nh, D};
-  pr->ks = {B, T, nkv, D};
-  pr->ls = {B, nh, T};
-  auto q = randn_bf16(B * T * nh * D, rng), k = randn_bf16(B * T * nkv * D, rng),
-       v = randn_bf16(B * T * nkv * D, rng), dout = randn_bf16(B * T * nh * D, rng);
-  am::AttnParams& p = pr->p;
-  p.batch = B;
-  p.seq = T;
-  p.n_heads = nh;
-  p.n_kv_heads = nkv;
-  p.head_dim = D;
-  p.scale = 1.f / std::sqrt(static_cast<float>(D));
-  p.sliding_window = c.window;
-  p.softcap = softcap;
+  const int64_t B = c.B, T = c.T;
+  const am::AttnParams p = attn_params(c.B, c.T, c.nh, c.nkv, c.D, 0, c.window, softcap);
+  const AttnShapes s = attn_shapes(p);
+  pr->qs = s.q;
+  pr->ks = s.k;
+  pr->ls = s.lse;
+  const auto in = random_inputs(p, rng);
   std::vector<int32_t> segv;
   if (seg) {
     segv.assign(static_cast<size_t>(B * T), 0);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < T; ++t)
         segv[static_cast<size_t>(b * T + t)] = t >= T - T / 5 ? -1 : static_cast<int32_t>(t / std::max<int64_t>(1, T / 3));
-    pr->hseg = Tensor::empty({B, T}, DType::I32);
-    std::memcpy(pr->hseg.raw(), segv.data(), segv.size() * 4);
-    p.segment_ids = &pr->hseg;
   }
-  Tensor hq = host_f32(q, pr->qs), hk = host_f32(k, pr->ks), hv = host_f32(v, pr->ks), hdo = host_f32(dout, pr->qs);
-  Tensor hout = Tensor::empty(pr->qs, DType::F32), hlse = Tensor::empty(pr->ls, DType::F32);
-  am::ops::attention_fwd(hq, hk, hv, p, hout, hlse);
-  Tensor hdq = Tensor::empty(pr->qs, DType::F32), hdk = Tensor::empty(pr->ks, DType::F32),
-         hdv = Tensor::empty(pr->ks, DType::F32);
-  am::ops::attention_bwd(hq, hk, hv, hout, hlse, hdo, p, hdq, hdk, hdv);
-  pr->ref_out = host_vec(hout);
-  pr->ref_lse = host_vec(hlse);
-  pr->ref_dq = host_vec(hdq);
-  pr->ref_dk = host_vec(hdk);
-  pr->ref_dv = host_vec(hdv);
-  pr->q = upload_bf16(q, pr->qs);
-  pr->k = upload_bf16(k, pr->ks);
-  pr->v = upload_bf16(v, pr->ks);
-  pr->dout = upload_bf16(dout, pr->qs);
-  if (seg) {
-    pr->dseg = dev_empty({B, T}, DType::I32);
-    if (cudaMemcpy(pr->dseg.raw(), segv.data(), segv.size() * 4, cudaMemcpyHostToDevice) != cudaSuccess)
-      throw am::DeviceError("test: upload failed");
-    p.segment_ids = &pr->dseg;  // the device calls read it; the reference is done
-  }
+  pr->seg = SegmentIds(segv, B, T);
+  pr->ref = cpu_reference(p, in, pr->seg);
+  const DeviceInputs d = upload_inputs(in, p);
+  pr->q = d.q;
+  pr->k = d.k;
+  pr->v = d.v;
+  pr->dout = d.dout;
+  pr->p = device_params(p, pr->seg, nullptr);  // the device calls read it; the reference is done
   return pr;
 }
 
-// Sets AM_ATTENTION for the scope, restoring what was there.
-class EnvAttention {
- public:
-  explicit EnvAttention(const char* value) {
-    if (const char* old = std::getenv("AM_ATTENTION")) old_ = old, had_ = true;
-    if (value) setenv("AM_ATTENTION", value, 1);
-    else unsetenv("AM_ATTENTION");
-  }
-  ~EnvAttention() {
-    if (had_) setenv("AM_ATTENTION", old_.c_str(), 1);
-    else unsetenv("AM_ATTENTION");
-  }
-
- private:
-  std::string old_;
-  bool had_ = false;
+// ops::attention_fwd, then ops::attention_bwd from its out / lse (the path AM_ATTENTION and supports() pick), into new
+// buffers: out and dq poisoned first, dk and dv too with poison_dkv.
+struct OpsRun {
+  Tensor out, lse, dq, dk, dv;
 };
+OpsRun run_ops(const Problem& pr, bool poison_dkv) {
+  OpsRun r{dev_empty(pr.qs, DType::BF16), dev_empty(pr.ls, DType::F32), dev_empty(pr.qs, DType::BF16),
+           dev_empty(pr.ks, DType::BF16), dev_empty(pr.ks, DType::BF16)};
+  poison(r.out);
+  am::ops::attention_fwd(pr.q, pr.k, pr.v, pr.p, r.out, r.lse);
+  poison(r.dq);
+  if (poison_dkv) {
+    poison(r.dk);
+    poison(r.dv);
+  }
+  am::ops::attention_bwd(pr.q, pr.k, pr.v, r.out, r.lse, pr.dout, pr.p, r.dq, r.dk, r.dv);
+  return r;
+}
 
 class CudnnAttention : public ::testing::Test {
  protected:
@@ -230,8 +142,8 @@ void check_case(const Case& c, uint32_t seed, double* worst_fwd, double* worst_b
   ASSERT_TRUE(am::cuda::cudnn_attention_fwd(pr->q, pr->k, pr->v, p, out, lse, nullptr, ws.raw(), ws.nbytes()))
       << name << ": " << am::cuda::cudnn_attention_last_error();
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << name;
-  const double e_out = rel_err(download_bf16(out), pr->ref_out);
-  const double e_lse = max_abs(download_f32(lse), pr->ref_lse);
+  const double e_out = rel_err(download_bf16(out), pr->ref.out);
+  const double e_lse = max_abs(download_f32(lse), pr->ref.lse);
   EXPECT_LT(e_out, 1e-2) << name << " forward out";
   EXPECT_LT(e_lse, 2e-3) << name << " forward lse (natural log, scaled scores)";
 
@@ -242,8 +154,8 @@ void check_case(const Case& c, uint32_t seed, double* worst_fwd, double* worst_b
   ASSERT_TRUE(am::cuda::cudnn_attention_bwd(pr->q, pr->k, pr->v, out, lse, pr->dout, p, dq, dk, dv))
       << name << ": " << am::cuda::cudnn_attention_last_error();
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << name;
-  const double edq = rel_err(download_bf16(dq), pr->ref_dq), edk = rel_err(download_bf16(dk), pr->ref_dk),
-               edv = rel_err(download_bf16(dv), pr->ref_dv);
+  const double edq = rel_err(download_bf16(dq), pr->ref.dq), edk = rel_err(download_bf16(dk), pr->ref.dk),
+               edv = rel_err(download_bf16(dv), pr->ref.dv);
   EXPECT_LT(edq, 2e-2) << name << " dq";
   EXPECT_LT(edk, 2e-2) << name << " dk";
   EXPECT_LT(edv, 2e-2) << name << " dv";
@@ -253,7 +165,7 @@ void check_case(const Case& c, uint32_t seed, double* worst_fwd, double* worst_b
   poison(dq2);
   ASSERT_TRUE(am::cuda::cudnn_attention_bwd(pr->q, pr->k, pr->v, out, lse, pr->dout, p, dq2, dk, dv)) << name;
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << name;
-  EXPECT_LT(rel_err(download_bf16(dq2), pr->ref_dq), 2e-2) << name << " dq, second call";
+  EXPECT_LT(rel_err(download_bf16(dq2), pr->ref.dq), 2e-2) << name << " dq, second call";
 
   *worst_fwd = std::max(*worst_fwd, e_out);
   *worst_bwd = std::max({*worst_bwd, edq, edk, edv});
@@ -267,26 +179,14 @@ TEST_F(CudnnAttention, MatchesCpuReference) {
       {3, 1000, 4, 1, 64, 0},  {2, 257, 8, 2, 64, 0},   {1, 1, 2, 2, 64, 0},     {1, 513, 4, 4, 128, 0},
       {2, 384, 8, 1, 64, 0},   {1, 1100, 4, 1, 128, 0},
   };
-  double wf = 0, wb = 0;
-  uint32_t seed = 4321;
-  for (const auto& c : cases) {
-    check_case(c, seed++, &wf, &wb);
-    if (HasFatalFailure()) return;
-  }
-  std::printf("CudnnAttention worst rel error: forward out %.3e, backward %.3e\n", wf, wb);
+  run_cases(cases, 4321, "CudnnAttention", check_case);
 }
 
 TEST_F(CudnnAttention, SlidingWindowMatchesCpuReference) {
   const std::vector<Case> cases = {
       {1, 300, 4, 1, 128, 50}, {2, 999, 8, 2, 64, 256}, {1, 64, 2, 1, 64, 1}, {2, 1000, 4, 4, 128, 128},
   };
-  double wf = 0, wb = 0;
-  uint32_t seed = 777;
-  for (const auto& c : cases) {
-    check_case(c, seed++, &wf, &wb);
-    if (HasFatalFailure()) return;
-  }
-  std::printf("CudnnAttention (window) worst rel error: forward out %.3e, backward %.3e\n", wf, wb);
+  run_cases(cases, 777, "CudnnAttention (window)", check_case);
 }
 
 // ops::attention_fwd/bwd take cuDNN only with AM_ATTENTION=cudnn: with it the forward is bit-for-bit the direct
@@ -304,33 +204,27 @@ TEST_F(CudnnAttention, OpsRouteThroughCudnnOnlyWhenAsked) {
   const auto oc = download_bf16(out_cudnn), of = download_bf16(out_flash);
 
   for (const char* mode : {"cudnn", static_cast<const char*>(nullptr)}) {
-    EnvAttention env(mode);
+    ScopedEnv env("AM_ATTENTION", mode);
     const std::string tag = mode ? "AM_ATTENTION=cudnn" : "AM_ATTENTION unset";
-    Tensor out = dev_empty(pr->qs, DType::BF16), lse = dev_empty(pr->ls, DType::F32);
-    poison(out);
-    am::ops::attention_fwd(pr->q, pr->k, pr->v, p, out, lse);
-    Tensor dq = dev_empty(pr->qs, DType::BF16), dk = dev_empty(pr->ks, DType::BF16),
-           dv = dev_empty(pr->ks, DType::BF16);
-    poison(dq);
-    am::ops::attention_bwd(pr->q, pr->k, pr->v, out, lse, pr->dout, p, dq, dk, dv);
+    const auto [out, lse, dq, dk, dv] = run_ops(*pr, false);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
     const auto o = download_bf16(out);
     EXPECT_EQ(std::memcmp(o.data(), (mode ? oc : of).data(), o.size() * 4), 0)
         << tag << ": the forward did not take the expected path";
-    EXPECT_LT(rel_err(o, pr->ref_out), 1e-2) << tag;
-    EXPECT_LT(rel_err(download_bf16(dq), pr->ref_dq), 2e-2) << tag;
-    EXPECT_LT(rel_err(download_bf16(dk), pr->ref_dk), 2e-2) << tag;
-    EXPECT_LT(rel_err(download_bf16(dv), pr->ref_dv), 2e-2) << tag;
+    EXPECT_LT(rel_err(o, pr->ref.out), 1e-2) << tag;
+    EXPECT_LT(rel_err(download_bf16(dq), pr->ref.dq), 2e-2) << tag;
+    EXPECT_LT(rel_err(download_bf16(dk), pr->ref.dk), 2e-2) << tag;
+    EXPECT_LT(rel_err(download_bf16(dv), pr->ref.dv), 2e-2) << tag;
   }
   // cuDNN's forward and the flash backward pair up (same lse convention), and the other way round.
   Tensor dq = dev_empty(pr->qs, DType::BF16), dk = dev_empty(pr->ks, DType::BF16), dv = dev_empty(pr->ks, DType::BF16);
   am::cuda::attention_bwd(pr->q, pr->k, pr->v, out_cudnn, lse_cudnn, pr->dout, p, dq, dk, dv);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  EXPECT_LT(rel_err(download_bf16(dq), pr->ref_dq), 2e-2) << "flash backward from the cuDNN forward";
+  EXPECT_LT(rel_err(download_bf16(dq), pr->ref.dq), 2e-2) << "flash backward from the cuDNN forward";
   ASSERT_TRUE(am::cuda::cudnn_attention_bwd(pr->q, pr->k, pr->v, out_flash, lse_flash, pr->dout, p, dq, dk, dv));
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  EXPECT_LT(rel_err(download_bf16(dq), pr->ref_dq), 2e-2) << "cuDNN backward from the flash forward";
-  EXPECT_LT(rel_err(download_bf16(dk), pr->ref_dk), 2e-2) << "cuDNN backward from the flash forward";
+  EXPECT_LT(rel_err(download_bf16(dq), pr->ref.dq), 2e-2) << "cuDNN backward from the flash forward";
+  EXPECT_LT(rel_err(download_bf16(dk), pr->ref.dk), 2e-2) << "cuDNN backward from the flash forward";
 }
 
 // What cuDNN does not take is refused by supports() and, with AM_ATTENTION=cudnn, still computed right by the
@@ -361,7 +255,7 @@ TEST_F(CudnnAttention, UnsupportedFeaturesFallBack) {
     q.n_kv_heads = 3;
     EXPECT_FALSE(am::cuda::cudnn_attention_supports(q, DType::BF16));
   }
-  EnvAttention env("cudnn");
+  ScopedEnv env("AM_ATTENTION", "cudnn");
   struct Fallback {
     Case c;
     bool seg;
@@ -376,18 +270,10 @@ TEST_F(CudnnAttention, UnsupportedFeaturesFallBack) {
     const am::AttnParams& p = pr->p;
     const std::string tag = case_name(f.c) + (f.seg ? " segments" : "") + (f.softcap > 0 ? " softcap" : "");
     EXPECT_FALSE(am::cuda::cudnn_attention_supports(p, DType::BF16)) << tag;
-    Tensor out = dev_empty(pr->qs, DType::BF16), lse = dev_empty(pr->ls, DType::F32);
-    poison(out);
-    am::ops::attention_fwd(pr->q, pr->k, pr->v, p, out, lse);
-    Tensor dq = dev_empty(pr->qs, DType::BF16), dk = dev_empty(pr->ks, DType::BF16),
-           dv = dev_empty(pr->ks, DType::BF16);
-    poison(dq);
-    poison(dk);
-    poison(dv);
-    am::ops::attention_bwd(pr->q, pr->k, pr->v, out, lse, pr->dout, p, dq, dk, dv);
+    const auto [out, lse, dq, dk, dv] = run_ops(*pr, true);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
-    const double eo = rel_err(download_bf16(out), pr->ref_out), edq = rel_err(download_bf16(dq), pr->ref_dq),
-                 edk = rel_err(download_bf16(dk), pr->ref_dk), edv = rel_err(download_bf16(dv), pr->ref_dv);
+    const double eo = rel_err(download_bf16(out), pr->ref.out), edq = rel_err(download_bf16(dq), pr->ref.dq),
+                 edk = rel_err(download_bf16(dk), pr->ref.dk), edv = rel_err(download_bf16(dv), pr->ref.dv);
     EXPECT_LT(eo, 1e-2) << tag;
     EXPECT_LT(edq, 2e-2) << tag;
     EXPECT_LT(edk, 2e-2) << tag;

@@ -18,6 +18,7 @@
 
 #include "../common/tolerance.h"
 #include "gpu_test_util.h"
+#include "moe_test_util.h"
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/moe.h"
 #include "core/error.h"
@@ -27,42 +28,17 @@
 
 namespace {
 
-using am::DType;
-using am::Shape;
-using am::Tensor;
 namespace cu = am::cuda;
 namespace ops = am::ops;
-
-using am::gpu_test::down;
-using am::gpu_test::expect_close;
-using am::gpu_test::expect_close_dt;
+using namespace am::moe_test;
 using am::gpu_test::kNaN;
-using am::gpu_test::poisoned;
-using am::gpu_test::up;
 #define REQUIRE_DEVICE() AM_REQUIRE_DEVICE()
 
-// Uniform in [lo, hi) from a splitmix64 stream seeded by rng (fast enough for the W2 expert weights, 4e8 values).
-Tensor rand_host(const Shape& s, std::mt19937& rng, DType dt = DType::F32, float lo = -1.f, float hi = 1.f) {
-  Tensor t = Tensor::empty(s, DType::F32);
-  uint64_t state = (static_cast<uint64_t>(rng()) << 32) ^ rng();
-  float* p = t.f32();
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    p[i] = lo + (hi - lo) * static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
-  }
-  if (dt != DType::F32) t = t.to(dt).to(DType::F32);
-  return t;
-}
 std::vector<int32_t> ivals(const Tensor& t) {
   Tensor h = t.device() == am::DeviceType::CUDA ? cu::to_host(t) : t;
   return std::vector<int32_t>(h.data<int32_t>(), h.data<int32_t>() + h.numel());
 }
-int64_t rint(std::mt19937& rng, int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 const char* dname(DType d) { return am::dtype_name(d); }
-
 
 // Router-like top-k ids: distinct per row, drawn with skewed expert popularity (some experts get no rows).
 Tensor skewed_topk(int64_t n, int64_t e, int64_t k, std::mt19937& rng) {
@@ -409,11 +385,6 @@ void check_grouped(int64_t e, int64_t k_dim, int64_t nout, const std::vector<int
     expect_close(dw, twice, am::test::Tolerance{1e-3, 1e-4}, 1e-4, "grouped dw twice " + tag);
   }
 }
-std::vector<int64_t> counts_of(const Tensor& idx, int64_t e) {
-  std::vector<int64_t> c(static_cast<size_t>(e), 0);
-  for (int64_t i = 0; i < idx.numel(); ++i) ++c[static_cast<size_t>(idx.data<int32_t>()[i])];
-  return c;
-}
 // Uniform routing: k distinct experts per token, uniformly at random (the balanced case Auto pads).
 Tensor uniform_topk(int64_t n, int64_t e, int64_t k, std::mt19937& rng) {
   Tensor t = Tensor::empty({n, k}, DType::I32);
@@ -579,50 +550,13 @@ TEST(CudaMoe, WholeBlockMatchesCpu) {
   Tensor off = cu::empty({e + 1}, DType::I32), perm = cu::empty({n * k}, DType::I32), inv = cu::empty({n * k}, DType::I32);
   std::vector<int64_t> counts;
   ops::moe_dispatch_plan(idx, e, off, perm, inv, &counts);
-  Tensor xg = cu::empty({n * k, h}, dt), gu = cu::empty({n * k, 2 * inner}, dt), hh = cu::empty({n * k, inner}, dt),
-         yg = cu::empty({n * k, h}, dt), y = cu::empty({n, h}, dt);
-  ops::moe_gather(xd, perm, k, xg);
-  ops::grouped_linear_fwd(xg, wgud, off, gu, &counts);
-  ops::swiglu_fused_fwd(gu, hh);
-  ops::grouped_linear_fwd(hh, wdd, off, yg, &counts);
-  ops::moe_combine(yg, inv, tw, y);
-  Tensor dyg = cu::empty({n * k, h}, dt), dtw = cu::empty({n, k}, DType::F32), dh = cu::empty({n * k, inner}, dt),
-         dgu = cu::empty({n * k, 2 * inner}, dt), dxg = cu::empty({n * k, h}, dt), dx = cu::empty({n, h}, dt);
-  Tensor dwgu = cu::empty({e, 2 * inner, h}, DType::F32), dwd = cu::empty({e, h, inner}, DType::F32);
-  cu::zero_(dwgu);
-  cu::zero_(dwd);
-  ops::moe_combine_bwd(yg, inv, tw, dyd, dyg, dtw);
-  ops::grouped_linear_bwd(hh, wdd, off, dyg, &dh, dwd, &counts);
-  ops::swiglu_fused_bwd(gu, dh, dgu);
-  ops::grouped_linear_bwd(xg, wgud, off, dgu, &dxg, dwgu, &counts);
-  ops::moe_gather_bwd(dxg, inv, k, dx);
+  const ExpertPath got = run_expert_path(xd, wgud, wdd, dyd, off, perm, inv, tw, k, &counts);
   Tensor dlogits = cu::empty({n, e}, DType::F32);
-  ops::moe_router_bwd(probs, idx, tw, true, dtw, nullptr, dlogits);
+  ops::moe_router_bwd(probs, idx, tw, true, got.dtw, nullptr, dlogits);
   // Host, with the device's routing.
   Tensor hidx = cu::to_host(idx), htw = down(tw);
   HostPlan p = cpu_plan(hidx, e);
   EXPECT_EQ(p.counts, counts);
-  Tensor rxg = Tensor::empty({n * k, h}, DType::F32), rgu = Tensor::empty({n * k, 2 * inner}, DType::F32),
-         rh = Tensor::empty({n * k, inner}, DType::F32), ryg = Tensor::empty({n * k, h}, DType::F32),
-         ry = Tensor::empty({n, h}, DType::F32);
-  ops::moe_gather(x, p.perm, k, rxg);
-  ops::grouped_linear_fwd(rxg, wgu, p.offsets, rgu, &p.counts);
-  ops::swiglu_fused_fwd(rgu, rh);
-  ops::grouped_linear_fwd(rh, wd, p.offsets, ryg, &p.counts);
-  ops::moe_combine(ryg, p.inv, htw, ry);
-  expect_close(y, ry, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block y");
-  Tensor rdyg = Tensor::empty({n * k, h}, DType::F32), rdtw = Tensor::empty({n, k}, DType::F32),
-         rdh = Tensor::empty({n * k, inner}, DType::F32), rdgu = Tensor::empty({n * k, 2 * inner}, DType::F32),
-         rdxg = Tensor::empty({n * k, h}, DType::F32), rdx = Tensor::empty({n, h}, DType::F32),
-         rdwgu = Tensor::zeros({e, 2 * inner, h}, DType::F32), rdwd = Tensor::zeros({e, h, inner}, DType::F32);
-  ops::moe_combine_bwd(ryg, p.inv, htw, dy, rdyg, rdtw);
-  ops::grouped_linear_bwd(rh, wd, p.offsets, rdyg, &rdh, rdwd, &p.counts);
-  ops::swiglu_fused_bwd(rgu, rdh, rdgu);
-  ops::grouped_linear_bwd(rxg, wgu, p.offsets, rdgu, &rdxg, rdwgu, &p.counts);
-  ops::moe_gather_bwd(rdxg, p.inv, k, rdx);
   // bf16 intermediates on the device: a few bf16 roundings deep.
-  expect_close(dtw, rdtw, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dtopk_w");
-  expect_close(dwd, rdwd, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dW_down");
-  expect_close(dwgu, rdwgu, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dW_gate_up");
-  expect_close(dx, rdx, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dx (expert path)");
+  expect_expert_path_close(got, run_expert_path(x, wgu, wd, dy, p.offsets, p.perm, p.inv, htw, k, &p.counts));
 }

@@ -27,39 +27,16 @@
 #include "backend/cuda/moe_grouped_gemm.h"
 #include "core/tensor.h"
 #include "gpu_test_util.h"
+#include "moe_test_util.h"
 #include "ops/moe_ops.h"
 #include "ops/ops.h"
 
 namespace {
 
-using am::DType;
-using am::Shape;
-using am::Tensor;
 namespace cu = am::cuda;
 namespace ops = am::ops;
-
-using am::gpu_test::down;
-using am::gpu_test::expect_close;
-using am::gpu_test::expect_close_dt;
-using am::gpu_test::poisoned;
-using am::gpu_test::up;
-
-// Uniform in [lo, hi) from a splitmix64 stream seeded by rng (fast enough for the W2 weights), rounded to dt.
-Tensor rand_host(const Shape& s, std::mt19937& rng, DType dt = DType::F32, float lo = -1.f, float hi = 1.f) {
-  Tensor t = Tensor::empty(s, DType::F32);
-  uint64_t state = (static_cast<uint64_t>(rng()) << 32) ^ rng();
-  float* p = t.f32();
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    p[i] = lo + (hi - lo) * static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
-  }
-  if (dt != DType::F32) t = t.to(dt).to(DType::F32);
-  return t;
-}
-int64_t rint(std::mt19937& rng, int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
+using namespace am::moe_test;
+using am::gpu_test::ScopedEnv;
 
 const cu::GroupedLinearOptions kPersistent{cu::GroupedGemm::Persistent};
 
@@ -70,22 +47,6 @@ Tensor offsets_of(const std::vector<int64_t>& counts) {
   for (int64_t j = 0; j < e; ++j) off.data<int32_t>()[j + 1] = off.data<int32_t>()[j] + static_cast<int32_t>(counts[j]);
   return off;
 }
-
-// Sets an environment variable for the scope, restoring the old value after.
-struct ScopedEnv {
-  std::string name, old;
-  bool had;
-  ScopedEnv(const char* n, const char* v) : name(n) {
-    const char* o = std::getenv(n);
-    had = o != nullptr;
-    if (had) old = o;
-    setenv(n, v, 1);
-  }
-  ~ScopedEnv() {
-    if (had) setenv(name.c_str(), old.c_str(), 1);
-    else unsetenv(name.c_str());
-  }
-};
 
 struct Check {
   bool fwd = true, bwd = true;
@@ -154,11 +115,6 @@ std::vector<int64_t> skewed_counts(int64_t e, int64_t rows, double share, int64_
     ++counts[static_cast<size_t>(j)];
   }
   return counts;
-}
-std::vector<int64_t> counts_of(const Tensor& idx, int64_t e) {
-  std::vector<int64_t> c(static_cast<size_t>(e), 0);
-  for (int64_t i = 0; i < idx.numel(); ++i) ++c[static_cast<size_t>(idx.data<int32_t>()[i])];
-  return c;
 }
 // Router-like top-k ids with the skew the model's own routing shows: expert 0 in ~88% of the tokens' top-k
 // (3,600 of 4,096 at W2), the other slots uniformly over the rest, distinct per token.
@@ -334,23 +290,7 @@ TEST(CudaMoeGroupedGemm, WholeBlockPersistentMatchesCpu) {
   ops::moe_router_fwd(logits, k, true, probs, idx, tw);
   Tensor off = cu::empty({e + 1}, DType::I32), perm = cu::empty({n * k}, DType::I32), inv = cu::empty({n * k}, DType::I32);
   ops::moe_dispatch_plan(idx, e, off, perm, inv, nullptr);
-  Tensor xg = cu::empty({n * k, h}, dt), gu = cu::empty({n * k, 2 * inner}, dt), hh = cu::empty({n * k, inner}, dt),
-         yg = cu::empty({n * k, h}, dt), y = cu::empty({n, h}, dt);
-  ops::moe_gather(xd, perm, k, xg);
-  ops::grouped_linear_fwd(xg, wgud, off, gu, nullptr);
-  ops::swiglu_fused_fwd(gu, hh);
-  ops::grouped_linear_fwd(hh, wdd, off, yg, nullptr);
-  ops::moe_combine(yg, inv, tw, y);
-  Tensor dyg = cu::empty({n * k, h}, dt), dtw = cu::empty({n, k}, DType::F32), dh = cu::empty({n * k, inner}, dt),
-         dgu = cu::empty({n * k, 2 * inner}, dt), dxg = cu::empty({n * k, h}, dt), dx = cu::empty({n, h}, dt);
-  Tensor dwgu = cu::empty({e, 2 * inner, h}, DType::F32), dwd = cu::empty({e, h, inner}, DType::F32);
-  cu::zero_(dwgu);
-  cu::zero_(dwd);
-  ops::moe_combine_bwd(yg, inv, tw, dyd, dyg, dtw);
-  ops::grouped_linear_bwd(hh, wdd, off, dyg, &dh, dwd, nullptr);
-  ops::swiglu_fused_bwd(gu, dh, dgu);
-  ops::grouped_linear_bwd(xg, wgud, off, dgu, &dxg, dwgu, nullptr);
-  ops::moe_gather_bwd(dxg, inv, k, dx);
+  const ExpertPath got = run_expert_path(xd, wgud, wdd, dyd, off, perm, inv, tw, k, nullptr);
   cu::default_context().check_device_errors();
   // Host, with the device's routing.
   Tensor hidx = cu::to_host(idx), htw = down(tw);
@@ -359,28 +299,7 @@ TEST(CudaMoeGroupedGemm, WholeBlockPersistentMatchesCpu) {
   std::vector<int64_t> counts;
   ops::moe_dispatch_plan(hidx, e, hoff, hperm, hinv, &counts);
   EXPECT_GT(*std::max_element(counts.begin(), counts.end()), n / 2) << "the biased router should prefer expert 2";
-  Tensor rxg = Tensor::empty({n * k, h}, DType::F32), rgu = Tensor::empty({n * k, 2 * inner}, DType::F32),
-         rh = Tensor::empty({n * k, inner}, DType::F32), ryg = Tensor::empty({n * k, h}, DType::F32),
-         ry = Tensor::empty({n, h}, DType::F32);
-  ops::moe_gather(x, hperm, k, rxg);
-  ops::grouped_linear_fwd(rxg, wgu, hoff, rgu, &counts);
-  ops::swiglu_fused_fwd(rgu, rh);
-  ops::grouped_linear_fwd(rh, wd, hoff, ryg, &counts);
-  ops::moe_combine(ryg, hinv, htw, ry);
-  expect_close(y, ry, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block y");
-  Tensor rdyg = Tensor::empty({n * k, h}, DType::F32), rdtw = Tensor::empty({n, k}, DType::F32),
-         rdh = Tensor::empty({n * k, inner}, DType::F32), rdgu = Tensor::empty({n * k, 2 * inner}, DType::F32),
-         rdxg = Tensor::empty({n * k, h}, DType::F32), rdx = Tensor::empty({n, h}, DType::F32),
-         rdwgu = Tensor::zeros({e, 2 * inner, h}, DType::F32), rdwd = Tensor::zeros({e, h, inner}, DType::F32);
-  ops::moe_combine_bwd(ryg, hinv, htw, dy, rdyg, rdtw);
-  ops::grouped_linear_bwd(rh, wd, hoff, rdyg, &rdh, rdwd, &counts);
-  ops::swiglu_fused_bwd(rgu, rdh, rdgu);
-  ops::grouped_linear_bwd(rxg, wgu, hoff, rdgu, &rdxg, rdwgu, &counts);
-  ops::moe_gather_bwd(rdxg, hinv, k, rdx);
-  expect_close(dtw, rdtw, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dtopk_w");
-  expect_close(dwd, rdwd, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dW_down");
-  expect_close(dwgu, rdwgu, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dW_gate_up");
-  expect_close(dx, rdx, am::test::Tolerance{3e-2, 3e-2}, 2e-2, "block dx (expert path)");
+  expect_expert_path_close(got, run_expert_path(x, wgu, wd, dy, hoff, hperm, hinv, htw, k, &counts));
 }
 
 // The persistent products under CUDA-graph capture of the context's stream (relaxed mode): a host sync or a
