@@ -198,7 +198,7 @@ ops::AttnParams DecoderLM::attn_params(const Batch& b, int64_t window) const {
                                        : 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
   p.sliding_window = window;
   p.softcap = static_cast<float>(cfg_.attn_logit_softcapping);
-  p.segment_ids = b.segment_ids.defined() ? &b.segment_ids : nullptr;
+  p.segment_ids = b.segment_ids.defined() && !b.one_segment_rows ? &b.segment_ids : nullptr;  // (model.h)
   if (cfg_.deepseek) {  // MLA: per-head q/k of qk_nope + qk_rope dims, v of v_head_dim, one key per head
     p.n_kv_heads = p.n_heads;
     p.head_dim = cfg_.ds.qk_head_dim();

@@ -5,7 +5,6 @@
 #include <cstring>
 
 #include "backend/cuda/cudnn_attention.h"
-#include "ops/device.h"  // unverified_cuda_allowed: the gate for the unverified flash attention variants
 
 namespace am::ops {
 
@@ -13,30 +12,19 @@ static Tensor workspace(size_t bytes) {
   return cuda::empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::F32);
 }
 
-// The flash kernels (tensor cores) cover bf16 with head_dim 64 and 128, Dv == D and no soft-capping: every W1/W2
-// shape and most real models. Checked on an H200 on 2026-12-05 against the CPU reference
-// (tests/gpu/test_cuda_attention.cpp, worst bf16 error 5e-3) and through the tiny HF goldens on CUDA.
-// The flash kernels also take, in code that has never run on a GPU (written 2026-12-06 without one):
-//   - gpt_oss sinks (the sink in the forward's final normaliser and lse, dsinks from a small reduction kernel);
-//   - Gemma 2 soft-capping (p.softcap; tanh of the raw scores inside the kernels, 1 - tanh^2 in the backward);
-//   - head_dim 96 (Phi-3) and 256 (Gemma 2 / 3) on the mma.sync kernels;
-//   - DeepSeek MLA's head dims 192 / Dv 128 (mma.sync, without soft-capping);
-// so those are used only when AM_ALLOW_UNVERIFIED_CUDA=1 (ops::unverified_cuda_allowed(); the GPU tests set it).
-// Without it they go to the generic CUDA-core kernels, as before (attention_generic.h: any head dim up to 256 that
-// is a multiple of 4, other Dv != D pairs, fp32 tensors, the tiny golden models' 16 and 32; beyond that a
-// DeviceError naming the limit). The choice depends only on p, q and the process-wide flag, so a forward and
-// its backward always take the same path (the backward reads the forward's lse, which includes the sinks either way).
-// Move a variant out of the gate once its CudaAttention.Flash* test (FlashSinks*, FlashSoftcap*, FlashHeadDim96*,
-// FlashHeadDim256*, FlashMlaDims*) has passed on a device (docs/device_runbook.md).
+// The flash kernels (tensor cores) take bf16 with head_dim 64, 96, 128 or 256 (Dv == D), and DeepSeek MLA's
+// 192 / Dv 128; causal, GQA, sliding window, segment ids; gpt_oss sinks; Gemma 2 soft-capping (not with Dv != D).
+// D 64 / 128 were checked on an H200 on 2026-12-05; sinks, soft-capping, D 96 / 256 and 192 / 128 on an H100 on
+// 2026-12-06 (tests/gpu/test_cuda_attention.cpp CudaAttention.Flash*: out / lse and dq / dk / dv / dsinks of every
+// kernel variant against the CPU reference, and the Gemma 2 / Gemma 3 / Phi-3 / DeepSeek-V3 goldens on CUDA).
+// Everything else (fp32 tensors, the tiny golden models' head dims 16 and 32, other Dv != D pairs) runs the
+// generic CUDA-core kernels (attention_generic.h: any head dim up to 256 that is a multiple of 4; beyond that a
+// DeviceError naming the limit). The choice depends only on p and q, so a forward and its backward always take the
+// same path (the backward reads the forward's lse, which includes the sinks either way).
 static bool flash_supports(const AttnParams& p, const Tensor& q) {
   if (q.dtype() != DType::BF16) return false;
-  const bool cap = p.softcap > 0.f;
-  if (p.dv() != p.head_dim)  // DeepSeek MLA only
-    return p.head_dim == 192 && p.dv() == 128 && !cap && unverified_cuda_allowed();
-  const bool proven_dim = p.head_dim == 64 || p.head_dim == 128;
-  if (proven_dim && !p.sinks && !cap) return true;  // verified on a device
-  const bool flash_dim = proven_dim || p.head_dim == 96 || p.head_dim == 256;
-  return flash_dim && unverified_cuda_allowed();
+  if (p.dv() != p.head_dim) return p.head_dim == 192 && p.dv() == 128 && !(p.softcap > 0.f);  // DeepSeek MLA
+  return p.head_dim == 64 || p.head_dim == 96 || p.head_dim == 128 || p.head_dim == 256;
 }
 
 // cuDNN's fused attention (backend/cuda/cudnn_attention.h) is opt-in until it has been measured and checked on a

@@ -162,8 +162,7 @@ void check_flash_backwards(const DeviceInputs& d, const am::AttnParams& dp, cons
     }
 }
 
-// The kernels the unverified gate selects for what ops:: would send to the flash kernels only with
-// AM_ALLOW_UNVERIFIED_CUDA=1: flash (am::cuda::attention_bwd) when it is set, else the generic kernels.
+// The kernels ops:: should have chosen: flash (am::cuda::attention_bwd) or the generic ones.
 void gated_backward(bool flash, const DeviceInputs& d, const Tensor& out, const Tensor& lse, const am::AttnParams& p,
                     Tensor& dq, Tensor& dk, Tensor& dv, Tensor* dsinks) {
   if (flash)
@@ -326,8 +325,8 @@ TEST_F(CudaAttention, GenericMatchesCpuReference) {
       {2, 77, 4, 4, 32, 32, 0, 0, 0.f, 0, bf, false},       // head dim 32 (the qwen3 golden's)
       {1, 33, 4, 2, 16, 16, 0, 1, 0.f, 0, bf, false},       // 16 (the tiny goldens)
       {1, 300, 4, 1, 40, 40, 0, 0, 0.f, 0, bf, false},      // 40: not a multiple of 32, GQA 4
-      // bf16 D 96 / 256 with Dv == D: direct, because ops:: sends them to the flash kernels when
-      // AM_ALLOW_UNVERIFIED_CUDA=1 (checked by FlashHeadDim96* / FlashHeadDim256* / FlashSoftcap* below).
+      // bf16 D 96 / 256 with Dv == D: direct, because ops:: sends them to the flash kernels (checked by
+      // FlashHeadDim96* / FlashHeadDim256* / FlashSoftcap* below).
       {1, 150, 8, 2, 96, 96, 0, 2, 0.f, 0, bf, true},       // Phi-3's 96, packed + padding tail
       {2, 130, 4, 4, 96, 96, 40, 0, 0.f, 0, bf, true},      // 96 + sliding window
       {2, 100, 4, 4, 192, 128, 0, 1, 0.f, 0, bf, true},     // DeepSeek MLA: D 192, Dv 128 (flash: FlashMlaDims*)
@@ -336,8 +335,8 @@ TEST_F(CudaAttention, GenericMatchesCpuReference) {
       {1, 257, 4, 1, 256, 256, 0, 3, 0.f, 0, bf, true},     // 256, GQA 4, padding runs
       {2, 90, 8, 4, 256, 256, 32, 3, 1.5f, 0, bf, true},    // Gemma 2: 256 + soft-cap + window + padding
       {1, 70, 4, 1, 96, 96, 0, 0, 5.f, 1, bf, true},        // soft-cap + sinks + GQA 4
-      // D 64 + sinks: direct, because ops:: sends bf16 D 64 / 128 sinks to the flash kernels when
-      // AM_ALLOW_UNVERIFIED_CUDA=1 (which these tests set); the flash path is checked by FlashSinks* below.
+      // D 64 + sinks: direct, because ops:: sends bf16 D 64 / 128 sinks to the flash kernels; the flash path is
+      // checked by FlashSinks* below.
       {1, 130, 8, 2, 64, 64, 0, 0, 0.f, 1, bf, true},       // gpt_oss: 64 + sinks
       {1, 100, 4, 2, 64, 64, 0, 1, 3.f, 0, bf, true},       // soft-cap on a flash head dim
       {2, 120, 8, 2, 64, 64, 16, 3, 0.f, 2, bf, true},      // sinks (bf16) + window + padding runs
@@ -561,11 +560,9 @@ TEST_F(CudaAttention, FlashSinksOfMinusInfinityChangeNothing) {
   EXPECT_EQ(download_f32(ds), init) << "sinks of -inf must leave dsinks as they were";
 }
 
-// ops::attention_fwd/bwd send bf16 D 64 / 128 attention with sinks to the flash kernels only when
-// AM_ALLOW_UNVERIFIED_CUDA=1 (these tests set it unless the environment says 0), else to the generic kernels.
-// Both forwards are deterministic, and so is dsinks on either path: compare bit for bit with the path the gate
-// selects.
-TEST_F(CudaAttention, FlashSinksRoutingFollowsTheUnverifiedGate) {
+// ops:: routes sinks to the flash kernels (verified on a device on 2026-12-06; before that only with
+// AM_ALLOW_UNVERIFIED_CUDA): its results equal the flash path's bit for bit, whatever the variable says.
+TEST_F(CudaAttention, FlashSinksRouteThroughOps) {
   std::mt19937 rng(7);
   am::AttnParams p = attn_params(1, 150, 8, 2, 64, 0, 128);
   const AttnShapes s = attn_shapes(p);
@@ -573,9 +570,7 @@ TEST_F(CudaAttention, FlashSinksRoutingFollowsTheUnverifiedGate) {
   const DeviceInputs d = upload_inputs(random_inputs(p, rng), p);
   Tensor sinks = upload_as(randn_bf16(nh, rng, 1.5f), {nh}, DType::BF16);  // the model's working copy
   p.sinks = &sinks;
-  const bool flash = am::ops::unverified_cuda_allowed();
-  std::printf("  AM_ALLOW_UNVERIFIED_CUDA %s: sinks expected on the %s kernels\n", flash ? "on" : "off",
-              flash ? "flash" : "generic");
+  const bool flash = true;
   am::cuda::attention_tuning().fwd_variant = 0;
   Tensor o_ops, l_ops;
   ASSERT_NO_FATAL_FAILURE(expect_ops_forward_follows_gate(d, p, flash, "", &o_ops, &l_ops));
@@ -593,12 +588,11 @@ TEST_F(CudaAttention, FlashSinksRoutingFollowsTheUnverifiedGate) {
     for (int64_t h = 0; h < nh; ++h) EXPECT_NEAR(da[h], db[h], 1e-4f * (1.f + std::fabs(db[h])));
 }
 
-// ---------------- flash kernels: soft-capping, head dims 96 and 256 (written without a GPU: first device run pending) --
+// ---------------- flash kernels: soft-capping, head dims 96 and 256 (first passed on an H100 on 2026-12-06) --------
 // Gemma 2 soft-capping (score = cap tanh(scale q.k / cap); the kernels take tanh of the raw scores right after Q K^T
 // and multiply dS by 1 - tanh^2) on D 64 / 128 (mma.sync variant 1 and the wgmma kernels; the other tile variants
 // run those) and on the new head dims; Phi-3's 96 and Gemma's 256 on the mma.sync kernels (every variant; wgmma
-// variants fall back to 1 for them). Called through am::cuda::attention_fwd/bwd, so the flash kernels run whatever
-// AM_ALLOW_UNVERIFIED_CUDA says. Same checks and budgets as FlashSinks*: out / lse from every forward variant, dq /
+// variants fall back to 1 for them). Called through am::cuda::attention_fwd/bwd, so the flash kernels run. Same checks and budgets as FlashSinks*: out / lse from every forward variant, dq /
 // dk / dv from every backward variant and split mode, causal + windows + packed segments with padding, GQA, T not a
 // multiple of any tile, outputs poisoned first; optional sinks (with soft-capping) to cover the combination.
 
@@ -709,14 +703,12 @@ TEST_F(CudaAttention, FlashMlaDimsMatchCpuReference) {
       192128, "MLA 192/128");
 }
 
-// ops::attention_fwd/bwd send bf16 soft-capping, head dims 96 / 256 and MLA's 192 / 128 to the flash kernels only when
-// AM_ALLOW_UNVERIFIED_CUDA=1 (these tests set it unless the environment says 0), else to the generic kernels. Both
-// forwards are deterministic: compare bit for bit with the path the gate selects; the backward's dq uses atomics on
-// the flash path, so the gradients are compared within a bf16 budget.
-TEST_F(CudaAttention, FlashNewVariantsRoutingFollowsTheUnverifiedGate) {
-  const bool flash = am::ops::unverified_cuda_allowed();
-  std::printf("  AM_ALLOW_UNVERIFIED_CUDA %s: soft-capping / D 96 / D 256 / D 192 Dv 128 expected on the %s kernels\n",
-              flash ? "on" : "off", flash ? "flash" : "generic");
+// The forwards are deterministic: compared bit for bit; the backward's dq uses atomics on the flash path, so the
+// gradients are compared within a bf16 budget.
+// ops:: routes soft-capping, D 96, D 256 and D 192 / Dv 128 to the flash kernels (verified on a device on
+// 2026-12-06; before that only with AM_ALLOW_UNVERIFIED_CUDA), whatever the variable says.
+TEST_F(CudaAttention, FlashNewVariantsRouteThroughOps) {
+  const bool flash = true;
   struct R {
     int64_t D, Dv;
     float cap;

@@ -260,6 +260,42 @@ TEST(Packing, CollateRestartsPositionsAndMasksBoundaries) {
   EXPECT_EQ(count_label_tokens(rows[0]) + count_label_tokens(rows[1]), 6);
 }
 
+// Rows that are each one sample without padding need no segment mask: collate says so (Batch::one_segment_rows),
+// the decoder then gives attention none, and the loss is the one computed with the (all-zero) mask.
+TEST(Collate, OneSegmentRowsOnlyWithoutPaddingOrPacking) {
+  const fs::path dir = fs::path(src_dir()) / "tests/fixtures/golden/llama/model";
+  auto cfg = io::load_model_config((dir / "config.json").string());
+  auto model = build_model(cfg);
+  load_hf_weights(*model, dir.string());
+  std::mt19937 rng(11);
+  auto sample = [&](int len) {
+    Sample s;
+    for (int t = 0; t < len; ++t) {
+      const int32_t id = static_cast<int32_t>(rng() % static_cast<uint32_t>(cfg.vocab_size));
+      s.input_ids.push_back(id);
+      s.labels.push_back(t < 2 ? -100 : id);
+    }
+    return s;
+  };
+  const Sample a = sample(9), b = sample(9), c = sample(6);
+  Sample packed = sample(9);
+  packed.seq_lens = {4, 5};
+  Sample whole = sample(9);
+  whole.seq_lens = {9};
+  EXPECT_TRUE(collate({&a, &b}).one_segment_rows);
+  EXPECT_TRUE(collate({&a, &whole}).one_segment_rows);
+  EXPECT_FALSE(collate({&a, &c}).one_segment_rows) << "c is padded";
+  EXPECT_FALSE(collate({&a, &packed}).one_segment_rows) << "a packed row";
+  CollateOptions pad;
+  pad.pad_to = 12;
+  EXPECT_FALSE(collate({&a, &b}, pad).one_segment_rows) << "padded to 12";
+  Batch bt = collate({&a, &b});
+  const double without_mask = model->forward_loss(bt);
+  bt.one_segment_rows = false;
+  const double with_mask = model->forward_loss(bt);
+  EXPECT_EQ(without_mask, with_mask);
+}
+
 TEST(Packing, PackedBatchMatchesSamplesOneByOne) {
   const fs::path dir = fs::path(src_dir()) / "tests/fixtures/golden/llama/model";
   auto cfg = io::load_model_config((dir / "config.json").string());
