@@ -41,7 +41,7 @@ int cmd_info(int, char**) {
   std::printf("features: cpu (OpenBLAS, OpenMP)%s\n", cuda::built_with_cuda() ? ", cuda (cuBLASLt)" : "");
   if (cuda::built_with_cuda()) std::printf("cuda: %s\n", cuda::runtime_versions().c_str());
   std::printf("cudnn: %s   nccl: %s   mpi: %s\n",
-              cuda::kCudnnAttentionCompiled ? "attention, opt-in (AM_ATTENTION=cudnn)" : "no",
+              cuda::kCudnnAttentionCompiled ? "attention for fixed shapes (AM_ATTENTION=auto|cudnn|flash)" : "no",
               dist::built_with_nccl() ? "yes" : "no", dist::built_with_mpi() ? "yes" : "no");
   std::printf("models: ");
   bool first = true;

@@ -48,8 +48,8 @@ Batch collate(const std::vector<const Sample*>& samples, const CollateOptions& o
   for (int64_t r = 0; r < b.B; ++r) {
     const Sample& s = *samples[r];
     const int64_t L = static_cast<int64_t>(s.input_ids.size());
-    // a packed row (more than one sample) or a padded one needs the segment mask
-    if (L < b.T || s.seq_lens.size() > 1 || (s.seq_lens.size() == 1 && s.seq_lens[0] < L)) b.one_segment_rows = false;
+    // a packed row (more than one sample) needs the segment mask; right padding does not (model.h)
+    if (s.seq_lens.size() > 1 || (s.seq_lens.size() == 1 && s.seq_lens[0] < L)) b.one_segment_rows = false;
     // Packed rows: segment k spans [start_k, start_k + seq_lens[k]); positions restart at each start.
     int64_t seg_id = 0, seg_start = 0;
     int64_t seg_end = s.seq_lens.empty() ? L : std::min<int64_t>(L, s.seq_lens[0]);

@@ -98,19 +98,13 @@ std::vector<std::vector<Param*>> DecoderLM::param_units() {
   return units;
 }
 
-// Every decoder family runs on CUDA now: nothing to refuse here. (gpt_oss: its sinks through the generic attention
-// kernels, its biased experts and clamped SwiGLU through backend/cuda/gpt_oss_moe.cu. Gemma 2's soft-capping: the
-// generic attention kernels and the chunked LM-head loss. DeepSeek: MLA's column ops (ops/mla_ops.h) and the
-// grouped router on CUDA.)
-static void check_device_support(const io::ModelConfig& cfg, const ExecContext& ex) {
-  if (!ex.on_cuda()) return;
-  // Opt-in until its GPU tests pass (ops/device.h). gpt_oss on an H200 (2026-12-05): training loss and grad norm
-  // within 0.2% / 2% of the CPU, but the per-parameter gradient check missed its bound (15% relative L2 against
-  // 10%) and the MoE block test had 6 of 25600 dx elements off: not explained yet. (gemma2, deepseek and
-  // nemotron_h passed theirs the same day and run by default.)
-  if (cfg.gpt_oss_glu || cfg.attn_sinks)
-    ops::require_verified_cuda("model_type '" + cfg.model_type + "' (sinks, biased clamped-SwiGLU experts) on CUDA");
-}
+// Every decoder family runs on CUDA, with nothing behind ops::require_verified_cuda any more. gpt_oss: its sinks
+// through the flash attention kernels, its biased experts and clamped SwiGLU through backend/cuda/gpt_oss_moe.cu; its
+// model-level gradient check is bounded by the fixture's own bf16 sensitivity (tests/gpu/test_cuda_gpt_oss.cpp,
+// docs/gpt_oss.md). Gemma 2's soft-capping: the flash kernels and the chunked LM-head loss. DeepSeek: MLA's column
+// ops (ops/mla_ops.h) and the grouped router on CUDA. A family whose CUDA code has not yet passed its GPU tests
+// calls ops::require_verified_cuda here.
+static void check_device_support(const io::ModelConfig&, const ExecContext&) {}
 
 void DecoderLM::to_device(const ExecContext& ex) {
   check_device_support(cfg_, ex);

@@ -4,10 +4,10 @@
 // All of it is DecoderLM with config flags (io/model_config.h: attn_sinks, router_bias, expert_bias,
 // gpt_oss_glu). MXFP4 hub checkpoints are dequantised at load (models/mxfp4.h).
 // Devices: the CPU (fp32 reference) and CUDA (bf16 activations, fp32 master weights and grads): the sinks run in the
-// generic CUDA-core attention kernels (backend/cuda/attention_generic.cu; no tensor cores, slower than the flash
-// path), the experts in the shared grouped GEMMs plus backend/cuda/gpt_oss_moe.cu (clamped SwiGLU, per-expert
-// biases). The CUDA path is checked only by GPU tests not yet run (tests/gpu/test_cuda_gpt_oss.cpp). Expert
-// parallelism and LoRA on the experts / router are refused (UsageError) on every device. docs/gpt_oss.md.
+// tensor-core flash attention kernels (backend/cuda/attention.h: the sink joins the softmax normaliser, dsinks is a
+// reduction kernel), the experts in the shared grouped GEMMs plus backend/cuda/gpt_oss_moe.cu (clamped SwiGLU,
+// per-expert biases). GPU tests: tests/gpu/test_cuda_gpt_oss.cpp. Expert parallelism and LoRA on the experts /
+// router are refused (UsageError) on every device. docs/gpt_oss.md.
 #include "models/decoder.h"
 
 namespace am {

@@ -55,9 +55,12 @@ struct Batch {
   Tensor positions;    // [N] int32 on the host (RoPE tables are built there), restarting at 0 per sample
   Tensor targets;      // [N] int32, already shifted: targets[t] = labels[t+1], -100 ignored
   Tensor segment_ids;  // [B, T] int32: sample index within the row (>= 0), -1 for padding
-  // True when every row is one sample with no padding (segment_ids all 0): attention then needs no segment
-  // mask, so it is given none (the kernels run without the segment table, and cuDNN's fused attention, which
-  // takes no segment ids, can run). Set by collate() on the host; false (use segment_ids) when unknown.
+  // True when every row is one sample, right-padded or not (no packing): causal attention then needs no segment
+  // mask, so it is given none (the kernels run without the segment table, and cuDNN's fused attention, which takes
+  // no segment ids, can run). Exact: a real token's query never reaches a padding key, which comes after it, and
+  // padding rows (targets -100) get zero gradient, so they add nothing to any real token's gradient
+  // (Collate.OneSegmentRowsWithoutPackingNeedNoMask). Set by collate() on the host; false (use segment_ids) when
+  // unknown. Everything else that reads segment_ids (Mamba2's state resets, the MoE aux loss's padding) still does.
   bool one_segment_rows = false;
   int64_t num_label_tokens = 0;  // count of targets != -100
   int64_t num_real_tokens = 0;   // count of non-padding tokens

@@ -46,8 +46,8 @@ void reset_gpu_peak();
 // CUDA code whose GPU tests have not passed on a device is used only when the environment has
 // AM_ALLOW_UNVERIFIED_CUDA=1: a wrong kernel must not train a model silently wrong. Without it a model that needs
 // such code refuses CUDA with a DeviceError naming `what` and this variable. The GPU tests set the variable.
-// A path leaves this gate once a device run has checked it (docs/performance.md records the run). Today: gpt_oss
-// (its model-level gradient check failed on 2026-12-05; see DecoderLM's check_device_support).
+// A path leaves this gate once a device run has checked it (docs/performance.md records the run). Today no model
+// path is behind it (gpt_oss left it on 2026-12-06; DecoderLM's check_device_support is where a new one would go).
 bool unverified_cuda_allowed();
 void require_verified_cuda(const std::string& what);  // DeviceError unless allowed
 

@@ -1,8 +1,11 @@
 #ifdef AM_WITH_CUDA
 #include "ops/ops_cuda.h"
 
+#include <compare>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 
 #include "backend/cuda/cudnn_attention.h"
 
@@ -27,21 +30,57 @@ static bool flash_supports(const AttnParams& p, const Tensor& q) {
   return p.head_dim == 64 || p.head_dim == 96 || p.head_dim == 128 || p.head_dim == 256;
 }
 
-// cuDNN's fused attention (backend/cuda/cudnn_attention.h) is opt-in until it has been measured and checked on a
-// device: only with AM_ATTENTION=cudnn (read at every call, so tests can switch it), for what it takes (bf16,
-// head dims 64 / 128, causal, GQA, sliding window; no segments, sinks or soft-capping), and only when its plan
-// builds and executes; otherwise (the first failure is logged once) the kernels below run as before. Its lse is
-// the same natural-log logsumexp, so a cuDNN forward pairs with either backward.
-static bool cudnn_attention_wanted(const AttnParams& p, const Tensor& q) {
+// cuDNN's fused attention (backend/cuda/cudnn_attention.h) for what it takes (bf16, head dims 64 / 128, causal, GQA,
+// sliding window; no segment ids, sinks or soft-capping), chosen by AM_ATTENTION (read at every call, so tests can
+// switch it):
+//   unset / "auto": cuDNN for a shape once that shape has been seen kAutoAfter times, for at most kAutoPlans shapes
+//                   per pass in a process; every other call runs the built-in kernels. cuDNN builds (and NVRTC-
+//                   compiles) an execution plan per (B, T, heads, window) in about a second: worth it for the
+//                   fixed shapes of packed or pre-padded training, where one plan serves every step (W1 on an H100,
+//                   2026-12-06: 56,158 -> 59,249 tok/s, step -7.6 ms, docs/performance.md), not for shapes seen
+//                   once (a generate prefill) or for dynamic padding's hundred lengths.
+//   "cudnn":        cuDNN for every shape it takes (a plan per new shape).
+//   "flash" / "builtin": never cuDNN.
+// If a plan fails to build or execute, the first failure is logged once and the built-in kernels run. Its lse is the
+// same natural-log logsumexp, so a cuDNN forward pairs with either backward: the forward and backward of one call
+// may take different paths (the backward's shape count is its own).
+static constexpr int kAutoAfter = 3;
+static constexpr int kAutoPlans = 8;
+
+static bool cudnn_attention_wanted(const AttnParams& p, const Tensor& q, bool backward) {
   if (!cuda::kCudnnAttentionCompiled) return false;
   const char* e = std::getenv("AM_ATTENTION");
-  return e && std::strcmp(e, "cudnn") == 0 && cuda::cudnn_attention_supports(p, q.dtype());
+  const bool forced = e && std::strcmp(e, "cudnn") == 0;
+  if (e && !forced && *e && std::strcmp(e, "auto") != 0) return false;  // "flash", "builtin", anything else
+  if (!cuda::cudnn_attention_supports(p, q.dtype())) return false;
+  if (forced) return true;
+  // auto: count this shape's calls (per pass); take cuDNN from the kAutoAfter-th on, for kAutoPlans shapes at most
+  struct Shape {
+    bool backward;
+    int64_t B, T, H, HK, D, window;
+    auto operator<=>(const Shape&) const = default;
+  };
+  static std::mutex mu;
+  static std::map<Shape, int> seen;
+  static int taken[2] = {0, 0};
+  const Shape key{backward, p.batch, p.seq, p.n_heads, p.n_kv_heads, p.head_dim, p.sliding_window};
+  std::lock_guard<std::mutex> lock(mu);
+  int& n = seen[key];
+  if (n >= kAutoAfter) return true;  // already taken (counts stop at kAutoAfter)
+  if (++n < kAutoAfter) return false;
+  if (taken[backward] >= kAutoPlans) {
+    n = 0;  // stays with the built-in kernels; counted again from zero (the map does not grow without bound)
+    seen.erase(key);
+    return false;
+  }
+  ++taken[backward];
+  return true;
 }
 
 void cuda_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttnParams& p, Tensor& out,
                         Tensor& lse) {
   auto& ctx = cuda::default_context();
-  if (cudnn_attention_wanted(p, q)) {
+  if (cudnn_attention_wanted(p, q, false)) {
     size_t ws = 0;
     if (cuda::cudnn_attention_fwd_workspace(p, &ws, ctx.stream())) {
       Tensor w = ws ? workspace(ws) : Tensor();
@@ -61,7 +100,7 @@ void cuda_attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const
                         const Tensor& dout, const AttnParams& p, Tensor& dq, Tensor& dk, Tensor& dv,
                         Tensor* dsinks) {
   auto& ctx = cuda::default_context();
-  if (cudnn_attention_wanted(p, q)) {
+  if (cudnn_attention_wanted(p, q, true)) {
     size_t ws = 0;
     if (cuda::cudnn_attention_bwd_workspace(p, &ws, ctx.stream())) {
       Tensor w = ws ? workspace(ws) : Tensor();

@@ -19,8 +19,13 @@
 #include "backend/cuda/cuda_ops.h"
 #include "config/recipe.h"
 #include "core/tensor.h"
+#include "data/dataset.h"
 #include "../common/tolerance.h"
+#include "io/model_config.h"
+#include "models/decoder.h"
+#include "models/hf_weights.h"
 #include "models/model.h"
+#include "ops/ops.h"
 #include "train/trainer.h"
 
 namespace am::gpu_test {
@@ -150,6 +155,50 @@ inline double grad_distance(CausalLM& a, CausalLM& b, std::vector<std::pair<doub
   }
   if (per_param) std::sort(per_param->rbegin(), per_param->rend());
   return den_all > 0 ? std::sqrt(num_all / den_all) : 0.0;
+}
+
+// One forward_backward of a model from the same HF weights on three models: the CPU in fp32 (the oracle), CUDA in bf16,
+// and the CPU again with every weight rounded to bf16 (fp32 compute). The third says how sensitive this fixture's
+// gradients are to bf16 noise at all: a tiny random model with near-tied routing can move 10% and more under weight
+// rounding alone, which no bf16 implementation avoids, so bounds scale with it.
+struct Step1Gradients {
+  double ce_cpu = 0, ce_gpu = 0;
+  double aux_cpu = 0, aux_gpu = 0;                        // the router aux loss (coef x loss; 0 without one)
+  double rel_all = 0;                                    // CUDA against the fp32 CPU, all parameters
+  std::vector<std::pair<double, std::string>> per_param;  // CUDA against the fp32 CPU, worst first
+  double sens_all = 0;                                    // bf16-rounded CPU against the fp32 CPU
+  std::vector<std::pair<double, std::string>> sens_per_param;
+  double rel_rounded_all = 0;  // CUDA against the bf16-rounded CPU (same weight rounding; activations differ)
+  std::vector<std::pair<double, std::string>> rounded_per_param;
+  double sens_of(const std::string& name) const {
+    for (const auto& [r, n] : sens_per_param)
+      if (n == name) return r;
+    return 0.0;
+  }
+};
+
+inline Step1Gradients step1_gradients(const io::ModelConfig& cfg, const std::filesystem::path& model_dir,
+                                      const Batch& host_batch) {
+  auto cpu = build_model(cfg), gpu = build_model(cfg), rounded = build_model(cfg);
+  for (auto* m : {&cpu, &gpu, &rounded}) load_hf_weights(**m, model_dir.string());
+  for (Param& p : rounded->params().all()) {
+    Tensor b = Tensor::empty(p.value.shape(), DType::BF16);
+    ops::copy_(b, p.value);
+    ops::copy_(p.value, b);
+  }
+  gpu->to_device(ExecContext::cuda_bf16());
+  for (auto* m : {&cpu, &gpu, &rounded}) (*m)->params().zero_grad();
+  ForwardOptions fo;
+  Step1Gradients r;
+  r.ce_cpu = cpu->forward_backward(host_batch, 1.0f, fo);
+  r.ce_gpu = gpu->forward_backward(upload_batch(host_batch, gpu->exec()), 1.0f, fo);
+  rounded->forward_backward(host_batch, 1.0f, fo);
+  r.aux_cpu = cpu->take_aux_loss();
+  r.aux_gpu = gpu->take_aux_loss();
+  r.rel_all = grad_distance(*cpu, *gpu, &r.per_param);
+  r.sens_all = grad_distance(*cpu, *rounded, &r.sens_per_param);
+  r.rel_rounded_all = grad_distance(*rounded, *gpu, &r.rounded_per_param);
+  return r;
 }
 
 // Sets an environment variable for the scope (value nullptr: unsets it), restoring the old value after.

@@ -1,10 +1,10 @@
-// cuDNN fused attention (backend/cuda/cudnn_attention.h, opt-in with AM_ATTENTION=cudnn) against the CPU reference
+// cuDNN fused attention (backend/cuda/cudnn_attention.h) against the CPU reference
 // (am::ops::attention_fwd/bwd on fp32 copies of the same bf16 inputs): forward out / lse and backward dq / dk / dv
 // for random shapes with GQA ratios 1 / 4 / 8, T not a multiple of 64 (77, 257, 1000, ...), B > 1, head dims
 // 64 and 128, and sliding windows. Outputs are poisoned with NaN before each call, so an unwritten element fails.
 // Errors are ||got - ref|| / ||ref||, with the budgets of tests/gpu/test_cuda_attention.cpp (out 1e-2, lse max abs
-// 2e-3, gradients 2e-2). Also: the ops:: front-end routes through cuDNN only with AM_ATTENTION=cudnn, and what
-// cuDNN does not take (segment ids, soft-capping, sinks, other head dims / dtypes) still gives the right answer
+// 2e-3, gradients 2e-2). Also: the ops:: front-end's choice (AM_ATTENTION cudnn / flash / auto, where auto takes
+// cuDNN from a shape's third call on), and what cuDNN does not take (segment ids, soft-capping, sinks, other head dims / dtypes) still gives the right answer
 // through the built-in kernels with the variable set.
 // Skips (GTEST_SKIP, with the reason) without a CUDA device, in a build without cuDNN, or when libcudnn.so.9
 // cannot be loaded. A plan that cuDNN refuses for a shape supports() accepted is a FAILURE, with cuDNN's message.
@@ -189,9 +189,10 @@ TEST_F(CudnnAttention, SlidingWindowMatchesCpuReference) {
   run_cases(cases, 777, "CudnnAttention (window)", check_case);
 }
 
-// ops::attention_fwd/bwd take cuDNN only with AM_ATTENTION=cudnn: with it the forward is bit-for-bit the direct
-// cuDNN call's; without it, bit-for-bit the flash kernels'. Both match the reference either way.
-TEST_F(CudnnAttention, OpsRouteThroughCudnnOnlyWhenAsked) {
+// ops::attention_fwd/bwd's choice (src/ops/ops_cuda.cpp): AM_ATTENTION=cudnn takes cuDNN at once, =flash never,
+// and unset (auto) from a shape's third call on. The forward is bit-for-bit the direct cuDNN call's or the flash
+// kernels' (both deterministic), and every path matches the reference.
+TEST_F(CudnnAttention, OpsRouteThroughCudnnAsAsked) {
   const Case c{2, 1000, 8, 2, 64, 0};
   auto pr = make_problem(c, 99);
   const am::AttnParams& p = pr->p;
@@ -202,19 +203,29 @@ TEST_F(CudnnAttention, OpsRouteThroughCudnnOnlyWhenAsked) {
   am::cuda::attention_fwd(pr->q, pr->k, pr->v, p, out_flash, lse_flash);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto oc = download_bf16(out_cudnn), of = download_bf16(out_flash);
+  ASSERT_NE(std::memcmp(oc.data(), of.data(), oc.size() * 4), 0) << "the two paths must differ for this test to tell";
 
-  for (const char* mode : {"cudnn", static_cast<const char*>(nullptr)}) {
-    ScopedEnv env("AM_ATTENTION", mode);
-    const std::string tag = mode ? "AM_ATTENTION=cudnn" : "AM_ATTENTION unset";
+  struct Run {
+    const char* mode;
+    bool want_cudnn;
+    const char* tag;
+  };
+  // This shape is seen here for the first time in auto mode (the direct calls above do not count).
+  const Run runs[] = {{"cudnn", true, "AM_ATTENTION=cudnn"}, {"flash", false, "AM_ATTENTION=flash"},
+                      {nullptr, false, "auto, first call"},  {nullptr, false, "auto, second call"},
+                      {nullptr, true, "auto, third call"},   {"auto", true, "AM_ATTENTION=auto, fourth call"},
+                      {"flash", false, "AM_ATTENTION=flash after auto took cuDNN"}};
+  for (const Run& r : runs) {
+    ScopedEnv env("AM_ATTENTION", r.mode);
     const auto [out, lse, dq, dk, dv] = run_ops(*pr, false);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << tag;
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << r.tag;
     const auto o = download_bf16(out);
-    EXPECT_EQ(std::memcmp(o.data(), (mode ? oc : of).data(), o.size() * 4), 0)
-        << tag << ": the forward did not take the expected path";
-    EXPECT_LT(rel_err(o, pr->ref.out), 1e-2) << tag;
-    EXPECT_LT(rel_err(download_bf16(dq), pr->ref.dq), 2e-2) << tag;
-    EXPECT_LT(rel_err(download_bf16(dk), pr->ref.dk), 2e-2) << tag;
-    EXPECT_LT(rel_err(download_bf16(dv), pr->ref.dv), 2e-2) << tag;
+    EXPECT_EQ(std::memcmp(o.data(), (r.want_cudnn ? oc : of).data(), o.size() * 4), 0)
+        << r.tag << ": the forward did not take the expected path (" << (r.want_cudnn ? "cuDNN" : "flash") << ")";
+    EXPECT_LT(rel_err(o, pr->ref.out), 1e-2) << r.tag;
+    EXPECT_LT(rel_err(download_bf16(dq), pr->ref.dq), 2e-2) << r.tag;
+    EXPECT_LT(rel_err(download_bf16(dk), pr->ref.dk), 2e-2) << r.tag;
+    EXPECT_LT(rel_err(download_bf16(dv), pr->ref.dv), 2e-2) << r.tag;
   }
   // cuDNN's forward and the flash backward pair up (same lse convention), and the other way round.
   Tensor dq = dev_empty(pr->qs, DType::BF16), dk = dev_empty(pr->ks, DType::BF16), dv = dev_empty(pr->ks, DType::BF16);

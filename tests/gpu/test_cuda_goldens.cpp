@@ -52,39 +52,12 @@ std::vector<Sample> first_rows(const fs::path& data, size_t n) {
   return out;
 }
 
-struct GradReport {
-  double ce_cpu = 0, ce_gpu = 0, rel_all = 0;
-  std::vector<std::pair<double, std::string>> per_param;  // relative L2, name; worst first
-  // The same measures between the CPU run and a CPU run whose weights were rounded to bf16 (fp32 compute): how
-  // sensitive this fixture's gradients are to bf16 noise at all.
-  double sens_all = 0, sens_worst = 0;
-};
-
-GradReport step1_gradients(const fs::path& dir) {
+gpu_test::Step1Gradients step1_gradients(const fs::path& dir) {
   const io::ModelConfig cfg = io::load_model_config((dir / "model/config.json").string());
   auto rows = first_rows(dir / "data.jsonl", 2);
   std::vector<const Sample*> ptrs;
   for (const auto& s : rows) ptrs.push_back(&s);
-  const Batch host_batch = collate(ptrs);
-  auto cpu = build_model(cfg), gpu = build_model(cfg), rounded = build_model(cfg);
-  for (auto* m : {&cpu, &gpu, &rounded}) load_hf_weights(**m, (dir / "model").string());
-  for (Param& p : rounded->params().all()) {
-    Tensor b = Tensor::empty(p.value.shape(), DType::BF16);
-    ops::copy_(b, p.value);
-    ops::copy_(p.value, b);
-  }
-  gpu->to_device(ExecContext::cuda_bf16());
-  for (auto* m : {&cpu, &gpu, &rounded}) (*m)->params().zero_grad();
-  ForwardOptions fo;
-  GradReport r;
-  r.ce_cpu = cpu->forward_backward(host_batch, 1.0f, fo);
-  r.ce_gpu = gpu->forward_backward(upload_batch(host_batch, gpu->exec()), 1.0f, fo);
-  rounded->forward_backward(host_batch, 1.0f, fo);
-  r.rel_all = gpu_test::grad_distance(*cpu, *gpu, &r.per_param);
-  std::vector<std::pair<double, std::string>> sens;
-  r.sens_all = gpu_test::grad_distance(*cpu, *rounded, &sens);
-  r.sens_worst = sens.empty() ? 0.0 : sens.front().first;
-  return r;
+  return gpu_test::step1_gradients(cfg, dir / "model", collate(ptrs));
 }
 
 TEST(CudaGoldens, Step1GradientsMatchCpu) {
@@ -95,12 +68,13 @@ TEST(CudaGoldens, Step1GradientsMatchCpu) {
   for (const auto& c : index.at("cases")) {
     const std::string name = c.get<std::string>();
     SCOPED_TRACE(name);
-    const GradReport r = step1_gradients(root / name);
+    const gpu_test::Step1Gradients r = step1_gradients(root / name);
+    const double sens_worst = r.sens_per_param.empty() ? 0.0 : r.sens_per_param.front().first;
     std::printf("[%s] ce_sum cpu %.6f cuda %.6f (rel %.2e); grads rel L2 %.3e; worst:", name.c_str(), r.ce_cpu, r.ce_gpu,
                 std::abs(r.ce_gpu - r.ce_cpu) / r.ce_cpu, r.rel_all);
     for (size_t i = 0; i < std::min<size_t>(3, r.per_param.size()); ++i)
       std::printf(" %s %.2e", r.per_param[i].second.c_str(), r.per_param[i].first);
-    std::printf("; bf16 weights alone on the CPU: %.3e, worst %.3e\n", r.sens_all, r.sens_worst);
+    std::printf("; bf16 weights alone on the CPU: %.3e, worst %.3e\n", r.sens_all, sens_worst);
     std::fflush(stdout);
     EXPECT_NEAR(r.ce_gpu, r.ce_cpu, 1e-2 * r.ce_cpu);
     // bf16 compute against fp32: ~1e-2 over all parameters for most fixtures; one parameter may be noisier (a router
@@ -108,7 +82,7 @@ TEST(CudaGoldens, Step1GradientsMatchCpu) {
     // moves gemma3_text's by 4.9% and gpt_oss's by 2.7%, llama's by 0.4%) get 3x that sensitivity.
     EXPECT_LT(r.rel_all, std::max(3e-2, 3.0 * r.sens_all));
     if (!r.per_param.empty())
-      EXPECT_LT(r.per_param.front().first, std::max(0.1, 3.0 * r.sens_worst)) << r.per_param.front().second;
+      EXPECT_LT(r.per_param.front().first, std::max(0.1, 3.0 * sens_worst)) << r.per_param.front().second;
   }
 }
 

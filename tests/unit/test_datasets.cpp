@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -262,11 +264,12 @@ TEST(Packing, CollateRestartsPositionsAndMasksBoundaries) {
 
 // Rows that are each one sample without padding need no segment mask: collate says so (Batch::one_segment_rows),
 // the decoder then gives attention none, and the loss is the one computed with the (all-zero) mask.
-TEST(Collate, OneSegmentRowsOnlyWithoutPaddingOrPacking) {
+// Rows that are one sample each, right-padded or not, need no segment mask in causal attention: a real token's
+// query never reaches a padding key (padding comes after it), and padding rows get zero gradient (their targets are
+// -100), so loss and every gradient are bit-for-bit those of the masked run. Packed rows need the mask.
+TEST(Collate, OneSegmentRowsWithoutPackingNeedNoMask) {
   const fs::path dir = fs::path(src_dir()) / "tests/fixtures/golden/llama/model";
   auto cfg = io::load_model_config((dir / "config.json").string());
-  auto model = build_model(cfg);
-  load_hf_weights(*model, dir.string());
   std::mt19937 rng(11);
   auto sample = [&](int len) {
     Sample s;
@@ -282,18 +285,34 @@ TEST(Collate, OneSegmentRowsOnlyWithoutPaddingOrPacking) {
   packed.seq_lens = {4, 5};
   Sample whole = sample(9);
   whole.seq_lens = {9};
-  EXPECT_TRUE(collate({&a, &b}).one_segment_rows);
-  EXPECT_TRUE(collate({&a, &whole}).one_segment_rows);
-  EXPECT_FALSE(collate({&a, &c}).one_segment_rows) << "c is padded";
-  EXPECT_FALSE(collate({&a, &packed}).one_segment_rows) << "a packed row";
   CollateOptions pad;
   pad.pad_to = 12;
-  EXPECT_FALSE(collate({&a, &b}, pad).one_segment_rows) << "padded to 12";
-  Batch bt = collate({&a, &b});
-  const double without_mask = model->forward_loss(bt);
-  bt.one_segment_rows = false;
-  const double with_mask = model->forward_loss(bt);
-  EXPECT_EQ(without_mask, with_mask);
+  EXPECT_TRUE(collate({&a, &b}).one_segment_rows);
+  EXPECT_TRUE(collate({&a, &whole}).one_segment_rows);
+  EXPECT_TRUE(collate({&a, &c}).one_segment_rows) << "c is right-padded";
+  EXPECT_TRUE(collate({&a, &b}, pad).one_segment_rows) << "padded to 12";
+  EXPECT_FALSE(collate({&a, &packed}).one_segment_rows) << "a packed row";
+  EXPECT_FALSE(collate({&packed}, pad).one_segment_rows) << "a packed row, padded";
+  for (const Batch& base : {collate({&a, &b}), collate({&a, &c}, pad)}) {
+    std::vector<std::unique_ptr<CausalLM>> m;
+    for (int i = 0; i < 2; ++i) {
+      m.push_back(build_model(cfg));
+      load_hf_weights(*m.back(), dir.string());
+      m.back()->params().zero_grad();
+    }
+    Batch masked = base;
+    masked.one_segment_rows = false;
+    ForwardOptions fo;
+    const double without_mask = m[0]->forward_backward(base, 1.0f, fo);
+    const double with_mask = m[1]->forward_backward(masked, 1.0f, fo);
+    EXPECT_EQ(without_mask, with_mask) << "T " << base.T;
+    for (Param& p : m[0]->params().all()) {
+      const Tensor& g0 = p.grad;
+      const Tensor& g1 = m[1]->params().get(p.name).grad;
+      ASSERT_EQ(g0.numel(), g1.numel());
+      EXPECT_EQ(std::memcmp(g0.raw(), g1.raw(), static_cast<size_t>(g0.numel()) * 4), 0) << p.name << " T " << base.T;
+    }
+  }
 }
 
 TEST(Packing, PackedBatchMatchesSamplesOneByOne) {

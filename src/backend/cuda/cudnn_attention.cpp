@@ -558,7 +558,7 @@ void record_failure_locked(State& st, const std::string& msg) {
   st.last_error = msg;
   if (!st.logged) {
     st.logged = true;
-    log::warn("cuDNN attention (AM_ATTENTION=cudnn) unavailable for a shape, using the built-in kernels: " + msg);
+    log::warn("cuDNN attention unavailable for a shape, using the built-in kernels: " + msg);
   }
 }
 

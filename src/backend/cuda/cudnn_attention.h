@@ -1,7 +1,8 @@
 // cuDNN 9 fused attention (SDPA) for the flash attention forward and backward, built through cuDNN's backend
-// graph API (cudnn_graph.h; no cudnn-frontend). Opt-in: ops::attention_fwd/bwd (src/ops/ops_cuda.cpp) take it
-// only with AM_ATTENTION=cudnn in the environment, when cudnn_attention_supports(p) says yes and the execution
-// plan for the shape builds; otherwise (and always without the variable) the engine's own kernels run.
+// graph API (cudnn_graph.h; no cudnn-frontend). ops::attention_fwd/bwd (src/ops/ops_cuda.cpp) take it when
+// cudnn_attention_supports(p) says yes and the execution plan for the shape builds: by default (AM_ATTENTION unset
+// or "auto") from a shape's third call on and for a bounded number of shapes (fixed-shape training), with
+// AM_ATTENTION=cudnn for every shape, never with AM_ATTENTION=flash; otherwise the engine's own kernels run.
 //
 // Same contract as cuda::attention_fwd/bwd (attention.h) for what it takes:
 //   q [B, T, nh, D], k/v [B, T, nkv, D], out/dout/dq [B, T, nh, D], dk/dv [B, T, nkv, D]: bf16, contiguous, CUDA

@@ -36,6 +36,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernel_utils.cuh"
+#include "backend/cuda/mma_sm80.cuh"
 
 namespace am::cuda {
 namespace {
@@ -65,40 +66,8 @@ struct Params {
   float alpha, beta;
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-// c += a * b (m16n8k16, bf16 inputs, fp32 accumulators). Fragments (lane l: g = l / 4, t = l % 4):
-//   a0 = A[g][2t..2t+1] a1 = A[g+8][2t..] a2 = A[g][2t+8..] a3 = A[g+8][2t+8..];  b0 = B[2t..2t+1][g]
-//   b1 = B[2t+8..2t+9][g];  c0,c1 = C[g][2t..2t+1] c2,c3 = C[g+8][2t..2t+1].
-__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// smem_addr, cp_async16, cp_async_commit / wait, ldsm_x4(_t), mma16816 (fragment layouts there): mma_sm80.cuh.
+using namespace am::cuda::ptx;
 
 // One stage of one operand into shared memory at s.
 //   KMAJ: tile [R][kPitchK] = rows r0 .. r0 + R (the M or N index) x k0 .. k0 + kBK of a matrix whose row i starts
@@ -143,7 +112,7 @@ __device__ __forceinline__ void load_frag_a(uint32_t (&a)[4], uint32_t s, int m_
     ldsm_x4(a, s + static_cast<uint32_t>((r * kPitchK + c) * 2));
   } else {  // stored [k][m], transposed on load: the same four matrices
     const int r = kk + (lane & 7) + (lane >> 4) * 8, c = m_off + ((lane >> 3) & 1) * 8;
-    ldsm_x4_trans(a, s + static_cast<uint32_t>((r * (kBM + 8) + c) * 2));
+    ldsm_x4_t(a, s + static_cast<uint32_t>((r * (kBM + 8) + c) * 2));
   }
 }
 // B fragments of the two 16 (k) x 8 (n) blocks at (kk, n_off) and (kk, n_off + 8): {b0, b1} of the first in
@@ -155,7 +124,7 @@ __device__ __forceinline__ void load_frag_b2(uint32_t (&b)[4], uint32_t s, int n
     ldsm_x4(b, s + static_cast<uint32_t>((r * kPitchK + c) * 2));
   } else {  // stored [k][n], transposed on load: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
     const int r = kk + (lane & 7) + ((lane >> 3) & 1) * 8, c = n_off + (lane >> 4) * 8;
-    ldsm_x4_trans(b, s + static_cast<uint32_t>((r * (kBN + 8) + c) * 2));
+    ldsm_x4_t(b, s + static_cast<uint32_t>((r * (kBN + 8) + c) * 2));
   }
 }
 
@@ -232,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 2) persistent_grouped_kernel(const P
   constexpr int kStageBytes = (kAElems + kBElems) * 2;
   static_assert(kStageBytes % 128 == 0 && (kAElems * 2) % 128 == 0, "stage tiles stay 128-byte aligned");
   extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t s_tiles = smem_u32(smem);
+  const uint32_t s_tiles = smem_addr(smem);
   int* s_prefix = reinterpret_cast<int*>(smem + kStages * kStageBytes);  // [E + 1] units before expert e
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3;  // 2 x 4 warps of 64 x 32 outputs
@@ -315,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 2) persistent_grouped_kernel(const P
         for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
           for (int ni = 0; ni < 4; ++ni)
-            mma_bf16_16816(acc[mi][ni], af[mi], bfr[ni >> 1][(ni & 1) * 2], bfr[ni >> 1][(ni & 1) * 2 + 1]);
+            mma16816(acc[mi][ni], af[mi], bfr[ni >> 1][(ni & 1) * 2], bfr[ni >> 1][(ni & 1) * 2 + 1]);
       }
       cstage = cstage + 1 == kStages ? 0 : cstage + 1;
     }
