@@ -11,6 +11,7 @@
 #     w1 | w2 | w2bf16 | w2inbwd | w2bf16inbwd | w5 | nemo8   bench/run_bench.sh (w2bf16: W2 in pure bf16;
 #                   *inbwd: with optimizer_in_bwd; nemo8: issue 17's Nemotron row)
 #     goldens_cuda  bench/goldens_cuda_check.sh: every HF golden case trained on CUDA vs HF's fp32 loss
+#     qexport       MXFP4 / FP8 sources through the engine, the bf16 export loaded by transformers (issue 16)
 #     gpu_tests     am_gpu_tests (GPU_FILTER=gtest filter, default all; GPU_LIMIT seconds, default 240)
 #     mamba2        Mamba2 GPU tests (chunked SSD + sequential scans vs the CPU) + am_gpu_microbench mamba2
 #     mamba2prof    Nsight Compute sections of each chunked-SSD kernel (one forward + backward at nemo8's mixer)
@@ -159,6 +160,12 @@ for s in "$@"; do
         python3 -c "import json; e=json.load(open('$R/ab_$tag.json')); print('%-34s exit $rc  %7.0f tok/s  step %6.1f ms (fwd+bwd %.1f, opt %.1f)  peak %6.2f GiB' % ('$run', e['tokens_per_s'], e['step_ms'], e['fwd_bwd_ms'], e['opt_ms'], e['peak_mem_gib']))" 2>/dev/null || echo "$run exit $rc (no json)"
         grep -E "^step|loss" "$R/ab_$tag.log" | tail -1 | cut -c1-150
       done ;;
+    qexport)
+      # issue 16: MXFP4 (gpt_oss) / FP8 (deepseek_v3) sources loaded and saved by the engine (on the CPU), then loaded
+      # by transformers: keys, values against an independent dequantisation, logits (tools/check_quantized_export.py)
+      stage qexport
+      timeout ${QEXPORT_LIMIT:-180} python3 tools/check_quantized_export.py $B/automodel "$R/qexport" > "$R/qexport.log" 2>&1
+      echo "exit $?"; cut -c1-900 "$R/qexport.log" | tail -8 ;;
     phi3diag)
       stage phi3diag
       timeout 120 python3 tools/phi3_longrope_diag.py > "$R/phi3_diag.log" 2>&1; echo "exit $?"; tail -6 "$R/phi3_diag.log" ;;
