@@ -126,11 +126,11 @@ int gemma2_deepseek_bench_main(int argc, char** argv) {
 
     // ---- grouped routers ----
     {
-      using G = am::ops::GroupedRouterOptions::Group;
+      using G = am::GroupedRouterOptions::Group;
       struct Case {
         const char* name;
         int64_t E, k;
-        am::ops::GroupedRouterOptions o;
+        am::GroupedRouterOptions o;
         bool bias;
       };
       const Case cases[] = {{"v3 sigmoid top2-sum groups", 256, 8, {true, G::Top2Sum, 8, 4, true, 2.5f}, true},

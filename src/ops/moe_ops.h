@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "core/linear_out.h"
+#include "core/router_options.h"
 #include "core/tensor.h"
 
 namespace am::ops {
@@ -49,13 +50,7 @@ void moe_router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& t
 //     groups are kept and every other expert's choice becomes 0.0 (HF masked_fill(..., 0.0), not -inf)
 //   topk_idx = the k largest choices (ties: lower index first)                     [N, k] int32
 //   topk_w = scores[topk_idx], / (sum + 1e-20) when norm_topk_prob, * routed_scaling_factor   [N, k] fp32
-struct GroupedRouterOptions {
-  bool sigmoid = false;
-  enum class Group { None, Max, Top2Sum } group = Group::None;
-  int64_t n_group = 1, topk_group = 1;
-  bool norm_topk_prob = false;
-  float routed_scaling_factor = 1.f;
-};
+using am::GroupedRouterOptions;  // core/router_options.h (the backends take it without including ops/)
 void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k, const GroupedRouterOptions& o,
                             Tensor& scores, Tensor& topk_idx, Tensor& topk_w);
 // d logits [N, E] (assigned; fp32, on CUDA also bf16) from dtopk_w [N, k] (the selection is piecewise constant:

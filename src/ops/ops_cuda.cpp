@@ -35,10 +35,11 @@ static bool flash_supports(const AttnParams& p, const Tensor& q) {
 // switch it):
 //   unset / "auto": cuDNN for a shape once that shape has been seen kAutoAfter times, for at most kAutoPlans shapes
 //                   per pass in a process; every other call runs the built-in kernels. cuDNN builds (and NVRTC-
-//                   compiles) an execution plan per (B, T, heads, window) in about a second: worth it for the
-//                   fixed shapes of packed or pre-padded training, where one plan serves every step (W1 on an H100,
-//                   2026-12-06: 56,158 -> 59,249 tok/s, step -7.6 ms, docs/performance.md), not for shapes seen
-//                   once (a generate prefill) or for dynamic padding's hundred lengths.
+//                   compiles) an execution plan per (B, T, heads, window), which takes up to seconds: worth it for
+//                   the fixed shapes of unpacked training (full rows, pre-padded batches), where one plan serves
+//                   every step (W1 on an H100, 2026-12-06: 56,158 -> 59,249 tok/s, step -7.6 ms,
+//                   docs/performance.md), not for shapes seen once (a generate prefill); dynamic padding's hundreds
+//                   of lengths build at most kAutoPlans plans per pass and otherwise stay on the built-in kernels.
 //   "cudnn":        cuDNN for every shape it takes (a plan per new shape).
 //   "flash" / "builtin": never cuDNN.
 // If a plan fails to build or execute, the first failure is logged once and the built-in kernels run. Its lse is the

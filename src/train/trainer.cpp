@@ -143,6 +143,12 @@ Trainer::~Trainer() = default;
 std::string Trainer::model_source_dir() const { return source_dir_; }
 
 void Trainer::setup() {
+  auto t_phase = clock_t_::now();
+  auto mark = [&](std::string name) {  // ends the current start-up phase
+    const auto now = clock_t_::now();
+    startup_.emplace_back(std::move(name), std::chrono::duration<double>(now - t_phase).count());
+    t_phase = now;
+  };
   rank_ = opt_.launch.rank;
   world_ = opt_.launch.world_size;
   log::set_rank(rank_);
@@ -175,6 +181,7 @@ void Trainer::setup() {
     }
   }
 
+  mark(device_name_ == "cuda" ? "cuda init" : "recipe");
   // ---- model ----
   io::ModelConfig cfg;
   DType init_dtype = DType::F32;
@@ -209,6 +216,7 @@ void Trainer::setup() {
   if (bnb4) load_bnb_4bit_weights(*model_, source_dir_);
   else if (!source_dir_.empty()) load_hf_weights(*model_, source_dir_);
   else init_random_weights(*model_, seed_, init_dtype);
+  mark(bnb4 || !source_dir_.empty() ? "model (load)" : "model (random init)");
   if (r_.has("peft")) setup_lora();  // freezes the base: before to_device, so it never gets an fp32 master there
   if (r_.get_bool("quantization.load_in_4bit", false)) {
     std::vector<std::string> warnings;
@@ -286,6 +294,7 @@ void Trainer::setup() {
   if (r_.get_bool("quantization.load_in_8bit", false))
     r_.fail("quantization.load_in_8bit", "8-bit loading is not supported; remove it to train in the model's dtype");
 
+  mark(device_name_ == "cuda" ? "to cuda" : "model setup");
   // ---- data ----
   DatasetContext dctx;
   dctx.vocab_size = cfg.vocab_size;
@@ -302,6 +311,7 @@ void Trainer::setup() {
     collate_.pad_to = 0;  // packed rows fill the pack already
   }
 
+  mark("datasets");
   // ---- schedule ----
   {
     const BatchShape bs = batch_shape(r_);
@@ -369,6 +379,7 @@ void Trainer::setup() {
     r_.fail("checkpoint.save_consolidated", "expected true, false or final");
   std::string restore_from = r_.get_string("checkpoint.restore_from", "");
   if (!restore_from.empty()) restore(restore_from);
+  mark(restore_from.empty() ? "optimizer and schedule" : "optimizer, schedule and resume");
 }
 
 double Trainer::peak_mem_gib() const {
@@ -766,6 +777,18 @@ std::vector<StepStats> Trainer::train() {
     log::info("nothing to do: the checkpoint is already at step " + std::to_string(start_step_ - 1) + " of " +
               std::to_string(total_steps_));
     return out;
+  }
+  if (!opt_.quiet && !startup_.empty()) {
+    double total = 0;
+    std::string parts;
+    char buf[96];
+    for (const auto& [name, s] : startup_) {
+      total += s;
+      std::snprintf(buf, sizeof buf, "%s%s %.2f s", parts.empty() ? "" : ", ", name.c_str(), s);
+      parts += buf;
+    }
+    std::snprintf(buf, sizeof buf, "start-up %.2f s: ", total);
+    log::info(buf + parts);
   }
   if (!opt_.quiet)
     log::info("training " + model_->config().model_type + " (" + std::to_string(model_->params().global_numel()) +

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "data/dataset.h"
@@ -95,6 +96,9 @@ class Trainer {
   dist::DataParallel* data_parallel() { return dp_.get(); }
 
  private:
+  // Wall time of each start-up phase (setup(): CUDA init, model build + weights, upload, datasets, the rest), logged
+  // once before the first step: what a run spends before training (BENCH.md W4 counts it in its wall time).
+  std::vector<std::pair<std::string, double>> startup_;
   void setup();
   StepStats train_step(int64_t step);
   // Sample order of an epoch; cached, since every step of the epoch needs it.

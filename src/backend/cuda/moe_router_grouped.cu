@@ -221,14 +221,14 @@ int warps_for(size_t per_warp) {
   return static_cast<int>(std::clamp<size_t>(kSmemBudget / std::max<size_t>(per_warp, 1), 1, kMaxWarps));
 }
 
-int group_mode(const ops::GroupedRouterOptions& o) {
-  using G = ops::GroupedRouterOptions::Group;
+int group_mode(const GroupedRouterOptions& o) {
+  using G = GroupedRouterOptions::Group;
   return o.group == G::Top2Sum ? kTop2Sum : o.group == G::Max ? kMax : kNone;
 }
 
 }  // namespace
 
-void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k, const ops::GroupedRouterOptions& o,
+void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k, const GroupedRouterOptions& o,
                             Tensor& scores, Tensor& topk_idx, Tensor& topk_w, CudaContext& ctx) {
   const char* op = "moe_router_grouped_fwd";
   need_cuda(op, "logits", logits);
@@ -279,7 +279,7 @@ void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k,
   AM_CUDA_CHECK_LAUNCH();
 }
 
-void moe_router_grouped_bwd(const Tensor& scores, const Tensor& topk_idx, const ops::GroupedRouterOptions& o,
+void moe_router_grouped_bwd(const Tensor& scores, const Tensor& topk_idx, const GroupedRouterOptions& o,
                             const Tensor& dtopk_w, Tensor& dlogits, CudaContext& ctx) {
   const char* op = "moe_router_grouped_bwd";
   need_cuda(op, "scores", scores);

@@ -11,13 +11,13 @@
 #pragma once
 #include "backend/cuda/context.h"
 #include "core/tensor.h"
-#include "ops/moe_ops.h"
+#include "core/router_options.h"
 
 namespace am::cuda {
 
-void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k, const ops::GroupedRouterOptions& o,
+void moe_router_grouped_fwd(const Tensor& logits, const Tensor* bias, int64_t k, const GroupedRouterOptions& o,
                             Tensor& scores, Tensor& topk_idx, Tensor& topk_w, CudaContext& ctx = default_context());
-void moe_router_grouped_bwd(const Tensor& scores, const Tensor& topk_idx, const ops::GroupedRouterOptions& o,
+void moe_router_grouped_bwd(const Tensor& scores, const Tensor& topk_idx, const GroupedRouterOptions& o,
                             const Tensor& dtopk_w, Tensor& dlogits, CudaContext& ctx = default_context());
 
 }  // namespace am::cuda
