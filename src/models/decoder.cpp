@@ -98,19 +98,21 @@ std::vector<std::vector<Param*>> DecoderLM::param_units() {
   return units;
 }
 
-// Every decoder family runs on CUDA, with nothing behind ops::require_verified_cuda any more. gpt_oss: its sinks
-// through the flash attention kernels, its biased experts and clamped SwiGLU through backend/cuda/gpt_oss_moe.cu; its
-// model-level gradient check is bounded by the fixture's own bf16 sensitivity (tests/gpu/test_cuda_gpt_oss.cpp,
-// docs/gpt_oss.md). Gemma 2's soft-capping: the flash kernels and the chunked LM-head loss. DeepSeek: MLA's column
-// ops (ops/mla_ops.h) and the grouped router on CUDA. A family whose CUDA code has not yet passed its GPU tests
-// calls ops::require_verified_cuda here.
-static void check_device_support(const io::ModelConfig&, const ExecContext&) {}
-
-void DecoderLM::to_device(const ExecContext& ex) {
-  check_device_support(cfg_, ex);
+// What every move to a device checks first (to_device, to_device_inference): the residual dtype. Every decoder family
+// runs on CUDA, with nothing behind ops::require_verified_cuda any more. gpt_oss: its sinks through the flash
+// attention kernels, its biased experts and clamped SwiGLU through backend/cuda/gpt_oss_moe.cu; its model-level
+// gradient check is bounded by the fixture's own bf16 sensitivity (tests/gpu/test_cuda_gpt_oss.cpp, docs/gpt_oss.md).
+// Gemma 2's soft-capping: the flash kernels and the chunked LM-head loss. DeepSeek: MLA's column ops (ops/mla_ops.h)
+// and the grouped router on CUDA. A family whose CUDA code has not yet passed its GPU tests calls
+// ops::require_verified_cuda here.
+static void check_exec(const ExecContext& ex) {
   if (ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
     throw DeviceError(std::string("residual dtype ") + dtype_name(ex.residual_dtype) +
                       ": expected the activation dtype or float32");
+}
+
+void DecoderLM::to_device(const ExecContext& ex) {
+  check_exec(ex);
   ps_.to_device(ex);
   ex_ = ex;
   for (RopeCache& c : rope_cache_) c = RopeCache{};  // cached tables live on the old device
@@ -192,7 +194,7 @@ ops::AttnParams DecoderLM::attn_params(const Batch& b, int64_t window) const {
                                        : 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
   p.sliding_window = window;
   p.softcap = static_cast<float>(cfg_.attn_logit_softcapping);
-  p.segment_ids = b.segment_ids.defined() && !b.one_segment_rows ? &b.segment_ids : nullptr;  // (model.h)
+  p.segment_ids = attention_segment_ids(b);
   if (cfg_.deepseek) {  // MLA: per-head q/k of qk_nope + qk_rope dims, v of v_head_dim, one key per head
     p.n_kv_heads = p.n_heads;
     p.head_dim = cfg_.ds.qk_head_dim();
@@ -513,10 +515,7 @@ Tensor DecoderLM::forward_incremental(const std::vector<int32_t>& ids, KvCache& 
 }
 
 void DecoderLM::to_device_inference(const ExecContext& ex) {
-  check_device_support(cfg_, ex);
-  if (ex.residual_dtype != ex.act_dtype && ex.residual_dtype != DType::F32)
-    throw DeviceError(std::string("residual dtype ") + dtype_name(ex.residual_dtype) +
-                      ": expected the activation dtype or float32");
+  check_exec(ex);
   // wide_weight() reads `value` (fp32) for the RMSNorm and embedding weights under an fp32 residual stream.
   std::vector<const Param*> wide{embed_, norm_};
   for (const Layer& L : layers_)

@@ -66,6 +66,12 @@ struct Batch {
   int64_t num_real_tokens = 0;   // count of non-padding tokens
 };
 
+// The segment ids causal attention needs for b (AttnParams::segment_ids): none when every row is one sample
+// (Batch::one_segment_rows), else b's.
+inline const Tensor* attention_segment_ids(const Batch& b) {
+  return b.segment_ids.defined() && !b.one_segment_rows ? &b.segment_ids : nullptr;
+}
+
 struct ForwardOptions {
   bool activation_checkpointing = false;  // recompute block activations in backward instead of storing
   int64_t loss_chunk_rows = 1024;         // rows of the fused lm_head + CE per chunk (never full logits)

@@ -100,7 +100,7 @@ ops::AttnParams NemotronHLM::attn_params(const Batch& b) const {
   p.n_kv_heads = cfg_.num_key_value_heads;
   p.head_dim = cfg_.head_dim;
   p.scale = 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));  // NemotronHAttention: head_dim ** -0.5
-  p.segment_ids = b.segment_ids.defined() && !b.one_segment_rows ? &b.segment_ids : nullptr;  // (model.h)
+  p.segment_ids = attention_segment_ids(b);
   return p;
 }
 

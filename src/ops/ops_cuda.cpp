@@ -70,8 +70,7 @@ static bool cudnn_attention_wanted(const AttnParams& p, const Tensor& q, bool ba
   if (n >= kAutoAfter) return true;  // already taken (counts stop at kAutoAfter)
   if (++n < kAutoAfter) return false;
   if (taken[backward] >= kAutoPlans) {
-    n = 0;  // stays with the built-in kernels; counted again from zero (the map does not grow without bound)
-    seen.erase(key);
+    seen.erase(key);  // stays with the built-in kernels, counted again from zero
     return false;
   }
   ++taken[backward];
