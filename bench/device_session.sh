@@ -149,13 +149,14 @@ for s in "$@"; do
       unset AM_MOE_GEMM ;;
     ab)
       # Engine-only A/B of opt-in switches, one bench run each (no HF: use the w1 / w2 stages for ratios):
-      # AB_RUNS="w1:- w1:AM_ATTENTION=cudnn w2:AM_MOE_GEMM=persistent" (WORKLOAD:VAR=VALUE[,VAR=VALUE] or WORKLOAD:-).
+      # AB_RUNS="w1:- w1:AM_ATTENTION=cudnn w2:AM_MOE_GEMM=persistent w1:--optimizer_in_bwd=false"
+      # (WORKLOAD:ITEM[,ITEM] or WORKLOAD:-; an ITEM VAR=VALUE is exported, an ITEM --key=value is a recipe override).
       # Prints tok/s, step and peak, and the last step line's loss (a switch that breaks the numerics shows there).
       stage ab
       for run in ${AB_RUNS:-w1:-}; do
-        w=${run%%:*}; envs=${run#*:}; tag=$(echo "$run" | tr ':=,' '___')
-        ( [ "$envs" = - ] || { IFS=, ; for kv in $envs; do export "$kv"; done; }
-          timeout ${AB_LIMIT:-120} $B/automodel bench bench/$w.yaml --out "$R/ab_$tag.json" > "$R/ab_$tag.log" 2>&1 )
+        w=${run%%:*}; envs=${run#*:}; tag=$(echo "$run" | tr -c 'A-Za-z0-9_\n' '_')
+        ( args=(); [ "$envs" = - ] || { IFS=, ; for kv in $envs; do case $kv in --*) args+=("$kv") ;; *) export "$kv" ;; esac; done; unset IFS; }
+          timeout ${AB_LIMIT:-120} $B/automodel bench bench/$w.yaml "${args[@]}" --out "$R/ab_$tag.json" > "$R/ab_$tag.log" 2>&1 )
         rc=$?
         python3 -c "import json; e=json.load(open('$R/ab_$tag.json')); print('%-34s exit $rc  %7.0f tok/s  step %6.1f ms (fwd+bwd %.1f, opt %.1f)  peak %6.2f GiB' % ('$run', e['tokens_per_s'], e['step_ms'], e['fwd_bwd_ms'], e['opt_ms'], e['peak_mem_gib']))" 2>/dev/null || echo "$run exit $rc (no json)"
         grep -E "^step|loss" "$R/ab_$tag.log" | tail -1 | cut -c1-150

@@ -14,6 +14,7 @@ int fused_proj_bench_main(int argc, char** argv);  // bench_fused_proj.cu: one q
 int lora_bench_main(int argc, char** argv);  // bench_lora.cu: LoRA scale / add in the GEMMs (alpha, beta = 1) at W5
 int add_norm_bench_main(int argc, char** argv);  // bench_add_norm.cu: fused residual add + RMSNorm vs separate, W1
 int attention_cudnn_bench_main(int argc, char** argv);  // bench_attention_cudnn.cu: cuDNN fused attention vs flash
+int gemm_algos_bench_main(int argc, char** argv);  // bench_gemm_algos.cu: cuBLASLt's candidates at W1's GEMMs
 
 struct GpuBench {
   const char* name;
@@ -32,4 +33,5 @@ inline constexpr GpuBench kGpuBenches[] = {
     {"lora", lora_bench_main},
     {"add_norm", add_norm_bench_main},
     {"attention_cudnn", attention_cudnn_bench_main},
+    {"gemm_algos", gemm_algos_bench_main},
 };

@@ -26,10 +26,21 @@ struct AdamWHyper {
 // is an fp32 tensor holding bf16 values, as the CPU computes in fp32). The update is backend/cpu/adamw_bf16.h's.
 struct AdamWBf16Tensors {
   Tensor* value;             // bf16 [n] (CUDA) or fp32 holding bf16 values (host), updated
-  const Tensor* grad;        // bf16 [n]
+  const Tensor* grad;        // bf16 [n]; on CUDA also fp32 [n], rounded to bf16 as it is read (= a copy_ to bf16)
   Tensor* exp_avg;           // bf16 [n]
   Tensor* exp_avg_sq;        // bf16 [n]
   uint64_t salt = 0;         // names the tensor in the stochastic-rounding stream (a hash of its key)
+};
+
+// What a fused step on CUDA also does for optimizer_in_bwd (train/optimizer_in_bwd.h), in the pass that reads the
+// gradients anyway instead of passes of its own: their sum of squares (the step's grad norm) and the clip scale.
+struct AdamWFused {
+  // Every gradient is multiplied by this as it is loaded: one fp32 product (bf16 gradients: rounded to bf16), what
+  // a separate ops::scale_ pass over the gradient would store.
+  float grad_scale = 1.f;
+  // Non-null (a device double): set to the sum of squares of the gradients as read, before grad_scale (bf16 update:
+  // of the bf16-rounded gradients), with ops::sum_squares_multi's chunks and order, so the same value it returns.
+  double* d_sumsq = nullptr;
 };
 
 struct AdamWBf16Hyper : AdamWHyper {

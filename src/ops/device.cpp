@@ -138,6 +138,14 @@ void SquareSums::add(const std::vector<const Tensor*>& tensors) {
 #ifdef AM_WITH_CUDA
   for (const Tensor* t : tensors)
     if (t->device() != DeviceType::CUDA) throw DeviceError("op SquareSums::add: the tensors are on different devices");
+  cuda::sum_squares_multi_async(tensors, device_slot());
+#else
+  no_cuda("op SquareSums::add");
+#endif
+}
+
+double* SquareSums::device_slot() {
+#ifdef AM_WITH_CUDA
   if (!device_.defined() || used_ == device_.numel()) {
     // Grow (the first step only, in practice): what is written so far is read back first (one sync).
     const int64_t cap = std::max<int64_t>(64, 2 * used_);
@@ -145,10 +153,9 @@ void SquareSums::add(const std::vector<const Tensor*>& tensors) {
     device_ = empty_on(DeviceType::CUDA, {cap}, DType::I64);
   }
   static_assert(sizeof(double) == sizeof(int64_t), "a device slot holds one double");
-  cuda::sum_squares_multi_async(tensors, reinterpret_cast<double*>(device_.data<int64_t>()) + used_);
-  ++used_;
+  return reinterpret_cast<double*>(device_.data<int64_t>()) + used_++;
 #else
-  no_cuda("op SquareSums::add");
+  no_cuda("op SquareSums::device_slot");
 #endif
 }
 
@@ -172,7 +179,7 @@ double SquareSums::total() {
   return sq;
 }
 
-void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h) {
+void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h, const AdamWFused& f) {
 #ifdef AM_WITH_CUDA
   for (const AdamWTensors& s : slots)
     for (const Tensor* t : {static_cast<const Tensor*>(s.master), s.grad, static_cast<const Tensor*>(s.exp_avg),
@@ -180,15 +187,18 @@ void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h
       if (t->device() != DeviceType::CUDA) throw DeviceError("op adamw_step_cuda: a parameter or state tensor is on the host");
   cuda::AdamWConfig c;
   static_cast<AdamWHyper&>(c) = h;
+  c.grad_scale = f.grad_scale;
+  c.d_sumsq = f.d_sumsq;
   cuda::adamw_step(slots, c);
 #else
   (void)slots;
   (void)h;
+  (void)f;
   no_cuda("op adamw_step_cuda");
 #endif
 }
 
-void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& slots, const AdamWBf16Hyper& h) {
+void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& slots, const AdamWBf16Hyper& h, const AdamWFused& f) {
   const char* op = "op adamw_bf16_step";
   if (slots.empty()) return;
   const DeviceType dev = slots.front().value->device();
@@ -201,15 +211,19 @@ void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& slots, const AdamWBf16
       if (t->numel() != n) throw ShapeError(std::string(op) + ": a gradient or state tensor differs in size from its parameter");
     }
     for (const Tensor* t : {s.grad, static_cast<const Tensor*>(s.exp_avg), static_cast<const Tensor*>(s.exp_avg_sq)})
-      if (t->dtype() != DType::BF16) throw ShapeError(std::string(op) + ": gradients and state must be bfloat16");
+      if (t->dtype() != DType::BF16 && !(t == s.grad && dev == DeviceType::CUDA && t->dtype() == DType::F32))
+        throw ShapeError(std::string(op) + ": gradients and state must be bfloat16 (CUDA gradients: or float32)");
     const DType vd = s.value->dtype();
     if (vd != DType::BF16 && !(dev == DeviceType::CPU && vd == DType::F32))
       throw ShapeError(std::string(op) + ": parameters must be bfloat16 (or float32 holding bf16 values on the host)");
   }
   if (h.step < 1) throw ShapeError(std::string(op) + ": step must be >= 1");
-  if (dev == DeviceType::CPU) return cpu::adamw_bf16(slots, h);
+  if (dev == DeviceType::CPU) {
+    if (f.d_sumsq || f.grad_scale != 1.f) throw DeviceError(std::string(op) + ": the fused sum of squares and scale are CUDA's");
+    return cpu::adamw_bf16(slots, h);
+  }
 #ifdef AM_WITH_CUDA
-  cuda::adamw_bf16_step(slots, h);
+  cuda::adamw_bf16_step(slots, h, f);
 #else
   no_cuda(op);
 #endif

@@ -62,6 +62,9 @@ double sum_squares_multi(const std::vector<const Tensor*>& tensors);
 class SquareSums {
  public:
   void add(const std::vector<const Tensor*>& tensors);
+  // CUDA: a fresh device double, summed by total() like add()'s (a fused optimizer writes its sum there:
+  // AdamWFused::d_sumsq). Its writer must be queued before total() is called.
+  double* device_slot();
   double total();
 
  private:
@@ -73,13 +76,16 @@ class SquareSums {
 
 // Fused multi-tensor torch.optim.AdamW / Adam over CUDA tensors (the CPU optimizer is train/optimizer.cpp;
 // both do the same fp32 arithmetic in the same order, see backend/cuda/cuda_ops.h adamw_step).
-void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h);  // core/adamw_params.h
+// f: the clip scale and the gradients' sum of squares in the same pass (optimizer_in_bwd; core/adamw_params.h).
+void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h, const AdamWFused& f = {});
 
 // AdamW / Adam over bf16 parameters, gradients and state (model.dtype: bfloat16; train/pure_bf16.h), on the
 // host or the GPU: torch's single-tensor rounding, or stochastic rounding of the parameter
 // (backend/cpu/adamw_bf16.h, the element math both share, so CPU and CUDA agree bit for bit). Every tensor of a
 // slot on one device; grad and state bf16; the value bf16 on CUDA, fp32 (holding bf16 values) or bf16 on the host.
-void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& slots, const AdamWBf16Hyper& h);
+// On CUDA the gradients may be fp32 (rounded to bf16 as they are read) and f fuses the clip scale and the sum of
+// squares as for adamw_step_cuda; on the host f must be the default.
+void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& slots, const AdamWBf16Hyper& h, const AdamWFused& f = {});
 
 // Fused chunked LM head + cross-entropy on CUDA: x [N, H] bf16, w [V, H], targets [N] int32 (-100 ignored).
 // Returns the loss SUM (one host sync); dx [N, H] assigned and dw [V, H] fp32 accumulated when non-null,

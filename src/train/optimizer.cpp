@@ -91,7 +91,7 @@ std::pair<Tensor*, Tensor*> Optimizer::adam_state(const OptSlot& sl, DType dt) {
   return {mv[0], mv[1]};
 }
 
-void Optimizer::step_cuda(const std::vector<OptSlot>& slots, double lr, double wd) {
+void Optimizer::step_cuda(const std::vector<OptSlot>& slots, double lr, double wd, const AdamWFused& fused) {
   if (cfg_.kind == "sgd") throw DeviceError("optimizer: torch.optim.SGD is not implemented on CUDA yet (use AdamW or Adam)");
   std::vector<AdamWTensors> list;
   list.reserve(slots.size());
@@ -99,12 +99,12 @@ void Optimizer::step_cuda(const std::vector<OptSlot>& slots, double lr, double w
     auto [m, v] = adam_state(sl, DType::F32);
     list.push_back({sl.value, sl.grad, m, v, sl.work});
   }
-  ops::adamw_step_cuda(list, hyper(lr, wd));
+  ops::adamw_step_cuda(list, hyper(lr, wd), fused);
 }
 
 // model.dtype: bfloat16 (train/pure_bf16.h): bf16 gradients and state; the parameter is bf16 on the GPU and an
 // fp32 tensor holding bf16 values on the host (the CPU computes in fp32). Same element math on both (ops).
-void Optimizer::step_bf16(const std::vector<OptSlot>& slots, double lr, double wd) {
+void Optimizer::step_bf16(const std::vector<OptSlot>& slots, double lr, double wd, const AdamWFused& fused) {
   if (cfg_.kind == "sgd") throw UsageError("optimizer: torch.optim.SGD with model.dtype bfloat16 is not implemented (use AdamW or Adam)");
   std::vector<AdamWBf16Tensors> list;
   list.reserve(slots.size());
@@ -116,7 +116,7 @@ void Optimizer::step_bf16(const std::vector<OptSlot>& slots, double lr, double w
   static_cast<AdamWHyper&>(h) = hyper(lr, wd);
   h.stochastic = cfg_.stochastic_rounding;
   h.seed = cfg_.seed;
-  ops::adamw_bf16_step(list, h);
+  ops::adamw_bf16_step(list, h, fused);
 }
 
 void Optimizer::step(const std::vector<OptSlot>& slots, double lr, double wd) {
@@ -124,10 +124,15 @@ void Optimizer::step(const std::vector<OptSlot>& slots, double lr, double wd) {
   update(slots, lr, wd);
 }
 
-void Optimizer::update(const std::vector<OptSlot>& slots, double lr, double wd) {
+void Optimizer::update(const std::vector<OptSlot>& slots, double lr, double wd, const AdamWFused& fused) {
   if (step_ < 1) throw Error("optimizer: update() before begin_step()");
-  if (!slots.empty() && slots.front().grad->dtype() == DType::BF16) return step_bf16(slots, lr, wd);
-  if (!slots.empty() && slots.front().value->device() == DeviceType::CUDA) return step_cuda(slots, lr, wd);
+  const bool is_fused = fused.d_sumsq || fused.grad_scale != 1.f;
+  if (is_fused && !slots.empty() && !fuses(slots.front().value->device()))
+    throw Error("optimizer: a fused update (sum of squares, scale) is CUDA AdamW / Adam's only");
+  // Pure bf16: bf16 gradients, or (fused, CUDA) a bf16 value with its fp32 gradient.
+  if (!slots.empty() && (slots.front().grad->dtype() == DType::BF16 || slots.front().value->dtype() == DType::BF16))
+    return step_bf16(slots, lr, wd, fused);
+  if (!slots.empty() && slots.front().value->device() == DeviceType::CUDA) return step_cuda(slots, lr, wd, fused);
   const float flr = static_cast<float>(lr), fwd = static_cast<float>(wd);
   for (const OptSlot& sl : slots) {
     Tensor& value = *sl.value;

@@ -51,7 +51,11 @@ class Optimizer {
   // A step taken in parts (optimizer_in_bwd, train/optimizer_in_bwd.h): begin_step counts the step once, then
   // update() applies it to any subset of the slots, each slot once. Same numbers as one step() over them all.
   void begin_step() { ++step_; }
-  void update(const std::vector<OptSlot>& slots, double lr, double wd);
+  // fused (CUDA AdamW / Adam only; core/adamw_params.h): the clip scale and the gradients' sum of squares taken in
+  // the update's own pass (optimizer_in_bwd). There a pure-bf16 slot (bf16 value) may carry its fp32 gradient.
+  void update(const std::vector<OptSlot>& slots, double lr, double wd, const AdamWFused& fused = {});
+  // Whether update() can take `fused` for slots on this device (AdamW / Adam on CUDA).
+  bool fuses(DeviceType dev) const { return dev == DeviceType::CUDA && cfg_.kind != "sgd"; }
   // One slot per trainable parameter (one rank, no sharding).
   static std::vector<OptSlot> slots_of(ParamStore& ps);
   // The state buffers of a slot (which: 0 = exp_avg / momentum_buffer, 1 = exp_avg_sq); nullptr before
@@ -65,8 +69,8 @@ class Optimizer {
   std::vector<std::pair<std::string, Tensor>> state_tensors() const;  // host copies
 
  private:
-  void step_cuda(const std::vector<OptSlot>& slots, double lr, double wd);
-  void step_bf16(const std::vector<OptSlot>& slots, double lr, double wd);
+  void step_cuda(const std::vector<OptSlot>& slots, double lr, double wd, const AdamWFused& fused);
+  void step_bf16(const std::vector<OptSlot>& slots, double lr, double wd, const AdamWFused& fused);
   AdamWHyper hyper(double lr, double wd) const;
   // Slot sl's exp_avg and exp_avg_sq in dtype dt on its device: zeros the first time, converted when a checkpoint
   // left them in another dtype.

@@ -12,7 +12,10 @@ namespace am {
 OptimizerInBackward::OptimizerInBackward(CausalLM& model, Optimizer& opt, bool bf16)
     : model_(model), opt_(opt), bf16_(bf16), scratch_(model) {
   const DeviceType dev = model.exec().on_cuda() ? DeviceType::CUDA : DeviceType::CPU;
-  if (bf16_) bf16_scratch_ = ops::empty_on(dev, {std::max<int64_t>(scratch_.largest_unit(), 1)}, DType::BF16);
+  // The bf16 rounding of a unit's gradient needs a buffer only where the update cannot round as it reads
+  // (not CUDA AdamW / Adam): W2's largest unit makes it 1.2 GB.
+  if (bf16_ && !opt_.fuses(dev))
+    bf16_scratch_ = ops::empty_on(dev, {std::max<int64_t>(scratch_.largest_unit(), 1)}, DType::BF16);
   updated_.assign(scratch_.units().size(), 0);
   model_.set_param_hooks(this);
 }
@@ -52,6 +55,19 @@ void OptimizerInBackward::after_backward(int unit) {
   if (updated_[static_cast<size_t>(unit)])
     throw Error("optimizer_in_bwd: a second backward of parameter unit " + std::to_string(unit) +
                 " in one step (gradient accumulation is not possible here)");
+  // CUDA AdamW / Adam: one pass reads the fp32 scratch, takes its sum of squares, scales it by the clip
+  // coefficient and (pure bf16) rounds it to bf16 as it loads it, then updates (AdamWFused, core/adamw_params.h):
+  // the same numbers as the separate passes below, without them.
+  if (opt_.fuses(model_.exec().on_cuda() ? DeviceType::CUDA : DeviceType::CPU)) {
+    std::vector<OptSlot> slots;
+    slots.reserve(ps.size());
+    for (Param* p : ps)
+      slots.push_back({p->name, &p->value, &p->grad, p->work.defined() && p->work.raw() != p->value.raw() ? &p->work : nullptr});
+    opt_.update(slots, lr_, wd_, AdamWFused{static_cast<float>(coef_), sums_.device_slot()});
+    scratch_.clear(unit);
+    updated_[static_cast<size_t>(unit)] = 1;
+    return;
+  }
   // The gradients the update reads: the fp32 scratch views, or (pure bf16) their one rounding to bf16.
   std::vector<Tensor> grads;
   grads.reserve(ps.size());

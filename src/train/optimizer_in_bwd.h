@@ -13,7 +13,11 @@
 // by the previous step's norm, coef = min(1, max_norm / (previous norm + 1e-6)); step 1 is not clipped. The
 // logged grad_norm is the step's own, before clipping, as always. (torchtune refuses clipping here instead.)
 // Without clipping the updates are the ordinary step's bit for bit: the update is elementwise and sees the same
-// gradient values; only the norm's double sum runs in another order (per unit, in backward order).
+// gradient values; only the norm's double sum runs in another order (per unit, in backward order). So where a
+// recipe leaves the key unset it is on wherever that holds on a GPU (train/trainer.h optimizer_in_bwd_is_exact).
+// On CUDA (AdamW / Adam) a unit's update is one pass over its fp32 scratch (core/adamw_params.h AdamWFused): the
+// sum of squares, the clip scale and (pure bf16) the rounding to bf16 are taken as the update reads the gradient,
+// with no bf16 gradient buffer; elsewhere they are separate passes, with the same numbers.
 #pragma once
 #include <vector>
 

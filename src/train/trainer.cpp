@@ -279,7 +279,17 @@ void Trainer::setup() {
   if (groups_)
     dp_ = std::make_unique<dist::DataParallel>(*model_, *groups_, dist::parse_strategy(strategy_name_), model_->exec(), pure_bf16);
   // optimizer_in_bwd (train/optimizer_in_bwd.h): checked here, made with the optimizer below.
-  const bool in_bwd = r_.get_bool("optimizer_in_bwd", false);
+  bool in_bwd = r_.get_bool("optimizer_in_bwd", false);
+  // Unset, it is on where it changes no update (one GPU, one micro-batch per step, no clipping: the updates are
+  // the ordinary step's bit for bit) and saves the whole-model fp32 gradient (W1: 3.4 GiB) and its passes.
+  const bool in_bwd_auto = !r_.present("optimizer_in_bwd") && !groups_ && optimizer_in_bwd_is_exact(r_, device_name_, world_);
+  if (in_bwd_auto) {
+    in_bwd = true;
+    if (!opt_.quiet)
+      log::info("optimizer_in_bwd: on (one GPU, one micro-batch per step, no clip_grad_norm): each layer is updated "
+                "as its backward ends, the same updates without a whole-model gradient; optimizer_in_bwd: false turns "
+                "it off");
+  }
   if (in_bwd && groups_)
     r_.fail("optimizer_in_bwd", "is not implemented with data parallelism yet (world size " + std::to_string(world_) +
                                 "); set it to false or run on one rank");
@@ -442,6 +452,15 @@ const std::vector<size_t>& Trainer::epoch_order(int64_t epoch) {
   order_ = std::move(order);
   order_epoch_ = epoch;
   return order_;
+}
+
+bool optimizer_in_bwd_is_exact(const Recipe& r, const std::string& device, int world) {
+  if (device != "cuda" || world != 1) return false;  // the host keeps the reference path; ranks: data parallelism
+  if (r.has("peft")) return false;  // adapters: their gradients are a few MB, nothing to save
+  const BatchShape bs = batch_shape(r);
+  if (bs.gbs != bs.lbs) return false;  // gradient accumulation: a layer's gradient is final only at the last micro-batch
+  // Clipping needs the step's whole norm before any update (optimizer_in_bwd would clip with the previous step's).
+  return !(r.present("clip_grad_norm") && r.get_opt_double("clip_grad_norm.max_norm"));
 }
 
 BatchShape batch_shape(const Recipe& r) {

@@ -55,6 +55,11 @@ struct BatchShape {
 };
 BatchShape batch_shape(const Recipe& r);
 
+// Whether optimizer_in_bwd, left unset, is on (train/optimizer_in_bwd.h): where it changes no update and only saves
+// memory and passes: CUDA, one rank, one micro-batch per step (global == local batch), no clip_grad_norm, full
+// fine-tuning.
+bool optimizer_in_bwd_is_exact(const Recipe& r, const std::string& device, int world);
+
 // The distributed: section against a world size (and the model's config when given): UsageError (exit 2)
 // naming the key for ep_size not dividing the world or the experts, a dp_size that contradicts the world, a
 // bad strategy, a global batch that does not split over the ranks. tp/cp/pp sizes > 1 only warn (the recipe

@@ -29,6 +29,7 @@
 #include "core/error.h"
 #include "core/tensor.h"
 #include "models/params.h"
+#include "ops/device.h"
 #include "ops/ops.h"
 #include "train/optimizer.h"
 
@@ -990,6 +991,88 @@ TEST(CudaOps, AdamWMatchesCpuOptimizerBitwise) {
     }
     cu::default_context().allocator().deallocate(dscale, 4);
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// optimizer_in_bwd's fused update (core/adamw_params.h AdamWFused): one pass that takes the gradients' sum of
+// squares, scales them by the clip coefficient and (pure bf16) rounds fp32 gradients to bf16 as it reads them
+// must give exactly what the separate passes give: sum_squares_multi's double bit for bit, and the same
+// parameters and state as scale_ (+ copy_ to bf16) then the plain update. 40 tensors (> 32 per launch), sizes
+// over a chunk and odd sizes (the scalar tail).
+TEST(CudaOps, FusedAdamWSumOfSquaresEqualsSeparatePasses) {
+  REQUIRE_DEVICE();
+  std::mt19937 rng(11);
+  const int np = 40;
+  std::vector<int64_t> sizes;
+  for (int i = 0; i < np; ++i) sizes.push_back(i == 3 ? 200003 : (i == 7 ? 65536 * 2 + 5 : rint(rng, 1, 5000)));
+  for (bool bf16 : {false, true})
+    for (float coef : {1.f, 0.37f}) {
+      const std::string what = std::string(bf16 ? "bf16" : "fp32") + " update, coef " + std::to_string(coef);
+      // Two identical device states: a = separate passes, b = fused.
+      struct Dev {
+        Tensor w, m, v, work, g32, g;  // g: what the separate path's update reads (bf16 copy or the fp32 grad)
+      };
+      std::vector<Dev> a(np), b(np);
+      const DType pdt = bf16 ? DType::BF16 : DType::F32;
+      for (int i = 0; i < np; ++i) {
+        const Tensor w = rand_host({sizes[i]}, rng, pdt), g = rand_host({sizes[i]}, rng, DType::F32, -1e-2f, 1e-2f);
+        const Tensor m = rand_host({sizes[i]}, rng, pdt, -1e-3f, 1e-3f), v = rand_host({sizes[i]}, rng, pdt, 0.f, 1e-5f);
+        for (Dev* d : {&a[i], &b[i]}) {
+          d->w = up(w, pdt);
+          d->m = up(m, pdt);
+          d->v = up(v, pdt);
+          d->g32 = up(g, DType::F32);
+          d->work = bf16 ? Tensor() : dev_poisoned({sizes[i]}, DType::BF16);
+        }
+        a[i].g = bf16 ? cu::empty({sizes[i]}, DType::BF16) : a[i].g32;
+      }
+      // Separate passes: (bf16: copy_ to bf16) -> sum of squares -> scale_ -> update.
+      std::vector<const Tensor*> gs;
+      for (int i = 0; i < np; ++i) {
+        if (bf16) cu::copy_(a[i].g, a[i].g32);
+        gs.push_back(&a[i].g);
+      }
+      const double want = cu::sum_squares_multi(gs);
+      if (coef != 1.f)
+        for (int i = 0; i < np; ++i) cu::scale_(a[i].g, coef);
+      am::AdamWBf16Hyper h;
+      h.lr = 3e-3;
+      h.beta2 = 0.95;
+      h.weight_decay = 0.1;
+      h.step = 4;
+      double* d_sum = cu::alloc_device_scalar();
+      if (bf16) {
+        std::vector<am::AdamWBf16Tensors> la, lb;
+        for (int i = 0; i < np; ++i) {
+          la.push_back({&a[i].w, &a[i].g, &a[i].m, &a[i].v, uint64_t(i)});
+          lb.push_back({&b[i].w, &b[i].g32, &b[i].m, &b[i].v, uint64_t(i)});
+        }
+        am::ops::adamw_bf16_step(la, h);
+        am::ops::adamw_bf16_step(lb, h, am::AdamWFused{coef, d_sum});
+      } else {
+        std::vector<am::AdamWTensors> la, lb;
+        for (int i = 0; i < np; ++i) {
+          la.push_back({&a[i].w, &a[i].g, &a[i].m, &a[i].v, &a[i].work});
+          lb.push_back({&b[i].w, &b[i].g32, &b[i].m, &b[i].v, &b[i].work});
+        }
+        am::ops::adamw_step_cuda(la, h);
+        am::ops::adamw_step_cuda(lb, h, am::AdamWFused{coef, d_sum});
+      }
+      const double got = cu::read_device_scalar(d_sum);
+      cu::free_device_scalar(d_sum);
+      EXPECT_EQ(std::memcmp(&got, &want, sizeof got), 0) << what << ": sum of squares " << got << " vs " << want;
+      EXPECT_GT(want, 0.0);
+      for (int i = 0; i < np; ++i)
+        for (auto [name, x, y] : {std::tuple<const char*, Tensor*, Tensor*>{"param", &a[i].w, &b[i].w},
+                                  {"exp_avg", &a[i].m, &b[i].m},
+                                  {"exp_avg_sq", &a[i].v, &b[i].v},
+                                  {"working copy", &a[i].work, &b[i].work}}) {
+          if (!x->defined()) continue;
+          const Tensor hx = cu::to_host(*x), hy = cu::to_host(*y);
+          ASSERT_EQ(std::memcmp(hx.raw(), hy.raw(), hx.nbytes()), 0) << what << ": " << name << " of tensor " << i
+                                                                     << " (" << sizes[i] << " elements) differs";
+        }
+    }
 }
 
 }  // namespace

@@ -199,4 +199,24 @@ TEST(InBwd, RefusesGradientAccumulation) {
   }
 }
 
+// Left unset, optimizer_in_bwd is on exactly where it changes no update: CUDA, one rank, one micro-batch per step,
+// no clipping (a null max_norm is none), full fine-tuning. (The CUDA runs themselves: tests/gpu
+// test_cuda_optimizer_in_bwd.cpp.)
+TEST(InBwd, OnByDefaultOnlyWhereItChangesNoUpdate) {
+  const std::string recipe = (golden_dir() / "llama" / "recipe.yaml").string();  // gbs 4, lbs 2, max_norm 1.0
+  auto exact = [&](std::vector<std::string> ov, const std::string& device = "cuda", int world = 1) {
+    return optimizer_in_bwd_is_exact(Recipe::load(recipe, ov), device, world);
+  };
+  const std::vector<std::string> one = {"step_scheduler.local_batch_size=4", "clip_grad_norm.max_norm=null"};
+  EXPECT_TRUE(exact(one));
+  EXPECT_FALSE(exact(one, "cpu"));
+  EXPECT_FALSE(exact(one, "cuda", 2));
+  EXPECT_FALSE(exact({"step_scheduler.local_batch_size=4"}));  // clips
+  EXPECT_FALSE(exact({"clip_grad_norm.max_norm=null"}));       // two micro-batches
+  EXPECT_TRUE(exact({"step_scheduler.local_batch_size=4", "clip_grad_norm=null"}));
+  auto lora = one;
+  lora.push_back("peft.dim=4");
+  EXPECT_FALSE(exact(lora));
+}
+
 }  // namespace

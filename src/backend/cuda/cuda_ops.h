@@ -167,11 +167,13 @@ struct AdamWConfig : AdamWHyper {
   // separate pass and without a host sync (d_grad_scale from clip_coef_async).
   float grad_scale = 1.f;
   const float* d_grad_scale = nullptr;
+  double* d_sumsq = nullptr;  // AdamWFused::d_sumsq (core/adamw_params.h): the gradients' sum of squares, before scaling
 };
 void adamw_step(const std::vector<AdamWTensors>& params, const AdamWConfig& cfg,
                 CudaContext& ctx = default_context());
 // bf16 parameters, gradients and state (checked by ops::adamw_bf16_step): backend/cpu/adamw_bf16.h per element.
-void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& params, const AdamWBf16Hyper& h,
+// grad may be fp32 (rounded to bf16 as it is read); f: the fused clip scale and sum of squares (core/adamw_params.h).
+void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& params, const AdamWBf16Hyper& h, const AdamWFused& f = {},
                      CudaContext& ctx = default_context());
 
 }  // namespace am::cuda

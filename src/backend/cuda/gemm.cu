@@ -6,6 +6,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "backend/cuda/cuda_check.h"
 #include "core/error.h"
@@ -81,18 +82,9 @@ struct GemmPlanCache::Impl {
 GemmPlanCache::GemmPlanCache() : impl_(std::make_unique<Impl>()) {}
 GemmPlanCache::~GemmPlanCache() = default;
 
-bool gemm(CudaContext& ctx, const GemmDesc& g) {
-  if (g.m == 0 || g.n == 0) return true;
-  if (g.k == 0) {
-    // Empty reduction: D = beta * D. Only beta 0 (clear) and 1 (no-op) occur in this code base.
-    if (g.beta == 0.f)
-      AM_CUDA_CHECK(cudaMemset2DAsync(g.d, static_cast<size_t>(g.ldd) * dtype_size(g.d_type), 0,
-                                      static_cast<size_t>(g.m) * dtype_size(g.d_type), static_cast<size_t>(g.n),
-                                      ctx.stream()));
-    else if (g.beta != 1.f)
-      throw ShapeError("cuda gemm: k = 0 with beta other than 0 or 1 is not supported");
-    return g.bias == nullptr;
-  }
+namespace {
+
+Key key_of(const GemmDesc& g) {
   Key key;
   std::memset(&key, 0, sizeof key);
   key.m = g.m;
@@ -113,7 +105,78 @@ bool gemm(CudaContext& ctx, const GemmDesc& g) {
   key.align_b = align_of(g.b);
   key.align_d = align_of(g.d);
   key.align_bias = g.bias ? align_of(g.bias) : 0;
+  return key;
+}
 
+constexpr int kMaxAlgos = 16;
+
+// The descriptors of g and up to max_algos (<= kMaxAlgos) of the heuristic's algorithms, best-ranked first, into
+// algos; returns how many (0 with a bias epilogue: unsupported, the caller falls back; else it throws). p.algo is
+// left unset. (Plain arrays: nvcc 12's front end trips over a std::vector of the cuBLASLt structs here.)
+int describe(CudaContext& ctx, const GemmDesc& g, const Key& key, Plan& p, int max_algos,
+             cublasLtMatmulAlgo_t* algos) {
+  AM_CUDA_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+  AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+  if (g.bias) {
+    cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+    int32_t bt = cuda_type(g.bias_type);
+    AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
+    // The pointer itself is set per call; heuristics only need its alignment.
+    AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof g.bias));
+  }
+  // Stored (pre-op) shapes: op(A) is m x k, so A is k x m when transposed.
+  const uint64_t ar = g.trans_a ? g.k : g.m, ac = g.trans_a ? g.m : g.k;
+  const uint64_t br = g.trans_b ? g.n : g.k, bc = g.trans_b ? g.k : g.n;
+  AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&p.la, cuda_type(g.a_type), ar, ac, g.lda));
+  AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&p.lb, cuda_type(g.b_type), br, bc, g.ldb));
+  AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&p.ld, cuda_type(g.d_type), g.m, g.n, g.ldd));
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  AM_CUDA_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  size_t ws = ctx.workspace_bytes();
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_a, sizeof(uint32_t));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_b, sizeof(uint32_t));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_d, sizeof(uint32_t));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_d, sizeof(uint32_t));
+  cublasLtMatmulHeuristicResult_t res[kMaxAlgos];
+  std::memset(res, 0, sizeof res);
+  int found = 0;
+  const int want = max_algos < 1 ? 1 : (max_algos > kMaxAlgos ? kMaxAlgos : max_algos);
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.lt(), p.desc, p.la, p.lb, p.ld, p.ld, pref, want, res, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  int n = 0;
+  if (st == CUBLAS_STATUS_SUCCESS)
+    for (int i = 0; i < found; ++i)
+      if (res[i].state == CUBLAS_STATUS_SUCCESS) algos[n++] = res[i].algo;
+  if (n == 0 && !g.bias)
+    throw DeviceError("cuBLASLt has no algorithm for GEMM " + gemm_str(g) + " (status " + cublasLtGetStatusName(st) + ")");
+  return n;
+}
+
+void run(CudaContext& ctx, const GemmDesc& g, const Plan& plan, const cublasLtMatmulAlgo_t& algo) {
+  AM_CUDA_CHECK(cublasLtMatmul(ctx.lt(), plan.desc, &g.alpha, g.a, plan.la, g.b, plan.lb, &g.beta, g.d, plan.ld, g.d,
+                               plan.ld, &algo, ctx.workspace(), ctx.workspace_bytes(), ctx.stream()));
+}
+
+}  // namespace
+
+bool gemm(CudaContext& ctx, const GemmDesc& g) {
+  if (g.m == 0 || g.n == 0) return true;
+  if (g.k == 0) {
+    // Empty reduction: D = beta * D. Only beta 0 (clear) and 1 (no-op) occur in this code base.
+    if (g.beta == 0.f)
+      AM_CUDA_CHECK(cudaMemset2DAsync(g.d, static_cast<size_t>(g.ldd) * dtype_size(g.d_type), 0,
+                                      static_cast<size_t>(g.m) * dtype_size(g.d_type), static_cast<size_t>(g.n),
+                                      ctx.stream()));
+    else if (g.beta != 1.f)
+      throw ShapeError("cuda gemm: k = 0 with beta other than 0 or 1 is not supported");
+    return g.bias == nullptr;
+  }
+  const Key key = key_of(g);
   auto& impl = ctx.gemm_plans().impl();
   Plan* plan = nullptr;
   {
@@ -124,50 +187,10 @@ bool gemm(CudaContext& ctx, const GemmDesc& g) {
   if (!plan) {
     Plan p;
     try {
-      AM_CUDA_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-      cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-      AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-      AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-      if (g.bias) {
-        cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-        AM_CUDA_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
-        int32_t bt = cuda_type(g.bias_type);
-        AM_CUDA_CHECK(
-            cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
-        // The pointer itself is set per call; heuristics only need its alignment.
-        AM_CUDA_CHECK(
-            cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof g.bias));
-      }
-      // Stored (pre-op) shapes: op(A) is m x k, so A is k x m when transposed.
-      const uint64_t ar = g.trans_a ? g.k : g.m, ac = g.trans_a ? g.m : g.k;
-      const uint64_t br = g.trans_b ? g.n : g.k, bc = g.trans_b ? g.k : g.n;
-      AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&p.la, cuda_type(g.a_type), ar, ac, g.lda));
-      AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&p.lb, cuda_type(g.b_type), br, bc, g.ldb));
-      AM_CUDA_CHECK(cublasLtMatrixLayoutCreate(&p.ld, cuda_type(g.d_type), g.m, g.n, g.ldd));
-
-      cublasLtMatmulPreference_t pref = nullptr;
-      AM_CUDA_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-      size_t ws = ctx.workspace_bytes();
-      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_a,
-                                           sizeof(uint32_t));
-      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_b,
-                                           sizeof(uint32_t));
-      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_d,
-                                           sizeof(uint32_t));
-      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_d,
-                                           sizeof(uint32_t));
-      cublasLtMatmulHeuristicResult_t res{};
-      int found = 0;
-      cublasStatus_t st =
-          cublasLtMatmulAlgoGetHeuristic(ctx.lt(), p.desc, p.la, p.lb, p.ld, p.ld, pref, 1, &res, &found);
-      cublasLtMatmulPreferenceDestroy(pref);
-      if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-        p.algo = res.algo;
+      cublasLtMatmulAlgo_t algo;
+      if (describe(ctx, g, key, p, 1, &algo) > 0) {
+        p.algo = algo;
         p.ok = true;
-      } else if (!g.bias) {
-        throw DeviceError("cuBLASLt has no algorithm for GEMM " + gemm_str(g) + " (status " +
-                          cublasLtGetStatusName(st) + ")");
       }
     } catch (...) {
       p.destroy();
@@ -182,10 +205,53 @@ bool gemm(CudaContext& ctx, const GemmDesc& g) {
   if (g.bias)
     AM_CUDA_CHECK(
         cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof g.bias));
-  AM_CUDA_CHECK(cublasLtMatmul(ctx.lt(), plan->desc, &g.alpha, g.a, plan->la, g.b, plan->lb, &g.beta, g.d,
-                               plan->ld, g.d, plan->ld, &plan->algo, ctx.workspace(), ctx.workspace_bytes(),
-                               ctx.stream()));
+  run(ctx, g, *plan, plan->algo);
   return true;
+}
+
+std::vector<GemmCandidate> gemm_candidates(CudaContext& ctx, const GemmDesc& g, int max_algos, int reps) {
+  std::vector<GemmCandidate> out;
+  if (g.m == 0 || g.n == 0 || g.k == 0) return out;
+  Plan p;
+  try {
+    cublasLtMatmulAlgo_t algos[kMaxAlgos];
+    const int n = describe(ctx, g, key_of(g), p, max_algos, algos);
+    cudaEvent_t e0, e1;
+    AM_CUDA_CHECK(cudaEventCreate(&e0));
+    AM_CUDA_CHECK(cudaEventCreate(&e1));
+    for (int i = 0; i < n; ++i) {
+      const cublasLtMatmulAlgo_t& a = algos[i];
+      GemmCandidate c;
+      int32_t v = 0;
+      size_t got = 0;
+      if (cublasLtMatmulAlgoConfigGetAttribute(&a, CUBLASLT_ALGO_CONFIG_ID, &v, sizeof v, &got) == CUBLAS_STATUS_SUCCESS)
+        c.id = v;
+      if (cublasLtMatmulAlgoConfigGetAttribute(&a, CUBLASLT_ALGO_CONFIG_TILE_ID, &v, sizeof v, &got) == CUBLAS_STATUS_SUCCESS)
+        c.tile = v;
+      if (cublasLtMatmulAlgoConfigGetAttribute(&a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &v, sizeof v, &got) == CUBLAS_STATUS_SUCCESS)
+        c.splitk = v;
+      uint32_t u = 0;
+      if (cublasLtMatmulAlgoConfigGetAttribute(&a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &u, sizeof u, &got) ==
+          CUBLAS_STATUS_SUCCESS)
+        c.reduction = static_cast<int>(u);
+      run(ctx, g, p, a);  // warm-up
+      AM_CUDA_CHECK(cudaEventRecord(e0, ctx.stream()));
+      for (int r = 0; r < reps; ++r) run(ctx, g, p, a);
+      AM_CUDA_CHECK(cudaEventRecord(e1, ctx.stream()));
+      AM_CUDA_CHECK(cudaEventSynchronize(e1));
+      float ms = 0;
+      AM_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      c.ms = ms / static_cast<float>(std::max(reps, 1));
+      out.push_back(c);
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+  } catch (...) {
+    p.destroy();
+    throw;
+  }
+  p.destroy();
+  return out;
 }
 
 }  // namespace am::cuda

@@ -8,6 +8,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "backend/cuda/context.h"
 #include "core/dtype.h"
@@ -36,6 +37,15 @@ struct GemmDesc {
 // Returns false (and does nothing) only when a bias epilogue is unsupported, so the caller can add the
 // bias itself; every other failure throws.
 bool gemm(CudaContext& ctx, const GemmDesc& g);
+
+// Micro-benchmarks (bench/gpu/bench_gemm_algos.cu): the heuristic's first max_algos algorithms for g (index 0 is
+// the one gemm() uses), each run on g's own buffers (D is overwritten; with beta != 0 it accumulates) once to warm
+// up and then reps times; the mean time of one run and the algorithm's configuration.
+struct GemmCandidate {
+  int id = -1, tile = -1, splitk = -1, reduction = -1;  // CUBLASLT_ALGO_CONFIG_* (-1: not reported)
+  double ms = 0;
+};
+std::vector<GemmCandidate> gemm_candidates(CudaContext& ctx, const GemmDesc& g, int max_algos, int reps);
 
 // Opaque plan cache owned by the context.
 class GemmPlanCache {

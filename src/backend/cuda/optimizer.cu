@@ -39,6 +39,10 @@ struct SumSqArgs {
 };
 static_assert(sizeof(SumSqArgs) < 4000, "kernel parameters must stay under 4 KB");
 
+// One term of a chunk's sum of squares, written as an explicit FMA so that the fused AdamW below (which takes the
+// same sums as it reads the gradients, optimizer_in_bwd) adds exactly what this kernel adds, element for element.
+__device__ __forceinline__ float sumsq_acc(float acc, float f) { return fmaf(f, f, acc); }
+
 template <typename T>
 __device__ float chunk_sumsq(const T* p, int64_t begin, int64_t end, bool vec_ok) {
   constexpr int V = 16 / sizeof(T);
@@ -50,16 +54,12 @@ __device__ float chunk_sumsq(const T* p, int64_t begin, int64_t end, bool vec_ok
       const Vec<T, V> v = load_vec<T, V>(p + i);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const float f = to_f(v.v[k]);
-        acc += f * f;
+        acc = sumsq_acc(acc, to_f(v.v[k]));
       }
     }
     begin = vend;
   }
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const float f = to_f(p[i]);
-    acc += f * f;
-  }
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) acc = sumsq_acc(acc, to_f(p[i]));
   return acc;
 }
 
@@ -114,6 +114,10 @@ struct AdamArgsSmall {
   uint8_t work_dtype[kAdamMaxTensors];  // DType, or 255: no working copy
   uint8_t vec_ok[kAdamMaxTensors];
   uint32_t block[kMaxBlocks];
+  // Non-null: each block also writes its chunk's gradient sum of squares (before grad_scale) to
+  // partial[partial_offset + blockIdx.x], exactly as sumsq_kernel would (same chunks, same order per thread).
+  float* partial;
+  int64_t partial_offset;
 };
 static_assert(sizeof(AdamArgsSmall) + 64 < 4000, "kernel parameters must stay under 4 KB");
 
@@ -138,10 +142,11 @@ __device__ __forceinline__ void adam_elem(float& w, float g, float& m, float& v,
   w = __fadd_rn(w, __fmul_rn(-s.step_size, __fdiv_rn(m, denom)));
 }
 
+// sq: also adds the gradients' squares to acc (chunk_sumsq's order when the grad is 16-byte aligned: vec_ok).
 template <typename TW>
 __device__ void adam_chunk(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
                            float* __restrict__ v, TW* __restrict__ work, int64_t begin, int64_t end, bool vec_ok,
-                           const AdamScalars& s, float scale) {
+                           const AdamScalars& s, float scale, bool sq, float& acc) {
   if (vec_ok) {
     const int64_t vend = begin + (end - begin) / 4 * 4;
     for (int64_t i = begin + threadIdx.x * 4; i < vend; i += kThreads * 4) {
@@ -149,6 +154,7 @@ __device__ void adam_chunk(float* __restrict__ w, const float* __restrict__ g, f
       const float4 gv = *reinterpret_cast<const float4*>(g + i);
       float4 mv = *reinterpret_cast<const float4*>(m + i);
       float4 vv = *reinterpret_cast<const float4*>(v + i);
+      if (sq) acc = sumsq_acc(sumsq_acc(sumsq_acc(sumsq_acc(acc, gv.x), gv.y), gv.z), gv.w);
       adam_elem(wv.x, gv.x, mv.x, vv.x, s, scale);
       adam_elem(wv.y, gv.y, mv.y, vv.y, s, scale);
       adam_elem(wv.z, gv.z, mv.z, vv.z, s, scale);
@@ -169,6 +175,7 @@ __device__ void adam_chunk(float* __restrict__ w, const float* __restrict__ g, f
   }
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     float wv = w[i], mv = m[i], vv = v[i];
+    if (sq) acc = sumsq_acc(acc, g[i]);
     adam_elem(wv, g[i], mv, vv, s, scale);
     w[i] = wv;
     m[i] = mv;
@@ -183,19 +190,30 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamArgsSmall a, AdamSc
   const int64_t chunk = e >> kTensorBits;
   const int64_t begin = chunk * kChunk, end = min(a.n[t], begin + kChunk);
   const float scale = s.d_grad_scale ? s.grad_scale * *s.d_grad_scale : s.grad_scale;
+  const bool sq = a.partial != nullptr;
+  float acc = 0.f;
   switch (a.work_dtype[t]) {
     case static_cast<uint8_t>(DType::BF16):
-      adam_chunk(a.w[t], a.g[t], a.m[t], a.v[t], static_cast<bf16*>(a.work[t]), begin, end, a.vec_ok[t], s, scale);
+      adam_chunk(a.w[t], a.g[t], a.m[t], a.v[t], static_cast<bf16*>(a.work[t]), begin, end, a.vec_ok[t], s, scale,
+                 sq, acc);
       break;
     case static_cast<uint8_t>(DType::F16):
-      adam_chunk(a.w[t], a.g[t], a.m[t], a.v[t], static_cast<fp16*>(a.work[t]), begin, end, a.vec_ok[t], s, scale);
+      adam_chunk(a.w[t], a.g[t], a.m[t], a.v[t], static_cast<fp16*>(a.work[t]), begin, end, a.vec_ok[t], s, scale,
+                 sq, acc);
       break;
     case static_cast<uint8_t>(DType::F32):
-      adam_chunk(a.w[t], a.g[t], a.m[t], a.v[t], static_cast<float*>(a.work[t]), begin, end, a.vec_ok[t], s, scale);
+      adam_chunk(a.w[t], a.g[t], a.m[t], a.v[t], static_cast<float*>(a.work[t]), begin, end, a.vec_ok[t], s, scale,
+                 sq, acc);
       break;
     default:
-      adam_chunk(a.w[t], a.g[t], a.m[t], a.v[t], static_cast<bf16*>(nullptr), begin, end, a.vec_ok[t], s, scale);
+      adam_chunk(a.w[t], a.g[t], a.m[t], a.v[t], static_cast<bf16*>(nullptr), begin, end, a.vec_ok[t], s, scale, sq,
+                 acc);
       break;
+  }
+  if (sq) {  // uniform per launch: every thread of the block reaches block_sum
+    __shared__ float scratch[32];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) a.partial[a.partial_offset + blockIdx.x] = acc;
   }
 }
 
@@ -203,21 +221,34 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamArgsSmall a, AdamSc
 // Memory-bound (8 bytes read, 6 written per parameter): 16-byte loads of 8 bf16 per thread where the four tensors
 // are aligned (one element per thread measured 39 ms per W2 step, ~4.5x its bandwidth floor), one at a time
 // otherwise and for the tail. The element index (stochastic rounding's stream) is the same either way.
+// optimizer_in_bwd reads its fp32 gradient scratch directly (g_f32): each gradient is rounded to bf16 as it is
+// loaded, exactly what a copy_ into a bf16 buffer would give, so no bf16 gradient buffer and no copy pass (8 of the
+// 24 bytes per parameter of copy + sum of squares + update); the sum of squares of the rounded gradients and the
+// clip coefficient (rounded to bf16 as a scale_ pass would) ride along too.
 struct AdamBf16Args {
   bf16* w[kAdamMaxTensors];
-  const bf16* g[kAdamMaxTensors];
+  const void* g[kAdamMaxTensors];  // bf16, or fp32 where g_f32
   bf16* m[kAdamMaxTensors];
   bf16* v[kAdamMaxTensors];
   uint64_t salt[kAdamMaxTensors];
   int64_t n[kAdamMaxTensors];
   uint8_t vec_ok[kAdamMaxTensors];
+  uint8_t g_f32[kAdamMaxTensors];
   uint32_t block[kMaxBlocks];
+  float* partial;  // as AdamArgsSmall::partial (the sums of the bf16-rounded gradients, before grad_scale)
+  int64_t partial_offset;
+  float grad_scale;  // != 1: g = bf16(g * grad_scale) before the update (ops::scale_ on a bf16 tensor)
 };
 static_assert(sizeof(AdamBf16Args) + 96 < 4000, "kernel parameters must stay under 4 KB");
 
 __device__ __forceinline__ float bf_load(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
 // x is a bf16 value held in fp32 (adamw_bf16 rounded it): the conversion is exact.
 __device__ __forceinline__ void bf_store(bf16* p, int64_t i, float x) { p[i] = __float2bfloat16_rn(x); }
+__device__ __forceinline__ float bf_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+// Gradient element i of tensor t as the bf16 update reads it (rounded to bf16 if stored as fp32).
+__device__ __forceinline__ float bf_grad(const AdamBf16Args& a, int t, int64_t i) {
+  return a.g_f32[t] ? bf_round(static_cast<const float*>(a.g[t])[i]) : bf_load(static_cast<const bf16*>(a.g[t]), i);
+}
 
 __global__ void __launch_bounds__(kThreads) adamw_bf16_kernel(AdamBf16Args a, adamw_bf16::Scalars s, uint64_t seed,
                                                               int64_t step) {
@@ -226,22 +257,36 @@ __global__ void __launch_bounds__(kThreads) adamw_bf16_kernel(AdamBf16Args a, ad
   const int64_t chunk = e >> kTensorBits;
   int64_t begin = chunk * kChunk;
   const int64_t end = min(a.n[t], begin + kChunk);
+  const bool sq = a.partial != nullptr, scaled = a.grad_scale != 1.f;
+  float acc = 0.f;
   if (a.vec_ok[t]) {
     const int64_t vend = begin + (end - begin) / 8 * 8;
     for (int64_t i = begin + threadIdx.x * 8; i < vend; i += kThreads * 8) {
       uint4 wv = *reinterpret_cast<const uint4*>(a.w[t] + i);
-      const uint4 gv = *reinterpret_cast<const uint4*>(a.g[t] + i);
+      float g8[8];
+      if (a.g_f32[t]) {
+        const float4 lo = *reinterpret_cast<const float4*>(static_cast<const float*>(a.g[t]) + i);
+        const float4 hi = *reinterpret_cast<const float4*>(static_cast<const float*>(a.g[t]) + i + 4);
+        g8[0] = bf_round(lo.x), g8[1] = bf_round(lo.y), g8[2] = bf_round(lo.z), g8[3] = bf_round(lo.w);
+        g8[4] = bf_round(hi.x), g8[5] = bf_round(hi.y), g8[6] = bf_round(hi.z), g8[7] = bf_round(hi.w);
+      } else {
+        const uint4 gv = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(a.g[t]) + i);
+        const bf16* gb = reinterpret_cast<const bf16*>(&gv);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) g8[k] = __bfloat162float(gb[k]);
+      }
       uint4 mv = *reinterpret_cast<const uint4*>(a.m[t] + i);
       uint4 vv = *reinterpret_cast<const uint4*>(a.v[t] + i);
       bf16* w8 = reinterpret_cast<bf16*>(&wv);
-      const bf16* g8 = reinterpret_cast<const bf16*>(&gv);
       bf16* m8 = reinterpret_cast<bf16*>(&mv);
       bf16* v8 = reinterpret_cast<bf16*>(&vv);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
+        if (sq) acc = sumsq_acc(acc, g8[k]);
+        const float g = scaled ? bf_round(__fmul_rn(g8[k], a.grad_scale)) : g8[k];
         float w = __bfloat162float(w8[k]), m = __bfloat162float(m8[k]), v = __bfloat162float(v8[k]);
         const uint32_t rnd = s.stochastic ? adamw_bf16::sr_bits(seed, a.salt[t], step, i + k) : 0u;
-        adamw_bf16::step(w, __bfloat162float(g8[k]), m, v, s, rnd);
+        adamw_bf16::step(w, g, m, v, s, rnd);
         w8[k] = __float2bfloat16_rn(w);
         m8[k] = __float2bfloat16_rn(m);
         v8[k] = __float2bfloat16_rn(v);
@@ -253,12 +298,20 @@ __global__ void __launch_bounds__(kThreads) adamw_bf16_kernel(AdamBf16Args a, ad
     begin = vend;
   }
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    const float gr = bf_grad(a, t, i);
+    if (sq) acc = sumsq_acc(acc, gr);
+    const float g = scaled ? bf_round(__fmul_rn(gr, a.grad_scale)) : gr;
     float w = bf_load(a.w[t], i), m = bf_load(a.m[t], i), v = bf_load(a.v[t], i);
     const uint32_t rnd = s.stochastic ? adamw_bf16::sr_bits(seed, a.salt[t], step, i) : 0u;
-    adamw_bf16::step(w, bf_load(a.g[t], i), m, v, s, rnd);
+    adamw_bf16::step(w, g, m, v, s, rnd);
     bf_store(a.w[t], i, w);
     bf_store(a.m[t], i, m);
     bf_store(a.v[t], i, v);
+  }
+  if (sq) {  // uniform per launch: every thread of the block reaches block_sum
+    __shared__ float scratch[32];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) a.partial[a.partial_offset + blockIdx.x] = acc;
   }
 }
 
@@ -295,6 +348,17 @@ int64_t total_chunks(const std::vector<int64_t>& sizes) {
   int64_t c = 0;
   for (int64_t n : sizes) c += (n + kChunk - 1) / kChunk;
   return c;
+}
+
+// The fused optimizers' sum of squares: their per-block partials reduced into *d_sumsq (no tensors: 0).
+void finish_sumsq(const Tensor& partial, int64_t nchunks, double* d_sumsq, CudaContext& ctx) {
+  if (!d_sumsq) return;
+  if (nchunks == 0) {
+    AM_CUDA_CHECK(cudaMemsetAsync(d_sumsq, 0, sizeof(double), ctx.stream()));
+    return;
+  }
+  reduce_partials_kernel<<<1, 1024, 0, ctx.stream()>>>(partial.data<float>(), nchunks, d_sumsq);
+  AM_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
@@ -398,6 +462,14 @@ void adamw_step(const std::vector<AdamWTensors>& params, const AdamWConfig& cfg,
   s.d_grad_scale = cfg.d_grad_scale;
 
   AdamArgsSmall a{};
+  // The fused sum of squares: per-block partials as sum_squares_multi_async makes them, then its final reduction.
+  const int64_t nchunks = total_chunks(sizes);
+  Tensor partial;
+  if (cfg.d_sumsq && nchunks > 0) {
+    partial = Tensor::empty({nchunks}, DType::F32, ctx.allocator());
+    a.partial = partial.data<float>();
+  }
+  a.partial_offset = 0;
   plan_launches(
       sizes, kAdamMaxTensors, a.block,
       [&](int i, int slot) {
@@ -418,10 +490,13 @@ void adamw_step(const std::vector<AdamWTensors>& params, const AdamWConfig& cfg,
       [&](int nb) {
         adamw_kernel<<<nb, kThreads, 0, ctx.stream()>>>(a, s);
         AM_CUDA_CHECK_LAUNCH();
+        a.partial_offset += nb;
       });
+  finish_sumsq(partial, nchunks, cfg.d_sumsq, ctx);
 }
 
-void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& params, const AdamWBf16Hyper& h, CudaContext& ctx) {
+void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& params, const AdamWBf16Hyper& h, const AdamWFused& f,
+                     CudaContext& ctx) {
   const char* op = "adamw_bf16_step";
   std::vector<int64_t> sizes;
   for (const AdamWBf16Tensors& p : params) {
@@ -430,8 +505,14 @@ void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& params, const AdamWBf1
                            {"exp_avg", p.exp_avg},
                            {"exp_avg_sq", p.exp_avg_sq}}) {
       need_cuda(op, name, *t);
+      if (t == p.grad && t->dtype() == DType::F32) continue;  // fp32 gradients are rounded to bf16 as they are read
       need_dtype(op, name, *t, DType::BF16);
     }
+    for (auto [name, t] : {std::pair<const char*, const Tensor*>{"grad", p.grad},
+                           {"exp_avg", p.exp_avg},
+                           {"exp_avg_sq", p.exp_avg_sq}})
+      if (t->numel() != p.value->numel())
+        op_error(op, describe(name, *t) + ": expected the element count of " + describe("value", *p.value));
     if (static_cast<uint64_t>(p.value->numel()) / kChunk >= (1ull << (32 - kTensorBits)))
       op_error(op, describe("value", *p.value) + ": too many elements for one tensor");
     sizes.push_back(p.value->numel());
@@ -439,12 +520,21 @@ void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& params, const AdamWBf1
   const adamw_bf16::Scalars s =
       adamw_bf16::scalars_of(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.step, h.decoupled, h.stochastic);
   AdamBf16Args a{};
+  const int64_t nchunks = total_chunks(sizes);
+  Tensor partial;
+  if (f.d_sumsq && nchunks > 0) {
+    partial = Tensor::empty({nchunks}, DType::F32, ctx.allocator());
+    a.partial = partial.data<float>();
+  }
+  a.partial_offset = 0;
+  a.grad_scale = f.grad_scale;
   plan_launches(
       sizes, kAdamMaxTensors, a.block,
       [&](int i, int slot) {
         const AdamWBf16Tensors& p = params[i];
         a.w[slot] = p.value->data<bf16>();
-        a.g[slot] = p.grad->data<bf16>();
+        a.g[slot] = p.grad->raw();
+        a.g_f32[slot] = p.grad->dtype() == DType::F32;
         a.m[slot] = p.exp_avg->data<bf16>();
         a.v[slot] = p.exp_avg_sq->data<bf16>();
         a.salt[slot] = p.salt;
@@ -456,7 +546,9 @@ void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& params, const AdamWBf1
       [&](int nb) {
         adamw_bf16_kernel<<<nb, kThreads, 0, ctx.stream()>>>(a, s, h.seed, h.step);
         AM_CUDA_CHECK_LAUNCH();
+        a.partial_offset += nb;
       });
+  finish_sumsq(partial, nchunks, f.d_sumsq, ctx);
 }
 
 }  // namespace am::cuda
