@@ -2,6 +2,7 @@
 
 #include <cublasLt.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -74,6 +75,7 @@ std::string gemm_str(const GemmDesc& g) {
 struct GemmPlanCache::Impl {
   std::mutex mu;
   std::unordered_map<Key, Plan, KeyHash> plans;
+  int tuned = 0;  // plans whose algorithm was chosen by timing (pick_algo)
   ~Impl() {
     for (auto& [k, p] : plans) p.destroy();
   }
@@ -162,6 +164,65 @@ void run(CudaContext& ctx, const GemmDesc& g, const Plan& plan, const cublasLtMa
                                plan.ld, &algo, ctx.workspace(), ctx.workspace_bytes(), ctx.stream()));
 }
 
+int split_k_of(const cublasLtMatmulAlgo_t& a) {
+  int32_t v = 0;
+  size_t got = 0;
+  return cublasLtMatmulAlgoConfigGetAttribute(&a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &v, sizeof v, &got) ==
+                 CUBLAS_STATUS_SUCCESS
+             ? v
+             : -1;
+}
+
+// Mean ms of one run of algo on g (one warm-up, then `reps` runs between events; synchronises).
+double time_algo(CudaContext& ctx, const GemmDesc& g, const Plan& p, const cublasLtMatmulAlgo_t& a, int reps) {
+  cudaEvent_t e0, e1;
+  AM_CUDA_CHECK(cudaEventCreate(&e0));
+  AM_CUDA_CHECK(cudaEventCreate(&e1));
+  run(ctx, g, p, a);
+  AM_CUDA_CHECK(cudaEventRecord(e0, ctx.stream()));
+  for (int r = 0; r < reps; ++r) run(ctx, g, p, a);
+  AM_CUDA_CHECK(cudaEventRecord(e1, ctx.stream()));
+  AM_CUDA_CHECK(cudaEventSynchronize(e1));
+  float ms = 0;
+  AM_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return ms / reps;
+}
+
+// Plan-time tuning (AM_GEMM_TUNE unset or 1; 0: the heuristic's first algorithm always). cuBLASLt's first pick is
+// not always its fastest: at W1's GEMMs the fastest of its first 8 candidates saves 2.4 ms a step (3% of the GEMM
+// time; am_gpu_microbench gemm_algos, docs/performance.md), down_proj's dx 17% alone. A new plan of a large enough
+// GEMM (>= 2^32 multiply-adds, so not the many small shapes of dynamic padding) times those candidates once on the
+// call's own buffers and keeps the fastest when it beats the first by 3% or more (a near tie keeps the first, so
+// timing noise cannot flip the choice from run to run). Only beta = 0 without a bias: running a candidate then just
+// rewrites D, which the real call rewrites again; an accumulating GEMM would add into D once per run. Only
+// candidates without split-K: they accumulate each output over k in the same order as the first pick (the survey
+// found their outputs bit-identical), so tuning changes the time, not the numbers. At most 64 plans per context.
+bool tune_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("AM_GEMM_TUNE");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+constexpr int kTuneCandidates = 8;
+constexpr int kTunePlans = 64;
+constexpr double kTuneMinMacs = 4294967296.0;  // 2^32
+
+cublasLtMatmulAlgo_t pick_algo(CudaContext& ctx, const GemmDesc& g, const Plan& p, const cublasLtMatmulAlgo_t* algos,
+                               int n) {
+  int best = 0;
+  const double first = time_algo(ctx, g, p, algos[0], 3);
+  double best_ms = first;
+  for (int i = 1; i < n; ++i) {
+    if (split_k_of(algos[i]) > 1 || split_k_of(algos[i]) < 0) continue;
+    const double ms = time_algo(ctx, g, p, algos[i], 3);
+    if (ms < best_ms) best_ms = ms, best = i;
+  }
+  return best_ms <= 0.97 * first ? algos[best] : algos[0];
+}
+
 }  // namespace
 
 bool gemm(CudaContext& ctx, const GemmDesc& g) {
@@ -187,9 +248,17 @@ bool gemm(CudaContext& ctx, const GemmDesc& g) {
   if (!plan) {
     Plan p;
     try {
-      cublasLtMatmulAlgo_t algo;
-      if (describe(ctx, g, key, p, 1, &algo) > 0) {
-        p.algo = algo;
+      const double macs = static_cast<double>(g.m) * static_cast<double>(g.n) * static_cast<double>(g.k);
+      bool tune = tune_enabled() && g.beta == 0.f && !g.bias && macs >= kTuneMinMacs;
+      if (tune) {
+        std::lock_guard<std::mutex> lk(impl.mu);
+        tune = impl.tuned < kTunePlans;
+        impl.tuned += tune;
+      }
+      cublasLtMatmulAlgo_t algos[kMaxAlgos];
+      const int n = describe(ctx, g, key, p, tune ? kTuneCandidates : 1, algos);
+      if (n > 0) {
+        p.algo = tune && n > 1 && split_k_of(algos[0]) <= 1 ? pick_algo(ctx, g, p, algos, n) : algos[0];
         p.ok = true;
       }
     } catch (...) {
