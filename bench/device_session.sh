@@ -158,8 +158,7 @@ for s in "$@"; do
         ( args=(); [ "$envs" = - ] || { IFS=, ; for kv in $envs; do case $kv in --*) args+=("$kv") ;; *) export "$kv" ;; esac; done; unset IFS; }
           timeout ${AB_LIMIT:-120} $B/automodel bench bench/$w.yaml "${args[@]}" --out "$R/ab_$tag.json" > "$R/ab_$tag.log" 2>&1 )
         rc=$?
-        python3 -c "import json; e=json.load(open('$R/ab_$tag.json')); print('%-34s exit $rc  %7.0f tok/s  step %6.1f ms (fwd+bwd %.1f, opt %.1f)  peak %6.2f GiB' % ('$run', e['tokens_per_s'], e['step_ms'], e['fwd_bwd_ms'], e['opt_ms'], e['peak_mem_gib']))" 2>/dev/null || echo "$run exit $rc (no json)"
-        grep -E "^step|loss" "$R/ab_$tag.log" | tail -1 | cut -c1-150
+        python3 -c "import json; e=json.load(open('$R/ab_$tag.json')); print('%-34s exit $rc  %7.0f tok/s  step %6.1f ms (fwd+bwd %.1f, opt %.1f)  peak %6.2f GiB  last loss %.9g grad_norm %.9g' % ('$run', e['tokens_per_s'], e['step_ms'], e['fwd_bwd_ms'], e['opt_ms'], e['peak_mem_gib'], e.get('last_loss', 0), e.get('last_grad_norm', 0)))" 2>/dev/null || echo "$run exit $rc (no json)"
       done ;;
     qexport)
       # issue 16: MXFP4 (gpt_oss) / FP8 (deepseek_v3) sources loaded and saved by the engine (on the CPU), then loaded

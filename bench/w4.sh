@@ -40,7 +40,7 @@ run_engine() {  # name, extra overrides...
   "$A" finetune "$R" "${O[@]}" --checkpoint.checkpoint_dir="$OUTDIR/$name" "$@" > "$OUTDIR/$name.log" 2>&1
   local rc=$?
   t1=$(date +%s.%N)
-  grep -hE "tokenised dataset|^start-up" "$OUTDIR/$name.log" | sed "s/^/$name: /" >&2
+  grep -hE "tokenised dataset|^start-up|^time:" "$OUTDIR/$name.log" | sed "s/^/$name: /" >&2
   python3 - "$OUTDIR/$name" "$name" "$rc" "$t0" "$t1" <<'PY'
 import json, sys, os
 d, name, rc, t0, t1 = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])

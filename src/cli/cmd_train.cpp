@@ -304,6 +304,8 @@ int bench_body(const RecipeArgs& a, Recipe& r, const dist::LaunchInfo& li) {
       {"peak_mem_gib", peak_mem}, {"gpu", t.gpu_name()},
       {"step_ms", 1e3 * step_s / timed}, {"fwd_ms", nullptr}, {"bwd_ms", nullptr},
       {"fwd_bwd_ms", 1e3 * fb / timed}, {"opt_ms", 1e3 * opt / timed}, {"world_size", li.world_size},
+      // the last timed step's loss and grad norm (%.9g): an A/B of a speed switch shows there whether it changed the numbers
+      {"last_loss", stats.empty() ? 0.0 : stats.back().loss}, {"last_grad_norm", stats.empty() ? 0.0 : stats.back().grad_norm},
       {"device", t.device_name()}, {"warmup_steps", warm}, {"timed_steps", timed},
       {"model", {{"model_type", c.model_type}, {"hidden_size", c.hidden_size}, {"num_hidden_layers", c.num_hidden_layers},
                  {"vocab_size", c.vocab_size}, {"num_parameters", t.model().params().global_numel()}}},

@@ -260,7 +260,8 @@ const std::vector<KeyRule>& key_table() {
       {"clip_grad_norm.max_norm", H, A, "", "null: no clipping"},
       {"optimizer_in_bwd", H, A, "",
        "ours (torchtune's name): update each layer as soon as its backward is done, holding no whole-model gradient; "
-       "one rank, one micro-batch per step; clipping uses the previous step's norm"},
+       "one rank, one micro-batch per step; clipping uses the previous step's norm. Unset: on where it changes no "
+       "update (GPU, one rank, one micro-batch per step, no clipping, full fine-tuning)"},
       {"clip_grad_norm.norm_type", W, N, "2|2.0", "only the L2 norm is supported; clipping uses norm 2"},
       {"loss_fn._target_", H, A, "", "MaskedCrossEntropy / FusedLinearCrossEntropy / ChunkedCrossEntropy / TEParallelCrossEntropy: "
                                       "token cross-entropy summed over the global batch's label tokens / their count"},

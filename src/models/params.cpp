@@ -11,6 +11,7 @@
 #include "ops/device.h"
 #include "ops/nf4_ops.h"
 #include "ops/ops.h"
+#include "ops/ops.h"
 
 namespace am {
 
@@ -263,7 +264,11 @@ void ParamStore::to_device(const ExecContext& ex) {
     }
     p.value = ex.upload(host);
     p.grad = ex.zeros(host.shape(), DType::F32);
-    p.work = ex.upload_as(host, ex.act_dtype);
+    // The working copy is rounded from the uploaded master on the device (the same round-to-nearest-even as the
+    // host's Tensor::to), not converted on one host thread and uploaded a second time: that was most of the 3.5 s
+    // W4's 1.24 B parameters spent in "to cuda" (docs/performance.md, session 14).
+    p.work = ex.empty(host.shape(), ex.act_dtype);
+    ops::copy_(p.work, p.value);
   }
 }
 

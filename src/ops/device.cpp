@@ -13,6 +13,7 @@
 #ifdef AM_WITH_CUDA
 #include "backend/cuda/context.h"
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/cudnn_attention.h"
 #endif
 
 namespace am::ops {
@@ -177,6 +178,15 @@ double SquareSums::total() {
   double sq = host_ + read_back();
   host_ = 0.0;
   return sq;
+}
+
+AttentionPlanStats attention_plan_stats() {
+#ifdef AM_WITH_CUDA
+  const cuda::CudnnPlanStats s = cuda::cudnn_attention_plan_stats();
+  return {s.plans, s.seconds};
+#else
+  return {};
+#endif
 }
 
 void adamw_step_cuda(const std::vector<AdamWTensors>& slots, const AdamWHyper& h, const AdamWFused& f) {

@@ -51,6 +51,14 @@ void reset_gpu_peak();
 bool unverified_cuda_allowed();
 void require_verified_cuda(const std::string& what);  // DeviceError unless allowed
 
+// cuDNN fused-attention execution plans built in this process and the host seconds their builds took (NVRTC
+// compiles included; backend/cuda/cudnn_attention.h): the run summary reports them. Zero without CUDA or cuDNN.
+struct AttentionPlanStats {
+  int64_t plans = 0;
+  double seconds = 0;
+};
+AttentionPlanStats attention_plan_stats();
+
 // ---------------- multi-tensor training ops ----------------
 // Sum of squares over many float tensors of one device, in double (the grad-norm of clip_grad_norm_).
 // CUDA: one multi-tensor launch sequence and one sync; CPU: ops::sum_squares per tensor.

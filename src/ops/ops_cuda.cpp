@@ -33,13 +33,14 @@ static bool flash_supports(const AttnParams& p, const Tensor& q) {
 // cuDNN's fused attention (backend/cuda/cudnn_attention.h) for what it takes (bf16, head dims 64 / 128, causal, GQA,
 // sliding window; no segment ids, sinks or soft-capping), chosen by AM_ATTENTION (read at every call, so tests can
 // switch it):
-//   unset / "auto": cuDNN for a shape once that shape has been seen kAutoAfter times, for at most kAutoPlans shapes
-//                   per pass in a process; every other call runs the built-in kernels. cuDNN builds (and NVRTC-
-//                   compiles) an execution plan per (B, T, heads, window), which takes up to seconds: worth it for
-//                   the fixed shapes of unpacked training (full rows, pre-padded batches), where one plan serves
-//                   every step (W1 on an H100, 2026-12-06: 56,158 -> 59,249 tok/s, step -7.6 ms,
-//                   docs/performance.md), not for shapes seen once (a generate prefill); dynamic padding's hundreds
-//                   of lengths build at most kAutoPlans plans per pass and otherwise stay on the built-in kernels.
+//   unset / "auto": cuDNN for a shape of at least kAutoMinSeq positions once that shape has been seen kAutoAfter
+//                   times, for at most kAutoPlans shapes per pass in a process; every other call runs the built-in
+//                   kernels. cuDNN builds (and NVRTC-compiles) an execution plan per (B, T, heads, window), which
+//                   takes up to seconds: worth it for the long fixed shapes of full-row or packed training, where one
+//                   plan serves every step (W1 on an H100, 2026-12-06: 56,158 -> 59,249 tok/s, step -7.6 ms,
+//                   docs/performance.md), not for shapes seen once (a generate prefill) nor for short rows, where
+//                   attention is a few percent of the step and a plan's build can outweigh everything it saves
+//                   (dynamic padding's hundreds of lengths, a validation set's few batches).
 //   "cudnn":        cuDNN for every shape it takes (a plan per new shape).
 //   "flash" / "builtin": never cuDNN.
 // If a plan fails to build or execute, the first failure is logged once and the built-in kernels run. Its lse is the
@@ -47,6 +48,7 @@ static bool flash_supports(const AttnParams& p, const Tensor& q) {
 // may take different paths (the backward's shape count is its own).
 static constexpr int kAutoAfter = 3;
 static constexpr int kAutoPlans = 8;
+static constexpr int64_t kAutoMinSeq = 1024;
 
 static bool cudnn_attention_wanted(const AttnParams& p, const Tensor& q, bool backward) {
   if (!cuda::kCudnnAttentionCompiled) return false;
@@ -55,6 +57,7 @@ static bool cudnn_attention_wanted(const AttnParams& p, const Tensor& q, bool ba
   if (e && !forced && *e && std::strcmp(e, "auto") != 0) return false;  // "flash", "builtin", anything else
   if (!cuda::cudnn_attention_supports(p, q.dtype())) return false;
   if (forced) return true;
+  if (p.seq < kAutoMinSeq) return false;
   // auto: count this shape's calls (per pass); take cuDNN from the kAutoAfter-th on, for kAutoPlans shapes at most
   struct Shape {
     bool backward;

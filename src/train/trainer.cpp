@@ -852,6 +852,8 @@ std::vector<StepStats> Trainer::train() {
   run_tokens_ = 0;
   run_time_s_ = run_mfu_time_ = 0;
   peak_mem_ = 0;
+  val_s_ = ckpt_s_ = 0;
+  val_runs_ = ckpt_runs_ = 0;
   const auto run_t0 = clock_t_::now();
   for (int64_t step = start_step_; step <= total_steps_; ++step) {
     StepStats s = train_step(step);
@@ -860,7 +862,10 @@ std::vector<StepStats> Trainer::train() {
     if (val_ds_ && val_every_ > 0 && step % val_every_ == 0) {
       int64_t nt = 0;
       if (bar_) bar_->status("validating...");
+      const auto v0 = clock_t_::now();
       double vl = validate(&nt);
+      val_s_ += seconds_since(v0);
+      ++val_runs_;
       last_val_loss_ = vl;
       if (tb_) tb_->add_scalar("val/loss", vl, step);
       if (bar_) bar_->clear();
@@ -877,7 +882,10 @@ std::vector<StepStats> Trainer::train() {
     const bool periodic = (ckpt_every_ > 0 && step % ckpt_every_ == 0) || (ckpt_every_epoch_ && step % steps_per_epoch_ == 0);
     if (ckpt_enabled_ && (last || periodic || stop > 0)) {
       if (bar_) bar_->status("saving checkpoint...");
+      const auto c0 = clock_t_::now();
       save_checkpoint(step, last);
+      ckpt_s_ += seconds_since(c0);
+      ++ckpt_runs_;
     }
     if (stop > 0 && !last) {
       log::info("received signal " + std::to_string(static_cast<int>(stop)) + ": stopped after step " + std::to_string(step) +
@@ -922,6 +930,28 @@ void Trainer::print_summary(double wall_s, int64_t last_step) const {
     out += v;
   }
   std::printf("%s\n", out.c_str());
+  // Where the wall time went: the steps (their own timers), validation, checkpoints, start-up, and the cuDNN
+  // attention plans built on the way (inside the steps or validation that first met their shapes).
+  {
+    auto secs = [](double x) {
+      char b[32];
+      std::snprintf(b, sizeof b, "%.1f s", x);
+      return std::string(b);
+    };
+    double startup = 0;
+    for (const auto& [name, sec] : startup_) startup += sec;
+    std::string t = "time: steps " + secs(run_time_s_);
+    if (val_runs_) t += ", validation " + secs(val_s_) + " (" + std::to_string(val_runs_) + " runs)";
+    if (ckpt_runs_) t += ", checkpoints " + secs(ckpt_s_) + " (" + std::to_string(ckpt_runs_) + ")";
+    t += ", start-up " + secs(startup);
+    const ops::AttentionPlanStats ap = ops::attention_plan_stats();
+    if (ap.plans > 0) {
+      char b[96];
+      std::snprintf(b, sizeof b, "; cuDNN attention plans: %lld built in %.1f s", static_cast<long long>(ap.plans), ap.seconds);
+      t += b;
+    }
+    std::printf("%s\n", t.c_str());
+  }
   if (!ckpt_enabled_) {
     std::printf("checkpoints are disabled: nothing was saved (metrics: %s)\n", (fs::path(ckpt_dir_) / "training.jsonl").c_str());
     std::fflush(stdout);

@@ -154,6 +154,8 @@ class Trainer {
   ProgressBar* bar_ = nullptr;
   int64_t run_tokens_ = 0;
   double run_time_s_ = 0, run_mfu_time_ = 0, peak_mem_ = 0, last_loss_ = 0;
+  double val_s_ = 0, ckpt_s_ = 0;  // this run's wall seconds validating and saving (print_summary's time line)
+  int64_t val_runs_ = 0, ckpt_runs_ = 0;
   std::optional<double> last_val_loss_;
   std::string tb_dir_;                          // tensorboard: event files go here ("" = off)
   std::unique_ptr<io::TensorBoardWriter> tb_;   // rank 0, during train()  // the source folder holds bitsandbytes 4-bit weights  // the peft section (LoRA); empty: full fine-tuning

@@ -190,10 +190,26 @@ TEST_F(CudnnAttention, SlidingWindowMatchesCpuReference) {
 }
 
 // ops::attention_fwd/bwd's choice (src/ops/ops_cuda.cpp): AM_ATTENTION=cudnn takes cuDNN at once, =flash never,
-// and unset (auto) from a shape's third call on. The forward is bit-for-bit the direct cuDNN call's or the flash
-// kernels' (both deterministic), and every path matches the reference.
+// and unset (auto) from a shape's third call on when it has 1,024 positions or more; a shorter one never. The
+// forward is bit-for-bit the direct cuDNN call's or the flash kernels' (both deterministic), and every path matches
+// the reference.
 TEST_F(CudnnAttention, OpsRouteThroughCudnnAsAsked) {
-  const Case c{2, 1000, 8, 2, 64, 0};
+  {  // a short shape (T 1000): auto keeps the flash kernels however often it is seen
+    const Case cs{2, 1000, 8, 2, 64, 0};
+    auto ps = make_problem(cs, 98);
+    Tensor out_flash = dev_empty(ps->qs, DType::BF16), lse_flash = dev_empty(ps->ls, DType::F32);
+    am::cuda::attention_fwd(ps->q, ps->k, ps->v, ps->p, out_flash, lse_flash);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto of = download_bf16(out_flash);
+    for (int call = 1; call <= 4; ++call) {
+      ScopedEnv env("AM_ATTENTION", nullptr);
+      const auto [out, lse, dq, dk, dv] = run_ops(*ps, false);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const auto o = download_bf16(out);
+      EXPECT_EQ(std::memcmp(o.data(), of.data(), o.size() * 4), 0) << "auto, T 1000, call " << call << ": not the flash kernels";
+    }
+  }
+  const Case c{2, 1040, 8, 2, 64, 0};
   auto pr = make_problem(c, 99);
   const am::AttnParams& p = pr->p;
   Tensor out_cudnn = dev_empty(pr->qs, DType::BF16), lse_cudnn = dev_empty(pr->ls, DType::F32);

@@ -23,6 +23,7 @@
 #include <dlfcn.h>
 
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <compare>
 #include <cstdint>
@@ -520,6 +521,8 @@ constexpr size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 struct State {
   std::mutex mu;
   std::map<Key, std::unique_ptr<Plan>> plans;
+  int64_t built = 0;    // plans built (or attempted) in this process
+  double build_s = 0;   // host seconds spent building them (NVRTC compiles included)
   std::map<std::pair<int, uintptr_t>, cudnnHandle_t> handles;  // (device, stream)
   std::string last_error;
   bool logged = false;
@@ -573,6 +576,15 @@ Key make_key(const AttnParams& p, bool backward) {
 const Plan* plan_locked(State& st, const Key& key, cudaStream_t stream) {
   auto it = st.plans.find(key);
   if (it != st.plans.end()) return it->second->error.empty() ? it->second.get() : nullptr;
+  const auto t0 = std::chrono::steady_clock::now();
+  struct Timed {  // counts the build, whichever way it ends
+    State& st;
+    std::chrono::steady_clock::time_point t0;
+    ~Timed() {
+      ++st.built;
+      st.build_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+  } timed{st, t0};
   auto plan = std::make_unique<Plan>();
   const Api& a = api();
   std::string herr;
@@ -728,6 +740,12 @@ bool cudnn_attention_available(std::string* why) {
 }
 
 size_t cudnn_attention_runtime_version() { return api().why.empty() ? api().version : 0; }
+
+CudnnPlanStats cudnn_attention_plan_stats() {
+  State& st = state();
+  std::lock_guard<std::mutex> lk(st.mu);
+  return {st.built, st.build_s};
+}
 
 std::string cudnn_attention_last_error() {
   State& st = state();

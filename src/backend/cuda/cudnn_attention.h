@@ -37,6 +37,11 @@ struct CUstream_st;  // = cudaStream_t
 
 namespace am::cuda {
 
+struct CudnnPlanStats {
+  int64_t plans = 0;
+  double seconds = 0;
+};
+
 #ifdef AM_WITH_CUDNN
 inline constexpr bool kCudnnAttentionCompiled = true;
 
@@ -68,6 +73,8 @@ bool cudnn_attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, cons
 
 // The last reason a plan build or an execution failed ("" if none): for tests and benchmarks.
 std::string cudnn_attention_last_error();
+// Plans built (or attempted) in this process and the host seconds their builds took (NVRTC compiles included).
+CudnnPlanStats cudnn_attention_plan_stats();
 // cudnnGetVersion() of the loaded library (e.g. 91900), 0 when not loaded.
 size_t cudnn_attention_runtime_version();
 
@@ -92,6 +99,7 @@ inline bool cudnn_attention_bwd(const Tensor&, const Tensor&, const Tensor&, con
   return false;
 }
 inline std::string cudnn_attention_last_error() { return "built without cuDNN"; }
+inline CudnnPlanStats cudnn_attention_plan_stats() { return {}; }
 inline size_t cudnn_attention_runtime_version() { return 0; }
 #endif
 
