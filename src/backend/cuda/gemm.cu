@@ -285,36 +285,21 @@ std::vector<GemmCandidate> gemm_candidates(CudaContext& ctx, const GemmDesc& g, 
   try {
     cublasLtMatmulAlgo_t algos[kMaxAlgos];
     const int n = describe(ctx, g, key_of(g), p, max_algos, algos);
-    cudaEvent_t e0, e1;
-    AM_CUDA_CHECK(cudaEventCreate(&e0));
-    AM_CUDA_CHECK(cudaEventCreate(&e1));
     for (int i = 0; i < n; ++i) {
       const cublasLtMatmulAlgo_t& a = algos[i];
       GemmCandidate c;
-      int32_t v = 0;
-      size_t got = 0;
-      if (cublasLtMatmulAlgoConfigGetAttribute(&a, CUBLASLT_ALGO_CONFIG_ID, &v, sizeof v, &got) == CUBLAS_STATUS_SUCCESS)
-        c.id = v;
-      if (cublasLtMatmulAlgoConfigGetAttribute(&a, CUBLASLT_ALGO_CONFIG_TILE_ID, &v, sizeof v, &got) == CUBLAS_STATUS_SUCCESS)
-        c.tile = v;
-      if (cublasLtMatmulAlgoConfigGetAttribute(&a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &v, sizeof v, &got) == CUBLAS_STATUS_SUCCESS)
-        c.splitk = v;
-      uint32_t u = 0;
-      if (cublasLtMatmulAlgoConfigGetAttribute(&a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &u, sizeof u, &got) ==
-          CUBLAS_STATUS_SUCCESS)
-        c.reduction = static_cast<int>(u);
-      run(ctx, g, p, a);  // warm-up
-      AM_CUDA_CHECK(cudaEventRecord(e0, ctx.stream()));
-      for (int r = 0; r < reps; ++r) run(ctx, g, p, a);
-      AM_CUDA_CHECK(cudaEventRecord(e1, ctx.stream()));
-      AM_CUDA_CHECK(cudaEventSynchronize(e1));
-      float ms = 0;
-      AM_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-      c.ms = ms / static_cast<float>(std::max(reps, 1));
+      auto attr = [&](cublasLtMatmulAlgoConfigAttributes_t which) {
+        int32_t v = 0;
+        size_t got = 0;
+        return cublasLtMatmulAlgoConfigGetAttribute(&a, which, &v, sizeof v, &got) == CUBLAS_STATUS_SUCCESS ? v : -1;
+      };
+      c.id = attr(CUBLASLT_ALGO_CONFIG_ID);
+      c.tile = attr(CUBLASLT_ALGO_CONFIG_TILE_ID);
+      c.splitk = split_k_of(a);
+      c.reduction = attr(CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME);  // a uint32 attribute; its values fit
+      c.ms = time_algo(ctx, g, p, a, std::max(reps, 1));
       out.push_back(c);
     }
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
   } catch (...) {
     p.destroy();
     throw;

@@ -350,6 +350,11 @@ int64_t total_chunks(const std::vector<int64_t>& sizes) {
   return c;
 }
 
+// The fused optimizers' per-block partial sums (one per chunk; undefined when no sum is asked for or no chunk).
+Tensor sumsq_partials(int64_t nchunks, const double* d_sumsq, CudaContext& ctx) {
+  return d_sumsq && nchunks > 0 ? Tensor::empty({nchunks}, DType::F32, ctx.allocator()) : Tensor();
+}
+
 // The fused optimizers' sum of squares: their per-block partials reduced into *d_sumsq (no tensors: 0).
 void finish_sumsq(const Tensor& partial, int64_t nchunks, double* d_sumsq, CudaContext& ctx) {
   if (!d_sumsq) return;
@@ -464,11 +469,8 @@ void adamw_step(const std::vector<AdamWTensors>& params, const AdamWConfig& cfg,
   AdamArgsSmall a{};
   // The fused sum of squares: per-block partials as sum_squares_multi_async makes them, then its final reduction.
   const int64_t nchunks = total_chunks(sizes);
-  Tensor partial;
-  if (cfg.d_sumsq && nchunks > 0) {
-    partial = Tensor::empty({nchunks}, DType::F32, ctx.allocator());
-    a.partial = partial.data<float>();
-  }
+  Tensor partial = sumsq_partials(nchunks, cfg.d_sumsq, ctx);
+  a.partial = partial.defined() ? partial.data<float>() : nullptr;
   a.partial_offset = 0;
   plan_launches(
       sizes, kAdamMaxTensors, a.block,
@@ -521,11 +523,8 @@ void adamw_bf16_step(const std::vector<AdamWBf16Tensors>& params, const AdamWBf1
       adamw_bf16::scalars_of(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.step, h.decoupled, h.stochastic);
   AdamBf16Args a{};
   const int64_t nchunks = total_chunks(sizes);
-  Tensor partial;
-  if (f.d_sumsq && nchunks > 0) {
-    partial = Tensor::empty({nchunks}, DType::F32, ctx.allocator());
-    a.partial = partial.data<float>();
-  }
+  Tensor partial = sumsq_partials(nchunks, f.d_sumsq, ctx);
+  a.partial = partial.defined() ? partial.data<float>() : nullptr;
   a.partial_offset = 0;
   a.grad_scale = f.grad_scale;
   plan_launches(
