@@ -11,7 +11,6 @@
 #include "ops/device.h"
 #include "ops/nf4_ops.h"
 #include "ops/ops.h"
-#include "ops/ops.h"
 
 namespace am {
 

@@ -48,10 +48,14 @@ OptimizerConfig OptimizerConfig::from_recipe(const Recipe& r) {
   return c;
 }
 
+OptSlot Optimizer::slot_of(Param& p, Tensor* grad) {
+  return {p.name, &p.value, grad, p.work.defined() && p.work.raw() != p.value.raw() ? &p.work : nullptr};
+}
+
 std::vector<OptSlot> Optimizer::slots_of(ParamStore& ps) {
   std::vector<OptSlot> out;
   for (auto& p : ps.all())
-    if (p.trainable) out.push_back({p.name, &p.value, &p.grad, p.work.defined() && p.work.raw() != p.value.raw() ? &p.work : nullptr});
+    if (p.trainable) out.push_back(slot_of(p, &p.grad));
   return out;
 }
 

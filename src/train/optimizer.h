@@ -58,6 +58,8 @@ class Optimizer {
   bool fuses(DeviceType dev) const { return dev == DeviceType::CUDA && cfg_.kind != "sgd"; }
   // One slot per trainable parameter (one rank, no sharding).
   static std::vector<OptSlot> slots_of(ParamStore& ps);
+  // p's slot with the gradient `grad`: the working copy is refreshed where it is not the master itself.
+  static OptSlot slot_of(Param& p, Tensor* grad);
   // The state buffers of a slot (which: 0 = exp_avg / momentum_buffer, 1 = exp_avg_sq); nullptr before
   // the first step made them. set_state installs one (resume).
   const Tensor* state(const std::string& key, int which) const;

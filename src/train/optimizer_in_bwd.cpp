@@ -12,9 +12,10 @@ namespace am {
 OptimizerInBackward::OptimizerInBackward(CausalLM& model, Optimizer& opt, bool bf16)
     : model_(model), opt_(opt), bf16_(bf16), scratch_(model) {
   const DeviceType dev = model.exec().on_cuda() ? DeviceType::CUDA : DeviceType::CPU;
+  fused_ = opt_.fuses(dev);
   // The bf16 rounding of a unit's gradient needs a buffer only where the update cannot round as it reads
   // (not CUDA AdamW / Adam): W2's largest unit makes it 1.2 GB.
-  if (bf16_ && !opt_.fuses(dev))
+  if (bf16_ && !fused_)
     bf16_scratch_ = ops::empty_on(dev, {std::max<int64_t>(scratch_.largest_unit(), 1)}, DType::BF16);
   updated_.assign(scratch_.units().size(), 0);
   model_.set_param_hooks(this);
@@ -55,47 +56,39 @@ void OptimizerInBackward::after_backward(int unit) {
   if (updated_[static_cast<size_t>(unit)])
     throw Error("optimizer_in_bwd: a second backward of parameter unit " + std::to_string(unit) +
                 " in one step (gradient accumulation is not possible here)");
-  // CUDA AdamW / Adam: one pass reads the fp32 scratch, takes its sum of squares, scales it by the clip
-  // coefficient and (pure bf16) rounds it to bf16 as it loads it, then updates (AdamWFused, core/adamw_params.h):
-  // the same numbers as the separate passes below, without them.
-  if (opt_.fuses(model_.exec().on_cuda() ? DeviceType::CUDA : DeviceType::CPU)) {
-    std::vector<OptSlot> slots;
-    slots.reserve(ps.size());
-    for (Param* p : ps)
-      slots.push_back({p->name, &p->value, &p->grad, p->work.defined() && p->work.raw() != p->value.raw() ? &p->work : nullptr});
-    opt_.update(slots, lr_, wd_, AdamWFused{static_cast<float>(coef_), sums_.device_slot()});
-    scratch_.clear(unit);
-    updated_[static_cast<size_t>(unit)] = 1;
-    return;
-  }
-  // The gradients the update reads: the fp32 scratch views, or (pure bf16) their one rounding to bf16.
+  // The gradients the update reads. CUDA AdamW / Adam (fused_): the fp32 scratch views themselves; one pass takes
+  // their sum of squares, scales them by the clip coefficient and (pure bf16) rounds them to bf16 as it loads them
+  // (AdamWFused, core/adamw_params.h). Elsewhere those are separate passes here, with the same numbers: the rounding
+  // into bf16_scratch_, the sum of squares, the scale.
   std::vector<Tensor> grads;
   grads.reserve(ps.size());
-  int64_t off = 0;
-  for (Param* p : ps) {
-    if (!bf16_) {
-      grads.push_back(p->grad);
-      continue;
+  AdamWFused fused;
+  if (fused_) {
+    for (Param* p : ps) grads.push_back(p->grad);
+    fused = AdamWFused{static_cast<float>(coef_), sums_.device_slot()};
+  } else {
+    int64_t off = 0;
+    for (Param* p : ps) {
+      if (!bf16_) {
+        grads.push_back(p->grad);
+        continue;
+      }
+      const int64_t n = shape_numel(p->shape);
+      Tensor g = bf16_scratch_.slice_rows(off, off + n).view(p->shape);
+      ops::copy_(g, p->grad);
+      grads.push_back(g);
+      off += n;
     }
-    const int64_t n = shape_numel(p->shape);
-    Tensor g = bf16_scratch_.slice_rows(off, off + n).view(p->shape);
-    ops::copy_(g, p->grad);
-    grads.push_back(g);
-    off += n;
+    std::vector<const Tensor*> gp;
+    for (const Tensor& g : grads) gp.push_back(&g);
+    sums_.add(gp);  // no host sync: read back once, at end_step
+    if (coef_ < 1.0)
+      for (Tensor& g : grads) ops::scale_(g, static_cast<float>(coef_));
   }
-  std::vector<const Tensor*> gp;
-  for (const Tensor& g : grads) gp.push_back(&g);
-  sums_.add(gp);  // no host sync: read back once, at end_step
-  if (coef_ < 1.0)
-    for (Tensor& g : grads) ops::scale_(g, static_cast<float>(coef_));
   std::vector<OptSlot> slots;
   slots.reserve(ps.size());
-  for (size_t i = 0; i < ps.size(); ++i) {
-    Param* p = ps[i];
-    // As Optimizer::slots_of: the working copy is refreshed where it is not the master itself.
-    slots.push_back({p->name, &p->value, &grads[i], p->work.defined() && p->work.raw() != p->value.raw() ? &p->work : nullptr});
-  }
-  opt_.update(slots, lr_, wd_);
+  for (size_t i = 0; i < ps.size(); ++i) slots.push_back(Optimizer::slot_of(*ps[i], &grads[i]));
+  opt_.update(slots, lr_, wd_, fused);
   scratch_.clear(unit);  // zeroed for its next user (gradients accumulate into it)
   updated_[static_cast<size_t>(unit)] = 1;
 }

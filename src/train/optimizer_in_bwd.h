@@ -49,6 +49,7 @@ class OptimizerInBackward : public ParamHooks {
   CausalLM& model_;
   Optimizer& opt_;
   bool bf16_;
+  bool fused_ = false;                      // the update takes its sum of squares, scale and rounding itself (CUDA AdamW)
   UnitGradScratch scratch_;                 // the fp32 gradient while a unit's backward runs
   Tensor bf16_scratch_;                     // pure bf16: bf16 [largest unit's numel], the rounded gradient
   double lr_ = 0, wd_ = 0, coef_ = 1;

@@ -164,14 +164,13 @@ void run(CudaContext& ctx, const GemmDesc& g, const Plan& plan, const cublasLtMa
                                plan.ld, &algo, ctx.workspace(), ctx.workspace_bytes(), ctx.stream()));
 }
 
-int split_k_of(const cublasLtMatmulAlgo_t& a) {
+// One 4-byte CUBLASLT_ALGO_CONFIG_* attribute of a (-1: not reported).
+int config_attr(const cublasLtMatmulAlgo_t& a, cublasLtMatmulAlgoConfigAttributes_t which) {
   int32_t v = 0;
   size_t got = 0;
-  return cublasLtMatmulAlgoConfigGetAttribute(&a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &v, sizeof v, &got) ==
-                 CUBLAS_STATUS_SUCCESS
-             ? v
-             : -1;
+  return cublasLtMatmulAlgoConfigGetAttribute(&a, which, &v, sizeof v, &got) == CUBLAS_STATUS_SUCCESS ? v : -1;
 }
+int split_k_of(const cublasLtMatmulAlgo_t& a) { return config_attr(a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM); }
 
 // Mean ms of one run of algo on g (one warm-up, then `reps` runs between events; synchronises).
 double time_algo(CudaContext& ctx, const GemmDesc& g, const Plan& p, const cublasLtMatmulAlgo_t& a, int reps) {
@@ -216,7 +215,8 @@ cublasLtMatmulAlgo_t pick_algo(CudaContext& ctx, const GemmDesc& g, const Plan& 
   const double first = time_algo(ctx, g, p, algos[0], 3);
   double best_ms = first;
   for (int i = 1; i < n; ++i) {
-    if (split_k_of(algos[i]) > 1 || split_k_of(algos[i]) < 0) continue;
+    const int sk = split_k_of(algos[i]);
+    if (sk > 1 || sk < 0) continue;
     const double ms = time_algo(ctx, g, p, algos[i], 3);
     if (ms < best_ms) best_ms = ms, best = i;
   }
@@ -288,15 +288,10 @@ std::vector<GemmCandidate> gemm_candidates(CudaContext& ctx, const GemmDesc& g, 
     for (int i = 0; i < n; ++i) {
       const cublasLtMatmulAlgo_t& a = algos[i];
       GemmCandidate c;
-      auto attr = [&](cublasLtMatmulAlgoConfigAttributes_t which) {
-        int32_t v = 0;
-        size_t got = 0;
-        return cublasLtMatmulAlgoConfigGetAttribute(&a, which, &v, sizeof v, &got) == CUBLAS_STATUS_SUCCESS ? v : -1;
-      };
-      c.id = attr(CUBLASLT_ALGO_CONFIG_ID);
-      c.tile = attr(CUBLASLT_ALGO_CONFIG_TILE_ID);
+      c.id = config_attr(a, CUBLASLT_ALGO_CONFIG_ID);
+      c.tile = config_attr(a, CUBLASLT_ALGO_CONFIG_TILE_ID);
       c.splitk = split_k_of(a);
-      c.reduction = attr(CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME);  // a uint32 attribute; its values fit
+      c.reduction = config_attr(a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME);  // a uint32 attribute; its values fit
       c.ms = time_algo(ctx, g, p, a, std::max(reps, 1));
       out.push_back(c);
     }
